@@ -1,0 +1,174 @@
+"""Pure decoding: ioctls, struct kvm_run, and the /proc text that names vCPUs.
+
+Bytes and strings in, typed values out. No ptrace, no Textual, no I/O: everything here can be
+tested with hand-made bytes.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import re
+import struct
+from dataclasses import dataclass
+from types import ModuleType
+
+from kvmtop.arch import HOST
+from kvmtop.events import EXIT_PRIVATE, EXIT_WRITE, ExitEvent
+from kvmtop.xlat_exit import (
+    INTERNAL_ERROR_SUBERRORS,
+    MSR_EXIT_REASONS,
+    SYSTEM_EVENT_TYPES,
+    ExitReason,
+    errno_name,
+    exit_reason_name,
+)
+
+# ioctl request numbers: _IO(KVMIO=0xAE, nr) carries no size, so they are the same on every
+# architecture (include/uapi/linux/kvm.h).
+KVM_GET_API_VERSION = 0xAE00
+KVM_CREATE_VM = 0xAE01
+KVM_CHECK_EXTENSION = 0xAE03
+KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_CREATE_VCPU = 0xAE41
+KVM_RUN = 0xAE80
+
+KVM_RUN_SIZE = 2352  # sizeof(struct kvm_run) on x86_64 and aarch64
+EXIT_REASON_OFFSET = 8  # offsetof(struct kvm_run, exit_reason)
+_EXIT_REASON = struct.Struct("<I")
+
+
+def exit_reason_of(run: bytes | memoryview) -> int:
+    return _EXIT_REASON.unpack_from(run, EXIT_REASON_OFFSET)[0]
+
+
+def decode_exit(
+    run: bytes | memoryview, with_data: bool = False, arch: ModuleType = HOST
+) -> tuple[int, int, int, int, bytes]:
+    """(reason, a, b, flags, data) from a vCPU's kvm_run mapping, read right after KVM_RUN
+    returned 0. ``run`` is the kvm_run page, plus the PIO data page when ``with_data``."""
+    reason = _EXIT_REASON.unpack_from(run, EXIT_REASON_OFFSET)[0]
+    a, b, flags, data = arch.decode_union(reason, run, with_data)
+    return reason, a, b, flags, data
+
+
+def ioctl_request_32(request: int) -> int:
+    """ioctl's request argument is an unsigned int: the kernel ignores the upper register bits."""
+    return request & 0xFFFFFFFF
+
+
+def exit_label(reason: int, run_errno: int) -> str:
+    """The key exits are counted under: the exit reason when KVM_RUN returned 0;
+    ``KVM_EXIT_INTR`` for EINTR (the kernel sets that reason when a signal ends the run);
+    ``KVM_RUN_<ERRNO>`` for any other failure."""
+    if run_errno == 0:
+        return exit_reason_name(reason)
+    if run_errno == errno_module.EINTR:
+        return exit_reason_name(ExitReason.INTR)
+    return f"KVM_RUN_{errno_name(run_errno)}"
+
+
+def io_size_count(b: int) -> tuple[int, int]:
+    """IO exits pack ``size | count << 8`` into ExitEvent.b."""
+    return b & 0xFF, b >> 8
+
+
+def describe_exit(event: ExitEvent) -> str:
+    """One line of decoded details, as the exit log shows it."""
+    if event.errno:
+        return (
+            f"{exit_label(event.reason, event.errno)} (KVM_RUN failed: {errno_name(event.errno)})"
+        )
+    reason = event.reason
+    write = bool(event.flags & EXIT_WRITE)
+    data = f" data={event.data.hex()}" if event.data else ""
+    R = ExitReason
+    if reason == R.IO:
+        size, count = io_size_count(event.b)
+        rep = f" count={count}" if count != 1 else ""
+        return f"IO {'out' if write else 'in'} port=0x{event.a:x} size={size}{rep}{data}"
+    if reason == R.MMIO:
+        return f"MMIO {'write' if write else 'read'} 0x{event.a:x} len={event.b}{data}"
+    if reason in (R.X86_RDMSR, R.X86_WRMSR):
+        kind = "WRMSR" if write else "RDMSR"
+        why = MSR_EXIT_REASONS.get(event.b, str(event.b))
+        return f"{kind} 0x{event.a:x} ({why}){data}"
+    if reason == R.SYSTEM_EVENT:
+        return f"SYSTEM_EVENT {SYSTEM_EVENT_TYPES.get(event.a, f'type {event.a}')}"
+    if reason == R.INTERNAL_ERROR:
+        sub = INTERNAL_ERROR_SUBERRORS.get(event.a, f"suberror {event.a}")
+        return f"INTERNAL_ERROR {sub} ndata={event.b}"
+    if reason == R.HYPERCALL:
+        return f"HYPERCALL nr={event.a}"
+    if reason == R.FAIL_ENTRY:
+        return f"FAIL_ENTRY hardware reason=0x{event.a:x} cpu={event.b}"
+    if reason == R.UNKNOWN:
+        return f"UNKNOWN hardware reason=0x{event.a:x}"
+    if reason == R.EXCEPTION:
+        return f"EXCEPTION {event.a} error_code=0x{event.b:x}"
+    if reason == R.TPR_ACCESS:
+        return f"TPR_ACCESS {'write' if write else 'read'} rip=0x{event.a:x}"
+    if reason == R.DEBUG:
+        return f"DEBUG exception={event.b} pc=0x{event.a:x}"
+    if reason == R.IOAPIC_EOI:
+        return f"IOAPIC_EOI vector={event.a}"
+    if reason in (R.NOTIFY, R.HYPERV, R.XEN):
+        return (
+            f"{exit_reason_name(reason)[9:]} {'flags' if reason == R.NOTIFY else 'type'}={event.a}"
+        )
+    if reason == R.MEMORY_FAULT:
+        private = " private" if event.flags & EXIT_PRIVATE else ""
+        return f"MEMORY_FAULT gpa=0x{event.a:x} size={event.b}{private}"
+    return exit_reason_name(reason)[9:]
+
+
+# --- /proc text -------------------------------------------------------------------------------
+
+_VCPU_LINK = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")
+
+
+def vcpu_id_of_fd_link(link: str) -> int | None:
+    """The vCPU id from a /proc/PID/fd link (``anon_inode:kvm-vcpu:3`` -> 3), else None."""
+    m = _VCPU_LINK.match(link)
+    return int(m.group(1)) if m else None
+
+
+def is_kvm_fd_link(link: str) -> bool:
+    """True for /dev/kvm and the VM and vCPU anon inodes."""
+    return link == "/dev/kvm" or link.startswith(("anon_inode:kvm-vm", "anon_inode:kvm-vcpu:"))
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuMapping:
+    """A vCPU's kvm_run mapping as /proc/PID/maps shows it."""
+
+    start: int
+    end: int
+    vcpu: int
+
+
+def vcpu_mappings(maps_text: str) -> list[VcpuMapping]:
+    """kvm_run mappings (file offset 0) in /proc/PID/maps text. The dirty-ring mapping of the
+    same fd (offset 0x40000) is not one of them."""
+    found = []
+    for line in maps_text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 6 or not fields[5].startswith("anon_inode:kvm-vcpu:"):
+            continue
+        vcpu = vcpu_id_of_fd_link(fields[5].strip())
+        if vcpu is None or int(fields[2], 16) != 0:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        found.append(VcpuMapping(start, end, vcpu))
+    return found
+
+
+def proc_syscall(text: str) -> tuple[int, tuple[int, ...]] | None:
+    """(syscall number, args) from /proc/PID/task/TID/syscall, or None when the thread is
+    running (``running``) or not in a syscall (``-1 ...``)."""
+    fields = text.split()
+    if not fields or fields[0] in ("running", "-1"):
+        return None
+    try:
+        return int(fields[0]), tuple(int(x, 16) for x in fields[1:7])
+    except ValueError:
+        return None

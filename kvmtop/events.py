@@ -1,0 +1,87 @@
+"""What the tracer reports: exits, in batches, and the few things that happen around them.
+
+Everything here is a frozen value: the tracer thread builds it, any thread may read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# ExitEvent.flags
+EXIT_WRITE = 0x01  # IO out, MMIO write, WRMSR, TPR write: the guest gave the VMM a value
+EXIT_PRIVATE = 0x02  # MEMORY_FAULT on private (guest_memfd) memory
+
+
+@dataclass(frozen=True, slots=True)
+class ExitEvent:
+    """One return of KVM_RUN on one vCPU.
+
+    ``a`` and ``b`` carry the details of the exit's kind, as ``decoder.decode_exit`` lays them
+    out (IO: port and size|count<<8; MMIO: address and length; ...). ``errno`` is 0 when KVM_RUN
+    returned 0; otherwise the run failed (EINTR: a signal kicked the vCPU) and ``reason`` is what
+    kvm_run held then, which is only meaningful for EINTR (KVM_EXIT_INTR).
+    """
+
+    vcpu: int
+    reason: int
+    errno: int
+    entry_ns: int  # time.monotonic_ns() when KVM_RUN was entered
+    exit_ns: int  # time.monotonic_ns() when it returned
+    a: int = 0
+    b: int = 0
+    flags: int = 0
+    data: bytes = b""  # IO/MMIO/MSR data, only when recording with --data
+
+    @property
+    def guest_ns(self) -> int:
+        """Time spent inside KVM_RUN: in the guest, plus the kernel's own exit handling."""
+        return self.exit_ns - self.entry_ns
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuSeen:
+    """A vCPU the tracer found (at attach, or by KVM_CREATE_VCPU), and the thread running it."""
+
+    vcpu: int
+    tid: int
+    t_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitBatch:
+    """Exits in the order the tracer saw them (per vCPU, in time order)."""
+
+    events: tuple[ExitEvent, ...]
+    vcpus: tuple[VcpuSeen, ...] = ()
+    lost: int = 0  # exits seen but not decoded (kvm_run unreadable); must stay 0
+    stops: int = 0  # ptrace stops handled since the previous batch
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    pid: int
+    argv: tuple[str, ...]
+    t_ns: int
+    launched: bool = False  # started by kvmtop (record -- CMD) rather than attached to
+
+
+@dataclass(frozen=True, slots=True)
+class Detached:
+    """Tracing ended: ``why`` says how; ``exit_status`` is set when the VMM itself ended."""
+
+    pid: int
+    why: str
+    t_ns: int
+    exit_status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TracerFailed:
+    """A command failed; ``message`` is written for the user."""
+
+    message: str
+    kind: str = "error"  # the KvmtopError subclass name, so the CLI can pick an exit code
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+TracerMessage = ExitBatch | Attached | Detached | TracerFailed

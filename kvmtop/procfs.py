@@ -1,0 +1,103 @@
+"""Facts about a process read from /proc: who traces it, whether it is a KVM process, why
+ptrace may be refused. Read-only; never touches a tracee."""
+
+from __future__ import annotations
+
+import os
+
+from kvmtop.errors import KvmtopError, NoSuchProcess, NotKvmProcess, PermissionDenied
+
+
+def task_ids(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def tgid_of(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def _fd_links(pid: int) -> list[str]:
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    return links
+
+
+def _status_field(pid: int, name: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def permission_hint(pid: int) -> str:
+    """Why ptrace was refused, as far as can be told from outside."""
+    tracer = _status_field(pid, "TracerPid")
+    if tracer and tracer != "0":
+        return (
+            f"pid {pid} is traced by another process (TracerPid {tracer}, {_comm(int(tracer))}); "
+            "detach gdb/strace first"
+        )
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        scope = None
+    if os.geteuid() != 0:
+        why = f"permission denied tracing pid {pid}: ptrace needs the same user and CAP_SYS_PTRACE"
+        if scope and scope != "0":
+            why += f" (kernel.yama.ptrace_scope={scope} allows only descendants or CAP_SYS_PTRACE)"
+        return why + "; run as the VMM's user with CAP_SYS_PTRACE, or as root"
+    return f"permission denied tracing pid {pid} (an LSM or ptrace_scope={scope} refuses it)"
+
+
+def check_attachable(pid: int) -> tuple[str, ...]:
+    """The argv of ``pid`` if it is a KVM process kvmtop may trace; else a clear error."""
+    if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+        raise NoSuchProcess(f"no such process: {pid}")
+    if pid == os.getpid():
+        raise KvmtopError("kvmtop cannot trace itself")
+    tracer = _status_field(pid, "TracerPid")
+    if tracer and tracer != "0" and int(tracer) != os.getpid():
+        raise PermissionDenied(permission_hint(pid))
+    try:
+        links = _fd_links(pid)
+    except PermissionError:
+        raise PermissionDenied(permission_hint(pid)) from None
+    except FileNotFoundError:
+        raise NoSuchProcess(f"no such process: {pid}") from None
+    if not any(link.startswith("anon_inode:kvm-vm") or link == "/dev/kvm" for link in links):
+        raise NotKvmProcess(
+            f"pid {pid} ({_comm(pid)}) is not a KVM process: it has no /dev/kvm or VM fd"
+        )
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = tuple(a.decode(errors="replace") for a in f.read().split(b"\0") if a)
+    except OSError:
+        argv = (_comm(pid),)
+    return argv

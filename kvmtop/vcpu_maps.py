@@ -1,0 +1,107 @@
+"""Finding a vCPU's ``struct kvm_run`` in a running VMM and reading it without writing.
+
+The preferred way duplicates the VMM's vCPU fd (pidfd_getfd) and maps it read-only into kvmtop:
+after that, reading an exit costs no syscall and a mapping the VMM moves cannot go stale. Where
+that is refused, the VMM's own mapping is found in /proc/PID/maps and read with
+process_vm_readv, and found again when it moves. Used only by the tracer thread.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from types import ModuleType
+
+from kvmtop.arch import HOST
+from kvmtop.decoder import vcpu_id_of_fd_link, vcpu_mappings
+from kvmtop.ptrace_abi import RemoteReader, pidfd_getfd
+
+
+class RunPage:
+    """One vCPU's kvm_run (and PIO data page), readable with :meth:`view`."""
+
+    vcpu: int
+    tid: int = 0  # the VMM thread last seen running this vCPU (0: not yet seen)
+
+    def view(self) -> memoryview | bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class MappedRunPage(RunPage):
+    """Our own read-only mapping of a duplicated vCPU fd: a live view, zero syscalls a read."""
+
+    def __init__(self, vcpu: int, dupfd: int, size: int) -> None:
+        self.vcpu = vcpu
+        self._fd = dupfd
+        self._map = mmap.mmap(dupfd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._view = memoryview(self._map)
+
+    def view(self) -> memoryview:
+        return self._view
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()
+        os.close(self._fd)  # the duplicate keeps the VM's kernel objects alive until closed
+
+
+class RemoteRunPage(RunPage):
+    """The VMM's own mapping, read with process_vm_readv (one syscall a read)."""
+
+    def __init__(self, pid: int, vcpu: int, size: int) -> None:
+        self.vcpu = vcpu
+        self._pid = pid
+        self._reader = RemoteReader(pid, size)
+        self._address = self._find()
+
+    def _find(self) -> int:
+        with open(f"/proc/{self._pid}/maps") as f:
+            found = [m.start for m in vcpu_mappings(f.read()) if m.vcpu == self.vcpu]
+        if len(found) != 1:
+            raise OSError(
+                f"no unique kvm_run mapping for vCPU {self.vcpu} in /proc/{self._pid}/maps"
+            )
+        return found[0]
+
+    def view(self) -> memoryview:
+        try:
+            return self._reader.read(self._address)
+        except OSError:
+            self._address = self._find()  # the VMM moved or remapped it
+            return self._reader.read(self._address)
+
+    def close(self) -> None:
+        pass
+
+
+def vcpu_fds(pid: int) -> dict[int, int]:
+    """{fd number: vCPU id} for every vCPU fd the process holds."""
+    found = {}
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            vcpu = vcpu_id_of_fd_link(os.readlink(f"{base}/{name}"))
+        except OSError:
+            continue  # closed meanwhile
+        if vcpu is not None:
+            found[int(name)] = vcpu
+    return found
+
+
+def open_run_page(pid: int, pidfd: int, fd: int, arch: ModuleType = HOST) -> RunPage:
+    """The run page behind fd ``fd`` of process ``pid``; raises OSError if it is not a vCPU."""
+    vcpu = vcpu_id_of_fd_link(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    if vcpu is None:
+        raise OSError(f"fd {fd} of pid {pid} is not a KVM vCPU")
+    try:
+        dupfd = pidfd_getfd(pidfd, fd)
+    except OSError:
+        return RemoteRunPage(pid, vcpu, arch.RUN_MAP_SIZE)
+    try:
+        return MappedRunPage(vcpu, dupfd, arch.RUN_MAP_SIZE)
+    except OSError:
+        os.close(dupfd)
+        return RemoteRunPage(pid, vcpu, arch.RUN_MAP_SIZE)
