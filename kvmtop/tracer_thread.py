@@ -445,6 +445,7 @@ class Tracer:
     def _attach(self, pid: int) -> Attached:
         if self._proc is not None:
             raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
+        t0 = time.monotonic_ns()
         argv = check_attachable(pid)
         try:
             pidfd = os.pidfd_open(pid)
@@ -487,7 +488,7 @@ class Tracer:
                 if exc.errno != errno_module.ESRCH:
                     raise
         self._open_known_vcpus(proc)
-        attached = Attached(pid, argv, time.monotonic_ns(), launched=False)
+        attached = Attached(pid, argv, t0, launched=False)
         self._flush()
         self.out.put(attached)
         return attached
@@ -510,6 +511,7 @@ class Tracer:
             raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
         if not argv:
             raise CommandNotFound("no command given")
+        t0 = time.monotonic_ns()
         exe = shutil.which(argv[0])
         if exe is None:
             raise CommandNotFound(f"command not found: {argv[0]}")
@@ -536,7 +538,7 @@ class Tracer:
         proc = _Process(pid, os.pidfd_open(pid), tuple(argv), launched=True)
         self._proc = proc
         self._threads[pid] = _Thread(pid, proc)
-        attached = Attached(pid, tuple(argv), time.monotonic_ns(), launched=True)
+        attached = Attached(pid, tuple(argv), t0, launched=True)
         self.out.put(attached)
         return attached
 

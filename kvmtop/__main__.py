@@ -1,0 +1,5 @@
+import sys
+
+from kvmtop.cli import main
+
+sys.exit(main())

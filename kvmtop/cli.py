@@ -1,0 +1,205 @@
+"""The command line: parse arguments, run one thin command, map errors to one line and an exit
+code. Tracebacks only with ``--debug``.
+
+    kvmtop                         the TUI: pick a KVM process
+    kvmtop -p PID                  the TUI, attached to PID
+    kvmtop -- CMD [ARGS...]        the TUI, CMD launched under trace
+    kvmtop demo                    the TUI on a small built-in guest
+    kvmtop replay FILE             the TUI playing a recording
+    kvmtop record -p PID [-o FILE] [--duration S] [--data]
+    kvmtop record [-o FILE] [--data] -- CMD [ARGS...]
+    kvmtop report FILE [--json]
+    kvmtop list [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from kvmtop import __version__
+from kvmtop.errors import KvmtopError, RecordingError, UsageError
+
+DEFAULT_RECORDING = "kvmtop.data"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvmtop",
+        description="top for KVM exits: why, how often and for how long each vCPU leaves the guest",
+        epilog="Run `kvmtop -- CMD ...` or `kvmtop record -- CMD ...` to start CMD under trace.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvmtop {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-p", "--pid", type=int, help="attach to this VMM process")
+    parser.add_argument("-o", "--output", help="also record to this file (TUI)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
+    rec.add_argument("-p", "--pid", type=int, help="attach to this running VMM")
+    rec.add_argument(
+        "-o", "--output", default=DEFAULT_RECORDING, help=f"recording file ({DEFAULT_RECORDING})"
+    )
+    rec.add_argument("--duration", type=float, help="stop after this many seconds")
+    rec.add_argument(
+        "--data", action="store_true", help="also record IO/MMIO data values (may hold secrets)"
+    )
+    rec.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    rep = sub.add_parser("report", help="summarise a recording")
+    rep.add_argument("file")
+    rep.add_argument("--json", action="store_true", help="print JSON")
+
+    lst = sub.add_parser("list", help="list the KVM processes on this machine")
+    lst.add_argument("--json", action="store_true", help="print JSON")
+
+    rpl = sub.add_parser("replay", help="play a recording in the TUI")
+    rpl.add_argument("file")
+
+    sub.add_parser("demo", help="start a small built-in guest and watch it (needs /dev/kvm)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] | None = None
+    if "--" in args_in:
+        i = args_in.index("--")
+        args_in, command = args_in[:i], args_in[i + 1 :]
+    parser = _parser()
+    args = parser.parse_args(args_in)
+    try:
+        return _run(args, command)
+    except KvmtopError as exc:
+        if args.debug:
+            raise
+        print(f"kvmtop: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace, command: list[str] | None) -> int:
+    if command is not None and not command:
+        raise UsageError("no command after --")
+    if args.command == "record":
+        if (args.pid is None) == (command is None):
+            raise UsageError("record needs either -p PID or -- CMD [ARGS...]")
+        return record(args.pid, command, args.output, args.duration, args.data, args.json)
+    if command is not None and args.command is not None:
+        raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
+    if args.command == "report":
+        return report(args.file, args.json)
+    if args.command == "list":
+        return list_processes(args.json)
+    from kvmtop.app import run_tui  # Textual loads only for the TUI
+
+    if args.command == "replay":
+        return run_tui(replay=args.file)
+    if args.command == "demo":
+        return run_tui(demo=True, record_path=args.output)
+    return run_tui(pid=args.pid, argv=command, record_path=args.output)
+
+
+def record(
+    pid: int | None,
+    command: list[str] | None,
+    output: str,
+    duration: float | None,
+    with_data: bool,
+    as_json: bool,
+) -> int:
+    """Trace until the VMM exits, Ctrl-C/SIGTERM, or ``duration``; then summarise."""
+    from kvmtop.report import summary_json, summary_table
+    from kvmtop.session import SessionState, TraceSession
+
+    if output == DEFAULT_RECORDING and os.path.exists(output):
+        os.replace(output, output + ".old")
+    session = TraceSession(record_path=output, with_data=with_data)
+    stop_requested: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_requested.append(signum)
+        session.detach()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if pid is not None:
+            session.attach(pid)
+        else:
+            session.launch(command or [])
+        attached = session.wait_attached()
+        what = " ".join(attached.argv) or str(attached.pid)
+        verb = "launched" if attached.launched else "attached to"
+        print(f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {output}; "
+              "Ctrl-C stops", file=sys.stderr)
+        deadline = None if duration is None else time.monotonic() + duration
+        while not session.ended.wait(0.1):
+            if deadline is not None and time.monotonic() >= deadline:
+                session.detach()
+                deadline = None
+        if session.launched and session.exit_status is None:
+            # Detached from a command we started: it is still our child; wait for it to end.
+            print(f"kvmtop: detached; waiting for pid {session.pid} to exit", file=sys.stderr)
+            while not session.child_ended.wait(0.1):
+                pass
+    finally:
+        session.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if session.state is SessionState.FAILED:
+        errors = [text for severity, text in session.take_notices() if severity == "error"]
+        raise KvmtopError(errors[-1] if errors else "attach failed")
+    snapshot = session.stats.snapshot()
+    meta = {"pid": session.pid, "argv": list(session.argv), "file": output}
+    if as_json:
+        print(json.dumps(summary_json(snapshot, meta), indent=2))
+    else:
+        print(summary_table(snapshot, meta))
+    if session.launched:
+        status = session.child_exit_status
+        return status if status is not None else 0
+    return 0
+
+
+def report(path: str, as_json: bool) -> int:
+    from kvmtop.report import load_recording_stats, summary_json, summary_table
+
+    recording, stats = load_recording_stats(path)
+    meta = recording.meta_dict()
+    snapshot = stats.snapshot()
+    if as_json:
+        print(json.dumps(summary_json(snapshot, meta), indent=2))
+    else:
+        print(summary_table(snapshot, meta))
+    if not recording.complete:
+        raise RecordingError(
+            f"{path} is truncated (no end marker{', torn last record' if recording.torn_bytes else ''}): "
+            f"the report covers the {snapshot.total} exits it holds"
+        )
+    return 0
+
+
+def list_processes(as_json: bool) -> int:
+    from kvmtop.discovery import list_kvm_processes
+
+    procs = list_kvm_processes()
+    if as_json:
+        print(json.dumps([p.as_dict() for p in procs], indent=2))
+        return 0
+    if not procs:
+        print("no KVM processes found (run `kvmtop demo` to start a small one)")
+        return 0
+    print(f"{'PID':>7}  {'USER':<10} {'VCPUS':>5}  COMMAND")
+    for p in procs:
+        print(f"{p.pid:>7}  {p.user[:10]:<10} {p.vcpus:>5}  {p.name}  ({' '.join(p.cmdline)[:80]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""A tracing session: the tracer thread, the aggregate it feeds, and optionally a recording.
+
+A pump thread moves the tracer's batches into :class:`~kvmtop.stats.ExitStats` and the
+recording file, so the UI and ``kvmtop record`` only ever read ``session.stats``. Nothing here
+calls ptrace: commands go to the tracer, which runs them in its own thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from kvmtop.errors import KvmtopError
+from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed, TracerMessage
+from kvmtop.recording import RecordingWriter, meta_for
+from kvmtop.stats import ExitStats
+from kvmtop.tracer_thread import Tracer
+
+
+class SessionState(enum.Enum):
+    IDLE = "idle"
+    ATTACHING = "attaching"
+    ATTACHED = "attached"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+class TraceSession:
+    """One tracer; one traced VMM at a time. All methods but :meth:`close` and the ``wait_*``
+    helpers return at once: outcomes show in :attr:`state` and :meth:`take_notices`."""
+
+    def __init__(
+        self,
+        record_path: str | None = None,
+        with_data: bool = False,
+        child_stdio: str | None = None,
+    ) -> None:
+        self.record_path = record_path
+        self.with_data = with_data
+        self.stats = ExitStats()
+        self.state = SessionState.IDLE
+        self.pid: int | None = None
+        self.argv: tuple[str, ...] = ()
+        self.launched = False
+        self.attached_at_ns: int | None = None
+        self.attached_wall: float | None = None
+        self.exit_status: int | None = None
+        self.child_exit_status: int | None = None  # a launched command that ended after detach
+        self.ended = threading.Event()
+        self.child_ended = threading.Event()
+        self._notices: deque[tuple[str, str]] = deque(maxlen=50)
+        self._writer: RecordingWriter | None = None
+        self._pending: Future[Attached] | None = None
+        self._tracer = Tracer(with_data=with_data, child_stdio=child_stdio)
+        self._tracer.start()
+        self._pump = threading.Thread(target=self._run_pump, name="kvmtop-pump", daemon=True)
+        self._pump.start()
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def attach(self, pid: int) -> Future[Attached]:
+        return self._begin(self._tracer.attach(pid))
+
+    def launch(self, argv: list[str]) -> Future[Attached]:
+        return self._begin(self._tracer.launch(argv))
+
+    def _begin(self, future: Future[Attached]) -> Future[Attached]:
+        self.state = SessionState.ATTACHING
+        self.ended.clear()
+        self._pending = future
+        return future
+
+    def detach(self) -> None:
+        if self.state in (SessionState.ATTACHED, SessionState.ATTACHING):
+            self._tracer.detach()
+
+    def wait_attached(self, timeout: float = 10.0) -> Attached:
+        """Block until the attach/launch begun last has succeeded; raise its KvmtopError."""
+        if self._pending is None:
+            raise KvmtopError("nothing to wait for: attach or launch first")
+        try:
+            attached = self._pending.result(timeout)
+        except FutureTimeout:
+            raise KvmtopError(f"attach did not finish within {timeout:.0f} s") from None
+        deadline = time.monotonic() + timeout
+        while self.state is SessionState.ATTACHING and time.monotonic() < deadline:
+            time.sleep(0.005)  # the pump has not taken the Attached message yet
+        return attached
+
+    def take_notices(self) -> list[tuple[str, str]]:
+        """(severity, message) pairs for the user since the last call."""
+        out = []
+        while self._notices:
+            out.append(self._notices.popleft())
+        return out
+
+    def close(self, kill_launched: bool = False, timeout: float = 2.0) -> None:
+        """Detach (the VMM runs on), stop the tracer, finish the recording. With
+        ``kill_launched``, a command kvmtop started is killed instead (the demo guest)."""
+        pid, launched = self.pid, self.launched
+        self._tracer.stop(timeout)
+        self.ended.wait(timeout if self.state is SessionState.ATTACHED else 0)
+        self._pump.join(timeout)
+        if kill_launched and launched and pid is not None and self.exit_status is None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self._close_writer(None)
+
+    # --- the pump ------------------------------------------------------------------------------
+
+    def _run_pump(self) -> None:
+        while True:
+            try:
+                message = self._tracer.out.get(timeout=0.25)
+            except Exception:  # queue.Empty
+                if not self._tracer.alive and self._tracer.out.empty():
+                    self.ended.set()
+                    return
+                continue
+            try:
+                self._take(message)
+            except KvmtopError as exc:  # e.g. the recording cannot be written
+                self._notices.append(("error", str(exc)))
+                self._close_writer(None)
+
+    def _take(self, message: TracerMessage) -> None:
+        if isinstance(message, ExitBatch):
+            self.stats.add_batch(message)
+            if self._writer is not None:
+                self._writer.write_batch(message)
+        elif isinstance(message, Attached):
+            self._on_attached(message)
+        elif isinstance(message, Detached):
+            self._on_detached(message)
+        elif isinstance(message, TracerFailed):
+            self._notices.append(("error", message.message))
+            if self.state is SessionState.ATTACHING:
+                self.state = SessionState.FAILED
+                self.ended.set()
+
+    def _on_attached(self, attached: Attached) -> None:
+        self.stats = ExitStats()
+        self.pid, self.argv, self.launched = attached.pid, attached.argv, attached.launched
+        self.attached_at_ns = attached.t_ns
+        self.attached_wall = time.time()
+        self.exit_status = None
+        self.child_exit_status = None
+        self.child_ended.clear()
+        if self.record_path is not None:
+            meta = meta_for(attached, self.with_data)
+            self._writer = RecordingWriter.create(self.record_path, meta, self.with_data)
+        self.state = SessionState.ATTACHED
+        verb = "launched" if attached.launched else "attached to"
+        self._notices.append(("information", f"{verb} pid {attached.pid}"))
+
+    def _on_detached(self, detached: Detached) -> None:
+        if detached.pid != self.pid:
+            return
+        if self.state is not SessionState.ATTACHED:  # a launched command ending after detach
+            self.child_exit_status = detached.exit_status
+            self.child_ended.set()
+            return
+        self.exit_status = detached.exit_status
+        if detached.exit_status is not None:
+            self.child_exit_status = detached.exit_status
+            self.child_ended.set()
+            text = f"pid {detached.pid} exited with status {detached.exit_status}"
+        else:
+            text = f"detached from pid {detached.pid}; it runs on"
+        self._close_writer(detached)
+        self.state = SessionState.ENDED
+        self._notices.append(("information", text))
+        self.ended.set()
+
+    def _close_writer(self, detached: Detached | None) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            if detached is not None:
+                writer.write_detached(detached)
+            writer.close()
