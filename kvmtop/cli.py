@@ -136,8 +136,10 @@ def record(
         attached = session.wait_attached()
         what = " ".join(attached.argv) or str(attached.pid)
         verb = "launched" if attached.launched else "attached to"
-        print(f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {output}; "
-              "Ctrl-C stops", file=sys.stderr)
+        print(
+            f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {output}; Ctrl-C stops",
+            file=sys.stderr,
+        )
         deadline = None if duration is None else time.monotonic() + duration
         while not session.ended.wait(0.1):
             if deadline is not None and time.monotonic() >= deadline:
@@ -155,7 +157,7 @@ def record(
     if session.state is SessionState.FAILED:
         errors = [text for severity, text in session.take_notices() if severity == "error"]
         raise KvmtopError(errors[-1] if errors else "attach failed")
-    snapshot = session.stats.snapshot()
+    snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output}
     if as_json:
         print(json.dumps(summary_json(snapshot, meta), indent=2))
@@ -172,7 +174,7 @@ def report(path: str, as_json: bool) -> int:
 
     recording, stats = load_recording_stats(path)
     meta = recording.meta_dict()
-    snapshot = stats.snapshot()
+    snapshot = stats.snapshot(top=None)
     if as_json:
         print(json.dumps(summary_json(snapshot, meta), indent=2))
     else:

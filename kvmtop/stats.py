@@ -3,17 +3,21 @@
 Fed with ExitBatch objects (from the tracer, or from a recording), read through immutable
 snapshots. Memory is bounded however long a session runs. The TUI, ``report`` and ``replay`` all
 read this same aggregate, so they never disagree. Never does I/O; never touches a tracee.
-
-(Interface below; implementation fills in ExitStats.)
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-from kvmtop.events import ExitEvent
+from kvmtop.decoder import exit_label
+from kvmtop.events import EXIT_WRITE, ExitBatch, ExitEvent, VcpuSeen
 
-LOG2_BUCKETS = 40  # bucket 0: 0-1 ns; bucket i (i >= 1): [2**i, 2**(i+1)) ns; the last is open
+LOG2_BUCKETS = 40
+TIMELINE_SECONDS = 60
+NS = 1_000_000_000  # bucket 0: 0-1 ns; bucket i (i >= 1): [2**i, 2**(i+1)) ns; the last is open
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +29,32 @@ class LatencyHistogram:
     buckets: tuple[int, ...]  # LOG2_BUCKETS counts
 
     def percentile(self, q: float) -> int:
-        """Upper bound of the log2 bucket holding quantile q (0..1), clamped to [min, max]."""
-        raise NotImplementedError
+        """Quantile q (0..1), interpolated inside its log2 bucket and clamped to [min, max]:
+        exact to within that bucket's width."""
+        if self.count == 0:
+            return 0
+        rank = max(1.0, min(float(self.count), q * self.count))
+        seen = 0
+        for i, n in enumerate(self.buckets):
+            if n and seen + n >= rank:
+                low = 0 if i == 0 else 1 << i
+                high = 2 if i == 0 else 1 << (i + 1)
+                value = low + (high - low) * (rank - seen) / n  # linear within the bucket
+                return max(self.min_ns, min(self.max_ns, int(value)))
+            seen += n
+        return self.max_ns
+
+    @property
+    def median(self) -> int:
+        return self.percentile(0.5)
+
+    @property
+    def p99(self) -> int:
+        return self.percentile(0.99)
+
+    @property
+    def mean(self) -> float:
+        return self.total_ns / self.count if self.count else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,3 +113,277 @@ class StatsSnapshot:
     io: tuple[PortCount, ...]  # whole VM
     mmio: tuple[MmioCount, ...]
     top_exact: bool  # False once a top table evicted keys (its counts are then upper bounds)
+
+
+EMPTY_HISTOGRAM = LatencyHistogram(0, 0, 0, 0, (0,) * LOG2_BUCKETS)
+
+
+class _Histogram:
+    """A log2 latency histogram being filled."""
+
+    __slots__ = ("count", "total", "low", "high", "buckets")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0
+        self.low = 0
+        self.high = 0
+        self.buckets = [0] * LOG2_BUCKETS
+
+    def add(self, ns: int) -> None:
+        if ns < 0:
+            ns = 0
+        if self.count == 0 or ns < self.low:
+            self.low = ns
+        if ns > self.high:
+            self.high = ns
+        self.count += 1
+        self.total += ns
+        self.buckets[min(LOG2_BUCKETS - 1, max(0, ns.bit_length() - 1))] += 1
+
+    def frozen(self) -> LatencyHistogram:
+        return LatencyHistogram(self.count, self.total, self.low, self.high, tuple(self.buckets))
+
+
+class _Reason:
+    __slots__ = ("count", "guest", "handling")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.guest = _Histogram()
+        self.handling = _Histogram()
+
+
+class TopCounter:
+    """Counts per key, exact up to ``capacity`` distinct keys; beyond that the Space-Saving
+    algorithm keeps the heaviest keys in fixed memory (their counts become upper bounds)."""
+
+    __slots__ = ("counts", "capacity", "exact")
+
+    def __init__(self, capacity: int) -> None:
+        self.counts: dict[Hashable, int] = {}
+        self.capacity = capacity
+        self.exact = True
+
+    def add(self, key: Hashable) -> None:
+        counts = self.counts
+        if key in counts:
+            counts[key] += 1
+        elif len(counts) < self.capacity:
+            counts[key] = 1
+        else:
+            victim = min(counts, key=counts.__getitem__)
+            counts[key] = counts.pop(victim) + 1
+            self.exact = False
+
+    def top(self, n: int | None = None) -> list[tuple[Hashable, int]]:
+        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], repr(kv[0])))
+        return ranked if n is None else ranked[:n]
+
+
+class _Seconds:
+    """Per-second counts per label for the last TIMELINE_SECONDS, in a fixed ring."""
+
+    __slots__ = ("stamp", "counts")
+
+    def __init__(self) -> None:
+        self.stamp = [-1] * TIMELINE_SECONDS
+        self.counts: list[dict[str, int]] = [{} for _ in range(TIMELINE_SECONDS)]
+
+    def add(self, second: int, label: str, n: int = 1) -> None:
+        i = second % TIMELINE_SECONDS
+        if self.stamp[i] != second:
+            self.stamp[i] = second
+            self.counts[i] = {}
+        bucket = self.counts[i]
+        bucket[label] = bucket.get(label, 0) + n
+
+    def at(self, second: int) -> dict[str, int]:
+        i = second % TIMELINE_SECONDS
+        return self.counts[i] if self.stamp[i] == second else {}
+
+
+class _Vcpu:
+    __slots__ = ("vcpu", "tid", "total", "reasons", "seconds", "io", "mmio", "recent", "last")
+
+    def __init__(self, vcpu: int, top_capacity: int, recent_capacity: int) -> None:
+        self.vcpu = vcpu
+        self.tid: int | None = None
+        self.total = 0
+        self.reasons: dict[str, _Reason] = {}
+        self.seconds = _Seconds()
+        self.io = TopCounter(top_capacity)
+        self.mmio = TopCounter(top_capacity)
+        self.recent: deque[ExitEvent] = deque(maxlen=recent_capacity)
+        self.last: tuple[int, str] | None = None  # (exit_ns, label) of the previous exit
+
+
+def _reason(table: dict[str, _Reason], label: str) -> _Reason:
+    found = table.get(label)
+    if found is None:
+        found = table[label] = _Reason()
+    return found
+
+
+def _ports(counter: TopCounter, n: int | None) -> tuple[PortCount, ...]:
+    return tuple(PortCount(p, "out" if w else "in", s, c) for (p, w, s), c in counter.top(n))  # type: ignore[misc]
+
+
+def _mmios(counter: TopCounter, n: int | None) -> tuple[MmioCount, ...]:
+    return tuple(MmioCount(a, ln, w, c) for (a, ln, w), c in counter.top(n))  # type: ignore[misc]
+
+
+class ExitStats:
+    """The bounded aggregate. One thread feeds it (:meth:`add_batch`), any thread reads it
+    (:meth:`snapshot`); snapshot cost grows with vCPUs, reasons and keys, never with exits."""
+
+    def __init__(
+        self,
+        timeline_seconds: int = TIMELINE_SECONDS,
+        top_capacity: int = 256,
+        recent_capacity: int = 2000,
+    ) -> None:
+        if timeline_seconds != TIMELINE_SECONDS:
+            raise ValueError(f"the timeline holds {TIMELINE_SECONDS} s")
+        self.top_capacity = top_capacity
+        self.recent_capacity = recent_capacity
+        self._lock = threading.Lock()
+        self._vcpus: dict[int, _Vcpu] = {}
+        self._reasons: dict[str, _Reason] = {}
+        self._io = TopCounter(top_capacity)
+        self._mmio = TopCounter(top_capacity)
+        self._stops = _Seconds()
+        self.total = 0
+        self.lost = 0
+        self.stops = 0
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+
+    def _vcpu(self, vcpu: int) -> _Vcpu:
+        found = self._vcpus.get(vcpu)
+        if found is None:
+            found = self._vcpus[vcpu] = _Vcpu(vcpu, self.top_capacity, self.recent_capacity)
+        return found
+
+    def add_batch(self, batch: ExitBatch) -> None:
+        with self._lock:
+            for seen in batch.vcpus:
+                self._see(seen)
+            self._add(batch.events)
+            self.lost += batch.lost
+            if batch.stops:
+                self.stops += batch.stops
+                when = batch.events[-1].exit_ns if batch.events else self.last_ns
+                if when is not None:
+                    self._stops.add(when // NS, "stops", batch.stops)
+
+    def add_events(self, events: Iterable[ExitEvent]) -> None:
+        with self._lock:
+            self._add(events)
+
+    def _see(self, seen: VcpuSeen) -> None:
+        vcpu = self._vcpu(seen.vcpu)
+        if seen.tid:
+            vcpu.tid = seen.tid
+
+    def _add(self, events: Iterable[ExitEvent]) -> None:
+        reasons = self._reasons
+        for e in events:
+            label = exit_label(e.reason, e.errno)
+            vcpu = self._vcpus.get(e.vcpu) or self._vcpu(e.vcpu)
+            vcpu.total += 1
+            mine = _reason(vcpu.reasons, label)
+            ours = _reason(reasons, label)
+            mine.count += 1
+            ours.count += 1
+            guest = e.exit_ns - e.entry_ns
+            mine.guest.add(guest)
+            ours.guest.add(guest)
+            if vcpu.last is not None:
+                handling = e.entry_ns - vcpu.last[0]
+                _reason(vcpu.reasons, vcpu.last[1]).handling.add(handling)
+                _reason(reasons, vcpu.last[1]).handling.add(handling)
+            vcpu.last = (e.exit_ns, label)
+            vcpu.seconds.add(e.exit_ns // NS, label)
+            vcpu.recent.append(e)
+            if e.errno == 0:
+                if e.reason == 2:  # KVM_EXIT_IO
+                    key = (e.a, bool(e.flags & EXIT_WRITE), e.b & 0xFF)
+                    vcpu.io.add(key)
+                    self._io.add(key)
+                elif e.reason == 6:  # KVM_EXIT_MMIO
+                    key2 = (e.a, e.b, bool(e.flags & EXIT_WRITE))
+                    vcpu.mmio.add(key2)
+                    self._mmio.add(key2)
+            self.total += 1
+            if self.first_ns is None:
+                self.first_ns = e.exit_ns
+            self.last_ns = e.exit_ns
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def snapshot(
+        self, now_ns: int | None = None, recent: bool = False, top: int | None = 32
+    ) -> StatsSnapshot:
+        """Everything, as immutable values. ``recent``: include each vCPU's latest exits;
+        ``top``: how many IO ports/MMIO addresses per table (None: all)."""
+        with self._lock:
+            now = now_ns if now_ns is not None else (self.last_ns or 0)
+            now_s = now // NS
+            vcpus = tuple(
+                self._vcpu_snapshot(v, now_s, recent, top) for _, v in sorted(self._vcpus.items())
+            )
+            per_label_rate: dict[str, int] = {}
+            for v in self._vcpus.values():
+                for label, n in v.seconds.at(now_s - 1).items():
+                    per_label_rate[label] = per_label_rate.get(label, 0) + n
+            reasons = _reason_stats(self._reasons, per_label_rate)
+            exact = self._io.exact and self._mmio.exact
+            return StatsSnapshot(
+                now_ns=now,
+                first_ns=self.first_ns,
+                last_ns=self.last_ns,
+                total=self.total,
+                lost=self.lost,
+                stops=self.stops,
+                stops_per_s=float(self._stops.at(now_s - 1).get("stops", 0)),
+                reasons=reasons,
+                vcpus=vcpus,
+                io=_ports(self._io, top),
+                mmio=_mmios(self._mmio, top),
+                top_exact=exact,
+            )
+
+    def vcpu_snapshot(self, vcpu: int, now_ns: int, top: int | None = 32) -> VcpuSnapshot | None:
+        """One vCPU, with its recent exits (the drill-down view)."""
+        with self._lock:
+            found = self._vcpus.get(vcpu)
+            return None if found is None else self._vcpu_snapshot(found, now_ns // NS, True, top)
+
+    def _vcpu_snapshot(self, v: _Vcpu, now_s: int, recent: bool, top: int | None) -> VcpuSnapshot:
+        seconds = [v.seconds.at(s) for s in range(now_s - TIMELINE_SECONDS + 1, now_s + 1)]
+        labels = sorted({label for bucket in seconds for label in bucket})
+        return VcpuSnapshot(
+            vcpu=v.vcpu,
+            tid=v.tid,
+            total=v.total,
+            rate=float(sum(v.seconds.at(now_s - 1).values())),
+            reasons=_reason_stats(v.reasons, v.seconds.at(now_s - 1)),
+            timeline=tuple(sum(b.values()) for b in seconds),
+            timeline_dominant=tuple(max(b, key=b.__getitem__) if b else None for b in seconds),
+            timeline_by_reason={label: tuple(b.get(label, 0) for b in seconds) for label in labels},
+            io=_ports(v.io, top),
+            mmio=_mmios(v.mmio, top),
+            recent=tuple(v.recent) if recent else (),
+        )
+
+
+def _reason_stats(table: dict[str, _Reason], rates: dict[str, int]) -> tuple[ReasonStats, ...]:
+    rows = [
+        ReasonStats(
+            label, r.count, float(rates.get(label, 0)), r.guest.frozen(), r.handling.frozen()
+        )
+        for label, r in table.items()
+    ]
+    rows.sort(key=lambda r: (-r.count, r.label))
+    return tuple(rows)

@@ -1,0 +1,135 @@
+"""The KVM processes on this machine: psutil for the process facts, /proc/PID/fd links for the
+KVM fds (psutil's open_files() does not list anon inodes). Read-only; never traces."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import psutil
+
+from kvmtop.decoder import is_kvm_fd_link, vcpu_id_of_fd_link
+from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
+
+
+@dataclass(frozen=True, slots=True)
+class KvmProcess:
+    pid: int
+    user: str
+    name: str  # QEMU's -name when given, else the command name
+    cmdline: tuple[str, ...]
+    vcpus: int
+    vcpu_ids: tuple[int, ...]
+    cpu_percent: float
+    rss: int
+    create_time: float
+    tracer_pid: int
+
+    @property
+    def uptime_s(self) -> float:
+        return max(0.0, time.time() - self.create_time)
+
+    def as_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["cmdline"] = list(self.cmdline)
+        out["vcpu_ids"] = list(self.vcpu_ids)
+        return out
+
+
+def kvm_fd_links(pid: int) -> list[str] | None:
+    """The KVM-related fd links of ``pid``; None when /proc/PID/fd cannot be read."""
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return None
+    links = []
+    for name in names:
+        try:
+            link = os.readlink(f"{base}/{name}")
+        except OSError:
+            continue
+        if is_kvm_fd_link(link):
+            links.append(link)
+    return links
+
+
+def display_name(cmdline: list[str], fallback: str) -> str:
+    """QEMU's ``-name guest=foo,...`` or ``-name foo``; else the command's base name."""
+    for i, arg in enumerate(cmdline[:-1]):
+        if arg in ("-name", "--name"):
+            value = cmdline[i + 1].split(",")[0]
+            return value.removeprefix("guest=") or fallback
+    return fallback
+
+
+def _tracer_pid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _describe(proc: psutil.Process, links: list[str]) -> KvmProcess:
+    with proc.oneshot():
+        cmdline = proc.cmdline()
+        vcpu_ids = sorted(v for v in map(vcpu_id_of_fd_link, links) if v is not None)
+        return KvmProcess(
+            pid=proc.pid,
+            user=proc.username(),
+            name=display_name(cmdline, proc.name()),
+            cmdline=tuple(cmdline),
+            vcpus=len(vcpu_ids),
+            vcpu_ids=tuple(vcpu_ids),
+            cpu_percent=proc.cpu_percent(None),
+            rss=proc.memory_info().rss,
+            create_time=proc.create_time(),
+            tracer_pid=_tracer_pid(proc.pid),
+        )
+
+
+_cpu_seen: dict[int, psutil.Process] = {}  # kept so cpu_percent() measures since the last call
+
+
+def list_kvm_processes() -> list[KvmProcess]:
+    """Every process with a KVM fd that this user may inspect, by pid."""
+    found = []
+    alive = set()
+    for pid in psutil.pids():
+        links = kvm_fd_links(pid)
+        if not links:
+            continue
+        try:
+            proc = _cpu_seen.get(pid) or psutil.Process(pid)
+            _cpu_seen[pid] = proc
+            found.append(_describe(proc, links))
+            alive.add(pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    for gone in set(_cpu_seen) - alive:
+        del _cpu_seen[gone]
+    return found
+
+
+def kvm_process(pid: int) -> KvmProcess:
+    """One KVM process, or a clear error."""
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        raise NoSuchProcess(f"no such process: {pid}") from None
+    links = kvm_fd_links(pid)
+    if links is None:
+        raise PermissionDenied(f"cannot read /proc/{pid}/fd: permission denied")
+    if not links:
+        raise NotKvmProcess(f"pid {pid} ({proc.name()}) is not a KVM process")
+    try:
+        return _describe(proc, links)
+    except psutil.NoSuchProcess:
+        raise NoSuchProcess(f"no such process: {pid}") from None
+    except psutil.AccessDenied:
+        raise PermissionDenied(f"permission denied reading process {pid}") from None

@@ -1,0 +1,289 @@
+"""The recording file: streaming, versioned, append-only, 32 bytes per exit.
+
+A header (magic, version, flags, JSON metadata) and then fixed 32-byte records, so a file cut
+short anywhere reads back to its last whole record. The layout is documented in
+docs/recording-format.md. Data values (IO/MMIO/MSR) can hold guest secrets: they are written
+only when asked for, and every file is created readable by its owner only. Pure file I/O; never
+touches a tracee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from kvmtop import __version__
+from kvmtop.errors import RecordingError
+from kvmtop.events import Attached, Detached, ExitBatch, ExitEvent, VcpuSeen
+
+MAGIC = b"\x89KVMTOP\n"  # the high byte and newline catch text-mode and truncated transfers
+VERSION = 1
+HEADER = struct.Struct("<8sHHI")  # magic, version, flags, metadata length
+HEADER_DATA = 0x0001  # IO/MMIO data values are recorded
+RECORD_SIZE = 32
+
+KIND_EXIT, KIND_LONG, KIND_DATA, KIND_VCPU, KIND_COUNTERS, KIND_END = 1, 2, 3, 4, 5, 6
+EXIT = struct.Struct("<BBHIqIIQ")  # kind, flags, vcpu, reason, t_exit, guest_ns, b, a
+LONG = struct.Struct("<B7xQ16x")  # kind, guest_ns (when it does not fit 32 bits)
+DATA = struct.Struct("<BB30s")  # kind, length, bytes
+VCPU = struct.Struct("<BxHIq16x")  # kind, vcpu, tid, t
+COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
+END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits
+
+# EXIT record flags
+F_WRITE, F_PRIVATE, F_DATA, F_LONG, F_FAILED = 0x01, 0x02, 0x04, 0x08, 0x10
+EVENT_FLAGS = F_WRITE | F_PRIVATE  # the bits that are ExitEvent.flags
+GUEST_NS_MAX = 0xFFFFFFFE
+WHY_CODES = {"detached": 0, "exited": 1}
+DATA_CHUNK = 30
+
+for _s in (EXIT, LONG, DATA, VCPU, COUNTERS, END):
+    assert _s.size == RECORD_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingMeta:
+    pid: int
+    argv: tuple[str, ...]
+    launched: bool
+    start_ns: int  # record times are relative to this monotonic ns
+    start_wall: float  # the same instant as Unix time
+    with_data: bool
+    arch: str = platform.machine()
+    hostname: str = ""
+    kernel: str = ""
+    kvmtop_version: str = __version__
+
+
+def meta_for(attached: Attached, with_data: bool) -> RecordingMeta:
+    lag = (time.monotonic_ns() - attached.t_ns) / 1e9
+    return RecordingMeta(
+        pid=attached.pid,
+        argv=attached.argv,
+        launched=attached.launched,
+        start_ns=attached.t_ns,
+        start_wall=time.time() - lag,
+        with_data=with_data,
+        hostname=socket.gethostname(),
+        kernel=platform.release(),
+    )
+
+
+class RecordingWriter:
+    """Appends batches to a new recording. Each batch is one write(), so a kill loses at most
+    the batch in flight (the tracer sends one at least every 100 ms)."""
+
+    def __init__(self, fd: int, path: str, meta: RecordingMeta) -> None:
+        self._fd = fd
+        self.path = path
+        self.meta = meta
+        self.total = 0
+
+    @classmethod
+    def create(cls, path: str, meta: RecordingMeta, with_data: bool) -> RecordingWriter:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
+        except OSError as exc:
+            raise RecordingError(f"cannot create recording {path}: {exc.strerror}") from None
+        blob = json.dumps(asdict(meta)).encode()
+        writer = cls(fd, path, meta)
+        writer._write(
+            HEADER.pack(MAGIC, VERSION, HEADER_DATA if with_data else 0, len(blob)) + blob
+        )
+        return writer
+
+    def _write(self, data: bytes | bytearray) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise RecordingError(f"cannot write recording {self.path}: {exc.strerror}") from None
+
+    def _rel(self, ns: int) -> int:
+        return ns - self.meta.start_ns
+
+    def write_batch(self, batch: ExitBatch) -> None:
+        out = bytearray()
+        for seen in batch.vcpus:
+            out += VCPU.pack(KIND_VCPU, seen.vcpu, seen.tid, self._rel(seen.t_ns))
+        pack = EXIT.pack
+        for e in batch.events:
+            guest = e.exit_ns - e.entry_ns
+            flags = e.flags & EVENT_FLAGS
+            b = e.b
+            if e.errno:
+                flags |= F_FAILED
+                b = e.errno
+            if e.data:
+                flags |= F_DATA
+            if not 0 <= guest <= GUEST_NS_MAX:
+                flags |= F_LONG
+            out += pack(
+                KIND_EXIT, flags, e.vcpu, e.reason, self._rel(e.exit_ns),
+                guest if not flags & F_LONG else 0xFFFFFFFF, b, e.a,
+            )  # fmt: skip
+            if flags & F_LONG:
+                out += LONG.pack(KIND_LONG, max(0, guest))
+            if e.data:
+                for i in range(0, len(e.data), DATA_CHUNK):
+                    chunk = e.data[i : i + DATA_CHUNK]
+                    out += DATA.pack(KIND_DATA, len(chunk), chunk)
+        if batch.lost or batch.stops:
+            t = batch.events[-1].exit_ns if batch.events else time.monotonic_ns()
+            out += COUNTERS.pack(KIND_COUNTERS, batch.lost, batch.stops, self._rel(t))
+        self.total += len(batch.events)
+        if out:
+            self._write(out)
+
+    def write_detached(self, detached: Detached) -> None:
+        status = -1 if detached.exit_status is None else detached.exit_status
+        why = WHY_CODES.get(detached.why, 2)
+        self._write(END.pack(KIND_END, why, 0, status, self._rel(detached.t_ns), self.total))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Recording:
+    """A recording opened for reading. Iterate :meth:`batches`; afterwards ``complete``,
+    ``torn_bytes`` and ``end`` say how the file ended."""
+
+    def __init__(self, path: str, meta: RecordingMeta, body_offset: int) -> None:
+        self.path = path
+        self.meta = meta
+        self._body = body_offset
+        self.complete = False
+        self.torn_bytes = 0
+        self.end: Detached | None = None
+
+    def meta_dict(self) -> dict[str, object]:
+        out = asdict(self.meta)
+        out["argv"] = list(self.meta.argv)
+        out["file"] = self.path
+        out["complete"] = self.complete
+        return out
+
+    def batches(self, max_events: int = 4096) -> Iterator[ExitBatch]:
+        """Every whole record, as batches of events with absolute (monotonic-like) times."""
+        start = self.meta.start_ns
+        events: list[ExitEvent] = []
+        seen: list[VcpuSeen] = []
+        lost = stops = 0
+        pending: list[object] = []  # an EXIT whose LONG/DATA records may follow
+        offset = self._body
+        try:
+            f = open(self.path, "rb")
+        except OSError as exc:
+            raise RecordingError(f"cannot read recording {self.path}: {exc.strerror}") from None
+        with f:
+            f.seek(offset)
+            carry = b""
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                data = carry + chunk
+                whole = len(data) - len(data) % RECORD_SIZE
+                carry = data[whole:]
+                view = memoryview(data)[:whole]
+                for rec in EXIT.iter_unpack(view):
+                    kind = rec[0]
+                    if kind == KIND_EXIT:
+                        if pending:
+                            events.append(_event(pending, start))
+                        pending = list(rec)
+                        pending.append(b"")
+                    elif kind == KIND_LONG and pending:
+                        pending[5] = LONG.unpack(EXIT.pack(*rec))[1]
+                    elif kind == KIND_DATA and pending:
+                        n, raw = DATA.unpack(EXIT.pack(*rec))[1:]
+                        pending[8] += raw[:n]
+                    elif kind == KIND_VCPU:
+                        _, vcpu, tid, t = VCPU.unpack(EXIT.pack(*rec))
+                        seen.append(VcpuSeen(vcpu, tid, start + t))
+                    elif kind == KIND_COUNTERS:
+                        _, n_lost, n_stops, _t = COUNTERS.unpack(EXIT.pack(*rec))
+                        lost += n_lost
+                        stops += n_stops
+                    elif kind == KIND_END:
+                        _, why, _pad, status, t, _total = END.unpack(EXIT.pack(*rec))
+                        why_text = {v: k for k, v in WHY_CODES.items()}.get(why, "ended")
+                        self.end = Detached(
+                            self.meta.pid, why_text, start + t, None if status < 0 else status
+                        )
+                        self.complete = True
+                    else:
+                        raise RecordingError(
+                            f"{self.path} is corrupt at byte {offset}: unknown record kind {kind}"
+                        )
+                    offset += RECORD_SIZE
+                    if len(events) >= max_events:
+                        yield ExitBatch(tuple(events), tuple(seen), lost, stops)
+                        events, seen, lost, stops = [], [], 0, 0
+            self.torn_bytes = len(carry)
+        if pending:
+            events.append(_event(pending, start))
+        if events or seen or lost or stops:
+            yield ExitBatch(tuple(events), tuple(seen), lost, stops)
+
+
+def _event(rec: list[object], start: int) -> ExitEvent:
+    _kind, flags, vcpu, reason, t_exit, guest, b, a, data = rec
+    exit_ns = start + t_exit  # type: ignore[operator]
+    if flags & F_FAILED:  # type: ignore[operator]
+        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns)  # type: ignore[arg-type,operator]
+    return ExitEvent(
+        vcpu,
+        reason,
+        0,
+        exit_ns - guest,
+        exit_ns,
+        a,
+        b,
+        flags & EVENT_FLAGS,
+        data,  # type: ignore[arg-type,operator]
+    )
+
+
+def open_recording(path: str) -> Recording:
+    """Open and check the header; RecordingError with a one-line reason if it is not usable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER.size)
+            if len(head) < HEADER.size:
+                if head and not MAGIC.startswith(head[: len(MAGIC)]):
+                    raise RecordingError(f"{path} is not a kvmtop recording")
+                raise RecordingError(f"{path} is truncated: its header is incomplete")
+            magic, version, _flags, meta_len = HEADER.unpack(head)
+            if magic != MAGIC:
+                raise RecordingError(f"{path} is not a kvmtop recording")
+            if version != VERSION:
+                raise RecordingError(
+                    f"{path} is a version {version} recording; this kvmtop reads version {VERSION}"
+                )
+            blob = f.read(meta_len)
+    except IsADirectoryError:
+        raise RecordingError(f"cannot read recording {path}: it is a directory") from None
+    except OSError as exc:
+        raise RecordingError(f"cannot read recording {path}: {exc.strerror}") from None
+    if len(blob) < meta_len:
+        raise RecordingError(f"{path} is truncated: its header is incomplete")
+    try:
+        fields = json.loads(blob)
+        fields["argv"] = tuple(fields["argv"])
+        known = {f.name for f in dataclasses.fields(RecordingMeta)}  # newer writers may add keys
+        meta = RecordingMeta(**{k: v for k, v in fields.items() if k in known})
+    except (ValueError, TypeError, KeyError):
+        raise RecordingError(f"{path} is corrupt: its metadata cannot be read") from None
+    return Recording(path, meta, HEADER.size + meta_len)

