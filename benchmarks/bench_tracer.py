@@ -98,13 +98,21 @@ def main() -> None:
     print(f"QEMU guest, {n} `out 0x80` exits, median of {args.repeat} (boot time subtracted)\n")
     print("| run | seconds | µs per exit | exits/s |")
     print("|---|---:|---:|---:|")
-    for name, secs in (("untraced", plain), ("kvmtop engine", kvmtop), ("strace --kvm=vcpu", strace)):
+    for name, secs in (
+        ("untraced", plain),
+        ("kvmtop engine", kvmtop),
+        ("strace --kvm=vcpu", strace),
+    ):
         print(f"| {name} | {secs:.2f} | {secs / n * 1e6:.1f} | {n / secs:,.0f} |")
-    print(f"\nkvmtop saw {exits} exits with {stops} ptrace stops ({stops / max(exits, 1):.2f} per exit, "
-          "QEMU's start-up included)")
-    print(f"attach: median {statistics.median(attach) * 1e3:.2f} ms, max {max(attach) * 1e3:.2f} ms; "
-          f"detach (idle guest): median {statistics.median(detach) * 1e3:.2f} ms, "
-          f"max {max(detach) * 1e3:.2f} ms (10 rounds)")
+    print(
+        f"\nkvmtop saw {exits} exits with {stops} ptrace stops ({stops / max(exits, 1):.2f} per exit, "
+        "QEMU's start-up included)"
+    )
+    print(
+        f"attach: median {statistics.median(attach) * 1e3:.2f} ms, max {max(attach) * 1e3:.2f} ms; "
+        f"detach (idle guest): median {statistics.median(detach) * 1e3:.2f} ms, "
+        f"max {max(detach) * 1e3:.2f} ms (10 rounds)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -118,9 +117,9 @@ def record(
     from kvmtop.report import summary_json, summary_table
     from kvmtop.session import SessionState, TraceSession
 
-    if output == DEFAULT_RECORDING and os.path.exists(output):
-        os.replace(output, output + ".old")
-    session = TraceSession(record_path=output, with_data=with_data)
+    session = TraceSession(
+        record_path=output, with_data=with_data, keep_old=output == DEFAULT_RECORDING
+    )
     stop_requested: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -154,9 +153,11 @@ def record(
         session.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    errors = [text for severity, text in session.take_notices() if severity == "error"]
     if session.state is SessionState.FAILED:
-        errors = [text for severity, text in session.take_notices() if severity == "error"]
         raise KvmtopError(errors[-1] if errors else "attach failed")
+    for text in errors:  # e.g. the recording could not be written; the summary still follows
+        print(f"kvmtop: {text}", file=sys.stderr)
     snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output}
     if as_json:

@@ -87,8 +87,13 @@ class RecordingWriter:
         self.total = 0
 
     @classmethod
-    def create(cls, path: str, meta: RecordingMeta, with_data: bool) -> RecordingWriter:
+    def create(
+        cls, path: str, meta: RecordingMeta, with_data: bool, keep_old: bool = False
+    ) -> RecordingWriter:
+        """A new recording at ``path``; with ``keep_old`` an existing file becomes ``path.old``."""
         try:
+            if keep_old and os.path.exists(path):
+                os.replace(path, path + ".old")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
         except OSError as exc:
@@ -254,6 +259,16 @@ def _event(rec: list[object], start: int) -> ExitEvent:
         flags & EVENT_FLAGS,
         data,  # type: ignore[arg-type,operator]
     )
+
+
+def check_writable(path: str) -> None:
+    """Fail early, before tracing starts, if ``path`` cannot be created; touches nothing."""
+    target = path if os.path.exists(path) else (os.path.dirname(os.path.abspath(path)))
+    if os.path.isdir(path):
+        raise RecordingError(f"cannot create recording {path}: it is a directory")
+    if not os.access(target, os.W_OK):
+        why = "Permission denied" if os.path.exists(target) else "No such file or directory"
+        raise RecordingError(f"cannot create recording {path}: {why}")
 
 
 def open_recording(path: str) -> Recording:

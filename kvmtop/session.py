@@ -18,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from kvmtop.errors import KvmtopError
 from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed, TracerMessage
-from kvmtop.recording import RecordingWriter, meta_for
+from kvmtop.recording import RecordingWriter, check_writable, meta_for
 from kvmtop.stats import ExitStats
 from kvmtop.tracer_thread import Tracer
 
@@ -40,8 +40,12 @@ class TraceSession:
         record_path: str | None = None,
         with_data: bool = False,
         child_stdio: str | None = None,
+        keep_old: bool = False,
     ) -> None:
+        if record_path is not None:
+            check_writable(record_path)
         self.record_path = record_path
+        self.keep_old = keep_old
         self.with_data = with_data
         self.stats = ExitStats()
         self.state = SessionState.IDLE
@@ -157,7 +161,9 @@ class TraceSession:
         self.child_ended.clear()
         if self.record_path is not None:
             meta = meta_for(attached, self.with_data)
-            self._writer = RecordingWriter.create(self.record_path, meta, self.with_data)
+            self._writer = RecordingWriter.create(
+                self.record_path, meta, self.with_data, keep_old=self.keep_old
+            )
         self.state = SessionState.ATTACHED
         verb = "launched" if attached.launched else "attached to"
         self._notices.append(("information", f"{verb} pid {attached.pid}"))

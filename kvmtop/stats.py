@@ -39,7 +39,7 @@ class LatencyHistogram:
             if n and seen + n >= rank:
                 low = 0 if i == 0 else 1 << i
                 high = 2 if i == 0 else 1 << (i + 1)
-                value = low + (high - low) * (rank - seen) / n  # linear within the bucket
+                value = low + (high - 1 - low) * (rank - seen) / n  # linear within the bucket
                 return max(self.min_ns, min(self.max_ns, int(value)))
             seen += n
         return self.max_ns

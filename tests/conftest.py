@@ -17,7 +17,9 @@ HAS_QEMU = shutil.which("qemu-system-x86_64") is not None
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if ("kvm" in item.keywords or "qemu" in item.keywords) and not HAS_KVM:
-            item.add_marker(pytest.mark.skip(reason="needs /dev/kvm (real KVM guests); it is absent"))
+            item.add_marker(
+                pytest.mark.skip(reason="needs /dev/kvm (real KVM guests); it is absent")
+            )
         elif "qemu" in item.keywords and not HAS_QEMU:
             item.add_marker(pytest.mark.skip(reason="needs qemu-system-x86_64 on PATH"))
 

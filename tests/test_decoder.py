@@ -27,7 +27,13 @@ def test_io_out_decodes_port_size_count_and_data_when_asked() -> None:
     union = struct.pack("<BBHIQ", 1, 2, 0x3F8, 3, 4096)
     page = run_page(ExitReason.IO, union, b"abcdef")
     reason, a, b, flags, data = decoder.decode_exit(page, with_data=True)
-    assert (reason, a, decoder.io_size_count(b), flags, data) == (2, 0x3F8, (2, 3), EXIT_WRITE, b"abcdef")
+    assert (reason, a, decoder.io_size_count(b), flags, data) == (
+        2,
+        0x3F8,
+        (2, 3),
+        EXIT_WRITE,
+        b"abcdef",
+    )
     assert decoder.decode_exit(page)[4] == b""  # data only with --data
 
 
@@ -45,11 +51,27 @@ def test_mmio_write_decodes_address_length_and_data() -> None:
 def test_system_event_internal_error_hypercall_fail_entry_msr() -> None:
     cases = {
         ExitReason.SYSTEM_EVENT: (struct.pack("<II", 2, 1), (2, 1, 0), "SYSTEM_EVENT reset"),
-        ExitReason.INTERNAL_ERROR: (struct.pack("<II", 1, 3), (1, 3, 0), "INTERNAL_ERROR emulation"),
+        ExitReason.INTERNAL_ERROR: (
+            struct.pack("<II", 1, 3),
+            (1, 3, 0),
+            "INTERNAL_ERROR emulation",
+        ),
         ExitReason.HYPERCALL: (struct.pack("<Q48xQI", 12, 0, 1), (12, 1, 0), "HYPERCALL nr=12"),
-        ExitReason.FAIL_ENTRY: (struct.pack("<QI", 0x80000021, 5), (0x80000021, 5, 0), "FAIL_ENTRY"),
-        ExitReason.X86_WRMSR: (struct.pack("<B7xIIQ", 0, 2, 0x1B, 7), (0x1B, 2, EXIT_WRITE), "WRMSR 0x1b"),
-        ExitReason.X86_RDMSR: (struct.pack("<B7xIIQ", 0, 4, 0x10, 0), (0x10, 4, 0), "RDMSR 0x10 (filter)"),
+        ExitReason.FAIL_ENTRY: (
+            struct.pack("<QI", 0x80000021, 5),
+            (0x80000021, 5, 0),
+            "FAIL_ENTRY",
+        ),
+        ExitReason.X86_WRMSR: (
+            struct.pack("<B7xIIQ", 0, 2, 0x1B, 7),
+            (0x1B, 2, EXIT_WRITE),
+            "WRMSR 0x1b",
+        ),
+        ExitReason.X86_RDMSR: (
+            struct.pack("<B7xIIQ", 0, 4, 0x10, 0),
+            (0x10, 4, 0),
+            "RDMSR 0x10 (filter)",
+        ),
     }
     for reason, (union, expected, text) in cases.items():
         got = decoder.decode_exit(run_page(reason, union))
@@ -92,5 +114,8 @@ def test_proc_text_names_vcpus() -> None:
     )
     got = decoder.vcpu_mappings(maps)
     assert [(m.vcpu, m.start) for m in got] == [(0, 0x7F4454BBB000), (1, 0x7F4454BBF000)]
-    assert decoder.proc_syscall("16 0x10 0xae80 0x0 0x0 0x0 0x0 0x7ffd 0x7f00") == (16, (0x10, 0xAE80, 0, 0, 0, 0))
+    assert decoder.proc_syscall("16 0x10 0xae80 0x0 0x0 0x0 0x0 0x7ffd 0x7f00") == (
+        16,
+        (0x10, 0xAE80, 0, 0, 0, 0),
+    )
     assert decoder.proc_syscall("running") is None

@@ -5,21 +5,17 @@ Counts are compared with what the guest did (and, for QEMU, with strace --kvm=vc
 from __future__ import annotations
 
 import collections
-import os
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
 import pytest
-
-from kvmtop.decoder import exit_label
-from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed, VcpuSeen
-from kvmtop.tracer_thread import Tracer
-
 from conftest import wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
+
+from kvmtop.decoder import exit_label
+from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed
+from kvmtop.tracer_thread import Tracer
 
 pytestmark = [pytest.mark.kvm, pytest.mark.qemu]
 
@@ -87,7 +83,7 @@ def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
 def test_launched_qemu_counts_every_exit_exactly(tracer, tmp_path):
     bios = tmp_path / "bios.bin"
     bios.write_bytes(build_bios(outs=300, mmio_writes=200))
-    tracer.launch(qemu_command(str(bios)) ).result(10)
+    tracer.launch(qemu_command(str(bios))).result(10)
     trace = drain(tracer, Trace())
     assert trace.end.why == "exited" and trace.end.exit_status == 1
     assert trace.exits["KVM_EXIT_IO"] == 301 and trace.exits["KVM_EXIT_MMIO"] == 200

@@ -1,0 +1,201 @@
+"""The commands a user runs, as a user runs them: exact counts, exit statuses, and one clear
+line for every error (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import wait_for_vcpus
+from guests.qemu_bios import build_bios, qemu_command
+
+KVMTOP = [sys.executable, "-m", "kvmtop"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kvmtop(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KVMTOP, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], status: int, text: str) -> None:
+    assert result.returncode == status, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvmtop: ") and text in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def bios(tmp_path):
+    def make(outs: int = 300, mmio_writes: int = 200, spin: int = 0) -> str:
+        path = tmp_path / f"bios-{outs}-{mmio_writes}-{spin}.bin"
+        path.write_bytes(build_bios(outs=outs, mmio_writes=mmio_writes, spin_iterations=spin))
+        return str(path)
+
+    return make
+
+
+@pytest.mark.qemu
+def test_record_launch_counts_exactly_what_strace_counts_and_keeps_qemus_status(tmp_path, bios):
+    out = tmp_path / "r.kvmtop"
+    result = kvmtop("record", "-o", str(out), "--", *qemu_command(bios()))
+    assert result.returncode == 1, result.stderr  # QEMU's own status (isa-debug-exit)
+    assert "KVM_EXIT_IO" in result.stdout and "0x0080 out" in result.stdout
+    report = json.loads(kvmtop("report", str(out), "--json").stdout)
+    assert report["exits"]["KVM_EXIT_IO"] == 301 and report["exits"]["KVM_EXIT_MMIO"] == 200
+    assert {"port": 128, "direction": "out", "size": 1, "count": 300} in report["io"]
+    assert report["mmio"] == [{"address": 0xC0000, "len": 1, "write": True, "count": 200}]
+    assert report["vcpus"]["0"]["exits"]["KVM_EXIT_IO"] == 301 and report["lost"] == 0
+    assert oct(os.stat(out).st_mode & 0o777) == "0o600"
+
+    if shutil.which("strace"):
+        log = tmp_path / "strace.txt"
+        subprocess.run(
+            ["strace", "-f", "-o", str(log), "--kvm=vcpu", "-e", "trace=ioctl", *qemu_command(bios())],
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+        text = log.read_text()
+        assert text.count("KVM_EXIT_IO") == report["exits"]["KVM_EXIT_IO"]
+        assert text.count("KVM_EXIT_MMIO") == report["exits"]["KVM_EXIT_MMIO"]
+
+
+@pytest.mark.qemu
+def test_record_attach_with_duration_detaches_and_the_guest_runs_on(tmp_path, bios, processes):
+    vmm = subprocess.Popen(qemu_command(bios(outs=300, mmio_writes=200, spin=3_000_000)),
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    out = tmp_path / "r.kvmtop"
+    result = kvmtop("record", "-p", str(vmm.pid), "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["exits"]["KVM_EXIT_IO"] == 301 and summary["exits"]["KVM_EXIT_MMIO"] == 200
+    assert vmm.wait(30) == 1
+
+
+@pytest.mark.qemu
+def test_sigterm_ends_a_recording_cleanly_and_the_guest_finishes(tmp_path, bios, processes):
+    vmm = subprocess.Popen(
+        qemu_command(bios(outs=40_000, mmio_writes=0)), stderr=subprocess.DEVNULL
+    )
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    out = tmp_path / "r.kvmtop"
+    rec = subprocess.Popen([*KVMTOP, "record", "-p", str(vmm.pid), "-o", str(out), "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    processes.append(rec)
+    time.sleep(1.5)
+    rec.send_signal(signal.SIGTERM)
+    stdout, stderr = rec.communicate(timeout=30)
+    assert rec.returncode == 0, stderr
+    seen = json.loads(stdout)["exits"]["KVM_EXIT_IO"]
+    assert 0 < seen < 40_001
+    assert vmm.wait(120) == 1  # every remaining out still happened: the guest reached its end
+    report = json.loads(kvmtop("report", str(out), "--json").stdout)
+    assert report["exits"]["KVM_EXIT_IO"] == seen and report["meta"]["complete"]
+
+
+@pytest.mark.qemu
+def test_killing_kvmtop_leaves_the_guest_running_and_the_recording_readable(
+    tmp_path, bios, processes
+):
+    vmm = subprocess.Popen(
+        qemu_command(bios(outs=40_000, mmio_writes=0)), stderr=subprocess.DEVNULL
+    )
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    out = tmp_path / "r.kvmtop"
+    rec = subprocess.Popen([*KVMTOP, "record", "-p", str(vmm.pid), "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    processes.append(rec)
+    time.sleep(1.5)
+    rec.kill()
+    rec.wait()
+    assert vmm.wait(120) == 1
+    result = kvmtop("report", str(out), "--json")
+    assert result.returncode == 6 and "truncated" in result.stderr  # no end marker ...
+    assert json.loads(result.stdout)["exits"]["KVM_EXIT_IO"] > 0  # ... but every whole record
+
+
+def test_no_such_pid():
+    assert_one_line_error(kvmtop("record", "-p", "999999999"), 3, "no such process: 999999999")
+
+
+def test_not_a_kvm_process(processes):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    processes.append(sleeper)
+    result = kvmtop("record", "-p", str(sleeper.pid))
+    assert_one_line_error(result, 4, f"pid {sleeper.pid} (sleep) is not a KVM process")
+
+
+@pytest.mark.qemu
+def test_a_vmm_traced_by_strace_is_refused_with_the_reason(bios, processes):
+    vmm = subprocess.Popen(["strace", "-o", os.devnull, *qemu_command(bios(spin=20_000_000))],
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    qemu_pid = _child_of(vmm.pid)
+    wait_for_vcpus(qemu_pid)
+    result = kvmtop("record", "-p", str(qemu_pid))
+    assert_one_line_error(result, 5, f"traced by another process (TracerPid {vmm.pid}, strace)")
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_another_users_vmm_is_refused_with_the_reason(bios, processes):
+    vmm = subprocess.Popen(qemu_command(bios(spin=20_000_000)), stderr=subprocess.DEVNULL)
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    as_nobody = (  # import as root, then become an unprivileged user without CAP_SYS_PTRACE
+        "import os, sys, locale, kvmtop.cli, kvmtop.session, kvmtop.report; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+        f"sys.exit(kvmtop.cli.main(['record', '-o', '/tmp/x.kvmtop', '-p', '{vmm.pid}']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", as_nobody], capture_output=True, text=True, timeout=60
+    )
+    assert_one_line_error(result, 5, "CAP_SYS_PTRACE")
+
+
+def test_command_not_found():
+    assert_one_line_error(
+        kvmtop("record", "--", "no-such-vmm-here"), 127, "command not found: no-such-vmm-here"
+    )
+
+
+def test_record_needs_a_pid_or_a_command():
+    assert_one_line_error(kvmtop("record"), 2, "record needs either -p PID or -- CMD")
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [(None, "No such file or directory"), (b"garbage garbage garbage", "is not a kvmtop recording"),
+     (b"\x89KVMTOP\n\x01\x00", "truncated")],
+)  # fmt: skip
+def test_bad_recordings(tmp_path, content, text):
+    path = tmp_path / "x.kvmtop"
+    if content is not None:
+        path.write_bytes(content)
+    assert_one_line_error(kvmtop("report", str(path)), 6, text)
+
+
+def test_unwritable_output_fails_before_tracing(tmp_path):
+    result = kvmtop("record", "-o", str(tmp_path / "no" / "such" / "dir.kvmtop"), "--", "true")
+    assert_one_line_error(result, 6, "cannot create recording")
+
+
+def _child_of(pid: int, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                kids = f.read().split()
+        except OSError:
+            kids = []
+        if kids:
+            return int(kids[0])
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} started no child")

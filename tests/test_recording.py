@@ -1,0 +1,166 @@
+"""The recording file: round trips, crash tolerance, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmtop.errors import RecordingError
+from kvmtop.events import Detached, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.recording import (
+    HEADER,
+    RECORD_SIZE,
+    RecordingMeta,
+    RecordingWriter,
+    open_recording,
+)
+
+START = 5_000_000_000
+
+
+def meta(with_data: bool = False) -> RecordingMeta:
+    return RecordingMeta(pid=42, argv=("qemu", "-m", "16"), launched=False, start_ns=START,
+                         start_wall=1.7e9, with_data=with_data)  # fmt: skip
+
+
+def write(
+    path: str, batches: list[ExitBatch], end: Detached | None = None, with_data: bool = False
+) -> None:
+    writer = RecordingWriter.create(path, meta(with_data), with_data)
+    for batch in batches:
+        writer.write_batch(batch)
+    if end is not None:
+        writer.write_detached(end)
+    writer.close()
+
+
+def read(path: str) -> tuple[list[ExitEvent], list[VcpuSeen], int, int, object]:
+    rec = open_recording(path)
+    events, seen, lost, stops = [], [], 0, 0
+    for batch in rec.batches(max_events=7):
+        events += batch.events
+        seen += batch.vcpus
+        lost += batch.lost
+        stops += batch.stops
+    return events, seen, lost, stops, rec
+
+
+events_strategy = st.lists(
+    st.builds(
+        lambda vcpu, reason, errno, entry, guest, a, b, flags, data: ExitEvent(
+            vcpu,
+            reason,
+            errno,
+            START + entry,
+            START + entry + guest,
+            0 if errno else a,
+            0 if errno else b,
+            0 if errno else flags,
+            b"" if errno else data,
+        ),  # fmt: skip
+        st.integers(0, 511),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([0, 0, 0, 4, 14]),
+        st.integers(0, 10**12),
+        st.integers(0, 10**11),  # up to 100 s in the guest: some need the long-run record
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 3),
+        st.binary(max_size=100),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=events_strategy)
+def test_every_field_survives_a_round_trip(tmp_path_factory, events: list[ExitEvent]) -> None:
+    path = str(tmp_path_factory.mktemp("rec") / "r.kvmtop")
+    seen = (VcpuSeen(3, 1234, START + 10),)
+    write(path, [ExitBatch(tuple(events), seen, lost=2, stops=9)], Detached(42, "exited", START + 99, 1),
+          with_data=True)  # fmt: skip
+    got, got_seen, lost, stops, rec = read(path)
+    assert got == events
+    assert got_seen == list(seen) and (lost, stops) == (2, 9)
+    assert rec.complete and rec.torn_bytes == 0
+    assert rec.end == Detached(42, "exited", START + 99, 1)
+
+
+def test_a_file_cut_anywhere_reads_back_every_whole_record(tmp_path) -> None:
+    events = [
+        ExitEvent(0, 2, 0, START + i * 100, START + i * 100 + 50, 0x80, 1 | 1 << 8, 1)
+        for i in range(20)
+    ]
+    full = str(tmp_path / "full.kvmtop")
+    write(full, [ExitBatch(tuple(events))], Detached(42, "detached", START + 10**6))
+    blob = open(full, "rb").read()
+    body = HEADER.size + len(blob[HEADER.size :]) - 21 * RECORD_SIZE  # header + metadata length
+    cut = str(tmp_path / "cut.kvmtop")
+    for size in range(body, len(blob)):
+        with open(cut, "wb") as f:
+            f.write(blob[:size])
+        got, _, _, _, rec = read(cut)
+        whole = (size - body) // RECORD_SIZE
+        assert got == events[: min(whole, 20)], size
+        assert rec.torn_bytes == (size - body) % RECORD_SIZE
+        assert not rec.complete
+
+
+def test_recordings_are_private_even_over_an_existing_file(tmp_path) -> None:
+    path = tmp_path / "r.kvmtop"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o644)
+    write(str(path), [])
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "truncated"),
+        (b"\x89KVM", "truncated"),
+        (b"hello world, this is not it", "not a kvmtop recording"),
+        (b"\x89KVMTOP\n\x07\x00\x00\x00\x02\x00\x00\x00{}", "version 7 recording"),
+        (b"\x89KVMTOP\n\x01\x00\x00\x00\x10\x00\x00\x00{}", "truncated"),
+        (b"\x89KVMTOP\n\x01\x00\x00\x00\x02\x00\x00\x00[]", "metadata cannot be read"),
+    ],
+)
+def test_bad_files_raise_one_clear_error(tmp_path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.kvmtop"
+    path.write_bytes(content)
+    with pytest.raises(RecordingError, match=message):
+        open_recording(str(path))
+
+
+def test_unknown_record_kind_is_reported_with_its_offset(tmp_path) -> None:
+    path = str(tmp_path / "r.kvmtop")
+    write(path, [ExitBatch((ExitEvent(0, 2, 0, START, START + 1),))])
+    size = os.path.getsize(path)
+    with open(path, "ab") as f:
+        f.write(b"\x63" + bytes(31))
+    with pytest.raises(RecordingError, match=f"corrupt at byte {size}: unknown record kind 99"):
+        read(path)
+
+
+def test_missing_and_unreadable_files(tmp_path) -> None:
+    with pytest.raises(RecordingError, match="No such file"):
+        open_recording(str(tmp_path / "nope"))
+    with pytest.raises(RecordingError, match="directory"):
+        open_recording(str(tmp_path))
+    with pytest.raises(RecordingError, match="cannot create recording"):
+        RecordingWriter.create(str(tmp_path / "no" / "dir" / "r"), meta(), False)
+
+
+def test_an_exit_costs_32_bytes(tmp_path) -> None:
+    path = str(tmp_path / "r.kvmtop")
+    events = tuple(
+        ExitEvent(1, 6, 0, START + i, START + i + 9000, 0xC0000, 1, 1) for i in range(1000)
+    )
+    write(path, [ExitBatch(events)])
+    empty = str(tmp_path / "e.kvmtop")
+    write(empty, [])
+    assert (os.path.getsize(path) - os.path.getsize(empty)) / 1000 == 32
