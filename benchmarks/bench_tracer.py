@@ -30,6 +30,11 @@ def wall(argv: list[str]) -> float:
     return time.monotonic() - started
 
 
+def python_start() -> float:
+    """What `python -m kvmtop --version` costs, to leave out of the record row."""
+    return statistics.median(wall([sys.executable, "-m", "kvmtop", "--version"]) for _ in range(3))
+
+
 def traced(argv: list[str]) -> tuple[float, int, int]:
     tracer = Tracer()
     tracer.start()
@@ -90,6 +95,25 @@ def main() -> None:
         runs = [traced(busy_q) for _ in range(args.repeat)]
         kvmtop = statistics.median(r[0] for r in runs) - boot
         exits, stops = runs[0][1], runs[0][2]
+        record = (
+            statistics.median(
+                wall(
+                    [
+                        sys.executable,
+                        "-m",
+                        "kvmtop",
+                        "record",
+                        "-o",
+                        os.path.join(tmp, "r.kvmtop"),
+                        "--",
+                        *busy_q,
+                    ]
+                )
+                for _ in range(args.repeat)
+            )
+            - boot
+            - python_start()
+        )
         strace_argv = ["strace", "-f", "-o", os.devnull, "--kvm=vcpu", "-e", "trace=ioctl"]
         strace = statistics.median(wall(strace_argv + busy_q) for _ in range(args.repeat)) - boot
         attach, detach = latencies(qemu_command(idle), 10)
@@ -100,8 +124,9 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, secs in (
         ("untraced", plain),
-        ("kvmtop engine", kvmtop),
-        ("strace --kvm=vcpu", strace),
+        ("kvmtop engine (tracer thread alone)", kvmtop),
+        ("`kvmtop record` (engine + aggregate + file)", record),
+        ("strace -f --kvm=vcpu", strace),
     ):
         print(f"| {name} | {secs:.2f} | {secs / n * 1e6:.1f} | {n / secs:,.0f} |")
     print(

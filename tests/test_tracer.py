@@ -5,6 +5,9 @@ Counts are compared with what the guest did (and, for QEMU, with strace --kvm=vc
 from __future__ import annotations
 
 import collections
+import json
+import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -15,9 +18,10 @@ from guests.qemu_bios import build_bios, qemu_command
 
 from kvmtop.decoder import exit_label
 from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed
+from kvmtop.minivmm import counted_command
 from kvmtop.tracer_thread import Tracer
 
-pytestmark = [pytest.mark.kvm, pytest.mark.qemu]
+pytestmark = pytest.mark.kvm
 
 
 @dataclass
@@ -80,6 +84,7 @@ def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@pytest.mark.qemu
 def test_launched_qemu_counts_every_exit_exactly(tracer, tmp_path):
     bios = tmp_path / "bios.bin"
     bios.write_bytes(build_bios(outs=300, mmio_writes=200))
@@ -93,6 +98,7 @@ def test_launched_qemu_counts_every_exit_exactly(tracer, tmp_path):
     assert set(trace.vcpus) == {0} and trace.vcpus[0] > 0  # the thread running vCPU 0
 
 
+@pytest.mark.qemu
 def test_attach_to_running_qemu_counts_every_later_exit(tracer, tmp_path):
     bios = tmp_path / "bios.bin"
     bios.write_bytes(build_bios(outs=300, mmio_writes=200, spin_iterations=3_000_000))
@@ -111,6 +117,7 @@ def test_attach_to_running_qemu_counts_every_later_exit(tracer, tmp_path):
         vmm.wait()
 
 
+@pytest.mark.qemu
 def test_detach_mid_run_leaves_the_guest_to_finish_right(tracer, tmp_path):
     bios = tmp_path / "bios.bin"
     bios.write_bytes(build_bios(outs=20_000, mmio_writes=0))
@@ -140,3 +147,88 @@ def _tracer_pid(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def launch_and_count(tracer: Tracer, argv: list[str]) -> Trace:
+    tracer.launch(argv).result(10)
+    return drain(tracer, Trace())
+
+
+def test_every_vcpu_of_a_launched_vmm_is_counted_like_the_vmm_counts_itself(tracer, tmp_path):
+    own_path = tmp_path / "own.json"
+    argv = counted_command(
+        vcpus=3, outs=250, mmio_writes=70, exit_status=5, report_json=str(own_path)
+    )
+    trace = launch_and_count(tracer, argv)
+    own = json.loads(own_path.read_text())
+    assert trace.end.exit_status == 5
+    assert dict(trace.exits) == own["exits"] == {"KVM_EXIT_IO": 3 * 251, "KVM_EXIT_MMIO": 3 * 70}
+    assert trace.per_vcpu == {0: 321, 1: 321, 2: 321}
+    assert len(set(trace.vcpus.values())) == 3  # three vCPU threads, each found
+    assert trace.lost == 0
+
+
+def test_signals_reach_the_vmm_exactly_once_while_traced(tracer, tmp_path):
+    own_path = tmp_path / "own.json"
+    argv = counted_command(outs=300, mmio_writes=0, spin=4_000_000, report_json=str(own_path))
+    attached = tracer.launch(argv).result(10)
+    wait_for_vcpus(attached.pid)
+    for _ in range(25):  # real-time signals queue: none may be lost or doubled
+        os.kill(attached.pid, signal.SIGRTMIN + 1)
+        time.sleep(0.002)
+    trace = drain(tracer, Trace())
+    own = json.loads(own_path.read_text())
+    assert own["signals"] == 25
+    assert trace.exits["KVM_EXIT_IO"] == own["exits"]["KVM_EXIT_IO"] == 301
+
+
+def test_stop_and_continue_behave_as_without_kvmtop(tracer, tmp_path):
+    own_path = tmp_path / "own.json"
+    argv = counted_command(outs=300, mmio_writes=0, spin=4_000_000, report_json=str(own_path))
+    attached = tracer.launch(argv).result(10)
+    wait_for_vcpus(attached.pid)
+    os.kill(attached.pid, signal.SIGSTOP)
+    time.sleep(0.3)
+    states = _thread_states(attached.pid)
+    assert states and all(s in "tT" for s in states)  # every thread stays stopped
+    os.kill(attached.pid, signal.SIGCONT)
+    trace = drain(tracer, Trace())
+    assert trace.end.exit_status == 0
+    assert trace.exits["KVM_EXIT_IO"] == 301
+
+
+def test_a_vmm_started_through_exec_is_followed(tracer, tmp_path):
+    own_path = tmp_path / "own.json"
+    inner = counted_command(outs=77, mmio_writes=11, report_json=str(own_path))
+    trace = launch_and_count(tracer, ["sh", "-c", 'sleep 0.1; exec "$@"', "sh", *inner])
+    assert dict(trace.exits) == {"KVM_EXIT_IO": 78, "KVM_EXIT_MMIO": 11}
+    assert dict(trace.exits) == json.loads(own_path.read_text())["exits"]
+
+
+@pytest.mark.qemu
+def test_detach_from_an_idle_guest_is_prompt(tracer, tmp_path):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=0, mmio_writes=0, spin_iterations=100_000_000))
+    vmm = spawn(qemu_command(str(bios)))
+    try:
+        wait_for_vcpus(vmm.pid)
+        tracer.attach(vmm.pid).result(5)
+        time.sleep(0.3)  # nothing happens: no exits, no syscalls to wake the tracer
+        started = time.monotonic()
+        detached = tracer.detach().result(2)
+        assert detached.why == "detached" and time.monotonic() - started < 0.1
+        assert _tracer_pid(vmm.pid) == 0 and vmm.poll() is None  # untraced, still running
+    finally:
+        vmm.kill()
+        vmm.wait()
+
+
+def _thread_states(pid: int) -> list[str]:
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            pass
+    return states

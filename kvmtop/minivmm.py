@@ -1,0 +1,320 @@
+"""A tiny but real KVM VMM in pure Python: the guest kvmtop's tests count and its demo shows.
+
+One process, one thread per vCPU, each calling KVM_RUN on its own vCPU and handling the exit
+(port IO, MMIO, hlt) like any VMM. It counts every exit it handles, so a test can compare
+kvmtop's counts with the VMM's own (``--report-json``, in ``kvmtop report --json``'s shape).
+
+    python -m kvmtop.minivmm counted [--vcpus N] [--outs N] [--port P] [--mmio-writes N]
+                                     [--mmio-addr A] [--spin N] [--exit-status S] [--report-json F]
+    python -m kvmtop.minivmm demo [--vcpus N] [--duration S] [--report-json F]
+
+Exit status: counted mode exits with the status the guests wrote to port 0xf4 (the highest, if
+vCPUs disagree) once every vCPU has; demo exits 0 on SIGTERM/SIGINT or after --duration.
+/dev/kvm missing or unusable: one line on stderr, status 7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import fcntl
+import json
+import mmap
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from kvmtop import guestcode
+from kvmtop.xlat_exit import ExitReason, exit_reason_name
+
+# include/uapi/linux/kvm.h (x86_64 values for the size-encoded ones)
+KVM_CREATE_VM = 0xAE01
+KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_CREATE_VCPU = 0xAE41
+KVM_SET_USER_MEMORY_REGION = 0x4020AE46
+KVM_GET_REGS, KVM_SET_REGS = 0x8090AE81, 0x4090AE82
+KVM_GET_SREGS, KVM_SET_SREGS = 0x8138AE83, 0x4138AE84
+KVM_RUN = 0xAE80
+REGS_SIZE, SREGS_SIZE = 144, 312
+RIP_OFFSET, RFLAGS_OFFSET = 128, 136  # struct kvm_regs: 16 GPRs, rip, rflags
+CS_BASE, CS_SELECTOR = 0, 12  # struct kvm_sregs starts with cs: base u64, limit u32, selector u16
+
+RAM_SIZE = 0xA0000  # 640 KiB at GPA 0; no memory above, so 0xA0000.. exits as MMIO
+CODE_SEGMENT = 0x1000  # vCPU i runs at segment 0x1000 * (i + 1): 64 KiB each
+IO = struct.Struct("<BBHIQ")  # kvm_run.io @32
+MMIO = struct.Struct("<QQIB")  # kvm_run.mmio @32
+EXIT_STATUS_PORT = guestcode.DEBUG_EXIT_PORT
+DEMO_PHASE_SECONDS = 5.0
+DEMO_PACE_S = (0.02, 0.01, 0.03)  # sleep on hlt per phase: rates differ visibly
+
+
+class KvmUnavailableError(Exception):
+    pass
+
+
+class Counts:
+    """Every exit the VMM handled, in `kvmtop report --json`'s shape."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.exits: collections.Counter[str] = collections.Counter()
+        self.vcpus: dict[int, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
+        self.io: collections.Counter[tuple[int, str, int]] = collections.Counter()
+        self.mmio: collections.Counter[tuple[int, int, bool]] = collections.Counter()
+        self.signals = 0
+
+    def add(self, vcpu: int, reason: int) -> None:
+        name = exit_reason_name(reason)
+        with self.lock:
+            self.exits[name] += 1
+            self.vcpus[vcpu][name] += 1
+
+    def as_json(self) -> dict[str, object]:
+        with self.lock:
+            return {
+                "exits": dict(self.exits),
+                "vcpus": {str(v): {"exits": dict(c)} for v, c in sorted(self.vcpus.items())},
+                "io": [
+                    {"port": p, "direction": d, "size": s, "count": n}
+                    for (p, d, s), n in self.io.most_common()
+                ],
+                "mmio": [
+                    {"address": a, "len": ln, "write": w, "count": n}
+                    for (a, ln, w), n in self.mmio.most_common()
+                ],
+                "signals": self.signals,
+            }
+
+
+class Vcpu:
+    def __init__(self, vm_fd: int, index: int, mmap_size: int, code: bytes, ram: mmap.mmap) -> None:
+        self.index = index
+        self.fd = fcntl.ioctl(vm_fd, KVM_CREATE_VCPU, index)
+        self.run = mmap.mmap(self.fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        segment = CODE_SEGMENT * (index + 1)
+        ram[segment * 16 : segment * 16 + len(code)] = code
+        sregs = bytearray(SREGS_SIZE)
+        fcntl.ioctl(self.fd, KVM_GET_SREGS, sregs)
+        struct.pack_into("<Q", sregs, CS_BASE, segment * 16)
+        struct.pack_into("<H", sregs, CS_SELECTOR, segment)
+        fcntl.ioctl(self.fd, KVM_SET_SREGS, bytes(sregs))
+        regs = bytearray(REGS_SIZE)
+        struct.pack_into("<QQ", regs, RIP_OFFSET, 0, 2)  # rip 0, rflags: bit 1 is always set
+        fcntl.ioctl(self.fd, KVM_SET_REGS, bytes(regs))
+        self.exit_status: int | None = None
+
+    def run_once(self) -> bool:
+        """One KVM_RUN; False when it was interrupted (EINTR) and made no exit."""
+        try:
+            fcntl.ioctl(self.fd, KVM_RUN, 0)
+        except OSError as exc:
+            if exc.errno in (errno.EINTR, errno.EAGAIN):
+                return False
+            raise
+        return True
+
+
+class MiniVm:
+    def __init__(self, programs: list[bytes]) -> None:
+        try:
+            self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise KvmUnavailableError(f"cannot open /dev/kvm: {exc.strerror}") from None
+        try:
+            self.vm = fcntl.ioctl(self.kvm, KVM_CREATE_VM, 0)
+            size = fcntl.ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
+        except OSError as exc:
+            raise KvmUnavailableError(f"KVM refused to create a VM: {exc.strerror}") from None
+        self.ram = mmap.mmap(-1, RAM_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        address = _address_of(self.ram)
+        region = struct.pack("<IIQQQ", 0, 0, 0, RAM_SIZE, address)
+        fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
+        self.vcpus = [Vcpu(self.vm, i, size, code, self.ram) for i, code in enumerate(programs)]
+        self.counts = Counts()
+        self.stopping = threading.Event()
+
+    def serve(
+        self, vcpu: Vcpu, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]
+    ) -> None:
+        """The vCPU loop: run, handle the exit, repeat, until the guest writes its exit status."""
+        run = vcpu.run
+        while not self.stopping.is_set():
+            if not vcpu.run_once():
+                continue
+            reason = struct.unpack_from("<I", run, 8)[0]
+            self.counts.add(vcpu.index, reason)
+            if reason == ExitReason.IO:
+                direction, size, port, count, offset = IO.unpack_from(run, 32)
+                with self.counts.lock:
+                    self.counts.io[(port, "out" if direction else "in", size)] += 1
+                if direction == 0:
+                    value = on_in(vcpu, port)
+                    run[offset : offset + size * count] = (
+                        (value.to_bytes(4, "little")[:size]) * count
+                    )
+                elif port == EXIT_STATUS_PORT:
+                    vcpu.exit_status = run[offset]
+                    return
+            elif reason == ExitReason.MMIO:
+                address, _data, length, is_write = MMIO.unpack_from(run, 32)
+                with self.counts.lock:
+                    self.counts.mmio[(address, length, bool(is_write))] += 1
+                if not is_write:
+                    run[40 : 40 + length] = (0x5A5A5A5A5A5A5A5A).to_bytes(8, "little")[:length]
+            elif reason == ExitReason.HLT:
+                delay = pace(vcpu)
+                if delay < 0:
+                    return
+                time.sleep(delay)
+            else:
+                raise RuntimeError(f"vCPU {vcpu.index}: unexpected exit {exit_reason_name(reason)}")
+
+    def run_all(self, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]) -> None:
+        failures: list[BaseException] = []
+
+        def body(vcpu: Vcpu) -> None:
+            try:
+                self.serve(vcpu, on_in, pace)
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                failures.append(exc)
+                self.stopping.set()
+
+        threads = [
+            threading.Thread(target=body, args=(v,), name=f"CPU {v.index}/KVM", daemon=True)
+            for v in self.vcpus
+        ]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.05)
+        if failures:
+            raise failures[0]
+
+
+def _address_of(buffer: mmap.mmap) -> int:
+    import ctypes
+
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def counted_command(
+    vcpus: int = 1,
+    outs: int = 300,
+    mmio_writes: int = 200,
+    spin: int = 0,
+    port: int = 0x80,
+    mmio_addr: int = 0xC0000,
+    exit_status: int = 0,
+    report_json: str | None = None,
+) -> list[str]:
+    argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
+            "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
+            "--port", hex(port), "--mmio-addr", hex(mmio_addr), "--exit-status", str(exit_status)]  # fmt: skip
+    return argv + (["--report-json", report_json] if report_json else [])
+
+
+def demo_command(
+    vcpus: int = 2,
+    duration: float | None = None,
+    report_json: str | None = None,
+    phase_seconds: float = DEMO_PHASE_SECONDS,
+) -> list[str]:
+    argv = [sys.executable, "-m", "kvmtop.minivmm", "demo", "--vcpus", str(vcpus),
+            "--phase-seconds", str(phase_seconds)]  # fmt: skip
+    if duration is not None:
+        argv += ["--duration", str(duration)]
+    return argv + (["--report-json", report_json] if report_json else [])
+
+
+def _count_signals(vm: MiniVm, wake_r: int) -> None:
+    try:
+        received = os.read(wake_r, 1 << 16)
+    except BlockingIOError:
+        return
+    vm.counts.signals += received.count(bytes([signal.SIGRTMIN + 1]))
+
+
+def _write_report(vm: MiniVm, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(vm.counts.as_json(), f, indent=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvmtop.minivmm")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    counted = sub.add_parser("counted", help="make a known number of exits, then exit")
+    counted.add_argument("--vcpus", type=int, default=1)
+    counted.add_argument("--outs", type=int, default=300)
+    counted.add_argument("--port", type=lambda s: int(s, 0), default=0x80)
+    counted.add_argument("--mmio-writes", type=int, default=200)
+    counted.add_argument("--mmio-addr", type=lambda s: int(s, 0), default=0xC0000)
+    counted.add_argument("--spin", type=int, default=0, help="loop iterations without exits first")
+    counted.add_argument("--exit-status", type=int, default=0)
+    counted.add_argument("--report-json")
+    demo = sub.add_parser("demo", help="an endless, changing mix of exits")
+    demo.add_argument("--vcpus", type=int, default=2)
+    demo.add_argument("--duration", type=float)
+    demo.add_argument("--phase-seconds", type=float, default=DEMO_PHASE_SECONDS)
+    demo.add_argument("--report-json")
+    args = parser.parse_args(argv)
+
+    if args.mode == "counted":
+        programs = [
+            guestcode.counted(
+                args.outs, args.mmio_writes, args.spin, args.port, args.mmio_addr, args.exit_status
+            )  # fmt: skip
+            for _ in range(args.vcpus)
+        ]
+    else:
+        programs = [guestcode.demo(i) for i in range(args.vcpus)]
+    try:
+        vm = MiniVm(programs)
+    except KvmUnavailableError as exc:
+        print(f"minivmm: {exc}", file=sys.stderr)
+        return 7
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            vm.stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 1):
+        signal.signal(sig, on_signal)
+    # Python may run one handler for several deliveries of a signal; the wakeup fd gets one
+    # byte per delivery, whichever thread took it: an exact count of SIGRTMIN+1 received.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+    started = time.monotonic()
+    if args.mode == "counted":
+        vm.run_all(lambda _v, _port: 0, lambda _v: -1.0)
+        _count_signals(vm, wake_r)
+        _write_report(vm, args.report_json)
+        return max(v.exit_status or 0 for v in vm.vcpus)
+
+    def phase(vcpu: Vcpu, port: int) -> int:
+        if port != guestcode.PHASE_PORT:
+            return 0x60 if port == 0x3FD else 0  # LSR: transmitter empty
+        return (int((time.monotonic() - started) / args.phase_seconds) + vcpu.index) % 3
+
+    def pace(vcpu: Vcpu) -> float:
+        if args.duration is not None and time.monotonic() - started >= args.duration:
+            return -1.0
+        return DEMO_PACE_S[phase(vcpu, guestcode.PHASE_PORT)]
+
+    vm.run_all(phase, pace)
+    _count_signals(vm, wake_r)
+    _write_report(vm, args.report_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
