@@ -57,6 +57,8 @@ def kvm_fd_links(pid: int) -> list[str] | None:
 
 def display_name(cmdline: list[str], fallback: str) -> str:
     """QEMU's ``-name guest=foo,...`` or ``-name foo``; else the command's base name."""
+    if "kvmtop.minivmm" in cmdline:
+        return "kvmtop-demo" if "demo" in cmdline else "kvmtop-minivmm"
     for i, arg in enumerate(cmdline[:-1]):
         if arg in ("-name", "--name"):
             value = cmdline[i + 1].split(",")[0]
@@ -78,7 +80,8 @@ def _tracer_pid(pid: int) -> int:
 def _describe(proc: psutil.Process, links: list[str]) -> KvmProcess:
     with proc.oneshot():
         cmdline = proc.cmdline()
-        vcpu_ids = sorted(v for v in map(vcpu_id_of_fd_link, links) if v is not None)
+        # a VMM may hold several fds of one vCPU (Python's mmap dup()s the fd it maps)
+        vcpu_ids = sorted({v for v in map(vcpu_id_of_fd_link, links) if v is not None})
         return KvmProcess(
             pid=proc.pid,
             user=proc.username(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvmtop.arch import HOST
 from kvmtop.recording import Recording, open_recording
 from kvmtop.stats import ExitStats, LatencyHistogram, ReasonStats, StatsSnapshot
+from kvmtop.units import duration
 
 
 def duration_s(snapshot: StatsSnapshot) -> float:
@@ -71,13 +72,7 @@ def summary_json(snapshot: StatsSnapshot, meta: dict[str, object]) -> dict[str, 
 
 
 def _ns(ns: int) -> str:
-    if ns < 10_000:
-        return f"{ns} ns"
-    if ns < 10_000_000:
-        return f"{ns / 1000:.1f} µs"
-    if ns < 10_000_000_000:
-        return f"{ns / 1e6:.1f} ms"
-    return f"{ns / 1e9:.1f} s"
+    return duration(ns, sep=" ")
 
 
 def port_name(port: int) -> str:

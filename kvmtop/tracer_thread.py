@@ -498,7 +498,11 @@ class Tracer:
             fds = vcpu_fds(proc.pid)
         except OSError:
             return
-        for fd in fds:
+        opened: set[int] = set()
+        for fd, vcpu in sorted(fds.items()):
+            if vcpu in opened:
+                continue  # another fd of the same vCPU: its first KVM_RUN will map that one
+            opened.add(vcpu)
             try:
                 page = open_run_page(proc.pid, proc.pidfd, fd)
             except OSError:

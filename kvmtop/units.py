@@ -1,0 +1,40 @@
+"""Numbers as people read them, for tables and panes alike."""
+
+from __future__ import annotations
+
+
+def human(n: float) -> str:
+    """1234 -> 1.2k: keeps columns narrow."""
+    if n < 1000:
+        return f"{n:.0f}"
+    for unit, size in (("k", 1e3), ("M", 1e6), ("G", 1e9)):
+        if n < size * 1000:
+            return f"{n / size:.1f}{unit}"
+    return f"{n / 1e12:.1f}T"
+
+
+def duration(ns: int, sep: str = "") -> str:
+    """Nanoseconds in a unit that keeps it short: 870ns, 42.1µs, 3.0ms, 12.5s."""
+    if ns < 1000:
+        return f"{ns}{sep}ns"
+    if ns < 1_000_000:
+        return f"{ns / 1e3:.1f}{sep}µs"
+    if ns < 1_000_000_000:
+        return f"{ns / 1e6:.1f}{sep}ms"
+    return f"{ns / 1e9:.1f}{sep}s"
+
+
+def size(n: int) -> str:
+    """Bytes: 512 MiB, 1.5 GiB."""
+    for unit, step in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= step:
+            return f"{n / step:.1f} {unit}"
+    return f"{n} B"
+
+
+def elapsed(seconds: float) -> str:
+    """3725 -> 1:02:05."""
+    s = int(seconds)
+    return (
+        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    )

@@ -1,0 +1,72 @@
+"""Colours of exit reasons, from the theme's variables, shared by every pane."""
+
+from __future__ import annotations
+
+import zlib
+
+from rich.style import Style
+from textual.widget import Widget
+
+from kvmtop.units import duration, human  # noqa: F401 - for the panes
+
+SLOTS = 8
+_FIXED = {
+    "KVM_EXIT_IO": 0,
+    "KVM_EXIT_MMIO": 1,
+    "KVM_EXIT_HLT": 2,
+    "KVM_EXIT_INTR": 3,
+    "KVM_EXIT_X86_RDMSR": 4,
+    "KVM_EXIT_X86_WRMSR": 5,
+    "KVM_EXIT_SYSTEM_EVENT": 6,
+    "KVM_EXIT_SHUTDOWN": 6,
+    "KVM_EXIT_INTERNAL_ERROR": 7,
+    "KVM_EXIT_FAIL_ENTRY": 7,
+}
+_THEME_COLOURS = (
+    "$primary",
+    "$success",
+    "$accent",
+    "$secondary",
+    "$warning",
+    "$warning-lighten-2",
+    "$primary-lighten-3",
+    "$error",
+)
+COMPONENT_CLASSES = frozenset(f"reason--{i}" for i in range(SLOTS))
+SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def slot(label: str) -> int:
+    found = _FIXED.get(label)
+    return found if found is not None else 4 + zlib.crc32(label.encode()) % 4
+
+
+def css_for(widget: str) -> str:
+    """DEFAULT_CSS rules giving ``widget``'s reason component classes the theme's colours."""
+    return "\n".join(
+        f"{widget} > .reason--{i} {{ color: {colour}; }}" for i, colour in enumerate(_THEME_COLOURS)
+    )
+
+
+def reason_style(widget: Widget, label: str | None) -> Style:
+    if label is None:
+        return Style()
+    return widget.get_component_rich_style(f"reason--{slot(label)}", partial=True)
+
+
+def sparkline(values: tuple[int, ...] | list[int], top: int | None = None) -> list[str]:
+    """One glyph per value, scaled to ``top`` (default: the largest value)."""
+    peak = top if top is not None else max(values, default=0)
+    if peak <= 0:
+        return [" " if v == 0 else SPARK[1] for v in values]
+    out = []
+    for v in values:
+        if v <= 0:
+            out.append(" ")
+        else:
+            out.append(SPARK[max(1, min(8, round(v * 8 / peak)))])
+    return out
+
+
+def short(label: str) -> str:
+    return label.removeprefix("KVM_EXIT_")

@@ -1,0 +1,39 @@
+"""The histogram pane: every exit reason seen, with count, share and rate, as horizontal bars."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from kvmtop.stats import ReasonStats
+from kvmtop.widgets import palette
+
+
+class ReasonBars(Static):
+    COMPONENT_CLASSES = palette.COMPONENT_CLASSES
+    DEFAULT_CSS = """
+    ReasonBars { height: auto; min-height: 3; border: round $primary-darken-2; padding: 0 1; }
+    """ + palette.css_for("ReasonBars")
+
+    def __init__(self, title: str = "exit reasons", **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.border_title = title
+
+    def show(self, reasons: tuple[ReasonStats, ...], total: int) -> None:
+        width = max(20, self.content_region.width or 80)
+        name_w = max([len(palette.short(r.label)) for r in reasons] + [6])
+        bar_w = max(4, width - name_w - 32)
+        text = Text(no_wrap=True, overflow="crop")
+        if not reasons:
+            text.append("no exits yet", style="italic")
+        peak = max((r.count for r in reasons), default=1)
+        for r in reasons:
+            share = 100 * r.count / total if total else 0.0
+            style = palette.reason_style(self, r.label)
+            text.append(f"{palette.short(r.label):<{name_w}} ", style=style)
+            text.append(f"{palette.human(r.count):>8} {share:5.1f}% {palette.human(r.rate):>7}/s ")
+            cells = max(1 if r.count else 0, round(r.count * bar_w / peak))
+            text.append("█" * cells, style=style)
+            text.append("\n")
+        text.rstrip()
+        self.update(text)

@@ -1,0 +1,66 @@
+"""What each screen looks like, fed from fixed data so the pictures never vary.
+Update after an intended change: pytest tests/test_snapshots.py --snapshot-update"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from guests.fixed_recording import write_fixed_recording
+
+from kvmtop.app import KvmtopApp
+from kvmtop.discovery import KvmProcess
+
+SIZE = (140, 42)
+
+
+def fixed_processes() -> list[KvmProcess]:
+    hour_ago = time.time() - 3600.2
+    return [
+        KvmProcess(4242, "root", "web-1", ("qemu-system-x86_64", "-name", "web-1"), 4, (0, 1, 2, 3),
+                   12.0, 512 << 20, hour_ago, 0),
+        KvmProcess(5151, "alice", "firecracker", ("firecracker", "--api-sock", "/tmp/fc"), 2, (0, 1),
+                   3.0, 128 << 20, hour_ago, 777),
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def replay_app(tmp_path):
+    path = write_fixed_recording(str(tmp_path / "fixed.kvmtop"))
+    app = KvmtopApp(replay=path)
+    app.replay_source.path = "fixed.kvmtop"  # the title must not show the temporary directory
+    return app
+
+
+async def at_end(pilot) -> None:
+    source = pilot.app.replay_source
+    source.seek_to(1.0)
+    source.paused = True
+    await pilot.pause(0.6)
+
+
+def test_process_list(snap_compare):
+    assert snap_compare(KvmtopApp(process_lister=fixed_processes), terminal_size=SIZE,
+                        run_before=lambda pilot: pilot.pause(0.5))  # fmt: skip
+
+
+def test_attached_view(snap_compare, replay_app):
+    assert snap_compare(replay_app, terminal_size=SIZE, run_before=at_end)
+
+
+def test_vcpu_drill_down(snap_compare, replay_app):
+    async def open_vcpu_1(pilot) -> None:
+        await at_end(pilot)
+        await pilot.press("down", "enter")
+        await pilot.pause(0.6)
+
+    assert snap_compare(replay_app, terminal_size=SIZE, run_before=open_vcpu_1)
+
+
+def test_help(snap_compare, replay_app):
+    async def open_help(pilot) -> None:
+        await at_end(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause(0.3)
+
+    assert snap_compare(replay_app, terminal_size=SIZE, run_before=open_help)
