@@ -232,3 +232,26 @@ def _thread_states(pid: int) -> list[str]:
         except OSError:
             pass
     return states
+
+
+def test_data_values_are_captured_only_when_asked(tmp_path):
+    argv = counted_command(outs=3, mmio_writes=2, exit_status=7)
+    for with_data in (False, True):
+        tracer = Tracer(with_data=with_data)
+        tracer.start()
+        try:
+            tracer.launch(argv).result(10)
+            events = []
+            while True:
+                message = tracer.out.get(timeout=30)
+                if isinstance(message, ExitBatch):
+                    events += message.events
+                elif isinstance(message, Detached):
+                    break
+        finally:
+            tracer.stop()
+        data = [(e.reason, e.a, e.data) for e in events if e.errno == 0]
+        if with_data:  # `mov al, 7; out 0xf4, al` carries the status; the earlier outs carry al=0
+            assert data == [(2, 0x80, b"\0")] * 3 + [(6, 0xC0000, b"\0")] * 2 + [(2, 0xF4, b"\x07")]
+        else:
+            assert all(d == b"" for _, _, d in data) and len(data) == 6
