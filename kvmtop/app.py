@@ -180,6 +180,9 @@ class AttachedScreen(Screen[None]):
         with Vertical(id="body"):
             yield VcpuTable(id="vcpus")
             yield ReasonBars(title="exit reasons, whole VM")
+            with Horizontal(id="vm-row"):
+                yield LatencyPane()
+                yield TopTargets()
         yield StatusLine()
         yield Footer()
 
@@ -198,6 +201,8 @@ class AttachedScreen(Screen[None]):
         self.query_one("#title", Static).update(status.title)
         self.query_one(VcpuTable).show(snap.vcpus)
         self.query_one(ReasonBars).show(snap.reasons, snap.total)
+        self.query_one(LatencyPane).show(snap.reasons)
+        self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact)
 
     def on_vcpu_table_selected(self, event: VcpuTable.Selected) -> None:
         self.app.push_screen(VcpuScreen(self.source, event.vcpu))

@@ -88,10 +88,9 @@ async def test_live_launch_counts_exactly_and_shows_every_vcpu(tmp_path):
         await until(
             pilot, lambda: app.session is not None and app.session.state is SessionState.ENDED
         )
-        await pilot.pause(0.6)  # a refresh or two
         assert isinstance(app.screen, AttachedScreen)
         table = app.screen.query_one(VcpuTable)
-        assert [(v.vcpu, v.total) for v in table.rows] == [(0, 501), (1, 501)]
+        await until(pilot, lambda: [(v.vcpu, v.total) for v in table.rows] == [(0, 501), (1, 501)])
         assert app.session.exit_status == 0
         await pilot.press("q")
     assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": 602, "KVM_EXIT_MMIO": 400}
@@ -157,3 +156,46 @@ async def test_an_empty_machine_offers_the_demo():
         await pilot.pause(0.3)
         assert "start the built-in demo" in str(app.screen.query_one("#empty").render())
         await pilot.press("q")
+
+
+def write_many_vcpus(path: str, vcpus: int = 64) -> str:
+    from kvmtop.events import ExitBatch, ExitEvent
+    from kvmtop.recording import RecordingMeta, RecordingWriter
+
+    start = 10**12
+    meta = RecordingMeta(pid=1, argv=("big-vm",), launched=False, start_ns=start,
+                         start_wall=1.7e9, with_data=False)  # fmt: skip
+    writer = RecordingWriter.create(path, meta, False)
+    events = tuple(
+        ExitEvent(
+            v,
+            2 if i % 3 else 6,
+            0,
+            start + i * 10**6 + v,
+            start + i * 10**6 + v + 5000,
+            0x80,
+            257,
+            1,
+        )
+        for i in range(100)
+        for v in range(vcpus)
+    )
+    writer.write_batch(ExitBatch(events))
+    writer.close()
+    return path
+
+
+async def test_64_vcpus_fit_scroll_and_open(tmp_path):
+    app = KvmtopApp(replay=write_many_vcpus(str(tmp_path / "big.kvmtop")))
+    async with app.run_test(size=SIZE) as pilot:
+        app.replay_source.seek_to(1.0)
+        await pilot.pause(0.5)
+        table = app.screen.query_one(VcpuTable)
+        assert len(table.rows) == 64
+        assert table.size.height < 42  # the table scrolls inside the screen
+        await pilot.press(*["pagedown"] * 7, "down")
+        assert table.selected_vcpu == 63
+        assert table.scroll_offset.y > 0  # scrolled to keep the cursor visible
+        await pilot.press("enter")
+        assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 63
+        await pilot.press("escape", "q")
