@@ -3,7 +3,6 @@ KVM fds (psutil's open_files() does not list anon inodes). Read-only; never trac
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -11,6 +10,7 @@ import psutil
 
 from kvmtop.decoder import is_kvm_fd_link, vcpu_id_of_fd_link
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
+from kvmtop.procfs import fd_table, tracer_pid
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,20 +39,10 @@ class KvmProcess:
 
 def kvm_fd_links(pid: int) -> list[str] | None:
     """The KVM-related fd links of ``pid``; None when /proc/PID/fd cannot be read."""
-    base = f"/proc/{pid}/fd"
     try:
-        names = os.listdir(base)
+        return [link for link in fd_table(pid).values() if is_kvm_fd_link(link)]
     except OSError:
         return None
-    links = []
-    for name in names:
-        try:
-            link = os.readlink(f"{base}/{name}")
-        except OSError:
-            continue
-        if is_kvm_fd_link(link):
-            links.append(link)
-    return links
 
 
 def display_name(cmdline: list[str], fallback: str) -> str:
@@ -64,17 +54,6 @@ def display_name(cmdline: list[str], fallback: str) -> str:
             value = cmdline[i + 1].split(",")[0]
             return value.removeprefix("guest=") or fallback
     return fallback
-
-
-def _tracer_pid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 def _describe(proc: psutil.Process, links: list[str]) -> KvmProcess:
@@ -92,7 +71,7 @@ def _describe(proc: psutil.Process, links: list[str]) -> KvmProcess:
             cpu_percent=proc.cpu_percent(None),
             rss=proc.memory_info().rss,
             create_time=proc.create_time(),
-            tracer_pid=_tracer_pid(proc.pid),
+            tracer_pid=tracer_pid(proc.pid),
         )
 
 

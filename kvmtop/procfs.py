@@ -16,27 +16,28 @@ def task_ids(pid: int) -> list[int]:
 
 
 def tgid_of(tid: int) -> int:
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
+    tgid = status_field(tid, "Tgid")
+    return int(tgid) if tgid else -1
 
 
-def _fd_links(pid: int) -> list[str]:
-    links = []
+def tracer_pid(pid: int) -> int:
+    """The pid tracing ``pid`` (gdb, strace, kvmtop...), 0 when none."""
+    tracer = status_field(pid, "TracerPid")
+    return int(tracer) if tracer else 0
+
+
+def fd_table(pid: int) -> dict[int, str]:
+    """{fd: link target} of process ``pid``; PermissionError/FileNotFoundError as os raises."""
+    table = {}
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            table[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
             continue  # closed meanwhile
-    return links
+    return table
 
 
-def _status_field(pid: int, name: str) -> str | None:
+def status_field(pid: int, name: str) -> str | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -57,7 +58,7 @@ def _comm(pid: int) -> str:
 
 def permission_hint(pid: int) -> str:
     """Why ptrace was refused, as far as can be told from outside."""
-    tracer = _status_field(pid, "TracerPid")
+    tracer = status_field(pid, "TracerPid")
     if tracer and tracer != "0":
         return (
             f"pid {pid} is traced by another process (TracerPid {tracer}, {_comm(int(tracer))}); "
@@ -82,11 +83,11 @@ def check_attachable(pid: int) -> tuple[str, ...]:
         raise NoSuchProcess(f"no such process: {pid}")
     if pid == os.getpid():
         raise KvmtopError("kvmtop cannot trace itself")
-    tracer = _status_field(pid, "TracerPid")
+    tracer = status_field(pid, "TracerPid")
     if tracer and tracer != "0" and int(tracer) != os.getpid():
         raise PermissionDenied(permission_hint(pid))
     try:
-        links = _fd_links(pid)
+        links = list(fd_table(pid).values())
     except PermissionError:
         raise PermissionDenied(permission_hint(pid)) from None
     except FileNotFoundError:

@@ -14,6 +14,7 @@ from types import ModuleType
 
 from kvmtop.arch import HOST
 from kvmtop.decoder import vcpu_id_of_fd_link, vcpu_mappings
+from kvmtop.procfs import fd_table
 from kvmtop.ptrace_abi import RemoteReader, pidfd_getfd
 
 
@@ -80,14 +81,10 @@ class RemoteRunPage(RunPage):
 def vcpu_fds(pid: int) -> dict[int, int]:
     """{fd number: vCPU id} for every vCPU fd the process holds."""
     found = {}
-    base = f"/proc/{pid}/fd"
-    for name in os.listdir(base):
-        try:
-            vcpu = vcpu_id_of_fd_link(os.readlink(f"{base}/{name}"))
-        except OSError:
-            continue  # closed meanwhile
+    for fd, link in fd_table(pid).items():
+        vcpu = vcpu_id_of_fd_link(link)
         if vcpu is not None:
-            found[int(name)] = vcpu
+            found[fd] = vcpu
     return found
 
 

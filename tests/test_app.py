@@ -199,3 +199,21 @@ async def test_64_vcpus_fit_scroll_and_open(tmp_path):
         await pilot.press("enter")
         assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 63
         await pilot.press("escape", "q")
+
+
+async def test_a_failed_attach_is_a_notification_and_the_app_stays_up(processes):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    processes.append(sleeper)
+    app = KvmtopApp(process_lister=list)
+    async with app.run_test(size=SIZE) as pilot:
+        app.attach(sleeper.pid)
+        await until(
+            pilot,
+            lambda: (
+                isinstance(app.screen, ProcessListScreen) and app.session.state is SessionState.IDLE
+            ),
+        )
+        messages = [n.message for n in app._notifications]
+        assert any(f"pid {sleeper.pid} (sleep) is not a KVM process" in m for m in messages)
+        await pilot.press("q")
+    assert sleeper.poll() is None

@@ -199,3 +199,17 @@ def _child_of(pid: int, timeout: float = 10) -> int:
             return int(kids[0])
         time.sleep(0.01)
     raise AssertionError(f"pid {pid} started no child")
+
+
+@pytest.mark.kvm
+def test_list_shows_a_running_vmm_with_its_vcpus(processes):
+    from kvmtop.minivmm import demo_command
+
+    vmm = subprocess.Popen(demo_command(vcpus=3), stdout=subprocess.DEVNULL)
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid, 3)
+    listed = {p["pid"]: p for p in json.loads(kvmtop("list", "--json").stdout)}
+    assert listed[vmm.pid]["vcpus"] == 3 and listed[vmm.pid]["vcpu_ids"] == [0, 1, 2]
+    assert listed[vmm.pid]["name"] == "kvmtop-demo"
+    table = kvmtop("list").stdout
+    assert str(vmm.pid) in table and "kvmtop-demo" in table

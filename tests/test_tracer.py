@@ -19,6 +19,7 @@ from guests.qemu_bios import build_bios, qemu_command
 from kvmtop.decoder import exit_label
 from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed
 from kvmtop.minivmm import counted_command
+from kvmtop.procfs import tracer_pid
 from kvmtop.tracer_thread import Tracer
 
 pytestmark = pytest.mark.kvm
@@ -132,21 +133,10 @@ def test_detach_mid_run_leaves_the_guest_to_finish_right(tracer, tmp_path):
         detached = tracer.detach().result(2)
         assert detached.why == "detached" and time.monotonic() - started < 0.1
         assert vmm.wait(60) == 1  # isa-debug-exit: the guest ran to its end
-        assert _tracer_pid(vmm.pid) in (None, 0)
+        assert tracer_pid(vmm.pid) == 0
     finally:
         vmm.kill()
         vmm.wait()
-
-
-def _tracer_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def launch_and_count(tracer: Tracer, argv: list[str]) -> Trace:
@@ -217,7 +207,7 @@ def test_detach_from_an_idle_guest_is_prompt(tracer, tmp_path):
         started = time.monotonic()
         detached = tracer.detach().result(2)
         assert detached.why == "detached" and time.monotonic() - started < 0.1
-        assert _tracer_pid(vmm.pid) == 0 and vmm.poll() is None  # untraced, still running
+        assert tracer_pid(vmm.pid) == 0 and vmm.poll() is None  # untraced, still running
     finally:
         vmm.kill()
         vmm.wait()
@@ -255,3 +245,20 @@ def test_data_values_are_captured_only_when_asked(tmp_path):
             assert data == [(2, 0x80, b"\0")] * 3 + [(6, 0xC0000, b"\0")] * 2 + [(2, 0xF4, b"\x07")]
         else:
             assert all(d == b"" for _, _, d in data) and len(data) == 6
+
+
+@pytest.mark.qemu
+def test_without_pidfd_getfd_the_vmms_own_mapping_is_read(tracer, tmp_path, monkeypatch):
+    """Where duplicating the vCPU fd is refused, kvm_run is read from the VMM's own mapping
+    (found in /proc/PID/maps) with process_vm_readv: the counts stay exact."""
+    from kvmtop import vcpu_maps
+
+    def refused(_pidfd: int, _fd: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(vcpu_maps, "pidfd_getfd", refused)
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=300, mmio_writes=200))
+    trace = launch_and_count(tracer, qemu_command(str(bios)))
+    assert trace.exits["KVM_EXIT_IO"] == 301 and trace.exits["KVM_EXIT_MMIO"] == 200
+    assert trace.mmio == {(0xC0000, 1, True): 200} and trace.lost == 0
