@@ -38,7 +38,7 @@ _EXIT_REASON = struct.Struct("<I")
 
 
 def exit_reason_of(run: bytes | memoryview) -> int:
-    return _EXIT_REASON.unpack_from(run, EXIT_REASON_OFFSET)[0]
+    return int(_EXIT_REASON.unpack_from(run, EXIT_REASON_OFFSET)[0])
 
 
 def decode_exit(

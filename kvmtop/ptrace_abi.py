@@ -13,18 +13,15 @@ import ctypes.util
 import os
 import struct
 
-from ptrace.binding.func import (  # noqa: F401 - re-exported for the tracer
-    PTRACE_CONT,
-    PTRACE_DETACH,
-    PTRACE_GETEVENTMSG,
-    PTRACE_O_TRACECLONE,
-    PTRACE_O_TRACEEXEC,
-    PTRACE_O_TRACESYSGOOD,
-    PTRACE_SYSCALL,
-    ptrace,
-    ptrace_geteventmsg,
-)
-from ptrace.error import PtraceError  # noqa: F401
+from ptrace.binding.func import PTRACE_CONT as PTRACE_CONT
+from ptrace.binding.func import PTRACE_DETACH as PTRACE_DETACH
+from ptrace.binding.func import PTRACE_O_TRACECLONE as PTRACE_O_TRACECLONE
+from ptrace.binding.func import PTRACE_O_TRACEEXEC as PTRACE_O_TRACEEXEC
+from ptrace.binding.func import PTRACE_O_TRACESYSGOOD as PTRACE_O_TRACESYSGOOD
+from ptrace.binding.func import PTRACE_SYSCALL as PTRACE_SYSCALL
+from ptrace.binding.func import ptrace as ptrace
+from ptrace.binding.func import ptrace_geteventmsg as ptrace_geteventmsg
+from ptrace.error import PtraceError as PtraceError
 
 # Missing from python-ptrace 0.9.9 (include/uapi/linux/ptrace.h).
 PTRACE_SEIZE = 0x4206

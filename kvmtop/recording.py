@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from kvmtop import __version__
 from kvmtop.errors import RecordingError
@@ -185,7 +186,7 @@ class Recording:
         events: list[ExitEvent] = []
         seen: list[VcpuSeen] = []
         lost = stops = 0
-        pending: list[object] = []  # an EXIT whose LONG/DATA records may follow
+        pending: list[Any] = []  # an EXIT whose LONG/DATA records may follow
         offset = self._body
         try:
             f = open(self.path, "rb")
@@ -243,11 +244,11 @@ class Recording:
             yield ExitBatch(tuple(events), tuple(seen), lost, stops)
 
 
-def _event(rec: list[object], start: int) -> ExitEvent:
+def _event(rec: list[Any], start: int) -> ExitEvent:
     _kind, flags, vcpu, reason, t_exit, guest, b, a, data = rec
-    exit_ns = start + t_exit  # type: ignore[operator]
-    if flags & F_FAILED:  # type: ignore[operator]
-        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns)  # type: ignore[arg-type,operator]
+    exit_ns = start + t_exit
+    if flags & F_FAILED:
+        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns)
     return ExitEvent(
         vcpu,
         reason,
@@ -257,7 +258,7 @@ def _event(rec: list[object], start: int) -> ExitEvent:
         a,
         b,
         flags & EVENT_FLAGS,
-        data,  # type: ignore[arg-type,operator]
+        data,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from kvmtop.arch import HOST
 from kvmtop.recording import Recording, open_recording
 from kvmtop.stats import ExitStats, LatencyHistogram, ReasonStats, StatsSnapshot
@@ -40,7 +42,7 @@ def _reasons_json(reasons: tuple[ReasonStats, ...], seconds: float) -> dict[str,
     }
 
 
-def summary_json(snapshot: StatsSnapshot, meta: dict[str, object]) -> dict[str, object]:
+def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[str, object]:
     seconds = duration_s(snapshot)
     return {
         "exits": {r.label: r.count for r in snapshot.reasons},
@@ -76,13 +78,14 @@ def _ns(ns: int) -> str:
 
 
 def port_name(port: int) -> str:
-    return HOST.PORT_NAMES.get(port, "")
+    return str(HOST.PORT_NAMES.get(port, ""))
 
 
-def summary_table(snapshot: StatsSnapshot, meta: dict[str, object]) -> str:
+def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
     seconds = duration_s(snapshot)
     lines = []
-    argv = " ".join(str(a) for a in meta.get("argv", []) or [])  # type: ignore[union-attr]
+    argv_value = meta.get("argv")
+    argv = " ".join(str(a) for a in argv_value) if isinstance(argv_value, list | tuple) else ""
     lines.append(
         f"pid {meta.get('pid')}  {argv[:70]}\n"
         f"{snapshot.total} exits in {seconds:.3f} s on {len(snapshot.vcpus)} vCPU(s)"

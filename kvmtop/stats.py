@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kvmtop.decoder import exit_label
 from kvmtop.events import EXIT_WRITE, ExitBatch, ExitEvent, VcpuSeen
@@ -161,11 +162,11 @@ class TopCounter:
     __slots__ = ("counts", "capacity", "exact")
 
     def __init__(self, capacity: int) -> None:
-        self.counts: dict[Hashable, int] = {}
+        self.counts: dict[Any, int] = {}
         self.capacity = capacity
         self.exact = True
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Any) -> None:
         counts = self.counts
         if key in counts:
             counts[key] += 1
@@ -176,7 +177,7 @@ class TopCounter:
             counts[key] = counts.pop(victim) + 1
             self.exact = False
 
-    def top(self, n: int | None = None) -> list[tuple[Hashable, int]]:
+    def top(self, n: int | None = None) -> list[tuple[Any, int]]:
         ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], repr(kv[0])))
         return ranked if n is None else ranked[:n]
 
@@ -226,11 +227,11 @@ def _reason(table: dict[str, _Reason], label: str) -> _Reason:
 
 
 def _ports(counter: TopCounter, n: int | None) -> tuple[PortCount, ...]:
-    return tuple(PortCount(p, "out" if w else "in", s, c) for (p, w, s), c in counter.top(n))  # type: ignore[misc]
+    return tuple(PortCount(p, "out" if w else "in", s, c) for (p, w, s), c in counter.top(n))
 
 
 def _mmios(counter: TopCounter, n: int | None) -> tuple[MmioCount, ...]:
-    return tuple(MmioCount(a, ln, w, c) for (a, ln, w), c in counter.top(n))  # type: ignore[misc]
+    return tuple(MmioCount(a, ln, w, c) for (a, ln, w), c in counter.top(n))
 
 
 class ExitStats:

@@ -7,6 +7,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from kvmtop.stats import LatencyHistogram, ReasonStats
+from kvmtop.units import duration
 from kvmtop.widgets import palette
 
 
@@ -16,7 +17,7 @@ def log2_strip(h: LatencyHistogram, first: int = 8, last: int = 34) -> str:
 
 
 class LatencyPane(Static):
-    COMPONENT_CLASSES = palette.COMPONENT_CLASSES
+    COMPONENT_CLASSES = set(palette.COMPONENT_CLASSES)
     DEFAULT_CSS = """
     LatencyPane { height: auto; border: round $primary-darken-2; padding: 0 1; }
     """ + palette.css_for("LatencyPane")
@@ -39,7 +40,7 @@ class LatencyPane(Static):
                 text.append(f"{name:<{name_w}} ", style=style)
                 text.append(f"{kind[0]} ")
                 if h.count:
-                    cells = [palette.duration(v) for v in (h.min_ns, h.median, h.p99, h.max_ns)]
+                    cells = [duration(v) for v in (h.min_ns, h.median, h.p99, h.max_ns)]
                     text.append("".join(f"{c:>9}" for c in cells) + "  ")
                     text.append(log2_strip(h), style=style)
                 else:

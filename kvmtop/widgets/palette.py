@@ -7,8 +7,6 @@ import zlib
 from rich.style import Style
 from textual.widget import Widget
 
-from kvmtop.units import duration, human  # noqa: F401 - for the panes
-
 SLOTS = 8
 _FIXED = {
     "KVM_EXIT_IO": 0,

@@ -6,11 +6,12 @@ from rich.text import Text
 from textual.widgets import Static
 
 from kvmtop.stats import ReasonStats
+from kvmtop.units import human
 from kvmtop.widgets import palette
 
 
 class ReasonBars(Static):
-    COMPONENT_CLASSES = palette.COMPONENT_CLASSES
+    COMPONENT_CLASSES = set(palette.COMPONENT_CLASSES)
     DEFAULT_CSS = """
     ReasonBars { height: auto; min-height: 3; border: round $primary-darken-2; padding: 0 1; }
     """ + palette.css_for("ReasonBars")
@@ -31,7 +32,7 @@ class ReasonBars(Static):
             share = 100 * r.count / total if total else 0.0
             style = palette.reason_style(self, r.label)
             text.append(f"{palette.short(r.label):<{name_w}} ", style=style)
-            text.append(f"{palette.human(r.count):>8} {share:5.1f}% {palette.human(r.rate):>7}/s ")
+            text.append(f"{human(r.count):>8} {share:5.1f}% {human(r.rate):>7}/s ")
             cells = max(1 if r.count else 0, round(r.count * bar_w / peak))
             text.append("█" * cells, style=style)
             text.append("\n")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from kvmtop.units import human
 from kvmtop.widgets import palette
 
 
 class ReasonTimelines(Static):
-    COMPONENT_CLASSES = palette.COMPONENT_CLASSES
+    COMPONENT_CLASSES = set(palette.COMPONENT_CLASSES)
     DEFAULT_CSS = """
     ReasonTimelines { height: auto; border: round $primary-darken-2; padding: 0 1; }
     """ + palette.css_for("ReasonTimelines")
@@ -26,7 +27,7 @@ class ReasonTimelines(Static):
             style = palette.reason_style(self, label)
             text.append(f"{palette.short(label):<{name_w}} ", style=style)
             text.append("".join(palette.sparkline(series)), style=style)
-            text.append(f" peak {palette.human(max(series))}/s\n")
+            text.append(f" peak {human(max(series))}/s\n")
         if not by_reason:
             text.append("no exits in the last 60 s", style="italic")
         text.rstrip()

@@ -7,7 +7,7 @@ from textual.widgets import Static
 
 from kvmtop.arch import HOST
 from kvmtop.stats import MmioCount, PortCount
-from kvmtop.widgets import palette
+from kvmtop.units import human
 
 
 class TopTargets(Static):
@@ -28,14 +28,14 @@ class TopTargets(Static):
         for p in io[: self.rows]:
             name = HOST.PORT_NAMES.get(p.port, "")
             text.append(
-                f"0x{p.port:04x}   {p.direction:<4}{p.size:>4}{palette.human(p.count):>9}  {name}\n"
+                f"0x{p.port:04x}   {p.direction:<4}{p.size:>4}{human(p.count):>9}  {name}\n"
             )
         if not io:
             text.append("(none)\n", style="italic")
         text.append(f"\n{'MMIO address':<16}{'op':<6}{'len':>4}{'count':>9}\n", style="bold")
         for m in mmio[: self.rows]:
             op = "write" if m.write else "read"
-            text.append(f"0x{m.address:<14x}{op:<6}{m.length:>4}{palette.human(m.count):>9}\n")
+            text.append(f"0x{m.address:<14x}{op:<6}{m.length:>4}{human(m.count):>9}\n")
         if not mmio:
             text.append("(none)\n", style="italic")
         if not exact:

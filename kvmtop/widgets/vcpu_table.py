@@ -13,6 +13,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from kvmtop.stats import VcpuSnapshot
+from kvmtop.units import human
 from kvmtop.widgets import palette
 
 ID_W, RATE_W, TOTAL_W, TIMELINE_W = 6, 9, 10, 60
@@ -22,7 +23,10 @@ HEADER = f"{'vCPU':>{ID_W}} {'exits/s':>{RATE_W}} {'total':>{TOTAL_W}}  {'timeli
 class VcpuTable(ScrollView, can_focus=True):
     """Up/Down choose a vCPU, Enter opens it (posts :class:`VcpuTable.Selected`)."""
 
-    COMPONENT_CLASSES = palette.COMPONENT_CLASSES | {"vcpu-table--cursor", "vcpu-table--header"}
+    COMPONENT_CLASSES = set(palette.COMPONENT_CLASSES) | {
+        "vcpu-table--cursor",
+        "vcpu-table--header",
+    }
     DEFAULT_CSS = """
     VcpuTable { height: auto; max-height: 1fr; min-height: 4; border: round $primary-darken-2; }
     VcpuTable:focus { border: round $accent; }
@@ -87,7 +91,7 @@ class VcpuTable(ScrollView, can_focus=True):
         )
         segments = [
             Segment(
-                f"{v.vcpu:>{ID_W}} {palette.human(v.rate):>{RATE_W}} {palette.human(v.total):>{TOTAL_W}}  ",
+                f"{v.vcpu:>{ID_W}} {human(v.rate):>{RATE_W}} {human(v.total):>{TOTAL_W}}  ",
                 base,
             )
         ]
