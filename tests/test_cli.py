@@ -138,7 +138,7 @@ def test_a_vmm_traced_by_strace_is_refused_with_the_reason(bios, processes):
     vmm = subprocess.Popen(["strace", "-o", os.devnull, *qemu_command(bios(spin=20_000_000))],
                            stderr=subprocess.DEVNULL)  # fmt: skip
     processes.append(vmm)
-    qemu_pid = _child_of(vmm.pid)
+    qemu_pid = _child_of(vmm.pid, "qemu-system")
     wait_for_vcpus(qemu_pid)
     result = kvmtop("record", "-p", str(qemu_pid))
     assert_one_line_error(result, 5, f"traced by another process (TracerPid {vmm.pid}, strace)")
@@ -187,18 +187,21 @@ def test_unwritable_output_fails_before_tracing(tmp_path):
     assert_one_line_error(result, 6, "cannot create recording")
 
 
-def _child_of(pid: int, timeout: float = 10) -> int:
+def _child_of(pid: int, name: str, timeout: float = 10) -> int:
+    """The child of ``pid`` running ``name`` (strace first forks short-lived probe children)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with open(f"/proc/{pid}/task/{pid}/children") as f:
                 kids = f.read().split()
+            for kid in kids:
+                with open(f"/proc/{kid}/comm") as f:
+                    if f.read().startswith(name):
+                        return int(kid)
         except OSError:
-            kids = []
-        if kids:
-            return int(kids[0])
+            pass
         time.sleep(0.01)
-    raise AssertionError(f"pid {pid} started no child")
+    raise AssertionError(f"pid {pid} started no {name} within {timeout} s")
 
 
 @pytest.mark.kvm
