@@ -122,7 +122,7 @@ class Vcpu:
 
 
 class MiniVm:
-    def __init__(self, programs: list[bytes]) -> None:
+    def __init__(self, programs: list[bytes], stopping: threading.Event) -> None:
         try:
             self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -138,7 +138,7 @@ class MiniVm:
         fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
         self.vcpus = [Vcpu(self.vm, i, size, code, self.ram) for i, code in enumerate(programs)]
         self.counts = Counts()
-        self.stopping = threading.Event()
+        self.stopping = stopping
 
     def serve(
         self, vcpu: Vcpu, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]
@@ -267,6 +267,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--report-json")
     args = parser.parse_args(argv)
 
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping.set()
+
+    # Before any vCPU exists, so that every signal sent once it does is counted.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 1):
+        signal.signal(sig, on_signal)
+    # Python may run one handler for several deliveries of a signal; the wakeup fd gets one
+    # byte per delivery, whichever thread took it: an exact count of SIGRTMIN+1 received.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
     if args.mode == "counted":
         programs = [
             guestcode.counted(
@@ -277,21 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         programs = [guestcode.demo(i) for i in range(args.vcpus)]
     try:
-        vm = MiniVm(programs)
+        vm = MiniVm(programs, stopping)
     except KvmUnavailableError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return 7
-
-    def on_signal(signum: int, _frame: object) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            vm.stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 1):
-        signal.signal(sig, on_signal)
-    # Python may run one handler for several deliveries of a signal; the wakeup fd gets one
-    # byte per delivery, whichever thread took it: an exact count of SIGRTMIN+1 received.
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
     started = time.monotonic()
     if args.mode == "counted":

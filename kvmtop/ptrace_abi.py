@@ -2,7 +2,7 @@
 
 python-ptrace gives the raw ``ptrace()`` call and its error type; its high-level debugger is not
 used (it attaches with SIGSTOP and builds objects per syscall). Values are from
-include/uapi/linux/ptrace.h, include/uapi/linux/prctl.h and include/uapi/linux/wait.h; syscall
+include/uapi/linux/ptrace.h and include/uapi/linux/wait.h; syscall
 numbers 424 and up are the same on every architecture.
 """
 
@@ -42,7 +42,6 @@ PTRACE_SYSCALL_INFO_EXIT = 2
 WALL = 0x40000000  # __WALL: threads and clones too
 WNOTHREAD = 0x20000000  # __WNOTHREAD: only children/tracees of the calling thread
 
-PR_SET_PDEATHSIG = 1  # include/uapi/linux/prctl.h
 SYS_PIDFD_GETFD = 438
 
 # struct ptrace_syscall_info: u8 op, u8 pad[3], u32 arch, u64 ip, u64 sp, then a union:
@@ -54,13 +53,6 @@ SYSCALL_INFO_EXIT = struct.Struct("<24xq")  # rval
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.prctl.argtypes = (
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-)
 
 
 class _IoVec(ctypes.Structure):
@@ -85,13 +77,6 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(result)
-
-
-def die_with_parent_thread(sig: int) -> None:
-    """PR_SET_PDEATHSIG: the kernel sends ``sig`` when the thread that forked us exits."""
-    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class RemoteReader:

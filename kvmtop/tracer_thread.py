@@ -95,6 +95,7 @@ class Tracer:
         self._thread = threading.Thread(target=self._main, name="kvmtop-tracer", daemon=True)
         self._ready = threading.Event()
         self._kicker = 0
+        self._kicker_pipe = -1
         self._quit = False
         self._quit_after_detach = False
         self._proc: _Process | None = None
@@ -160,7 +161,7 @@ class Tracer:
 
     def _main(self) -> None:
         try:
-            self._kicker = self._fork_kicker()
+            self._kicker = self._spawn_kicker()
             self._ready.set()
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - report, then let the kernel detach
@@ -169,23 +170,27 @@ class Tracer:
         finally:
             self._ready.set()
             if self._kicker:
+                os.close(self._kicker_pipe)  # its `read` sees end of file: it exits
                 try:
-                    os.kill(self._kicker, signal.SIGKILL)
-                    os.waitpid(self._kicker, pt.WALL)
+                    os.kill(self._kicker, signal.SIGCONT)
+                    os.waitpid(self._kicker, 0)
                 except OSError:
                     pass
 
-    def _fork_kicker(self) -> int:
-        pid = os.fork()
-        if pid == 0:  # child: sleep until killed; dies with the tracer thread
-            try:
-                os.setpgid(0, 0)  # out of the terminal's process group: Ctrl-C is not for it
-                pt.die_with_parent_thread(signal.SIGKILL)
-                while True:
-                    signal.pause()
-            finally:
-                os._exit(0)
-        return pid
+    def _spawn_kicker(self) -> int:
+        """A child that only sleeps: `read` on a pipe whose other end only we hold, so it ends
+        by itself when kvmtop goes, however kvmtop goes. Its own process group keeps the
+        terminal's Ctrl-C away from it."""
+        if self._kicker_pipe >= 0:
+            os.close(self._kicker_pipe)
+        read_end, self._kicker_pipe = os.pipe()
+        try:
+            return os.posix_spawn(
+                "/bin/sh", ["sh", "-c", "read _"], {"PATH": "/usr/bin:/bin"},
+                file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)], setpgroup=0,
+            )  # fmt: skip
+        finally:
+            os.close(read_end)
 
     def _loop(self) -> None:
         waitpid = os.waitpid
@@ -394,7 +399,7 @@ class Tracer:
         if (status & 0xFF) == 0x7F:
             os.kill(self._kicker, signal.SIGCONT)
         else:
-            self._kicker = self._fork_kicker()  # someone killed it; a new one
+            self._kicker = self._spawn_kicker()  # someone killed it; a new one
         self._flush()
         while True:
             try:
@@ -511,6 +516,9 @@ class Tracer:
             self._seen.append(VcpuSeen(page.vcpu, 0, time.monotonic_ns()))
 
     def _launch(self, argv: list[str]) -> Attached:
+        """Start ``argv`` traced from its first instruction. No Python runs in the child (a
+        forked copy of a threaded Python can deadlock): posix_spawn starts a shell that stops
+        itself; once it is seized and continued, it execs the command."""
         if self._proc is not None:
             raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
         if not argv:
@@ -519,26 +527,22 @@ class Tracer:
         exe = shutil.which(argv[0])
         if exe is None:
             raise CommandNotFound(f"command not found: {argv[0]}")
-        go_r, go_w = os.pipe()
-        err_r, err_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            self._exec_child(exe, argv, go_r, go_w, err_r, err_w)
-        os.close(go_r)
-        os.close(err_w)
-        try:
-            pt.ptrace(pt.PTRACE_SEIZE, pid, 0, OPTIONS)
-        finally:
-            os.write(go_w, b"x")  # the child may exec now, traced from its first instruction
-            os.close(go_w)
-        with os.fdopen(err_r, "rb") as pipe:
-            failure = pipe.read()  # EOF: exec succeeded (the pipe is close-on-exec)
-        if failure:
-            os.waitpid(pid, pt.WALL)
-            code = int(failure.decode() or 0)
-            if code in (errno_module.EACCES, errno_module.EPERM):
-                raise PermissionDenied(f"cannot execute {argv[0]}: {os.strerror(code)}")
-            raise CommandNotFound(f"cannot execute {argv[0]}: {os.strerror(code)}")
+        actions: list[tuple[Any, ...]] = []
+        if self.child_stdio is not None:
+            actions = [(os.POSIX_SPAWN_OPEN, 0, self.child_stdio, os.O_RDWR, 0)]
+            actions += [(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
+        pid = os.posix_spawn(
+            "/bin/sh",
+            ["sh", "-c", 'kill -STOP $$ && exec "$@"', "sh", *argv],
+            os.environ,
+            file_actions=actions,
+            setsigdef=CHILD_DEFAULT_SIGNALS,
+        )
+        _, status = os.waitpid(pid, os.WUNTRACED | pt.WNOTHREAD)
+        if not os.WIFSTOPPED(status):
+            raise KvmtopError(f"cannot start {argv[0]}: its shell ended with status {status}")
+        pt.ptrace(pt.PTRACE_SEIZE, pid, 0, OPTIONS)
+        os.kill(pid, signal.SIGCONT)  # the shell runs on, traced, and execs the command
         proc = _Process(pid, os.pidfd_open(pid), tuple(argv), launched=True)
         self._proc = proc
         self._threads[pid] = _Thread(pid, proc)
@@ -546,25 +550,9 @@ class Tracer:
         self.out.put(attached)
         return attached
 
-    def _exec_child(
-        self, exe: str, argv: list[str], go_r: int, go_w: int, err_r: int, err_w: int
-    ) -> None:
-        """In the forked child: wait until seized, then exec. Never returns."""
-        try:
-            os.close(go_w)
-            os.close(err_r)
-            os.read(go_r, 1)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; CMD must not
-                signal.signal(sig, signal.SIG_DFL)
-            if self.child_stdio is not None:
-                target = os.open(self.child_stdio, os.O_RDWR | os.O_CREAT, 0o600)
-                for fd in (0, 1, 2):
-                    os.dup2(target, fd)
-            os.execv(exe, argv)
-        except OSError as exc:
-            os.write(err_w, str(exc.errno or errno_module.ENOEXEC).encode())
-        finally:
-            os._exit(127)
+
+# Python ignores SIGPIPE and SIGXFSZ, and a launched command would inherit that.
+CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
 
 
 def _exit_status(status: int) -> int:
