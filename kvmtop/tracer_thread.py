@@ -202,10 +202,16 @@ class Tracer:
             th = threads.get(tid)
             if th is not None and (status & 0xFF) == 0x7F:  # WIFSTOPPED
                 self._stops += 1
-                if (status >> 8) == SYSCALL_STOP:
-                    self._syscall_stop(th, now)
-                else:
-                    self._other_stop(th, status)
+                try:
+                    if (status >> 8) == SYSCALL_STOP:
+                        self._syscall_stop(th, now)
+                    else:
+                        self._other_stop(th, status)
+                except pt.PtraceError as exc:
+                    if exc.errno != errno_module.ESRCH:
+                        raise
+                    # Killed while stopped (exit_group, SIGKILL need no tracer): its exit
+                    # status follows, and is handled like any other.
                 if len(self._events) >= BATCH_MAX:
                     self._flush()
             elif tid == self._kicker:
