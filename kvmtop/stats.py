@@ -254,6 +254,7 @@ class ExitStats:
         self._io = TopCounter(top_capacity)
         self._mmio = TopCounter(top_capacity)
         self._stops = _Seconds()
+        self._labels: dict[tuple[int, int], str] = {}
         self.total = 0
         self.lost = 0
         self.stops = 0
@@ -289,8 +290,13 @@ class ExitStats:
 
     def _add(self, events: Iterable[ExitEvent]) -> None:
         reasons = self._reasons
+        labels = self._labels
         for e in events:
-            label = exit_label(e.reason, e.errno)
+            label = labels.get((e.reason, e.errno))
+            if label is None:
+                label = exit_label(e.reason, e.errno)
+                if len(labels) < 4096:  # unknown reasons are few; bound the cache anyway
+                    labels[(e.reason, e.errno)] = label
             vcpu = self._vcpus.get(e.vcpu) or self._vcpu(e.vcpu)
             vcpu.total += 1
             mine = _reason(vcpu.reasons, label)
