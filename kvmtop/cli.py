@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from kvmtop import __version__
 from kvmtop.errors import KvmtopError, RecordingError, UsageError
@@ -27,8 +28,15 @@ from kvmtop.errors import KvmtopError, RecordingError, UsageError
 DEFAULT_RECORDING = "kvmtop.data"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see kvmtop --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kvmtop",
         description="top for KVM exits: why, how often and for how long each vCPU leaves the guest",
         epilog="Run `kvmtop -- CMD ...` or `kvmtop record -- CMD ...` to start CMD under trace.",
@@ -37,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-p", "--pid", type=int, help="attach to this VMM process")
     parser.add_argument("-o", "--output", help="also record to this file (TUI)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
     rec.add_argument("-p", "--pid", type=int, help="attach to this running VMM")
@@ -71,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         i = args_in.index("--")
         args_in, command = args_in[:i], args_in[i + 1 :]
     parser = _parser()
-    args = parser.parse_args(args_in)
+    try:
+        args = parser.parse_args(args_in)
+    except UsageError as exc:
+        print(f"kvmtop: {exc}", file=sys.stderr)
+        return exc.exit_code
     try:
         return _run(args, command)
     except KvmtopError as exc:
@@ -87,7 +99,9 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if command is not None and not command:
         raise UsageError("no command after --")
     if args.command == "record":
-        if (args.pid is None) == (command is None):
+        if args.pid is not None and command is not None:
+            raise UsageError("record takes -p PID or -- CMD [ARGS...], not both")
+        if args.pid is None and command is None:
             raise UsageError("record needs either -p PID or -- CMD [ARGS...]")
         return record(args.pid, command, args.output, args.duration, args.data, args.json)
     if command is not None and args.command is not None:
@@ -126,7 +140,9 @@ def record(
         stop_requested.append(signum)
         session.detach()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP: the terminal went away; detach cleanly and finish the file all the same.
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in stop_signals}
     try:
         if pid is not None:
             session.attach(pid)
@@ -158,6 +174,8 @@ def record(
         raise KvmtopError(errors[-1] if errors else "attach failed")
     for text in errors:  # e.g. the recording could not be written; the summary still follows
         print(f"kvmtop: {text}", file=sys.stderr)
+    if session.exit_status is not None:
+        print(f"kvmtop: pid {session.pid} exited with status {session.exit_status}", file=sys.stderr)
     snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output}
     if as_json:

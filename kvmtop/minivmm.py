@@ -68,7 +68,7 @@ class Counts:
         )
         self.io: collections.Counter[tuple[int, str, int]] = collections.Counter()
         self.mmio: collections.Counter[tuple[int, int, bool]] = collections.Counter()
-        self.signals = 0
+        self.signals: collections.Counter[str] = collections.Counter()
 
     def add(self, vcpu: int, reason: int) -> None:
         name = exit_reason_name(reason)
@@ -89,7 +89,7 @@ class Counts:
                     {"address": a, "len": ln, "write": w, "count": n}
                     for (a, ln, w), n in self.mmio.most_common()
                 ],
-                "signals": self.signals,
+                "signals": dict(self.signals),
             }
 
 
@@ -122,7 +122,11 @@ class Vcpu:
 
 
 class MiniVm:
-    def __init__(self, programs: list[bytes], stopping: threading.Event) -> None:
+    def __init__(
+        self, programs: list[bytes], stopping: threading.Event, stagger_s: float = 0.0
+    ) -> None:
+        """vCPU i is created by its own thread, ``i * stagger_s`` seconds after the start (like
+        QEMU, where each vCPU thread creates its vCPU): a tracer attached early sees it appear."""
         try:
             self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -136,7 +140,12 @@ class MiniVm:
         address = _address_of(self.ram)
         region = struct.pack("<IIQQQ", 0, 0, 0, RAM_SIZE, address)
         fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
-        self.vcpus = [Vcpu(self.vm, i, size, code, self.ram) for i, code in enumerate(programs)]
+        self.programs = programs
+        self.mmap_size = size
+        self.stagger_s = stagger_s
+        self.vcpus: list[Vcpu] = []
+        if not stagger_s:
+            self.vcpus = [Vcpu(self.vm, i, size, code, self.ram) for i, code in enumerate(programs)]
         self.counts = Counts()
         self.stopping = stopping
 
@@ -179,16 +188,22 @@ class MiniVm:
     def run_all(self, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]) -> None:
         failures: list[BaseException] = []
 
-        def body(vcpu: Vcpu) -> None:
+        def body(index: int) -> None:
             try:
+                if self.stagger_s:
+                    time.sleep(index * self.stagger_s)
+                    self.vcpus.append(
+                        Vcpu(self.vm, index, self.mmap_size, self.programs[index], self.ram)
+                    )
+                vcpu = next(v for v in self.vcpus if v.index == index)
                 self.serve(vcpu, on_in, pace)
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 failures.append(exc)
                 self.stopping.set()
 
         threads = [
-            threading.Thread(target=body, args=(v,), name=f"CPU {v.index}/KVM", daemon=True)
-            for v in self.vcpus
+            threading.Thread(target=body, args=(i,), name=f"CPU {i}/KVM", daemon=True)
+            for i in range(len(self.programs))
         ]
         for t in threads:
             t.start()
@@ -214,10 +229,12 @@ def counted_command(
     mmio_addr: int = 0xC0000,
     exit_status: int = 0,
     report_json: str | None = None,
+    stagger: float = 0.0,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
             "--port", hex(port), "--mmio-addr", hex(mmio_addr), "--exit-status", str(exit_status)]  # fmt: skip
+    argv += ["--stagger", str(stagger)] if stagger else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -234,12 +251,24 @@ def demo_command(
     return argv + (["--report-json", report_json] if report_json else [])
 
 
+COUNTED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN + 1)
+
+
+def _signal_name(signum: int) -> str:
+    if signum >= signal.SIGRTMIN:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+    return signal.Signals(signum).name
+
+
 def _count_signals(vm: MiniVm, wake_r: int) -> None:
     try:
         received = os.read(wake_r, 1 << 16)
     except BlockingIOError:
         return
-    vm.counts.signals += received.count(bytes([signal.SIGRTMIN + 1]))
+    for signum in COUNTED_SIGNALS:
+        n = received.count(bytes([signum]))
+        if n:
+            vm.counts.signals[_signal_name(signum)] += n
 
 
 def _write_report(vm: MiniVm, path: str | None) -> None:
@@ -260,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--spin", type=int, default=0, help="loop iterations without exits first")
     counted.add_argument("--exit-status", type=int, default=0)
     counted.add_argument("--report-json")
+    counted.add_argument("--stagger", type=float, default=0.0, help="create vCPU i after i*S s")
     demo = sub.add_parser("demo", help="an endless, changing mix of exits")
     demo.add_argument("--vcpus", type=int, default=2)
     demo.add_argument("--duration", type=float)
@@ -274,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             stopping.set()
 
     # Before any vCPU exists, so that every signal sent once it does is counted.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGRTMIN + 1):
+    for sig in (signal.SIGTERM, signal.SIGINT, *COUNTED_SIGNALS):
         signal.signal(sig, on_signal)
     # Python may run one handler for several deliveries of a signal; the wakeup fd gets one
-    # byte per delivery, whichever thread took it: an exact count of SIGRTMIN+1 received.
+    # byte per delivery, whichever thread took it: an exact count of each signal received.
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
@@ -291,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         programs = [guestcode.demo(i) for i in range(args.vcpus)]
     try:
-        vm = MiniVm(programs, stopping)
+        vm = MiniVm(programs, stopping, args.stagger)
     except KvmUnavailableError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return 7

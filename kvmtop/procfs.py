@@ -74,12 +74,13 @@ def permission_hint(pid: int) -> str:
         if scope and scope != "0":
             why += f" (kernel.yama.ptrace_scope={scope} allows only descendants or CAP_SYS_PTRACE)"
         return why + "; run as the VMM's user with CAP_SYS_PTRACE, or as root"
-    return f"permission denied tracing pid {pid} (an LSM or ptrace_scope={scope} refuses it)"
+    why = f"kernel.yama.ptrace_scope={scope}" if scope and scope != "0" else "a security module"
+    return f"permission denied tracing pid {pid}: {why} refuses it, even to root"
 
 
 def check_attachable(pid: int) -> tuple[str, ...]:
     """The argv of ``pid`` if it is a KVM process kvmtop may trace; else a clear error."""
-    if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+    if not 0 < pid < 2**22 or not os.path.exists(f"/proc/{pid}"):  # 2**22: PID_MAX_LIMIT
         raise NoSuchProcess(f"no such process: {pid}")
     if pid == os.getpid():
         raise KvmtopError("kvmtop cannot trace itself")

@@ -147,14 +147,14 @@ def launch_and_count(tracer: Tracer, argv: list[str]) -> Trace:
 def test_every_vcpu_of_a_launched_vmm_is_counted_like_the_vmm_counts_itself(tracer, tmp_path):
     own_path = tmp_path / "own.json"
     argv = counted_command(
-        vcpus=3, outs=250, mmio_writes=70, exit_status=5, report_json=str(own_path)
+        vcpus=4, outs=250, mmio_writes=70, exit_status=5, report_json=str(own_path)
     )
     trace = launch_and_count(tracer, argv)
     own = json.loads(own_path.read_text())
     assert trace.end.exit_status == 5
-    assert dict(trace.exits) == own["exits"] == {"KVM_EXIT_IO": 3 * 251, "KVM_EXIT_MMIO": 3 * 70}
-    assert trace.per_vcpu == {0: 321, 1: 321, 2: 321}
-    assert len(set(trace.vcpus.values())) == 3  # three vCPU threads, each found
+    assert dict(trace.exits) == own["exits"] == {"KVM_EXIT_IO": 4 * 251, "KVM_EXIT_MMIO": 4 * 70}
+    assert trace.per_vcpu == {0: 321, 1: 321, 2: 321, 3: 321}
+    assert len(set(trace.vcpus.values())) == 4  # four vCPU threads, each found
     assert trace.lost == 0
 
 
@@ -168,7 +168,7 @@ def test_signals_reach_the_vmm_exactly_once_while_traced(tracer, tmp_path):
         time.sleep(0.002)
     trace = drain(tracer, Trace())
     own = json.loads(own_path.read_text())
-    assert own["signals"] == 25
+    assert own["signals"] == {"SIGRTMIN+1": 25}
     assert trace.exits["KVM_EXIT_IO"] == own["exits"]["KVM_EXIT_IO"] == 301
 
 

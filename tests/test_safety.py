@@ -1,0 +1,303 @@
+"""kvmtop never hurts the VM it watches, and survives what users throw at it."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import wait_for_vcpus
+from guests.qemu_bios import build_bios, qemu_command
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmtop.errors import RecordingError
+from kvmtop.events import Detached, ExitBatch
+from kvmtop.minivmm import counted_command
+from kvmtop.procfs import tracer_pid
+from kvmtop.recording import open_recording
+from kvmtop.tracer_thread import Tracer
+
+KVMTOP = [sys.executable, "-m", "kvmtop"]
+
+
+def thread_states(pid: int) -> dict[int, str]:
+    states = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states[int(tid)] = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            pass
+    return states
+
+
+def report(path: str) -> dict:
+    out = subprocess.run([*KVMTOP, "report", path, "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_sigterm_and_sighup_detach_cleanly_with_a_complete_recording(
+    tmp_path, processes, sig
+):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=40_000, mmio_writes=0))
+    vmm = subprocess.Popen(qemu_command(str(bios)), stderr=subprocess.DEVNULL)
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    out = tmp_path / "r.kvmtop"
+    rec = subprocess.Popen([*KVMTOP, "record", "-p", str(vmm.pid), "-o", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    processes.append(rec)
+    time.sleep(1.0)
+    rec.send_signal(sig)
+    _, stderr = rec.communicate(timeout=30)
+    assert rec.returncode == 0, stderr
+    assert vmm.wait(120) == 1  # the guest ran to its end, untraced
+    summary = report(str(out))
+    assert summary["meta"]["complete"] and 0 < summary["exits"]["KVM_EXIT_IO"] < 40_001
+
+
+@pytest.mark.kvm
+def test_a_vmm_killed_while_traced_is_reported_and_the_file_is_valid(tmp_path, processes):
+    vmm = subprocess.Popen(counted_command(outs=300, mmio_writes=0, spin=40_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    out = tmp_path / "r.kvmtop"
+    rec = subprocess.Popen([*KVMTOP, "record", "-p", str(vmm.pid), "-o", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    processes.append(rec)
+    time.sleep(1.0)
+    vmm.kill()
+    _, stderr = rec.communicate(timeout=30)
+    assert rec.returncode == 0 and f"pid {vmm.pid} exited with status 137" in stderr
+    recording = open_recording(str(out))
+    list(recording.batches())
+    assert recording.complete and recording.end.why == "exited" and recording.end.exit_status == 137
+
+
+@pytest.mark.kvm
+def test_fifty_attach_detach_cycles_leave_no_thread_stopped_and_leak_nothing(tmp_path, processes):
+    own = tmp_path / "own.json"
+    vmm = subprocess.Popen(counted_command(vcpus=4, outs=60_000, mmio_writes=0, exit_status=3,
+                                           report_json=str(own)))  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid, 4)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    threads_before = threading.active_count()
+    tracer = Tracer()
+    tracer.start()
+    for cycle in range(50):
+        tracer.attach(vmm.pid).result(5)
+        time.sleep(0.01)
+        tracer.detach().result(5)
+        assert tracer_pid(vmm.pid) == 0, cycle
+        assert "t" not in thread_states(vmm.pid).values(), cycle  # no thread left in a trace stop
+    tracer.stop()
+    assert vmm.poll() is None, "the guest must still be busy after the 50 cycles"
+    assert vmm.wait(120) == 3
+    assert json.loads(own.read_text())["exits"]["KVM_EXIT_IO"] == 4 * 60_001
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert threading.active_count() == threads_before
+
+
+@pytest.mark.kvm
+def test_detaching_a_stopped_vmm_leaves_it_stopped_until_sigcont(processes):
+    vmm = subprocess.Popen(counted_command(outs=300, mmio_writes=0, spin=6_000_000, exit_status=4))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    tracer = Tracer()
+    tracer.start()
+    try:
+        tracer.attach(vmm.pid).result(5)
+        os.kill(vmm.pid, signal.SIGSTOP)
+        time.sleep(0.3)
+        tracer.detach().result(5)
+        time.sleep(0.3)
+        states = thread_states(vmm.pid)
+        assert set(states.values()) == {"T"}, states  # stopped, as without kvmtop
+        assert tracer_pid(vmm.pid) == 0
+    finally:
+        tracer.stop()
+    os.kill(vmm.pid, signal.SIGCONT)
+    assert vmm.wait(60) == 4
+
+
+@pytest.mark.kvm
+def test_vcpus_created_after_attach_are_counted_exactly(tmp_path, processes):
+    own = tmp_path / "own.json"
+    vmm = subprocess.Popen(counted_command(vcpus=3, outs=200, mmio_writes=20, spin=2_000_000,
+                                           stagger=0.5, report_json=str(own)))  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid, 1)
+    tracer = Tracer()
+    tracer.start()
+    per_vcpu: dict[int, int] = {}
+    try:
+        tracer.attach(vmm.pid).result(5)
+        while True:
+            message = tracer.out.get(timeout=60)
+            if isinstance(message, ExitBatch):
+                for e in message.events:
+                    if e.errno == 0:
+                        per_vcpu[e.vcpu] = per_vcpu.get(e.vcpu, 0) + 1
+            elif isinstance(message, Detached):
+                assert message.exit_status == 0
+                break
+    finally:
+        tracer.stop()
+    expected = {
+        int(v): sum(c["exits"].values()) for v, c in json.loads(own.read_text())["vcpus"].items()
+    }
+    assert per_vcpu == expected == {0: 221, 1: 221, 2: 221}
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _comm(pid: int, tid: int) -> str:
+    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+        return f.read().strip()
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    if _libc.tgkill(pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+@pytest.mark.kvm
+def test_signals_to_the_process_and_to_single_threads_arrive_exactly_once(tmp_path):
+    own = tmp_path / "own.json"
+    argv = counted_command(vcpus=2, outs=300, mmio_writes=0, spin=8_000_000, report_json=str(own))
+    tracer = Tracer()
+    tracer.start()
+    try:
+        attached = tracer.launch(argv).result(10)
+        pid = attached.pid
+        wait_for_vcpus(pid, 2)
+        vcpu_thread = max(  # a vCPU thread, spinning in the guest (not KVM's kernel worker)
+            tid
+            for tid in thread_states(pid)
+            if tid != pid and not _comm(pid, tid).startswith("kvm")
+        )
+        for _ in range(5):
+            os.kill(pid, signal.SIGUSR1)  # to the process: any thread may take it
+            time.sleep(0.03)
+            tgkill(pid, vcpu_thread, signal.SIGUSR2)  # kicks that vCPU out of KVM_RUN
+            time.sleep(0.03)
+            tgkill(pid, pid, signal.SIGALRM)  # to the main thread
+            time.sleep(0.03)
+        while not isinstance(message := tracer.out.get(timeout=60), Detached):
+            pass
+        assert message.exit_status == 0
+    finally:
+        tracer.stop()
+    assert json.loads(own.read_text())["signals"] == {"SIGUSR1": 5, "SIGUSR2": 5, "SIGALRM": 5}
+
+
+@pytest.mark.kvm
+def test_launch_mode_detach_lets_the_command_run_to_its_end(tmp_path):
+    own = tmp_path / "own.json"
+    argv = counted_command(
+        outs=300, mmio_writes=0, spin=4_000_000, exit_status=6, report_json=str(own)
+    )
+    tracer = Tracer()
+    tracer.start()
+    try:
+        attached = tracer.launch(argv).result(10)
+        wait_for_vcpus(attached.pid)
+        assert tracer.detach().result(5).why == "detached"
+        while True:  # the command is still kvmtop's child: its end is reported too
+            message = tracer.out.get(timeout=60)
+            if isinstance(message, Detached) and message.why == "exited":
+                break
+        assert message.exit_status == 6
+    finally:
+        tracer.stop()
+    assert json.loads(own.read_text())["exits"]["KVM_EXIT_IO"] == 301
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    head=st.sampled_from([b"", b"\x89KVMTOP\n\x01\x00\x00\x00\x02\x00\x00\x00{}"]),
+    body=st.binary(max_size=400),
+)
+def test_any_bytes_give_a_clear_error_or_the_readable_prefix(tmp_path_factory, head, body):
+    path = tmp_path_factory.mktemp("fuzz") / "f.kvmtop"
+    path.write_bytes(head + body)
+    try:
+        recording = open_recording(str(path))
+        events = [e for batch in recording.batches() for e in batch.events]
+    except RecordingError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    whole = (len(body) // 32) if head else 0
+    assert len(events) <= whole  # never more exits than whole records
+
+
+def test_kvmtop_has_no_way_to_write_a_tracee():
+    """The only code that touches a tracee never pokes memory or sets registers."""
+    source = "".join(
+        p.read_text() for p in pathlib.Path("kvmtop").rglob("*.py") if p.name != "minivmm.py"
+    )
+    for forbidden in (
+        "POKE",
+        "SETREGS",
+        "process_vm_writev",
+        "PTRACE_SETSIGINFO",
+        "pickle",
+        "eval(",
+    ):
+        assert forbidden not in source, forbidden
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "text"),
+    [
+        (["record", "-p", "0"], 3, "no such process: 0"),
+        (["record", "-p", "-5"], 3, "no such process: -5"),
+        (["record", "-p", "99999999999999999999"], 3, "no such process"),
+        (["record", "-p", "abc"], 2, "invalid int value: 'abc'"),
+        (["record", "-p", "1", "--", "true"], 2, "not both"),
+        (["record", "--duration", "x", "-p", "5"], 2, "invalid float value"),
+        (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+        (["report"], 2, "required: file"),
+    ],
+)
+def test_bad_command_lines_get_one_clear_line(args, status, text):
+    result = subprocess.run([*KVMTOP, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvmtop: ") and text in lines[0], result.stderr
+
+
+@pytest.mark.kvm
+async def test_quitting_the_tui_leaves_a_complete_recording(tmp_path, processes):
+    from kvmtop.app import KvmtopApp
+    from kvmtop.session import SessionState
+
+    vmm = subprocess.Popen(counted_command(outs=300, mmio_writes=0, spin=8_000_000, exit_status=2))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    out = tmp_path / "tui.kvmtop"
+    app = KvmtopApp(pid=vmm.pid, record_path=str(out))
+    async with app.run_test(size=(140, 42)) as pilot:
+        while app.session is None or app.session.state is not SessionState.ATTACHED:
+            await pilot.pause(0.05)
+        await pilot.pause(0.3)
+        await pilot.press("q")
+    recording = open_recording(str(out))
+    list(recording.batches())
+    assert recording.complete and recording.end.why == "detached"
+    assert oct(os.stat(out).st_mode & 0o777) == "0o600"
+    assert vmm.wait(60) == 2
