@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         programs = [guestcode.demo(i) for i in range(args.vcpus)]
     try:
-        vm = MiniVm(programs, stopping, args.stagger)
+        vm = MiniVm(programs, stopping, getattr(args, "stagger", 0.0))
     except KvmUnavailableError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return 7
