@@ -301,3 +301,31 @@ async def test_quitting_the_tui_leaves_a_complete_recording(tmp_path, processes)
     assert recording.complete and recording.end.why == "detached"
     assert oct(os.stat(out).st_mode & 0o777) == "0o600"
     assert vmm.wait(60) == 2
+
+
+@pytest.mark.kvm
+def test_a_real_recording_cut_at_every_byte_reads_back_its_whole_records(tmp_path):
+    full = tmp_path / "real.kvmtop"
+    result = subprocess.run(
+        [*KVMTOP, "record", "-o", str(full), "--", *counted_command(outs=20, mmio_writes=5)],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    recording = open_recording(str(full))
+    expected = [e for batch in recording.batches() for e in batch.events]
+    assert recording.complete and len(expected) == 26
+    blob = full.read_bytes()
+    cut = tmp_path / "cut.kvmtop"
+    seen_lengths = set()
+    for size in range(len(blob) + 1):
+        cut.write_bytes(blob[:size])
+        try:
+            partial = open_recording(str(cut))
+            got = [e for batch in partial.batches() for e in batch.events]
+        except RecordingError as exc:
+            assert "truncated" in str(exc) or "not a kvmtop recording" in str(exc), (size, exc)
+            continue
+        assert got == expected[: len(got)], size  # a prefix, exact to the last whole record
+        assert partial.complete == (size == len(blob))
+        seen_lengths.add(len(got))
+    assert seen_lengths == set(range(27))  # every prefix length was reachable
