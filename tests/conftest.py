@@ -52,3 +52,15 @@ def wait_for_vcpus(pid: int, count: int = 1, timeout: float = 10.0) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"pid {pid} created no {count} vCPU(s) within {timeout} s")
+
+
+def start_recording(args: list[str], stdout: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """`kvmtop record ARGS`, returned once it says it is recording (attach done)."""
+    import sys
+
+    rec = subprocess.Popen([sys.executable, "-m", "kvmtop", "record", *args],
+                           stdout=stdout, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert rec.stderr is not None
+    line = rec.stderr.readline()
+    assert "recording to" in line, line + rec.stderr.read()
+    return rec

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import wait_for_vcpus
+from conftest import start_recording, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
@@ -86,10 +86,9 @@ def test_sigterm_ends_a_recording_cleanly_and_the_guest_finishes(tmp_path, bios,
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
     out = tmp_path / "r.kvmtop"
-    rec = subprocess.Popen([*KVMTOP, "record", "-p", str(vmm.pid), "-o", str(out), "--json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    rec = start_recording(["-p", str(vmm.pid), "-o", str(out), "--json"])
     processes.append(rec)
-    time.sleep(1.5)
+    time.sleep(0.5)  # exits are being recorded
     rec.send_signal(signal.SIGTERM)
     stdout, stderr = rec.communicate(timeout=30)
     assert rec.returncode == 0, stderr
@@ -110,10 +109,9 @@ def test_killing_kvmtop_leaves_the_guest_running_and_the_recording_readable(
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
     out = tmp_path / "r.kvmtop"
-    rec = subprocess.Popen([*KVMTOP, "record", "-p", str(vmm.pid), "-o", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    rec = start_recording(["-p", str(vmm.pid), "-o", str(out)], stdout=subprocess.DEVNULL)
     processes.append(rec)
-    time.sleep(1.5)
+    time.sleep(0.5)  # exits are being recorded, at least one batch written
     rec.kill()
     rec.wait()
     assert vmm.wait(120) == 1

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import wait_for_vcpus
+from conftest import start_recording, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,10 +56,9 @@ def test_ctrl_c_sigterm_and_sighup_detach_cleanly_with_a_complete_recording(
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
     out = tmp_path / "r.kvmtop"
-    rec = subprocess.Popen([*KVMTOP, "record", "-p", str(vmm.pid), "-o", str(out)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    rec = start_recording(["-p", str(vmm.pid), "-o", str(out)])
     processes.append(rec)
-    time.sleep(1.0)
+    time.sleep(0.5)
     rec.send_signal(sig)
     _, stderr = rec.communicate(timeout=30)
     assert rec.returncode == 0, stderr
@@ -74,10 +73,9 @@ def test_a_vmm_killed_while_traced_is_reported_and_the_file_is_valid(tmp_path, p
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
     out = tmp_path / "r.kvmtop"
-    rec = subprocess.Popen([*KVMTOP, "record", "-p", str(vmm.pid), "-o", str(out)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    rec = start_recording(["-p", str(vmm.pid), "-o", str(out)])
     processes.append(rec)
-    time.sleep(1.0)
+    time.sleep(0.5)
     vmm.kill()
     _, stderr = rec.communicate(timeout=30)
     assert rec.returncode == 0 and f"pid {vmm.pid} exited with status 137" in stderr
