@@ -124,7 +124,7 @@ async def test_process_list_filters_sorts_attaches_and_detaches(processes):
         await pilot.press("slash", *"kvmtop-demo", "enter")
         await pilot.pause(0.2)
         table = screen.query_one("#procs")
-        assert [str(k.value) for k in table.rows] == [str(demo.pid)]
+        assert str(demo.pid) in [str(k.value) for k in table.rows]  # (other demos may run too)
         demo_row = next(p for p in screen.procs if p.pid == demo.pid)
         assert demo_row.vcpus == 2 and demo_row.name == "kvmtop-demo"
         await pilot.press("slash", *"zzz-no-such")
