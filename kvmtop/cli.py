@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         "--data", action="store_true", help="also record IO/MMIO data values (may hold secrets)"
     )
     rec.add_argument("--json", action="store_true", help="print the summary as JSON")
+    rec.add_argument(
+        "--no-seccomp",
+        action="store_true",
+        help="launch mode: trace without kvmtop's seccomp filter (2 stops per exit, but CMD can "
+        "outlive the recording)",
+    )
 
     rep = sub.add_parser("report", help="summarise a recording")
     rep.add_argument("file")
@@ -103,7 +109,9 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
             raise UsageError("record takes -p PID or -- CMD [ARGS...], not both")
         if args.pid is None and command is None:
             raise UsageError("record needs either -p PID or -- CMD [ARGS...]")
-        return record(args.pid, command, args.output, args.duration, args.data, args.json)
+        return record(
+            args.pid, command, args.output, args.duration, args.data, args.json, not args.no_seccomp
+        )
     if command is not None and args.command is not None:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
@@ -126,8 +134,10 @@ def record(
     duration: float | None,
     with_data: bool,
     as_json: bool,
+    one_stop: bool = True,
 ) -> int:
-    """Trace until the VMM exits, Ctrl-C/SIGTERM, or ``duration``; then summarise."""
+    """Trace until the VMM exits, Ctrl-C/SIGTERM, or ``duration``; then summarise. A launched
+    command runs under kvmtop's seccomp filter unless ``one_stop`` is False."""
     from kvmtop.report import summary_json, summary_table
     from kvmtop.session import SessionState, TraceSession
 
@@ -147,7 +157,7 @@ def record(
         if pid is not None:
             session.attach(pid)
         else:
-            session.launch(command or [])
+            session.launch(command or [], one_stop=one_stop)
         attached = session.wait_attached()
         what = " ".join(attached.argv) or str(attached.pid)
         verb = "launched" if attached.launched else "attached to"
@@ -155,6 +165,17 @@ def record(
             f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {output}; Ctrl-C stops",
             file=sys.stderr,
         )
+        if attached.one_stop:
+            print(
+                "kvmtop: one stop per exit (seccomp filter): times per run include the VMM's "
+                "handling, and the command ends when the recording does",
+                file=sys.stderr,
+            )
+        elif attached.launched and one_stop:
+            print(
+                "kvmtop: the seccomp filter could not be installed: 2 stops per exit",
+                file=sys.stderr,
+            )
         deadline = None if duration is None else time.monotonic() + duration
         while not session.ended.wait(0.1):
             if deadline is not None and time.monotonic() >= deadline:
@@ -175,9 +196,12 @@ def record(
     for text in errors:  # e.g. the recording could not be written; the summary still follows
         print(f"kvmtop: {text}", file=sys.stderr)
     if session.exit_status is not None:
-        print(f"kvmtop: pid {session.pid} exited with status {session.exit_status}", file=sys.stderr)
+        print(
+            f"kvmtop: pid {session.pid} exited with status {session.exit_status}", file=sys.stderr
+        )
     snapshot = session.stats.snapshot(top=None)
-    meta = {"pid": session.pid, "argv": list(session.argv), "file": output}
+    meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
+            "one_stop": session.one_stop}  # fmt: skip
     if as_json:
         print(json.dumps(summary_json(snapshot, meta), indent=2))
     else:

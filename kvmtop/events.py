@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 # ExitEvent.flags
 EXIT_WRITE = 0x01  # IO out, MMIO write, WRMSR, TPR write: the guest gave the VMM a value
 EXIT_PRIVATE = 0x02  # MEMORY_FAULT on private (guest_memfd) memory
+EXIT_CYCLE = 0x04  # one-stop tracing: entry_ns..exit_ns span the run and the VMM's handling
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,7 @@ class Attached:
     argv: tuple[str, ...]
     t_ns: int
     launched: bool = False  # started by kvmtop (record -- CMD) rather than attached to
+    one_stop: bool = False  # under kvmtop's seccomp filter: one stop per exit, life tied to kvmtop
 
 
 @dataclass(frozen=True, slots=True)

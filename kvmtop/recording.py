@@ -22,7 +22,16 @@ from typing import Any
 
 from kvmtop import __version__
 from kvmtop.errors import RecordingError
-from kvmtop.events import Attached, Detached, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.events import (
+    EXIT_CYCLE,
+    EXIT_PRIVATE,
+    EXIT_WRITE,
+    Attached,
+    Detached,
+    ExitBatch,
+    ExitEvent,
+    VcpuSeen,
+)
 
 MAGIC = b"\x89KVMTOP\n"  # the high byte and newline catch text-mode and truncated transfers
 VERSION = 1
@@ -39,8 +48,9 @@ COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
 END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits
 
 # EXIT record flags
-F_WRITE, F_PRIVATE, F_DATA, F_LONG, F_FAILED = 0x01, 0x02, 0x04, 0x08, 0x10
-EVENT_FLAGS = F_WRITE | F_PRIVATE  # the bits that are ExitEvent.flags
+F_WRITE, F_PRIVATE, F_DATA, F_LONG, F_FAILED, F_CYCLE = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+SAME_BITS = F_WRITE | F_PRIVATE  # the same bits as ExitEvent.flags' EXIT_WRITE, EXIT_PRIVATE
+assert SAME_BITS == EXIT_WRITE | EXIT_PRIVATE
 GUEST_NS_MAX = 0xFFFFFFFE
 WHY_CODES = {"detached": 0, "exited": 1}
 DATA_CHUNK = 30
@@ -124,7 +134,7 @@ class RecordingWriter:
         pack = EXIT.pack
         for e in batch.events:
             guest = e.exit_ns - e.entry_ns
-            flags = e.flags & EVENT_FLAGS
+            flags = (e.flags & SAME_BITS) | (F_CYCLE if e.flags & EXIT_CYCLE else 0)
             b = e.b
             if e.errno:
                 flags |= F_FAILED
@@ -247,8 +257,9 @@ class Recording:
 def _event(rec: list[Any], start: int) -> ExitEvent:
     _kind, flags, vcpu, reason, t_exit, guest, b, a, data = rec
     exit_ns = start + t_exit
+    event_flags = (flags & SAME_BITS) | (EXIT_CYCLE if flags & F_CYCLE else 0)
     if flags & F_FAILED:
-        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns)
+        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns, flags=event_flags & EXIT_CYCLE)
     return ExitEvent(
         vcpu,
         reason,
@@ -257,7 +268,7 @@ def _event(rec: list[Any], start: int) -> ExitEvent:
         exit_ns,
         a,
         b,
-        flags & EVENT_FLAGS,
+        event_flags,
         data,
     )
 

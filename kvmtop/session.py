@@ -52,6 +52,7 @@ class TraceSession:
         self.pid: int | None = None
         self.argv: tuple[str, ...] = ()
         self.launched = False
+        self.one_stop = False
         self.attached_at_ns: int | None = None
         self.attached_wall: float | None = None
         self.exit_status: int | None = None
@@ -71,8 +72,8 @@ class TraceSession:
     def attach(self, pid: int) -> Future[Attached]:
         return self._begin(self._tracer.attach(pid))
 
-    def launch(self, argv: list[str]) -> Future[Attached]:
-        return self._begin(self._tracer.launch(argv))
+    def launch(self, argv: list[str], one_stop: bool = False) -> Future[Attached]:
+        return self._begin(self._tracer.launch(argv, one_stop))
 
     def _begin(self, future: Future[Attached]) -> Future[Attached]:
         self.state = SessionState.ATTACHING
@@ -154,6 +155,7 @@ class TraceSession:
     def _on_attached(self, attached: Attached) -> None:
         self.stats = ExitStats()
         self.pid, self.argv, self.launched = attached.pid, attached.argv, attached.launched
+        self.one_stop = attached.one_stop
         self.attached_at_ns = attached.t_ns
         self.attached_wall = time.time()
         self.exit_status = None

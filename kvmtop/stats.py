@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmtop.decoder import exit_label
-from kvmtop.events import EXIT_WRITE, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent, VcpuSeen
 
 LOG2_BUCKETS = 40
 TIMELINE_SECONDS = 60
@@ -306,7 +306,7 @@ class ExitStats:
             guest = e.exit_ns - e.entry_ns
             mine.guest.add(guest)
             ours.guest.add(guest)
-            if vcpu.last is not None:
+            if vcpu.last is not None and not e.flags & EXIT_CYCLE:  # one-stop: no split known
                 handling = e.entry_ns - vcpu.last[0]
                 _reason(vcpu.reasons, vcpu.last[1]).handling.add(handling)
                 _reason(reasons, vcpu.last[1]).handling.add(handling)

@@ -24,6 +24,7 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -40,6 +41,7 @@ from kvmtop.errors import (
     PermissionDenied,
 )
 from kvmtop.events import (
+    EXIT_CYCLE,
     Attached,
     Detached,
     ExitBatch,
@@ -50,6 +52,7 @@ from kvmtop.events import (
 )
 from kvmtop.procfs import check_attachable, permission_hint, task_ids, tgid_of
 from kvmtop.vcpu_maps import RunPage, open_run_page, vcpu_fds
+from kvmtop.xlat_exit import ExitReason
 
 OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEEXEC
 WAIT_FLAGS = pt.WALL | pt.WNOTHREAD | os.WUNTRACED
@@ -79,6 +82,7 @@ class _Process:
     pidfd: int
     argv: tuple[str, ...]
     launched: bool
+    one_stop: bool = False  # seccomp filter in place: one stop per KVM_RUN, at its entry
     pages: dict[int, RunPage] = field(default_factory=dict)  # VMM fd number -> run page
     detaching: str | None = None  # why, once a detach has begun
     detach_waiters: list[Future[Detached]] = field(default_factory=list)
@@ -119,8 +123,11 @@ class Tracer:
     def attach(self, pid: int) -> Future[Attached]:
         return self._send("attach", pid)
 
-    def launch(self, argv: list[str]) -> Future[Attached]:
-        return self._send("launch", list(argv))
+    def launch(self, argv: list[str], one_stop: bool = False) -> Future[Attached]:
+        """Start ``argv`` traced. ``one_stop``: under a seccomp filter that stops only KVM_RUN
+        and KVM_CREATE_VCPU, one stop per exit; the command's life is then tied to kvmtop's
+        (ending the trace ends it), since its filtered ioctls need a tracer."""
+        return self._send("launch", (list(argv), one_stop))
 
     def detach(self) -> Future[Detached]:
         return self._send("detach", None)
@@ -272,6 +279,58 @@ class Tracer:
         self._events.append(event)
         self._unflushed = True
 
+    # One stop per KVM exit: at a vCPU's next KVM_RUN entry its kvm_run still holds the exit
+    # the previous run ended with (nobody clears it), so that exit is read then. Per stop:
+    # waitpid + PTRACE_GET_SYSCALL_INFO + PTRACE_CONT; the read costs no syscall.
+    def _seccomp_stop(self, th: _Thread) -> None:
+        now = time.monotonic_ns()
+        info = self._info.fetch(th.tid)
+        _nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
+        request &= 0xFFFFFFFF
+        if request == KVM_RUN:
+            page = th.proc.pages.get(fd) or self._open_page(th, fd)
+            if page is not None:
+                if page.tid != th.tid:
+                    self._vcpu_moved(page, th.tid, now)
+                if page.open_since:
+                    self._record_cycle(page, now)
+                page.open_since = now
+                # With immediate_exit set, KVM_RUN returns EINTR at once and leaves exit_reason
+                # as it was: remember it, or the previous exit would be counted twice.
+                page.open_immediate = bool(page.view()[IMMEDIATE_EXIT_OFFSET])
+        elif request == KVM_CREATE_VCPU:
+            th.creating_vcpu = True  # resumed with PTRACE_SYSCALL: its return gives the fd
+        self._resume(th, 0)
+
+    def _record_cycle(self, page: RunPage, now: int) -> None:
+        """The exit that ended the run entered at ``page.open_since``; its times span the run
+        and the VMM's handling (EXIT_CYCLE)."""
+        view = page.view()
+        reason = ExitReason.INTR if page.open_immediate else exit_reason_of(view)
+        if reason == ExitReason.INTR:  # the kernel sets it when a signal ends the run (EINTR)
+            event = ExitEvent(
+                page.vcpu, reason, errno_module.EINTR, page.open_since, now, flags=EXIT_CYCLE
+            )
+        else:
+            _r, a, b, flags, data = decode_exit(view, self.with_data)
+            event = ExitEvent(
+                page.vcpu, reason, 0, page.open_since, now, a, b, flags | EXIT_CYCLE, data
+            )
+        page.open_since = 0
+        self._events.append(event)
+        self._unflushed = True
+
+    def _close_runs(self, proc: _Process, tid: int | None) -> None:
+        """A vCPU thread (``tid``; None: all) has ended: the exit of its last run is final. A
+        last run that a dying process's kill cut short (KVM_EXIT_INTR) is no exit of the guest."""
+        now = time.monotonic_ns()
+        for page in proc.pages.values():
+            if page.open_since and (tid is None or page.tid == tid):
+                if page.open_immediate or exit_reason_of(page.view()) == ExitReason.INTR:
+                    page.open_since = 0
+                else:
+                    self._record_cycle(page, now)
+
     def _open_page(self, th: _Thread, fd: int) -> RunPage | None:
         proc = th.proc
         try:
@@ -296,7 +355,9 @@ class Tracer:
     def _other_stop(self, th: _Thread, status: int) -> None:
         sig = (status >> 8) & 0xFF
         event = status >> 16
-        if event == 0:
+        if event == pt.PTRACE_EVENT_SECCOMP:
+            self._seccomp_stop(th)
+        elif event == 0:
             self._resume(th, sig)  # signal-delivery-stop: pass the signal on, unchanged
         elif event == pt.PTRACE_EVENT_STOP:
             if sig in GROUP_STOP_SIGNALS and th.proc.detaching is None:
@@ -332,6 +393,8 @@ class Tracer:
             self._threads.pop(th.tid, None)
             if not any(t.proc is proc for t in self._threads.values()):
                 self._finish(proc, proc.detaching, None)
+        elif proc.one_stop:  # only the seccomp filter stops it; or KVM_CREATE_VCPU's return
+            self._ptrace(pt.PTRACE_SYSCALL if th.creating_vcpu else pt.PTRACE_CONT, th, sig)
         elif th.runner or th.budget > 0:
             self._ptrace(pt.PTRACE_SYSCALL, th, sig)
         else:
@@ -365,6 +428,8 @@ class Tracer:
             return
         del self._threads[tid]
         proc = th.proc
+        if proc.one_stop:
+            self._close_runs(proc, tid)
         if tid == proc.pid:  # the leader reports last: the whole VMM has ended
             for other in [t for t, o in self._threads.items() if o.proc is proc]:
                 del self._threads[other]
@@ -375,6 +440,8 @@ class Tracer:
     def _finish(self, proc: _Process, why: str, exit_status: int | None) -> None:
         if self._proc is not proc:
             return
+        if proc.one_stop:
+            self._close_runs(proc, None)
         for fd in list(proc.pages):
             self._forget_page(proc, fd)
         os.close(proc.pidfd)
@@ -416,7 +483,7 @@ class Tracer:
                 if command == "attach":
                     future.set_result(self._attach(arg))
                 elif command == "launch":
-                    future.set_result(self._launch(arg))
+                    future.set_result(self._launch(*arg))
                 elif command == "detach":
                     self._begin_detach("detached", future)
                 elif command == "quit":
@@ -441,6 +508,11 @@ class Tracer:
             return
         if future is not None:
             proc.detach_waiters.append(future)
+        if proc.one_stop:
+            # Its filtered ioctls need a tracer (ENOSYS without one): ending the trace ends
+            # the command, gracefully; its exit is reported as usual.
+            os.kill(proc.pid, signal.SIGTERM)
+            return
         if proc.detaching is not None:
             return  # already under way
         proc.detaching = why
@@ -521,42 +593,57 @@ class Tracer:
             proc.pages[fd] = page
             self._seen.append(VcpuSeen(page.vcpu, 0, time.monotonic_ns()))
 
-    def _launch(self, argv: list[str]) -> Attached:
-        """Start ``argv`` traced from its first instruction. No Python runs in the child (a
-        forked copy of a threaded Python can deadlock): posix_spawn starts a shell that stops
+    def _launch(self, argv: list[str], one_stop: bool = False) -> Attached:
+        """Start ``argv`` traced from its first instruction. No Python runs in a forked child (a
+        forked copy of a threaded Python can deadlock): posix_spawn starts a shell (or, for
+        one-stop tracing, a fresh interpreter that installs the seccomp filter) that stops
         itself; once it is seized and continued, it execs the command."""
         if self._proc is not None:
             raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
         if not argv:
             raise CommandNotFound("no command given")
         t0 = time.monotonic_ns()
-        exe = shutil.which(argv[0])
-        if exe is None:
+        if shutil.which(argv[0]) is None:
             raise CommandNotFound(f"command not found: {argv[0]}")
         actions: list[tuple[Any, ...]] = []
         if self.child_stdio is not None:
             actions = [(os.POSIX_SPAWN_OPEN, 0, self.child_stdio, os.O_RDWR, 0)]
             actions += [(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
-        pid = os.posix_spawn(
-            "/bin/sh",
-            ["sh", "-c", 'kill -STOP $$ && exec "$@"', "sh", *argv],
-            os.environ,
-            file_actions=actions,
-            setsigdef=CHILD_DEFAULT_SIGNALS,
-        )
+        report_r = -1
+        if one_stop:
+            report_r, report_w = os.pipe()
+            actions.append((os.POSIX_SPAWN_DUP2, report_w, 3))
+            program = HOST.seccomp_trace_ioctls(KVM_RUN, KVM_CREATE_VCPU).hex()
+            spawn = [sys.executable, "-I", LAUNCHER, program, *argv]
+        else:
+            spawn = ["/bin/sh", "-c", 'kill -STOP $$ && exec "$@"', "sh", *argv]
+        try:
+            pid = os.posix_spawn(
+                spawn[0], spawn, os.environ, file_actions=actions, setsigdef=CHILD_DEFAULT_SIGNALS
+            )
+        finally:
+            if one_stop:
+                os.close(report_w)
         _, status = os.waitpid(pid, os.WUNTRACED | pt.WNOTHREAD)
+        filtered = False
+        if one_stop:
+            with os.fdopen(report_r, "rb") as pipe:
+                filtered = pipe.read() == b"seccomp"
         if not os.WIFSTOPPED(status):
-            raise KvmtopError(f"cannot start {argv[0]}: its shell ended with status {status}")
-        pt.ptrace(pt.PTRACE_SEIZE, pid, 0, OPTIONS)
-        os.kill(pid, signal.SIGCONT)  # the shell runs on, traced, and execs the command
-        proc = _Process(pid, os.pidfd_open(pid), tuple(argv), launched=True)
+            raise KvmtopError(f"cannot start {argv[0]}: its launcher ended with status {status}")
+        options = OPTIONS | (pt.PTRACE_O_TRACESECCOMP | pt.PTRACE_O_EXITKILL if filtered else 0)
+        pt.ptrace(pt.PTRACE_SEIZE, pid, 0, options)
+        os.kill(pid, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
+        proc = _Process(pid, os.pidfd_open(pid), tuple(argv), launched=True, one_stop=filtered)
         self._proc = proc
         self._threads[pid] = _Thread(pid, proc)
-        attached = Attached(pid, tuple(argv), t0, launched=True)
+        attached = Attached(pid, tuple(argv), t0, launched=True, one_stop=filtered)
         self.out.put(attached)
         return attached
 
 
+IMMEDIATE_EXIT_OFFSET = 1  # offsetof(struct kvm_run, immediate_exit)
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 # Python ignores SIGPIPE and SIGXFSZ, and a launched command would inherit that.
 CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
 

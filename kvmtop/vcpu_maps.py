@@ -23,6 +23,8 @@ class RunPage:
 
     vcpu: int
     tid: int = 0  # the VMM thread last seen running this vCPU (0: not yet seen)
+    open_since: int = 0  # one-stop tracing: entry time of the run not yet accounted for
+    open_immediate: bool = False  # ...and that run was entered with immediate_exit set
 
     def view(self) -> memoryview | bytes:
         raise NotImplementedError

@@ -213,7 +213,7 @@ async def test_a_failed_attach_is_a_notification_and_the_app_stays_up(processes)
                 isinstance(app.screen, ProcessListScreen) and app.session.state is SessionState.IDLE
             ),
         )
-        messages = [n.message for n in app._notifications]
-        assert any(f"pid {sleeper.pid} (sleep) is not a KVM process" in m for m in messages)
+        expected = f"pid {sleeper.pid} (sleep) is not a KVM process"
+        await until(pilot, lambda: any(expected in n.message for n in app._notifications))
         await pilot.press("q")
     assert sleeper.poll() is None
