@@ -4,11 +4,11 @@ min, median, p99, max and a small log2 histogram."""
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import Static
 
 from kvmtop.stats import LatencyHistogram, ReasonStats
 from kvmtop.units import duration
 from kvmtop.widgets import palette
+from kvmtop.widgets.pane import ReasonPane
 
 
 def log2_strip(h: LatencyHistogram, first: int = 8, last: int = 34) -> str:
@@ -16,15 +16,8 @@ def log2_strip(h: LatencyHistogram, first: int = 8, last: int = 34) -> str:
     return "".join(palette.sparkline(list(h.buckets[first : last + 1])))
 
 
-class LatencyPane(Static):
-    COMPONENT_CLASSES = set(palette.COMPONENT_CLASSES)
-    DEFAULT_CSS = """
-    LatencyPane { height: auto; border: round $primary-darken-2; padding: 0 1; }
-    """ + palette.css_for("LatencyPane")
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.border_title = "latency: in the guest | VMM handling (log2 histogram 256ns..17s)"
+class LatencyPane(ReasonPane):
+    TITLE = "latency: in the guest | VMM handling (log2 histogram 256ns..17s)"
 
     def show(self, reasons: tuple[ReasonStats, ...]) -> None:
         text = Text(no_wrap=True, overflow="crop")

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import Static
 
 from kvmtop.stats import ReasonStats
 from kvmtop.units import human
 from kvmtop.widgets import palette
+from kvmtop.widgets.pane import ReasonPane
 
 
-class ReasonBars(Static):
-    COMPONENT_CLASSES = set(palette.COMPONENT_CLASSES)
-    DEFAULT_CSS = """
-    ReasonBars { height: auto; min-height: 3; border: round $primary-darken-2; padding: 0 1; }
-    """ + palette.css_for("ReasonBars")
-
-    def __init__(self, title: str = "exit reasons", **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.border_title = title
+class ReasonBars(ReasonPane):
+    TITLE = "exit reasons"
 
     def show(self, reasons: tuple[ReasonStats, ...], total: int) -> None:
         width = max(20, self.content_region.width or 80)

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import Static
 
 from kvmtop.units import human
 from kvmtop.widgets import palette
+from kvmtop.widgets.pane import ReasonPane
 
 
-class ReasonTimelines(Static):
-    COMPONENT_CLASSES = set(palette.COMPONENT_CLASSES)
-    DEFAULT_CSS = """
-    ReasonTimelines { height: auto; border: round $primary-darken-2; padding: 0 1; }
-    """ + palette.css_for("ReasonTimelines")
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.border_title = "exits per second by reason, last 60 s"
+class ReasonTimelines(ReasonPane):
+    TITLE = "exits per second by reason, last 60 s"
 
     def show(self, by_reason: dict[str, tuple[int, ...]]) -> None:
         text = Text(no_wrap=True, overflow="crop")
