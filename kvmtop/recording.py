@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import socket
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -106,7 +107,8 @@ class RecordingWriter:
             if keep_old and os.path.exists(path):
                 os.replace(path, path + ".old")
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod /dev/null or a FIFO
+                os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
         except OSError as exc:
             raise RecordingError(f"cannot create recording {path}: {exc.strerror}") from None
         blob = json.dumps(asdict(meta)).encode()

@@ -164,3 +164,14 @@ def test_an_exit_costs_32_bytes(tmp_path) -> None:
     empty = str(tmp_path / "e.kvmtop")
     write(empty, [])
     assert (os.path.getsize(path) - os.path.getsize(empty)) / 1000 == 32
+
+
+def test_recording_to_a_device_never_changes_its_mode(tmp_path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo, 0o644)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it to write succeeds
+    try:
+        write(str(fifo), [])
+        assert stat.S_IMODE(os.stat(fifo).st_mode) == 0o644
+    finally:
+        os.close(reader)
