@@ -1,6 +1,9 @@
-"""Remake the SVG screenshots in docs/ from the built-in demo guest (needs /dev/kvm).
+"""Remake the SVG screenshots in docs/ (needs /dev/kvm and qemu-system-x86_64).
 
-python docs/make_screenshots.py
+    python docs/make_screenshots.py
+
+The attached view, the drill-down and the help come from a recording of the built-in demo guest,
+replayed and paused at its end; the process list shows the demo and a real QEMU, live.
 """
 
 from __future__ import annotations
@@ -12,19 +15,25 @@ import sys
 import tempfile
 import time
 
-from kvmtop.app import KvmtopApp
-from kvmtop.minivmm import demo_command
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from guests.qemu_bios import BIOS_SIZE, qemu_command  # noqa: E402
+
+from kvmtop.app import KvmtopApp  # noqa: E402
+from kvmtop.minivmm import demo_command  # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
-SIZE = (150, 44)
+SIZE = (160, 45)
 
 
 async def shoot_replay(recording: str) -> None:
     app = KvmtopApp(replay=recording)
     async with app.run_test(size=SIZE) as pilot:
-        app.replay_source.path = "demo.kvmtop"
-        app.replay_source.seek_to(1.0)
-        app.replay_source.paused = True
+        assert app.replay is not None
+        app.replay.path = "demo.kvmtop"  # not the temporary directory
+        app.replay.toggle_pause()
+        app.replay.seek_to(1.0)
+        await asyncio.to_thread(app.replay.wait_settled, 60)
         await pilot.pause(0.8)
         app.save_screenshot("screen-attached.svg", DOCS)
         await pilot.press("enter")
@@ -38,7 +47,7 @@ async def shoot_replay(recording: str) -> None:
 async def shoot_process_list() -> None:
     app = KvmtopApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause(3.0)  # one psutil pass for CPU%
+        await pilot.pause(4.5)  # two psutil passes: CPU% is measured between them
         app.save_screenshot("screen-processes.svg", DOCS)
 
 
@@ -46,18 +55,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         recording = os.path.join(tmp, "demo.kvmtop")
         subprocess.run(
-            [sys.executable, "-m", "kvmtop", "record", "-o", recording, "--",
-             *demo_command(duration=40), ],
-            check=True, stdout=subprocess.DEVNULL,
+            [sys.executable, "-m", "kvmtop", "record", "--no-seccomp", "-o", recording, "--",
+             *demo_command(duration=40)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         asyncio.run(shoot_replay(recording))
-    demo = subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL)
-    try:
-        time.sleep(1)
-        asyncio.run(shoot_process_list())
-    finally:
-        demo.kill()
-        demo.wait()
+        bios = os.path.join(tmp, "idle.bin")
+        with open(bios, "wb") as f:
+            f.write(b"\xf4" * BIOS_SIZE)  # hlt from the reset vector on: an idle guest
+        guests = [
+            subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL),
+            subprocess.Popen(
+                qemu_command(bios, "-smp", "2", "-name", "guest=web-1"), stderr=subprocess.DEVNULL
+            ),
+        ]
+        try:
+            time.sleep(1)
+            asyncio.run(shoot_process_list())
+        finally:
+            for guest in guests:
+                guest.kill()
+                guest.wait()
 
 
 if __name__ == "__main__":

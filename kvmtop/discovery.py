@@ -1,8 +1,13 @@
 """The KVM processes on this machine: psutil for the process facts, /proc/PID/fd links for the
-KVM fds (psutil's open_files() does not list anon inodes). Read-only; never traces."""
+KVM fds (psutil's open_files() does not list anon inodes).
+
+Owns what the process list and ``kvmtop list`` show of a VMM. Read-only: it never traces, never
+signals, never opens a KVM fd; processes that vanish or deny access are skipped, not errors.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -45,6 +50,12 @@ def kvm_fd_links(pid: int) -> list[str] | None:
         return None
 
 
+def holds_a_vm(links: list[str]) -> bool:
+    """A VMM keeps /dev/kvm or its VM fd open; a process holding only vCPU fds (kvmtop itself,
+    which maps the vCPUs it traces) is not one."""
+    return any(link == "/dev/kvm" or link.startswith("anon_inode:kvm-vm") for link in links)
+
+
 def display_name(cmdline: list[str], fallback: str) -> str:
     """QEMU's ``-name guest=foo,...`` or ``-name foo``; else the command's base name."""
     if "kvmtop.minivmm" in cmdline:
@@ -82,9 +93,10 @@ def list_kvm_processes() -> list[KvmProcess]:
     """Every process with a KVM fd that this user may inspect, by pid."""
     found = []
     alive = set()
+    me = os.getpid()
     for pid in psutil.pids():
-        links = kvm_fd_links(pid)
-        if not links:
+        links = kvm_fd_links(pid) if pid != me else None
+        if not links or not holds_a_vm(links):
             continue
         try:
             proc = _cpu_seen.get(pid) or psutil.Process(pid)
@@ -99,19 +111,39 @@ def list_kvm_processes() -> list[KvmProcess]:
 
 
 def kvm_process(pid: int) -> KvmProcess:
-    """One KVM process, or a clear error."""
+    """One KVM process, or a one-line error saying why not."""
     try:
+        if pid <= 0:
+            raise psutil.NoSuchProcess(pid)
         proc = psutil.Process(pid)
     except psutil.NoSuchProcess:
         raise NoSuchProcess(f"no such process: {pid}") from None
     links = kvm_fd_links(pid)
     if links is None:
-        raise PermissionDenied(f"cannot read /proc/{pid}/fd: permission denied")
-    if not links:
-        raise NotKvmProcess(f"pid {pid} ({proc.name()}) is not a KVM process")
+        raise PermissionDenied(_denied(proc))
+    if not links or not holds_a_vm(links):
+        raise NotKvmProcess(f"pid {pid} ({_name(proc)}) is not a KVM process")
     try:
         return _describe(proc, links)
     except psutil.NoSuchProcess:
         raise NoSuchProcess(f"no such process: {pid}") from None
     except psutil.AccessDenied:
-        raise PermissionDenied(f"permission denied reading process {pid}") from None
+        raise PermissionDenied(_denied(proc)) from None
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return str(proc.name())
+    except psutil.Error:
+        return "?"
+
+
+def _denied(proc: psutil.Process) -> str:
+    try:
+        owner = proc.username()
+    except (psutil.Error, KeyError):
+        owner = "another user"
+    return (
+        f"permission denied reading the fds of pid {proc.pid} ({_name(proc)}, owned by {owner}); "
+        "run kvmtop as that user or as root"
+    )

@@ -1,32 +1,57 @@
-"""The TUI driven key by key with Textual's Pilot, against a real traced guest and a replayed
-recording."""
+"""The TUI driven key by key with Textual's Pilot: against real traced guests (the built-in demo,
+the counted guest) and against a fixed recording played back."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
+from collections import Counter
 
 import pytest
 from conftest import wait_for_vcpus
-from guests.fixed_recording import write_fixed_recording
+from guests.fixed_recording import START, events, write_fixed_recording
+from textual.events import Key
 
-from kvmtop.app import AttachedScreen, HelpScreen, KvmtopApp, ProcessListScreen, VcpuScreen
+from kvmtop.app import KvmtopApp
+from kvmtop.events import ExitBatch, ExitEvent
 from kvmtop.minivmm import counted_command, demo_command
+from kvmtop.recording import RecordingMeta, RecordingWriter
+from kvmtop.screens.attached import AttachedScreen
+from kvmtop.screens.help import HelpScreen
+from kvmtop.screens.process_list import ProcessListScreen
+from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.session import SessionState
 from kvmtop.widgets.exit_log import ExitLog
+from kvmtop.widgets.top_targets import TopTargets
 from kvmtop.widgets.vcpu_table import VcpuTable
 
 SIZE = (140, 42)
+S = 10**9
 
 
-async def until(pilot, condition, timeout: float = 20.0) -> None:
+async def until(pilot, condition, timeout: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(f"{what} not met within {timeout} s")
         await pilot.pause(0.05)
+
+
+async def settle(pilot) -> None:
+    """Until the replay shows its clock's position, and the screen has drawn it."""
+    assert await asyncio.to_thread(pilot.app.replay.wait_settled, 20)
+    await pilot.pause(0.4)
+
+
+def exits_until(seconds: float) -> int:
+    return sum(e.exit_ns <= START + seconds * S for e in events())
+
+
+def footer_keys(app) -> set[str]:
+    return {key for key, b in app.screen.active_bindings.items() if b.binding.show}
 
 
 @pytest.fixture
@@ -34,53 +59,292 @@ def fixed(tmp_path) -> str:
     return write_fixed_recording(str(tmp_path / "fixed.kvmtop"))
 
 
-async def test_replay_plays_pauses_seeks_and_drills_down(fixed):
+# --- replay: a fixed recording ------------------------------------------------------------------
+
+
+async def test_replay_keys_pause_seek_and_change_speed(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
+        replay = app.replay
         assert isinstance(app.screen, AttachedScreen)
-        source = app.replay_source
-        await pilot.press("space")  # pause
-        assert source.paused and "paused" in source.status().state
-        await pilot.press("right", "right")  # +20 s
-        await pilot.pause(0.3)
-        assert source.position_ns - source.start_ns >= 20 * 10**9
-        table = app.screen.query_one(VcpuTable)
-        assert [v.vcpu for v in table.rows] == [0, 1]
-        at_20s = source.stats.snapshot().total
-        await pilot.press("left")  # back to 10 s: the aggregate is rebuilt from the start
-        await pilot.pause(0.3)
-        assert 0 < source.stats.snapshot().total < at_20s
-        await pilot.press("]", "]")
-        assert source.speed == 5.0
-        await pilot.press("down", "enter")
-        assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 1
-        await pilot.pause(0.5)
-        assert app.screen.query_one(ExitLog).line_count > 0
-        await pilot.press("p")
-        assert app.screen.frozen
-        await pilot.press("escape")
-        assert isinstance(app.screen, AttachedScreen)
-        await pilot.press("question_mark")
-        assert isinstance(app.screen, HelpScreen)
-        await pilot.press("escape", "q")
+        assert {"space", "left", "right", "left_square_bracket", "right_square_bracket"} <= (
+            footer_keys(app)
+        )
+        assert "d" not in app.screen.active_bindings  # nothing to detach from
+        await pilot.press("space", "home")
+        assert replay.paused
+        await pilot.press("right", "right")
+        await settle(pilot)
+        assert replay.now_ns() == START + 20 * S
+        assert replay.snapshot().total == exits_until(20)
+        assert "paused" in replay.status().state
+        await pilot.press("left")  # back: the aggregate is rebuilt from the start
+        await settle(pilot)
+        assert replay.snapshot().total == exits_until(10)
+        await pilot.press("end")
+        await settle(pilot)
+        assert replay.snapshot().total == 1621 and replay.status().state == "replay ended"
+        assert replay.status().length_s == 30.0
+        await pilot.press("home")
+        await settle(pilot)
+        assert replay.snapshot().total == 0
+        await pilot.press("right_square_bracket", "right_square_bracket")
+        assert replay.speed == 5.0
+        await pilot.press("left_square_bracket")
+        assert replay.speed == 2.0
+        await pilot.press("space")  # play at 2x for a moment
+        await pilot.pause(0.6)
+        assert not replay.paused and replay.now_ns() > START
+        await pilot.press("q")
     assert app.return_value == 0
 
 
 async def test_replay_to_the_end_shows_the_exact_counts(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
-        app.replay_source.seek_to(1.0)
-        await pilot.pause(0.3)
-        snap = app.replay_source.stats.snapshot()
+        await pilot.press("end")
+        await settle(pilot)
+        snap = app.replay.snapshot(top=None)
+        expected = Counter(e.reason for e in events())
         assert snap.total == 1621
         assert {r.label: r.count for r in snap.reasons} == {
-            "KVM_EXIT_IO": 992, "KVM_EXIT_MMIO": 540, "KVM_EXIT_HLT": 88, "KVM_EXIT_INTR": 1,
+            "KVM_EXIT_IO": expected[2], "KVM_EXIT_MMIO": expected[6], "KVM_EXIT_HLT": expected[5],
+            "KVM_EXIT_INTR": 1,
         }  # fmt: skip
+        table = app.screen.query_one(VcpuTable)
+        assert [v.vcpu for v in table.rows] == [0, 1]
+        assert sum(v.total for v in table.rows) == 1621
         await pilot.press("q")
 
 
+async def test_drill_down_shows_one_vcpu_freezes_and_goes_back(fixed):
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("space", "home", "right", "right")
+        await settle(pilot)
+        await pilot.press("down", "enter")
+        screen = app.screen
+        assert isinstance(screen, VcpuScreen) and screen.vcpu == 1
+        await pilot.pause(0.4)
+        log = screen.query_one(ExitLog)
+        assert log.line_count > 0 and "IO" in log.lines[-1]  # IO or MMIO, decoded
+        targets = str(screen.query_one(TopTargets).render())
+        assert "COM1" in targets or "PCI" in targets  # well-known ports are named
+        await pilot.press("p")
+        assert screen.frozen
+        frozen_lines = log.line_count
+        await pilot.press("right")  # the replay moves on; the frozen view does not
+        await settle(pilot)
+        assert log.line_count == frozen_lines
+        await pilot.press("p")
+        await pilot.pause(0.4)
+        assert log.line_count > frozen_lines
+        await pilot.press("home")  # back in time: the log starts over
+        await settle(pilot)
+        assert log.line_count == 0
+        await pilot.press("end")
+        await settle(pilot)
+        assert 0 < log.line_count <= 2000
+        await pilot.press("tab", "tab")
+        await pilot.press("escape")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("q")
+
+
+async def test_help_lists_every_key_and_closes(fixed):
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        text = app.screen.text
+        sections = app.key_sections()
+        assert set(sections) == {"everywhere", "process list", "attached view",
+                                 "vCPU drill-down", "replay"}  # fmt: skip
+        for bindings in sections.values():
+            for b in bindings:
+                assert (b.tooltip or b.description) in text, b
+        for needle in ("Attach to the selected VMM", "Start the built-in demo", "Detach",
+                       "Freeze", "Seek 10 s back", "Play faster", "drill-down", "Quit"):  # fmt: skip
+            assert needle in text, needle
+        await pilot.press("escape")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("question_mark", "question_mark")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("q")
+
+
+async def test_command_palette_lists_the_screens_actions_and_runs_them(fixed):
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        expected = {"Help", "Pause", "Freeze", "-10s", "+10s", "Slower", "Faster", "Open vCPU"}
+        assert expected <= titles
+        assert "Detach" not in titles
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        await pilot.press(*"Pause")
+        await pilot.pause(0.4)
+        await pilot.press("enter")
+        await until(pilot, lambda: app.replay.paused, timeout=5, what="paused from the palette")
+        await pilot.press("q")
+
+
+def write_many_vcpus(path: str, vcpus: int = 64) -> str:
+    start = 10**12
+    meta = RecordingMeta(pid=1, argv=("big-vm",), launched=False, start_ns=start,
+                         start_wall=1.7e9, with_data=False)  # fmt: skip
+    writer = RecordingWriter.create(path, meta, False)
+    evs = tuple(
+        ExitEvent(v, 2 if i % 3 else 6, 0, t, t + 5000, 0x80, 257, 1)
+        for i in range(300)
+        for v in range(vcpus)
+        for t in [start + i * 10**7 + v]
+    )
+    writer.write_batch(ExitBatch(evs))
+    writer.close()
+    return path
+
+
+async def test_64_vcpus_fit_scroll_and_open(tmp_path):
+    app = KvmtopApp(replay=write_many_vcpus(str(tmp_path / "big.kvmtop")))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        table = app.screen.query_one(VcpuTable)
+        assert len(table.rows) == 64
+        assert table.size.height < SIZE[1]  # the table scrolls inside the screen...
+        assert app.screen.query_one("LatencyPane").region.height > 0  # ...and the panes show
+        await pilot.press(*["pagedown"] * 7, "down")
+        assert table.selected_vcpu == 63
+        assert table.scroll_offset.y > 0  # scrolled to keep the cursor in view
+        await pilot.press("pageup", "up")
+        assert table.selected_vcpu == 52
+        await pilot.press("enter")
+        assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 52
+        await pilot.press("escape", "q")
+
+
+def write_long_recording(path: str, vcpus: int = 16, seconds: int = 60, per_s: int = 250) -> int:
+    start = 10**12
+    meta = RecordingMeta(pid=1, argv=("long-vm",), launched=False, start_ns=start,
+                         start_wall=1.7e9, with_data=False)  # fmt: skip
+    writer = RecordingWriter.create(path, meta, False)
+    for second in range(seconds):
+        writer.write_batch(ExitBatch(tuple(
+            ExitEvent(v, (2, 6, 5)[(i + v) % 3], 0, t, t + 20_000, 0x3F8, 257, 1)
+            for i in range(per_s)
+            for v in range(vcpus)
+            for t in [start + second * S + i * (S // per_s) + v]
+        )))  # fmt: skip
+    writer.close()
+    return vcpus * seconds * per_s
+
+
+async def test_seeking_a_long_recording_never_blocks_the_keys(tmp_path):
+    total = write_long_recording(str(tmp_path / "long.kvmtop"))
+    app = KvmtopApp(replay=str(tmp_path / "long.kvmtop"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("space")
+        app.post_message(Key("end", None))  # (pilot.press would wait for the seek to end)
+        await until(pilot, lambda: app.replay.status().busy, timeout=5, what="seeking")
+        seen_busy = False
+        worst = 0.0
+        while not app.replay.settled:  # the player thread reads; the UI answers meanwhile
+            seen_busy |= app.replay.status().busy
+            before, t0 = app.screen.frozen, time.monotonic()
+            app.post_message(Key("p", "p"))
+            while app.screen.frozen == before and time.monotonic() - t0 < 2:
+                await asyncio.sleep(0.001)
+            worst = max(worst, time.monotonic() - t0)
+            await asyncio.sleep(0.02)
+        assert seen_busy and worst < 0.2, f"a key took {worst * 1e3:.0f} ms during the seek"
+        assert app.replay.snapshot().total == total
+        await pilot.press("q")
+
+
+async def test_an_empty_machine_says_so_and_offers_the_demo():
+    app = KvmtopApp(process_lister=list)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        text = str(app.screen.query_one("#empty").render())
+        assert "No KVM process found" in text and "built-in demo" in text
+        assert "m" in footer_keys(app)
+        await pilot.press("q")
+
+
+async def test_a_failed_attach_is_a_notification_and_the_app_stays_up(processes):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    processes.append(sleeper)
+    app = KvmtopApp(process_lister=list)
+    async with app.run_test(size=SIZE) as pilot:
+        why = f"pid {sleeper.pid} (sleep) is not a KVM process"
+        for attempt in (1, 2):  # and again: still a notification, still up
+            app.attach(sleeper.pid)
+            await pilot.pause(0.05)
+            await until(
+                pilot,
+                lambda n=attempt: (
+                    isinstance(app.screen, ProcessListScreen)
+                    and sum(why in m.message for m in app._notifications) == n
+                ),
+                what=f"notification {attempt}, back on the list",
+            )
+        await pilot.press("q")
+    assert sleeper.poll() is None
+
+
+# --- live: real guests, traced ------------------------------------------------------------------
+
+
 @pytest.mark.kvm
-async def test_live_launch_counts_exactly_and_shows_every_vcpu(tmp_path):
+async def test_the_demo_shows_two_vcpus_moving_drills_in_detaches_and_quits():
+    app = KvmtopApp(process_lister=list)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("m")
+        await until(pilot, lambda: app.attached_pid is not None, what="demo attached")
+        demo_pid = app.attached_pid
+        assert isinstance(app.screen, AttachedScreen)
+        table = app.screen.query_one(VcpuTable)
+        await until(
+            pilot,
+            lambda: len(table.rows) == 2 and all(v.rate > 0 and v.total > 0 for v in table.rows),
+            what="both vCPUs exiting",
+        )
+        first = [v.total for v in table.rows]
+        await pilot.pause(1.0)
+        assert all(v.total > t for v, t in zip(table.rows, first, strict=True))  # they move
+        assert app.session.stats.snapshot().lost == 0
+        await pilot.press("enter")
+        assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 0
+        log = app.screen.query_one(ExitLog)
+        assert app.focused is log
+        await until(pilot, lambda: log.line_count > 100, what="exits in the log")
+
+        def at_end() -> bool:
+            return log.scroll_y == log.max_scroll_y
+
+        await until(pilot, at_end, timeout=3, what="the log following the latest exits")
+        await pilot.press("pageup", "pageup", "pageup")
+        top_line = log.lines[int(log.scroll_y)]
+        await pilot.pause(0.8)
+        assert log.lines[int(log.scroll_y)] == top_line  # scrolled up: what it shows holds still
+        assert log.scroll_y < log.max_scroll_y
+        await pilot.press("end")
+        await until(pilot, at_end, timeout=3, what="the log following again")
+        await pilot.press("p", "p", "escape")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("d")
+        await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
+        assert os.path.exists(f"/proc/{demo_pid}")  # detached: the demo runs on
+        await pilot.press("escape")
+        assert isinstance(app.screen, ProcessListScreen)
+        await pilot.press("q")
+    await asyncio.sleep(0.2)
+    assert not os.path.exists(f"/proc/{demo_pid}")  # kvmtop started the demo; q stopped it
+
+
+@pytest.mark.kvm
+async def test_launching_a_command_counts_its_exits_exactly(tmp_path):
     own = tmp_path / "own.json"
     argv = counted_command(vcpus=2, outs=300, mmio_writes=200, spin=2_000_000, report_json=str(own))
     app = KvmtopApp(argv=argv)
@@ -92,27 +356,50 @@ async def test_live_launch_counts_exactly_and_shows_every_vcpu(tmp_path):
         table = app.screen.query_one(VcpuTable)
         await until(pilot, lambda: [(v.vcpu, v.total) for v in table.rows] == [(0, 501), (1, 501)])
         assert app.session.exit_status == 0
+        assert "exited with status 0" in app.screen.query_one("StatusLine").render().plain
         await pilot.press("q")
     assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": 602, "KVM_EXIT_MMIO": 400}
 
 
 @pytest.mark.kvm
-async def test_quit_while_attached_leaves_the_guest_to_finish(processes):
+async def test_quit_while_attached_detaches_and_the_guest_finishes(processes):
     vmm = subprocess.Popen(counted_command(outs=300, mmio_writes=0, spin=6_000_000, exit_status=9))
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
     app = KvmtopApp(pid=vmm.pid)
     async with app.run_test(size=SIZE) as pilot:
-        await until(
-            pilot, lambda: app.session is not None and app.session.state is SessionState.ATTACHED
-        )
+        await until(pilot, lambda: app.attached_pid == vmm.pid, what="attached")
+        assert isinstance(app.screen, AttachedScreen)
         await pilot.press("q")
     assert app.session is None  # closed: detached
     assert await asyncio.to_thread(vmm.wait, 60) == 9
 
 
 @pytest.mark.kvm
-async def test_process_list_filters_sorts_attaches_and_detaches(processes):
+async def test_keys_answer_quickly_at_the_highest_exit_rate(processes):
+    vmm = subprocess.Popen(counted_command(outs=10**9, mmio_writes=0, spin=0))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    app = KvmtopApp(pid=vmm.pid)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.session.stats.total > 2000, what="exits flowing")
+        screen = app.screen
+        worst = 0.0
+        for _ in range(6):  # not pilot.press: it waits for the whole process to go idle
+            before = screen.frozen
+            t0 = time.monotonic()
+            app.post_message(Key("p", "p"))
+            while screen.frozen == before and time.monotonic() - t0 < 2:
+                await asyncio.sleep(0.001)
+            worst = max(worst, time.monotonic() - t0)
+            await asyncio.sleep(0.1)
+        assert worst < 0.2, f"a key took {worst * 1e3:.0f} ms"
+        assert app.session.stats.snapshot().lost == 0
+        await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_process_list_moves_filters_sorts_attaches_and_detaches(processes):
     demo = subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL)
     processes.append(demo)
     wait_for_vcpus(demo.pid, 2)
@@ -120,100 +407,36 @@ async def test_process_list_filters_sorts_attaches_and_detaches(processes):
     async with app.run_test(size=SIZE) as pilot:
         screen = app.screen
         assert isinstance(screen, ProcessListScreen)
-        await until(pilot, lambda: any(p.pid == demo.pid for p in screen.procs))
+        await until(pilot, lambda: any(p.pid == demo.pid for p in screen.procs), what="listed")
+        await pilot.press("down", "up")
         await pilot.press("slash", *"kvmtop-demo", "enter")
         await pilot.pause(0.2)
         table = screen.query_one("#procs")
         assert str(demo.pid) in [str(k.value) for k in table.rows]  # (other demos may run too)
-        demo_row = next(p for p in screen.procs if p.pid == demo.pid)
-        assert demo_row.vcpus == 2 and demo_row.name == "kvmtop-demo"
+        assert all(p.name == "kvmtop-demo" for p in screen.procs if str(p.pid) in table.rows)
+        assert str(table.get_row(str(demo.pid))[3]).strip() == "2"  # vCPUs
         await pilot.press("slash", *"zzz-no-such")
         await pilot.pause(0.2)
-        assert table.row_count == 0 and "No KVM process matches" in str(
-            screen.query_one("#empty").render()
-        )
+        assert table.row_count == 0
+        assert "No KVM process matches" in str(screen.query_one("#empty").render())
         await pilot.press("escape", "s")
-        assert screen.sort_key == "cpu"
-        await pilot.press("slash", *str(demo.pid), "enter", "a")
-        await until(
-            pilot, lambda: app.session is not None and app.session.state is SessionState.ATTACHED
-        )
-        await until(pilot, lambda: app.session.stats.total > 100)
+        assert screen.sort_key == "CPU%" and table.row_count >= 1
+        await pilot.press("s", "s", "s", "s", "s")
+        assert screen.sort_key == "pid"
+        await pilot.press("slash", *str(demo.pid), "enter")
+        assert [str(k.value) for k in table.rows] == [str(demo.pid)]
+        await pilot.press("a")
+        await until(pilot, lambda: app.attached_pid == demo.pid, what="attached")
+        await until(pilot, lambda: app.session.stats.total > 100, what="exits counted")
         assert isinstance(app.screen, AttachedScreen)
-        await pilot.press("d")
-        await until(pilot, lambda: app.session.state is SessionState.ENDED)
-        assert demo.poll() is None  # detached: the demo runs on
-        await pilot.press("escape")
-        await pilot.pause(0.2)
+        await pilot.press("escape")  # back to the list: tracing goes on
         assert isinstance(app.screen, ProcessListScreen)
+        await until(pilot, lambda: table.get_row(str(demo.pid))[7] == "kvmtop", what="marked")
+        assert "d" in footer_keys(app)
+        await pilot.press("enter")  # the traced one: back to its view
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("escape", "d")  # detach from the list
+        await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
+        assert demo.poll() is None  # detached: the demo runs on
         await pilot.press("q")
     assert demo.poll() is None
-
-
-async def test_an_empty_machine_offers_the_demo():
-    app = KvmtopApp(process_lister=list)
-    async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause(0.3)
-        assert "start the built-in demo" in str(app.screen.query_one("#empty").render())
-        await pilot.press("q")
-
-
-def write_many_vcpus(path: str, vcpus: int = 64) -> str:
-    from kvmtop.events import ExitBatch, ExitEvent
-    from kvmtop.recording import RecordingMeta, RecordingWriter
-
-    start = 10**12
-    meta = RecordingMeta(pid=1, argv=("big-vm",), launched=False, start_ns=start,
-                         start_wall=1.7e9, with_data=False)  # fmt: skip
-    writer = RecordingWriter.create(path, meta, False)
-    events = tuple(
-        ExitEvent(
-            v,
-            2 if i % 3 else 6,
-            0,
-            start + i * 10**6 + v,
-            start + i * 10**6 + v + 5000,
-            0x80,
-            257,
-            1,
-        )
-        for i in range(100)
-        for v in range(vcpus)
-    )
-    writer.write_batch(ExitBatch(events))
-    writer.close()
-    return path
-
-
-async def test_64_vcpus_fit_scroll_and_open(tmp_path):
-    app = KvmtopApp(replay=write_many_vcpus(str(tmp_path / "big.kvmtop")))
-    async with app.run_test(size=SIZE) as pilot:
-        app.replay_source.seek_to(1.0)
-        await pilot.pause(0.5)
-        table = app.screen.query_one(VcpuTable)
-        assert len(table.rows) == 64
-        assert table.size.height < 42  # the table scrolls inside the screen
-        await pilot.press(*["pagedown"] * 7, "down")
-        assert table.selected_vcpu == 63
-        assert table.scroll_offset.y > 0  # scrolled to keep the cursor visible
-        await pilot.press("enter")
-        assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 63
-        await pilot.press("escape", "q")
-
-
-async def test_a_failed_attach_is_a_notification_and_the_app_stays_up(processes):
-    sleeper = subprocess.Popen(["sleep", "30"])
-    processes.append(sleeper)
-    app = KvmtopApp(process_lister=list)
-    async with app.run_test(size=SIZE) as pilot:
-        app.attach(sleeper.pid)
-        await until(
-            pilot,
-            lambda: (
-                isinstance(app.screen, ProcessListScreen) and app.session.state is SessionState.IDLE
-            ),
-        )
-        expected = f"pid {sleeper.pid} (sleep) is not a KVM process"
-        await until(pilot, lambda: any(expected in n.message for n in app._notifications))
-        await pilot.press("q")
-    assert sleeper.poll() is None

@@ -3,6 +3,7 @@ Update after an intended change: pytest tests/test_snapshots.py --snapshot-updat
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -28,15 +29,21 @@ def fixed_processes() -> list[KvmProcess]:
 def replay_app(tmp_path):
     path = write_fixed_recording(str(tmp_path / "fixed.kvmtop"))
     app = KvmtopApp(replay=path)
-    app.replay_source.path = "fixed.kvmtop"  # the title must not show the temporary directory
+    app.replay.path = "fixed.kvmtop"  # the title must not show the temporary directory
     return app
 
 
-async def at_end(pilot) -> None:
-    source = pilot.app.replay_source
-    source.seek_to(1.0)
-    source.paused = True
+async def at(pilot, fraction: float = 1.0) -> None:
+    """The replay paused at a fixed place: what it shows no longer depends on the clock."""
+    replay = pilot.app.replay
+    replay.toggle_pause()
+    replay.seek_to(fraction)
+    assert await asyncio.to_thread(replay.wait_settled, 20)
     await pilot.pause(0.6)
+
+
+async def at_end(pilot) -> None:
+    await at(pilot, 1.0)
 
 
 def test_process_list(snap_compare):
@@ -55,6 +62,13 @@ def test_vcpu_drill_down(snap_compare, replay_app):
         await pilot.pause(0.6)
 
     assert snap_compare(replay_app, terminal_size=SIZE, run_before=open_vcpu_1)
+
+
+def test_attached_view_paused_mid_replay(snap_compare, replay_app):
+    async def at_middle(pilot) -> None:
+        await at(pilot, 0.5)
+
+    assert snap_compare(replay_app, terminal_size=SIZE, run_before=at_middle)
 
 
 def test_help(snap_compare, replay_app):

@@ -1,12 +1,20 @@
-"""A live, scrollable log of a vCPU's latest exits with their decoded details."""
+"""A live, scrollable log of a vCPU's latest exits with their decoded details. Scrolling up
+holds it still; scrolling back to the end (End) resumes following the latest exits."""
 
 from __future__ import annotations
+
+import bisect
+from operator import attrgetter
 
 from textual.widgets import Log
 
 from kvmtop.decoder import describe_exit
 from kvmtop.events import ExitEvent
 from kvmtop.units import duration
+
+MAX_LINES = 2000
+MAX_NEW_LINES = 400  # per refresh: the log's cost stays flat however fast the vCPU exits
+_exit_ns = attrgetter("exit_ns")
 
 
 class ExitLog(Log):
@@ -16,24 +24,48 @@ class ExitLog(Log):
     """
 
     def __init__(self, **kwargs: object) -> None:
-        super().__init__(max_lines=2000, auto_scroll=True, **kwargs)  # type: ignore[arg-type]
+        super().__init__(max_lines=MAX_LINES, auto_scroll=True, **kwargs)  # type: ignore[arg-type]
         self.border_title = "latest exits"
-        self._last: ExitEvent | None = None
+        self._last_ns: int | None = None  # exit time of the last exit written
         self._origin_ns: int | None = None
+        self._followed_to: float | None = None  # where the log last scrolled itself to
 
     def show(self, recent: tuple[ExitEvent, ...], origin_ns: int | None) -> None:
-        """Append the exits not shown yet (``recent`` is oldest first)."""
+        """Append the exits not shown yet (``recent`` is one vCPU's latest, oldest first)."""
         self._origin_ns = origin_ns
-        start = 0
-        if self._last is not None:
-            for i in range(len(recent) - 1, -1, -1):
-                if recent[i] is self._last:
-                    start = i + 1
-                    break
+        last = self._last_ns
+        if not recent or (last is not None and recent[-1].exit_ns < last):
+            if last is not None:  # a replay went back in time: start over
+                self.clear()
+                self._last_ns = None
+                self._followed_to = None
+            if not recent:
+                return
+            last = None
+        # follow unless the reader scrolled up; then hold still (appending would push what they
+        # read out of the ring within a second at high rates) until they scroll back to the end.
+        # The panes above can change the log's height, so "at the very end" alone is not the test.
+        following = self._followed_to is None or self.scroll_y >= min(
+            self._followed_to, self.max_scroll_y
+        )
+        if not following:
+            return
+        lines = []
+        start = 0 if last is None else bisect.bisect_right(recent, last, key=_exit_ns)
+        if last is not None and start == 0:
+            lines.append("   ... more exits came meanwhile than the ring holds; some are not shown")
         fresh = recent[start:]
+        if len(fresh) > MAX_NEW_LINES:
+            lines.append(
+                f"   ... {len(fresh) - MAX_NEW_LINES} exits since the last refresh not shown"
+            )
+            fresh = fresh[-MAX_NEW_LINES:]
         if fresh:
-            self.write_lines([self._line(e) for e in fresh])
-            self._last = fresh[-1]
+            lines += [self._line(e) for e in fresh]
+            self._last_ns = fresh[-1].exit_ns
+            self.write_lines(lines, scroll_end=False)
+            self.scroll_end(animate=False, immediate=True, x_axis=False)
+            self._followed_to = self.scroll_y
 
     def _line(self, e: ExitEvent) -> str:
         t = (e.exit_ns - (self._origin_ns or e.exit_ns)) / 1e9

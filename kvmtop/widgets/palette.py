@@ -1,4 +1,5 @@
-"""Colours of exit reasons, from the theme's variables, shared by every pane."""
+"""Colours of exit reasons, from the theme's variables, and the glyphs of small charts, shared by
+every pane. Pure drawing: scales numbers to glyphs, computes no statistics."""
 
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ def sparkline(values: tuple[int, ...] | list[int], top: int | None = None) -> li
             out.append(" ")
         else:
             out.append(SPARK[max(1, min(8, round(v * 8 / peak)))])
+    return out
+
+
+def chart_row(values: tuple[int, ...] | list[int], row: int, rows: int) -> list[str]:
+    """Line ``row`` (0 = top) of a bar chart ``rows`` lines high, scaled to the largest value:
+    each line holds 8 eighths of a bar."""
+    if rows <= 1:
+        return sparkline(values)
+    peak = max(values, default=0)
+    floor = (rows - 1 - row) * 8  # eighths below this line
+    out = []
+    for v in values:
+        level = 0 if peak <= 0 or v <= 0 else max(1, round(v * rows * 8 / peak))
+        out.append(SPARK[max(0, min(8, level - floor))])
     return out
 
 

@@ -1,4 +1,5 @@
-"""A vCPU's timeline per exit reason: one 60 s sparkline for each reason seen."""
+"""A vCPU's timeline per exit reason: one sparkline of exits per second for each reason seen,
+the newest second on the right; as many of the last 60 s as the pane's width holds."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ from kvmtop.widgets.pane import ReasonPane
 
 
 class ReasonTimelines(ReasonPane):
-    TITLE = "exits per second by reason, last 60 s"
+    TITLE = "exits per second by reason, last 60 s (peak on the left)"
 
     def show(self, by_reason: dict[str, tuple[int, ...]]) -> None:
         text = Text(no_wrap=True, overflow="crop")
         name_w = max([len(palette.short(label)) for label in by_reason] + [6])
+        room = (self.content_region.width or 80) - name_w - 7
         ranked = sorted(by_reason.items(), key=lambda kv: -sum(kv[1]))
         for label, series in ranked:
             style = palette.reason_style(self, label)
+            shown = series[-room:] if room > 0 else ()
             text.append(f"{palette.short(label):<{name_w}} ", style=style)
-            text.append("".join(palette.sparkline(series)), style=style)
-            text.append(f" peak {human(max(series))}/s\n")
+            text.append(f"{human(max(series, default=0)):>5} ")
+            text.append("".join(palette.sparkline(list(shown))), style=style)
+            text.append("\n")
         if not by_reason:
             text.append("no exits in the last 60 s", style="italic")
         text.rstrip()

@@ -1,4 +1,5 @@
-"""The status line: attached since, exits recorded, exits lost, stops per second."""
+"""The status line: attached since (or where a replay is), exits recorded, exits lost (must stay
+0), ptrace stops per second, vCPUs."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ class StatusLine(Static):
         text.append(f" {status.state} ", style="reverse")
         if frozen:
             text.append(" FROZEN (p) ", style="bold reverse")
-        since = "for" if status.live else "at"
-        text.append(f"  {since} {elapsed(status.since_s)}")
+        if status.live:
+            text.append(f"  for {elapsed(status.since_s)}")
+        else:
+            length = f" / {elapsed(status.length_s)}" if status.length_s is not None else ""
+            text.append(f"  at {elapsed(status.since_s)}{length}")
         text.append(f"   exits {human(snap.total)}")
         text.append("   lost ")
         text.append(str(snap.lost), style="bold red" if snap.lost else "")

@@ -1,10 +1,16 @@
-"""One line per vCPU: id, exits/s now, total, a 60 s timeline coloured by each second's dominant
-reason, and a stacked bar of its reasons. Renders line by line (cheap at any vCPU count)."""
+"""One block per vCPU: id, exits/s now, total, a 60 s timeline coloured by each second's dominant
+reason, a stacked bar of its reasons and the largest of them by name.
+
+Drawn line by line (cheap at any vCPU count and refresh rate). Each vCPU gets as many lines as
+the pane has room for, up to MAX_LINES_PER_VCPU, so 2 vCPUs show tall timelines and 64 show one
+line each and scroll.
+"""
 
 from __future__ import annotations
 
 from rich.segment import Segment
 from rich.style import Style
+from textual import events
 from textual.binding import Binding
 from textual.geometry import Size
 from textual.message import Message
@@ -17,7 +23,13 @@ from kvmtop.units import human
 from kvmtop.widgets import palette
 
 ID_W, RATE_W, TOTAL_W, TIMELINE_W = 6, 9, 10, 60
-HEADER = f"{'vCPU':>{ID_W}} {'exits/s':>{RATE_W}} {'total':>{TOTAL_W}}  {'timeline, last 60 s':<{TIMELINE_W}}  reasons"
+NUMBERS_W = ID_W + RATE_W + TOTAL_W + 4
+HEADER = (
+    f"{'vCPU':>{ID_W}} {'exits/s':>{RATE_W}} {'total':>{TOTAL_W}}  "
+    f"{'exits per second, last 60 s':<{TIMELINE_W}}  reasons"
+)
+MAX_LINES_PER_VCPU = 8
+LEGEND_W = 28
 
 
 class VcpuTable(ScrollView, can_focus=True):
@@ -28,7 +40,7 @@ class VcpuTable(ScrollView, can_focus=True):
         "vcpu-table--header",
     }
     DEFAULT_CSS = """
-    VcpuTable { height: auto; max-height: 1fr; min-height: 4; border: round $primary-darken-2; }
+    VcpuTable { height: 1fr; min-height: 4; border: round $primary-darken-2; }
     VcpuTable:focus { border: round $accent; }
     VcpuTable > .vcpu-table--cursor { background: $boost; text-style: bold; }
     VcpuTable > .vcpu-table--header { text-style: bold; color: $text-muted; }
@@ -38,7 +50,7 @@ class VcpuTable(ScrollView, can_focus=True):
         Binding("down", "cursor(1)", "Down", show=False),
         Binding("pageup", "cursor(-10)", "Page up", show=False),
         Binding("pagedown", "cursor(10)", "Page down", show=False),
-        Binding("enter", "open", "Open vCPU"),
+        Binding("enter", "open", "Open vCPU", tooltip="Open the selected vCPU's drill-down"),
     ]
     cursor = reactive(0)
 
@@ -50,58 +62,107 @@ class VcpuTable(ScrollView, can_focus=True):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.rows: tuple[VcpuSnapshot, ...] = ()
+        self.lines_per_vcpu = 1
         self.border_title = "vCPUs"
 
     def show(self, rows: tuple[VcpuSnapshot, ...]) -> None:
         self.rows = rows
-        self.virtual_size = Size(self.size.width, len(rows) + 1)
         self.cursor = min(self.cursor, max(0, len(rows) - 1))
+        self._fit()
         self.refresh()
+
+    def on_resize(self, _event: events.Resize) -> None:
+        self._fit()
+
+    def _fit(self) -> None:
+        room = max(1, self.scrollable_content_region.height - 1)  # under the header
+        n = max(1, len(self.rows))
+        self.lines_per_vcpu = max(1, min(MAX_LINES_PER_VCPU, room // n))
+        self.virtual_size = Size(self.size.width, len(self.rows) * self.lines_per_vcpu + 1)
 
     @property
     def selected_vcpu(self) -> int | None:
         return self.rows[self.cursor].vcpu if self.rows else None
 
     def action_cursor(self, step: int) -> None:
-        if self.rows:
-            self.cursor = max(0, min(len(self.rows) - 1, self.cursor + step))
-            top, visible = self.scroll_offset.y, self.scrollable_content_region.height - 1
-            if self.cursor < top:
-                self.scroll_to(y=self.cursor, animate=False)
-            elif self.cursor >= top + visible:
-                self.scroll_to(y=self.cursor - visible + 1, animate=False)
-            self.refresh()
+        if not self.rows:
+            return
+        self.cursor = max(0, min(len(self.rows) - 1, self.cursor + step))
+        k = self.lines_per_vcpu
+        top, visible = self.scroll_offset.y, self.scrollable_content_region.height - 1
+        first, last = self.cursor * k, self.cursor * k + k - 1
+        if first < top:
+            self.scroll_to(y=first, animate=False)
+        elif last >= top + visible:
+            self.scroll_to(y=last - visible + 1, animate=False)
+        self.refresh()
 
     def action_open(self) -> None:
         if self.selected_vcpu is not None:
             self.post_message(self.Selected(self.selected_vcpu))
 
+    def on_click(self, event: events.Click) -> None:
+        line = event.y - 1 + self.scroll_offset.y
+        if event.y >= 1 and 0 <= line // self.lines_per_vcpu < len(self.rows):
+            self.cursor = line // self.lines_per_vcpu
+            if event.chain > 1:  # double click opens
+                self.action_open()
+            self.refresh()
+
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
-        if y == 0:  # the header stays put while the rows scroll under it
-            return Strip(
-                [Segment(HEADER[:width], self.get_component_rich_style("vcpu-table--header"))]
-            )
-        row = y - 1 + self.scroll_offset.y
-        if not 0 <= row < len(self.rows):
+        if y == 0:  # the header stays put while the vCPUs scroll under it
+            header = self.get_component_rich_style("vcpu-table--header")
+            return Strip([Segment(HEADER[:width], header)]).extend_cell_length(width, header)
+        line = y - 1 + self.scroll_offset.y
+        k = self.lines_per_vcpu
+        index, sub = divmod(line, k)
+        if not 0 <= index < len(self.rows):
             return Strip.blank(width)
-        v = self.rows[row]
+        v = self.rows[index]
         base = (
-            self.get_component_rich_style("vcpu-table--cursor") if row == self.cursor else Style()
+            self.get_component_rich_style("vcpu-table--cursor") if index == self.cursor else Style()
         )
-        segments = [
-            Segment(
-                f"{v.vcpu:>{ID_W}} {human(v.rate):>{RATE_W}} {human(v.total):>{TOTAL_W}}  ",
-                base,
-            )
-        ]
-        glyphs = palette.sparkline(v.timeline)
-        for glyph, label in zip(glyphs, v.timeline_dominant, strict=True):
-            segments.append(Segment(glyph, base + palette.reason_style(self, label)))
+        muted = base + Style(dim=True)
+        if sub == 0:
+            numbers = f"{v.vcpu:>{ID_W}} {human(v.rate):>{RATE_W}} {human(v.total):>{TOTAL_W}}  "
+            segments = [Segment(numbers, base)]
+        elif sub == 1:
+            peak = max(v.timeline, default=0)
+            segments = [
+                Segment(f"{'peak':>{ID_W + RATE_W - 4}} {human(peak):>4}".ljust(NUMBERS_W), muted)
+            ]
+        else:
+            segments = [Segment(" " * NUMBERS_W, base)]
+        segments += self._timeline_row(v, sub, k, base)
         segments.append(Segment("  ", base))
-        bar_w = max(0, width - ID_W - RATE_W - TOTAL_W - TIMELINE_W - 7)
-        segments += stacked_bar(self, v, bar_w, base)
+        bar_w = max(0, width - NUMBERS_W - TIMELINE_W - 2)
+        if sub == 0:
+            segments += stacked_bar(self, v, bar_w, base)
+        elif sub <= len(v.reasons) and bar_w >= LEGEND_W:
+            r = v.reasons[sub - 1]  # the legend: one reason a line, largest first
+            share = 100 * r.count / v.total if v.total else 0.0
+            style = base + palette.reason_style(self, r.label)
+            segments.append(Segment(f"{palette.short(r.label)[:14]:<14}", style))
+            segments.append(Segment(f"{share:5.1f}% {human(r.rate):>6}/s", muted))
         return Strip(segments).crop(0, width).extend_cell_length(width, base)
+
+    def _timeline_row(self, v: VcpuSnapshot, sub: int, k: int, base: Style) -> list[Segment]:
+        """Line ``sub`` (0 = top) of a ``k``-line bar chart of the vCPU's last 60 s: one segment
+        per run of seconds with the same dominant reason."""
+        glyphs = palette.chart_row(v.timeline, sub, k)
+        out = []
+        run: list[str] = []
+        run_label: str | None = None
+        for glyph, label in zip(glyphs, v.timeline_dominant, strict=True):
+            if label != run_label and run:
+                out.append(Segment("".join(run), base + palette.reason_style(self, run_label)))
+                run = []
+            run_label = label
+            run.append(glyph)
+        if run:
+            out.append(Segment("".join(run), base + palette.reason_style(self, run_label)))
+        return out
 
 
 def stacked_bar(widget: VcpuTable, v: VcpuSnapshot, width: int, base: Style) -> list[Segment]:

@@ -1,0 +1,259 @@
+"""Playing a recording back: a clock over the recording's time, and a player thread that feeds
+the exits the clock has passed into an ExitStats, the same aggregate a live session fills.
+
+Owns the replay clock (play, pause, speed, seek) and the player thread. Seeking backwards
+rebuilds the aggregate from the start of the file (memory stays bounded however long the
+recording is); the rebuild runs in the player thread while the last complete aggregate stays on
+show, so the UI never waits for it. Never draws, never traces; the only thread that feeds the
+aggregate is the player.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Iterator
+from operator import attrgetter
+
+from kvmtop.events import ExitBatch
+from kvmtop.recording import Recording, open_recording
+from kvmtop.sources import SourceStatus, command_line
+from kvmtop.stats import ExitStats, StatsSnapshot, VcpuSnapshot
+
+SPEEDS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 200.0)
+TICK_S = 0.05  # the player feeds what the clock passed 20 times a second
+BATCH = 4096  # events per read: large enough for speed, small enough to notice a new seek soon
+NS = 1_000_000_000
+END_OF_TIME = 2**62
+_exit_ns = attrgetter("exit_ns")
+
+
+class Replay:
+    """A recording played at ``speed`` times real time. All methods return at once; the player
+    thread catches up (:attr:`settled` says when it has)."""
+
+    def __init__(self, path: str, speed: float = 1.0, paused: bool = False) -> None:
+        self.recording: Recording = open_recording(path)  # RecordingError before any thread
+        self.path = path
+        self.start_ns = self.recording.meta.start_ns
+        self.end_ns: int | None = None  # known once the player has read the whole file
+        self.speed = speed
+        self.paused = paused
+        self._lock = threading.Condition()
+        self._clock_ns = self.start_ns  # the clock's reading at _clock_wall
+        self._clock_wall = time.monotonic()
+        self._goal: float | None = None  # a seek_to() waiting for the end to be known
+        self._rebuild = False
+        self._closing = False
+        self._shown: tuple[ExitStats, int] = (ExitStats(), self.start_ns)
+        self._work: ExitStats = self._shown[0]
+        self._work_ns = self.start_ns
+        self._rebuilding = False
+        self._batches: Iterator[ExitBatch] = self.recording.batches(BATCH)
+        self._pending: ExitBatch | None = None
+        self._thread = threading.Thread(target=self._run, name="kvmtop-replay", daemon=True)
+        self._thread.start()
+
+    # --- the clock (any thread) ----------------------------------------------------------------
+
+    def position_ns(self) -> int:
+        """Where the clock is now (the player may still be catching up with it)."""
+        with self._lock:
+            return self._position(time.monotonic())
+
+    def _position(self, wall: float) -> int:
+        """Called with the lock held."""
+        pos = self._clock_ns
+        if not self.paused:
+            pos += int((wall - self._clock_wall) * NS * self.speed)
+        if self._goal is not None:
+            pos = max(pos, self._work_ns)  # reading on to find the end
+        if self.end_ns is not None:
+            pos = min(pos, self.end_ns)
+        return max(self.start_ns, pos)
+
+    def _set_clock(self, position_ns: int) -> None:
+        """Called with the lock held."""
+        self._clock_wall = time.monotonic()
+        self._clock_ns = max(self.start_ns, position_ns)
+        if self.end_ns is not None:
+            self._clock_ns = min(self._clock_ns, self.end_ns)
+        if self._clock_ns < self._work_ns:
+            self._rebuild = True
+        self._lock.notify()
+
+    def toggle_pause(self) -> None:
+        with self._lock:
+            self._set_clock(self._position(time.monotonic()))
+            self.paused = not self.paused
+
+    def faster(self, step: int) -> None:
+        """Move ``step`` places along SPEEDS (negative: slower)."""
+        with self._lock:
+            self._set_clock(self._position(time.monotonic()))
+            i = min(range(len(SPEEDS)), key=lambda k: abs(SPEEDS[k] - self.speed))
+            self.speed = SPEEDS[max(0, min(len(SPEEDS) - 1, i + step))]
+
+    def seek(self, delta_s: float) -> None:
+        """Move the clock by ``delta_s`` seconds of recording time (negative: back)."""
+        with self._lock:
+            position = self._position(time.monotonic())
+            self._goal = None
+            self._set_clock(position + int(delta_s * NS))
+
+    def seek_to(self, fraction: float) -> None:
+        """Jump to a fraction of the recording: 0 is its start, 1 its end. Before the end is
+        known, the player reads on to it first."""
+        fraction = max(0.0, min(1.0, fraction))
+        with self._lock:
+            if self.end_ns is None:
+                self._goal = fraction
+                self._set_clock(self._work_ns)
+            else:
+                self._goal = None
+                self._set_clock(self.start_ns + int((self.end_ns - self.start_ns) * fraction))
+
+    # --- what the views read (any thread) ----------------------------------------------------
+
+    def version(self) -> object:
+        return (
+            self._shown,
+            self.paused,
+            self.speed,
+            self.end_ns,
+            self.settled,
+            self._work_ns // NS,
+        )
+
+    def snapshot(self, top: int | None = 8) -> StatsSnapshot:
+        stats, now = self._shown
+        return stats.snapshot(now, top=top)
+
+    def vcpu_snapshot(self, vcpu: int, top: int | None = 10) -> VcpuSnapshot | None:
+        stats, now = self._shown
+        return stats.vcpu_snapshot(vcpu, now, top=top)
+
+    @property
+    def stats(self) -> ExitStats:
+        return self._shown[0]
+
+    def now_ns(self) -> int:
+        """The recording time the aggregate on show has reached."""
+        return self._shown[1]
+
+    @property
+    def settled(self) -> bool:
+        """True when the aggregate on show is at the clock's position."""
+        with self._lock:
+            return self._caught_up(self._position(time.monotonic()))
+
+    def _caught_up(self, target: int) -> bool:
+        """Called with the lock held."""
+        if self._rebuild or self._rebuilding or self._goal is not None:
+            return False
+        return self._work_ns >= target
+
+    def wait_settled(self, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.settled:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.005)
+        return True
+
+    def status(self) -> SourceStatus:
+        meta = self.recording.meta
+        with self._lock:
+            target = self._position(time.monotonic())
+            busy = self._rebuild or self._rebuilding or self._goal is not None
+            done = self._work_ns
+        shown = self._shown[1]
+        if busy or target - shown > NS // 2:
+            if self._goal is not None:
+                state = f"seeking: read {(done - self.start_ns) / NS:.0f} s"
+            else:
+                span = max(1, target - self.start_ns)
+                state = f"seeking {min(99, 100 * max(0, done - self.start_ns) // span)}%"
+        elif self.end_ns is not None and shown >= self.end_ns:
+            state = "replay ended"
+        elif self.paused:
+            state = "paused"
+        else:
+            state = f"replay {self.speed:g}x"
+        length = None if self.end_ns is None else (self.end_ns - self.start_ns) / NS
+        return SourceStatus(
+            title=f"{self.path}: pid {meta.pid}  {command_line(meta.argv)}",
+            state=state,
+            since_s=(shown - self.start_ns) / NS,
+            live=False,
+            length_s=length,
+            busy=state.startswith("seeking"),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        self._thread.join(5.0)
+
+    # --- the player thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    if self._closing:
+                        return
+                    target = self._position(time.monotonic())
+                    if self._rebuild:
+                        self._rebuild = False
+                        self._rebuilding = True
+                        self._work = ExitStats()
+                        self._work_ns = self.start_ns
+                        self._batches = self.recording.batches(BATCH)
+                        self._pending = None
+                    slack = 0 if self.paused else int(TICK_S * NS * self.speed)
+                    if not self._caught_up(target - slack):  # playing: feed once a tick
+                        break
+                    at_rest = self.paused or (self.end_ns is not None and target >= self.end_ns)
+                    self._lock.wait(None if at_rest else TICK_S)
+                if self._goal is not None:
+                    target = END_OF_TIME
+            finished = self._feed_one(self._work, target)
+            with self._lock:
+                if self._rebuild:
+                    continue  # a newer seek came: start on that one
+                if finished or not self._rebuilding:
+                    self._shown = (self._work, self._work_ns)
+                    self._rebuilding = self._rebuilding and not finished
+                if finished and self._goal is not None and self.end_ns is not None:
+                    goal, self._goal = self._goal, None
+                    self._set_clock(self.start_ns + int((self.end_ns - self.start_ns) * goal))
+
+    def _feed_one(self, stats: ExitStats, target_ns: int) -> bool:
+        """Feed at most one batch up to ``target_ns``; True once nothing before it is left."""
+        batch = self._pending
+        if batch is None:
+            batch = next(self._batches, None)
+            if batch is None:
+                end = self._work_ns
+                if self.recording.end is not None:
+                    end = max(end, self.recording.end.t_ns)
+                self.end_ns = end
+                self._work_ns = max(self._work_ns, min(target_ns, end))
+                return True
+        events = batch.events
+        if events and events[-1].exit_ns > target_ns:
+            cut = bisect.bisect_right(events, target_ns, key=_exit_ns)
+            stats.add_batch(ExitBatch(events[:cut], batch.vcpus))
+            # stops and losses were counted up to the batch's end: they stay with its last exit,
+            # so where a seek or a tick cuts the batch never changes what is shown
+            self._pending = ExitBatch(events[cut:], (), batch.lost, batch.stops)
+            self._work_ns = target_ns
+            return True
+        stats.add_batch(batch)
+        self._pending = None
+        if events:
+            self._work_ns = max(self._work_ns, events[-1].exit_ns)
+        return False

@@ -1,0 +1,71 @@
+"""The attached view: one line per vCPU, the whole VM's exit reasons as bars, its latencies and
+busiest IO ports and MMIO addresses, and the status line."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Static
+
+from kvmtop.screens.requests import BackRequested, DetachRequested
+from kvmtop.screens.vcpu import VcpuScreen
+from kvmtop.screens.watch import WatchScreen
+from kvmtop.sources import LiveSource, SourceStatus
+from kvmtop.stats import StatsSnapshot
+from kvmtop.widgets.latency_pane import LatencyPane
+from kvmtop.widgets.reason_bars import ReasonBars
+from kvmtop.widgets.status_line import StatusLine
+from kvmtop.widgets.top_targets import TopTargets
+from kvmtop.widgets.vcpu_table import VcpuTable
+
+
+class AttachedScreen(WatchScreen):
+    """Enter on a vCPU opens its drill-down; `d` detaches; Esc goes back to the process list."""
+
+    BINDINGS = [
+        Binding("d", "detach", "Detach", tooltip="Detach from the VMM (it runs on untraced)"),
+        Binding("escape", "back", "Back", tooltip="Back to the process list (tracing goes on)"),
+    ]
+
+    _shown_state = ""
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="title")
+        with Vertical(id="body"):
+            yield VcpuTable(id="vcpus")
+            yield ReasonBars(title="exit reasons, whole VM")
+            with Horizontal(id="vm-row"):
+                yield LatencyPane()
+                yield TopTargets()
+        yield StatusLine()
+        yield Footer()
+
+    def on_mount(self) -> None:  # (Textual then runs WatchScreen.on_mount too)
+        self.query_one(VcpuTable).focus()
+
+    def show(self, snap: StatsSnapshot, status: SourceStatus) -> None:
+        if status.state != self._shown_state:  # e.g. detached: `d` leaves the footer
+            self._shown_state = status.state
+            self.refresh_bindings()
+        self.query_one("#title", Static).update(status.title)
+        self.query_one(VcpuTable).show(snap.vcpus)
+        self.query_one(ReasonBars).show(snap.reasons, snap.total)
+        self.query_one(LatencyPane).show(snap.reasons)
+        self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact)
+
+    def on_vcpu_table_selected(self, event: VcpuTable.Selected) -> None:
+        self.app.push_screen(VcpuScreen(self.source, event.vcpu))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "detach":
+            return isinstance(self.source, LiveSource) and self.source.attached
+        if action == "back":
+            return isinstance(self.source, LiveSource)  # a replay has no process list
+        return super().check_action(action, parameters)
+
+    def action_detach(self) -> None:
+        self.post_message(DetachRequested())
+
+    def action_back(self) -> None:
+        self.post_message(BackRequested())

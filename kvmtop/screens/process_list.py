@@ -1,0 +1,176 @@
+"""The process list: the KVM processes on this machine, refreshed every 2 s, filtered as you
+type, sorted by a key; attaching to one is a request to the app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Input, Static
+
+from kvmtop.discovery import KvmProcess, list_kvm_processes
+from kvmtop.screens.requests import AttachRequested, DemoRequested, DetachRequested
+from kvmtop.units import elapsed, size
+
+PROCESS_REFRESH_S = 2.0
+COLUMNS = ("PID", "USER", "COMMAND", "VCPUS", "CPU%", "RSS", "UPTIME", "TRACED BY")
+SORTS: dict[str, Callable[[KvmProcess], tuple[object, ...]]] = {
+    "pid": lambda p: (p.pid,),
+    "CPU%": lambda p: (-p.cpu_percent, p.pid),
+    "vCPUs": lambda p: (-p.vcpus, p.pid),
+    "command": lambda p: (p.name, p.pid),
+    "RSS": lambda p: (-p.rss, p.pid),
+    "uptime": lambda p: (-p.uptime_s, p.pid),
+}
+
+
+class ProcessListScreen(Screen[None]):
+    """KVM processes; `/` filters, `s` sorts, `a`/Enter attaches, `m` starts the demo."""
+
+    BINDINGS = [
+        Binding("a", "attach", "Attach", tooltip="Attach to the selected VMM"),
+        Binding("enter", "attach", "Attach", show=False, tooltip="Attach to the selected VMM"),
+        Binding("slash", "filter", "Filter", tooltip="Filter by pid, user or command as you type"),
+        Binding("s", "sort", "Sort", tooltip="Sort by the next column"),
+        Binding("m", "demo", "Demo", tooltip="Start the built-in demo guest and attach to it"),
+        Binding("d", "detach", "Detach", tooltip="Detach from the VMM being traced"),
+        Binding("escape", "clear_filter", "Clear filter", show=False,
+                tooltip="Clear the filter"),
+    ]  # fmt: skip
+
+    def __init__(
+        self,
+        lister: Callable[[], list[KvmProcess]] = list_kvm_processes,
+        attached: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        super().__init__()
+        self.lister = lister
+        self.attached = attached  # the pid kvmtop traces now, if any
+        self.procs: list[KvmProcess] = []
+        self.sort_key = "pid"
+        self.filter_text = ""
+        self.listed = False  # the first listing has arrived
+
+    def compose(self) -> ComposeResult:
+        yield Static("kvmtop: KVM processes on this machine", id="title")
+        yield Input(placeholder="filter by pid, user or command", id="filter")
+        yield Static("looking for KVM processes...", id="empty")
+        yield DataTable(id="procs", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        for name in COLUMNS:
+            table.add_column(name, key=name)
+        self.query_one("#filter").display = False
+        table.focus()
+        self.refresh_processes()
+        self.set_interval(PROCESS_REFRESH_S, self.refresh_processes)
+
+    @work(thread=True, exclusive=True)
+    def refresh_processes(self) -> None:
+        procs = self.lister()  # psutil and /proc: never on the UI thread
+        self.app.call_from_thread(self._show, procs)
+
+    def on_screen_resume(self) -> None:
+        self.refresh_processes()  # back from the attached view: the TRACED BY column changed
+
+    def _show(self, procs: list[KvmProcess]) -> None:
+        self.procs = procs
+        self.listed = True
+        table = self.query_one(DataTable)
+        selected = self.selected_pid
+        table.clear()
+        attached = self.attached()
+        for p in self._visible():
+            traced = "kvmtop" if p.pid == attached else (str(p.tracer_pid) if p.tracer_pid else "")
+            table.add_row(
+                Text(str(p.pid), justify="right"), p.user, p.name[:40],
+                Text(str(p.vcpus), justify="right"), Text(f"{p.cpu_percent:.0f}", justify="right"),
+                Text(size(p.rss), justify="right"), Text(elapsed(p.uptime_s), justify="right"),
+                traced, key=str(p.pid),
+            )  # fmt: skip
+        if selected is not None and str(selected) in table.rows:
+            table.move_cursor(row=table.get_row_index(str(selected)))
+        empty = self.query_one("#empty", Static)
+        if not procs:
+            empty.update(
+                "No KVM process found on this machine (or none this user may inspect).\n"
+                "Press [b]m[/b] to start the built-in demo guest and watch its exits."
+            )
+        elif not table.row_count:
+            empty.update(f"No KVM process matches {self.filter_text!r} (Esc clears the filter).")
+        empty.display = not table.row_count
+        shown = (
+            f"{len(procs)}"
+            if table.row_count == len(procs)
+            else f"{table.row_count} of {len(procs)}"
+        )
+        self.query_one("#title", Static).update(
+            f"kvmtop: KVM processes on this machine ({shown}, sorted by {self.sort_key}, "
+            f"refreshed every {PROCESS_REFRESH_S:g} s)"
+        )
+        self.refresh_bindings()  # `d` shows only while attached
+
+    def _visible(self) -> list[KvmProcess]:
+        needle = self.filter_text.lower()
+        procs = [
+            p for p in self.procs
+            if not needle or needle in f"{p.pid} {p.user} {p.name} {' '.join(p.cmdline)}".lower()
+        ]  # fmt: skip
+        return sorted(procs, key=SORTS[self.sort_key])
+
+    @property
+    def selected_pid(self) -> int | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        row_key, _ = table.coordinate_to_cell_key(table.cursor_coordinate)
+        return int(row_key.value) if row_key.value else None
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "detach":
+            return self.attached() is not None  # shown only while attached
+        return True
+
+    def action_attach(self) -> None:
+        pid = self.selected_pid
+        if pid is not None:
+            self.post_message(AttachRequested(pid))
+
+    def action_detach(self) -> None:
+        self.post_message(DetachRequested())
+
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.value = ""
+        box.display = False
+        self.query_one(DataTable).focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.filter_text = event.value
+        self._show(self.procs)
+
+    def on_input_submitted(self, _event: Input.Submitted) -> None:
+        self.query_one(DataTable).focus()
+
+    def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
+        self.action_attach()
+
+    def action_sort(self) -> None:
+        keys = list(SORTS)
+        self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
+        self.notify(f"sorted by {self.sort_key}", timeout=1.5)
+        self._show(self.procs)
+
+    def action_demo(self) -> None:
+        self.post_message(DemoRequested())
