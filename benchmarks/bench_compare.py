@@ -8,6 +8,9 @@ IO exit in kvmtop's recording, and in `strace -ttt`'s output (so neither counts 
 start-up under tracing). Untraced: wall time minus that of a guest making no exits.
 In attach mode the guest first spins (no exits) while kvmtop attaches. Peak RSS: kvmtop's own,
 from attach mode (there QEMU is not kvmtop's child, so it is not counted in).
+
+The cost of the recording file: the same launch, traced by a TraceSession with and without a
+recording (rates from the aggregate's first and last exit, in both rows alike).
 """
 
 from __future__ import annotations
@@ -56,6 +59,27 @@ def recording_rate(out: str) -> float:
     return (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1e9)
 
 
+SESSION = """
+import sys
+from kvmtop.session import TraceSession
+out = sys.argv[1] or None
+session = TraceSession(record_path=out)
+session.launch(sys.argv[2:], one_stop=True)
+session.wait_attached()
+session.ended.wait()
+stats = session.stats
+session.close()
+print((stats.total - 1) / ((stats.last_ns - stats.first_ns) / 1e9))
+"""
+
+
+def session_rate(argv: list[str], out: str | None) -> float:
+    """Exits/s of a launch traced by a TraceSession that records to ``out`` (None: no file)."""
+    done = subprocess.run([sys.executable, "-c", SESSION, out or "", *argv], check=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    return float(done.stdout)
+
+
 def attach_run(bios: str, out: str) -> tuple[float, int, int]:
     """(exits/s, exits, kvmtop's peak RSS in KiB) for kvmtop attached to a running QEMU."""
     vmm = subprocess.Popen(qemu_command(bios), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -77,7 +101,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     n = args.exits
-    runs: dict[str, list[float]] = {k: [] for k in ("untraced", "strace", "launch", "attach")}
+    keys = ("untraced", "strace", "launch", "attach", "no file", "file")
+    runs: dict[str, list[float]] = {k: [] for k in keys}
     rss: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         busy, empty, spin = (os.path.join(tmp, f) for f in ("busy.bin", "empty.bin", "spin.bin"))
@@ -98,6 +123,8 @@ def main() -> None:
             rate, _exits, peak = attach_run(spin, out)
             runs["attach"].append(rate)
             rss.append(peak)
+            runs["no file"].append(session_rate(qemu_command(busy), None))
+            runs["file"].append(session_rate(qemu_command(busy), os.path.join(tmp, "s.kvmtop")))
         bytes_per_exit = (os.path.getsize(out) - os.path.getsize(out) % 32) / (n + 1)
 
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -109,6 +136,9 @@ def main() -> None:
     for key, name in names.items():
         print(f"| {name} | {med[key]:,.0f} | {med[key] / med['strace']:.2f}x | "
               f"{med[key] / med['untraced']:.3f}x |")  # fmt: skip
+    cost = 1 - med["file"] / med["no file"]
+    print(f"\nlaunch, aggregate only: {med['no file']:,.0f} exits/s; with the recording file: "
+          f"{med['file']:,.0f} exits/s (the file costs {cost:.1%})")  # fmt: skip
     print(
         f"\nkvmtop peak RSS (attach mode): {max(rss) / 1024:.1f} MiB; recording: "
         f"{bytes_per_exit:.1f} bytes per exit (header included)"

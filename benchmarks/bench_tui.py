@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from guests.qemu_bios import build_bios, qemu_command  # noqa: E402
+from guests.qemu_bios import qemu_command, write_bios  # noqa: E402
 
 from kvmtop.app import AttachedScreen, KvmtopApp  # noqa: E402
 from kvmtop.session import SessionState  # noqa: E402
@@ -81,9 +81,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        bios = os.path.join(tmp, "busy.bin")
-        with open(bios, "wb") as f:
-            f.write(build_bios(outs=args.exits, mmio_writes=0))
+        bios = write_bios(os.path.join(tmp, "busy.bin"), outs=args.exits)
         argv = qemu_command(bios)
         _, lags, actions, total = asyncio.run(tui_run(argv))
         tui_s = statistics.median(asyncio.run(tui_rate(argv)) for _ in range(args.repeat))

@@ -21,6 +21,13 @@ def build_bios(outs: int, mmio_writes: int, spin_iterations: int = 0) -> bytes:
     return bytes(image)
 
 
+def write_bios(path: str, outs: int, mmio_writes: int = 0, spin_iterations: int = 0) -> str:
+    """:func:`build_bios` written to ``path``; returns the path."""
+    with open(path, "wb") as f:
+        f.write(build_bios(outs, mmio_writes, spin_iterations))
+    return path
+
+
 def qemu_command(bios_path: str, *extra: str) -> list[str]:
     return [
         "qemu-system-x86_64", "-enable-kvm", "-bios", bios_path, "-nodefaults",
