@@ -10,6 +10,7 @@ code. Tracebacks only with ``--debug``.
     kvmtop record [-o FILE] [--data] -- CMD [ARGS...]
     kvmtop report FILE [--json]
     kvmtop list [--json]
+    kvmtop stats -p PID [--interval S] [--count N] [--json]
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the KVM processes on this machine")
     lst.add_argument("--json", action="store_true", help="print JSON")
 
+    sts = sub.add_parser("stats", help="KVM's own counters of a VM, live (attaches only briefly)")
+    sts.add_argument("-p", "--pid", type=int, required=True, help="the VMM's pid")
+    sts.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    sts.add_argument("--count", type=int, help="stop after N samples")
+    sts.add_argument("--json", action="store_true", help="one JSON object per sample")
+
     rpl = sub.add_parser("replay", help="play a recording in the TUI")
     rpl.add_argument("file")
 
@@ -120,6 +127,12 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         return list_processes(args.json)
     from kvmtop.app import run_tui  # Textual loads only for the TUI
 
+    if args.command == "stats":
+        from kvmtop.stats_cli import run_stats
+
+        if args.interval <= 0:
+            raise UsageError("--interval must be above 0")
+        return run_stats(args.pid, args.interval, args.json, args.count, sys.stdout)
     if args.command == "replay":
         return run_tui(replay=args.file)
     if args.command == "demo":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import errno
 import fcntl
 import json
@@ -188,7 +189,12 @@ class MiniVm:
     def run_all(self, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]) -> None:
         failures: list[BaseException] = []
 
+        left = [len(self.programs)]
+        lock = threading.Lock()
+        all_done = threading.Event()
+
         def body(index: int) -> None:
+            _name_this_thread(f"CPU {index}/KVM")  # as QEMU names its vCPU threads
             try:
                 if self.stagger_s:
                     time.sleep(index * self.stagger_s)
@@ -200,6 +206,11 @@ class MiniVm:
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 failures.append(exc)
                 self.stopping.set()
+            finally:
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        all_done.set()
 
         threads = [
             threading.Thread(target=body, args=(i,), name=f"CPU {i}/KVM", daemon=True)
@@ -207,9 +218,9 @@ class MiniVm:
         ]
         for t in threads:
             t.start()
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(0.05)
+        all_done.wait()  # blocked in one syscall until the vCPUs end (signals run handlers)
+        for t in threads:
+            t.join()
         if failures:
             raise failures[0]
 
@@ -252,6 +263,15 @@ def demo_command(
 
 
 COUNTED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN + 1)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_NAME = 15
+
+
+def _name_this_thread(name: str) -> None:
+    """The OS thread name (/proc/PID/task/TID/comm), at most 15 bytes."""
+    _libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def _signal_name(signum: int) -> str:

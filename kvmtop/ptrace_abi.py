@@ -21,6 +21,10 @@ from ptrace.binding.func import PTRACE_O_TRACESYSGOOD as PTRACE_O_TRACESYSGOOD
 from ptrace.binding.func import PTRACE_SYSCALL as PTRACE_SYSCALL
 from ptrace.binding.func import ptrace as ptrace
 from ptrace.binding.func import ptrace_geteventmsg as ptrace_geteventmsg
+from ptrace.binding.func import ptrace_getregs as ptrace_getregs
+
+# Register writes: for kvmtop.inject alone (KVM_GET_STATS_FD on the user's request).
+from ptrace.binding.func import ptrace_setregs as ptrace_setregs
 from ptrace.error import PtraceError as PtraceError
 
 # Missing from python-ptrace 0.9.9 (include/uapi/linux/ptrace.h).

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,9 @@ from kvmtop.events import (
     TracerMessage,
     VcpuSeen,
 )
-from kvmtop.procfs import check_attachable, permission_hint, task_ids, tgid_of
+from kvmtop.inject import MAX_ATTEMPTS, VM, StatsFds, StatsJob, run_job
+from kvmtop.procfs import check_attachable, fd_table, permission_hint, task_ids, tgid_of
+from kvmtop.stop_wait import StopWaiter
 from kvmtop.vcpu_maps import RunPage, open_run_page, vcpu_fds
 from kvmtop.xlat_exit import ExitReason
 
@@ -86,6 +89,9 @@ class _Process:
     pages: dict[int, RunPage] = field(default_factory=dict)  # VMM fd number -> run page
     detaching: str | None = None  # why, once a detach has begun
     detach_waiters: list[Future[Detached]] = field(default_factory=list)
+    stats_job: StatsJob | None = None  # KVM_GET_STATS_FD asked for, not yet done
+    stats_asked_ns: int = 0
+    stats_nudged: bool = False
 
 
 class Tracer:
@@ -132,6 +138,12 @@ class Tracer:
     def detach(self) -> Future[Detached]:
         return self._send("detach", None)
 
+    def stats_fds(self) -> Future[StatsFds]:
+        """KVM's binary stats fds of the traced VM and its vCPUs, made by one of its threads
+        (see :mod:`kvmtop.inject`); the caller owns the fds. Fails with OSError if the kernel
+        has no binary stats."""
+        return self._send("stats", None)
+
     def stop(self, timeout: float = 2.0) -> None:
         """Detach if attached, then end the thread (bounded by ``timeout``)."""
         if self._thread.is_alive():
@@ -161,7 +173,7 @@ class Tracer:
         """Makes sure exits reach ``out`` within FLUSH_INTERVAL_S even when the guest goes quiet."""
         while self._thread.is_alive():
             time.sleep(FLUSH_INTERVAL_S)
-            if self._unflushed:
+            if self._unflushed or (self._proc is not None and self._proc.stats_job is not None):
                 self._kick()
 
     # --- the tracing thread ------------------------------------------------------------------
@@ -200,31 +212,33 @@ class Tracer:
             os.close(read_end)
 
     def _loop(self) -> None:
-        waitpid = os.waitpid
         monotonic_ns = time.monotonic_ns
-        threads = self._threads
+        wait = StopWaiter(WAIT_FLAGS).wait
+        dispatch = self._dispatch
         while not self._quit:
-            tid, status = waitpid(-1, WAIT_FLAGS)
-            now = monotonic_ns()
-            th = threads.get(tid)
-            if th is not None and (status & 0xFF) == 0x7F:  # WIFSTOPPED
-                self._stops += 1
-                try:
-                    if (status >> 8) == SYSCALL_STOP:
-                        self._syscall_stop(th, now)
-                    else:
-                        self._other_stop(th, status)
-                except pt.PtraceError as exc:
-                    if exc.errno != errno_module.ESRCH:
-                        raise
-                    # Killed while stopped (exit_group, SIGKILL need no tracer): its exit
-                    # status follows, and is handled like any other.
-                if len(self._events) >= BATCH_MAX:
-                    self._flush()
-            elif tid == self._kicker:
-                self._on_kicker(status)
-            else:
-                self._on_exit_or_stranger(tid, status, th)
+            tid, status = wait()
+            dispatch(tid, status, monotonic_ns())
+
+    def _dispatch(self, tid: int, status: int, now: int) -> None:
+        th = self._threads.get(tid)
+        if th is not None and (status & 0xFF) == 0x7F:  # WIFSTOPPED
+            self._stops += 1
+            try:
+                if (status >> 8) == SYSCALL_STOP:
+                    self._syscall_stop(th, now)
+                else:
+                    self._other_stop(th, status)
+            except pt.PtraceError as exc:
+                if exc.errno != errno_module.ESRCH:
+                    raise
+                # Killed while stopped (exit_group, SIGKILL need no tracer): its exit
+                # status follows, and is handled like any other.
+            if len(self._events) >= BATCH_MAX:
+                self._flush()
+        elif tid == self._kicker:
+            self._on_kicker(status)
+        else:
+            self._on_exit_or_stranger(tid, status, th)
 
     # Per KVM exit: 2 stops (KVM_RUN entry and exit), each costing waitpid +
     # PTRACE_GET_SYSCALL_INFO + PTRACE_SYSCALL = 3 syscalls; the exit is read from our own
@@ -232,6 +246,19 @@ class Tracer:
     def _syscall_stop(self, th: _Thread, now: int) -> None:
         info = self._info.fetch(th.tid)
         op = info[0]
+        proc = th.proc
+        if proc.stats_job is not None and op == pt.PTRACE_SYSCALL_INFO_ENTRY:
+            if self._inject(th, pt.PTRACE_SYSCALL, _kvm_run_fd(info)):
+                return
+        if proc.one_stop:  # syscall stops only while a vCPU is created or stats are asked for
+            if op == pt.PTRACE_SYSCALL_INFO_EXIT and th.creating_vcpu:
+                th.creating_vcpu = False
+                rval = pt.SYSCALL_INFO_EXIT.unpack_from(info)[0]
+                if rval >= 0:
+                    self._forget_page(proc, rval)
+                    self._open_page(th, rval)
+            self._resume(th, 0)
+            return
         if op == pt.PTRACE_SYSCALL_INFO_ENTRY:
             nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
             if nr == HOST.SYS_IOCTL and (request >> 8) & 0xFF == KVMIO:
@@ -283,6 +310,9 @@ class Tracer:
     # the previous run ended with (nobody clears it), so that exit is read then. Per stop:
     # waitpid + PTRACE_GET_SYSCALL_INFO + PTRACE_CONT; the read costs no syscall.
     def _seccomp_stop(self, th: _Thread) -> None:
+        if th.proc.stats_job is not None:
+            if self._inject(th, pt.PTRACE_CONT, _kvm_run_fd(self._info.fetch(th.tid))):
+                return
         now = time.monotonic_ns()
         info = self._info.fetch(th.tid)
         _nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
@@ -394,8 +424,9 @@ class Tracer:
             if not any(t.proc is proc for t in self._threads.values()):
                 self._finish(proc, proc.detaching, None)
         elif proc.one_stop:  # only the seccomp filter stops it; or KVM_CREATE_VCPU's return
-            self._ptrace(pt.PTRACE_SYSCALL if th.creating_vcpu else pt.PTRACE_CONT, th, sig)
-        elif th.runner or th.budget > 0:
+            syscalls = th.creating_vcpu or proc.stats_job is not None
+            self._ptrace(pt.PTRACE_SYSCALL if syscalls else pt.PTRACE_CONT, th, sig)
+        elif th.runner or th.budget > 0 or proc.stats_job is not None:
             self._ptrace(pt.PTRACE_SYSCALL, th, sig)
         else:
             self._ptrace(pt.PTRACE_CONT, th, sig)
@@ -440,6 +471,10 @@ class Tracer:
     def _finish(self, proc: _Process, why: str, exit_status: int | None) -> None:
         if self._proc is not proc:
             return
+        if proc.stats_job is not None:
+            proc.stats_job.error = f"no KVM counters: {why}"
+            proc.stats_job.settle()
+            proc.stats_job = None
         if proc.one_stop:
             self._close_runs(proc, None)
         for fd in list(proc.pages):
@@ -474,6 +509,7 @@ class Tracer:
         else:
             self._kicker = self._spawn_kicker()  # someone killed it; a new one
         self._flush()
+        self._nudge_stats()
         while True:
             try:
                 command, arg, future = self._commands.get_nowait()
@@ -488,9 +524,76 @@ class Tracer:
                     self._begin_detach("detached", future)
                 elif command == "quit":
                     self._quit_when_detached(future)
+                elif command == "stats":
+                    self._start_stats(future)
             except KvmtopError as exc:
                 self.out.put(TracerFailed(str(exc), kind=type(exc).__name__))
                 future.set_exception(exc)
+
+    # --- KVM's own counters (kvmtop.inject) -------------------------------------------------------
+
+    def _start_stats(self, future: Future[StatsFds]) -> None:
+        proc = self._proc
+        if proc is None or proc.detaching is not None:
+            raise KvmtopError("not attached")
+        if proc.stats_job is not None:
+            raise KvmtopError("KVM's counters are being fetched already")
+        links = fd_table(proc.pid)
+        todo = [(vcpu, fd) for vcpu, fd in {v: f for f, v in vcpu_fds(proc.pid).items()}.items()]
+        todo += [(VM, fd) for fd, link in links.items() if link.startswith("anon_inode:kvm-vm")]
+        if not todo:
+            raise KvmtopError(f"pid {proc.pid} holds no VM or vCPU fd")
+        proc.stats_job = StatsJob(future, sorted(todo))
+        proc.stats_asked_ns = time.monotonic_ns()
+        proc.stats_nudged = False
+
+    def _nudge_stats(self) -> None:
+        """A busy vCPU's next KVM_RUN entry comes at once, and so does some thread's syscall.
+        If the job is not done after 0.2 s, the threads are interrupted: a blocking syscall
+        restarts (its entry comes again); a KVM_RUN returns EINTR, as for any signal, which
+        VMMs handle by running it again (an idle vCPU may not leave KVM_RUN for seconds)."""
+        proc = self._proc
+        if proc is None or proc.stats_job is None or proc.stats_nudged:
+            return
+        if time.monotonic_ns() - proc.stats_asked_ns > 200_000_000:
+            proc.stats_nudged = True
+            self._interrupt(proc, lambda th: True)
+
+    def _interrupt(self, proc: _Process, which: Callable[[_Thread], bool]) -> None:
+        for th in [t for t in self._threads.values() if t.proc is proc and which(t)]:
+            try:
+                pt.ptrace(pt.PTRACE_INTERRUPT, th.tid, 0, 0)
+            except pt.PtraceError as exc:
+                if exc.errno != errno_module.ESRCH:
+                    raise
+
+    def _inject(self, th: _Thread, resume: int, run_fd: int | None) -> bool:
+        """Go on with the stats job on ``th``, at a syscall entry. False: nothing was done, the
+        stop is handled as usual; True: handled (the stop that followed was dispatched)."""
+        proc = th.proc
+        job = proc.stats_job
+        assert job is not None
+        if proc.detaching is not None:
+            return False
+        run = None
+        if run_fd is not None:
+            page = proc.pages.get(run_fd) or self._open_page(th, run_fd)
+            run = (page.vcpu, run_fd) if page is not None else None
+        try:
+            status = run_job(job, th.tid, proc.pidfd, resume, run)
+        except pt.PtraceError as exc:
+            if exc.errno != errno_module.ESRCH:
+                raise
+            return True  # killed meanwhile: its exit status follows
+        if job.attempts >= MAX_ATTEMPTS and job.error is None:
+            job.error = "KVM_GET_STATS_FD kept being interrupted by signals"
+        if job.finished:
+            proc.stats_job = None
+            job.settle()
+        if status is None:
+            return False
+        self._dispatch(th.tid, status, time.monotonic_ns())
+        return True
 
     def _quit_when_detached(self, future: Future[Any]) -> None:
         future.set_result(None)
@@ -516,12 +619,7 @@ class Tracer:
         if proc.detaching is not None:
             return  # already under way
         proc.detaching = why
-        for th in [t for t in self._threads.values() if t.proc is proc]:
-            try:
-                pt.ptrace(pt.PTRACE_INTERRUPT, th.tid, 0, 0)
-            except pt.PtraceError as exc:
-                if exc.errno != errno_module.ESRCH:
-                    raise
+        self._interrupt(proc, lambda th: True)
         if not any(t.proc is proc for t in self._threads.values()):
             self._finish(proc, why, None)
 
@@ -646,6 +744,12 @@ IMMEDIATE_EXIT_OFFSET = 1  # offsetof(struct kvm_run, immediate_exit)
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 # Python ignores SIGPIPE and SIGXFSZ, and a launched command would inherit that.
 CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
+
+
+def _kvm_run_fd(info: memoryview) -> int | None:
+    """The vCPU fd, if the syscall entering is KVM_RUN."""
+    nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
+    return fd if nr == HOST.SYS_IOCTL and request & 0xFFFFFFFF == KVM_RUN else None
 
 
 def _exit_status(status: int) -> int:

@@ -3,6 +3,7 @@ cleaned up by the pid the test started."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -36,6 +37,24 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             proc.wait(10)
         except (subprocess.TimeoutExpired, ChildProcessError):
             pass
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    """A signal to one thread of another process."""
+    if _libc.tgkill(pid, tid, sig) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+def a_vcpu_thread(pid: int, index: int = 0) -> int:
+    """The thread of vCPU ``index`` of a minivmm (or QEMU): the one named "CPU i/KVM"."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            if f.read().strip() == f"CPU {index}/KVM":
+                return int(tid)
+    raise LookupError(f"pid {pid} has no thread for vCPU {index}")
 
 
 def wait_for_vcpus(pid: int, count: int = 1, timeout: float = 10.0) -> None:

@@ -154,3 +154,11 @@ PORT_NAMES: dict[int, str] = {
     0xCFE: "PCI config data+2",
     0xCFF: "PCI config data+3",
 }
+
+
+# Running a syscall in a tracee (kvmtop.inject, only for KVM_GET_STATS_FD): the 64-bit
+# `syscall` instruction, its user code segment, and its argument registers.
+SYS_CLOSE = 3
+SYSCALL_INSN = b"\x0f\x05"
+USER_CS_64 = 0x33
+SYSCALL_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")

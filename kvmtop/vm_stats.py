@@ -1,0 +1,144 @@
+"""A VM's KVM counters, held after a brief attach: every exit, also those KVM handles itself.
+
+:func:`take_stats` attaches to a VMM, has one of its threads make the stats fds (see
+:mod:`kvmtop.inject`) and detaches at once; or, while a tracing session is on, its tracer does
+the same. From then on :class:`VmStats` reads the counters with one pread per fd: no ptrace, no
+cost to the VM, for as long as kvmtop holds the fds. The fds keep the VM's kernel state alive,
+so they are closed as soon as the VMM exits (:meth:`VmStats.vmm_alive`).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from kvmtop.errors import KvmtopError
+from kvmtop.inject import StatsFds
+from kvmtop.kvm_stats import CUMULATIVE, StatDesc, StatsFile, StatsFormatError, Values
+
+
+class StatsUnavailable(KvmtopError):
+    """The kernel has no binary stats, or they could not be had from this VMM."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSample:
+    t_ns: int
+    vm: Values
+    vcpus: dict[int, Values]
+
+
+class VmStats:
+    """The stats fds of one VM (owned: :meth:`close` closes them)."""
+
+    def __init__(self, pid: int, fds: StatsFds) -> None:
+        self.pid = pid
+        self.made_by = fds.made_by  # which VMM thread made each fd (vCPU id or VM: tid)
+        self._pidfd: int | None = None
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except OSError:
+            pass  # already gone: vmm_alive() says so
+        self.vm: StatsFile | None = None
+        self.vcpus: dict[int, StatsFile] = {}
+        try:
+            self.vm = StatsFile(fds.vm) if fds.vm is not None else None
+            for vcpu, fd in sorted(fds.vcpus.items()):
+                self.vcpus[vcpu] = StatsFile(fd)
+        except (OSError, StatsFormatError) as exc:
+            _close_quietly(fds.vm)
+            for fd in fds.vcpus.values():
+                _close_quietly(fd)
+            raise StatsUnavailable(f"unreadable KVM stats: {exc}") from None
+
+    def descs(self, vcpu: bool = True) -> tuple[StatDesc, ...]:
+        f = next(iter(self.vcpus.values()), None) if vcpu else self.vm
+        return f.layout.descs if f is not None else ()
+
+    def sample(self) -> StatsSample:
+        return StatsSample(
+            time.monotonic_ns(),
+            self.vm.read() if self.vm is not None else {},
+            {vcpu: f.read() for vcpu, f in self.vcpus.items()},
+        )
+
+    def vmm_alive(self) -> bool:
+        if self._pidfd is None:
+            return False
+        return not select.select([self._pidfd], [], [], 0)[0]  # readable once it has exited
+
+    def close(self) -> None:
+        for f in (self.vm, *self.vcpus.values()):
+            if f is not None:
+                f.close()
+        self.vcpus.clear()
+        self.vm = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def _close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def rates(before: StatsSample, after: StatsSample, descs: tuple[StatDesc, ...],
+          values: Callable[[StatsSample], Values]) -> dict[str, float]:  # fmt: skip
+    """Per-second rates of the cumulative counters between two samples."""
+    dt = (after.t_ns - before.t_ns) / 1e9
+    if dt <= 0:
+        return {}
+    a, b = values(before), values(after)
+    out = {}
+    for d in descs:
+        if d.kind == CUMULATIVE and not d.histogram:
+            x, y = a.get(d.name), b.get(d.name)
+            if isinstance(x, int) and isinstance(y, int):
+                out[d.name] = (y - x) / dt
+    return out
+
+
+def vm_totals(sample: StatsSample, descs: tuple[StatDesc, ...]) -> dict[str, int]:
+    """The vCPU counters summed over the VM's vCPUs (cumulative ones only)."""
+    out = dict.fromkeys((d.name for d in descs if d.kind == CUMULATIVE and not d.histogram), 0)
+    for values in sample.vcpus.values():
+        for name in out:
+            v = values.get(name)
+            if isinstance(v, int):
+                out[name] += v
+    return out
+
+
+def settle_stats(pid: int, future: Future[StatsFds], timeout: float = 10.0) -> VmStats:
+    """The VmStats behind a tracer's :meth:`~kvmtop.tracer_thread.Tracer.stats_fds` answer."""
+    try:
+        fds = future.result(timeout)
+    except OSError as exc:
+        raise StatsUnavailable(f"no KVM counters for pid {pid}: {exc}") from None
+    except TimeoutError:
+        raise StatsUnavailable(f"no KVM counters for pid {pid}: no syscall stop came") from None
+    return VmStats(pid, fds)
+
+
+def take_stats(pid: int, timeout: float = 10.0) -> VmStats:
+    """Attach to ``pid``, take its stats fds, detach: the VMM runs on untraced."""
+    from kvmtop.tracer_thread import Tracer  # the tracer only for the moment of the attach
+
+    tracer = Tracer()
+    tracer.start()
+    try:
+        tracer.attach(pid).result(timeout)
+        try:
+            return settle_stats(pid, tracer.stats_fds(), timeout)
+        finally:
+            tracer.detach()
+    finally:
+        tracer.stop(timeout)

@@ -1,0 +1,237 @@
+"""KVM's own counters: the binary stats layout (pure), and stats fds taken from a real VMM by a
+brief attach, while its threads run on, signals and all, exactly as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import a_vcpu_thread, tgkill, wait_for_vcpus
+from guests.qemu_bios import build_bios, qemu_command
+
+from kvmtop.inject import VM
+from kvmtop.kvm_stats import (
+    CUMULATIVE,
+    LOG_HIST,
+    PEAK,
+    StatsFormatError,
+    decode_values,
+    histogram_percentile,
+    parse_layout,
+)
+from kvmtop.minivmm import counted_command
+from kvmtop.procfs import fd_table, tracer_pid
+from kvmtop.tracer_thread import Tracer
+from kvmtop.vm_stats import VmStats, settle_stats, take_stats
+
+KVMTOP = [sys.executable, "-m", "kvmtop"]
+NAME_SIZE = 48
+
+
+def stats_blob(descs: list[tuple[str, int, int, int, int]], data: list[int]) -> bytes:
+    """A stats file as KVM lays it out: (name, flags, exponent, size, bucket_size) each."""
+    ident = b"kvm-42/vcpu-0".ljust(NAME_SIZE, b"\0")
+    desc_offset = 24 + NAME_SIZE
+    step = 16 + NAME_SIZE
+    data_offset = desc_offset + len(descs) * step
+    out = struct.pack("<6I", 0, NAME_SIZE, len(descs), 24, desc_offset, data_offset) + ident
+    offset = 0
+    for name, flags, exponent, size, bucket_size in descs:
+        out += struct.pack("<IhHII", flags, exponent, size, offset, bucket_size)
+        out += name.encode().ljust(NAME_SIZE, b"\0")
+        offset += 8 * size
+    return out + struct.pack(f"<{len(data)}Q", *data)
+
+
+DESCS = [
+    ("exits", CUMULATIVE, 0, 1, 0),
+    ("halt_wait_ns", CUMULATIVE | 0x20, -9, 1, 0),  # seconds, base 10, exponent -9
+    ("max_rmap", PEAK, 0, 1, 0),
+    ("halt_wait_hist", LOG_HIST | 0x20, -9, 4, 0),
+]
+
+
+def test_descriptors_come_from_the_file_with_units_and_types():
+    blob = stats_blob(DESCS, [7, 1500, 3, 0, 1, 0, 9])
+    layout = parse_layout(blob)
+    assert layout.ident == "kvm-42/vcpu-0"
+    names = [d.name for d in layout.descs]
+    assert names == ["exits", "halt_wait_ns", "max_rmap", "halt_wait_hist"]
+    wait = layout.descs[1]
+    assert (wait.unit, wait.kind, wait.scale) == ("seconds", CUMULATIVE, 1e-9)
+    hist = layout.descs[3]
+    assert hist.histogram and hist.size == 4
+    values = decode_values(layout, blob[layout.data_offset :])
+    assert values == {"exits": 7, "halt_wait_ns": 1500, "max_rmap": 3,
+                      "halt_wait_hist": (0, 1, 0, 9)}  # fmt: skip
+    # log2 buckets: 0 holds 0, i holds [2**(i-1), 2**i): 9 of 10 values are in bucket 3 (4..7 ns)
+    assert histogram_percentile(hist, (0, 1, 0, 9), 0.5) == pytest.approx(4e-9)
+    assert histogram_percentile(hist, (0, 1, 0, 9), 0.05) == pytest.approx(1e-9)
+    assert histogram_percentile(hist, (0, 0, 0, 0), 0.5) is None
+
+
+@pytest.mark.parametrize("cut", [0, 10, 24, 80, 200])
+def test_a_truncated_stats_file_is_refused(cut):
+    blob = stats_blob(DESCS, [7, 1500, 3, 0, 1, 0, 9])
+    with pytest.raises(StatsFormatError):
+        layout = parse_layout(blob[:cut])
+        decode_values(layout, blob[layout.data_offset : cut])
+
+
+def test_an_implausible_header_is_refused():
+    with pytest.raises(StatsFormatError):
+        parse_layout(struct.pack("<6I", 0, 48, 10**6, 24, 72, 0) + bytes(100))
+
+
+def _signal_while(pid: int, tid: int, sig: int, until: threading.Event) -> list[int]:
+    sent = [0]
+
+    def run() -> None:
+        while not until.is_set():
+            tgkill(pid, tid, sig)
+            sent[0] += 1
+            time.sleep(0.01)
+
+    threading.Thread(target=run, daemon=True).start()
+    return sent
+
+
+def _take_under_signals(pid: int, tid: int, sig: int, settle: float = 0.0
+                        ) -> tuple[VmStats, int]:  # fmt: skip
+    """Attach, wait ``settle`` s, take the stats fds, detach, while ``sig`` rains on thread
+    ``tid``; (stats, signals sent)."""
+    done = threading.Event()
+    sent = _signal_while(pid, tid, sig, done)
+    tracer = Tracer()
+    tracer.start()
+    try:
+        tracer.attach(pid).result(10)
+        time.sleep(settle)  # the attach kicked every vCPU out of KVM_RUN: let them re-enter
+        try:
+            stats = settle_stats(pid, tracer.stats_fds())
+        finally:
+            tracer.detach().result(10)
+    finally:
+        tracer.stop()
+        done.set()
+        time.sleep(0.05)
+    return stats, sent[0]
+
+
+@pytest.mark.kvm
+def test_counters_after_detach_count_the_guests_exits(tmp_path, processes):
+    """Taken while the guest spins (no exits): the VMM's main thread, blocked in a syscall and
+    woken by signals, makes the VM's fd; the vCPU's own thread makes the vCPU's, once kvmtop
+    kicks it out of KVM_RUN. Then kvmtop detaches; KVM's counters show every exit."""
+    n = 20_000
+    own = tmp_path / "own.json"
+    vmm = subprocess.Popen(counted_command(outs=n, mmio_writes=0, spin=6_000_000,
+                                           report_json=str(own)))  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    vcpu_thread = a_vcpu_thread(vmm.pid)
+    before = fd_table(vmm.pid)
+    # signals to the main thread only: the vCPU spins in KVM_RUN, making no stop at all
+    stats, signals = _take_under_signals(vmm.pid, vmm.pid, signal.SIGUSR1, settle=0.1)
+    try:
+        assert fd_table(vmm.pid) == before  # the VMM's copies were closed
+        assert tracer_pid(vmm.pid) == 0  # detached: the counters cost the VM nothing
+        assert stats.vcpus.keys() == {0} and stats.vm is not None
+        # the VM's by its main thread, blocked in a syscall; the vCPU's by its own thread, at
+        # the entry of a KVM_RUN (another thread's ioctl would wait for the vCPU's mutex)
+        assert stats.made_by == {VM: vmm.pid, 0: vcpu_thread}
+        first = stats.sample()
+        assert vmm.wait(120) == 0
+        last = stats.sample()
+    finally:
+        stats.close()
+    grew = {k: last.vcpus[0][k] - first.vcpus[0][k]  # type: ignore[operator]
+            for k in ("exits", "io_exits", "insn_emulation")}  # fmt: skip
+    assert grew["exits"] > 0
+    # Each `out` is a hardware IO exit, or (real-mode code without "unrestricted guest", as under
+    # nested virtualization) an instruction KVM emulates, some without a VM exit at all; either
+    # way KVM counted it.
+    assert grew["io_exits"] + grew["insn_emulation"] >= n
+    report = json.loads(own.read_text())
+    assert report["exits"] == {"KVM_EXIT_IO": n + 1}
+    assert report["signals"] == {"SIGUSR1": signals}  # none lost, none doubled
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("signals", [False, True])
+def test_a_vcpu_thread_busy_in_kvm_run_makes_the_fds_and_loses_no_signal(
+    tmp_path, processes, signals
+):
+    n = 60_000
+    own = tmp_path / "own.json"
+    vmm = subprocess.Popen(counted_command(outs=n, mmio_writes=0, report_json=str(own)))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    time.sleep(0.2)  # well into its stream of port-IO exits
+    vcpu_thread = a_vcpu_thread(vmm.pid)
+    if signals:  # each kicks the vCPU out of KVM_RUN
+        stats, sent = _take_under_signals(vmm.pid, vcpu_thread, signal.SIGUSR2)
+    else:
+        stats, sent = take_stats(vmm.pid), 0
+    try:
+        assert vmm.poll() is None, "the guest ended before the fds were taken: raise n"
+        assert stats.made_by[0] == vcpu_thread  # at the entry of one of its KVM_RUNs
+        assert stats.sample().vcpus[0]["exits"] > 0
+    finally:
+        stats.close()
+    assert vmm.wait(120) == 0
+    report = json.loads(own.read_text())
+    assert report["exits"] == {"KVM_EXIT_IO": n + 1}
+    assert report["signals"] == ({"SIGUSR2": sent} if sent else {})
+
+
+@pytest.mark.kvm
+def test_the_stats_command_prints_json_per_interval(processes):
+    vmm = subprocess.Popen(counted_command(outs=2_000_000, mmio_writes=0, spin=2_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    result = subprocess.run([*KVMTOP, "stats", "-p", str(vmm.pid), "--json", "--count", "2",
+                             "--interval", "0.5"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 2 and lines[0]["pid"] == vmm.pid
+    assert lines[1]["t"] > lines[0]["t"] > 0
+    assert lines[1]["vcpus"]["0"]["exits"] >= lines[0]["vcpus"]["0"]["exits"] > 0
+    assert "exits" in lines[1]["rates"]["0"] and "vm" in lines[1]["rates"]
+    assert vmm.poll() is None and tracer_pid(vmm.pid) == 0  # runs on, untraced
+
+
+def test_stats_of_a_process_that_is_not_a_vmm_is_one_line():
+    result = subprocess.run([*KVMTOP, "stats", "-p", str(os.getpid())], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 4
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("kvmtop: ")
+
+
+@pytest.mark.qemu
+def test_qemu_keeps_running_exactly_after_its_counters_are_taken(tmp_path, processes):
+    """QEMU (main loop, RCU thread, vCPU thread): fds taken, its fd table as before, its guest
+    ends as it would (isa-debug-exit: status 1), and KVM counted the guest's port IO."""
+    n = 5_000
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=n, mmio_writes=0, spin_iterations=4_000_000))
+    vmm = subprocess.Popen(qemu_command(str(bios)), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    before = fd_table(vmm.pid)
+    stats = take_stats(vmm.pid)
+    try:
+        assert fd_table(vmm.pid) == before and tracer_pid(vmm.pid) == 0
+        assert vmm.wait(120) == 1
+        total = stats.sample().vcpus[0]
+    finally:
+        stats.close()
+    assert total["io_exits"] + total["insn_emulation"] >= n  # type: ignore[operator]
