@@ -8,7 +8,9 @@ code. Tracebacks only with ``--debug``.
     kvmtop replay FILE             the TUI playing a recording
     kvmtop record -p PID [-o FILE] [--duration S] [--data]
     kvmtop record [-o FILE] [--data] -- CMD [ARGS...]
-    kvmtop report FILE [--json]
+    kvmtop record ... --jsonl -    ... and one JSON line per exit to stdout
+    kvmtop report FILE [--json | --csv]
+    kvmtop export FILE --perfetto OUT.json | --csv OUT | --jsonl OUT     (OUT may be -)
     kvmtop list [--json]
 """
 
@@ -16,14 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from kvmtop import __version__
-from kvmtop.errors import KvmtopError, RecordingError, UsageError
+from kvmtop.errors import KvmtopError, OutputError, RecordingError, UsageError
+
+if TYPE_CHECKING:
+    from kvmtop.events import ExitBatch
+    from kvmtop.recording import Recording
 
 DEFAULT_RECORDING = "kvmtop.data"
 
@@ -66,7 +73,18 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="summarise a recording")
     rep.add_argument("file")
-    rep.add_argument("--json", action="store_true", help="print JSON")
+    rep_form = rep.add_mutually_exclusive_group()
+    rep_form.add_argument("--json", action="store_true", help="print JSON")
+    rep_form.add_argument("--csv", action="store_true", help="print the table as CSV")
+
+    exp = sub.add_parser("export", help="convert a recording for other tools (- is stdout)")
+    exp.add_argument("file")
+    exp_form = exp.add_mutually_exclusive_group(required=True)
+    exp_form.add_argument("--perfetto", metavar="OUT", help="Chrome JSON trace (ui.perfetto.dev)")
+    exp_form.add_argument("--csv", metavar="OUT", help="CSV, one row per exit")
+    exp_form.add_argument("--jsonl", metavar="OUT", help="JSON Lines, one object per exit")
+    exp.add_argument("--rate-bin", type=float, default=10.0, metavar="MS",
+                     help="Perfetto: the exit-rate counter's bin (10 ms)")  # fmt: skip
 
     lst = sub.add_parser("list", help="list the KVM processes on this machine")
     lst.add_argument("--json", action="store_true", help="print JSON")
@@ -115,7 +133,9 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if command is not None and args.command is not None:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
-        return report(args.file, args.json)
+        return report(args.file, "json" if args.json else "csv" if args.csv else "table")
+    if args.command == "export":
+        return export(args)
     if args.command == "list":
         return list_processes(args.json)
     from kvmtop.app import run_tui  # Textual loads only for the TUI
@@ -212,22 +232,78 @@ def record(
     return 0
 
 
-def report(path: str, as_json: bool) -> int:
-    from kvmtop.report import load_recording_stats, summary_json, summary_table
+def report(path: str, form: str) -> int:
+    from kvmtop.report import load_recording_stats, summary_csv, summary_json, summary_table
 
     recording, stats = load_recording_stats(path)
     meta = recording.meta_dict()
     snapshot = stats.snapshot(top=None)
-    if as_json:
+    if form == "json":
         print(json.dumps(summary_json(snapshot, meta), indent=2))
+    elif form == "csv":
+        print(summary_csv(snapshot), end="")
     else:
         print(summary_table(snapshot, meta))
-    if not recording.complete:
-        raise RecordingError(
-            f"{path} is truncated (no end marker{', torn last record' if recording.torn_bytes else ''}): "
-            f"the report covers the {snapshot.total} exits it holds"
-        )
+    _check_complete(recording, f"the report covers the {snapshot.total} exits it holds")
     return 0
+
+
+def _check_complete(recording: Recording, covered: str) -> None:
+    if not recording.complete:
+        torn = ", torn last record" if recording.torn_bytes else ""
+        raise RecordingError(f"{recording.path} is truncated (no end marker{torn}): {covered}")
+
+
+def export(args: argparse.Namespace) -> int:
+    """Stream a recording into another format: nothing is held but a little per vCPU."""
+    from kvmtop.export import csv_chunks, jsonl_chunks, open_output, write_chunks
+    from kvmtop.perfetto import PerfettoTrace
+
+    if args.rate_bin <= 0:
+        raise UsageError("--rate-bin takes a number of milliseconds above 0")
+    from kvmtop.recording import open_recording
+
+    recording = open_recording(args.file)
+    start = recording.meta.start_ns
+    total = [0]
+
+    def counted() -> Iterator[ExitBatch]:
+        for batch in recording.batches():
+            total[0] += len(batch.events)
+            yield batch
+
+    dest = args.perfetto or args.csv or args.jsonl
+    if dest != "-" and os.path.exists(dest) and os.path.samefile(dest, args.file):
+        raise OutputError(f"cannot write {dest}: it is the recording being exported")
+    if args.perfetto:
+        chunks = PerfettoTrace(recording.meta, int(args.rate_bin * 1e6)).chunks(counted())
+    elif args.csv:
+        chunks = csv_chunks(counted(), start)
+    else:
+        chunks = jsonl_chunks(counted(), start)
+    out = open_output(dest)
+    try:
+        write_chunks(chunks, out, dest)
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
+    except KvmtopError:
+        if out is not sys.stdout and os.path.isfile(dest):
+            os.unlink(dest)  # not a file to open later, half-written
+        raise
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    _check_complete(recording, f"exported the {total[0]} exits it holds")
+    return 0
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: send what is left for stdout to /dev/null, so that the interpreter's
+    last flush does not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def list_processes(as_json: bool) -> int:
