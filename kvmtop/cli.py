@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import sys
 import time
@@ -57,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
     rec.add_argument("-p", "--pid", type=int, help="attach to this running VMM")
     rec.add_argument(
-        "-o", "--output", default=DEFAULT_RECORDING, help=f"recording file ({DEFAULT_RECORDING})"
+        "-o", "--output", help=f"recording file ({DEFAULT_RECORDING}; none with --jsonl)"
+    )
+    rec.add_argument(
+        "--jsonl",
+        metavar="OUT",
+        help="also stream one JSON line per exit to OUT (- is stdout; the summary then goes to "
+        "stderr); no recording file unless -o is given",
     )
     rec.add_argument("--duration", type=float, help="stop after this many seconds")
     rec.add_argument(
@@ -127,9 +134,9 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
             raise UsageError("record takes -p PID or -- CMD [ARGS...], not both")
         if args.pid is None and command is None:
             raise UsageError("record needs either -p PID or -- CMD [ARGS...]")
-        return record(
-            args.pid, command, args.output, args.duration, args.data, args.json, not args.no_seccomp
-        )
+        output = args.output or (None if args.jsonl else DEFAULT_RECORDING)
+        return record(args.pid, command, output, args.duration, args.data, args.json,
+                      not args.no_seccomp, args.jsonl)  # fmt: skip
     if command is not None and args.command is not None:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
@@ -150,20 +157,27 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 def record(
     pid: int | None,
     command: list[str] | None,
-    output: str,
+    output: str | None,
     duration: float | None,
     with_data: bool,
     as_json: bool,
     one_stop: bool = True,
+    jsonl: str | None = None,
 ) -> int:
-    """Trace until the VMM exits, Ctrl-C/SIGTERM, or ``duration``; then summarise. A launched
-    command runs under kvmtop's seccomp filter unless ``one_stop`` is False."""
+    """Trace until the VMM exits, Ctrl-C/SIGTERM, ``duration``, or the JSONL reader going away;
+    then summarise. A launched command runs under kvmtop's seccomp filter unless ``one_stop`` is
+    False."""
+    from kvmtop.export import JsonlStream
     from kvmtop.report import summary_json, summary_table
     from kvmtop.session import SessionState, TraceSession
 
-    session = TraceSession(
-        record_path=output, with_data=with_data, keep_old=output == DEFAULT_RECORDING
-    )
+    to_stdout = jsonl == "-"
+    stream = JsonlStream(jsonl) if jsonl is not None else None
+    session = TraceSession(record_path=output, with_data=with_data,
+                           keep_old=output == DEFAULT_RECORDING, exit_sink=stream,
+                           child_stdout_to_stderr=to_stdout)  # fmt: skip
+    summary_out = sys.stderr if to_stdout else sys.stdout
+    reader_gone = False
     stop_requested: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -181,8 +195,10 @@ def record(
         attached = session.wait_attached()
         what = " ".join(attached.argv) or str(attached.pid)
         verb = "launched" if attached.launched else "attached to"
+        dests = [output, "stdout (JSONL)" if to_stdout else jsonl and f"{jsonl} (JSONL)"]
+        where = " and ".join(d for d in dests if d)
         print(
-            f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {output}; Ctrl-C stops",
+            f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {where}; Ctrl-C stops",
             file=sys.stderr,
         )
         if attached.one_stop:
@@ -201,6 +217,9 @@ def record(
             if deadline is not None and time.monotonic() >= deadline:
                 session.detach()
                 deadline = None
+            if to_stdout and not reader_gone and _stdout_reader_gone():
+                reader_gone = True  # also seen while the guest makes no exits
+                session.detach()
         if session.launched and session.exit_status is None:
             # Detached from a command we started: it is still our child; wait for it to end.
             print(f"kvmtop: detached; waiting for pid {session.pid} to exit", file=sys.stderr)
@@ -208,8 +227,13 @@ def record(
                 pass
     finally:
         session.close()
+        if stream is not None:
+            stream.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if to_stdout and (reader_gone or session.sink_closed):
+        _silence_stdout()
+        print("kvmtop: the JSONL reader closed its pipe; detached", file=sys.stderr)
     errors = [text for severity, text in session.take_notices() if severity == "error"]
     if session.state is SessionState.FAILED:
         raise KvmtopError(errors[-1] if errors else "attach failed")
@@ -223,9 +247,9 @@ def record(
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
             "one_stop": session.one_stop}  # fmt: skip
     if as_json:
-        print(json.dumps(summary_json(snapshot, meta), indent=2))
+        print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)
     else:
-        print(summary_table(snapshot, meta))
+        print(summary_table(snapshot, meta), file=summary_out)
     if session.launched:
         status = session.child_exit_status
         return status if status is not None else 0
@@ -296,6 +320,13 @@ def export(args: argparse.Namespace) -> int:
             out.close()
     _check_complete(recording, f"exported the {total[0]} exits it holds")
     return 0
+
+
+def _stdout_reader_gone() -> bool:
+    """A pipe's write end polls POLLERR once its reader has closed it (a file never does)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are reported unasked
+    return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
 
 
 def _silence_stdout() -> None:

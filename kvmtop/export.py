@@ -16,7 +16,7 @@ from typing import TextIO
 
 from kvmtop.decoder import describe_exit, exit_details, exit_label
 from kvmtop.errors import OutputError
-from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
+from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, Attached, ExitBatch, ExitEvent
 
 CSV_COLUMNS = ("vcpu", "reason", "errno", "entry_ns", "exit_ns", "guest_ns", "one_stop",
                "write", "detail_a", "detail_b", "description", "data")  # fmt: skip
@@ -91,3 +91,24 @@ def write_chunks(chunks: Iterable[str], out: TextIO, path: str) -> None:
         raise
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class JsonlStream:
+    """``record --jsonl``: each batch of a live session as JSON lines, flushed at once; times
+    since the attach, as in the recording."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.out = open_output(path)  # before tracing starts: a bad path fails first
+        self.start_ns = 0
+
+    def begin(self, attached: Attached) -> None:
+        self.start_ns = attached.t_ns
+
+    def write_batch(self, batch: ExitBatch) -> None:
+        if batch.events:
+            write_chunks([jsonl_chunk(batch.events, self.start_ns)], self.out, self.path)
+
+    def close(self) -> None:
+        if self.out is not sys.stdout:
+            self.out.close()
