@@ -8,7 +8,9 @@ code. Tracebacks only with ``--debug``.
     kvmtop replay FILE             the TUI playing a recording
     kvmtop record -p PID [-o FILE] [--duration S] [--data]
     kvmtop record [-o FILE] [--data] -- CMD [ARGS...]
-    kvmtop report FILE [--json]
+    kvmtop record ... --jsonl -    ... and one JSON line per exit to stdout
+    kvmtop report FILE [--json | --csv]
+    kvmtop export FILE --perfetto OUT.json | --csv OUT | --jsonl OUT     (OUT may be -)
     kvmtop list [--json]
     kvmtop stats -p PID [--interval S] [--count N] [--json]
 """
@@ -17,14 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 from kvmtop import __version__
-from kvmtop.errors import KvmtopError, RecordingError, UsageError
+from kvmtop.errors import KvmtopError, OutputError, RecordingError, UsageError
+
+if TYPE_CHECKING:
+    from kvmtop.events import ExitBatch
+    from kvmtop.recording import Recording
 
 DEFAULT_RECORDING = "kvmtop.data"
 
@@ -51,7 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
     rec.add_argument("-p", "--pid", type=int, help="attach to this running VMM")
     rec.add_argument(
-        "-o", "--output", default=DEFAULT_RECORDING, help=f"recording file ({DEFAULT_RECORDING})"
+        "-o", "--output", help=f"recording file ({DEFAULT_RECORDING}; none with --jsonl)"
+    )
+    rec.add_argument(
+        "--jsonl",
+        metavar="OUT",
+        help="also stream one JSON line per exit to OUT (- is stdout; the summary then goes to "
+        "stderr); no recording file unless -o is given",
     )
     rec.add_argument("--duration", type=float, help="stop after this many seconds")
     rec.add_argument(
@@ -67,7 +81,18 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="summarise a recording")
     rep.add_argument("file")
-    rep.add_argument("--json", action="store_true", help="print JSON")
+    rep_form = rep.add_mutually_exclusive_group()
+    rep_form.add_argument("--json", action="store_true", help="print JSON")
+    rep_form.add_argument("--csv", action="store_true", help="print the table as CSV")
+
+    exp = sub.add_parser("export", help="convert a recording for other tools (- is stdout)")
+    exp.add_argument("file")
+    exp_form = exp.add_mutually_exclusive_group(required=True)
+    exp_form.add_argument("--perfetto", metavar="OUT", help="Chrome JSON trace (ui.perfetto.dev)")
+    exp_form.add_argument("--csv", metavar="OUT", help="CSV, one row per exit")
+    exp_form.add_argument("--jsonl", metavar="OUT", help="JSON Lines, one object per exit")
+    exp.add_argument("--rate-bin", type=float, default=10.0, metavar="MS",
+                     help="Perfetto: the exit-rate counter's bin (10 ms)")  # fmt: skip
 
     lst = sub.add_parser("list", help="list the KVM processes on this machine")
     lst.add_argument("--json", action="store_true", help="print JSON")
@@ -116,13 +141,15 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
             raise UsageError("record takes -p PID or -- CMD [ARGS...], not both")
         if args.pid is None and command is None:
             raise UsageError("record needs either -p PID or -- CMD [ARGS...]")
-        return record(
-            args.pid, command, args.output, args.duration, args.data, args.json, not args.no_seccomp
-        )
+        output = args.output or (None if args.jsonl else DEFAULT_RECORDING)
+        return record(args.pid, command, output, args.duration, args.data, args.json,
+                      not args.no_seccomp, args.jsonl)  # fmt: skip
     if command is not None and args.command is not None:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
-        return report(args.file, args.json)
+        return report(args.file, "json" if args.json else "csv" if args.csv else "table")
+    if args.command == "export":
+        return export(args)
     if args.command == "list":
         return list_processes(args.json)
     from kvmtop.app import run_tui  # Textual loads only for the TUI
@@ -143,20 +170,27 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 def record(
     pid: int | None,
     command: list[str] | None,
-    output: str,
+    output: str | None,
     duration: float | None,
     with_data: bool,
     as_json: bool,
     one_stop: bool = True,
+    jsonl: str | None = None,
 ) -> int:
-    """Trace until the VMM exits, Ctrl-C/SIGTERM, or ``duration``; then summarise. A launched
-    command runs under kvmtop's seccomp filter unless ``one_stop`` is False."""
+    """Trace until the VMM exits, Ctrl-C/SIGTERM, ``duration``, or the JSONL reader going away;
+    then summarise. A launched command runs under kvmtop's seccomp filter unless ``one_stop`` is
+    False."""
+    from kvmtop.export import JsonlStream
     from kvmtop.report import summary_json, summary_table
     from kvmtop.session import SessionState, TraceSession
 
-    session = TraceSession(
-        record_path=output, with_data=with_data, keep_old=output == DEFAULT_RECORDING
-    )
+    to_stdout = jsonl == "-"
+    stream = JsonlStream(jsonl) if jsonl is not None else None
+    session = TraceSession(record_path=output, with_data=with_data,
+                           keep_old=output == DEFAULT_RECORDING, exit_sink=stream,
+                           child_stdout_to_stderr=to_stdout)  # fmt: skip
+    summary_out = sys.stderr if to_stdout else sys.stdout
+    reader_gone = False
     stop_requested: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -174,8 +208,10 @@ def record(
         attached = session.wait_attached()
         what = " ".join(attached.argv) or str(attached.pid)
         verb = "launched" if attached.launched else "attached to"
+        dests = [output, "stdout (JSONL)" if to_stdout else jsonl and f"{jsonl} (JSONL)"]
+        where = " and ".join(d for d in dests if d)
         print(
-            f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {output}; Ctrl-C stops",
+            f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {where}; Ctrl-C stops",
             file=sys.stderr,
         )
         if attached.one_stop:
@@ -194,6 +230,9 @@ def record(
             if deadline is not None and time.monotonic() >= deadline:
                 session.detach()
                 deadline = None
+            if to_stdout and not reader_gone and _stdout_reader_gone():
+                reader_gone = True  # also seen while the guest makes no exits
+                session.detach()
         if session.launched and session.exit_status is None:
             # Detached from a command we started: it is still our child; wait for it to end.
             print(f"kvmtop: detached; waiting for pid {session.pid} to exit", file=sys.stderr)
@@ -201,8 +240,13 @@ def record(
                 pass
     finally:
         session.close()
+        if stream is not None:
+            stream.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if to_stdout and (reader_gone or session.sink_closed):
+        _silence_stdout()
+        print("kvmtop: the JSONL reader closed its pipe; detached", file=sys.stderr)
     errors = [text for severity, text in session.take_notices() if severity == "error"]
     if session.state is SessionState.FAILED:
         raise KvmtopError(errors[-1] if errors else "attach failed")
@@ -216,31 +260,94 @@ def record(
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
             "one_stop": session.one_stop}  # fmt: skip
     if as_json:
-        print(json.dumps(summary_json(snapshot, meta), indent=2))
+        print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)
     else:
-        print(summary_table(snapshot, meta))
+        print(summary_table(snapshot, meta), file=summary_out)
     if session.launched:
         status = session.child_exit_status
         return status if status is not None else 0
     return 0
 
 
-def report(path: str, as_json: bool) -> int:
-    from kvmtop.report import load_recording_stats, summary_json, summary_table
+def report(path: str, form: str) -> int:
+    from kvmtop.report import load_recording_stats, summary_csv, summary_json, summary_table
 
     recording, stats = load_recording_stats(path)
     meta = recording.meta_dict()
     snapshot = stats.snapshot(top=None)
-    if as_json:
+    if form == "json":
         print(json.dumps(summary_json(snapshot, meta), indent=2))
+    elif form == "csv":
+        print(summary_csv(snapshot), end="")
     else:
         print(summary_table(snapshot, meta))
-    if not recording.complete:
-        raise RecordingError(
-            f"{path} is truncated (no end marker{', torn last record' if recording.torn_bytes else ''}): "
-            f"the report covers the {snapshot.total} exits it holds"
-        )
+    _check_complete(recording, f"the report covers the {snapshot.total} exits it holds")
     return 0
+
+
+def _check_complete(recording: Recording, covered: str) -> None:
+    if not recording.complete:
+        torn = ", torn last record" if recording.torn_bytes else ""
+        raise RecordingError(f"{recording.path} is truncated (no end marker{torn}): {covered}")
+
+
+def export(args: argparse.Namespace) -> int:
+    """Stream a recording into another format: nothing is held but a little per vCPU."""
+    from kvmtop.export import csv_chunks, jsonl_chunks, open_output, write_chunks
+    from kvmtop.perfetto import PerfettoTrace
+
+    if args.rate_bin <= 0:
+        raise UsageError("--rate-bin takes a number of milliseconds above 0")
+    from kvmtop.recording import open_recording
+
+    recording = open_recording(args.file)
+    start = recording.meta.start_ns
+    total = [0]
+
+    def counted() -> Iterator[ExitBatch]:
+        for batch in recording.batches():
+            total[0] += len(batch.events)
+            yield batch
+
+    dest = args.perfetto or args.csv or args.jsonl
+    if dest != "-" and os.path.exists(dest) and os.path.samefile(dest, args.file):
+        raise OutputError(f"cannot write {dest}: it is the recording being exported")
+    if args.perfetto:
+        chunks = PerfettoTrace(recording.meta, int(args.rate_bin * 1e6)).chunks(counted())
+    elif args.csv:
+        chunks = csv_chunks(counted(), start)
+    else:
+        chunks = jsonl_chunks(counted(), start)
+    out = open_output(dest)
+    try:
+        write_chunks(chunks, out, dest)
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
+    except KvmtopError:
+        if out is not sys.stdout and os.path.isfile(dest):
+            os.unlink(dest)  # not a file to open later, half-written
+        raise
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    _check_complete(recording, f"exported the {total[0]} exits it holds")
+    return 0
+
+
+def _stdout_reader_gone() -> bool:
+    """A pipe's write end polls POLLERR once its reader has closed it (a file never does)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are reported unasked
+    return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: send what is left for stdout to /dev/null, so that the interpreter's
+    last flush does not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def list_processes(as_json: bool) -> int:

@@ -121,6 +121,52 @@ def describe_exit(event: ExitEvent) -> str:
     return exit_reason_name(reason)[9:]
 
 
+# The names of details a and b by reason (docs/recording-format.md), for exports; IO is apart.
+_DETAIL_NAMES: dict[int, tuple[str, str | None]] = {
+    ExitReason.MMIO: ("address", "len"),
+    ExitReason.X86_RDMSR: ("msr", "msr_reason"),
+    ExitReason.X86_WRMSR: ("msr", "msr_reason"),
+    ExitReason.HYPERCALL: ("nr", "longmode"),
+    ExitReason.SYSTEM_EVENT: ("type", "ndata"),
+    ExitReason.INTERNAL_ERROR: ("suberror", "ndata"),
+    ExitReason.FAIL_ENTRY: ("hardware_reason", "cpu"),
+    ExitReason.UNKNOWN: ("hardware_reason", None),
+    ExitReason.EXCEPTION: ("exception", "error_code"),
+    ExitReason.TPR_ACCESS: ("rip", "write"),
+    ExitReason.DEBUG: ("pc", "exception"),
+    ExitReason.IOAPIC_EOI: ("vector", None),
+    ExitReason.NOTIFY: ("flags", None),
+    ExitReason.HYPERV: ("type", None),
+    ExitReason.XEN: ("type", None),
+    ExitReason.MEMORY_FAULT: ("gpa", "size"),
+}
+
+
+def exit_details(event: ExitEvent) -> dict[str, int | str | bool]:
+    """An exit's details under stable names, for exports: IO ``port``, ``direction``, ``size``,
+    ``count``; MMIO ``address``, ``len``, ``write``; ...; ``data`` (hex) only when recorded. A
+    failed run has none: kvm_run's exit union is stale then."""
+    details: dict[str, int | str | bool] = {}
+    write = bool(event.flags & EXIT_WRITE)
+    if event.errno:
+        return details
+    if event.reason == ExitReason.IO:
+        size, count = io_size_count(event.b)
+        details.update(port=event.a, direction="out" if write else "in", size=size, count=count)
+    elif event.reason in _DETAIL_NAMES:
+        name_a, name_b = _DETAIL_NAMES[event.reason]
+        details[name_a] = event.a
+        if name_b is not None:
+            details[name_b] = event.b
+        if event.reason == ExitReason.MMIO:
+            details["write"] = write
+    if event.flags & EXIT_PRIVATE:
+        details["private"] = True
+    if event.data:
+        details["data"] = event.data.hex()
+    return details
+
+
 # --- /proc text -------------------------------------------------------------------------------
 
 _VCPU_LINK = re.compile(r"^anon_inode:kvm-vcpu:(\d+)$")

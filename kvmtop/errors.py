@@ -36,6 +36,12 @@ class RecordingError(KvmtopError):
     exit_code = 6
 
 
+class OutputError(KvmtopError):
+    """An export or stream cannot be written (no such directory, permission, disk full)."""
+
+    exit_code = 8
+
+
 class KvmUnavailable(KvmtopError):
     """/dev/kvm is missing or cannot be opened (the demo needs it)."""
 
@@ -53,5 +59,6 @@ ERRORS_BY_NAME: dict[str, type[KvmtopError]] = {
         CommandNotFound,
         RecordingError,
         KvmUnavailable,
+        OutputError,
     )
 }

@@ -1,7 +1,9 @@
-"""The summary of an aggregate, as a terminal table or JSON. Reads snapshots only."""
+"""The summary of an aggregate, as a terminal table, JSON or CSV. Reads snapshots only."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Mapping
 
 from kvmtop.arch import HOST
@@ -73,6 +75,13 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
     }
 
 
+def _row_groups(snapshot: StatsSnapshot) -> list[tuple[str, tuple[ReasonStats, ...], int]]:
+    """(name, reasons, total): each vCPU's, then the whole VM's as ``all``."""
+    groups = [(str(v.vcpu), v.reasons, v.total) for v in snapshot.vcpus]
+    groups.append(("all", snapshot.reasons, snapshot.total))
+    return groups
+
+
 def _ns(ns: int) -> str:
     return duration(ns, sep=" ")
 
@@ -93,8 +102,7 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
     )
     header = f"{'VCPU':>4}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {'GUEST p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
     lines += ["", header, "-" * len(header)]
-    groups = [(str(v.vcpu), v.reasons, v.total) for v in snapshot.vcpus]
-    groups.append(("all", snapshot.reasons, snapshot.total))
+    groups = _row_groups(snapshot)
     for name, reasons, total in groups:
         for r in reasons:
             share = 100.0 * r.count / total if total else 0.0
@@ -122,6 +130,34 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
     if not snapshot.top_exact:
         lines.append("(IO/MMIO tables hit their size bound: their counts are upper bounds)")
     return "\n".join(lines).rstrip() + "\n"
+
+
+SUMMARY_CSV_COLUMNS = (
+    "vcpu", "reason", "count", "share_pct", "rate_per_s",
+    "guest_min_ns", "guest_p50_ns", "guest_p99_ns", "guest_max_ns",
+    "vmm_count", "vmm_min_ns", "vmm_p50_ns", "vmm_p99_ns", "vmm_max_ns",
+)  # fmt: skip
+
+
+def _latency_cells(h: LatencyHistogram) -> list[int | str]:
+    """min, p50, p99, max; empty cells when nothing was measured (one-stop tracing's VMM)."""
+    return [h.min_ns, h.median, h.p99, h.max_ns] if h.count else ["", "", "", ""]
+
+
+def summary_csv(snapshot: StatsSnapshot) -> str:
+    """The summary table as CSV: one row per vCPU and reason, then the whole VM's (``all``)."""
+    seconds = duration_s(snapshot)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_CSV_COLUMNS)
+    groups = _row_groups(snapshot)
+    for name, reasons, total in groups:
+        for r in reasons:
+            share = round(100.0 * r.count / total, 3) if total else 0.0
+            rate = round(_rate(r.count, seconds), 3)
+            writer.writerow([name, r.label, r.count, share, rate, *_latency_cells(r.guest),
+                             r.handling.count, *_latency_cells(r.handling)])  # fmt: skip
+    return buffer.getvalue()
 
 
 def load_recording_stats(path: str) -> tuple[Recording, ExitStats]:

@@ -1,7 +1,8 @@
-"""A tracing session: the tracer thread, the aggregate it feeds, and optionally a recording.
+"""A tracing session: the tracer thread, the aggregate it feeds, and optionally a recording and
+a stream of exits (``record --jsonl``).
 
-A pump thread moves the tracer's batches into :class:`~kvmtop.stats.ExitStats` and the
-recording file, so the UI and ``kvmtop record`` only ever read ``session.stats``. Nothing here
+A pump thread moves the tracer's batches into :class:`~kvmtop.stats.ExitStats`, the recording
+file and the stream, so the UI and ``kvmtop record`` only ever read ``session.stats``. Nothing here
 calls ptrace: commands go to the tracer, which runs them in its own thread.
 """
 
@@ -15,6 +16,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Protocol
 
 from kvmtop.errors import KvmtopError
 from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed, TracerMessage
@@ -31,6 +33,15 @@ class SessionState(enum.Enum):
     FAILED = "failed"
 
 
+class ExitSink(Protocol):
+    """Where a session streams every exit, besides the aggregate and the recording."""
+
+    def begin(self, attached: Attached) -> None: ...
+
+    def write_batch(self, batch: ExitBatch) -> None:
+        """Raise BrokenPipeError when the reader went away; the session then detaches."""
+
+
 class TraceSession:
     """One tracer; one traced VMM at a time. All methods but :meth:`close` and the ``wait_*``
     helpers return at once: outcomes show in :attr:`state` and :meth:`take_notices`."""
@@ -41,6 +52,8 @@ class TraceSession:
         with_data: bool = False,
         child_stdio: str | None = None,
         keep_old: bool = False,
+        exit_sink: ExitSink | None = None,
+        child_stdout_to_stderr: bool = False,
     ) -> None:
         if record_path is not None:
             check_writable(record_path)
@@ -61,8 +74,10 @@ class TraceSession:
         self.child_ended = threading.Event()
         self._notices: deque[tuple[str, str]] = deque(maxlen=50)
         self._writer: RecordingWriter | None = None
+        self._sink = exit_sink
+        self.sink_closed = False  # the stream's reader went away (``| head``): detached
         self._pending: Future[Attached] | None = None
-        self._tracer = Tracer(with_data=with_data, child_stdio=child_stdio)
+        self._tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr)
         self._tracer.start()
         self._pump = threading.Thread(target=self._run_pump, name="kvmtop-pump", daemon=True)
         self._pump.start()
@@ -142,6 +157,8 @@ class TraceSession:
             self.stats.add_batch(message)
             if self._writer is not None:
                 self._writer.write_batch(message)
+            if self._sink is not None:
+                self._stream(message)
         elif isinstance(message, Attached):
             self._on_attached(message)
         elif isinstance(message, Detached):
@@ -151,6 +168,19 @@ class TraceSession:
             if self.state is SessionState.ATTACHING:
                 self.state = SessionState.FAILED
                 self.ended.set()
+
+    def _stream(self, batch: ExitBatch) -> None:
+        assert self._sink is not None
+        try:
+            self._sink.write_batch(batch)
+        except BrokenPipeError:
+            self._sink = None
+            self.sink_closed = True
+            self.detach()
+        except KvmtopError as exc:  # the stream cannot be written: nothing left to trace for
+            self._sink = None
+            self._notices.append(("error", str(exc)))
+            self.detach()
 
     def _on_attached(self, attached: Attached) -> None:
         self.stats = ExitStats()
@@ -166,6 +196,8 @@ class TraceSession:
             self._writer = RecordingWriter.create(
                 self.record_path, meta, self.with_data, keep_old=self.keep_old
             )
+        if self._sink is not None:
+            self._sink.begin(attached)
         self.state = SessionState.ATTACHED
         verb = "launched" if attached.launched else "attached to"
         self._notices.append(("information", f"{verb} pid {attached.pid}"))

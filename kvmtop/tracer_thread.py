@@ -97,10 +97,16 @@ class _Process:
 class Tracer:
     """Owns the tracing thread. One traced process at a time; attach again after a detach."""
 
-    def __init__(self, with_data: bool = False, child_stdio: str | None = None) -> None:
+    def __init__(
+        self,
+        with_data: bool = False,
+        child_stdio: str | None = None,
+        child_stdout_to_stderr: bool = False,
+    ) -> None:
         self.out: queue.SimpleQueue[TracerMessage] = queue.SimpleQueue()
         self.with_data = with_data
         self.child_stdio = child_stdio  # launched commands' stdio goes here (TUI: /dev/null)
+        self.child_stdout_to_stderr = child_stdout_to_stderr  # kvmtop's stdout is a stream
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="kvmtop-tracer", daemon=True)
         self._ready = threading.Event()
@@ -707,6 +713,8 @@ class Tracer:
         if self.child_stdio is not None:
             actions = [(os.POSIX_SPAWN_OPEN, 0, self.child_stdio, os.O_RDWR, 0)]
             actions += [(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
+        elif self.child_stdout_to_stderr:
+            actions = [(os.POSIX_SPAWN_DUP2, 2, 1)]
         report_r = -1
         if one_stop:
             report_r, report_w = os.pipe()

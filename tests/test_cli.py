@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-from conftest import start_recording, wait_for_vcpus
-from guests.qemu_bios import build_bios, qemu_command
+from conftest import start_qemu, start_recording, wait_for_vcpus
+from guests.qemu_bios import qemu_command
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,16 +28,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], status: int,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvmtop: ") and text in lines[0], result.stderr
     assert "Traceback" not in result.stderr
-
-
-@pytest.fixture
-def bios(tmp_path):
-    def make(outs: int = 300, mmio_writes: int = 200, spin: int = 0) -> str:
-        path = tmp_path / f"bios-{outs}-{mmio_writes}-{spin}.bin"
-        path.write_bytes(build_bios(outs=outs, mmio_writes=mmio_writes, spin_iterations=spin))
-        return str(path)
-
-    return make
 
 
 @pytest.mark.qemu
@@ -66,10 +56,7 @@ def test_record_launch_counts_exactly_what_strace_counts_and_keeps_qemus_status(
 
 @pytest.mark.qemu
 def test_record_attach_with_duration_detaches_and_the_guest_runs_on(tmp_path, bios, processes):
-    vmm = subprocess.Popen(qemu_command(bios(outs=300, mmio_writes=200, spin=3_000_000)),
-                           stderr=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_qemu(processes, bios(outs=300, mmio_writes=200, spin=3_000_000))
     out = tmp_path / "r.kvmtop"
     result = kvmtop("record", "-p", str(vmm.pid), "-o", str(out), "--json")
     assert result.returncode == 0, result.stderr

@@ -1,0 +1,114 @@
+"""Exits as lines for other tools: JSON Lines (one object per exit) and CSV (one row per exit).
+
+Pure: batches in, text out, one piece per batch so that a stream stays a stream. Times are ns
+since the recording's start (the attach). ``open_output`` is the one place that opens an export's
+destination, so every exporter fails the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TextIO
+
+from kvmtop.decoder import describe_exit, exit_details, exit_label
+from kvmtop.errors import OutputError
+from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, Attached, ExitBatch, ExitEvent
+
+CSV_COLUMNS = ("vcpu", "reason", "errno", "entry_ns", "exit_ns", "guest_ns", "one_stop",
+               "write", "detail_a", "detail_b", "description", "data")  # fmt: skip
+
+
+def exit_record(event: ExitEvent, start_ns: int) -> dict[str, object]:
+    """One exit as a JSON object: vcpu, reason, errno, times, the decoded details; ``one_stop``
+    when its times span the run and the VMM's handling."""
+    record: dict[str, object] = {
+        "vcpu": event.vcpu,
+        "reason": exit_label(event.reason, event.errno),
+        "errno": event.errno,
+        "entry_ns": event.entry_ns - start_ns,
+        "exit_ns": event.exit_ns - start_ns,
+    }
+    record.update(exit_details(event))
+    if event.flags & EXIT_CYCLE:
+        record["one_stop"] = True
+    return record
+
+
+def jsonl_chunk(events: Iterable[ExitEvent], start_ns: int) -> str:
+    return "".join(
+        json.dumps(exit_record(e, start_ns), separators=(",", ":")) + "\n" for e in events
+    )
+
+
+def jsonl_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
+    for batch in batches:
+        if batch.events:
+            yield jsonl_chunk(batch.events, start_ns)
+
+
+def csv_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
+    """A header row, then one row per exit. ``detail_a``/``detail_b`` are the recording's raw
+    details (docs/recording-format.md); ``description`` says them in words."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for batch in batches:
+        for e in batch.events:
+            writer.writerow((
+                e.vcpu, exit_label(e.reason, e.errno), e.errno, e.entry_ns - start_ns,
+                e.exit_ns - start_ns, e.guest_ns, int(bool(e.flags & EXIT_CYCLE)),
+                int(bool(e.flags & EXIT_WRITE)), e.a, e.b, describe_exit(e), e.data.hex(),
+            ))  # fmt: skip
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue()  # the header of an empty recording
+
+
+def open_output(path: str) -> TextIO:
+    """``-``: stdout; else the file, created or truncated (OutputError if it cannot be)."""
+    if path == "-":
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def write_chunks(chunks: Iterable[str], out: TextIO, path: str) -> None:
+    """Each chunk written and flushed as it comes; a full disk is an OutputError. A closed pipe
+    (BrokenPipeError) is left to the caller: it is the reader's choice, not an error."""
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+            out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class JsonlStream:
+    """``record --jsonl``: each batch of a live session as JSON lines, flushed at once; times
+    since the attach, as in the recording."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.out = open_output(path)  # before tracing starts: a bad path fails first
+        self.start_ns = 0
+
+    def begin(self, attached: Attached) -> None:
+        self.start_ns = attached.t_ns
+
+    def write_batch(self, batch: ExitBatch) -> None:
+        if batch.events:
+            write_chunks([jsonl_chunk(batch.events, self.start_ns)], self.out, self.path)
+
+    def close(self) -> None:
+        if self.out is not sys.stdout:
+            self.out.close()
