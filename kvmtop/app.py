@@ -14,23 +14,29 @@ import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
+from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
 from kvmtop.discovery import KvmProcess, list_kvm_processes
-from kvmtop.errors import CommandNotFound, KvmUnavailable
+from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable
 from kvmtop.events import Attached
+from kvmtop.held_stats import HeldStats
+from kvmtop.inject import StatsFds
 from kvmtop.minivmm import demo_command
 from kvmtop.replay import Replay
 from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen, Sections
+from kvmtop.screens.kernel import REFRESH_S as KERNEL_REFRESH_S
+from kvmtop.screens.kernel import KernelScreen
 from kvmtop.screens.process_list import ProcessListScreen
 from kvmtop.screens.requests import (
     AttachRequested,
     BackRequested,
     DemoRequested,
     DetachRequested,
+    KernelRequested,
 )
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.screens.watch import REFRESH_S, REPLAY_BINDINGS, WatchScreen
@@ -68,6 +74,7 @@ class KvmtopApp(App[int]):
         self.demo_running = False
         self._attempt: Future[Attached] | None = None  # the attach/launch begun last
         self.replay = Replay(replay) if replay else None  # RecordingError before the TUI opens
+        self.held = HeldStats()  # VMs whose KVM stats fds are held (kernel view, exit rates)
 
     @property
     def attached_pid(self) -> int | None:
@@ -78,7 +85,10 @@ class KvmtopApp(App[int]):
         if self.replay is not None:
             self.push_screen(AttachedScreen(self.replay))
             return
-        self.push_screen(ProcessListScreen(self.process_lister, lambda: self.attached_pid))
+        self.push_screen(
+            ProcessListScreen(self.process_lister, lambda: self.attached_pid, self.held.exit_rate)
+        )
+        self.set_interval(KERNEL_REFRESH_S, self.held.tick)
         if self.start_pid is not None:
             self.attach(self.start_pid)
         elif self.start_argv:
@@ -139,6 +149,28 @@ class KvmtopApp(App[int]):
     def on_attach_requested(self, request: AttachRequested) -> None:
         self.attach(request.pid)
 
+    def on_kernel_requested(self, request: KernelRequested) -> None:
+        session, pid = self.session, request.pid
+        if self.held.get(pid) is not None:  # held already: no attach, no injection
+            self.push_screen(KernelScreen(self.held, pid, traced=self.attached_pid == pid))
+            return
+        via = None
+        if session is not None and session.pid == pid and session.state is SessionState.ATTACHED:
+            via = session.stats_fds()  # made by the tracer already attached
+        else:
+            self.notify(f"taking KVM's counters of pid {pid} (a brief attach)...", timeout=2)
+        self._take_kernel(pid, via)
+
+    @work(thread=True, group="kernel")
+    def _take_kernel(self, pid: int, via: Future[StatsFds] | None) -> None:
+        try:
+            self.held.take(pid, via)
+        except KvmtopError as exc:
+            self.call_from_thread(self.notify, str(exc), severity="error", timeout=6)
+            return
+        traced = self.attached_pid == pid
+        self.call_from_thread(self.push_screen, KernelScreen(self.held, pid, traced))
+
     def on_demo_requested(self, _request: DemoRequested) -> None:
         self.start_demo()
 
@@ -170,6 +202,7 @@ class KvmtopApp(App[int]):
                 *VcpuScreen.BINDINGS,
                 *watch,
             ],
+            "kernel view": list(KernelScreen.BINDINGS),
             "replay": list(REPLAY_BINDINGS),
         }
 
@@ -207,6 +240,7 @@ class KvmtopApp(App[int]):
             self.session = None
         if self.replay is not None:
             self.replay.close()
+        self.held.close()
 
 
 def run_tui(

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from kvmtop.errors import KvmtopError
 from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed, TracerMessage
+from kvmtop.inject import StatsFds
 from kvmtop.recording import RecordingWriter, check_writable, meta_for
 from kvmtop.stats import ExitStats
 from kvmtop.tracer_thread import Tracer
@@ -95,6 +96,10 @@ class TraceSession:
         self.ended.clear()
         self._pending = future
         return future
+
+    def stats_fds(self) -> Future[StatsFds]:
+        """KVM's stats fds of the traced VM (see :meth:`Tracer.stats_fds`)."""
+        return self._tracer.stats_fds()
 
     def detach(self) -> None:
         if self.state in (SessionState.ATTACHED, SessionState.ATTACHING):

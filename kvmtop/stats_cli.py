@@ -11,12 +11,11 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
-from kvmtop.kvm_stats import CUMULATIVE, StatDesc, Values, histogram_percentile
-from kvmtop.units import duration
-from kvmtop.vm_stats import StatsSample, VmStats, rates, take_stats, vm_totals
+from kvmtop.kernel_table import counter_table, vcpu_values
+from kvmtop.kvm_stats import StatDesc, Values
+from kvmtop.vm_stats import StatsSample, VmStats, rates, take_stats
 
 CLEAR = "\x1b[H\x1b[J"
 
@@ -57,67 +56,13 @@ def run_stats(pid: int, interval: float, as_json: bool, count: int | None, out: 
     return 0
 
 
-def _scaled(desc: StatDesc, raw: float) -> str:
-    if desc.unit == "seconds":
-        return duration(int(raw * desc.scale * 1e9))
-    if desc.unit == "boolean":
-        return "yes" if raw else "no"
-    value = raw * desc.scale
-    text = f"{value:,.0f}" if value >= 100 or value == int(value) else f"{value:.2f}"
-    return text + (" B" if desc.unit == "bytes" else " cyc" if desc.unit == "cycles" else "")
-
-
-def _cell(desc: StatDesc, values: Values, rate: float | None) -> str:
-    v = values.get(desc.name)
-    if isinstance(v, tuple):
-        n = sum(v)
-        if not n:
-            return "-"
-        p50 = histogram_percentile(desc, v, 0.5) or 0.0
-        p99 = histogram_percentile(desc, v, 0.99) or 0.0
-        return (
-            f"n={n:,} p50≥{_scaled(desc, p50 / desc.scale)} p99≥{_scaled(desc, p99 / desc.scale)}"
-        )
-    if v is None:
-        return "-"
-    text = _scaled(desc, v)
-    if rate is not None and desc.kind == CUMULATIVE:
-        text += f" ({_scaled(desc, rate)}/s)" if rate else ""
-    return text
-
-
-def _vcpu_values(vcpu: int) -> Callable[[StatsSample], Values]:
-    return lambda sample: sample.vcpus.get(vcpu, {})
-
-
 def stats_table(stats: VmStats, first: StatsSample, last: StatsSample, now: StatsSample) -> str:
     """Counters down, vCPUs (and the VM's sum) across; rates since the previous sample."""
-    descs = stats.descs()
     since = (now.t_ns - first.t_ns) / 1e9
     head = f"pid {stats.pid}  KVM's own counters, {len(stats.vcpus)} vCPU(s), {since:.1f} s"
-    vcpus = sorted(now.vcpus)
-    columns = ["all vCPUs", *(f"vCPU {v}" for v in vcpus)]
-    totals_now, totals_before = vm_totals(now, descs), vm_totals(last, descs)
-    dt = max(1e-9, (now.t_ns - last.t_ns) / 1e9)
-    vcpu_rates = {v: rates(last, now, descs, _vcpu_values(v)) for v in vcpus}
-    rows = []
-    for d in descs:
-        if d.histogram:
-            cells = ["", *(_cell(d, now.vcpus[v], None) for v in vcpus)]
-        else:
-            total = totals_now.get(d.name)
-            total_rate = (total - totals_before[d.name]) / dt if total is not None else None
-            total_cell = _cell(d, {d.name: total}, total_rate) if total is not None else ""
-            cells = [
-                total_cell,
-                *(_cell(d, now.vcpus[v], vcpu_rates[v].get(d.name)) for v in vcpus),
-            ]
-        rows.append((d.name, cells))
-    vm_descs = stats.descs(vcpu=False)
-    vm_rates = rates(last, now, vm_descs, lambda s: s.vm)
-    vm_rows = [(d.name, [_cell(d, now.vm, vm_rates.get(d.name))]) for d in vm_descs]
-    return "\n".join([head, "", *_grid(["VCPU COUNTER", *columns], rows), "",
-                      *_grid(["VM COUNTER", "value"], vm_rows)])  # fmt: skip
+    table = counter_table(stats, last, now)
+    return "\n".join([head, "", *_grid(["VCPU COUNTER", *table.columns], table.rows), "",
+                      *_grid(["VM COUNTER", "value"], table.vm_rows)])  # fmt: skip
 
 
 def _grid(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
@@ -158,7 +103,7 @@ def sample_json(stats: VmStats, first: StatsSample, last: StatsSample, now: Stat
         "rates": {
             "vm": rates(last, now, vm_descs, lambda s: s.vm),
             **{
-                str(v): rates(last, now, descs, _vcpu_values(v)) for v in sorted(now.vcpus)
+                str(v): rates(last, now, descs, vcpu_values(v)) for v in sorted(now.vcpus)
             },  # fmt: skip
         },
     }

@@ -54,6 +54,22 @@ def footer_keys(app) -> set[str]:
     return {key for key, b in app.screen.active_bindings.items() if b.binding.show}
 
 
+def start_demo(processes) -> subprocess.Popen[bytes]:
+    """The demo guest (2 vCPUs), running, outside kvmtop; cleaned up with ``processes``."""
+    demo = subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL)
+    processes.append(demo)
+    wait_for_vcpus(demo.pid, 2)
+    return demo
+
+
+async def list_shows(pilot, pid: int) -> ProcessListScreen:
+    """The process list, once it lists ``pid``."""
+    screen = pilot.app.screen
+    assert isinstance(screen, ProcessListScreen)
+    await until(pilot, lambda: any(p.pid == pid for p in screen.procs), what="listed")
+    return screen
+
+
 @pytest.fixture
 def fixed(tmp_path) -> str:
     return write_fixed_recording(str(tmp_path / "fixed.kvmtop"))
@@ -159,12 +175,13 @@ async def test_help_lists_every_key_and_closes(fixed):
         text = app.screen.text
         sections = app.key_sections()
         assert set(sections) == {"everywhere", "process list", "attached view",
-                                 "vCPU drill-down", "replay"}  # fmt: skip
+                                 "vCPU drill-down", "kernel view", "replay"}  # fmt: skip
         for bindings in sections.values():
             for b in bindings:
                 assert (b.tooltip or b.description) in text, b
         for needle in ("Attach to the selected VMM", "Start the built-in demo", "Detach",
-                       "Freeze", "Seek 10 s back", "Play faster", "drill-down", "Quit"):  # fmt: skip
+                       "Freeze", "Seek 10 s back", "Play faster", "drill-down", "Quit",
+                       "KVM's own counters"):  # fmt: skip
             assert needle in text, needle
         await pilot.press("escape")
         assert isinstance(app.screen, AttachedScreen)
@@ -400,14 +417,10 @@ async def test_keys_answer_quickly_at_the_highest_exit_rate(processes):
 
 @pytest.mark.kvm
 async def test_process_list_moves_filters_sorts_attaches_and_detaches(processes):
-    demo = subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL)
-    processes.append(demo)
-    wait_for_vcpus(demo.pid, 2)
+    demo = start_demo(processes)
     app = KvmtopApp()
     async with app.run_test(size=SIZE) as pilot:
-        screen = app.screen
-        assert isinstance(screen, ProcessListScreen)
-        await until(pilot, lambda: any(p.pid == demo.pid for p in screen.procs), what="listed")
+        screen = await list_shows(pilot, demo.pid)
         await pilot.press("down", "up")
         await pilot.press("slash", *"kvmtop-demo", "enter")
         await pilot.pause(0.2)
@@ -438,5 +451,67 @@ async def test_process_list_moves_filters_sorts_attaches_and_detaches(processes)
         await pilot.press("escape", "d")  # detach from the list
         await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
         assert demo.poll() is None  # detached: the demo runs on
+        await pilot.press("q")
+    assert demo.poll() is None
+
+
+@pytest.mark.kvm
+async def test_kernel_view_without_tracing_and_beside_the_traced_view(processes):
+    """`k` in the list: KVM's own counters of a VM kvmtop does not trace (a brief attach for the
+    fds); the list then shows its exit rate. `k` in the attached view: the same, via the tracer."""
+    from kvmtop.procfs import fd_table, tracer_pid
+    from kvmtop.screens.kernel import KernelScreen
+    from kvmtop.widgets.counter_grid import CounterGrid
+
+    demo = start_demo(processes)
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await list_shows(pilot, demo.pid)
+        await pilot.press("slash", *str(demo.pid), "enter", "k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        assert app.session is None and tracer_pid(demo.pid) == 0  # never traced
+        grid = app.screen.query_one(CounterGrid)
+        await until(pilot, lambda: grid.row_count > 20, what="counters shown")
+        assert [str(c.label) for c in grid.columns.values()][:4] == [
+            "counter", "all vCPUs", "vCPU 0", "vCPU 1"]  # fmt: skip
+        exits = lambda: int(str(grid.get_row("exits")[1]).split()[0].replace(",", ""))  # noqa: E731
+        first = exits()
+        await until(pilot, lambda: exits() > first, what="counters moving")
+        await pilot.press("k")  # back to the list: the exit rate column fills in
+        table = screen.query_one("#procs")
+        await until(pilot, lambda: str(table.get_row(str(demo.pid))[8]).strip() not in ("", "0"),
+                    what="exit rate listed")  # fmt: skip
+        await pilot.press("a")
+        await until(pilot, lambda: app.attached_pid == demo.pid, what="attached")
+        await pilot.press("k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        assert app.screen.traced
+        await pilot.press("escape")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("q")
+    assert demo.poll() is None and tracer_pid(demo.pid) == 0
+    assert not [link for link in fd_table(os.getpid()).values() if "kvm" in link]  # all closed
+
+
+@pytest.mark.kvm
+async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
+    from kvmtop.screens.kernel import KernelScreen
+    from kvmtop.widgets.counter_grid import CounterGrid
+
+    demo = start_demo(processes)
+    app = KvmtopApp(pid=demo.pid)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.attached_pid == demo.pid, what="attached")
+        await until(pilot, lambda: app.session.stats.total > 10, what="exits counted")
+        await pilot.press("k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        assert app.screen.traced and "also traced" in str(app.screen.query_one("#title").render())
+        made_by = app.held.get(demo.pid).made_by
+        assert set(made_by) == {-1, 0, 1}  # the VM and both vCPUs, by the VMM's own threads
+        await until(pilot, lambda: app.screen.query_one(CounterGrid).row_count > 20,
+                    what="counters shown")  # fmt: skip
+        await pilot.press("escape", "d")
+        await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
+        assert app.held.exit_rate(demo.pid) is not None  # the counters outlive the trace
         await pilot.press("q")
     assert demo.poll() is None

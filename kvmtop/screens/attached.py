@@ -8,7 +8,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Static
 
-from kvmtop.screens.requests import BackRequested, DetachRequested
+from kvmtop.screens.requests import BackRequested, DetachRequested, KernelRequested
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.screens.watch import WatchScreen
 from kvmtop.sources import LiveSource, SourceStatus
@@ -25,6 +25,12 @@ class AttachedScreen(WatchScreen):
 
     BINDINGS = [
         Binding("d", "detach", "Detach", tooltip="Detach from the VMM (it runs on untraced)"),
+        Binding(
+            "k",
+            "kernel",
+            "Kernel view",
+            tooltip="KVM's own counters: every exit, also those KVM handles itself",
+        ),
         Binding("escape", "back", "Back", tooltip="Back to the process list (tracing goes on)"),
     ]
 
@@ -60,12 +66,18 @@ class AttachedScreen(WatchScreen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "detach":
             return isinstance(self.source, LiveSource) and self.source.attached
+        if action == "kernel":
+            return isinstance(self.source, LiveSource) and self.source.attached
         if action == "back":
             return isinstance(self.source, LiveSource)  # a replay has no process list
         return super().check_action(action, parameters)
 
     def action_detach(self) -> None:
         self.post_message(DetachRequested())
+
+    def action_kernel(self) -> None:
+        if isinstance(self.source, LiveSource) and self.source.session.pid is not None:
+            self.post_message(KernelRequested(self.source.session.pid))
 
     def action_back(self) -> None:
         self.post_message(BackRequested())

@@ -13,11 +13,16 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
 from kvmtop.discovery import KvmProcess, list_kvm_processes
-from kvmtop.screens.requests import AttachRequested, DemoRequested, DetachRequested
-from kvmtop.units import elapsed, size
+from kvmtop.screens.requests import (
+    AttachRequested,
+    DemoRequested,
+    DetachRequested,
+    KernelRequested,
+)
+from kvmtop.units import elapsed, human, size
 
 PROCESS_REFRESH_S = 2.0
-COLUMNS = ("PID", "USER", "COMMAND", "VCPUS", "CPU%", "RSS", "UPTIME", "TRACED BY")
+COLUMNS = ("PID", "USER", "COMMAND", "VCPUS", "CPU%", "RSS", "UPTIME", "TRACED BY", "KVM EXITS/S")
 SORTS: dict[str, Callable[[KvmProcess], tuple[object, ...]]] = {
     "pid": lambda p: (p.pid,),
     "CPU%": lambda p: (-p.cpu_percent, p.pid),
@@ -36,6 +41,8 @@ class ProcessListScreen(Screen[None]):
         Binding("enter", "attach", "Attach", show=False, tooltip="Attach to the selected VMM"),
         Binding("slash", "filter", "Filter", tooltip="Filter by pid, user or command as you type"),
         Binding("s", "sort", "Sort", tooltip="Sort by the next column"),
+        Binding("k", "kernel", "Kernel view",
+                tooltip="KVM's own counters of the selected VM, without tracing it"),
         Binding("m", "demo", "Demo", tooltip="Start the built-in demo guest and attach to it"),
         Binding("d", "detach", "Detach", tooltip="Detach from the VMM being traced"),
         Binding("escape", "clear_filter", "Clear filter", show=False,
@@ -46,10 +53,12 @@ class ProcessListScreen(Screen[None]):
         self,
         lister: Callable[[], list[KvmProcess]] = list_kvm_processes,
         attached: Callable[[], int | None] = lambda: None,
+        exit_rate: Callable[[int], float | None] = lambda pid: None,
     ) -> None:
         super().__init__()
         self.lister = lister
         self.attached = attached  # the pid kvmtop traces now, if any
+        self.exit_rate = exit_rate  # KVM's exits/s of a VM whose stats fds are held, else None
         self.procs: list[KvmProcess] = []
         self.sort_key = "pid"
         self.filter_text = ""
@@ -88,11 +97,13 @@ class ProcessListScreen(Screen[None]):
         attached = self.attached()
         for p in self._visible():
             traced = "kvmtop" if p.pid == attached else (str(p.tracer_pid) if p.tracer_pid else "")
+            rate = self.exit_rate(p.pid)
             table.add_row(
                 Text(str(p.pid), justify="right"), p.user, p.name[:40],
                 Text(str(p.vcpus), justify="right"), Text(f"{p.cpu_percent:.0f}", justify="right"),
                 Text(size(p.rss), justify="right"), Text(elapsed(p.uptime_s), justify="right"),
-                traced, key=str(p.pid),
+                traced, Text(human(rate) if rate is not None else "", justify="right"),
+                key=str(p.pid),
             )  # fmt: skip
         if selected is not None and str(selected) in table.rows:
             table.move_cursor(row=table.get_row_index(str(selected)))
@@ -144,6 +155,11 @@ class ProcessListScreen(Screen[None]):
 
     def action_detach(self) -> None:
         self.post_message(DetachRequested())
+
+    def action_kernel(self) -> None:
+        pid = self.selected_pid
+        if pid is not None:
+            self.post_message(KernelRequested(pid))
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)

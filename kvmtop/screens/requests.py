@@ -14,6 +14,14 @@ class AttachRequested(Message):
         self.pid = pid
 
 
+class KernelRequested(Message):
+    """Show KVM's own counters of process ``pid`` (taking its stats fds first if need be)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+
+
 class DemoRequested(Message):
     """Start the built-in demo guest under trace."""
 

@@ -1,0 +1,81 @@
+"""KVM's counters as a table of text: counters down, the VM's vCPUs (and their sum) across,
+with rates since the previous sample and histograms as percentiles. Pure: `kvmtop stats` prints
+it, the TUI's kernel view shows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmtop.kvm_stats import CUMULATIVE, StatDesc, Values, histogram_percentile
+from kvmtop.units import duration
+from kvmtop.vm_stats import StatsSample, VmStats, rates, vm_totals
+
+Rows = list[tuple[str, list[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class CounterTable:
+    columns: list[str]  # "all vCPUs", "vCPU 0", ...
+    rows: Rows  # (vCPU counter, a cell per column)
+    vm_rows: Rows  # (VM counter, [value])
+
+
+def _scaled(desc: StatDesc, raw: float) -> str:
+    if desc.unit == "seconds":
+        return duration(int(raw * desc.scale * 1e9))
+    if desc.unit == "boolean":
+        return "yes" if raw else "no"
+    value = raw * desc.scale
+    text = f"{value:,.0f}" if value >= 100 or value == int(value) else f"{value:.2f}"
+    return text + (" B" if desc.unit == "bytes" else " cyc" if desc.unit == "cycles" else "")
+
+
+def _cell(desc: StatDesc, values: Values, rate: float | None) -> str:
+    v = values.get(desc.name)
+    if isinstance(v, tuple):
+        n = sum(v)
+        if not n:
+            return "-"
+        p50 = histogram_percentile(desc, v, 0.5) or 0.0
+        p99 = histogram_percentile(desc, v, 0.99) or 0.0
+        return (
+            f"n={n:,} p50≥{_scaled(desc, p50 / desc.scale)} p99≥{_scaled(desc, p99 / desc.scale)}"
+        )
+    if v is None:
+        return "-"
+    text = _scaled(desc, v)
+    if rate is not None and desc.kind == CUMULATIVE:
+        text += f" ({_scaled(desc, rate)}/s)" if rate else ""
+    return text
+
+
+def vcpu_values(vcpu: int) -> Callable[[StatsSample], Values]:
+    return lambda sample: sample.vcpus.get(vcpu, {})
+
+
+def counter_table(stats: VmStats, last: StatsSample, now: StatsSample) -> CounterTable:
+    descs = stats.descs()
+    vcpus = sorted(now.vcpus)
+    columns = ["all vCPUs", *(f"vCPU {v}" for v in vcpus)]
+    totals_now, totals_before = vm_totals(now, descs), vm_totals(last, descs)
+    dt = max(1e-9, (now.t_ns - last.t_ns) / 1e9)
+    vcpu_rates = {v: rates(last, now, descs, vcpu_values(v)) for v in vcpus}
+    rows: Rows = []
+    for d in descs:
+        if d.histogram:
+            cells = ["", *(_cell(d, now.vcpus[v], None) for v in vcpus)]
+        else:
+            total = totals_now.get(d.name)
+            total_rate = (total - totals_before[d.name]) / dt if total is not None else None
+            total_cell = _cell(d, {d.name: total}, total_rate) if total is not None else ""
+            cells = [
+                total_cell,
+                *(_cell(d, now.vcpus[v], vcpu_rates[v].get(d.name)) for v in vcpus),
+            ]
+        rows.append((d.name, cells))
+    vm_descs = stats.descs(vcpu=False)
+    vm_rates = rates(last, now, vm_descs, lambda s: s.vm)
+    vm_rows: Rows = [(d.name, [_cell(d, now.vm, vm_rates.get(d.name))]) for d in vm_descs]
+    return CounterTable(columns, rows, vm_rows)
