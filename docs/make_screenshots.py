@@ -3,7 +3,8 @@
     python docs/make_screenshots.py
 
 The attached view, the drill-down and the help come from a recording of the built-in demo guest,
-replayed and paused at its end; the process list shows the demo and a real QEMU, live.
+replayed and paused at its end; the process list and the kernel view show the demo and a real
+QEMU, live.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ async def shoot_process_list() -> None:
     app = KvmtopApp()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause(4.5)  # two psutil passes: CPU% is measured between them
+        await pilot.press("k")  # the selected VM's own counters, without tracing it
+        await pilot.pause(3.5)
+        app.save_screenshot("screen-kernel.svg", DOCS)
+        await pilot.press("escape")
+        await pilot.pause(2.5)  # its KVM exits/s shows in the list
         app.save_screenshot("screen-processes.svg", DOCS)
 
 
