@@ -159,7 +159,11 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 
         if args.interval <= 0:
             raise UsageError("--interval must be above 0")
-        return run_stats(args.pid, args.interval, args.json, args.count, sys.stdout)
+        try:
+            return run_stats(args.pid, args.interval, args.json, args.count, sys.stdout)
+        except BrokenPipeError:  # `| head`: the reader has all it wanted
+            _silence_stdout()
+            return 0
     if args.command == "replay":
         return run_tui(replay=args.file)
     if args.command == "demo":

@@ -455,6 +455,11 @@ class Tracer:
                 self._stops += 1
                 th = self._threads[tid] = _Thread(tid, proc)
                 self._other_stop(th, status)
+            else:  # one of a VMM we have detached from (its clone raced the detach): let it go
+                try:
+                    pt.ptrace(pt.PTRACE_DETACH, tid, 0, 0)
+                except pt.PtraceError:
+                    pass  # gone meanwhile
             return
         exit_status = _exit_status(status)
         if tid in self._detached_children:

@@ -235,3 +235,16 @@ def test_qemu_keeps_running_exactly_after_its_counters_are_taken(tmp_path, proce
     finally:
         stats.close()
     assert total["io_exits"] + total["insn_emulation"] >= n  # type: ignore[operator]
+
+
+@pytest.mark.kvm
+def test_stats_into_a_closed_pipe_ends_quietly(processes):
+    vmm = subprocess.Popen(counted_command(outs=2_000_000, mmio_writes=0, spin=2_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    result = subprocess.run(f"set -o pipefail; {' '.join(KVMTOP)} stats -p {vmm.pid} --json "
+                            f"--interval 0.2 | head -c 10", shell=True, executable="/bin/bash",
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert len(result.stdout) == 10
+    assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
