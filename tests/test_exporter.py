@@ -34,6 +34,7 @@ from kvmtop.kvm_stats import CUMULATIVE, INSTANT, LINEAR_HIST, LOG_HIST, PEAK, S
 from kvmtop.minivmm import counted_command
 from kvmtop.procfs import fd_table, tracer_pid
 from kvmtop.ptrace_abi import pidfd_getfd
+from kvmtop.tracer_thread import Tracer
 from kvmtop.vm_stats import StatsSample
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
@@ -413,6 +414,40 @@ def test_the_exporter_follows_the_fleet_and_leaves_every_vm_untraced_and_exact(t
     for pid in pids.values():
         assert f"pid {pid} (kvmtop-minivmm): reading KVM's counters" in log
         assert f"pid {pid} (kvmtop-minivmm) exited: its counters are closed" in log
+
+
+@pytest.mark.kvm
+def test_a_vm_traced_by_another_tracer_is_skipped_with_one_line_and_counted_failed(
+    tmp_path, processes
+):
+    own = tmp_path / "own.json"
+    vmm = subprocess.Popen(counted_command(outs=1_000, mmio_writes=0, spin=12_000_000,
+                                           report_json=str(own)))  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    other = Tracer()  # as gdb or strace would be
+    other.start()
+    try:
+        other.attach(vmm.pid).result(10)
+        exporter, url = start_exporter(processes)
+        fams = scrape_until(url, lambda f: any(s.labels["pid"] == str(vmm.pid)
+                                               for s in f["kvm_vm_up"].samples))  # fmt: skip
+        time.sleep(1.5)  # three more rescans: no retry before RETRY_S
+        assert vmm.poll() is None, "the guest ended early: raise its spin"
+        fams = scrape(url)
+    finally:
+        other.stop()
+    up = {s.labels["pid"]: s.value for s in fams["kvm_vm_up"].samples}
+    assert up[str(vmm.pid)] == 0 and vmm.pid not in vcpus_by_pid(fams)
+    vms = {s.labels["state"]: s.value for s in fams["kvmtop_exporter_vms"].samples}
+    assert vms["failed"] >= 1
+    exporter.send_signal(signal.SIGTERM)
+    assert exporter.wait(10) == 0
+    assert exporter.stderr is not None
+    lines = [line for line in exporter.stderr.read().splitlines() if f"pid {vmm.pid} " in line]
+    assert len(lines) == 1 and "skipped" in lines[0] and "traced by another process" in lines[0]
+    assert vmm.wait(120) == 0
+    assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": 1_001}
 
 
 @pytest.fixture
