@@ -18,6 +18,7 @@ import functools
 import os
 import re
 import select
+import socket
 import sys
 import threading
 import time
@@ -343,8 +344,6 @@ class _QuietHandler(WSGIRequestHandler):
 
 def serve(host: str, port: int) -> tuple[WSGIServer, Fleet]:
     """The HTTP server (not yet serving) over a new, empty fleet."""
-    import socket
-
     fleet = Fleet()
     registry = CollectorRegistry()
     registry.register(FleetCollector(fleet))
