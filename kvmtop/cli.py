@@ -13,6 +13,7 @@ code. Tracebacks only with ``--debug``.
     kvmtop export FILE --perfetto OUT.json | --csv OUT | --jsonl OUT     (OUT may be -)
     kvmtop list [--json]
     kvmtop stats -p PID [--interval S] [--count N] [--json]
+    kvmtop exporter [--listen HOST:PORT] [--rescan S]
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     sts.add_argument("--count", type=int, help="stop after N samples")
     sts.add_argument("--json", action="store_true", help="one JSON object per sample")
 
+    prom = sub.add_parser("exporter", help="serve KVM's counters of every VM here to Prometheus")
+    prom.add_argument("--listen", default="127.0.0.1:9464", metavar="HOST:PORT",
+                      help="where to serve /metrics (127.0.0.1:9464; port 0: any free one)")  # fmt: skip
+    prom.add_argument("--rescan", type=float, default=10.0, metavar="S",
+                      help="look for new VMs every S seconds (10)")  # fmt: skip
+
     rpl = sub.add_parser("replay", help="play a recording in the TUI")
     rpl.add_argument("file")
 
@@ -152,6 +159,8 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         return export(args)
     if args.command == "list":
         return list_processes(args.json)
+    if args.command == "exporter":
+        return exporter(args.listen, args.rescan)
     from kvmtop.app import run_tui  # Textual loads only for the TUI
 
     if args.command == "stats":
@@ -352,6 +361,24 @@ def _silence_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def exporter(listen: str, rescan_s: float) -> int:
+    """Serve until SIGTERM or Ctrl-C, then close every fd and exit 0."""
+    import threading
+
+    from kvmtop.exporter import run_exporter
+
+    if rescan_s <= 0:
+        raise UsageError("--rescan must be above 0")
+    stop = threading.Event()
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda _signum, _frame: stop.set()) for s in stop_signals}
+    try:
+        return run_exporter(listen, rescan_s, stop)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def list_processes(as_json: bool) -> int:

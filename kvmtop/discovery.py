@@ -52,8 +52,8 @@ def kvm_fd_links(pid: int) -> list[str] | None:
 
 def holds_a_vm(links: list[str]) -> bool:
     """A VMM keeps /dev/kvm or its VM fd open; a process holding only vCPU fds (kvmtop itself,
-    which maps the vCPUs it traces) is not one."""
-    return any(link == "/dev/kvm" or link.startswith("anon_inode:kvm-vm") for link in links)
+    which maps the vCPUs it traces) or stats fds (``anon_inode:kvm-vm-stats``) is not one."""
+    return any(link in ("/dev/kvm", "anon_inode:kvm-vm") for link in links)
 
 
 def display_name(cmdline: list[str], fallback: str) -> str:

@@ -66,6 +66,11 @@ class VmStats:
             {vcpu: f.read() for vcpu, f in self.vcpus.items()},
         )
 
+    @property
+    def exit_fd(self) -> int | None:
+        """An fd that turns readable when the VMM exits (for select/poll); None once closed."""
+        return self._pidfd
+
     def vmm_alive(self) -> bool:
         if self._pidfd is None:
             return False

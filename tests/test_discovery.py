@@ -14,7 +14,13 @@ import psutil
 import pytest
 from conftest import wait_for_vcpus
 
-from kvmtop.discovery import KvmProcess, display_name, kvm_process, list_kvm_processes
+from kvmtop.discovery import (
+    KvmProcess,
+    display_name,
+    holds_a_vm,
+    kvm_process,
+    list_kvm_processes,
+)
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
 from kvmtop.minivmm import counted_command, demo_command
 
@@ -160,3 +166,9 @@ def test_listing_every_process_is_fast():
 )
 def test_the_name_shown_is_qemus_name_option_else_the_command(cmdline, name):
     assert display_name(cmdline, fallback=cmdline[0]) == name
+
+
+def test_a_process_holding_only_stats_fds_is_not_a_vmm():
+    # kvmtop stats and the exporter hold these; the VMM holds /dev/kvm and anon_inode:kvm-vm
+    assert not holds_a_vm(["anon_inode:kvm-vm-stats", "anon_inode:kvm-vcpu-stats:0"])
+    assert holds_a_vm(["anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"])

@@ -1,0 +1,405 @@
+"""``kvmtop exporter``: KVM's own counters of every VM on the host, as Prometheus metrics.
+
+Owns the fleet: one :class:`~kvmtop.vm_stats.VmStats` per VM, taken by a brief attach when the
+VM is found, then read with one pread per fd. A scrape only preads the fds held (under the
+fleet's lock): it never lists processes and never attaches. Finding VMs, taking their stats and
+closing the fds of VMs that ended (at once: held fds keep a VM's kernel memory alive) happen in
+one background thread, the only one that changes the fleet.
+
+Metric names come from the kernel's stats descriptors, in base units: ``exits`` is
+``kvm_vcpu_exits_total``; ``halt_wait_ns`` (seconds, exponent -9) counts seconds. A histogram
+(``halt_wait_hist``) is ``kvm_vcpu_halt_wait_seconds``; the counter of the same measure
+(``halt_wait_ns``) is its ``_sum``, not a family of its own (they would share a name).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import select
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from kvmtop.discovery import KvmProcess, list_kvm_processes
+from kvmtop.errors import KvmtopError, NoSuchProcess, UsageError
+from kvmtop.kvm_stats import CUMULATIVE, StatDesc, Values
+from kvmtop.vm_stats import StatsSample, VmStats, take_stats
+
+_go_float = cast(Callable[[float], str], floatToGoString)  # le as Go prints it: 1e-09, +Inf
+RETRY_S = 300.0  # a VM whose stats could not be taken is tried again after this long
+VCPU_LABELS = ("pid", "vm", "vcpu")
+VM_LABELS = ("pid", "vm")
+
+# A kernel name's unit suffix, replaced by the base unit Prometheus names end with.
+_UNIT_SUFFIXES = {
+    "seconds": ("_ns", "_us", "_ms", "_seconds", "_s"),
+    "bytes": ("_bytes",),
+    "cycles": ("_cycles",),
+}
+
+
+# --- metric families from samples (pure) --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPlan:
+    """How one kernel stat is exposed: ``family`` is the name without ``_total``."""
+
+    family: str
+    kind: str  # "counter", "gauge" or "histogram"
+    desc: StatDesc
+    sum_desc: StatDesc | None = None  # a histogram's sum: the counter of the same measure
+
+
+def _measure(desc: StatDesc) -> str:
+    """The stat's name without its unit or ``_hist`` suffix: ``halt_wait_ns`` -> ``halt_wait``."""
+    name = re.sub(r"[^a-zA-Z0-9_]", "_", desc.name)
+    name = name.removesuffix("_hist") if desc.histogram else name
+    for suffix in _UNIT_SUFFIXES.get(desc.unit, ()):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name.removesuffix(suffix)
+    return name
+
+
+def _family_name(scope: str, desc: StatDesc) -> str:
+    unit = desc.unit if desc.unit in _UNIT_SUFFIXES else ""
+    return f"kvm_{scope}_{_measure(desc)}" + (f"_{unit}" if unit else "")
+
+
+@functools.lru_cache(maxsize=16)
+def plan_metrics(scope: str, descs: tuple[StatDesc, ...]) -> tuple[MetricPlan, ...]:
+    """Every stat of a ``scope`` ("vcpu" or "vm") as a counter, gauge or histogram."""
+    counters = {(_measure(d), d.unit): d for d in descs if d.kind == CUMULATIVE and not d.histogram}
+    summed = set()
+    plans = []
+    for d in descs:
+        if d.histogram:
+            total = counters.get((_measure(d), d.unit))
+            if total is not None:
+                summed.add(total.name)
+            plans.append(MetricPlan(_family_name(scope, d), "histogram", d, total))
+    for d in descs:
+        if not d.histogram and d.name not in summed:
+            kind = "counter" if d.kind == CUMULATIVE else "gauge"
+            plans.append(MetricPlan(_family_name(scope, d), kind, d))
+    return tuple(plans)
+
+
+def in_unit(raw: int, desc: StatDesc) -> float:
+    """A raw value in the descriptor's (base) unit; dividing keeps 1023e-9 as ``1.023e-06``."""
+    if desc.exponent < 0:
+        divisor: int = desc.base**-desc.exponent
+        return raw / divisor
+    factor: int = desc.base**desc.exponent
+    return float(raw * factor)
+
+
+def cumulative_buckets(desc: StatDesc, counts: tuple[int, ...]) -> list[tuple[str, float]]:
+    """Prometheus buckets (le, count of values <= le). KVM's bucket i holds whole raw values
+    from ``bucket_low(i)`` below ``bucket_low(i + 1)``; its last bucket holds everything above."""
+    out = []
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        last = i == len(counts) - 1
+        le = float("inf") if last else in_unit(desc.bucket_low(i + 1) - 1, desc)
+        out.append((_go_float(le), float(seen)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class VmReading:
+    """One VM's counters at a scrape, with what names it."""
+
+    pid: int
+    vm: str  # QEMU's -name, else the command name
+    vcpu_descs: tuple[StatDesc, ...]
+    vm_descs: tuple[StatDesc, ...]
+    sample: StatsSample
+
+
+def _new_family(plan: MetricPlan, labels: tuple[str, ...]) -> Metric:
+    d = plan.desc
+    unit = f" ({d.unit})" if d.unit else ""
+    text = f"KVM's {d.name}{unit}"
+    if plan.kind == "counter":
+        return CounterMetricFamily(plan.family, text, labels=labels)
+    if plan.kind == "gauge":
+        return GaugeMetricFamily(plan.family, text, labels=labels)
+    if plan.sum_desc is not None:
+        text += f"; sum from {plan.sum_desc.name}"
+    return HistogramMetricFamily(plan.family, text, labels=labels)
+
+
+def _add(family: Metric, plan: MetricPlan, labels: list[str], values: Values) -> None:
+    raw = values.get(plan.desc.name)
+    if isinstance(family, HistogramMetricFamily):
+        if not isinstance(raw, tuple):
+            return
+        total = values.get(plan.sum_desc.name) if plan.sum_desc is not None else None
+        total_s = (
+            in_unit(total, plan.sum_desc) if isinstance(total, int) and plan.sum_desc else None
+        )
+        family.add_metric(labels, cumulative_buckets(plan.desc, raw), total_s)
+    elif isinstance(raw, int) and isinstance(family, CounterMetricFamily | GaugeMetricFamily):
+        family.add_metric(labels, in_unit(raw, plan.desc))
+
+
+def build_families(readings: Iterable[VmReading]) -> list[Metric]:
+    """One family per kernel stat, with a metric per vCPU (or VM) of every reading."""
+    families: dict[str, tuple[Metric, MetricPlan]] = {}
+
+    def family(plan: MetricPlan, labels: tuple[str, ...]) -> Metric:
+        if plan.family not in families:
+            families[plan.family] = (_new_family(plan, labels), plan)
+        return families[plan.family][0]
+
+    for r in readings:
+        pid = str(r.pid)
+        for plan in plan_metrics("vcpu", r.vcpu_descs):
+            for vcpu, values in sorted(r.sample.vcpus.items()):
+                _add(family(plan, VCPU_LABELS), plan, [pid, r.vm, str(vcpu)], values)
+        for plan in plan_metrics("vm", r.vm_descs):
+            _add(family(plan, VM_LABELS), plan, [pid, r.vm], r.sample.vm)
+    return [f for f, _plan in families.values()]
+
+
+# --- the fleet ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WatchedVm:
+    pid: int
+    create_time: float
+    name: str
+    stats: VmStats
+    next_retake: float = 0.0  # when a vCPU it does not hold may be taken again
+
+
+@dataclass(slots=True)
+class FailedVm:
+    pid: int
+    create_time: float
+    name: str
+    next_try: float
+
+
+@dataclass(slots=True)
+class Fleet:
+    """The VMs whose stats are held, and those that could not be taken. Only the watcher thread
+    changes it; scrapes read it under ``lock``."""
+
+    take: Callable[[int], VmStats] = take_stats
+    discover: Callable[[], list[KvmProcess]] = list_kvm_processes
+    log: Callable[[str], None] = lambda text: print(f"kvmtop: {text}", file=sys.stderr, flush=True)
+    clock: Callable[[], float] = time.monotonic
+    watched: dict[int, WatchedVm] = field(default_factory=dict)
+    failed: dict[int, FailedVm] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def rescan(self) -> None:
+        """Drop the VMs that ended, take the stats of new ones (outside the lock: a take
+        attaches for a moment and must not hold up a scrape)."""
+        self.drop_ended()
+        found = {p.pid: p for p in self.discover()}
+        with self.lock:
+            for pid, vm in list(self.watched.items()):
+                if pid not in found or found[pid].create_time != vm.create_time:
+                    self._close(pid, "ended")
+            for pid, bad in list(self.failed.items()):
+                if pid not in found or found[pid].create_time != bad.create_time:
+                    del self.failed[pid]
+        now = self.clock()
+        for proc in found.values():
+            held = self.watched.get(proc.pid)
+            if held is not None:
+                if set(proc.vcpu_ids) - held.stats.vcpus.keys() and now >= held.next_retake:
+                    self._take(proc, now)  # a vCPU created since: hotplug, or a VM being built
+            elif proc.vcpus and (
+                proc.pid not in self.failed or now >= self.failed[proc.pid].next_try
+            ):
+                self._take(proc, now)
+
+    def _take(self, proc: KvmProcess, now: float) -> None:
+        try:
+            stats = self.take(proc.pid)
+        except NoSuchProcess:
+            return  # ended meanwhile
+        except (KvmtopError, OSError) as exc:
+            self.log(f"pid {proc.pid} ({proc.name}): skipped, retried in {RETRY_S:.0f} s: {exc}")
+            with self.lock:
+                if proc.pid in self.watched:
+                    self.watched[proc.pid].next_retake = now + RETRY_S
+                else:
+                    self.failed[proc.pid] = FailedVm(proc.pid, proc.create_time, proc.name,
+                                                     now + RETRY_S)  # fmt: skip
+            return
+        with self.lock:
+            old = self.watched.pop(proc.pid, None)
+            self.failed.pop(proc.pid, None)
+            self.watched[proc.pid] = WatchedVm(proc.pid, proc.create_time, proc.name, stats)
+        if old is not None:
+            old.stats.close()
+        self.log(f"pid {proc.pid} ({proc.name}): reading KVM's counters of "
+                 f"{len(stats.vcpus)} vCPU(s)")  # fmt: skip
+
+    def exit_fds(self) -> list[int]:
+        """An fd per watched VMM that becomes readable when it exits."""
+        with self.lock:
+            return [fd for vm in self.watched.values() if (fd := vm.stats.exit_fd) is not None]
+
+    def drop_ended(self) -> None:
+        with self.lock:
+            for pid in [pid for pid, vm in self.watched.items() if not vm.stats.vmm_alive()]:
+                self._close(pid, "exited")
+
+    def _close(self, pid: int, why: str) -> None:
+        vm = self.watched.pop(pid)
+        vm.stats.close()
+        self.log(f"pid {pid} ({vm.name}) {why}: its counters are closed")
+
+    def readings(self) -> tuple[list[VmReading], list[FailedVm]]:
+        """Every watched VM's counters now: one pread per fd, nothing else."""
+        out = []
+        with self.lock:
+            for vm in self.watched.values():
+                try:
+                    sample = vm.stats.sample()
+                except OSError:
+                    continue  # dropped by the watcher shortly
+                out.append(VmReading(vm.pid, vm.name, vm.stats.descs(),
+                                     vm.stats.descs(vcpu=False), sample))  # fmt: skip
+            return out, list(self.failed.values())
+
+    def close(self) -> None:
+        with self.lock:
+            for vm in self.watched.values():
+                vm.stats.close()
+            self.watched.clear()
+            self.failed.clear()
+
+
+class FleetCollector(Collector):
+    """The families of every watched VM, an up gauge per VM and the fleet's size."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        readings, failed = self.fleet.readings()
+        yield from build_families(readings)
+        up = GaugeMetricFamily("kvm_vm_up", "1: KVM's counters of the VM are read; 0: they "
+                               "could not be taken (see the exporter's log)", labels=VM_LABELS)  # fmt: skip
+        vcpus = GaugeMetricFamily("kvm_vm_vcpus", "vCPUs whose counters are read", labels=VM_LABELS)
+        for r in readings:
+            up.add_metric([str(r.pid), r.vm], 1)
+            vcpus.add_metric([str(r.pid), r.vm], len(r.sample.vcpus))
+        for bad in failed:
+            up.add_metric([str(bad.pid), bad.name], 0)
+        vms = GaugeMetricFamily("kvmtop_exporter_vms", "KVM processes by whether their "
+                                "counters are read", labels=("state",))  # fmt: skip
+        vms.add_metric(["ok"], len(readings))
+        vms.add_metric(["failed"], len(failed))
+        yield from (up, vcpus, vms)
+
+
+# --- serving ------------------------------------------------------------------------------------
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6; port 0: any free one)."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--listen takes HOST:PORT (e.g. 127.0.0.1:9464), not {text!r}")
+    return host, int(port)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck client does not hold up the exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+        pass  # a line per scrape is noise
+
+
+def serve(host: str, port: int) -> tuple[WSGIServer, Fleet]:
+    """The HTTP server (not yet serving) over a new, empty fleet."""
+    fleet = Fleet()
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(fleet))
+    ProcessCollector(registry=registry)  # the exporter's own CPU, memory and open fds
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        server_class = type("_Server", (_Server,), {"address_family": infos[0][0]})
+        httpd: WSGIServer = make_server(host, port, make_wsgi_app(registry), server_class,
+                                        _QuietHandler)  # fmt: skip
+    except OSError as exc:
+        raise KvmtopError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return httpd, fleet
+
+
+def watch(fleet: Fleet, rescan_s: float, stop: threading.Event, wake_fd: int,
+          failure: list[Exception]) -> None:  # fmt: skip
+    """The watcher thread: rescan every ``rescan_s``, and close a VM's fds as soon as its VMM
+    exits (its pidfd turns readable). What ends it unexpectedly goes to ``failure``."""
+    next_scan = 0.0
+    try:
+        while not stop.is_set():
+            if time.monotonic() >= next_scan:
+                fleet.rescan()
+                next_scan = time.monotonic() + rescan_s
+            timeout = max(0.0, next_scan - time.monotonic())
+            ready, _, _ = select.select([wake_fd, *fleet.exit_fds()], [], [], timeout)
+            if ready and ready != [wake_fd]:
+                fleet.drop_ended()
+    except Exception as exc:  # reported by run_exporter as one line
+        failure.append(exc)
+
+
+def run_exporter(listen: str, rescan_s: float, stop: threading.Event) -> int:
+    """Serve until ``stop`` is set; then close every fd and return 0."""
+    host, port = parse_listen(listen)
+    httpd, fleet = serve(host, port)
+    where = f"[{host}]:{httpd.server_port}" if ":" in host else f"{host}:{httpd.server_port}"
+    print(f"kvmtop: exporter listening on http://{where}/metrics", file=sys.stderr, flush=True)
+    wake_r, wake_w = os.pipe()
+    failure: list[Exception] = []
+    server = threading.Thread(target=httpd.serve_forever, name="kvmtop-http", daemon=True)
+    watcher = threading.Thread(target=watch, args=(fleet, rescan_s, stop, wake_r, failure),
+                               name="kvmtop-watcher", daemon=True)  # fmt: skip
+    server.start()
+    watcher.start()
+    try:
+        while not stop.wait(1.0):
+            if failure:
+                raise KvmtopError(f"the exporter stopped finding VMs: {failure[0]!r}")
+    finally:
+        stop.set()
+        os.write(wake_w, b"x")
+        httpd.shutdown()
+        httpd.server_close()
+        watcher.join(30)  # a take under way finishes (its attach is bounded) before the close
+        fleet.close()
+        os.close(wake_r)
+        os.close(wake_w)
+    return 0
