@@ -21,16 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvmtop.discovery import KvmProcess
 from kvmtop.errors import NoSuchProcess, PermissionDenied, UsageError
-from kvmtop.exporter import (
-    RETRY_S,
-    Fleet,
-    FleetCollector,
-    VmReading,
-    build_families,
-    parse_listen,
-    plan_metrics,
-)
+from kvmtop.exporter import RETRY_S, Fleet, FleetCollector, parse_listen
 from kvmtop.kvm_stats import CUMULATIVE, INSTANT, LINEAR_HIST, LOG_HIST, PEAK, StatDesc, StatsFile
+from kvmtop.metric_families import VmReading, build_families, plan_metrics
 from kvmtop.minivmm import counted_command
 from kvmtop.procfs import fd_table, tracer_pid
 from kvmtop.ptrace_abi import pidfd_getfd
