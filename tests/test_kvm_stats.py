@@ -3,6 +3,7 @@ brief attach, while its threads run on, signals and all, exactly as before."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -248,3 +249,18 @@ def test_stats_into_a_closed_pipe_ends_quietly(processes):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert len(result.stdout) == 10
     assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
+
+
+@pytest.mark.parametrize("err", [errno.ENOTTY, errno.EINVAL])
+def test_a_kernel_without_binary_stats_is_said_so_in_one_line(err):
+    from concurrent.futures import Future
+
+    from kvmtop.arch import x86_64
+    from kvmtop.inject import StatsJob, _took
+
+    job = StatsJob(Future(), [(VM, 5), (0, 7)])
+    _took(job, -1, x86_64.SYS_IOCTL, (VM, 5), -err, 1234)  # what the ioctl returned
+    assert job.finished and not job.to_close  # nothing was made in the VMM: nothing to close
+    job.settle()
+    with pytest.raises(OSError, match="no KVM binary stats .*Linux 5.14"):
+        job.future.result()
