@@ -264,3 +264,37 @@ def test_a_kernel_without_binary_stats_is_said_so_in_one_line(err):
     job.settle()
     with pytest.raises(OSError, match="no KVM binary stats .*Linux 5.14"):
         job.future.result()
+
+
+@pytest.mark.kvm
+def test_counters_through_a_one_stop_launch_leave_the_counts_exact(tmp_path):
+    """Under kvmtop's seccomp filter the vCPU threads stop only at KVM_RUN (seccomp stops): the
+    fds are made there, and every exit is still counted exactly."""
+    from kvmtop.events import Detached, ExitBatch
+
+    n, own = 30_000, tmp_path / "own.json"
+    tracer = Tracer()
+    tracer.start()
+    io = 0
+    try:
+        attached = tracer.launch(counted_command(vcpus=2, outs=n, mmio_writes=0,
+                                                 report_json=str(own)), one_stop=True).result(10)  # fmt: skip
+        assert attached.one_stop
+        wait_for_vcpus(attached.pid, 2)
+        before = fd_table(attached.pid)
+        stats = settle_stats(attached.pid, tracer.stats_fds())
+        try:
+            assert fd_table(attached.pid) == before
+            assert set(stats.made_by) == {VM, 0, 1}
+            while not isinstance(message := tracer.out.get(timeout=60), Detached):
+                if isinstance(message, ExitBatch):
+                    io += sum(e.reason == 2 and e.errno == 0 for e in message.events)
+            assert message.exit_status == 0
+            assert all(v["exits"] > 0 for v in stats.sample().vcpus.values())
+        finally:
+            stats.close()
+    finally:
+        tracer.stop()
+    assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": 2 * (n + 1)} and io == 2 * (
+        n + 1
+    )
