@@ -37,6 +37,22 @@ def fd_table(pid: int) -> dict[int, str]:
     return table
 
 
+def seccomp_of(pid: int, tid: int) -> tuple[int, int]:
+    """(seccomp mode, filters) of a thread: mode 0 none, 1 strict, 2 filter; the filter count
+    (Linux 5.9+; 0 where the kernel does not say)."""
+    mode = filters = 0
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Seccomp:"):
+                    mode = int(line.split()[1])
+                elif line.startswith("Seccomp_filters:"):
+                    filters = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return mode, filters
+
+
 def status_field(pid: int, name: str) -> str | None:
     try:
         with open(f"/proc/{pid}/status") as f:

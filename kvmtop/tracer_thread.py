@@ -52,7 +52,14 @@ from kvmtop.events import (
     VcpuSeen,
 )
 from kvmtop.inject import MAX_ATTEMPTS, VM, StatsFds, StatsJob, run_job
-from kvmtop.procfs import check_attachable, fd_table, permission_hint, task_ids, tgid_of
+from kvmtop.procfs import (
+    check_attachable,
+    fd_table,
+    permission_hint,
+    seccomp_of,
+    task_ids,
+    tgid_of,
+)
 from kvmtop.stop_wait import StopWaiter
 from kvmtop.vcpu_maps import RunPage, open_run_page, vcpu_fds
 from kvmtop.xlat_exit import ExitReason
@@ -538,7 +545,8 @@ class Tracer:
                 elif command == "stats":
                     self._start_stats(future)
             except KvmtopError as exc:
-                self.out.put(TracerFailed(str(exc), kind=type(exc).__name__))
+                if command != "stats":  # the tracing goes on; only the asker needs to know
+                    self.out.put(TracerFailed(str(exc), kind=type(exc).__name__))
                 future.set_exception(exc)
 
     # --- KVM's own counters (kvmtop.inject) -------------------------------------------------------
@@ -554,9 +562,24 @@ class Tracer:
         todo += [(VM, fd) for fd, link in links.items() if link.startswith("anon_inode:kvm-vm")]
         if not todo:
             raise KvmtopError(f"pid {proc.pid} holds no VM or vCPU fd")
+        self._check_no_foreign_seccomp(proc)
         proc.stats_job = StatsJob(future, sorted(todo))
         proc.stats_asked_ns = time.monotonic_ns()
         proc.stats_nudged = False
+
+    def _check_no_foreign_seccomp(self, proc: _Process) -> None:
+        """A VMM thread under a seccomp filter of its own (Firecracker, crosvm and
+        cloud-hypervisor filter their vCPU threads) might refuse the injected ioctl or be killed
+        for it: such a VMM is left alone. kvmtop's own filter (one-stop launch) allows it."""
+        own = 1 if proc.one_stop else 0
+        for th in [t for t in self._threads.values() if t.proc is proc]:
+            mode, filters = seccomp_of(proc.pid, th.tid)
+            if mode == 1 or (mode == 2 and filters != own):
+                raise KvmtopError(
+                    f"pid {proc.pid} runs under a seccomp filter of its own (thread {th.tid}), as "
+                    "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
+                    "could be refused or kill it, so KVM's counters are not taken from it"
+                )
 
     def _nudge_stats(self) -> None:
         """A busy vCPU's next KVM_RUN entry comes at once, and so does some thread's syscall.

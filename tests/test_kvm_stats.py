@@ -298,3 +298,36 @@ def test_counters_through_a_one_stop_launch_leave_the_counts_exact(tmp_path):
     assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": 2 * (n + 1)} and io == 2 * (
         n + 1
     )
+
+
+SECCOMP_ALLOW_ALL = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
+ret_allow = struct.pack("<HBBI", 0x06, 0, 0, 0x7FFF0000)  # BPF_RET|BPF_K SECCOMP_RET_ALLOW
+code = ctypes.create_string_buffer(ret_allow, len(ret_allow))
+prog = ctypes.create_string_buffer(struct.pack("<H6xQ", 1, ctypes.addressof(code)))
+assert libc.prctl(38, 1, None, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.addressof(prog), 0, 0) == 0  # PR_SET_SECCOMP, filter
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.kvm
+def test_a_vmm_under_its_own_seccomp_filter_is_left_alone(tmp_path, processes):
+    """Firecracker-like: a filter of the VMM's own might refuse the injected ioctl or kill the
+    VMM for it, so kvmtop says so and does nothing; the VMM runs on, untraced, exactly."""
+    own = tmp_path / "own.json"
+    n = 3_000
+    argv = counted_command(outs=n, mmio_writes=0, spin=4_000_000, report_json=str(own))
+    vmm = subprocess.Popen([sys.executable, "-c", SECCOMP_ALLOW_ALL, *argv])
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    before = fd_table(vmm.pid)
+    result = subprocess.run([*KVMTOP, "stats", "-p", str(vmm.pid)], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode != 0 and result.stderr.count("\n") == 1
+    assert "seccomp filter" in result.stderr
+    assert fd_table(vmm.pid) == before and tracer_pid(vmm.pid) == 0
+    assert vmm.wait(60) == 0
+    assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": n + 1}
