@@ -112,13 +112,13 @@ class KvmtopApp(App[int]):
             self.notify(f"already tracing pid {session.pid}: detach first (d)", severity="warning")
             return
         self._attempt = begin(session)
-        self.push_screen(AttachedScreen(LiveSource(session)))
+        self.push_screen(AttachedScreen(LiveSource(session), self._kernel_rate))
 
     def attach(self, pid: int) -> None:
         session = self.session
         if session is not None and session.pid == pid and session.state is SessionState.ATTACHED:
             if not isinstance(self.screen, AttachedScreen):
-                self.push_screen(AttachedScreen(LiveSource(session)))  # back to its view
+                self.push_screen(AttachedScreen(LiveSource(session), self._kernel_rate))
             return
         self._watch(lambda s: s.attach(pid))
 
@@ -148,6 +148,11 @@ class KvmtopApp(App[int]):
 
     def on_attach_requested(self, request: AttachRequested) -> None:
         self.attach(request.pid)
+
+    def _kernel_rate(self) -> float | None:
+        """KVM's own exits/s of the traced VM, if its counters are held."""
+        pid = self.attached_pid
+        return self.held.exit_rate(pid) if pid is not None else None
 
     def on_kernel_requested(self, request: KernelRequested) -> None:
         session, pid = self.session, request.pid

@@ -510,7 +510,10 @@ async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
         assert set(made_by) == {-1, 0, 1}  # the VM and both vCPUs, by the VMM's own threads
         await until(pilot, lambda: app.screen.query_one(CounterGrid).row_count > 20,
                     what="counters shown")  # fmt: skip
-        await pilot.press("escape", "d")
+        await pilot.press("escape")  # the traced view now says how many exits reach the VMM
+        title = app.screen.query_one("#title")
+        await until(pilot, lambda: "reach the VMM (k)" in str(title.render()), what="share shown")
+        await pilot.press("d")
         await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
         assert app.held.exit_rate(demo.pid) is not None  # the counters outlive the trace
         await pilot.press("q")

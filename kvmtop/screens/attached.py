@@ -3,6 +3,8 @@ busiest IO ports and MMIO addresses, and the status line."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -11,8 +13,9 @@ from textual.widgets import Footer, Static
 from kvmtop.screens.requests import BackRequested, DetachRequested, KernelRequested
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.screens.watch import WatchScreen
-from kvmtop.sources import LiveSource, SourceStatus
+from kvmtop.sources import ExitSource, LiveSource, SourceStatus
 from kvmtop.stats import StatsSnapshot
+from kvmtop.units import human
 from kvmtop.widgets.latency_pane import LatencyPane
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.status_line import StatusLine
@@ -36,6 +39,11 @@ class AttachedScreen(WatchScreen):
 
     _shown_state = ""
 
+    def __init__(self, source: ExitSource, kernel_rate: Callable[[], float | None] = lambda: None
+                 ) -> None:  # fmt: skip
+        super().__init__(source)
+        self.kernel_rate = kernel_rate  # KVM's own exits/s of the VM, when its counters are held
+
     def compose(self) -> ComposeResult:
         yield Static("", id="title")
         with Vertical(id="body"):
@@ -54,7 +62,13 @@ class AttachedScreen(WatchScreen):
         if status.state != self._shown_state:  # e.g. detached: `d` leaves the footer
             self._shown_state = status.state
             self.refresh_bindings()
-        self.query_one("#title", Static).update(status.title)
+        title = status.title
+        kernel = self.kernel_rate()
+        if kernel is not None and status.live:
+            traced = sum(v.rate for v in snap.vcpus)
+            share = f", {min(100.0, 100 * traced / kernel):.0f}% reach the VMM" if kernel else ""
+            title += f"   KVM counts {human(kernel)} exits/s in all{share} (k)"
+        self.query_one("#title", Static).update(title)
         self.query_one(VcpuTable).show(snap.vcpus)
         self.query_one(ReasonBars).show(snap.reasons, snap.total)
         self.query_one(LatencyPane).show(snap.reasons)
