@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 
 from kvmtop import ptrace_abi as pt
 from kvmtop.arch import x86_64 as arch
+from kvmtop.errors import KvmtopError
+from kvmtop.procfs import fd_table, seccomp_of
+from kvmtop.vcpu_maps import vcpu_fds
 
 KVM_GET_STATS_FD = 0xAECE
 MAX_ATTEMPTS = 20  # stops a job may be interrupted at before it gives up
@@ -91,6 +94,29 @@ class StatsJob:
         for fd in self.got.values():
             os.close(fd)
         self.got.clear()
+
+
+def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool) -> StatsJob:
+    """What to ask for: the VM fd and one fd per vCPU of ``pid`` (Python's mmap, for one,
+    holds a duplicate of its vCPU fd). A VMM thread under a seccomp filter of its own
+    (Firecracker, crosvm and cloud-hypervisor filter their vCPU threads) might refuse the
+    injected ioctl or be killed for it: such a VMM is left alone. kvmtop's own filter (one-stop
+    launch, ``one_stop``) allows it."""
+    links = fd_table(pid)
+    todo = [(vcpu, fd) for vcpu, fd in {v: f for f, v in vcpu_fds(pid).items()}.items()]
+    todo += [(VM, fd) for fd, link in links.items() if link.startswith("anon_inode:kvm-vm")]
+    if not todo:
+        raise KvmtopError(f"pid {pid} holds no VM or vCPU fd")
+    own = 1 if one_stop else 0
+    for tid in tids:
+        mode, filters = seccomp_of(pid, tid)
+        if mode == 1 or (mode == 2 and filters != own):
+            raise KvmtopError(
+                f"pid {pid} runs under a seccomp filter of its own (thread {tid}), as "
+                "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
+                "could be refused or kill it, so KVM's counters are not taken from it"
+            )
+    return StatsJob(future, sorted(todo))
 
 
 class Interrupted(Exception):

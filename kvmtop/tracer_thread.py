@@ -22,9 +22,7 @@ from __future__ import annotations
 import errno as errno_module
 import os
 import queue
-import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +34,6 @@ from kvmtop import ptrace_abi as pt
 from kvmtop.arch import HOST
 from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN, decode_exit, exit_reason_of
 from kvmtop.errors import (
-    CommandNotFound,
     KvmtopError,
     NoSuchProcess,
     PermissionDenied,
@@ -51,15 +48,14 @@ from kvmtop.events import (
     TracerMessage,
     VcpuSeen,
 )
-from kvmtop.inject import MAX_ATTEMPTS, VM, StatsFds, StatsJob, run_job
+from kvmtop.inject import MAX_ATTEMPTS, StatsFds, StatsJob, plan_job, run_job
 from kvmtop.procfs import (
     check_attachable,
-    fd_table,
     permission_hint,
-    seccomp_of,
     task_ids,
     tgid_of,
 )
+from kvmtop.spawn import spawn_kicker, spawn_stopped
 from kvmtop.stop_wait import StopWaiter
 from kvmtop.vcpu_maps import RunPage, open_run_page, vcpu_fds
 from kvmtop.xlat_exit import ExitReason
@@ -210,19 +206,10 @@ class Tracer:
                     pass
 
     def _spawn_kicker(self) -> int:
-        """A child that only sleeps: `read` on a pipe whose other end only we hold, so it ends
-        by itself when kvmtop goes, however kvmtop goes. Its own process group keeps the
-        terminal's Ctrl-C away from it."""
         if self._kicker_pipe >= 0:
             os.close(self._kicker_pipe)
-        read_end, self._kicker_pipe = os.pipe()
-        try:
-            return os.posix_spawn(
-                "/bin/sh", ["sh", "-c", "read _"], {"PATH": "/usr/bin:/bin"},
-                file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)], setpgroup=0,
-            )  # fmt: skip
-        finally:
-            os.close(read_end)
+        pid, self._kicker_pipe = spawn_kicker()
+        return pid
 
     def _loop(self) -> None:
         monotonic_ns = time.monotonic_ns
@@ -557,29 +544,10 @@ class Tracer:
             raise KvmtopError("not attached")
         if proc.stats_job is not None:
             raise KvmtopError("KVM's counters are being fetched already")
-        links = fd_table(proc.pid)
-        todo = [(vcpu, fd) for vcpu, fd in {v: f for f, v in vcpu_fds(proc.pid).items()}.items()]
-        todo += [(VM, fd) for fd, link in links.items() if link.startswith("anon_inode:kvm-vm")]
-        if not todo:
-            raise KvmtopError(f"pid {proc.pid} holds no VM or vCPU fd")
-        self._check_no_foreign_seccomp(proc)
-        proc.stats_job = StatsJob(future, sorted(todo))
+        tids = [t.tid for t in self._threads.values() if t.proc is proc]
+        proc.stats_job = plan_job(future, proc.pid, tids, proc.one_stop)
         proc.stats_asked_ns = time.monotonic_ns()
         proc.stats_nudged = False
-
-    def _check_no_foreign_seccomp(self, proc: _Process) -> None:
-        """A VMM thread under a seccomp filter of its own (Firecracker, crosvm and
-        cloud-hypervisor filter their vCPU threads) might refuse the injected ioctl or be killed
-        for it: such a VMM is left alone. kvmtop's own filter (one-stop launch) allows it."""
-        own = 1 if proc.one_stop else 0
-        for th in [t for t in self._threads.values() if t.proc is proc]:
-            mode, filters = seccomp_of(proc.pid, th.tid)
-            if mode == 1 or (mode == 2 and filters != own):
-                raise KvmtopError(
-                    f"pid {proc.pid} runs under a seccomp filter of its own (thread {th.tid}), as "
-                    "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
-                    "could be refused or kill it, so KVM's counters are not taken from it"
-                )
 
     def _nudge_stats(self) -> None:
         """A busy vCPU's next KVM_RUN entry comes at once, and so does some thread's syscall.
@@ -726,45 +694,12 @@ class Tracer:
             self._seen.append(VcpuSeen(page.vcpu, 0, time.monotonic_ns()))
 
     def _launch(self, argv: list[str], one_stop: bool = False) -> Attached:
-        """Start ``argv`` traced from its first instruction. No Python runs in a forked child (a
-        forked copy of a threaded Python can deadlock): posix_spawn starts a shell (or, for
-        one-stop tracing, a fresh interpreter that installs the seccomp filter) that stops
-        itself; once it is seized and continued, it execs the command."""
+        """Start ``argv`` traced from its first instruction (:func:`spawn_stopped`): seized while
+        it is stopped, then continued, it execs the command."""
         if self._proc is not None:
             raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
-        if not argv:
-            raise CommandNotFound("no command given")
         t0 = time.monotonic_ns()
-        if shutil.which(argv[0]) is None:
-            raise CommandNotFound(f"command not found: {argv[0]}")
-        actions: list[tuple[Any, ...]] = []
-        if self.child_stdio is not None:
-            actions = [(os.POSIX_SPAWN_OPEN, 0, self.child_stdio, os.O_RDWR, 0)]
-            actions += [(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
-        elif self.child_stdout_to_stderr:
-            actions = [(os.POSIX_SPAWN_DUP2, 2, 1)]
-        report_r = -1
-        if one_stop:
-            report_r, report_w = os.pipe()
-            actions.append((os.POSIX_SPAWN_DUP2, report_w, 3))
-            program = HOST.seccomp_trace_ioctls(KVM_RUN, KVM_CREATE_VCPU).hex()
-            spawn = [sys.executable, "-I", LAUNCHER, program, *argv]
-        else:
-            spawn = ["/bin/sh", "-c", 'kill -STOP $$ && exec "$@"', "sh", *argv]
-        try:
-            pid = os.posix_spawn(
-                spawn[0], spawn, os.environ, file_actions=actions, setsigdef=CHILD_DEFAULT_SIGNALS
-            )
-        finally:
-            if one_stop:
-                os.close(report_w)
-        _, status = os.waitpid(pid, os.WUNTRACED | pt.WNOTHREAD)
-        filtered = False
-        if one_stop:
-            with os.fdopen(report_r, "rb") as pipe:
-                filtered = pipe.read() == b"seccomp"
-        if not os.WIFSTOPPED(status):
-            raise KvmtopError(f"cannot start {argv[0]}: its launcher ended with status {status}")
+        pid, filtered = spawn_stopped(argv, one_stop, self.child_stdio, self.child_stdout_to_stderr)
         options = OPTIONS | (pt.PTRACE_O_TRACESECCOMP | pt.PTRACE_O_EXITKILL if filtered else 0)
         pt.ptrace(pt.PTRACE_SEIZE, pid, 0, options)
         os.kill(pid, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
@@ -777,9 +712,6 @@ class Tracer:
 
 
 IMMEDIATE_EXIT_OFFSET = 1  # offsetof(struct kvm_run, immediate_exit)
-LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
-# Python ignores SIGPIPE and SIGXFSZ, and a launched command would inherit that.
-CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
 
 
 def _kvm_run_fd(info: memoryview) -> int | None:

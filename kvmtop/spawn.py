@@ -1,0 +1,77 @@
+"""Starting processes for the tracer, with no Python in a forked child (a forked copy of a
+threaded Python can deadlock): posix_spawn only. No ptrace here: the tracer seizes what these
+return.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from typing import Any
+
+from kvmtop.arch import HOST
+from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN
+from kvmtop.errors import CommandNotFound, KvmtopError
+
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
+# Python ignores SIGPIPE and SIGXFSZ, and a launched command would inherit that.
+CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
+WNOTHREAD = 0x20000000  # __WNOTHREAD (include/uapi/linux/wait.h)
+
+
+def spawn_kicker() -> tuple[int, int]:
+    """(pid, pipe fd) of a child that only sleeps: `read` on a pipe whose other end only the
+    caller holds, so it ends by itself when kvmtop goes, however kvmtop goes. Its own process
+    group keeps the terminal's Ctrl-C away from it. Stopping it wakes the tracer's waitpid."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.posix_spawn(
+            "/bin/sh", ["sh", "-c", "read _"], {"PATH": "/usr/bin:/bin"},
+            file_actions=[(os.POSIX_SPAWN_DUP2, read_end, 0)], setpgroup=0,
+        )  # fmt: skip
+    finally:
+        os.close(read_end)
+    return pid, write_end
+
+
+def spawn_stopped(
+    argv: list[str], one_stop: bool, child_stdio: str | None, stdout_to_stderr: bool
+) -> tuple[int, bool]:
+    """Start ``argv`` stopped before its first instruction: a shell (or, for one-stop tracing,
+    a fresh interpreter that installs kvmtop's seccomp filter) that stops itself and, once
+    continued, execs the command. Returns (pid, whether the filter is in place)."""
+    if not argv:
+        raise CommandNotFound("no command given")
+    if shutil.which(argv[0]) is None:
+        raise CommandNotFound(f"command not found: {argv[0]}")
+    actions: list[tuple[Any, ...]] = []
+    if child_stdio is not None:
+        actions = [(os.POSIX_SPAWN_OPEN, 0, child_stdio, os.O_RDWR, 0)]
+        actions += [(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
+    elif stdout_to_stderr:
+        actions = [(os.POSIX_SPAWN_DUP2, 2, 1)]
+    report_r = -1
+    if one_stop:
+        report_r, report_w = os.pipe()
+        actions.append((os.POSIX_SPAWN_DUP2, report_w, 3))
+        program = HOST.seccomp_trace_ioctls(KVM_RUN, KVM_CREATE_VCPU).hex()
+        spawn = [sys.executable, "-I", LAUNCHER, program, *argv]
+    else:
+        spawn = ["/bin/sh", "-c", 'kill -STOP $$ && exec "$@"', "sh", *argv]
+    try:
+        pid = os.posix_spawn(
+            spawn[0], spawn, os.environ, file_actions=actions, setsigdef=CHILD_DEFAULT_SIGNALS
+        )
+    finally:
+        if one_stop:
+            os.close(report_w)
+    _, status = os.waitpid(pid, os.WUNTRACED | WNOTHREAD)
+    filtered = False
+    if one_stop:
+        with os.fdopen(report_r, "rb") as pipe:
+            filtered = pipe.read() == b"seccomp"
+    if not os.WIFSTOPPED(status):
+        raise KvmtopError(f"cannot start {argv[0]}: its launcher ended with status {status}")
+    return pid, filtered
