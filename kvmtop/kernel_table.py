@@ -14,6 +14,16 @@ from kvmtop.vm_stats import StatsSample, VmStats, rates, vm_totals
 
 Rows = list[tuple[str, list[str]]]
 
+# Shown first, in this order, where the kernel has them: why and how often the vCPUs exit.
+# Every other counter follows in the kernel's own order.
+FIRST = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "hypercalls",
+         "insn_emulation", "signal_exits", "pf_taken", "halt_wait_ns", "halt_wait_hist")  # fmt: skip
+
+
+def in_reading_order(descs: tuple[StatDesc, ...]) -> list[StatDesc]:
+    rank = {name: i for i, name in enumerate(FIRST)}
+    return sorted(descs, key=lambda d: rank.get(d.name, len(FIRST)))  # stable: kernel order
+
 
 @dataclass(frozen=True, slots=True)
 class CounterTable:
@@ -63,7 +73,7 @@ def counter_table(stats: VmStats, last: StatsSample, now: StatsSample) -> Counte
     dt = max(1e-9, (now.t_ns - last.t_ns) / 1e9)
     vcpu_rates = {v: rates(last, now, descs, vcpu_values(v)) for v in vcpus}
     rows: Rows = []
-    for d in descs:
+    for d in in_reading_order(descs):
         if d.histogram:
             cells = ["", *(_cell(d, now.vcpus[v], None) for v in vcpus)]
         else:

@@ -346,3 +346,15 @@ def test_a_vmm_under_its_own_seccomp_filter_is_left_alone(tmp_path, processes):
     assert fd_table(vmm.pid) == before and tracer_pid(vmm.pid) == 0
     assert vmm.wait(60) == 0
     assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": n + 1}
+
+
+def test_the_counters_that_say_why_vcpus_exit_come_first():
+    from kvmtop.kernel_table import in_reading_order
+
+    descs = parse_layout(stats_blob([
+        ("halt_poll_invalid", CUMULATIVE, 0, 1, 0), ("pf_taken", CUMULATIVE, 0, 1, 0),
+        ("io_exits", CUMULATIVE, 0, 1, 0), ("new_counter", CUMULATIVE, 0, 1, 0),
+        ("exits", CUMULATIVE, 0, 1, 0),
+    ], [0] * 5)).descs  # fmt: skip
+    names = [d.name for d in in_reading_order(descs)]
+    assert names == ["exits", "io_exits", "pf_taken", "halt_poll_invalid", "new_counter"]
