@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from kvmtop.events import ExitBatch
     from kvmtop.recording import Recording
 
+if TYPE_CHECKING:
+    from kvmtop.session import TraceSession
+
 DEFAULT_RECORDING = "kvmtop.data"
 
 
@@ -180,6 +183,15 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     return run_tui(pid=args.pid, argv=command, record_path=args.output)
 
 
+def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
+    """How the exits were seen, for the summary."""
+    if session.one_stop:
+        return "1 ptrace stop per exit (kvmtop's seccomp filter)"
+    if session.launched and asked_one_stop:
+        return "2 ptrace stops per exit (the seccomp filter could not be installed)"
+    return "2 ptrace stops per exit"
+
+
 def record(
     pid: int | None,
     command: list[str] | None,
@@ -271,7 +283,7 @@ def record(
         )
     snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
-            "one_stop": session.one_stop}  # fmt: skip
+            "one_stop": session.one_stop, "mode": tracing_mode(session, one_stop)}  # fmt: skip
     if as_json:
         print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)
     else:

@@ -100,6 +100,8 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
         f"{snapshot.total} exits in {seconds:.3f} s on {len(snapshot.vcpus)} vCPU(s)"
         f"  (lost {snapshot.lost}, ptrace stops {snapshot.stops})"
     )
+    if meta.get("mode"):
+        lines[-1] += f"\ntraced with {meta['mode']}"
     header = f"{'VCPU':>4}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {'GUEST p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
     lines += ["", header, "-" * len(header)]
     groups = _row_groups(snapshot)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -135,13 +136,16 @@ def test_another_users_vmm_is_refused_with_the_reason(bios, processes):
     vmm = subprocess.Popen(qemu_command(bios(spin=20_000_000)), stderr=subprocess.DEVNULL)
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
-    as_nobody = (  # import as root, then become an unprivileged user without CAP_SYS_PTRACE
-        "import os, sys, locale, kvmtop.cli, kvmtop.session, kvmtop.report; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
-        f"sys.exit(kvmtop.cli.main(['record', '-o', '/tmp/x.kvmtop', '-p', '{vmm.pid}']))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", as_nobody], capture_output=True, text=True, timeout=60
-    )
+    with tempfile.TemporaryDirectory() as writable:  # in /tmp: one nobody can reach
+        os.chmod(writable, 0o777)
+        out = os.path.join(writable, "x.kvmtop")
+        as_nobody = (  # import as root, then become an unprivileged user without CAP_SYS_PTRACE
+            "import os, sys, locale, kvmtop.cli, kvmtop.session, kvmtop.report; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+            f"sys.exit(kvmtop.cli.main(['record', '-o', '{out}', '-p', '{vmm.pid}']))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", as_nobody], capture_output=True, text=True, timeout=60
+        )
     assert_one_line_error(result, 5, "CAP_SYS_PTRACE")
 
 

@@ -128,7 +128,16 @@ def test_no_seccomp_keeps_the_detachable_two_stop_launch(tmp_path):
             *counted_command(outs=100, mmio_writes=10, exit_status=2)]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "one stop per exit" not in result.stderr
+    assert "traced with 2 ptrace stops per exit\n" in result.stdout  # the summary says how
     summary = json.loads(subprocess.run([sys.executable, "-m", "kvmtop", "report", str(out), "--json"],
                                         capture_output=True, text=True).stdout)  # fmt: skip
     assert summary["exits"] == {"KVM_EXIT_IO": 101, "KVM_EXIT_MMIO": 10}
     assert summary["stops"] > 2 * 111  # two stops per exit, and then some
+
+
+def test_the_summary_says_one_stop_per_exit():
+    argv = [sys.executable, "-m", "kvmtop", "record", "-o", os.devnull, "--",
+            *counted_command(outs=100, mmio_writes=0)]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "traced with 1 ptrace stop per exit (kvmtop's seccomp filter)" in result.stdout
