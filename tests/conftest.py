@@ -7,6 +7,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -48,36 +49,21 @@ def tgkill(pid: int, tid: int, sig: int) -> None:
         raise OSError(ctypes.get_errno(), "tgkill")
 
 
-def a_vcpu_thread(pid: int, index: int = 0) -> int:
-    """The thread of vCPU ``index`` of a minivmm (or QEMU): the one named "CPU i/KVM"."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/comm") as f:
-            if f.read().strip() == f"CPU {index}/KVM":
-                return int(tid)
-    raise LookupError(f"pid {pid} has no thread for vCPU {index}")
-
-
-@pytest.fixture
-def bios(tmp_path):
-    """``bios(outs, mmio_writes, spin)``: the path of a QEMU BIOS image making those exits."""
-    from guests.qemu_bios import build_bios
-
-    def make(outs: int = 300, mmio_writes: int = 200, spin: int = 0) -> str:
-        path = tmp_path / f"bios-{outs}-{mmio_writes}-{spin}.bin"
-        path.write_bytes(build_bios(outs=outs, mmio_writes=mmio_writes, spin_iterations=spin))
-        return str(path)
-
-    return make
-
-
-def start_qemu(processes: list[subprocess.Popen[bytes]], bios_path: str) -> subprocess.Popen[bytes]:
-    """QEMU running ``bios_path``, returned once its vCPU exists; cleaned up with ``processes``."""
-    from guests.qemu_bios import qemu_command
-
-    vmm = subprocess.Popen(qemu_command(bios_path), stderr=subprocess.DEVNULL)
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
-    return vmm
+def a_vcpu_thread(pid: int, index: int = 0, timeout: float = 10.0) -> int:
+    """The thread of vCPU ``index`` of a minivmm (or QEMU): the one named "CPU i/KVM" (a vCPU's
+    fd can exist before its thread has started and named itself)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if f.read().strip() == f"CPU {index}/KVM":
+                        return int(tid)
+            except FileNotFoundError:
+                continue  # a thread that has just ended
+        if time.monotonic() > deadline:
+            raise LookupError(f"pid {pid} has no thread for vCPU {index}")
+        time.sleep(0.01)
 
 
 def wait_for_vcpus(pid: int, count: int = 1, timeout: float = 10.0) -> None:
