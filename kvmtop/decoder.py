@@ -178,9 +178,12 @@ def vcpu_id_of_fd_link(link: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+VM_FD_LINK = "anon_inode:kvm-vm"  # not "anon_inode:kvm-vm-stats", a stats fd of the VM
+
+
 def is_kvm_fd_link(link: str) -> bool:
     """True for /dev/kvm and the VM and vCPU anon inodes."""
-    return link == "/dev/kvm" or link.startswith(("anon_inode:kvm-vm", "anon_inode:kvm-vcpu:"))
+    return link in ("/dev/kvm", VM_FD_LINK) or vcpu_id_of_fd_link(link) is not None
 
 
 @dataclass(frozen=True, slots=True)

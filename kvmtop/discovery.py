@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from kvmtop.decoder import is_kvm_fd_link, vcpu_id_of_fd_link
+from kvmtop.decoder import VM_FD_LINK, is_kvm_fd_link, vcpu_id_of_fd_link
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
 from kvmtop.procfs import fd_table, tracer_pid
 
@@ -53,7 +53,7 @@ def kvm_fd_links(pid: int) -> list[str] | None:
 def holds_a_vm(links: list[str]) -> bool:
     """A VMM keeps /dev/kvm or its VM fd open; a process holding only vCPU fds (kvmtop itself,
     which maps the vCPUs it traces) or stats fds (``anon_inode:kvm-vm-stats``) is not one."""
-    return any(link in ("/dev/kvm", "anon_inode:kvm-vm") for link in links)
+    return any(link in ("/dev/kvm", VM_FD_LINK) for link in links)
 
 
 def display_name(cmdline: list[str], fallback: str) -> str:

@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from kvmtop.inject import StatsFds
-from kvmtop.vm_stats import StatsSample, VmStats, settle_stats, take_stats
+from kvmtop.vm_stats import StatsSample, VmStats, settle_stats, take_stats, vm_totals
 
 
 @dataclass(slots=True)
@@ -65,23 +65,18 @@ class HeldStats:
     def exit_rate(self, pid: int) -> float | None:
         """All the VM's exits per second (KVM's ``exits``, summed over vCPUs) between the last
         two samples; None if its fds are not held."""
-        pair = self.samples(pid)
-        if pair is None:
+        with self._lock:
+            held = self._vms.get(pid)
+        if held is None:
             return None
-        before, now = pair
+        before, now = held.previous, held.latest
         dt = (now.t_ns - before.t_ns) / 1e9
         if dt <= 0:
             return 0.0
-        total = 0
-        for vcpu, values in now.vcpus.items():
-            a, b = before.vcpus.get(vcpu, {}).get("exits"), values.get("exits")
-            if isinstance(a, int) and isinstance(b, int):
-                total += b - a
-        return total / dt
-
-    def pids(self) -> list[int]:
-        with self._lock:
-            return list(self._vms)
+        descs = held.stats.descs()
+        return (
+            vm_totals(now, descs).get("exits", 0) - vm_totals(before, descs).get("exits", 0)
+        ) / dt
 
     def close(self) -> None:
         with self._lock:

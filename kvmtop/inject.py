@@ -28,14 +28,15 @@ from __future__ import annotations
 import ctypes
 import errno as errno_module
 import os
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kvmtop import ptrace_abi as pt
 from kvmtop.arch import x86_64 as arch
+from kvmtop.decoder import VM_FD_LINK, vcpu_id_of_fd_link
 from kvmtop.errors import KvmtopError
 from kvmtop.procfs import fd_table, seccomp_of
-from kvmtop.vcpu_maps import vcpu_fds
 
 KVM_GET_STATS_FD = 0xAECE
 MAX_ATTEMPTS = 20  # stops a job may be interrupted at before it gives up
@@ -61,6 +62,8 @@ class StatsJob:
     error: str | None = None
     attempts: int = 0
     made_by: dict[int, int] = field(default_factory=dict)  # key -> tid
+    asked_ns: int = field(default_factory=time.monotonic_ns)
+    nudged: bool = False  # the tracer has interrupted the VMM's threads for it
 
     @property
     def finished(self) -> bool:
@@ -102,9 +105,12 @@ def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool
     (Firecracker, crosvm and cloud-hypervisor filter their vCPU threads) might refuse the
     injected ioctl or be killed for it: such a VMM is left alone. kvmtop's own filter (one-stop
     launch, ``one_stop``) allows it."""
-    links = fd_table(pid)
-    todo = [(vcpu, fd) for vcpu, fd in {v: f for f, v in vcpu_fds(pid).items()}.items()]
-    todo += [(VM, fd) for fd, link in links.items() if link.startswith("anon_inode:kvm-vm")]
+    by_key: dict[int, int] = {}
+    for fd, link in fd_table(pid).items():
+        vcpu = vcpu_id_of_fd_link(link)
+        if vcpu is not None or link == VM_FD_LINK:
+            by_key[VM if vcpu is None else vcpu] = fd
+    todo = sorted(by_key.items())
     if not todo:
         raise KvmtopError(f"pid {pid} holds no VM or vCPU fd")
     own = 1 if one_stop else 0
@@ -116,7 +122,7 @@ def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool
                 "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
                 "could be refused or kill it, so KVM's counters are not taken from it"
             )
-    return StatsJob(future, sorted(todo))
+    return StatsJob(future, todo)
 
 
 class Interrupted(Exception):
@@ -132,17 +138,16 @@ def can_inject(tid: int, regs: ctypes.Structure) -> bool:
     """64-bit code that entered the kernel through a `syscall` instruction (read, not written)."""
     if regs.cs != arch.USER_CS_64:
         return False
+    size = len(arch.SYSCALL_INSN)
     try:
-        with open(f"/proc/{tid}/mem", "rb", buffering=0) as mem:
-            mem.seek(regs.rip - len(arch.SYSCALL_INSN))
-            return mem.read(len(arch.SYSCALL_INSN)) == arch.SYSCALL_INSN
-    except (OSError, OverflowError, ValueError):
+        return bytes(pt.RemoteReader(tid, size).read(regs.rip - size)) == arch.SYSCALL_INSN
+    except OSError:
         return False
 
 
 def _wait_syscall_stop(tid: int) -> None:
     _, status = os.waitpid(tid, pt.WALL)
-    if (status & 0xFF) != 0x7F or (status >> 8) != (5 | 0x80):  # SIGTRAP | 0x80: syscall stop
+    if (status & 0xFF) != 0x7F or (status >> 8) != pt.SYSCALL_STOP:
         raise Interrupted(status)
 
 
@@ -173,9 +178,10 @@ def run_job(
     saved = pt.ptrace_getregs(tid)
     if not can_inject(tid, saved):
         return None
+    if job.attempts >= MAX_ATTEMPTS and job.error is None:
+        job.error = "KVM_GET_STATS_FD kept being interrupted by signals"  # only closes now
     job.attempts += 1
-    restart = _regs_for(saved, saved.orig_rax, ())
-    restart.orig_rax = saved.orig_rax
+    restart = _regs_for(saved, saved.orig_rax, ())  # the thread's own syscall, from the start
     first = True
     try:
         while True:
@@ -190,9 +196,8 @@ def run_job(
             regs = _regs_for(saved, nr, args)
             if first:  # at the entry stop: this syscall takes the place of the thread's own
                 regs.rip, regs.rax = saved.rip, saved.rax
-                pt.ptrace_setregs(tid, regs)
-            else:
-                pt.ptrace_setregs(tid, regs)
+            pt.ptrace_setregs(tid, regs)
+            if not first:  # the `syscall` instruction again
                 pt.ptrace(pt.PTRACE_SYSCALL, tid, 0, 0)
                 _wait_syscall_stop(tid)  # its entry
             first = False

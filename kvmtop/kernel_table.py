@@ -32,13 +32,13 @@ class CounterTable:
     vm_rows: Rows  # (VM counter, [value])
 
 
-def _scaled(desc: StatDesc, raw: float) -> str:
+def _shown(desc: StatDesc, value: float) -> str:
+    """A value in the descriptor's unit, as people read it."""
     if desc.unit == "seconds":
-        return duration(int(raw * desc.scale * 1e9))
+        return duration(int(value * 1e9))
     if desc.unit == "boolean":
-        return "yes" if raw else "no"
-    value = raw * desc.scale
-    text = f"{value:,.0f}" if value >= 100 or value == int(value) else f"{value:.2f}"
+        return "yes" if value else "no"
+    text = f"{value:,.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
     return text + (" B" if desc.unit == "bytes" else " cyc" if desc.unit == "cycles" else "")
 
 
@@ -50,14 +50,12 @@ def _cell(desc: StatDesc, values: Values, rate: float | None) -> str:
             return "-"
         p50 = histogram_percentile(desc, v, 0.5) or 0.0
         p99 = histogram_percentile(desc, v, 0.99) or 0.0
-        return (
-            f"n={n:,} p50≥{_scaled(desc, p50 / desc.scale)} p99≥{_scaled(desc, p99 / desc.scale)}"
-        )
+        return f"n={n:,} p50≥{_shown(desc, p50)} p99≥{_shown(desc, p99)}"
     if v is None:
         return "-"
-    text = _scaled(desc, v)
-    if rate is not None and desc.kind == CUMULATIVE:
-        text += f" ({_scaled(desc, rate)}/s)" if rate else ""
+    text = _shown(desc, desc.in_unit(v))
+    if rate and desc.kind == CUMULATIVE:
+        text += f" ({_shown(desc, desc.in_unit(rate))}/s)"
     return text
 
 

@@ -6,7 +6,7 @@ data_offset, all u32), an id string, ``num_desc`` descriptors (flags u32, expone
 offset u32, bucket_size u32, name[name_size]) and the u64 data. Nothing is hard-coded but that
 layout: a newer kernel's counters appear by themselves, with their types and units.
 
-A value in the file times ``base ** exponent`` is in the descriptor's unit: ``halt_wait_ns`` is
+A value in the file times ``base ** exponent`` (:meth:`StatDesc.in_unit`) is in the descriptor's unit: ``halt_wait_ns`` is
 seconds with exponent -9. Histograms are ``size`` u64 buckets: linear (bucket i holds values in
 [i * bucket_size, (i + 1) * bucket_size)) or log2 (bucket 0 holds 0, bucket i holds
 [2 ** (i - 1), 2 ** i)).
@@ -47,10 +47,13 @@ class StatDesc:
     offset: int  # bytes from the start of the data block
     bucket_size: int
 
-    @property
-    def scale(self) -> float:
-        """What one raw count is worth in :attr:`unit`."""
-        return float(self.base) ** self.exponent
+    def in_unit(self, raw: float) -> float:
+        """A raw value in :attr:`unit`; dividing keeps 1023e-9 as ``1.023e-06``."""
+        if self.exponent < 0:
+            divisor: int = self.base**-self.exponent
+            return raw / divisor
+        factor: int = self.base**self.exponent
+        return float(raw * factor)
 
     @property
     def histogram(self) -> bool:
@@ -128,8 +131,8 @@ def histogram_percentile(desc: StatDesc, buckets: tuple[int, ...], q: float) -> 
     for i, n in enumerate(buckets):
         seen += n
         if seen >= rank and n:
-            return desc.bucket_low(i) * desc.scale
-    return desc.bucket_low(len(buckets) - 1) * desc.scale
+            return desc.in_unit(desc.bucket_low(i))
+    return desc.in_unit(desc.bucket_low(len(buckets) - 1))
 
 
 class StatsFile:

@@ -86,15 +86,6 @@ def plan_metrics(scope: str, descs: tuple[StatDesc, ...]) -> tuple[MetricPlan, .
     return tuple(plans)
 
 
-def in_unit(raw: int, desc: StatDesc) -> float:
-    """A raw value in the descriptor's (base) unit; dividing keeps 1023e-9 as ``1.023e-06``."""
-    if desc.exponent < 0:
-        divisor: int = desc.base**-desc.exponent
-        return raw / divisor
-    factor: int = desc.base**desc.exponent
-    return float(raw * factor)
-
-
 def cumulative_buckets(desc: StatDesc, counts: tuple[int, ...]) -> list[tuple[str, float]]:
     """Prometheus buckets (le, count of values <= le). KVM's bucket i holds whole raw values
     from ``bucket_low(i)`` below ``bucket_low(i + 1)``; its last bucket holds everything above."""
@@ -103,7 +94,7 @@ def cumulative_buckets(desc: StatDesc, counts: tuple[int, ...]) -> list[tuple[st
     for i, n in enumerate(counts):
         seen += n
         last = i == len(counts) - 1
-        le = float("inf") if last else in_unit(desc.bucket_low(i + 1) - 1, desc)
+        le = float("inf") if last else desc.in_unit(desc.bucket_low(i + 1) - 1)
         out.append((_go_float(le), float(seen)))
     return out
 
@@ -138,12 +129,10 @@ def _add(family: Metric, plan: MetricPlan, labels: list[str], values: Values) ->
         if not isinstance(raw, tuple):
             return
         total = values.get(plan.sum_desc.name) if plan.sum_desc is not None else None
-        total_s = (
-            in_unit(total, plan.sum_desc) if isinstance(total, int) and plan.sum_desc else None
-        )
+        total_s = plan.sum_desc.in_unit(total) if isinstance(total, int) and plan.sum_desc else None
         family.add_metric(labels, cumulative_buckets(plan.desc, raw), total_s)
     elif isinstance(raw, int) and isinstance(family, CounterMetricFamily | GaugeMetricFamily):
-        family.add_metric(labels, in_unit(raw, plan.desc))
+        family.add_metric(labels, plan.desc.in_unit(raw))
 
 
 def build_families(readings: Iterable[VmReading]) -> list[Metric]:

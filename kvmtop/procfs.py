@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from kvmtop.decoder import VM_FD_LINK
 from kvmtop.errors import KvmtopError, NoSuchProcess, NotKvmProcess, PermissionDenied
 
 
@@ -109,7 +110,7 @@ def check_attachable(pid: int) -> tuple[str, ...]:
         raise PermissionDenied(permission_hint(pid)) from None
     except FileNotFoundError:
         raise NoSuchProcess(f"no such process: {pid}") from None
-    if not any(link.startswith("anon_inode:kvm-vm") or link == "/dev/kvm" for link in links):
+    if not any(link in ("/dev/kvm", VM_FD_LINK) for link in links):
         raise NotKvmProcess(
             f"pid {pid} ({_comm(pid)}) is not a KVM process: it has no /dev/kvm or VM fd"
         )

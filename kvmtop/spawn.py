@@ -14,11 +14,11 @@ from typing import Any
 from kvmtop.arch import HOST
 from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN
 from kvmtop.errors import CommandNotFound, KvmtopError
+from kvmtop.ptrace_abi import WNOTHREAD
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 # Python ignores SIGPIPE and SIGXFSZ, and a launched command would inherit that.
 CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
-WNOTHREAD = 0x20000000  # __WNOTHREAD (include/uapi/linux/wait.h)
 
 
 def spawn_kicker() -> tuple[int, int]:

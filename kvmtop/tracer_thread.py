@@ -25,7 +25,6 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +47,7 @@ from kvmtop.events import (
     TracerMessage,
     VcpuSeen,
 )
-from kvmtop.inject import MAX_ATTEMPTS, StatsFds, StatsJob, plan_job, run_job
+from kvmtop.inject import StatsFds, StatsJob, plan_job, run_job
 from kvmtop.procfs import (
     check_attachable,
     permission_hint,
@@ -62,7 +61,6 @@ from kvmtop.xlat_exit import ExitReason
 
 OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEEXEC
 WAIT_FLAGS = pt.WALL | pt.WNOTHREAD | os.WUNTRACED
-SYSCALL_STOP = signal.SIGTRAP | 0x80
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 KVMIO = 0xAE  # the ioctl type byte of every KVM ioctl
 SYSCALL_BUDGET = 256  # non-KVM syscalls a thread may make before it is no longer syscall-traced
@@ -93,8 +91,6 @@ class _Process:
     detaching: str | None = None  # why, once a detach has begun
     detach_waiters: list[Future[Detached]] = field(default_factory=list)
     stats_job: StatsJob | None = None  # KVM_GET_STATS_FD asked for, not yet done
-    stats_asked_ns: int = 0
-    stats_nudged: bool = False
 
 
 class Tracer:
@@ -224,7 +220,7 @@ class Tracer:
         if th is not None and (status & 0xFF) == 0x7F:  # WIFSTOPPED
             self._stops += 1
             try:
-                if (status >> 8) == SYSCALL_STOP:
+                if (status >> 8) == pt.SYSCALL_STOP:
                     self._syscall_stop(th, now)
                 else:
                     self._other_stop(th, status)
@@ -246,20 +242,13 @@ class Tracer:
     def _syscall_stop(self, th: _Thread, now: int) -> None:
         info = self._info.fetch(th.tid)
         op = info[0]
-        proc = th.proc
-        if proc.stats_job is not None and op == pt.PTRACE_SYSCALL_INFO_ENTRY:
-            if self._inject(th, pt.PTRACE_SYSCALL, _kvm_run_fd(info)):
-                return
-        if proc.one_stop:  # syscall stops only while a vCPU is created or stats are asked for
-            if op == pt.PTRACE_SYSCALL_INFO_EXIT and th.creating_vcpu:
-                th.creating_vcpu = False
-                rval = pt.SYSCALL_INFO_EXIT.unpack_from(info)[0]
-                if rval >= 0:
-                    self._forget_page(proc, rval)
-                    self._open_page(th, rval)
-            self._resume(th, 0)
-            return
         if op == pt.PTRACE_SYSCALL_INFO_ENTRY:
+            if th.proc.stats_job is not None:
+                if self._inject(th, pt.PTRACE_SYSCALL, info):
+                    return
+            if th.proc.one_stop:  # its KVM_RUN entries are seccomp stops: nothing to do here
+                self._resume(th, 0)
+                return
             nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
             if nr == HOST.SYS_IOCTL and (request >> 8) & 0xFF == KVMIO:
                 request &= 0xFFFFFFFF
@@ -310,11 +299,10 @@ class Tracer:
     # the previous run ended with (nobody clears it), so that exit is read then. Per stop:
     # waitpid + PTRACE_GET_SYSCALL_INFO + PTRACE_CONT; the read costs no syscall.
     def _seccomp_stop(self, th: _Thread) -> None:
-        if th.proc.stats_job is not None:
-            if self._inject(th, pt.PTRACE_CONT, _kvm_run_fd(self._info.fetch(th.tid))):
-                return
         now = time.monotonic_ns()
         info = self._info.fetch(th.tid)
+        if th.proc.stats_job is not None and self._inject(th, pt.PTRACE_CONT, info):
+            return
         _nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
         request &= 0xFFFFFFFF
         if request == KVM_RUN:
@@ -546,8 +534,6 @@ class Tracer:
             raise KvmtopError("KVM's counters are being fetched already")
         tids = [t.tid for t in self._threads.values() if t.proc is proc]
         proc.stats_job = plan_job(future, proc.pid, tids, proc.one_stop)
-        proc.stats_asked_ns = time.monotonic_ns()
-        proc.stats_nudged = False
 
     def _nudge_stats(self) -> None:
         """A busy vCPU's next KVM_RUN entry comes at once, and so does some thread's syscall.
@@ -555,29 +541,32 @@ class Tracer:
         restarts (its entry comes again); a KVM_RUN returns EINTR, as for any signal, which
         VMMs handle by running it again (an idle vCPU may not leave KVM_RUN for seconds)."""
         proc = self._proc
-        if proc is None or proc.stats_job is None or proc.stats_nudged:
+        job = proc.stats_job if proc is not None else None
+        if proc is None or job is None or job.nudged:
             return
-        if time.monotonic_ns() - proc.stats_asked_ns > 200_000_000:
-            proc.stats_nudged = True
-            self._interrupt(proc, lambda th: True)
+        if time.monotonic_ns() - job.asked_ns > 200_000_000:
+            job.nudged = True
+            self._interrupt(proc)
 
-    def _interrupt(self, proc: _Process, which: Callable[[_Thread], bool]) -> None:
-        for th in [t for t in self._threads.values() if t.proc is proc and which(t)]:
+    def _interrupt(self, proc: _Process) -> None:
+        for th in [t for t in self._threads.values() if t.proc is proc]:
             try:
                 pt.ptrace(pt.PTRACE_INTERRUPT, th.tid, 0, 0)
             except pt.PtraceError as exc:
                 if exc.errno != errno_module.ESRCH:
                     raise
 
-    def _inject(self, th: _Thread, resume: int, run_fd: int | None) -> bool:
-        """Go on with the stats job on ``th``, at a syscall entry. False: nothing was done, the
-        stop is handled as usual; True: handled (the stop that followed was dispatched)."""
+    def _inject(self, th: _Thread, resume: int, info: memoryview) -> bool:
+        """Go on with the stats job on ``th``, at a syscall entry (``info``: its
+        PTRACE_GET_SYSCALL_INFO). False: nothing was done, the stop is handled as usual; True:
+        handled (the stop that followed was dispatched)."""
         proc = th.proc
         job = proc.stats_job
         assert job is not None
         if proc.detaching is not None:
             return False
         run = None
+        run_fd = _kvm_run_fd(info)
         if run_fd is not None:
             page = proc.pages.get(run_fd) or self._open_page(th, run_fd)
             run = (page.vcpu, run_fd) if page is not None else None
@@ -587,8 +576,6 @@ class Tracer:
             if exc.errno != errno_module.ESRCH:
                 raise
             return True  # killed meanwhile: its exit status follows
-        if job.attempts >= MAX_ATTEMPTS and job.error is None:
-            job.error = "KVM_GET_STATS_FD kept being interrupted by signals"
         if job.finished:
             proc.stats_job = None
             job.settle()
@@ -621,7 +608,7 @@ class Tracer:
         if proc.detaching is not None:
             return  # already under way
         proc.detaching = why
-        self._interrupt(proc, lambda th: True)
+        self._interrupt(proc)
         if not any(t.proc is proc for t in self._threads.values()):
             self._finish(proc, why, None)
 

@@ -106,6 +106,11 @@ def test_proc_text_names_vcpus() -> None:
     assert decoder.vcpu_id_of_fd_link("anon_inode:kvm-vcpu:12") == 12
     assert decoder.vcpu_id_of_fd_link("anon_inode:kvm-vm") is None
     assert decoder.is_kvm_fd_link("/dev/kvm") and not decoder.is_kvm_fd_link("/dev/null")
+    assert decoder.is_kvm_fd_link("anon_inode:kvm-vm")
+    assert decoder.is_kvm_fd_link("anon_inode:kvm-vcpu:3")
+    # stats fds (kvmtop's own, or QEMU's for query-stats) are neither a VM nor a vCPU
+    assert not decoder.is_kvm_fd_link("anon_inode:kvm-vm-stats")
+    assert not decoder.is_kvm_fd_link("anon_inode:kvm-vcpu-stats:0")
     maps = (
         "7f4454bbb000-7f4454bbe000 rw-s 00000000 00:10 1039   anon_inode:kvm-vcpu:0\n"
         "7f4454c00000-7f4454c40000 rw-s 00040000 00:10 1039   anon_inode:kvm-vcpu:0\n"

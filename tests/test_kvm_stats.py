@@ -66,7 +66,7 @@ def test_descriptors_come_from_the_file_with_units_and_types():
     names = [d.name for d in layout.descs]
     assert names == ["exits", "halt_wait_ns", "max_rmap", "halt_wait_hist"]
     wait = layout.descs[1]
-    assert (wait.unit, wait.kind, wait.scale) == ("seconds", CUMULATIVE, 1e-9)
+    assert (wait.unit, wait.kind, wait.in_unit(1500)) == ("seconds", CUMULATIVE, 1.5e-6)
     hist = layout.descs[3]
     assert hist.histogram and hist.size == 4
     values = decode_values(layout, blob[layout.data_offset :])
