@@ -512,7 +512,8 @@ async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
                     what="counters shown")  # fmt: skip
         await pilot.press("escape")  # the traced view now says how many exits reach the VMM
         title = app.screen.query_one("#title")
-        await until(pilot, lambda: "reach the VMM (k)" in str(title.render()), what="share shown")
+        await until(pilot, lambda: str(title.render()).startswith("[KVM ")
+                    and "exits/s, the VMM sees" in str(title.render()), what="both rates shown")  # fmt: skip
         await pilot.press("d")
         await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
         assert app.held.exit_rate(demo.pid) is not None  # the counters outlive the trace

@@ -64,10 +64,10 @@ class AttachedScreen(WatchScreen):
             self.refresh_bindings()
         title = status.title
         kernel = self.kernel_rate()
-        if kernel is not None and status.live:
+        if kernel is not None and status.live:  # first: a long command line would cut it off
             traced = sum(v.rate for v in snap.vcpus)
-            share = f", {min(100.0, 100 * traced / kernel):.0f}% reach the VMM" if kernel else ""
-            title += f"   KVM counts {human(kernel)} exits/s in all{share} (k)"
+            title = (f"[KVM {human(kernel)} exits/s, the VMM sees {human(traced)}/s: k]  "
+                     f"{title}")  # fmt: skip
         self.query_one("#title", Static).update(title)
         self.query_one(VcpuTable).show(snap.vcpus)
         self.query_one(ReasonBars).show(snap.reasons, snap.total)
