@@ -66,6 +66,29 @@ def a_vcpu_thread(pid: int, index: int = 0, timeout: float = 10.0) -> int:
         time.sleep(0.01)
 
 
+@pytest.fixture
+def bios(tmp_path):
+    """``bios(outs, mmio_writes, spin)``: the path of a QEMU BIOS image making those exits."""
+    from guests.qemu_bios import build_bios
+
+    def make(outs: int = 300, mmio_writes: int = 200, spin: int = 0) -> str:
+        path = tmp_path / f"bios-{outs}-{mmio_writes}-{spin}.bin"
+        path.write_bytes(build_bios(outs=outs, mmio_writes=mmio_writes, spin_iterations=spin))
+        return str(path)
+
+    return make
+
+
+def start_qemu(processes: list[subprocess.Popen[bytes]], bios_path: str) -> subprocess.Popen[bytes]:
+    """QEMU running ``bios_path``, returned once its vCPU exists; cleaned up with ``processes``."""
+    from guests.qemu_bios import qemu_command
+
+    vmm = subprocess.Popen(qemu_command(bios_path), stderr=subprocess.DEVNULL)
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    return vmm
+
+
 def wait_for_vcpus(pid: int, count: int = 1, timeout: float = 10.0) -> None:
     """Until process ``pid`` holds ``count`` vCPU fds (its VM is set up), or fail."""
     import time
