@@ -218,7 +218,10 @@ class MiniVm:
         ]
         for t in threads:
             t.start()
-        all_done.wait()  # blocked in one syscall until the vCPUs end (signals run handlers)
+        # Python runs signal handlers only in this thread, and a signal a vCPU thread took does
+        # not wake it: so it wakes up to run them (SIGTERM ends the guest).
+        while not all_done.wait(0.05):
+            pass
         for t in threads:
             t.join()
         if failures:
