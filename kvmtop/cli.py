@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         help="launch mode: trace without kvmtop's seccomp filter (2 stops per exit, but CMD can "
         "outlive the recording)",
     )
+    rec.add_argument(
+        "--no-notify",
+        action="store_true",
+        help="launch mode: a seccomp filter that stops the tracer (1 ptrace stop per exit) "
+        "rather than one that notifies kvmtop's listener (none)",
+    )
 
     rep = sub.add_parser("report", help="summarise a recording")
     rep.add_argument("file")
@@ -153,7 +159,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
             raise UsageError("record needs either -p PID or -- CMD [ARGS...]")
         output = args.output or (None if args.jsonl else DEFAULT_RECORDING)
         return record(args.pid, command, output, args.duration, args.data, args.json,
-                      not args.no_seccomp, args.jsonl)  # fmt: skip
+                      not args.no_seccomp, args.jsonl, notify=not args.no_notify)  # fmt: skip
     if command is not None and args.command is not None:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
@@ -185,8 +191,11 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 
 def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
     """How the exits were seen, for the summary."""
+    if session.notify:
+        return "no ptrace stop per exit (kvmtop's seccomp filter notifies its listener)"
     if session.one_stop:
-        return "1 ptrace stop per exit (kvmtop's seccomp filter)"
+        note = f"; no user notification: {session.filter_note}" if session.filter_note else ""
+        return f"1 ptrace stop per exit (kvmtop's seccomp filter{note})"
     if session.launched and asked_one_stop:
         return "2 ptrace stops per exit (the seccomp filter could not be installed)"
     return "2 ptrace stops per exit"
@@ -201,6 +210,7 @@ def record(
     as_json: bool,
     one_stop: bool = True,
     jsonl: str | None = None,
+    notify: bool = True,
 ) -> int:
     """Trace until the VMM exits, Ctrl-C/SIGTERM, ``duration``, or the JSONL reader going away;
     then summarise. A launched command runs under kvmtop's seccomp filter unless ``one_stop`` is
@@ -229,7 +239,7 @@ def record(
         if pid is not None:
             session.attach(pid)
         else:
-            session.launch(command or [], one_stop=one_stop)
+            session.launch(command or [], one_stop=one_stop, notify=notify)
         attached = session.wait_attached()
         what = " ".join(attached.argv) or str(attached.pid)
         verb = "launched" if attached.launched else "attached to"
@@ -240,9 +250,11 @@ def record(
             file=sys.stderr,
         )
         if attached.one_stop:
+            how = "no ptrace stop per exit (seccomp user notification)" if attached.notify else (
+                "one stop per exit (seccomp filter)")  # fmt: skip
             print(
-                "kvmtop: one stop per exit (seccomp filter): times per run include the VMM's "
-                "handling, and the command ends when the recording does",
+                f"kvmtop: {how}: times per run include the VMM's handling, and the command "
+                "ends when the recording does",
                 file=sys.stderr,
             )
         elif attached.launched and one_stop:

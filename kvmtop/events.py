@@ -64,7 +64,10 @@ class Attached:
     argv: tuple[str, ...]
     t_ns: int
     launched: bool = False  # started by kvmtop (record -- CMD) rather than attached to
-    one_stop: bool = False  # under kvmtop's seccomp filter: one stop per exit, life tied to kvmtop
+    one_stop: bool = False  # under kvmtop's seccomp filter: exits read at the next KVM_RUN entry,
+    # the command's life tied to kvmtop's
+    notify: bool = False  # ...and the filter notifies a listener: no ptrace stop per exit
+    filter_note: str = ""  # why a cheaper way of stopping could not be had
 
 
 @dataclass(frozen=True, slots=True)

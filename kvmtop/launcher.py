@@ -1,10 +1,13 @@
-"""Run by kvmtop as a fresh interpreter (``python -I launcher.py HEXBPF CMD...``), never
-imported: install a seccomp filter that stops only the KVM ioctls kvmtop needs, stop until kvmtop
-has seized us, then exec CMD. Standalone on purpose: it imports nothing of kvmtop, and a fresh
-interpreter (unlike a forked copy of a threaded one) cannot deadlock.
+"""Run by kvmtop as a fresh interpreter (``python -I -S launcher.py NOTIFY TRACE CMD...``), never
+imported: install a seccomp filter that hands kvmtop only the KVM ioctls it needs, stop until
+kvmtop has seized us, then exec CMD. Standalone on purpose: it imports nothing of kvmtop, and a
+fresh interpreter (unlike a forked copy of a threaded one) cannot deadlock.
 
-It tells kvmtop on fd 3 whether the filter is in place ("seccomp") or why not ("no seccomp: ...");
-without it, kvmtop traces CMD the ordinary way.
+NOTIFY and TRACE are filter programs in hex ("-": not wanted). NOTIFY's KVM_RUN goes to a seccomp
+user-notification listener (SECCOMP_FILTER_FLAG_NEW_LISTENER), which kvmtop takes from us with
+pidfd_getfd while we are stopped (our copy is close-on-exec); TRACE's stops the tracer instead.
+We tell kvmtop on fd 3 which is in place ("notify FD", "trace") or why none is ("no seccomp:
+..."); without one, kvmtop traces CMD the ordinary way.
 """
 
 import ctypes
@@ -14,33 +17,46 @@ import struct
 import sys
 
 PR_SET_NO_NEW_PRIVS = 38  # include/uapi/linux/prctl.h
-PR_SET_SECCOMP = 22
-SECCOMP_MODE_FILTER = 2  # include/uapi/linux/seccomp.h
+SYS_SECCOMP = 317  # arch/x86/entry/syscalls/syscall_64.tbl
+SECCOMP_SET_MODE_FILTER = 1  # include/uapi/linux/seccomp.h
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
 
 
-def install(program: bytes) -> str:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = (
-        ctypes.c_int,
-        ctypes.c_ulong,
-        ctypes.c_void_p,
-        ctypes.c_ulong,
-        ctypes.c_ulong,
-    )
+def install(libc: ctypes.CDLL, program: bytes, flags: int) -> int:
+    """seccomp(SECCOMP_SET_MODE_FILTER, flags, program): the listener fd, 0, or -errno."""
     filters = ctypes.create_string_buffer(program, len(program))
     fprog = ctypes.create_string_buffer(
         struct.pack("<H6xQ", len(program) // 8, ctypes.addressof(filters))
     )
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+    result = libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, ctypes.c_ulong(flags),
+                          ctypes.c_void_p(ctypes.addressof(fprog)))  # fmt: skip
+    return result if result >= 0 else -ctypes.get_errno()
+
+
+def install_best(notify: str, trace: str) -> str:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong)  # fmt: skip
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         return f"no seccomp: PR_SET_NO_NEW_PRIVS: {os.strerror(ctypes.get_errno())}"
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
-        return f"no seccomp: {os.strerror(ctypes.get_errno())}"
-    return "seccomp"
+    why = ""
+    if notify != "-":
+        fd = install(libc, bytes.fromhex(notify), SECCOMP_FILTER_FLAG_NEW_LISTENER)
+        if fd > 0:
+            return f"notify {fd}"
+        why = f" (user notification: {os.strerror(-fd)})"
+    if trace != "-":
+        result = install(libc, bytes.fromhex(trace), 0)
+        if result == 0:
+            return "trace" + why
+        why = os.strerror(-result)
+    return f"no seccomp: {why.strip(' ()') or 'not asked for'}"
 
 
 def main() -> None:
-    program, argv = bytes.fromhex(sys.argv[1]), sys.argv[2:]
-    os.write(3, install(program).encode())
+    notify, trace, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    os.write(3, install_best(notify, trace).encode())
     os.close(3)
     os.kill(os.getpid(), signal.SIGSTOP)  # kvmtop seizes us, then sends SIGCONT
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; CMD must not

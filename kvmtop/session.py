@@ -67,6 +67,8 @@ class TraceSession:
         self.argv: tuple[str, ...] = ()
         self.launched = False
         self.one_stop = False
+        self.notify = False  # seccomp user notification: no ptrace stop per exit
+        self.filter_note = ""
         self.attached_at_ns: int | None = None
         self.attached_wall: float | None = None
         self.exit_status: int | None = None
@@ -88,8 +90,13 @@ class TraceSession:
     def attach(self, pid: int) -> Future[Attached]:
         return self._begin(self._tracer.attach(pid))
 
-    def launch(self, argv: list[str], one_stop: bool = False) -> Future[Attached]:
-        return self._begin(self._tracer.launch(argv, one_stop))
+    def launch(
+        self, argv: list[str], one_stop: bool = False, notify: bool = True
+    ) -> Future[Attached]:
+        """``one_stop``: under kvmtop's seccomp filter; ``notify``: one that notifies a
+        listener (no ptrace stop per exit) where the kernel can, else one stop per exit."""
+        seccomp = ("notify" if notify else "trace") if one_stop else ""
+        return self._begin(self._tracer.launch(argv, seccomp))
 
     def _begin(self, future: Future[Attached]) -> Future[Attached]:
         self.state = SessionState.ATTACHING
@@ -191,6 +198,8 @@ class TraceSession:
         self.stats = ExitStats()
         self.pid, self.argv, self.launched = attached.pid, attached.argv, attached.launched
         self.one_stop = attached.one_stop
+        self.notify = attached.notify
+        self.filter_note = attached.filter_note
         self.attached_at_ns = attached.t_ns
         self.attached_wall = time.time()
         self.exit_status = None

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from kvmtop.arch import HOST
@@ -36,12 +37,25 @@ def spawn_kicker() -> tuple[int, int]:
     return pid, write_end
 
 
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    """A command started stopped: ``filter`` is "notify" (seccomp user notification, the
+    listener is fd ``listener`` in the child), "trace" (SECCOMP_RET_TRACE) or "" (none), and
+    ``why`` says why a better one is not in place."""
+
+    pid: int
+    filter: str
+    listener: int = -1
+    why: str = ""
+
+
 def spawn_stopped(
-    argv: list[str], one_stop: bool, child_stdio: str | None, stdout_to_stderr: bool
-) -> tuple[int, bool]:
-    """Start ``argv`` stopped before its first instruction: a shell (or, for one-stop tracing,
-    a fresh interpreter that installs kvmtop's seccomp filter) that stops itself and, once
-    continued, execs the command. Returns (pid, whether the filter is in place)."""
+    argv: list[str], seccomp: str, child_stdio: str | None, stdout_to_stderr: bool
+) -> Spawned:
+    """Start ``argv`` stopped before its first instruction: a shell (or, under a seccomp filter,
+    a fresh interpreter that installs it) that stops itself and, once continued, execs the
+    command. ``seccomp``: "notify" (user notification, falling back to RET_TRACE), "trace"
+    (RET_TRACE only) or "" (no filter)."""
     if not argv:
         raise CommandNotFound("no command given")
     if shutil.which(argv[0]) is None:
@@ -53,11 +67,13 @@ def spawn_stopped(
     elif stdout_to_stderr:
         actions = [(os.POSIX_SPAWN_DUP2, 2, 1)]
     report_r = -1
-    if one_stop:
+    if seccomp:
         report_r, report_w = os.pipe()
         actions.append((os.POSIX_SPAWN_DUP2, report_w, 3))
-        program = HOST.seccomp_trace_ioctls(KVM_RUN, KVM_CREATE_VCPU).hex()
-        spawn = [sys.executable, "-I", LAUNCHER, program, *argv]
+        notify = HOST.seccomp_ioctls((KVM_RUN,), HOST.SECCOMP_RET_USER_NOTIF).hex()
+        trace = HOST.seccomp_trace_ioctls(KVM_RUN, KVM_CREATE_VCPU).hex()
+        spawn = [sys.executable, "-I", "-S", LAUNCHER, notify if seccomp == "notify" else "-",
+                 trace, *argv]  # fmt: skip
     else:
         spawn = ["/bin/sh", "-c", 'kill -STOP $$ && exec "$@"', "sh", *argv]
     try:
@@ -65,13 +81,22 @@ def spawn_stopped(
             spawn[0], spawn, os.environ, file_actions=actions, setsigdef=CHILD_DEFAULT_SIGNALS
         )
     finally:
-        if one_stop:
+        if seccomp:
             os.close(report_w)
     _, status = os.waitpid(pid, os.WUNTRACED | WNOTHREAD)
-    filtered = False
-    if one_stop:
+    spawned = Spawned(pid, "")
+    if seccomp:
         with os.fdopen(report_r, "rb") as pipe:
-            filtered = pipe.read() == b"seccomp"
+            spawned = _reported(pid, pipe.read().decode(errors="replace"))
     if not os.WIFSTOPPED(status):
         raise KvmtopError(f"cannot start {argv[0]}: its launcher ended with status {status}")
-    return pid, filtered
+    return spawned
+
+
+def _reported(pid: int, report: str) -> Spawned:
+    """What the launcher said: "notify FD", "trace[ (why not notify)]", "no seccomp: why"."""
+    if report.startswith("notify "):
+        return Spawned(pid, "notify", int(report.split()[1]))
+    if report.startswith("trace"):
+        return Spawned(pid, "trace", why=report[5:].strip(" ()"))
+    return Spawned(pid, "", why=report.removeprefix("no seccomp: "))

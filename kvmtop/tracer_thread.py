@@ -1,4 +1,4 @@
-"""The tracing engine: the one thread that owns ptrace.
+"""The tracing engine: the one thread that owns ptrace, and decides.
 
 The kernel wants every ptrace request for a tracee to come from the thread that attached it, so
 everything ptrace happens on :class:`Tracer`'s own thread. Other threads talk to it through a
@@ -9,9 +9,18 @@ How a KVM exit is seen: every thread of the VMM is seized (PTRACE_SEIZE, never S
 resumed with PTRACE_SYSCALL. At the syscall-entry stop of ``ioctl(vcpu_fd, KVM_RUN)`` the time is
 taken; at its syscall-exit stop the exit is read from kvmtop's own read-only mapping of that
 vCPU's ``struct kvm_run``. Threads that never touch KVM are resumed with PTRACE_CONT once they
-have used up a small syscall budget, so they cost no stops. kvmtop never writes the tracee's
-memory or registers, passes every signal through unchanged, and when it detaches (or its thread
-dies, which makes the kernel detach) the VMM runs on as if never traced.
+have used up a small syscall budget, so they cost no stops. A launched command runs under a
+seccomp filter instead: with user notification, its KVM_RUNs go to a listener thread
+(:mod:`kvmtop.notify_thread`) and cost no ptrace stop at all; with SECCOMP_RET_TRACE, one stop
+each. Either way an exit is read at the vCPU's next KVM_RUN entry.
+
+The per-stop work is the engine's (:mod:`kvmtop.hot_state`, in C when built): it handles the
+common stops itself and hands every other one back to this thread, which decides what happens
+(new threads, exec, exits, signals, detach, KVM's counters) and tells the engine.
+
+kvmtop never writes the tracee's memory (registers only for KVM's counters, on request), passes
+every signal through unchanged, and when it detaches (or its thread dies, which makes the kernel
+detach) the VMM runs on as if never traced.
 
 Waking the thread: it sleeps in waitpid(), which no queue can interrupt, so it keeps a tiny
 child of its own ("kicker"); stopping that child with SIGSTOP makes waitpid return.
@@ -26,71 +35,48 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvmtop import ptrace_abi as pt
-from kvmtop.arch import HOST
-from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN, decode_exit, exit_reason_of
-from kvmtop.errors import (
-    KvmtopError,
-    NoSuchProcess,
-    PermissionDenied,
-)
+from kvmtop.errors import KvmtopError
 from kvmtop.events import (
-    EXIT_CYCLE,
     Attached,
     Detached,
     ExitBatch,
-    ExitEvent,
     TracerFailed,
     TracerMessage,
     VcpuSeen,
 )
-from kvmtop.inject import StatsFds, StatsJob, plan_job, run_job
-from kvmtop.procfs import (
-    check_attachable,
-    permission_hint,
-    task_ids,
-    tgid_of,
+from kvmtop.hot_state import (
+    MODE_NOTIFY,
+    MODE_ONE_STOP,
+    MODE_TWO_STOP,
+    P_HANDBACK,
+    P_NO_RESUME,
+    P_SYSCALLS,
+    make_engine,
+    vcpu_records,
 )
-from kvmtop.spawn import spawn_kicker, spawn_stopped
-from kvmtop.stop_wait import StopWaiter
-from kvmtop.vcpu_maps import RunPage, open_run_page, vcpu_fds
-from kvmtop.xlat_exit import ExitReason
+from kvmtop.inject import StatsFds, plan_job, run_job
+from kvmtop.procfs import tgid_of
+from kvmtop.spawn import spawn_kicker
+from kvmtop.stop_wait import poll_max_ns_from_env
+from kvmtop.traced import (
+    OPTIONS,
+    TracedProcess,
+    exit_status_of,
+    kvm_run_fd,
+    launch_process,
+    seize_process,
+)
 
-OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEEXEC
 WAIT_FLAGS = pt.WALL | pt.WNOTHREAD | os.WUNTRACED
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-KVMIO = 0xAE  # the ioctl type byte of every KVM ioctl
-SYSCALL_BUDGET = 256  # non-KVM syscalls a thread may make before it is no longer syscall-traced
-BATCH_MAX = 4096
+BATCH_BYTES = 4096 * 32  # records the engine gathers before a flush
 FLUSH_INTERVAL_S = 0.1
+FLUSH_INTERVAL_NS = int(FLUSH_INTERVAL_S * 1e9)
 
-
-@dataclass(slots=True)
-class _Thread:
-    tid: int
-    proc: _Process
-    budget: int = SYSCALL_BUDGET
-    runner: bool = False  # has run KVM_RUN or created a vCPU: always syscall-traced
-    run_page: RunPage | None = None  # set between KVM_RUN entry and exit
-    in_run: bool = False
-    entry_ns: int = 0
-    creating_vcpu: bool = False
-
-
-@dataclass(slots=True)
-class _Process:
-    pid: int
-    pidfd: int
-    argv: tuple[str, ...]
-    launched: bool
-    one_stop: bool = False  # seccomp filter in place: one stop per KVM_RUN, at its entry
-    pages: dict[int, RunPage] = field(default_factory=dict)  # VMM fd number -> run page
-    detaching: str | None = None  # why, once a detach has begun
-    detach_waiters: list[Future[Detached]] = field(default_factory=list)
-    stats_job: StatsJob | None = None  # KVM_GET_STATS_FD asked for, not yet done
+__all__ = ["OPTIONS", "Tracer"]
 
 
 class Tracer:
@@ -106,6 +92,7 @@ class Tracer:
         self.with_data = with_data
         self.child_stdio = child_stdio  # launched commands' stdio goes here (TUI: /dev/null)
         self.child_stdout_to_stderr = child_stdout_to_stderr  # kvmtop's stdout is a stream
+        self.engine = make_engine(0, with_data, poll_max_ns_from_env(), WAIT_FLAGS)
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="kvmtop-tracer", daemon=True)
         self._ready = threading.Event()
@@ -113,14 +100,11 @@ class Tracer:
         self._kicker_pipe = -1
         self._quit = False
         self._quit_after_detach = False
-        self._proc: _Process | None = None
-        self._threads: dict[int, _Thread] = {}
+        self._proc: TracedProcess | None = None
         self._detached_children: set[int] = set()  # launched, detached, not yet reaped
-        self._events: list[ExitEvent] = []
         self._seen: list[VcpuSeen] = []
         self._lost = 0
-        self._stops = 0
-        self._unflushed = False
+        self._stops = 0  # the stops this thread handled itself
         self._info = pt.SyscallInfo()
         self._ticker = threading.Thread(target=self._tick, name="kvmtop-tick", daemon=True)
 
@@ -134,11 +118,12 @@ class Tracer:
     def attach(self, pid: int) -> Future[Attached]:
         return self._send("attach", pid)
 
-    def launch(self, argv: list[str], one_stop: bool = False) -> Future[Attached]:
-        """Start ``argv`` traced. ``one_stop``: under a seccomp filter that stops only KVM_RUN
-        and KVM_CREATE_VCPU, one stop per exit; the command's life is then tied to kvmtop's
-        (ending the trace ends it), since its filtered ioctls need a tracer."""
-        return self._send("launch", (list(argv), one_stop))
+    def launch(self, argv: list[str], seccomp: str = "") -> Future[Attached]:
+        """Start ``argv`` traced. ``seccomp``: "notify" (seccomp user notification, no ptrace
+        stop per exit; else as "trace"), "trace" (SECCOMP_RET_TRACE, one stop per exit) or ""
+        (two stops). Under a filter the command's life is tied to kvmtop's (ending the trace
+        ends it), since its filtered ioctls need kvmtop."""
+        return self._send("launch", (list(argv), seccomp))
 
     def detach(self) -> Future[Detached]:
         return self._send("detach", None)
@@ -178,7 +163,8 @@ class Tracer:
         """Makes sure exits reach ``out`` within FLUSH_INTERVAL_S even when the guest goes quiet."""
         while self._thread.is_alive():
             time.sleep(FLUSH_INTERVAL_S)
-            if self._unflushed or (self._proc is not None and self._proc.stats_job is not None):
+            proc = self._proc
+            if self.engine.pending() or (proc is not None and proc.stats_job is not None):
                 self._kick()
 
     # --- the tracing thread ------------------------------------------------------------------
@@ -193,6 +179,9 @@ class Tracer:
             # Returning ends this thread; the kernel then detaches every tracee (no EXITKILL).
         finally:
             self._ready.set()
+            proc = self._proc
+            if proc is not None and proc.notifier is not None:
+                proc.notifier.stop()
             if self._kicker:
                 os.close(self._kicker_pipe)  # its `read` sees end of file: it exits
                 try:
@@ -208,270 +197,168 @@ class Tracer:
         return pid
 
     def _loop(self) -> None:
+        run = self.engine.run
         monotonic_ns = time.monotonic_ns
-        wait = StopWaiter(WAIT_FLAGS).wait
-        dispatch = self._dispatch
         while not self._quit:
-            tid, status = wait()
-            dispatch(tid, status, monotonic_ns())
+            got = run(monotonic_ns() + FLUSH_INTERVAL_NS, BATCH_BYTES)
+            if got is None:  # a deadline or a full batch
+                self._flush()
+            else:
+                self._dispatch(*got)
 
     def _dispatch(self, tid: int, status: int, now: int) -> None:
-        th = self._threads.get(tid)
-        if th is not None and (status & 0xFF) == 0x7F:  # WIFSTOPPED
+        """A stop or exit the engine handed back."""
+        proc = self._proc
+        ours = proc is not None and self.engine.thread(tid) is not None
+        if ours and (status & 0xFF) == 0x7F:  # WIFSTOPPED
+            assert proc is not None
             self._stops += 1
             try:
                 if (status >> 8) == pt.SYSCALL_STOP:
-                    self._syscall_stop(th, now)
+                    self._syscall_stop(proc, tid, status, now)
                 else:
-                    self._other_stop(th, status)
+                    self._other_stop(proc, tid, status, now)
             except pt.PtraceError as exc:
                 if exc.errno != errno_module.ESRCH:
                     raise
                 # Killed while stopped (exit_group, SIGKILL need no tracer): its exit
                 # status follows, and is handled like any other.
-            if len(self._events) >= BATCH_MAX:
-                self._flush()
         elif tid == self._kicker:
             self._on_kicker(status)
         else:
-            self._on_exit_or_stranger(tid, status, th)
+            self._on_exit_or_stranger(tid, status, proc if ours else None)
 
-    # Per KVM exit: 2 stops (KVM_RUN entry and exit), each costing waitpid +
-    # PTRACE_GET_SYSCALL_INFO + PTRACE_SYSCALL = 3 syscalls; the exit is read from our own
-    # mapping of kvm_run (0 syscalls), timestamps come from the vDSO.
-    def _syscall_stop(self, th: _Thread, now: int) -> None:
-        info = self._info.fetch(th.tid)
+    def _syscall_stop(self, proc: TracedProcess, tid: int, status: int, now: int) -> None:
+        info = self._info.fetch(tid)
         op = info[0]
         if op == pt.PTRACE_SYSCALL_INFO_ENTRY:
-            if th.proc.stats_job is not None:
-                if self._inject(th, pt.PTRACE_SYSCALL, info):
-                    return
-            if th.proc.one_stop:  # its KVM_RUN entries are seccomp stops: nothing to do here
-                self._resume(th, 0)
+            if proc.stats_job is not None and self._inject(proc, tid, pt.PTRACE_SYSCALL, info):
                 return
-            nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
-            if nr == HOST.SYS_IOCTL and (request >> 8) & 0xFF == KVMIO:
-                request &= 0xFFFFFFFF
-                if request == KVM_RUN:
-                    th.runner = True
-                    th.in_run = True
-                    page = th.run_page = th.proc.pages.get(fd) or self._open_page(th, fd)
-                    if page is not None and page.tid != th.tid:
-                        self._vcpu_moved(page, th.tid, now)
-                    th.entry_ns = now
-                elif request == KVM_CREATE_VCPU:
-                    th.runner = True
-                    th.creating_vcpu = True
-                else:
-                    th.budget = SYSCALL_BUDGET  # a KVM thread: keep watching it
-            elif th.budget > 0:
-                th.budget -= 1
+            fd = kvm_run_fd(info)
+            if fd is not None and proc.mode == MODE_TWO_STOP:
+                self._ensure_page(proc, tid, fd)
         elif op == pt.PTRACE_SYSCALL_INFO_EXIT:
-            if th.in_run:
-                th.in_run = False
-                rval = pt.SYSCALL_INFO_EXIT.unpack_from(info)[0]
-                self._record_exit(th, rval, now)
-            elif th.creating_vcpu:
-                th.creating_vcpu = False
+            state = self.engine.thread(tid)
+            if state is not None and state[3] and not state[4]:  # creating a vCPU
                 rval = pt.SYSCALL_INFO_EXIT.unpack_from(info)[0]
                 if rval >= 0:
-                    self._forget_page(th.proc, rval)  # a new vCPU can reuse a closed fd number
-                    self._open_page(th, rval)
-        self._resume(th, 0)
+                    proc.forget_page(self.engine, rval)  # a new vCPU can reuse a closed fd
+                    proc.open_page(self.engine, tid, rval, at_run=False)
+                self.engine.set_thread(tid, True, False)
+                self._resume(proc, tid, 0)
+                return
+        self._handle_or_resume(proc, tid, status, now)
 
-    def _record_exit(self, th: _Thread, rval: int, now: int) -> None:
-        page = th.run_page
-        th.run_page = None
-        if page is None:
-            if rval == 0:
-                self._lost += 1  # an exit happened, but its kvm_run could not be read
-            return
-        view = page.view()
-        if rval == 0:
-            reason, a, b, flags, data = decode_exit(view, self.with_data)
-            event = ExitEvent(page.vcpu, reason, 0, th.entry_ns, now, a, b, flags, data)
-        else:
-            event = ExitEvent(page.vcpu, exit_reason_of(view), -rval, th.entry_ns, now)
-        self._events.append(event)
-        self._unflushed = True
+    def _handle_or_resume(self, proc: TracedProcess, tid: int, status: int, now: int) -> None:
+        """The engine's bookkeeping for a syscall or seccomp stop, then the resume."""
+        if not self.engine.handle(tid, status, now):
+            self._resume(proc, tid, 0)
+        elif proc.detaching is not None:
+            self._resume(proc, tid, 0)  # handled without a resume (P_NO_RESUME): detach it
 
-    # One stop per KVM exit: at a vCPU's next KVM_RUN entry its kvm_run still holds the exit
-    # the previous run ended with (nobody clears it), so that exit is read then. Per stop:
-    # waitpid + PTRACE_GET_SYSCALL_INFO + PTRACE_CONT; the read costs no syscall.
-    def _seccomp_stop(self, th: _Thread) -> None:
-        now = time.monotonic_ns()
-        info = self._info.fetch(th.tid)
-        if th.proc.stats_job is not None and self._inject(th, pt.PTRACE_CONT, info):
-            return
-        _nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
-        request &= 0xFFFFFFFF
-        if request == KVM_RUN:
-            page = th.proc.pages.get(fd) or self._open_page(th, fd)
-            if page is not None:
-                if page.tid != th.tid:
-                    self._vcpu_moved(page, th.tid, now)
-                if page.open_since:
-                    self._record_cycle(page, now)
-                page.open_since = now
-                # With immediate_exit set, KVM_RUN returns EINTR at once and leaves exit_reason
-                # as it was: remember it, or the previous exit would be counted twice.
-                page.open_immediate = bool(page.view()[IMMEDIATE_EXIT_OFFSET])
-        elif request == KVM_CREATE_VCPU:
-            th.creating_vcpu = True  # resumed with PTRACE_SYSCALL: its return gives the fd
-        self._resume(th, 0)
+    def _ensure_page(self, proc: TracedProcess, tid: int, fd: int) -> None:
+        if self.engine.page(proc.pid, fd) is None:
+            proc.open_page(self.engine, tid, fd)
 
-    def _record_cycle(self, page: RunPage, now: int) -> None:
-        """The exit that ended the run entered at ``page.open_since``; its times span the run
-        and the VMM's handling (EXIT_CYCLE)."""
-        view = page.view()
-        reason = ExitReason.INTR if page.open_immediate else exit_reason_of(view)
-        if reason == ExitReason.INTR:  # the kernel sets it when a signal ends the run (EINTR)
-            event = ExitEvent(
-                page.vcpu, reason, errno_module.EINTR, page.open_since, now, flags=EXIT_CYCLE
-            )
-        else:
-            _r, a, b, flags, data = decode_exit(view, self.with_data)
-            event = ExitEvent(
-                page.vcpu, reason, 0, page.open_since, now, a, b, flags | EXIT_CYCLE, data
-            )
-        page.open_since = 0
-        self._events.append(event)
-        self._unflushed = True
-
-    def _close_runs(self, proc: _Process, tid: int | None) -> None:
-        """A vCPU thread (``tid``; None: all) has ended: the exit of its last run is final. A
-        last run that a dying process's kill cut short (KVM_EXIT_INTR) is no exit of the guest."""
-        now = time.monotonic_ns()
-        for page in proc.pages.values():
-            if page.open_since and (tid is None or page.tid == tid):
-                if page.open_immediate or exit_reason_of(page.view()) == ExitReason.INTR:
-                    page.open_since = 0
-                else:
-                    self._record_cycle(page, now)
-
-    def _open_page(self, th: _Thread, fd: int) -> RunPage | None:
-        proc = th.proc
-        try:
-            page = open_run_page(proc.pid, proc.pidfd, fd)
-        except OSError:
-            return None
-        proc.pages[fd] = page
-        self._vcpu_moved(page, th.tid, time.monotonic_ns())
-        return page
-
-    def _vcpu_moved(self, page: RunPage, tid: int, now: int) -> None:
-        """First run of a vCPU found at attach, or a VMM that moved a vCPU to another thread."""
-        page.tid = tid
-        self._seen.append(VcpuSeen(page.vcpu, tid, now))
-        self._unflushed = True
-
-    def _forget_page(self, proc: _Process, fd: int) -> None:
-        page = proc.pages.pop(fd, None)
-        if page is not None:
-            page.close()
-
-    def _other_stop(self, th: _Thread, status: int) -> None:
+    def _other_stop(self, proc: TracedProcess, tid: int, status: int, now: int) -> None:
         sig = (status >> 8) & 0xFF
         event = status >> 16
         if event == pt.PTRACE_EVENT_SECCOMP:
-            self._seccomp_stop(th)
+            info = self._info.fetch(tid)
+            if proc.stats_job is not None and self._inject(proc, tid, pt.PTRACE_CONT, info):
+                return
+            fd = kvm_run_fd(info)
+            if fd is not None:
+                self._ensure_page(proc, tid, fd)
+            self._handle_or_resume(proc, tid, status, now)
         elif event == 0:
-            self._resume(th, sig)  # signal-delivery-stop: pass the signal on, unchanged
+            self._resume(proc, tid, sig)  # signal-delivery-stop: pass the signal on, unchanged
         elif event == pt.PTRACE_EVENT_STOP:
-            if sig in GROUP_STOP_SIGNALS and th.proc.detaching is None:
+            if sig in GROUP_STOP_SIGNALS and proc.detaching is None:
                 # group-stop: stay stopped (until SIGCONT) but keep reporting to us
-                self._ptrace(pt.PTRACE_LISTEN, th, 0)
+                self._ptrace(pt.PTRACE_LISTEN, tid, 0)
             else:
-                self._resume(th, 0)  # PTRACE_INTERRUPT, or the end of a group-stop
+                self._resume(proc, tid, 0)  # PTRACE_INTERRUPT, or the end of a group-stop
         elif event == pt.PTRACE_EVENT_CLONE:
-            new_tid = pt.ptrace_geteventmsg(th.tid)
-            if new_tid not in self._threads:
-                self._threads[new_tid] = _Thread(new_tid, th.proc)
-            self._resume(th, 0)
+            self.engine.add_thread(pt.ptrace_geteventmsg(tid), proc.pid)
+            self._resume(proc, tid, 0)
         elif event == pt.PTRACE_EVENT_EXEC:
-            self._on_exec(th)
-            self._resume(self._threads[th.proc.pid], 0)
+            # A new program image: the old threads and vCPU fds are gone; the exec'ing thread
+            # now has the leader's tid.
+            for other in self.engine.threads_of(proc.pid):
+                self.engine.remove_thread(other)
+            proc.forget_pages(self.engine)
+            self.engine.add_thread(proc.pid, proc.pid)
+            self._resume(proc, proc.pid, 0)
         else:
-            self._resume(th, 0)
+            self._resume(proc, tid, 0)
 
-    def _on_exec(self, th: _Thread) -> None:
-        """A new program image: the old threads and vCPU fds are gone; the exec'ing thread now
-        has the leader's tid."""
-        proc = th.proc
-        for tid in [t for t, other in self._threads.items() if other.proc is proc]:
-            del self._threads[tid]
-        for fd in list(proc.pages):
-            self._forget_page(proc, fd)
-        self._threads[proc.pid] = _Thread(proc.pid, proc)
-
-    def _resume(self, th: _Thread, sig: int) -> None:
-        proc = th.proc
+    def _resume(self, proc: TracedProcess, tid: int, sig: int) -> None:
         if proc.detaching is not None:
-            self._ptrace(pt.PTRACE_DETACH, th, sig)
-            self._threads.pop(th.tid, None)
-            if not any(t.proc is proc for t in self._threads.values()):
+            self._ptrace(pt.PTRACE_DETACH, tid, sig)
+            self.engine.remove_thread(tid)
+            if not self.engine.threads_of(proc.pid):
                 self._finish(proc, proc.detaching, None)
-        elif proc.one_stop:  # only the seccomp filter stops it; or KVM_CREATE_VCPU's return
-            syscalls = th.creating_vcpu or proc.stats_job is not None
-            self._ptrace(pt.PTRACE_SYSCALL if syscalls else pt.PTRACE_CONT, th, sig)
-        elif th.runner or th.budget > 0 or proc.stats_job is not None:
-            self._ptrace(pt.PTRACE_SYSCALL, th, sig)
-        else:
-            self._ptrace(pt.PTRACE_CONT, th, sig)
-
-    def _ptrace(self, request: int, th: _Thread, sig: int) -> None:
+            return
         try:
-            pt.ptrace(request, th.tid, 0, sig)
+            self.engine.resume(tid, sig)
+        except OSError as exc:
+            if exc.errno != errno_module.ESRCH:
+                raise
+
+    def _ptrace(self, request: int, tid: int, sig: int) -> None:
+        try:
+            pt.ptrace(request, tid, 0, sig)
         except pt.PtraceError as exc:
             if exc.errno != errno_module.ESRCH:
                 raise
             # Killed while stopped (SIGKILL needs no tracer): its exit status follows.
 
-    def _on_exit_or_stranger(self, tid: int, status: int, th: _Thread | None) -> None:
+    def _on_exit_or_stranger(self, tid: int, status: int, proc: TracedProcess | None) -> None:
         if (status & 0xFF) == 0x7F:
             if tid in self._detached_children:
                 return  # a launched command we no longer trace was stopped: not ours to handle
             # A new thread reporting before its parent's clone event: adopt it.
             proc = self._proc
             if proc is not None and tgid_of(tid) == proc.pid:
-                self._stops += 1
-                th = self._threads[tid] = _Thread(tid, proc)
-                self._other_stop(th, status)
+                self.engine.add_thread(tid, proc.pid)
+                self._dispatch(tid, status, time.monotonic_ns())
             else:  # one of a VMM we have detached from (its clone raced the detach): let it go
                 try:
                     pt.ptrace(pt.PTRACE_DETACH, tid, 0, 0)
                 except pt.PtraceError:
                     pass  # gone meanwhile
             return
-        exit_status = _exit_status(status)
+        exit_status = exit_status_of(status)
         if tid in self._detached_children:
             self._detached_children.discard(tid)
             self.out.put(Detached(tid, "exited", time.monotonic_ns(), exit_status))
             return
-        if th is None:
+        if proc is None:
             return
-        del self._threads[tid]
-        proc = th.proc
-        if proc.one_stop:
-            self._close_runs(proc, tid)
+        self.engine.remove_thread(tid)
+        if proc.mode != MODE_TWO_STOP:
+            self.engine.close_runs(proc.pid, tid, time.monotonic_ns())
         if tid == proc.pid:  # the leader reports last: the whole VMM has ended
-            for other in [t for t, o in self._threads.items() if o.proc is proc]:
-                del self._threads[other]
             self._finish(proc, "exited", exit_status)
-        elif proc.detaching is not None and not any(t.proc is proc for t in self._threads.values()):
+        elif proc.detaching is not None and not self.engine.threads_of(proc.pid):
             self._finish(proc, proc.detaching, None)
 
-    def _finish(self, proc: _Process, why: str, exit_status: int | None) -> None:
+    def _finish(self, proc: TracedProcess, why: str, exit_status: int | None) -> None:
         if self._proc is not proc:
             return
         if proc.stats_job is not None:
             proc.stats_job.error = f"no KVM counters: {why}"
             proc.stats_job.settle()
             proc.stats_job = None
-        if proc.one_stop:
-            self._close_runs(proc, None)
-        for fd in list(proc.pages):
-            self._forget_page(proc, fd)
+        if proc.notifier is not None:
+            # Every process under the filter has gone before its leader reports; the listener
+            # sees the hang-up and ends by itself.
+            proc.notifier.wait(1.0)
+        if proc.mode != MODE_TWO_STOP:
+            self.engine.close_runs(proc.pid, 0, time.monotonic_ns())
+        proc.forget_pages(self.engine)
+        self.engine.remove_process(proc.pid)
         os.close(proc.pidfd)
         self._flush()
         detached = Detached(proc.pid, why, time.monotonic_ns(), exit_status)
@@ -486,13 +373,19 @@ class Tracer:
             self._quit = True
 
     def _flush(self) -> None:
-        if self._events or self._seen or self._lost or self._stops:
-            self.out.put(ExitBatch(tuple(self._events), tuple(self._seen), self._lost, self._stops))
-            self._events = []
+        records, seen, stops, notifications, lost, _exits = self.engine.take()
+        proc = self._proc
+        base = proc.t0 if proc is not None else self._last_base
+        vcpus = self._seen + [VcpuSeen(*seen) for seen in vcpu_records(seen, base)]
+        lost += self._lost
+        stops += self._stops
+        if records or vcpus or lost or stops or notifications:
+            self.out.put(ExitBatch(records, base, tuple(vcpus), lost, stops))
             self._seen = []
             self._lost = 0
             self._stops = 0
-        self._unflushed = False
+
+    _last_base = 0
 
     # --- commands ------------------------------------------------------------------------------
 
@@ -524,6 +417,15 @@ class Tracer:
                     self.out.put(TracerFailed(str(exc), kind=type(exc).__name__))
                 future.set_exception(exc)
 
+    def _set_flags(self, proc: TracedProcess) -> None:
+        """Tell the engine how to treat the process's stops now."""
+        flags = 0
+        if proc.stats_job is not None:
+            flags |= P_HANDBACK | P_SYSCALLS
+        if proc.detaching is not None:
+            flags |= P_HANDBACK | P_NO_RESUME
+        self.engine.set_process(proc.pid, proc.mode, flags)
+
     # --- KVM's own counters (kvmtop.inject) -------------------------------------------------------
 
     def _start_stats(self, future: Future[StatsFds]) -> None:
@@ -532,8 +434,9 @@ class Tracer:
             raise KvmtopError("not attached")
         if proc.stats_job is not None:
             raise KvmtopError("KVM's counters are being fetched already")
-        tids = [t.tid for t in self._threads.values() if t.proc is proc]
-        proc.stats_job = plan_job(future, proc.pid, tids, proc.one_stop)
+        tids = self.engine.threads_of(proc.pid)
+        proc.stats_job = plan_job(future, proc.pid, tids, proc.mode != MODE_TWO_STOP)
+        self._set_flags(proc)
 
     def _nudge_stats(self) -> None:
         """A busy vCPU's next KVM_RUN entry comes at once, and so does some thread's syscall.
@@ -548,41 +451,44 @@ class Tracer:
             job.nudged = True
             self._interrupt(proc)
 
-    def _interrupt(self, proc: _Process) -> None:
-        for th in [t for t in self._threads.values() if t.proc is proc]:
+    def _interrupt(self, proc: TracedProcess) -> None:
+        for tid in self.engine.threads_of(proc.pid):
             try:
-                pt.ptrace(pt.PTRACE_INTERRUPT, th.tid, 0, 0)
+                pt.ptrace(pt.PTRACE_INTERRUPT, tid, 0, 0)
             except pt.PtraceError as exc:
                 if exc.errno != errno_module.ESRCH:
                     raise
 
-    def _inject(self, th: _Thread, resume: int, info: memoryview) -> bool:
-        """Go on with the stats job on ``th``, at a syscall entry (``info``: its
+    def _inject(self, proc: TracedProcess, tid: int, resume: int, info: memoryview) -> bool:
+        """Go on with the stats job on ``tid``, at a syscall entry (``info``: its
         PTRACE_GET_SYSCALL_INFO). False: nothing was done, the stop is handled as usual; True:
         handled (the stop that followed was dispatched)."""
-        proc = th.proc
         job = proc.stats_job
         assert job is not None
         if proc.detaching is not None:
             return False
         run = None
-        run_fd = _kvm_run_fd(info)
+        run_fd = kvm_run_fd(info)
         if run_fd is not None:
-            page = proc.pages.get(run_fd) or self._open_page(th, run_fd)
-            run = (page.vcpu, run_fd) if page is not None else None
+            self._ensure_page(proc, tid, run_fd)
+            page = self.engine.page(proc.pid, run_fd)
+            run = (page[0], run_fd) if page is not None else None
         try:
-            status = run_job(job, th.tid, proc.pidfd, resume, run)
+            status = run_job(job, tid, proc.pidfd, resume, run)
         except pt.PtraceError as exc:
             if exc.errno != errno_module.ESRCH:
                 raise
             return True  # killed meanwhile: its exit status follows
         if job.finished:
             proc.stats_job = None
+            self._set_flags(proc)
             job.settle()
         if status is None:
             return False
-        self._dispatch(th.tid, status, time.monotonic_ns())
+        self._dispatch(tid, status, time.monotonic_ns())
         return True
+
+    # --- attach, launch, detach ---------------------------------------------------------------------
 
     def _quit_when_detached(self, future: Future[Any]) -> None:
         future.set_result(None)
@@ -600,117 +506,56 @@ class Tracer:
             return
         if future is not None:
             proc.detach_waiters.append(future)
-        if proc.one_stop:
-            # Its filtered ioctls need a tracer (ENOSYS without one): ending the trace ends
-            # the command, gracefully; its exit is reported as usual.
+        if proc.mode != MODE_TWO_STOP:
+            # Its filtered ioctls need kvmtop (ENOSYS without it): ending the trace ends the
+            # command, gracefully; its exit is reported as usual.
             os.kill(proc.pid, signal.SIGTERM)
             return
         if proc.detaching is not None:
             return  # already under way
         proc.detaching = why
+        self._set_flags(proc)
         self._interrupt(proc)
-        if not any(t.proc is proc for t in self._threads.values()):
+        if not self.engine.threads_of(proc.pid):
             self._finish(proc, why, None)
+
+    def _begin(self, proc: TracedProcess) -> None:
+        if self._proc is not None:
+            raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
+        self._flush()  # what is left of an earlier session goes out with its own base
+        self._proc = proc
+        self._last_base = proc.t0
+        self.engine.set_base(proc.t0)
 
     def _attach(self, pid: int) -> Attached:
         if self._proc is not None:
             raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
-        t0 = time.monotonic_ns()
-        argv = check_attachable(pid)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            raise NoSuchProcess(f"no such process: {pid}") from None
-        proc = _Process(pid, pidfd, argv, launched=False)
-        self._proc = proc
-        seized: list[int] = []
-        try:
-            while True:  # threads created while we seize: list again until nothing is new
-                new = [t for t in task_ids(pid) if t not in self._threads]
-                if not new:
-                    break
-                for tid in new:
-                    try:
-                        pt.ptrace(pt.PTRACE_SEIZE, tid, 0, OPTIONS)
-                    except pt.PtraceError as exc:
-                        if exc.errno == errno_module.ESRCH:
-                            continue  # exited meanwhile
-                        if exc.errno == errno_module.EPERM and not seized:
-                            raise PermissionDenied(permission_hint(pid)) from None
-                        raise
-                    seized.append(tid)
-                    self._threads[tid] = _Thread(tid, proc)
-        except BaseException:
-            if seized:
-                self._begin_detach("attach failed", None)
-            else:
-                self._proc = None
-                os.close(pidfd)
-            raise
-        if not seized:
-            self._proc = None
-            os.close(pidfd)
-            raise NoSuchProcess(f"no such process: {pid}")
-        for tid in seized:  # stop each once, so it can be resumed with PTRACE_SYSCALL
-            try:
-                pt.ptrace(pt.PTRACE_INTERRUPT, tid, 0, 0)
-            except pt.PtraceError as exc:
-                if exc.errno != errno_module.ESRCH:
-                    raise
-        self._open_known_vcpus(proc)
-        attached = Attached(pid, argv, t0, launched=False)
+        proc = seize_process(pid, self.engine, self._begin, self._begin_detach)
+        self._seen += proc.open_known_vcpus(self.engine)
+        attached = Attached(pid, proc.argv, proc.t0, launched=False)
         self._flush()
         self.out.put(attached)
         return attached
 
-    def _open_known_vcpus(self, proc: _Process) -> None:
-        try:
-            fds = vcpu_fds(proc.pid)
-        except OSError:
-            return
-        opened: set[int] = set()
-        for fd, vcpu in sorted(fds.items()):
-            if vcpu in opened:
-                continue  # another fd of the same vCPU: its first KVM_RUN will map that one
-            opened.add(vcpu)
-            try:
-                page = open_run_page(proc.pid, proc.pidfd, fd)
-            except OSError:
-                continue
-            proc.pages[fd] = page
-            self._seen.append(VcpuSeen(page.vcpu, 0, time.monotonic_ns()))
-
-    def _launch(self, argv: list[str], one_stop: bool = False) -> Attached:
-        """Start ``argv`` traced from its first instruction (:func:`spawn_stopped`): seized while
-        it is stopped, then continued, it execs the command."""
+    def _launch(self, argv: list[str], seccomp: str = "") -> Attached:
+        """Start ``argv`` traced from its first instruction: seized while it is stopped, then
+        continued, it execs the command."""
         if self._proc is not None:
             raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
-        t0 = time.monotonic_ns()
-        pid, filtered = spawn_stopped(argv, one_stop, self.child_stdio, self.child_stdout_to_stderr)
-        options = OPTIONS | (pt.PTRACE_O_TRACESECCOMP | pt.PTRACE_O_EXITKILL if filtered else 0)
-        pt.ptrace(pt.PTRACE_SEIZE, pid, 0, options)
-        os.kill(pid, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
-        proc = _Process(pid, os.pidfd_open(pid), tuple(argv), launched=True, one_stop=filtered)
-        self._proc = proc
-        self._threads[pid] = _Thread(pid, proc)
-        attached = Attached(pid, tuple(argv), t0, launched=True, one_stop=filtered)
+        proc = launch_process(
+            argv, seccomp, self.engine, self.child_stdio, self.child_stdout_to_stderr
+        )
+        self._begin(proc)
+        if proc.mode == MODE_NOTIFY:
+            proc.start_notifier(self.engine, self._kick, self._notify_failed)
+        os.kill(proc.pid, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
+        attached = Attached(
+            proc.pid, tuple(argv), proc.t0, launched=True,
+            one_stop=proc.mode in (MODE_ONE_STOP, MODE_NOTIFY),
+            notify=proc.mode == MODE_NOTIFY, filter_note=proc.filter_note,
+        )  # fmt: skip
         self.out.put(attached)
         return attached
 
-
-IMMEDIATE_EXIT_OFFSET = 1  # offsetof(struct kvm_run, immediate_exit)
-
-
-def _kvm_run_fd(info: memoryview) -> int | None:
-    """The vCPU fd, if the syscall entering is KVM_RUN."""
-    nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
-    return fd if nr == HOST.SYS_IOCTL and request & 0xFFFFFFFF == KVM_RUN else None
-
-
-def _exit_status(status: int) -> int:
-    """A shell-style status: the exit code, or 128 + the signal that killed it."""
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return status
+    def _notify_failed(self, message: str) -> None:
+        self.out.put(TracerFailed(message, kind="KvmtopError"))

@@ -25,6 +25,8 @@ class RunPage:
     tid: int = 0  # the VMM thread last seen running this vCPU (0: not yet seen)
     open_since: int = 0  # one-stop tracing: entry time of the run not yet accounted for
     open_immediate: bool = False  # ...and that run was entered with immediate_exit set
+    mapping: mmap.mmap | None = None  # our own mapping, for the engine
+    address: int = 0  # else the VMM's mapping's address, read with process_vm_readv
 
     def view(self) -> memoryview | bytes:
         raise NotImplementedError
@@ -41,6 +43,7 @@ class MappedRunPage(RunPage):
         self._fd = dupfd
         self._map = mmap.mmap(dupfd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         self._view = memoryview(self._map)
+        self.mapping = self._map
 
     def view(self) -> memoryview:
         return self._view
@@ -58,7 +61,7 @@ class RemoteRunPage(RunPage):
         self.vcpu = vcpu
         self._pid = pid
         self._reader = RemoteReader(pid, size)
-        self._address = self._find()
+        self._address = self.address = self._find()
 
     def _find(self) -> int:
         with open(f"/proc/{self._pid}/maps") as f:

@@ -115,3 +115,18 @@ def start_recording(args: list[str], stdout: int = subprocess.PIPE) -> subproces
     line = rec.stderr.readline()
     assert "recording to" in line, line + rec.stderr.read()
     return rec
+
+
+@pytest.fixture(params=["native", "pure"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the C engine and on the pure-Python one (its reference). The environment
+    carries the choice to ``kvmtop`` subprocesses too."""
+    import importlib.util
+
+    if request.param == "pure":
+        monkeypatch.setenv("KVMTOP_PURE", "1")
+    else:
+        monkeypatch.delenv("KVMTOP_PURE", raising=False)
+        if importlib.util.find_spec("kvmtop._hotloop") is None:
+            pytest.skip("kvmtop._hotloop is not built (no C compiler or Python headers at install)")
+    return str(request.param)

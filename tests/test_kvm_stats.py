@@ -35,6 +35,8 @@ from kvmtop.vm_stats import VmStats, settle_stats, take_stats
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 NAME_SIZE = 48
 
+pytestmark = pytest.mark.usefixtures("engine")  # on the C engine and on its reference
+
 
 def stats_blob(descs: list[tuple[str, int, int, int, int]], data: list[int]) -> bytes:
     """A stats file as KVM lays it out: (name, flags, exponent, size, bucket_size) each."""
@@ -279,7 +281,8 @@ def test_a_kernel_without_binary_stats_is_said_so_in_one_line(err):
 
 
 @pytest.mark.kvm
-def test_counters_through_a_one_stop_launch_leave_the_counts_exact(tmp_path):
+@pytest.mark.parametrize("seccomp", ["notify", "trace"])
+def test_counters_through_a_one_stop_launch_leave_the_counts_exact(tmp_path, seccomp):
     """Under kvmtop's seccomp filter the vCPU threads stop only at KVM_RUN (seccomp stops): the
     fds are made there, and every exit is still counted exactly."""
     from kvmtop.events import Detached, ExitBatch
@@ -290,7 +293,7 @@ def test_counters_through_a_one_stop_launch_leave_the_counts_exact(tmp_path):
     io = 0
     try:
         attached = tracer.launch(counted_command(vcpus=2, outs=n, mmio_writes=0,
-                                                 report_json=str(own)), one_stop=True).result(10)  # fmt: skip
+                                                 report_json=str(own)), seccomp).result(10)  # fmt: skip
         assert attached.one_stop
         wait_for_vcpus(attached.pid, 2)
         before = settled_fd_table(attached.pid)

@@ -19,11 +19,17 @@ from kvmtop.events import EXIT_CYCLE, Attached, Detached, ExitBatch
 from kvmtop.minivmm import counted_command, demo_command
 from kvmtop.tracer_thread import Tracer
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]
+
+
+@pytest.fixture(params=["notify", "trace"])
+def seccomp(request: pytest.FixtureRequest) -> str:
+    """kvmtop's filter notifies its listener (no ptrace stop per exit), or stops the tracer."""
+    return str(request.param)
 
 
 def run_one_stop(
-    argv: list[str], signals: int = 0
+    argv: list[str], seccomp: str, signals: int = 0
 ) -> tuple[dict[str, int], dict[int, int], int, Detached]:
     tracer = Tracer()
     tracer.start()
@@ -31,8 +37,9 @@ def run_one_stop(
     per_vcpu: dict[int, int] = {}
     stops = 0
     try:
-        attached = tracer.launch(argv, one_stop=True).result(10)
+        attached = tracer.launch(argv, seccomp).result(10)
         assert isinstance(attached, Attached) and attached.one_stop
+        assert attached.notify == (seccomp == "notify")
         if signals:
             wait_for_vcpus(attached.pid)
             for _ in range(signals):
@@ -55,30 +62,36 @@ def run_one_stop(
 
 
 @pytest.mark.qemu
-def test_qemu_counts_stay_exact_with_one_stop_per_exit(tmp_path):
+def test_qemu_counts_stay_exact_with_one_stop_per_exit(tmp_path, seccomp):
     bios = tmp_path / "bios.bin"
     bios.write_bytes(build_bios(outs=3000, mmio_writes=200))
-    exits, _, stops, end = run_one_stop(qemu_command(str(bios)))
+    exits, _, stops, end = run_one_stop(qemu_command(str(bios)), seccomp)
     assert end.exit_status == 1
     assert exits["KVM_EXIT_IO"] == 3001 and exits["KVM_EXIT_MMIO"] == 200
     total = sum(exits.values())
-    assert stops < total * 1.1 + 100  # one stop per exit (the 2-stop mode takes over 2x)
+    if seccomp == "notify":  # ptrace stops only for the process's life: exec, threads, exit
+        assert stops < 100
+    else:
+        assert total <= stops < total * 1.1 + 100  # one per exit (the 2-stop mode: over 2x)
 
 
-def test_four_vcpus_are_counted_like_the_vmm_counts_itself(tmp_path):
+def test_four_vcpus_are_counted_like_the_vmm_counts_itself(tmp_path, seccomp):
     own = tmp_path / "own.json"
     exits, per_vcpu, _, end = run_one_stop(
-        counted_command(vcpus=4, outs=250, mmio_writes=70, exit_status=5, report_json=str(own))
+        counted_command(vcpus=4, outs=250, mmio_writes=70, exit_status=5, report_json=str(own)),
+        seccomp,
     )
     assert end.exit_status == 5
     mine = json.loads(own.read_text())
     assert exits == mine["exits"] and per_vcpu == {0: 321, 1: 321, 2: 321, 3: 321}
 
 
-def test_signals_still_arrive_exactly_once(tmp_path):
+def test_signals_still_arrive_exactly_once(tmp_path, seccomp):
     own = tmp_path / "own.json"
     exits, _, _, end = run_one_stop(
-        counted_command(outs=300, mmio_writes=0, spin=4_000_000, report_json=str(own)), signals=25
+        counted_command(outs=300, mmio_writes=0, spin=4_000_000, report_json=str(own)),
+        seccomp,
+        signals=25,
     )
     assert end.exit_status == 0
     mine = json.loads(own.read_text())
@@ -86,11 +99,11 @@ def test_signals_still_arrive_exactly_once(tmp_path):
     assert exits["KVM_EXIT_IO"] == mine["exits"]["KVM_EXIT_IO"] == 301
 
 
-def test_ending_the_trace_ends_the_command_gracefully():
+def test_ending_the_trace_ends_the_command_gracefully(seccomp):
     tracer = Tracer()
     tracer.start()
     try:
-        attached = tracer.launch(demo_command(), one_stop=True).result(10)
+        attached = tracer.launch(demo_command(), seccomp).result(10)
         wait_for_vcpus(attached.pid, 2)
         time.sleep(0.3)
         ended = tracer.detach().result(10)  # SIGTERM: the demo exits 0 on it
@@ -135,9 +148,17 @@ def test_no_seccomp_keeps_the_detachable_two_stop_launch(tmp_path):
     assert summary["stops"] > 2 * 111  # two stops per exit, and then some
 
 
-def test_the_summary_says_one_stop_per_exit():
-    argv = [sys.executable, "-m", "kvmtop", "record", "-o", os.devnull, "--",
-            *counted_command(outs=100, mmio_writes=0)]  # fmt: skip
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+def test_the_summary_says_how_many_stops_per_exit():
+    base = [sys.executable, "-m", "kvmtop", "record", "-o", os.devnull]
+    argv = ["--", *counted_command(outs=100, mmio_writes=0)]
+    result = subprocess.run(base + argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "traced with no ptrace stop per exit (kvmtop's seccomp filter notifies its listener)"
+        in result.stdout
+    )
+    result = subprocess.run(
+        base + ["--no-notify"] + argv, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "traced with 1 ptrace stop per exit (kvmtop's seccomp filter)" in result.stdout

@@ -26,6 +26,8 @@ from kvmtop.tracer_thread import Tracer
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 
+pytestmark = pytest.mark.usefixtures("engine")  # on the C engine and on its reference
+
 
 def thread_states(pid: int) -> dict[int, str]:
     states = {}

@@ -22,7 +22,7 @@ from kvmtop.minivmm import counted_command
 from kvmtop.procfs import tracer_pid
 from kvmtop.tracer_thread import Tracer
 
-pytestmark = pytest.mark.kvm
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]
 
 
 @dataclass
@@ -72,7 +72,7 @@ def drain(tracer: Tracer, trace: Trace, until_detached: bool = True, timeout: fl
 
 
 @pytest.fixture
-def tracer():
+def tracer(engine):
     t = Tracer()
     t.start()
     yield t

@@ -37,25 +37,32 @@ UNION = 32  # offsetof(struct kvm_run, exit union)
 # classic BPF (include/uapi/linux/filter.h, bpf_common.h) and seccomp (linux/seccomp.h)
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
 _SECCOMP_RET_ALLOW, _SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
+SECCOMP_RET_TRACE, SECCOMP_RET_USER_NOTIF = 0x7FF00000, 0x7FC00000
 _SECCOMP_DATA_NR, _SECCOMP_DATA_ARCH, _SECCOMP_DATA_ARG1 = 0, 4, 24  # struct seccomp_data
 _INSN = struct.Struct("<HBBI")  # struct sock_filter: code, jt, jf, k
 
 
-def seccomp_trace_ioctls(first: int, second: int) -> bytes:
-    """A filter returning SECCOMP_RET_TRACE for ioctl(_, first|second) (request compared on its
-    low 32 bits, as the kernel reads it) and allowing every other syscall."""
+def seccomp_ioctls(requests: tuple[int, ...], action: int) -> bytes:
+    """A filter returning ``action`` (SECCOMP_RET_TRACE or SECCOMP_RET_USER_NOTIF) for
+    ioctl(_, request) with one of ``requests`` (compared on the low 32 bits, as the kernel reads
+    it), and allowing every other syscall and every other ABI (x32, i386)."""
+    n = len(requests)
     insns = [
         (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
-        (_BPF_JEQ_K, 0, 5, AUDIT_ARCH),  # another ABI (x32, i386): allow
+        (_BPF_JEQ_K, 0, 3 + n, AUDIT_ARCH),  # another ABI: allow
         (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
-        (_BPF_JEQ_K, 0, 3, SYS_IOCTL),
+        (_BPF_JEQ_K, 0, 1 + n, SYS_IOCTL),
         (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARG1),
-        (_BPF_JEQ_K, 2, 0, first),
-        (_BPF_JEQ_K, 1, 0, second),
+        *((_BPF_JEQ_K, n - i, 0, request) for i, request in enumerate(requests)),
         (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
-        (_BPF_RET_K, 0, 0, _SECCOMP_RET_TRACE),
+        (_BPF_RET_K, 0, 0, action),
     ]
     return b"".join(_INSN.pack(*insn) for insn in insns)
+
+
+def seccomp_trace_ioctls(first: int, second: int) -> bytes:
+    """SECCOMP_RET_TRACE for ioctl(_, first|second); every other syscall allowed."""
+    return seccomp_ioctls((first, second), SECCOMP_RET_TRACE)
 
 
 def decode_union(

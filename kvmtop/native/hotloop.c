@@ -1,0 +1,1034 @@
+/* kvmtop._hotloop: the tracer's per-exit work, in C. An executor, never a decider.
+ *
+ * It owns the hot state of tracing: the threads being traced (tid -> process, whether it runs
+ * vCPUs, its syscall budget, the run it is in), the vCPUs (process, fd -> kvmtop's read-only
+ * mapping of that vCPU's struct kvm_run), and a buffer of packed exit records in the
+ * recording's 32-byte layout (docs/recording-format.md). Its loops handle only the common case:
+ *
+ *   run():        waitpid (polling briefly first) -> PTRACE_GET_SYSCALL_INFO -> a KVM_RUN entry
+ *                 or return, or a seccomp stop, on a vCPU fd it knows -> read the exit from the
+ *                 mapping -> append a record -> resume the thread; with the GIL released.
+ *   notify_run(): the same for seccomp user notifications: RECV -> read the previous exit of
+ *                 that vCPU -> append -> SEND with SECCOMP_USER_NOTIF_FLAG_CONTINUE.
+ *
+ * Both hand back to Python on anything else: a stop or a notification it does not recognise
+ * (an unknown thread or fd, clone/exec/exit events, signals, group stops, a process Python has
+ * asked to see every stop of), a full buffer, a deadline. kvmtop/hot_state.py is the same
+ * engine in pure Python, the reference these loops are tested against.
+ *
+ * It never writes a tracee's memory or registers. Two threads may use one engine (the ptrace
+ * tracer and the notification listener): a mutex guards the tables, held only between waits.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#if !defined(__x86_64__)
+#error "the exit union is decoded for x86_64 only; kvmtop falls back to pure Python"
+#endif
+
+/* include/uapi/linux/ptrace.h */
+#define PTRACE_CONT_ 7
+#define PTRACE_SYSCALL_ 24
+#define PTRACE_GET_SYSCALL_INFO_ 0x420e
+#define PTRACE_EVENT_SECCOMP_ 7
+#define PTRACE_SYSCALL_INFO_ENTRY 1
+#define PTRACE_SYSCALL_INFO_EXIT 2
+#define PTRACE_SYSCALL_INFO_SECCOMP 3
+#define SYSCALL_STOP_SIG (SIGTRAP | 0x80) /* with PTRACE_O_TRACESYSGOOD */
+
+/* include/uapi/linux/seccomp.h */
+#define SECCOMP_IOC_MAGIC '!'
+#define SECCOMP_IOCTL_NOTIF_RECV_ _IOWR(SECCOMP_IOC_MAGIC, 0, struct notif)
+#define SECCOMP_IOCTL_NOTIF_SEND_ _IOWR(SECCOMP_IOC_MAGIC, 1, struct notif_resp)
+#define SECCOMP_USER_NOTIF_FLAG_CONTINUE_ 1
+
+/* include/uapi/linux/kvm.h */
+#define KVMIO 0xAE
+#define KVM_RUN_ 0xAE80
+#define KVM_CREATE_VCPU_ 0xAE41
+#define KVM_EXIT_UNKNOWN 0
+#define KVM_EXIT_EXCEPTION 1
+#define KVM_EXIT_IO 2
+#define KVM_EXIT_HYPERCALL 3
+#define KVM_EXIT_DEBUG 4
+#define KVM_EXIT_MMIO 6
+#define KVM_EXIT_FAIL_ENTRY 9
+#define KVM_EXIT_INTR 10
+#define KVM_EXIT_TPR_ACCESS 12
+#define KVM_EXIT_INTERNAL_ERROR 17
+#define KVM_EXIT_SYSTEM_EVENT 24
+#define KVM_EXIT_IOAPIC_EOI 26
+#define KVM_EXIT_HYPERV 27
+#define KVM_EXIT_X86_RDMSR 29
+#define KVM_EXIT_X86_WRMSR 30
+#define KVM_EXIT_XEN 34
+#define KVM_EXIT_NOTIFY 37
+#define KVM_EXIT_MEMORY_FAULT 39
+#define KVM_MEMORY_EXIT_FLAG_PRIVATE (1ULL << 3)
+#define RUN_IMMEDIATE_EXIT 1 /* offsetof(struct kvm_run, immediate_exit) */
+#define RUN_EXIT_REASON 8    /* offsetof(struct kvm_run, exit_reason) */
+#define RUN_UNION 32         /* offsetof(struct kvm_run, the exit union) */
+#define RUN_MAP_SIZE 8192    /* kvm_run and the PIO data page (KVM_PIO_PAGE_OFFSET 1) */
+
+/* docs/recording-format.md (kvmtop/records.py) */
+#define KIND_EXIT 1
+#define KIND_LONG 2
+#define KIND_DATA 3
+#define KIND_VCPU 4
+#define F_WRITE 0x01
+#define F_PRIVATE 0x02
+#define F_DATA 0x04
+#define F_LONG 0x08
+#define F_FAILED 0x10
+#define F_CYCLE 0x20
+#define GUEST_NS_MAX 0xFFFFFFFEu
+#define DATA_CHUNK 30
+#define RECORD 32
+
+/* Process modes (kvmtop/hot_state.py: the same numbers) */
+#define MODE_TWO_STOP 0 /* PTRACE_SYSCALL: KVM_RUN's entry and exit stops */
+#define MODE_ONE_STOP 1 /* seccomp RET_TRACE on KVM_RUN: one stop, at its entry */
+#define MODE_NOTIFY 2   /* seccomp user notification: no ptrace stop per exit */
+
+/* Process flags (set_process) */
+#define P_HANDBACK 1  /* run() hands every stop of the process to Python */
+#define P_SYSCALLS 2  /* resume its threads with PTRACE_SYSCALL */
+#define P_NO_RESUME 4 /* handle() records but does not resume: Python does (a detach) */
+
+#define SYSCALL_BUDGET 256 /* non-KVM syscalls a thread may make before PTRACE_CONT */
+#define POLL_GROW_START_NS 10000
+#define MAX_BUFFER (256u << 20)
+
+struct syscall_info { /* struct ptrace_syscall_info */
+    uint8_t op;
+    uint8_t pad[3];
+    uint32_t arch;
+    uint64_t ip, sp;
+    union {
+        struct { uint64_t nr, args[6]; } entry; /* also .seccomp's first fields */
+        struct { int64_t rval; uint8_t is_error; } exit;
+    };
+    uint32_t ret_data;
+};
+
+struct notif { /* struct seccomp_notif */
+    uint64_t id;
+    uint32_t pid, flags;
+    int32_t nr;
+    uint32_t arch;
+    uint64_t ip, args[6];
+};
+
+struct notif_resp { /* struct seccomp_notif_resp */
+    uint64_t id;
+    int64_t val;
+    int32_t error;
+    uint32_t flags;
+};
+
+typedef struct {
+    int used, pid, fd, tid;
+    int vcpu;
+    const uint8_t *map; /* kvmtop's own mapping, or NULL: read with process_vm_readv */
+    uint64_t remote;
+    Py_buffer view;
+    int64_t open_since; /* one stop / notify: entry of the run not yet accounted for */
+    int open_immediate;
+} Page;
+
+typedef struct {
+    int used, tid, pid;
+    int runner, in_run, creating, budget;
+    int64_t entry_ns;
+    int page; /* index into pages while in KVM_RUN, -1 otherwise */
+} Thread;
+
+typedef struct {
+    int used, pid, mode, flags;
+} Process;
+
+#define MAX_THREADS 8192 /* power of two */
+#define MAX_PAGES 2048
+#define MAX_PROCS 256
+
+typedef struct {
+    uint8_t *data;
+    size_t len, cap;
+} Buffer;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    Thread threads[MAX_THREADS];
+    Page pages[MAX_PAGES];
+    Process procs[MAX_PROCS];
+    Buffer records, seen;
+    int64_t base_ns;
+    int with_data, wait_flags, sys_ioctl;
+    int64_t poll_max_ns, poll_ns;
+    long stops, notifications, lost, exits;
+    struct notif pending; /* a notification handed back to Python, not yet answered */
+    int has_pending;
+    uint8_t scratch[RUN_MAP_SIZE];
+} Engine;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* --- tables --------------------------------------------------------------------------------- */
+
+static Thread *thread_find(Engine *e, int tid) {
+    for (unsigned i = (unsigned)tid & (MAX_THREADS - 1), n = 0; n < MAX_THREADS;
+         i = (i + 1) & (MAX_THREADS - 1), n++) {
+        if (!e->threads[i].used) return NULL;
+        if (e->threads[i].tid == tid) return &e->threads[i];
+    }
+    return NULL;
+}
+
+static Thread *thread_insert(Engine *e, int tid) {
+    for (unsigned i = (unsigned)tid & (MAX_THREADS - 1), n = 0; n < MAX_THREADS;
+         i = (i + 1) & (MAX_THREADS - 1), n++) {
+        Thread *t = &e->threads[i];
+        if (!t->used || t->tid == tid) return t;
+    }
+    return NULL;
+}
+
+static void thread_delete(Engine *e, Thread *t) {
+    /* backward-shift deletion keeps every probe chain whole */
+    unsigned i = (unsigned)(t - e->threads);
+    e->threads[i].used = 0;
+    for (unsigned j = (i + 1) & (MAX_THREADS - 1); e->threads[j].used; j = (j + 1) & (MAX_THREADS - 1)) {
+        unsigned home = (unsigned)e->threads[j].tid & (MAX_THREADS - 1);
+        int between = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+        if (!between) {
+            e->threads[i] = e->threads[j];
+            e->threads[j].used = 0;
+            i = j;
+        }
+    }
+}
+
+static Page *page_find(Engine *e, int pid, int fd) {
+    for (int i = 0; i < MAX_PAGES; i++) {
+        Page *p = &e->pages[i];
+        if (p->used && p->fd == fd && p->pid == pid) return p;
+    }
+    return NULL;
+}
+
+static Process *proc_find(Engine *e, int pid) {
+    for (int i = 0; i < MAX_PROCS; i++)
+        if (e->procs[i].used && e->procs[i].pid == pid) return &e->procs[i];
+    return NULL;
+}
+
+/* --- records -------------------------------------------------------------------------------- */
+
+static uint8_t *buffer_grow(Engine *e, Buffer *b, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 1 << 16;
+        while (cap < b->len + n) cap *= 2;
+        if (cap > MAX_BUFFER) return NULL;
+        uint8_t *data = realloc(b->data, cap);
+        if (!data) return NULL;
+        b->data = data;
+        b->cap = cap;
+    }
+    uint8_t *at = b->data + b->len;
+    memset(at, 0, n);
+    b->len += n;
+    (void)e;
+    return at;
+}
+
+static void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* The run page's bytes: our mapping, or a fresh copy of the VMM's (NULL if unreadable). */
+static const uint8_t *page_bytes(Engine *e, Page *p) {
+    if (p->map) return p->map;
+    if (!p->remote) return NULL; /* a vCPU whose kvm_run cannot be read */
+    struct iovec local = {e->scratch, RUN_MAP_SIZE};
+    struct iovec remote = {(void *)(uintptr_t)p->remote, RUN_MAP_SIZE};
+    if (syscall(SYS_process_vm_readv, p->pid, &local, 1, &remote, 1, 0) != RUN_MAP_SIZE) return NULL;
+    return e->scratch;
+}
+
+/* a, b, flags and data of an exit (kvmtop/arch/x86_64.py decode_union, the reference) */
+static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint32_t *b,
+                         uint8_t *flags, uint8_t *data, size_t *data_len, int with_data) {
+    const uint8_t *u = run + RUN_UNION;
+    *a = 0; *b = 0; *flags = 0; *data_len = 0;
+    switch (reason) {
+    case KVM_EXIT_IO: {
+        uint8_t direction = u[0], size = u[1];
+        uint32_t count = get32(u + 4);
+        uint64_t offset = get64(u + 8);
+        *a = (uint16_t)(u[2] | u[3] << 8);
+        *b = size | (count << 8);
+        *flags = direction ? F_WRITE : 0;
+        if (with_data && direction == 1) {
+            uint64_t end = offset + (uint64_t)size * count;
+            if (end <= RUN_MAP_SIZE && end >= offset) {
+                memcpy(data, run + offset, end - offset);
+                *data_len = end - offset;
+            }
+        }
+        break;
+    }
+    case KVM_EXIT_MMIO: {
+        uint32_t len = get32(u + 16);
+        uint8_t is_write = u[20];
+        *a = get64(u);
+        *b = len;
+        *flags = is_write ? F_WRITE : 0;
+        if (with_data && is_write) {
+            *data_len = len < 8 ? len : 8;
+            memcpy(data, u + 8, *data_len);
+        }
+        break;
+    }
+    case KVM_EXIT_X86_RDMSR:
+    case KVM_EXIT_X86_WRMSR:
+        *a = get32(u + 12);
+        *b = get32(u + 8);
+        if (reason == KVM_EXIT_X86_WRMSR) {
+            *flags = F_WRITE;
+            if (with_data) { memcpy(data, u + 16, 8); *data_len = 8; }
+        }
+        break;
+    case KVM_EXIT_HYPERCALL:
+        *a = get64(u);
+        *b = get32(u + 64);
+        break;
+    case KVM_EXIT_SYSTEM_EVENT:
+    case KVM_EXIT_INTERNAL_ERROR:
+    case KVM_EXIT_EXCEPTION:
+        *a = get32(u);
+        *b = get32(u + 4);
+        break;
+    case KVM_EXIT_FAIL_ENTRY:
+    case KVM_EXIT_TPR_ACCESS:
+        *a = get64(u);
+        *b = get32(u + 8);
+        if (reason == KVM_EXIT_TPR_ACCESS && *b) *flags = F_WRITE;
+        break;
+    case KVM_EXIT_UNKNOWN:
+        *a = get64(u);
+        break;
+    case KVM_EXIT_DEBUG:
+        *a = get64(u + 8);
+        *b = get32(u);
+        break;
+    case KVM_EXIT_IOAPIC_EOI:
+        *a = u[0];
+        break;
+    case KVM_EXIT_NOTIFY:
+    case KVM_EXIT_HYPERV:
+    case KVM_EXIT_XEN:
+        *a = get32(u);
+        break;
+    case KVM_EXIT_MEMORY_FAULT: {
+        uint64_t fl = get64(u), size = get64(u + 16);
+        *a = get64(u + 8);
+        *b = size > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)size;
+        *flags = (fl & KVM_MEMORY_EXIT_FLAG_PRIVATE) ? F_PRIVATE : 0;
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+/* One exit: EXIT, then LONG when guest_ns does not fit, then DATA (docs/recording-format.md). */
+static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, int64_t exit_ns,
+                 const uint8_t *run, int cycle) {
+    uint64_t a = 0;
+    uint32_t b = 0;
+    uint8_t flags = 0, data[RUN_MAP_SIZE];
+    size_t data_len = 0;
+    if (err) {
+        flags = F_FAILED;
+        b = (uint32_t)err;
+    } else {
+        decode_union(run, reason, &a, &b, &flags, data, &data_len, e->with_data);
+    }
+    if (cycle) flags |= F_CYCLE;
+    if (data_len) flags |= F_DATA;
+    int64_t guest = exit_ns - entry;
+    if (guest < 0 || guest > (int64_t)GUEST_NS_MAX) flags |= F_LONG;
+    size_t chunks = (data_len + DATA_CHUNK - 1) / DATA_CHUNK;
+    size_t n = RECORD * (1 + ((flags & F_LONG) ? 1 : 0) + chunks);
+    uint8_t *r = buffer_grow(e, &e->records, n);
+    if (!r) {
+        e->lost++;
+        return;
+    }
+    r[0] = KIND_EXIT;
+    r[1] = flags;
+    put16(r + 2, (uint16_t)vcpu);
+    put32(r + 4, reason);
+    put64(r + 8, (uint64_t)(exit_ns - e->base_ns));
+    put32(r + 16, (flags & F_LONG) ? 0xFFFFFFFFu : (uint32_t)guest);
+    put32(r + 20, b);
+    put64(r + 24, a);
+    r += RECORD;
+    if (flags & F_LONG) {
+        r[0] = KIND_LONG;
+        put64(r + 8, (uint64_t)(guest < 0 ? 0 : guest));
+        r += RECORD;
+    }
+    for (size_t i = 0; i < data_len; i += DATA_CHUNK, r += RECORD) {
+        size_t k = data_len - i < DATA_CHUNK ? data_len - i : DATA_CHUNK;
+        r[0] = KIND_DATA;
+        r[1] = (uint8_t)k;
+        memcpy(r + 2, data + i, k);
+    }
+    e->exits++;
+}
+
+/* The vCPU runs on a thread not seen running it before: say so (a VCPU record). */
+static void seen(Engine *e, Page *p, int tid, int64_t now) {
+    p->tid = tid;
+    if (p->vcpu < 0) return; /* not a vCPU whose kvm_run cannot be read */
+    uint8_t *r = buffer_grow(e, &e->seen, RECORD);
+    if (!r) return;
+    r[0] = KIND_VCPU;
+    put16(r + 2, (uint16_t)p->vcpu);
+    put32(r + 4, (uint32_t)tid);
+    put64(r + 8, (uint64_t)(now - e->base_ns));
+}
+
+/* One stop / notify: the run entered at open_since ended with the exit its kvm_run holds. */
+static void record_cycle(Engine *e, Page *p, int64_t now) {
+    const uint8_t *run = page_bytes(e, p);
+    int64_t since = p->open_since;
+    p->open_since = 0;
+    if (!run) {
+        e->lost++;
+        return;
+    }
+    uint32_t reason = p->open_immediate ? KVM_EXIT_INTR : get32(run + RUN_EXIT_REASON);
+    if (reason == KVM_EXIT_INTR) /* the kernel sets it when a signal ends the run (EINTR) */
+        emit(e, p->vcpu, reason, EINTR, since, now, run, 1);
+    else
+        emit(e, p->vcpu, reason, 0, since, now, run, 1);
+}
+
+static void open_run(Engine *e, Page *p, int64_t now) {
+    const uint8_t *run = page_bytes(e, p);
+    p->open_since = now;
+    /* With immediate_exit set, KVM_RUN returns EINTR at once and leaves exit_reason as it was:
+       remember it, or the previous exit would be counted twice. */
+    p->open_immediate = run ? run[RUN_IMMEDIATE_EXIT] != 0 : 0;
+}
+
+/* --- ptrace stops ----------------------------------------------------------------------------- */
+
+static int resume_thread(Engine *e, Thread *t, int sig) {
+    Process *proc = proc_find(e, t->pid);
+    int mode = proc ? proc->mode : MODE_TWO_STOP;
+    long request;
+    if (proc && (proc->flags & P_SYSCALLS))
+        request = PTRACE_SYSCALL_;
+    else if (mode == MODE_TWO_STOP)
+        request = (t->runner || t->budget > 0) ? PTRACE_SYSCALL_ : PTRACE_CONT_;
+    else /* one stop: only the filter stops it, and KVM_CREATE_VCPU's return */
+        request = t->creating ? PTRACE_SYSCALL_ : PTRACE_CONT_;
+    if (syscall(SYS_ptrace, request, t->tid, 0, (long)sig) != 0 && errno != ESRCH) return -1;
+    return 0; /* ESRCH: killed while stopped; its exit status follows */
+}
+
+/* 1: handled and resumed; 0: for Python (nothing changed); -1: errno set. Lock held. */
+static int handle_stop(Engine *e, int tid, int status, int64_t now) {
+    if (!WIFSTOPPED(status)) return 0;
+    Thread *t = thread_find(e, tid);
+    if (!t) return 0;
+    Process *proc = proc_find(e, t->pid);
+    if (!proc) return 0;
+    int sig = WSTOPSIG(status), event = status >> 16;
+    struct syscall_info info;
+    if (sig == SYSCALL_STOP_SIG && event == 0) {
+        if (syscall(SYS_ptrace, PTRACE_GET_SYSCALL_INFO_, tid, sizeof info, &info) <= 0)
+            return errno == ESRCH ? 0 : -1;
+        if (info.op == PTRACE_SYSCALL_INFO_ENTRY) {
+            if (proc->mode != MODE_TWO_STOP) {
+                /* its KVM_RUN entries are seccomp stops or notifications: nothing here */
+            } else if (info.entry.nr == (uint64_t)e->sys_ioctl &&
+                       ((info.entry.args[1] >> 8) & 0xFF) == KVMIO) {
+                uint32_t request = (uint32_t)info.entry.args[1];
+                if (request == KVM_RUN_) {
+                    Page *p = page_find(e, t->pid, (int)info.entry.args[0]);
+                    if (!p) return 0;
+                    if (p->tid != tid) seen(e, p, tid, now);
+                    t->runner = 1;
+                    t->in_run = 1;
+                    t->page = (int)(p - e->pages);
+                    t->entry_ns = now;
+                } else if (request == KVM_CREATE_VCPU_) {
+                    t->runner = 1;
+                    t->creating = 1;
+                } else {
+                    t->budget = SYSCALL_BUDGET; /* a KVM thread: keep watching it */
+                }
+            } else if (t->budget > 0) {
+                t->budget--;
+            }
+        } else if (info.op == PTRACE_SYSCALL_INFO_EXIT) {
+            if (t->in_run) {
+                t->in_run = 0;
+                int64_t rval = info.exit.rval;
+                Page *p = t->page >= 0 ? &e->pages[t->page] : NULL;
+                t->page = -1;
+                const uint8_t *run = p && p->used ? page_bytes(e, p) : NULL;
+                if (!run) {
+                    if (rval == 0) e->lost++; /* an exit happened, but its kvm_run is unreadable */
+                } else if (rval == 0) {
+                    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), 0, t->entry_ns, now, run, 0);
+                } else {
+                    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), (int)-rval, t->entry_ns, now, run, 0);
+                }
+            } else if (t->creating) {
+                return 0; /* a new vCPU fd: Python maps it */
+            }
+        }
+    } else if (sig == SIGTRAP && event == PTRACE_EVENT_SECCOMP_) {
+        if (syscall(SYS_ptrace, PTRACE_GET_SYSCALL_INFO_, tid, sizeof info, &info) <= 0)
+            return errno == ESRCH ? 0 : -1;
+        if (info.op != PTRACE_SYSCALL_INFO_SECCOMP) return 0;
+        uint32_t request = (uint32_t)info.entry.args[1];
+        if (request == KVM_RUN_) {
+            Page *p = page_find(e, t->pid, (int)info.entry.args[0]);
+            if (!p) return 0;
+            if (p->tid != tid) seen(e, p, tid, now);
+            if (p->open_since) record_cycle(e, p, now);
+            open_run(e, p, now);
+        } else if (request == KVM_CREATE_VCPU_) {
+            t->creating = 1; /* resumed with PTRACE_SYSCALL: its return gives the fd */
+        } else {
+            return 0;
+        }
+    } else {
+        return 0;
+    }
+    e->stops++;
+    if (proc->flags & P_NO_RESUME) return 1;
+    return resume_thread(e, t, 0) == 0 ? 1 : -1;
+}
+
+/* --- Python API --------------------------------------------------------------------------------- */
+
+static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
+    static char *names[] = {"base_ns", "with_data", "poll_max_ns", "wait_flags", "sys_ioctl", NULL};
+    long long base = 0, poll_max = 0;
+    int with_data = 0, wait_flags = 0, sys_ioctl = SYS_ioctl;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LpLi|i", names, &base, &with_data, &poll_max,
+                                     &wait_flags, &sys_ioctl))
+        return -1;
+    e->base_ns = base;
+    e->with_data = with_data;
+    e->poll_max_ns = e->poll_ns = poll_max;
+    e->wait_flags = wait_flags;
+    e->sys_ioctl = sys_ioctl;
+    return 0;
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Engine *e = (Engine *)type->tp_alloc(type, 0); /* zeroed */
+    if (e) pthread_mutex_init(&e->lock, NULL);
+    for (int i = 0; e && i < MAX_THREADS; i++) e->threads[i].page = -1;
+    return (PyObject *)e;
+}
+
+static void page_release(Page *p) {
+    if (p->map) PyBuffer_Release(&p->view);
+    memset(p, 0, sizeof *p);
+}
+
+static void Engine_dealloc(Engine *e) {
+    for (int i = 0; i < MAX_PAGES; i++)
+        if (e->pages[i].used) page_release(&e->pages[i]);
+    free(e->records.data);
+    free(e->seen.data);
+    pthread_mutex_destroy(&e->lock);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+#define LOCK(e) pthread_mutex_lock(&(e)->lock)
+#define UNLOCK(e) pthread_mutex_unlock(&(e)->lock)
+
+/* waitpid with adaptive polling first (the window grows when a sleep was short, halves when it
+   was long: kvmtop/stop_wait.py PollWindow, the reference). GIL released by the caller. */
+static int wait_stop(Engine *e, int *status) {
+    int64_t start = now_ns();
+    if (e->poll_ns) {
+        int64_t deadline = start + e->poll_ns;
+        for (;;) {
+            int tid = waitpid(-1, status, e->wait_flags | WNOHANG);
+            if (tid != 0) return tid;
+            if (now_ns() >= deadline) break;
+        }
+    }
+    int tid = waitpid(-1, status, e->wait_flags);
+    if (tid > 0 && e->poll_max_ns) {
+        int64_t waited = now_ns() - start;
+        if (waited <= e->poll_max_ns) {
+            int64_t grown = e->poll_ns * 2 > POLL_GROW_START_NS ? e->poll_ns * 2 : POLL_GROW_START_NS;
+            e->poll_ns = grown < e->poll_max_ns ? grown : e->poll_max_ns;
+        } else {
+            e->poll_ns /= 2;
+            if (e->poll_ns < POLL_GROW_START_NS) e->poll_ns = 0;
+        }
+    }
+    return tid;
+}
+
+static PyObject *Engine_run(Engine *e, PyObject *args) {
+    long long deadline;
+    Py_ssize_t max_bytes;
+    if (!PyArg_ParseTuple(args, "Ln", &deadline, &max_bytes)) return NULL;
+    int tid = 0, status = 0, handled = 0, err = 0;
+    int64_t now = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        tid = wait_stop(e, &status);
+        if (tid < 0) {
+            err = errno;
+            break;
+        }
+        now = now_ns();
+        LOCK(e);
+        Thread *t = thread_find(e, tid);
+        Process *proc = t ? proc_find(e, t->pid) : NULL;
+        handled = proc && !(proc->flags & P_HANDBACK) ? handle_stop(e, tid, status, now) : 0;
+        size_t pending = e->records.len;
+        UNLOCK(e);
+        if (handled < 0) {
+            err = errno;
+            break;
+        }
+        if (!handled) break;
+        if ((Py_ssize_t)pending >= max_bytes || now >= deadline) {
+            tid = 0;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (err == EINTR) Py_RETURN_NONE;
+    if (err) return PyErr_SetFromErrno(PyExc_OSError), NULL;
+    if (tid == 0) Py_RETURN_NONE;
+    return Py_BuildValue("iiL", tid, status, (long long)now);
+}
+
+static PyObject *Engine_handle(Engine *e, PyObject *args) {
+    int tid, status;
+    long long now;
+    if (!PyArg_ParseTuple(args, "iiL", &tid, &status, &now)) return NULL;
+    LOCK(e);
+    int handled = handle_stop(e, tid, status, now);
+    UNLOCK(e);
+    if (handled < 0) return PyErr_SetFromErrno(PyExc_OSError), NULL;
+    return PyBool_FromLong(handled);
+}
+
+static PyObject *Engine_resume(Engine *e, PyObject *args) {
+    int tid, sig;
+    if (!PyArg_ParseTuple(args, "ii", &tid, &sig)) return NULL;
+    LOCK(e);
+    Thread *t = thread_find(e, tid);
+    int rc = t ? resume_thread(e, t, sig) : (errno = ESRCH, -1);
+    UNLOCK(e);
+    if (rc < 0) return PyErr_SetFromErrno(PyExc_OSError), NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_add_process(Engine *e, PyObject *args) {
+    int pid, mode;
+    if (!PyArg_ParseTuple(args, "ii", &pid, &mode)) return NULL;
+    LOCK(e);
+    Process *p = proc_find(e, pid);
+    for (int i = 0; !p && i < MAX_PROCS; i++)
+        if (!e->procs[i].used) p = &e->procs[i];
+    if (p) *p = (Process){1, pid, mode, 0};
+    UNLOCK(e);
+    if (!p) return PyErr_Format(PyExc_OSError, "more than %d traced processes", MAX_PROCS);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_set_process(Engine *e, PyObject *args) {
+    int pid, mode, flags;
+    if (!PyArg_ParseTuple(args, "iii", &pid, &mode, &flags)) return NULL;
+    LOCK(e);
+    Process *p = proc_find(e, pid);
+    if (p) {
+        p->mode = mode;
+        p->flags = flags;
+    }
+    UNLOCK(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_remove_process(Engine *e, PyObject *args) {
+    int pid;
+    if (!PyArg_ParseTuple(args, "i", &pid)) return NULL;
+    LOCK(e);
+    Process *p = proc_find(e, pid);
+    if (p) p->used = 0;
+    for (int i = 0; i < MAX_THREADS;) {
+        if (e->threads[i].used && e->threads[i].pid == pid)
+            thread_delete(e, &e->threads[i]); /* may shift another entry into i */
+        else
+            i++;
+    }
+    UNLOCK(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_add_thread(Engine *e, PyObject *args) {
+    int tid, pid;
+    if (!PyArg_ParseTuple(args, "ii", &tid, &pid)) return NULL;
+    LOCK(e);
+    Thread *t = thread_find(e, tid);
+    int fresh = t == NULL;
+    if (!t) t = thread_insert(e, tid);
+    if (t && fresh) *t = (Thread){1, tid, pid, 0, 0, 0, SYSCALL_BUDGET, 0, -1};
+    UNLOCK(e);
+    if (!t) return PyErr_Format(PyExc_OSError, "more than %d traced threads", MAX_THREADS);
+    return PyBool_FromLong(fresh);
+}
+
+static PyObject *Engine_remove_thread(Engine *e, PyObject *args) {
+    int tid;
+    if (!PyArg_ParseTuple(args, "i", &tid)) return NULL;
+    LOCK(e);
+    Thread *t = thread_find(e, tid);
+    if (t) thread_delete(e, t);
+    UNLOCK(e);
+    return PyBool_FromLong(t != NULL);
+}
+
+static PyObject *Engine_thread(Engine *e, PyObject *args) {
+    int tid;
+    if (!PyArg_ParseTuple(args, "i", &tid)) return NULL;
+    LOCK(e);
+    Thread *t = thread_find(e, tid);
+    Thread copy = t ? *t : (Thread){0};
+    UNLOCK(e);
+    if (!t) Py_RETURN_NONE;
+    return Py_BuildValue("(iiiii)", copy.pid, copy.runner, copy.budget, copy.creating, copy.in_run);
+}
+
+static PyObject *Engine_set_thread(Engine *e, PyObject *args) {
+    int tid, runner, creating;
+    if (!PyArg_ParseTuple(args, "ipp", &tid, &runner, &creating)) return NULL;
+    LOCK(e);
+    Thread *t = thread_find(e, tid);
+    if (t) {
+        t->runner = runner;
+        t->creating = creating;
+    }
+    UNLOCK(e);
+    return PyBool_FromLong(t != NULL);
+}
+
+static PyObject *Engine_threads_of(Engine *e, PyObject *args) {
+    int pid;
+    if (!PyArg_ParseTuple(args, "i", &pid)) return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    LOCK(e);
+    for (int i = 0; i < MAX_THREADS; i++) {
+        if (e->threads[i].used && e->threads[i].pid == pid) {
+            PyObject *tid = PyLong_FromLong(e->threads[i].tid);
+            if (!tid || PyList_Append(out, tid) < 0) {
+                Py_XDECREF(tid);
+                Py_DECREF(out);
+                UNLOCK(e);
+                return NULL;
+            }
+            Py_DECREF(tid);
+        }
+    }
+    UNLOCK(e);
+    return out;
+}
+
+static PyObject *Engine_add_page(Engine *e, PyObject *args) {
+    int pid, fd, vcpu, tid;
+    PyObject *mapping;
+    unsigned long long remote;
+    if (!PyArg_ParseTuple(args, "iiiiOK", &pid, &fd, &vcpu, &tid, &mapping, &remote)) return NULL;
+    Py_buffer view = {0};
+    if (mapping != Py_None) {
+        if (PyObject_GetBuffer(mapping, &view, PyBUF_SIMPLE) < 0) return NULL;
+        if (view.len < RUN_MAP_SIZE) {
+            PyBuffer_Release(&view);
+            return PyErr_Format(PyExc_ValueError, "a run mapping holds %d bytes", RUN_MAP_SIZE);
+        }
+    }
+    LOCK(e);
+    Page *p = page_find(e, pid, fd);
+    if (p) page_release(p);
+    for (int i = 0; !p && i < MAX_PAGES; i++)
+        if (!e->pages[i].used) p = &e->pages[i];
+    if (p) {
+        *p = (Page){.used = 1, .pid = pid, .fd = fd, .vcpu = vcpu, .tid = tid, .remote = remote};
+        if (mapping != Py_None) {
+            p->view = view;
+            p->map = view.buf;
+        }
+    }
+    UNLOCK(e);
+    if (!p) {
+        if (mapping != Py_None) PyBuffer_Release(&view);
+        return PyErr_Format(PyExc_OSError, "more than %d vCPUs traced", MAX_PAGES);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_remove_page(Engine *e, PyObject *args) {
+    int pid, fd;
+    if (!PyArg_ParseTuple(args, "ii", &pid, &fd)) return NULL;
+    LOCK(e);
+    Page *p = page_find(e, pid, fd);
+    if (p) {
+        int index = (int)(p - e->pages);
+        for (int i = 0; i < MAX_THREADS; i++)
+            if (e->threads[i].used && e->threads[i].page == index) e->threads[i].page = -1;
+        page_release(p);
+    }
+    UNLOCK(e);
+    return PyBool_FromLong(p != NULL);
+}
+
+static PyObject *Engine_page(Engine *e, PyObject *args) {
+    int pid, fd;
+    if (!PyArg_ParseTuple(args, "ii", &pid, &fd)) return NULL;
+    LOCK(e);
+    Page *p = page_find(e, pid, fd);
+    int vcpu = p ? p->vcpu : 0, tid = p ? p->tid : 0;
+    UNLOCK(e);
+    if (!p) Py_RETURN_NONE;
+    return Py_BuildValue("(ii)", vcpu, tid);
+}
+
+static PyObject *Engine_close_runs(Engine *e, PyObject *args) {
+    int pid, tid;
+    long long now;
+    if (!PyArg_ParseTuple(args, "iiL", &pid, &tid, &now)) return NULL;
+    LOCK(e);
+    for (int i = 0; i < MAX_PAGES; i++) {
+        Page *p = &e->pages[i];
+        if (!p->used || p->pid != pid || !p->open_since || (tid && p->tid != tid)) continue;
+        const uint8_t *run = page_bytes(e, p);
+        /* a last run that a dying process's kill cut short (KVM_EXIT_INTR) is no guest exit */
+        if (p->open_immediate || !run || get32(run + RUN_EXIT_REASON) == KVM_EXIT_INTR)
+            p->open_since = 0;
+        else
+            record_cycle(e, p, now);
+    }
+    UNLOCK(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *take_buffer(Buffer *b) {
+    PyObject *out = PyBytes_FromStringAndSize((const char *)b->data, (Py_ssize_t)b->len);
+    b->len = 0;
+    return out;
+}
+
+static PyObject *Engine_take(Engine *e, PyObject *unused) {
+    LOCK(e);
+    PyObject *records = take_buffer(&e->records);
+    PyObject *seen_records = take_buffer(&e->seen);
+    long stops = e->stops, notifications = e->notifications, lost = e->lost, exits = e->exits;
+    e->stops = e->notifications = e->lost = e->exits = 0;
+    UNLOCK(e);
+    if (!records || !seen_records) {
+        Py_XDECREF(records);
+        Py_XDECREF(seen_records);
+        return NULL;
+    }
+    return Py_BuildValue("(NNllll)", records, seen_records, stops, notifications, lost, exits);
+}
+
+static PyObject *Engine_pending(Engine *e, PyObject *unused) {
+    LOCK(e);
+    size_t n = e->records.len + e->seen.len;
+    long counted = e->stops + e->notifications + e->lost;
+    UNLOCK(e);
+    return PyLong_FromSize_t(n + (size_t)counted);
+}
+
+static PyObject *Engine_set_base(Engine *e, PyObject *args) {
+    long long base;
+    if (!PyArg_ParseTuple(args, "L", &base)) return NULL;
+    LOCK(e);
+    e->base_ns = base;
+    UNLOCK(e);
+    Py_RETURN_NONE;
+}
+
+/* --- seccomp user notification ---------------------------------------------------------------- */
+
+/* 1: answered; 0: unknown thread or fd, kept pending for Python; -1: errno. Lock held. */
+static int answer(Engine *e, int listener, struct notif *n, int force) {
+    int64_t now = now_ns();
+    Thread *t = thread_find(e, (int)n->pid);
+    Page *p = NULL;
+    if (n->nr == e->sys_ioctl && (uint32_t)n->args[1] == KVM_RUN_ && t)
+        p = page_find(e, t->pid, (int)n->args[0]);
+    if (!p && !force) return 0;
+    if (p) {
+        if (p->tid != (int)n->pid) seen(e, p, (int)n->pid, now);
+        /* The previous run ended when this one is asked for, whatever becomes of this one. */
+        if (p->open_since) record_cycle(e, p, now);
+    }
+    struct notif_resp resp = {.id = n->id, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE_};
+    e->notifications++;
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND_, &resp) != 0) {
+        /* ENOENT: the caller took a signal and its KVM_RUN was not entered; it asks again */
+        return errno == ENOENT ? 1 : -1;
+    }
+    if (p) open_run(e, p, now); /* counted once, when the run it ends was really entered */
+    return 1;
+}
+
+static PyObject *Engine_notify_run(Engine *e, PyObject *args) {
+    int listener, wake;
+    Py_ssize_t max_bytes;
+    if (!PyArg_ParseTuple(args, "iin", &listener, &wake, &max_bytes)) return NULL;
+    const char *why = NULL;
+    int err = 0;
+    struct notif n;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        struct pollfd fds[2] = {{listener, POLLIN, 0}, {wake, POLLIN, 0}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR) continue;
+            err = errno;
+            break;
+        }
+        if (fds[1].revents) { why = "wake"; break; }
+        if (fds[0].revents & (POLLHUP | POLLERR | POLLNVAL)) { why = "hangup"; break; }
+        memset(&n, 0, sizeof n);
+        if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV_, &n) != 0) {
+            if (errno == EINTR || errno == ENOENT) continue; /* ENOENT: withdrawn by a signal */
+            err = errno;
+            break;
+        }
+        LOCK(e);
+        int rc = answer(e, listener, &n, 0);
+        if (rc == 0) {
+            e->pending = n;
+            e->has_pending = 1;
+        }
+        size_t pending = e->records.len;
+        UNLOCK(e);
+        if (rc < 0) { err = errno; break; }
+        if (rc == 0) { why = "unknown"; break; }
+        if ((Py_ssize_t)pending >= max_bytes) { why = "full"; break; }
+    }
+    Py_END_ALLOW_THREADS
+    if (err) return PyErr_SetFromErrno(PyExc_OSError), NULL;
+    if (why[0] == 'u')
+        return Py_BuildValue("(siii)", why, (int)n.pid, (int)n.args[0], n.nr == e->sys_ioctl && (uint32_t)n.args[1] == KVM_RUN_);
+    return Py_BuildValue("(s)", why);
+}
+
+static PyObject *Engine_notify_continue(Engine *e, PyObject *args) {
+    int listener;
+    if (!PyArg_ParseTuple(args, "i", &listener)) return NULL;
+    LOCK(e);
+    int rc = e->has_pending ? answer(e, listener, &e->pending, 1) : 1;
+    e->has_pending = 0;
+    UNLOCK(e);
+    if (rc < 0) return PyErr_SetFromErrno(PyExc_OSError), NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"run", (PyCFunction)Engine_run, METH_VARARGS,
+     "run(deadline_ns, max_bytes) -> (tid, status, now_ns) of a stop for Python, or None"},
+    {"handle", (PyCFunction)Engine_handle, METH_VARARGS, "handle(tid, status, now_ns) -> handled"},
+    {"resume", (PyCFunction)Engine_resume, METH_VARARGS, "resume(tid, sig): as the mode says"},
+    {"add_process", (PyCFunction)Engine_add_process, METH_VARARGS, "add_process(pid, mode)"},
+    {"set_process", (PyCFunction)Engine_set_process, METH_VARARGS,
+     "set_process(pid, mode, flags): P_HANDBACK, P_SYSCALLS, P_NO_RESUME"},
+    {"remove_process", (PyCFunction)Engine_remove_process, METH_VARARGS,
+     "remove_process(pid): it and its threads"},
+    {"add_thread", (PyCFunction)Engine_add_thread, METH_VARARGS, "add_thread(tid, pid) -> new"},
+    {"remove_thread", (PyCFunction)Engine_remove_thread, METH_VARARGS, "remove_thread(tid)"},
+    {"thread", (PyCFunction)Engine_thread, METH_VARARGS,
+     "thread(tid) -> (pid, runner, budget, creating, in_run) or None"},
+    {"set_thread", (PyCFunction)Engine_set_thread, METH_VARARGS,
+     "set_thread(tid, runner, creating)"},
+    {"threads_of", (PyCFunction)Engine_threads_of, METH_VARARGS, "threads_of(pid) -> [tid]"},
+    {"add_page", (PyCFunction)Engine_add_page, METH_VARARGS,
+     "add_page(pid, fd, vcpu, tid, mapping or None, remote_address)"},
+    {"remove_page", (PyCFunction)Engine_remove_page, METH_VARARGS, "remove_page(pid, fd)"},
+    {"page", (PyCFunction)Engine_page, METH_VARARGS, "page(pid, fd) -> (vcpu, tid) or None"},
+    {"close_runs", (PyCFunction)Engine_close_runs, METH_VARARGS,
+     "close_runs(pid, tid or 0, now_ns): the last exit of runs that have ended"},
+    {"take", (PyCFunction)Engine_take, METH_NOARGS,
+     "take() -> (records, vcpu_records, stops, notifications, lost, exits), reset"},
+    {"pending", (PyCFunction)Engine_pending, METH_NOARGS, "pending() -> anything to take"},
+    {"set_base", (PyCFunction)Engine_set_base, METH_VARARGS, "set_base(ns): record times' zero"},
+    {"notify_run", (PyCFunction)Engine_notify_run, METH_VARARGS,
+     "notify_run(listener, wake_fd, max_bytes) -> ('unknown', tid, fd, is_run) | ('full',) | "
+     "('wake',) | ('hangup',)"},
+    {"notify_continue", (PyCFunction)Engine_notify_continue, METH_VARARGS,
+     "notify_continue(listener): answer the notification handed back"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop._hotloop.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The hot state and loops of tracing (see kvmtop/hot_state.py for the reference).",
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop._hotloop",
+                                    "The tracer's per-exit work in C.", -1, NULL};
+
+PyMODINIT_FUNC PyInit__hotloop(void) {
+    if (PyType_Ready(&EngineType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) return NULL;
+    PyModule_AddIntConstant(m, "MODE_TWO_STOP", MODE_TWO_STOP);
+    PyModule_AddIntConstant(m, "MODE_ONE_STOP", MODE_ONE_STOP);
+    PyModule_AddIntConstant(m, "MODE_NOTIFY", MODE_NOTIFY);
+    PyModule_AddIntConstant(m, "SYSCALL_BUDGET", SYSCALL_BUDGET);
+    PyModule_AddIntConstant(m, "P_HANDBACK", P_HANDBACK);
+    PyModule_AddIntConstant(m, "P_SYSCALLS", P_SYSCALLS);
+    PyModule_AddIntConstant(m, "P_NO_RESUME", P_NO_RESUME);
+    return m;
+}
