@@ -89,4 +89,9 @@ class TracerFailed:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-TracerMessage = ExitBatch | Attached | Detached | TracerFailed
+@dataclass(frozen=True, slots=True)
+class TracerEnded:
+    """The tracer's thread has ended: no message follows."""
+
+
+TracerMessage = ExitBatch | Attached | Detached | TracerFailed | TracerEnded

@@ -19,7 +19,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
 
 from kvmtop.errors import KvmtopError
-from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed, TracerMessage
+from kvmtop.events import (
+    Attached,
+    Detached,
+    ExitBatch,
+    TracerEnded,
+    TracerFailed,
+    TracerMessage,
+)
 from kvmtop.inject import StatsFds
 from kvmtop.recording import RecordingWriter, check_writable, meta_for
 from kvmtop.stats import ExitStats
@@ -158,6 +165,9 @@ class TraceSession:
                     self.ended.set()
                     return
                 continue
+            if isinstance(message, TracerEnded):  # nothing follows
+                self.ended.set()
+                return
             try:
                 self._take(message)
             except KvmtopError as exc:  # e.g. the recording cannot be written

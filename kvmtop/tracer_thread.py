@@ -43,6 +43,7 @@ from kvmtop.events import (
     Attached,
     Detached,
     ExitBatch,
+    TracerEnded,
     TracerFailed,
     TracerMessage,
     VcpuSeen,
@@ -189,6 +190,7 @@ class Tracer:
                     os.waitpid(self._kicker, 0)
                 except OSError:
                     pass
+            self.out.put(TracerEnded())
 
     def _spawn_kicker(self) -> int:
         if self._kicker_pipe >= 0:
