@@ -138,6 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"kvmtop: {exc}", file=sys.stderr)
         return exc.exit_code
+    if args.command in (None, "record", "demo"):  # the commands that trace
+        from kvmtop.native import missing_notice
+
+        notice = missing_notice()
+        if notice:
+            print(notice, file=sys.stderr)
     try:
         return _run(args, command)
     except KvmtopError as exc:

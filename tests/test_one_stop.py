@@ -162,3 +162,18 @@ def test_the_summary_says_how_many_stops_per_exit():
     )
     assert result.returncode == 0, result.stderr
     assert "traced with 1 ptrace stop per exit (kvmtop's seccomp filter)" in result.stdout
+
+
+def test_without_the_native_modules_kvmtop_says_so_and_counts_exactly(tmp_path, engine):
+    """A kvmtop built without a C compiler: one line on stderr, then the pure-Python engine."""
+    out = tmp_path / "r.kvmtop"
+    hide = "import sys; sys.modules['kvmtop._hotloop'] = sys.modules['kvmtop._summary'] = None"
+    run = f"{hide}; from kvmtop.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", run, "record", "--json", "-o", str(out), "--",
+            *counted_command(outs=200, mmio_writes=20, exit_status=3)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KVMTOP_PURE"}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 3, result.stderr
+    notices = [line for line in result.stderr.splitlines() if "not built" in line]
+    assert len(notices) == 1 and "pure Python" in notices[0]
+    assert json.loads(result.stdout)["exits"] == {"KVM_EXIT_IO": 201, "KVM_EXIT_MMIO": 20}
