@@ -50,6 +50,14 @@ def exits_until(seconds: float) -> int:
     return sum(e.exit_ns <= START + seconds * S for e in events())
 
 
+def burst(app, *keys: str) -> None:
+    """Keys arriving in one write, as a paste or keys coalesced over SSH do: all queued before
+    the app handles the first (pilot.press waits for the app to go idle after each key)."""
+    for key in keys:
+        char = key if len(key) == 1 else {"slash": "/", "enter": "\r", "space": " "}.get(key)
+        app.post_message(Key(key, char))
+
+
 def footer_keys(app) -> set[str]:
     return {key for key, b in app.screen.active_bindings.items() if b.binding.show}
 
@@ -308,6 +316,47 @@ async def test_a_failed_attach_is_a_notification_and_the_app_stays_up(processes)
             )
         await pilot.press("q")
     assert sleeper.poll() is None
+
+
+async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
+    from test_snapshots import fixed_processes
+
+    app = KvmtopApp(process_lister=fixed_processes)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await until(pilot, lambda: screen.listed, what="listed")
+        for typed in ("qemu", "sss", "demo", "kmad?"):  # each letter also a key of the list
+            burst(app, "slash", *typed)
+            await pilot.pause(0.3)
+            assert app.is_running and app.screen is screen and app.session is None
+            assert screen.filter_text == typed and screen.sort_key == "pid"
+            await pilot.press("escape")
+            assert screen.filter_text == ""
+        burst(app, "slash", *"qx", "backspace", *"emu")
+        await pilot.pause(0.3)
+        assert screen.filter_text == "qemu"
+        burst(app, "escape", "s")  # Esc closes the filter: `s` sorts again
+        await pilot.pause(0.3)
+        assert screen.filter_text == "" and screen.sort_key == "CPU%"
+        burst(app, "slash", *"web", "enter", "s")  # Enter keeps the filter: `s` sorts again
+        await pilot.pause(0.3)
+        assert screen.filter_text == "web" and screen.sort_key == "vCPUs"
+        await pilot.press("q")
+    assert app.return_value == 0
+
+
+async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        burst(app, "enter", "enter", "enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuScreen), what="drill-down")
+        await pilot.pause(0.3)
+        assert sum(isinstance(s, VcpuScreen) for s in app.screen_stack) == 1
+        await pilot.press("escape")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("q")
 
 
 # --- live: real guests, traced ------------------------------------------------------------------
