@@ -195,7 +195,12 @@ async def test_help_lists_every_key_and_closes(fixed):
         assert isinstance(app.screen, AttachedScreen)
         await pilot.press("question_mark", "question_mark")
         assert isinstance(app.screen, AttachedScreen)
-        await pilot.press("q")
+        await pilot.press("f1")  # htop's and kvm_stat's help keys too
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("h")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("ctrl+c")  # quits, as in htop and perf top
+    assert app.return_value == 0
 
 
 async def test_command_palette_lists_the_screens_actions_and_runs_them(fixed):
@@ -407,6 +412,30 @@ async def test_the_demo_shows_two_vcpus_moving_drills_in_detaches_and_quits():
         await pilot.press("q")
     await asyncio.sleep(0.2)
     assert not os.path.exists(f"/proc/{demo_pid}")  # kvmtop started the demo; q stopped it
+
+
+def gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.kvm
+async def test_every_demo_guest_started_is_stopped_at_quit_also_after_a_detach():
+    app = KvmtopApp(process_lister=list)
+    async with app.run_test(size=SIZE) as pilot:
+        burst(app, "m", "m", "m")  # typed fast: one demo
+        await until(pilot, lambda: app.attached_pid is not None, what="demo attached")
+        first = app.attached_pid
+        await pilot.pause(0.3)
+        assert sum(isinstance(s, AttachedScreen) for s in app.screen_stack) == 1
+        assert not [n for n in app._notifications if "already tracing" in n.message]
+        await pilot.press("d")
+        await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
+        await pilot.press("escape", "m")
+        await until(pilot, lambda: app.attached_pid not in (None, first), what="second demo")
+        second = app.attached_pid
+        assert not gone(first)  # detached: the first one runs on while kvmtop does
+        await pilot.press("q")
+    await until(pilot, lambda: gone(first) and gone(second), timeout=5, what="both stopped")
 
 
 @pytest.mark.kvm
