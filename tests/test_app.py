@@ -534,6 +534,27 @@ async def test_process_list_moves_filters_sorts_attaches_and_detaches(processes)
 
 
 @pytest.mark.kvm
+async def test_back_from_the_attached_view_the_cursor_is_on_the_traced_vm(processes):
+    first, second = start_demo(processes), start_demo(processes)
+    app = KvmtopApp(pid=second.pid)  # as with `m`: the list never had its cursor on it
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.attached_pid == second.pid, what="attached")
+        await pilot.press("escape")
+        screen = await list_shows(pilot, second.pid)
+        table = screen.query_one("#procs")
+        await until(pilot, lambda: str(second.pid) in table.rows, what="listed")
+        await pilot.pause(0.3)
+        assert table.cursor_row > 0 and screen.selected_pid == second.pid  # below the first
+        row = table.get_row(str(second.pid))
+        assert row[7] == "kvmtop" and "▶" in str(row[0])  # marked as the traced one
+        assert "▶" not in str(table.get_row(str(first.pid))[0])
+        await pilot.press("up", "a")  # another VM: its view opens, the traced one stays traced
+        await pilot.pause(0.5)
+        assert app.attached_pid == second.pid
+        await pilot.press("q")
+
+
+@pytest.mark.kvm
 async def test_kernel_view_without_tracing_and_beside_the_traced_view(processes):
     """`k` in the list: KVM's own counters of a VM kvmtop does not trace (a brief attach for the
     fds); the list then shows its exit rate. `k` in the attached view: the same, via the tracer."""

@@ -64,6 +64,7 @@ class ProcessListScreen(Screen[None]):
         self.filter_text = ""
         self.filtering = False  # `/` typed: the keys go to the filter until Enter or Esc
         self.listed = False  # the first listing has arrived
+        self._select: int | None = None  # the pid to put the cursor on at the next listing
 
     def compose(self) -> ComposeResult:
         yield Static("kvmtop: KVM processes on this machine", id="title")
@@ -87,20 +88,28 @@ class ProcessListScreen(Screen[None]):
         self.app.call_from_thread(self._show, procs)
 
     def on_screen_resume(self) -> None:
-        self.refresh_processes()  # back from the attached view: the TRACED BY column changed
+        # back from the attached view: the TRACED BY column changed, and the cursor goes to the
+        # VM traced (started with `m` or -p, its row was never under the cursor)
+        self._select = self.attached()
+        self.refresh_processes()
 
     def _show(self, procs: list[KvmProcess]) -> None:
         self.procs = procs
         self.listed = True
         table = self.query_one(DataTable)
-        selected = self.selected_pid
+        selected = self._select or self.selected_pid
+        self._select = None
         table.clear()
         attached = self.attached()
         for p in self._visible():
-            traced = "kvmtop" if p.pid == attached else (str(p.tracer_pid) if p.tracer_pid else "")
+            ours = p.pid == attached
+            traced = "kvmtop" if ours else (str(p.tracer_pid) if p.tracer_pid else "")
             rate = self.exit_rate(p.pid)
+            pid = Text(
+                f"▶ {p.pid}" if ours else str(p.pid), justify="right", style="bold" if ours else ""
+            )
             table.add_row(
-                Text(str(p.pid), justify="right"), p.user, p.name[:40],
+                pid, p.user, p.name[:40],
                 Text(str(p.vcpus), justify="right"), Text(f"{p.cpu_percent:.0f}", justify="right"),
                 Text(size(p.rss), justify="right"), Text(elapsed(p.uptime_s), justify="right"),
                 traced, Text(human(rate) if rate is not None else "", justify="right"),
