@@ -256,3 +256,27 @@ def test_a_signal_ends_the_demo_tui_and_stops_its_guest(signum, processes):
     tui.send_signal(signum)
     assert tui.wait(30) == 128 + signum
     assert not os.path.exists(f"/proc/{guest}")
+
+
+@pytest.mark.kvm
+def test_output_to_a_full_disk_is_one_line_and_to_a_closed_pipe_ends_quietly(tmp_path, processes):
+    from guests.fixed_recording import write_fixed_recording
+
+    from kvmtop.minivmm import demo_command
+
+    vmm = subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL)
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid, 2)
+    recording = write_fixed_recording(str(tmp_path / "fixed.kvmtop"))
+    for args in (["list"], ["list", "--json"], ["report", recording], ["report", recording, "--csv"],
+                 ["stats", "-p", str(vmm.pid), "--count", "1"]):  # fmt: skip
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([*KVMTOP, *args], stdout=full, stderr=subprocess.PIPE,
+                                    text=True, timeout=60)  # fmt: skip
+        assert_one_line_error(result, 8, "cannot write to stdout: No space left on device")
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # `| head` that has already read all it wanted
+        result = subprocess.run([*KVMTOP, *args], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=60)  # fmt: skip
+        os.close(write_end)
+        assert (result.returncode, result.stderr) == (0, ""), args
