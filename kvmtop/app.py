@@ -8,9 +8,12 @@ does not grow with the exit rate. Nothing here blocks on the tracer, except clos
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import shutil
+import signal
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
@@ -20,7 +23,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from kvmtop.discovery import KvmProcess, list_kvm_processes
-from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable
+from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal
 from kvmtop.events import Attached
 from kvmtop.held_stats import HeldStats
 from kvmtop.inject import StatsFds
@@ -51,9 +54,11 @@ class KvmtopApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "kvmtop"
     BINDINGS = [
-        Binding("q", "quit", "Quit", tooltip="Quit, detaching first: the VMM runs on"),
-        Binding("question_mark", "help", "Help", key_display="?", tooltip="Every key"),
-    ]
+        Binding("q,f10,ctrl+c", "quit", "Quit", key_display="q",
+                tooltip="Quit, detaching first: the VMM runs on (also F10, Ctrl+C)"),
+        Binding("question_mark,f1,h", "help", "Help", key_display="?",
+                tooltip="Every key (also F1, h)"),
+    ]  # fmt: skip
 
     def __init__(
         self,
@@ -71,10 +76,11 @@ class KvmtopApp(App[int]):
         self.start_demo_now = demo
         self.record_path = record_path
         self.session: TraceSession | None = None
-        self.demo_running = False
+        self.demo_pidfds: list[int] = []  # every demo guest started: all are stopped at quit
         self._attempt: Future[Attached] | None = None  # the attach/launch begun last
         self.replay = Replay(replay) if replay else None  # RecordingError before the TUI opens
         self.held = HeldStats()  # VMs whose KVM stats fds are held (kernel view, exit rates)
+        self._taking: set[int] = set()  # pids whose stats fds are being taken
 
     @property
     def attached_pid(self) -> int | None:
@@ -82,6 +88,9 @@ class KvmtopApp(App[int]):
         return s.pid if s is not None and s.state is SessionState.ATTACHED else None
 
     def on_mount(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # a kill, the terminal closed: quit cleanly
+            loop.add_signal_handler(signum, self.exit, 128 + signum)
         if self.replay is not None:
             self.push_screen(AttachedScreen(self.replay))
             return
@@ -128,8 +137,16 @@ class KvmtopApp(App[int]):
                 "the demo needs /dev/kvm, which is missing or not accessible", severity="error"
             )
             return
-        self.demo_running = True
         self._watch(lambda s: s.launch(demo_command()))
+        if self._attempt is not None:
+            self._attempt.add_done_callback(self._hold_demo)
+
+    def _hold_demo(self, attempt: Future[Attached]) -> None:
+        """Keep a pidfd of each demo guest started (in the tracer thread, as the launch
+        succeeds: the guest is alive), to stop it at quit even after a detach and another
+        demo, without ever signalling a pid reused by someone else."""
+        if attempt.exception() is None:
+            self.demo_pidfds.append(os.pidfd_open(attempt.result().pid))
 
     def detach(self) -> None:
         if self.session is not None and self.session.state is SessionState.ATTACHED:
@@ -146,8 +163,14 @@ class KvmtopApp(App[int]):
             if isinstance(self.screen, AttachedScreen):
                 self.pop_screen()
 
+    def _from_the_list(self) -> bool:
+        """A request from the process list that is still on show: Enter or `m` typed fast is
+        routed several times before the first one's view opens; the view answered it already."""
+        return isinstance(self.screen, ProcessListScreen)
+
     def on_attach_requested(self, request: AttachRequested) -> None:
-        self.attach(request.pid)
+        if self._from_the_list():
+            self.attach(request.pid)
 
     def _kernel_rate(self) -> float | None:
         """KVM's own exits/s of the traced VM, if its counters are held."""
@@ -156,28 +179,37 @@ class KvmtopApp(App[int]):
 
     def on_kernel_requested(self, request: KernelRequested) -> None:
         session, pid = self.session, request.pid
+        if isinstance(self.screen, KernelScreen) or pid in self._taking:
+            return  # `k` typed again before the view opened
         if self.held.get(pid) is not None:  # held already: no attach, no injection
-            self.push_screen(KernelScreen(self.held, pid, traced=self.attached_pid == pid))
+            self._show_kernel(pid)
             return
         via = None
         if session is not None and session.pid == pid and session.state is SessionState.ATTACHED:
             via = session.stats_fds()  # made by the tracer already attached
         else:
             self.notify(f"taking KVM's counters of pid {pid} (a brief attach)...", timeout=2)
+        self._taking.add(pid)
         self._take_kernel(pid, via)
+
+    def _show_kernel(self, pid: int) -> None:
+        self._taking.discard(pid)
+        if not isinstance(self.screen, KernelScreen):
+            self.push_screen(KernelScreen(self.held, pid, traced=self.attached_pid == pid))
 
     @work(thread=True, group="kernel")
     def _take_kernel(self, pid: int, via: Future[StatsFds] | None) -> None:
         try:
             self.held.take(pid, via)
         except KvmtopError as exc:
+            self.call_from_thread(self._taking.discard, pid)
             self.call_from_thread(self.notify, str(exc), severity="error", timeout=6)
             return
-        traced = self.attached_pid == pid
-        self.call_from_thread(self.push_screen, KernelScreen(self.held, pid, traced))
+        self.call_from_thread(self._show_kernel, pid)
 
     def on_demo_requested(self, _request: DemoRequested) -> None:
-        self.start_demo()
+        if self._from_the_list():
+            self.start_demo()
 
     def on_detach_requested(self, _request: DetachRequested) -> None:
         self.detach()
@@ -237,12 +269,24 @@ class KvmtopApp(App[int]):
 
     def on_unmount(self) -> None:
         self.shutdown()  # however the app ends: never leave a tracer (or the demo) behind
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
     def shutdown(self) -> None:
-        """Detach (the VMM runs on); the demo guest, which kvmtop started, is stopped."""
+        """Detach (the VMM runs on); the demo guests, which kvmtop started, are stopped."""
         if self.session is not None:
-            self.session.close(kill_launched=self.demo_running)
+            self.session.close()
             self.session = None
+        while self.demo_pidfds:
+            pidfd = self.demo_pidfds.pop()
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+            except (ProcessLookupError, ChildProcessError):
+                pass  # it has ended already (and been reaped)
+            finally:
+                os.close(pidfd)
         if self.replay is not None:
             self.replay.close()
         self.held.close()
@@ -269,6 +313,12 @@ def run_tui(
         from kvmtop.recording import check_writable
 
         check_writable(record_path)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):  # it would draw into a file, blind
+        what = "kvmtop demo" if demo else "kvmtop replay" if replay else "the TUI"
+        raise NoTerminal(
+            f"{what} needs a terminal on stdin and stdout; without one, use "
+            "kvmtop record (-p PID or -- CMD), report or stats"
+        )
     app = KvmtopApp(pid=pid, argv=argv, replay=replay, demo=demo, record_path=record_path)
     try:
         result = app.run()

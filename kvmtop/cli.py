@@ -25,8 +25,8 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from kvmtop import __version__
 from kvmtop.errors import KvmtopError, OutputError, RecordingError, UsageError
@@ -144,8 +144,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         notice = missing_notice()
         if notice:
             print(notice, file=sys.stderr)
+    tui = args.command in (None, "demo", "replay")
+    real_stdout = sys.stdout
+    if not tui:
+        sys.stdout = _CheckedStdout(real_stdout)  # type: ignore[assignment]
     try:
-        return _run(args, command)
+        status = _run(args, command)
+        sys.stdout.flush()  # a full disk shows here, not in the interpreter's last flush
+        return status
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
     except KvmtopError as exc:
         if args.debug:
             raise
@@ -153,6 +162,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    finally:
+        sys.stdout = real_stdout
+
+
+class _CheckedStdout:
+    """stdout for the commands that print: a write that fails (a full disk, an I/O error) is an
+    OutputError, one line; a closed pipe stays a BrokenPipeError, which ends quietly."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def _guard(self, call: Callable[..., Any], *args: object) -> Any:
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(f"cannot write to stdout: {exc.strerror or exc}") from None
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding...
+        return getattr(self._stream, name)
 
 
 def _run(args: argparse.Namespace, command: list[str] | None) -> int:

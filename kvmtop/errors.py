@@ -48,6 +48,12 @@ class KvmUnavailable(KvmtopError):
     exit_code = 7
 
 
+class NoTerminal(KvmtopError):
+    """The TUI was asked for with stdin or stdout not a terminal (a pipe, a file, /dev/null)."""
+
+    exit_code = 9
+
+
 ERRORS_BY_NAME: dict[str, type[KvmtopError]] = {
     cls.__name__: cls
     for cls in (
@@ -60,5 +66,6 @@ ERRORS_BY_NAME: dict[str, type[KvmtopError]] = {
         RecordingError,
         KvmUnavailable,
         OutputError,
+        NoTerminal,
     )
 }

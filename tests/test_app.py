@@ -50,6 +50,14 @@ def exits_until(seconds: float) -> int:
     return sum(e.exit_ns <= START + seconds * S for e in events())
 
 
+def burst(app, *keys: str) -> None:
+    """Keys arriving in one write, as a paste or keys coalesced over SSH do: all queued before
+    the app handles the first (pilot.press waits for the app to go idle after each key)."""
+    for key in keys:
+        char = key if len(key) == 1 else {"slash": "/", "enter": "\r", "space": " "}.get(key)
+        app.post_message(Key(key, char))
+
+
 def footer_keys(app) -> set[str]:
     return {key for key, b in app.screen.active_bindings.items() if b.binding.show}
 
@@ -187,7 +195,12 @@ async def test_help_lists_every_key_and_closes(fixed):
         assert isinstance(app.screen, AttachedScreen)
         await pilot.press("question_mark", "question_mark")
         assert isinstance(app.screen, AttachedScreen)
-        await pilot.press("q")
+        await pilot.press("f1")  # htop's and kvm_stat's help keys too
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("h")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("ctrl+c")  # quits, as in htop and perf top
+    assert app.return_value == 0
 
 
 async def test_command_palette_lists_the_screens_actions_and_runs_them(fixed):
@@ -310,6 +323,47 @@ async def test_a_failed_attach_is_a_notification_and_the_app_stays_up(processes)
     assert sleeper.poll() is None
 
 
+async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
+    from test_snapshots import fixed_processes
+
+    app = KvmtopApp(process_lister=fixed_processes)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await until(pilot, lambda: screen.listed, what="listed")
+        for typed in ("qemu", "sss", "demo", "kmad?"):  # each letter also a key of the list
+            burst(app, "slash", *typed)
+            await pilot.pause(0.3)
+            assert app.is_running and app.screen is screen and app.session is None
+            assert screen.filter_text == typed and screen.sort_key == "pid"
+            await pilot.press("escape")
+            assert screen.filter_text == ""
+        burst(app, "slash", *"qx", "backspace", *"emu")
+        await pilot.pause(0.3)
+        assert screen.filter_text == "qemu"
+        burst(app, "escape", "s")  # Esc closes the filter: `s` sorts again
+        await pilot.pause(0.3)
+        assert screen.filter_text == "" and screen.sort_key == "CPU%"
+        burst(app, "slash", *"web", "enter", "s")  # Enter keeps the filter: `s` sorts again
+        await pilot.pause(0.3)
+        assert screen.filter_text == "web" and screen.sort_key == "vCPUs"
+        await pilot.press("q")
+    assert app.return_value == 0
+
+
+async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        burst(app, "enter", "enter", "enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuScreen), what="drill-down")
+        await pilot.pause(0.3)
+        assert sum(isinstance(s, VcpuScreen) for s in app.screen_stack) == 1
+        await pilot.press("escape")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("q")
+
+
 # --- live: real guests, traced ------------------------------------------------------------------
 
 
@@ -358,6 +412,30 @@ async def test_the_demo_shows_two_vcpus_moving_drills_in_detaches_and_quits():
         await pilot.press("q")
     await asyncio.sleep(0.2)
     assert not os.path.exists(f"/proc/{demo_pid}")  # kvmtop started the demo; q stopped it
+
+
+def gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.kvm
+async def test_every_demo_guest_started_is_stopped_at_quit_also_after_a_detach():
+    app = KvmtopApp(process_lister=list)
+    async with app.run_test(size=SIZE) as pilot:
+        burst(app, "m", "m", "m")  # typed fast: one demo
+        await until(pilot, lambda: app.attached_pid is not None, what="demo attached")
+        first = app.attached_pid
+        await pilot.pause(0.3)
+        assert sum(isinstance(s, AttachedScreen) for s in app.screen_stack) == 1
+        assert not [n for n in app._notifications if "already tracing" in n.message]
+        await pilot.press("d")
+        await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
+        await pilot.press("escape", "m")
+        await until(pilot, lambda: app.attached_pid not in (None, first), what="second demo")
+        second = app.attached_pid
+        assert not gone(first)  # detached: the first one runs on while kvmtop does
+        await pilot.press("q")
+    await until(pilot, lambda: gone(first) and gone(second), timeout=5, what="both stopped")
 
 
 @pytest.mark.kvm
@@ -453,6 +531,27 @@ async def test_process_list_moves_filters_sorts_attaches_and_detaches(processes)
         assert demo.poll() is None  # detached: the demo runs on
         await pilot.press("q")
     assert demo.poll() is None
+
+
+@pytest.mark.kvm
+async def test_back_from_the_attached_view_the_cursor_is_on_the_traced_vm(processes):
+    first, second = start_demo(processes), start_demo(processes)
+    app = KvmtopApp(pid=second.pid)  # as with `m`: the list never had its cursor on it
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.attached_pid == second.pid, what="attached")
+        await pilot.press("escape")
+        screen = await list_shows(pilot, second.pid)
+        table = screen.query_one("#procs")
+        await until(pilot, lambda: str(second.pid) in table.rows, what="listed")
+        await pilot.pause(0.3)
+        assert table.cursor_row > 0 and screen.selected_pid == second.pid  # below the first
+        row = table.get_row(str(second.pid))
+        assert row[7] == "kvmtop" and "▶" in str(row[0])  # marked as the traced one
+        assert "▶" not in str(table.get_row(str(first.pid))[0])
+        await pilot.press("up", "a")  # another VM: its view opens, the traced one stays traced
+        await pilot.pause(0.5)
+        assert app.attached_pid == second.pid
+        await pilot.press("q")
 
 
 @pytest.mark.kvm

@@ -177,16 +177,18 @@ def test_unwritable_output_fails_before_tracing(tmp_path):
 
 
 def _child_of(pid: int, name: str, timeout: float = 10) -> int:
-    """The child of ``pid`` running ``name`` (strace first forks short-lived probe children)."""
+    """The child of ``pid`` (of any of its threads) whose command line holds ``name`` (strace
+    first forks short-lived probe children; kvmtop's tracer thread forks a launched command)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                kids = f.read().split()
-            for kid in kids:
-                with open(f"/proc/{kid}/comm") as f:
-                    if f.read().startswith(name):
-                        return int(kid)
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = f.read().split()
+                for kid in kids:
+                    with open(f"/proc/{kid}/cmdline", "rb") as f:
+                        if name.encode() in f.read():
+                            return int(kid)
         except OSError:
             pass
         time.sleep(0.01)
@@ -205,3 +207,76 @@ def test_list_shows_a_running_vmm_with_its_vcpus(processes):
     assert listed[vmm.pid]["name"] == "kvmtop-demo"
     table = kvmtop("list").stdout
     assert str(vmm.pid) in table and "kvmtop-demo" in table
+
+
+def test_the_tui_without_a_terminal_is_one_line_and_a_status(tmp_path):
+    out = tmp_path / "out"
+    for args in (["demo"], []):
+        with open(out, "w") as stdout:
+            result = subprocess.run([*KVMTOP, *args], stdin=subprocess.DEVNULL, stdout=stdout,
+                                    stderr=subprocess.PIPE, text=True, timeout=30)  # fmt: skip
+        assert_one_line_error(result, 9, "needs a terminal")
+        assert "kvmtop record" in result.stderr and out.read_text() == ""
+
+
+def in_a_terminal(args: list[str], cols: int = 80, rows: int = 24) -> subprocess.Popen[bytes]:
+    """kvmtop ARGS on a pseudo-terminal of that size, its output read (and dropped) all along."""
+    import fcntl
+    import struct
+    import termios
+    import threading
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color"}
+    proc = subprocess.Popen([*KVMTOP, *args], stdin=slave, stdout=slave, stderr=slave, env=env,
+                            start_new_session=True)  # fmt: skip
+    os.close(slave)
+
+    def drain() -> None:
+        try:
+            while os.read(master, 65536):
+                pass
+        except OSError:  # the terminal closed: kvmtop has ended
+            pass
+        os.close(master)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_ends_the_demo_tui_and_stops_its_guest(signum, processes):
+    tui = in_a_terminal(["demo"])
+    processes.append(tui)
+    guest = _child_of(tui.pid, "kvmtop.minivmm", timeout=20)
+    wait_for_vcpus(guest, 2)
+    time.sleep(0.5)  # attached and drawing
+    tui.send_signal(signum)
+    assert tui.wait(30) == 128 + signum
+    assert not os.path.exists(f"/proc/{guest}")
+
+
+@pytest.mark.kvm
+def test_output_to_a_full_disk_is_one_line_and_to_a_closed_pipe_ends_quietly(tmp_path, processes):
+    from guests.fixed_recording import write_fixed_recording
+
+    from kvmtop.minivmm import demo_command
+
+    vmm = subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL)
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid, 2)
+    recording = write_fixed_recording(str(tmp_path / "fixed.kvmtop"))
+    for args in (["list"], ["list", "--json"], ["report", recording], ["report", recording, "--csv"],
+                 ["stats", "-p", str(vmm.pid), "--count", "1"]):  # fmt: skip
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([*KVMTOP, *args], stdout=full, stderr=subprocess.PIPE,
+                                    text=True, timeout=60)  # fmt: skip
+        assert_one_line_error(result, 8, "cannot write to stdout: No space left on device")
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # `| head` that has already read all it wanted
+        result = subprocess.run([*KVMTOP, *args], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=60)  # fmt: skip
+        os.close(write_end)
+        assert (result.returncode, result.stderr) == (0, ""), args

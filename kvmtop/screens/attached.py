@@ -75,7 +75,10 @@ class AttachedScreen(WatchScreen):
         self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact)
 
     def on_vcpu_table_selected(self, event: VcpuTable.Selected) -> None:
-        self.app.push_screen(VcpuScreen(self.source, event.vcpu))
+        # Enter typed fast: the later ones were routed here before the first one opened a screen
+        # (is_current lags behind a push)
+        if self.app.screen is self:
+            self.app.push_screen(VcpuScreen(self.source, event.vcpu))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "detach":

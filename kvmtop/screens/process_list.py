@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets import DataTable, Footer, Static
 
 from kvmtop.discovery import KvmProcess, list_kvm_processes
 from kvmtop.screens.requests import (
@@ -62,11 +62,13 @@ class ProcessListScreen(Screen[None]):
         self.procs: list[KvmProcess] = []
         self.sort_key = "pid"
         self.filter_text = ""
+        self.filtering = False  # `/` typed: the keys go to the filter until Enter or Esc
         self.listed = False  # the first listing has arrived
+        self._select: int | None = None  # the pid to put the cursor on at the next listing
 
     def compose(self) -> ComposeResult:
         yield Static("kvmtop: KVM processes on this machine", id="title")
-        yield Input(placeholder="filter by pid, user or command", id="filter")
+        yield Static("", id="filter")
         yield Static("looking for KVM processes...", id="empty")
         yield DataTable(id="procs", cursor_type="row", zebra_stripes=True)
         yield Footer()
@@ -86,20 +88,28 @@ class ProcessListScreen(Screen[None]):
         self.app.call_from_thread(self._show, procs)
 
     def on_screen_resume(self) -> None:
-        self.refresh_processes()  # back from the attached view: the TRACED BY column changed
+        # back from the attached view: the TRACED BY column changed, and the cursor goes to the
+        # VM traced (started with `m` or -p, its row was never under the cursor)
+        self._select = self.attached()
+        self.refresh_processes()
 
     def _show(self, procs: list[KvmProcess]) -> None:
         self.procs = procs
         self.listed = True
         table = self.query_one(DataTable)
-        selected = self.selected_pid
+        selected = self._select or self.selected_pid
+        self._select = None
         table.clear()
         attached = self.attached()
         for p in self._visible():
-            traced = "kvmtop" if p.pid == attached else (str(p.tracer_pid) if p.tracer_pid else "")
+            ours = p.pid == attached
+            traced = "kvmtop" if ours else (str(p.tracer_pid) if p.tracer_pid else "")
             rate = self.exit_rate(p.pid)
+            pid = Text(
+                f"▶ {p.pid}" if ours else str(p.pid), justify="right", style="bold" if ours else ""
+            )
             table.add_row(
-                Text(str(p.pid), justify="right"), p.user, p.name[:40],
+                pid, p.user, p.name[:40],
                 Text(str(p.vcpus), justify="right"), Text(f"{p.cpu_percent:.0f}", justify="right"),
                 Text(size(p.rss), justify="right"), Text(elapsed(p.uptime_s), justify="right"),
                 traced, Text(human(rate) if rate is not None else "", justify="right"),
@@ -122,8 +132,8 @@ class ProcessListScreen(Screen[None]):
             else f"{table.row_count} of {len(procs)}"
         )
         self.query_one("#title", Static).update(
-            f"kvmtop: KVM processes on this machine ({shown}, sorted by {self.sort_key}, "
-            f"refreshed every {PROCESS_REFRESH_S:g} s)"
+            f"kvmtop: KVM processes here: {shown}, sorted by {self.sort_key} "
+            f"(refreshed every {PROCESS_REFRESH_S:g} s)"
         )
         self.refresh_bindings()  # `d` shows only while attached
 
@@ -162,22 +172,53 @@ class ProcessListScreen(Screen[None]):
             self.post_message(KernelRequested(pid))
 
     def action_filter(self) -> None:
-        box = self.query_one("#filter", Input)
-        box.display = True
-        box.focus()
+        self.filtering = True
+        self._show_filter()
 
     def action_clear_filter(self) -> None:
-        box = self.query_one("#filter", Input)
-        box.value = ""
-        box.display = False
-        self.query_one(DataTable).focus()
+        self.filtering = False
+        self._set_filter("")
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        self.filter_text = event.value
+    def _set_filter(self, text: str) -> None:
+        self.filter_text = text
+        self._show_filter()
         self._show(self.procs)
 
-    def on_input_submitted(self, _event: Input.Submitted) -> None:
-        self.query_one(DataTable).focus()
+    def _show_filter(self) -> None:
+        bar = self.query_one("#filter", Static)
+        bar.display = self.filtering or bool(self.filter_text)
+        if self.filtering:
+            bar.update(Text.assemble(("/", "bold"), self.filter_text, (" ", "reverse"),
+                                     ("   Enter keeps the filter, Esc clears it", "dim")))  # fmt: skip
+        else:
+            bar.update(Text.assemble("filter: ", (self.filter_text, "bold"),
+                                     ("   / edits it, Esc clears it", "dim")))  # fmt: skip
+
+    def on_key(self, event: events.Key) -> None:
+        """The filter is a mode of the list, not a box to focus: the list keeps the focus and
+        takes every key here, in the order the keys came. A focus change would come too late
+        for keys arriving in one burst (a paste, keys coalesced over SSH): they are all routed
+        before the first is handled, and would run as commands."""
+        if not self.filtering:
+            if event.key == "slash":
+                self.action_filter()
+            elif event.key == "escape" and self.filter_text:
+                self.action_clear_filter()
+            else:
+                return
+        elif event.is_printable and event.character:
+            self._set_filter(self.filter_text + event.character)
+        elif event.key == "backspace":
+            self._set_filter(self.filter_text[:-1])
+        elif event.key == "enter":
+            self.filtering = False  # the filter stays; the list's keys work again
+            self._show_filter()
+        elif event.key == "escape":
+            self.action_clear_filter()
+        else:
+            return  # e.g. ↑ ↓ move in the filtered list
+        event.stop()
+        event.prevent_default()
 
     def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
         self.action_attach()
