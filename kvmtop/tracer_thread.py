@@ -87,6 +87,7 @@ class _Process:
     argv: tuple[str, ...]
     launched: bool
     one_stop: bool = False  # seccomp filter in place: one stop per KVM_RUN, at its entry
+    t0: int = 0  # Attached.t_ns: batch times are relative to it
     pages: dict[int, RunPage] = field(default_factory=dict)  # VMM fd number -> run page
     detaching: str | None = None  # why, once a detach has begun
     detach_waiters: list[Future[Detached]] = field(default_factory=list)
@@ -487,7 +488,9 @@ class Tracer:
 
     def _flush(self) -> None:
         if self._events or self._seen or self._lost or self._stops:
-            self.out.put(ExitBatch(tuple(self._events), tuple(self._seen), self._lost, self._stops))
+            base_ns = self._proc.t0 if self._proc is not None else 0
+            batch = ExitBatch.of(self._events, base_ns, self._seen, self._lost, self._stops)
+            self.out.put(batch)
             self._events = []
             self._seen = []
             self._lost = 0
@@ -621,7 +624,7 @@ class Tracer:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             raise NoSuchProcess(f"no such process: {pid}") from None
-        proc = _Process(pid, pidfd, argv, launched=False)
+        proc = _Process(pid, pidfd, argv, launched=False, t0=t0)
         self._proc = proc
         seized: list[int] = []
         try:
@@ -690,7 +693,9 @@ class Tracer:
         options = OPTIONS | (pt.PTRACE_O_TRACESECCOMP | pt.PTRACE_O_EXITKILL if filtered else 0)
         pt.ptrace(pt.PTRACE_SEIZE, pid, 0, options)
         os.kill(pid, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
-        proc = _Process(pid, os.pidfd_open(pid), tuple(argv), launched=True, one_stop=filtered)
+        proc = _Process(
+            pid, os.pidfd_open(pid), tuple(argv), launched=True, one_stop=filtered, t0=t0
+        )
         self._proc = proc
         self._threads[pid] = _Thread(pid, proc)
         attached = Attached(pid, tuple(argv), t0, launched=True, one_stop=filtered)
