@@ -25,7 +25,7 @@ def main() -> None:
                   0x80 if i % 3 else 0xC0000, 257 if i % 3 else 1, 1)
         for i in range(n)
     ]  # fmt: skip
-    batches = [ExitBatch(tuple(events[i : i + 1000]), stops=2000) for i in range(0, n, 1000)]
+    batches = [ExitBatch.of(events[i : i + 1000], start, stops=2000) for i in range(0, n, 1000)]
     meta = RecordingMeta(pid=1, argv=("bench",), launched=False, start_ns=start,
                          start_wall=time.time(), with_data=False)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -385,7 +385,7 @@ def export(args: argparse.Namespace) -> int:
 
     def counted() -> Iterator[ExitBatch]:
         for batch in recording.batches():
-            total[0] += len(batch.events)
+            total[0] += batch.exits
             yield batch
 
     dest = args.perfetto or args.csv or args.jsonl

@@ -5,6 +5,7 @@ Everything here is a frozen value: the tracer thread builds it, any thread may r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # ExitEvent.flags
@@ -50,12 +51,55 @@ class VcpuSeen:
 
 @dataclass(frozen=True, slots=True)
 class ExitBatch:
-    """Exits in the order the tracer saw them (per vCPU, in time order)."""
+    """Exits in the order the tracer saw them (per vCPU, in time order), as packed records.
 
-    events: tuple[ExitEvent, ...]
+    ``records`` holds EXIT records, each followed by its LONG and DATA records
+    (:mod:`kvmtop.records`, the recording's layout), with t_exit relative to ``base_ns`` (a
+    monotonic ns: the attach time, which is also the recording's ``start_ns``). The aggregate
+    and the recording read them in bulk; :attr:`events` decodes them, for the slow paths.
+    """
+
+    records: bytes
+    base_ns: int
     vcpus: tuple[VcpuSeen, ...] = ()
     lost: int = 0  # exits seen but not decoded (kvm_run unreadable); must stay 0
     stops: int = 0  # ptrace stops handled since the previous batch
+
+    # kvmtop.records imports this module, so its functions are imported where they are used
+    @classmethod
+    def of(
+        cls,
+        events: Iterable[ExitEvent],
+        base_ns: int = 0,
+        vcpus: Iterable[VcpuSeen] = (),
+        lost: int = 0,
+        stops: int = 0,
+    ) -> ExitBatch:
+        """A batch of ``events``, packed (tests and slow paths)."""
+        from kvmtop.records import pack_events
+
+        return cls(pack_events(events, base_ns), base_ns, tuple(vcpus), lost, stops)
+
+    @property
+    def events(self) -> tuple[ExitEvent, ...]:
+        """The exits decoded, afresh on every access."""
+        from kvmtop.records import iter_events
+
+        return tuple(iter_events(self.records, self.base_ns))
+
+    @property
+    def exits(self) -> int:
+        from kvmtop.records import exit_count
+
+        return exit_count(self.records)
+
+    @property
+    def last_exit_ns(self) -> int | None:
+        """The exit time of the last exit (None: the batch has none)."""
+        from kvmtop.records import last_t_exit
+
+        t = last_t_exit(self.records)
+        return None if t is None else self.base_ns + t
 
 
 @dataclass(frozen=True, slots=True)

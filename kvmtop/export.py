@@ -46,8 +46,9 @@ def jsonl_chunk(events: Iterable[ExitEvent], start_ns: int) -> str:
 
 def jsonl_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
     for batch in batches:
-        if batch.events:
-            yield jsonl_chunk(batch.events, start_ns)
+        events = batch.events  # decoded here: one object per exit is what an export is
+        if events:
+            yield jsonl_chunk(events, start_ns)
 
 
 def csv_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
@@ -106,8 +107,9 @@ class JsonlStream:
         self.start_ns = attached.t_ns
 
     def write_batch(self, batch: ExitBatch) -> None:
-        if batch.events:
-            write_chunks([jsonl_chunk(batch.events, self.start_ns)], self.out, self.path)
+        events = batch.events
+        if events:
+            write_chunks([jsonl_chunk(events, self.start_ns)], self.out, self.path)
 
     def close(self) -> None:
         if self.out is not sys.stdout:

@@ -9,6 +9,7 @@ touches a tracee.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -19,45 +20,30 @@ import struct
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from kvmtop import __version__
 from kvmtop.errors import RecordingError
-from kvmtop.events import (
-    EXIT_CYCLE,
-    EXIT_PRIVATE,
-    EXIT_WRITE,
-    Attached,
-    Detached,
-    ExitBatch,
-    ExitEvent,
-    VcpuSeen,
+from kvmtop.events import Attached, Detached, ExitBatch, VcpuSeen
+from kvmtop.records import (
+    COUNTERS,
+    END,
+    EXIT_PARTS,
+    KIND_COUNTERS,
+    KIND_END,
+    KIND_EXIT,
+    KIND_VCPU,
+    RECORD_SIZE,
+    VCPU,
+    kinds,
+    last_t_exit,
+    rebase,
 )
 
 MAGIC = b"\x89KVMTOP\n"  # the high byte and newline catch text-mode and truncated transfers
 VERSION = 1
 HEADER = struct.Struct("<8sHHI")  # magic, version, flags, metadata length
 HEADER_DATA = 0x0001  # IO/MMIO data values are recorded
-RECORD_SIZE = 32
-
-KIND_EXIT, KIND_LONG, KIND_DATA, KIND_VCPU, KIND_COUNTERS, KIND_END = 1, 2, 3, 4, 5, 6
-EXIT = struct.Struct("<BBHIqIIQ")  # kind, flags, vcpu, reason, t_exit, guest_ns, b, a
-LONG = struct.Struct("<B7xQ16x")  # kind, guest_ns (when it does not fit 32 bits)
-DATA = struct.Struct("<BB30s")  # kind, length, bytes
-VCPU = struct.Struct("<BxHIq16x")  # kind, vcpu, tid, t
-COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
-END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits
-
-# EXIT record flags
-F_WRITE, F_PRIVATE, F_DATA, F_LONG, F_FAILED, F_CYCLE = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-SAME_BITS = F_WRITE | F_PRIVATE  # the same bits as ExitEvent.flags' EXIT_WRITE, EXIT_PRIVATE
-assert SAME_BITS == EXIT_WRITE | EXIT_PRIVATE
-GUEST_NS_MAX = 0xFFFFFFFE
 WHY_CODES = {"detached": 0, "exited": 1}
-DATA_CHUNK = 30
-
-for _s in (EXIT, LONG, DATA, VCPU, COUNTERS, END):
-    assert _s.size == RECORD_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,35 +116,16 @@ class RecordingWriter:
         return ns - self.meta.start_ns
 
     def write_batch(self, batch: ExitBatch) -> None:
+        """VCPU records, the batch's exit records as they are, then a COUNTERS record."""
         out = bytearray()
         for seen in batch.vcpus:
             out += VCPU.pack(KIND_VCPU, seen.vcpu, seen.tid, self._rel(seen.t_ns))
-        pack = EXIT.pack
-        for e in batch.events:
-            guest = e.exit_ns - e.entry_ns
-            flags = (e.flags & SAME_BITS) | (F_CYCLE if e.flags & EXIT_CYCLE else 0)
-            b = e.b
-            if e.errno:
-                flags |= F_FAILED
-                b = e.errno
-            if e.data:
-                flags |= F_DATA
-            if not 0 <= guest <= GUEST_NS_MAX:
-                flags |= F_LONG
-            out += pack(
-                KIND_EXIT, flags, e.vcpu, e.reason, self._rel(e.exit_ns),
-                guest if not flags & F_LONG else 0xFFFFFFFF, b, e.a,
-            )  # fmt: skip
-            if flags & F_LONG:
-                out += LONG.pack(KIND_LONG, max(0, guest))
-            if e.data:
-                for i in range(0, len(e.data), DATA_CHUNK):
-                    chunk = e.data[i : i + DATA_CHUNK]
-                    out += DATA.pack(KIND_DATA, len(chunk), chunk)
+        out += rebase(batch.records, batch.base_ns, self.meta.start_ns)
         if batch.lost or batch.stops:
-            t = batch.events[-1].exit_ns if batch.events else time.monotonic_ns()
+            last = last_t_exit(batch.records)
+            t = batch.base_ns + last if last is not None else time.monotonic_ns()
             out += COUNTERS.pack(KIND_COUNTERS, batch.lost, batch.stops, self._rel(t))
-        self.total += len(batch.events)
+        self.total += batch.exits
         if out:
             self._write(out)
 
@@ -193,12 +160,13 @@ class Recording:
         return out
 
     def batches(self, max_events: int = 4096) -> Iterator[ExitBatch]:
-        """Every whole record, as batches of events with absolute (monotonic-like) times."""
+        """Every whole record, as batches of at most ``max_events`` exits whose records are
+        the file's, passed through (``base_ns`` is the recording's ``start_ns``)."""
         start = self.meta.start_ns
-        events: list[ExitEvent] = []
+        body = bytearray()  # the exit records of the batch being gathered
+        exits = 0
         seen: list[VcpuSeen] = []
         lost = stops = 0
-        pending: list[Any] = []  # an EXIT whose LONG/DATA records may follow
         offset = self._body
         try:
             f = open(self.path, "rb")
@@ -215,64 +183,55 @@ class Recording:
                 whole = len(data) - len(data) % RECORD_SIZE
                 carry = data[whole:]
                 view = memoryview(data)[:whole]
-                for rec in EXIT.iter_unpack(view):
-                    kind = rec[0]
-                    if kind == KIND_EXIT:
-                        if pending:
-                            events.append(_event(pending, start))
-                        pending = list(rec)
-                        pending.append(b"")
-                    elif kind == KIND_LONG and pending:
-                        pending[5] = LONG.unpack(EXIT.pack(*rec))[1]
-                    elif kind == KIND_DATA and pending:
-                        n, raw = DATA.unpack(EXIT.pack(*rec))[1:]
-                        pending[8] += raw[:n]
-                    elif kind == KIND_VCPU:
-                        _, vcpu, tid, t = VCPU.unpack(EXIT.pack(*rec))
+                kind_of = kinds(view)
+                parts = kind_of.translate(EXIT_PARTS)  # 0: a record of an exit
+                i, n = 0, len(kind_of)
+                while i < n:
+                    kind = kind_of[i]
+                    if parts[i] == 0:  # a run of exit records: passed on whole, in batches
+                        j = parts.find(1, i)
+                        j = n if j < 0 else j
+                        while i < j:
+                            cut = _nth_exit(kind_of, i, j, max_events - exits + 1)
+                            body += view[i * RECORD_SIZE : cut * RECORD_SIZE]
+                            exits += kind_of.count(KIND_EXIT, i, cut)
+                            i = cut
+                            if cut < j:  # that exit begins the next batch
+                                yield ExitBatch(bytes(body), start, tuple(seen), lost, stops)
+                                body, exits, seen, lost, stops = bytearray(), 0, [], 0, 0
+                        continue
+                    rec = view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE]
+                    if kind == KIND_VCPU:
+                        _, vcpu, tid, t = VCPU.unpack(rec)
                         seen.append(VcpuSeen(vcpu, tid, start + t))
                     elif kind == KIND_COUNTERS:
-                        _, n_lost, n_stops, _t = COUNTERS.unpack(EXIT.pack(*rec))
+                        _, n_lost, n_stops, _t = COUNTERS.unpack(rec)
                         lost += n_lost
                         stops += n_stops
                     elif kind == KIND_END:
-                        _, why, _pad, status, t, _total = END.unpack(EXIT.pack(*rec))
+                        _, why, _pad, status, t, _total = END.unpack(rec)
                         why_text = {v: k for k, v in WHY_CODES.items()}.get(why, "ended")
                         self.end = Detached(
                             self.meta.pid, why_text, start + t, None if status < 0 else status
                         )
                         self.complete = True
                     else:
+                        at = offset + i * RECORD_SIZE
                         raise RecordingError(
-                            f"{self.path} is corrupt at byte {offset}: unknown record kind {kind}"
+                            f"{self.path} is corrupt at byte {at}: unknown record kind {kind}"
                         )
-                    offset += RECORD_SIZE
-                    if len(events) >= max_events:
-                        yield ExitBatch(tuple(events), tuple(seen), lost, stops)
-                        events, seen, lost, stops = [], [], 0, 0
+                    i += 1
+                offset += whole
             self.torn_bytes = len(carry)
-        if pending:
-            events.append(_event(pending, start))
-        if events or seen or lost or stops:
-            yield ExitBatch(tuple(events), tuple(seen), lost, stops)
+        if body or seen or lost or stops:
+            yield ExitBatch(bytes(body), start, tuple(seen), lost, stops)
 
 
-def _event(rec: list[Any], start: int) -> ExitEvent:
-    _kind, flags, vcpu, reason, t_exit, guest, b, a, data = rec
-    exit_ns = start + t_exit
-    event_flags = (flags & SAME_BITS) | (EXIT_CYCLE if flags & F_CYCLE else 0)
-    if flags & F_FAILED:
-        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns, flags=event_flags & EXIT_CYCLE)
-    return ExitEvent(
-        vcpu,
-        reason,
-        0,
-        exit_ns - guest,
-        exit_ns,
-        a,
-        b,
-        event_flags,
-        data,
-    )
+def _nth_exit(kind_of: bytes, i: int, j: int, k: int) -> int:
+    """The index of the k-th (from 1) EXIT record among records i..j-1, or j if fewer."""
+    if kind_of.count(KIND_EXIT, i, j) < k:
+        return j
+    return bisect.bisect_left(range(i, j), k, key=lambda p: kind_of.count(KIND_EXIT, i, p + 1)) + i
 
 
 def check_writable(path: str) -> None:

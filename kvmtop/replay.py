@@ -10,23 +10,21 @@ aggregate is the player.
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from collections.abc import Iterator
-from operator import attrgetter
 
 from kvmtop.events import ExitBatch
 from kvmtop.recording import Recording, open_recording
+from kvmtop.records import cut_after
 from kvmtop.sources import SourceStatus, command_line
 from kvmtop.stats import ExitStats, StatsSnapshot, VcpuSnapshot
 
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 200.0)
 TICK_S = 0.05  # the player feeds what the clock passed 20 times a second
-BATCH = 4096  # events per read: large enough for speed, small enough to notice a new seek soon
+BATCH = 4096  # exits per read: large enough for speed, small enough to notice a new seek soon
 NS = 1_000_000_000
 END_OF_TIME = 2**62
-_exit_ns = attrgetter("exit_ns")
 
 
 class Replay:
@@ -243,17 +241,18 @@ class Replay:
                 self.end_ns = end
                 self._work_ns = max(self._work_ns, min(target_ns, end))
                 return True
-        events = batch.events
-        if events and events[-1].exit_ns > target_ns:
-            cut = bisect.bisect_right(events, target_ns, key=_exit_ns)
-            stats.add_batch(ExitBatch(events[:cut], batch.vcpus))
+        last = batch.last_exit_ns
+        if last is not None and last > target_ns:
+            records, base = batch.records, batch.base_ns
+            cut = cut_after(records, target_ns - base)  # at an exit: its LONG/DATA go with it
+            stats.add_batch(ExitBatch(records[:cut], base, batch.vcpus))
             # stops and losses were counted up to the batch's end: they stay with its last exit,
             # so where a seek or a tick cuts the batch never changes what is shown
-            self._pending = ExitBatch(events[cut:], (), batch.lost, batch.stops)
+            self._pending = ExitBatch(records[cut:], base, (), batch.lost, batch.stops)
             self._work_ns = target_ns
             return True
         stats.add_batch(batch)
         self._pending = None
-        if events:
-            self._work_ns = max(self._work_ns, events[-1].exit_ns)
+        if last is not None:
+            self._work_ns = max(self._work_ns, last)
         return False

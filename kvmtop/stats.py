@@ -1,7 +1,9 @@
 """The aggregate: counts, rates, latency histograms, top IO ports/MMIO addresses, recent exits.
 
 Fed with ExitBatch objects (from the tracer, or from a recording), read through immutable
-snapshots. Memory is bounded however long a session runs. The TUI, ``report`` and ``replay`` all
+snapshots. A batch's records are grouped in one pass (:mod:`kvmtop.summary`, in C when
+``kvmtop._summary`` is built) and merged here at a cost per key, never per exit; the recent exits
+are kept as records and decoded only for a snapshot. Memory is bounded however long a session runs. The TUI, ``report`` and ``replay`` all
 read this same aggregate, so they never disagree. Never does I/O; never touches a tracee.
 """
 
@@ -9,12 +11,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import add
 from typing import Any
 
+from kvmtop import native, summary
 from kvmtop.decoder import exit_label
-from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.events import ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.records import F_CYCLE, iter_events
 
 LOG2_BUCKETS = 40
 TIMELINE_SECONDS = 60
@@ -142,6 +147,18 @@ class _Histogram:
         self.total += ns
         self.buckets[min(LOG2_BUCKETS - 1, max(0, ns.bit_length() - 1))] += 1
 
+    def merge(self, count: int, total: int, low: int, high: int, buckets: tuple[int, ...]) -> None:
+        """Add a histogram of ``count`` values (as :mod:`kvmtop.summary` gives it)."""
+        if not count:
+            return
+        if self.count == 0 or low < self.low:
+            self.low = low
+        if high > self.high:
+            self.high = high
+        self.count += count
+        self.total += total
+        self.buckets = list(map(add, self.buckets, buckets))
+
     def frozen(self) -> LatencyHistogram:
         return LatencyHistogram(self.count, self.total, self.low, self.high, tuple(self.buckets))
 
@@ -166,15 +183,16 @@ class TopCounter:
         self.capacity = capacity
         self.exact = True
 
-    def add(self, key: Any) -> None:
+    def add(self, key: Any, n: int = 1) -> None:
+        """Count ``key`` ``n`` times: the same as ``n`` single adds in a row."""
         counts = self.counts
         if key in counts:
-            counts[key] += 1
+            counts[key] += n
         elif len(counts) < self.capacity:
-            counts[key] = 1
+            counts[key] = n
         else:
             victim = min(counts, key=counts.__getitem__)
-            counts[key] = counts.pop(victim) + 1
+            counts[key] = counts.pop(victim) + n
             self.exact = False
 
     def top(self, n: int | None = None) -> list[tuple[Any, int]]:
@@ -205,7 +223,8 @@ class _Seconds:
 
 
 class _Vcpu:
-    __slots__ = ("vcpu", "tid", "total", "reasons", "seconds", "io", "mmio", "recent", "last")
+    __slots__ = ("vcpu", "tid", "total", "reasons", "seconds", "io", "mmio", "recent",
+                 "recent_exits", "recent_capacity", "last")  # fmt: skip
 
     def __init__(self, vcpu: int, top_capacity: int, recent_capacity: int) -> None:
         self.vcpu = vcpu
@@ -215,8 +234,22 @@ class _Vcpu:
         self.seconds = _Seconds()
         self.io = TopCounter(top_capacity)
         self.mmio = TopCounter(top_capacity)
-        self.recent: deque[ExitEvent] = deque(maxlen=recent_capacity)
+        self.recent: deque[tuple[bytes, int, int]] = deque()  # (records, base_ns, exits)
+        self.recent_exits = 0
+        self.recent_capacity = recent_capacity
         self.last: tuple[int, str] | None = None  # (exit_ns, label) of the previous exit
+
+    def keep_recent(self, records: bytes, base_ns: int, exits: int) -> None:
+        """Keep the records of its latest exits: at least ``recent_capacity`` of them, at most
+        one chunk more."""
+        self.recent.append((records, base_ns, exits))
+        self.recent_exits += exits
+        while self.recent and self.recent_exits - self.recent[0][2] >= self.recent_capacity:
+            self.recent_exits -= self.recent.popleft()[2]
+
+    def recent_events(self) -> tuple[ExitEvent, ...]:
+        events = [e for records, base, _ in self.recent for e in iter_events(records, base)]
+        return tuple(events[max(0, len(events) - self.recent_capacity) :])
 
 
 def _reason(table: dict[str, _Reason], label: str) -> _Reason:
@@ -232,6 +265,13 @@ def _ports(counter: TopCounter, n: int | None) -> tuple[PortCount, ...]:
 
 def _mmios(counter: TopCounter, n: int | None) -> tuple[MmioCount, ...]:
     return tuple(MmioCount(a, ln, w, c) for (a, ln, w), c in counter.top(n))
+
+
+def summarizer() -> Callable[[bytes, int, int], summary.Summary]:
+    """The C ``summarize`` when it is built (and pure Python was not asked for), else its
+    Python twin."""
+    module = native.load("_summary")
+    return summary.summarize if module is None else module.summarize  # type: ignore[no-any-return]
 
 
 class ExitStats:
@@ -260,6 +300,7 @@ class ExitStats:
         self.stops = 0
         self.first_ns: int | None = None
         self.last_ns: int | None = None
+        self._summarize = summarizer()
 
     def _vcpu(self, vcpu: int) -> _Vcpu:
         found = self._vcpus.get(vcpu)
@@ -271,61 +312,69 @@ class ExitStats:
         with self._lock:
             for seen in batch.vcpus:
                 self._see(seen)
-            self._add(batch.events)
+            if batch.records:
+                summed = self._summarize(batch.records, batch.base_ns, self.recent_capacity)
+                self._add(summed, batch.base_ns)
             self.lost += batch.lost
             if batch.stops:
                 self.stops += batch.stops
-                when = batch.events[-1].exit_ns if batch.events else self.last_ns
-                if when is not None:
-                    self._stops.add(when // NS, "stops", batch.stops)
+                if self.last_ns is not None:  # the batch's last exit, if it had any
+                    self._stops.add(self.last_ns // NS, "stops", batch.stops)
 
     def add_events(self, events: Iterable[ExitEvent]) -> None:
-        with self._lock:
-            self._add(events)
+        self.add_batch(ExitBatch.of(events))
 
     def _see(self, seen: VcpuSeen) -> None:
         vcpu = self._vcpu(seen.vcpu)
         if seen.tid:
             vcpu.tid = seen.tid
 
-    def _add(self, events: Iterable[ExitEvent]) -> None:
+    def _label(self, reason: int, errno: int) -> str:
+        label = self._labels.get((reason, errno))
+        if label is None:
+            label = exit_label(reason, errno)
+            if len(self._labels) < 4096:  # unknown reasons are few; bound the cache anyway
+                self._labels[(reason, errno)] = label
+        return label
+
+    def _add(self, summed: summary.Summary, base_ns: int) -> None:
+        """Merge a batch's summary: the cost is per vCPU, label, second and key."""
+        exits, first_ns, last_ns, groups, seconds, io, mmio, vcpus = summed
+        if not exits:
+            return
         reasons = self._reasons
-        labels = self._labels
-        for e in events:
-            label = labels.get((e.reason, e.errno))
-            if label is None:
-                label = exit_label(e.reason, e.errno)
-                if len(labels) < 4096:  # unknown reasons are few; bound the cache anyway
-                    labels[(e.reason, e.errno)] = label
-            vcpu = self._vcpus.get(e.vcpu) or self._vcpu(e.vcpu)
-            vcpu.total += 1
-            mine = _reason(vcpu.reasons, label)
-            ours = _reason(reasons, label)
-            mine.count += 1
-            ours.count += 1
-            guest = e.exit_ns - e.entry_ns
-            mine.guest.add(guest)
-            ours.guest.add(guest)
-            if vcpu.last is not None and not e.flags & EXIT_CYCLE:  # one-stop: no split known
-                handling = e.entry_ns - vcpu.last[0]
+        for vcpu_id, n, first_entry, first_flags, last_exit, reason, errno, recent, kept in vcpus:
+            vcpu = self._vcpu(vcpu_id)
+            if vcpu.last is not None and not first_flags & F_CYCLE:  # one-stop: no split known
+                handling = first_entry - vcpu.last[0]  # the pair across batches
                 _reason(vcpu.reasons, vcpu.last[1]).handling.add(handling)
                 _reason(reasons, vcpu.last[1]).handling.add(handling)
-            vcpu.last = (e.exit_ns, label)
-            vcpu.seconds.add(e.exit_ns // NS, label)
-            vcpu.recent.append(e)
-            if e.errno == 0:
-                if e.reason == 2:  # KVM_EXIT_IO
-                    key = (e.a, bool(e.flags & EXIT_WRITE), e.b & 0xFF)
-                    vcpu.io.add(key)
-                    self._io.add(key)
-                elif e.reason == 6:  # KVM_EXIT_MMIO
-                    key2 = (e.a, e.b, bool(e.flags & EXIT_WRITE))
-                    vcpu.mmio.add(key2)
-                    self._mmio.add(key2)
-            self.total += 1
-            if self.first_ns is None:
-                self.first_ns = e.exit_ns
-            self.last_ns = e.exit_ns
+            vcpu.last = (last_exit, self._label(reason, errno))
+            vcpu.total += n
+            if kept:
+                vcpu.keep_recent(recent, base_ns, kept)
+        labels = []
+        for vcpu_id, reason, errno, count, *hists in groups:
+            label = self._label(reason, errno)
+            labels.append((self._vcpus[vcpu_id], label))
+            for table in (self._vcpus[vcpu_id].reasons, reasons):
+                found = _reason(table, label)
+                found.count += count
+                found.guest.merge(count, *hists[:4])
+                found.handling.merge(*hists[4:])
+        for group, second, n in seconds:
+            vcpu, label = labels[group]
+            vcpu.seconds.add(second, label, n)
+        for vcpu_id, port, write, size, n in io:
+            self._vcpus[vcpu_id].io.add((port, write, size), n)
+            self._io.add((port, write, size), n)
+        for vcpu_id, address, length, write, n in mmio:
+            self._vcpus[vcpu_id].mmio.add((address, length, write), n)
+            self._mmio.add((address, length, write), n)
+        self.total += exits
+        if self.first_ns is None:
+            self.first_ns = first_ns
+        self.last_ns = last_ns
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -381,7 +430,7 @@ class ExitStats:
             timeline_by_reason={label: tuple(b.get(label, 0) for b in seconds) for label in labels},
             io=_ports(v.io, top),
             mmio=_mmios(v.mmio, top),
-            recent=tuple(v.recent) if recent else (),
+            recent=v.recent_events() if recent else (),
         )
 
 

@@ -110,7 +110,7 @@ def one_stop_recording(path: str) -> str:
         ExitEvent(0, 6, 0, START + 5000, START + 9500, 0xC0000, 1, 1 | EXIT_CYCLE, b"\x2a"),
         ExitEvent(0, 10, 4, START + 9500, START + 9800, flags=EXIT_CYCLE),
     ]
-    writer.write_batch(ExitBatch(tuple(cycle)))
+    writer.write_batch(ExitBatch.of(cycle, START))
     writer.write_detached(Detached(77, "exited", START + 10_000, 1))
     writer.close()
     return path
@@ -180,8 +180,8 @@ def test_perfetto_streams_in_bounded_memory():
 
     def batches(n: int) -> Iterator[ExitBatch]:
         for i in range(0, n, 1000):
-            yield ExitBatch(tuple(ExitEvent(j % 4, 2, 0, j * 5000, j * 5000 + 2000, 0x80, 257, 1)
-                                  for j in range(i, i + 1000)))  # fmt: skip
+            yield ExitBatch.of(ExitEvent(j % 4, 2, 0, j * 5000, j * 5000 + 2000, 0x80, 257, 1)
+                                  for j in range(i, i + 1000))  # fmt: skip
 
     def peak(n: int) -> tuple[int, int]:
         tracemalloc.start()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 
 import pytest
+from guests.fixed_recording import write_fixed_recording
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -81,7 +83,7 @@ events_strategy = st.lists(
 def test_every_field_survives_a_round_trip(tmp_path_factory, events: list[ExitEvent]) -> None:
     path = str(tmp_path_factory.mktemp("rec") / "r.kvmtop")
     seen = (VcpuSeen(3, 1234, START + 10),)
-    write(path, [ExitBatch(tuple(events), seen, lost=2, stops=9)], Detached(42, "exited", START + 99, 1),
+    write(path, [ExitBatch.of(events, START, seen, lost=2, stops=9)], Detached(42, "exited", START + 99, 1),
           with_data=True)  # fmt: skip
     got, got_seen, lost, stops, rec = read(path)
     assert got == events
@@ -96,7 +98,7 @@ def test_a_file_cut_anywhere_reads_back_every_whole_record(tmp_path) -> None:
         for i in range(20)
     ]
     full = str(tmp_path / "full.kvmtop")
-    write(full, [ExitBatch(tuple(events))], Detached(42, "detached", START + 10**6))
+    write(full, [ExitBatch.of(events, START)], Detached(42, "detached", START + 10**6))
     blob = open(full, "rb").read()
     body = HEADER.size + len(blob[HEADER.size :]) - 21 * RECORD_SIZE  # header + metadata length
     cut = str(tmp_path / "cut.kvmtop")
@@ -138,7 +140,7 @@ def test_bad_files_raise_one_clear_error(tmp_path, content: bytes, message: str)
 
 def test_unknown_record_kind_is_reported_with_its_offset(tmp_path) -> None:
     path = str(tmp_path / "r.kvmtop")
-    write(path, [ExitBatch((ExitEvent(0, 2, 0, START, START + 1),))])
+    write(path, [ExitBatch.of((ExitEvent(0, 2, 0, START, START + 1),), START)])
     size = os.path.getsize(path)
     with open(path, "ab") as f:
         f.write(b"\x63" + bytes(31))
@@ -160,7 +162,7 @@ def test_an_exit_costs_32_bytes(tmp_path) -> None:
     events = tuple(
         ExitEvent(1, 6, 0, START + i, START + i + 9000, 0xC0000, 1, 1) for i in range(1000)
     )
-    write(path, [ExitBatch(events)])
+    write(path, [ExitBatch.of(events, START)])
     empty = str(tmp_path / "e.kvmtop")
     write(empty, [])
     assert (os.path.getsize(path) - os.path.getsize(empty)) / 1000 == 32
@@ -175,3 +177,54 @@ def test_recording_to_a_device_never_changes_its_mode(tmp_path) -> None:
         assert stat.S_IMODE(os.stat(fifo).st_mode) == 0o644
     finally:
         os.close(reader)
+
+
+def body(path: str) -> bytes:
+    return open(path, "rb").read()[open_recording(path)._body :]
+
+
+def test_the_writer_writes_the_bytes_it_always_wrote(tmp_path) -> None:
+    """Digests of files written before exits travelled as records: the format is unchanged."""
+    fixed = write_fixed_recording(str(tmp_path / "fixed.kvmtop"))
+    assert hashlib.sha256(body(fixed)).hexdigest() == (
+        "5d3b6db6450e9e95ba26fc7c2959b63ffc1babe279faca441d06bae27445efc0"
+    )
+    start = 1_000_000_000_000
+    mixed = [  # data, a long run, one-stop, failed runs, a negative guest time
+        ExitEvent(0, 2, 0, start + 10, start + 110, 0x3F8, 1 | 1 << 8, 1, b"A"),
+        ExitEvent(1, 6, 0, start + 20, start + 20 + 5 * 10**9, 0xFEE00000, 4, 1, bytes(range(40))),
+        ExitEvent(0, 10, 4, start + 500, start + 900, flags=4),
+        ExitEvent(1, 0, 14, start + 5 * 10**9 + 100, start + 5 * 10**9 + 200),
+        ExitEvent(0, 5, 0, start + 1000, start + 990),
+        ExitEvent(0, 29, 0, start - 50, start + 3000, 0x1B, 0, 1 | 4, b"12345678"),
+    ]
+    meta = RecordingMeta(pid=7, argv=("x",), launched=False, start_ns=start, start_wall=1.0,
+                         with_data=True)  # fmt: skip
+    path = str(tmp_path / "mixed.kvmtop")
+    for base in (start, 0):  # the same bytes from records on the recording's base, or re-based
+        writer = RecordingWriter.create(path, meta, True)
+        writer.write_batch(
+            ExitBatch.of(mixed, base, (VcpuSeen(0, 11, start + 1),), lost=1, stops=12)
+        )
+        writer.write_detached(Detached(7, "exited", start + 6 * 10**9, 0))
+        writer.close()
+        assert hashlib.sha256(body(path)).hexdigest() == (
+            "97f4dd4e8fb13d9dd46473f2df11bbdf24308931a9fb14537d2589cc744fff1b"
+        )
+        assert writer.total == 6
+
+
+def test_batches_pass_the_files_records_through_whole_exits_at_a_time(tmp_path) -> None:
+    """More than one read of the file (1 MiB), exits with DATA records across its ends."""
+    events = [
+        ExitEvent(i % 3, 2, 0, START + i * 10, START + i * 10 + 5, 0x3F8, 1 | 1 << 8, 1, b"d" * 40)
+        for i in range(15_000)
+    ]
+    path = str(tmp_path / "r.kvmtop")
+    write(path, [ExitBatch.of(events[:9000], START), ExitBatch.of(events[9000:], START)],
+          with_data=True)  # fmt: skip
+    batches = list(open_recording(path).batches(max_events=4096))
+    assert [b.exits for b in batches] == [4096, 4096, 4096, 2712]
+    assert all(b.base_ns == START for b in batches)
+    assert b"".join(b.records for b in batches) == body(path)
+    assert [e for b in batches for e in b.events] == events

@@ -5,10 +5,25 @@ from __future__ import annotations
 import random
 import sys
 
-from kvmtop.events import ExitBatch, ExitEvent, VcpuSeen
-from kvmtop.stats import LOG2_BUCKETS, ExitStats, LatencyHistogram
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmtop.events import EXIT_CYCLE, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.native import PURE_ENV, load
+from kvmtop.stats import LOG2_BUCKETS, ExitStats, LatencyHistogram, TopCounter
 
 S = 1_000_000_000
+
+
+@pytest.fixture(autouse=True, params=["native", "pure"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on the C summary and on its pure-Python twin."""
+    if request.param == "pure":
+        monkeypatch.setenv(PURE_ENV, "1")
+    elif load("_summary") is None:
+        pytest.skip("kvmtop._summary is not built")
+    return str(request.param)
 
 
 def io(vcpu: int, entry: int, exit_: int, port: int = 0x80, out: bool = True) -> ExitEvent:
@@ -17,13 +32,14 @@ def io(vcpu: int, entry: int, exit_: int, port: int = 0x80, out: bool = True) ->
 
 def test_counts_per_vcpu_and_reason_with_handling_time_on_the_previous_exit() -> None:
     stats = ExitStats()
-    stats.add_batch(ExitBatch(
+    stats.add_batch(ExitBatch.of(
         (
             io(0, 10 * S, 10 * S + 100),  # guest 100 ns
             ExitEvent(0, 6, 0, 10 * S + 1100, 10 * S + 1400, 0xC0000, 4, 1),  # IO handled in 1000 ns
             ExitEvent(0, 5, 0, 10 * S + 1700, 10 * S + 2000),  # MMIO handled in 300 ns
             ExitEvent(1, 0, 4, 10 * S + 50, 10 * S + 60),  # EINTR on vCPU 1
         ),
+        0,
         (VcpuSeen(0, 777, 0), VcpuSeen(1, 0, 0)),
         stops=8,
     ))  # fmt: skip
@@ -89,7 +105,7 @@ def test_memory_stays_bounded_however_many_keys_and_exits() -> None:
             ExitEvent(rng.randrange(4), 6, 0, t, t + 5, rng.randrange(1 << 40), 4, 1)
             for t in range(chunk * 20_000 * 1000, (chunk + 1) * 20_000 * 1000, 1000)
         )
-        stats.add_batch(ExitBatch(batch))
+        stats.add_batch(ExitBatch.of(batch))
     snap = stats.snapshot(top=None)
     assert snap.total == 200_000
     assert len(snap.mmio) == 64 and not snap.top_exact  # capped, and it says so
@@ -106,3 +122,56 @@ def test_top_counts_are_exact_below_capacity() -> None:
     snap = stats.snapshot()
     assert [(p.port, p.count) for p in snap.io] == [(0x70, 5), (0x71, 3), (0x3F8, 1)]
     assert snap.top_exact
+
+
+def test_top_counts_add_n_at_once_as_n_single_adds_also_beyond_capacity() -> None:
+    one, many = TopCounter(3), TopCounter(3)
+    for key, n in [("a", 5), ("b", 2), ("c", 7), ("d", 3), ("a", 1), ("e", 4)]:
+        for _ in range(n):
+            one.add(key)
+        many.add(key, n)
+        assert one.counts == many.counts and one.exact == many.exact
+
+
+def vcpu_runs(draw: st.DrawFn) -> list[ExitEvent]:
+    """Exits of 3 vCPUs, each vCPU's in time order, interleaved as a tracer sees them."""
+    clock = [10 * S, 10 * S + 7, 10 * S + 13]
+    out = []
+    for _ in range(draw(st.integers(0, 120))):
+        vcpu = draw(st.integers(0, 2))
+        entry = clock[vcpu] + draw(st.sampled_from([0, 1, 500, 3 * 10**8]))
+        exit_ns = entry + draw(st.sampled_from([0, 40, 9_000, 5 * S]))
+        clock[vcpu] = exit_ns
+        reason, errno = draw(st.sampled_from([(2, 0), (6, 0), (5, 0), (10, 4), (0, 14)]))
+        a = draw(st.sampled_from([0x80, 0x3F8, 0xD0000]))
+        flags = draw(st.sampled_from([0, 1, EXIT_CYCLE]))
+        if errno:
+            out.append(ExitEvent(vcpu, reason, errno, entry, exit_ns, flags=flags & EXIT_CYCLE))
+        else:
+            out.append(ExitEvent(vcpu, reason, 0, entry, exit_ns, a, 1 | 1 << 8, flags))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=st.composite(vcpu_runs)(), cuts=st.lists(st.integers(0, 120), max_size=6))
+def test_a_batch_counts_as_its_exits_one_by_one(events: list[ExitEvent], cuts: list[int]) -> None:
+    one_by_one = ExitStats(recent_capacity=5)
+    for e in events:  # a batch of one exit: the per-exit semantics
+        one_by_one.add_batch(ExitBatch.of([e], 10 * S))
+    batched = ExitStats(recent_capacity=5)
+    bounds = sorted({0, len(events), *(c for c in cuts if c < len(events))})
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        batched.add_batch(ExitBatch.of(events[lo:hi], 10 * S))
+    now = events[-1].exit_ns if events else 0
+    assert batched.snapshot(now, recent=True, top=None) == one_by_one.snapshot(
+        now, recent=True, top=None
+    )
+
+
+def test_recent_exits_are_the_latest_of_each_vcpu_across_batches() -> None:
+    stats = ExitStats(recent_capacity=3)
+    events = [io(i % 2, i * 100, i * 100 + 50, port=i) for i in range(20)]
+    for lo in range(0, 20, 7):
+        stats.add_batch(ExitBatch.of(events[lo : lo + 7], 5))
+    recent = stats.vcpu_snapshot(1, 10**4)
+    assert recent is not None and recent.recent == tuple(events[15:20:2])

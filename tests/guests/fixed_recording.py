@@ -37,10 +37,12 @@ def write_fixed_recording(path: str) -> str:
                          start_ns=START, start_wall=1_760_000_000.0, with_data=False,
                          hostname="testhost", kernel="6.18")  # fmt: skip
     writer = RecordingWriter.create(path, meta, with_data=False)
-    writer.write_batch(ExitBatch((), (VcpuSeen(0, 4243, START), VcpuSeen(1, 4244, START))))
+    writer.write_batch(
+        ExitBatch.of((), START, (VcpuSeen(0, 4243, START), VcpuSeen(1, 4244, START)))
+    )
     evs = events()
     for i in range(0, len(evs), 500):
-        writer.write_batch(ExitBatch(tuple(evs[i : i + 500]), stops=2 * len(evs[i : i + 500])))
+        writer.write_batch(ExitBatch.of(evs[i : i + 500], START, stops=2 * len(evs[i : i + 500])))
     writer.write_detached(Detached(4242, "detached", START + 30 * S))
     writer.close()
     return path

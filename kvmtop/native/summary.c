@@ -1,0 +1,472 @@
+/* kvmtop._summary: a batch of exit records grouped in one pass, for the aggregate to merge per
+ * key instead of per exit. An executor, never a decider.
+ *
+ *   summarize(records, base_ns, recent_per_vcpu) -> the summary tuple kvmtop/summary.py
+ *                 documents, value for value (that file is the reference this one is tested
+ *                 against): counts, guest and handling log2 histograms and per-second counts
+ *                 per (vcpu, reason, errno), IO and MMIO key counts, and per vCPU what the
+ *                 aggregate needs across batches plus the records of its last exits.
+ *
+ * It owns no state between calls and no label, no rate, no top table: Python keeps those. The
+ * records (docs/recording-format.md) are read with the GIL released; it hands back with
+ * ValueError on a record that is no part of an exit, MemoryError when out of memory.
+ * Times are computed in 128 bits, so no record can overflow them.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* docs/recording-format.md */
+#define RECORD_SIZE 32
+#define KIND_EXIT 1
+#define KIND_LONG 2
+#define KIND_DATA 3
+#define F_WRITE 0x01
+#define F_FAILED 0x10
+#define F_CYCLE 0x20
+
+/* include/uapi/linux/kvm.h */
+#define KVM_EXIT_IO 2
+#define KVM_EXIT_MMIO 6
+
+#define LOG2_BUCKETS 40 /* kvmtop/stats.py */
+#define NS_PER_S 1000000000
+
+typedef __int128 i128;
+
+static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t le32(const uint8_t *p) { return (uint32_t)le16(p) | (uint32_t)le16(p + 2) << 16; }
+static uint64_t le64(const uint8_t *p) { return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32; }
+
+struct hist {
+    uint64_t count;
+    i128 total, low, high;
+    uint64_t buckets[LOG2_BUCKETS];
+};
+
+static void hist_add(struct hist *h, i128 ns) {
+    if (ns < 0) ns = 0;
+    if (h->count == 0 || ns < h->low) h->low = ns;
+    if (ns > h->high) h->high = ns;
+    h->count++;
+    h->total += ns;
+    unsigned bucket; /* ns.bit_length() - 1, at least 0 */
+    uint64_t hi = (uint64_t)((unsigned __int128)ns >> 64), lo = (uint64_t)ns;
+    if (hi) bucket = 127 - (unsigned)__builtin_clzll(hi);
+    else bucket = lo > 1 ? 63 - (unsigned)__builtin_clzll(lo) : 0;
+    h->buckets[bucket < LOG2_BUCKETS ? bucket : LOG2_BUCKETS - 1]++;
+}
+
+/* An insertion-ordered hash table of fixed-size entries, each beginning with its 3-word key.
+ * Growing moves the entries: hold indices, not pointers, across table_get calls. */
+struct key {
+    uint64_t k[3];
+};
+
+struct table {
+    size_t entry_size, n, cap;
+    char *entries;
+    uint32_t *slots; /* entry index + 1; 0: empty */
+    size_t nslots;   /* a power of two, more than twice n */
+};
+
+static uint64_t key_hash(uint64_t a, uint64_t b, uint64_t c) {
+    uint64_t h = a * 0x9E3779B97F4A7C15ull ^ b * 0xC2B2AE3D27D4EB4Full ^ c * 0x165667B19E3779F9ull;
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ull;
+    return h ^ (h >> 29);
+}
+
+static void *table_at(struct table *t, size_t i) { return t->entries + i * t->entry_size; }
+
+static int table_rehash(struct table *t, size_t nslots) {
+    uint32_t *slots = calloc(nslots, sizeof *slots);
+    if (!slots) return -1;
+    for (size_t i = 0; i < t->n; i++) {
+        const struct key *k = table_at(t, i);
+        size_t s = key_hash(k->k[0], k->k[1], k->k[2]) & (nslots - 1);
+        while (slots[s]) s = (s + 1) & (nslots - 1);
+        slots[s] = (uint32_t)(i + 1);
+    }
+    free(t->slots);
+    t->slots = slots;
+    t->nslots = nslots;
+    return 0;
+}
+
+/* The index of the entry for (a, b, c), or -1 with *slot where it would go. */
+static long table_find(const struct table *t, uint64_t a, uint64_t b, uint64_t c, size_t *slot) {
+    if (!t->nslots) return -1;
+    size_t s = key_hash(a, b, c) & (t->nslots - 1);
+    for (; t->slots[s]; s = (s + 1) & (t->nslots - 1)) {
+        const struct key *k = table_at((struct table *)t, t->slots[s] - 1);
+        if (k->k[0] == a && k->k[1] == b && k->k[2] == c) return (long)(t->slots[s] - 1);
+    }
+    *slot = s;
+    return -1;
+}
+
+/* The index of the entry for (a, b, c), a new zeroed one if there was none; -1: no memory. */
+static long table_get(struct table *t, uint64_t a, uint64_t b, uint64_t c) {
+    size_t s = 0;
+    long found = table_find(t, a, b, c, &s);
+    if (found >= 0) return found;
+    if (2 * (t->n + 1) >= t->nslots) {
+        if (table_rehash(t, t->nslots ? 2 * t->nslots : 64) < 0) return -1;
+        table_find(t, a, b, c, &s);
+    }
+    if (t->n == t->cap) {
+        size_t cap = t->cap ? 2 * t->cap : 16;
+        char *entries = realloc(t->entries, cap * t->entry_size);
+        if (!entries) return -1;
+        t->entries = entries;
+        t->cap = cap;
+    }
+    struct key *k = table_at(t, t->n);
+    memset(k, 0, t->entry_size);
+    k->k[0] = a;
+    k->k[1] = b;
+    k->k[2] = c;
+    t->slots[s] = (uint32_t)(t->n + 1);
+    return (long)t->n++;
+}
+
+static void table_free(struct table *t) {
+    free(t->entries);
+    free(t->slots);
+}
+
+struct group { /* key: vcpu, reason, errno */
+    struct key key;
+    struct hist guest, handling;
+};
+
+struct count { /* key: group index and second, IO or MMIO site */
+    struct key key;
+    uint64_t n;
+};
+
+struct vcpu { /* key: vcpu */
+    struct key key;
+    uint64_t exits;
+    i128 first_entry, last_exit;
+    unsigned first_flags;
+    uint32_t last_reason, last_errno;
+    size_t last_group;
+    size_t want, taken, span0; /* its recent exits: how many, found so far, first in spans */
+};
+
+struct span {
+    size_t start, end; /* records start..end-1: an exit with its LONG and DATA records */
+};
+
+struct pass {
+    const uint8_t *buf;
+    size_t nrec, recent;
+    i128 base;
+    struct table groups, seconds, io, mmio, vcpus;
+    struct span *spans;
+    uint64_t exits;
+    i128 first_exit, last_exit;
+    size_t bad_record; /* with err = 2 */
+    int err;           /* 1: no memory, 2: a record of another kind */
+};
+
+static i128 floor_div(i128 v, i128 d) {
+    i128 q = v / d;
+    return (v % d < 0) ? q - 1 : q;
+}
+
+static int count_add(struct table *t, uint64_t a, uint64_t b, uint64_t c) {
+    long i = table_get(t, a, b, c);
+    if (i < 0) return -1;
+    ((struct count *)table_at(t, (size_t)i))->n++;
+    return 0;
+}
+
+static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest) {
+    unsigned flags = r[1];
+    uint16_t vcpu_id = le16(r + 2);
+    uint32_t reason = le32(r + 4), b = le32(r + 20), run_errno = 0;
+    uint64_t a = le64(r + 24), write = flags & F_WRITE;
+    if (flags & F_FAILED) { /* b holds the errno; the details of a failed run mean nothing */
+        run_errno = b;
+        a = b = 0;
+        write = 0;
+    }
+    i128 exit_ns = p->base + (int64_t)le64(r + 8), entry_ns = exit_ns - (i128)guest;
+
+    long gi = table_get(&p->groups, vcpu_id, reason, run_errno);
+    if (gi < 0) return -1;
+    hist_add(&((struct group *)table_at(&p->groups, (size_t)gi))->guest, (i128)guest);
+    size_t known = p->vcpus.n;
+    long vi = table_get(&p->vcpus, vcpu_id, 0, 0);
+    if (vi < 0) return -1;
+    struct vcpu *v = table_at(&p->vcpus, (size_t)vi);
+    if (p->vcpus.n > known) {
+        v->first_entry = entry_ns;
+        v->first_flags = flags;
+    } else if (!(flags & F_CYCLE)) { /* one-stop: the run and the handling are not told apart */
+        struct group *last = table_at(&p->groups, v->last_group);
+        hist_add(&last->handling, entry_ns - v->last_exit);
+    }
+    v->exits++;
+    v->last_exit = exit_ns;
+    v->last_group = (size_t)gi;
+    v->last_reason = reason;
+    v->last_errno = run_errno;
+
+    int64_t second = (int64_t)floor_div(exit_ns, NS_PER_S);
+    if (count_add(&p->seconds, (uint64_t)gi, (uint64_t)second, 0) < 0) return -1;
+    if (run_errno == 0 && reason == KVM_EXIT_IO) {
+        if (count_add(&p->io, vcpu_id, a, write << 8 | (b & 0xFF)) < 0) return -1;
+    } else if (run_errno == 0 && reason == KVM_EXIT_MMIO) {
+        if (count_add(&p->mmio, vcpu_id, a, write << 32 | b) < 0) return -1;
+    }
+    if (p->exits == 0) p->first_exit = exit_ns;
+    p->last_exit = exit_ns;
+    p->exits++;
+    return 0;
+}
+
+/* The first pass: everything but the recent exits. */
+static void group_records(struct pass *p) {
+    const uint8_t *buf = p->buf;
+    for (size_t i = 0; i < p->nrec;) {
+        unsigned kind = buf[i * RECORD_SIZE];
+        if (kind == KIND_LONG || kind == KIND_DATA) { /* before the first EXIT: no exit's */
+            i++;
+            continue;
+        }
+        if (kind != KIND_EXIT) {
+            p->err = 2;
+            p->bad_record = i;
+            return;
+        }
+        uint64_t guest = le32(buf + i * RECORD_SIZE + 16);
+        size_t j = i + 1;
+        for (; j < p->nrec; j++) {
+            unsigned part = buf[j * RECORD_SIZE];
+            if (part == KIND_LONG) guest = le64(buf + j * RECORD_SIZE + 8);
+            else if (part != KIND_DATA) break;
+        }
+        if (add_exit(p, buf + i * RECORD_SIZE, guest) < 0) {
+            p->err = 1;
+            return;
+        }
+        i = j;
+    }
+}
+
+/* The second pass, from the end: the spans of each vCPU's last `recent` exits. */
+static void find_recent(struct pass *p) {
+    size_t total = 0;
+    for (size_t i = 0; i < p->vcpus.n; i++) {
+        struct vcpu *v = table_at(&p->vcpus, i);
+        v->want = v->exits < p->recent ? (size_t)v->exits : p->recent;
+        v->span0 = total;
+        total += v->want;
+    }
+    if (total == 0) return;
+    p->spans = malloc(total * sizeof *p->spans);
+    if (!p->spans) {
+        p->err = 1;
+        return;
+    }
+    size_t end = p->nrec, left = total;
+    for (size_t i = p->nrec; i-- > 0 && left;) {
+        const uint8_t *r = p->buf + i * RECORD_SIZE;
+        if (r[0] != KIND_EXIT) continue; /* a LONG or DATA record of the exit before it */
+        size_t unused;
+        long vi = table_find(&p->vcpus, le16(r + 2), 0, 0, &unused); /* every one is known */
+        struct vcpu *v = table_at(&p->vcpus, (size_t)vi);
+        if (v->taken < v->want) {
+            v->taken++;
+            p->spans[v->span0 + v->want - v->taken] = (struct span){i, end};
+            left--;
+        }
+        end = i;
+    }
+}
+
+static PyObject *long_from_i128(i128 v) {
+    if (v >= INT64_MIN && v <= INT64_MAX) return PyLong_FromLongLong((long long)v);
+    unsigned char bytes[16];
+    for (int i = 0; i < 16; i++) bytes[i] = (unsigned char)((unsigned __int128)v >> (8 * i));
+    return _PyLong_FromByteArray(bytes, 16, 1, 1);
+}
+
+static PyObject *buckets_tuple(const uint64_t *buckets) {
+    PyObject *t = PyTuple_New(LOG2_BUCKETS);
+    for (int i = 0; t && i < LOG2_BUCKETS; i++) {
+        PyObject *n = PyLong_FromUnsignedLongLong(buckets[i]);
+        if (!n) {
+            Py_CLEAR(t);
+            break;
+        }
+        PyTuple_SET_ITEM(t, i, n);
+    }
+    return t;
+}
+
+#define HIST_FORMAT "KNNNN"
+#define HIST_VALUES(h)                                                                           \
+    (unsigned long long)(h).count, long_from_i128((h).total), long_from_i128((h).low),         \
+        long_from_i128((h).high), buckets_tuple((h).buckets)
+
+/* Append a new item (NULL: an error is set) to list, dropping the reference; -1 on error. */
+static int append(PyObject *list, PyObject *item) {
+    if (!item) return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+static PyObject *vcpu_recent(const struct pass *p, const struct vcpu *v) {
+    size_t size = 0;
+    for (size_t s = v->span0; s < v->span0 + v->want; s++)
+        size += (p->spans[s].end - p->spans[s].start) * RECORD_SIZE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (!out) return NULL;
+    char *at = PyBytes_AS_STRING(out);
+    for (size_t s = v->span0; s < v->span0 + v->want; s++) {
+        size_t n = (p->spans[s].end - p->spans[s].start) * RECORD_SIZE;
+        memcpy(at, p->buf + p->spans[s].start * RECORD_SIZE, n);
+        at += n;
+    }
+    return out;
+}
+
+static PyObject *summary_value(const struct pass *p) {
+    PyObject *groups = PyList_New(0), *seconds = PyList_New(0), *io = PyList_New(0);
+    PyObject *mmio = PyList_New(0), *vcpus = PyList_New(0);
+    if (!groups || !seconds || !io || !mmio || !vcpus) goto fail;
+    for (size_t i = 0; i < p->groups.n; i++) {
+        const struct group *g = table_at((struct table *)&p->groups, i);
+        if (append(groups, Py_BuildValue("(kkk" HIST_FORMAT HIST_FORMAT ")",
+                                         (unsigned long)g->key.k[0], (unsigned long)g->key.k[1],
+                                         (unsigned long)g->key.k[2], HIST_VALUES(g->guest),
+                                         HIST_VALUES(g->handling))) < 0)
+            goto fail;
+    }
+    for (size_t i = 0; i < p->seconds.n; i++) {
+        const struct count *c = table_at((struct table *)&p->seconds, i);
+        if (append(seconds, Py_BuildValue("(KLK)", (unsigned long long)c->key.k[0],
+                                          (long long)(int64_t)c->key.k[1],
+                                          (unsigned long long)c->n)) < 0)
+            goto fail;
+    }
+    for (size_t i = 0; i < p->io.n; i++) {
+        const struct count *c = table_at((struct table *)&p->io, i);
+        if (append(io, Py_BuildValue("(kKNkK)", (unsigned long)c->key.k[0],
+                                     (unsigned long long)c->key.k[1],
+                                     PyBool_FromLong((long)(c->key.k[2] >> 8)),
+                                     (unsigned long)(c->key.k[2] & 0xFF),
+                                     (unsigned long long)c->n)) < 0)
+            goto fail;
+    }
+    for (size_t i = 0; i < p->mmio.n; i++) {
+        const struct count *c = table_at((struct table *)&p->mmio, i);
+        if (append(mmio, Py_BuildValue("(kKkNK)", (unsigned long)c->key.k[0],
+                                       (unsigned long long)c->key.k[1],
+                                       (unsigned long)(c->key.k[2] & 0xFFFFFFFF),
+                                       PyBool_FromLong((long)(c->key.k[2] >> 32)),
+                                       (unsigned long long)c->n)) < 0)
+            goto fail;
+    }
+    for (size_t i = 0; i < p->vcpus.n; i++) {
+        const struct vcpu *v = table_at((struct table *)&p->vcpus, i);
+        if (append(vcpus, Py_BuildValue("(kKNINkkNn)", (unsigned long)v->key.k[0],
+                                        (unsigned long long)v->exits,
+                                        long_from_i128(v->first_entry), v->first_flags,
+                                        long_from_i128(v->last_exit),
+                                        (unsigned long)v->last_reason,
+                                        (unsigned long)v->last_errno, vcpu_recent(p, v),
+                                        (Py_ssize_t)v->want)) < 0)
+            goto fail;
+    }
+    PyObject *first = Py_None, *last = Py_None;
+    if (p->exits) {
+        first = long_from_i128(p->first_exit);
+        last = long_from_i128(p->last_exit);
+        if (!first || !last) {
+            Py_XDECREF(first);
+            Py_XDECREF(last);
+            goto fail;
+        }
+    } else {
+        Py_INCREF(first);
+        Py_INCREF(last);
+    }
+    return Py_BuildValue("(KNNNNNNN)", (unsigned long long)p->exits, first, last, groups,
+                         seconds, io, mmio, vcpus);
+fail:
+    Py_XDECREF(groups);
+    Py_XDECREF(seconds);
+    Py_XDECREF(io);
+    Py_XDECREF(mmio);
+    Py_XDECREF(vcpus);
+    return NULL;
+}
+
+static PyObject *summarize(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer records;
+    long long base_ns;
+    Py_ssize_t recent;
+    if (!PyArg_ParseTuple(args, "y*Ln:summarize", &records, &base_ns, &recent)) return NULL;
+    if (records.len % RECORD_SIZE) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes are not a whole number of records",
+                     records.len);
+        PyBuffer_Release(&records);
+        return NULL;
+    }
+    struct pass p = {
+        .buf = records.buf,
+        .nrec = (size_t)records.len / RECORD_SIZE,
+        .recent = recent > 0 ? (size_t)recent : 0,
+        .base = base_ns,
+        .groups = {.entry_size = sizeof(struct group)},
+        .seconds = {.entry_size = sizeof(struct count)},
+        .io = {.entry_size = sizeof(struct count)},
+        .mmio = {.entry_size = sizeof(struct count)},
+        .vcpus = {.entry_size = sizeof(struct vcpu)},
+    };
+    Py_BEGIN_ALLOW_THREADS
+    group_records(&p);
+    if (!p.err) find_recent(&p);
+    Py_END_ALLOW_THREADS
+    PyObject *out = NULL;
+    if (p.err == 1) PyErr_NoMemory();
+    else if (p.err == 2)
+        PyErr_Format(PyExc_ValueError, "record %zu has kind %u: not an exit record", p.bad_record,
+                     (unsigned)p.buf[p.bad_record * RECORD_SIZE]);
+    else out = summary_value(&p);
+    free(p.spans);
+    table_free(&p.groups);
+    table_free(&p.seconds);
+    table_free(&p.io);
+    table_free(&p.mmio);
+    table_free(&p.vcpus);
+    PyBuffer_Release(&records);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"summarize", summarize, METH_VARARGS,
+     "summarize(records, base_ns, recent_per_vcpu) -> summary (see kvmtop/summary.py)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "kvmtop._summary",
+    .m_doc = "A batch of exit records grouped in one pass.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__summary(void) { return PyModule_Create(&module); }

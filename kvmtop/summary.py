@@ -1,0 +1,198 @@
+"""A batch's exit records grouped in one pass, for the aggregate to merge at a cost per key, not
+per exit: the pure-Python twin of ``kvmtop/native/summary.c`` (module ``kvmtop._summary``),
+which must return exactly the same values.
+
+``summarize(records, base_ns, recent_per_vcpu)`` takes EXIT records each followed by its LONG
+and DATA records (:mod:`kvmtop.records`; LONG or DATA before the first EXIT are passed over),
+t_exit relative to ``base_ns`` (an int64 ns), and returns a :data:`Summary`:
+
+``(exits, first_exit_ns, last_exit_ns, groups, seconds, io, mmio, vcpus)``
+
+- ``exits``: the number of EXIT records; ``first_exit_ns``/``last_exit_ns``: the absolute exit
+  times of the first and last (None when there are none);
+- ``groups``: per (vcpu, reason, errno), in order of first appearance,
+  ``(vcpu, reason, errno, count, guest_total, guest_min, guest_max, guest_buckets,
+  handling_count, handling_total, handling_min, handling_max, handling_buckets)``; a failed run
+  (F_FAILED) has errno = its b and no details; the buckets are 40 counts, the bucket of ns being
+  ``min(39, max(0, ns.bit_length() - 1))``, negative ns counted as 0 (as in stats.py); handling is
+  the entry time of an exit minus the previous exit time of the same vCPU in this batch, counted
+  in the previous exit's group, and not for exits with F_CYCLE; min and max are 0 when empty;
+- ``seconds``: ``(group index, exit_ns // 10**9, count)``, in order of first appearance;
+- ``io``: ``(vcpu, port, write, size, count)`` for KVM_EXIT_IO with errno 0 (size = b & 0xFF);
+- ``mmio``: ``(vcpu, address, length, write, count)`` for KVM_EXIT_MMIO with errno 0;
+- ``vcpus``: in order of first appearance, ``(vcpu, exits, first_entry_ns, first_flags,
+  last_exit_ns, last_reason, last_errno, recent, recent_exits)``: the record flags of its first
+  exit (for the pair across batches), and ``recent``, the records of its last
+  ``recent_per_vcpu`` exits (each with its LONG and DATA records), ``recent_exits`` of them.
+
+A record of another kind raises ValueError, as does a length that is not a whole number of
+records. Pure; no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from kvmtop.records import (
+    EXIT,
+    F_CYCLE,
+    F_FAILED,
+    F_WRITE,
+    KIND_DATA,
+    KIND_EXIT,
+    KIND_LONG,
+    LONG,
+    RECORD_SIZE,
+)
+
+LOG2_BUCKETS = 40
+NS = 1_000_000_000
+KVM_EXIT_IO, KVM_EXIT_MMIO = 2, 6  # linux/kvm.h
+
+Summary = tuple[
+    int,
+    int | None,
+    int | None,
+    list[tuple[Any, ...]],
+    list[tuple[int, int, int]],
+    list[tuple[int, int, bool, int, int]],
+    list[tuple[int, int, int, bool, int]],
+    list[tuple[Any, ...]],
+]
+
+
+def check_records(records: bytes | bytearray | memoryview) -> None:
+    if len(records) % RECORD_SIZE:
+        raise ValueError(f"{len(records)} bytes are not a whole number of records")
+
+
+def _exits(records: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, Any, int]]:
+    """(first record, record after its last, EXIT fields, guest ns) per exit."""
+    check_records(records)
+    pending: Any = None
+    start = guest = 0
+    for i, fields in enumerate(EXIT.iter_unpack(records)):
+        kind = fields[0]
+        if kind == KIND_EXIT:
+            if pending is not None:
+                yield start, i, pending, guest
+            pending, start, guest = fields, i, fields[5]
+        elif kind == KIND_LONG:
+            if pending is not None:
+                guest = LONG.unpack(EXIT.pack(*fields))[1]
+        elif kind != KIND_DATA:
+            raise ValueError(f"record {i} has kind {kind}: not an exit record")
+    if pending is not None:
+        yield start, len(records) // RECORD_SIZE, pending, guest
+
+
+class _Hist:
+    __slots__ = ("count", "total", "low", "high", "buckets")
+
+    def __init__(self) -> None:
+        self.count = self.total = self.low = self.high = 0
+        self.buckets = [0] * LOG2_BUCKETS
+
+    def add(self, ns: int) -> None:
+        ns = max(0, ns)
+        if self.count == 0 or ns < self.low:
+            self.low = ns
+        self.high = max(self.high, ns)
+        self.count += 1
+        self.total += ns
+        self.buckets[min(LOG2_BUCKETS - 1, max(0, ns.bit_length() - 1))] += 1
+
+    def fields(self) -> tuple[int, int, int, int, tuple[int, ...]]:
+        return self.count, self.total, self.low, self.high, tuple(self.buckets)
+
+
+class _VcpuPass:
+    __slots__ = ("exits", "first_entry", "first_flags", "last_exit", "last_group", "last_key",
+                 "spans")  # fmt: skip
+
+    def __init__(self, entry: int, flags: int, recent: int) -> None:
+        self.exits = 0
+        self.first_entry = entry
+        self.first_flags = flags
+        self.last_exit = 0
+        self.last_group: tuple[_Hist, _Hist] | None = None
+        self.last_key = (0, 0)
+        self.spans: deque[tuple[int, int]] = deque(maxlen=recent)
+
+
+def summarize(
+    records: bytes | bytearray | memoryview, base_ns: int, recent_per_vcpu: int
+) -> Summary:
+    recent = max(0, recent_per_vcpu)
+    groups: dict[tuple[int, int, int], tuple[_Hist, _Hist, int]] = {}
+    seconds: dict[tuple[int, int], int] = {}
+    io: dict[tuple[int, int, bool, int], int] = {}
+    mmio: dict[tuple[int, int, int, bool], int] = {}
+    vcpus: dict[int, _VcpuPass] = {}
+    exits = 0
+    first_exit = last_exit = None
+    for start, end, fields, guest in _exits(records):
+        _kind, flags, vcpu, reason, t_exit, _guest, b, a = fields
+        errno = 0
+        write = bool(flags & F_WRITE)
+        if flags & F_FAILED:
+            errno, a, b, write = b, 0, 0, False
+        exit_ns = base_ns + t_exit
+        entry_ns = exit_ns - guest
+        group = groups.get((vcpu, reason, errno))
+        if group is None:
+            group = groups[(vcpu, reason, errno)] = (_Hist(), _Hist(), len(groups))
+        group[0].add(guest)
+        state = vcpus.get(vcpu)
+        if state is None:
+            state = vcpus[vcpu] = _VcpuPass(entry_ns, flags, recent)
+        elif not flags & F_CYCLE:
+            assert state.last_group is not None
+            state.last_group[1].add(entry_ns - state.last_exit)
+        state.exits += 1
+        state.last_exit = exit_ns
+        state.last_group = group[:2]
+        state.last_key = (reason, errno)
+        if recent:
+            state.spans.append((start, end))
+        second = (group[2], exit_ns // NS)
+        seconds[second] = seconds.get(second, 0) + 1
+        if errno == 0:
+            if reason == KVM_EXIT_IO:
+                port = (vcpu, a, write, b & 0xFF)
+                io[port] = io.get(port, 0) + 1
+            elif reason == KVM_EXIT_MMIO:
+                site = (vcpu, a, b, write)
+                mmio[site] = mmio.get(site, 0) + 1
+        exits += 1
+        if first_exit is None:
+            first_exit = exit_ns
+        last_exit = exit_ns
+    view = memoryview(records)
+    return (
+        exits,
+        first_exit,
+        last_exit,
+        [
+            (*key, *guest.fields(), *handling.fields())
+            for key, (guest, handling, _) in groups.items()
+        ],
+        [(g, s, n) for (g, s), n in seconds.items()],
+        [(*key, n) for key, n in io.items()],
+        [(*key, n) for key, n in mmio.items()],
+        [
+            (
+                vcpu,
+                s.exits,
+                s.first_entry,
+                s.first_flags,
+                s.last_exit,
+                *s.last_key,
+                b"".join(view[a * RECORD_SIZE : z * RECORD_SIZE] for a, z in s.spans),
+                len(s.spans),
+            )
+            for vcpu, s in vcpus.items()
+        ],
+    )

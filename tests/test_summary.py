@@ -1,0 +1,93 @@
+"""The batch summary: the C module returns exactly what its Python twin does, on any records."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmtop import summary
+from kvmtop.events import EXIT_CYCLE, ExitEvent
+from kvmtop.native import load
+from kvmtop.records import EXIT, F_CYCLE, KIND_DATA, KIND_EXIT, KIND_LONG, LONG, pack_events
+
+native = load("_summary")
+needs_native = pytest.mark.skipif(native is None, reason="kvmtop._summary is not built")
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+exit_record = st.builds(
+    lambda flags, vcpu, reason, t, guest, b, a: EXIT.pack(
+        KIND_EXIT, flags, vcpu, reason, t, guest, b, a
+    ),  # fmt: skip
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 2, 65535]),
+    st.sampled_from([2, 6, 5, 10, 0, 2**32 - 1]),
+    st.one_of(st.integers(-(10**10), 10**10), INT64),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0, 1, 4, 257, 2**32 - 1]),
+    st.sampled_from([0, 0x80, 0x3F8, 2**64 - 1]),
+)
+long_record = st.builds(lambda ns: LONG.pack(KIND_LONG, ns), st.integers(0, 2**64 - 1))
+data_record = st.builds(lambda n: bytes([KIND_DATA, n]) + bytes(30), st.integers(0, 30))
+records_strategy = st.lists(
+    st.one_of(exit_record, exit_record, exit_record, long_record, data_record), max_size=60
+).map(b"".join)
+
+
+@needs_native
+@settings(max_examples=300, deadline=None)
+@given(records=records_strategy, base_ns=INT64, recent=st.integers(-1, 5))
+def test_native_and_pure_summaries_are_equal(records: bytes, base_ns: int, recent: int) -> None:
+    assert native.summarize(records, base_ns, recent) == summary.summarize(records, base_ns, recent)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (bytes(31), "31 bytes are not a whole number of records"),
+        (pack_events([ExitEvent(0, 2, 0, 1, 2)], 0) + b"\x04" + bytes(31), "record 1 has kind 4"),
+        (b"\x00" + bytes(31), "record 0 has kind 0"),
+    ],
+)
+def test_both_refuse_records_that_are_no_exit(records: bytes, message: str) -> None:
+    for summarize in (native.summarize, summary.summarize):
+        with pytest.raises(ValueError, match=message):
+            summarize(records, 0, 10)
+
+
+def test_a_summary_groups_by_vcpu_reason_and_errno_with_handling_on_the_previous_exit() -> None:
+    events = [
+        ExitEvent(0, 2, 0, 1_000, 1_100, 0x80, 1 | 1 << 8, 1),  # IO out, guest 100
+        ExitEvent(1, 6, 0, 1_050, 1_060, 0xD0000, 4, 0),  # MMIO read on vCPU 1
+        ExitEvent(0, 2, 0, 1_400, 1_900, 0x80, 1 | 1 << 8, 1),  # IO handled in 300
+        ExitEvent(0, 10, 4, 2_000, 2**33, flags=EXIT_CYCLE),  # EINTR, one-stop: no handling
+    ]
+    records = pack_events(events, 1_000)
+    exits, first, last, groups, seconds, io, mmio, vcpus = summary.summarize(records, 1_000, 2)
+    assert (exits, first, last) == (4, 1_100, 2**33)
+    assert [g[:7] for g in groups] == [
+        (0, 2, 0, 2, 600, 100, 500),
+        (1, 6, 0, 1, 10, 10, 10),
+        (0, 10, 4, 1, 2**33 - 2_000, 2**33 - 2_000, 2**33 - 2_000),
+    ]
+    assert groups[0][8:12] == (1, 300, 300, 300)  # handled once, between its two IO exits
+    assert sum(groups[0][7]) == 2 and groups[0][7][6] == 1 and groups[0][7][8] == 1  # 100, 500
+    assert seconds == [(0, 0, 2), (1, 0, 1), (2, 8, 1)]
+    assert io == [(0, 0x80, True, 1, 2)] and mmio == [(1, 0xD0000, 4, False, 1)]
+    v0, v1 = vcpus
+    assert v0[:7] == (0, 3, 1_000, 1, 2**33, 10, 4)  # first flags: F_WRITE
+    assert v0[8] == 2 and v0[7] == records[64:]  # its last two exits, as records
+    assert v1[:4] == (1, 1, 1_050, 0) and v1[7] == records[32:64]
+    assert vcpus[0][3] & F_CYCLE == 0
+
+
+def test_records_before_the_first_exit_belong_to_none() -> None:
+    orphans = LONG.pack(KIND_LONG, 99) + bytes([KIND_DATA, 3]) + bytes(30)
+    records = orphans + pack_events([ExitEvent(0, 5, 0, 10, 20)], 0)
+    exits, *_, vcpus = summary.summarize(records, 0, 5)
+    assert exits == 1 and vcpus[0][7] == records[64:]
+    assert struct.unpack_from("<I", records, 64 + 16)[0] == 10
