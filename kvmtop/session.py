@@ -87,6 +87,7 @@ class TraceSession:
         self._sink = exit_sink
         self.sink_closed = False  # the stream's reader went away (``| head``): detached
         self._pending: Future[Attached] | None = None
+        self._attach_taken = threading.Event()  # the pump has taken the last attach's outcome
         self._tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr)
         self._tracer.start()
         self._pump = threading.Thread(target=self._run_pump, name="kvmtop-pump", daemon=True)
@@ -108,6 +109,7 @@ class TraceSession:
     def _begin(self, future: Future[Attached]) -> Future[Attached]:
         self.state = SessionState.ATTACHING
         self.ended.clear()
+        self._attach_taken.clear()
         self._pending = future
         return future
 
@@ -127,9 +129,7 @@ class TraceSession:
             attached = self._pending.result(timeout)
         except FutureTimeout:
             raise KvmtopError(f"attach did not finish within {timeout:.0f} s") from None
-        deadline = time.monotonic() + timeout
-        while self.state is SessionState.ATTACHING and time.monotonic() < deadline:
-            time.sleep(0.005)  # the pump has not taken the Attached message yet
+        self._attach_taken.wait(timeout)  # the pump may not have taken the Attached message yet
         return attached
 
     def take_notices(self) -> list[tuple[str, str]]:
@@ -182,7 +182,10 @@ class TraceSession:
             if self._sink is not None:
                 self._stream(message)
         elif isinstance(message, Attached):
-            self._on_attached(message)
+            try:
+                self._on_attached(message)
+            finally:
+                self._attach_taken.set()
         elif isinstance(message, Detached):
             self._on_detached(message)
         elif isinstance(message, TracerFailed):
@@ -190,6 +193,7 @@ class TraceSession:
             if self.state is SessionState.ATTACHING:
                 self.state = SessionState.FAILED
                 self.ended.set()
+                self._attach_taken.set()
 
     def _stream(self, batch: ExitBatch) -> None:
         assert self._sink is not None
