@@ -9,7 +9,6 @@ numbers 424 and up are the same on every architecture.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 
@@ -58,7 +57,7 @@ SYSCALL_INFO_HEAD = struct.Struct("<B3xI16x")  # op, arch
 SYSCALL_INFO_ENTRY = struct.Struct("<24xQQQ")  # nr, args[0], args[1]
 SYSCALL_INFO_EXIT = struct.Struct("<24xq")  # rval
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # our own libc: find_library("c") runs ldconfig, ~5 ms
 _libc.syscall.restype = ctypes.c_long
 
 
