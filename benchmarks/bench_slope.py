@@ -1,0 +1,289 @@
+"""What one traced KVM exit costs, as a slope, with start-up cancelled out.
+
+    python benchmarks/bench_slope.py [--counts 20000,100000] [--rounds 3] [--only NAME,...]
+
+The same QEMU ``-bios`` guest (tests/guests/qemu_bios.py: N x ``out 0x80``, then isa-debug-exit)
+runs at two exit counts, untraced and under each tracer, the tracers alternating within each
+round. A run's time t(N) is its wall time; per exit = (t(N2) - t(N1)) / (N2 - N1), so whatever a
+run costs once (interpreters, imports, QEMU's own start, a tracer's set-up and tear-down) drops
+out. The intercept t(N1) - slope * N1 is that once-per-run cost; ``start-up`` is a tracer's
+intercept minus the untraced run's intercept of the same round: what the tracer adds to running
+the command at all. Medians over rounds.
+
+Attach mode (``kvmtop record -p PID``): the guest first spins (no exits) long enough for kvmtop to
+attach. A run is timed from the moment QEMU holds its vCPU (polled in /proc) to kvmtop's exit,
+which follows QEMU's; the untraced reference (``untraced, spinning``) is the same spinning guest
+timed from the same moment to QEMU's exit. Both runs contain the same spin, so the slope is the
+cost per exit, and the start-up column is what attaching adds to the VM's remaining life plus the
+time kvmtop takes to end after the VM has: kvmtop's own start (the interpreter, the attach) runs
+while the guest spins and costs the guest nothing, so it is reported on its own line (``attach
+latency``: kvmtop's start to its "recording to" line). If kvmtop came late, its count is short,
+and a warning says so.
+
+Counts are checked: kvmtop's summary (``--json``) must hold N + 1 port-IO exits (N ``out 0x80``
+and the debug-exit's ``out 0xf4``), the floor's "total" N + 1 (it reads each exit at the next
+``KVM_RUN``, so the last ``out 0xf4`` never shows, and the first run's reason 0 does). strace
+writes to /dev/null, as asked, and is not counted.
+
+kvmtop is the console script installed beside this interpreter when there is one (as a user runs
+it), else ``kvmtop`` on PATH, else ``python -m kvmtop``. The floor (/work/shared/floor/floor.c: a
+C tracer that does nothing but read each exit, see its README) is built with gcc into a
+temporary directory when both are there; its rows say how close kvmtop comes to what this
+machine allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from guests.qemu_bios import qemu_command, write_bios  # noqa: E402
+
+STRACE = ["strace", "-f", "-qq", "-e", "trace=ioctl", "--kvm=vcpu", "-o", "/dev/null"]
+FLOOR_SOURCE = "/work/shared/floor/floor.c"
+SPIN_ITERATIONS = 3_000_000  # ~0.8 s here; kvmtop attaches in ~0.15 s
+IO_EXIT = "KVM_EXIT_IO"
+
+
+def kvmtop_command() -> list[str]:
+    beside = os.path.join(os.path.dirname(sys.executable), "kvmtop")
+    if os.access(beside, os.X_OK):
+        return [beside]
+    on_path = shutil.which("kvmtop")
+    return [on_path] if on_path else [sys.executable, "-m", "kvmtop"]
+
+
+@dataclass
+class Run:
+    seconds: float
+    exits: int | None = None  # what the tracer counted, where it says
+    latency: float | None = None  # attach mode: kvmtop's start to its "recording to" line
+
+
+@dataclass
+class Tracer:
+    name: str
+    run: Callable[[int], Run]  # exit count -> one timed run
+    reference: str = "untraced"  # whose intercept its start-up is measured against
+    expected: Callable[[int], int] | None = None  # exit count -> what it must count
+    runs: dict[int, list[Run]] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, tmp: str, counts: list[int]) -> None:
+        self.kvmtop = kvmtop_command()
+        self.busy = {n: write_bios(os.path.join(tmp, f"busy{n}.bin"), n) for n in counts}
+        self.spinning = {
+            n: write_bios(os.path.join(tmp, f"spin{n}.bin"), n, 0, SPIN_ITERATIONS) for n in counts
+        }
+        self.floor = self._build_floor(tmp)
+
+    @staticmethod
+    def _build_floor(tmp: str) -> str | None:
+        if not os.path.exists(FLOOR_SOURCE) or shutil.which("gcc") is None:
+            return None
+        out = os.path.join(tmp, "floor")
+        subprocess.run(["gcc", "-O2", "-o", out, FLOOR_SOURCE], check=True)
+        return out
+
+    def untraced(self, n: int) -> Run:
+        return Run(_wall(qemu_command(self.busy[n]))[0])
+
+    def strace(self, n: int) -> Run:
+        return Run(_wall(STRACE + qemu_command(self.busy[n]))[0])
+
+    def launch(self, *flags: str) -> Callable[[int], Run]:
+        def run(n: int) -> Run:
+            argv = [*self.kvmtop, "record", *flags, "--json", "-o", "/dev/null", "--"]
+            seconds, out, _err = _wall(argv + qemu_command(self.busy[n]))
+            return Run(seconds, _io_exits(out))
+
+        return run
+
+    def floor_mode(self, mode: str, sync: bool = False) -> Callable[[int], Run]:
+        assert self.floor is not None
+        env = {**os.environ, "SYNC": "1"} if sync else None
+
+        def run(n: int) -> Run:
+            seconds, _out, err = _wall([self.floor, mode, *qemu_command(self.busy[n])], env)
+            total = err.rsplit("(total ", 1)[-1].split(")")[0]
+            return Run(seconds, int(total) if total.isdigit() else None)
+
+        return run
+
+    def untraced_spinning(self, n: int) -> Run:
+        vmm = subprocess.Popen(qemu_command(self.spinning[n]), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+        started = _vcpu_ready(vmm)
+        vmm.wait()
+        return Run(time.monotonic() - started)
+
+    def attach(self, n: int) -> Run:
+        vmm = subprocess.Popen(qemu_command(self.spinning[n]), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            started = _vcpu_ready(vmm)
+            argv = [*self.kvmtop, "record", "-p", str(vmm.pid), "--json", "-o", "/dev/null"]
+            rec = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert rec.stderr is not None
+            line = rec.stderr.readline()
+            latency = time.monotonic() - started
+            out, err = rec.communicate()
+            seconds = time.monotonic() - started
+        finally:
+            if vmm.poll() is None:
+                vmm.kill()
+            vmm.wait()
+        if "recording to" not in line:
+            raise SystemExit(f"kvmtop did not attach: {line}{err}")
+        return Run(seconds, _io_exits(out), latency)
+
+
+def _wall(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str, str]:
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    return time.monotonic() - started, done.stdout, done.stderr
+
+
+def _io_exits(summary_json: str) -> int | None:
+    try:
+        return int(json.loads(summary_json)["exits"].get(IO_EXIT, 0))
+    except (ValueError, KeyError):
+        return None
+
+
+def _vcpu_ready(vmm: subprocess.Popen[bytes]) -> float:
+    """The moment QEMU holds a vCPU fd: the common origin of attach-mode runs."""
+    fd_dir = f"/proc/{vmm.pid}/fd"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            links = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
+        except OSError:
+            links = []
+        if any(link.startswith("anon_inode:kvm-vcpu:") for link in links):
+            return time.monotonic()
+        time.sleep(0.001)
+    raise SystemExit(f"QEMU (pid {vmm.pid}) made no vCPU within 10 s")
+
+
+def tracers(bench: Bench) -> list[Tracer]:
+    io_count = lambda n: n + 1  # noqa: E731 - N `out 0x80` and the debug-exit's `out 0xf4`
+    rows = [
+        Tracer("untraced", bench.untraced),
+        Tracer("strace", bench.strace),
+        Tracer("kvmtop", bench.launch(), expected=io_count),
+        Tracer("kvmtop-no-seccomp", bench.launch("--no-seccomp"), expected=io_count),
+        Tracer("untraced-spinning", bench.untraced_spinning, "untraced-spinning"),
+        Tracer("kvmtop-attach", bench.attach, "untraced-spinning", io_count),
+    ]
+    if bench.floor is not None:
+        for mode, sync in (("ptrace1", False), ("ptrace2", False), ("unotif", False),
+                           ("unotif", True)):  # fmt: skip
+            name = f"floor-{mode}" + ("-sync" if sync else "")
+            rows.append(Tracer(name, bench.floor_mode(mode, sync), expected=io_count))
+    return rows
+
+
+def slope(tracer: Tracer, lo: int, hi: int, r: int) -> float:
+    return (tracer.runs[hi][r].seconds - tracer.runs[lo][r].seconds) / (hi - lo)
+
+
+def intercept(tracer: Tracer, lo: int, hi: int, r: int) -> float:
+    return tracer.runs[lo][r].seconds - slope(tracer, lo, hi, r) * lo
+
+
+def report(rows: list[Tracer], lo: int, hi: int, rounds: int, kvmtop: list[str]) -> None:
+    by_name = {t.name: t for t in rows}
+    per_exit = {t.name: statistics.median(slope(t, lo, hi, r) for r in range(rounds)) for t in rows}
+    whole = {t.name: statistics.median(run.seconds for run in t.runs[lo]) for t in rows}
+    strace = by_name.get("strace")
+    print(f"QEMU -bios guest, {lo:,} and {hi:,} exits, {rounds} alternating rounds, medians")
+    print(f"kvmtop: {' '.join(kvmtop)}\n")
+    head = (f"| tracer | µs/exit | over untraced µs | exits/s | vs strace | start-up s "
+            f"| {lo // 1000}k run s | vs strace |")  # fmt: skip
+    print(head)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for t in rows:
+        us = per_exit[t.name] * 1e6
+        ref = by_name.get(t.reference)
+        over = f"{us - per_exit[ref.name] * 1e6:.1f}" if ref is not None and ref is not t else "-"
+        if ref is not None and ref is not t:
+            added = [intercept(t, lo, hi, r) - intercept(ref, lo, hi, r) for r in range(rounds)]
+            startup_text = f"{statistics.median(added):+.3f} [{min(added):+.2f}..{max(added):+.2f}]"
+        else:
+            startup_text = (
+                f"({statistics.median(intercept(t, lo, hi, r) for r in range(rounds)):.3f})"
+            )
+        rate = 1 / per_exit[t.name] if per_exit[t.name] > 0 else float("inf")
+        if strace is not None:
+            vs_rate = f"{per_exit['strace'] / per_exit[t.name]:.2f}x"
+            vs_whole = f"{whole[t.name] / whole['strace']:.2f}x"
+        else:
+            vs_rate = vs_whole = "-"
+        print(f"| {t.name} | {us:.1f} | {over} | {rate:,.0f} | {vs_rate} | {startup_text} "
+              f"| {whole[t.name]:.3f} | {vs_whole} |")  # fmt: skip
+    print("\nstart-up: intercept over the reference's (untraced; attach: untraced-spinning), "
+          "[the rounds' range]; in round brackets, a reference's own intercept. An intercept's "
+          f"error is {lo:,} times its slope's: 5 µs/exit of noise moves it {lo * 5e-6:.2f} s")  # fmt: skip
+    attach = by_name.get("kvmtop-attach")
+    if attach is not None:
+        latencies = [run.latency for runs in attach.runs.values() for run in runs if run.latency]
+        print(f"attach latency (vCPU seen -> kvmtop's 'recording to'): median "
+              f"{statistics.median(latencies):.3f} s, max {max(latencies):.3f} s")  # fmt: skip
+    for t in rows:
+        if t.expected is None:
+            continue
+        for n, runs in t.runs.items():
+            wrong = [run.exits for run in runs if run.exits != t.expected(n)]
+            if wrong:
+                print(f"WARNING: {t.name} at {n:,} exits counted {wrong}, expected {t.expected(n)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--counts", default="20000,100000", help="two exit counts (20000,100000)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated tracer names (default: all)")
+    args = parser.parse_args()
+    counts = sorted(int(c) for c in args.counts.split(","))
+    if len(counts) != 2 or counts[0] == counts[1]:
+        parser.error("--counts takes two different exit counts")
+    with tempfile.TemporaryDirectory() as tmp:
+        bench = Bench(tmp, counts)
+        rows = tracers(bench)
+        if args.only:
+            wanted = args.only.split(",")
+            unknown = set(wanted) - {t.name for t in rows}
+            if unknown:
+                parser.error(
+                    f"unknown tracer(s) {sorted(unknown)}; known: {[t.name for t in rows]}"
+                )
+            needed = set(wanted) | {t.reference for t in rows if t.name in wanted}
+            rows = [t for t in rows if t.name in needed]
+        for t in rows:
+            t.runs = {n: [] for n in counts}
+        started = time.monotonic()
+        for r in range(args.rounds):
+            for n in counts:
+                order = rows[r % len(rows) :] + rows[: r % len(rows)]  # a new first each round
+                for t in order:
+                    t.runs[n].append(t.run(n))
+            print(f"round {r + 1}/{args.rounds}: {time.monotonic() - started:.0f} s",
+                  file=sys.stderr)  # fmt: skip
+        report(rows, counts[0], counts[1], args.rounds, bench.kvmtop)
+
+
+if __name__ == "__main__":
+    main()
