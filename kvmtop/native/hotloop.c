@@ -175,6 +175,7 @@ typedef struct {
     Thread threads[MAX_THREADS];
     Page pages[MAX_PAGES];
     Process procs[MAX_PROCS];
+    int pages_hi, procs_hi; /* one past the highest slot ever used: lookups scan no further */
     Buffer records, seen;
     int64_t base_ns;
     int with_data, wait_flags, sys_ioctl;
@@ -227,7 +228,7 @@ static void thread_delete(Engine *e, Thread *t) {
 }
 
 static Page *page_find(Engine *e, int pid, int fd) {
-    for (int i = 0; i < MAX_PAGES; i++) {
+    for (int i = 0; i < e->pages_hi; i++) {
         Page *p = &e->pages[i];
         if (p->used && p->fd == fd && p->pid == pid) return p;
     }
@@ -235,7 +236,7 @@ static Page *page_find(Engine *e, int pid, int fd) {
 }
 
 static Process *proc_find(Engine *e, int pid) {
-    for (int i = 0; i < MAX_PROCS; i++)
+    for (int i = 0; i < e->procs_hi; i++)
         if (e->procs[i].used && e->procs[i].pid == pid) return &e->procs[i];
     return NULL;
 }
@@ -670,7 +671,10 @@ static PyObject *Engine_add_process(Engine *e, PyObject *args) {
     Process *p = proc_find(e, pid);
     for (int i = 0; !p && i < MAX_PROCS; i++)
         if (!e->procs[i].used) p = &e->procs[i];
-    if (p) *p = (Process){1, pid, mode, 0};
+    if (p) {
+        *p = (Process){1, pid, mode, 0};
+        if (p - e->procs >= e->procs_hi) e->procs_hi = (int)(p - e->procs) + 1;
+    }
     UNLOCK(e);
     if (!p) return PyErr_Format(PyExc_OSError, "more than %d traced processes", MAX_PROCS);
     Py_RETURN_NONE;
@@ -794,6 +798,7 @@ static PyObject *Engine_add_page(Engine *e, PyObject *args) {
         if (!e->pages[i].used) p = &e->pages[i];
     if (p) {
         *p = (Page){.used = 1, .pid = pid, .fd = fd, .vcpu = vcpu, .tid = tid, .remote = remote};
+        if (p - e->pages >= e->pages_hi) e->pages_hi = (int)(p - e->pages) + 1;
         if (mapping != Py_None) {
             p->view = view;
             p->map = view.buf;
@@ -838,7 +843,7 @@ static PyObject *Engine_close_runs(Engine *e, PyObject *args) {
     long long now;
     if (!PyArg_ParseTuple(args, "iiL", &pid, &tid, &now)) return NULL;
     LOCK(e);
-    for (int i = 0; i < MAX_PAGES; i++) {
+    for (int i = 0; i < e->pages_hi; i++) {
         Page *p = &e->pages[i];
         if (!p->used || p->pid != pid || !p->open_since || (tid && p->tid != tid)) continue;
         const uint8_t *run = page_bytes(e, p);
