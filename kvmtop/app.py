@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
-from textual import work
+from textual import events, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
@@ -41,6 +41,7 @@ from kvmtop.screens.requests import (
     DetachRequested,
     KernelRequested,
 )
+from kvmtop.screens.too_small import TooSmallScreen, too_small
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.screens.watch import REFRESH_S, REPLAY_BINDINGS, WatchScreen
 from kvmtop.session import SessionState, TraceSession
@@ -53,6 +54,7 @@ UNLISTED_ACTIONS = frozenset({"quit", "command_palette", "help", "app.pop_screen
 class KvmtopApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "kvmtop"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]  # wide: names in full
     BINDINGS = [
         Binding("q,f10,ctrl+c", "quit", "Quit", key_display="q",
                 tooltip="Quit, detaching first: the VMM runs on (also F10, Ctrl+C)"),
@@ -106,6 +108,14 @@ class KvmtopApp(App[int]):
         elif self.start_demo_now:
             self.start_demo()
         self.set_interval(REFRESH_S, self._take_notices)
+
+    def on_resize(self, event: events.Resize) -> None:
+        small = too_small(event.size.width, event.size.height)
+        shown = isinstance(self.screen, TooSmallScreen)
+        if small and not shown:
+            self.push_screen(TooSmallScreen())
+        elif shown and not small:
+            self.pop_screen()
 
     # --- the session ---------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmtop.kvm_stats import CUMULATIVE, StatDesc, Values, histogram_percentile
-from kvmtop.units import duration
+from kvmtop.units import duration, human
 from kvmtop.vm_stats import StatsSample, VmStats, rates, vm_totals
 
 Rows = list[tuple[str, list[str]]]
@@ -32,17 +32,20 @@ class CounterTable:
     vm_rows: Rows  # (VM counter, [value])
 
 
-def _shown(desc: StatDesc, value: float) -> str:
-    """A value in the descriptor's unit, as people read it."""
+def _shown(desc: StatDesc, value: float, compact: bool = False) -> str:
+    """A value in the descriptor's unit, as people read it; ``compact``: 12.3k, not 12,345."""
     if desc.unit == "seconds":
         return duration(int(value * 1e9))
     if desc.unit == "boolean":
         return "yes" if value else "no"
-    text = f"{value:,.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
+    if compact:
+        text = human(value)
+    else:
+        text = f"{value:,.0f}" if value >= 10 or value == int(value) else f"{value:.1f}"
     return text + (" B" if desc.unit == "bytes" else " cyc" if desc.unit == "cycles" else "")
 
 
-def _cell(desc: StatDesc, values: Values, rate: float | None) -> str:
+def _cell(desc: StatDesc, values: Values, rate: float | None, compact: bool = False) -> str:
     v = values.get(desc.name)
     if isinstance(v, tuple):
         n = sum(v)
@@ -50,12 +53,13 @@ def _cell(desc: StatDesc, values: Values, rate: float | None) -> str:
             return "-"
         p50 = histogram_percentile(desc, v, 0.5) or 0.0
         p99 = histogram_percentile(desc, v, 0.99) or 0.0
-        return f"n={n:,} p50≥{_shown(desc, p50)} p99≥{_shown(desc, p99)}"
+        count = human(n) if compact else f"{n:,}"
+        return f"n={count} p50≥{_shown(desc, p50)} p99≥{_shown(desc, p99)}"
     if v is None:
         return "-"
-    text = _shown(desc, desc.in_unit(v))
+    text = _shown(desc, desc.in_unit(v), compact)
     if rate and desc.kind == CUMULATIVE:
-        text += f" ({_shown(desc, desc.in_unit(rate))}/s)"
+        text += f" ({_shown(desc, desc.in_unit(rate), compact)}/s)"
     return text
 
 
@@ -63,7 +67,10 @@ def vcpu_values(vcpu: int) -> Callable[[StatsSample], Values]:
     return lambda sample: sample.vcpus.get(vcpu, {})
 
 
-def counter_table(stats: VmStats, last: StatsSample, now: StatsSample) -> CounterTable:
+def counter_table(
+    stats: VmStats, last: StatsSample, now: StatsSample, compact: bool = False
+) -> CounterTable:
+    """``compact``: numbers as 12.3k (the TUI, where the columns must fit a terminal)."""
     descs = stats.descs()
     vcpus = sorted(now.vcpus)
     columns = ["all vCPUs", *(f"vCPU {v}" for v in vcpus)]
@@ -73,17 +80,17 @@ def counter_table(stats: VmStats, last: StatsSample, now: StatsSample) -> Counte
     rows: Rows = []
     for d in in_reading_order(descs):
         if d.histogram:
-            cells = ["", *(_cell(d, now.vcpus[v], None) for v in vcpus)]
+            cells = ["", *(_cell(d, now.vcpus[v], None, compact) for v in vcpus)]
         else:
             total = totals_now.get(d.name)
             total_rate = (total - totals_before[d.name]) / dt if total is not None else None
-            total_cell = _cell(d, {d.name: total}, total_rate) if total is not None else ""
+            total_cell = _cell(d, {d.name: total}, total_rate, compact) if total is not None else ""
             cells = [
                 total_cell,
-                *(_cell(d, now.vcpus[v], vcpu_rates[v].get(d.name)) for v in vcpus),
+                *(_cell(d, now.vcpus[v], vcpu_rates[v].get(d.name), compact) for v in vcpus),
             ]
         rows.append((d.name, cells))
     vm_descs = stats.descs(vcpu=False)
     vm_rates = rates(last, now, vm_descs, lambda s: s.vm)
-    vm_rows: Rows = [(d.name, [_cell(d, now.vm, vm_rates.get(d.name))]) for d in vm_descs]
+    vm_rows: Rows = [(d.name, [_cell(d, now.vm, vm_rates.get(d.name), compact)]) for d in vm_descs]
     return CounterTable(columns, rows, vm_rows)

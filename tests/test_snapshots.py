@@ -13,6 +13,9 @@ from kvmtop.app import KvmtopApp
 from kvmtop.discovery import KvmProcess
 
 SIZE = (140, 42)
+SIZES = pytest.mark.parametrize(
+    "size", [(80, 24), (100, 30), (160, 48)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
 
 
 def fixed_processes() -> list[KvmProcess]:
@@ -46,22 +49,35 @@ async def at_end(pilot) -> None:
     await at(pilot, 1.0)
 
 
-def test_process_list(snap_compare):
-    assert snap_compare(KvmtopApp(process_lister=fixed_processes), terminal_size=SIZE,
+@SIZES
+def test_process_list(snap_compare, size):
+    assert snap_compare(KvmtopApp(process_lister=fixed_processes), terminal_size=size,
                         run_before=lambda pilot: pilot.pause(0.5))  # fmt: skip
 
 
-def test_attached_view(snap_compare, replay_app):
-    assert snap_compare(replay_app, terminal_size=SIZE, run_before=at_end)
+def test_process_list_filtered(snap_compare):
+    async def filter_web(pilot) -> None:
+        await pilot.pause(0.5)
+        await pilot.press("slash", *"web")
+        await pilot.pause(0.3)
+
+    app = KvmtopApp(process_lister=fixed_processes)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=filter_web)
 
 
-def test_vcpu_drill_down(snap_compare, replay_app):
+@SIZES
+def test_attached_view(snap_compare, replay_app, size):
+    assert snap_compare(replay_app, terminal_size=size, run_before=at_end)
+
+
+@SIZES
+def test_vcpu_drill_down(snap_compare, replay_app, size):
     async def open_vcpu_1(pilot) -> None:
         await at_end(pilot)
         await pilot.press("down", "enter")
         await pilot.pause(0.6)
 
-    assert snap_compare(replay_app, terminal_size=SIZE, run_before=open_vcpu_1)
+    assert snap_compare(replay_app, terminal_size=size, run_before=open_vcpu_1)
 
 
 def test_attached_view_paused_mid_replay(snap_compare, replay_app):
@@ -71,10 +87,15 @@ def test_attached_view_paused_mid_replay(snap_compare, replay_app):
     assert snap_compare(replay_app, terminal_size=SIZE, run_before=at_middle)
 
 
-def test_help(snap_compare, replay_app):
+@SIZES
+def test_help(snap_compare, replay_app, size):
     async def open_help(pilot) -> None:
         await at_end(pilot)
         await pilot.press("question_mark")
         await pilot.pause(0.3)
 
-    assert snap_compare(replay_app, terminal_size=SIZE, run_before=open_help)
+    assert snap_compare(replay_app, terminal_size=size, run_before=open_help)
+
+
+def test_a_terminal_too_small_says_so(snap_compare, replay_app):
+    assert snap_compare(replay_app, terminal_size=(60, 15), run_before=at_end)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -19,8 +20,8 @@ from kvmtop.units import human
 from kvmtop.widgets.latency_pane import LatencyPane
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.status_line import StatusLine
-from kvmtop.widgets.top_targets import TopTargets
-from kvmtop.widgets.vcpu_table import VcpuTable
+from kvmtop.widgets.top_targets import TopTargets, lines_for
+from kvmtop.widgets.vcpu_table import MAX_LINES_PER_VCPU, VcpuTable
 
 
 class AttachedScreen(WatchScreen):
@@ -38,6 +39,7 @@ class AttachedScreen(WatchScreen):
     ]
 
     _shown_state = ""
+    _snap: StatsSnapshot | None = None  # the last shown, for the layout
 
     def __init__(self, source: ExitSource, kernel_rate: Callable[[], float | None] = lambda: None
                  ) -> None:  # fmt: skip
@@ -69,10 +71,32 @@ class AttachedScreen(WatchScreen):
             title = (f"[KVM {human(kernel)} exits/s, the VMM sees {human(traced)}/s: k]  "
                      f"{title}")  # fmt: skip
         self.query_one("#title", Static).update(title)
+        self._snap = snap
+        self.fit()
         self.query_one(VcpuTable).show(snap.vcpus)
         self.query_one(ReasonBars).show(snap.reasons, snap.total)
         self.query_one(LatencyPane).show(snap.reasons)
         self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact)
+
+    def on_resize(self, _event: events.Resize) -> None:
+        self.fit()
+
+    def fit(self) -> None:
+        """Give the vCPU pane the lines its vCPUs use (up to 8 each, at least 4 before they
+        scroll) after the VM's panes have the lines their text takes; whatever is left goes to
+        the VM's panes (the IO ports and MMIO addresses then show more rows)."""
+        snap = self._snap
+        if snap is None:
+            return
+        body = self.query_one("#body").size.height
+        vcpus = max(1, len(snap.vcpus))
+        bars = 2 + max(1, len(snap.reasons))
+        latency = 1 + 2 * len(snap.reasons) if snap.reasons else 1
+        targets = lines_for(len(snap.io), len(snap.mmio), snap.top_exact)
+        room = body - bars - (2 + max(latency, targets))
+        per_vcpu = max(1, min(MAX_LINES_PER_VCPU, (room - 3) // vcpus))
+        height = max(min(room, 3 + vcpus * per_vcpu), 3 + min(vcpus, 4))
+        self.query_one(VcpuTable).styles.height = height
 
     def on_vcpu_table_selected(self, event: VcpuTable.Selected) -> None:
         # Enter typed fast: the later ones were routed here before the first one opened a screen

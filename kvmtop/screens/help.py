@@ -47,7 +47,8 @@ class HelpScreen(ModalScreen[None]):
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
     HelpScreen > VerticalScroll {
-        width: 100; max-height: 90%; border: round $accent; background: $surface; padding: 0 1;
+        width: 100; max-width: 100%; max-height: 90%; border: round $accent; background: $surface;
+        padding: 0 1;
     }
     HelpScreen > VerticalScroll > Static { width: auto; }
     """

@@ -1,5 +1,5 @@
 """Latency per exit reason: time in the guest per KVM_RUN and the VMM's handling time, with
-min, median, p99, max and a small log2 histogram."""
+median and p99, and, as the pane's width allows, max, min and a small log2 histogram."""
 
 from __future__ import annotations
 
@@ -10,36 +10,60 @@ from kvmtop.units import duration
 from kvmtop.widgets import palette
 from kvmtop.widgets.pane import ReasonPane
 
+FIRST, LAST = 8, 34  # the histogram's buckets: 2^8 ns .. 2^34 ns (256 ns .. 17 s)
+HIST_W = LAST - FIRST + 1
+NUM_W = 8  # "132.3µs" and a space
+NAME_W = 5  # "exit", "MMIO"; longer names are cut where the pane is narrow
 
-def log2_strip(h: LatencyHistogram, first: int = 8, last: int = 34) -> str:
+
+def log2_strip(h: LatencyHistogram, first: int = FIRST, last: int = LAST) -> str:
     """Buckets 2^first..2^last ns (256 ns .. 17 s) as sparkline glyphs."""
     return "".join(palette.sparkline(list(h.buckets[first : last + 1])))
 
 
-class LatencyPane(ReasonPane):
-    TITLE = "latency: in the guest | VMM handling (log2 histogram 256ns..17s)"
+def columns_for(width: int, name_w: int) -> tuple[list[str], bool]:
+    """The statistics a line of ``width`` holds, in their order, and whether the histogram fits:
+    p50 and p99 always, then max, min and the histogram as there is room."""
+    room = width - name_w - 3 - 2 * NUM_W
+    shown = ["p50", "p99"]
+    for extra in ("max", "min"):
+        if room >= NUM_W:
+            shown.insert(0 if extra == "min" else len(shown), extra)
+            room -= NUM_W
+    return shown, room >= 2 + HIST_W
 
-    def show(self, reasons: tuple[ReasonStats, ...]) -> None:
+
+class LatencyPane(ReasonPane):
+    TITLE = "latency: g guest, v VMM"
+
+    def draw(self, reasons: tuple[ReasonStats, ...]) -> Text:
         text = Text(no_wrap=True, overflow="crop")
-        name_w = max([len(palette.short(r.label)) for r in reasons] + [6])
-        text.append(
-            f"{'reason':<{name_w}} {'':2}{'min':>9}{'p50':>9}{'p99':>9}{'max':>9}  {'256ns':<27}\n",
-            style="bold",
-        )
+        if not reasons:
+            return Text("no exits yet", style="italic")
+        width = self.room[0]
+        longest = max(len(palette.short(r.label)) for r in reasons)
+        name_w = max(NAME_W, min(longest, width - 3 - 3 * NUM_W))
+        shown, histogram = columns_for(width, name_w)
+        self.border_title = self.TITLE + (", log2 histogram" if histogram else "")
+        text.append(f"{'exit':<{name_w}}   " + "".join(f"{c:>{NUM_W}}" for c in shown),
+                    style="bold")  # fmt: skip
+        if histogram:  # both ends of its axis
+            text.append("  " + "256ns".ljust(HIST_W - 3) + "17s", style="bold")
+        text.append("\n")
         for r in reasons:
             style = palette.reason_style(self, r.label)
-            for kind, h in (("guest", r.guest), ("vmm", r.handling)):
-                name = palette.short(r.label) if kind == "guest" else ""
+            for kind, h in (("g", r.guest), ("v", r.handling)):
+                name = palette.short(r.label)[:name_w] if kind == "g" else ""
                 text.append(f"{name:<{name_w}} ", style=style)
-                text.append(f"{kind[0]} ")
-                if h.count:
-                    cells = [duration(v) for v in (h.min_ns, h.median, h.p99, h.max_ns)]
-                    text.append("".join(f"{c:>9}" for c in cells) + "  ")
+                text.append(f"{kind} ")
+                if not h.count:
+                    text.append(f"{'-':>{NUM_W}}" * len(shown) + "\n")
+                    continue
+                values = {"min": h.min_ns, "p50": h.median, "p99": h.p99, "max": h.max_ns}
+                text.append("".join(f"{duration(values[c]):>{NUM_W}}" for c in shown))
+                if histogram:
+                    text.append("  ")
                     text.append(log2_strip(h), style=style)
-                else:
-                    text.append(f"{'-':>9}" * 4)
                 text.append("\n")
-        if not reasons:
-            text.append("no exits yet", style="italic")
         text.rstrip()
-        self.update(text)
+        return text

@@ -13,8 +13,8 @@ from kvmtop.widgets.pane import ReasonPane
 class ReasonBars(ReasonPane):
     TITLE = "exit reasons"
 
-    def show(self, reasons: tuple[ReasonStats, ...], total: int) -> None:
-        width = max(20, self.content_region.width or 80)
+    def draw(self, reasons: tuple[ReasonStats, ...], total: int) -> Text:
+        width = max(20, self.room[0])
         name_w = max([len(palette.short(r.label)) for r in reasons] + [6])
         bar_w = max(4, width - name_w - 32)
         text = Text(no_wrap=True, overflow="crop")
@@ -30,4 +30,4 @@ class ReasonBars(ReasonPane):
             text.append("█" * cells, style=style)
             text.append("\n")
         text.rstrip()
-        self.update(text)
+        return text

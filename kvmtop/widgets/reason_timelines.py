@@ -11,12 +11,12 @@ from kvmtop.widgets.pane import ReasonPane
 
 
 class ReasonTimelines(ReasonPane):
-    TITLE = "exits per second by reason, last 60 s (peak on the left)"
+    TITLE = "exits/s by reason: peak, last 60 s"
 
-    def show(self, by_reason: dict[str, tuple[int, ...]]) -> None:
+    def draw(self, by_reason: dict[str, tuple[int, ...]]) -> Text:
         text = Text(no_wrap=True, overflow="crop")
         name_w = max([len(palette.short(label)) for label in by_reason] + [6])
-        room = (self.content_region.width or 80) - name_w - 7
+        room = self.room[0] - name_w - 7
         ranked = sorted(by_reason.items(), key=lambda kv: -sum(kv[1]))
         for label, series in ranked:
             style = palette.reason_style(self, label)
@@ -28,4 +28,4 @@ class ReasonTimelines(ReasonPane):
         if not by_reason:
             text.append("no exits in the last 60 s", style="italic")
         text.rstrip()
-        self.update(text)
+        return text

@@ -24,12 +24,24 @@ from kvmtop.widgets import palette
 
 ID_W, RATE_W, TOTAL_W, TIMELINE_W = 6, 9, 10, 60
 NUMBERS_W = ID_W + RATE_W + TOTAL_W + 4
-HEADER = (
-    f"{'vCPU':>{ID_W}} {'exits/s':>{RATE_W}} {'total':>{TOTAL_W}}  "
-    f"{'exits per second, last 60 s':<{TIMELINE_W}}  reasons"
-)
 MAX_LINES_PER_VCPU = 8
-LEGEND_W = 28
+LEGEND_W = 27
+MIN_TIMELINE_W = 20
+
+
+def timeline_width(width: int) -> int:
+    """Seconds of the timeline a line of ``width`` shows: all 60 where the reasons' bar and
+    legend fit beside them, else the latest ones."""
+    return max(MIN_TIMELINE_W, min(TIMELINE_W, width - NUMBERS_W - 2 - LEGEND_W))
+
+
+def header(width: int) -> str:
+    seconds = timeline_width(width)
+    what = "exits per second" if seconds >= 30 else "exits/s"
+    return (
+        f"{'vCPU':>{ID_W}} {'exits/s':>{RATE_W}} {'total':>{TOTAL_W}}  "
+        f"{f'{what}, last {seconds} s':<{seconds}}  reasons"
+    )
 
 
 class VcpuTable(ScrollView, can_focus=True):
@@ -112,8 +124,8 @@ class VcpuTable(ScrollView, can_focus=True):
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
         if y == 0:  # the header stays put while the vCPUs scroll under it
-            header = self.get_component_rich_style("vcpu-table--header")
-            return Strip([Segment(HEADER[:width], header)]).extend_cell_length(width, header)
+            style = self.get_component_rich_style("vcpu-table--header")
+            return Strip([Segment(header(width)[:width], style)]).extend_cell_length(width, style)
         line = y - 1 + self.scroll_offset.y
         k = self.lines_per_vcpu
         index, sub = divmod(line, k)
@@ -134,27 +146,30 @@ class VcpuTable(ScrollView, can_focus=True):
             ]
         else:
             segments = [Segment(" " * NUMBERS_W, base)]
-        segments += self._timeline_row(v, sub, k, base)
+        seconds = timeline_width(width)
+        segments += self._timeline_row(v, sub, k, base, seconds)
         segments.append(Segment("  ", base))
-        bar_w = max(0, width - NUMBERS_W - TIMELINE_W - 2)
+        bar_w = max(0, width - NUMBERS_W - seconds - 2)
         if sub == 0:
             segments += stacked_bar(self, v, bar_w, base)
         elif sub <= len(v.reasons) and bar_w >= LEGEND_W:
             r = v.reasons[sub - 1]  # the legend: one reason a line, largest first
             share = 100 * r.count / v.total if v.total else 0.0
             style = base + palette.reason_style(self, r.label)
-            segments.append(Segment(f"{palette.short(r.label)[:14]:<14}", style))
+            segments.append(Segment(f"{palette.short(r.label)[:12]:<12}", style))
             segments.append(Segment(f"{share:5.1f}% {human(r.rate):>6}/s", muted))
         return Strip(segments).crop(0, width).extend_cell_length(width, base)
 
-    def _timeline_row(self, v: VcpuSnapshot, sub: int, k: int, base: Style) -> list[Segment]:
-        """Line ``sub`` (0 = top) of a ``k``-line bar chart of the vCPU's last 60 s: one segment
-        per run of seconds with the same dominant reason."""
-        glyphs = palette.chart_row(v.timeline, sub, k)
+    def _timeline_row(
+        self, v: VcpuSnapshot, sub: int, k: int, base: Style, seconds: int
+    ) -> list[Segment]:
+        """Line ``sub`` (0 = top) of a ``k``-line bar chart of the vCPU's last ``seconds``: one
+        segment per run of seconds with the same dominant reason."""
+        glyphs = palette.chart_row(v.timeline[-seconds:], sub, k)
         out = []
         run: list[str] = []
         run_label: str | None = None
-        for glyph, label in zip(glyphs, v.timeline_dominant, strict=True):
+        for glyph, label in zip(glyphs, v.timeline_dominant[-seconds:], strict=True):
             if label != run_label and run:
                 out.append(Segment("".join(run), base + palette.reason_style(self, run_label)))
                 run = []
