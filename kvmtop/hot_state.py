@@ -156,11 +156,9 @@ class PyEngine:
                 if nr == self.sys_ioctl and (request >> 8) & 0xFF == KVMIO:
                     request &= 0xFFFFFFFF
                     if request == KVM_RUN:
-                        page = self._pages.get((th.pid, fd))
+                        page = self._run_page(th.pid, fd, th.tid, now)
                         if page is None:
                             return False
-                        if page.tid != th.tid:
-                            self._saw(page, th.tid, now)
                         th.runner = th.in_run = True
                         th.page = page
                         th.entry_ns = now
@@ -183,11 +181,9 @@ class PyEngine:
             _nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
             request &= 0xFFFFFFFF
             if request == KVM_RUN:
-                page = self._pages.get((th.pid, fd))
+                page = self._run_page(th.pid, fd, th.tid, now)
                 if page is None:
                     return False
-                if page.tid != th.tid:
-                    self._saw(page, th.tid, now)
                 if page.open_since:
                     self._record_cycle(page, now)
                 self._open_run(page, now)
@@ -238,6 +234,13 @@ class PyEngine:
     def _emit(self, event: ExitEvent) -> None:
         pack_exit(self._records, event, self.base_ns)
         self._exits += 1
+
+    def _run_page(self, pid: int, fd: int, tid: int, now: int) -> _Page | None:
+        """The vCPU that thread ``tid`` runs with ``fd``, noting a thread new to it."""
+        page = self._pages.get((pid, fd))
+        if page is not None and page.tid != tid:
+            self._saw(page, tid, now)
+        return page
 
     def _saw(self, page: _Page, tid: int, now: int) -> None:
         page.tid = tid
