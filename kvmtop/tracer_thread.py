@@ -106,6 +106,7 @@ class Tracer:
         self._seen: list[VcpuSeen] = []
         self._lost = 0
         self._stops = 0  # the stops this thread handled itself
+        self._last_base = 0  # record times' zero of the last session, for what is left of it
         self._info = pt.SyscallInfo()
         self._ticker = threading.Thread(target=self._tick, name="kvmtop-tick", daemon=True)
 
@@ -386,8 +387,6 @@ class Tracer:
             self._seen = []
             self._lost = 0
             self._stops = 0
-
-    _last_base = 0
 
     # --- commands ------------------------------------------------------------------------------
 
