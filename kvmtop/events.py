@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kvmtop.vcpu_keys import VcpuKey
+
 # ExitEvent.flags
 EXIT_WRITE = 0x01  # IO out, MMIO write, WRMSR, TPR write: the guest gave the VMM a value
 EXIT_PRIVATE = 0x02  # MEMORY_FAULT on private (guest_memfd) memory
@@ -42,11 +44,27 @@ class ExitEvent:
 
 @dataclass(frozen=True, slots=True)
 class VcpuSeen:
-    """A vCPU the tracer found (at attach, or by KVM_CREATE_VCPU), and the thread running it."""
+    """A vCPU the tracer found (at attach, or by KVM_CREATE_VCPU), and the thread running it.
+    ``vcpu`` is the number its exits carry (:mod:`kvmtop.vcpu_keys`); ``key`` says which
+    process, VM and vCPU id it stands for (None: a recording from before; the id is ``vcpu``)."""
 
     vcpu: int
     tid: int
     t_ns: int
+    key: VcpuKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSeen:
+    """A process the session follows began (forked, or attached to), ran a new program, or
+    ended (``ended``; ``exit_status`` when it exited, None when it was detached)."""
+
+    pid: int
+    ppid: int
+    argv: tuple[str, ...]
+    t_ns: int
+    ended: bool = False
+    exit_status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +82,7 @@ class ExitBatch:
     vcpus: tuple[VcpuSeen, ...] = ()
     lost: int = 0  # exits seen but not decoded (kvm_run unreadable); must stay 0
     stops: int = 0  # ptrace stops handled since the previous batch
+    processes: tuple[ProcessSeen, ...] = ()  # before this batch's exits
 
     # kvmtop.records imports this module, so its functions are imported where they are used
     @classmethod
@@ -112,6 +131,7 @@ class Attached:
     # the command's life tied to kvmtop's
     notify: bool = False  # ...and the filter notifies a listener: no ptrace stop per exit
     filter_note: str = ""  # why a cheaper way of stopping could not be had
+    pids: tuple[int, ...] = ()  # every VMM attached to (``pid`` is the first)
 
 
 @dataclass(frozen=True, slots=True)

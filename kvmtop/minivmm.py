@@ -244,11 +244,13 @@ def counted_command(
     exit_status: int = 0,
     report_json: str | None = None,
     stagger: float = 0.0,
+    vms: int = 1,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
             "--port", hex(port), "--mmio-addr", hex(mmio_addr), "--exit-status", str(exit_status)]  # fmt: skip
     argv += ["--stagger", str(stagger)] if stagger else []
+    argv += ["--vms", str(vms)] if vms != 1 else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -313,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--exit-status", type=int, default=0)
     counted.add_argument("--report-json")
     counted.add_argument("--stagger", type=float, default=0.0, help="create vCPU i after i*S s")
+    counted.add_argument("--vms", type=int, default=1, help="as many VMs, all running at once")
     demo = sub.add_parser("demo", help="an endless, changing mix of exits")
     demo.add_argument("--vcpus", type=int, default=2)
     demo.add_argument("--duration", type=float)
@@ -344,17 +347,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         programs = [guestcode.demo(i) for i in range(args.vcpus)]
     try:
-        vm = MiniVm(programs, stopping, getattr(args, "stagger", 0.0))
+        vms = [MiniVm(programs, stopping, getattr(args, "stagger", 0.0))
+               for _ in range(getattr(args, "vms", 1))]  # fmt: skip
     except KvmUnavailableError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return 7
+    vm = vms[0]
 
     started = time.monotonic()
     if args.mode == "counted":
+        others = [threading.Thread(target=other.run_all, args=(lambda _v, _port: 0, lambda _v: -1.0))
+                  for other in vms[1:]]  # fmt: skip
+        for thread in others:
+            thread.start()
         vm.run_all(lambda _v, _port: 0, lambda _v: -1.0)
+        for thread in others:
+            thread.join()
         _count_signals(vm, wake_r)
         _write_report(vm, args.report_json)
-        return max(v.exit_status or 0 for v in vm.vcpus)
+        return max(v.exit_status or 0 for one in vms for v in one.vcpus)
 
     def phase(vcpu: Vcpu, port: int) -> int:
         if port != guestcode.PHASE_PORT:

@@ -114,9 +114,19 @@ def check_attachable(pid: int) -> tuple[str, ...]:
         raise NotKvmProcess(
             f"pid {pid} ({_comm(pid)}) is not a KVM process: it has no /dev/kvm or VM fd"
         )
+    return cmdline(pid)
+
+
+def cmdline(pid: int) -> tuple[str, ...]:
+    """The argv of ``pid`` (its comm when that cannot be read, or a kernel thread's empty one)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = tuple(a.decode(errors="replace") for a in f.read().split(b"\0") if a)
     except OSError:
-        argv = (_comm(pid),)
-    return argv
+        argv = ()
+    return argv or (_comm(pid),)
+
+
+def parent_of(pid: int) -> int:
+    ppid = status_field(pid, "PPid")
+    return int(ppid) if ppid else 0

@@ -48,6 +48,7 @@ from kvmtop.events import (
     TracerMessage,
     VcpuSeen,
 )
+from kvmtop.followed import OPTIONS, Followed, launch_process, seize_process
 from kvmtop.hot_state import (
     MODE_NOTIFY,
     MODE_ONE_STOP,
@@ -62,14 +63,7 @@ from kvmtop.inject import StatsFds, plan_job, run_job
 from kvmtop.procfs import tgid_of
 from kvmtop.spawn import spawn_kicker
 from kvmtop.stop_wait import poll_max_ns_from_env
-from kvmtop.traced import (
-    OPTIONS,
-    TracedProcess,
-    exit_status_of,
-    kvm_run_fd,
-    launch_process,
-    seize_process,
-)
+from kvmtop.traced import TracedProcess, exit_status_of, kvm_run_fd
 
 WAIT_FLAGS = pt.WALL | pt.WNOTHREAD | os.WUNTRACED
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -81,7 +75,9 @@ __all__ = ["OPTIONS", "Tracer"]
 
 
 class Tracer:
-    """Owns the tracing thread. One traced process at a time; attach again after a detach."""
+    """Owns the tracing thread. One session at a time (:class:`kvmtop.followed.Followed`: the
+    VMMs attached to, or a launched command and every process it starts); attach again after a
+    detach."""
 
     def __init__(
         self,
@@ -101,12 +97,13 @@ class Tracer:
         self._kicker_pipe = -1
         self._quit = False
         self._quit_after_detach = False
-        self._proc: TracedProcess | None = None
+        self._group: Followed | None = None
+        self._last_group: Followed | None = None  # for what is left of the last session
+        self._stats_proc: TracedProcess | None = None  # the process a stats job is for
         self._detached_children: set[int] = set()  # launched, detached, not yet reaped
         self._seen: list[VcpuSeen] = []
         self._lost = 0
         self._stops = 0  # the stops this thread handled itself
-        self._last_base = 0  # record times' zero of the last session, for what is left of it
         self._info = pt.SyscallInfo()
         self._ticker = threading.Thread(target=self._tick, name="kvmtop-tick", daemon=True)
 
@@ -117,14 +114,16 @@ class Tracer:
         self._ready.wait()
         self._ticker.start()
 
-    def attach(self, pid: int) -> Future[Attached]:
-        return self._send("attach", pid)
+    def attach(self, *pids: int) -> Future[Attached]:
+        """Trace the VMMs ``pids`` (their children are not followed)."""
+        return self._send("attach", pids)
 
     def launch(self, argv: list[str], seccomp: str = "") -> Future[Attached]:
-        """Start ``argv`` traced. ``seccomp``: "notify" (seccomp user notification, no ptrace
-        stop per exit; else as "trace"), "trace" (SECCOMP_RET_TRACE, one stop per exit) or ""
-        (two stops). Under a filter the command's life is tied to kvmtop's (ending the trace
-        ends it), since its filtered ioctls need kvmtop."""
+        """Start ``argv`` traced, with every process it starts. ``seccomp``: "notify" (seccomp
+        user notification, no ptrace stop per exit; else as "trace"), "trace"
+        (SECCOMP_RET_TRACE, one stop per exit) or "" (two stops). Under a filter the command's
+        life is tied to kvmtop's (ending the trace ends it), since its filtered ioctls need
+        kvmtop."""
         return self._send("launch", (list(argv), seccomp))
 
     def detach(self) -> Future[Detached]:
@@ -165,8 +164,7 @@ class Tracer:
         """Makes sure exits reach ``out`` within FLUSH_INTERVAL_S even when the guest goes quiet."""
         while self._thread.is_alive():
             time.sleep(FLUSH_INTERVAL_S)
-            proc = self._proc
-            if self.engine.pending() or (proc is not None and proc.stats_job is not None):
+            if self.engine.pending() or self._stats_proc is not None:
                 self._kick()
 
     # --- the tracing thread ------------------------------------------------------------------
@@ -181,9 +179,9 @@ class Tracer:
             # Returning ends this thread; the kernel then detaches every tracee (no EXITKILL).
         finally:
             self._ready.set()
-            proc = self._proc
-            if proc is not None and proc.notifier is not None:
-                proc.notifier.stop()
+            group = self._group
+            if group is not None and group.notifier is not None:
+                group.notifier.stop()
             if self._kicker:
                 os.close(self._kicker_pipe)  # its `read` sees end of file: it exits
                 try:
@@ -211,10 +209,9 @@ class Tracer:
 
     def _dispatch(self, tid: int, status: int, now: int) -> None:
         """A stop or exit the engine handed back."""
-        proc = self._proc
-        ours = proc is not None and self.engine.thread(tid) is not None
-        if ours and (status & 0xFF) == 0x7F:  # WIFSTOPPED
-            assert proc is not None
+        group = self._group
+        proc = group.proc_of(self.engine, tid) if group is not None else None
+        if proc is not None and (status & 0xFF) == 0x7F:  # WIFSTOPPED
             self._stops += 1
             try:
                 if (status >> 8) == pt.SYSCALL_STOP:
@@ -229,7 +226,7 @@ class Tracer:
         elif tid == self._kicker:
             self._on_kicker(status)
         else:
-            self._on_exit_or_stranger(tid, status, proc if ours else None)
+            self._on_exit_or_stranger(tid, status, proc)
 
     def _syscall_stop(self, proc: TracedProcess, tid: int, status: int, now: int) -> None:
         info = self._info.fetch(tid)
@@ -256,7 +253,7 @@ class Tracer:
         """The engine's bookkeeping for a syscall or seccomp stop, then the resume."""
         if not self.engine.handle(tid, status, now):
             self._resume(proc, tid, 0)
-        elif proc.detaching is not None:
+        elif self._detaching:
             self._resume(proc, tid, 0)  # handled without a resume (P_NO_RESUME): detach it
 
     def _ensure_page(self, proc: TracedProcess, tid: int, fd: int) -> None:
@@ -277,13 +274,17 @@ class Tracer:
         elif event == 0:
             self._resume(proc, tid, sig)  # signal-delivery-stop: pass the signal on, unchanged
         elif event == pt.PTRACE_EVENT_STOP:
-            if sig in GROUP_STOP_SIGNALS and proc.detaching is None:
+            if sig in GROUP_STOP_SIGNALS and not self._detaching:
                 # group-stop: stay stopped (until SIGCONT) but keep reporting to us
                 self._ptrace(pt.PTRACE_LISTEN, tid, 0)
             else:
                 self._resume(proc, tid, 0)  # PTRACE_INTERRUPT, or the end of a group-stop
-        elif event == pt.PTRACE_EVENT_CLONE:
-            self.engine.add_thread(pt.ptrace_geteventmsg(tid), proc.pid)
+        elif event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK):
+            child = pt.ptrace_geteventmsg(tid)
+            if event == pt.PTRACE_EVENT_CLONE and tgid_of(child) in (proc.pid, -1):
+                self.engine.add_thread(child, proc.pid)  # a thread (CLONE_THREAD)
+            else:
+                self._follow(child, proc.pid)
             self._resume(proc, tid, 0)
         elif event == pt.PTRACE_EVENT_EXEC:
             # A new program image: the old threads and vCPU fds are gone; the exec'ing thread
@@ -292,16 +293,35 @@ class Tracer:
                 self.engine.remove_thread(other)
             proc.forget_pages(self.engine)
             self.engine.add_thread(proc.pid, proc.pid)
+            assert self._group is not None
+            self._group.execed(proc)
             self._resume(proc, proc.pid, 0)
         else:
             self._resume(proc, tid, 0)
 
+    def _follow(self, pid: int, ppid: int) -> TracedProcess | None:
+        """A process a followed one started: traced like its parent from its first
+        instruction (it starts stopped); one that never touches KVM costs no stops."""
+        group = self._group
+        if group is None or self.engine.thread(pid) is not None:
+            return None  # taken in already: its first stop came before its parent's event
+        proc = group.adopt(pid, ppid)
+        if proc is not None:
+            self.engine.add_process(pid, proc.mode)
+            self._set_flags(proc)
+            self.engine.add_thread(pid, pid)
+        return proc
+
+    @property
+    def _detaching(self) -> bool:
+        return self._group is not None and self._group.detaching is not None
+
     def _resume(self, proc: TracedProcess, tid: int, sig: int) -> None:
-        if proc.detaching is not None:
+        if self._detaching:
             self._ptrace(pt.PTRACE_DETACH, tid, sig)
             self.engine.remove_thread(tid)
             if not self.engine.threads_of(proc.pid):
-                self._finish(proc, proc.detaching, None)
+                self._proc_ended(proc, None)
             return
         try:
             self.engine.resume(tid, sig)
@@ -318,13 +338,21 @@ class Tracer:
             # Killed while stopped (SIGKILL needs no tracer): its exit status follows.
 
     def _on_exit_or_stranger(self, tid: int, status: int, proc: TracedProcess | None) -> None:
+        group = self._group
         if (status & 0xFF) == 0x7F:
             if tid in self._detached_children:
                 return  # a launched command we no longer trace was stopped: not ours to handle
-            # A new thread reporting before its parent's clone event: adopt it.
-            proc = self._proc
-            if proc is not None and tgid_of(tid) == proc.pid:
-                self.engine.add_thread(tid, proc.pid)
+            # A new thread or process reporting before its parent's clone or fork event: only
+            # kvmtop's tracees report to it, so it is one of the session's.
+            owner = None
+            if group is not None:
+                tgid = tgid_of(tid)
+                owner = group.procs.get(tgid)
+                if owner is None and tgid == tid and group.launched:
+                    owner = self._follow(tid, 0)
+                elif owner is not None:
+                    self.engine.add_thread(tid, owner.pid)
+            if owner is not None:
                 self._dispatch(tid, status, time.monotonic_ns())
             else:  # one of a VMM we have detached from (its clone raced the detach): let it go
                 try:
@@ -342,34 +370,44 @@ class Tracer:
         self.engine.remove_thread(tid)
         if proc.mode != MODE_TWO_STOP:
             self.engine.close_runs(proc.pid, tid, time.monotonic_ns())
-        if tid == proc.pid:  # the leader reports last: the whole VMM has ended
-            self._finish(proc, "exited", exit_status)
-        elif proc.detaching is not None and not self.engine.threads_of(proc.pid):
-            self._finish(proc, proc.detaching, None)
+        if tid == proc.pid:  # the leader reports last: the whole process has ended
+            self._proc_ended(proc, exit_status)
+        elif self._detaching and not self.engine.threads_of(proc.pid):
+            self._proc_ended(proc, None)
 
-    def _finish(self, proc: TracedProcess, why: str, exit_status: int | None) -> None:
-        if self._proc is not proc:
+    def _proc_ended(self, proc: TracedProcess, exit_status: int | None) -> None:
+        """``proc`` exited (``exit_status``) or is detached (None); the session ends with the
+        last of its processes."""
+        group = self._group
+        if group is None or group.procs.get(proc.pid) is not proc:
             return
         if proc.stats_job is not None:
-            proc.stats_job.error = f"no KVM counters: {why}"
+            proc.stats_job.error = "no KVM counters: the VMM has gone"
             proc.stats_job.settle()
             proc.stats_job = None
-        if proc.notifier is not None:
-            # Every process under the filter has gone before its leader reports; the listener
-            # sees the hang-up and ends by itself.
-            proc.notifier.wait(1.0)
+            self._stats_proc = None
         if proc.mode != MODE_TWO_STOP:
             self.engine.close_runs(proc.pid, 0, time.monotonic_ns())
-        proc.forget_pages(self.engine)
-        self.engine.remove_process(proc.pid)
-        os.close(proc.pidfd)
+        self._flush()  # its exits, under its pages' numbers
+        group.ended(proc, self.engine, exit_status)
+        if not group.procs:
+            self._finish(group)
+
+    def _finish(self, group: Followed) -> None:
+        if group.notifier is not None:
+            # Every process under the filter has gone; the listener sees the hang-up and ends
+            # by itself.
+            group.notifier.wait(1.0)
         self._flush()
-        detached = Detached(proc.pid, why, time.monotonic_ns(), exit_status)
-        if proc.launched and exit_status is None:
-            self._detached_children.add(proc.pid)
-        self._proc = None
+        why = group.detaching or "exited"
+        root_gone = group.root_status is not None
+        exit_status = group.root_status if group.detaching is None or root_gone else None
+        detached = Detached(group.roots[0], why, time.monotonic_ns(), exit_status)
+        if group.launched and not root_gone:
+            self._detached_children.add(group.roots[0])
+        self._group = None
         self.out.put(detached)
-        for waiter in proc.detach_waiters:
+        for waiter in group.detach_waiters:
             if not waiter.done():
                 waiter.set_result(detached)
         if self._quit_after_detach:
@@ -377,13 +415,17 @@ class Tracer:
 
     def _flush(self) -> None:
         records, seen, stops, notifications, lost, _exits = self.engine.take()
-        proc = self._proc
-        base = proc.t0 if proc is not None else self._last_base
-        vcpus = self._seen + [VcpuSeen(*seen) for seen in vcpu_records(seen, base)]
+        group = self._group or self._last_group
+        base = group.t0 if group is not None else 0
+        key = group.slots.key if group is not None else (lambda _slot: None)
+        vcpus = self._seen + [
+            VcpuSeen(slot, tid, t, key(slot)) for slot, tid, t in vcpu_records(seen, base)
+        ]
+        processes = group.take_news() if group is not None else ()
         lost += self._lost
         stops += self._stops
-        if records or vcpus or lost or stops or notifications:
-            self.out.put(ExitBatch(records, base, tuple(vcpus), lost, stops))
+        if records or vcpus or lost or stops or notifications or processes:
+            self.out.put(ExitBatch(records, base, tuple(vcpus), lost, stops, processes))
             self._seen = []
             self._lost = 0
             self._stops = 0
@@ -423,20 +465,25 @@ class Tracer:
         flags = 0
         if proc.stats_job is not None:
             flags |= P_HANDBACK | P_SYSCALLS
-        if proc.detaching is not None:
+        if self._detaching:
             flags |= P_HANDBACK | P_NO_RESUME
         self.engine.set_process(proc.pid, proc.mode, flags)
 
     # --- KVM's own counters (kvmtop.inject) -------------------------------------------------------
 
     def _start_stats(self, future: Future[StatsFds]) -> None:
-        proc = self._proc
-        if proc is None or proc.detaching is not None:
+        """For the session's first VM (whose vCPU numbers are KVM's ids)."""
+        group = self._group
+        if group is None or group.detaching is not None:
             raise KvmtopError("not attached")
-        if proc.stats_job is not None:
+        if self._stats_proc is not None:
             raise KvmtopError("KVM's counters are being fetched already")
+        proc = group.procs.get(group.slots.first_pid or group.roots[0])
+        if proc is None:
+            raise KvmtopError("the VM's process has gone")
         tids = self.engine.threads_of(proc.pid)
         proc.stats_job = plan_job(future, proc.pid, tids, proc.mode != MODE_TWO_STOP)
+        self._stats_proc = proc
         self._set_flags(proc)
 
     def _nudge_stats(self) -> None:
@@ -444,7 +491,7 @@ class Tracer:
         If the job is not done after 0.2 s, the threads are interrupted: a blocking syscall
         restarts (its entry comes again); a KVM_RUN returns EINTR, as for any signal, which
         VMMs handle by running it again (an idle vCPU may not leave KVM_RUN for seconds)."""
-        proc = self._proc
+        proc = self._stats_proc
         job = proc.stats_job if proc is not None else None
         if proc is None or job is None or job.nudged:
             return
@@ -466,7 +513,7 @@ class Tracer:
         handled (the stop that followed was dispatched)."""
         job = proc.stats_job
         assert job is not None
-        if proc.detaching is not None:
+        if self._detaching:
             return False
         run = None
         run_fd = kvm_run_fd(info)
@@ -482,6 +529,7 @@ class Tracer:
             return True  # killed meanwhile: its exit status follows
         if job.finished:
             proc.stats_job = None
+            self._stats_proc = None
             self._set_flags(proc)
             job.settle()
         if status is None:
@@ -493,47 +541,66 @@ class Tracer:
 
     def _quit_when_detached(self, future: Future[Any]) -> None:
         future.set_result(None)
-        if self._proc is None:
+        if self._group is None:
             self._quit = True
         else:
             self._quit_after_detach = True
             self._begin_detach("detached", None)
 
     def _begin_detach(self, why: str, future: Future[Detached] | None) -> None:
-        proc = self._proc
-        if proc is None:
+        group = self._group
+        if group is None:
             if future is not None:
                 future.set_exception(KvmtopError("not attached"))
             return
         if future is not None:
-            proc.detach_waiters.append(future)
-        if proc.mode != MODE_TWO_STOP:
-            # Its filtered ioctls need kvmtop (ENOSYS without it): ending the trace ends the
-            # command, gracefully; its exit is reported as usual.
-            os.kill(proc.pid, signal.SIGTERM)
+            group.detach_waiters.append(future)
+        if group.mode != MODE_TWO_STOP:
+            # Their filtered ioctls need kvmtop (ENOSYS without it): ending the trace ends the
+            # command and what it started, gracefully; their exits are reported as usual.
+            for pid in list(group.procs):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
             return
-        if proc.detaching is not None:
+        if group.detaching is not None:
             return  # already under way
-        proc.detaching = why
-        self._set_flags(proc)
-        self._interrupt(proc)
-        if not self.engine.threads_of(proc.pid):
-            self._finish(proc, why, None)
+        group.detaching = why
+        for proc in list(group.procs.values()):
+            self._set_flags(proc)
+            self._interrupt(proc)
+        for proc in list(group.procs.values()):
+            if not self.engine.threads_of(proc.pid):
+                self._proc_ended(proc, None)
 
-    def _begin(self, proc: TracedProcess) -> None:
-        if self._proc is not None:
-            raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
+    def _begin(self, group: Followed) -> None:
         self._flush()  # what is left of an earlier session goes out with its own base
-        self._proc = proc
-        self._last_base = proc.t0
-        self.engine.set_base(proc.t0)
+        self._group = self._last_group = group
+        self.engine.set_base(group.t0)
 
-    def _attach(self, pid: int) -> Attached:
-        if self._proc is not None:
-            raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
-        proc = seize_process(pid, self.engine, self._begin, self._begin_detach)
-        self._seen += proc.open_known_vcpus(self.engine)
-        attached = Attached(pid, proc.argv, proc.t0, launched=False)
+    def _check_idle(self) -> None:
+        if self._group is not None:
+            raise KvmtopError(f"already attached to pid {self._group.roots[0]}; detach first")
+
+    def _attach(self, pids: tuple[int, ...]) -> Attached:
+        self._check_idle()
+        group = Followed(time.monotonic_ns(), launched=False, mode=MODE_TWO_STOP)
+        self._begin(group)
+        try:
+            for pid in pids:
+                group.roots.append(pid)
+                proc = seize_process(pid, self.engine, group)
+                self._seen += proc.open_known_vcpus(self.engine)
+        except BaseException:
+            group.roots = [root for root in group.roots if root in group.procs]
+            if group.procs:  # let go of what was seized
+                self._begin_detach("attach failed", None)
+            else:
+                self._group = None
+            raise
+        root = group.procs[pids[0]]
+        attached = Attached(pids[0], root.argv, group.t0, launched=False, pids=tuple(pids))
         self._flush()
         self.out.put(attached)
         return attached
@@ -541,19 +608,19 @@ class Tracer:
     def _launch(self, argv: list[str], seccomp: str = "") -> Attached:
         """Start ``argv`` traced from its first instruction: seized while it is stopped, then
         continued, it execs the command."""
-        if self._proc is not None:
-            raise KvmtopError(f"already attached to pid {self._proc.pid}; detach first")
-        proc = launch_process(
+        self._check_idle()
+        group = launch_process(
             argv, seccomp, self.engine, self.child_stdio, self.child_stdout_to_stderr
         )
-        self._begin(proc)
-        if proc.mode == MODE_NOTIFY:
-            proc.start_notifier(self.engine, self._kick, self._notify_failed)
-        os.kill(proc.pid, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
+        self._begin(group)
+        if group.mode == MODE_NOTIFY:
+            group.start_notifier(self.engine, self._kick, self._notify_failed)
+        root = group.roots[0]
+        os.kill(root, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
         attached = Attached(
-            proc.pid, tuple(argv), proc.t0, launched=True,
-            one_stop=proc.mode in (MODE_ONE_STOP, MODE_NOTIFY),
-            notify=proc.mode == MODE_NOTIFY, filter_note=proc.filter_note,
+            root, tuple(argv), group.t0, launched=True,
+            one_stop=group.mode in (MODE_ONE_STOP, MODE_NOTIFY),
+            notify=group.mode == MODE_NOTIFY, filter_note=group.filter_note, pids=(root,),
         )  # fmt: skip
         self.out.put(attached)
         return attached

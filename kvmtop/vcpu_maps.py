@@ -13,7 +13,7 @@ import os
 from types import ModuleType
 
 from kvmtop.arch import HOST
-from kvmtop.decoder import vcpu_id_of_fd_link, vcpu_mappings
+from kvmtop.decoder import VM_FD_LINK, vcpu_id_of_fd_link, vcpu_mappings
 from kvmtop.procfs import fd_table
 from kvmtop.ptrace_abi import RemoteReader, pidfd_getfd
 
@@ -91,6 +91,14 @@ def vcpu_fds(pid: int) -> dict[int, int]:
         if vcpu is not None:
             found[fd] = vcpu
     return found
+
+
+def vm_of_vcpu_fd(table: dict[int, str], fd: int) -> int:
+    """The fd of the VM that vCPU fd ``fd`` belongs to, from the process's fd table (-1: none).
+    Nothing in /proc says it; VMMs make a VM and then its vCPUs, so fds come in that order and
+    the VM is the nearest VM fd below the vCPU's."""
+    below = [vm for vm, link in table.items() if link == VM_FD_LINK and vm < fd]
+    return max(below, default=-1)
 
 
 def open_run_page(pid: int, pidfd: int, fd: int, arch: ModuleType = HOST) -> RunPage:

@@ -1,0 +1,192 @@
+"""Every process a launched command starts is followed, as `strace -f` follows it; vCPUs are told
+apart by process and VM. Real programs, exact counts: each guest's exits are known."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+import pytest
+from conftest import wait_for_vcpus
+from guests.qemu_bios import build_bios, qemu_command
+
+from kvmtop.decoder import exit_label
+from kvmtop.events import Attached, Detached, ExitBatch
+from kvmtop.minivmm import counted_command
+from kvmtop.procfs import tracer_pid
+from kvmtop.tracer_thread import Tracer
+from kvmtop.vcpu_keys import VcpuKey
+
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]
+
+OUTS, MMIO = 150, 20
+EACH = {"KVM_EXIT_IO": OUTS + 1, "KVM_EXIT_MMIO": MMIO}  # +1: the out that reports the status
+
+
+@pytest.fixture(params=["notify", "trace", ""])
+def seccomp(request: pytest.FixtureRequest) -> str:
+    """Launched under kvmtop's notifying filter, its RET_TRACE filter, or none (two stops)."""
+    return str(request.param)
+
+
+class Followed:
+    """What a session saw: exits per vCPU (by process, VM and id), the processes, the end."""
+
+    def __init__(self) -> None:
+        self.per_vcpu: dict[VcpuKey, Counter[str]] = {}
+        self.keys: dict[int, VcpuKey] = {}
+        self.pids: set[int] = set()
+        self.ended: dict[int, int | None] = {}
+        self.attached: Attached | None = None
+        self.detached: Detached | None = None
+
+    def take(self, message: object) -> None:
+        if isinstance(message, Attached):
+            self.attached = message
+        elif isinstance(message, ExitBatch):
+            for seen in message.vcpus:
+                assert seen.key is not None
+                self.keys[seen.vcpu] = seen.key
+            for proc in message.processes:
+                self.pids.add(proc.pid)
+                if proc.ended:
+                    self.ended[proc.pid] = proc.exit_status
+            for e in message.events:
+                key = self.keys[e.vcpu]
+                self.per_vcpu.setdefault(key, Counter())[exit_label(e.reason, e.errno)] += 1
+        elif isinstance(message, Detached):
+            self.detached = message
+
+    def by_pid(self) -> dict[int, list[dict[str, int]]]:
+        out: dict[int, list[dict[str, int]]] = {}
+        for key in sorted(self.per_vcpu):
+            out.setdefault(key.pid, []).append(dict(self.per_vcpu[key]))
+        return out
+
+
+def follow(tracer: Tracer, timeout: float = 60) -> Followed:
+    seen = Followed()
+    deadline = time.monotonic() + timeout
+    while seen.detached is None:
+        seen.take(tracer.out.get(timeout=max(0.1, deadline - time.monotonic())))
+    while not tracer.out.empty():
+        seen.take(tracer.out.get_nowait())
+    return seen
+
+
+def launched(argv: list[str], seccomp: str, stdio: str | None = None) -> Followed:
+    tracer = Tracer(child_stdio=stdio)
+    tracer.start()
+    try:
+        tracer.launch(argv, seccomp).result(10)
+        return follow(tracer)
+    finally:
+        tracer.stop()
+
+
+def test_sh_c_children_are_followed_and_their_status_and_output_kept(tmp_path, seccomp):
+    """dash runs the first command with vfork, the last with exec: both VMMs are traced."""
+    out = tmp_path / "out.txt"
+    vmm = " ".join(counted_command(outs=OUTS, mmio_writes=MMIO, exit_status=3))
+    script = f"{vmm}; echo first=$? >{out}; {vmm}"  # the second one: sh execs it
+    seen = launched(["sh", "-c", script], seccomp)
+    assert out.read_text() == "first=3\n"
+    assert seen.detached is not None and seen.detached.exit_status == 3
+    counts = seen.by_pid()
+    assert len(counts) == 2, counts  # the vforked child, and sh itself after its exec
+    assert all(vcpus == [EACH] for vcpus in counts.values()), counts
+    assert seen.ended[seen.detached.pid] == 3 and len(seen.pids) >= 2
+
+
+def test_a_python_subprocess_child_is_counted_exactly(tmp_path, seccomp):
+    own = tmp_path / "own.json"
+    child = counted_command(vcpus=2, outs=OUTS, mmio_writes=MMIO, exit_status=4,
+                            report_json=str(own))  # fmt: skip
+    code = f"import subprocess, sys; sys.exit(subprocess.run({child!r}).returncode + 1)"
+    seen = launched([sys.executable, "-c", code], seccomp)
+    assert seen.detached is not None and seen.detached.exit_status == 5
+    mine = json.loads(own.read_text())
+    (vcpus,) = seen.by_pid().values()
+    assert vcpus == [mine["vcpus"]["0"]["exits"], mine["vcpus"]["1"]["exits"]] == [EACH, EACH]
+
+
+def test_a_double_fork_whose_parent_exits_at_once_is_followed_to_its_end(tmp_path, seccomp):
+    """The daemon's way: the command returns at once, its grandchild runs the VM on."""
+    done = tmp_path / "done"
+    vmm = counted_command(outs=OUTS, mmio_writes=MMIO, spin=3_000_000, exit_status=6)
+    code = textwrap.dedent(f"""
+        import os, subprocess, sys
+        if os.fork():
+            sys.exit(9)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        rc = subprocess.run({vmm!r}).returncode
+        open({str(done)!r}, "w").write(str(rc))
+    """)
+    seen = launched([sys.executable, "-c", code], seccomp)
+    assert done.read_text() == "6"  # the session lasted until the grandchild's end
+    assert seen.detached is not None and seen.detached.exit_status == 9  # the command's own
+    assert list(seen.by_pid().values()) == [[EACH]]
+
+
+@pytest.mark.qemu
+def test_qemu_daemonize_is_followed_after_its_parent_returns(tmp_path, seccomp):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=2000, mmio_writes=100))
+    pidfile = tmp_path / "qemu.pid"
+    argv = qemu_command(str(bios), "-daemonize", "-pidfile", str(pidfile))
+    seen = launched(argv, seccomp, stdio=os.devnull)
+    assert seen.detached is not None and seen.detached.exit_status == 0  # the parent's
+    daemon = int(pidfile.read_text()) if pidfile.exists() else None
+    counts = seen.by_pid()
+    assert len(counts) == 1, counts
+    pid, vcpus = next(iter(counts.items()))
+    assert daemon in (None, pid)  # QEMU removes its pidfile as it ends
+    assert pid != seen.detached.pid
+    assert vcpus[0]["KVM_EXIT_IO"] == 2001 and vcpus[0]["KVM_EXIT_MMIO"] == 100
+
+
+def test_two_vmms_each_with_vcpu_0_are_told_apart(seccomp):
+    a = " ".join(counted_command(outs=OUTS, mmio_writes=MMIO, spin=2_000_000))
+    b = " ".join(counted_command(outs=2 * OUTS, mmio_writes=0, spin=2_000_000))
+    seen = launched(["sh", "-c", f"{a} & {b} & wait"], seccomp)
+    counts = sorted(seen.by_pid().values(), key=lambda v: v[0]["KVM_EXIT_IO"])
+    assert counts == [[EACH], [{"KVM_EXIT_IO": 2 * OUTS + 1}]]
+    assert {key.vcpu for key in seen.per_vcpu} == {0}
+
+
+def test_one_process_with_two_vms_each_with_vcpu_0(seccomp):
+    seen = launched(counted_command(outs=OUTS, mmio_writes=MMIO, vms=2, spin=1_000_000), seccomp)
+    assert list(seen.by_pid().values()) == [[EACH, EACH]]
+    keys = sorted(seen.per_vcpu)
+    assert [k.vcpu for k in keys] == [0, 0] and keys[0].vm != keys[1].vm
+    assert all(k.vm >= 0 for k in keys)
+
+
+def test_attach_to_two_vmms_at_once_and_detach_leaves_both_untraced(processes):
+    vmms = []
+    for _ in range(2):
+        vmm = subprocess.Popen(counted_command(outs=OUTS, mmio_writes=0, spin=5_000_000))
+        processes.append(vmm)
+        vmms.append(vmm)
+    for vmm in vmms:
+        wait_for_vcpus(vmm.pid)
+    tracer = Tracer()
+    tracer.start()
+    try:
+        attached = tracer.attach(vmms[0].pid, vmms[1].pid).result(10)
+        assert attached.pids == (vmms[0].pid, vmms[1].pid)
+        assert all(tracer_pid(v.pid) != 0 for v in vmms)  # (our tracer thread)
+        time.sleep(0.3)
+        ended = tracer.detach().result(10)
+        assert ended.why == "detached"
+        assert all(tracer_pid(v.pid) == 0 for v in vmms)
+    finally:
+        tracer.stop()
+    assert [vmm.wait(120) for vmm in vmms] == [0, 0]  # each ran on to its own end
