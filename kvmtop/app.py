@@ -64,7 +64,7 @@ class KvmtopApp(App[int]):
 
     def __init__(
         self,
-        pid: int | None = None,
+        pid: int | list[int] | None = None,
         argv: list[str] | None = None,
         replay: str | None = None,
         demo: bool = False,
@@ -73,7 +73,7 @@ class KvmtopApp(App[int]):
     ) -> None:
         super().__init__()
         self.process_lister = process_lister
-        self.start_pid = pid
+        self.start_pids = [pid] if isinstance(pid, int) else list(pid or [])
         self.start_argv = argv
         self.start_demo_now = demo
         self.record_path = record_path
@@ -89,6 +89,15 @@ class KvmtopApp(App[int]):
         s = self.session
         return s.pid if s is not None and s.state is SessionState.ATTACHED else None
 
+    @property
+    def traced_pids(self) -> tuple[int, ...]:
+        """Every process of the session with a vCPU, and those attached to."""
+        s = self.session
+        if s is None or s.state is not SessionState.ATTACHED:
+            return ()
+        with_vcpus = s.stats.vcpu_pids()
+        return tuple(dict.fromkeys([*s.pids, *with_vcpus]))
+
     def on_mount(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGHUP):  # a kill, the terminal closed: quit cleanly
@@ -97,11 +106,11 @@ class KvmtopApp(App[int]):
             self.push_screen(AttachedScreen(self.replay))
             return
         self.push_screen(
-            ProcessListScreen(self.process_lister, lambda: self.attached_pid, self.held.exit_rate)
+            ProcessListScreen(self.process_lister, lambda: self.traced_pids, self.held.exit_rate)
         )
         self.set_interval(KERNEL_REFRESH_S, self.held.tick)
-        if self.start_pid is not None:
-            self.attach(self.start_pid)
+        if self.start_pids:
+            self.attach(*self.start_pids)
         elif self.start_argv:
             argv = self.start_argv
             self._watch(lambda s: s.launch(argv))
@@ -133,13 +142,13 @@ class KvmtopApp(App[int]):
         self._attempt = begin(session)
         self.push_screen(AttachedScreen(LiveSource(session), self._kernel_rate))
 
-    def attach(self, pid: int) -> None:
+    def attach(self, pid: int, *more: int) -> None:
         session = self.session
-        if session is not None and session.pid == pid and session.state is SessionState.ATTACHED:
+        if session is not None and pid in session.pids and session.state is SessionState.ATTACHED:
             if not isinstance(self.screen, AttachedScreen):
                 self.push_screen(AttachedScreen(LiveSource(session), self._kernel_rate))
             return
-        self._watch(lambda s: s.attach(pid))
+        self._watch(lambda s: s.attach(pid, *more))
 
     def start_demo(self) -> None:
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -304,16 +313,16 @@ class KvmtopApp(App[int]):
 
 def run_tui(
     *,
-    pid: int | None = None,
+    pids: list[int] | None = None,
     argv: list[str] | None = None,
     replay: str | None = None,
     demo: bool = False,
     record_path: str | None = None,
 ) -> int:
     """The TUI; returns the exit status. Errors a user can fix are raised before it opens."""
-    if pid is not None:
-        from kvmtop.procfs import check_attachable
+    from kvmtop.procfs import check_attachable
 
+    for pid in pids or ():
         check_attachable(pid)
     if argv and shutil.which(argv[0]) is None:
         raise CommandNotFound(f"command not found: {argv[0]}")
@@ -329,7 +338,7 @@ def run_tui(
             f"{what} needs a terminal on stdin and stdout; without one, use "
             "kvmtop record (-p PID or -- CMD), report or stats"
         )
-    app = KvmtopApp(pid=pid, argv=argv, replay=replay, demo=demo, record_path=record_path)
+    app = KvmtopApp(pid=pids, argv=argv, replay=replay, demo=demo, record_path=record_path)
     try:
         result = app.run()
     finally:

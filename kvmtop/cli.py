@@ -56,12 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kvmtop {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("-p", "--pid", type=int, help="attach to this VMM process")
+    parser.add_argument("-p", "--pid", type=int, action="append",
+                        help="attach to this VMM process (again for several)")  # fmt: skip
     parser.add_argument("-o", "--output", help="also record to this file (TUI)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
-    rec.add_argument("-p", "--pid", type=int, help="attach to this running VMM")
+    rec.add_argument("-p", "--pid", type=int, action="append",
+                     help="attach to this running VMM (again for several)")  # fmt: skip
     rec.add_argument(
         "-o", "--output", help=f"recording file ({DEFAULT_RECORDING}; none with --jsonl)"
     )
@@ -228,7 +230,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         return run_tui(replay=args.file)
     if args.command == "demo":
         return run_tui(demo=True, record_path=args.output)
-    return run_tui(pid=args.pid, argv=command, record_path=args.output)
+    return run_tui(pids=args.pid, argv=command, record_path=args.output)
 
 
 def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
@@ -244,7 +246,7 @@ def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
 
 
 def record(
-    pid: int | None,
+    pids: list[int] | None,
     command: list[str] | None,
     output: str | None,
     duration: float | None,
@@ -258,7 +260,7 @@ def record(
     then summarise. A launched command runs under kvmtop's seccomp filter unless ``one_stop`` is
     False."""
     from kvmtop.export import JsonlStream
-    from kvmtop.report import summary_json, summary_table
+    from kvmtop.report import cut, summary_json, summary_table
     from kvmtop.session import SessionState, TraceSession
 
     to_stdout = jsonl == "-"
@@ -266,7 +268,8 @@ def record(
     session = TraceSession(record_path=output, with_data=with_data,
                            keep_old=output == DEFAULT_RECORDING, exit_sink=stream,
                            child_stdout_to_stderr=to_stdout)  # fmt: skip
-    summary_out = sys.stderr if to_stdout else sys.stdout
+    # CMD's stdout stays its own (as with perf stat, strace -c, time); -p: the summary is the output
+    summary_out = sys.stderr if to_stdout or command is not None else sys.stdout
     reader_gone = False
     stop_requested: list[int] = []
 
@@ -278,17 +281,20 @@ def record(
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, on_signal) for s in stop_signals}
     try:
-        if pid is not None:
-            session.attach(pid)
+        if pids:
+            session.attach(*pids)
         else:
             session.launch(command or [], one_stop=one_stop, notify=notify)
         attached = session.wait_attached()
         what = " ".join(attached.argv) or str(attached.pid)
         verb = "launched" if attached.launched else "attached to"
+        others = [str(p) for p in attached.pids[1:]]
+        also = f" and {', '.join(others)}" if others else ""
         dests = [output, "stdout (JSONL)" if to_stdout else jsonl and f"{jsonl} (JSONL)"]
         where = " and ".join(d for d in dests if d)
         print(
-            f"kvmtop: {verb} pid {attached.pid} ({what[:60]}); recording to {where}; Ctrl-C stops",
+            f"kvmtop: {verb} pid {attached.pid} ({cut(what, 60)}){also}; recording to {where}; "
+            "Ctrl-C stops",
             file=sys.stderr,
         )
         if attached.one_stop:
@@ -337,7 +343,8 @@ def record(
         )
     snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
-            "one_stop": session.one_stop, "mode": tracing_mode(session, one_stop)}  # fmt: skip
+            "launched": session.launched, "one_stop": session.one_stop,
+            "mode": tracing_mode(session, one_stop)}  # fmt: skip
     if as_json:
         print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)
     else:

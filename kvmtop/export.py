@@ -17,38 +17,60 @@ from typing import TextIO
 from kvmtop.decoder import describe_exit, exit_details, exit_label
 from kvmtop.errors import OutputError
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, Attached, ExitBatch, ExitEvent
+from kvmtop.vcpu_keys import VcpuKey
 
 CSV_COLUMNS = ("vcpu", "reason", "errno", "entry_ns", "exit_ns", "guest_ns", "one_stop",
-               "write", "detail_a", "detail_b", "description", "data")  # fmt: skip
+               "write", "detail_a", "detail_b", "description", "data", "pid", "vm")  # fmt: skip
 
 
-def exit_record(event: ExitEvent, start_ns: int) -> dict[str, object]:
-    """One exit as a JSON object: vcpu, reason, errno, times, the decoded details; ``one_stop``
-    when its times span the run and the VMM's handling."""
-    record: dict[str, object] = {
-        "vcpu": event.vcpu,
+class VcpuKeys:
+    """Which process, VM and vCPU id each vCPU number of a stream stands for."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, VcpuKey] = {}
+
+    def see(self, batch: ExitBatch) -> None:
+        for seen in batch.vcpus:
+            if seen.key is not None:
+                self._keys[seen.vcpu] = seen.key
+
+    def of(self, vcpu: int) -> VcpuKey | None:
+        return self._keys.get(vcpu)
+
+
+def exit_record(event: ExitEvent, start_ns: int, key: VcpuKey | None = None) -> dict[str, object]:
+    """One exit as a JSON object: vcpu (KVM's id), pid and vm (the VM's fd in that process)
+    where known, reason, errno, times, the decoded details; ``one_stop`` when its times span
+    the run and the VMM's handling."""
+    record: dict[str, object] = {"vcpu": event.vcpu if key is None else key.vcpu}
+    if key is not None:
+        record.update(pid=key.pid, vm=key.vm)
+    record.update({
         "reason": exit_label(event.reason, event.errno),
         "errno": event.errno,
         "entry_ns": event.entry_ns - start_ns,
         "exit_ns": event.exit_ns - start_ns,
-    }
+    })  # fmt: skip
     record.update(exit_details(event))
     if event.flags & EXIT_CYCLE:
         record["one_stop"] = True
     return record
 
 
-def jsonl_chunk(events: Iterable[ExitEvent], start_ns: int) -> str:
+def jsonl_chunk(events: Iterable[ExitEvent], start_ns: int, keys: VcpuKeys) -> str:
     return "".join(
-        json.dumps(exit_record(e, start_ns), separators=(",", ":")) + "\n" for e in events
+        json.dumps(exit_record(e, start_ns, keys.of(e.vcpu)), separators=(",", ":")) + "\n"
+        for e in events
     )
 
 
 def jsonl_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
+    keys = VcpuKeys()
     for batch in batches:
+        keys.see(batch)
         events = batch.events  # decoded here: one object per exit is what an export is
         if events:
-            yield jsonl_chunk(events, start_ns)
+            yield jsonl_chunk(events, start_ns, keys)
 
 
 def csv_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
@@ -57,12 +79,17 @@ def csv_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
+    keys = VcpuKeys()
     for batch in batches:
+        keys.see(batch)
         for e in batch.events:
+            key = keys.of(e.vcpu)
             writer.writerow((
-                e.vcpu, exit_label(e.reason, e.errno), e.errno, e.entry_ns - start_ns,
-                e.exit_ns - start_ns, e.guest_ns, int(bool(e.flags & EXIT_CYCLE)),
-                int(bool(e.flags & EXIT_WRITE)), e.a, e.b, describe_exit(e), e.data.hex(),
+                e.vcpu if key is None else key.vcpu, exit_label(e.reason, e.errno), e.errno,
+                e.entry_ns - start_ns, e.exit_ns - start_ns, e.guest_ns,
+                int(bool(e.flags & EXIT_CYCLE)), int(bool(e.flags & EXIT_WRITE)), e.a, e.b,
+                describe_exit(e), e.data.hex(), "" if key is None else key.pid,
+                "" if key is None else key.vm,
             ))  # fmt: skip
         yield buffer.getvalue()
         buffer.seek(0)
@@ -102,14 +129,16 @@ class JsonlStream:
         self.path = path
         self.out = open_output(path)  # before tracing starts: a bad path fails first
         self.start_ns = 0
+        self.keys = VcpuKeys()
 
     def begin(self, attached: Attached) -> None:
         self.start_ns = attached.t_ns
 
     def write_batch(self, batch: ExitBatch) -> None:
+        self.keys.see(batch)
         events = batch.events
         if events:
-            write_chunks([jsonl_chunk(events, self.start_ns)], self.out, self.path)
+            write_chunks([jsonl_chunk(events, self.start_ns, self.keys)], self.out, self.path)
 
     def close(self) -> None:
         if self.out is not sys.stdout:

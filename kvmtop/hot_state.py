@@ -27,7 +27,7 @@ from kvmtop import ptrace_abi as pt
 from kvmtop.arch import HOST
 from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN, decode_exit, exit_reason_of
 from kvmtop.events import EXIT_CYCLE, ExitEvent
-from kvmtop.records import RECORD_SIZE, VCPU, pack_exit
+from kvmtop.records import RECORD_SIZE, VCPU_HEAD, pack_exit
 from kvmtop.stop_wait import StopWaiter
 from kvmtop.xlat_exit import ExitReason
 
@@ -245,7 +245,7 @@ class PyEngine:
     def _saw(self, page: _Page, tid: int, now: int) -> None:
         page.tid = tid
         if page.vcpu >= 0:  # not a vCPU whose kvm_run cannot be read
-            self._seen += VCPU.pack(KIND_VCPU, page.vcpu, tid, now - self.base_ns)
+            self._seen += VCPU_HEAD.pack(KIND_VCPU, page.vcpu, tid, now - self.base_ns)
 
     def _resume(self, th: _Thread, mode: int, flags: int, sig: int) -> None:
         if flags & P_SYSCALLS:
@@ -466,6 +466,6 @@ def vcpu_records(seen: bytes, base_ns: int) -> list[tuple[int, int, int]]:
     """(vcpu, tid, absolute ns) of each VCPU record an engine's :meth:`take` returned."""
     out = []
     for i in range(0, len(seen), RECORD_SIZE):
-        _kind, vcpu, tid, t = VCPU.unpack_from(seen, i)
+        _kind, vcpu, tid, t = VCPU_HEAD.unpack_from(seen, i)
         out.append((vcpu, tid, base_ns + t))
     return out

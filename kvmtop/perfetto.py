@@ -1,7 +1,7 @@
 """Exits as a Chrome JSON trace (what ui.perfetto.dev and chrome://tracing open).
 
-One track per vCPU (pid: the VMM; tid: the vCPU id + 1, as viewers take tid 0 for the idle
-thread) holding a slice per run in the guest (``guest → IO``) and a slice per VMM handling period
+One process per VMM (each process a launched command started that ran vCPUs), one track per
+vCPU (tid: the vCPU's number + 1, as viewers take tid 0 for the idle thread) holding a slice per run in the guest (``guest → IO``) and a slice per VMM handling period
 (``VMM: IO 0x80 out``, from an exit to that vCPU's next entry), and a counter of each vCPU's exit
 rate. Under one-stop tracing (EXIT_CYCLE) a run and its handling are not told apart: one slice
 (``guest+VMM: IO 0x80 out``) spans both. The last exit of each vCPU has no handling slice: its
@@ -22,6 +22,7 @@ from kvmtop.arch import HOST
 from kvmtop.decoder import exit_details, exit_label
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
 from kvmtop.recording import RecordingMeta
+from kvmtop.vcpu_keys import VcpuKey
 from kvmtop.xlat_exit import ExitReason, errno_name
 
 RATE_BIN_NS = 10_000_000  # exit-rate counter: one value per 10 ms
@@ -67,6 +68,7 @@ def slice_args(event: ExitEvent) -> dict[str, int | str | bool]:
 
 @dataclass(slots=True)
 class _VcpuTrack:
+    pid: int  # its process's
     last: ExitEvent | None = None  # its handling slice waits for the vCPU's next entry
     rate_bin: int = 0
     rate_count: int = 0
@@ -80,6 +82,9 @@ class PerfettoTrace:
         self.meta = meta
         self.rate_bin_ns = rate_bin_ns
         self._tracks: dict[int, _VcpuTrack] = {}
+        self._keys: dict[int, VcpuKey] = {}  # vCPU number -> process, VM, id
+        self._programs: dict[int, str] = {}  # pid -> its command line
+        self._named: set[int] = {meta.pid}  # processes with a process_name event
 
     def chunks(self, batches: Iterable[ExitBatch]) -> Iterator[str]:
         other = {"pid": self.meta.pid, "argv": list(self.meta.argv),
@@ -90,7 +95,12 @@ class PerfettoTrace:
         yield self._meta_event("process_name", 0, {"name": name})
         for batch in batches:
             pieces: list[str] = []
+            for proc in batch.processes:
+                if proc.argv and not proc.ended:
+                    self._programs[proc.pid] = " ".join(proc.argv)[:80]
             for seen in batch.vcpus:
+                if seen.key is not None:
+                    self._keys.setdefault(seen.vcpu, seen.key)
                 pieces += self._track(seen.vcpu)[1]
             for event in batch.events:
                 pieces += self._exit(event)
@@ -101,8 +111,8 @@ class PerfettoTrace:
             tail += self._close_bins(vcpu, track, track.rate_bin + 2)  # the rate falls to 0
         yield (",\n" + ",\n".join(tail) if tail else "") + "\n]}\n"
 
-    def _meta_event(self, kind: str, tid: int, args: dict[str, object]) -> str:
-        return (f'{{"ph":"M","pid":{self.meta.pid},"tid":{tid},"name":"{kind}",'
+    def _meta_event(self, kind: str, tid: int, args: dict[str, object], pid: int = 0) -> str:
+        return (f'{{"ph":"M","pid":{pid or self.meta.pid},"tid":{tid},"name":"{kind}",'
                 f'"args":{json.dumps(args)}}}')  # fmt: skip
 
     def _track(self, vcpu: int) -> tuple[_VcpuTrack, list[str]]:
@@ -110,15 +120,25 @@ class PerfettoTrace:
         track = self._tracks.get(vcpu)
         if track is not None:
             return track, []
-        track = self._tracks[vcpu] = _VcpuTrack()
-        names = [
-            self._meta_event("thread_name", vcpu + 1, {"name": f"vCPU {vcpu}"}),
-            self._meta_event("thread_sort_index", vcpu + 1, {"sort_index": vcpu}),
+        key = self._keys.get(vcpu)
+        pid = key.pid if key is not None else self.meta.pid
+        track = self._tracks[vcpu] = _VcpuTrack(pid)
+        names = []
+        if pid not in self._named:
+            self._named.add(pid)
+            program = self._programs.get(pid, f"pid {pid}")
+            names.append(self._meta_event("process_name", 0, {"name": program}, pid))
+        title = f"vCPU {key.vcpu} (VM {key.vm})" if key is not None and vcpu != key.vcpu else (
+            f"vCPU {vcpu}")  # fmt: skip
+        names += [
+            self._meta_event("thread_name", vcpu + 1, {"name": title}, pid),
+            self._meta_event("thread_sort_index", vcpu + 1, {"sort_index": vcpu}, pid),
         ]
         return track, names
 
     def _slice(self, name: str, cat: str, event: ExitEvent, start: int, end: int) -> str:
-        return (f'{{"ph":"X","pid":{self.meta.pid},"tid":{event.vcpu + 1},'
+        pid = self._tracks[event.vcpu].pid
+        return (f'{{"ph":"X","pid":{pid},"tid":{event.vcpu + 1},'
                 f'"ts":{us(start - self.meta.start_ns)},"dur":{us(end - start)},'
                 f'"name":{json.dumps(name, ensure_ascii=False)},"cat":"{cat}",'
                 f'"args":{json.dumps(slice_args(event))}}}')  # fmt: skip
@@ -154,7 +174,7 @@ class PerfettoTrace:
             if rate != track.rate_shown:
                 shown = int(rate) if rate.is_integer() else round(rate, 3)
                 out.append(
-                    f'{{"ph":"C","pid":{self.meta.pid},"name":"vCPU {vcpu}",'
+                    f'{{"ph":"C","pid":{track.pid},"name":"vCPU {vcpu}",'
                     f'"ts":{us(rate_bin * self.rate_bin_ns)},"args":{{"exits/s":{shown}}}}}'
                 )
                 track.rate_shown = rate

@@ -31,16 +31,23 @@ from kvmtop.records import (
     KIND_COUNTERS,
     KIND_END,
     KIND_EXIT,
+    KIND_NAME,
+    KIND_PROCESS,
     KIND_VCPU,
     RECORD_SIZE,
-    VCPU,
     kinds,
     last_t_exit,
+    name_piece,
+    pack_process,
+    pack_vcpu,
     rebase,
+    unpack_process,
+    unpack_vcpu,
 )
 
 MAGIC = b"\x89KVMTOP\n"  # the high byte and newline catch text-mode and truncated transfers
-VERSION = 1
+VERSION = 2  # 2: VCPU records say the process and VM; PROCESS and NAME records
+READS = (1, 2)
 HEADER = struct.Struct("<8sHHI")  # magic, version, flags, metadata length
 HEADER_DATA = 0x0001  # IO/MMIO data values are recorded
 WHY_CODES = {"detached": 0, "exited": 1}
@@ -116,11 +123,18 @@ class RecordingWriter:
         return ns - self.meta.start_ns
 
     def write_batch(self, batch: ExitBatch) -> None:
-        """VCPU records, the batch's exit records as they are, then a COUNTERS record."""
+        """PROCESS records of processes begun, VCPU records, the batch's exit records as they
+        are, PROCESS records of processes ended, then a COUNTERS record."""
         out = bytearray()
+        for proc in batch.processes:
+            if not proc.ended:
+                out += pack_process(proc, self._rel(proc.t_ns))
         for seen in batch.vcpus:
-            out += VCPU.pack(KIND_VCPU, seen.vcpu, seen.tid, self._rel(seen.t_ns))
+            out += pack_vcpu(seen, self._rel(seen.t_ns))
         out += rebase(batch.records, batch.base_ns, self.meta.start_ns)
+        for proc in batch.processes:
+            if proc.ended:
+                out += pack_process(proc, self._rel(proc.t_ns))
         if batch.lost or batch.stops:
             last = last_t_exit(batch.records)
             t = batch.base_ns + last if last is not None else time.monotonic_ns()
@@ -166,7 +180,13 @@ class Recording:
         body = bytearray()  # the exit records of the batch being gathered
         exits = 0
         seen: list[VcpuSeen] = []
+        procs: list[tuple[memoryview | bytes, list[bytes]]] = []  # PROCESS records, their NAMEs
         lost = stops = 0
+
+        def batch() -> ExitBatch:
+            processes = tuple(unpack_process(rec, names, start) for rec, names in procs)
+            return ExitBatch(bytes(body), start, tuple(seen), lost, stops, processes)
+
         offset = self._body
         try:
             f = open(self.path, "rb")
@@ -197,13 +217,17 @@ class Recording:
                             exits += kind_of.count(KIND_EXIT, i, cut)
                             i = cut
                             if cut < j:  # that exit begins the next batch
-                                yield ExitBatch(bytes(body), start, tuple(seen), lost, stops)
+                                yield batch()
                                 body, exits, seen, lost, stops = bytearray(), 0, [], 0, 0
+                                procs = []
                         continue
                     rec = view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE]
                     if kind == KIND_VCPU:
-                        _, vcpu, tid, t = VCPU.unpack(rec)
-                        seen.append(VcpuSeen(vcpu, tid, start + t))
+                        seen.append(unpack_vcpu(rec, start))
+                    elif kind == KIND_PROCESS:
+                        procs.append((bytes(rec), []))
+                    elif kind == KIND_NAME and procs:
+                        procs[-1][1].append(name_piece(rec))
                     elif kind == KIND_COUNTERS:
                         _, n_lost, n_stops, _t = COUNTERS.unpack(rec)
                         lost += n_lost
@@ -223,8 +247,8 @@ class Recording:
                     i += 1
                 offset += whole
             self.torn_bytes = len(carry)
-        if body or seen or lost or stops:
-            yield ExitBatch(bytes(body), start, tuple(seen), lost, stops)
+        if body or seen or lost or stops or procs:
+            yield batch()
 
 
 def _nth_exit(kind_of: bytes, i: int, j: int, k: int) -> int:
@@ -256,9 +280,10 @@ def open_recording(path: str) -> Recording:
             magic, version, _flags, meta_len = HEADER.unpack(head)
             if magic != MAGIC:
                 raise RecordingError(f"{path} is not a kvmtop recording")
-            if version != VERSION:
+            if version not in READS:
                 raise RecordingError(
-                    f"{path} is a version {version} recording; this kvmtop reads version {VERSION}"
+                    f"{path} is a version {version} recording; this kvmtop reads versions "
+                    f"{READS[0]} to {READS[-1]}"
                 )
             blob = f.read(meta_len)
     except IsADirectoryError:

@@ -13,15 +13,20 @@ import bisect
 import struct
 from collections.abc import Iterable, Iterator
 
-from kvmtop.events import EXIT_CYCLE, EXIT_PRIVATE, EXIT_WRITE, ExitEvent
+from kvmtop.events import EXIT_CYCLE, EXIT_PRIVATE, EXIT_WRITE, ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.vcpu_keys import VcpuKey
 
 RECORD_SIZE = 32
 
 KIND_EXIT, KIND_LONG, KIND_DATA, KIND_VCPU, KIND_COUNTERS, KIND_END = 1, 2, 3, 4, 5, 6
+KIND_PROCESS, KIND_NAME = 7, 8
 EXIT = struct.Struct("<BBHIqIIQ")  # kind, flags, vcpu, reason, t_exit, guest_ns, b, a
 LONG = struct.Struct("<B7xQ16x")  # kind, guest_ns (when it does not fit 32 bits)
 DATA = struct.Struct("<BB30s")  # kind, length, bytes
-VCPU = struct.Struct("<BxHIq16x")  # kind, vcpu, tid, t
+VCPU = struct.Struct("<BxHIqIiI4x")  # kind, vcpu, tid, t, pid, VM fd, vCPU id (version 2)
+VCPU_HEAD = struct.Struct("<BxHIq16x")  # kind, vcpu, tid, t: the engine's, and version 1's
+PROCESS = struct.Struct("<BBxxIqIi8x")  # kind, flags (P_ENDED...), pid, t, ppid, exit status
+NAME = struct.Struct("<BB30s")  # kind, length, a piece of the argv (after its PROCESS record)
 COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
 END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits
 T_EXIT = struct.Struct("<q")  # an EXIT record's t_exit alone, at byte 8
@@ -33,7 +38,11 @@ assert SAME_BITS == EXIT_WRITE | EXIT_PRIVATE
 GUEST_NS_MAX = 0xFFFFFFFE
 DATA_CHUNK = 30
 
-for _s in (EXIT, LONG, DATA, VCPU, COUNTERS, END):
+# PROCESS record flags
+P_ENDED, P_EXITED = 0x01, 0x02  # the process has gone; ...and exited (the status is its own)
+NAME_PIECES = 4  # at most 4 NAME records (120 bytes) of argv a process
+
+for _s in (EXIT, LONG, DATA, VCPU, VCPU_HEAD, PROCESS, NAME, COUNTERS, END):
     assert _s.size == RECORD_SIZE
 
 # bytes.translate table: the kinds an exit is made of (EXIT and its LONG/DATA) become 0, others 1
@@ -104,6 +113,44 @@ def iter_events(records: bytes | bytearray | memoryview, base_ns: int) -> Iterat
             data += raw[:n]
     if pending is not None:
         yield _event(pending, guest, data, base_ns)
+
+
+def pack_vcpu(seen: VcpuSeen, t_rel: int) -> bytes:
+    key = seen.key
+    pid, vm, vcpu = (key.pid, key.vm, key.vcpu) if key is not None else (0, 0, 0)
+    return VCPU.pack(KIND_VCPU, seen.vcpu, seen.tid, t_rel, pid, vm, vcpu)
+
+
+def unpack_vcpu(record: bytes | memoryview, base_ns: int) -> VcpuSeen:
+    """A VCPU record; one from version 1 (no pid) has no key."""
+    _kind, number, tid, t, pid, vm, vcpu = VCPU.unpack(record)
+    return VcpuSeen(number, tid, base_ns + t, VcpuKey(pid, vm, vcpu) if pid else None)
+
+
+def pack_process(proc: ProcessSeen, t_rel: int) -> bytes:
+    """A PROCESS record and the NAME records of its argv (NUL-separated, cut at 120 bytes)."""
+    flags = (P_ENDED if proc.ended else 0) | (P_EXITED if proc.exit_status is not None else 0)
+    status = proc.exit_status if proc.exit_status is not None else -1
+    out = bytearray(PROCESS.pack(KIND_PROCESS, flags, proc.pid, t_rel, proc.ppid, status))
+    if not proc.ended:
+        name = "\0".join(proc.argv).encode(errors="replace")[: NAME_PIECES * DATA_CHUNK]
+        for i in range(0, len(name), DATA_CHUNK):
+            piece = name[i : i + DATA_CHUNK]
+            out += NAME.pack(KIND_NAME, len(piece), piece)
+    return bytes(out)
+
+
+def unpack_process(record: bytes | memoryview, names: list[bytes], base_ns: int) -> ProcessSeen:
+    """A PROCESS record and the payloads of the NAME records after it."""
+    _kind, flags, pid, t, ppid, status = PROCESS.unpack(record)
+    argv = tuple(b"".join(names).decode(errors="replace").split("\0")) if names else ()
+    exit_status = status if flags & P_EXITED else None
+    return ProcessSeen(pid, ppid, argv, base_ns + t, bool(flags & P_ENDED), exit_status)
+
+
+def name_piece(record: bytes | memoryview) -> bytes:
+    _kind, n, raw = NAME.unpack(record)
+    return raw[:n]
 
 
 def kinds(records: bytes | bytearray | memoryview) -> bytes:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from kvmtop.arch import HOST
 from kvmtop.recording import Recording, open_recording
-from kvmtop.stats import ExitStats, LatencyHistogram, ReasonStats, StatsSnapshot
+from kvmtop.stats import ExitStats, LatencyHistogram, ReasonStats, StatsSnapshot, VcpuSnapshot
 from kvmtop.units import duration
 
 
@@ -48,12 +48,14 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
     seconds = duration_s(snapshot)
     return {
         "exits": {r.label: r.count for r in snapshot.reasons},
+        # Keyed by vCPU id when the session had one VM (as always), by PID:VM:VCPU when more
         "vcpus": {
-            str(v.vcpu): {
+            v.label: {
                 "exits": {r.label: r.count for r in v.reasons},
                 "total": v.total,
                 "tid": v.tid,
                 "reasons": _reasons_json(v.reasons, seconds),
+                **_identity(v),
             }
             for v in snapshot.vcpus
         },
@@ -75,9 +77,16 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
     }
 
 
+def _identity(v: VcpuSnapshot) -> dict[str, object]:
+    """Which vCPU of which VM of which process (recordings from before: the id alone)."""
+    if v.key is None:
+        return {"vcpu": v.vcpu}
+    return {"vcpu": v.key.vcpu, "pid": v.key.pid, "vm": v.key.vm, "process": v.process}
+
+
 def _row_groups(snapshot: StatsSnapshot) -> list[tuple[str, tuple[ReasonStats, ...], int]]:
     """(name, reasons, total): each vCPU's, then the whole VM's as ``all``."""
-    groups = [(str(v.vcpu), v.reasons, v.total) for v in snapshot.vcpus]
+    groups = [(v.label, v.reasons, v.total) for v in snapshot.vcpus]
     groups.append(("all", snapshot.reasons, snapshot.total))
     return groups
 
@@ -90,26 +99,52 @@ def port_name(port: int) -> str:
     return str(HOST.PORT_NAMES.get(port, ""))
 
 
-def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
+def seconds_text(seconds: float) -> str:
+    """A span with the digits it needs: "12.345 s", "360 ms", "0.36 ms"."""
+    if seconds >= 1 or seconds == 0:
+        return f"{seconds:.3f} s"
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
     seconds = duration_s(snapshot)
-    lines = []
     argv_value = meta.get("argv")
     argv = " ".join(str(a) for a in argv_value) if isinstance(argv_value, list | tuple) else ""
-    lines.append(
-        f"pid {meta.get('pid')}  {argv[:70]}\n"
-        f"{snapshot.total} exits in {seconds:.3f} s on {len(snapshot.vcpus)} vCPU(s)"
-        f"  (lost {snapshot.lost}, ptrace stops {snapshot.stops})"
-    )
+    vms = {(v.key.pid, v.key.vm) for v in snapshot.vcpus if v.key is not None}
+    on = f"{len(snapshot.vcpus)} vCPU(s)" + (f" of {len(vms)} VMs" if len(vms) > 1 else "")
+    lines = [
+        f"pid {meta.get('pid')}  {cut(argv, 70)}",
+        f"{snapshot.total} exits in {seconds_text(seconds)} on {on}"
+        f"  (lost {snapshot.lost}, ptrace stops {snapshot.stops})",
+    ]
     if meta.get("mode"):
-        lines[-1] += f"\ntraced with {meta['mode']}"
-    header = f"{'VCPU':>4}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {'GUEST p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
-    lines += ["", header, "-" * len(header)]
+        per_exit = f": {snapshot.stops / snapshot.total:.2f} measured" if snapshot.total else ""
+        lines.append(f"traced with {meta['mode']}{per_exit}")
+    if not snapshot.vcpus:
+        lines.append(
+            "no vCPU was seen: the command made no VM (see its own messages above)"
+            if meta.get("launched")
+            else "no vCPU ran while kvmtop traced the VMM"
+        )
+    return lines
+
+
+def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
+    seconds = duration_s(snapshot)
+    lines = _head(snapshot, meta)
     groups = _row_groups(snapshot)
+    w = max(4, *(len(name) for name, _, _ in groups))
+    header = f"{'VCPU':>{w}}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {'GUEST p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
+    lines += ["", header, "-" * len(header)]
     for name, reasons, total in groups:
         for r in reasons:
             share = 100.0 * r.count / total if total else 0.0
             lines.append(
-                f"{name:>4}  {r.label:<24} {r.count:>10} {share:>6.1f}% {_rate(r.count, seconds):>10.1f}  "
+                f"{name:>{w}}  {r.label:<24} {r.count:>10} {share:>6.1f}% {_rate(r.count, seconds):>10.1f}  "
                 f"{_ns(r.guest.median):>10} {_ns(r.guest.p99):>10}  "
                 f"{_ns(r.handling.median) if r.handling.count else '-':>10} "
                 f"{_ns(r.handling.p99) if r.handling.count else '-':>10}"

@@ -71,6 +71,7 @@ class TraceSession:
         self.stats = ExitStats()
         self.state = SessionState.IDLE
         self.pid: int | None = None
+        self.pids: tuple[int, ...] = ()  # every VMM attached to, or the command launched
         self.argv: tuple[str, ...] = ()
         self.launched = False
         self.one_stop = False
@@ -95,8 +96,8 @@ class TraceSession:
 
     # --- commands ------------------------------------------------------------------------------
 
-    def attach(self, pid: int) -> Future[Attached]:
-        return self._begin(self._tracer.attach(pid))
+    def attach(self, *pids: int) -> Future[Attached]:
+        return self._begin(self._tracer.attach(*pids))
 
     def launch(
         self, argv: list[str], one_stop: bool = False, notify: bool = True
@@ -211,6 +212,7 @@ class TraceSession:
     def _on_attached(self, attached: Attached) -> None:
         self.stats = ExitStats()
         self.pid, self.argv, self.launched = attached.pid, attached.argv, attached.launched
+        self.pids = attached.pids or (attached.pid,)
         self.one_stop = attached.one_stop
         self.notify = attached.notify
         self.filter_note = attached.filter_note

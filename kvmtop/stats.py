@@ -9,6 +9,7 @@ read this same aggregate, so they never disagree. Never does I/O; never touches 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -18,8 +19,9 @@ from typing import Any
 
 from kvmtop import native, summary
 from kvmtop.decoder import exit_label
-from kvmtop.events import ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.events import ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.records import F_CYCLE, iter_events
+from kvmtop.vcpu_keys import VcpuKey
 
 LOG2_BUCKETS = 40
 TIMELINE_SECONDS = 60
@@ -92,7 +94,10 @@ class MmioCount:
 
 @dataclass(frozen=True, slots=True)
 class VcpuSnapshot:
-    vcpu: int
+    vcpu: int  # the number its exits carry (:mod:`kvmtop.vcpu_keys`)
+    label: str  # how to name it: the vCPU id, or PID:VM:VCPU when the session has several VMs
+    key: VcpuKey | None  # its process, VM and id (None: a recording from before they were told)
+    process: str  # the program of its process ("" when not known)
     tid: int | None
     total: int
     rate: float  # exits/s over the last whole second
@@ -103,6 +108,15 @@ class VcpuSnapshot:
     io: tuple[PortCount, ...]  # count descending
     mmio: tuple[MmioCount, ...]
     recent: tuple[ExitEvent, ...]  # the latest exits, oldest first
+
+    @property
+    def name(self) -> str:
+        """How to name it: `vCPU 0`, or `vCPU 0 of VM 5 in pid 1234 (qemu)` among several VMs."""
+        key = self.key
+        if key is None or self.label == str(key.vcpu):
+            return f"vCPU {self.label}"
+        program = f" ({self.process})" if self.process else ""
+        return f"vCPU {key.vcpu} of VM {key.vm} in pid {key.pid}{program}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +129,8 @@ class StatsSnapshot:
     stops: int  # ptrace stops reported by the tracer
     stops_per_s: float
     reasons: tuple[ReasonStats, ...]  # whole VM, count descending
-    vcpus: tuple[VcpuSnapshot, ...]  # by vCPU id
+    vcpus: tuple[VcpuSnapshot, ...]  # by vCPU number: the first VM's by id, then the others
+    many_vms: bool  # the vCPUs are of more than one VM: labels say PID:VM:VCPU
     io: tuple[PortCount, ...]  # whole VM
     mmio: tuple[MmioCount, ...]
     top_exact: bool  # False once a top table evicted keys (its counts are then upper bounds)
@@ -223,11 +238,12 @@ class _Seconds:
 
 
 class _Vcpu:
-    __slots__ = ("vcpu", "tid", "total", "reasons", "seconds", "io", "mmio", "recent",
+    __slots__ = ("vcpu", "key", "tid", "total", "reasons", "seconds", "io", "mmio", "recent",
                  "recent_exits", "recent_capacity", "last")  # fmt: skip
 
     def __init__(self, vcpu: int, top_capacity: int, recent_capacity: int) -> None:
         self.vcpu = vcpu
+        self.key: VcpuKey | None = None
         self.tid: int | None = None
         self.total = 0
         self.reasons: dict[str, _Reason] = {}
@@ -290,6 +306,9 @@ class ExitStats:
         self.recent_capacity = recent_capacity
         self._lock = threading.Lock()
         self._vcpus: dict[int, _Vcpu] = {}
+        self._vms: dict[tuple[int, int], None] = {}  # (pid, VM fd) of vCPUs with keys, in order
+        self._programs: dict[int, str] = {}  # pid -> its program, for processes with vCPUs
+        self._argv0: dict[int, str] = {}  # pid -> its program, for every process lately seen
         self._reasons: dict[str, _Reason] = {}
         self._io = TopCounter(top_capacity)
         self._mmio = TopCounter(top_capacity)
@@ -310,6 +329,8 @@ class ExitStats:
 
     def add_batch(self, batch: ExitBatch) -> None:
         with self._lock:
+            for proc in batch.processes:
+                self._see_process(proc)
             for seen in batch.vcpus:
                 self._see(seen)
             if batch.records:
@@ -328,6 +349,22 @@ class ExitStats:
         vcpu = self._vcpu(seen.vcpu)
         if seen.tid:
             vcpu.tid = seen.tid
+        if seen.key is not None:
+            vcpu.key = seen.key
+            self._vms[(seen.key.pid, seen.key.vm)] = None
+            program = self._argv0.get(seen.key.pid)
+            if program is not None:
+                self._programs[seen.key.pid] = program
+
+    def _see_process(self, proc: ProcessSeen) -> None:
+        if proc.ended or not proc.argv:
+            return
+        program = os.path.basename(proc.argv[0])
+        if len(self._argv0) >= 4096:  # a build forking thousands: keep those that made vCPUs
+            self._argv0 = {pid: self._argv0[pid] for pid in self._programs if pid in self._argv0}
+        self._argv0[proc.pid] = program
+        if proc.pid in self._programs:
+            self._programs[proc.pid] = program  # it ran a new program
 
     def _label(self, reason: int, errno: int) -> str:
         label = self._labels.get((reason, errno))
@@ -395,6 +432,7 @@ class ExitStats:
                     per_label_rate[label] = per_label_rate.get(label, 0) + n
             reasons = _reason_stats(self._reasons, per_label_rate)
             exact = self._io.exact and self._mmio.exact
+            many_vms = len(self._vms) > 1
             return StatsSnapshot(
                 now_ns=now,
                 first_ns=self.first_ns,
@@ -405,10 +443,16 @@ class ExitStats:
                 stops_per_s=float(self._stops.at(now_s - 1).get("stops", 0)),
                 reasons=reasons,
                 vcpus=vcpus,
+                many_vms=many_vms,
                 io=_ports(self._io, top),
                 mmio=_mmios(self._mmio, top),
                 top_exact=exact,
             )
+
+    def vcpu_pids(self) -> list[int]:
+        """The processes whose vCPUs made exits, in the order their vCPUs were seen."""
+        with self._lock:
+            return list(dict.fromkeys(pid for pid, _vm in self._vms))
 
     def vcpu_snapshot(self, vcpu: int, now_ns: int, top: int | None = 32) -> VcpuSnapshot | None:
         """One vCPU, with its recent exits (the drill-down view)."""
@@ -419,8 +463,15 @@ class ExitStats:
     def _vcpu_snapshot(self, v: _Vcpu, now_s: int, recent: bool, top: int | None) -> VcpuSnapshot:
         seconds = [v.seconds.at(s) for s in range(now_s - TIMELINE_SECONDS + 1, now_s + 1)]
         labels = sorted({label for bucket in seconds for label in bucket})
+        key = v.key
+        many = len(self._vms) > 1
         return VcpuSnapshot(
             vcpu=v.vcpu,
+            label=key.label()
+            if key is not None and many
+            else str(v.vcpu if key is None else key.vcpu),
+            key=key,
+            process=self._programs.get(key.pid, "") if key is not None else "",
             tid=v.tid,
             total=v.total,
             rate=float(sum(v.seconds.at(now_s - 1).values())),

@@ -117,6 +117,13 @@ def start_recording(args: list[str], stdout: int = subprocess.PIPE) -> subproces
     return rec
 
 
+def json_summary(stderr: str) -> dict:
+    """The JSON summary `record --json -- CMD` prints on stderr, after its notices."""
+    import json
+
+    return json.loads(stderr[stderr.index("\n{") + 1 :] if not stderr.startswith("{") else stderr)
+
+
 @pytest.fixture(params=["native", "pure"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on the C engine and on the pure-Python one (its reference). The environment

@@ -36,7 +36,7 @@ def test_record_launch_counts_exactly_what_strace_counts_and_keeps_qemus_status(
     out = tmp_path / "r.kvmtop"
     result = kvmtop("record", "-o", str(out), "--", *qemu_command(bios()))
     assert result.returncode == 1, result.stderr  # QEMU's own status (isa-debug-exit)
-    assert "KVM_EXIT_IO" in result.stdout and "0x0080 out" in result.stdout
+    assert "KVM_EXIT_IO" in result.stderr and "0x0080 out" in result.stderr  # stdout is QEMU's
     report = json.loads(kvmtop("report", str(out), "--json").stdout)
     assert report["exits"]["KVM_EXIT_IO"] == 301 and report["exits"]["KVM_EXIT_MMIO"] == 200
     assert {"port": 128, "direction": "out", "size": 1, "count": 300} in report["io"]

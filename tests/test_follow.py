@@ -190,3 +190,34 @@ def test_attach_to_two_vmms_at_once_and_detach_leaves_both_untraced(processes):
     finally:
         tracer.stop()
     assert [vmm.wait(120) for vmm in vmms] == [0, 0]  # each ran on to its own end
+
+
+def test_a_launched_commands_stdout_is_its_own(tmp_path):
+    argv = [sys.executable, "-m", "kvmtop", "record", "-o", str(tmp_path / "r.kvmtop"), "--",
+            "sh", "-c", "echo hello; exit 4"]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4 and result.stdout == "hello\n"
+    assert "0 exits in 0.000 s on 0 vCPU(s)" in result.stderr
+    assert "no vCPU was seen: the command made no VM" in result.stderr
+
+
+def test_record_attaches_to_two_vmms_and_tells_their_vcpus_apart(processes):
+    vmms = []
+    for outs in (OUTS, 2 * OUTS):
+        vmm = subprocess.Popen(counted_command(outs=outs, mmio_writes=0, spin=3_000_000))
+        processes.append(vmm)
+        vmms.append(vmm)
+    for vmm in vmms:
+        wait_for_vcpus(vmm.pid)
+    argv = [sys.executable, "-m", "kvmtop", "record", "-o", os.devnull, "--json",
+            "-p", str(vmms[0].pid), "-p", str(vmms[1].pid)]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"and {vmms[1].pid};" in result.stderr
+    vcpus = json.loads(result.stdout)["vcpus"]  # -p: the summary is the output
+    assert {(v["pid"], v["vcpu"], v["exits"]["KVM_EXIT_IO"]) for v in vcpus.values()} == {
+        (vmms[0].pid, 0, OUTS + 1),
+        (vmms[1].pid, 0, 2 * OUTS + 1),
+    }
+    assert all(key == f"{v['pid']}:{v['vm']}:0" for key, v in vcpus.items())
+    assert [vmm.wait(60) for vmm in vmms] == [0, 0]

@@ -8,11 +8,12 @@ import stat
 
 import pytest
 from guests.fixed_recording import write_fixed_recording
+from guests.many_vms import many_vms_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmtop.errors import RecordingError
-from kvmtop.events import Detached, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.events import Detached, ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.recording import (
     HEADER,
     RECORD_SIZE,
@@ -228,3 +229,38 @@ def test_batches_pass_the_files_records_through_whole_exits_at_a_time(tmp_path) 
     assert all(b.base_ns == START for b in batches)
     assert b"".join(b.records for b in batches) == body(path)
     assert [e for b in batches for e in b.events] == events
+
+
+def test_vcpus_keep_their_process_and_vm_and_processes_their_names(tmp_path) -> None:
+    path = str(tmp_path / "r.kvmtop")
+    ended = ProcessSeen(200, 100, ("vmm-b",), START + 99, ended=True, exit_status=3)
+    long_argv = ProcessSeen(300, 100, tuple(f"--option-{i}" for i in range(40)), START + 5)
+    first = many_vms_batch()
+    write(path, [first, ExitBatch(b"", START, processes=(long_argv, ended))])
+    recording = open_recording(path)
+    batches = list(recording.batches())
+    assert [seen for b in batches for seen in b.vcpus] == list(first.vcpus)
+    processes = [p for b in batches for p in b.processes]
+    assert processes[:2] == list(first.processes)
+    assert processes[-1] == ProcessSeen(200, 100, (), START + 99, True, 3)  # (its name came first)
+    assert " ".join(processes[2].argv).startswith("--option-0 --option-1")
+    assert len("\0".join(processes[2].argv)) == 120  # cut, not lost
+    assert sum(b.exits for b in batches) == 9
+
+
+def test_a_version_1_recording_still_reads(tmp_path) -> None:
+    path = str(tmp_path / "v1.kvmtop")
+    events = [ExitEvent(1, 2, 0, START + i, START + i + 5, 0x80, 1, 1) for i in range(7)]
+    write(path, [ExitBatch.of(events, START, [VcpuSeen(1, 77, START)])])
+    with open(path, "r+b") as f:  # a version 1 file has the same layout, without keys
+        f.seek(8)
+        f.write((1).to_bytes(2, "little"))
+    (batch,) = open_recording(path).batches()
+    assert batch.vcpus == (VcpuSeen(1, 77, START, None),) and batch.exits == 7
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write((3).to_bytes(2, "little"))
+    with pytest.raises(
+        RecordingError, match="version 3 recording; this kvmtop reads versions 1 to 2"
+    ):
+        open_recording(path)

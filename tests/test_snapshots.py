@@ -19,7 +19,7 @@ SIZES = pytest.mark.parametrize(
 
 
 def fixed_processes() -> list[KvmProcess]:
-    hour_ago = time.time() - 3600.2
+    hour_ago = time.time() - 3600.02  # shown as 1:00:00 until the screen is drawn 0.98 s later
     return [
         KvmProcess(4242, "root", "web-1", ("qemu-system-x86_64", "-name", "web-1"), 4, (0, 1, 2, 3),
                    12.0, 512 << 20, hour_ago, 0),

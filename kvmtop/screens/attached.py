@@ -74,7 +74,11 @@ class AttachedScreen(WatchScreen):
         self._snap = snap
         self.fit()
         self.query_one(VcpuTable).show(snap.vcpus)
-        self.query_one(ReasonBars).show(snap.reasons, snap.total)
+        bars = self.query_one(ReasonBars)
+        title = f"exit reasons, {'all VMs' if snap.many_vms else 'whole VM'}"
+        if bars.border_title != title:  # setting it lays the screen out again
+            bars.border_title = title
+        bars.show(snap.reasons, snap.total)
         self.query_one(LatencyPane).show(snap.reasons)
         self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact)
 

@@ -52,12 +52,12 @@ class ProcessListScreen(Screen[None]):
     def __init__(
         self,
         lister: Callable[[], list[KvmProcess]] = list_kvm_processes,
-        attached: Callable[[], int | None] = lambda: None,
+        attached: Callable[[], tuple[int, ...]] = lambda: (),
         exit_rate: Callable[[int], float | None] = lambda pid: None,
     ) -> None:
         super().__init__()
         self.lister = lister
-        self.attached = attached  # the pid kvmtop traces now, if any
+        self.attached = attached  # the pids kvmtop traces now (the first: the one asked for)
         self.exit_rate = exit_rate  # KVM's exits/s of a VM whose stats fds are held, else None
         self.procs: list[KvmProcess] = []
         self.sort_key = "pid"
@@ -90,7 +90,7 @@ class ProcessListScreen(Screen[None]):
     def on_screen_resume(self) -> None:
         # back from the attached view: the TRACED BY column changed, and the cursor goes to the
         # VM traced (started with `m` or -p, its row was never under the cursor)
-        self._select = self.attached()
+        self._select = next(iter(self.attached()), None)
         self.refresh_processes()
 
     def _show(self, procs: list[KvmProcess]) -> None:
@@ -102,7 +102,7 @@ class ProcessListScreen(Screen[None]):
         table.clear()
         attached = self.attached()
         for p in self._visible():
-            ours = p.pid == attached
+            ours = p.pid in attached
             traced = "kvmtop" if ours else (str(p.tracer_pid) if p.tracer_pid else "")
             rate = self.exit_rate(p.pid)
             pid = Text(
@@ -155,7 +155,7 @@ class ProcessListScreen(Screen[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "detach":
-            return self.attached() is not None  # shown only while attached
+            return bool(self.attached())  # shown only while attached
         return True
 
     def action_attach(self) -> None:

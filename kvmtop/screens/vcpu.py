@@ -57,9 +57,12 @@ class VcpuScreen(WatchScreen):
             return
         tid = f" (thread {v.tid})" if v.tid else ""
         self.query_one("#title", Static).update(
-            f"vCPU {self.vcpu}{tid}: {human(v.total)} exits, {human(v.rate)}/s now   {status.title}"
+            f"{v.name}{tid}: {human(v.total)} exits, {human(v.rate)}/s now   {status.title}"
         )
-        self.query_one(ReasonBars).show(v.reasons, v.total)
+        bars = self.query_one(ReasonBars)
+        if bars.border_title != f"{v.name}: exit reasons":  # setting it lays the screen out again
+            bars.border_title = f"{v.name}: exit reasons"
+        bars.show(v.reasons, v.total)
         self.query_one(TopTargets).show(v.io, v.mmio)
         self.query_one(ReasonTimelines).show(v.timeline_by_reason)
         self.query_one(LatencyPane).show(v.reasons)

@@ -29,19 +29,33 @@ LEGEND_W = 27
 MIN_TIMELINE_W = 20
 
 
-def timeline_width(width: int) -> int:
+def timeline_width(width: int, id_w: int = ID_W) -> int:
     """Seconds of the timeline a line of ``width`` shows: all 60 where the reasons' bar and
-    legend fit beside them, else the latest ones."""
-    return max(MIN_TIMELINE_W, min(TIMELINE_W, width - NUMBERS_W - 2 - LEGEND_W))
+    legend fit beside them, else the latest ones. ``id_w``: the vCPU column's width (wider
+    for PID:VM:VCPU labels)."""
+    numbers = NUMBERS_W + id_w - ID_W
+    return max(MIN_TIMELINE_W, min(TIMELINE_W, width - numbers - 2 - LEGEND_W))
 
 
-def header(width: int) -> str:
-    seconds = timeline_width(width)
+def header(width: int, id_w: int = ID_W) -> str:
+    seconds = timeline_width(width, id_w)
     what = "exits per second" if seconds >= 30 else "exits/s"
     return (
-        f"{'vCPU':>{ID_W}} {'exits/s':>{RATE_W}} {'total':>{TOTAL_W}}  "
+        f"{'vCPU':>{id_w}} {'exits/s':>{RATE_W}} {'total':>{TOTAL_W}}  "
         f"{f'{what}, last {seconds} s':<{seconds}}  reasons"
     )
+
+
+def vms_title(rows: tuple[VcpuSnapshot, ...]) -> str:
+    """The pane's title: "vCPUs", and each VM's process when there are several VMs."""
+    vms: dict[tuple[int, int], str] = {}
+    for v in rows:
+        if v.key is not None:
+            vms.setdefault((v.key.pid, v.key.vm), v.process)
+    if len(vms) < 2:
+        return "vCPUs"
+    names = ", ".join(f"{pid}:{vm} {name}".rstrip() for (pid, vm), name in vms.items())
+    return f"vCPUs (PID:VM:vCPU) of {len(vms)} VMs: {names}"
 
 
 class VcpuTable(ScrollView, can_focus=True):
@@ -75,10 +89,15 @@ class VcpuTable(ScrollView, can_focus=True):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.rows: tuple[VcpuSnapshot, ...] = ()
         self.lines_per_vcpu = 1
+        self.id_w = ID_W
         self.border_title = "vCPUs"
 
     def show(self, rows: tuple[VcpuSnapshot, ...]) -> None:
         self.rows = rows
+        self.id_w = max(ID_W, *(len(v.label) for v in rows)) if rows else ID_W
+        title = vms_title(rows)
+        if self.border_title != title:  # setting it lays the screen out again
+            self.border_title = title
         self.cursor = min(self.cursor, max(0, len(rows) - 1))
         self._fit()
         self.refresh()
@@ -125,7 +144,8 @@ class VcpuTable(ScrollView, can_focus=True):
         width = self.scrollable_content_region.width
         if y == 0:  # the header stays put while the vCPUs scroll under it
             style = self.get_component_rich_style("vcpu-table--header")
-            return Strip([Segment(header(width)[:width], style)]).extend_cell_length(width, style)
+            text = header(width, self.id_w)[:width]
+            return Strip([Segment(text, style)]).extend_cell_length(width, style)
         line = y - 1 + self.scroll_offset.y
         k = self.lines_per_vcpu
         index, sub = divmod(line, k)
@@ -136,20 +156,22 @@ class VcpuTable(ScrollView, can_focus=True):
             self.get_component_rich_style("vcpu-table--cursor") if index == self.cursor else Style()
         )
         muted = base + Style(dim=True)
+        id_w = self.id_w
+        numbers_w = NUMBERS_W + id_w - ID_W
         if sub == 0:
-            numbers = f"{v.vcpu:>{ID_W}} {human(v.rate):>{RATE_W}} {human(v.total):>{TOTAL_W}}  "
+            numbers = f"{v.label:>{id_w}} {human(v.rate):>{RATE_W}} {human(v.total):>{TOTAL_W}}  "
             segments = [Segment(numbers, base)]
         elif sub == 1:
             peak = max(v.timeline, default=0)
             segments = [
-                Segment(f"{'peak':>{ID_W + RATE_W - 4}} {human(peak):>4}".ljust(NUMBERS_W), muted)
+                Segment(f"{'peak':>{id_w + RATE_W - 4}} {human(peak):>4}".ljust(numbers_w), muted)
             ]
         else:
-            segments = [Segment(" " * NUMBERS_W, base)]
-        seconds = timeline_width(width)
+            segments = [Segment(" " * numbers_w, base)]
+        seconds = timeline_width(width, id_w)
         segments += self._timeline_row(v, sub, k, base, seconds)
         segments.append(Segment("  ", base))
-        bar_w = max(0, width - NUMBERS_W - seconds - 2)
+        bar_w = max(0, width - numbers_w - seconds - 2)
         if sub == 0:
             segments += stacked_bar(self, v, bar_w, base)
         elif sub <= len(v.reasons) and bar_w >= LEGEND_W:

@@ -1,0 +1,98 @@
+"""The summary: vCPUs of several VMs told apart in every form, and a head line that says what
+was measured."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from guests.many_vms import START, many_vms_batch
+
+from kvmtop.events import ExitBatch, ExitEvent
+from kvmtop.export import csv_chunks, jsonl_chunks
+from kvmtop.perfetto import PerfettoTrace
+from kvmtop.recording import RecordingMeta
+from kvmtop.report import summary_csv, summary_json, summary_table
+from kvmtop.stats import ExitStats
+
+
+def stats_of(*batches: ExitBatch) -> ExitStats:
+    stats = ExitStats()
+    for batch in batches:
+        stats.add_batch(batch)
+    return stats
+
+
+def test_one_vm_keeps_plain_vcpu_ids_as_keys() -> None:
+    events = [
+        ExitEvent(v, 2, 0, START + i, START + i + 5, 0x80, 1, 1) for i, v in enumerate([0, 1, 1])
+    ]
+    summary = summary_json(stats_of(ExitBatch.of(events, START)).snapshot(), {})
+    assert list(summary["vcpus"]) == ["0", "1"] and summary["vcpus"]["1"]["total"] == 2
+
+
+def test_three_vms_each_with_vcpu_0_are_three_vcpus_everywhere() -> None:
+    batch = many_vms_batch()
+    snapshot = stats_of(batch).snapshot()
+    assert snapshot.many_vms and [v.label for v in snapshot.vcpus] == [
+        "100:4:0",
+        "100:7:0",
+        "200:5:0",
+    ]
+    assert [v.name for v in snapshot.vcpus][2] == "vCPU 0 of VM 5 in pid 200 (vmm-b)"
+
+    vcpus = summary_json(snapshot, {})["vcpus"]
+    assert {k: (v["pid"], v["vm"], v["vcpu"], v["total"]) for k, v in vcpus.items()} == {
+        "100:4:0": (100, 4, 0, 3), "100:7:0": (100, 7, 0, 3), "200:5:0": (200, 5, 0, 3),
+    }  # fmt: skip
+    assert vcpus["100:7:0"]["process"] == "vmm-a"
+
+    rows = list(csv.reader(io.StringIO(summary_csv(snapshot))))
+    assert {r[0] for r in rows[1:]} == {"100:4:0", "100:7:0", "200:5:0", "all"}
+    table = summary_table(snapshot, {"pid": 100, "argv": ["vmm-a"]})
+    assert "on 3 vCPU(s) of 3 VMs" in table and "200:5:0  KVM_EXIT_IO" in table
+
+    lines = [
+        json.loads(line) for chunk in jsonl_chunks([batch], START) for line in chunk.splitlines()
+    ]
+    assert {(e["pid"], e["vm"], e["vcpu"]) for e in lines} == {
+        (100, 4, 0),
+        (100, 7, 0),
+        (200, 5, 0),
+    }
+    exported = list(csv.DictReader(io.StringIO("".join(csv_chunks([batch], START)))))
+    assert {(e["pid"], e["vm"], e["vcpu"]) for e in exported} == {
+        ("100", "4", "0"),
+        ("100", "7", "0"),
+        ("200", "5", "0"),
+    }
+
+    meta = RecordingMeta(pid=100, argv=("vmm-a",), launched=True, start_ns=START, start_wall=0.0,
+                         with_data=False)  # fmt: skip
+    trace = json.loads("".join(PerfettoTrace(meta).chunks([batch])))["traceEvents"]
+    slices = {(e["pid"], e["tid"]) for e in trace if e["ph"] == "X"}
+    assert len(slices) == 3 and {pid for pid, _ in slices} == {100, 200}
+    names = {e["pid"]: e["args"]["name"] for e in trace if e["name"] == "process_name"}
+    assert names == {100: "vmm-a", 200: "vmm-b"}
+
+
+def test_the_head_line_says_what_was_measured() -> None:
+    events = [
+        ExitEvent(0, 2, 0, START + i * 70_000, START + i * 70_000 + 5, 0x80, 1, 1) for i in range(5)
+    ]
+    stats = stats_of(ExitBatch.of(events, START, stops=6))
+    argv = ["qemu-system-x86_64", *(f"-option{i}" for i in range(30))]
+    table = summary_table(
+        stats.snapshot(), {"pid": 7, "argv": argv, "mode": "1 ptrace stop per exit"}
+    )
+    head = table.splitlines()
+    assert head[0].endswith("…") and len(head[0]) == len("pid 7  ") + 70
+    assert head[1].startswith("5 exits in 0.28 ms on 1 vCPU(s)")
+    assert head[2] == "traced with 1 ptrace stop per exit: 1.20 measured"
+
+
+def test_a_command_that_made_no_vcpu_is_told_so() -> None:
+    table = summary_table(ExitStats().snapshot(), {"pid": 7, "argv": ["false"], "launched": True})
+    assert "0 exits in 0.000 s on 0 vCPU(s)" in table
+    assert "no vCPU was seen: the command made no VM" in table
