@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
@@ -29,6 +30,7 @@ from kvmtop.held_stats import HeldStats
 from kvmtop.inject import StatsFds
 from kvmtop.minivmm import demo_command
 from kvmtop.replay import Replay
+from kvmtop.report import cut
 from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen, Sections
 from kvmtop.screens.kernel import REFRESH_S as KERNEL_REFRESH_S
@@ -83,6 +85,9 @@ class KvmtopApp(App[int]):
         self.replay = Replay(replay) if replay else None  # RecordingError before the TUI opens
         self.held = HeldStats()  # VMs whose KVM stats fds are held (kernel view, exit rates)
         self._taking: set[int] = set()  # pids whose stats fds are being taken
+        self.child_stderr: str | None = None  # launched commands' stderr, to show if they fail
+        self._command_pid: int | None = None
+        self.exit_message: str | None = None  # for stderr, once the screen is gone
 
     @property
     def attached_pid(self) -> int | None:
@@ -116,6 +121,8 @@ class KvmtopApp(App[int]):
             self._watch(lambda s: s.launch(argv))
         elif self.start_demo_now:
             self.start_demo()
+        if self._attempt is not None and (self.start_argv or self.start_demo_now):
+            self._attempt.add_done_callback(self._note_command)
         self.set_interval(REFRESH_S, self._take_notices)
 
     def on_resize(self, event: events.Resize) -> None:
@@ -130,7 +137,11 @@ class KvmtopApp(App[int]):
 
     def _session(self) -> TraceSession:
         if self.session is None:
-            self.session = TraceSession(record_path=self.record_path, child_stdio=os.devnull)
+            if self.child_stderr is None:
+                fd, self.child_stderr = tempfile.mkstemp(prefix="kvmtop-stderr-")
+                os.close(fd)
+            self.session = TraceSession(record_path=self.record_path, child_stdio=os.devnull,
+                                        child_stderr=self.child_stderr)  # fmt: skip
         return self.session
 
     def _watch(self, begin: Callable[[TraceSession], Future[Attached]]) -> None:
@@ -171,9 +182,30 @@ class KvmtopApp(App[int]):
         if self.session is not None and self.session.state is SessionState.ATTACHED:
             self.session.detach()
 
+    def _note_command(self, attempt: Future[Attached]) -> None:
+        if attempt.exception() is None:
+            self._command_pid = attempt.result().pid
+
+    def _command_failed(self, session: TraceSession) -> str | None:
+        """What the command given on the command line said, if it ended without a vCPU."""
+        if session.pid != self._command_pid or session.state is not SessionState.ENDED:
+            return None
+        if session.exit_status is None or session.stats.vcpu_pids() or session.stats.total:
+            return None
+        self._command_pid = None
+        lines = last_lines(self.child_stderr, 8) if self.child_stderr else []
+        said = "".join(f"\n  {line}" for line in lines) if lines else " (it said nothing)"
+        what = cut(" ".join(session.argv), 60)
+        return f"kvmtop: {what} exited with status {session.exit_status} before making a vCPU{said}"
+
     def _take_notices(self) -> None:
         session = self.session
         if session is None:
+            return
+        failed = self._command_failed(session)
+        if failed is not None:
+            self.exit_message = failed
+            self.exit(session.exit_status)
             return
         for severity, message in session.take_notices():
             self.notify(message, severity=severity, timeout=6)  # type: ignore[arg-type]
@@ -309,6 +341,23 @@ class KvmtopApp(App[int]):
         if self.replay is not None:
             self.replay.close()
         self.held.close()
+        if self.child_stderr is not None:
+            try:
+                os.unlink(self.child_stderr)
+            except FileNotFoundError:
+                pass
+            self.child_stderr = None
+
+
+def last_lines(path: str, n: int) -> list[str]:
+    """The last ``n`` non-empty lines of a file (its last 8 KiB), as text."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.rstrip() for line in text.splitlines() if line.strip()][-n:]
 
 
 def run_tui(
@@ -343,4 +392,6 @@ def run_tui(
         result = app.run()
     finally:
         app.shutdown()
+    if app.exit_message:
+        print(app.exit_message, file=sys.stderr)
     return int(result or 0)

@@ -42,13 +42,23 @@ def exit_reason_of(run: bytes | memoryview) -> int:
 
 
 def decode_exit(
-    run: bytes | memoryview, with_data: bool = False, arch: ModuleType = HOST
+    run: bytes | memoryview, with_data: bool = False, arch: ModuleType = HOST, reads: bool = False
 ) -> tuple[int, int, int, int, bytes]:
-    """(reason, a, b, flags, data) from a vCPU's kvm_run mapping, read right after KVM_RUN
-    returned 0. ``run`` is the kvm_run page, plus the PIO data page when ``with_data``."""
+    """(reason, a, b, flags, data) from a vCPU's kvm_run mapping, read after KVM_RUN returned 0
+    (``reads``: at its next entry, where a read's value for the guest is there too). ``run`` is
+    the kvm_run page, plus the PIO data page when ``with_data``."""
     reason = _EXIT_REASON.unpack_from(run, EXIT_REASON_OFFSET)[0]
-    a, b, flags, data = arch.decode_union(reason, run, with_data)
+    a, b, flags, data = arch.decode_union(reason, run, with_data, reads)
     return reason, a, b, flags, data
+
+
+def is_read(reason: int, flags: int) -> bool:
+    """An exit whose value the VMM gives the guest (IO in, MMIO read, RDMSR)."""
+    return not flags & EXIT_WRITE and reason in (
+        ExitReason.IO,
+        ExitReason.MMIO,
+        ExitReason.X86_RDMSR,
+    )
 
 
 def ioctl_request_32(request: int) -> int:

@@ -174,12 +174,13 @@ def launch_process(
     engine: Any,
     child_stdio: str | None,
     stdout_to_stderr: bool,
+    child_stderr: str | None = None,
 ) -> Followed:
     """Start ``argv`` stopped (:func:`kvmtop.spawn.spawn_stopped`) and seize it, to be followed
     with every process it starts; the caller continues it. Under a notifying filter, kvmtop
     takes the listener from it now."""
     t0 = time.monotonic_ns()
-    spawned = spawn_stopped(argv, seccomp, child_stdio, stdout_to_stderr)
+    spawned = spawn_stopped(argv, seccomp, child_stdio, stdout_to_stderr, child_stderr)
     mode = MODES[spawned.filter]
     options = OPTIONS | FOLLOW | (pt.PTRACE_O_EXITKILL if mode != MODE_TWO_STOP else 0)
     options |= pt.PTRACE_O_TRACESECCOMP if mode == MODE_ONE_STOP else 0

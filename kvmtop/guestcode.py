@@ -155,14 +155,19 @@ def counted(
     port: int = 0x80,
     mmio_addr: int = 0xC0000,
     exit_status: int = 0,
+    ins: int = 0,
+    mmio_reads: int = 0,
 ) -> bytes:
-    """Spin without exits, then `outs` x `out port, al`, `mmio_writes` x a byte write to
-    `mmio_addr`, then `out 0xf4, al` with al = exit_status. Exits: IO outs + 1, MMIO writes."""
+    """Spin without exits, then `outs` x `out port, al`, `ins` x `in al, port`, `mmio_writes`
+    x a byte write to `mmio_addr`, `mmio_reads` x a byte read of it, then `out 0xf4, al` with
+    al = exit_status. Exits: IO outs + ins + 1, MMIO writes + reads."""
     code = Code()
     code.repeat(spin_iterations, Code())  # `loop $`
     code.repeat(outs, Code().out_imm(port))
+    code.repeat(ins, Code().in_imm(port))
     code.mov_ax(mmio_addr >> 4).mov_es_ax()
     code.repeat(mmio_writes, Code().store_es_al(mmio_addr & 0xF))
+    code.repeat(mmio_reads, Code().load_al_es(mmio_addr & 0xF))
     code.mov_al(exit_status).out_imm(DEBUG_EXIT_PORT)
     code.label("halt").hlt().jmp("halt")
     return code.assemble()

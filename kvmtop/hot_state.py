@@ -25,7 +25,7 @@ from typing import Any
 from kvmtop import native
 from kvmtop import ptrace_abi as pt
 from kvmtop.arch import HOST
-from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN, decode_exit, exit_reason_of
+from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN, decode_exit, exit_reason_of, is_read
 from kvmtop.events import EXIT_CYCLE, ExitEvent
 from kvmtop.records import RECORD_SIZE, VCPU_HEAD, pack_exit
 from kvmtop.stop_wait import StopWaiter
@@ -68,7 +68,7 @@ class _Thread:
 
 
 class _Page:
-    __slots__ = ("vcpu", "tid", "read", "view", "open_since", "open_immediate")
+    __slots__ = ("vcpu", "tid", "read", "view", "open_since", "open_immediate", "held")
 
     def __init__(self, vcpu: int, tid: int, read: Any, view: memoryview | None) -> None:
         self.vcpu = vcpu
@@ -77,6 +77,8 @@ class _Page:
         self.view = view  # released when the page goes, so that its mapping can be closed
         self.open_since = 0  # one stop / notify: entry of the run not yet accounted for
         self.open_immediate = False  # ...and that run was entered with immediate_exit set
+        self.held: tuple[int, int] | None = None  # two stops, --data: a read's (entry, exit)
+        # ns, recorded at the next entry, where the VMM has put the value for the guest
 
 
 class PyEngine:
@@ -159,6 +161,8 @@ class PyEngine:
                         page = self._run_page(th.pid, fd, th.tid, now)
                         if page is None:
                             return False
+                        if page.held is not None:
+                            self._record_held(page, reads=True)
                         th.runner = th.in_run = True
                         th.page = page
                         th.entry_ns = now
@@ -203,6 +207,9 @@ class PyEngine:
             return
         if rval == 0:
             reason, a, b, flags, data = decode_exit(view, self.with_data)
+            if self.with_data and is_read(reason, flags):
+                page.held = (th.entry_ns, now)  # its value comes at the next entry
+                return
             event = ExitEvent(page.vcpu, reason, 0, th.entry_ns, now, a, b, flags, data)
         else:
             event = ExitEvent(page.vcpu, exit_reason_of(view), -rval, th.entry_ns, now)
@@ -220,9 +227,20 @@ class PyEngine:
         if reason == ExitReason.INTR:  # the kernel sets it when a signal ends the run (EINTR)
             event = ExitEvent(page.vcpu, reason, errno_module.EINTR, since, now, flags=EXIT_CYCLE)
         else:
-            _r, a, b, flags, data = decode_exit(view, self.with_data)
+            _r, a, b, flags, data = decode_exit(view, self.with_data, reads=True)
             event = ExitEvent(page.vcpu, reason, 0, since, now, a, b, flags | EXIT_CYCLE, data)
         self._emit(event)
+
+    def _record_held(self, page: _Page, reads: bool) -> None:
+        """A read held for its value: at the next entry (``reads``), or as it is when the vCPU
+        goes without running again."""
+        (entry, exit_ns), page.held = page.held, None
+        view = page.read()
+        if view is None:
+            self._lost += 1
+            return
+        reason, a, b, flags, data = decode_exit(view, self.with_data, reads=reads)
+        self._emit(ExitEvent(page.vcpu, reason, 0, entry, exit_ns, a, b, flags, data))
 
     def _open_run(self, page: _Page, now: int) -> None:
         view = page.read()
@@ -333,6 +351,8 @@ class PyEngine:
         page = self._pages.pop(key, None)
         if page is None:
             return False
+        if page.held is not None:
+            self._record_held(page, reads=False)
         for th in self._threads.values():
             if th.page is page:
                 th.page = None

@@ -245,12 +245,15 @@ def counted_command(
     report_json: str | None = None,
     stagger: float = 0.0,
     vms: int = 1,
+    ins: int = 0,
+    mmio_reads: int = 0,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
             "--port", hex(port), "--mmio-addr", hex(mmio_addr), "--exit-status", str(exit_status)]  # fmt: skip
     argv += ["--stagger", str(stagger)] if stagger else []
     argv += ["--vms", str(vms)] if vms != 1 else []
+    argv += ["--ins", str(ins), "--mmio-reads", str(mmio_reads)] if ins or mmio_reads else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -267,6 +270,7 @@ def demo_command(
     return argv + (["--report-json", report_json] if report_json else [])
 
 
+COUNTED_IN = 0x42  # what the counted guest's `in` reads
 COUNTED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGRTMIN + 1)
 
 
@@ -316,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--report-json")
     counted.add_argument("--stagger", type=float, default=0.0, help="create vCPU i after i*S s")
     counted.add_argument("--vms", type=int, default=1, help="as many VMs, all running at once")
+    counted.add_argument("--ins", type=int, default=0, help=f"`in` exits (read {COUNTED_IN:#x})")
+    counted.add_argument("--mmio-reads", type=int, default=0, help="MMIO reads (read 0x5a)")
     demo = sub.add_parser("demo", help="an endless, changing mix of exits")
     demo.add_argument("--vcpus", type=int, default=2)
     demo.add_argument("--duration", type=float)
@@ -340,7 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "counted":
         programs = [
             guestcode.counted(
-                args.outs, args.mmio_writes, args.spin, args.port, args.mmio_addr, args.exit_status
+                args.outs,
+                args.mmio_writes,
+                args.spin,
+                args.port,
+                args.mmio_addr,
+                args.exit_status,
+                args.ins,
+                args.mmio_reads,
             )  # fmt: skip
             for _ in range(args.vcpus)
         ]
@@ -356,11 +369,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     if args.mode == "counted":
-        others = [threading.Thread(target=other.run_all, args=(lambda _v, _port: 0, lambda _v: -1.0))
+        others = [threading.Thread(target=other.run_all, args=(lambda _v, _port: COUNTED_IN, lambda _v: -1.0))
                   for other in vms[1:]]  # fmt: skip
         for thread in others:
             thread.start()
-        vm.run_all(lambda _v, _port: 0, lambda _v: -1.0)
+        vm.run_all(lambda _v, _port: COUNTED_IN, lambda _v: -1.0)
         for thread in others:
             thread.join()
         _count_signals(vm, wake_r)

@@ -62,6 +62,7 @@ class TraceSession:
         keep_old: bool = False,
         exit_sink: ExitSink | None = None,
         child_stdout_to_stderr: bool = False,
+        child_stderr: str | None = None,
     ) -> None:
         if record_path is not None:
             check_writable(record_path)
@@ -89,7 +90,7 @@ class TraceSession:
         self.sink_closed = False  # the stream's reader went away (``| head``): detached
         self._pending: Future[Attached] | None = None
         self._attach_taken = threading.Event()  # the pump has taken the last attach's outcome
-        self._tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr)
+        self._tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr)
         self._tracer.start()
         self._pump = threading.Thread(target=self._run_pump, name="kvmtop-pump", daemon=True)
         self._pump.start()

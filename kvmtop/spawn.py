@@ -50,12 +50,17 @@ class Spawned:
 
 
 def spawn_stopped(
-    argv: list[str], seccomp: str, child_stdio: str | None, stdout_to_stderr: bool
+    argv: list[str],
+    seccomp: str,
+    child_stdio: str | None,
+    stdout_to_stderr: bool,
+    child_stderr: str | None = None,
 ) -> Spawned:
     """Start ``argv`` stopped before its first instruction: a shell (or, under a seccomp filter,
     a fresh interpreter that installs it) that stops itself and, once continued, execs the
     command. ``seccomp``: "notify" (user notification, falling back to RET_TRACE), "trace"
-    (RET_TRACE only) or "" (no filter)."""
+    (RET_TRACE only) or "" (no filter). ``child_stdio``: a file for its stdin, stdout and
+    stderr; ``child_stderr``: a file its stderr goes to instead (appended)."""
     if not argv:
         raise CommandNotFound("no command given")
     if shutil.which(argv[0]) is None:
@@ -66,6 +71,9 @@ def spawn_stopped(
         actions += [(os.POSIX_SPAWN_DUP2, 0, 1), (os.POSIX_SPAWN_DUP2, 0, 2)]
     elif stdout_to_stderr:
         actions = [(os.POSIX_SPAWN_DUP2, 2, 1)]
+    if child_stderr is not None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        actions.append((os.POSIX_SPAWN_OPEN, 2, child_stderr, flags, 0o600))
     report_r = -1
     if seccomp:
         report_r, report_w = os.pipe()

@@ -84,11 +84,13 @@ class Tracer:
         with_data: bool = False,
         child_stdio: str | None = None,
         child_stdout_to_stderr: bool = False,
+        child_stderr: str | None = None,
     ) -> None:
         self.out: queue.SimpleQueue[TracerMessage] = queue.SimpleQueue()
         self.with_data = with_data
         self.child_stdio = child_stdio  # launched commands' stdio goes here (TUI: /dev/null)
         self.child_stdout_to_stderr = child_stdout_to_stderr  # kvmtop's stdout is a stream
+        self.child_stderr = child_stderr  # ...and their stderr here (TUI: a file, to show it)
         self.engine = make_engine(0, with_data, poll_max_ns_from_env(), WAIT_FLAGS)
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="kvmtop-tracer", daemon=True)
@@ -610,8 +612,9 @@ class Tracer:
         continued, it execs the command."""
         self._check_idle()
         group = launch_process(
-            argv, seccomp, self.engine, self.child_stdio, self.child_stdout_to_stderr
-        )
+            argv, seccomp, self.engine, self.child_stdio, self.child_stdout_to_stderr,
+            self.child_stderr,
+        )  # fmt: skip
         self._begin(group)
         if group.mode == MODE_NOTIFY:
             group.start_notifier(self.engine, self._kick, self._notify_failed)

@@ -623,3 +623,15 @@ async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
         assert app.held.exit_rate(demo.pid) is not None  # the counters outlive the trace
         await pilot.press("q")
     assert demo.poll() is None
+
+
+async def test_a_command_that_fails_before_making_a_vcpu_ends_kvmtop_with_its_status():
+    app = KvmtopApp(argv=["sh", "-c", "echo one >&2; echo 'bad option -x' >&2; exit 3"])
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.exit_message is not None, what="the command's end")
+    assert app.return_value == 3
+    assert app.exit_message.startswith("kvmtop: sh -c echo one")
+    assert app.exit_message.endswith(
+        "exited with status 3 before making a vCPU\n  one\n  bad option -x"
+    )
+    assert app.child_stderr is None  # its file is gone with the session

@@ -221,3 +221,35 @@ def test_record_attaches_to_two_vmms_and_tells_their_vcpus_apart(processes):
     }
     assert all(key == f"{v['pid']}:{v['vm']}:0" for key, v in vcpus.items())
     assert [vmm.wait(60) for vmm in vmms] == [0, 0]
+
+
+@pytest.mark.parametrize("how", ["notify", "no-notify", "no-seccomp", "attach"])
+def test_data_holds_the_values_reads_returned_to_the_guest(tmp_path, processes, how):
+    """`--data`: an `in` or MMIO read's value, which the VMM puts in kvm_run before the next
+    KVM_RUN, is recorded with its exit; writes keep theirs."""
+    out = tmp_path / "r.kvmtop"
+    vmm = counted_command(
+        outs=5, mmio_writes=3, ins=7, mmio_reads=4, spin=3_000_000 if how == "attach" else 0
+    )
+    base = [sys.executable, "-m", "kvmtop", "record", "--data", "-o", str(out)]
+    if how == "attach":
+        guest = subprocess.Popen(vmm)
+        processes.append(guest)
+        wait_for_vcpus(guest.pid)
+        argv = [*base, "-p", str(guest.pid)]
+    else:
+        argv = [*base, *([f"--{how}"] if how != "notify" else []), "--", *vmm]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    exported = subprocess.run([sys.executable, "-m", "kvmtop", "export", str(out), "--jsonl", "-"],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+    values = Counter(
+        (e["reason"], e["direction"] if "direction" in e else e["write"], e.get("data", ""))
+        for e in map(json.loads, exported.splitlines())
+    )
+    assert values == {
+        ("KVM_EXIT_IO", "out", "00"): 5 + 1,  # and the last: the exit status, 0
+        ("KVM_EXIT_IO", "in", "42"): 7,  # what the VMM gave the guest
+        ("KVM_EXIT_MMIO", True, "00"): 3,
+        ("KVM_EXIT_MMIO", False, "5a"): 4,
+    }

@@ -18,8 +18,14 @@ SIZES = pytest.mark.parametrize(
 )
 
 
+@pytest.fixture(autouse=True)
+def an_hour_of_uptime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The listed VMs have run an hour, however long the screen takes to be drawn."""
+    monkeypatch.setattr(KvmProcess, "uptime_s", property(lambda p: 3600.0))
+
+
 def fixed_processes() -> list[KvmProcess]:
-    hour_ago = time.time() - 3600.02  # shown as 1:00:00 until the screen is drawn 0.98 s later
+    hour_ago = time.time() - 3600
     return [
         KvmProcess(4242, "root", "web-1", ("qemu-system-x86_64", "-name", "web-1"), 4, (0, 1, 2, 3),
                    12.0, 512 << 20, hour_ago, 0),

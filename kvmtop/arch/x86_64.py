@@ -66,26 +66,28 @@ def seccomp_trace_ioctls(first: int, second: int) -> bytes:
 
 
 def decode_union(
-    reason: int, run: bytes | memoryview, with_data: bool
+    reason: int, run: bytes | memoryview, with_data: bool, reads: bool = False
 ) -> tuple[int, int, int, bytes]:
     """(a, b, flags, data) for one exit. ``run`` holds at least the kvm_run page, and the PIO
-    page after it when IO data is wanted. Unknown reasons decode to zeros."""
+    page after it when IO data is wanted. Unknown reasons decode to zeros. ``reads``: read at
+    the vCPU's next KVM_RUN entry, where the VMM has put the value of an IO in, MMIO read or
+    RDMSR for the guest: that value is the data too."""
     R = ExitReason
     if reason == R.IO:
         direction, size, port, count, data_offset = _IO.unpack_from(run, UNION)
         data = b""
-        if with_data and direction == 1:
+        if with_data and (direction == 1 or reads):
             end = data_offset + size * count
             data = bytes(run[data_offset:end]) if end <= len(run) else b""
         return port, size | (count << 8), EXIT_WRITE if direction else 0, data
     if reason == R.MMIO:
         addr, value, length, is_write = _MMIO.unpack_from(run, UNION)
-        data = _U64.pack(value)[: min(length, 8)] if (with_data and is_write) else b""
+        data = _U64.pack(value)[: min(length, 8)] if (with_data and (is_write or reads)) else b""
         return addr, length, EXIT_WRITE if is_write else 0, data
     if reason in (R.X86_RDMSR, R.X86_WRMSR):
         _error, why, index, value = _MSR.unpack_from(run, UNION)
         write = reason == R.X86_WRMSR
-        data = _U64.pack(value) if (with_data and write) else b""
+        data = _U64.pack(value) if (with_data and (write or reads)) else b""
         return index, why, EXIT_WRITE if write else 0, data
     if reason == R.HYPERCALL:
         nr, _ret, longmode = _HYPERCALL.unpack_from(run, UNION)

@@ -147,6 +147,10 @@ typedef struct {
     Py_buffer view;
     int64_t open_since; /* one stop / notify: entry of the run not yet accounted for */
     int open_immediate;
+    /* two stops, with data: a read's entry and exit, recorded at the vCPU's next entry, where
+       the VMM has put the value for the guest */
+    int held;
+    int64_t held_entry, held_exit;
 } Page;
 
 typedef struct {
@@ -278,7 +282,8 @@ static const uint8_t *page_bytes(Engine *e, Page *p) {
 
 /* a, b, flags and data of an exit (kvmtop/arch/x86_64.py decode_union, the reference) */
 static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint32_t *b,
-                         uint8_t *flags, uint8_t *data, size_t *data_len, int with_data) {
+                         uint8_t *flags, uint8_t *data, size_t *data_len, int with_data,
+                         int reads) {
     const uint8_t *u = run + RUN_UNION;
     *a = 0; *b = 0; *flags = 0; *data_len = 0;
     switch (reason) {
@@ -289,7 +294,7 @@ static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint3
         *a = (uint16_t)(u[2] | u[3] << 8);
         *b = size | (count << 8);
         *flags = direction ? F_WRITE : 0;
-        if (with_data && direction == 1) {
+        if (with_data && (direction == 1 || reads)) {
             uint64_t end = offset + (uint64_t)size * count;
             if (end <= RUN_MAP_SIZE && end >= offset) {
                 memcpy(data, run + offset, end - offset);
@@ -304,7 +309,7 @@ static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint3
         *a = get64(u);
         *b = len;
         *flags = is_write ? F_WRITE : 0;
-        if (with_data && is_write) {
+        if (with_data && (is_write || reads)) {
             *data_len = len < 8 ? len : 8;
             memcpy(data, u + 8, *data_len);
         }
@@ -314,10 +319,8 @@ static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint3
     case KVM_EXIT_X86_WRMSR:
         *a = get32(u + 12);
         *b = get32(u + 8);
-        if (reason == KVM_EXIT_X86_WRMSR) {
-            *flags = F_WRITE;
-            if (with_data) { memcpy(data, u + 16, 8); *data_len = 8; }
-        }
+        if (reason == KVM_EXIT_X86_WRMSR) *flags = F_WRITE;
+        if (with_data && (*flags || reads)) { memcpy(data, u + 16, 8); *data_len = 8; }
         break;
     case KVM_EXIT_HYPERCALL:
         *a = get64(u);
@@ -364,7 +367,7 @@ static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint3
 
 /* One exit: EXIT, then LONG when guest_ns does not fit, then DATA (docs/recording-format.md). */
 static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, int64_t exit_ns,
-                 const uint8_t *run, int cycle) {
+                 const uint8_t *run, int cycle, int reads) {
     uint64_t a = 0;
     uint32_t b = 0;
     uint8_t flags = 0, data[RUN_MAP_SIZE];
@@ -373,7 +376,7 @@ static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, i
         flags = F_FAILED;
         b = (uint32_t)err;
     } else {
-        decode_union(run, reason, &a, &b, &flags, data, &data_len, e->with_data);
+        decode_union(run, reason, &a, &b, &flags, data, &data_len, e->with_data, reads);
     }
     if (cycle) flags |= F_CYCLE;
     if (data_len) flags |= F_DATA;
@@ -432,9 +435,27 @@ static void record_cycle(Engine *e, Page *p, int64_t now) {
     }
     uint32_t reason = p->open_immediate ? KVM_EXIT_INTR : get32(run + RUN_EXIT_REASON);
     if (reason == KVM_EXIT_INTR) /* the kernel sets it when a signal ends the run (EINTR) */
-        emit(e, p->vcpu, reason, EINTR, since, now, run, 1);
+        emit(e, p->vcpu, reason, EINTR, since, now, run, 1, 0);
     else
-        emit(e, p->vcpu, reason, 0, since, now, run, 1);
+        emit(e, p->vcpu, reason, 0, since, now, run, 1, 1);
+}
+
+/* An exit whose value the VMM gives the guest: IO in, MMIO read, RDMSR (decoder.is_read). */
+static int is_read(const uint8_t *run, uint32_t reason) {
+    const uint8_t *u = run + RUN_UNION;
+    return (reason == KVM_EXIT_IO && u[0] == 0) || (reason == KVM_EXIT_MMIO && u[20] == 0) ||
+           reason == KVM_EXIT_X86_RDMSR;
+}
+
+/* A read held for its value: at the vCPU's next entry (reads), or as it is when the vCPU goes. */
+static void record_held(Engine *e, Page *p, int reads) {
+    const uint8_t *run = page_bytes(e, p);
+    p->held = 0;
+    if (!run) {
+        e->lost++;
+        return;
+    }
+    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), 0, p->held_entry, p->held_exit, run, 0, reads);
 }
 
 static void open_run(Engine *e, Page *p, int64_t now) {
@@ -483,6 +504,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                     Page *p = page_find(e, t->pid, (int)info.entry.args[0]);
                     if (!p) return 0;
                     if (p->tid != tid) seen(e, p, tid, now);
+                    if (p->held) record_held(e, p, 1);
                     t->runner = 1;
                     t->in_run = 1;
                     t->page = (int)(p - e->pages);
@@ -506,9 +528,16 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                 if (!run) {
                     if (rval == 0) e->lost++; /* an exit happened, but its kvm_run is unreadable */
                 } else if (rval == 0) {
-                    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), 0, t->entry_ns, now, run, 0);
+                    uint32_t reason = get32(run + RUN_EXIT_REASON);
+                    if (e->with_data && is_read(run, reason)) { /* its value comes at the next entry */
+                        p->held = 1;
+                        p->held_entry = t->entry_ns;
+                        p->held_exit = now;
+                    } else {
+                        emit(e, p->vcpu, reason, 0, t->entry_ns, now, run, 0, 0);
+                    }
                 } else {
-                    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), (int)-rval, t->entry_ns, now, run, 0);
+                    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), (int)-rval, t->entry_ns, now, run, 0, 0);
                 }
             } else if (t->creating) {
                 return 0; /* a new vCPU fd: Python maps it */
@@ -793,6 +822,7 @@ static PyObject *Engine_add_page(Engine *e, PyObject *args) {
     }
     LOCK(e);
     Page *p = page_find(e, pid, fd);
+    if (p && p->held) record_held(e, p, 0);
     if (p) page_release(p);
     for (int i = 0; !p && i < MAX_PAGES; i++)
         if (!e->pages[i].used) p = &e->pages[i];
@@ -821,6 +851,7 @@ static PyObject *Engine_remove_page(Engine *e, PyObject *args) {
         int index = (int)(p - e->pages);
         for (int i = 0; i < MAX_THREADS; i++)
             if (e->threads[i].used && e->threads[i].page == index) e->threads[i].page = -1;
+        if (p->held) record_held(e, p, 0);
         page_release(p);
     }
     UNLOCK(e);
