@@ -61,10 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
-    rec.add_argument("-p", "--pid", type=int, help="attach to this running VMM")
-    rec.add_argument(
-        "-o", "--output", help=f"recording file ({DEFAULT_RECORDING}; none with --jsonl)"
-    )
+    # SUPPRESS: `kvmtop -p PID record` and `kvmtop -o F demo` keep what was given before the
+    # command (a subcommand's default would overwrite it)
+    rec.add_argument("-p", "--pid", type=int, default=argparse.SUPPRESS,
+                     help="attach to this running VMM")  # fmt: skip
+    rec.add_argument("-o", "--output", default=argparse.SUPPRESS,
+                     help=f"recording file ({DEFAULT_RECORDING}; none with --jsonl)")  # fmt: skip
     rec.add_argument(
         "--jsonl",
         metavar="OUT",
@@ -110,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     sts = sub.add_parser("stats", help="KVM's own counters of a VM, live (attaches only briefly)")
     sts.add_argument("-p", "--pid", type=int, required=True, help="the VMM's pid")
     sts.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
-    sts.add_argument("--count", type=int, help="stop after N samples")
+    sts.add_argument("--count", type=int, help="stop after N samples (1 or more)")
     sts.add_argument("--json", action="store_true", help="one JSON object per sample")
 
     prom = sub.add_parser("exporter", help="serve KVM's counters of every VM here to Prometheus")
@@ -122,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     rpl = sub.add_parser("replay", help="play a recording in the TUI")
     rpl.add_argument("file")
 
-    sub.add_parser("demo", help="start a small built-in guest and watch it (needs /dev/kvm)")
+    demo = sub.add_parser("demo", help="start a small built-in guest and watch it (needs /dev/kvm)")
+    demo.add_argument("-o", "--output", default=argparse.SUPPRESS, help="also record to this file")
     return parser
 
 
@@ -219,6 +222,8 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 
         if args.interval <= 0:
             raise UsageError("--interval must be above 0")
+        if args.count is not None and args.count < 1:
+            raise UsageError("--count must be 1 or more (leave it out to run until Ctrl-C)")
         try:
             return run_stats(args.pid, args.interval, args.json, args.count, sys.stdout)
         except BrokenPipeError:  # `| head`: the reader has all it wanted
@@ -448,19 +453,27 @@ def exporter(listen: str, rescan_s: float) -> int:
 
 
 def list_processes(as_json: bool) -> int:
-    from kvmtop.discovery import list_kvm_processes
+    from kvmtop.discovery import list_kvm_processes, others_vmms
 
     procs = list_kvm_processes()
     if as_json:
         print(json.dumps([p.as_dict() for p in procs], indent=2))
         return 0
     if not procs:
-        print("no KVM processes found (run `kvmtop demo` to start a small one)")
+        print(_none_found(others_vmms()))
         return 0
     print(f"{'PID':>7}  {'USER':<10} {'VCPUS':>5}  COMMAND")
     for p in procs:
         print(f"{p.pid:>7}  {p.user[:10]:<10} {p.vcpus:>5}  {p.name}  ({' '.join(p.cmdline)[:80]})")
     return 0
+
+
+def _none_found(others: dict[str, list[int]]) -> str:
+    if not others:
+        return "no KVM processes found (run `kvmtop demo` to start a small one)"
+    whose = "; ".join(f"{user}: pid {', '.join(map(str, pids))}" for user, pids in others.items())
+    return (f"no KVM processes of yours; other users' VMMs run here ({whose}), which only their "
+            "user or root may list and trace")  # fmt: skip
 
 
 if __name__ == "__main__":
