@@ -151,6 +151,19 @@ class Recording:
         self.torn_bytes = 0
         self.end: Detached | None = None
 
+    def ends_with_marker(self) -> bool:
+        """Without reading it through: the file ends in a whole END record, as a finished
+        recording does (:attr:`complete` says it for sure once :meth:`batches` has read it)."""
+        try:
+            body = os.path.getsize(self.path) - self._body
+            if body < RECORD_SIZE or body % RECORD_SIZE:
+                return False
+            with open(self.path, "rb") as f:
+                f.seek(self._body + body - RECORD_SIZE)
+                return f.read(1) == bytes([KIND_END])
+        except OSError:
+            return False
+
     def meta_dict(self) -> dict[str, object]:
         out = asdict(self.meta)
         out["argv"] = list(self.meta.argv)
