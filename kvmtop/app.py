@@ -22,7 +22,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from kvmtop.discovery import KvmProcess, list_kvm_processes
+from kvmtop.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal
 from kvmtop.events import Attached
 from kvmtop.held_stats import HeldStats
@@ -70,10 +70,14 @@ class KvmtopApp(App[int]):
         demo: bool = False,
         record_path: str | None = None,
         process_lister: Callable[[], list[KvmProcess]] = list_kvm_processes,
+        others: Callable[[], dict[str, list[int]]] | None = None,
+        refresh_s: float | None = None,
     ) -> None:
         super().__init__()
         self.process_lister = process_lister
-        self.refresh_s = REFRESH_S  # how often the views poll the aggregate (`+`/`-`)
+        # other users' VMMs, named when none of one's own is found (with the real lister)
+        self.others = others or (others_vmms if process_lister is list_kvm_processes else dict)
+        self.refresh_s = refresh_s or REFRESH_S  # how often the views poll the aggregate (+/-)
         self.start_pid = pid
         self.start_argv = argv
         self.start_demo_now = demo
@@ -84,6 +88,7 @@ class KvmtopApp(App[int]):
         self.left_running: tuple[int, tuple[str, ...]] | None = None  # a launched command, at quit
         self._attempt: Future[Attached] | None = None  # the attach/launch begun last
         self.replay = Replay(replay) if replay else None  # RecordingError before the TUI opens
+        self._truncation_told = False
         self.held = HeldStats()  # VMs whose KVM stats fds are held (kernel view, exit rates)
         self._taking: set[int] = set()  # pids whose stats fds are being taken
         # the traced VM's aggregate and its total exits at the held counters' last samples
@@ -100,12 +105,10 @@ class KvmtopApp(App[int]):
             loop.add_signal_handler(signum, self.exit, 128 + signum)
         if self.replay is not None:
             self.push_screen(AttachedScreen(self.replay))
-            self._truncation_told = False
             self.set_interval(REFRESH_S, self._tell_truncation)
             return
-        self.push_screen(
-            ProcessListScreen(self.process_lister, lambda: self.attached_pid, self.held.exit_rate)
-        )
+        self.push_screen(ProcessListScreen(self.process_lister, lambda: self.attached_pid,
+                                           self.held.exit_rate, self.others))  # fmt: skip
         self.set_interval(KERNEL_REFRESH_S, self._sample_held)
         if self.start_pid is not None:
             self.attach(self.start_pid)
@@ -363,6 +366,7 @@ def run_tui(
     replay: str | None = None,
     demo: bool = False,
     record_path: str | None = None,
+    refresh_s: float | None = None,
 ) -> int:
     """The TUI; returns the exit status. Errors a user can fix are raised before it opens."""
     if pid is not None:
@@ -383,7 +387,8 @@ def run_tui(
             f"{what} needs a terminal on stdin and stdout; without one, use "
             "kvmtop record (-p PID or -- CMD), report or stats"
         )
-    app = KvmtopApp(pid=pid, argv=argv, replay=replay, demo=demo, record_path=record_path)
+    app = KvmtopApp(pid=pid, argv=argv, replay=replay, demo=demo, record_path=record_path,
+                    refresh_s=refresh_s)  # fmt: skip
     try:
         result = app.run()
     finally:

@@ -2,7 +2,7 @@
 code. Tracebacks only with ``--debug``.
 
     kvmtop                         the TUI: pick a KVM process
-    kvmtop -p PID                  the TUI, attached to PID
+    kvmtop -p PID                  the TUI, attached to PID (-d S: refresh every S seconds)
     kvmtop -- CMD [ARGS...]        the TUI, CMD launched under trace
     kvmtop demo                    the TUI on a small built-in guest
     kvmtop replay FILE             the TUI playing a recording
@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-p", "--pid", type=int, help="attach to this VMM process")
     parser.add_argument("-o", "--output", help="also record to this file (TUI)")
+    parser.add_argument("-d", "--delay", type=float, metavar="S",
+                        help="refresh the TUI's views every S seconds (0.25; + and - change it)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
@@ -229,11 +231,13 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         except BrokenPipeError:  # `| head`: the reader has all it wanted
             _silence_stdout()
             return 0
+    if args.delay is not None and args.delay <= 0:
+        raise UsageError("--delay must be above 0")
     if args.command == "replay":
-        return run_tui(replay=args.file)
+        return run_tui(replay=args.file, refresh_s=args.delay)
     if args.command == "demo":
-        return run_tui(demo=True, record_path=args.output)
-    return run_tui(pid=args.pid, argv=command, record_path=args.output)
+        return run_tui(demo=True, record_path=args.output, refresh_s=args.delay)
+    return run_tui(pid=args.pid, argv=command, record_path=args.output, refresh_s=args.delay)
 
 
 def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
@@ -453,27 +457,21 @@ def exporter(listen: str, rescan_s: float) -> int:
 
 
 def list_processes(as_json: bool) -> int:
-    from kvmtop.discovery import list_kvm_processes, others_vmms
+    from kvmtop.discovery import list_kvm_processes, not_yours, others_vmms
 
     procs = list_kvm_processes()
     if as_json:
         print(json.dumps([p.as_dict() for p in procs], indent=2))
         return 0
     if not procs:
-        print(_none_found(others_vmms()))
+        others = others_vmms()
+        print(f"no KVM processes of yours; {not_yours(others)}" if others else
+              "no KVM processes found (run `kvmtop demo` to start a small one)")  # fmt: skip
         return 0
     print(f"{'PID':>7}  {'USER':<10} {'VCPUS':>5}  COMMAND")
     for p in procs:
         print(f"{p.pid:>7}  {p.user[:10]:<10} {p.vcpus:>5}  {p.name}  ({' '.join(p.cmdline)[:80]})")
     return 0
-
-
-def _none_found(others: dict[str, list[int]]) -> str:
-    if not others:
-        return "no KVM processes found (run `kvmtop demo` to start a small one)"
-    whose = "; ".join(f"{user}: pid {', '.join(map(str, pids))}" for user, pids in others.items())
-    return (f"no KVM processes of yours; other users' VMMs run here ({whose}), which only their "
-            "user or root may list and trace")  # fmt: skip
 
 
 if __name__ == "__main__":

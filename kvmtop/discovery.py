@@ -142,6 +142,12 @@ def others_vmms() -> dict[str, list[int]]:
     return found
 
 
+def not_yours(others: dict[str, list[int]]) -> str:
+    """What to say of the VMMs :func:`others_vmms` found."""
+    whose = "; ".join(f"{user}: pid {', '.join(map(str, pids))}" for user, pids in others.items())
+    return f"other users' VMMs run here ({whose}), which only their user or root may list and trace"
+
+
 def kvm_process(pid: int) -> KvmProcess:
     """One KVM process, or a one-line error saying why not."""
     try:

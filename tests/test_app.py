@@ -311,6 +311,19 @@ async def test_an_empty_machine_says_so_and_offers_the_demo():
         await pilot.press("q")
 
 
+async def test_with_no_vmm_of_ones_own_the_list_names_other_users_vmms():
+    app = KvmtopApp(process_lister=list, others=lambda: {"root": [4242, 5151]})
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: "other users" in str(app.screen.query_one("#empty").render()),
+                    what="the others named")  # fmt: skip
+        text = str(app.screen.query_one("#empty").render())
+        assert text.startswith(
+            "No KVM process of yours: other users' VMMs run here (root: pid "
+            "4242, 5151), which only their user or root may list and trace."
+        )
+        await pilot.press("q")
+
+
 async def test_a_failed_attach_is_a_notification_and_the_app_stays_up(processes):
     sleeper = subprocess.Popen(["sleep", "30"])
     processes.append(sleeper)
@@ -731,6 +744,15 @@ async def test_r_resets_the_view_and_plus_minus_change_how_often_it_refreshes(pr
         assert app.refresh_s == 1.0 and app.screen._timer._interval == 1.0
         await pilot.press("minus", "minus", "minus")
         assert app.refresh_s == 0.25
+        await pilot.press("q")
+
+
+async def test_d_sets_how_often_the_views_refresh(fixed):
+    app = KvmtopApp(replay=fixed, refresh_s=2.0)  # kvmtop -d 2 replay FILE
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert app.screen._timer._interval == 2.0
+        await pilot.press("plus")
+        assert app.refresh_s == 5.0
         await pilot.press("q")
 
 

@@ -175,6 +175,11 @@ def test_stats_count_below_one_is_a_usage_error():
         assert_one_line_error(result, 2, "--count must be 1 or more")
 
 
+def test_a_refresh_delay_must_be_above_0():
+    for args in (["-d", "0"], ["-d", "-1", "demo"], ["--delay", "0", "replay", "x"]):
+        assert_one_line_error(kvmtop(*args), 2, "--delay must be above 0")
+
+
 def test_pid_and_output_work_before_or_after_the_command(tmp_path):
     assert_one_line_error(kvmtop("-p", "999999999", "record"), 3, "no such process: 999999999")
     assert_one_line_error(kvmtop("record", "-p", "999999999"), 3, "no such process: 999999999")

@@ -1,6 +1,7 @@
-"""What the attached view and the drill-down share: a source polled 4 times a second, `p` to
-freeze the view while tracing goes on (live only), and the replay keys (pause, seek, speed),
-which are offered only when the source is a recording."""
+"""What the attached view and the drill-down share: a source polled 4 times a second (`+`/`-`
+and `-d` change that), `p` to freeze the view while tracing goes on and `r` to reset its counts
+(live only), and the replay keys (pause, seek, speed), offered only when the source is a
+recording."""
 
 from __future__ import annotations
 
