@@ -20,7 +20,7 @@ while the guest spins and costs the guest nothing, so it is reported on its own 
 latency``: kvmtop's start to its "recording to" line). If kvmtop came late, its count is short,
 and a warning says so.
 
-Counts are checked: kvmtop's summary (``--json``) must hold N + 1 port-IO exits (N ``out 0x80``
+Counts are checked: kvmtop's summary (``--json``; on stderr when it launched the command) must hold N + 1 port-IO exits (N ``out 0x80``
 and the debug-exit's ``out 0xf4``), the floor's "total" N + 1 (it reads each exit at the next
 ``KVM_RUN``, so the last ``out 0xf4`` never shows, and the first run's reason 0 does). strace
 writes to /dev/null, as asked, and is not counted.
@@ -106,8 +106,8 @@ class Bench:
     def launch(self, *flags: str) -> Callable[[int], Run]:
         def run(n: int) -> Run:
             argv = [*self.kvmtop, "record", *flags, "--json", "-o", "/dev/null", "--"]
-            seconds, out, _err = _wall(argv + qemu_command(self.busy[n]))
-            return Run(seconds, _io_exits(out))
+            seconds, _out, err = _wall(argv + qemu_command(self.busy[n]))
+            return Run(seconds, _io_exits(err[err.find("\n{") + 1 :]))  # after the notices
 
         return run
 

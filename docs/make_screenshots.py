@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from guests.qemu_bios import BIOS_SIZE, qemu_command  # noqa: E402
 
 from kvmtop.app import KvmtopApp  # noqa: E402
+from kvmtop.discovery import list_kvm_processes  # noqa: E402
 from kvmtop.minivmm import demo_command  # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
@@ -45,8 +46,10 @@ async def shoot_replay(recording: str) -> None:
         app.save_screenshot("screen-help.svg", DOCS)
 
 
-async def shoot_process_list() -> None:
-    app = KvmtopApp()
+async def shoot_process_list(pids: set[int]) -> None:
+    """Only the guests started here are listed (and `k` takes the counters of the first): other
+    VMs on the machine are neither shown nor touched."""
+    app = KvmtopApp(process_lister=lambda: [p for p in list_kvm_processes() if p.pid in pids])
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause(4.5)  # two psutil passes: CPU% is measured between them
         await pilot.press("k")  # the selected VM's own counters, without tracing it
@@ -77,7 +80,7 @@ def main() -> None:
         ]
         try:
             time.sleep(1)
-            asyncio.run(shoot_process_list())
+            asyncio.run(shoot_process_list({guest.pid for guest in guests}))
         finally:
             for guest in guests:
                 guest.kill()

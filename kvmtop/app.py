@@ -23,7 +23,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from kvmtop.discovery import KvmProcess, list_kvm_processes
+from kvmtop.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal
 from kvmtop.events import Attached
 from kvmtop.held_stats import HeldStats
@@ -47,7 +47,7 @@ from kvmtop.screens.too_small import TooSmallScreen, too_small
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.screens.watch import REFRESH_S, REPLAY_BINDINGS, WatchScreen
 from kvmtop.session import SessionState, TraceSession
-from kvmtop.sources import LiveSource
+from kvmtop.sources import LiveSource, command_line
 from kvmtop.widgets.vcpu_table import VcpuTable
 
 UNLISTED_ACTIONS = frozenset({"quit", "command_palette", "help", "app.pop_screen"})
@@ -72,22 +72,32 @@ class KvmtopApp(App[int]):
         demo: bool = False,
         record_path: str | None = None,
         process_lister: Callable[[], list[KvmProcess]] = list_kvm_processes,
+        others: Callable[[], dict[str, list[int]]] | None = None,
+        refresh_s: float | None = None,
     ) -> None:
         super().__init__()
         self.process_lister = process_lister
+        # other users' VMMs, named when none of one's own is found (with the real lister)
+        self.others = others or (others_vmms if process_lister is list_kvm_processes else dict)
+        self.refresh_s = refresh_s or REFRESH_S  # how often the views poll the aggregate (+/-)
         self.start_pids = [pid] if isinstance(pid, int) else list(pid or [])
         self.start_argv = argv
         self.start_demo_now = demo
         self.record_path = record_path
         self.session: TraceSession | None = None
         self.demo_pidfds: list[int] = []  # every demo guest started: all are stopped at quit
+        self.demo_pids: set[int] = set()
+        self.left_running: tuple[int, tuple[str, ...]] | None = None  # a launched command, at quit
         self._attempt: Future[Attached] | None = None  # the attach/launch begun last
         self.replay = Replay(replay) if replay else None  # RecordingError before the TUI opens
+        self._truncation_told = False
         self.held = HeldStats()  # VMs whose KVM stats fds are held (kernel view, exit rates)
         self._taking: set[int] = set()  # pids whose stats fds are being taken
         self.child_stderr: str | None = None  # launched commands' stderr, to show if they fail
         self._command_pid: int | None = None
         self.exit_message: str | None = None  # for stderr, once the screen is gone
+        # the traced VM's aggregate and its total exits at the held counters' last samples
+        self._traced_at: dict[int, tuple[object, int]] = {}
 
     @property
     def attached_pid(self) -> int | None:
@@ -109,11 +119,11 @@ class KvmtopApp(App[int]):
             loop.add_signal_handler(signum, self.exit, 128 + signum)
         if self.replay is not None:
             self.push_screen(AttachedScreen(self.replay))
+            self.set_interval(REFRESH_S, self._tell_truncation)
             return
-        self.push_screen(
-            ProcessListScreen(self.process_lister, lambda: self.traced_pids, self.held.exit_rate)
-        )
-        self.set_interval(KERNEL_REFRESH_S, self.held.tick)
+        self.push_screen(ProcessListScreen(self.process_lister, lambda: self.traced_pids,
+                                           self.held.exit_rate, self.others))  # fmt: skip
+        self.set_interval(KERNEL_REFRESH_S, self._sample_held)
         if self.start_pids:
             self.attach(*self.start_pids)
         elif self.start_argv:
@@ -151,13 +161,13 @@ class KvmtopApp(App[int]):
             self.notify(f"already tracing pid {session.pid}: detach first (d)", severity="warning")
             return
         self._attempt = begin(session)
-        self.push_screen(AttachedScreen(LiveSource(session), self._kernel_rate))
+        self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates))
 
     def attach(self, pid: int, *more: int) -> None:
         session = self.session
         if session is not None and pid in session.pids and session.state is SessionState.ATTACHED:
             if not isinstance(self.screen, AttachedScreen):
-                self.push_screen(AttachedScreen(LiveSource(session), self._kernel_rate))
+                self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates))
             return
         self._watch(lambda s: s.attach(pid, *more))
 
@@ -176,6 +186,7 @@ class KvmtopApp(App[int]):
         succeeds: the guest is alive), to stop it at quit even after a detach and another
         demo, without ever signalling a pid reused by someone else."""
         if attempt.exception() is None:
+            self.demo_pids.add(attempt.result().pid)
             self.demo_pidfds.append(os.pidfd_open(attempt.result().pid))
 
     def detach(self) -> None:
@@ -214,6 +225,15 @@ class KvmtopApp(App[int]):
             if isinstance(self.screen, AttachedScreen):
                 self.pop_screen()
 
+    def _tell_truncation(self) -> None:
+        """Once the player has read the whole recording: say if it was cut short (as report
+        and export do), since the replay then ends at its last whole record."""
+        replay = self.replay
+        if replay is not None and replay.truncated and not self._truncation_told:
+            self._truncation_told = True
+            self.notify(f"{replay.path} is truncated (no end marker): it plays up to its last "
+                        "whole record", severity="warning", timeout=10)  # fmt: skip
+
     def _from_the_list(self) -> bool:
         """A request from the process list that is still on show: Enter or `m` typed fast is
         routed several times before the first one's view opens; the view answered it already."""
@@ -223,10 +243,31 @@ class KvmtopApp(App[int]):
         if self._from_the_list():
             self.attach(request.pid)
 
-    def _kernel_rate(self) -> float | None:
-        """KVM's own exits/s of the traced VM, if its counters are held."""
+    def _sample_held(self) -> None:
+        """Sample the held VMs' counters, and note the traced exits at the same moment: the
+        exit rates KVM counts and the VMM sees are then over the same interval."""
+        self.held.tick()
+        pid, session = self.attached_pid, self.session
+        samples = self.held.samples(pid) if pid is not None else None
+        if samples is None or session is None:
+            self._traced_at.clear()
+            return
+        self._traced_at[samples[1].t_ns] = (session.stats, session.stats.total)
+        while len(self._traced_at) > 2:
+            del self._traced_at[next(iter(self._traced_at))]
+
+    def kernel_rates(self) -> tuple[float, float | None] | None:
+        """KVM's own exits/s of the traced VM, if its counters are held, and the exits/s the
+        VMM saw (the traced ones) over the same interval, once known."""
         pid = self.attached_pid
-        return self.held.exit_rate(pid) if pid is not None else None
+        kernel = self.held.exit_rate(pid) if pid is not None else None
+        samples = self.held.samples(pid) if pid is not None else None
+        if kernel is None or samples is None:
+            return None
+        before, now = (self._traced_at.get(sample.t_ns) for sample in samples)
+        if before is None or now is None or before[0] is not now[0]:  # not one attach's counts
+            return kernel, None
+        return kernel, (now[1] - before[1]) / max(1e-9, (samples[1].t_ns - samples[0].t_ns) / 1e9)
 
     def on_kernel_requested(self, request: KernelRequested) -> None:
         session, pid = self.session, request.pid
@@ -312,6 +353,18 @@ class KvmtopApp(App[int]):
             keys = self.get_key_display(binding) or key
             yield SystemCommand(binding.description, f"{binding.tooltip} ({keys})", run)
 
+    def deliver_screenshot(self, filename: str | None = None, path: str | None = None,
+                           time_format: str | None = None) -> str | None:  # fmt: skip
+        """The palette's Screenshot: an SVG in the current directory (Textual's own default,
+        ~/Downloads, is often missing on a server), and a notification that names it."""
+        try:
+            saved = self.save_screenshot(filename, path or os.getcwd(), time_format)
+        except OSError as exc:
+            self.notify(f"cannot save the screenshot: {exc.strerror or exc}", severity="error")
+            return None
+        self.notify(f"screenshot saved to {os.path.abspath(saved)}", title="Screenshot")
+        return saved
+
     # --- quitting ------------------------------------------------------------------------------
 
     async def action_quit(self) -> None:
@@ -326,9 +379,13 @@ class KvmtopApp(App[int]):
 
     def shutdown(self) -> None:
         """Detach (the VMM runs on); the demo guests, which kvmtop started, are stopped."""
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        session, self.session = self.session, None
+        if session is not None:
+            session.close()
+            pid = session.pid
+            if (session.launched and pid is not None and pid not in self.demo_pids
+                    and not session.child_ended.is_set() and running(pid)):  # fmt: skip
+                self.left_running = (pid, session.argv)  # an ordinary child: it runs on
         while self.demo_pidfds:
             pidfd = self.demo_pidfds.pop()
             try:
@@ -367,6 +424,7 @@ def run_tui(
     replay: str | None = None,
     demo: bool = False,
     record_path: str | None = None,
+    refresh_s: float | None = None,
 ) -> int:
     """The TUI; returns the exit status. Errors a user can fix are raised before it opens."""
     from kvmtop.procfs import check_attachable
@@ -387,11 +445,26 @@ def run_tui(
             f"{what} needs a terminal on stdin and stdout; without one, use "
             "kvmtop record (-p PID or -- CMD), report or stats"
         )
-    app = KvmtopApp(pid=pids, argv=argv, replay=replay, demo=demo, record_path=record_path)
+    app = KvmtopApp(pid=pids, argv=argv, replay=replay, demo=demo, record_path=record_path,
+                    refresh_s=refresh_s)  # fmt: skip
     try:
         result = app.run()
     finally:
         app.shutdown()
+        if app.left_running is not None:
+            print(f"kvmtop: {left_running_notice(*app.left_running)}", file=sys.stderr)
     if app.exit_message:
         print(app.exit_message, file=sys.stderr)
     return int(result or 0)
+
+
+def running(pid: int) -> bool:
+    from kvmtop.procfs import status_field
+
+    state = status_field(pid, "State")
+    return state is not None and not state.startswith(("Z", "X"))  # not a zombie, not dead
+
+
+def left_running_notice(pid: int, argv: tuple[str, ...]) -> str:
+    return (f"pid {pid} ({command_line(argv)[:60]}), which kvmtop started, runs on untraced, its "
+            f"output to /dev/null; `kill {pid}` stops it")  # fmt: skip

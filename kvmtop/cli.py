@@ -2,7 +2,7 @@
 code. Tracebacks only with ``--debug``.
 
     kvmtop                         the TUI: pick a KVM process
-    kvmtop -p PID                  the TUI, attached to PID
+    kvmtop -p PID                  the TUI, attached to PID (-d S: refresh every S seconds)
     kvmtop -- CMD [ARGS...]        the TUI, CMD launched under trace
     kvmtop demo                    the TUI on a small built-in guest
     kvmtop replay FILE             the TUI playing a recording
@@ -59,14 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--pid", type=int, action="append",
                         help="attach to this VMM process (again for several)")  # fmt: skip
     parser.add_argument("-o", "--output", help="also record to this file (TUI)")
+    parser.add_argument("-d", "--delay", type=float, metavar="S",
+                        help="refresh the TUI's views every S seconds (0.25; + and - change it)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
-    rec.add_argument("-p", "--pid", type=int, action="append",
+    # SUPPRESS: `kvmtop -p PID record` and `kvmtop -o F demo` keep what was given before the
+    # command (a subcommand's default would overwrite it)
+    rec.add_argument("-p", "--pid", type=int, action="append", default=argparse.SUPPRESS,
                      help="attach to this running VMM (again for several)")  # fmt: skip
-    rec.add_argument(
-        "-o", "--output", help=f"recording file ({DEFAULT_RECORDING}; none with --jsonl)"
-    )
+    rec.add_argument("-o", "--output", default=argparse.SUPPRESS,
+                     help=f"recording file ({DEFAULT_RECORDING}; none with --jsonl)")  # fmt: skip
     rec.add_argument(
         "--jsonl",
         metavar="OUT",
@@ -112,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     sts = sub.add_parser("stats", help="KVM's own counters of a VM, live (attaches only briefly)")
     sts.add_argument("-p", "--pid", type=int, required=True, help="the VMM's pid")
     sts.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
-    sts.add_argument("--count", type=int, help="stop after N samples")
+    sts.add_argument("--count", type=int, help="stop after N samples (1 or more)")
     sts.add_argument("--json", action="store_true", help="one JSON object per sample")
 
     prom = sub.add_parser("exporter", help="serve KVM's counters of every VM here to Prometheus")
@@ -124,7 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     rpl = sub.add_parser("replay", help="play a recording in the TUI")
     rpl.add_argument("file")
 
-    sub.add_parser("demo", help="start a small built-in guest and watch it (needs /dev/kvm)")
+    demo = sub.add_parser("demo", help="start a small built-in guest and watch it (needs /dev/kvm)")
+    demo.add_argument("-o", "--output", default=argparse.SUPPRESS, help="also record to this file")
     return parser
 
 
@@ -221,16 +225,20 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 
         if args.interval <= 0:
             raise UsageError("--interval must be above 0")
+        if args.count is not None and args.count < 1:
+            raise UsageError("--count must be 1 or more (leave it out to run until Ctrl-C)")
         try:
             return run_stats(args.pid, args.interval, args.json, args.count, sys.stdout)
         except BrokenPipeError:  # `| head`: the reader has all it wanted
             _silence_stdout()
             return 0
+    if args.delay is not None and args.delay <= 0:
+        raise UsageError("--delay must be above 0")
     if args.command == "replay":
-        return run_tui(replay=args.file)
+        return run_tui(replay=args.file, refresh_s=args.delay)
     if args.command == "demo":
-        return run_tui(demo=True, record_path=args.output)
-    return run_tui(pids=args.pid, argv=command, record_path=args.output)
+        return run_tui(demo=True, record_path=args.output, refresh_s=args.delay)
+    return run_tui(pids=args.pid, argv=command, record_path=args.output, refresh_s=args.delay)
 
 
 def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
@@ -455,14 +463,16 @@ def exporter(listen: str, rescan_s: float) -> int:
 
 
 def list_processes(as_json: bool) -> int:
-    from kvmtop.discovery import list_kvm_processes
+    from kvmtop.discovery import list_kvm_processes, not_yours, others_vmms
 
     procs = list_kvm_processes()
     if as_json:
         print(json.dumps([p.as_dict() for p in procs], indent=2))
         return 0
     if not procs:
-        print("no KVM processes found (run `kvmtop demo` to start a small one)")
+        others = others_vmms()
+        print(f"no KVM processes of yours; {not_yours(others)}" if others else
+              "no KVM processes found (run `kvmtop demo` to start a small one)")  # fmt: skip
         return 0
     print(f"{'PID':>7}  {'USER':<10} {'VCPUS':>5}  COMMAND")
     for p in procs:

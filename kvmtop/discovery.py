@@ -15,7 +15,7 @@ import psutil
 
 from kvmtop.decoder import VM_FD_LINK, is_kvm_fd_link, vcpu_id_of_fd_link
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
-from kvmtop.procfs import fd_table, tracer_pid
+from kvmtop.procfs import fd_table, owner_of, tracer_pid
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +108,44 @@ def list_kvm_processes() -> list[KvmProcess]:
     for gone in set(_cpu_seen) - alive:
         del _cpu_seen[gone]
     return found
+
+
+VMM_PROGRAMS = ("qemu-system-", "qemu-kvm", "firecracker", "crosvm", "cloud-hypervisor")
+
+
+def looks_like_a_vmm(pid: int) -> bool:
+    """Told from what any user may read (its command line, its threads' names): a known VMM's
+    program, kvmtop's own guest, or a thread QEMU names for a vCPU ("CPU 0/KVM")."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if os.path.basename(argv[0]).decode(errors="replace").startswith(VMM_PROGRAMS):
+            return True
+        if b"kvmtop.minivmm" in argv:
+            return True
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().strip().endswith("/KVM"):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def others_vmms() -> dict[str, list[int]]:
+    """{user: pids} of the processes that look like VMMs but whose fds this user may not read:
+    what `kvmtop list` names when it finds none of its own."""
+    found: dict[str, list[int]] = {}
+    for pid in psutil.pids():
+        if kvm_fd_links(pid) is None and looks_like_a_vmm(pid):
+            found.setdefault(owner_of(pid), []).append(pid)
+    return found
+
+
+def not_yours(others: dict[str, list[int]]) -> str:
+    """What to say of the VMMs :func:`others_vmms` found."""
+    whose = "; ".join(f"{user}: pid {', '.join(map(str, pids))}" for user, pids in others.items())
+    return f"other users' VMMs run here ({whose}), which only their user or root may list and trace"
 
 
 def kvm_process(pid: int) -> KvmProcess:

@@ -17,6 +17,7 @@ from typing import TextIO
 from kvmtop.decoder import describe_exit, exit_details, exit_label
 from kvmtop.errors import OutputError
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, Attached, ExitBatch, ExitEvent
+from kvmtop.recording import create_owner_only
 from kvmtop.vcpu_keys import VcpuKey
 
 CSV_COLUMNS = ("vcpu", "reason", "errno", "entry_ns", "exit_ns", "guest_ns", "one_stop",
@@ -99,11 +100,12 @@ def csv_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
 
 
 def open_output(path: str) -> TextIO:
-    """``-``: stdout; else the file, created or truncated (OutputError if it cannot be)."""
+    """``-``: stdout; else the file, created or truncated, readable by its owner only like the
+    recording it comes from (OutputError if it cannot be)."""
     if path == "-":
         return sys.stdout
     try:
-        return open(path, "w", encoding="utf-8")
+        return open(create_owner_only(path), "w", encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror}") from None
 

@@ -177,12 +177,13 @@ class FleetCollector(Collector):
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9464`` for IPv6; port 0: any free one)."""
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6; ``:PORT``: every interface; port 0: any free
+    one)."""
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"--listen takes HOST:PORT (e.g. 127.0.0.1:9464), not {text!r}")
-    return host, int(port)
+    return host or "0.0.0.0", int(port)
 
 
 class _Server(ThreadingMixIn, WSGIServer):

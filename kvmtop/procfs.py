@@ -4,6 +4,7 @@ ptrace may be refused. Read-only; never touches a tracee."""
 from __future__ import annotations
 
 import os
+import pwd
 
 from kvmtop.decoder import VM_FD_LINK
 from kvmtop.errors import KvmtopError, NoSuchProcess, NotKvmProcess, PermissionDenied
@@ -65,6 +66,17 @@ def status_field(pid: int, name: str) -> str | None:
     return None
 
 
+def owner_of(pid: int) -> str:
+    """The user name of the process's real uid ("uid N" if it has none, "?" if it is gone)."""
+    uid = status_field(pid, "Uid")
+    if not uid:
+        return "?"
+    try:
+        return pwd.getpwuid(int(uid.split()[0])).pw_name
+    except KeyError:
+        return f"uid {uid.split()[0]}"
+
+
 def _comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -87,10 +99,17 @@ def permission_hint(pid: int) -> str:
     except OSError:
         scope = None
     if os.geteuid() != 0:
-        why = f"permission denied tracing pid {pid}: ptrace needs the same user and CAP_SYS_PTRACE"
+        owner = owner_of(pid)
+        why = f"permission denied tracing pid {pid} ({_comm(pid)}, owned by {owner})"
+        if scope == "1":
+            return (f"{why}: kernel.yama.ptrace_scope=1 lets only CAP_SYS_PTRACE (or root) "
+                    "trace a process kvmtop did not start")  # fmt: skip
         if scope and scope != "0":
-            why += f" (kernel.yama.ptrace_scope={scope} allows only descendants or CAP_SYS_PTRACE)"
-        return why + "; run as the VMM's user with CAP_SYS_PTRACE, or as root"
+            return f"{why}: kernel.yama.ptrace_scope={scope} lets only root trace"
+        if owner != owner_of(os.getpid()):
+            run_as = "root" if owner == "root" else f"{owner} or as root"
+            return f"{why}: ptrace needs its user or CAP_SYS_PTRACE; run kvmtop as {run_as}"
+        return f"{why}: it cannot be traced by its own user (setuid?); run kvmtop as root"
     why = f"kernel.yama.ptrace_scope={scope}" if scope and scope != "0" else "a security module"
     return f"permission denied tracing pid {pid}: {why} refuses it, even to root"
 

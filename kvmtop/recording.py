@@ -95,13 +95,12 @@ class RecordingWriter:
     def create(
         cls, path: str, meta: RecordingMeta, with_data: bool, keep_old: bool = False
     ) -> RecordingWriter:
-        """A new recording at ``path``; with ``keep_old`` an existing file becomes ``path.old``."""
+        """A new recording at ``path``; with ``keep_old`` an existing file becomes ``path.old``,
+        unless it is a recording of no exits (which would push a good ``.old`` out)."""
         try:
-            if keep_old and os.path.exists(path):
+            if keep_old and os.path.exists(path) and not _holds_no_exits(path):
                 os.replace(path, path + ".old")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod /dev/null or a FIFO
-                os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
+            fd = create_owner_only(path)
         except OSError as exc:
             raise RecordingError(f"cannot create recording {path}: {exc.strerror}") from None
         blob = json.dumps(asdict(meta)).encode()
@@ -165,6 +164,19 @@ class Recording:
         self.complete = False
         self.torn_bytes = 0
         self.end: Detached | None = None
+
+    def ends_with_marker(self) -> bool:
+        """Without reading it through: the file ends in a whole END record, as a finished
+        recording does (:attr:`complete` says it for sure once :meth:`batches` has read it)."""
+        try:
+            body = os.path.getsize(self.path) - self._body
+            if body < RECORD_SIZE or body % RECORD_SIZE:
+                return False
+            with open(self.path, "rb") as f:
+                f.seek(self._body + body - RECORD_SIZE)
+                return f.read(1) == bytes([KIND_END])
+        except OSError:
+            return False
 
     def meta_dict(self) -> dict[str, object]:
         out = asdict(self.meta)
@@ -266,6 +278,23 @@ def check_writable(path: str) -> None:
     if not os.access(target, os.W_OK):
         why = "Permission denied" if os.path.exists(target) else "No such file or directory"
         raise RecordingError(f"cannot create recording {path}: {why}")
+
+
+def create_owner_only(path: str) -> int:
+    """``path`` created or truncated for writing, mode 0600: a recording, and whatever is made
+    of one, can carry what the guest did."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    if stat.S_ISREG(os.fstat(fd).st_mode):  # never chmod /dev/null or a FIFO
+        os.fchmod(fd, 0o600)  # also when the file existed with a wider mode
+    return fd
+
+
+def _holds_no_exits(path: str) -> bool:
+    """A readable recording without one exit (``record -- true``); anything else is kept."""
+    try:
+        return not any(batch.exits for batch in open_recording(path).batches())
+    except RecordingError:
+        return False
 
 
 def open_recording(path: str) -> Recording:

@@ -162,6 +162,12 @@ def exit_count(records: bytes | bytearray | memoryview) -> int:
     return kinds(records).count(KIND_EXIT)
 
 
+def first_t_exit(records: bytes | bytearray | memoryview) -> int | None:
+    """The t_exit of the first EXIT record (None: there is none)."""
+    i = kinds(records).find(KIND_EXIT)
+    return None if i < 0 else T_EXIT.unpack_from(records, i * RECORD_SIZE + 8)[0]
+
+
 def last_t_exit(records: bytes | bytearray | memoryview) -> int | None:
     """The t_exit of the last EXIT record (None: there is none)."""
     i = kinds(records).rfind(KIND_EXIT)

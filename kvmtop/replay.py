@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from kvmtop.events import ExitBatch
 from kvmtop.recording import Recording, open_recording
-from kvmtop.records import cut_after
+from kvmtop.records import cut_after, exit_count, first_t_exit
 from kvmtop.sources import SourceStatus, command_line
 from kvmtop.stats import ExitStats, StatsSnapshot, VcpuSnapshot
 
@@ -27,6 +27,22 @@ NS = 1_000_000_000
 END_OF_TIME = 2**62
 
 
+class StopShare:
+    """A batch's ptrace stops, handed out in proportion to its exits as they are fed: the
+    stops given after ``k`` of its ``exits`` are ``stops * k // exits`` however the batch is
+    cut, and all of them once every exit is in (or at once for a batch of no exits)."""
+
+    def __init__(self, stops: int, exits: int) -> None:
+        self.stops, self.exits = stops, exits
+        self._fed = self._given = 0
+
+    def take(self, exits: int) -> int:
+        self._fed += exits
+        due = self.stops if self._fed >= self.exits else self.stops * self._fed // self.exits
+        given, self._given = due - self._given, due
+        return given
+
+
 class Replay:
     """A recording played at ``speed`` times real time. All methods return at once; the player
     thread catches up (:attr:`settled` says when it has)."""
@@ -34,6 +50,7 @@ class Replay:
     def __init__(self, path: str, speed: float = 1.0, paused: bool = False) -> None:
         self.recording: Recording = open_recording(path)  # RecordingError before any thread
         self.path = path
+        self._ends_whole = self.recording.ends_with_marker()  # known before it plays through
         self.start_ns = self.recording.meta.start_ns
         self.end_ns: int | None = None  # known once the player has read the whole file
         self.speed = speed
@@ -50,6 +67,7 @@ class Replay:
         self._rebuilding = False
         self._batches: Iterator[ExitBatch] = self.recording.batches(BATCH)
         self._pending: ExitBatch | None = None
+        self._stops = StopShare(0, 0)  # the stops of the batch being fed
         self._thread = threading.Thread(target=self._run, name="kvmtop-replay", daemon=True)
         self._thread.start()
 
@@ -174,9 +192,9 @@ class Replay:
                 span = max(1, target - self.start_ns)
                 state = f"seeking {min(99, 100 * max(0, done - self.start_ns) // span)}%"
         elif self.end_ns is not None and shown >= self.end_ns:
-            state = "replay ended"
+            state = "replay ended" + (", truncated" if self.truncated else "")
         elif self.paused:
-            state = "paused"
+            state = f"paused at {self.speed:g}x"
         else:
             state = f"replay {self.speed:g}x"
         length = None if self.end_ns is None else (self.end_ns - self.start_ns) / NS
@@ -188,6 +206,11 @@ class Replay:
             length_s=length,
             busy=state.startswith("seeking"),
         )
+
+    @property
+    def truncated(self) -> bool:
+        """The recording has no end marker (cut short by a crash, or still being written)."""
+        return not (self.recording.complete if self.end_ns is not None else self._ends_whole)
 
     def close(self) -> None:
         with self._lock:
@@ -241,18 +264,33 @@ class Replay:
                 self.end_ns = end
                 self._work_ns = max(self._work_ns, min(target_ns, end))
                 return True
+            self._stops = StopShare(batch.stops, batch.exits)
         last = batch.last_exit_ns
         if last is not None and last > target_ns:
             records, base = batch.records, batch.base_ns
             cut = cut_after(records, target_ns - base)  # at an exit: its LONG/DATA go with it
-            stats.add_batch(ExitBatch(records[:cut], base, batch.vcpus))
-            # stops and losses were counted up to the batch's end: they stay with its last exit,
-            # so where a seek or a tick cuts the batch never changes what is shown
-            self._pending = ExitBatch(records[cut:], base, (), batch.lost, batch.stops)
+            self._add_by_second(stats, ExitBatch(records[:cut], base, batch.vcpus))
+            # losses were counted up to the batch's end: they stay with its last exit
+            self._pending = ExitBatch(records[cut:], base, (), batch.lost)
             self._work_ns = target_ns
             return True
-        stats.add_batch(batch)
+        self._add_by_second(stats, batch)
         self._pending = None
         if last is not None:
             self._work_ns = max(self._work_ns, last)
         return False
+
+    def _add_by_second(self, stats: ExitStats, part: ExitBatch) -> None:
+        """Add ``part`` a second of its exits at a time, each with its share of the stops its
+        batch counted: a file's batch spans seconds (4,096 exits), and its stops all at its
+        last exit would show 0 stops/s while it plays and a burst at its end."""
+        records, base, vcpus = part.records, part.base_ns, part.vcpus
+        while (first := first_t_exit(records)) is not None:
+            second_end = (base + first) // NS * NS + NS - 1
+            cut = cut_after(records, second_end - base)
+            piece, records = records[:cut], records[cut:]
+            stops = self._stops.take(exit_count(piece))
+            stats.add_batch(ExitBatch(piece, base, vcpus, 0 if records else part.lost, stops))
+            vcpus = ()
+        if not part.records:  # no exits: only vCPUs seen, losses or stops
+            stats.add_batch(ExitBatch(b"", base, vcpus, part.lost, self._stops.take(0)))

@@ -80,6 +80,7 @@ class TraceSession:
         self.filter_note = ""
         self.attached_at_ns: int | None = None
         self.attached_wall: float | None = None
+        self.ended_at_ns: int | None = None  # when the last tracing ended (detach, exit)
         self.exit_status: int | None = None
         self.child_exit_status: int | None = None  # a launched command that ended after detach
         self.ended = threading.Event()
@@ -219,6 +220,7 @@ class TraceSession:
         self.filter_note = attached.filter_note
         self.attached_at_ns = attached.t_ns
         self.attached_wall = time.time()
+        self.ended_at_ns = None
         self.exit_status = None
         self.child_exit_status = None
         self.child_ended.clear()
@@ -241,6 +243,7 @@ class TraceSession:
             self.child_ended.set()
             return
         self.exit_status = detached.exit_status
+        self.ended_at_ns = detached.t_ns
         if detached.exit_status is not None:
             self.child_exit_status = detached.exit_status
             self.child_ended.set()

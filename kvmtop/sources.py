@@ -24,6 +24,8 @@ class SourceStatus:
     live: bool
     length_s: float | None = None  # a recording's length, once known
     busy: bool = False  # a replay seeking: the panes wait, only the status line moves
+    ended_s: float | None = None  # live, tracing over: seconds since it ended (since_s stops)
+    recording: str | None = None  # live: the file being recorded to (-o)
 
 
 class ExitSource(Protocol):
@@ -61,13 +63,22 @@ class LiveSource:
     def snapshot(self, top: int | None = 8) -> StatsSnapshot:
         return self.session.stats.snapshot(time.monotonic_ns(), top=top)
 
+    def reset(self) -> None:
+        """Start the view's counts over; the recording, if any, has every exit all the same."""
+        self.session.stats.reset()
+
     def vcpu_snapshot(self, vcpu: int, top: int | None = 10) -> VcpuSnapshot | None:
         return self.session.stats.vcpu_snapshot(vcpu, time.monotonic_ns(), top=top)
 
     def status(self) -> SourceStatus:
         s = self.session
         title = f"pid {s.pid}  {command_line(s.argv)}" if s.pid else "not attached"
-        since = (time.monotonic_ns() - s.attached_at_ns) / 1e9 if s.attached_at_ns else 0.0
+        now = time.monotonic_ns()
+        until, ended_s = now, None
+        if s.state is SessionState.ENDED and s.ended_at_ns is not None:
+            until, ended_s = s.ended_at_ns, (now - s.ended_at_ns) / 1e9
+        since = (until - s.attached_at_ns) / 1e9 if s.attached_at_ns else 0.0
+        recording = s.record_path if s.state is SessionState.ATTACHED else None
         state = s.state.value
         if s.state is SessionState.ATTACHING:
             state = "attaching..."
@@ -77,4 +88,4 @@ class LiveSource:
                 if s.exit_status is not None
                 else "detached"
             )
-        return SourceStatus(title, state, since, live=True)
+        return SourceStatus(title, state, since, live=True, ended_s=ended_s, recording=recording)

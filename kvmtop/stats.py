@@ -305,21 +305,33 @@ class ExitStats:
         self.top_capacity = top_capacity
         self.recent_capacity = recent_capacity
         self._lock = threading.Lock()
+        self._labels: dict[tuple[int, int], str] = {}
+        self._summarize = summarizer()
+        self.lost = 0
+        self._clear()
+
+    def _clear(self) -> None:
         self._vcpus: dict[int, _Vcpu] = {}
         self._vms: dict[tuple[int, int], None] = {}  # (pid, VM fd) of vCPUs with keys, in order
         self._programs: dict[int, str] = {}  # pid -> its program, for processes with vCPUs
         self._argv0: dict[int, str] = {}  # pid -> its program, for every process lately seen
         self._reasons: dict[str, _Reason] = {}
-        self._io = TopCounter(top_capacity)
-        self._mmio = TopCounter(top_capacity)
+        self._io = TopCounter(self.top_capacity)
+        self._mmio = TopCounter(self.top_capacity)
         self._stops = _Seconds()
-        self._labels: dict[tuple[int, int], str] = {}
         self.total = 0
-        self.lost = 0
         self.stops = 0
         self.first_ns: int | None = None
         self.last_ns: int | None = None
-        self._summarize = summarizer()
+
+    def reset(self) -> None:
+        """Forget every count, rate, histogram and recent exit (the TUI's `r`). The vCPUs seen
+        and their threads stay; so do the exits lost, which must never be hidden."""
+        with self._lock:
+            tids = {vcpu.vcpu: vcpu.tid for vcpu in self._vcpus.values()}
+            self._clear()
+            for n, tid in tids.items():
+                self._vcpu(n).tid = tid
 
     def _vcpu(self, vcpu: int) -> _Vcpu:
         found = self._vcpus.get(vcpu)

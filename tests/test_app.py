@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import time
 from collections import Counter
@@ -69,6 +70,12 @@ def start_demo(processes) -> subprocess.Popen[bytes]:
     processes.append(demo)
     wait_for_vcpus(demo.pid, 2)
     return demo
+
+
+async def until_counting(pilot, pid: int, exits: int = 10) -> None:
+    """Until the app is attached to ``pid`` and has counted more than ``exits`` of its exits."""
+    await until(pilot, lambda: pilot.app.attached_pid == pid, what="attached")
+    await until(pilot, lambda: pilot.app.session.stats.total > exits, what="exits counted")
 
 
 async def list_shows(pilot, pid: int) -> ProcessListScreen:
@@ -142,7 +149,7 @@ async def test_replay_to_the_end_shows_the_exact_counts(fixed):
         await pilot.press("q")
 
 
-async def test_drill_down_shows_one_vcpu_freezes_and_goes_back(fixed):
+async def test_drill_down_shows_one_vcpu_follows_the_replay_and_goes_back(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("space", "home", "right", "right")
@@ -155,15 +162,12 @@ async def test_drill_down_shows_one_vcpu_freezes_and_goes_back(fixed):
         assert log.line_count > 0 and "IO" in log.lines[-1]  # IO or MMIO, decoded
         targets = str(screen.query_one(TopTargets).render())
         assert "COM1" in targets or "PCI" in targets  # well-known ports are named
-        await pilot.press("p")
-        assert screen.frozen
-        frozen_lines = log.line_count
-        await pilot.press("right")  # the replay moves on; the frozen view does not
+        await pilot.press("p")  # a replay's view holds still with space: no Freeze to add
+        assert not screen.frozen
+        lines = log.line_count
+        await pilot.press("right")
         await settle(pilot)
-        assert log.line_count == frozen_lines
-        await pilot.press("p")
-        await pilot.pause(0.4)
-        assert log.line_count > frozen_lines
+        assert log.line_count > lines
         await pilot.press("home")  # back in time: the log starts over
         await settle(pilot)
         assert log.line_count == 0
@@ -190,8 +194,10 @@ async def test_help_lists_every_key_and_closes(fixed):
                 assert (b.tooltip or b.description) in text, b
         for needle in ("Attach to the selected VMM", "Start the built-in demo", "Detach",
                        "Freeze", "Seek 10 s back", "Play faster", "drill-down", "Quit",
-                       "KVM's own counters"):  # fmt: skip
+                       "KVM's own counters", "Reset the counts", "Refresh the view less often"
+                       ):  # fmt: skip
             assert needle in text, needle
+        assert "escape" not in text and " k esc " in text  # Esc spelt one way everywhere
         await pilot.press("escape")
         assert isinstance(app.screen, AttachedScreen)
         await pilot.press("question_mark", "question_mark")
@@ -208,9 +214,10 @@ async def test_command_palette_lists_the_screens_actions_and_runs_them(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
         titles = {c.title for c in app.get_system_commands(app.screen)}
-        expected = {"Help", "Pause", "Freeze", "-10s", "+10s", "Slower", "Faster", "Open vCPU"}
+        expected = {"Help", "Pause", "-10s", "+10s", "Slower", "Faster", "Open vCPU",
+                    "Slower refresh", "Faster refresh"}  # fmt: skip
         assert expected <= titles
-        assert "Detach" not in titles
+        assert not {"Detach", "Freeze", "Reset"} & titles  # live only
         await pilot.press("ctrl+p")
         await pilot.pause(0.2)
         await pilot.press(*"Pause")
@@ -283,9 +290,9 @@ async def test_seeking_a_long_recording_never_blocks_the_keys(tmp_path, monkeypa
         worst = 0.0
         while not app.replay.settled:  # the player thread reads; the UI answers meanwhile
             seen_busy |= app.replay.status().busy
-            before, t0 = app.screen.frozen, time.monotonic()
-            app.post_message(Key("p", "p"))
-            while app.screen.frozen == before and time.monotonic() - t0 < 2:
+            before, t0 = app.refresh_s, time.monotonic()
+            app.post_message(Key("plus", "+") if before == 0.25 else Key("minus", "-"))
+            while app.refresh_s == before and time.monotonic() - t0 < 2:
                 await asyncio.sleep(0.001)
             worst = max(worst, time.monotonic() - t0)
             await asyncio.sleep(0.02)
@@ -301,6 +308,19 @@ async def test_an_empty_machine_says_so_and_offers_the_demo():
         text = str(app.screen.query_one("#empty").render())
         assert "No KVM process found" in text and "built-in demo" in text
         assert "m" in footer_keys(app)
+        await pilot.press("q")
+
+
+async def test_with_no_vmm_of_ones_own_the_list_names_other_users_vmms():
+    app = KvmtopApp(process_lister=list, others=lambda: {"root": [4242, 5151]})
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: "other users" in str(app.screen.query_one("#empty").render()),
+                    what="the others named")  # fmt: skip
+        text = str(app.screen.query_one("#empty").render())
+        assert text.startswith(
+            "No KVM process of yours: other users' VMMs run here (root: pid "
+            "4242, 5151), which only their user or root may list and trace."
+        )
         await pilot.press("q")
 
 
@@ -402,8 +422,10 @@ async def test_the_demo_shows_two_vcpus_moving_drills_in_detaches_and_quits():
         await pilot.pause(0.8)
         assert log.lines[int(log.scroll_y)] == top_line  # scrolled up: what it shows holds still
         assert log.scroll_y < log.max_scroll_y
+        assert log.border_subtitle == "held: End follows the latest exits"
         await pilot.press("end")
         await until(pilot, at_end, timeout=3, what="the log following again")
+        await until(pilot, lambda: not log.border_subtitle, timeout=3, what="the hint gone")
         await pilot.press("p", "p", "escape")
         assert isinstance(app.screen, AttachedScreen)
         await pilot.press("d")
@@ -605,8 +627,7 @@ async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
     demo = start_demo(processes)
     app = KvmtopApp(pid=demo.pid)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: app.attached_pid == demo.pid, what="attached")
-        await until(pilot, lambda: app.session.stats.total > 10, what="exits counted")
+        await until_counting(pilot, demo.pid)
         await pilot.press("k")
         await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
         assert app.screen.traced and "also traced" in str(app.screen.query_one("#title").render())
@@ -616,8 +637,13 @@ async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
                     what="counters shown")  # fmt: skip
         await pilot.press("escape")  # the traced view now says how many exits reach the VMM
         title = app.screen.query_one("#title")
-        await until(pilot, lambda: str(title.render()).startswith("[KVM ")
-                    and "exits/s, the VMM sees" in str(title.render()), what="both rates shown")  # fmt: skip
+        await until(pilot, lambda: str(title.render()).startswith("[KVM: ")
+                    and "/s of them reach the VMM: k]" in str(title.render()),
+                    what="both rates shown")  # fmt: skip
+        # over the same second: every exit the VMM sees is one KVM counted (its own handling
+        # makes the rest), so KVM's rate is never the smaller one (but for runs signals end)
+        kernel, vmm = app.kernel_rates()
+        assert 0 < vmm <= kernel * 1.02 + 20, (kernel, vmm)
         await pilot.press("d")
         await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
         assert app.held.exit_rate(demo.pid) is not None  # the counters outlive the trace
@@ -635,3 +661,127 @@ async def test_a_command_that_fails_before_making_a_vcpu_ends_kvmtop_with_its_st
         "exited with status 3 before making a vCPU\n  one\n  bad option -x"
     )
     assert app.child_stderr is None  # its file is gone with the session
+
+
+# --- what the status line, the title and the notices say ----------------------------------------
+
+
+def status_text(app) -> str:
+    return app.screen.query_one("StatusLine").render().plain
+
+
+async def test_replay_offers_pause_not_freeze_and_shows_the_speed_while_paused(fixed):
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert "space" in footer_keys(app) and "p" not in footer_keys(app)
+        await pilot.press("right_square_bracket", "space")
+        await pilot.pause(0.4)
+        assert status_text(app).strip().startswith("paused at 2x")
+        await pilot.press("space", "left_square_bracket", "left_square_bracket", "space")
+        await pilot.pause(0.4)
+        assert status_text(app).strip().startswith("paused at 0.5x")
+        await pilot.press("p", "r")  # not replay keys: nothing happens
+        assert not app.screen.frozen
+        await pilot.press("q")
+
+
+async def test_a_truncated_recording_says_so_when_the_replay_opens(tmp_path, fixed):
+    data = open(fixed, "rb").read()
+    cut = tmp_path / "cut.kvmtop"
+    cut.write_bytes(data[: len(data) // 2 + 7])
+    app = KvmtopApp(replay=str(cut))
+    async with app.run_test(size=(80, 24)) as pilot:
+        told = f"{cut} is truncated (no end marker): it plays up to its last whole record"
+        await until(pilot, lambda: any(told == n.message for n in app._notifications),
+                    what="the truncation told")  # fmt: skip
+        await pilot.press("end")
+        await settle(pilot)
+        assert status_text(app).strip().startswith("replay ended, truncated")
+        assert sum(told == n.message for n in app._notifications) == 1  # once
+        await pilot.press("q")
+
+
+async def test_the_palettes_screenshot_lands_in_the_current_directory_and_says_where(
+    tmp_path, monkeypatch, fixed
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "no-such-home"))  # no ~/Downloads either
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        [shot] = [c for c in app.get_system_commands(app.screen) if c.title == "Screenshot"]
+        shot.callback()
+        await until(pilot, lambda: list(tmp_path.glob("*.svg")), what="a screenshot saved")
+        [svg] = tmp_path.glob("*.svg")
+        await until(pilot, lambda: any(f"screenshot saved to {svg}" == n.message
+                                       for n in app._notifications), what="its path told")  # fmt: skip
+        await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_detach_clock_counts_from_the_detach_and_o_shows_the_recording(tmp_path, processes):
+    demo = start_demo(processes)
+    out = tmp_path / "demo.kvmtop"
+    app = KvmtopApp(pid=demo.pid, record_path=str(out))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.attached_pid == demo.pid, what="attached")
+        await until(pilot, lambda: f"● recording to {out}" in status_text(app), what="rec shown")
+        await pilot.pause(2.2)
+        await pilot.press("d")
+        await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
+        clock = re.compile(r" detached   0:(\d\d) ago, after 0:(\d\d) traced")
+        await until(pilot, lambda: (m := clock.match(status_text(app))) and m[1] != "00",
+                    what="a second since the detach")  # fmt: skip
+        status = status_text(app)
+        ago, traced = map(int, clock.match(status).groups())
+        assert ago <= 2 <= traced < 8, status  # the clock counts from the detach
+        assert "recording to" not in status  # the recording is finished
+        await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_r_resets_the_view_and_plus_minus_change_how_often_it_refreshes(processes):
+    demo = start_demo(processes)
+    app = KvmtopApp(pid=demo.pid)
+    async with app.run_test(size=SIZE) as pilot:
+        await until_counting(pilot, demo.pid, exits=500)
+        tids = {v.vcpu: v.tid for v in app.session.stats.snapshot().vcpus}
+        pressed_ns = time.monotonic_ns()
+        await pilot.press("r")
+        snap = app.session.stats.snapshot()
+        # every exit counted came after the reset (but those of a batch on its way, ≤ 100 ms)
+        assert snap.first_ns > pressed_ns - 0.2 * S
+        assert {v.vcpu: v.tid for v in snap.vcpus} == tids  # the vCPUs and their threads stay
+        assert "r" not in footer_keys(app) and "r" in app.screen.active_bindings  # in help
+        await pilot.press("plus", "plus")
+        assert app.refresh_s == 1.0 and app.screen._timer._interval == 1.0
+        await pilot.press("minus", "minus", "minus")
+        assert app.refresh_s == 0.25
+        await pilot.press("q")
+
+
+async def test_d_sets_how_often_the_views_refresh(fixed):
+    app = KvmtopApp(replay=fixed, refresh_s=2.0)  # kvmtop -d 2 replay FILE
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert app.screen._timer._interval == 2.0
+        await pilot.press("plus")
+        assert app.refresh_s == 5.0
+        await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_quit_with_a_launched_command_running_says_it_runs_on():
+    from kvmtop.app import left_running_notice
+
+    app = KvmtopApp(argv=counted_command(outs=10**9, mmio_writes=0, spin=0))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.attached_pid is not None, what="launched")
+        pid = app.attached_pid
+        await pilot.press("q")
+    try:
+        assert app.left_running is not None and app.left_running[0] == pid
+        assert not gone(pid)  # an ordinary child: it runs on, untraced
+        notice = left_running_notice(*app.left_running)
+        assert notice.startswith(f"pid {pid} (python") and f"`kill {pid}` stops it" in notice
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)

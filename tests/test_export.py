@@ -157,6 +157,15 @@ def test_csv_export_has_a_row_per_exit(tmp_path, fixed):
     assert Counter(r["reason"] for r in rows)["KVM_EXIT_HLT"] == sum(e.reason == 5 for e in FIXED)
 
 
+def test_every_export_is_readable_by_its_owner_only_like_the_recording(tmp_path, fixed):
+    for form in ("--csv", "--jsonl", "--perfetto"):
+        out = tmp_path / f"exits{form}"
+        out.write_text("")
+        out.chmod(0o644)  # an older export, made readable to all: no longer
+        assert kvmtop("export", fixed, form, str(out)).returncode == 0
+        assert oct(out.stat().st_mode & 0o777) == "0o600", form
+
+
 def test_report_csv_is_the_summary_table(fixed):
     result = kvmtop("report", fixed, "--csv")
     assert result.returncode == 0, result.stderr

@@ -163,13 +163,13 @@ def test_units_become_base_units_in_name_and_value(stat, family, kind, raw, valu
 @pytest.mark.parametrize(
     ("text", "address"),
     [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:0", ("::1", 0)),
-     ("localhost:80", ("localhost", 80))],
+     ("localhost:80", ("localhost", 80)), (":9464", ("0.0.0.0", 9464))],
 )  # fmt: skip
-def test_listen_addresses_are_host_and_port(text, address):
+def test_listen_addresses_are_host_and_port_and_no_host_is_every_interface(text, address):
     assert parse_listen(text) == address
 
 
-@pytest.mark.parametrize("text", ["9464", "127.0.0.1", "127.0.0.1:http", ":9464", "h:70000"])
+@pytest.mark.parametrize("text", ["9464", "127.0.0.1", "127.0.0.1:http", ":", "h:70000"])
 def test_a_malformed_listen_address_is_a_usage_error(text):
     with pytest.raises(UsageError, match="HOST:PORT"):
         parse_listen(text)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from kvmtop.events import ExitBatch, ExitEvent
 from kvmtop.recording import RecordingMeta, RecordingWriter
 from kvmtop.replay import Replay
@@ -39,5 +41,36 @@ def test_a_seek_cuts_a_batch_at_the_last_exit_before_the_clock(tmp_path) -> None
             assert snap.total == len(held) and snap.last_ns == held[-1].exit_ns
             vcpu = replay.vcpu_snapshot(1)
             assert vcpu is not None and vcpu.recent[-1] == [e for e in held if e.vcpu == 1][-1]
+    finally:
+        replay.close()
+
+
+def test_stops_per_second_as_it_plays_are_the_recordings_own_rate(tmp_path) -> None:
+    """The fixed recording counts 2 stops per exit, in batches of 500 exits that the player
+    reads 4,096 at a time: each second shows its own exits' stops, never 0 then a burst."""
+    from guests.fixed_recording import START as FIXED_START
+    from guests.fixed_recording import events as fixed_events
+    from guests.fixed_recording import write_fixed_recording
+
+    per_second = Counter((e.exit_ns - FIXED_START) // 10**9 for e in fixed_events())
+    replay = Replay(write_fixed_recording(str(tmp_path / "fixed.kvmtop")), paused=True)
+    try:
+        for second in range(1, 31):
+            replay.seek(1.0)
+            assert replay.wait_settled(10)
+            assert abs(replay.snapshot().stops_per_s - 2 * per_second[second - 1]) <= 1, second
+        assert replay.snapshot().stops == 2 * sum(per_second.values())
+    finally:
+        replay.close()
+
+
+def test_a_truncated_recording_says_so_before_and_after_it_plays(tmp_path) -> None:
+    write_recording(str(tmp_path / "r.kvmtop"))  # no end marker: as if kvmtop was killed
+    replay = Replay(str(tmp_path / "r.kvmtop"), paused=True)
+    try:
+        assert replay.truncated
+        replay.seek_to(1.0)
+        assert replay.wait_settled(10)
+        assert replay.status().state == "replay ended, truncated"
     finally:
         replay.close()

@@ -24,6 +24,17 @@ from kvmtop.widgets.top_targets import TopTargets, lines_for
 from kvmtop.widgets.vcpu_table import MAX_LINES_PER_VCPU, VcpuTable
 
 
+def kernel_rates_text(kernel: float, vmm: float | None) -> str:
+    """KVM counts every exit and handles most itself; some reach the VMM. The two rates, over
+    the same interval, said so that the difference reads as what it is."""
+    if vmm is None:
+        return f"KVM: {human(kernel)} exits/s"
+    if vmm <= kernel:
+        return f"KVM: {human(kernel)} exits/s, {human(vmm)}/s of them reach the VMM"
+    # a run a signal ends before the guest is entered returns to the VMM without an exit
+    return f"KVM: {human(kernel)} exits/s; the VMM sees {human(vmm)}/s, with runs signals ended"
+
+
 class AttachedScreen(WatchScreen):
     """Enter on a vCPU opens its drill-down; `d` detaches; Esc goes back to the process list."""
 
@@ -41,10 +52,13 @@ class AttachedScreen(WatchScreen):
     _shown_state = ""
     _snap: StatsSnapshot | None = None  # the last shown, for the layout
 
-    def __init__(self, source: ExitSource, kernel_rate: Callable[[], float | None] = lambda: None
+    def __init__(self, source: ExitSource,
+                 kernel_rates: Callable[[], tuple[float, float | None] | None] = lambda: None
                  ) -> None:  # fmt: skip
         super().__init__(source)
-        self.kernel_rate = kernel_rate  # KVM's own exits/s of the VM, when its counters are held
+        # KVM's own exits/s of the VM, when its counters are held, and the VMM's over the same
+        # interval
+        self.kernel_rates = kernel_rates
 
     def compose(self) -> ComposeResult:
         yield Static("", id="title")
@@ -65,11 +79,9 @@ class AttachedScreen(WatchScreen):
             self._shown_state = status.state
             self.refresh_bindings()
         title = status.title
-        kernel = self.kernel_rate()
-        if kernel is not None and status.live:  # first: a long command line would cut it off
-            traced = sum(v.rate for v in snap.vcpus)
-            title = (f"[KVM {human(kernel)} exits/s, the VMM sees {human(traced)}/s: k]  "
-                     f"{title}")  # fmt: skip
+        rates = self.kernel_rates() if status.live else None
+        if rates is not None:  # first: a long command line would cut it off
+            title = f"[{kernel_rates_text(*rates)}: k]  {title}"
         self.query_one("#title", Static).update(title)
         self._snap = snap
         self.fit()

@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from kvmtop.discovery import KvmProcess, list_kvm_processes
+from kvmtop.discovery import KvmProcess, list_kvm_processes, not_yours
 from kvmtop.screens.requests import (
     AttachRequested,
     DemoRequested,
@@ -54,9 +54,11 @@ class ProcessListScreen(Screen[None]):
         lister: Callable[[], list[KvmProcess]] = list_kvm_processes,
         attached: Callable[[], tuple[int, ...]] = lambda: (),
         exit_rate: Callable[[int], float | None] = lambda pid: None,
+        others: Callable[[], dict[str, list[int]]] = dict,
     ) -> None:
         super().__init__()
         self.lister = lister
+        self.others = others  # {user: pids} of VMMs this user may not read, asked when none is
         self.attached = attached  # the pids kvmtop traces now (the first: the one asked for)
         self.exit_rate = exit_rate  # KVM's exits/s of a VM whose stats fds are held, else None
         self.procs: list[KvmProcess] = []
@@ -65,6 +67,7 @@ class ProcessListScreen(Screen[None]):
         self.filtering = False  # `/` typed: the keys go to the filter until Enter or Esc
         self.listed = False  # the first listing has arrived
         self._select: int | None = None  # the pid to put the cursor on at the next listing
+        self.not_yours = ""  # what to say of other users' VMMs when none is listed
 
     def compose(self) -> ComposeResult:
         yield Static("kvmtop: KVM processes on this machine", id="title")
@@ -85,6 +88,7 @@ class ProcessListScreen(Screen[None]):
     @work(thread=True, exclusive=True)
     def refresh_processes(self) -> None:
         procs = self.lister()  # psutil and /proc: never on the UI thread
+        self.not_yours = not_yours(others) if not procs and (others := self.others()) else ""
         self.app.call_from_thread(self._show, procs)
 
     def on_screen_resume(self) -> None:
@@ -119,10 +123,10 @@ class ProcessListScreen(Screen[None]):
             table.move_cursor(row=table.get_row_index(str(selected)))
         empty = self.query_one("#empty", Static)
         if not procs:
-            empty.update(
-                "No KVM process found on this machine (or none this user may inspect).\n"
-                "Press [b]m[/b] to start the built-in demo guest and watch its exits."
-            )
+            found = (f"No KVM process of yours: {self.not_yours}." if self.not_yours else
+                     "No KVM process found on this machine (or none this user may inspect).")  # fmt: skip
+            empty.update(f"{found}\nPress [b]m[/b] to start the built-in demo guest and watch its "
+                         "exits.")  # fmt: skip
         elif not table.row_count:
             empty.update(f"No KVM process matches {self.filter_text!r} (Esc clears the filter).")
         empty.display = not table.row_count

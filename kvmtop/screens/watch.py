@@ -1,6 +1,7 @@
-"""What the attached view and the drill-down share: a source polled 4 times a second, `p` to
-freeze the view while tracing goes on, and the replay keys (pause, seek, speed), which are
-offered only when the source is a recording."""
+"""What the attached view and the drill-down share: a source polled 4 times a second (`+`/`-`
+and `-d` change that), `p` to freeze the view while tracing goes on and `r` to reset its counts
+(live only), and the replay keys (pause, seek, speed), offered only when the source is a
+recording."""
 
 from __future__ import annotations
 
@@ -8,27 +9,31 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from kvmtop.replay import Replay
-from kvmtop.sources import ExitSource, SourceStatus
+from kvmtop.sources import ExitSource, LiveSource, SourceStatus
 from kvmtop.stats import StatsSnapshot
 from kvmtop.widgets.status_line import StatusLine
 
 REFRESH_S = 0.25  # snapshot polls: 4 Hz, whatever the exit rate
+REFRESH_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0)  # `+` and `-` move along these
 
 REPLAY_ACTIONS = frozenset({"pause", "seek", "seek_to", "speed"})
+# one footer item per pair of keys: the footer then fits 80 columns
+SEEK = Binding.Group("Seek 10s", compact=True)
+SPEED = Binding.Group("Speed", compact=True)
 # priority: the replay keys win over the focused pane's own scrolling keys
 REPLAY_BINDINGS = [
     Binding("space", "pause", "Pause", priority=True, tooltip="Pause or play the recording"),
-    Binding("left", "seek(-10)", "-10s", priority=True,
+    Binding("left", "seek(-10)", "-10s", priority=True, group=SEEK,
             tooltip="Seek 10 s back (the view is rebuilt from the start)"),
-    Binding("right", "seek(10)", "+10s", priority=True, tooltip="Seek 10 s forward"),
+    Binding("right", "seek(10)", "+10s", priority=True, group=SEEK, tooltip="Seek 10 s forward"),
     Binding("home", "seek_to(0)", "Start", show=False, priority=True,
             tooltip="Seek to the start of the recording"),
     Binding("end", "seek_to(1)", "End", show=False, priority=True,
             tooltip="Seek to the end of the recording"),
     Binding("left_square_bracket", "speed(-1)", "Slower", key_display="[", priority=True,
-            tooltip="Play slower"),
+            group=SPEED, tooltip="Play slower"),
     Binding("right_square_bracket", "speed(1)", "Faster", key_display="]", priority=True,
-            tooltip="Play faster"),
+            group=SPEED, tooltip="Play faster"),
 ]  # fmt: skip
 
 
@@ -39,8 +44,14 @@ class WatchScreen(Screen[None]):
 
     BINDINGS = [
         Binding("p", "freeze", "Freeze", tooltip="Freeze or unfreeze the view (tracing goes on)"),
+        Binding("r", "reset", "Reset", show=False,
+                tooltip="Reset the counts, rates and histograms shown (a recording is untouched)"),
+        Binding("plus", "refresh_every(1)", "Slower refresh", show=False, key_display="+",
+                tooltip="Refresh the view less often (0.25 s, 0.5, 1, 2, 5 s)"),
+        Binding("minus", "refresh_every(-1)", "Faster refresh", show=False, key_display="-",
+                tooltip="Refresh the view more often"),
         *REPLAY_BINDINGS,
-    ]
+    ]  # fmt: skip
 
     def __init__(self, source: ExitSource) -> None:
         super().__init__()
@@ -51,11 +62,19 @@ class WatchScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.refresh_view()
-        self.set_interval(REFRESH_S, self._tick)
+        self._every = self.refresh_s
+        self._timer = self.set_interval(self._every, self._tick)
+
+    @property
+    def refresh_s(self) -> float:
+        """The app's refresh interval (`+`/`-`), which every view follows."""
+        return float(getattr(self.app, "refresh_s", REFRESH_S))
 
     def _tick(self) -> None:
         if not self.is_current:  # a screen under another one does not draw
             return
+        if self._every != self.refresh_s:  # changed on another view
+            self._restart_timer()
         version = self.source.version()
         if version != self._shown_version:  # an idle VMM or a paused replay: nothing to redraw
             self._shown_version = version
@@ -84,7 +103,30 @@ class WatchScreen(Screen[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in REPLAY_ACTIONS:
             return self.replay is not None  # hidden from the footer when live
+        if action == "freeze":
+            return self.replay is None  # a replay has Pause, which holds the whole view
+        if action == "reset":
+            return isinstance(self.source, LiveSource)  # a replay has Home
         return True
+
+    def _restart_timer(self) -> None:
+        self._timer.stop()
+        self._every = self.refresh_s
+        self._timer = self.set_interval(self._every, self._tick)
+
+    def action_refresh_every(self, step: int) -> None:
+        i = min(range(len(REFRESH_STEPS)), key=lambda k: abs(REFRESH_STEPS[k] - self.refresh_s))
+        every = REFRESH_STEPS[max(0, min(len(REFRESH_STEPS) - 1, i + step))]
+        self.app.refresh_s = every  # type: ignore[attr-defined]
+        self._restart_timer()
+        self.notify(f"the view refreshes every {every:g} s", timeout=2)
+
+    def action_reset(self) -> None:
+        if isinstance(self.source, LiveSource):
+            self.source.reset()
+            self.refresh_view()
+            self.notify("counts, rates and histograms reset (tracing and recording go on)",
+                        timeout=2)  # fmt: skip
 
     def action_freeze(self) -> None:
         self.frozen = not self.frozen

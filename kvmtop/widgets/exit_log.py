@@ -15,6 +15,7 @@ from kvmtop.units import duration
 MAX_LINES = 2000
 MAX_NEW_LINES = 400  # per refresh: the log's cost stays flat however fast the vCPU exits
 _exit_ns = attrgetter("exit_ns")
+HELD = "held: End follows the latest exits"
 
 
 class ExitLog(Log):
@@ -48,6 +49,7 @@ class ExitLog(Log):
         following = self._followed_to is None or self.scroll_y >= min(
             self._followed_to, self.max_scroll_y
         )
+        self.border_subtitle = "" if following else HELD
         if not following:
             return
         lines = []

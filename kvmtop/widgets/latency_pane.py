@@ -1,5 +1,6 @@
 """Latency per exit reason: time in the guest per KVM_RUN and the VMM's handling time, with
-median and p99, and, as the pane's width allows, max, min and a small log2 histogram."""
+median and p99, and, as the pane's width allows, max, min and a small log2 histogram; where
+its height does not allow two lines a reason, medians and p99s on one."""
 
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ class LatencyPane(ReasonPane):
         text = Text(no_wrap=True, overflow="crop")
         if not reasons:
             return Text("no exits yet", style="italic")
-        width = self.room[0]
+        width, lines = self.room
         longest = max(len(palette.short(r.label)) for r in reasons)
+        if lines < 1 + 2 * len(reasons) and width >= 4 + 4 * NUM_W:  # "MMIO" and 4 numbers
+            return self.draw_one_line_each(reasons, max(4, min(longest, width - 4 * NUM_W)))
         name_w = max(NAME_W, min(longest, width - 3 - 3 * NUM_W))
         shown, histogram = columns_for(width, name_w)
         self.border_title = self.TITLE + (", log2 histogram" if histogram else "")
@@ -65,5 +68,24 @@ class LatencyPane(ReasonPane):
                     text.append("  ")
                     text.append(log2_strip(h), style=style)
                 text.append("\n")
+        text.rstrip()
+        return text
+
+    def draw_one_line_each(self, reasons: tuple[ReasonStats, ...], name_w: int) -> Text:
+        """Where the pane is too short for two lines a reason: its guest and VMM medians and
+        p99s on one line."""
+        self.border_title = self.TITLE
+        text = Text(no_wrap=True, overflow="crop")
+        heads = ("g p50", "g p99", "v p50", "v p99")
+        text.append(f"{'exit':<{name_w}}" + "".join(f"{h:>{NUM_W}}" for h in heads) + "\n",
+                    style="bold")  # fmt: skip
+        for r in reasons:
+            text.append(f"{palette.short(r.label)[:name_w]:<{name_w}}",
+                        style=palette.reason_style(self, r.label))  # fmt: skip
+            for h in (r.guest, r.handling):
+                values = (h.median, h.p99) if h.count else None
+                text.append("".join(f"{duration(v) if values else '-':>{NUM_W}}"
+                                    for v in (values or (0, 0))))  # fmt: skip
+            text.append("\n")
         text.rstrip()
         return text

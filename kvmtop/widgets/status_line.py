@@ -1,5 +1,5 @@
-"""The status line: attached since (or where a replay is), exits recorded, exits lost (must stay
-0), ptrace stops per second, vCPUs."""
+"""The status line: attached since (since when it ended, or where a replay is), the file being
+recorded to, exits recorded, exits lost (must stay 0), ptrace stops per second, vCPUs."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ class StatusLine(Static):
         text.append(f" {status.state} ", style="reverse")
         if frozen:
             text.append(" FROZEN (p) ", style="bold reverse")
-        if status.live:
+        if status.recording is not None:
+            text.append(f" ● recording to {status.recording} ", style="bold red")
+        if status.ended_s is not None:
+            text.append(f"  {elapsed(status.ended_s)} ago, after {elapsed(status.since_s)} traced")
+        elif status.live:
             text.append(f"  for {elapsed(status.since_s)}")
         else:
             length = f" / {elapsed(status.length_s)}" if status.length_s is not None else ""
