@@ -603,8 +603,8 @@ class Tracer:
             raise
         root = group.procs[pids[0]]
         attached = Attached(pids[0], root.argv, group.t0, launched=False, pids=tuple(pids))
-        self._flush()
         self.out.put(attached)
+        self._flush()  # after: the session starts afresh at Attached, then gets its processes
         return attached
 
     def _launch(self, argv: list[str], seccomp: str = "") -> Attached:

@@ -785,3 +785,28 @@ async def test_quit_with_a_launched_command_running_says_it_runs_on():
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+
+@pytest.mark.kvm
+async def test_two_vmms_attached_at_once_show_each_vm_and_are_marked_in_the_list(processes):
+    demos = [start_demo(processes), start_demo(processes)]
+    pids = [d.pid for d in demos]
+    app = KvmtopApp(pid=pids, process_lister=lambda: [])
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.attached_pid == pids[0], what="attached")
+        table = app.screen.query_one(VcpuTable)
+        await until(pilot, lambda: len(table.rows) == 4, what="both VMs' vCPUs")
+        labels = sorted(v.label for v in table.rows)
+        assert [label.split(":")[0] for label in labels] == [
+            str(p) for p in sorted(pids) for _ in (0, 1)
+        ]
+        assert {label.split(":")[2] for label in labels} == {"0", "1"}
+        assert table.border_title.startswith("vCPUs (PID:VM:vCPU) of 2 VMs: ")
+        assert all(f"{pid}:" in table.border_title for pid in pids)
+        assert set(app.traced_pids) == set(pids)  # the process list marks both
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuScreen), what="the drill-down")
+        title = app.screen.query_one("#title").render().plain
+        assert re.match(rf"vCPU [01] of VM \d+ in pid ({pids[0]}|{pids[1]}) \(python", title), title
+        await pilot.press("escape", "q")
+    assert all(d.poll() is None for d in demos)  # detached: both run on
