@@ -6,13 +6,14 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from kvmtop.screens.watch import WatchScreen
 from kvmtop.sources import ExitSource, SourceStatus
 from kvmtop.stats import StatsSnapshot
 from kvmtop.units import human
 from kvmtop.widgets.exit_log import ExitLog
+from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.reason_timelines import ReasonTimelines
@@ -41,7 +42,7 @@ class VcpuScreen(WatchScreen):
             yield LatencyPane()
         yield ExitLog()
         yield StatusLine()
-        yield Footer()
+        yield KeyFooter()
 
     TOP = 0  # the whole VM's tables are not shown here
 
