@@ -4,6 +4,7 @@ the counted guest) and against a fixed recording played back."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 from conftest import wait_for_vcpus
 from guests.fixed_recording import START, events, write_fixed_recording
 from textual.events import Key
+from textual.widget import Widget
 
 from kvmtop.app import KvmtopApp
 from kvmtop.events import ExitBatch, ExitEvent
@@ -383,6 +385,35 @@ async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
         assert sum(isinstance(s, VcpuScreen) for s in app.screen_stack) == 1
         await pilot.press("escape")
         assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("q")
+
+
+def live_widgets() -> Counter[str]:
+    gc.collect()
+    return Counter(type(o).__name__ for o in gc.get_objects() if isinstance(o, Widget))
+
+
+async def test_a_drill_down_opened_and_closed_again_and_again_leaves_no_widget_behind(fixed):
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+
+        async def drill_in_and_out() -> None:
+            await pilot.press("enter")
+            assert isinstance(app.screen, VcpuScreen)
+            await pilot.pause(0.2)
+            await pilot.press("escape")
+            assert isinstance(app.screen, AttachedScreen)
+
+        await drill_in_and_out()
+        await pilot.pause(0.3)
+        baseline = live_widgets()
+        for _ in range(8):
+            await drill_in_and_out()
+        # each return to the attached view remakes its footer's keys: the old ones must go
+        back = "as many live widgets of each kind as after the first drill-down"
+        await until(pilot, lambda: not live_widgets() - baseline, timeout=5, what=back)
         await pilot.press("q")
 
 

@@ -9,7 +9,7 @@ from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from kvmtop.screens.requests import BackRequested, DetachRequested, KernelRequested
 from kvmtop.screens.vcpu import VcpuScreen
@@ -17,6 +17,7 @@ from kvmtop.screens.watch import WatchScreen
 from kvmtop.sources import ExitSource, LiveSource, SourceStatus
 from kvmtop.stats import StatsSnapshot
 from kvmtop.units import human
+from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.status_line import StatusLine
@@ -69,7 +70,7 @@ class AttachedScreen(WatchScreen):
                 yield LatencyPane()
                 yield TopTargets()
         yield StatusLine()
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:  # (Textual then runs WatchScreen.on_mount too)
         self.query_one(VcpuTable).focus()

@@ -6,12 +6,13 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from kvmtop.held_stats import HeldStats
 from kvmtop.kernel_table import CounterTable, counter_table
 from kvmtop.units import human
 from kvmtop.widgets.counter_grid import CounterGrid
+from kvmtop.widgets.key_footer import KeyFooter
 
 REFRESH_S = 1.0
 ZERO = frozenset({"", "0", "0ns", "-", "no"})  # cells of a counter that has counted nothing
@@ -34,7 +35,7 @@ class KernelScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Static(f"pid {self.pid}: KVM's own counters", id="title")
         yield CounterGrid(id="counters")
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.refresh_view()

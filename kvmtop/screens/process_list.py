@@ -10,7 +10,7 @@ from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from kvmtop.discovery import KvmProcess, list_kvm_processes, not_yours
 from kvmtop.screens.requests import (
@@ -20,6 +20,7 @@ from kvmtop.screens.requests import (
     KernelRequested,
 )
 from kvmtop.units import elapsed, human, size
+from kvmtop.widgets.key_footer import KeyFooter
 
 PROCESS_REFRESH_S = 2.0
 COLUMNS = ("PID", "USER", "COMMAND", "VCPUS", "CPU%", "RSS", "UPTIME", "TRACED BY", "KVM EXITS/S")
@@ -74,7 +75,7 @@ class ProcessListScreen(Screen[None]):
         yield Static("", id="filter")
         yield Static("looking for KVM processes...", id="empty")
         yield DataTable(id="procs", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

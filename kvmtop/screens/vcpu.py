@@ -7,13 +7,14 @@ from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from kvmtop.screens.watch import WatchScreen
 from kvmtop.sources import ExitSource, SourceStatus
 from kvmtop.stats import StatsSnapshot, VcpuSnapshot
 from kvmtop.units import human
 from kvmtop.widgets.exit_log import ExitLog
+from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.reason_timelines import ReasonTimelines
@@ -42,7 +43,7 @@ class VcpuScreen(WatchScreen):
                 yield TopTargets()
         yield ExitLog()
         yield StatusLine()
-        yield Footer()
+        yield KeyFooter()
 
     TOP = 0  # the whole VM's tables are not shown here
     LOG_LINES = 5  # the exit log's least, inside its border
