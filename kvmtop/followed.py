@@ -160,11 +160,7 @@ def seize_process(pid: int, engine: Any, group: Followed) -> TracedProcess:
             proc.close(engine)
         raise
     for tid in seized:
-        try:
-            pt.ptrace(pt.PTRACE_INTERRUPT, tid, 0, 0)
-        except pt.PtraceError as exc:
-            if exc.errno != errno_module.ESRCH:
-                raise
+        pt.ptrace_unless_gone(pt.PTRACE_INTERRUPT, tid)
     return proc
 
 

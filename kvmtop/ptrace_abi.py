@@ -9,6 +9,7 @@ numbers 424 and up are the same on every architecture.
 from __future__ import annotations
 
 import ctypes
+import errno as errno_module
 import os
 import struct
 
@@ -121,3 +122,13 @@ class SyscallInfo:
     def fetch(self, tid: int) -> memoryview:
         ptrace(PTRACE_GET_SYSCALL_INFO, tid, SYSCALL_INFO_SIZE, self.address)
         return memoryview(self.buffer).cast("B")
+
+
+def ptrace_unless_gone(request: int, tid: int, data: int = 0) -> None:
+    """A ptrace request on a stopped tracee that may have been killed meanwhile (SIGKILL and
+    exit_group need no tracer): then there is nothing to do, its exit status follows."""
+    try:
+        ptrace(request, tid, 0, data)
+    except PtraceError as exc:
+        if exc.errno != errno_module.ESRCH:
+            raise

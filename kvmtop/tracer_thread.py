@@ -23,7 +23,7 @@ every signal through unchanged, and when it detaches (or its thread dies, which 
 detach) the VMM runs on as if never traced.
 
 Waking the thread: it sleeps in waitpid(), which no queue can interrupt, so it keeps a tiny
-child of its own ("kicker"); stopping that child with SIGSTOP makes waitpid return.
+child of its own (:mod:`kvmtop.kicker`); stopping that child with SIGSTOP makes waitpid return.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ from kvmtop.hot_state import (
     vcpu_records,
 )
 from kvmtop.inject import StatsFds, plan_job, run_job
+from kvmtop.kicker import Kicker
 from kvmtop.procfs import tgid_of
-from kvmtop.spawn import spawn_kicker
 from kvmtop.stop_wait import poll_max_ns_from_env
 from kvmtop.traced import TracedProcess, exit_status_of, kvm_run_fd
 
@@ -95,8 +95,7 @@ class Tracer:
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="kvmtop-tracer", daemon=True)
         self._ready = threading.Event()
-        self._kicker = 0
-        self._kicker_pipe = -1
+        self._kicker = Kicker()
         self._quit = False
         self._quit_after_detach = False
         self._group: Followed | None = None
@@ -153,27 +152,21 @@ class Tracer:
             future.set_exception(KvmtopError("the tracer is not running"))
             return future
         self._commands.put((command, arg, future))
-        self._kick()
+        self._kicker.kick()
         return future
-
-    def _kick(self) -> None:
-        try:
-            os.kill(self._kicker, signal.SIGSTOP)
-        except ProcessLookupError:
-            pass  # the tracer is gone or re-forking its kicker
 
     def _tick(self) -> None:
         """Makes sure exits reach ``out`` within FLUSH_INTERVAL_S even when the guest goes quiet."""
         while self._thread.is_alive():
             time.sleep(FLUSH_INTERVAL_S)
             if self.engine.pending() or self._stats_proc is not None:
-                self._kick()
+                self._kicker.kick()
 
     # --- the tracing thread ------------------------------------------------------------------
 
     def _main(self) -> None:
         try:
-            self._kicker = self._spawn_kicker()
+            self._kicker.start()
             self._ready.set()
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - report, then let the kernel detach
@@ -184,20 +177,8 @@ class Tracer:
             group = self._group
             if group is not None and group.notifier is not None:
                 group.notifier.stop()
-            if self._kicker:
-                os.close(self._kicker_pipe)  # its `read` sees end of file: it exits
-                try:
-                    os.kill(self._kicker, signal.SIGCONT)
-                    os.waitpid(self._kicker, 0)
-                except OSError:
-                    pass
+            self._kicker.close()
             self.out.put(TracerEnded())
-
-    def _spawn_kicker(self) -> int:
-        if self._kicker_pipe >= 0:
-            os.close(self._kicker_pipe)
-        pid, self._kicker_pipe = spawn_kicker()
-        return pid
 
     def _loop(self) -> None:
         run = self.engine.run
@@ -225,7 +206,7 @@ class Tracer:
                     raise
                 # Killed while stopped (exit_group, SIGKILL need no tracer): its exit
                 # status follows, and is handled like any other.
-        elif tid == self._kicker:
+        elif tid == self._kicker.pid:
             self._on_kicker(status)
         else:
             self._on_exit_or_stranger(tid, status, proc)
@@ -278,7 +259,7 @@ class Tracer:
         elif event == pt.PTRACE_EVENT_STOP:
             if sig in GROUP_STOP_SIGNALS and not self._detaching:
                 # group-stop: stay stopped (until SIGCONT) but keep reporting to us
-                self._ptrace(pt.PTRACE_LISTEN, tid, 0)
+                pt.ptrace_unless_gone(pt.PTRACE_LISTEN, tid)
             else:
                 self._resume(proc, tid, 0)  # PTRACE_INTERRUPT, or the end of a group-stop
         elif event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK):
@@ -320,7 +301,7 @@ class Tracer:
 
     def _resume(self, proc: TracedProcess, tid: int, sig: int) -> None:
         if self._detaching:
-            self._ptrace(pt.PTRACE_DETACH, tid, sig)
+            pt.ptrace_unless_gone(pt.PTRACE_DETACH, tid, sig)
             self.engine.remove_thread(tid)
             if not self.engine.threads_of(proc.pid):
                 self._proc_ended(proc, None)
@@ -330,14 +311,6 @@ class Tracer:
         except OSError as exc:
             if exc.errno != errno_module.ESRCH:
                 raise
-
-    def _ptrace(self, request: int, tid: int, sig: int) -> None:
-        try:
-            pt.ptrace(request, tid, 0, sig)
-        except pt.PtraceError as exc:
-            if exc.errno != errno_module.ESRCH:
-                raise
-            # Killed while stopped (SIGKILL needs no tracer): its exit status follows.
 
     def _on_exit_or_stranger(self, tid: int, status: int, proc: TracedProcess | None) -> None:
         group = self._group
@@ -435,10 +408,7 @@ class Tracer:
     # --- commands ------------------------------------------------------------------------------
 
     def _on_kicker(self, status: int) -> None:
-        if (status & 0xFF) == 0x7F:
-            os.kill(self._kicker, signal.SIGCONT)
-        else:
-            self._kicker = self._spawn_kicker()  # someone killed it; a new one
+        self._kicker.reported(status)
         self._flush()
         self._nudge_stats()
         while True:
@@ -503,11 +473,7 @@ class Tracer:
 
     def _interrupt(self, proc: TracedProcess) -> None:
         for tid in self.engine.threads_of(proc.pid):
-            try:
-                pt.ptrace(pt.PTRACE_INTERRUPT, tid, 0, 0)
-            except pt.PtraceError as exc:
-                if exc.errno != errno_module.ESRCH:
-                    raise
+            pt.ptrace_unless_gone(pt.PTRACE_INTERRUPT, tid)
 
     def _inject(self, proc: TracedProcess, tid: int, resume: int, info: memoryview) -> bool:
         """Go on with the stats job on ``tid``, at a syscall entry (``info``: its
@@ -617,7 +583,7 @@ class Tracer:
         )  # fmt: skip
         self._begin(group)
         if group.mode == MODE_NOTIFY:
-            group.start_notifier(self.engine, self._kick, self._notify_failed)
+            group.start_notifier(self.engine, self._kicker.kick, self._notify_failed)
         root = group.roots[0]
         os.kill(root, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
         attached = Attached(
