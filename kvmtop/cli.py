@@ -352,7 +352,7 @@ def record(
     snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
             "launched": session.launched, "one_stop": session.one_stop,
-            "mode": tracing_mode(session, one_stop)}  # fmt: skip
+            "mode": tracing_mode(session, one_stop), "traced_s": session.traced_s}  # fmt: skip
     if as_json:
         print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)
     else:
@@ -364,15 +364,21 @@ def record(
 
 
 def report(path: str, form: str) -> int:
-    from kvmtop.report import load_recording_stats, summary_csv, summary_json, summary_table
+    from kvmtop.report import (
+        load_recording_stats,
+        summary_csv,
+        summary_json,
+        summary_table,
+        traced_s,
+    )
 
     recording, stats = load_recording_stats(path)
-    meta = recording.meta_dict()
+    meta = recording.meta_dict() | {"traced_s": traced_s(recording, stats)}
     snapshot = stats.snapshot(top=None)
     if form == "json":
         print(json.dumps(summary_json(snapshot, meta), indent=2))
     elif form == "csv":
-        print(summary_csv(snapshot), end="")
+        print(summary_csv(snapshot, meta), end="")
     else:
         print(summary_table(snapshot, meta))
     _check_complete(recording, f"the report covers the {snapshot.total} exits it holds")

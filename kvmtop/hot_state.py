@@ -316,10 +316,12 @@ class PyEngine:
         return th.pid, int(th.runner), th.budget, int(th.creating), int(th.in_run)
 
     def set_thread(self, tid: int, runner: bool, creating: bool) -> bool:
+        """Also out of KVM_RUN: a run that ended is the caller's to account for."""
         th = self._threads.get(tid)
         if th is None:
             return False
         th.runner, th.creating = runner, creating
+        th.in_run, th.page = False, None
         return True
 
     def threads_of(self, pid: int) -> list[int]:

@@ -12,7 +12,12 @@ from kvmtop.stats import ExitStats, LatencyHistogram, ReasonStats, StatsSnapshot
 from kvmtop.units import duration
 
 
-def duration_s(snapshot: StatsSnapshot) -> float:
+def duration_s(snapshot: StatsSnapshot, meta: Mapping[str, object] | None = None) -> float:
+    """How long the VM was traced (``meta["traced_s"]``: attach to detach), which rates are
+    over; without it, the first exit to the last."""
+    traced = meta.get("traced_s") if meta is not None else None
+    if isinstance(traced, int | float) and traced > 0:
+        return float(traced)
     if snapshot.first_ns is None or snapshot.last_ns is None:
         return 0.0
     return (snapshot.last_ns - snapshot.first_ns) / 1e9
@@ -45,7 +50,7 @@ def _reasons_json(reasons: tuple[ReasonStats, ...], seconds: float) -> dict[str,
 
 
 def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[str, object]:
-    seconds = duration_s(snapshot)
+    seconds = duration_s(snapshot, meta)
     return {
         "exits": {r.label: r.count for r in snapshot.reasons},
         # Keyed by vCPU id when the session had one VM (as always), by PID:VM:VCPU when more
@@ -111,7 +116,7 @@ def cut(text: str, width: int) -> str:
 
 
 def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
-    seconds = duration_s(snapshot)
+    seconds = duration_s(snapshot, meta)
     argv_value = meta.get("argv")
     argv = " ".join(str(a) for a in argv_value) if isinstance(argv_value, list | tuple) else ""
     vms = {(v.key.pid, v.key.vm) for v in snapshot.vcpus if v.key is not None}
@@ -134,7 +139,7 @@ def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
 
 
 def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
-    seconds = duration_s(snapshot)
+    seconds = duration_s(snapshot, meta)
     lines = _head(snapshot, meta)
     groups = _row_groups(snapshot)
     w = max(4, *(len(name) for name, _, _ in groups))
@@ -181,9 +186,9 @@ def _latency_cells(h: LatencyHistogram) -> list[int | str]:
     return [h.min_ns, h.median, h.p99, h.max_ns] if h.count else ["", "", "", ""]
 
 
-def summary_csv(snapshot: StatsSnapshot) -> str:
+def summary_csv(snapshot: StatsSnapshot, meta: Mapping[str, object] | None = None) -> str:
     """The summary table as CSV: one row per vCPU and reason, then the whole VM's (``all``)."""
-    seconds = duration_s(snapshot)
+    seconds = duration_s(snapshot, meta)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SUMMARY_CSV_COLUMNS)
@@ -203,3 +208,9 @@ def load_recording_stats(path: str) -> tuple[Recording, ExitStats]:
     for batch in recording.batches():
         stats.add_batch(batch)
     return recording, stats
+
+
+def traced_s(recording: Recording, stats: ExitStats) -> float | None:
+    """Attach to detach (or, in a file cut short, to its last exit), in seconds."""
+    end = recording.end.t_ns if recording.end is not None else stats.last_ns
+    return (end - recording.meta.start_ns) / 1e9 if end is not None else None

@@ -124,6 +124,14 @@ class TraceSession:
         if self.state in (SessionState.ATTACHED, SessionState.ATTACHING):
             self._tracer.detach()
 
+    @property
+    def traced_s(self) -> float | None:
+        """Attach to detach (or to now, while tracing), in seconds."""
+        if self.attached_at_ns is None:
+            return None
+        end = self.ended_at_ns if self.ended_at_ns is not None else time.monotonic_ns()
+        return (end - self.attached_at_ns) / 1e9
+
     def wait_attached(self, timeout: float = 10.0) -> Attached:
         """Block until the attach/launch begun last has succeeded; raise its KvmtopError."""
         if self._pending is None:

@@ -101,6 +101,7 @@ class Tracer:
         self._group: Followed | None = None
         self._last_group: Followed | None = None  # for what is left of the last session
         self._stats_proc: TracedProcess | None = None  # the process a stats job is for
+        self._kicked: set[int] = set()  # threads kvmtop interrupted, before their next stop
         self._detached_children: set[int] = set()  # launched, detached, not yet reaped
         self._seen: list[VcpuSeen] = []
         self._lost = 0
@@ -222,6 +223,14 @@ class Tracer:
                 self._ensure_page(proc, tid, fd)
         elif op == pt.PTRACE_SYSCALL_INFO_EXIT:
             state = self.engine.thread(tid)
+            if tid in self._kicked and state is not None and state[4]:  # its KVM_RUN returns
+                self._kicked.discard(tid)
+                if pt.SYSCALL_INFO_EXIT.unpack_from(info)[0] == -errno_module.EINTR:
+                    # kvmtop's own PTRACE_INTERRUPT (a detach, KVM's counters) ended the run:
+                    # no exit of the guest's
+                    self.engine.set_thread(tid, True, False)
+                    self._resume(proc, tid, 0)
+                    return
             if state is not None and state[3] and not state[4]:  # creating a vCPU
                 rval = pt.SYSCALL_INFO_EXIT.unpack_from(info)[0]
                 if rval >= 0:
@@ -257,6 +266,7 @@ class Tracer:
         elif event == 0:
             self._resume(proc, tid, sig)  # signal-delivery-stop: pass the signal on, unchanged
         elif event == pt.PTRACE_EVENT_STOP:
+            self._kicked.discard(tid)  # the interrupt's own stop: what follows is not kvmtop's
             if sig in GROUP_STOP_SIGNALS and not self._detaching:
                 # group-stop: stay stopped (until SIGCONT) but keep reporting to us
                 pt.ptrace_unless_gone(pt.PTRACE_LISTEN, tid)
@@ -303,6 +313,7 @@ class Tracer:
         if self._detaching:
             pt.ptrace_unless_gone(pt.PTRACE_DETACH, tid, sig)
             self.engine.remove_thread(tid)
+            self._kicked.discard(tid)
             if not self.engine.threads_of(proc.pid):
                 self._proc_ended(proc, None)
             return
@@ -343,6 +354,7 @@ class Tracer:
         if proc is None:
             return
         self.engine.remove_thread(tid)
+        self._kicked.discard(tid)
         if proc.mode != MODE_TWO_STOP:
             self.engine.close_runs(proc.pid, tid, time.monotonic_ns())
         if tid == proc.pid:  # the leader reports last: the whole process has ended
@@ -474,6 +486,7 @@ class Tracer:
     def _interrupt(self, proc: TracedProcess) -> None:
         for tid in self.engine.threads_of(proc.pid):
             pt.ptrace_unless_gone(pt.PTRACE_INTERRUPT, tid)
+            self._kicked.add(tid)
 
     def _inject(self, proc: TracedProcess, tid: int, resume: int, info: memoryview) -> bool:
         """Go on with the stats job on ``tid``, at a syscall entry (``info``: its

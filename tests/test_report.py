@@ -96,3 +96,18 @@ def test_a_command_that_made_no_vcpu_is_told_so() -> None:
     table = summary_table(ExitStats().snapshot(), {"pid": 7, "argv": ["false"], "launched": True})
     assert "0 exits in 0.000 s on 0 vCPU(s)" in table
     assert "no vCPU was seen: the command made no VM" in table
+
+
+def test_rates_are_over_the_time_traced_not_between_the_first_and_last_exit() -> None:
+    """Two exits 1 µs apart in a second of tracing: 2 exits/s, not 2 million."""
+    events = [
+        ExitEvent(0, 2, 0, START + i * 1000, START + i * 1000 + 5, 0x80, 1, 1) for i in range(2)
+    ]
+    snapshot = stats_of(ExitBatch.of(events, START)).snapshot()
+    meta = {"pid": 7, "argv": ["qemu"], "traced_s": 1.0}
+    assert summary_table(snapshot, meta).splitlines()[1].startswith("2 exits in 1.000 s")
+    summary = summary_json(snapshot, meta)
+    assert summary["duration_s"] == 1.0 and summary["reasons"]["KVM_EXIT_IO"]["rate"] == 2.0
+    rows = list(csv.DictReader(io.StringIO(summary_csv(snapshot, meta))))
+    assert rows[0]["rate_per_s"] == "2.0"
+    assert summary_json(snapshot, {})["duration_s"] == 0.000001  # without it: first to last

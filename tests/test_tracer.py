@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -266,3 +267,19 @@ def test_without_pidfd_getfd_the_vmms_own_mapping_is_read(tracer, tmp_path, monk
     trace = launch_and_count(tracer, qemu_command(str(bios)))
     assert trace.exits["KVM_EXIT_IO"] == 301 and trace.exits["KVM_EXIT_MMIO"] == 200
     assert trace.mmio == {(0xC0000, 1, True): 200} and trace.lost == 0
+
+
+def test_the_detach_kick_is_no_guest_exit(tmp_path, processes):
+    """Detaching interrupts each thread; the KVM_RUN that ends is kvmtop's doing, not the guest's:
+    a guest that makes no exit while traced records none."""
+    vmm = subprocess.Popen(counted_command(vcpus=2, outs=1, mmio_writes=0, spin=8_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid, 2)
+    time.sleep(0.2)  # both vCPUs spinning in the guest
+    argv = [sys.executable, "-m", "kvmtop", "record", "-p", str(vmm.pid), "--duration", "0.5",
+            "--json", "-o", str(tmp_path / "r.kvmtop")]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["exits"] == {} and summary["total"] == 0, summary["exits"]
+    assert vmm.wait(120) == 0  # and the guest ran on to its end

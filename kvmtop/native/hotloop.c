@@ -777,9 +777,11 @@ static PyObject *Engine_set_thread(Engine *e, PyObject *args) {
     if (!PyArg_ParseTuple(args, "ipp", &tid, &runner, &creating)) return NULL;
     LOCK(e);
     Thread *t = thread_find(e, tid);
-    if (t) {
+    if (t) { /* and out of KVM_RUN: a run that ended is the caller's to account for */
         t->runner = runner;
         t->creating = creating;
+        t->in_run = 0;
+        t->page = -1;
     }
     UNLOCK(e);
     return PyBool_FromLong(t != NULL);
@@ -1019,7 +1021,7 @@ static PyMethodDef Engine_methods[] = {
     {"thread", (PyCFunction)Engine_thread, METH_VARARGS,
      "thread(tid) -> (pid, runner, budget, creating, in_run) or None"},
     {"set_thread", (PyCFunction)Engine_set_thread, METH_VARARGS,
-     "set_thread(tid, runner, creating)"},
+     "set_thread(tid, runner, creating): also out of KVM_RUN"},
     {"threads_of", (PyCFunction)Engine_threads_of, METH_VARARGS, "threads_of(pid) -> [tid]"},
     {"add_page", (PyCFunction)Engine_add_page, METH_VARARGS,
      "add_page(pid, fd, vcpu, tid, mapping or None, remote_address)"},
