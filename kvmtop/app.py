@@ -44,7 +44,7 @@ from kvmtop.screens.requests import (
     KernelRequested,
 )
 from kvmtop.screens.too_small import TooSmallScreen, too_small
-from kvmtop.screens.vcpu import VcpuScreen
+from kvmtop.screens.vcpu import TYPED_REPLAY_KEYS, VcpuScreen
 from kvmtop.screens.watch import REFRESH_S, REPLAY_BINDINGS, WatchScreen
 from kvmtop.session import SessionState, TraceSession
 from kvmtop.sources import LiveSource, command_line
@@ -80,6 +80,7 @@ class KvmtopApp(App[int]):
         # other users' VMMs, named when none of one's own is found (with the real lister)
         self.others = others or (others_vmms if process_lister is list_kvm_processes else dict)
         self.refresh_s = refresh_s or REFRESH_S  # how often the views poll the aggregate (+/-)
+        self.reason_order = "count"  # how the views order the exit reasons (o)
         self.start_pids = [pid] if isinstance(pid, int) else list(pid or [])
         self.start_argv = argv
         self.start_demo_now = demo
@@ -328,7 +329,7 @@ class KvmtopApp(App[int]):
             ],
             "vCPU drill-down": [
                 Binding("tab", "", "Move between the panes and the exit log (it scrolls)"),
-                *VcpuScreen.BINDINGS,
+                *[b for b in VcpuScreen.BINDINGS if b not in TYPED_REPLAY_KEYS],
                 *watch,
             ],
             "kernel view": list(KernelScreen.BINDINGS),

@@ -76,6 +76,19 @@ class ReasonStats:
     handling: LatencyHistogram  # VMM time after such an exit, until that vCPU's next KVM_RUN
 
 
+# the orders a view may list reasons in (`o` steps through them; a snapshot is by count)
+REASON_ORDERS: dict[str, Callable[[ReasonStats], tuple[float, str]]] = {
+    "count": lambda r: (-r.count, r.label),
+    "rate": lambda r: (-r.rate, r.label),
+    "VMM p50": lambda r: (-r.handling.median, r.label),  # the slowest to handle first
+}
+
+
+def reasons_by(reasons: tuple[ReasonStats, ...], order: str) -> tuple[ReasonStats, ...]:
+    """``reasons`` in one of :data:`REASON_ORDERS`, ties by label."""
+    return tuple(sorted(reasons, key=REASON_ORDERS[order]))
+
+
 @dataclass(frozen=True, slots=True)
 class PortCount:
     port: int

@@ -16,9 +16,11 @@ import pytest
 from conftest import wait_for_vcpus
 from guests.fixed_recording import START, events, write_fixed_recording
 from textual.events import Key
+from textual.keys import _character_to_key
 from textual.widget import Widget
 
 from kvmtop.app import KvmtopApp
+from kvmtop.discovery import KvmProcess
 from kvmtop.events import ExitBatch, ExitEvent
 from kvmtop.minivmm import counted_command, demo_command
 from kvmtop.native import PURE_ENV
@@ -58,7 +60,11 @@ def burst(app, *keys: str) -> None:
     """Keys arriving in one write, as a paste or keys coalesced over SSH do: all queued before
     the app handles the first (pilot.press waits for the app to go idle after each key)."""
     for key in keys:
-        char = key if len(key) == 1 else {"slash": "/", "enter": "\r", "space": " "}.get(key)
+        if len(key) == 1:  # a character: the key a terminal's keys are parsed to ("space", "I")
+            key, char = _character_to_key(key), key
+        else:
+            char = {"slash": "/", "enter": "\r", "space": " ", "greater_than_sign": ">",
+                    "less_than_sign": "<"}.get(key)  # fmt: skip
         app.post_message(Key(key, char))
 
 
@@ -358,20 +364,161 @@ async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
             burst(app, "slash", *typed)
             await pilot.pause(0.3)
             assert app.is_running and app.screen is screen and app.session is None
-            assert screen.filter_text == typed and screen.sort_key == "pid"
+            assert screen.filter.text == typed and screen.sort_key == "PID"
             await pilot.press("escape")
-            assert screen.filter_text == ""
+            assert screen.filter.text == ""
         burst(app, "slash", *"qx", "backspace", *"emu")
         await pilot.pause(0.3)
-        assert screen.filter_text == "qemu"
+        assert screen.filter.text == "qemu"
         burst(app, "escape", "s")  # Esc closes the filter: `s` sorts again
         await pilot.pause(0.3)
-        assert screen.filter_text == "" and screen.sort_key == "CPU%"
+        assert screen.filter.text == "" and screen.sort_key == "USER"
         burst(app, "slash", *"web", "enter", "s")  # Enter keeps the filter: `s` sorts again
         await pilot.pause(0.3)
-        assert screen.filter_text == "web" and screen.sort_key == "vCPUs"
+        assert screen.filter.text == "web" and screen.sort_key == "COMMAND"
         await pilot.press("q")
     assert app.return_value == 0
+
+
+def three_processes():
+    from test_snapshots import fixed_processes
+
+    demo = KvmProcess(6060, "bob", "kvmtop-demo", ("python", "-m", "kvmtop.minivmm", "demo"), 2,
+                      (0, 1), 40.0, 64 << 20, time.time() - 60, 0)  # fmt: skip
+    return [*fixed_processes(), demo]
+
+
+def listed_order(screen) -> list[int]:
+    return [int(row.key.value) for row in screen.query_one("#procs").ordered_rows]
+
+
+def sorted_header(screen) -> str:
+    labels = [str(c.label) for c in screen.query_one("#procs").columns.values()]
+    return next(label for label in labels if label[-1] in "▲▼")
+
+
+async def test_process_list_sorts_by_any_column_either_way_by_key_or_header_click():
+    rates = {4242: 100.0, 6060: 5000.0}  # KVM's exits/s; 5151's counters are not held
+    app = KvmtopApp(process_lister=three_processes)
+    app.held.exit_rate = rates.get  # type: ignore[method-assign]
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await until(pilot, lambda: screen.listed, what="listed")
+        assert listed_order(screen) == [4242, 5151, 6060] and sorted_header(screen) == "PID▲"
+        burst(app, *["greater_than_sign"] * 8)  # htop's `>`, in one burst: to KVM EXITS/S
+        await pilot.pause(0.3)
+        assert sorted_header(screen) == "KVM EXITS/S▼"
+        assert listed_order(screen) == [6060, 4242, 5151]  # the busiest first, unknown last
+        burst(app, "I")  # htop's invert
+        await pilot.pause(0.3)
+        assert (
+            listed_order(screen) == [5151, 4242, 6060] and sorted_header(screen) == "KVM EXITS/S▲"
+        )
+        burst(app, "less_than_sign")  # a new column: its own natural order again
+        await pilot.pause(0.3)
+        assert sorted_header(screen) == "TRACED BY▲"
+        assert listed_order(screen) == [4242, 6060, 5151]  # untraced first, ties by pid
+        table = screen.query_one("#procs")
+        x = sum(c.get_render_width(table) for c in list(table.columns.values())[:4])
+        await pilot.click("#procs", offset=(x + 1, 0))  # the CPU% header
+        await pilot.pause(0.3)
+        assert sorted_header(screen) == "CPU%▼" and listed_order(screen) == [6060, 4242, 5151]
+        await pilot.click("#procs", offset=(x + 1, 0))  # again: the other way
+        await pilot.pause(0.3)
+        assert sorted_header(screen) == "CPU%▲" and listed_order(screen) == [5151, 4242, 6060]
+        await pilot.press("s")  # the next column
+        assert sorted_header(screen) == "RSS▼" and listed_order(screen) == [4242, 5151, 6060]
+        await pilot.press("end")
+        assert screen.selected_pid == 6060
+        await pilot.press("home")
+        assert screen.selected_pid == 4242
+        assert "sorted by RSS ▼" in str(screen.query_one("#title").render())
+        await pilot.press("q")
+
+
+async def test_o_orders_the_exit_reasons_by_count_rate_or_latency_on_both_views(fixed):
+    from kvmtop.widgets.latency_pane import LatencyPane
+    from kvmtop.widgets.reason_bars import ReasonBars
+
+    def shown(screen) -> list:
+        bars = screen.query_one(ReasonBars)
+        reasons = bars._shown[0]
+        names = [line.split()[0] for line in str(bars.render()).splitlines()]
+        assert names == [palette.short(r.label) for r in reasons]  # as drawn, top to bottom
+        assert screen.query_one(LatencyPane)._shown[0] == reasons  # the latencies follow
+        return list(reasons)
+
+    from kvmtop.widgets import palette
+
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        screen = app.screen
+        by_count = shown(screen)
+        assert [r.count for r in by_count] == sorted((r.count for r in by_count), reverse=True)
+        assert by_count[0].label == "KVM_EXIT_IO" and by_count[1].label == "KVM_EXIT_MMIO"
+        await pilot.press("o")
+        await pilot.pause(0.3)
+        by_rate = shown(screen)
+        assert [r.rate for r in by_rate] == sorted((r.rate for r in by_rate), reverse=True)
+        assert by_rate[-1].label == "KVM_EXIT_MMIO"  # none in the last second
+        assert screen.query_one(ReasonBars).border_title.endswith(", by rate")
+        await pilot.press("o")
+        await pilot.pause(0.3)
+        by_latency = shown(screen)
+        medians = [r.handling.median for r in by_latency]
+        assert medians == sorted(medians, reverse=True) and by_latency != by_count
+        await pilot.press("enter")  # the drill-down keeps the order
+        assert isinstance(app.screen, VcpuScreen)
+        await pilot.pause(0.4)
+        assert app.screen.query_one(ReasonBars).border_title.endswith(", by VMM p50")
+        medians = [r.handling.median for r in shown(app.screen)]
+        assert medians == sorted(medians, reverse=True)
+        await pilot.press("o")  # and round to by count
+        await pilot.pause(0.3)
+        counts = [r.count for r in shown(app.screen)]
+        assert counts == sorted(counts, reverse=True)
+        await pilot.press("q")
+
+
+def exit_lines(log: ExitLog) -> list[str]:
+    return [line for line in log.lines if not line.startswith("   ...")]  # not the notices
+
+
+async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_it(fixed):
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("enter")
+        screen = app.screen
+        assert isinstance(screen, VcpuScreen) and screen.vcpu == 0
+        await pilot.pause(0.4)
+        log = screen.query_one(ExitLog)
+        every = list(log.lines)
+        assert any("HLT" in line for line in every) and any("0xcfc" in line for line in every)
+        paused = app.replay.paused
+        burst(app, "slash", *"hlt|0x3f8")  # `h` is help, `|` and `0` are keys elsewhere
+        await pilot.pause(0.3)
+        assert app.screen is screen and screen.filter.text == "hlt|0x3f8"
+        shown = exit_lines(log)
+        assert shown and all(re.search("HLT|0x3f8", line) for line in shown)
+        assert {line for line in every if "HLT" in line} <= set(shown)  # none left out
+        burst(app, "escape", "slash", *"in port", "enter")  # space pauses a replay, not here
+        await pilot.pause(0.3)
+        assert app.replay.paused == paused and screen.filter.text == "in port"
+        assert exit_lines(log) and all("IO in port=0xcfc" in line for line in exit_lines(log))
+        assert "matching in port" in str(log.border_title)
+        await pilot.press("space")  # the filter kept, the keys are the replay's again
+        assert app.replay.paused != paused
+        await pilot.press("space")
+        await pilot.press("escape")  # clears the filter: every exit again
+        await pilot.pause(0.3)
+        assert app.screen is screen and log.lines == every
+        await pilot.press("escape")
+        assert isinstance(app.screen, AttachedScreen)
+        await pilot.press("q")
 
 
 async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
@@ -566,9 +713,9 @@ async def test_process_list_moves_filters_sorts_attaches_and_detaches(processes)
         assert table.row_count == 0
         assert "No KVM process matches" in str(screen.query_one("#empty").render())
         await pilot.press("escape", "s")
-        assert screen.sort_key == "CPU%" and table.row_count >= 1
-        await pilot.press("s", "s", "s", "s", "s")
-        assert screen.sort_key == "pid"
+        assert screen.sort_key == "USER" and table.row_count >= 1
+        await pilot.press(*"s" * 8)  # every column, then round to the first
+        assert screen.sort_key == "PID"
         await pilot.press("slash", *str(demo.pid), "enter")
         assert [str(k.value) for k in table.rows] == [str(demo.pid)]
         await pilot.press("a")
@@ -648,6 +795,36 @@ async def test_kernel_view_without_tracing_and_beside_the_traced_view(processes)
         await pilot.press("q")
     assert demo.poll() is None and tracer_pid(demo.pid) == 0
     assert not [link for link in fd_table(os.getpid()).values() if "kvm" in link]  # all closed
+
+
+@pytest.mark.kvm
+async def test_slash_filters_the_kernel_views_counters_by_name_typed_in_one_burst(processes):
+    from kvmtop.screens.kernel import KernelScreen
+    from kvmtop.widgets.counter_grid import CounterGrid
+
+    demo = start_demo(processes)
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await list_shows(pilot, demo.pid)
+        await pilot.press("slash", *str(demo.pid), "enter", "k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        screen = app.screen
+        grid = screen.query_one(CounterGrid)
+        await until(pilot, lambda: "exits" in grid.rows, what="counters shown")
+        burst(app, "slash", *"zkzk")  # `z` shows zeros and `k` goes back, but not after `/`
+        await pilot.pause(0.3)
+        assert app.screen is screen and not screen.show_zeros
+        assert list(grid.rows) == ["-vm-"]  # no counter is called that
+        burst(app, "escape", "slash", *"^(IO|mmio)_exits$", "enter", "z")  # a regex, any case
+        await pilot.pause(0.3)
+        assert screen.show_zeros and screen.filter.text == "^(IO|mmio)_exits$"
+        assert list(grid.rows) == ["io_exits", "mmio_exits", "-vm-"]
+        assert "filtered out (/)" in str(screen.query_one("#title").render())
+        await pilot.press("escape")  # clears the filter, stays
+        assert app.screen is screen and "halt_exits" in grid.rows
+        await pilot.press("escape")
+        assert isinstance(app.screen, ProcessListScreen)
+        await pilot.press("q")
 
 
 @pytest.mark.kvm

@@ -172,3 +172,26 @@ def test_a_process_holding_only_stats_fds_is_not_a_vmm():
     # kvmtop stats and the exporter hold these; the VMM holds /dev/kvm and anon_inode:kvm-vm
     assert not holds_a_vm(["anon_inode:kvm-vm-stats", "anon_inode:kvm-vcpu-stats:0"])
     assert holds_a_vm(["anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"])
+
+
+def test_processes_sort_by_any_column_either_way_unknown_exit_rates_last() -> None:
+    from kvmtop.discovery import KvmProcess
+    from kvmtop.process_sort import NAMES, marker, sorted_processes
+
+    def vmm(pid: int, name: str, cpu: float, tracer: int = 0) -> KvmProcess:
+        return KvmProcess(pid, "root", name, (name,), 1, (0,), cpu, 1 << 20, 0.0, tracer)
+
+    a, b, c = vmm(30, "qemu", 5.0), vmm(10, "firecracker", 5.0, tracer=99), vmm(20, "ch", 50.0)
+    procs = [a, b, c]
+    rates = {30: 7.0, 20: 700.0}.get
+    assert sorted_processes(procs, "PID", False) == [b, c, a]
+    assert sorted_processes(procs, "COMMAND", False) == [c, b, a]
+    assert sorted_processes(procs, "CPU%", False) == [c, b, a]  # the most first, ties by pid
+    assert sorted_processes(procs, "CPU%", True) == [b, a, c]
+    assert sorted_processes(procs, "TRACED BY", False) == [c, a, b]
+    assert sorted_processes(procs, "KVM EXITS/S", False, rates) == [c, a, b]
+    assert sorted_processes(procs, "KVM EXITS/S", True, rates) == [b, a, c]
+    assert (
+        marker("CPU%", False) == "▼" and marker("PID", False) == "▲" and marker("PID", True) == "▼"
+    )
+    assert all(sorted_processes(procs, name, False, rates) for name in NAMES)

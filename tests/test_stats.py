@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from kvmtop.events import EXIT_CYCLE, ExitBatch, ExitEvent, VcpuSeen
 from kvmtop.native import PURE_ENV, load
-from kvmtop.stats import LOG2_BUCKETS, ExitStats, LatencyHistogram, TopCounter
+from kvmtop.stats import (
+    EMPTY_HISTOGRAM,
+    LOG2_BUCKETS,
+    ExitStats,
+    LatencyHistogram,
+    ReasonStats,
+    TopCounter,
+    reasons_by,
+)
 
 S = 1_000_000_000
 
@@ -175,3 +183,18 @@ def test_recent_exits_are_the_latest_of_each_vcpu_across_batches() -> None:
         stats.add_batch(ExitBatch.of(events[lo : lo + 7], 5))
     recent = stats.vcpu_snapshot(1, 10**4)
     assert recent is not None and recent.recent == tuple(events[15:20:2])
+
+
+def test_reasons_order_by_count_rate_or_the_vmms_median_handling_time() -> None:
+    def handled_in(ns: int) -> LatencyHistogram:
+        buckets = [0] * LOG2_BUCKETS
+        buckets[ns.bit_length() - 1] = 1
+        return LatencyHistogram(1, ns, ns, ns, tuple(buckets))
+
+    io = ReasonStats("KVM_EXIT_IO", 900, 10.0, EMPTY_HISTOGRAM, handled_in(2_000))
+    mmio = ReasonStats("KVM_EXIT_MMIO", 50, 40.0, EMPTY_HISTOGRAM, handled_in(90_000))
+    hlt = ReasonStats("KVM_EXIT_HLT", 50, 40.0, EMPTY_HISTOGRAM, handled_in(500))
+    reasons = (io, hlt, mmio)
+    assert reasons_by(reasons, "count") == (io, hlt, mmio)  # ties by label
+    assert reasons_by(reasons, "rate") == (hlt, mmio, io)
+    assert reasons_by(reasons, "VMM p50") == (mmio, io, hlt)

@@ -88,11 +88,12 @@ class AttachedScreen(WatchScreen):
         self.fit()
         self.query_one(VcpuTable).show(snap.vcpus)
         bars = self.query_one(ReasonBars)
-        title = f"exit reasons, {'all VMs' if snap.many_vms else 'whole VM'}"
+        title = self.reasons_title(f"exit reasons, {'all VMs' if snap.many_vms else 'whole VM'}")
         if bars.border_title != title:  # setting it lays the screen out again
             bars.border_title = title
-        bars.show(snap.reasons, snap.total)
-        self.query_one(LatencyPane).show(snap.reasons)
+        reasons = self.ordered(snap.reasons)
+        bars.show(reasons, snap.total)
+        self.query_one(LatencyPane).show(reasons)
         self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact)
 
     def on_resize(self, _event: events.Resize) -> None:

@@ -1,5 +1,6 @@
 """The process list: the KVM processes on this machine, refreshed every 2 s, filtered as you
-type, sorted by a key; attaching to one is a request to the app."""
+type, sorted by any column either way (keys or a click on the header); attaching to one is a
+request to the app."""
 
 from __future__ import annotations
 
@@ -13,35 +14,40 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Static
 
 from kvmtop.discovery import KvmProcess, list_kvm_processes, not_yours
+from kvmtop.process_sort import NAMES, marker, sorted_processes
 from kvmtop.screens.requests import (
     AttachRequested,
     DemoRequested,
     DetachRequested,
     KernelRequested,
 )
+from kvmtop.screens.typed_filter import TypedFilter
 from kvmtop.units import elapsed, human, size
 from kvmtop.widgets.key_footer import KeyFooter
 
 PROCESS_REFRESH_S = 2.0
-COLUMNS = ("PID", "USER", "COMMAND", "VCPUS", "CPU%", "RSS", "UPTIME", "TRACED BY", "KVM EXITS/S")
-SORTS: dict[str, Callable[[KvmProcess], tuple[object, ...]]] = {
-    "pid": lambda p: (p.pid,),
-    "CPU%": lambda p: (-p.cpu_percent, p.pid),
-    "vCPUs": lambda p: (-p.vcpus, p.pid),
-    "command": lambda p: (p.name, p.pid),
-    "RSS": lambda p: (-p.rss, p.pid),
-    "uptime": lambda p: (-p.uptime_s, p.pid),
-}
 
 
 class ProcessListScreen(Screen[None]):
-    """KVM processes; `/` filters, `s` sorts, `a`/Enter attaches, `m` starts the demo."""
+    """KVM processes; `/` filters, `s` `<` `>` `I` and header clicks sort, `a`/Enter attaches,
+    `m` starts the demo."""
 
     BINDINGS = [
         Binding("a", "attach", "Attach", tooltip="Attach to the selected VMM"),
         Binding("enter", "attach", "Attach", show=False, tooltip="Attach to the selected VMM"),
         Binding("slash", "filter", "Filter", tooltip="Filter by pid, user or command as you type"),
-        Binding("s", "sort", "Sort", tooltip="Sort by the next column"),
+        Binding("s", "sort(1)", "Sort", tooltip="Next sort column (or click a header)"),
+        Binding("greater_than_sign", "sort(1)", "Next sort column", show=False, key_display=">",
+                tooltip="Sort by the column to the right"),
+        Binding("less_than_sign", "sort(-1)", "Previous sort column", show=False,
+                key_display="<", tooltip="Sort by the column to the left"),
+        Binding("I", "reverse", "Reverse", show=False, key_display="I",
+                tooltip="Reverse the order of the sort"),
+        # priority: before the table's own Home/End, which scroll sideways
+        Binding("home", "first", "First", show=False, priority=True,
+                tooltip="Move to the first process"),
+        Binding("end", "last", "Last", show=False, priority=True,
+                tooltip="Move to the last process"),
         Binding("k", "kernel", "Kernel view",
                 tooltip="KVM's own counters of the selected VM, without tracing it"),
         Binding("m", "demo", "Demo", tooltip="Start the built-in demo guest and attach to it"),
@@ -63,9 +69,9 @@ class ProcessListScreen(Screen[None]):
         self.attached = attached  # the pids kvmtop traces now (the first: the one asked for)
         self.exit_rate = exit_rate  # KVM's exits/s of a VM whose stats fds are held, else None
         self.procs: list[KvmProcess] = []
-        self.sort_key = "pid"
-        self.filter_text = ""
-        self.filtering = False  # `/` typed: the keys go to the filter until Enter or Esc
+        self.sort_key = "PID"  # a column's name
+        self.sort_reverse = False  # the other way than the column's natural order
+        self.filter = TypedFilter(self._filter_changed)
         self.listed = False  # the first listing has arrived
         self._select: int | None = None  # the pid to put the cursor on at the next listing
         self.not_yours = ""  # what to say of other users' VMMs when none is listed
@@ -79,8 +85,7 @@ class ProcessListScreen(Screen[None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        for name in COLUMNS:
-            table.add_column(name, key=name)
+        self._add_columns()
         self.query_one("#filter").display = False
         table.focus()
         self.refresh_processes()
@@ -97,6 +102,14 @@ class ProcessListScreen(Screen[None]):
         # VM traced (started with `m` or -p, its row was never under the cursor)
         self._select = next(iter(self.attached()), None)
         self.refresh_processes()
+
+    def _add_columns(self) -> None:
+        """The headers, the sorted one marked ▲ or ▼."""
+        table = self.query_one(DataTable)
+        table.clear(columns=True)
+        sign = marker(self.sort_key, self.sort_reverse)
+        for name in NAMES:
+            table.add_column(f"{name}{sign}" if name == self.sort_key else name, key=name)
 
     def _show(self, procs: list[KvmProcess]) -> None:
         self.procs = procs
@@ -129,7 +142,7 @@ class ProcessListScreen(Screen[None]):
             empty.update(f"{found}\nPress [b]m[/b] to start the built-in demo guest and watch its "
                          "exits.")  # fmt: skip
         elif not table.row_count:
-            empty.update(f"No KVM process matches {self.filter_text!r} (Esc clears the filter).")
+            empty.update(f"No KVM process matches {self.filter.text!r} (Esc clears the filter).")
         empty.display = not table.row_count
         shown = (
             f"{len(procs)}"
@@ -138,17 +151,16 @@ class ProcessListScreen(Screen[None]):
         )
         self.query_one("#title", Static).update(
             f"kvmtop: KVM processes here: {shown}, sorted by {self.sort_key} "
-            f"(refreshed every {PROCESS_REFRESH_S:g} s)"
+            f"{marker(self.sort_key, self.sort_reverse)} (refreshed every {PROCESS_REFRESH_S:g} s)"
         )
         self.refresh_bindings()  # `d` shows only while attached
 
     def _visible(self) -> list[KvmProcess]:
-        needle = self.filter_text.lower()
         procs = [
             p for p in self.procs
-            if not needle or needle in f"{p.pid} {p.user} {p.name} {' '.join(p.cmdline)}".lower()
+            if self.filter.matches(f"{p.pid} {p.user} {p.name} {' '.join(p.cmdline)}")
         ]  # fmt: skip
-        return sorted(procs, key=SORTS[self.sort_key])
+        return sorted_processes(procs, self.sort_key, self.sort_reverse, self.exit_rate)
 
     @property
     def selected_pid(self) -> int | None:
@@ -177,61 +189,42 @@ class ProcessListScreen(Screen[None]):
             self.post_message(KernelRequested(pid))
 
     def action_filter(self) -> None:
-        self.filtering = True
-        self._show_filter()
+        self.filter.start()
 
     def action_clear_filter(self) -> None:
-        self.filtering = False
-        self._set_filter("")
+        self.filter.clear()
 
-    def _set_filter(self, text: str) -> None:
-        self.filter_text = text
-        self._show_filter()
+    def _filter_changed(self) -> None:
+        self.filter.show_in(self.query_one("#filter", Static))
         self._show(self.procs)
 
-    def _show_filter(self) -> None:
-        bar = self.query_one("#filter", Static)
-        bar.display = self.filtering or bool(self.filter_text)
-        if self.filtering:
-            bar.update(Text.assemble(("/", "bold"), self.filter_text, (" ", "reverse"),
-                                     ("   Enter keeps the filter, Esc clears it", "dim")))  # fmt: skip
-        else:
-            bar.update(Text.assemble("filter: ", (self.filter_text, "bold"),
-                                     ("   / edits it, Esc clears it", "dim")))  # fmt: skip
-
     def on_key(self, event: events.Key) -> None:
-        """The filter is a mode of the list, not a box to focus: the list keeps the focus and
-        takes every key here, in the order the keys came. A focus change would come too late
-        for keys arriving in one burst (a paste, keys coalesced over SSH): they are all routed
-        before the first is handled, and would run as commands."""
-        if not self.filtering:
-            if event.key == "slash":
-                self.action_filter()
-            elif event.key == "escape" and self.filter_text:
-                self.action_clear_filter()
-            else:
-                return
-        elif event.is_printable and event.character:
-            self._set_filter(self.filter_text + event.character)
-        elif event.key == "backspace":
-            self._set_filter(self.filter_text[:-1])
-        elif event.key == "enter":
-            self.filtering = False  # the filter stays; the list's keys work again
-            self._show_filter()
-        elif event.key == "escape":
-            self.action_clear_filter()
-        else:
-            return  # e.g. ↑ ↓ move in the filtered list
-        event.stop()
-        event.prevent_default()
+        self.filter.take(event)  # (see kvmtop.screens.typed_filter: keys in one burst)
+
+    def action_first(self) -> None:
+        self.query_one(DataTable).move_cursor(row=0)
+
+    def action_last(self) -> None:
+        table = self.query_one(DataTable)
+        table.move_cursor(row=table.row_count - 1)
 
     def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
         self.action_attach()
 
-    def action_sort(self) -> None:
-        keys = list(SORTS)
-        self.sort_key = keys[(keys.index(self.sort_key) + 1) % len(keys)]
-        self.notify(f"sorted by {self.sort_key}", timeout=1.5)
+    def action_sort(self, step: int) -> None:
+        self._sort_by(NAMES[(NAMES.index(self.sort_key) + step) % len(NAMES)], False)
+
+    def action_reverse(self) -> None:
+        self._sort_by(self.sort_key, not self.sort_reverse)
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        # the sorted column clicked again: the other way, as in htop
+        name = str(event.column_key.value)
+        self._sort_by(name, not self.sort_reverse if name == self.sort_key else False)
+
+    def _sort_by(self, column: str, reverse: bool) -> None:
+        self.sort_key, self.sort_reverse = column, reverse  # the title and header say it
+        self._add_columns()
         self._show(self.procs)
 
     def action_demo(self) -> None:

@@ -1,15 +1,20 @@
 """A vCPU's drill-down: its reasons beside a timeline per reason, its latencies per reason
-beside its top IO ports and MMIO addresses, and a live log of its latest exits, decoded."""
+beside its top IO ports and MMIO addresses, and a live log of its latest exits, decoded, which
+`/` filters."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
+from textual.markup import escape
 from textual.widgets import Static
 
-from kvmtop.screens.watch import WatchScreen
+from kvmtop.screens.typed_filter import TypedFilter
+from kvmtop.screens.watch import REPLAY_BINDINGS, WatchScreen
 from kvmtop.sources import ExitSource, SourceStatus
 from kvmtop.stats import StatsSnapshot, VcpuSnapshot
 from kvmtop.units import human
@@ -21,16 +26,48 @@ from kvmtop.widgets.reason_timelines import ReasonTimelines
 from kvmtop.widgets.status_line import StatusLine
 from kvmtop.widgets.top_targets import TopTargets, lines_for
 
+LOG_TITLE = "latest exits (/ filters)"
+# Not priority keys here: a priority key runs as it arrives, before the keys ahead of it in the
+# same burst are handled, so a space typed in the filter right after `/` would pause the replay.
+# The exit log binds none of them itself.
+TYPED_REPLAY_KEYS = [
+    replace(b, priority=False)
+    for b in REPLAY_BINDINGS
+    if b.key in ("space", "left_square_bracket", "right_square_bracket")
+]
+
 
 class VcpuScreen(WatchScreen):
     """Tab moves between the panes and the exit log (which scrolls); Esc goes back."""
 
     AUTO_FOCUS = "ExitLog"  # the log scrolls with the keys at once
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back", tooltip="Back to the attached view")]
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back", tooltip="Back to the attached view"),
+        Binding("slash", "filter", "Filter", show=False,  # the log's title says it: room
+                tooltip="Filter the exit log as you type: reason, port or address"),
+        *TYPED_REPLAY_KEYS,
+    ]  # fmt: skip
 
     def __init__(self, source: ExitSource, vcpu: int) -> None:
         super().__init__(source)
         self.vcpu = vcpu
+        self.filter = TypedFilter(self._filter_changed)
+
+    def action_filter(self) -> None:
+        self.filter.start()
+
+    def _filter_changed(self) -> None:
+        text = self.filter.text
+        if self.filter.typing:
+            title = f"latest exits /{text}█ (Enter keeps, Esc clears)"
+        else:
+            title = f"latest exits matching {text} (/ edits, Esc clears)" if text else ""
+        self.query_one(ExitLog).filter(self.filter.pattern if text else None,
+                                       escape(title or LOG_TITLE))  # fmt: skip
+        self.refresh_bindings()
+
+    def on_key(self, event: events.Key) -> None:
+        self.filter.take(event)  # (see kvmtop.screens.typed_filter: keys in one burst)
 
     def compose(self) -> ComposeResult:
         yield Static(f"vCPU {self.vcpu}", id="title")
@@ -41,7 +78,9 @@ class VcpuScreen(WatchScreen):
             with Horizontal(id="mid-row"):
                 yield LatencyPane()
                 yield TopTargets()
-        yield ExitLog()
+        log = ExitLog()
+        log.border_title = LOG_TITLE
+        yield log
         yield StatusLine()
         yield KeyFooter()
 
@@ -85,10 +124,12 @@ class VcpuScreen(WatchScreen):
         self._shown_vcpu = v
         self.fit()
         bars = self.query_one(ReasonBars)
-        if bars.border_title != f"{v.name}: exit reasons":  # setting it lays the screen out again
-            bars.border_title = f"{v.name}: exit reasons"
-        bars.show(v.reasons, v.total)
+        title = self.reasons_title(f"{v.name}: exit reasons")
+        if bars.border_title != title:  # setting it lays the screen out again
+            bars.border_title = title
+        reasons = self.ordered(v.reasons)
+        bars.show(reasons, v.total)
         self.query_one(TopTargets).show(v.io, v.mmio)
         self.query_one(ReasonTimelines).show(v.timeline_by_reason)
-        self.query_one(LatencyPane).show(v.reasons)
+        self.query_one(LatencyPane).show(reasons)
         self.query_one(ExitLog).show(v.recent, snap.first_ns)

@@ -1,7 +1,7 @@
 """What the attached view and the drill-down share: a source polled 4 times a second (`+`/`-`
 and `-d` change that), `p` to freeze the view while tracing goes on and `r` to reset its counts
-(live only), and the replay keys (pause, seek, speed), offered only when the source is a
-recording."""
+(live only), `o` to order the exit reasons by count, rate or latency, and the replay keys
+(pause, seek, speed), offered only when the source is a recording."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from textual.screen import Screen
 
 from kvmtop.replay import Replay
 from kvmtop.sources import ExitSource, LiveSource, SourceStatus
-from kvmtop.stats import StatsSnapshot
+from kvmtop.stats import REASON_ORDERS, ReasonStats, StatsSnapshot, reasons_by
 from kvmtop.widgets.status_line import StatusLine
 
 REFRESH_S = 0.25  # snapshot polls: 4 Hz, whatever the exit rate
@@ -46,6 +46,8 @@ class WatchScreen(Screen[None]):
         Binding("p", "freeze", "Freeze", tooltip="Freeze or unfreeze the view (tracing goes on)"),
         Binding("r", "reset", "Reset", show=False,
                 tooltip="Reset the counts, rates and histograms shown (a recording is untouched)"),
+        Binding("o", "reason_order", "Order", show=False,
+                tooltip="Order the exit reasons: by count, by rate, by VMM p50"),
         Binding("plus", "refresh_every(1)", "Slower refresh", show=False, key_display="+",
                 tooltip="Refresh the view less often (0.25 s, 0.5, 1, 2, 5 s)"),
         Binding("minus", "refresh_every(-1)", "Faster refresh", show=False, key_display="-",
@@ -69,6 +71,25 @@ class WatchScreen(Screen[None]):
     def refresh_s(self) -> float:
         """The app's refresh interval (`+`/`-`), which every view follows."""
         return float(getattr(self.app, "refresh_s", REFRESH_S))
+
+    @property
+    def reason_order(self) -> str:
+        """How the reasons are ordered (`o`), the same on every view."""
+        return str(getattr(self.app, "reason_order", "count"))
+
+    def ordered(self, reasons: tuple[ReasonStats, ...]) -> tuple[ReasonStats, ...]:
+        return reasons_by(reasons, self.reason_order)
+
+    def reasons_title(self, title: str) -> str:
+        """A reasons pane's title, saying the order when it is not the usual one (by count)."""
+        order = self.reason_order
+        return title if order == "count" else f"{title}, by {order}"
+
+    def action_reason_order(self) -> None:
+        orders = list(REASON_ORDERS)
+        order = orders[(orders.index(self.reason_order) + 1) % len(orders)]
+        self.app.reason_order = order  # type: ignore[attr-defined]
+        self.refresh_view()  # the reasons pane's title says the order
 
     def _tick(self) -> None:
         if not self.is_current:  # a screen under another one does not draw

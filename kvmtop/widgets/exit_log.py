@@ -1,9 +1,11 @@
 """A live, scrollable log of a vCPU's latest exits with their decoded details. Scrolling up
-holds it still; scrolling back to the end (End) resumes following the latest exits."""
+holds it still; scrolling back to the end (End) resumes following the latest exits. A filter
+(a regex on the decoded exit: reason, port, address) shows only the exits it matches."""
 
 from __future__ import annotations
 
 import bisect
+import re
 from operator import attrgetter
 
 from textual.widgets import Log
@@ -30,10 +32,23 @@ class ExitLog(Log):
         self._last_ns: int | None = None  # exit time of the last exit written
         self._origin_ns: int | None = None
         self._followed_to: float | None = None  # where the log last scrolled itself to
+        self._recent: tuple[ExitEvent, ...] = ()  # the exits last shown, to filter them again
+        self._pattern: re.Pattern[str] | None = None
+
+    def filter(self, pattern: re.Pattern[str] | None, title: str = "latest exits") -> None:
+        """Show only the exits whose decoded text ``pattern`` finds (None: every exit), those
+        already shown too."""
+        self._pattern = pattern
+        self.border_title = title
+        self.clear()
+        self._last_ns = None
+        self._followed_to = None
+        self.show(self._recent, self._origin_ns)
 
     def show(self, recent: tuple[ExitEvent, ...], origin_ns: int | None) -> None:
         """Append the exits not shown yet (``recent`` is one vCPU's latest, oldest first)."""
         self._origin_ns = origin_ns
+        self._recent = recent
         last = self._last_ns
         if not recent or (last is not None and recent[-1].exit_ns < last):
             if last is not None:  # a replay went back in time: start over
@@ -57,14 +72,18 @@ class ExitLog(Log):
         if last is not None and start == 0:
             lines.append("   ... more exits came meanwhile than the ring holds; some are not shown")
         fresh = recent[start:]
+        if fresh:
+            self._last_ns = fresh[-1].exit_ns
+        if self._pattern is not None:
+            pattern = self._pattern
+            fresh = tuple(e for e in fresh if pattern.search(describe_exit(e)))
         if len(fresh) > MAX_NEW_LINES:
             lines.append(
                 f"   ... {len(fresh) - MAX_NEW_LINES} exits since the last refresh not shown"
             )
             fresh = fresh[-MAX_NEW_LINES:]
-        if fresh:
-            lines += [self._line(e) for e in fresh]
-            self._last_ns = fresh[-1].exit_ns
+        lines += [self._line(e) for e in fresh]
+        if lines:
             self.write_lines(lines, scroll_end=False)
             self.scroll_end(animate=False, immediate=True, x_axis=False)
             self._followed_to = self.scroll_y
