@@ -75,6 +75,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
         "total": snapshot.total,
         "lost": snapshot.lost,
         "stops": snapshot.stops,
+        "stops_per_exit": round(snapshot.stops / snapshot.total, 3) if snapshot.total else None,
         "duration_s": round(seconds, 6),
         "reasons": _reasons_json(snapshot.reasons, seconds),
         "top_exact": snapshot.top_exact,

@@ -90,6 +90,7 @@ def test_the_head_line_says_what_was_measured() -> None:
     assert head[0].endswith("…") and len(head[0]) == len("pid 7  ") + 70
     assert head[1].startswith("5 exits in 0.28 ms on 1 vCPU(s)")
     assert head[2] == "traced with 1 ptrace stop per exit: 1.20 measured"
+    assert summary_json(stats.snapshot(), {})["stops_per_exit"] == 1.2
 
 
 def test_a_command_that_made_no_vcpu_is_told_so() -> None:
