@@ -18,25 +18,10 @@ from kvmtop.decoder import describe_exit, exit_details, exit_label
 from kvmtop.errors import OutputError
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, Attached, ExitBatch, ExitEvent
 from kvmtop.recording import create_owner_only
-from kvmtop.vcpu_keys import VcpuKey
+from kvmtop.vcpu_keys import VcpuKey, VcpuKeys
 
 CSV_COLUMNS = ("vcpu", "reason", "errno", "entry_ns", "exit_ns", "guest_ns", "one_stop",
                "write", "detail_a", "detail_b", "description", "data", "pid", "vm")  # fmt: skip
-
-
-class VcpuKeys:
-    """Which process, VM and vCPU id each vCPU number of a stream stands for."""
-
-    def __init__(self) -> None:
-        self._keys: dict[int, VcpuKey] = {}
-
-    def see(self, batch: ExitBatch) -> None:
-        for seen in batch.vcpus:
-            if seen.key is not None:
-                self._keys[seen.vcpu] = seen.key
-
-    def of(self, vcpu: int) -> VcpuKey | None:
-        return self._keys.get(vcpu)
 
 
 def exit_record(event: ExitEvent, start_ns: int, key: VcpuKey | None = None) -> dict[str, object]:

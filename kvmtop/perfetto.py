@@ -22,7 +22,7 @@ from kvmtop.arch import HOST
 from kvmtop.decoder import exit_details, exit_label
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
 from kvmtop.recording import RecordingMeta
-from kvmtop.vcpu_keys import VcpuKey
+from kvmtop.vcpu_keys import VcpuKeys
 from kvmtop.xlat_exit import ExitReason, errno_name
 
 RATE_BIN_NS = 10_000_000  # exit-rate counter: one value per 10 ms
@@ -82,7 +82,7 @@ class PerfettoTrace:
         self.meta = meta
         self.rate_bin_ns = rate_bin_ns
         self._tracks: dict[int, _VcpuTrack] = {}
-        self._keys: dict[int, VcpuKey] = {}  # vCPU number -> process, VM, id
+        self._keys = VcpuKeys()
         self._programs: dict[int, str] = {}  # pid -> its command line
         self._named: set[int] = {meta.pid}  # processes with a process_name event
 
@@ -98,9 +98,8 @@ class PerfettoTrace:
             for proc in batch.processes:
                 if proc.argv and not proc.ended:
                     self._programs[proc.pid] = " ".join(proc.argv)[:80]
+            self._keys.see(batch)
             for seen in batch.vcpus:
-                if seen.key is not None:
-                    self._keys.setdefault(seen.vcpu, seen.key)
                 pieces += self._track(seen.vcpu)[1]
             for event in batch.events:
                 pieces += self._exit(event)
@@ -120,7 +119,7 @@ class PerfettoTrace:
         track = self._tracks.get(vcpu)
         if track is not None:
             return track, []
-        key = self._keys.get(vcpu)
+        key = self._keys.of(vcpu)
         pid = key.pid if key is not None else self.meta.pid
         track = self._tracks[vcpu] = _VcpuTrack(pid)
         names = []

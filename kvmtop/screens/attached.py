@@ -87,12 +87,8 @@ class AttachedScreen(WatchScreen):
         self._snap = snap
         self.fit()
         self.query_one(VcpuTable).show(snap.vcpus)
-        bars = self.query_one(ReasonBars)
-        title = self.reasons_title(f"exit reasons, {'all VMs' if snap.many_vms else 'whole VM'}")
-        if bars.border_title != title:  # setting it lays the screen out again
-            bars.border_title = title
-        reasons = self.ordered(snap.reasons)
-        bars.show(reasons, snap.total)
+        what = f"exit reasons, {'all VMs' if snap.many_vms else 'whole VM'}"
+        reasons = self.show_reasons(what, snap.reasons, snap.total)
         self.query_one(LatencyPane).show(reasons)
         self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact)
 

@@ -123,12 +123,7 @@ class VcpuScreen(WatchScreen):
         )
         self._shown_vcpu = v
         self.fit()
-        bars = self.query_one(ReasonBars)
-        title = self.reasons_title(f"{v.name}: exit reasons")
-        if bars.border_title != title:  # setting it lays the screen out again
-            bars.border_title = title
-        reasons = self.ordered(v.reasons)
-        bars.show(reasons, v.total)
+        reasons = self.show_reasons(f"{v.name}: exit reasons", v.reasons, v.total)
         self.query_one(TopTargets).show(v.io, v.mmio)
         self.query_one(ReasonTimelines).show(v.timeline_by_reason)
         self.query_one(LatencyPane).show(reasons)

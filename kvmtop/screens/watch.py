@@ -11,6 +11,7 @@ from textual.screen import Screen
 from kvmtop.replay import Replay
 from kvmtop.sources import ExitSource, LiveSource, SourceStatus
 from kvmtop.stats import REASON_ORDERS, ReasonStats, StatsSnapshot, reasons_by
+from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.status_line import StatusLine
 
 REFRESH_S = 0.25  # snapshot polls: 4 Hz, whatever the exit rate
@@ -84,6 +85,18 @@ class WatchScreen(Screen[None]):
         """A reasons pane's title, saying the order when it is not the usual one (by count)."""
         order = self.reason_order
         return title if order == "count" else f"{title}, by {order}"
+
+    def show_reasons(
+        self, title: str, reasons: tuple[ReasonStats, ...], total: int
+    ) -> tuple[ReasonStats, ...]:
+        """The reasons pane, titled (saying the order) and ordered; returns the order."""
+        bars = self.query_one(ReasonBars)
+        title = self.reasons_title(title)
+        if bars.border_title != title:  # setting it lays the screen out again
+            bars.border_title = title
+        ordered = self.ordered(reasons)
+        bars.show(ordered, total)
+        return ordered
 
     def action_reason_order(self) -> None:
         orders = list(REASON_ORDERS)
