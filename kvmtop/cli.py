@@ -250,7 +250,10 @@ def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
         return f"1 ptrace stop per exit (kvmtop's seccomp filter{note})"
     if session.launched and asked_one_stop:
         return "2 ptrace stops per exit (the seccomp filter could not be installed)"
-    return "2 ptrace stops per exit"
+    if session.launched:
+        return "2 ptrace stops per KVM_RUN and per syscall of a vCPU thread"
+    return ("2 ptrace stops per KVM_RUN and per syscall of a vCPU thread (attached; started by "
+            "kvmtop, `record -- CMD`, it would take none per exit, 1 with --no-notify)")  # fmt: skip
 
 
 def record(

@@ -35,6 +35,15 @@ class ExitEvent:
     b: int = 0
     flags: int = 0
     data: bytes = b""  # IO/MMIO/MSR data, only when recording with --data
+    # Two stops: the ptrace stops between the previous exit of this vCPU and this entry (the
+    # VMM's handling of that exit), and the time they held the thread (seen, and estimated)
+    held_stops: int = 0
+    held_seen_ns: int = 0
+    held_unseen_ns: int = 0
+
+    @property
+    def held_ns(self) -> int:
+        return self.held_seen_ns + self.held_unseen_ns
 
     @property
     def guest_ns(self) -> int:

@@ -53,8 +53,14 @@ SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 
 
+NO_WINDOW = (0, 0, 0)  # stops, seen ns, unseen ns (records.HELD)
+ROUND_TRIP_BLOCK = 64  # round trips measured per estimate of a stop's unseen cost
+ROUND_TRIP_RANK = 8  # the estimate: the 8th shortest of a block (its lowest eighth)
+
+
 class _Thread:
-    __slots__ = ("tid", "pid", "runner", "in_run", "creating", "budget", "entry_ns", "page")
+    __slots__ = ("tid", "pid", "runner", "in_run", "creating", "budget", "entry_ns", "page",
+                 "handling", "open", "entered", "resumed_ns")  # fmt: skip
 
     def __init__(self, tid: int, pid: int) -> None:
         self.tid = tid
@@ -65,10 +71,16 @@ class _Thread:
         self.budget = SYSCALL_BUDGET
         self.entry_ns = 0
         self.page: _Page | None = None  # set between KVM_RUN entry and exit
+        # Two stops: the time stopped for kvmtop between a KVM_RUN return and the next entry
+        self.handling = False  # in that window
+        self.open = NO_WINDOW  # ...the time stopped in it so far
+        self.entered = NO_WINDOW  # the window that ended at this run's entry
+        self.resumed_ns = 0  # resumed from a syscall-entry stop at (0: not from one)
 
 
 class _Page:
-    __slots__ = ("vcpu", "tid", "read", "view", "open_since", "open_immediate", "held")
+    __slots__ = ("vcpu", "tid", "read", "view", "open_since", "open_immediate", "held",
+                 "held_window")  # fmt: skip
 
     def __init__(self, vcpu: int, tid: int, read: Any, view: memoryview | None) -> None:
         self.vcpu = vcpu
@@ -79,6 +91,7 @@ class _Page:
         self.open_immediate = False  # ...and that run was entered with immediate_exit set
         self.held: tuple[int, int] | None = None  # two stops, --data: a read's (entry, exit)
         # ns, recorded at the next entry, where the VMM has put the value for the guest
+        self.held_window = NO_WINDOW  # ...and the time stopped before that read's entry
 
 
 class PyEngine:
@@ -104,6 +117,9 @@ class PyEngine:
         self._info = pt.SyscallInfo()
         self._pending: tuple[int, ...] | None = None
         self._notif = bytearray(NOTIF.size)
+        self._op = 0  # the syscall stop's PTRACE_SYSCALL_INFO_* op (0: not a syscall stop)
+        self._round_trips: list[int] = []
+        self._round_trip_ns = 0
 
     # --- ptrace stops (tracer thread) -----------------------------------------------------------
 
@@ -145,12 +161,30 @@ class PyEngine:
             self._stops += 1
             if not flags & P_NO_RESUME:
                 self._resume(th, mode, flags, 0)
+                if mode == MODE_TWO_STOP and th.runner:
+                    self._held_stop(th, now)
         return handled
 
+    def _held_stop(self, th: _Thread, now: int) -> None:
+        """After a vCPU thread's stop, seen at ``now``, was handled and the thread resumed."""
+        resumed = time.monotonic_ns()
+        if self._op == pt.PTRACE_SYSCALL_INFO_EXIT and th.resumed_ns:
+            # entry-resume to exit stop: a stop's unseen round trip plus the syscall; the
+            # shortest of them (a cheap syscall, a short run) is the round trip alone
+            self._round_trips.append(now - th.resumed_ns)
+            if len(self._round_trips) == ROUND_TRIP_BLOCK:
+                self._round_trip_ns = sorted(self._round_trips)[ROUND_TRIP_RANK - 1]
+                self._round_trips.clear()
+        th.resumed_ns = resumed if self._op == pt.PTRACE_SYSCALL_INFO_ENTRY else 0
+        if th.handling:
+            stops, seen, unseen = th.open
+            th.open = (stops + 1, seen + resumed - now, unseen + self._round_trip_ns)
+
     def _handle(self, th: _Thread, mode: int, status: int, now: int) -> bool:
+        self._op = 0
         if status >> 8 == pt.SYSCALL_STOP:
             info = self._info.fetch(th.tid)
-            op = info[0]
+            op = self._op = info[0]
             if op == pt.PTRACE_SYSCALL_INFO_ENTRY:
                 if mode != MODE_TWO_STOP:
                     return True  # its KVM_RUN entries are seccomp stops or notifications
@@ -166,6 +200,8 @@ class PyEngine:
                         th.runner = th.in_run = True
                         th.page = page
                         th.entry_ns = now
+                        th.entered = th.open if th.handling else NO_WINDOW
+                        th.handling = False
                     elif request == KVM_CREATE_VCPU:
                         th.runner = th.creating = True
                     else:
@@ -177,6 +213,8 @@ class PyEngine:
                     th.in_run = False
                     rval = pt.SYSCALL_INFO_EXIT.unpack_from(info)[0]
                     self._record_exit(th, rval, now)
+                    th.handling = True  # this stop starts the VMM's handling of the exit
+                    th.open = NO_WINDOW
                 elif th.creating:
                     return False  # a new vCPU fd: the tracer maps it
             return True
@@ -209,10 +247,14 @@ class PyEngine:
             reason, a, b, flags, data = decode_exit(view, self.with_data)
             if self.with_data and is_read(reason, flags):
                 page.held = (th.entry_ns, now)  # its value comes at the next entry
+                page.held_window = th.entered
                 return
-            event = ExitEvent(page.vcpu, reason, 0, th.entry_ns, now, a, b, flags, data)
+            event = ExitEvent(page.vcpu, reason, 0, th.entry_ns, now, a, b, flags, data,
+                              *th.entered)  # fmt: skip
         else:
-            event = ExitEvent(page.vcpu, exit_reason_of(view), -rval, th.entry_ns, now)
+            event = ExitEvent(page.vcpu, exit_reason_of(view), -rval, th.entry_ns, now,
+                              held_stops=th.entered[0], held_seen_ns=th.entered[1],
+                              held_unseen_ns=th.entered[2])  # fmt: skip
         self._emit(event)
 
     def _record_cycle(self, page: _Page, now: int) -> None:
@@ -240,7 +282,8 @@ class PyEngine:
             self._lost += 1
             return
         reason, a, b, flags, data = decode_exit(view, self.with_data, reads=reads)
-        self._emit(ExitEvent(page.vcpu, reason, 0, entry, exit_ns, a, b, flags, data))
+        self._emit(ExitEvent(page.vcpu, reason, 0, entry, exit_ns, a, b, flags, data,
+                             *page.held_window))  # fmt: skip
 
     def _open_run(self, page: _Page, now: int) -> None:
         view = page.read()
@@ -322,6 +365,7 @@ class PyEngine:
             return False
         th.runner, th.creating = runner, creating
         th.in_run, th.page = False, None
+        th.handling, th.resumed_ns = False, 0
         return True
 
     def threads_of(self, pid: int) -> list[int]:

@@ -6,6 +6,7 @@ kvmtop's counts with the VMM's own (``--report-json``, in ``kvmtop report --json
 
     python -m kvmtop.minivmm counted [--vcpus N] [--outs N] [--port P] [--mmio-writes N]
                                      [--mmio-addr A] [--spin N] [--exit-status S] [--report-json F]
+                                     [--out-sleep-us US] [--out-syscalls N]
     python -m kvmtop.minivmm demo [--vcpus N] [--duration S] [--report-json F]
 
 Exit status: counted mode exits with the status the guests wrote to port 0xf4 (the highest, if
@@ -149,6 +150,16 @@ class MiniVm:
             self.vcpus = [Vcpu(self.vm, i, size, code, self.ram) for i, code in enumerate(programs)]
         self.counts = Counts()
         self.stopping = stopping
+        # a handler whose cost is known: each `out` (but the exit status) sleeps this long and
+        # makes as many extra syscalls
+        self.out_sleep_s = 0.0
+        self.out_syscalls = 0
+
+    def handle_out_slowly(self) -> None:
+        if self.out_sleep_s:
+            time.sleep(self.out_sleep_s)  # one clock_nanosleep
+        for _ in range(self.out_syscalls):
+            os.getppid()
 
     def serve(
         self, vcpu: Vcpu, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]
@@ -172,6 +183,8 @@ class MiniVm:
                 elif port == EXIT_STATUS_PORT:
                     vcpu.exit_status = run[offset]
                     return
+                elif self.out_sleep_s or self.out_syscalls:
+                    self.handle_out_slowly()
             elif reason == ExitReason.MMIO:
                 address, _data, length, is_write = MMIO.unpack_from(run, 32)
                 with self.counts.lock:
@@ -247,6 +260,8 @@ def counted_command(
     vms: int = 1,
     ins: int = 0,
     mmio_reads: int = 0,
+    out_sleep_us: float = 0.0,
+    out_syscalls: int = 0,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
@@ -254,6 +269,8 @@ def counted_command(
     argv += ["--stagger", str(stagger)] if stagger else []
     argv += ["--vms", str(vms)] if vms != 1 else []
     argv += ["--ins", str(ins), "--mmio-reads", str(mmio_reads)] if ins or mmio_reads else []
+    argv += ["--out-sleep-us", str(out_sleep_us)] if out_sleep_us else []
+    argv += ["--out-syscalls", str(out_syscalls)] if out_syscalls else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -322,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--vms", type=int, default=1, help="as many VMs, all running at once")
     counted.add_argument("--ins", type=int, default=0, help=f"`in` exits (read {COUNTED_IN:#x})")
     counted.add_argument("--mmio-reads", type=int, default=0, help="MMIO reads (read 0x5a)")
+    counted.add_argument("--out-sleep-us", type=float, default=0.0, help="each out sleeps so long")
+    counted.add_argument("--out-syscalls", type=int, default=0, help="...and makes N syscalls")
     demo = sub.add_parser("demo", help="an endless, changing mix of exits")
     demo.add_argument("--vcpus", type=int, default=2)
     demo.add_argument("--duration", type=float)
@@ -366,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minivmm: {exc}", file=sys.stderr)
         return 7
     vm = vms[0]
+    for one in vms:
+        one.out_sleep_s = getattr(args, "out_sleep_us", 0.0) / 1e6
+        one.out_syscalls = getattr(args, "out_syscalls", 0)
 
     started = time.monotonic()
     if args.mode == "counted":

@@ -46,8 +46,8 @@ from kvmtop.records import (
 )
 
 MAGIC = b"\x89KVMTOP\n"  # the high byte and newline catch text-mode and truncated transfers
-VERSION = 2  # 2: VCPU records say the process and VM; PROCESS and NAME records
-READS = (1, 2)
+VERSION = 3  # 2: VCPU records say the process and VM; PROCESS and NAME records; 3: HELD
+READS = (1, 2, 3)
 HEADER = struct.Struct("<8sHHI")  # magic, version, flags, metadata length
 HEADER_DATA = 0x0001  # IO/MMIO data values are recorded
 WHY_CODES = {"detached": 0, "exited": 1}

@@ -20,6 +20,7 @@ RECORD_SIZE = 32
 
 KIND_EXIT, KIND_LONG, KIND_DATA, KIND_VCPU, KIND_COUNTERS, KIND_END = 1, 2, 3, 4, 5, 6
 KIND_PROCESS, KIND_NAME = 7, 8
+KIND_HELD = 9
 EXIT = struct.Struct("<BBHIqIIQ")  # kind, flags, vcpu, reason, t_exit, guest_ns, b, a
 LONG = struct.Struct("<B7xQ16x")  # kind, guest_ns (when it does not fit 32 bits)
 DATA = struct.Struct("<BB30s")  # kind, length, bytes
@@ -27,6 +28,10 @@ VCPU = struct.Struct("<BxHIqIiI4x")  # kind, vcpu, tid, t, pid, VM fd, vCPU id (
 VCPU_HEAD = struct.Struct("<BxHIq16x")  # kind, vcpu, tid, t: the engine's, and version 1's
 PROCESS = struct.Struct("<BBxxIqIi8x")  # kind, flags (P_ENDED...), pid, t, ppid, exit status
 NAME = struct.Struct("<BB30s")  # kind, length, a piece of the argv (after its PROCESS record)
+# a part of an exit (after its EXIT, LONG, DATA; version 3): the ptrace stops between the
+# vCPU's previous exit and this exit's entry, and the time they held it: seen by the tracer
+# (stop to resume) and not seen (the stop's and the wake-up's switches, estimated)
+HELD = struct.Struct("<BxHIQQ8x")  # kind, stops, pad, seen_ns, unseen_ns
 COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
 END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits
 T_EXIT = struct.Struct("<q")  # an EXIT record's t_exit alone, at byte 8
@@ -37,16 +42,18 @@ SAME_BITS = F_WRITE | F_PRIVATE  # the same bits as ExitEvent.flags' EXIT_WRITE,
 assert SAME_BITS == EXIT_WRITE | EXIT_PRIVATE
 GUEST_NS_MAX = 0xFFFFFFFE
 DATA_CHUNK = 30
+NOT_HELD = (0, 0, 0)
 
 # PROCESS record flags
 P_ENDED, P_EXITED = 0x01, 0x02  # the process has gone; ...and exited (the status is its own)
 NAME_PIECES = 4  # at most 4 NAME records (120 bytes) of argv a process
 
-for _s in (EXIT, LONG, DATA, VCPU, VCPU_HEAD, PROCESS, NAME, COUNTERS, END):
+for _s in (EXIT, LONG, DATA, HELD, VCPU, VCPU_HEAD, PROCESS, NAME, COUNTERS, END):
     assert _s.size == RECORD_SIZE
 
-# bytes.translate table: the kinds an exit is made of (EXIT and its LONG/DATA) become 0, others 1
-EXIT_PARTS = bytes(0 if k in (KIND_EXIT, KIND_LONG, KIND_DATA) else 1 for k in range(256))
+# bytes.translate table: the kinds an exit is made of (EXIT and its parts) become 0, others 1
+EXIT_PART_KINDS = (KIND_EXIT, KIND_LONG, KIND_DATA, KIND_HELD)
+EXIT_PARTS = bytes(0 if k in EXIT_PART_KINDS else 1 for k in range(256))
 
 
 def pack_exit(out: bytearray, event: ExitEvent, base_ns: int) -> None:
@@ -72,6 +79,9 @@ def pack_exit(out: bytearray, event: ExitEvent, base_ns: int) -> None:
     for i in range(0, len(data), DATA_CHUNK):
         chunk = data[i : i + DATA_CHUNK]
         out += DATA.pack(KIND_DATA, len(chunk), chunk)
+    if event.held_stops:
+        out += HELD.pack(KIND_HELD, min(event.held_stops, 0xFFFF), 0, event.held_seen_ns,
+                         event.held_unseen_ns)  # fmt: skip
 
 
 def pack_events(events: Iterable[ExitEvent], base_ns: int) -> bytes:
@@ -81,29 +91,33 @@ def pack_events(events: Iterable[ExitEvent], base_ns: int) -> bytes:
     return bytes(out)
 
 
-def _event(fields: tuple[int, ...], guest: int, data: bytes, base_ns: int) -> ExitEvent:
+def _event(
+    fields: tuple[int, ...], guest: int, data: bytes, held: tuple[int, int, int], base_ns: int
+) -> ExitEvent:
     _kind, flags, vcpu, reason, t_exit, _guest, b, a = fields
     exit_ns = base_ns + t_exit
     cycle = EXIT_CYCLE if flags & F_CYCLE else 0
     if flags & F_FAILED:  # b holds the errno; the details of a failed run mean nothing
-        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns, flags=cycle)
+        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns, flags=cycle, held_stops=held[0],
+                         held_seen_ns=held[1], held_unseen_ns=held[2])  # fmt: skip
     return ExitEvent(vcpu, reason, 0, exit_ns - guest, exit_ns, a, b,
-                     (flags & SAME_BITS) | cycle, data)  # fmt: skip
+                     (flags & SAME_BITS) | cycle, data, *held)  # fmt: skip
 
 
 def iter_events(records: bytes | bytearray | memoryview, base_ns: int) -> Iterator[ExitEvent]:
-    """The exits in ``records`` (EXIT records, each with the LONG and DATA records after it),
+    """The exits in ``records`` (EXIT records, each with the LONG, DATA, HELD records after it),
     as ExitEvents with absolute times. LONG or DATA records before the first EXIT belong to
     no exit and are passed over."""
     pending: tuple[int, ...] | None = None
     guest = 0
     data = b""
+    held = NOT_HELD
     for fields in EXIT.iter_unpack(records):
         kind = fields[0]
         if kind == KIND_EXIT:
             if pending is not None:
-                yield _event(pending, guest, data, base_ns)
-            pending, guest, data = fields, fields[5], b""
+                yield _event(pending, guest, data, held, base_ns)
+            pending, guest, data, held = fields, fields[5], b"", NOT_HELD
         elif pending is None:
             continue
         elif kind == KIND_LONG:
@@ -111,8 +125,11 @@ def iter_events(records: bytes | bytearray | memoryview, base_ns: int) -> Iterat
         elif kind == KIND_DATA:
             n, raw = DATA.unpack(EXIT.pack(*fields))[1:]
             data += raw[:n]
+        elif kind == KIND_HELD:
+            _k, stops, _pad, seen, unseen = HELD.unpack(EXIT.pack(*fields))
+            held = (stops, seen, unseen)
     if pending is not None:
-        yield _event(pending, guest, data, base_ns)
+        yield _event(pending, guest, data, held, base_ns)
 
 
 def pack_vcpu(seen: VcpuSeen, t_rel: int) -> bytes:

@@ -44,6 +44,8 @@ def _reasons_json(reasons: tuple[ReasonStats, ...], seconds: float) -> dict[str,
             "rate": round(_rate(r.count, seconds), 3),
             "guest": _latency(r.guest),
             "handling": _latency(r.handling),
+            # handling less the time kvmtop's stops held the vCPU thread (two stops only)
+            **({"handling_net": _latency(r.handling_net)} if r.handling_net.count else {}),
         }
         for r in reasons
     }
@@ -145,6 +147,9 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
     groups = _row_groups(snapshot)
     w = max(4, *(len(name) for name, _, _ in groups))
     header = f"{'VCPU':>{w}}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {'GUEST p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
+    net = any(r.handling_net.count for _, reasons, _ in groups for r in reasons)
+    if net:
+        header += f"  {'NET p50':>10}"
     lines += ["", header, "-" * len(header)]
     for name, reasons, total in groups:
         for r in reasons:
@@ -154,6 +159,11 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
                 f"{_ns(r.guest.median):>10} {_ns(r.guest.p99):>10}  "
                 f"{_ns(r.handling.median) if r.handling.count else '-':>10} "
                 f"{_ns(r.handling.p99) if r.handling.count else '-':>10}"
+                + (
+                    f"  {_ns(r.handling_net.median) if r.handling_net.count else '-':>10}"
+                    if net
+                    else ""
+                )
             )
         if reasons:
             lines.append("")
@@ -179,6 +189,7 @@ SUMMARY_CSV_COLUMNS = (
     "vcpu", "reason", "count", "share_pct", "rate_per_s",
     "guest_min_ns", "guest_p50_ns", "guest_p99_ns", "guest_max_ns",
     "vmm_count", "vmm_min_ns", "vmm_p50_ns", "vmm_p99_ns", "vmm_max_ns",
+    "vmm_net_count", "vmm_net_min_ns", "vmm_net_p50_ns", "vmm_net_p99_ns", "vmm_net_max_ns",
 )  # fmt: skip
 
 
@@ -199,7 +210,8 @@ def summary_csv(snapshot: StatsSnapshot, meta: Mapping[str, object] | None = Non
             share = round(100.0 * r.count / total, 3) if total else 0.0
             rate = round(_rate(r.count, seconds), 3)
             writer.writerow([name, r.label, r.count, share, rate, *_latency_cells(r.guest),
-                             r.handling.count, *_latency_cells(r.handling)])  # fmt: skip
+                             r.handling.count, *_latency_cells(r.handling),
+                             r.handling_net.count, *_latency_cells(r.handling_net)])  # fmt: skip
     return buffer.getvalue()
 
 

@@ -65,6 +65,9 @@ class LatencyHistogram:
         return self.total_ns / self.count if self.count else 0.0
 
 
+EMPTY_HISTOGRAM = LatencyHistogram(0, 0, 0, 0, (0,) * LOG2_BUCKETS)
+
+
 @dataclass(frozen=True, slots=True)
 class ReasonStats:
     label: (
@@ -74,6 +77,9 @@ class ReasonStats:
     rate: float  # exits/s over the last whole second
     guest: LatencyHistogram  # time inside KVM_RUN for runs that ended with this label
     handling: LatencyHistogram  # VMM time after such an exit, until that vCPU's next KVM_RUN
+    # ...less the time kvmtop's ptrace stops held the thread in it (two stops: docs/engine.md);
+    # empty where not measured
+    handling_net: LatencyHistogram = EMPTY_HISTOGRAM
 
 
 # the orders a view may list reasons in (`o` steps through them; a snapshot is by count)
@@ -149,9 +155,6 @@ class StatsSnapshot:
     top_exact: bool  # False once a top table evicted keys (its counts are then upper bounds)
 
 
-EMPTY_HISTOGRAM = LatencyHistogram(0, 0, 0, 0, (0,) * LOG2_BUCKETS)
-
-
 class _Histogram:
     """A log2 latency histogram being filled."""
 
@@ -192,12 +195,13 @@ class _Histogram:
 
 
 class _Reason:
-    __slots__ = ("count", "guest", "handling")
+    __slots__ = ("count", "guest", "handling", "handling_net")
 
     def __init__(self) -> None:
         self.count = 0
         self.guest = _Histogram()
         self.handling = _Histogram()
+        self.handling_net = _Histogram()
 
 
 class TopCounter:
@@ -405,12 +409,26 @@ class ExitStats:
         if not exits:
             return
         reasons = self._reasons
-        for vcpu_id, n, first_entry, first_flags, last_exit, reason, errno, recent, kept in vcpus:
+        for (
+            vcpu_id,
+            n,
+            first_entry,
+            first_flags,
+            last_exit,
+            reason,
+            errno,
+            recent,
+            kept,
+            held,
+        ) in vcpus:
             vcpu = self._vcpu(vcpu_id)
             if vcpu.last is not None and not first_flags & F_CYCLE:  # one-stop: no split known
                 handling = first_entry - vcpu.last[0]  # the pair across batches
-                _reason(vcpu.reasons, vcpu.last[1]).handling.add(handling)
-                _reason(reasons, vcpu.last[1]).handling.add(handling)
+                for table in (vcpu.reasons, reasons):
+                    found = _reason(table, vcpu.last[1])
+                    found.handling.add(handling)
+                    if held >= 0:
+                        found.handling_net.add(handling - held)
             vcpu.last = (last_exit, self._label(reason, errno))
             vcpu.total += n
             if kept:
@@ -423,7 +441,8 @@ class ExitStats:
                 found = _reason(table, label)
                 found.count += count
                 found.guest.merge(count, *hists[:4])
-                found.handling.merge(*hists[4:])
+                found.handling.merge(*hists[4:9])
+                found.handling_net.merge(*hists[9:])
         for group, second, n in seconds:
             vcpu, label = labels[group]
             vcpu.seconds.add(second, label, n)
@@ -513,8 +532,13 @@ class ExitStats:
 def _reason_stats(table: dict[str, _Reason], rates: dict[str, int]) -> tuple[ReasonStats, ...]:
     rows = [
         ReasonStats(
-            label, r.count, float(rates.get(label, 0)), r.guest.frozen(), r.handling.frozen()
-        )
+            label,
+            r.count,
+            float(rates.get(label, 0)),
+            r.guest.frozen(),
+            r.handling.frozen(),
+            r.handling_net.frozen(),
+        )  # fmt: skip
         for label, r in table.items()
     ]
     rows.sort(key=lambda r: (-r.count, r.label))

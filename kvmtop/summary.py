@@ -2,8 +2,8 @@
 per exit: the pure-Python twin of ``kvmtop/native/summary.c`` (module ``kvmtop._summary``),
 which must return exactly the same values.
 
-``summarize(records, base_ns, recent_per_vcpu)`` takes EXIT records each followed by its LONG
-and DATA records (:mod:`kvmtop.records`; LONG or DATA before the first EXIT are passed over),
+``summarize(records, base_ns, recent_per_vcpu)`` takes EXIT records each followed by its LONG,
+DATA and HELD records (:mod:`kvmtop.records`; LONG or DATA before the first EXIT are passed over),
 t_exit relative to ``base_ns`` (an int64 ns), and returns a :data:`Summary`:
 
 ``(exits, first_exit_ns, last_exit_ns, groups, seconds, io, mmio, vcpus)``
@@ -12,18 +12,22 @@ t_exit relative to ``base_ns`` (an int64 ns), and returns a :data:`Summary`:
   times of the first and last (None when there are none);
 - ``groups``: per (vcpu, reason, errno), in order of first appearance,
   ``(vcpu, reason, errno, count, guest_total, guest_min, guest_max, guest_buckets,
-  handling_count, handling_total, handling_min, handling_max, handling_buckets)``; a failed run
+  handling_count, handling_total, handling_min, handling_max, handling_buckets, and the same five
+  of net handling)``; a failed run
   (F_FAILED) has errno = its b and no details; the buckets are 40 counts, the bucket of ns being
   ``min(39, max(0, ns.bit_length() - 1))``, negative ns counted as 0 (as in stats.py); handling is
   the entry time of an exit minus the previous exit time of the same vCPU in this batch, counted
-  in the previous exit's group, and not for exits with F_CYCLE; min and max are 0 when empty;
+  in the previous exit's group, and not for exits with F_CYCLE; net handling is handling minus
+  the time the exit's HELD record says the thread was stopped for the tracer (only exits with
+  one); min and max are 0 when empty;
 - ``seconds``: ``(group index, exit_ns // 10**9, count)``, in order of first appearance;
 - ``io``: ``(vcpu, port, write, size, count)`` for KVM_EXIT_IO with errno 0 (size = b & 0xFF);
 - ``mmio``: ``(vcpu, address, length, write, count)`` for KVM_EXIT_MMIO with errno 0;
 - ``vcpus``: in order of first appearance, ``(vcpu, exits, first_entry_ns, first_flags,
-  last_exit_ns, last_reason, last_errno, recent, recent_exits)``: the record flags of its first
-  exit (for the pair across batches), and ``recent``, the records of its last
-  ``recent_per_vcpu`` exits (each with its LONG and DATA records), ``recent_exits`` of them.
+  last_exit_ns, last_reason, last_errno, recent, recent_exits, first_held_ns)``: the record flags
+  of its first exit and its held ns (-1: no HELD record) for the pair across batches, and
+  ``recent``, the records of its last ``recent_per_vcpu`` exits (each with its LONG, DATA and
+  HELD records), ``recent_exits`` of them.
 
 A record of another kind raises ValueError, as does a length that is not a whole number of
 records. Pure; no I/O.
@@ -40,8 +44,10 @@ from kvmtop.records import (
     F_CYCLE,
     F_FAILED,
     F_WRITE,
+    HELD,
     KIND_DATA,
     KIND_EXIT,
+    KIND_HELD,
     KIND_LONG,
     LONG,
     RECORD_SIZE,
@@ -68,24 +74,29 @@ def check_records(records: bytes | bytearray | memoryview) -> None:
         raise ValueError(f"{len(records)} bytes are not a whole number of records")
 
 
-def _exits(records: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, Any, int]]:
-    """(first record, record after its last, EXIT fields, guest ns) per exit."""
+def _exits(records: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, Any, int, int]]:
+    """(first record, record after its last, EXIT fields, guest ns, held ns or -1) per exit."""
     check_records(records)
     pending: Any = None
     start = guest = 0
+    held = -1
     for i, fields in enumerate(EXIT.iter_unpack(records)):
         kind = fields[0]
         if kind == KIND_EXIT:
             if pending is not None:
-                yield start, i, pending, guest
-            pending, start, guest = fields, i, fields[5]
+                yield start, i, pending, guest, held
+            pending, start, guest, held = fields, i, fields[5], -1
         elif kind == KIND_LONG:
             if pending is not None:
                 guest = LONG.unpack(EXIT.pack(*fields))[1]
+        elif kind == KIND_HELD:
+            if pending is not None:
+                _k, _stops, _pad, seen, unseen = HELD.unpack(EXIT.pack(*fields))
+                held = seen + unseen
         elif kind != KIND_DATA:
             raise ValueError(f"record {i} has kind {kind}: not an exit record")
     if pending is not None:
-        yield start, len(records) // RECORD_SIZE, pending, guest
+        yield start, len(records) // RECORD_SIZE, pending, guest, held
 
 
 class _Hist:
@@ -109,15 +120,16 @@ class _Hist:
 
 
 class _VcpuPass:
-    __slots__ = ("exits", "first_entry", "first_flags", "last_exit", "last_group", "last_key",
-                 "spans")  # fmt: skip
+    __slots__ = ("exits", "first_entry", "first_flags", "first_held", "last_exit", "last_group",
+                 "last_key", "spans")  # fmt: skip
 
-    def __init__(self, entry: int, flags: int, recent: int) -> None:
+    def __init__(self, entry: int, flags: int, held: int, recent: int) -> None:
         self.exits = 0
         self.first_entry = entry
         self.first_flags = flags
+        self.first_held = held
         self.last_exit = 0
-        self.last_group: tuple[_Hist, _Hist] | None = None
+        self.last_group: tuple[_Hist, _Hist, _Hist] | None = None
         self.last_key = (0, 0)
         self.spans: deque[tuple[int, int]] = deque(maxlen=recent)
 
@@ -126,14 +138,14 @@ def summarize(
     records: bytes | bytearray | memoryview, base_ns: int, recent_per_vcpu: int
 ) -> Summary:
     recent = max(0, recent_per_vcpu)
-    groups: dict[tuple[int, int, int], tuple[_Hist, _Hist, int]] = {}
+    groups: dict[tuple[int, int, int], tuple[_Hist, _Hist, _Hist, int]] = {}
     seconds: dict[tuple[int, int], int] = {}
     io: dict[tuple[int, int, bool, int], int] = {}
     mmio: dict[tuple[int, int, int, bool], int] = {}
     vcpus: dict[int, _VcpuPass] = {}
     exits = 0
     first_exit = last_exit = None
-    for start, end, fields, guest in _exits(records):
+    for start, end, fields, guest, held in _exits(records):
         _kind, flags, vcpu, reason, t_exit, _guest, b, a = fields
         errno = 0
         write = bool(flags & F_WRITE)
@@ -143,21 +155,23 @@ def summarize(
         entry_ns = exit_ns - guest
         group = groups.get((vcpu, reason, errno))
         if group is None:
-            group = groups[(vcpu, reason, errno)] = (_Hist(), _Hist(), len(groups))
+            group = groups[(vcpu, reason, errno)] = (_Hist(), _Hist(), _Hist(), len(groups))
         group[0].add(guest)
         state = vcpus.get(vcpu)
         if state is None:
-            state = vcpus[vcpu] = _VcpuPass(entry_ns, flags, recent)
+            state = vcpus[vcpu] = _VcpuPass(entry_ns, flags, held, recent)
         elif not flags & F_CYCLE:
             assert state.last_group is not None
             state.last_group[1].add(entry_ns - state.last_exit)
+            if held >= 0:
+                state.last_group[2].add(entry_ns - state.last_exit - held)
         state.exits += 1
         state.last_exit = exit_ns
-        state.last_group = group[:2]
+        state.last_group = group[:3]
         state.last_key = (reason, errno)
         if recent:
             state.spans.append((start, end))
-        second = (group[2], exit_ns // NS)
+        second = (group[3], exit_ns // NS)
         seconds[second] = seconds.get(second, 0) + 1
         if errno == 0:
             if reason == KVM_EXIT_IO:
@@ -176,8 +190,8 @@ def summarize(
         first_exit,
         last_exit,
         [
-            (*key, *guest.fields(), *handling.fields())
-            for key, (guest, handling, _) in groups.items()
+            (*key, *guest.fields(), *handling.fields(), *net.fields())
+            for key, (guest, handling, net, _) in groups.items()
         ],
         [(g, s, n) for (g, s), n in seconds.items()],
         [(*key, n) for key, n in io.items()],
@@ -192,6 +206,7 @@ def summarize(
                 *s.last_key,
                 b"".join(view[a * RECORD_SIZE : z * RECORD_SIZE] for a, z in s.spans),
                 len(s.spans),
+                s.first_held,
             )
             for vcpu, s in vcpus.items()
         ],

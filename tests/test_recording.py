@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -21,6 +22,8 @@ from kvmtop.recording import (
     RecordingWriter,
     open_recording,
 )
+from kvmtop.records import iter_events
+from kvmtop.stats import ExitStats
 
 START = 5_000_000_000
 
@@ -248,6 +251,33 @@ def test_vcpus_keep_their_process_and_vm_and_processes_their_names(tmp_path) -> 
     assert sum(b.exits for b in batches) == 9
 
 
+def test_a_version_2_recording_reads_without_net_handling_and_a_held_record_round_trips(
+    tmp_path,
+) -> None:
+    path = str(tmp_path / "v2.kvmtop")
+    events = [ExitEvent(0, 2, 0, START + 100 * i, START + 100 * i + 5, 0x80, 1, 1,
+                        held_stops=i, held_seen_ns=i, held_unseen_ns=2 * i) for i in range(4)]  # fmt: skip
+    write(path, [ExitBatch.of(events, START, [VcpuSeen(0, 77, START)])])
+    (batch,) = open_recording(path).batches()
+    assert list(iter_events(batch.records, batch.base_ns)) == events  # HELD: exits 1..3
+    stats = ExitStats()
+    stats.add_batch(batch)
+    (io,) = stats.snapshot().reasons
+    assert io.handling.count == io.handling_net.count == 3
+    assert io.handling_net.max_ns == 95 - 3 and io.handling_net.min_ns == 95 - 9
+    held_free = [dataclasses.replace(e, held_stops=0, held_seen_ns=0, held_unseen_ns=0)
+                 for e in events]  # fmt: skip
+    write(path, [ExitBatch.of(held_free, START, [VcpuSeen(0, 77, START)])])
+    with open(path, "r+b") as f:  # version 2: the same, without HELD records
+        f.seek(8)
+        f.write((2).to_bytes(2, "little"))
+    stats = ExitStats()
+    for batch in open_recording(path).batches():
+        stats.add_batch(batch)
+    (io,) = stats.snapshot().reasons
+    assert io.handling.count == 3 and io.handling_net.count == 0
+
+
 def test_a_version_1_recording_still_reads(tmp_path) -> None:
     path = str(tmp_path / "v1.kvmtop")
     events = [ExitEvent(1, 2, 0, START + i, START + i + 5, 0x80, 1, 1) for i in range(7)]
@@ -259,8 +289,8 @@ def test_a_version_1_recording_still_reads(tmp_path) -> None:
     assert batch.vcpus == (VcpuSeen(1, 77, START, None),) and batch.exits == 7
     with open(path, "r+b") as f:
         f.seek(8)
-        f.write((3).to_bytes(2, "little"))
+        f.write((4).to_bytes(2, "little"))
     with pytest.raises(
-        RecordingError, match="version 3 recording; this kvmtop reads versions 1 to 2"
+        RecordingError, match="version 4 recording; this kvmtop reads versions 1 to 3"
     ):
         open_recording(path)

@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 from kvmtop import summary
 from kvmtop.events import EXIT_CYCLE, ExitEvent
 from kvmtop.native import load
-from kvmtop.records import EXIT, F_CYCLE, KIND_DATA, KIND_EXIT, KIND_LONG, LONG, pack_events
+from kvmtop.records import (
+    EXIT,
+    F_CYCLE,
+    HELD,
+    KIND_DATA,
+    KIND_EXIT,
+    KIND_HELD,
+    KIND_LONG,
+    LONG,
+    pack_events,
+)  # fmt: skip
 
 native = load("_summary")
 needs_native = pytest.mark.skipif(native is None, reason="kvmtop._summary is not built")
@@ -32,8 +42,13 @@ exit_record = st.builds(
 )
 long_record = st.builds(lambda ns: LONG.pack(KIND_LONG, ns), st.integers(0, 2**64 - 1))
 data_record = st.builds(lambda n: bytes([KIND_DATA, n]) + bytes(30), st.integers(0, 30))
+held_record = st.builds(
+    lambda stops, seen, unseen: HELD.pack(KIND_HELD, stops, 0, seen, unseen),
+    st.integers(0, 65535), st.integers(0, 2**62), st.integers(0, 2**62),
+)  # fmt: skip
 records_strategy = st.lists(
-    st.one_of(exit_record, exit_record, exit_record, long_record, data_record), max_size=60
+    st.one_of(exit_record, exit_record, exit_record, long_record, data_record, held_record),
+    max_size=60,
 ).map(b"".join)
 
 
@@ -83,6 +98,33 @@ def test_a_summary_groups_by_vcpu_reason_and_errno_with_handling_on_the_previous
     assert v0[8] == 2 and v0[7] == records[64:]  # its last two exits, as records
     assert v1[:4] == (1, 1, 1_050, 0) and v1[7] == records[32:64]
     assert vcpus[0][3] & F_CYCLE == 0
+
+
+def test_net_handling_takes_off_the_time_the_next_exit_says_its_thread_was_held() -> None:
+    events = [
+        ExitEvent(0, 2, 0, 1_000, 1_100, 0x80, 1 | 1 << 8, 1),
+        ExitEvent(
+            0,
+            2,
+            0,
+            1_400,
+            1_900,
+            0x80,
+            1 | 1 << 8,
+            1,
+            held_stops=3,
+            held_seen_ns=50,
+            held_unseen_ns=70,
+        ),  # handled in 300, of which kvmtop held it 120
+        ExitEvent(0, 6, 0, 2_000, 2_100, 0xD0000, 4, 0),  # handled in 100: nothing measured
+    ]
+    records = pack_events(events, 0)
+    _exits, _f, _l, groups, *_rest, vcpus = summary.summarize(records, 0, 2)
+    io = groups[0]
+    assert io[8:12] == (2, 400, 100, 300) and io[13:17] == (1, 180, 180, 180)
+    assert vcpus[0][9] == -1  # its first exit has no HELD record
+    _e, _f, _l, groups, *_rest, vcpus = summary.summarize(records[32:], 0, 2)  # the 2nd first
+    assert vcpus[0][9] == 120
 
 
 def test_records_before_the_first_exit_belong_to_none() -> None:

@@ -87,6 +87,7 @@
 #define KIND_EXIT 1
 #define KIND_LONG 2
 #define KIND_DATA 3
+#define KIND_HELD 9 /* a part of an exit: time stopped for kvmtop before its entry */
 #define KIND_VCPU 4
 #define F_WRITE 0x01
 #define F_PRIVATE 0x02
@@ -139,6 +140,14 @@ struct notif_resp { /* struct seccomp_notif_resp */
     uint32_t flags;
 };
 
+/* Two stops: the time a vCPU thread spends stopped for kvmtop between a KVM_RUN return and its
+   next entry (the VMM's handling of that exit): what kvmtop sees of each stop (wait return to
+   resume) and, per stop, the round trip it does not see (the stop's and the wake-up's switches). */
+struct window {
+    int stops;
+    int64_t seen_ns, unseen_ns;
+};
+
 typedef struct {
     int used, pid, fd, tid;
     int vcpu;
@@ -151,6 +160,7 @@ typedef struct {
        the VMM has put the value for the guest */
     int held;
     int64_t held_entry, held_exit;
+    struct window held_window; /* ...and the time stopped before that read's entry */
 } Page;
 
 typedef struct {
@@ -158,6 +168,10 @@ typedef struct {
     int runner, in_run, creating, budget;
     int64_t entry_ns;
     int page; /* index into pages while in KVM_RUN, -1 otherwise */
+    int handling;          /* two stops: between a KVM_RUN return and the next entry */
+    struct window open;    /* ...the time stopped in it so far */
+    struct window entered; /* the window that ended at this run's entry */
+    int64_t resumed_ns;    /* resumed from a syscall-entry stop at (0: not from one) */
 } Thread;
 
 typedef struct {
@@ -167,6 +181,8 @@ typedef struct {
 #define MAX_THREADS 8192 /* power of two */
 #define MAX_PAGES 2048
 #define MAX_PROCS 256
+#define ROUND_TRIP_BLOCK 64 /* round trips measured per estimate */
+#define ROUND_TRIP_RANK 8    /* the estimate: the 8th shortest of a block (its lowest eighth) */
 
 typedef struct {
     uint8_t *data;
@@ -185,6 +201,9 @@ typedef struct {
     int with_data, wait_flags, sys_ioctl;
     int64_t poll_max_ns, poll_ns;
     long stops, notifications, lost, exits;
+    int64_t round_trips[ROUND_TRIP_BLOCK]; /* syscall-entry resume to exit stop, in ns */
+    int n_round_trips;
+    int64_t round_trip_ns; /* the estimate of a stop's unseen cost; 0: none yet */
     struct notif pending; /* a notification handed back to Python, not yet answered */
     int has_pending;
     uint8_t scratch[RUN_MAP_SIZE];
@@ -367,7 +386,7 @@ static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint3
 
 /* One exit: EXIT, then LONG when guest_ns does not fit, then DATA (docs/recording-format.md). */
 static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, int64_t exit_ns,
-                 const uint8_t *run, int cycle, int reads) {
+                 const uint8_t *run, int cycle, int reads, const struct window *w) {
     uint64_t a = 0;
     uint32_t b = 0;
     uint8_t flags = 0, data[RUN_MAP_SIZE];
@@ -383,7 +402,8 @@ static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, i
     int64_t guest = exit_ns - entry;
     if (guest < 0 || guest > (int64_t)GUEST_NS_MAX) flags |= F_LONG;
     size_t chunks = (data_len + DATA_CHUNK - 1) / DATA_CHUNK;
-    size_t n = RECORD * (1 + ((flags & F_LONG) ? 1 : 0) + chunks);
+    int held = w && w->stops;
+    size_t n = RECORD * (1 + ((flags & F_LONG) ? 1 : 0) + chunks + (held ? 1 : 0));
     uint8_t *r = buffer_grow(e, &e->records, n);
     if (!r) {
         e->lost++;
@@ -408,6 +428,13 @@ static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, i
         r[0] = KIND_DATA;
         r[1] = (uint8_t)k;
         memcpy(r + 2, data + i, k);
+    }
+    if (held) {
+        memset(r, 0, RECORD);
+        r[0] = KIND_HELD;
+        put16(r + 2, (uint16_t)(w->stops > 0xFFFF ? 0xFFFF : w->stops));
+        put64(r + 8, (uint64_t)w->seen_ns);
+        put64(r + 16, (uint64_t)w->unseen_ns);
     }
     e->exits++;
 }
@@ -435,9 +462,9 @@ static void record_cycle(Engine *e, Page *p, int64_t now) {
     }
     uint32_t reason = p->open_immediate ? KVM_EXIT_INTR : get32(run + RUN_EXIT_REASON);
     if (reason == KVM_EXIT_INTR) /* the kernel sets it when a signal ends the run (EINTR) */
-        emit(e, p->vcpu, reason, EINTR, since, now, run, 1, 0);
+        emit(e, p->vcpu, reason, EINTR, since, now, run, 1, 0, NULL);
     else
-        emit(e, p->vcpu, reason, 0, since, now, run, 1, 1);
+        emit(e, p->vcpu, reason, 0, since, now, run, 1, 1, NULL);
 }
 
 /* An exit whose value the VMM gives the guest: IO in, MMIO read, RDMSR (decoder.is_read). */
@@ -455,7 +482,8 @@ static void record_held(Engine *e, Page *p, int reads) {
         e->lost++;
         return;
     }
-    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), 0, p->held_entry, p->held_exit, run, 0, reads);
+    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), 0, p->held_entry, p->held_exit, run, 0, reads,
+         &p->held_window);
 }
 
 static void open_run(Engine *e, Page *p, int64_t now) {
@@ -482,6 +510,35 @@ static int resume_thread(Engine *e, Thread *t, int sig) {
     return 0; /* ESRCH: killed while stopped; its exit status follows */
 }
 
+/* --- two stops: the time a vCPU thread's handling spends stopped for kvmtop ---------------------- */
+
+static int cmp_ns(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* A syscall's entry-resume to exit-stop time is a stop's unseen round trip plus the syscall;
+   the shortest of them (a cheap syscall, a short run) is the round trip alone. */
+static void round_trip_seen(Engine *e, int64_t ns) {
+    e->round_trips[e->n_round_trips++] = ns;
+    if (e->n_round_trips < ROUND_TRIP_BLOCK) return;
+    qsort(e->round_trips, ROUND_TRIP_BLOCK, sizeof e->round_trips[0], cmp_ns);
+    e->round_trip_ns = e->round_trips[ROUND_TRIP_RANK - 1];
+    e->n_round_trips = 0;
+}
+
+/* After a vCPU thread's stop was handled and the thread resumed (two stops), at ``now`` the
+   stop was seen. Costs one clock read. */
+static void held_stop(Engine *e, Thread *t, const struct syscall_info *info, int64_t now) {
+    int64_t resumed = now_ns();
+    if (info->op == PTRACE_SYSCALL_INFO_EXIT && t->resumed_ns) round_trip_seen(e, now - t->resumed_ns);
+    t->resumed_ns = info->op == PTRACE_SYSCALL_INFO_ENTRY ? resumed : 0;
+    if (!t->handling) return;
+    t->open.stops++;
+    t->open.seen_ns += resumed - now;
+    t->open.unseen_ns += e->round_trip_ns;
+}
+
 /* 1: handled and resumed; 0: for Python (nothing changed); -1: errno set. Lock held. */
 static int handle_stop(Engine *e, int tid, int status, int64_t now) {
     if (!WIFSTOPPED(status)) return 0;
@@ -490,7 +547,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
     Process *proc = proc_find(e, t->pid);
     if (!proc) return 0;
     int sig = WSTOPSIG(status), event = status >> 16;
-    struct syscall_info info;
+    struct syscall_info info = {0};
     if (sig == SYSCALL_STOP_SIG && event == 0) {
         if (syscall(SYS_ptrace, PTRACE_GET_SYSCALL_INFO_, tid, sizeof info, &info) <= 0)
             return errno == ESRCH ? 0 : -1;
@@ -509,6 +566,8 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                     t->in_run = 1;
                     t->page = (int)(p - e->pages);
                     t->entry_ns = now;
+                    t->entered = t->handling ? t->open : (struct window){0, 0, 0};
+                    t->handling = 0;
                 } else if (request == KVM_CREATE_VCPU_) {
                     t->runner = 1;
                     t->creating = 1;
@@ -533,12 +592,16 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                         p->held = 1;
                         p->held_entry = t->entry_ns;
                         p->held_exit = now;
+                        p->held_window = t->entered;
                     } else {
-                        emit(e, p->vcpu, reason, 0, t->entry_ns, now, run, 0, 0);
+                        emit(e, p->vcpu, reason, 0, t->entry_ns, now, run, 0, 0, &t->entered);
                     }
                 } else {
-                    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), (int)-rval, t->entry_ns, now, run, 0, 0);
+                    emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), (int)-rval, t->entry_ns, now, run,
+                         0, 0, &t->entered);
                 }
+                t->handling = 1; /* this stop starts the VMM's handling of the exit */
+                t->open = (struct window){0, 0, 0};
             } else if (t->creating) {
                 return 0; /* a new vCPU fd: Python maps it */
             }
@@ -564,7 +627,9 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
     }
     e->stops++;
     if (proc->flags & P_NO_RESUME) return 1;
-    return resume_thread(e, t, 0) == 0 ? 1 : -1;
+    if (resume_thread(e, t, 0) != 0) return -1;
+    if (proc->mode == MODE_TWO_STOP && t->runner) held_stop(e, t, &info, now);
+    return 1;
 }
 
 /* --- Python API --------------------------------------------------------------------------------- */
@@ -782,6 +847,8 @@ static PyObject *Engine_set_thread(Engine *e, PyObject *args) {
         t->creating = creating;
         t->in_run = 0;
         t->page = -1;
+        t->handling = 0;
+        t->resumed_ns = 0;
     }
     UNLOCK(e);
     return PyBool_FromLong(t != NULL);

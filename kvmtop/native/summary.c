@@ -24,6 +24,7 @@
 #define KIND_EXIT 1
 #define KIND_LONG 2
 #define KIND_DATA 3
+#define KIND_HELD 9 /* a part: time the thread was stopped for the tracer before the entry */
 #define F_WRITE 0x01
 #define F_FAILED 0x10
 #define F_CYCLE 0x20
@@ -141,7 +142,7 @@ static void table_free(struct table *t) {
 
 struct group { /* key: vcpu, reason, errno */
     struct key key;
-    struct hist guest, handling;
+    struct hist guest, handling, net; /* net: handling less the time the tracer held it */
 };
 
 struct count { /* key: group index and second, IO or MMIO site */
@@ -154,6 +155,7 @@ struct vcpu { /* key: vcpu */
     uint64_t exits;
     i128 first_entry, last_exit;
     unsigned first_flags;
+    int64_t first_held; /* its first exit's held ns, -1: none (for the pair across batches) */
     uint32_t last_reason, last_errno;
     size_t last_group;
     size_t want, taken, span0; /* its recent exits: how many, found so far, first in spans */
@@ -187,7 +189,7 @@ static int count_add(struct table *t, uint64_t a, uint64_t b, uint64_t c) {
     return 0;
 }
 
-static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest) {
+static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, int64_t held) {
     unsigned flags = r[1];
     uint16_t vcpu_id = le16(r + 2);
     uint32_t reason = le32(r + 4), b = le32(r + 20), run_errno = 0;
@@ -209,9 +211,11 @@ static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest) {
     if (p->vcpus.n > known) {
         v->first_entry = entry_ns;
         v->first_flags = flags;
+        v->first_held = held;
     } else if (!(flags & F_CYCLE)) { /* one-stop: the run and the handling are not told apart */
         struct group *last = table_at(&p->groups, v->last_group);
         hist_add(&last->handling, entry_ns - v->last_exit);
+        if (held >= 0) hist_add(&last->net, entry_ns - v->last_exit - held);
     }
     v->exits++;
     v->last_exit = exit_ns;
@@ -237,7 +241,7 @@ static void group_records(struct pass *p) {
     const uint8_t *buf = p->buf;
     for (size_t i = 0; i < p->nrec;) {
         unsigned kind = buf[i * RECORD_SIZE];
-        if (kind == KIND_LONG || kind == KIND_DATA) { /* before the first EXIT: no exit's */
+        if (kind == KIND_LONG || kind == KIND_DATA || kind == KIND_HELD) { /* before any EXIT */
             i++;
             continue;
         }
@@ -247,13 +251,15 @@ static void group_records(struct pass *p) {
             return;
         }
         uint64_t guest = le32(buf + i * RECORD_SIZE + 16);
+        int64_t held = -1;
         size_t j = i + 1;
         for (; j < p->nrec; j++) {
-            unsigned part = buf[j * RECORD_SIZE];
-            if (part == KIND_LONG) guest = le64(buf + j * RECORD_SIZE + 8);
-            else if (part != KIND_DATA) break;
+            const uint8_t *part = buf + j * RECORD_SIZE;
+            if (part[0] == KIND_LONG) guest = le64(part + 8);
+            else if (part[0] == KIND_HELD) held = (int64_t)(le64(part + 8) + le64(part + 16));
+            else if (part[0] != KIND_DATA) break;
         }
-        if (add_exit(p, buf + i * RECORD_SIZE, guest) < 0) {
+        if (add_exit(p, buf + i * RECORD_SIZE, guest, held) < 0) {
             p->err = 1;
             return;
         }
@@ -346,10 +352,10 @@ static PyObject *summary_value(const struct pass *p) {
     if (!groups || !seconds || !io || !mmio || !vcpus) goto fail;
     for (size_t i = 0; i < p->groups.n; i++) {
         const struct group *g = table_at((struct table *)&p->groups, i);
-        if (append(groups, Py_BuildValue("(kkk" HIST_FORMAT HIST_FORMAT ")",
+        if (append(groups, Py_BuildValue("(kkk" HIST_FORMAT HIST_FORMAT HIST_FORMAT ")",
                                          (unsigned long)g->key.k[0], (unsigned long)g->key.k[1],
                                          (unsigned long)g->key.k[2], HIST_VALUES(g->guest),
-                                         HIST_VALUES(g->handling))) < 0)
+                                         HIST_VALUES(g->handling), HIST_VALUES(g->net))) < 0)
             goto fail;
     }
     for (size_t i = 0; i < p->seconds.n; i++) {
@@ -379,13 +385,13 @@ static PyObject *summary_value(const struct pass *p) {
     }
     for (size_t i = 0; i < p->vcpus.n; i++) {
         const struct vcpu *v = table_at((struct table *)&p->vcpus, i);
-        if (append(vcpus, Py_BuildValue("(kKNINkkNn)", (unsigned long)v->key.k[0],
+        if (append(vcpus, Py_BuildValue("(kKNINkkNnL)", (unsigned long)v->key.k[0],
                                         (unsigned long long)v->exits,
                                         long_from_i128(v->first_entry), v->first_flags,
                                         long_from_i128(v->last_exit),
                                         (unsigned long)v->last_reason,
                                         (unsigned long)v->last_errno, vcpu_recent(p, v),
-                                        (Py_ssize_t)v->want)) < 0)
+                                        (Py_ssize_t)v->want, (long long)v->first_held)) < 0)
             goto fail;
     }
     PyObject *first = Py_None, *last = Py_None;

@@ -20,8 +20,10 @@ timeline  exits per second over the last 60 s, each second coloured by its most 
           reason; then a bar of the vCPU's exits by reason, and its largest reasons
 g (guest) time inside KVM_RUN per run
 v (VMM)   handling time: from an exit until that vCPU's next KVM_RUN
+n (net)   v less what kvmtop's stops held the vCPU thread (attached)
 lost      exits seen but not decoded: must stay 0
-stops/s   ptrace stops per second, the cost of tracing (2 per exit)
+stops/s   ptrace stops per second and per exit, the cost of tracing:
+          attached, 2 per KVM_RUN and per syscall of a vCPU thread
 
 q detaches before quitting: the VMM runs on untraced (the demo guest, which kvmtop
 started, is stopped)."""

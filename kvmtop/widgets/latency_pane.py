@@ -1,5 +1,5 @@
-"""Latency per exit reason: time in the guest per KVM_RUN and the VMM's handling time, with
-median and p99, and, as the pane's width allows, max, min and a small log2 histogram; where
+"""Latency per exit reason: time in the guest per KVM_RUN and the VMM's handling time (and,
+attached, that time net of kvmtop's stops), with median and p99, and, as the pane's width allows, max, min and a small log2 histogram; where
 its height does not allow two lines a reason, medians and p99s on one."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def columns_for(width: int, name_w: int) -> tuple[list[str], bool]:
 
 
 class LatencyPane(ReasonPane):
-    TITLE = "latency: g guest, v VMM"
+    TITLE = "latency: g guest, v VMM, n net"
 
     def draw(self, reasons: tuple[ReasonStats, ...]) -> Text:
         text = Text(no_wrap=True, overflow="crop")
@@ -43,7 +43,8 @@ class LatencyPane(ReasonPane):
             return Text("no exits yet", style="italic")
         width, lines = self.room
         longest = max(len(palette.short(r.label)) for r in reasons)
-        if lines < 1 + 2 * len(reasons) and width >= 4 + 4 * NUM_W:  # "MMIO" and 4 numbers
+        per_reason = 2 + any(r.handling_net.count for r in reasons)
+        if lines < 1 + per_reason * len(reasons) and width >= 4 + 4 * NUM_W:  # "MMIO", 4 numbers
             return self.draw_one_line_each(reasons, max(4, min(longest, width - 4 * NUM_W)))
         name_w = max(NAME_W, min(longest, width - 3 - 3 * NUM_W))
         shown, histogram = columns_for(width, name_w)
@@ -55,7 +56,10 @@ class LatencyPane(ReasonPane):
         text.append("\n")
         for r in reasons:
             style = palette.reason_style(self, r.label)
-            for kind, h in (("g", r.guest), ("v", r.handling)):
+            rows = (("g", r.guest), ("v", r.handling))
+            if r.handling_net.count:
+                rows += (("n", r.handling_net),)
+            for kind, h in rows:
                 name = palette.short(r.label)[:name_w] if kind == "g" else ""
                 text.append(f"{name:<{name_w}} ", style=style)
                 text.append(f"{kind} ")
@@ -73,16 +77,17 @@ class LatencyPane(ReasonPane):
 
     def draw_one_line_each(self, reasons: tuple[ReasonStats, ...], name_w: int) -> Text:
         """Where the pane is too short for two lines a reason: its guest and VMM medians and
-        p99s on one line."""
+        p99s on one line (the VMM's net of kvmtop's stops where measured)."""
         self.border_title = self.TITLE
         text = Text(no_wrap=True, overflow="crop")
-        heads = ("g p50", "g p99", "v p50", "v p99")
+        net = any(r.handling_net.count for r in reasons)
+        heads = ("g p50", "g p99", "n p50" if net else "v p50", "n p99" if net else "v p99")
         text.append(f"{'exit':<{name_w}}" + "".join(f"{h:>{NUM_W}}" for h in heads) + "\n",
                     style="bold")  # fmt: skip
         for r in reasons:
             text.append(f"{palette.short(r.label)[:name_w]:<{name_w}}",
                         style=palette.reason_style(self, r.label))  # fmt: skip
-            for h in (r.guest, r.handling):
+            for h in (r.guest, r.handling_net if net else r.handling):
                 values = (h.median, h.p99) if h.count else None
                 text.append("".join(f"{duration(v) if values else '-':>{NUM_W}}"
                                     for v in (values or (0, 0))))  # fmt: skip

@@ -1,5 +1,6 @@
 """The status line: attached since (since when it ended, or where a replay is), the file being
-recorded to, exits recorded, exits lost (must stay 0), ptrace stops per second, vCPUs."""
+recorded to, exits recorded, exits lost (must stay 0), ptrace stops per second and per
+exit so far, vCPUs."""
 
 from __future__ import annotations
 
@@ -34,5 +35,7 @@ class StatusLine(Static):
         text.append("   lost ")
         text.append(str(snap.lost), style="bold red" if snap.lost else "")
         text.append(f"   stops/s {human(snap.stops_per_s)}")
+        if snap.total:
+            text.append(f" {snap.stops / snap.total:.1f}/exit")
         text.append(f"   vCPUs {len(snap.vcpus)}")
         self.update(text)
