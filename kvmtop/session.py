@@ -240,8 +240,13 @@ class TraceSession:
         if self._sink is not None:
             self._sink.begin(attached)
         self.state = SessionState.ATTACHED
-        verb = "launched" if attached.launched else "attached to"
-        self._notices.append(("information", f"{verb} pid {attached.pid}"))
+        if attached.launched:
+            text = f"launched pid {attached.pid}"
+        else:  # what attaching costs, and what a launch would
+            text = (f"attached to pid {attached.pid}: 2 ptrace stops per KVM_RUN and per syscall "
+                    "of a vCPU thread; started by `kvmtop record -- CMD` it would take none per "
+                    "exit")  # fmt: skip
+        self._notices.append(("information", text))
 
     def _on_detached(self, detached: Detached) -> None:
         if detached.pid != self.pid:
