@@ -1,4 +1,4 @@
-"""The recording file: streaming, versioned, append-only, 32 bytes per exit.
+"""The recording file: streaming, versioned, append-only, 32 bytes per exit (64 with HELD).
 
 A header (magic, version, flags, JSON metadata) and then fixed 32-byte records, so a file cut
 short anywhere reads back to its last whole record. The layout is documented in
