@@ -396,6 +396,7 @@ class PyEngine:
             for (page_pid, _fd), page in self._pages.items():
                 if page_pid != pid or not page.open_since or (tid and page.tid != tid):
                     continue
+                self._look(page, now)
                 view = page.read()
                 if page.open_immediate or view is None or exit_reason_of(view) == ExitReason.INTR:
                     page.open_since = 0

@@ -41,6 +41,8 @@ KVM_SET_USER_MEMORY_REGION = 0x4020AE46
 KVM_GET_REGS, KVM_SET_REGS = 0x8090AE81, 0x4090AE82
 KVM_GET_SREGS, KVM_SET_SREGS = 0x8138AE83, 0x4138AE84
 KVM_RUN = 0xAE80
+KVM_REGISTER_COALESCED_MMIO = 0x4010AE67  # _IOW(KVMIO, 0x67, struct kvm_coalesced_mmio_zone)
+COALESCED_RING = 2 * 4096  # KVM_COALESCED_MMIO_PAGE_OFFSET 2 (x86), in the vCPU mapping
 REGS_SIZE, SREGS_SIZE = 144, 312
 RIP_OFFSET, RFLAGS_OFFSET = 128, 136  # struct kvm_regs: 16 GPRs, rip, rflags
 CS_BASE, CS_SELECTOR = 0, 12  # struct kvm_sregs starts with cs: base u64, limit u32, selector u16
@@ -70,6 +72,7 @@ class Counts:
         self.io: collections.Counter[tuple[int, str, int]] = collections.Counter()
         self.mmio: collections.Counter[tuple[int, int, bool]] = collections.Counter()
         self.signals: collections.Counter[str] = collections.Counter()
+        self.coalesced = 0  # writes drained from the coalesced MMIO ring
 
     def add(self, vcpu: int, reason: int) -> None:
         name = exit_reason_name(reason)
@@ -91,6 +94,7 @@ class Counts:
                     for (a, ln, w), n in self.mmio.most_common()
                 ],
                 "signals": dict(self.signals),
+                "coalesced": self.coalesced,
             }
 
 
@@ -149,6 +153,7 @@ class MiniVm:
             self.vcpus = [Vcpu(self.vm, i, size, code, self.ram) for i, code in enumerate(programs)]
         self.counts = Counts()
         self.stopping = stopping
+        self.coalesced_zone = False
 
     def serve(
         self, vcpu: Vcpu, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]
@@ -158,6 +163,8 @@ class MiniVm:
         while not self.stopping.is_set():
             if not vcpu.run_once():
                 continue
+            if self.coalesced_zone:
+                self._drain(run)
             reason = struct.unpack_from("<I", run, 8)[0]
             self.counts.add(vcpu.index, reason)
             if reason == ExitReason.IO:
@@ -185,6 +192,20 @@ class MiniVm:
                 time.sleep(delay)
             else:
                 raise RuntimeError(f"vCPU {vcpu.index}: unexpected exit {exit_reason_name(reason)}")
+
+    def coalesce(self, address: int, size: int) -> None:
+        """Writes to [address, address + size) are queued in the ring, without an exit."""
+        zone = struct.pack("<QII", address, size, 0)  # struct kvm_coalesced_mmio_zone, MMIO
+        fcntl.ioctl(self.vm, KVM_REGISTER_COALESCED_MMIO, zone)
+        self.coalesced_zone = True
+
+    def _drain(self, run: mmap.mmap) -> None:
+        """Take the ring's entries, as QEMU does after each exit: count them, move ``first``."""
+        with self.counts.lock:
+            first, last = struct.unpack_from("<II", run, COALESCED_RING)
+            n = (last - first) % ((4096 - 8) // 24)  # KVM_COALESCED_MMIO_MAX
+            self.counts.coalesced += n
+            struct.pack_into("<I", run, COALESCED_RING, last)
 
     def run_all(self, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]) -> None:
         failures: list[BaseException] = []
@@ -247,6 +268,7 @@ def counted_command(
     vms: int = 1,
     ins: int = 0,
     mmio_reads: int = 0,
+    coalesced: bool = False,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
@@ -254,6 +276,7 @@ def counted_command(
     argv += ["--stagger", str(stagger)] if stagger else []
     argv += ["--vms", str(vms)] if vms != 1 else []
     argv += ["--ins", str(ins), "--mmio-reads", str(mmio_reads)] if ins or mmio_reads else []
+    argv += ["--coalesced"] if coalesced else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -322,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--vms", type=int, default=1, help="as many VMs, all running at once")
     counted.add_argument("--ins", type=int, default=0, help=f"`in` exits (read {COUNTED_IN:#x})")
     counted.add_argument("--mmio-reads", type=int, default=0, help="MMIO reads (read 0x5a)")
+    counted.add_argument("--coalesced", action="store_true",
+                         help="register the MMIO address as a coalesced zone: writes queue, no exit")  # fmt: skip
     demo = sub.add_parser("demo", help="an endless, changing mix of exits")
     demo.add_argument("--vcpus", type=int, default=2)
     demo.add_argument("--duration", type=float)
@@ -366,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minivmm: {exc}", file=sys.stderr)
         return 7
     vm = vms[0]
+    if getattr(args, "coalesced", False):
+        for each in vms:
+            each.coalesce(args.mmio_addr, 8)
 
     started = time.monotonic()
     if args.mode == "counted":

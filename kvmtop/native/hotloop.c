@@ -953,6 +953,7 @@ static PyObject *Engine_close_runs(Engine *e, PyObject *args) {
     for (int i = 0; i < e->pages_hi; i++) {
         Page *p = &e->pages[i];
         if (!p->used || p->pid != pid || !p->open_since || (tid && p->tid != tid)) continue;
+        ring_look(e, p, now);
         const uint8_t *run = page_bytes(e, p);
         /* a last run that a dying process's kill cut short (KVM_EXIT_INTR) is no guest exit */
         if (p->open_immediate || !run || get32(run + RUN_EXIT_REASON) == KVM_EXIT_INTR)
