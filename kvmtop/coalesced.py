@@ -99,6 +99,14 @@ def iter_coalesced(
                                   bool(flags & C_WRAP), bool(flags & C_UNREADABLE))  # fmt: skip
 
 
+def split_coalesced(records: bytes, t_rel: int) -> tuple[bytes, bytes]:
+    """COALESCED records (in time order) up to ``t_rel``, and those after."""
+    for i in range(0, len(records), COALESCED.size):
+        if struct.unpack_from("<q", records, i + 8)[0] > t_rel:
+            return records[:i], records[i:]
+    return records, b""
+
+
 def rebase_coalesced(records: bytes, shift: int) -> bytes:
     """The same COALESCED records with ``shift`` ns added to their times."""
     if not shift:
