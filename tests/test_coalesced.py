@@ -25,7 +25,9 @@ from kvmtop.coalesced import (
     unreadable_record,
 )
 from kvmtop.events import ExitBatch, ExitEvent
+from kvmtop.export import jsonl_chunks
 from kvmtop.minivmm import counted_command
+from kvmtop.perfetto import PerfettoTrace
 from kvmtop.recording import RecordingWriter, open_recording
 from kvmtop.report import summary_json, summary_table
 from kvmtop.stats import ExitStats
@@ -108,6 +110,14 @@ def test_coalesced_records_go_through_a_recording_and_its_report(tmp_path) -> No
     text = summary_table(snap, {})
     assert "COALESCED (NO EXIT)" in text and "0x0070 out size 1           7  RTC index" in text
     assert "not readable for vCPU(s) 1" in text
+    lines = [json.loads(line) for line in "".join(jsonl_chunks(batches, start)).splitlines()]
+    assert lines[1:] == [
+        {"coalesced": True, "vcpu": 0, "port": 0x70, "len": 1, "count": 7, "t_ns": 20},
+        {"coalesced": True, "vcpu": 1, "unreadable": True, "t_ns": 30},
+    ]
+    trace = json.loads("".join(PerfettoTrace(recording.meta).chunks(batches)))
+    (instant,) = [e for e in trace["traceEvents"] if e.get("cat") == "coalesced"]
+    assert instant["name"] == "coalesced (no exit): port 0x70 x7" and instant["ts"] == 0.02
 
 
 def _meta(start: int):
