@@ -198,3 +198,31 @@ def test_a_batch_without_coalesced_records_changes_nothing() -> None:
     assert snap.coalesced.total == 0 and not snap.coalesced.read and snap.coalesced.top == ()
     assert "COALESCED" not in summary_table(snap, {})
     assert struct.calcsize("<BBHIqIIQ") == 32
+
+
+@pytest.mark.kvm
+def test_where_kvm_run_is_read_remotely_the_ring_is_said_unreadable_once_and_nothing_counted(
+    engine, monkeypatch
+) -> None:
+    from kvmtop import vcpu_maps
+    from kvmtop.events import Detached
+    from kvmtop.tracer_thread import Tracer
+
+    def refused(_pidfd: int, _fd: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(vcpu_maps, "pidfd_getfd", refused)
+    tracer = Tracer()
+    tracer.start()
+    stats = ExitStats()
+    try:
+        tracer.launch(counted_command(outs=0, mmio_writes=200, coalesced=True)).result(10)
+        while not isinstance(message := tracer.out.get(timeout=60), Detached):
+            if isinstance(message, ExitBatch):
+                stats.add_batch(message)
+    finally:
+        tracer.stop()
+    snap = stats.snapshot()
+    assert {r.label: r.count for r in snap.reasons} == {"KVM_EXIT_MMIO": 1, "KVM_EXIT_IO": 1}
+    assert snap.coalesced.unreadable == (0,) and snap.coalesced.total == 0
+    assert not snap.coalesced.read and snap.lost == 0
