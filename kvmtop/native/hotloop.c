@@ -516,15 +516,17 @@ static void ring_look(Engine *e, Page *p, int64_t now) {
     uint32_t unseen_before = (g->last + RING_MAX - g->first) % RING_MAX;
     uint32_t consumed = (first + RING_MAX - g->first) % RING_MAX;
     uint8_t wrap = consumed > unseen_before ? C_WRAP : 0;
-    struct { uint64_t address; uint32_t len, pio, count; } groups[RING_MAX];
+    struct ring_group { uint64_t address; uint32_t len, pio, count; } groups[RING_MAX];
     int n = 0;
     for (uint32_t i = g->last; i != last; i = (i + 1) % RING_MAX) {
         const uint8_t *entry = p->ring_map + 8 + (size_t)i * RING_ENTRY;
         uint64_t address = get64(entry);
         uint32_t len = get32(entry + 8), pio = get32(entry + 12) ? 1 : 0;
         int k = 0;
-        while (k < n && !(groups[k].address == address && groups[k].pio == pio && groups[k].len == len)) k++;
-        if (k == n) groups[n++] = (typeof(groups[0])){address, len, pio, 0};
+        while (k < n && !(groups[k].address == address && groups[k].pio == pio &&
+                          groups[k].len == len))
+            k++;
+        if (k == n) groups[n++] = (struct ring_group){address, len, pio, 0};
         groups[k].count++;
     }
     for (int k = 0; k < n; k++, wrap = 0) /* the wrap is flagged once a look, on its first */
