@@ -92,6 +92,7 @@ class ExitBatch:
     lost: int = 0  # exits seen but not decoded (kvm_run unreadable); must stay 0
     stops: int = 0  # ptrace stops handled since the previous batch
     processes: tuple[ProcessSeen, ...] = ()  # before this batch's exits
+    coalesced: bytes = b""  # COALESCED records (kvmtop.coalesced): writes that never exited
 
     # kvmtop.records imports this module, so its functions are imported where they are used
     @classmethod

@@ -1,4 +1,5 @@
-"""Exits as lines for other tools: JSON Lines (one object per exit) and CSV (one row per exit).
+"""Exits as lines for other tools: JSON Lines (one object per exit, and one per target of
+writes that never exited: ``"coalesced": true``) and CSV (one row per exit).
 
 Pure: batches in, text out, one piece per batch so that a stream stays a stream. Times are ns
 since the recording's start (the attach). ``open_output`` is the one place that opens an export's
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TextIO
 
+from kvmtop.coalesced import CoalescedWrites, iter_coalesced
 from kvmtop.decoder import describe_exit, exit_details, exit_label
 from kvmtop.errors import OutputError
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, Attached, ExitBatch, ExitEvent
@@ -43,11 +45,35 @@ def exit_record(event: ExitEvent, start_ns: int, key: VcpuKey | None = None) -> 
     return record
 
 
-def jsonl_chunk(events: Iterable[ExitEvent], start_ns: int, keys: VcpuKeys) -> str:
-    return "".join(
-        json.dumps(exit_record(e, start_ns, keys.of(e.vcpu)), separators=(",", ":")) + "\n"
-        for e in events
-    )
+def coalesced_record(
+    writes: CoalescedWrites, start_ns: int, key: VcpuKey | None
+) -> dict[str, object]:
+    """Writes KVM queued in its coalesced ring (no exit), seen at one look (``t_ns``)."""
+    record: dict[str, object] = {
+        "coalesced": True,
+        "vcpu": writes.vcpu if key is None else key.vcpu,
+    }
+    if key is not None:
+        record.update(pid=key.pid, vm=key.vm)
+    if writes.unreadable:
+        record["unreadable"] = True
+    else:
+        record["port" if writes.pio else "address"] = writes.address
+        record.update(len=writes.length, count=writes.count)
+    record["t_ns"] = writes.t_ns - start_ns
+    if writes.wrap:
+        record["wrap"] = True
+    return record
+
+
+def jsonl_chunk(
+    events: Iterable[ExitEvent], start_ns: int, keys: VcpuKeys, coalesced: bytes = b"",
+    base_ns: int = 0,
+) -> str:  # fmt: skip
+    lines = [exit_record(e, start_ns, keys.of(e.vcpu)) for e in events]
+    lines += [coalesced_record(w, start_ns, keys.of(w.vcpu))
+              for w in iter_coalesced(coalesced, base_ns)]  # fmt: skip
+    return "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
 
 
 def jsonl_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
@@ -55,8 +81,8 @@ def jsonl_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
     for batch in batches:
         keys.see(batch)
         events = batch.events  # decoded here: one object per exit is what an export is
-        if events:
-            yield jsonl_chunk(events, start_ns, keys)
+        if events or batch.coalesced:
+            yield jsonl_chunk(events, start_ns, keys, batch.coalesced, batch.base_ns)
 
 
 def csv_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
@@ -124,8 +150,9 @@ class JsonlStream:
     def write_batch(self, batch: ExitBatch) -> None:
         self.keys.see(batch)
         events = batch.events
-        if events:
-            write_chunks([jsonl_chunk(events, self.start_ns, self.keys)], self.out, self.path)
+        if events or batch.coalesced:
+            chunk = jsonl_chunk(events, self.start_ns, self.keys, batch.coalesced, batch.base_ns)
+            write_chunks([chunk], self.out, self.path)
 
     def close(self) -> None:
         if self.out is not sys.stdout:

@@ -157,14 +157,16 @@ def counted(
     exit_status: int = 0,
     ins: int = 0,
     mmio_reads: int = 0,
+    in_port: int | None = None,
 ) -> bytes:
     """Spin without exits, then `outs` x `out port, al`, `ins` x `in al, port`, `mmio_writes`
     x a byte write to `mmio_addr`, `mmio_reads` x a byte read of it, then `out 0xf4, al` with
-    al = exit_status. Exits: IO outs + ins + 1, MMIO writes + reads."""
+    al = exit_status. Exits: IO outs + ins + 1, MMIO writes + reads (fewer where the VMM
+    coalesces the port or address). ``in_port``: the port of the ins (default: ``port``)."""
     code = Code()
     code.repeat(spin_iterations, Code())  # `loop $`
     code.repeat(outs, Code().out_imm(port))
-    code.repeat(ins, Code().in_imm(port))
+    code.repeat(ins, Code().in_imm(port if in_port is None else in_port))
     code.mov_ax(mmio_addr >> 4).mov_es_ax()
     code.repeat(mmio_writes, Code().store_es_al(mmio_addr & 0xF))
     code.repeat(mmio_reads, Code().load_al_es(mmio_addr & 0xF))

@@ -25,6 +25,7 @@ from typing import Any
 from kvmtop import native
 from kvmtop import ptrace_abi as pt
 from kvmtop.arch import HOST
+from kvmtop.coalesced import RingLook, unreadable_record
 from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN, decode_exit, exit_reason_of, is_read
 from kvmtop.events import EXIT_CYCLE, ExitEvent
 from kvmtop.records import RECORD_SIZE, VCPU_HEAD, pack_exit
@@ -80,7 +81,7 @@ class _Thread:
 
 class _Page:
     __slots__ = ("vcpu", "tid", "read", "view", "open_since", "open_immediate", "held",
-                 "held_window")  # fmt: skip
+                 "held_window", "ring")  # fmt: skip
 
     def __init__(self, vcpu: int, tid: int, read: Any, view: memoryview | None) -> None:
         self.vcpu = vcpu
@@ -90,8 +91,19 @@ class _Page:
         self.open_since = 0  # one stop / notify: entry of the run not yet accounted for
         self.open_immediate = False  # ...and that run was entered with immediate_exit set
         self.held: tuple[int, int] | None = None  # two stops, --data: a read's (entry, exit)
+        self.ring: _Ring | None = None  # the VM's coalesced MMIO ring, through this vCPU's mapping
         # ns, recorded at the next entry, where the VMM has put the value for the guest
         self.held_window = NO_WINDOW  # ...and the time stopped before that read's entry
+
+
+class _Ring:
+    """A page's view of its VM's coalesced MMIO ring, and the VM's look at it (shared)."""
+
+    __slots__ = ("look", "view")
+
+    def __init__(self, look: RingLook, view: memoryview) -> None:
+        self.look = look
+        self.view = view
 
 
 class PyEngine:
@@ -120,6 +132,8 @@ class PyEngine:
         self._op = 0  # the syscall stop's PTRACE_SYSCALL_INFO_* op (0: not a syscall stop)
         self._round_trips: list[int] = []
         self._round_trip_ns = 0
+        self._rings: dict[tuple[int, int], RingLook | None] = {}  # (pid, VM fd) -> its look
+        self._coalesced = bytearray()
 
     # --- ptrace stops (tracer thread) -----------------------------------------------------------
 
@@ -211,6 +225,7 @@ class PyEngine:
             elif op == pt.PTRACE_SYSCALL_INFO_EXIT:
                 if th.in_run:
                     th.in_run = False
+                    self._look(th.page, now)
                     rval = pt.SYSCALL_INFO_EXIT.unpack_from(info)[0]
                     self._record_exit(th, rval, now)
                     th.handling = True  # this stop starts the VMM's handling of the exit
@@ -226,6 +241,7 @@ class PyEngine:
                 page = self._run_page(th.pid, fd, th.tid, now)
                 if page is None:
                     return False
+                self._look(page, now)
                 if page.open_since:
                     self._record_cycle(page, now)
                 self._open_run(page, now)
@@ -338,6 +354,7 @@ class PyEngine:
     def remove_process(self, pid: int) -> None:
         with self._lock:
             self._modes.pop(pid, None)
+            self._rings = {k: v for k, v in self._rings.items() if k[0] != pid}
             for tid in [t for t, th in self._threads.items() if th.pid == pid]:
                 del self._threads[tid]
 
@@ -404,6 +421,8 @@ class PyEngine:
                 th.page = None
         if page.view is not None:
             page.view.release()
+        if page.ring is not None:
+            page.ring.view.release()
         return True
 
     def remove_page(self, pid: int, fd: int) -> bool:
@@ -421,11 +440,48 @@ class PyEngine:
             for (page_pid, _fd), page in self._pages.items():
                 if page_pid != pid or not page.open_since or (tid and page.tid != tid):
                     continue
+                self._look(page, now)
                 view = page.read()
                 if page.open_immediate or view is None or exit_reason_of(view) == ExitReason.INTR:
                     page.open_since = 0
                 else:
                     self._record_cycle(page, now)
+
+    # --- the coalesced MMIO ring (kvmtop.coalesced) ---------------------------------------------
+
+    def add_ring(self, pid: int, fd: int, vm: int, mapping: Any) -> None:
+        """The coalesced MMIO ring of the vCPU at (pid, fd), after its add_page: a mapping of
+        the ring's page, or None where it cannot be read (said once per VM, nothing counted)."""
+        with self._lock:
+            page = self._pages.get((pid, fd))
+            if page is None:
+                return
+            key = (pid, vm)
+            if mapping is None:
+                if key not in self._rings:
+                    self._rings[key] = None
+                    t = time.monotonic_ns() - self.base_ns
+                    self._coalesced += unreadable_record(max(page.vcpu, 0), t)
+                return
+            view = memoryview(mapping)
+            look = self._rings.get(key)
+            if look is None:
+                look = self._rings[key] = RingLook(view)
+            if page.ring is not None:
+                page.ring.view.release()
+            page.ring = _Ring(look, view)
+
+    def _look(self, page: _Page | None, now: int) -> None:
+        """At each exit seen: the writes its VM's ring took since the previous look."""
+        ring = page.ring if page is not None else None
+        if ring is not None:
+            ring.look.look(ring.view, page.vcpu, now - self.base_ns, self._coalesced)
+
+    def take_coalesced(self) -> bytes:
+        with self._lock:
+            out = bytes(self._coalesced)
+            self._coalesced.clear()
+        return out
 
     def take(self) -> tuple[bytes, bytes, int, int, int, int]:
         with self._lock:
@@ -437,7 +493,14 @@ class PyEngine:
         return out
 
     def pending(self) -> int:
-        return len(self._records) + len(self._seen) + self._stops + self._notifications + self._lost
+        return (
+            len(self._records)
+            + len(self._seen)
+            + len(self._coalesced)
+            + self._stops
+            + self._notifications
+            + self._lost
+        )
 
     def set_base(self, base_ns: int) -> None:
         self.base_ns = base_ns
@@ -496,6 +559,7 @@ class PyEngine:
         if page is not None:
             if page.tid != tid:
                 self._saw(page, tid, now)
+            self._look(page, now)
             if page.open_since:  # the previous run ended when this one is asked for
                 self._record_cycle(page, now)
         self._notifications += 1

@@ -42,6 +42,8 @@ KVM_SET_USER_MEMORY_REGION = 0x4020AE46
 KVM_GET_REGS, KVM_SET_REGS = 0x8090AE81, 0x4090AE82
 KVM_GET_SREGS, KVM_SET_SREGS = 0x8138AE83, 0x4138AE84
 KVM_RUN = 0xAE80
+KVM_REGISTER_COALESCED_MMIO = 0x4010AE67  # _IOW(KVMIO, 0x67, struct kvm_coalesced_mmio_zone)
+COALESCED_RING = 2 * 4096  # KVM_COALESCED_MMIO_PAGE_OFFSET 2 (x86), in the vCPU mapping
 REGS_SIZE, SREGS_SIZE = 144, 312
 RIP_OFFSET, RFLAGS_OFFSET = 128, 136  # struct kvm_regs: 16 GPRs, rip, rflags
 CS_BASE, CS_SELECTOR = 0, 12  # struct kvm_sregs starts with cs: base u64, limit u32, selector u16
@@ -71,6 +73,7 @@ class Counts:
         self.io: collections.Counter[tuple[int, str, int]] = collections.Counter()
         self.mmio: collections.Counter[tuple[int, int, bool]] = collections.Counter()
         self.signals: collections.Counter[str] = collections.Counter()
+        self.coalesced = 0  # writes drained from the coalesced MMIO ring
 
     def add(self, vcpu: int, reason: int) -> None:
         name = exit_reason_name(reason)
@@ -92,6 +95,7 @@ class Counts:
                     for (a, ln, w), n in self.mmio.most_common()
                 ],
                 "signals": dict(self.signals),
+                "coalesced": self.coalesced,
             }
 
 
@@ -154,6 +158,7 @@ class MiniVm:
         # makes as many extra syscalls
         self.out_sleep_s = 0.0
         self.out_syscalls = 0
+        self.coalesced_zone = False
 
     def handle_out_slowly(self) -> None:
         if self.out_sleep_s:
@@ -169,6 +174,8 @@ class MiniVm:
         while not self.stopping.is_set():
             if not vcpu.run_once():
                 continue
+            if self.coalesced_zone:
+                self._drain(run)
             reason = struct.unpack_from("<I", run, 8)[0]
             self.counts.add(vcpu.index, reason)
             if reason == ExitReason.IO:
@@ -198,6 +205,20 @@ class MiniVm:
                 time.sleep(delay)
             else:
                 raise RuntimeError(f"vCPU {vcpu.index}: unexpected exit {exit_reason_name(reason)}")
+
+    def coalesce(self, address: int, size: int) -> None:
+        """Writes to [address, address + size) are queued in the ring, without an exit."""
+        zone = struct.pack("<QII", address, size, 0)  # struct kvm_coalesced_mmio_zone, MMIO
+        fcntl.ioctl(self.vm, KVM_REGISTER_COALESCED_MMIO, zone)
+        self.coalesced_zone = True
+
+    def _drain(self, run: mmap.mmap) -> None:
+        """Take the ring's entries, as QEMU does after each exit: count them, move ``first``."""
+        with self.counts.lock:
+            first, last = struct.unpack_from("<II", run, COALESCED_RING)
+            n = (last - first) % ((4096 - 8) // 24)  # KVM_COALESCED_MMIO_MAX
+            self.counts.coalesced += n
+            struct.pack_into("<I", run, COALESCED_RING, last)
 
     def run_all(self, on_in: Callable[[Vcpu, int], int], pace: Callable[[Vcpu], float]) -> None:
         failures: list[BaseException] = []
@@ -262,6 +283,7 @@ def counted_command(
     mmio_reads: int = 0,
     out_sleep_us: float = 0.0,
     out_syscalls: int = 0,
+    coalesced: bool = False,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
@@ -271,6 +293,7 @@ def counted_command(
     argv += ["--ins", str(ins), "--mmio-reads", str(mmio_reads)] if ins or mmio_reads else []
     argv += ["--out-sleep-us", str(out_sleep_us)] if out_sleep_us else []
     argv += ["--out-syscalls", str(out_syscalls)] if out_syscalls else []
+    argv += ["--coalesced"] if coalesced else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -341,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--mmio-reads", type=int, default=0, help="MMIO reads (read 0x5a)")
     counted.add_argument("--out-sleep-us", type=float, default=0.0, help="each out sleeps so long")
     counted.add_argument("--out-syscalls", type=int, default=0, help="...and makes N syscalls")
+    counted.add_argument("--coalesced", action="store_true",
+                         help="register the MMIO address as a coalesced zone: writes queue, no exit")  # fmt: skip
     demo = sub.add_parser("demo", help="an endless, changing mix of exits")
     demo.add_argument("--vcpus", type=int, default=2)
     demo.add_argument("--duration", type=float)
@@ -388,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     for one in vms:
         one.out_sleep_s = getattr(args, "out_sleep_us", 0.0) / 1e6
         one.out_syscalls = getattr(args, "out_syscalls", 0)
+    if getattr(args, "coalesced", False):
+        for each in vms:
+            each.coalesce(args.mmio_addr, 8)
 
     started = time.monotonic()
     if args.mode == "counted":

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from kvmtop.arch import HOST
+from kvmtop.coalesced import CoalescedWrites, iter_coalesced
 from kvmtop.decoder import exit_details, exit_label
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
 from kvmtop.recording import RecordingMeta
@@ -103,6 +104,8 @@ class PerfettoTrace:
                 pieces += self._track(seen.vcpu)[1]
             for event in batch.events:
                 pieces += self._exit(event)
+            for writes in iter_coalesced(batch.coalesced, batch.base_ns):
+                pieces += self._coalesced(writes)
             if pieces:
                 yield ",\n" + ",\n".join(pieces)
         tail: list[str] = []
@@ -160,6 +163,19 @@ class PerfettoTrace:
         if rate_bin != track.rate_bin:
             out += self._close_bins(event.vcpu, track, rate_bin)
         track.rate_count += 1
+        return out
+
+    def _coalesced(self, writes: CoalescedWrites) -> list[str]:
+        """An instant on the vCPU's track: the writes its VM's ring took without an exit."""
+        if writes.unreadable:
+            return []
+        track, out = self._track(writes.vcpu)
+        where = f"port 0x{writes.address:x}" if writes.pio else f"0x{writes.address:x}"
+        args = {"count": writes.count, "len": writes.length, "pio": writes.pio}
+        out.append(f'{{"ph":"i","s":"t","pid":{track.pid},"tid":{writes.vcpu + 1},'
+                   f'"ts":{us(writes.t_ns - self.meta.start_ns)},'
+                   f'"name":"coalesced (no exit): {where} x{writes.count}","cat":"coalesced",'
+                   f'"args":{json.dumps(args)}}}')  # fmt: skip
         return out
 
     def _close_bins(self, vcpu: int, track: _VcpuTrack, next_bin: int) -> list[str]:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from kvmtop import __version__
+from kvmtop.coalesced import KIND_COALESCED, rebase_coalesced
 from kvmtop.errors import RecordingError
 from kvmtop.events import Attached, Detached, ExitBatch, VcpuSeen
 from kvmtop.records import (
@@ -46,7 +47,7 @@ from kvmtop.records import (
 )
 
 MAGIC = b"\x89KVMTOP\n"  # the high byte and newline catch text-mode and truncated transfers
-VERSION = 3  # 2: VCPU records say the process and VM; PROCESS and NAME records; 3: HELD
+VERSION = 3  # 2: VCPU records say the process and VM; PROCESS and NAME records; 3: HELD, COALESCED
 READS = (1, 2, 3)
 HEADER = struct.Struct("<8sHHI")  # magic, version, flags, metadata length
 HEADER_DATA = 0x0001  # IO/MMIO data values are recorded
@@ -131,6 +132,7 @@ class RecordingWriter:
         for seen in batch.vcpus:
             out += pack_vcpu(seen, self._rel(seen.t_ns))
         out += rebase(batch.records, batch.base_ns, self.meta.start_ns)
+        out += rebase_coalesced(batch.coalesced, batch.base_ns - self.meta.start_ns)
         for proc in batch.processes:
             if proc.ended:
                 out += pack_process(proc, self._rel(proc.t_ns))
@@ -194,10 +196,12 @@ class Recording:
         seen: list[VcpuSeen] = []
         procs: list[tuple[memoryview | bytes, list[bytes]]] = []  # PROCESS records, their NAMEs
         lost = stops = 0
+        coalesced = bytearray()  # COALESCED records: writes that never exited
 
         def batch() -> ExitBatch:
             processes = tuple(unpack_process(rec, names, start) for rec, names in procs)
-            return ExitBatch(bytes(body), start, tuple(seen), lost, stops, processes)
+            return ExitBatch(bytes(body), start, tuple(seen), lost, stops, processes,
+                             bytes(coalesced))  # fmt: skip
 
         offset = self._body
         try:
@@ -231,6 +235,7 @@ class Recording:
                             if cut < j:  # that exit begins the next batch
                                 yield batch()
                                 body, exits, seen, lost, stops = bytearray(), 0, [], 0, 0
+                                coalesced = bytearray()
                                 procs = []
                         continue
                     rec = view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE]
@@ -244,6 +249,8 @@ class Recording:
                         _, n_lost, n_stops, _t = COUNTERS.unpack(rec)
                         lost += n_lost
                         stops += n_stops
+                    elif kind == KIND_COALESCED:
+                        coalesced += rec
                     elif kind == KIND_END:
                         _, why, _pad, status, t, _total = END.unpack(rec)
                         why_text = {v: k for k, v in WHY_CODES.items()}.get(why, "ended")
@@ -259,7 +266,7 @@ class Recording:
                     i += 1
                 offset += whole
             self.torn_bytes = len(carry)
-        if body or seen or lost or stops or procs:
+        if body or seen or lost or stops or procs or coalesced:
             yield batch()
 
 

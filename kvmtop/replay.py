@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+from kvmtop.coalesced import split_coalesced
 from kvmtop.events import ExitBatch
 from kvmtop.recording import Recording, open_recording
 from kvmtop.records import cut_after, exit_count, first_t_exit
@@ -269,9 +270,12 @@ class Replay:
         if last is not None and last > target_ns:
             records, base = batch.records, batch.base_ns
             cut = cut_after(records, target_ns - base)  # at an exit: its LONG/DATA go with it
-            self._add_by_second(stats, ExitBatch(records[:cut], base, batch.vcpus))
+            before, after = split_coalesced(batch.coalesced, target_ns - base)
+            self._add_by_second(
+                stats, ExitBatch(records[:cut], base, batch.vcpus, coalesced=before)
+            )
             # losses were counted up to the batch's end: they stay with its last exit
-            self._pending = ExitBatch(records[cut:], base, (), batch.lost)
+            self._pending = ExitBatch(records[cut:], base, (), batch.lost, coalesced=after)
             self._work_ns = target_ns
             return True
         self._add_by_second(stats, batch)
@@ -285,12 +289,18 @@ class Replay:
         batch counted: a file's batch spans seconds (4,096 exits), and its stops all at its
         last exit would show 0 stops/s while it plays and a burst at its end."""
         records, base, vcpus = part.records, part.base_ns, part.vcpus
+        coalesced = part.coalesced
         while (first := first_t_exit(records)) is not None:
             second_end = (base + first) // NS * NS + NS - 1
             cut = cut_after(records, second_end - base)
             piece, records = records[:cut], records[cut:]
             stops = self._stops.take(exit_count(piece))
-            stats.add_batch(ExitBatch(piece, base, vcpus, 0 if records else part.lost, stops))
+            now, coalesced = split_coalesced(coalesced, second_end - base)
+            stats.add_batch(ExitBatch(piece, base, vcpus, 0 if records else part.lost, stops,
+                                      coalesced=now))  # fmt: skip
             vcpus = ()
         if not part.records:  # no exits: only vCPUs seen, losses or stops
-            stats.add_batch(ExitBatch(b"", base, vcpus, part.lost, self._stops.take(0)))
+            stats.add_batch(ExitBatch(b"", base, vcpus, part.lost, self._stops.take(0),
+                                      coalesced=coalesced))  # fmt: skip
+        elif coalesced:  # seen after the part's last exit
+            stats.add_batch(ExitBatch(b"", base, coalesced=coalesced))

@@ -7,8 +7,17 @@ import io
 from collections.abc import Mapping
 
 from kvmtop.arch import HOST
+from kvmtop.coalesced import RING_MAX
 from kvmtop.recording import Recording, open_recording
-from kvmtop.stats import ExitStats, LatencyHistogram, ReasonStats, StatsSnapshot, VcpuSnapshot
+from kvmtop.stats import (
+    CoalescedCount,
+    CoalescedSnapshot,
+    ExitStats,
+    LatencyHistogram,
+    ReasonStats,
+    StatsSnapshot,
+    VcpuSnapshot,
+)
 from kvmtop.units import duration
 
 
@@ -62,6 +71,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
                 "total": v.total,
                 "tid": v.tid,
                 "reasons": _reasons_json(v.reasons, seconds),
+                "coalesced": _coalesced_json(v.coalesced),
                 **_identity(v),
             }
             for v in snapshot.vcpus
@@ -81,8 +91,43 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
         "duration_s": round(seconds, 6),
         "reasons": _reasons_json(snapshot.reasons, seconds),
         "top_exact": snapshot.top_exact,
+        "coalesced": {
+            "total": snapshot.coalesced.total,
+            "read": snapshot.coalesced.read,
+            "wraps": snapshot.coalesced.wraps,
+            "unreadable_vcpus": list(snapshot.coalesced.unreadable),
+            "writes": _coalesced_json(snapshot.coalesced.top),
+        },
         "meta": meta,
     }
+
+
+def _coalesced_json(writes: tuple[CoalescedCount, ...]) -> list[dict[str, object]]:
+    """Writes KVM queued in its coalesced ring (no exit): port IO (``port``) or MMIO."""
+    return [
+        {"port" if c.pio else "address": c.address, "len": c.length, "count": c.count}
+        for c in writes
+    ]
+
+
+def coalesced_text(c: CoalescedCount) -> str:
+    """One address or port's coalesced writes, as the IO and MMIO tables name theirs."""
+    if c.pio:
+        return f"0x{c.address:04x} out size {c.length}  {c.count:>10}  {port_name(c.address)}"
+    return f"0x{c.address:012x} write len {c.length}  {c.count:>10}"
+
+
+def coalesced_notes(snapshot: CoalescedSnapshot) -> list[str]:
+    """What the coalesced counts leave out, said once."""
+    notes = []
+    if snapshot.unreadable:
+        vcpus = ", ".join(str(v) for v in snapshot.unreadable[:8])
+        notes.append(f"coalesced ring not readable for vCPU(s) {vcpus} (kvm_run read remotely): "
+                     "their writes that never exit are not counted")  # fmt: skip
+    if snapshot.wraps:
+        notes.append(f"the VMM drained the ring between two of kvmtop's looks {snapshot.wraps} "
+                     f"time(s): exact unless more than {RING_MAX} writes came between two exits")  # fmt: skip
+    return notes
 
 
 def _identity(v: VcpuSnapshot) -> dict[str, object]:
@@ -179,6 +224,11 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
         for m in snapshot.mmio[:10]:
             kind = "write" if m.write else "read"
             lines.append(f"  0x{m.address:012x} {kind:<5} len {m.length}  {m.count:>10}")
+        lines.append("")
+    if snapshot.coalesced.top or snapshot.coalesced.unreadable:
+        lines.append("COALESCED (NO EXIT): writes KVM queued for the VMM without an exit")
+        lines += [f"  {coalesced_text(c)}" for c in snapshot.coalesced.top[:10]]
+        lines += [f"  ({note})" for note in coalesced_notes(snapshot.coalesced)]
         lines.append("")
     if not snapshot.top_exact:
         lines.append("(IO/MMIO tables hit their size bound: their counts are upper bounds)")

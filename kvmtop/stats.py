@@ -13,11 +13,12 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import add
 from typing import Any
 
 from kvmtop import native, summary
+from kvmtop.coalesced import C_PIO, C_UNREADABLE, C_WRAP, COALESCED, KIND_COALESCED
 from kvmtop.decoder import exit_label
 from kvmtop.events import ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.records import F_CYCLE, iter_events
@@ -127,6 +128,7 @@ class VcpuSnapshot:
     io: tuple[PortCount, ...]  # count descending
     mmio: tuple[MmioCount, ...]
     recent: tuple[ExitEvent, ...]  # the latest exits, oldest first
+    coalesced: tuple[CoalescedCount, ...] = ()  # writes KVM queued without an exit
 
     @property
     def name(self) -> str:
@@ -153,6 +155,29 @@ class StatsSnapshot:
     io: tuple[PortCount, ...]  # whole VM
     mmio: tuple[MmioCount, ...]
     top_exact: bool  # False once a top table evicted keys (its counts are then upper bounds)
+    coalesced: CoalescedSnapshot = field(default_factory=lambda: EMPTY_COALESCED)
+
+
+@dataclass(frozen=True, slots=True)
+class CoalescedCount:
+    """Writes to one address or port that KVM queued in the coalesced MMIO ring: no exit."""
+
+    pio: bool
+    address: int
+    length: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class CoalescedSnapshot:
+    total: int  # coalesced writes counted
+    wraps: int  # looks at which a whole turn of the ring may have gone unseen
+    unreadable: tuple[int, ...]  # vCPUs whose ring could not be read (nothing counted for them)
+    top: tuple[CoalescedCount, ...]  # count descending
+    read: bool  # a ring was read (False: nothing could be counted, or nothing to count)
+
+
+EMPTY_COALESCED = CoalescedSnapshot(0, 0, (), (), False)
 
 
 class _Histogram:
@@ -256,7 +281,7 @@ class _Seconds:
 
 class _Vcpu:
     __slots__ = ("vcpu", "key", "tid", "total", "reasons", "seconds", "io", "mmio", "recent",
-                 "recent_exits", "recent_capacity", "last")  # fmt: skip
+                 "recent_exits", "recent_capacity", "last", "coalesced")  # fmt: skip
 
     def __init__(self, vcpu: int, top_capacity: int, recent_capacity: int) -> None:
         self.vcpu = vcpu
@@ -271,6 +296,7 @@ class _Vcpu:
         self.recent_exits = 0
         self.recent_capacity = recent_capacity
         self.last: tuple[int, str] | None = None  # (exit_ns, label) of the previous exit
+        self.coalesced = TopCounter(top_capacity)  # (pio, address, length) -> writes, no exit
 
     def keep_recent(self, records: bytes, base_ns: int, exits: int) -> None:
         """Keep the records of its latest exits: at least ``recent_capacity`` of them, at most
@@ -298,6 +324,43 @@ def _ports(counter: TopCounter, n: int | None) -> tuple[PortCount, ...]:
 
 def _mmios(counter: TopCounter, n: int | None) -> tuple[MmioCount, ...]:
     return tuple(MmioCount(a, ln, w, c) for (a, ln, w), c in counter.top(n))
+
+
+def _coalesced(counter: TopCounter, n: int | None) -> tuple[CoalescedCount, ...]:
+    return tuple(CoalescedCount(bool(p), a, ln, c) for (p, a, ln), c in counter.top(n))
+
+
+class CoalescedCounts:
+    """The writes that never exited (:mod:`kvmtop.coalesced`), whole session; per vCPU in each
+    vCPU's own counter. Bounded as the top tables are."""
+
+    def __init__(self, top_capacity: int) -> None:
+        self.top = TopCounter(top_capacity)
+        self.total = 0
+        self.wraps = 0
+        self.unreadable: dict[int, None] = {}
+        self.read = False
+
+    def add(self, records: bytes, vcpu_of: Callable[[int], _Vcpu]) -> None:
+        """Cost: one step per COALESCED record (one per address and look), never per write."""
+        for kind, flags, vcpu, length, _t, count, _pad, address in COALESCED.iter_unpack(records):
+            if kind != KIND_COALESCED:
+                continue
+            if flags & C_UNREADABLE:
+                if len(self.unreadable) < 4096:
+                    self.unreadable[vcpu] = None
+                continue
+            self.read = True
+            key = (flags & C_PIO, address, length)
+            self.top.add(key, count)
+            vcpu_of(vcpu).coalesced.add(key, count)
+            self.total += count
+            if flags & C_WRAP:
+                self.wraps += 1
+
+    def snapshot(self, top: int | None) -> CoalescedSnapshot:
+        return CoalescedSnapshot(self.total, self.wraps, tuple(self.unreadable),
+                                 _coalesced(self.top, top), self.read)  # fmt: skip
 
 
 def summarizer() -> Callable[[bytes, int, int], summary.Summary]:
@@ -335,6 +398,7 @@ class ExitStats:
         self._reasons: dict[str, _Reason] = {}
         self._io = TopCounter(self.top_capacity)
         self._mmio = TopCounter(self.top_capacity)
+        self.coalesced = CoalescedCounts(self.top_capacity)
         self._stops = _Seconds()
         self.total = 0
         self.stops = 0
@@ -365,6 +429,8 @@ class ExitStats:
             if batch.records:
                 summed = self._summarize(batch.records, batch.base_ns, self.recent_capacity)
                 self._add(summed, batch.base_ns)
+            if batch.coalesced:
+                self.coalesced.add(batch.coalesced, self._vcpu)
             self.lost += batch.lost
             if batch.stops:
                 self.stops += batch.stops
@@ -491,6 +557,7 @@ class ExitStats:
                 io=_ports(self._io, top),
                 mmio=_mmios(self._mmio, top),
                 top_exact=exact,
+                coalesced=self.coalesced.snapshot(top),
             )
 
     def vcpu_pids(self) -> list[int]:
@@ -526,6 +593,7 @@ class ExitStats:
             io=_ports(v.io, top),
             mmio=_mmios(v.mmio, top),
             recent=v.recent_events() if recent else (),
+            coalesced=_coalesced(v.coalesced, top),
         )
 
 

@@ -57,6 +57,7 @@ class TracedProcess:
             old = self.pages.pop(fd, None)
             self.pages[fd] = page
         engine.add_page(self.pid, fd, slot, 0, page.mapping, page.address)
+        engine.add_ring(self.pid, fd, key.vm, page.ring)
         if old is not None:
             old.close()
         return VcpuSeen(slot, 0, time.monotonic_ns(), key)

@@ -402,6 +402,7 @@ class Tracer:
 
     def _flush(self) -> None:
         records, seen, stops, notifications, lost, _exits = self.engine.take()
+        coalesced = self.engine.take_coalesced()
         group = self._group or self._last_group
         base = group.t0 if group is not None else 0
         key = group.slots.key if group is not None else (lambda _slot: None)
@@ -411,8 +412,8 @@ class Tracer:
         processes = group.take_news() if group is not None else ()
         lost += self._lost
         stops += self._stops
-        if records or vcpus or lost or stops or notifications or processes:
-            self.out.put(ExitBatch(records, base, tuple(vcpus), lost, stops, processes))
+        if records or vcpus or lost or stops or notifications or processes or coalesced:
+            self.out.put(ExitBatch(records, base, tuple(vcpus), lost, stops, processes, coalesced))
             self._seen = []
             self._lost = 0
             self._stops = 0

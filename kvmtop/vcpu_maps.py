@@ -26,6 +26,7 @@ class RunPage:
     open_since: int = 0  # one-stop tracing: entry time of the run not yet accounted for
     open_immediate: bool = False  # ...and that run was entered with immediate_exit set
     mapping: mmap.mmap | None = None  # our own mapping, for the engine
+    ring: mmap.mmap | None = None  # ...and of the VM's coalesced MMIO ring (None: not mapped)
     address: int = 0  # else the VMM's mapping's address, read with process_vm_readv
 
     def view(self) -> memoryview | bytes:
@@ -44,6 +45,7 @@ class MappedRunPage(RunPage):
         self._map = mmap.mmap(dupfd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         self._view = memoryview(self._map)
         self.mapping = self._map
+        self.ring = map_ring(dupfd)
 
     def view(self) -> memoryview:
         return self._view
@@ -51,6 +53,8 @@ class MappedRunPage(RunPage):
     def close(self) -> None:
         self._view.release()
         self._map.close()
+        if self.ring is not None:
+            self.ring.close()
         os.close(self._fd)  # the duplicate keeps the VM's kernel objects alive until closed
 
 
@@ -81,6 +85,15 @@ class RemoteRunPage(RunPage):
 
     def close(self) -> None:
         pass
+
+
+def map_ring(vcpu_fd: int, arch: ModuleType = HOST) -> mmap.mmap | None:
+    """The VM's coalesced MMIO ring, read-only, through a vCPU fd (None: KVM has none)."""
+    try:
+        return mmap.mmap(vcpu_fd, arch.PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ,
+                         offset=arch.COALESCED_MMIO_PAGE_OFFSET * arch.PAGE_SIZE)  # fmt: skip
+    except OSError:
+        return None
 
 
 def vcpu_fds(pid: int) -> dict[int, int]:

@@ -82,6 +82,12 @@
 #define RUN_EXIT_REASON 8    /* offsetof(struct kvm_run, exit_reason) */
 #define RUN_UNION 32         /* offsetof(struct kvm_run, the exit union) */
 #define RUN_MAP_SIZE 8192    /* kvm_run and the PIO data page (KVM_PIO_PAGE_OFFSET 1) */
+/* struct kvm_coalesced_mmio_ring {__u32 first, last; struct kvm_coalesced_mmio entries[]}, one
+   page at KVM_COALESCED_MMIO_PAGE_OFFSET 2; an entry {__u64 phys_addr; __u32 len, pio;
+   __u8 data[8]} */
+#define RING_PAGE 4096
+#define RING_ENTRY 24
+#define RING_MAX ((RING_PAGE - 8) / RING_ENTRY) /* KVM_COALESCED_MMIO_MAX: 170 */
 
 /* docs/recording-format.md (kvmtop/records.py) */
 #define KIND_EXIT 1
@@ -89,6 +95,10 @@
 #define KIND_DATA 3
 #define KIND_HELD 9 /* a part of an exit: time stopped for kvmtop before its entry */
 #define KIND_VCPU 4
+#define KIND_COALESCED 10 /* writes KVM queued in the coalesced MMIO ring (kvmtop/coalesced.py) */
+#define C_PIO 0x01
+#define C_WRAP 0x02
+#define C_UNREADABLE 0x04
 #define F_WRITE 0x01
 #define F_PRIVATE 0x02
 #define F_DATA 0x04
@@ -161,6 +171,9 @@ typedef struct {
     int held;
     int64_t held_entry, held_exit;
     struct window held_window; /* ...and the time stopped before that read's entry */
+    const uint8_t *ring_map; /* the VM's coalesced MMIO ring, through this vCPU's mapping */
+    Py_buffer ring_view;
+    int ring; /* index into rings (used only with ring_map) */
 } Page;
 
 typedef struct {
@@ -177,6 +190,13 @@ typedef struct {
 typedef struct {
     int used, pid, mode, flags;
 } Process;
+
+/* One VM's coalesced MMIO ring as kvmtop last looked at it (its vCPUs share it). */
+typedef struct {
+    int used, pid, vm, readable;
+    uint32_t first, last;
+} RingLook;
+#define MAX_RINGS 256
 
 #define MAX_THREADS 8192 /* power of two */
 #define MAX_PAGES 2048
@@ -197,6 +217,8 @@ typedef struct {
     Process procs[MAX_PROCS];
     int pages_hi, procs_hi; /* one past the highest slot ever used: lookups scan no further */
     Buffer records, seen;
+    RingLook rings[MAX_RINGS];
+    Buffer coalesced; /* COALESCED records */
     int64_t base_ns;
     int with_data, wait_flags, sys_ioctl;
     int64_t poll_max_ns, poll_ns;
@@ -494,6 +516,54 @@ static void open_run(Engine *e, Page *p, int64_t now) {
     p->open_immediate = run ? run[RUN_IMMEDIATE_EXIT] != 0 : 0;
 }
 
+/* --- the coalesced MMIO ring (kvmtop/coalesced.py RingLook, the reference) ------------------- */
+
+static void put_coalesced(Engine *e, uint8_t flags, int vcpu, uint32_t len, int64_t now,
+                          uint32_t count, uint64_t address) {
+    uint8_t *r = buffer_grow(e, &e->coalesced, RECORD);
+    if (!r) return;
+    r[0] = KIND_COALESCED;
+    r[1] = flags;
+    put16(r + 2, (uint16_t)vcpu);
+    put32(r + 4, len);
+    put64(r + 8, (uint64_t)(now - e->base_ns));
+    put32(r + 16, count);
+    put64(r + 24, address);
+}
+
+/* At each exit seen: a COALESCED record per (address, pio, len) of the entries the VM's ring
+   took since the previous look. Nothing new (the common case): two loads, no syscall. */
+static void ring_look(Engine *e, Page *p, int64_t now) {
+    if (!p || !p->ring_map) return;
+    RingLook *g = &e->rings[p->ring];
+    uint32_t first = get32(p->ring_map), last = get32(p->ring_map + 4);
+    if (last == g->last || last >= RING_MAX || first >= RING_MAX) {
+        if (first < RING_MAX) g->first = first;
+        return;
+    }
+    uint32_t unseen_before = (g->last + RING_MAX - g->first) % RING_MAX;
+    uint32_t consumed = (first + RING_MAX - g->first) % RING_MAX;
+    uint8_t wrap = consumed > unseen_before ? C_WRAP : 0;
+    struct ring_group { uint64_t address; uint32_t len, pio, count; } groups[RING_MAX];
+    int n = 0;
+    for (uint32_t i = g->last; i != last; i = (i + 1) % RING_MAX) {
+        const uint8_t *entry = p->ring_map + 8 + (size_t)i * RING_ENTRY;
+        uint64_t address = get64(entry);
+        uint32_t len = get32(entry + 8), pio = get32(entry + 12) ? 1 : 0;
+        int k = 0;
+        while (k < n && !(groups[k].address == address && groups[k].pio == pio &&
+                          groups[k].len == len))
+            k++;
+        if (k == n) groups[n++] = (struct ring_group){address, len, pio, 0};
+        groups[k].count++;
+    }
+    for (int k = 0; k < n; k++, wrap = 0) /* the wrap is flagged once a look, on its first */
+        put_coalesced(e, (groups[k].pio ? C_PIO : 0) | wrap, p->vcpu, groups[k].len, now,
+                      groups[k].count, groups[k].address);
+    g->first = first;
+    g->last = last;
+}
+
 /* --- ptrace stops ----------------------------------------------------------------------------- */
 
 static int resume_thread(Engine *e, Thread *t, int sig) {
@@ -582,6 +652,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                 t->in_run = 0;
                 int64_t rval = info.exit.rval;
                 Page *p = t->page >= 0 ? &e->pages[t->page] : NULL;
+                if (p && p->used) ring_look(e, p, now);
                 t->page = -1;
                 const uint8_t *run = p && p->used ? page_bytes(e, p) : NULL;
                 if (!run) {
@@ -615,6 +686,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
             Page *p = page_find(e, t->pid, (int)info.entry.args[0]);
             if (!p) return 0;
             if (p->tid != tid) seen(e, p, tid, now);
+            ring_look(e, p, now);
             if (p->open_since) record_cycle(e, p, now);
             open_run(e, p, now);
         } else if (request == KVM_CREATE_VCPU_) {
@@ -658,6 +730,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 
 static void page_release(Page *p) {
     if (p->map) PyBuffer_Release(&p->view);
+    if (p->ring_map) PyBuffer_Release(&p->ring_view);
     memset(p, 0, sizeof *p);
 }
 
@@ -666,6 +739,7 @@ static void Engine_dealloc(Engine *e) {
         if (e->pages[i].used) page_release(&e->pages[i]);
     free(e->records.data);
     free(e->seen.data);
+    free(e->coalesced.data);
     pthread_mutex_destroy(&e->lock);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
@@ -793,6 +867,8 @@ static PyObject *Engine_remove_process(Engine *e, PyObject *args) {
     LOCK(e);
     Process *p = proc_find(e, pid);
     if (p) p->used = 0;
+    for (int i = 0; i < MAX_RINGS; i++)
+        if (e->rings[i].pid == pid) e->rings[i].used = 0;
     for (int i = 0; i < MAX_THREADS;) {
         if (e->threads[i].used && e->threads[i].pid == pid)
             thread_delete(e, &e->threads[i]); /* may shift another entry into i */
@@ -946,6 +1022,7 @@ static PyObject *Engine_close_runs(Engine *e, PyObject *args) {
     for (int i = 0; i < e->pages_hi; i++) {
         Page *p = &e->pages[i];
         if (!p->used || p->pid != pid || !p->open_since || (tid && p->tid != tid)) continue;
+        ring_look(e, p, now);
         const uint8_t *run = page_bytes(e, p);
         /* a last run that a dying process's kill cut short (KVM_EXIT_INTR) is no guest exit */
         if (p->open_immediate || !run || get32(run + RUN_EXIT_REASON) == KVM_EXIT_INTR)
@@ -954,6 +1031,51 @@ static PyObject *Engine_close_runs(Engine *e, PyObject *args) {
             record_cycle(e, p, now);
     }
     UNLOCK(e);
+    Py_RETURN_NONE;
+}
+
+/* add_ring(pid, fd, vm, mapping or None): after add_page. */
+static PyObject *Engine_add_ring(Engine *e, PyObject *args) {
+    int pid, fd, vm;
+    PyObject *mapping;
+    if (!PyArg_ParseTuple(args, "iiiO", &pid, &fd, &vm, &mapping)) return NULL;
+    Py_buffer view = {0};
+    if (mapping != Py_None) {
+        if (PyObject_GetBuffer(mapping, &view, PyBUF_SIMPLE) < 0) return NULL;
+        if (view.len < RING_PAGE) {
+            PyBuffer_Release(&view);
+            return PyErr_Format(PyExc_ValueError, "a ring mapping holds %d bytes", RING_PAGE);
+        }
+    }
+    int kept = 0;
+    LOCK(e);
+    Page *p = page_find(e, pid, fd);
+    RingLook *g = NULL;
+    for (int i = 0; p && !g && i < MAX_RINGS; i++)
+        if (e->rings[i].used && e->rings[i].pid == pid && e->rings[i].vm == vm) g = &e->rings[i];
+    int fresh = g == NULL;
+    for (int i = 0; p && !g && i < MAX_RINGS; i++)
+        if (!e->rings[i].used) g = &e->rings[i];
+    if (p && g) {
+        if (fresh) *g = (RingLook){1, pid, vm, 0, 0, 0};
+        if (mapping == Py_None) {
+            if (fresh) /* said once per VM; nothing is counted */
+                put_coalesced(e, C_UNREADABLE, p->vcpu < 0 ? 0 : p->vcpu, 0, now_ns(), 0, 0);
+        } else {
+            if (!g->readable) { /* nothing from before the first look is counted */
+                g->first = get32(view.buf);
+                g->last = get32((const uint8_t *)view.buf + 4);
+                g->readable = 1;
+            }
+            if (p->ring_map) PyBuffer_Release(&p->ring_view);
+            p->ring_view = view;
+            p->ring_map = view.buf;
+            p->ring = (int)(g - e->rings);
+            kept = 1;
+        }
+    }
+    UNLOCK(e);
+    if (!kept && mapping != Py_None) PyBuffer_Release(&view);
     Py_RETURN_NONE;
 }
 
@@ -978,9 +1100,16 @@ static PyObject *Engine_take(Engine *e, PyObject *unused) {
     return Py_BuildValue("(NNllll)", records, seen_records, stops, notifications, lost, exits);
 }
 
+static PyObject *Engine_take_coalesced(Engine *e, PyObject *unused) {
+    LOCK(e);
+    PyObject *out = take_buffer(&e->coalesced);
+    UNLOCK(e);
+    return out;
+}
+
 static PyObject *Engine_pending(Engine *e, PyObject *unused) {
     LOCK(e);
-    size_t n = e->records.len + e->seen.len;
+    size_t n = e->records.len + e->seen.len + e->coalesced.len;
     long counted = e->stops + e->notifications + e->lost;
     UNLOCK(e);
     return PyLong_FromSize_t(n + (size_t)counted);
@@ -1007,6 +1136,7 @@ static int answer(Engine *e, int listener, struct notif *n, int force) {
     if (!p && !force) return 0;
     if (p) {
         if (p->tid != (int)n->pid) seen(e, p, (int)n->pid, now);
+        ring_look(e, p, now);
         /* The previous run ended when this one is asked for, whatever becomes of this one. */
         if (p->open_since) record_cycle(e, p, now);
     }
@@ -1098,6 +1228,10 @@ static PyMethodDef Engine_methods[] = {
      "close_runs(pid, tid or 0, now_ns): the last exit of runs that have ended"},
     {"take", (PyCFunction)Engine_take, METH_NOARGS,
      "take() -> (records, vcpu_records, stops, notifications, lost, exits), reset"},
+    {"add_ring", (PyCFunction)Engine_add_ring, METH_VARARGS,
+     "add_ring(pid, fd, vm, mapping or None): the VM's coalesced MMIO ring, after add_page"},
+    {"take_coalesced", (PyCFunction)Engine_take_coalesced, METH_NOARGS,
+     "take_coalesced() -> COALESCED records, reset"},
     {"pending", (PyCFunction)Engine_pending, METH_NOARGS, "pending() -> anything to take"},
     {"set_base", (PyCFunction)Engine_set_base, METH_VARARGS, "set_base(ns): record times' zero"},
     {"notify_run", (PyCFunction)Engine_notify_run, METH_VARARGS,

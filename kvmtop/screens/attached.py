@@ -88,9 +88,9 @@ class AttachedScreen(WatchScreen):
         self.fit()
         self.query_one(VcpuTable).show(snap.vcpus)
         what = f"exit reasons, {'all VMs' if snap.many_vms else 'whole VM'}"
-        reasons = self.show_reasons(what, snap.reasons, snap.total)
+        reasons = self.show_reasons(what, snap.reasons, snap.total, snap.coalesced.total)
         self.query_one(LatencyPane).show(reasons)
-        self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact)
+        self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact, snap.coalesced.top[:4])
 
     def on_resize(self, _event: events.Resize) -> None:
         self.fit()
@@ -104,9 +104,9 @@ class AttachedScreen(WatchScreen):
             return
         body = self.query_one("#body").size.height
         vcpus = max(1, len(snap.vcpus))
-        bars = 2 + max(1, len(snap.reasons))
+        bars = 2 + max(1, len(snap.reasons)) + (1 if snap.coalesced.total else 0)
         latency = 1 + 2 * len(snap.reasons) if snap.reasons else 1
-        targets = lines_for(len(snap.io), len(snap.mmio), snap.top_exact)
+        targets = lines_for(len(snap.io), len(snap.mmio), snap.top_exact, snap.coalesced.top[:4])
         room = body - bars - (2 + max(latency, targets))
         per_vcpu = max(1, min(MAX_LINES_PER_VCPU, (room - 3) // vcpus))
         height = max(min(room, 3 + vcpus * per_vcpu), 3 + min(vcpus, 4))

@@ -103,7 +103,7 @@ class VcpuScreen(WatchScreen):
         top = 2 + max(reasons, len(v.timeline_by_reason))
         room = self.size.height - 3 - top - (2 + self.LOG_LINES)  # title, status line, footer
         latency = 2 + 1 + 2 * reasons
-        targets = 2 + lines_for(len(v.io), len(v.mmio))
+        targets = 2 + lines_for(len(v.io), len(v.mmio), coalesced=v.coalesced[:4])
         height = max(3 + reasons, min(room, max(latency, targets)))  # one line a reason, least
         self.query_one("#mid-row").styles.height = height
 
@@ -123,8 +123,9 @@ class VcpuScreen(WatchScreen):
         )
         self._shown_vcpu = v
         self.fit()
-        reasons = self.show_reasons(f"{v.name}: exit reasons", v.reasons, v.total)
-        self.query_one(TopTargets).show(v.io, v.mmio)
+        coalesced = sum(c.count for c in v.coalesced)
+        reasons = self.show_reasons(f"{v.name}: exit reasons", v.reasons, v.total, coalesced)
+        self.query_one(TopTargets).show(v.io, v.mmio, True, v.coalesced[:4])
         self.query_one(ReasonTimelines).show(v.timeline_by_reason)
         self.query_one(LatencyPane).show(reasons)
         self.query_one(ExitLog).show(v.recent, snap.first_ns)

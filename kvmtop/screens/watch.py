@@ -87,7 +87,7 @@ class WatchScreen(Screen[None]):
         return title if order == "count" else f"{title}, by {order}"
 
     def show_reasons(
-        self, title: str, reasons: tuple[ReasonStats, ...], total: int
+        self, title: str, reasons: tuple[ReasonStats, ...], total: int, coalesced: int = 0
     ) -> tuple[ReasonStats, ...]:
         """The reasons pane, titled (saying the order) and ordered; returns the order."""
         bars = self.query_one(ReasonBars)
@@ -95,7 +95,7 @@ class WatchScreen(Screen[None]):
         if bars.border_title != title:  # setting it lays the screen out again
             bars.border_title = title
         ordered = self.ordered(reasons)
-        bars.show(ordered, total)
+        bars.show(ordered, total, coalesced)
         return ordered
 
     def action_reason_order(self) -> None:

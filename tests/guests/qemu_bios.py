@@ -13,8 +13,12 @@ from kvmtop import guestcode
 BIOS_SIZE = 0x10000
 
 
-def build_bios(outs: int, mmio_writes: int, spin_iterations: int = 0) -> bytes:
-    code = guestcode.counted(outs, mmio_writes, spin_iterations, port=0x80, mmio_addr=0xC0000)
+def build_bios(
+    outs: int, mmio_writes: int, spin_iterations: int = 0, port: int = 0x80, ins: int = 0,
+    in_port: int | None = None,
+) -> bytes:  # fmt: skip
+    code = guestcode.counted(outs, mmio_writes, spin_iterations, port=port, mmio_addr=0xC0000,
+                             ins=ins, in_port=in_port)  # fmt: skip
     image = bytearray(b"\xf4" * BIOS_SIZE)
     image[: len(code)] = code
     image[0xFFF0:0xFFF5] = b"\xea\x00\x00\x00\xf0"  # jmp far F000:0000
