@@ -42,7 +42,7 @@ def test_net_vmm_time_takes_off_what_kvmtop_s_stops_cost(tmp_path):
     raw = [s["reasons"]["KVM_EXIT_IO"]["handling"]["p50_ns"] for s in (plain, busy)]
     net = [s["reasons"]["KVM_EXIT_IO"]["handling_net"]["p50_ns"] for s in (plain, busy)]
     # the 40 more stops per exit inflate the raw time; the net time keeps most of that out
-    assert net[1] - net[0] < 0.5 * (raw[1] - raw[0])
+    assert net[1] - net[0] < 0.6 * (raw[1] - raw[0])
 
 
 def test_one_stop_and_notify_tracing_say_nothing_of_handling_they_cannot_separate(tmp_path):
