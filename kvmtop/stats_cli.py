@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from kvmtop.kernel_table import counter_table, vcpu_values
+from kvmtop.kernel_table import counter_table, io_note, vcpu_values
 from kvmtop.kvm_stats import StatDesc, Values
 from kvmtop.procfs import is_stopped
 from kvmtop.vm_stats import StatsSample, VmStats, rates, take_stats
@@ -64,7 +64,8 @@ def stats_table(stats: VmStats, first: StatsSample, last: StatsSample, now: Stat
     if is_stopped(stats.pid):
         head += "  (stopped: its vCPUs are not running)"
     table = counter_table(stats, last, now)
-    return "\n".join([head, "", *_grid(["VCPU COUNTER", *table.columns], table.rows), "",
+    note = io_note(stats, last, now, None)
+    return "\n".join([head, *([f"note: {note}"] if note else []), "", *_grid(["VCPU COUNTER", *table.columns], table.rows), "",
                       *_grid(["VM COUNTER", "value"], table.vm_rows)])  # fmt: skip
 
 

@@ -859,6 +859,80 @@ async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
     assert demo.poll() is None
 
 
+@pytest.mark.kvm
+async def test_k_on_a_stopped_vmm_says_it_is_stopped(processes):
+    """Its counters cannot be had (no thread of it runs): one notification says why, at once,
+    and kvmtop goes on; resumed, the same `k` opens the kernel view."""
+    import signal
+
+    from kvmtop.procfs import is_stopped
+    from kvmtop.screens.kernel import KernelScreen
+
+    vmm = subprocess.Popen(counted_command(outs=0, mmio_writes=0, spin=4_000_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await list_shows(pilot, vmm.pid)
+        await pilot.press("slash", *str(vmm.pid), "enter")
+        os.kill(vmm.pid, signal.SIGSTOP)
+        try:
+            await until(pilot, lambda: is_stopped(vmm.pid), what="stopped")
+            await pilot.press("k")
+            said = lambda: [n.message for n in app._notifications]  # noqa: E731
+            await until(pilot, lambda: any("it is stopped" in m for m in said()), what="told")
+        finally:
+            os.kill(vmm.pid, signal.SIGCONT)
+        assert app.screen is screen
+        await pilot.press("k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        await pilot.press("q")
+    assert vmm.poll() is None
+
+
+@pytest.mark.kvm
+async def test_kernel_view_says_where_kvm_counted_the_io_exits_the_vmm_handles(processes):
+    """This host's KVM emulates real-mode code: the guest's `out`s reach the VMM as IO exits,
+    yet KVM counts them in insn_emulation, not io_exits. The note says so while it is so, and
+    goes once nothing grows (the VMM stopped)."""
+    import signal
+
+    from kvmtop.kernel_table import io_note
+    from kvmtop.procfs import is_stopped
+    from kvmtop.screens.kernel import KernelScreen
+    from kvmtop.widgets.counter_grid import CounterGrid
+
+    vmm = subprocess.Popen(counted_command(outs=50_000_000, mmio_writes=0))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    app = KvmtopApp(pid=vmm.pid)
+    async with app.run_test(size=SIZE) as pilot:
+        await until_counting(pilot, vmm.pid)
+        await pilot.press("k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        note = app.screen.query_one("#note")
+        shown = lambda: str(note.render()) if note.display else ""  # noqa: E731
+        await until(pilot, lambda: "the VMM saw" in shown(), what="the note")
+        stats, (before, now) = app.held.get(vmm.pid), app.held.samples(vmm.pid)
+        grew = {name: now.vcpus[0][name] - before.vcpus[0][name]
+                for name in ("io_exits", "insn_emulation")}  # fmt: skip
+        assert grew["io_exits"] == 0 and grew["insn_emulation"] > 0
+        assert app.traced_io_rate() > 0
+        assert shown().startswith("note: io_exits did not grow while the VMM saw ")
+        assert shown() == f"note: {io_note(stats, before, now, app.traced_io_rate())}"
+        grid = app.screen.query_one(CounterGrid)
+        assert str(grid.get_row("io_exits")[1]) == "0"  # shown beside the note, though 0
+        os.kill(vmm.pid, signal.SIGSTOP)
+        try:
+            await until(pilot, lambda: is_stopped(vmm.pid, traced=True), what="stopped")
+            await until(pilot, lambda: not note.display, what="no note: nothing grows")
+        finally:
+            os.kill(vmm.pid, signal.SIGCONT)
+        await until(pilot, lambda: "the VMM saw" in shown(), what="the note again")
+        await pilot.press("q")
+    assert vmm.poll() is None
+
+
 async def test_a_command_that_fails_before_making_a_vcpu_ends_kvmtop_with_its_status():
     app = KvmtopApp(argv=["sh", "-c", "echo one >&2; echo 'bad option -x' >&2; exit 3"])
     async with app.run_test(size=SIZE) as pilot:
