@@ -860,6 +860,40 @@ async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
 
 
 @pytest.mark.kvm
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+async def test_the_kernel_views_scrollbar_thumb_starts_and_ends_on_a_row_edge(processes, size):
+    """Every counter shown (z) overflows both sizes; wherever the grid is scrolled, the thumb
+    is whole rows (Textual's default draws its ends as eighth-of-a-row glyphs)."""
+    from kvmtop.screens.kernel import KernelScreen
+    from kvmtop.widgets.counter_grid import CounterGrid
+
+    partial = set("▁▂▃▄▅▆▇")
+    vmm = subprocess.Popen(counted_command(outs=0, mmio_writes=0, spin=4_000_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    app = KvmtopApp()
+    async with app.run_test(size=size) as pilot:
+        await list_shows(pilot, vmm.pid)
+        await pilot.press("slash", *str(vmm.pid), "enter", "k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        grid = app.screen.query_one(CounterGrid)
+        await pilot.press("z")
+        await until(pilot, lambda: grid.max_scroll_y > 0, what="counters to scroll")
+        seen = set()
+        for row in range(0, grid.row_count, 7):
+            grid.move_cursor(row=row, animate=False)  # the grid keeps the cursor in view
+
+            def in_view(row: int = row) -> bool:
+                return grid.scroll_y <= row <= grid.scroll_y + grid.size.height - 2
+
+            await until(pilot, in_view, what=f"row {row} in view")
+            seen.add(grid.vertical_scrollbar.position)
+            assert not partial & set(app.export_screenshot()), f"a partial thumb at row {row}"
+        assert len(seen) >= 3  # the thumb was seen at the top, on the way and at the bottom
+        await pilot.press("q")
+
+
+@pytest.mark.kvm
 async def test_k_on_a_stopped_vmm_says_it_is_stopped(processes):
     """Its counters cannot be had (no thread of it runs): one notification says why, at once,
     and kvmtop goes on; resumed, the same `k` opens the kernel view."""
