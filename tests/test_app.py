@@ -521,6 +521,94 @@ async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_
         await pilot.press("q")
 
 
+def _record(path, *args: str) -> None:
+    import sys
+
+    argv = [sys.executable, "-m", "kvmtop", "record", "-o", str(path), *args, "--",
+            *counted_command(outs=150, mmio_writes=100)]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+async def _drill_down_log_at_the_end(path) -> list[str]:
+    app = KvmtopApp(replay=str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("enter")
+        assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 0
+        log = app.screen.query_one(ExitLog)
+        await until(pilot, lambda: log.line_count > 0, what="the exit log")
+        lines = list(log.lines)
+        await pilot.press("q")
+    return lines
+
+
+@pytest.mark.kvm
+async def test_the_exit_log_gives_each_exits_vmm_time_up_to_the_vcpus_next_entry(tmp_path):
+    """Two stops per exit: each line's VMM time is the vCPU's next entry minus its exit, as
+    recorded; the last exit's is not known (no next entry), and says so."""
+    from kvmtop.decoder import describe_exit
+    from kvmtop.recording import open_recording
+    from kvmtop.units import duration
+
+    path = tmp_path / "two-stop.kvmtop"
+    _record(path, "--no-seccomp")
+    exits = [e for b in open_recording(str(path)).batches() for e in b.events if e.vcpu == 0]
+    assert len(exits) == 251  # 150 outs, 100 MMIO writes, the debug-exit `out`
+    lines = await _drill_down_log_at_the_end(path)
+    assert len(lines) == len(exits)
+    for line, e, after in zip(lines, exits, [*exits[1:], None], strict=True):
+        vmm = duration(after.entry_ns - e.exit_ns) if after else "…"
+        assert re.search(rf"  guest +{re.escape(duration(e.guest_ns))}  VMM +{re.escape(vmm)}  ",
+                         line), line  # fmt: skip
+        assert line.endswith(describe_exit(e))
+
+
+@pytest.mark.kvm
+async def test_the_live_exit_log_completes_each_lines_vmm_time_at_the_next_exit(processes):
+    """Live, the newest line waits for the vCPU's next exit ("…"); once that is in, the line
+    gets its VMM time, the same as the aggregate's ring of the vCPU's latest exits gives."""
+    from kvmtop.units import duration
+
+    demo = start_demo(processes)
+    app = KvmtopApp(pid=demo.pid)
+    async with app.run_test(size=SIZE) as pilot:
+        await until_counting(pilot, demo.pid)
+        table = app.screen.query_one(VcpuTable)
+        await until(pilot, lambda: len(table.rows) == 2, what="both vCPUs listed")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuScreen), what="drill-down")
+        assert app.screen.vcpu == 0
+        log = app.screen.query_one(ExitLog)
+        await until(pilot, lambda: log.line_count > 300, what="refreshes of the exit log")
+        await pilot.press("p")  # the view holds still while the tracing goes on
+        lines = exit_lines(log)
+        ring = app.session.stats.vcpu_snapshot(0, time.monotonic_ns()).recent
+        origin = app.session.stats.snapshot().first_ns
+        await pilot.press("p", "q")
+    assert "…" in lines[-1] and not any("…" in line for line in lines[:-1])
+    by_time = {f"{(e.exit_ns - origin) / 1e9:12.6f}s": i for i, e in enumerate(ring)}
+    checked = 0
+    for line in lines[:-1]:
+        i = by_time.get(line[:13])
+        if i is not None and i + 1 < len(ring) and " ? " not in line:
+            vmm = duration(ring[i + 1].entry_ns - ring[i].exit_ns)
+            assert re.search(rf"  VMM +{re.escape(vmm)}  ", line), (line, vmm)
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.kvm
+async def test_the_exit_log_says_guest_and_vmm_times_are_one_span_in_one_stop_mode(tmp_path):
+    path = tmp_path / "one-stop.kvmtop"
+    _record(path)  # seccomp user notification: exits read at the next entry
+    lines = await _drill_down_log_at_the_end(path)
+    assert len(lines) == 251
+    assert all(re.search(r"  guest\+VMM +\S+ \(not separable\)  ", line) for line in lines), lines
+    assert not any(" VMM " in line for line in lines)
+
+
 async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
