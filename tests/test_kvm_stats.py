@@ -459,3 +459,27 @@ def test_counters_held_while_the_vmm_is_stopped_are_shown_and_say_so(processes):
     assert stopped["stopped"] is True and running["stopped"] is False
     assert now.vcpus[0]["exits"] == first.vcpus[0]["exits"] > 0  # nothing runs while stopped
     assert vmm.wait(120) == 0
+
+
+@pytest.mark.qemu
+def test_a_qemu_whose_vcpus_never_run_is_said_so_and_left_as_it_was(tmp_path, processes):
+    """`-S`: QEMU runs, its vCPU threads wait for `cont` and never enter KVM_RUN, where alone a
+    vCPU's stats fd can be made: the wait ends with that reason (not an empty one), and QEMU's
+    fds are as before (the VM's stats fd made on the way was closed in it)."""
+    from kvmtop.vm_stats import StatsUnavailable
+
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=10, mmio_writes=0))
+    vmm = subprocess.Popen(qemu_command(str(bios), "-S"), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    before = settled_fd_table(vmm.pid)
+    with pytest.raises(StatsUnavailable) as raised:
+        take_stats(vmm.pid, timeout=2.0)
+    assert str(raised.value) == (
+        f"no KVM counters for pid {vmm.pid}: its vCPU threads did not enter KVM_RUN within 2 s "
+        "(are its vCPUs paused?); a vCPU's counters can only be made by the thread that runs it"
+    )
+    assert settled_fd_table(vmm.pid) == before and tracer_pid(vmm.pid) == 0
+    assert vmm.poll() is None
