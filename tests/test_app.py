@@ -583,8 +583,9 @@ async def test_the_live_exit_log_completes_each_lines_vmm_time_at_the_next_exit(
         log = app.screen.query_one(ExitLog)
         await until(pilot, lambda: log.line_count > 300, what="refreshes of the exit log")
         await pilot.press("p")  # the view holds still while the tracing goes on
+        await pilot.pause(0.3)
         lines = exit_lines(log)
-        ring = app.session.stats.vcpu_snapshot(0, time.monotonic_ns()).recent
+        ring = app.screen._shown_vcpu.recent  # what the log was last given
         origin = app.session.stats.snapshot().first_ns
         await pilot.press("p", "q")
     assert "…" in lines[-1] and not any("…" in line for line in lines[:-1])
@@ -1035,13 +1036,18 @@ async def test_kernel_view_says_where_kvm_counted_the_io_exits_the_vmm_handles(p
         note = app.screen.query_one("#note")
         shown = lambda: str(note.render()) if note.display else ""  # noqa: E731
         await until(pilot, lambda: "the VMM saw" in shown(), what="the note")
-        stats, (before, now) = app.held.get(vmm.pid), app.held.samples(vmm.pid)
-        grew = {name: now.vcpus[0][name] - before.vcpus[0][name]
-                for name in ("io_exits", "insn_emulation")}  # fmt: skip
-        assert grew["io_exits"] == 0 and grew["insn_emulation"] > 0
+        stats = app.held.get(vmm.pid)
+
+        def as_the_counters_say() -> bool:  # the samples move on each second: once, in step
+            before, now = app.held.samples(vmm.pid)
+            grew = {name: now.vcpus[0][name] - before.vcpus[0][name]
+                    for name in ("io_exits", "insn_emulation")}  # fmt: skip
+            assert grew["io_exits"] == 0 and grew["insn_emulation"] > 0
+            return shown() == f"note: {io_note(stats, before, now, app.traced_io_rate())}"
+
+        await until(pilot, as_the_counters_say, what="the note, from the counters shown")
         assert app.traced_io_rate() > 0
         assert shown().startswith("note: io_exits did not grow while the VMM saw ")
-        assert shown() == f"note: {io_note(stats, before, now, app.traced_io_rate())}"
         grid = app.screen.query_one(CounterGrid)
         assert str(grid.get_row("io_exits")[1]) == "0"  # shown beside the note, though 0
         os.kill(vmm.pid, signal.SIGSTOP)
