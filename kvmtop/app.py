@@ -23,6 +23,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from kvmtop.decoder import ExitReason, exit_label
 from kvmtop.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal
 from kvmtop.events import Attached
@@ -51,6 +52,9 @@ from kvmtop.sources import LiveSource, command_line
 from kvmtop.widgets.vcpu_table import VcpuTable
 
 UNLISTED_ACTIONS = frozenset({"quit", "command_palette", "help", "app.pop_screen"})
+
+
+IO_LABEL = exit_label(ExitReason.IO, 0)
 
 
 class KvmtopApp(App[int]):
@@ -97,8 +101,8 @@ class KvmtopApp(App[int]):
         self.child_stderr: str | None = None  # launched commands' stderr, to show if they fail
         self._command_pid: int | None = None
         self.exit_message: str | None = None  # for stderr, once the screen is gone
-        # the traced VM's aggregate and its total exits at the held counters' last samples
-        self._traced_at: dict[int, tuple[object, int]] = {}
+        # the traced VM's aggregate, its total and IO exits at the held counters' last samples
+        self._traced_at: dict[int, tuple[object, int, int]] = {}
 
     @property
     def attached_pid(self) -> int | None:
@@ -253,7 +257,8 @@ class KvmtopApp(App[int]):
         if samples is None or session is None:
             self._traced_at.clear()
             return
-        self._traced_at[samples[1].t_ns] = (session.stats, session.stats.total)
+        stats = session.stats
+        self._traced_at[samples[1].t_ns] = (stats, stats.total, stats.count_of(IO_LABEL))
         while len(self._traced_at) > 2:
             del self._traced_at[next(iter(self._traced_at))]
 
@@ -262,13 +267,24 @@ class KvmtopApp(App[int]):
         VMM saw (the traced ones) over the same interval, once known."""
         pid = self.attached_pid
         kernel = self.held.exit_rate(pid) if pid is not None else None
+        if kernel is None:
+            return None
+        return kernel, self._traced_rate(1)
+
+    def traced_io_rate(self) -> float | None:
+        """The IO exits/s the VMM saw over the held counters' last interval, once known."""
+        return self._traced_rate(2)
+
+    def _traced_rate(self, column: int) -> float | None:
+        pid = self.attached_pid
         samples = self.held.samples(pid) if pid is not None else None
-        if kernel is None or samples is None:
+        if samples is None:
             return None
         before, now = (self._traced_at.get(sample.t_ns) for sample in samples)
         if before is None or now is None or before[0] is not now[0]:  # not one attach's counts
-            return kernel, None
-        return kernel, (now[1] - before[1]) / max(1e-9, (samples[1].t_ns - samples[0].t_ns) / 1e9)
+            return None
+        seconds = max(1e-9, (samples[1].t_ns - samples[0].t_ns) / 1e9)
+        return (now[column] - before[column]) / seconds  # type: ignore[operator]
 
     def on_kernel_requested(self, request: KernelRequested) -> None:
         session, pid = self.session, request.pid
@@ -288,14 +304,18 @@ class KvmtopApp(App[int]):
     def _show_kernel(self, pid: int) -> None:
         self._taking.discard(pid)
         if not isinstance(self.screen, KernelScreen):
-            self.push_screen(KernelScreen(self.held, pid, traced=self.attached_pid == pid))
+            traced = self.attached_pid == pid
+            io_rate = self.traced_io_rate if traced else lambda: None
+            self.push_screen(KernelScreen(self.held, pid, traced, io_rate))
 
     @work(thread=True, group="kernel")
     def _take_kernel(self, pid: int, via: Future[StatsFds] | None) -> None:
         try:
             self.held.take(pid, via)
         except KvmtopError as exc:
-            self.call_from_thread(self._taking.discard, pid)
+            self.call_from_thread(
+                lambda: self._taking.discard(pid)
+            )  # not a builtin: Textual inspects it
             self.call_from_thread(self.notify, str(exc), severity="error", timeout=6)
             return
         self.call_from_thread(self._show_kernel, pid)

@@ -471,10 +471,13 @@ def exporter(listen: str, rescan_s: float) -> int:
             signal.signal(s, handler)
 
 
+LIST_CPU_INTERVAL_S = 0.5  # `list --json` samples every process's CPU time this far apart
+
+
 def list_processes(as_json: bool) -> int:
     from kvmtop.discovery import list_kvm_processes, not_yours, others_vmms
 
-    procs = list_kvm_processes()
+    procs = list_kvm_processes(cpu_interval=LIST_CPU_INTERVAL_S if as_json else 0.0)
     if as_json:
         print(json.dumps([p.as_dict() for p in procs], indent=2))
         return 0

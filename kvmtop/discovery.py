@@ -89,8 +89,17 @@ def _describe(proc: psutil.Process, links: list[str]) -> KvmProcess:
 _cpu_seen: dict[int, psutil.Process] = {}  # kept so cpu_percent() measures since the last call
 
 
-def list_kvm_processes() -> list[KvmProcess]:
-    """Every process with a KVM fd that this user may inspect, by pid."""
+def list_kvm_processes(cpu_interval: float = 0.0) -> list[KvmProcess]:
+    """Every process with a KVM fd that this user may inspect, by pid. Each ``cpu_percent`` is
+    over the time since the previous listing (0.0 at a process's first); ``cpu_interval`` > 0
+    lists twice, that many seconds apart, so that a one-off listing measures it too."""
+    if cpu_interval > 0:
+        _list_kvm_processes()
+        time.sleep(cpu_interval)
+    return _list_kvm_processes()
+
+
+def _list_kvm_processes() -> list[KvmProcess]:
     found = []
     alive = set()
     me = os.getpid()

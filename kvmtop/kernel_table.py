@@ -94,3 +94,31 @@ def counter_table(
     vm_rates = rates(last, now, vm_descs, lambda s: s.vm)
     vm_rows: Rows = [(d.name, [_cell(d, now.vm, vm_rates.get(d.name), compact)]) for d in vm_descs]
     return CounterTable(columns, rows, vm_rows)
+
+
+def io_note(stats: VmStats, last: StatsSample, now: StatsSample, traced_io: float | None) -> str:
+    """Where KVM counted the guest's port IO when ``io_exits`` did not grow between two samples
+    but ``insn_emulation`` did: KVM's emulator ran the IO instructions (real-mode code on a host
+    without "unrestricted guest": nested or PVM), and its IO exits count only there.
+    ``traced_io``: the IO exits/s the VMM saw over the same interval, if traced. "" when
+    nothing needs saying."""
+    descs = stats.descs()
+    names = {d.name for d in descs}
+    if not {"io_exits", "insn_emulation"} <= names or now.t_ns <= last.t_ns:
+        return ""
+    grew = {
+        name: vm_totals(now, descs)[name] - vm_totals(last, descs)[name]
+        for name in ("io_exits", "insn_emulation")
+    }
+    if grew["io_exits"] or not grew["insn_emulation"]:
+        return ""
+    emulated = human(grew["insn_emulation"] / ((now.t_ns - last.t_ns) / 1e9))
+    if traced_io:
+        return (
+            f"io_exits did not grow while the VMM saw {human(traced_io)} IO exits/s: KVM "
+            f"emulated those instructions and counted them in insn_emulation ({emulated}/s)"
+        )
+    return (
+        f"io_exits did not grow, insn_emulation did ({emulated}/s): port IO of instructions "
+        "KVM emulates (real-mode code without unrestricted guest) counts there, not in io_exits"
+    )

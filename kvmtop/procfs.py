@@ -17,6 +17,22 @@ def task_ids(pid: int) -> list[int]:
         return []
 
 
+def is_stopped(pid: int, traced: bool = False) -> bool:
+    """Whether every thread of ``pid`` is stopped by a signal (SIGSTOP, SIGTSTP: state T in
+    /proc/PID/task/TID/stat); a stopped VMM runs no vCPU and makes no syscall until SIGCONT.
+    ``traced``: kvmtop traces it, and a tracee's group-stop shows as t (tracing stop), as do
+    the tracer's own brief stops."""
+    stopped = ("T", "t") if traced else ("T",)
+    states = []
+    for tid in task_ids(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rpartition(")")[2].split()[0])
+        except (OSError, IndexError):
+            continue  # a thread that has just ended
+    return bool(states) and all(state in stopped for state in states)
+
+
 def tgid_of(tid: int) -> int:
     tgid = status_field(tid, "Tgid")
     return int(tgid) if tgid else -1

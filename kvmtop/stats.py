@@ -560,6 +560,12 @@ class ExitStats:
                 coalesced=self.coalesced.snapshot(top),
             )
 
+    def count_of(self, label: str) -> int:
+        """The exits counted under one reason label (``KVM_EXIT_IO``), without a snapshot."""
+        with self._lock:
+            found = self._reasons.get(label)
+            return found.count if found is not None else 0
+
     def vcpu_pids(self) -> list[int]:
         """The processes whose vCPUs made exits, in the order their vCPUs were seen."""
         with self._lock:

@@ -13,8 +13,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from kvmtop.kernel_table import counter_table, vcpu_values
+from kvmtop.kernel_table import counter_table, io_note, vcpu_values
 from kvmtop.kvm_stats import StatDesc, Values
+from kvmtop.procfs import is_stopped
 from kvmtop.vm_stats import StatsSample, VmStats, rates, take_stats
 
 CLEAR = "\x1b[H\x1b[J"
@@ -60,8 +61,11 @@ def stats_table(stats: VmStats, first: StatsSample, last: StatsSample, now: Stat
     """Counters down, vCPUs (and the VM's sum) across; rates since the previous sample."""
     since = (now.t_ns - first.t_ns) / 1e9
     head = f"pid {stats.pid}  KVM's own counters, {len(stats.vcpus)} vCPU(s), {since:.1f} s"
+    if is_stopped(stats.pid):
+        head += "  (stopped: its vCPUs are not running)"
     table = counter_table(stats, last, now)
-    return "\n".join([head, "", *_grid(["VCPU COUNTER", *table.columns], table.rows), "",
+    note = io_note(stats, last, now, None)
+    return "\n".join([head, *([f"note: {note}"] if note else []), "", *_grid(["VCPU COUNTER", *table.columns], table.rows), "",
                       *_grid(["VM COUNTER", "value"], table.vm_rows)])  # fmt: skip
 
 
@@ -98,6 +102,7 @@ def sample_json(stats: VmStats, first: StatsSample, last: StatsSample, now: Stat
     return {
         "t": round((now.t_ns - first.t_ns) / 1e9, 6),
         "pid": stats.pid,
+        "stopped": is_stopped(stats.pid),
         "vm": _json_values(vm_descs, now.vm),
         "vcpus": {str(v): _json_values(descs, values) for v, values in sorted(now.vcpus.items())},
         "rates": {

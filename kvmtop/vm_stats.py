@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from kvmtop.errors import KvmtopError
 from kvmtop.inject import StatsFds
 from kvmtop.kvm_stats import CUMULATIVE, StatDesc, StatsFile, StatsFormatError, Values
+from kvmtop.procfs import check_attachable, is_stopped
 
 
 class StatsUnavailable(KvmtopError):
@@ -126,17 +127,34 @@ def settle_stats(pid: int, future: Future[StatsFds], timeout: float = 10.0) -> V
     """The VmStats behind a tracer's :meth:`~kvmtop.tracer_thread.Tracer.stats_fds` answer."""
     try:
         fds = future.result(timeout)
+    except TimeoutError:  # first: TimeoutError is an OSError, with no message of its own
+        if is_stopped(pid, traced=True):
+            raise StatsUnavailable(stopped_message(pid)) from None
+        raise StatsUnavailable(
+            f"no KVM counters for pid {pid}: its vCPU threads did not enter KVM_RUN within "
+            f"{timeout:g} s (are its vCPUs paused?); a vCPU's counters can only be made by the "
+            "thread that runs it"
+        ) from None
     except OSError as exc:
         raise StatsUnavailable(f"no KVM counters for pid {pid}: {exc}") from None
-    except TimeoutError:
-        raise StatsUnavailable(f"no KVM counters for pid {pid}: no syscall stop came") from None
     return VmStats(pid, fds)
+
+
+def stopped_message(pid: int) -> str:
+    return (
+        f"no KVM counters for pid {pid}: it is stopped (SIGSTOP; /proc state T), so its vCPUs "
+        "are not running and none of its threads can make the counters' fds (KVM makes them "
+        f"only for the VM's own process); resume it with kill -CONT {pid}"
+    )
 
 
 def take_stats(pid: int, timeout: float = 10.0) -> VmStats:
     """Attach to ``pid``, take its stats fds, detach: the VMM runs on untraced."""
     from kvmtop.tracer_thread import Tracer  # the tracer only for the moment of the attach
 
+    check_attachable(pid)
+    if is_stopped(pid):  # no thread of it would stop for the tracer: waiting is no use
+        raise StatsUnavailable(stopped_message(pid))
     tracer = Tracer()
     tracer.start()
     try:

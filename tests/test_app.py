@@ -521,6 +521,95 @@ async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_
         await pilot.press("q")
 
 
+def _record(path, *args: str) -> None:
+    import sys
+
+    argv = [sys.executable, "-m", "kvmtop", "record", "-o", str(path), *args, "--",
+            *counted_command(outs=150, mmio_writes=100)]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+async def _drill_down_log_at_the_end(path) -> list[str]:
+    app = KvmtopApp(replay=str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("enter")
+        assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 0
+        log = app.screen.query_one(ExitLog)
+        await until(pilot, lambda: log.line_count > 0, what="the exit log")
+        lines = list(log.lines)
+        await pilot.press("q")
+    return lines
+
+
+@pytest.mark.kvm
+async def test_the_exit_log_gives_each_exits_vmm_time_up_to_the_vcpus_next_entry(tmp_path):
+    """Two stops per exit: each line's VMM time is the vCPU's next entry minus its exit, as
+    recorded; the last exit's is not known (no next entry), and says so."""
+    from kvmtop.decoder import describe_exit
+    from kvmtop.recording import open_recording
+    from kvmtop.units import duration
+
+    path = tmp_path / "two-stop.kvmtop"
+    _record(path, "--no-seccomp")
+    exits = [e for b in open_recording(str(path)).batches() for e in b.events if e.vcpu == 0]
+    assert len(exits) == 251  # 150 outs, 100 MMIO writes, the debug-exit `out`
+    lines = await _drill_down_log_at_the_end(path)
+    assert len(lines) == len(exits)
+    for line, e, after in zip(lines, exits, [*exits[1:], None], strict=True):
+        vmm = duration(after.entry_ns - e.exit_ns) if after else "…"
+        assert re.search(rf"  guest +{re.escape(duration(e.guest_ns))}  VMM +{re.escape(vmm)}  ",
+                         line), line  # fmt: skip
+        assert line.endswith(describe_exit(e))
+
+
+@pytest.mark.kvm
+async def test_the_live_exit_log_completes_each_lines_vmm_time_at_the_next_exit(processes):
+    """Live, the newest line waits for the vCPU's next exit ("…"); once that is in, the line
+    gets its VMM time, the same as the aggregate's ring of the vCPU's latest exits gives."""
+    from kvmtop.units import duration
+
+    demo = start_demo(processes)
+    app = KvmtopApp(pid=demo.pid)
+    async with app.run_test(size=SIZE) as pilot:
+        await until_counting(pilot, demo.pid)
+        table = app.screen.query_one(VcpuTable)
+        await until(pilot, lambda: len(table.rows) == 2, what="both vCPUs listed")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuScreen), what="drill-down")
+        assert app.screen.vcpu == 0
+        log = app.screen.query_one(ExitLog)
+        await until(pilot, lambda: log.line_count > 300, what="refreshes of the exit log")
+        await pilot.press("p")  # the view holds still while the tracing goes on
+        await pilot.pause(0.3)
+        lines = exit_lines(log)
+        ring = app.screen._shown_vcpu.recent  # what the log was last given
+        origin = app.session.stats.snapshot().first_ns
+        await pilot.press("p", "q")
+    assert "…" in lines[-1] and not any("…" in line for line in lines[:-1])
+    by_time = {f"{(e.exit_ns - origin) / 1e9:12.6f}s": i for i, e in enumerate(ring)}
+    checked = 0
+    for line in lines[:-1]:
+        i = by_time.get(line[:13])
+        if i is not None and i + 1 < len(ring) and " ? " not in line:
+            vmm = duration(ring[i + 1].entry_ns - ring[i].exit_ns)
+            assert re.search(rf"  VMM +{re.escape(vmm)}  ", line), (line, vmm)
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.kvm
+async def test_the_exit_log_says_guest_and_vmm_times_are_one_span_in_one_stop_mode(tmp_path):
+    path = tmp_path / "one-stop.kvmtop"
+    _record(path)  # seccomp user notification: exits read at the next entry
+    lines = await _drill_down_log_at_the_end(path)
+    assert len(lines) == 251
+    assert all(re.search(r"  guest\+VMM +\S+ \(not separable\)  ", line) for line in lines), lines
+    assert not any(" VMM " in line for line in lines)
+
+
 async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
@@ -857,6 +946,119 @@ async def test_kernel_view_of_the_traced_vm_comes_through_its_tracer(processes):
         assert app.held.exit_rate(demo.pid) is not None  # the counters outlive the trace
         await pilot.press("q")
     assert demo.poll() is None
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+async def test_the_kernel_views_scrollbar_thumb_starts_and_ends_on_a_row_edge(processes, size):
+    """Every counter shown (z) overflows both sizes; wherever the grid is scrolled, the thumb
+    is whole rows (Textual's default draws its ends as eighth-of-a-row glyphs)."""
+    from kvmtop.screens.kernel import KernelScreen
+    from kvmtop.widgets.counter_grid import CounterGrid
+
+    partial = set("▁▂▃▄▅▆▇")
+    vmm = subprocess.Popen(counted_command(outs=0, mmio_writes=0, spin=4_000_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    app = KvmtopApp()
+    async with app.run_test(size=size) as pilot:
+        await list_shows(pilot, vmm.pid)
+        await pilot.press("slash", *str(vmm.pid), "enter", "k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        grid = app.screen.query_one(CounterGrid)
+        await pilot.press("z")
+        await until(pilot, lambda: grid.max_scroll_y > 0, what="counters to scroll")
+        seen = set()
+        for row in range(0, grid.row_count, 7):
+            grid.move_cursor(row=row, animate=False)  # the grid keeps the cursor in view
+
+            def in_view(row: int = row) -> bool:
+                return grid.scroll_y <= row <= grid.scroll_y + grid.size.height - 2
+
+            await until(pilot, in_view, what=f"row {row} in view")
+            seen.add(grid.vertical_scrollbar.position)
+            assert not partial & set(app.export_screenshot()), f"a partial thumb at row {row}"
+        assert len(seen) >= 3  # the thumb was seen at the top, on the way and at the bottom
+        await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_k_on_a_stopped_vmm_says_it_is_stopped(processes):
+    """Its counters cannot be had (no thread of it runs): one notification says why, at once,
+    and kvmtop goes on; resumed, the same `k` opens the kernel view."""
+    import signal
+
+    from kvmtop.procfs import is_stopped
+    from kvmtop.screens.kernel import KernelScreen
+
+    vmm = subprocess.Popen(counted_command(outs=0, mmio_writes=0, spin=4_000_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await list_shows(pilot, vmm.pid)
+        await pilot.press("slash", *str(vmm.pid), "enter")
+        os.kill(vmm.pid, signal.SIGSTOP)
+        try:
+            await until(pilot, lambda: is_stopped(vmm.pid), what="stopped")
+            await pilot.press("k")
+            said = lambda: [n.message for n in app._notifications]  # noqa: E731
+            await until(pilot, lambda: any("it is stopped" in m for m in said()), what="told")
+        finally:
+            os.kill(vmm.pid, signal.SIGCONT)
+        assert app.screen is screen
+        await pilot.press("k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        await pilot.press("q")
+    assert vmm.poll() is None
+
+
+@pytest.mark.kvm
+async def test_kernel_view_says_where_kvm_counted_the_io_exits_the_vmm_handles(processes):
+    """This host's KVM emulates real-mode code: the guest's `out`s reach the VMM as IO exits,
+    yet KVM counts them in insn_emulation, not io_exits. The note says so while it is so, and
+    goes once nothing grows (the VMM stopped)."""
+    import signal
+
+    from kvmtop.kernel_table import io_note
+    from kvmtop.procfs import is_stopped
+    from kvmtop.screens.kernel import KernelScreen
+    from kvmtop.widgets.counter_grid import CounterGrid
+
+    vmm = subprocess.Popen(counted_command(outs=50_000_000, mmio_writes=0))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    app = KvmtopApp(pid=vmm.pid)
+    async with app.run_test(size=SIZE) as pilot:
+        await until_counting(pilot, vmm.pid)
+        await pilot.press("k")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        note = app.screen.query_one("#note")
+        shown = lambda: str(note.render()) if note.display else ""  # noqa: E731
+        await until(pilot, lambda: "the VMM saw" in shown(), what="the note")
+        stats = app.held.get(vmm.pid)
+
+        def as_the_counters_say() -> bool:  # the samples move on each second: once, in step
+            before, now = app.held.samples(vmm.pid)
+            grew = {name: now.vcpus[0][name] - before.vcpus[0][name]
+                    for name in ("io_exits", "insn_emulation")}  # fmt: skip
+            assert grew["io_exits"] == 0 and grew["insn_emulation"] > 0
+            return shown() == f"note: {io_note(stats, before, now, app.traced_io_rate())}"
+
+        await until(pilot, as_the_counters_say, what="the note, from the counters shown")
+        assert app.traced_io_rate() > 0
+        assert shown().startswith("note: io_exits did not grow while the VMM saw ")
+        grid = app.screen.query_one(CounterGrid)
+        assert str(grid.get_row("io_exits")[1]) == "0"  # shown beside the note, though 0
+        os.kill(vmm.pid, signal.SIGSTOP)
+        try:
+            await until(pilot, lambda: is_stopped(vmm.pid, traced=True), what="stopped")
+            await until(pilot, lambda: not note.display, what="no note: nothing grows")
+        finally:
+            os.kill(vmm.pid, signal.SIGCONT)
+        await until(pilot, lambda: "the VMM saw" in shown(), what="the note again")
+        await pilot.press("q")
+    assert vmm.poll() is None
 
 
 async def test_a_command_that_fails_before_making_a_vcpu_ends_kvmtop_with_its_status():

@@ -263,6 +263,18 @@ def test_list_shows_a_running_vmm_with_its_vcpus(processes):
     assert str(vmm.pid) in table and "kvmtop-demo" in table
 
 
+@pytest.mark.kvm
+def test_list_json_measures_the_cpu_of_a_busy_guest(processes):
+    """psutil's first sample of a process is always 0.0: `list --json` takes two."""
+    from kvmtop.minivmm import counted_command
+
+    busy = subprocess.Popen(counted_command(outs=0, mmio_writes=0, spin=4_000_000_000))
+    processes.append(busy)
+    wait_for_vcpus(busy.pid)
+    listed = {p["pid"]: p for p in json.loads(kvmtop("list", "--json").stdout)}
+    assert listed[busy.pid]["cpu_percent"] > 5  # the guest spins in KVM_RUN (2 busy cores here)
+
+
 def test_the_tui_without_a_terminal_is_one_line_and_a_status(tmp_path):
     out = tmp_path / "out"
     for args in (["demo"], []):

@@ -361,3 +361,125 @@ def test_the_counters_that_say_why_vcpus_exit_come_first():
     ], [0] * 5)).descs  # fmt: skip
     names = [d.name for d in in_reading_order(descs)]
     assert names == ["exits", "io_exits", "pf_taken", "halt_poll_invalid", "new_counter"]
+
+
+def _stop(pid: int, traced: bool = False) -> None:
+    """SIGSTOP ``pid`` and wait until /proc says every thread of it is stopped."""
+    from kvmtop.procfs import is_stopped
+
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while not is_stopped(pid, traced):
+        assert time.monotonic() < deadline, f"pid {pid} did not stop"
+        time.sleep(0.01)
+
+
+@pytest.mark.kvm
+def test_stats_of_a_stopped_vmm_says_so_without_attaching(tmp_path, processes, monkeypatch):
+    """A SIGSTOPped VMM runs no thread that could make the fds: kvmtop says so at once, in one
+    line, without tracing it; resumed, it runs on exactly and its counters can be had."""
+    from kvmtop.vm_stats import StatsUnavailable
+
+    n, own = 2_000, tmp_path / "own.json"
+    vmm = subprocess.Popen(counted_command(outs=n, mmio_writes=0, spin=3_000_000,
+                                           report_json=str(own)))  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    attached: list[int] = []
+    monkeypatch.setattr(Tracer, "attach", lambda self, *pids: attached.extend(pids))
+    _stop(vmm.pid)
+    try:
+        result = subprocess.run([*KVMTOP, "stats", "-p", str(vmm.pid), "--count", "1"],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        with pytest.raises(StatsUnavailable, match="stopped") as raised:
+            take_stats(vmm.pid)
+        assert tracer_pid(vmm.pid) == 0
+    finally:
+        os.kill(vmm.pid, signal.SIGCONT)
+    assert attached == []  # not even tried
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr == f"kvmtop: {raised.value}\n"
+    assert "vCPUs are not running" in result.stderr
+    assert f"kill -CONT {vmm.pid}" in result.stderr
+    assert vmm.wait(120) == 0
+    assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": n + 1}
+
+
+@pytest.mark.kvm
+def test_a_vmm_stopped_while_traced_is_named_when_no_fd_comes(processes):
+    """Stopped after the attach (group-stopped under kvmtop, as without it), no thread reaches
+    a syscall stop: the wait ends with the reason, not with an empty one."""
+    from kvmtop.vm_stats import StatsUnavailable
+
+    vmm = subprocess.Popen(counted_command(outs=2_000, mmio_writes=0, spin=3_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    tracer = Tracer()
+    tracer.start()
+    try:
+        tracer.attach(vmm.pid).result(10)
+        _stop(vmm.pid, traced=True)
+        try:
+            with pytest.raises(StatsUnavailable) as raised:
+                settle_stats(vmm.pid, tracer.stats_fds(), timeout=1.0)
+        finally:
+            os.kill(vmm.pid, signal.SIGCONT)
+        tracer.detach().result(10)
+    finally:
+        tracer.stop()
+    message = str(raised.value)
+    assert message.startswith(f"no KVM counters for pid {vmm.pid}: it is stopped"), message
+    assert vmm.wait(120) == 0
+
+
+@pytest.mark.kvm
+def test_counters_held_while_the_vmm_is_stopped_are_shown_and_say_so(processes):
+    vmm = subprocess.Popen(counted_command(outs=2_000, mmio_writes=0, spin=3_000_000))
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    stats = take_stats(vmm.pid)
+    try:
+        from kvmtop.stats_cli import sample_json, stats_table
+
+        _stop(vmm.pid)
+        try:
+            first = stats.sample()
+            now = stats.sample()
+            table, stopped = (
+                stats_table(stats, first, first, now),
+                sample_json(stats, first, first, now),
+            )
+        finally:
+            os.kill(vmm.pid, signal.SIGCONT)
+        running = sample_json(stats, first, first, stats.sample())
+    finally:
+        stats.close()
+    assert "(stopped: its vCPUs are not running)" in table.splitlines()[0]
+    assert stopped["stopped"] is True and running["stopped"] is False
+    assert now.vcpus[0]["exits"] == first.vcpus[0]["exits"] > 0  # nothing runs while stopped
+    assert vmm.wait(120) == 0
+
+
+@pytest.mark.qemu
+def test_a_qemu_whose_vcpus_never_run_is_said_so_and_left_as_it_was(tmp_path, processes):
+    """`-S`: QEMU runs, its vCPU threads wait for `cont` and never enter KVM_RUN, where alone a
+    vCPU's stats fd can be made: the wait ends with that reason (not an empty one), and QEMU's
+    fds are as before (the VM's stats fd made on the way was closed in it)."""
+    from kvmtop.vm_stats import StatsUnavailable
+
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(outs=10, mmio_writes=0))
+    vmm = subprocess.Popen(qemu_command(str(bios), "-S"), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    before = settled_fd_table(vmm.pid)
+    with pytest.raises(StatsUnavailable) as raised:
+        take_stats(vmm.pid, timeout=2.0)
+    assert str(raised.value) == (
+        f"no KVM counters for pid {vmm.pid}: its vCPU threads did not enter KVM_RUN within 2 s "
+        "(are its vCPUs paused?); a vCPU's counters can only be made by the thread that runs it"
+    )
+    assert settled_fd_table(vmm.pid) == before and tracer_pid(vmm.pid) == 0
+    assert vmm.poll() is None

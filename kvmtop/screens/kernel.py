@@ -13,7 +13,7 @@ from textual.screen import Screen
 from textual.widgets import Static
 
 from kvmtop.held_stats import HeldStats
-from kvmtop.kernel_table import CounterTable, counter_table
+from kvmtop.kernel_table import CounterTable, counter_table, io_note
 from kvmtop.screens.typed_filter import TypedFilter
 from kvmtop.units import human
 from kvmtop.widgets.counter_grid import CounterGrid
@@ -41,22 +41,31 @@ class KernelScreen(Screen[None]):
                 tooltip="Show only the counters whose name matches, as you type (a regex)"),
     ]  # fmt: skip
 
-    def __init__(self, held: HeldStats, pid: int, traced: bool) -> None:
+    def __init__(
+        self,
+        held: HeldStats,
+        pid: int,
+        traced: bool,
+        traced_io: Callable[[], float | None] = lambda: None,
+    ) -> None:
         super().__init__()
         self.held = held
         self.pid = pid
         self.traced = traced
+        self.traced_io = traced_io  # the IO exits/s the VMM saw over the counters' interval
         self.show_zeros = False  # as kvm_stat: the counters that are 0 are hidden
         self.filter = TypedFilter(self._filter_changed)
 
     def compose(self) -> ComposeResult:
         yield Static(f"pid {self.pid}: KVM's own counters", id="title")
         yield Static("", id="filter")
+        yield Static("", id="note")
         yield CounterGrid(id="counters")
         yield KeyFooter()
 
     def on_mount(self) -> None:
         self.query_one("#filter").display = False
+        self.query_one("#note").display = False
         self.refresh_view()
         self.set_interval(REFRESH_S, self.refresh_view)
 
@@ -71,9 +80,11 @@ class KernelScreen(Screen[None]):
         how = "also traced" if self.traced else "not traced: no cost to the VM"
         exits = f"{human(rate)} exits/s, " if rate is not None else ""  # none on the first frame
         table = counter_table(stats, before, now, compact=True)
+        note = io_note(stats, before, now, self.traced_io())
         hidden = ""
-        if not self.show_zeros:
-            table, count = kept(table, lambda name, cells: not all(c in ZERO for c in cells))
+        if not self.show_zeros:  # io_exits stays beside a note that speaks of it
+            table, count = kept(table, lambda name, cells: (bool(note) and name == "io_exits")
+                                or not all(c in ZERO for c in cells))  # fmt: skip
             hidden = f"; {count} at 0 hidden (z)" if count else ""
         if self.filter.text:
             table, count = kept(table, lambda name, cells: self.filter.matches(name))
@@ -82,6 +93,8 @@ class KernelScreen(Screen[None]):
             f"pid {self.pid}: KVM's counters, {len(stats.vcpus)} vCPU(s), {exits}{how}{hidden}"
         )
         self.query_one(CounterGrid).show(table)
+        self.query_one("#note", Static).update(f"note: {note}")
+        self.query_one("#note").display = bool(note)
 
     def action_filter(self) -> None:
         self.filter.start()

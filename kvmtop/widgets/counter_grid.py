@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.text import Text
+from textual.scrollbar import ScrollBarRender
 from textual.widgets import DataTable
 
 from kvmtop.kernel_table import CounterTable
+
+
+class WholeRowScrollBar(ScrollBarRender):
+    """A thumb from one row's edge to another's. Textual draws a thumb's ends in eighths of a
+    row (a half-filled glyph): beside the grid's striped rows that reads as a thumb that
+    starts or ends in the middle of a row."""
+
+    VERTICAL_BARS: ClassVar[list[str]] = [" "]
 
 
 class CounterGrid(DataTable[Text | str]):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)  # type: ignore[arg-type]
         self._columns: list[str] = []
+
+    def on_mount(self) -> None:
+        self.vertical_scrollbar.renderer = WholeRowScrollBar
 
     def show(self, table: CounterTable) -> None:
         if table.columns != self._columns:

@@ -1,6 +1,10 @@
-"""A live, scrollable log of a vCPU's latest exits with their decoded details. Scrolling up
-holds it still; scrolling back to the end (End) resumes following the latest exits. A filter
-(a regex on the decoded exit: reason, port, address) shows only the exits it matches."""
+"""A live, scrollable log of a vCPU's latest exits with their decoded details, each with its
+time in the guest and the VMM's time handling it (the vCPU's next entry minus the exit: known
+once the vCPU's next exit is in; until then the newest line says so, and is completed then).
+In one-stop modes an exit's times span its run and the VMM's handling, which cannot be told
+apart: the line says so. Scrolling up holds it still; scrolling back to the end (End) resumes
+following the latest exits. A filter (a regex on the decoded exit: reason, port, address)
+shows only the exits it matches."""
 
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ from operator import attrgetter
 from textual.widgets import Log
 
 from kvmtop.decoder import describe_exit
-from kvmtop.events import ExitEvent
+from kvmtop.events import EXIT_CYCLE, ExitEvent
 from kvmtop.units import duration
 
 MAX_LINES = 2000
 MAX_NEW_LINES = 400  # per refresh: the log's cost stays flat however fast the vCPU exits
 _exit_ns = attrgetter("exit_ns")
 HELD = "held: End follows the latest exits"
+PENDING = "…"  # the VMM's time of the newest exit: known at the vCPU's next exit
+GONE = "?"  # the next exit of the vCPU has left the ring before it was read
+WIDTH = 9  # a duration's column
 
 
 class ExitLog(Log):
@@ -34,16 +41,21 @@ class ExitLog(Log):
         self._followed_to: float | None = None  # where the log last scrolled itself to
         self._recent: tuple[ExitEvent, ...] = ()  # the exits last shown, to filter them again
         self._pattern: re.Pattern[str] | None = None
+        self._pending: ExitEvent | None = None  # the exit of the last line, its VMM time unknown
 
     def filter(self, pattern: re.Pattern[str] | None, title: str = "latest exits") -> None:
         """Show only the exits whose decoded text ``pattern`` finds (None: every exit), those
         already shown too."""
         self._pattern = pattern
         self.border_title = title
+        self._start_over()
+        self.show(self._recent, self._origin_ns)
+
+    def _start_over(self) -> None:
         self.clear()
         self._last_ns = None
         self._followed_to = None
-        self.show(self._recent, self._origin_ns)
+        self._pending = None
 
     def show(self, recent: tuple[ExitEvent, ...], origin_ns: int | None) -> None:
         """Append the exits not shown yet (``recent`` is one vCPU's latest, oldest first)."""
@@ -52,9 +64,7 @@ class ExitLog(Log):
         last = self._last_ns
         if not recent or (last is not None and recent[-1].exit_ns < last):
             if last is not None:  # a replay went back in time: start over
-                self.clear()
-                self._last_ns = None
-                self._followed_to = None
+                self._start_over()
             if not recent:
                 return
             last = None
@@ -69,6 +79,7 @@ class ExitLog(Log):
             return
         lines = []
         start = 0 if last is None else bisect.bisect_right(recent, last, key=_exit_ns)
+        self._complete_pending(recent, start)
         if last is not None and start == 0:
             lines.append("   ... more exits came meanwhile than the ring holds; some are not shown")
         fresh = recent[start:]
@@ -82,12 +93,36 @@ class ExitLog(Log):
                 f"   ... {len(fresh) - MAX_NEW_LINES} exits since the last refresh not shown"
             )
             fresh = fresh[-MAX_NEW_LINES:]
-        lines += [self._line(e) for e in fresh]
+        if fresh:
+            after = {id(e): n for e, n in zip(recent[start:], recent[start + 1 :], strict=False)}
+            lines += [self._line(e, after.get(id(e))) for e in fresh]
+            newest = fresh[-1]
+            self._pending = (
+                newest if id(newest) not in after and newest.flags & EXIT_CYCLE == 0 else None
+            )
         if lines:
             self.write_lines(lines, scroll_end=False)
             self.scroll_end(animate=False, immediate=True, x_axis=False)
             self._followed_to = self.scroll_y
 
-    def _line(self, e: ExitEvent) -> str:
+    def _complete_pending(self, recent: tuple[ExitEvent, ...], start: int) -> None:
+        """The last line's VMM time, now that the vCPU's next exit is in (``recent[start]``),
+        or known to be lost (it left the ring unread)."""
+        pending = self._pending
+        if pending is None or start >= len(recent):
+            return  # no exit since: still unknown
+        self._pending = None
+        if not self._lines or self._lines[-1] != self._line(pending, None):
+            return  # not the last line any more
+        self._lines[-1] = self._line(pending, recent[start] if start else None, gone=start == 0)
+        self.refresh_lines(len(self._lines) - 1)
+
+    def _line(self, e: ExitEvent, after: ExitEvent | None, gone: bool = False) -> str:
+        """``after``: the vCPU's next exit, whose entry ends the VMM's handling of ``e``."""
         t = (e.exit_ns - (self._origin_ns or e.exit_ns)) / 1e9
-        return f"{t:12.6f}s  in guest {duration(e.guest_ns):>9}  {describe_exit(e)}"
+        if e.flags & EXIT_CYCLE:  # entry to the next entry: the run and the VMM's handling
+            times = f"guest+VMM {duration(e.guest_ns):>{WIDTH}} (not separable)"
+        else:
+            vmm = duration(after.entry_ns - e.exit_ns) if after else GONE if gone else PENDING
+            times = f"guest {duration(e.guest_ns):>{WIDTH}}  VMM {vmm:>{WIDTH}}"
+        return f"{t:12.6f}s  {times}  {describe_exit(e)}"
