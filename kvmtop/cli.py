@@ -13,7 +13,7 @@ code. Tracebacks only with ``--debug``.
     kvmtop export FILE --perfetto OUT.json | --csv OUT | --jsonl OUT     (OUT may be -)
     kvmtop list [--json]
     kvmtop stats -p PID [--interval S] [--count N] [--json]
-    kvmtop exporter [--listen HOST:PORT] [--rescan S]
+    kvmtop exporter [--listen HOST:PORT] [--rescan S] [--sampled [HZ]]
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to serve /metrics (127.0.0.1:9464; port 0: any free one)")  # fmt: skip
     prom.add_argument("--rescan", type=float, default=10.0, metavar="S",
                       help="look for new VMs every S seconds (10)")  # fmt: skip
+    prom.add_argument("--sampled", type=float, nargs="?", const=100.0, default=None, metavar="HZ",
+                      help="also export each vCPU's time in the VMM by exit reason, sampled HZ "
+                      "times a second per vCPU (100) without tracing (see kvmtop watch)")  # fmt: skip
 
     rpl = sub.add_parser("replay", help="play a recording in the TUI")
     rpl.add_argument("file")
@@ -217,7 +220,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if args.command == "list":
         return list_processes(args.json)
     if args.command == "exporter":
-        return exporter(args.listen, args.rescan)
+        return exporter(args.listen, args.rescan, args.sampled)
     from kvmtop.app import run_tui  # Textual loads only for the TUI
 
     if args.command == "stats":
@@ -453,7 +456,7 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def exporter(listen: str, rescan_s: float) -> int:
+def exporter(listen: str, rescan_s: float, sampled_hz: float | None = None) -> int:
     """Serve until SIGTERM or Ctrl-C, then close every fd and exit 0."""
     import threading
 
@@ -461,11 +464,13 @@ def exporter(listen: str, rescan_s: float) -> int:
 
     if rescan_s <= 0:
         raise UsageError("--rescan must be above 0")
+    if sampled_hz is not None and not 0 < sampled_hz <= 100_000:
+        raise UsageError("--sampled takes a rate above 0 and up to 100000 samples a second")
     stop = threading.Event()
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, lambda _signum, _frame: stop.set()) for s in stop_signals}
     try:
-        return run_exporter(listen, rescan_s, stop)
+        return run_exporter(listen, rescan_s, stop, sampled_hz)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

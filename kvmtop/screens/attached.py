@@ -11,7 +11,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 
-from kvmtop.screens.requests import BackRequested, DetachRequested, KernelRequested
+from kvmtop.screens.requests import (
+    BackRequested,
+    DetachRequested,
+    KernelRequested,
+    WatchRequested,
+)
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.screens.watch import WatchScreen
 from kvmtop.sources import ExitSource, LiveSource, SourceStatus
@@ -47,8 +52,11 @@ class AttachedScreen(WatchScreen):
             "Kernel view",
             tooltip="KVM's own counters: every exit, also those KVM handles itself",
         ),
+        Binding("w", "watch", "Watch",
+                tooltip="Detach and watch the VMM by sampling instead (no cost to it; a there "
+                "traces again)"),
         Binding("escape", "back", "Back", tooltip="Back to the process list (tracing goes on)"),
-    ]
+    ]  # fmt: skip
 
     _shown_state = ""
     _snap: StatsSnapshot | None = None  # the last shown, for the layout
@@ -121,7 +129,7 @@ class AttachedScreen(WatchScreen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "detach":
             return isinstance(self.source, LiveSource) and self.source.attached
-        if action == "kernel":
+        if action in ("kernel", "watch"):
             return isinstance(self.source, LiveSource) and self.source.attached
         if action == "back":
             return isinstance(self.source, LiveSource)  # a replay has no process list
@@ -133,6 +141,10 @@ class AttachedScreen(WatchScreen):
     def action_kernel(self) -> None:
         if isinstance(self.source, LiveSource) and self.source.session.pid is not None:
             self.post_message(KernelRequested(self.source.session.pid))
+
+    def action_watch(self) -> None:
+        if isinstance(self.source, LiveSource) and self.source.session.pid is not None:
+            self.post_message(WatchRequested(self.source.session.pid))
 
     def action_back(self) -> None:
         self.post_message(BackRequested())

@@ -173,7 +173,9 @@ class VcpuTable(ScrollView, can_focus=True):
         segments.append(Segment("  ", base))
         bar_w = max(0, width - numbers_w - seconds - 2)
         if sub == 0:
-            segments += stacked_bar(self, v, bar_w, base)
+            segments += stacked_bar(
+                self, [(r.label, r.count) for r in v.reasons], v.total, bar_w, base
+            )
         elif sub <= len(v.reasons) and bar_w >= LEGEND_W:
             r = v.reasons[sub - 1]  # the legend: one reason a line, largest first
             share = 100 * r.count / v.total if v.total else 0.0
@@ -202,19 +204,22 @@ class VcpuTable(ScrollView, can_focus=True):
         return out
 
 
-def stacked_bar(widget: VcpuTable, v: VcpuSnapshot, width: int, base: Style) -> list[Segment]:
-    """The vCPU's reasons as one bar, each reason's share in its colour (largest first)."""
-    if v.total == 0 or width <= 0:
+def stacked_bar(
+    widget: ScrollView, parts: list[tuple[str, int]], total: int, width: int, base: Style
+) -> list[Segment]:
+    """(label, count) parts of ``total`` as one bar, each part in its reason's colour (the
+    largest first)."""
+    if total == 0 or width <= 0:
         return []
     out: list[Segment] = []
     used = 0
-    for r in v.reasons:
-        cells = round(r.count * width / v.total)
+    for label, count in parts:
+        cells = round(count * width / total)
         if cells == 0:
             continue
         cells = min(cells, width - used)
-        text = palette.short(r.label)[:cells].ljust(cells) if cells >= 4 else "█" * cells
-        style = base + palette.reason_style(widget, r.label)
+        text = palette.short(label)[:cells].ljust(cells) if cells >= 4 else "█" * cells
+        style = base + palette.reason_style(widget, label)
         out.append(Segment(text, style + Style(reverse=cells >= 4)))
         used += cells
         if used >= width:
