@@ -13,6 +13,7 @@ code. Tracebacks only with ``--debug``.
     kvmtop export FILE --perfetto OUT.json | --csv OUT | --jsonl OUT     (OUT may be -)
     kvmtop list [--json]
     kvmtop stats -p PID [--interval S] [--count N] [--json]
+    kvmtop watch -p PID [--rate HZ] [--interval S] [--count N] [--json]
     kvmtop exporter [--listen HOST:PORT] [--rescan S] [--sampled [HZ]]
 """
 
@@ -118,6 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     sts.add_argument("--count", type=int, help="stop after N samples (1 or more)")
     sts.add_argument("--json", action="store_true", help="one JSON object per sample")
 
+    wat = sub.add_parser(
+        "watch", help="where each vCPU's time goes, sampled: the VMM is not traced"
+    )
+    wat.add_argument("-p", "--pid", type=int, required=True, help="the VMM's pid")
+    wat.add_argument("--rate", type=float, default=1000.0, metavar="HZ",
+                     help="looks at each vCPU per second (1000; at most 100000)")  # fmt: skip
+    wat.add_argument("--interval", type=float, default=1.0, help="seconds between reports")
+    wat.add_argument("--count", type=int, help="stop after N reports (1 or more)")
+    wat.add_argument("--json", action="store_true", help="one JSON object per report")
+
     prom = sub.add_parser("exporter", help="serve KVM's counters of every VM here to Prometheus")
     prom.add_argument("--listen", default="127.0.0.1:9464", metavar="HOST:PORT",
                       help="where to serve /metrics (127.0.0.1:9464; port 0: any free one)")  # fmt: skip
@@ -221,6 +232,8 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         return list_processes(args.json)
     if args.command == "exporter":
         return exporter(args.listen, args.rescan, args.sampled)
+    if args.command == "watch":
+        return watch(args)
     from kvmtop.app import run_tui  # Textual loads only for the TUI
 
     if args.command == "stats":
@@ -242,6 +255,23 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if args.command == "demo":
         return run_tui(demo=True, record_path=args.output, refresh_s=args.delay)
     return run_tui(pids=args.pid, argv=command, record_path=args.output, refresh_s=args.delay)
+
+
+def watch(args: argparse.Namespace) -> int:
+    from kvmtop.watch_cli import run_watch
+
+    if args.interval <= 0:
+        raise UsageError("--interval must be above 0")
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count must be 1 or more (leave it out to run until Ctrl-C)")
+    if not 0 < args.rate <= 100_000:
+        raise UsageError("--rate must be above 0 and at most 100000")
+    try:
+        return run_watch(args.pid, args.rate, args.interval, args.count, args.json, sys.stdout,
+                         sys.stderr)  # fmt: skip
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
 
 
 def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
