@@ -42,7 +42,6 @@ from kvmtop.screens.requests import (
     DemoRequested,
     DetachRequested,
     KernelRequested,
-    TraceRequested,
     WatchRequested,
 )
 from kvmtop.screens.sampled import SampledScreen
@@ -54,7 +53,7 @@ from kvmtop.sources import LiveSource, command_line
 from kvmtop.watch_feed import SnapshotSource, WatchFeed, open_watcher
 from kvmtop.widgets.vcpu_table import VcpuTable
 
-UNLISTED_ACTIONS = frozenset({"quit", "command_palette", "help", "app.pop_screen"})
+UNLISTED_ACTIONS = frozenset({"quit", "app.quit", "command_palette", "help", "app.pop_screen"})
 
 
 class KvmtopApp(App[int]):
@@ -169,13 +168,15 @@ class KvmtopApp(App[int]):
             self.notify(f"already tracing pid {session.pid}: detach first (d)", severity="warning")
             return
         self._attempt = begin(session)
-        self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates))
+        self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates, self.watch_vm))
 
     def attach(self, pid: int, *more: int) -> None:
         session = self.session
         if session is not None and pid in session.pids and session.state is SessionState.ATTACHED:
             if not isinstance(self.screen, AttachedScreen):
-                self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates))
+                self.push_screen(
+                    AttachedScreen(LiveSource(session), self.kernel_rates, self.watch_vm)
+                )
             return
         self._watch(lambda s: s.attach(pid, *more))
 
@@ -308,31 +309,34 @@ class KvmtopApp(App[int]):
         self.call_from_thread(self._show_kernel, pid)
 
     def on_watch_requested(self, request: WatchRequested) -> None:
+        if not isinstance(self.screen, SampledScreen):  # not `w` typed again before it opened
+            self.watch_vm(request.pid)
+
+    def watch_vm(self, pid: int) -> None:
         """`w` in the list or in the traced VM's view: watch it by sampling; if kvmtop traces
-        it, once the tracer has detached."""
-        if isinstance(self.screen, SampledScreen):
-            return  # `w` typed again before the view opened
+        it, once the tracer has detached. (Called by the attached view at once, not through a
+        message: the keys typed after `w` then go to the watch view.)"""
         session, after = self.session, None
-        if session is not None and request.pid in session.pids and session.state in (
+        if session is not None and pid in session.pids and session.state in (
                 SessionState.ATTACHED, SessionState.ATTACHING):  # fmt: skip
             session.detach()
             after = session.ended
         if isinstance(self.screen, AttachedScreen) and len(self.screen_stack) > 2:
             self.pop_screen()  # watching replaces tracing
-        feed = WatchFeed(request.pid, after=after, opener=self.watcher)
+        feed = WatchFeed(pid, after=after, opener=self.watcher)
         self.feeds = [f for f in self.feeds if not f.closed] + [feed]
-        self.push_screen(SampledScreen(feed))
+        self.push_screen(SampledScreen(feed, self.trace_vm))
 
-    def on_trace_requested(self, request: TraceRequested) -> None:
-        """`a` in the watch view: exact tracing replaces the watch."""
+    def trace_vm(self, pid: int) -> None:
+        """`a` in the watch view: exact tracing replaces the watch (at once, as watch_vm)."""
         session = self.session
         if session is not None and session.state in (
-                SessionState.ATTACHED, SessionState.ATTACHING) and request.pid not in session.pids:  # fmt: skip
+                SessionState.ATTACHED, SessionState.ATTACHING) and pid not in session.pids:  # fmt: skip
             self.notify(f"already tracing pid {session.pid}: detach first (d)", severity="warning")
             return
         if isinstance(self.screen, SampledScreen):
             self.pop_screen()  # its watch closes
-            self.attach(request.pid)
+            self.attach(pid)
 
     def on_demo_requested(self, _request: DemoRequested) -> None:
         if self._from_the_list():

@@ -15,7 +15,6 @@ from kvmtop.screens.requests import (
     BackRequested,
     DetachRequested,
     KernelRequested,
-    WatchRequested,
 )
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.screens.watch import WatchScreen
@@ -62,9 +61,10 @@ class AttachedScreen(WatchScreen):
     _snap: StatsSnapshot | None = None  # the last shown, for the layout
 
     def __init__(self, source: ExitSource,
-                 kernel_rates: Callable[[], tuple[float, float | None] | None] = lambda: None
-                 ) -> None:  # fmt: skip
+                 kernel_rates: Callable[[], tuple[float, float | None] | None] = lambda: None,
+                 watch: Callable[[int], None] | None = None) -> None:  # fmt: skip
         super().__init__(source)
+        self.watch = watch  # watching the pid by sampling instead (the app's)
         # KVM's own exits/s of the VM, when its counters are held, and the VMM's over the same
         # interval
         self.kernel_rates = kernel_rates
@@ -129,8 +129,14 @@ class AttachedScreen(WatchScreen):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "detach":
             return isinstance(self.source, LiveSource) and self.source.attached
-        if action in ("kernel", "watch"):
+        if action == "kernel":
             return isinstance(self.source, LiveSource) and self.source.attached
+        if action == "watch":
+            return (
+                self.watch is not None
+                and isinstance(self.source, LiveSource)
+                and (self.source.attached)
+            )
         if action == "back":
             return isinstance(self.source, LiveSource)  # a replay has no process list
         return super().check_action(action, parameters)
@@ -143,8 +149,9 @@ class AttachedScreen(WatchScreen):
             self.post_message(KernelRequested(self.source.session.pid))
 
     def action_watch(self) -> None:
-        if isinstance(self.source, LiveSource) and self.source.session.pid is not None:
-            self.post_message(WatchRequested(self.source.session.pid))
+        if self.watch is not None and isinstance(self.source, LiveSource) and (
+                self.source.session.pid is not None and self.app.screen is self):  # fmt: skip
+            self.watch(self.source.session.pid)
 
     def action_back(self) -> None:
         self.post_message(BackRequested())

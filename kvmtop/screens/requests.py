@@ -40,11 +40,3 @@ class WatchRequested(Message):
     def __init__(self, pid: int) -> None:
         super().__init__()
         self.pid = pid
-
-
-class TraceRequested(Message):
-    """Leave the watch of process ``pid`` for exact tracing of it."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__()
-        self.pid = pid

@@ -9,6 +9,8 @@ The watcher runs in a :class:`~kvmtop.watch_feed.WatchFeed` thread; this screen 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
@@ -18,7 +20,6 @@ from textual.screen import Screen
 from textual.widgets import Static
 
 from kvmtop.sampling import WatchSnapshot
-from kvmtop.screens.requests import TraceRequested
 from kvmtop.units import elapsed, human
 from kvmtop.watch_feed import WatchFeed
 from kvmtop.widgets.key_footer import KeyFooter
@@ -35,13 +36,17 @@ class SampledScreen(Screen[None]):
         Binding("a", "trace", "Trace exactly",
                 tooltip="Trace this VM instead: every exit exactly, at a cost to the VM (w there "
                 "comes back to watching)"),
-        Binding("escape,q,w", "back", "Back", key_display="esc",
+        Binding("escape,q,w", "back", "Back", key_display="esc q",
                 tooltip="Back to the process list (watching stops)"),
+        # q goes back here: the footer names the quit keys left
+        Binding("f10,ctrl+c", "app.quit", "Quit", key_display="F10",
+                tooltip="Quit (the VM was never traced: nothing to detach)"),
     ]  # fmt: skip
 
-    def __init__(self, feed: WatchFeed) -> None:
+    def __init__(self, feed: WatchFeed, trace: Callable[[int], None]) -> None:
         super().__init__()
         self.feed = feed
+        self.trace = trace  # exact tracing of the pid instead (the app's)
         self._shown_version = -1
         self._snap: WatchSnapshot | None = None
 
@@ -129,7 +134,8 @@ class SampledScreen(Screen[None]):
         self.query_one(SampledVcpus).styles.height = height
 
     def action_trace(self) -> None:
-        self.post_message(TraceRequested(self.pid))
+        if self.app.screen is self:
+            self.trace(self.pid)
 
     def action_back(self) -> None:
         if self.app.screen is self:

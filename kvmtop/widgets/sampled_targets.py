@@ -10,6 +10,7 @@ from kvmtop.widgets.pane import ReasonPane
 from kvmtop.widgets.shares import SHARE_W
 
 Sites = tuple[SiteShare, ...]
+LABEL_W = 18  # "0x0080 out POST"; wider panes show more of longer names
 
 
 def lines_for(ports: int, addresses: int) -> int:
@@ -17,20 +18,21 @@ def lines_for(ports: int, addresses: int) -> int:
 
 
 class SampledTargets(ReasonPane):
-    TITLE = "IO ports, MMIO addresses by VMM time"
+    TITLE = "ports, addresses by VMM time"
 
     def draw(self, ports: Sites, addresses: Sites) -> Text:
         room = self.room[1] - 3
         address_rows = min(len(addresses), max(1, room // 2), max(1, room - len(ports)))
         port_rows = max(1, room - address_rows)
+        label_w = max(LABEL_W, self.room[0] - SHARE_W)
         text = Text(no_wrap=True, overflow="crop")
         for title, rows, shown in (("IO port", ports, port_rows),
                                    ("MMIO address", addresses, address_rows)):  # fmt: skip
             if title != "IO port":
                 text.append("\n")
-            text.append(f"{title:<20}{'share ±':>{SHARE_W}}\n", style="bold")
+            text.append(f"{title:<{label_w}}{'share ±':>{SHARE_W}}\n", style="bold")
             for site in rows[: max(1, shown)]:
-                text.append(f"{site.label[:20]:<20}{site.share.text():>{SHARE_W}}\n")
+                text.append(f"{site.label[:label_w]:<{label_w}}{site.share.text():>{SHARE_W}}\n")
             if not rows:
                 text.append("(none)\n", style="italic")
         text.rstrip()

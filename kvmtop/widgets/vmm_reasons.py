@@ -17,7 +17,7 @@ IN_RUN = "in KVM_RUN"
 
 
 class VmmReasons(ReasonPane):
-    TITLE = "time by exit reason, whole VM: sampled, ±95%"
+    TITLE = "VM's time by exit reason, sampled ±95%"
 
     def draw(self, vm: VcpuWatch) -> Text:
         by_reason = vm.by_reason
