@@ -196,14 +196,15 @@ async def test_help_lists_every_key_and_closes(fixed):
         text = app.screen.text
         sections = app.key_sections()
         assert set(sections) == {"everywhere", "process list", "attached view",
-                                 "vCPU drill-down", "kernel view", "replay"}  # fmt: skip
+                                 "vCPU drill-down", "watch view", "kernel view", "replay"}  # fmt: skip
         for bindings in sections.values():
             for b in bindings:
                 assert (b.tooltip or b.description) in text, b
         for needle in ("Attach to the selected VMM", "Start the built-in demo", "Detach",
                        "Freeze", "Seek 10 s back", "Play faster", "drill-down", "Quit",
-                       "KVM's own counters", "Reset the counts", "Refresh the view less often"
-                       ):  # fmt: skip
+                       "KVM's own counters", "Reset the counts", "Refresh the view less often",
+                       "Watch the selected VM by sampling", "Trace this VM instead",
+                       "Detach and watch the VMM by sampling"):  # fmt: skip
             assert needle in text, needle
         assert "escape" not in text and " k esc " in text  # Esc spelt one way everywhere
         await pilot.press("escape")
