@@ -50,19 +50,23 @@ class Watcher:
 
     def _open(self, counters: bool, seed: int | None) -> None:
         pid = self.pid
-        try:
-            self._pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            raise NoSuchProcess(f"no process with pid {pid}") from None
-        table = fd_table(pid)
-        found = vcpu_fds(pid)
-        if not found:
-            raise NotKvmProcess(f"pid {pid} holds no KVM vCPU: not a VMM running a VM")
-        if counters:
+        if counters:  # first: its attach checks the pid and the rights, with the reasons
             try:
                 self._stats = take_stats(pid)
             except StatsUnavailable as exc:
                 self.note = f"KVM's counters: {exc}"
+        try:
+            self._pidfd = os.pidfd_open(pid)
+            table = fd_table(pid)
+            found = vcpu_fds(pid)
+        except ProcessLookupError:
+            raise NoSuchProcess(f"no such process: {pid}") from None
+        except PermissionError:
+            raise PermissionDenied(
+                f"cannot read pid {pid}'s vCPUs: {permission_hint(pid)}"
+            ) from None
+        if not found:
+            raise NotKvmProcess(f"pid {pid} holds no KVM vCPU: not a VMM running a VM")
         # one fd per vCPU: a VMM may hold several of the same (Python's mmap keeps a dup)
         first: dict[tuple[int, int], int] = {}
         for fd, vcpu_id in sorted(found.items()):
