@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from rich.segment import Segment
 from rich.style import Style
-from textual.strip import Strip
 
 from kvmtop.sampling import VcpuWatch
 from kvmtop.units import human
@@ -17,28 +16,14 @@ from kvmtop.widgets.shares import SHARE_W
 from kvmtop.widgets.vcpu_table import (
     ID_W,
     LEGEND_W,
-    MIN_TIMELINE_W,
     RATE_W,
-    TIMELINE_W,
+    Columns,
     VcpuTable,
     stacked_bar,
+    timeline_width,
 )
 
 NUMBERS_W = ID_W + RATE_W + SHARE_W + 4
-
-
-def timeline_width(width: int, id_w: int = ID_W) -> int:
-    numbers = NUMBERS_W + id_w - ID_W
-    return max(MIN_TIMELINE_W, min(TIMELINE_W, width - numbers - 2 - LEGEND_W))
-
-
-def header(width: int, id_w: int = ID_W) -> str:
-    seconds = timeline_width(width, id_w)
-    what = "share of time in the VMM" if seconds >= 40 else "in the VMM"
-    return (
-        f"{'vCPU':>{id_w}} {'exits/s':>{RATE_W}} {'in VMM ±':>{SHARE_W}}  "
-        f"{f'{what}, last {seconds} s':<{seconds}}  VMM time by reason"
-    )
 
 
 def dominant(v: VcpuWatch) -> str | None:
@@ -51,6 +36,12 @@ class SampledVcpus(VcpuTable, inherit_bindings=False):
 
     BINDINGS = [b for b in VcpuTable.BINDINGS if b.action != "open"]  # type: ignore[union-attr]
     DEFAULT_CSS = VcpuTable.DEFAULT_CSS.replace("VcpuTable", "SampledVcpus")
+    COLUMNS = Columns(
+        f"{'in VMM ±':>{SHARE_W}}",
+        ("share of time in the VMM", "in the VMM"),
+        "VMM time by reason",
+        NUMBERS_W,
+    )
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)
@@ -67,20 +58,8 @@ class SampledVcpus(VcpuTable, inherit_bindings=False):
     def selected_vcpu(self) -> int | None:
         return None
 
-    def render_line(self, y: int) -> Strip:
-        width = self.scrollable_content_region.width
-        if y == 0:
-            style = self.get_component_rich_style("vcpu-table--header")
-            text = header(width, self.id_w)[:width]
-            return Strip([Segment(text, style)]).extend_cell_length(width, style)
-        line = y - 1 + self.scroll_offset.y
+    def vcpu_line(self, v: VcpuWatch, sub: int, base: Style, width: int) -> list[Segment]:  # type: ignore[override]
         k = self.lines_per_vcpu
-        index, sub = divmod(line, k)
-        if not 0 <= index < len(self.rows):
-            return Strip.blank(width)
-        v: VcpuWatch = self.rows[index]  # type: ignore[assignment]
-        cursor = index == self.cursor
-        base = self.get_component_rich_style("vcpu-table--cursor") if cursor else Style()
         muted = base + Style(dim=True)
         id_w = self.id_w
         numbers_w = NUMBERS_W + id_w - ID_W
@@ -93,7 +72,7 @@ class SampledVcpus(VcpuTable, inherit_bindings=False):
             segments = [Segment(f"{run:>{numbers_w - 2}}  ", muted)]
         else:
             segments = [Segment(" " * numbers_w, base)]
-        seconds = timeline_width(width, id_w)
+        seconds = timeline_width(width, id_w, NUMBERS_W)
         history = [round(100 * s) for s in v.history[-seconds:]]
         glyphs = "".join(palette.chart_row(history, sub, k, top=100)).rjust(seconds)
         segments.append(Segment(glyphs, base + palette.reason_style(self, dominant(v))))
@@ -108,4 +87,4 @@ class SampledVcpus(VcpuTable, inherit_bindings=False):
             style = base + palette.reason_style(self, label)
             segments.append(Segment(f"{palette.short(label)[:12]:<12}", style))
             segments.append(Segment(f"{share.text():>{SHARE_W}}", muted))
-        return Strip(segments).crop(0, width).extend_cell_length(width, base)
+        return segments
