@@ -83,11 +83,11 @@ class WatchFeed:
             while not self._stop.wait(self.interval_s / 4 if first else self.interval_s):
                 first = False
                 snap = watcher.snapshot()
-                with self._lock:
-                    self._latest = snap
+                ended = not watcher.alive
+                with self._lock:  # the end and its last snapshot are seen together
+                    self._latest, self.ended = snap, ended
                     self.version += 1
-                if not watcher.alive:
-                    self.ended = True
+                if ended:
                     return
         except KvmtopError as exc:
             self.error = str(exc)

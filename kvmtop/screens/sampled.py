@@ -83,6 +83,8 @@ class SampledScreen(Screen[None]):
         if feed.version == self._shown_version or not self.is_current:
             return
         self._shown_version = feed.version
+        if feed.ended:
+            self.refresh_bindings()  # `a` leaves the footer
         snap = feed.latest()
         if snap is not None:
             self.show(snap)
@@ -132,6 +134,11 @@ class SampledScreen(Screen[None]):
         per_vcpu = max(1, min(MAX_LINES_PER_VCPU, (room - 3) // vcpus))
         height = max(min(room, 3 + vcpus * per_vcpu), 3 + min(vcpus, 4))
         self.query_one(SampledVcpus).styles.height = height
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "trace":
+            return not self.feed.ended  # nothing left to trace
+        return True
 
     def action_trace(self) -> None:
         if self.app.screen is self:
