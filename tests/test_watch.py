@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import wait_for_vcpus
+from conftest import start_qemu, wait_for_vcpus
 from test_cli import as_nobody, assert_one_line_error
 
 from kvmtop.minivmm import counted_command
@@ -67,6 +67,42 @@ def test_a_watched_port_io_loop_is_never_traced_and_shows_its_port(processes):
     assert io.value > 0.6 and set(vcpu.by_reason) == {"KVM_EXIT_IO"}
     assert snap.top_ports[0].label == "0x0080 out POST" and len(snap.top_ports) == 1
     assert vmm.poll() is None  # it runs on
+
+
+def test_a_watched_mmio_loop_shows_its_address(processes):
+    vmm = subprocess.Popen(counted_command(outs=0, mmio_writes=10_000_000, mmio_addr=0xD0000),
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    with Watcher(vmm.pid, rate_hz=2000) as watcher:
+        time.sleep(1.0)
+        snap = watcher.snapshot()
+    (vcpu,) = snap.vcpus
+    assert max(vcpu.by_reason, key=lambda r: vcpu.by_reason[r].hits) == "KVM_EXIT_MMIO"
+    assert snap.top_addresses[0].label == "0xd0000" and not snap.top_ports
+    assert vcpu.mean_vmm_ns.get("KVM_EXIT_MMIO", 0) > 0  # KVM counts mmio_exits
+
+
+@pytest.mark.qemu
+def test_a_watched_qemu_is_never_traced_and_its_port_io_leads(bios, processes):
+    vmm = start_qemu(processes, bios(outs=0xFFFFFFFF, mmio_writes=0))  # hours of `out 0x80`
+    time.sleep(0.3)  # in its loop
+    before = fd_links(vmm.pid)
+    tracers: list[int] = []
+    with Watcher(vmm.pid, rate_hz=2000) as watcher:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            tracers.append(tracer_pid(vmm.pid))
+            time.sleep(0.01)
+        snap = watcher.snapshot()
+    assert set(tracers) == {0} and len(tracers) > 50
+    assert fd_links(vmm.pid) == before
+    assert snap.reset_seen and snap.counters and snap.vm.in_run.hits > 0
+    (vcpu,) = snap.vcpus
+    assert max(vcpu.by_reason, key=lambda r: vcpu.by_reason[r].hits) == "KVM_EXIT_IO"
+    assert snap.top_ports[0].label == "0x0080 out POST"
+    assert vcpu.exits_per_s and vcpu.exits_per_s > 1000
+    assert vmm.poll() is None
 
 
 def test_a_vmm_that_ends_mid_watch_ends_the_watch_and_leaves_no_fd_behind(processes):
