@@ -12,13 +12,14 @@ from __future__ import annotations
 import mmap
 import os
 import platform
+import time
 from collections import deque
 from types import TracebackType
 from typing import Any
 
 from kvmtop.arch import HOST
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
-from kvmtop.procfs import fd_table, permission_hint
+from kvmtop.procfs import fd_table, permission_hint, tracer_pid
 from kvmtop.ptrace_abi import pidfd_getfd
 from kvmtop.sampler import make_sampler
 from kvmtop.sampling import HISTORY, Tally, WatchedVcpu, WatchSnapshot, estimate
@@ -27,6 +28,21 @@ from kvmtop.vcpu_maps import vcpu_fds, vm_of_vcpu_fd
 from kvmtop.vm_stats import StatsSample, StatsUnavailable, VmStats, rates, take_stats, vm_totals
 
 RESET_CHECK_LOOKS = 200  # looks of a running VM that must show a vCPU inside KVM_RUN
+UNTRACED_WAIT_S = 2.0  # for the counters' tracer to have left every thread
+
+
+def _wait_untraced(pid: int) -> None:
+    """Until no thread of ``pid`` has kvmtop as its tracer (the counters' attach is over)."""
+    me = os.getpid()
+    deadline = time.monotonic() + UNTRACED_WAIT_S
+    while True:
+        try:
+            tracers = {tracer_pid(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+        except OSError:
+            return  # gone: the next step says so
+        if me not in tracers or time.monotonic() > deadline:
+            return
+        time.sleep(0.001)
 
 
 class Watcher:
@@ -55,6 +71,7 @@ class Watcher:
                 self._stats = take_stats(pid)
             except StatsUnavailable as exc:
                 self.note = f"KVM's counters: {exc}"
+            _wait_untraced(pid)
         try:
             self._pidfd = os.pidfd_open(pid)
             table = fd_table(pid)
