@@ -25,10 +25,32 @@ from kvmtop.sampler import make_sampler
 from kvmtop.sampling import HISTORY, Tally, WatchedVcpu, WatchSnapshot, estimate
 from kvmtop.vcpu_keys import VcpuKey
 from kvmtop.vcpu_maps import vcpu_fds, vm_of_vcpu_fd
-from kvmtop.vm_stats import StatsSample, StatsUnavailable, VmStats, rates, take_stats, vm_totals
+from kvmtop.vm_stats import (
+    StatsSample,
+    StatsUnavailable,
+    VmStats,
+    copy_held_stats,
+    rates,
+    take_stats,
+    vm_totals,
+)
 
 RESET_CHECK_LOOKS = 200  # looks of a running VM that must show a vCPU inside KVM_RUN
 UNTRACED_WAIT_S = 2.0  # for the counters' tracer to have left every thread
+
+
+def _held_stats(pid: int) -> VmStats | None:
+    """KVM's counters from the stats fds the VMM holds itself (no attach), if it holds them."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        return copy_held_stats(pid, pidfd, fd_table(pid), set(vcpu_fds(pid).values()))
+    except OSError:
+        return None
+    finally:
+        os.close(pidfd)
 
 
 def _wait_untraced(pid: int) -> None:
@@ -58,6 +80,7 @@ class Watcher:
         self._sampler: Any = None
         self._pidfd: int | None = None
         self.note = ""
+        self.counters_copied = False  # KVM's counters from the VMM's own stats fds: no attach
         try:
             self._open(counters, seed)
         except BaseException:
@@ -66,7 +89,10 @@ class Watcher:
 
     def _open(self, counters: bool, seed: int | None) -> None:
         pid = self.pid
-        if counters:  # first: its attach checks the pid and the rights, with the reasons
+        if counters:
+            self._stats = _held_stats(pid)
+            self.counters_copied = self._stats is not None
+        if counters and self._stats is None:  # its attach checks the pid and rights, with reasons
             try:
                 self._stats = take_stats(pid)
             except StatsUnavailable as exc:

@@ -193,3 +193,34 @@ def test_a_thread_reads_the_watch_while_the_sampler_runs(processes):
         reader.start()
         reader.join(10)
     assert len(shares) == 10 and all(0 <= s <= 1 for s in shares)
+
+
+def test_a_vmm_holding_its_own_stats_fds_is_never_stopped_at_all(processes):
+    vmm = subprocess.Popen(counted_command(outs=10_000_000, mmio_writes=0, out_sleep_us=100,
+                                           own_stats=True), stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    time.sleep(0.2)
+    before = fd_links(vmm.pid)
+    assert sum(link.startswith("anon_inode:kvm-vcpu-stats") for link in before.values()) == 1
+    seen: list[set[int]] = []
+    done = threading.Event()
+
+    def poll() -> None:  # from before the watch starts
+        while not done.is_set():
+            seen.append(tracers(vmm.pid))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        time.sleep(0.05)
+        with Watcher(vmm.pid, rate_hz=2000) as watcher:
+            time.sleep(0.5)
+            snap = watcher.snapshot()
+    finally:
+        done.set()
+        poller.join()
+    assert watcher.counters_copied and snap.counters and not snap.note
+    assert set().union(*seen) == {0} and len(seen) > 20  # no attach, not even the first moment
+    assert fd_links(vmm.pid) == before
+    assert snap.vcpus[0].exits_per_s and snap.vcpus[0].by_reason["KVM_EXIT_IO"].hits > 0
