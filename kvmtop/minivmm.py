@@ -6,7 +6,7 @@ kvmtop's counts with the VMM's own (``--report-json``, in ``kvmtop report --json
 
     python -m kvmtop.minivmm counted [--vcpus N] [--outs N] [--port P] [--mmio-writes N]
                                      [--mmio-addr A] [--spin N] [--exit-status S] [--report-json F]
-                                     [--out-sleep-us US] [--out-syscalls N]
+                                     [--out-sleep-us US] [--out-syscalls N] [--own-stats]
     python -m kvmtop.minivmm demo [--vcpus N] [--duration S] [--report-json F]
 
 Exit status: counted mode exits with the status the guests wrote to port 0xf4 (the highest, if
@@ -42,6 +42,7 @@ KVM_SET_USER_MEMORY_REGION = 0x4020AE46
 KVM_GET_REGS, KVM_SET_REGS = 0x8090AE81, 0x4090AE82
 KVM_GET_SREGS, KVM_SET_SREGS = 0x8138AE83, 0x4138AE84
 KVM_RUN = 0xAE80
+KVM_GET_STATS_FD = 0xAECE  # a VM or vCPU fd: its binary stats fd (Linux 5.14+)
 REGS_SIZE, SREGS_SIZE = 144, 312
 RIP_OFFSET, RFLAGS_OFFSET = 128, 136  # struct kvm_regs: 16 GPRs, rip, rflags
 CS_BASE, CS_SELECTOR = 0, 12  # struct kvm_sregs starts with cs: base u64, limit u32, selector u16
@@ -270,6 +271,7 @@ def counted_command(
     mmio_reads: int = 0,
     out_sleep_us: float = 0.0,
     out_syscalls: int = 0,
+    own_stats: bool = False,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
@@ -279,6 +281,7 @@ def counted_command(
     argv += ["--ins", str(ins), "--mmio-reads", str(mmio_reads)] if ins or mmio_reads else []
     argv += ["--out-sleep-us", str(out_sleep_us)] if out_sleep_us else []
     argv += ["--out-syscalls", str(out_syscalls)] if out_syscalls else []
+    argv += ["--own-stats"] if own_stats else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -351,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--ins", type=int, default=0, help=f"`in` exits (read {COUNTED_IN:#x})")
     counted.add_argument("--mmio-reads", type=int, default=0, help="MMIO reads (read 0x5a)")
     counted.add_argument("--out-sleep-us", type=float, default=0.0, help="each out sleeps so long")
+    counted.add_argument("--own-stats", action="store_true",
+                         help="hold KVM stats fds of the VM and each vCPU, as a QEMU may")  # fmt: skip
     counted.add_argument("--out-syscalls", type=int, default=0, help="...and makes N syscalls")
     demo = sub.add_parser("demo", help="an endless, changing mix of exits")
     demo.add_argument("--vcpus", type=int, default=2)
@@ -396,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minivmm: {exc}", file=sys.stderr)
         return 7
     vm = vms[0]
+    # like a QEMU that keeps them for query-stats: stats fds of its own, held to the end
+    _held = [fcntl.ioctl(fd, KVM_GET_STATS_FD, 0) for one in vms if getattr(args, "own_stats", False)
+            for fd in (one.vm, *(v.fd for v in one.vcpus))]  # fmt: skip
     for one in vms:
         one.out_sleep_s = getattr(args, "out_sleep_us", 0.0) / 1e6
         one.out_syscalls = getattr(args, "out_syscalls", 0)

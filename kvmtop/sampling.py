@@ -64,7 +64,9 @@ class Share:
         z2 = Z95 * Z95
         centre = (p + z2 / (2 * n)) / (1 + z2 / n)
         half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-        return max(0.0, centre - half), min(1.0, centre + half)
+        # exactly 0 (1) when no (every) look hit, not a rounding error off it
+        low = 0.0 if self.hits == 0 else max(0.0, centre - half)
+        return low, 1.0 if self.hits == n else min(1.0, centre + half)
 
     def text(self) -> str:
         """``"46.2% ±0.4"``: the share and the half width of its interval, in percent."""
@@ -118,6 +120,11 @@ class WatchSnapshot:
     reset_seen: bool  # a look saw exit_reason 0: the kernel resets it at KVM_RUN entry
     note: str = ""  # what is not shown, and why ("KVM's counters: ...", "counters only: ...")
     counters: bool = False  # KVM's counters are held (exits/s are exact)
+
+    @property
+    def reset_checked(self) -> bool:
+        """The samples mean what they say: a look saw a vCPU inside KVM_RUN (``reset_seen``)."""
+        return self.reset_seen
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ for the moment KVM's counters take (:mod:`kvmtop.watcher`).
 from __future__ import annotations
 
 import json
+import platform
 import select
 import signal
 import time
@@ -87,6 +88,7 @@ def snapshot_json(snap: WatchSnapshot) -> dict[str, Any]:
         "rate_hz": snap.rate_hz,
         "looks": snap.looks,
         "reset_seen": snap.reset_seen,
+        "kernel": platform.release(),
         "counters": snap.counters,
         "note": snap.note,
         "vcpus": {v.label: _vcpu_json(v) for v in snap.vcpus},
@@ -103,6 +105,8 @@ def snapshot_text(snap: WatchSnapshot) -> str:
         f"{human(per_s)} looks/s ({human(snap.rate_hz)} asked)",
         "exits/s: KVM's counters (exact); shares of time: sampled, ± its 95% bound",
     ]
+    if snap.reset_seen:
+        lines.append(f"kernel {platform.release()}: exit_reason reset at KVM_RUN entry (seen)")
     if snap.note:
         lines.append(snap.note)
     lines += ["", f"{'VCPU':>12}  {'EXITS/s':>9}  {'IN KVM_RUN':>13}  {'IN THE VMM':>13}"]

@@ -12,21 +12,59 @@ from __future__ import annotations
 import mmap
 import os
 import platform
+import time
 from collections import deque
 from types import TracebackType
 from typing import Any
 
 from kvmtop.arch import HOST
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
-from kvmtop.procfs import fd_table, permission_hint
+from kvmtop.procfs import fd_table, permission_hint, tracer_pid
 from kvmtop.ptrace_abi import pidfd_getfd
 from kvmtop.sampler import make_sampler
 from kvmtop.sampling import HISTORY, Tally, WatchedVcpu, WatchSnapshot, estimate
 from kvmtop.vcpu_keys import VcpuKey
 from kvmtop.vcpu_maps import vcpu_fds, vm_of_vcpu_fd
-from kvmtop.vm_stats import StatsSample, StatsUnavailable, VmStats, rates, take_stats, vm_totals
+from kvmtop.vm_stats import (
+    StatsSample,
+    StatsUnavailable,
+    VmStats,
+    copy_held_stats,
+    rates,
+    take_stats,
+    vm_totals,
+)
 
 RESET_CHECK_LOOKS = 200  # looks of a running VM that must show a vCPU inside KVM_RUN
+UNTRACED_WAIT_S = 2.0  # for the counters' tracer to have left every thread
+
+
+def _held_stats(pid: int) -> VmStats | None:
+    """KVM's counters from the stats fds the VMM holds itself (no attach), if it holds them."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        return copy_held_stats(pid, pidfd, fd_table(pid), set(vcpu_fds(pid).values()))
+    except OSError:
+        return None
+    finally:
+        os.close(pidfd)
+
+
+def _wait_untraced(pid: int) -> None:
+    """Until no thread of ``pid`` has kvmtop as its tracer (the counters' attach is over)."""
+    me = os.getpid()
+    deadline = time.monotonic() + UNTRACED_WAIT_S
+    while True:
+        try:
+            tracers = {tracer_pid(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+        except OSError:
+            return  # gone: the next step says so
+        if me not in tracers or time.monotonic() > deadline:
+            return
+        time.sleep(0.001)
 
 
 class Watcher:
@@ -42,6 +80,7 @@ class Watcher:
         self._sampler: Any = None
         self._pidfd: int | None = None
         self.note = ""
+        self.counters_copied = False  # KVM's counters from the VMM's own stats fds: no attach
         try:
             self._open(counters, seed)
         except BaseException:
@@ -50,11 +89,15 @@ class Watcher:
 
     def _open(self, counters: bool, seed: int | None) -> None:
         pid = self.pid
-        if counters:  # first: its attach checks the pid and the rights, with the reasons
+        if counters:
+            self._stats = _held_stats(pid)
+            self.counters_copied = self._stats is not None
+        if counters and self._stats is None:  # its attach checks the pid and rights, with reasons
             try:
                 self._stats = take_stats(pid)
             except StatsUnavailable as exc:
                 self.note = f"KVM's counters: {exc}"
+            _wait_untraced(pid)
         try:
             self._pidfd = os.pidfd_open(pid)
             table = fd_table(pid)
