@@ -10,5 +10,6 @@ setup(
     ext_modules=[
         Extension("kvmtop._hotloop", ["kvmtop/native/hotloop.c"], optional=True),
         Extension("kvmtop._summary", ["kvmtop/native/summary.c"], optional=True),
+        Extension("kvmtop._sampler", ["kvmtop/native/sampler.c"], optional=True),
     ]
 )

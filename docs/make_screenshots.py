@@ -4,7 +4,7 @@
 
 The attached view, the drill-down and the help come from a recording of the built-in demo guest,
 replayed and paused at its end; the process list and the kernel view show the demo and a real
-QEMU, live.
+QEMU, live; the watch view samples the demo guest, live, untraced.
 """
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ async def shoot_process_list(pids: set[int]) -> None:
         app.save_screenshot("screen-processes.svg", DOCS)
 
 
+async def shoot_watch(pid: int) -> None:
+    """`w` on the demo guest: 20 s of its timeline, never traced."""
+    app = KvmtopApp(process_lister=lambda: [p for p in list_kvm_processes() if p.pid == pid])
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(2.5)
+        await pilot.press("w")
+        await pilot.pause(20)
+        app.save_screenshot("screen-watch.svg", DOCS)
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         recording = os.path.join(tmp, "demo.kvmtop")
@@ -81,6 +91,7 @@ def main() -> None:
         try:
             time.sleep(1)
             asyncio.run(shoot_process_list({guest.pid for guest in guests}))
+            asyncio.run(shoot_watch(guests[0].pid))
         finally:
             for guest in guests:
                 guest.kill()

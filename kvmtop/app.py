@@ -43,15 +43,18 @@ from kvmtop.screens.requests import (
     DemoRequested,
     DetachRequested,
     KernelRequested,
+    WatchRequested,
 )
+from kvmtop.screens.sampled import SampledScreen
 from kvmtop.screens.too_small import TooSmallScreen, too_small
 from kvmtop.screens.vcpu import TYPED_REPLAY_KEYS, VcpuScreen
 from kvmtop.screens.watch import REFRESH_S, REPLAY_BINDINGS, WatchScreen
 from kvmtop.session import SessionState, TraceSession
 from kvmtop.sources import LiveSource, command_line
+from kvmtop.watch_feed import SnapshotSource, WatchFeed, open_watcher
 from kvmtop.widgets.vcpu_table import VcpuTable
 
-UNLISTED_ACTIONS = frozenset({"quit", "command_palette", "help", "app.pop_screen"})
+UNLISTED_ACTIONS = frozenset({"quit", "app.quit", "command_palette", "help", "app.pop_screen"})
 
 
 IO_LABEL = exit_label(ExitReason.IO, 0)
@@ -78,8 +81,11 @@ class KvmtopApp(App[int]):
         process_lister: Callable[[], list[KvmProcess]] = list_kvm_processes,
         others: Callable[[], dict[str, list[int]]] | None = None,
         refresh_s: float | None = None,
+        watcher: Callable[[int, float], SnapshotSource] = open_watcher,
     ) -> None:
         super().__init__()
+        self.watcher = watcher  # opens the watch of a VM (`w`)
+        self.feeds: list[WatchFeed] = []  # every watch opened: closed at quit
         self.process_lister = process_lister
         # other users' VMMs, named when none of one's own is found (with the real lister)
         self.others = others or (others_vmms if process_lister is list_kvm_processes else dict)
@@ -166,13 +172,15 @@ class KvmtopApp(App[int]):
             self.notify(f"already tracing pid {session.pid}: detach first (d)", severity="warning")
             return
         self._attempt = begin(session)
-        self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates))
+        self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates, self.watch_vm))
 
     def attach(self, pid: int, *more: int) -> None:
         session = self.session
         if session is not None and pid in session.pids and session.state is SessionState.ATTACHED:
             if not isinstance(self.screen, AttachedScreen):
-                self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates))
+                self.push_screen(
+                    AttachedScreen(LiveSource(session), self.kernel_rates, self.watch_vm)
+                )
             return
         self._watch(lambda s: s.attach(pid, *more))
 
@@ -320,6 +328,36 @@ class KvmtopApp(App[int]):
             return
         self.call_from_thread(self._show_kernel, pid)
 
+    def on_watch_requested(self, request: WatchRequested) -> None:
+        if not isinstance(self.screen, SampledScreen):  # not `w` typed again before it opened
+            self.watch_vm(request.pid)
+
+    def watch_vm(self, pid: int) -> None:
+        """`w` in the list or in the traced VM's view: watch it by sampling; if kvmtop traces
+        it, once the tracer has detached. (Called by the attached view at once, not through a
+        message: the keys typed after `w` then go to the watch view.)"""
+        session, after = self.session, None
+        if session is not None and pid in session.pids and session.state in (
+                SessionState.ATTACHED, SessionState.ATTACHING):  # fmt: skip
+            session.detach()
+            after = session.ended
+        if isinstance(self.screen, AttachedScreen) and len(self.screen_stack) > 2:
+            self.pop_screen()  # watching replaces tracing
+        feed = WatchFeed(pid, after=after, opener=self.watcher)
+        self.feeds = [f for f in self.feeds if not f.closed] + [feed]
+        self.push_screen(SampledScreen(feed, self.trace_vm))
+
+    def trace_vm(self, pid: int) -> None:
+        """`a` in the watch view: exact tracing replaces the watch (at once, as watch_vm)."""
+        session = self.session
+        if session is not None and session.state in (
+                SessionState.ATTACHED, SessionState.ATTACHING) and pid not in session.pids:  # fmt: skip
+            self.notify(f"already tracing pid {session.pid}: detach first (d)", severity="warning")
+            return
+        if isinstance(self.screen, SampledScreen):
+            self.pop_screen()  # its watch closes
+            self.attach(pid)
+
     def on_demo_requested(self, _request: DemoRequested) -> None:
         if self._from_the_list():
             self.start_demo()
@@ -352,6 +390,7 @@ class KvmtopApp(App[int]):
                 *[b for b in VcpuScreen.BINDINGS if b not in TYPED_REPLAY_KEYS],
                 *watch,
             ],
+            "watch view": list(SampledScreen.BINDINGS),
             "kernel view": list(KernelScreen.BINDINGS),
             "replay": list(REPLAY_BINDINGS),
         }
@@ -416,6 +455,8 @@ class KvmtopApp(App[int]):
                 pass  # it has ended already (and been reaped)
             finally:
                 os.close(pidfd)
+        while self.feeds:
+            self.feeds.pop().close(timeout=2.0)  # every fd a watch took is closed
         if self.replay is not None:
             self.replay.close()
         self.held.close()

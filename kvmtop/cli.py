@@ -13,7 +13,8 @@ code. Tracebacks only with ``--debug``.
     kvmtop export FILE --perfetto OUT.json | --csv OUT | --jsonl OUT     (OUT may be -)
     kvmtop list [--json]
     kvmtop stats -p PID [--interval S] [--count N] [--json]
-    kvmtop exporter [--listen HOST:PORT] [--rescan S]
+    kvmtop watch -p PID [--rate HZ] [--interval S] [--count N] [--json]
+    kvmtop exporter [--listen HOST:PORT] [--rescan S] [--sampled [HZ]]
 """
 
 from __future__ import annotations
@@ -118,11 +119,24 @@ def _parser() -> argparse.ArgumentParser:
     sts.add_argument("--count", type=int, help="stop after N samples (1 or more)")
     sts.add_argument("--json", action="store_true", help="one JSON object per sample")
 
+    wat = sub.add_parser(
+        "watch", help="where each vCPU's time goes, sampled: the VMM is not traced"
+    )
+    wat.add_argument("-p", "--pid", type=int, required=True, help="the VMM's pid")
+    wat.add_argument("--rate", type=float, default=1000.0, metavar="HZ",
+                     help="looks at each vCPU per second (1000; at most 100000)")  # fmt: skip
+    wat.add_argument("--interval", type=float, default=1.0, help="seconds between reports")
+    wat.add_argument("--count", type=int, help="stop after N reports (1 or more)")
+    wat.add_argument("--json", action="store_true", help="one JSON object per report")
+
     prom = sub.add_parser("exporter", help="serve KVM's counters of every VM here to Prometheus")
     prom.add_argument("--listen", default="127.0.0.1:9464", metavar="HOST:PORT",
                       help="where to serve /metrics (127.0.0.1:9464; port 0: any free one)")  # fmt: skip
     prom.add_argument("--rescan", type=float, default=10.0, metavar="S",
                       help="look for new VMs every S seconds (10)")  # fmt: skip
+    prom.add_argument("--sampled", type=float, nargs="?", const=100.0, default=None, metavar="HZ",
+                      help="also export each vCPU's time in the VMM by exit reason, sampled HZ "
+                      "times a second per vCPU (100) without tracing (see kvmtop watch)")  # fmt: skip
 
     rpl = sub.add_parser("replay", help="play a recording in the TUI")
     rpl.add_argument("file")
@@ -217,7 +231,9 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if args.command == "list":
         return list_processes(args.json)
     if args.command == "exporter":
-        return exporter(args.listen, args.rescan)
+        return exporter(args.listen, args.rescan, args.sampled)
+    if args.command == "watch":
+        return watch(args)
     from kvmtop.app import run_tui  # Textual loads only for the TUI
 
     if args.command == "stats":
@@ -239,6 +255,23 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if args.command == "demo":
         return run_tui(demo=True, record_path=args.output, refresh_s=args.delay)
     return run_tui(pids=args.pid, argv=command, record_path=args.output, refresh_s=args.delay)
+
+
+def watch(args: argparse.Namespace) -> int:
+    from kvmtop.watch_cli import run_watch
+
+    if args.interval <= 0:
+        raise UsageError("--interval must be above 0")
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count must be 1 or more (leave it out to run until Ctrl-C)")
+    if not 0 < args.rate <= 100_000:
+        raise UsageError("--rate must be above 0 and at most 100000")
+    try:
+        return run_watch(args.pid, args.rate, args.interval, args.count, args.json, sys.stdout,
+                         sys.stderr)  # fmt: skip
+    except BrokenPipeError:  # `| head`: the reader has all it wanted
+        _silence_stdout()
+        return 0
 
 
 def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
@@ -453,7 +486,7 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def exporter(listen: str, rescan_s: float) -> int:
+def exporter(listen: str, rescan_s: float, sampled_hz: float | None = None) -> int:
     """Serve until SIGTERM or Ctrl-C, then close every fd and exit 0."""
     import threading
 
@@ -461,11 +494,13 @@ def exporter(listen: str, rescan_s: float) -> int:
 
     if rescan_s <= 0:
         raise UsageError("--rescan must be above 0")
+    if sampled_hz is not None and not 0 < sampled_hz <= 100_000:
+        raise UsageError("--sampled takes a rate above 0 and up to 100000 samples a second")
     stop = threading.Event()
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, lambda _signum, _frame: stop.set()) for s in stop_signals}
     try:
-        return run_exporter(listen, rescan_s, stop)
+        return run_exporter(listen, rescan_s, stop, sampled_hz)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

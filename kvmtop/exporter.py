@@ -6,6 +6,11 @@ fleet's lock): it never lists processes and never attaches. Finding VMs, taking 
 closing the fds of VMs that ended (at once: held fds keep a VM's kernel memory alive) happen in
 one background thread, the only one that changes the fleet.
 
+With ``--sampled``, each VM is also watched (:class:`~kvmtop.watcher.Watcher`, without counters
+of its own: the fleet holds them): one sampler thread per VM looks at its vCPUs' ``kvm_run``,
+and a scrape adds the looks since the last one to the VM's sampled totals. The VMM is never
+stopped for that.
+
 The metric families themselves are built in :mod:`kvmtop.metric_families`.
 """
 
@@ -31,8 +36,17 @@ from prometheus_client.registry import Collector
 
 from kvmtop.discovery import KvmProcess, list_kvm_processes
 from kvmtop.errors import KvmtopError, NoSuchProcess, UsageError
-from kvmtop.metric_families import VM_LABELS, VmReading, build_families
+from kvmtop.metric_families import VM_LABELS, SampledTotals, VmReading, build_families
 from kvmtop.vm_stats import VmStats, take_stats
+from kvmtop.watch_feed import SnapshotSource
+
+
+def open_sampler(pid: int, rate_hz: float) -> SnapshotSource:
+    """A watch of the VM's vCPUs alone: the fleet holds its counters already."""
+    from kvmtop.watcher import Watcher
+
+    return Watcher(pid, rate_hz, counters=False)
+
 
 RETRY_S = 300.0  # a VM whose stats could not be taken is tried again after this long
 
@@ -44,6 +58,13 @@ class WatchedVm:
     name: str
     stats: VmStats
     next_retake: float = 0.0  # when a vCPU it does not hold may be taken again
+    watcher: SnapshotSource | None = None  # with --sampled
+    sampled: SampledTotals | None = None
+
+    def close(self) -> None:
+        self.stats.close()
+        if self.watcher is not None:
+            self.watcher.close()
 
 
 @dataclass(slots=True)
@@ -63,6 +84,8 @@ class Fleet:
     discover: Callable[[], list[KvmProcess]] = list_kvm_processes
     log: Callable[[str], None] = lambda text: print(f"kvmtop: {text}", file=sys.stderr, flush=True)
     clock: Callable[[], float] = time.monotonic
+    sampled_hz: float | None = None  # --sampled: looks a second at each vCPU's kvm_run
+    sample: Callable[[int, float], SnapshotSource] = open_sampler
     watched: dict[int, WatchedVm] = field(default_factory=dict)
     failed: dict[int, FailedVm] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,14 +127,22 @@ class Fleet:
                     self.failed[proc.pid] = FailedVm(proc.pid, proc.create_time, proc.name,
                                                      now + RETRY_S)  # fmt: skip
             return
+        vm = WatchedVm(proc.pid, proc.create_time, proc.name, stats)
+        sampling = ""
+        if self.sampled_hz is not None:
+            try:
+                vm.watcher, vm.sampled = self.sample(proc.pid, self.sampled_hz), SampledTotals()
+                sampling = f", sampling them {self.sampled_hz:g} times a second"
+            except (KvmtopError, OSError) as exc:
+                sampling = f"; not sampled: {exc}"
         with self.lock:
             old = self.watched.pop(proc.pid, None)
             self.failed.pop(proc.pid, None)
-            self.watched[proc.pid] = WatchedVm(proc.pid, proc.create_time, proc.name, stats)
+            self.watched[proc.pid] = vm
         if old is not None:
-            old.stats.close()
+            old.close()
         self.log(f"pid {proc.pid} ({proc.name}): reading KVM's counters of "
-                 f"{len(stats.vcpus)} vCPU(s)")  # fmt: skip
+                 f"{len(stats.vcpus)} vCPU(s){sampling}")  # fmt: skip
 
     def exit_fds(self) -> list[int]:
         """An fd per watched VMM that becomes readable when it exits."""
@@ -125,7 +156,7 @@ class Fleet:
 
     def _close(self, pid: int, why: str) -> None:
         vm = self.watched.pop(pid)
-        vm.stats.close()
+        vm.close()
         self.log(f"pid {pid} ({vm.name}) {why}: its counters are closed")
 
     def readings(self) -> tuple[list[VmReading], list[FailedVm]]:
@@ -135,16 +166,18 @@ class Fleet:
             for vm in self.watched.values():
                 try:
                     sample = vm.stats.sample()
+                    if vm.watcher is not None and vm.sampled is not None:
+                        vm.sampled.add(vm.watcher.snapshot())
                 except OSError:
                     continue  # dropped by the watcher shortly
                 out.append(VmReading(vm.pid, vm.name, vm.stats.descs(),
-                                     vm.stats.descs(vcpu=False), sample))  # fmt: skip
+                                     vm.stats.descs(vcpu=False), sample, vm.sampled))  # fmt: skip
             return out, list(self.failed.values())
 
     def close(self) -> None:
         with self.lock:
             for vm in self.watched.values():
-                vm.stats.close()
+                vm.close()
             self.watched.clear()
             self.failed.clear()
 
@@ -195,9 +228,9 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a line per scrape is noise
 
 
-def serve(host: str, port: int) -> tuple[WSGIServer, Fleet]:
+def serve(host: str, port: int, sampled_hz: float | None = None) -> tuple[WSGIServer, Fleet]:
     """The HTTP server (not yet serving) over a new, empty fleet."""
-    fleet = Fleet()
+    fleet = Fleet(sampled_hz=sampled_hz)
     registry = CollectorRegistry()
     registry.register(FleetCollector(fleet))
     ProcessCollector(registry=registry)  # the exporter's own CPU, memory and open fds
@@ -229,10 +262,11 @@ def watch(fleet: Fleet, rescan_s: float, stop: threading.Event, wake_fd: int,
         failure.append(exc)
 
 
-def run_exporter(listen: str, rescan_s: float, stop: threading.Event) -> int:
+def run_exporter(listen: str, rescan_s: float, stop: threading.Event,
+                 sampled_hz: float | None = None) -> int:  # fmt: skip
     """Serve until ``stop`` is set; then close every fd and return 0."""
     host, port = parse_listen(listen)
-    httpd, fleet = serve(host, port)
+    httpd, fleet = serve(host, port, sampled_hz)
     where = f"[{host}]:{httpd.server_port}" if ":" in host else f"{host}:{httpd.server_port}"
     print(f"kvmtop: exporter listening on http://{where}/metrics", file=sys.stderr, flush=True)
     wake_r, wake_w = os.pipe()

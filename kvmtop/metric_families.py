@@ -24,11 +24,13 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from kvmtop.kvm_stats import CUMULATIVE, StatDesc, Values
+from kvmtop.sampling import WatchSnapshot
 from kvmtop.vm_stats import StatsSample
 
 _go_float = cast(Callable[[float], str], floatToGoString)  # le as Go prints it: 1e-09, +Inf
 
 VCPU_LABELS = ("pid", "vm", "vcpu")
+REASON_LABELS = (*VCPU_LABELS, "reason")
 VM_LABELS = ("pid", "vm")
 
 # A kernel name's unit suffix, replaced by the base unit Prometheus names end with.
@@ -99,6 +101,27 @@ def cumulative_buckets(desc: StatDesc, counts: tuple[int, ...]) -> list[tuple[st
     return out
 
 
+class SampledTotals:
+    """A VM's samples of its vCPUs' ``kvm_run`` (``exporter --sampled``), added up over the
+    watcher's snapshots: per vCPU id the looks, and per (vCPU id, exit reason) the looks that
+    saw the VMM handling it and the seconds they stand for (each snapshot's share of its span,
+    so the sum only grows, as a counter must)."""
+
+    def __init__(self) -> None:
+        self.samples: dict[int, int] = {}
+        self.hits: dict[tuple[int, str], int] = {}
+        self.vmm_seconds: dict[tuple[int, str], float] = {}
+
+    def add(self, snap: WatchSnapshot) -> None:
+        for v in snap.vcpus:
+            vcpu = v.key.vcpu if v.key is not None else int(v.label)
+            self.samples[vcpu] = self.samples.get(vcpu, 0) + v.samples
+            for reason, share in v.by_reason.items():
+                key = (vcpu, reason)
+                self.hits[key] = self.hits.get(key, 0) + share.hits
+                self.vmm_seconds[key] = self.vmm_seconds.get(key, 0.0) + share.value * snap.seconds
+
+
 @dataclass(frozen=True, slots=True)
 class VmReading:
     """One VM's counters at a scrape, with what names it."""
@@ -108,6 +131,7 @@ class VmReading:
     vcpu_descs: tuple[StatDesc, ...]
     vm_descs: tuple[StatDesc, ...]
     sample: StatsSample
+    sampled: SampledTotals | None = None  # with ``--sampled``
 
 
 def _new_family(plan: MetricPlan, labels: tuple[str, ...]) -> Metric:
@@ -151,7 +175,36 @@ def build_families(readings: Iterable[VmReading]) -> list[Metric]:
                 _add(family(plan, VCPU_LABELS), plan, [pid, r.vm, str(vcpu)], values)
         for plan in plan_metrics("vm", r.vm_descs):
             _add(family(plan, VM_LABELS), plan, [pid, r.vm], r.sample.vm)
-    return [f for f, _plan in families.values()]
+    return [f for f, _plan in families.values()] + sampled_families(readings)
+
+
+def sampled_families(readings: Iterable[VmReading]) -> list[Metric]:
+    """The sampled families, of the readings that have samples (none without ``--sampled``)."""
+    sampled = [(r, r.sampled) for r in readings if r.sampled is not None]
+    if not sampled:
+        return []
+    seconds = CounterMetricFamily(
+        "kvm_vcpu_vmm_seconds",
+        "Seconds the VMM spent handling the vCPU's exits of a reason, "
+        "sampled from its kvm_run (estimate: see kvm_vcpu_vmm_samples)",
+        labels=REASON_LABELS,
+    )
+    hits = CounterMetricFamily(
+        "kvm_vcpu_vmm_samples",
+        "Looks at the vCPU's kvm_run that saw the VMM handling an exit of the reason",
+        labels=REASON_LABELS,
+    )
+    looks = CounterMetricFamily(
+        "kvm_vcpu_samples", "Looks at the vCPU's kvm_run (inside KVM_RUN or not)",
+        labels=VCPU_LABELS)  # fmt: skip
+    for r, totals in sampled:
+        for (vcpu, reason), value in sorted(totals.vmm_seconds.items()):
+            labels = [str(r.pid), r.vm, str(vcpu), reason]
+            seconds.add_metric(labels, value)
+            hits.add_metric(labels, totals.hits[(vcpu, reason)])
+        for vcpu, n in sorted(totals.samples.items()):
+            looks.add_metric([str(r.pid), r.vm, str(vcpu)], n)
+    return [seconds, hits, looks]
 
 
 # --- the fleet ----------------------------------------------------------------------------------

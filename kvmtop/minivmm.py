@@ -6,7 +6,7 @@ kvmtop's counts with the VMM's own (``--report-json``, in ``kvmtop report --json
 
     python -m kvmtop.minivmm counted [--vcpus N] [--outs N] [--port P] [--mmio-writes N]
                                      [--mmio-addr A] [--spin N] [--exit-status S] [--report-json F]
-                                     [--out-sleep-us US] [--out-syscalls N]
+                                     [--out-sleep-us US] [--out-syscalls N] [--own-stats]
     python -m kvmtop.minivmm demo [--vcpus N] [--duration S] [--report-json F]
 
 Exit status: counted mode exits with the status the guests wrote to port 0xf4 (the highest, if
@@ -44,6 +44,7 @@ KVM_GET_SREGS, KVM_SET_SREGS = 0x8138AE83, 0x4138AE84
 KVM_RUN = 0xAE80
 KVM_REGISTER_COALESCED_MMIO = 0x4010AE67  # _IOW(KVMIO, 0x67, struct kvm_coalesced_mmio_zone)
 COALESCED_RING = 2 * 4096  # KVM_COALESCED_MMIO_PAGE_OFFSET 2 (x86), in the vCPU mapping
+KVM_GET_STATS_FD = 0xAECE  # a VM or vCPU fd: its binary stats fd (Linux 5.14+)
 REGS_SIZE, SREGS_SIZE = 144, 312
 RIP_OFFSET, RFLAGS_OFFSET = 128, 136  # struct kvm_regs: 16 GPRs, rip, rflags
 CS_BASE, CS_SELECTOR = 0, 12  # struct kvm_sregs starts with cs: base u64, limit u32, selector u16
@@ -115,15 +116,23 @@ class Vcpu:
         struct.pack_into("<QQ", regs, RIP_OFFSET, 0, 2)  # rip 0, rflags: bit 1 is always set
         fcntl.ioctl(self.fd, KVM_SET_REGS, bytes(regs))
         self.exit_status: int | None = None
+        self.run_ns = self.vmm_ns = self.returned_ns = 0
 
     def run_once(self) -> bool:
-        """One KVM_RUN; False when it was interrupted (EINTR) and made no exit."""
+        """One KVM_RUN; False when it was interrupted (EINTR) and made no exit. Keeps the time
+        spent inside KVM_RUN and out of it (handling exits), as the VMM's own truth."""
+        entered = time.monotonic_ns()
+        if self.returned_ns:
+            self.vmm_ns += entered - self.returned_ns
         try:
             fcntl.ioctl(self.fd, KVM_RUN, 0)
         except OSError as exc:
             if exc.errno in (errno.EINTR, errno.EAGAIN):
                 return False
             raise
+        finally:
+            self.returned_ns = time.monotonic_ns()
+            self.run_ns += self.returned_ns - entered
         return True
 
 
@@ -284,6 +293,7 @@ def counted_command(
     out_sleep_us: float = 0.0,
     out_syscalls: int = 0,
     coalesced: bool = False,
+    own_stats: bool = False,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
@@ -294,6 +304,7 @@ def counted_command(
     argv += ["--out-sleep-us", str(out_sleep_us)] if out_sleep_us else []
     argv += ["--out-syscalls", str(out_syscalls)] if out_syscalls else []
     argv += ["--coalesced"] if coalesced else []
+    argv += ["--own-stats"] if own_stats else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -342,8 +353,11 @@ def _count_signals(vm: MiniVm, wake_r: int) -> None:
 
 def _write_report(vm: MiniVm, path: str | None) -> None:
     if path:
+        report = vm.counts.as_json()
+        # the VMM's own truth of where each vCPU's time went: in KVM_RUN, or handling its exits
+        report["time_ns"] = {str(v.index): {"run": v.run_ns, "vmm": v.vmm_ns} for v in vm.vcpus}
         with open(path, "w") as f:
-            json.dump(vm.counts.as_json(), f, indent=1)
+            json.dump(report, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--ins", type=int, default=0, help=f"`in` exits (read {COUNTED_IN:#x})")
     counted.add_argument("--mmio-reads", type=int, default=0, help="MMIO reads (read 0x5a)")
     counted.add_argument("--out-sleep-us", type=float, default=0.0, help="each out sleeps so long")
+    counted.add_argument("--own-stats", action="store_true",
+                         help="hold KVM stats fds of the VM and each vCPU, as a QEMU may")  # fmt: skip
     counted.add_argument("--out-syscalls", type=int, default=0, help="...and makes N syscalls")
     counted.add_argument("--coalesced", action="store_true",
                          help="register the MMIO address as a coalesced zone: writes queue, no exit")  # fmt: skip
@@ -410,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minivmm: {exc}", file=sys.stderr)
         return 7
     vm = vms[0]
+    # like a QEMU that keeps them for query-stats: stats fds of its own, held to the end
+    _held = [fcntl.ioctl(fd, KVM_GET_STATS_FD, 0) for one in vms if getattr(args, "own_stats", False)
+            for fd in (one.vm, *(v.fd for v in one.vcpus))]  # fmt: skip
     for one in vms:
         one.out_sleep_s = getattr(args, "out_sleep_us", 0.0) / 1e6
         one.out_syscalls = getattr(args, "out_syscalls", 0)

@@ -31,7 +31,7 @@ def missing_notice() -> str | None:
     """One line for the user when a native module is missing (None: all present or not asked)."""
     if pure_requested():
         return None
-    absent = [name for name in ("_hotloop", "_summary") if load(name) is None]
+    absent = [name for name in ("_hotloop", "_summary", "_sampler") if load(name) is None]
     if not absent:
         return None
     return (

@@ -39,6 +39,7 @@ def _rate(count: int, seconds: float) -> float:
 def _latency(h: LatencyHistogram) -> dict[str, int]:
     return {
         "count": h.count,
+        "total_ns": h.total_ns,
         "min_ns": h.min_ns,
         "p50_ns": h.median,
         "p99_ns": h.p99,

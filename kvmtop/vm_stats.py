@@ -2,7 +2,9 @@
 
 :func:`take_stats` attaches to a VMM, has one of its threads make the stats fds (see
 :mod:`kvmtop.inject`) and detaches at once; or, while a tracing session is on, its tracer does
-the same. From then on :class:`VmStats` reads the counters with one pread per fd: no ptrace, no
+the same. A VMM that holds stats fds of its own (a QEMU that keeps them for ``query-stats``)
+needs no attach: :func:`copy_held_stats` copies them with ``pidfd_getfd``. From then on
+:class:`VmStats` reads the counters with one pread per fd: no ptrace, no
 cost to the VM, for as long as kvmtop holds the fds. The fds keep the VM's kernel state alive,
 so they are closed as soon as the VMM exits (:meth:`VmStats.vmm_alive`).
 """
@@ -10,6 +12,7 @@ so they are closed as soon as the VMM exits (:meth:`VmStats.vmm_alive`).
 from __future__ import annotations
 
 import os
+import re
 import select
 import time
 from collections.abc import Callable
@@ -20,6 +23,13 @@ from kvmtop.errors import KvmtopError
 from kvmtop.inject import StatsFds
 from kvmtop.kvm_stats import CUMULATIVE, StatDesc, StatsFile, StatsFormatError, Values
 from kvmtop.procfs import check_attachable, is_stopped
+from kvmtop.ptrace_abi import pidfd_getfd
+
+VM_STATS_LINK, VCPU_STATS_LINK = (
+    "anon_inode:kvm-vm-stats",
+    "anon_inode:kvm-vcpu-stats",
+)  # vCPU: ":N"
+VCPU_IDENT = re.compile(r"kvm-\d+/vcpu-(\d+)$")  # a vCPU stats fd's id string
 
 
 class StatsUnavailable(KvmtopError):
@@ -165,3 +175,35 @@ def take_stats(pid: int, timeout: float = 10.0) -> VmStats:
             tracer.detach()
     finally:
         tracer.stop(timeout)
+
+
+def copy_held_stats(
+    pid: int, pidfd: int, table: dict[int, str], vcpu_ids: set[int]
+) -> VmStats | None:
+    """The stats fds the VMM holds itself, copied with ``pidfd_getfd`` (no attach, no stop): when
+    it holds one of its only VM and one of each of ``vcpu_ids``, else None (nothing kept)."""
+    vm_fds = [fd for fd, link in table.items() if link == VM_STATS_LINK]
+    vcpu_fds = [fd for fd, link in table.items() if link.startswith(VCPU_STATS_LINK)]
+    if len(vm_fds) != 1 or len(vcpu_fds) < len(vcpu_ids):
+        return None
+    copies: dict[int, int] = {}
+    vm: int | None = None
+    try:
+        vm = pidfd_getfd(pidfd, vm_fds[0])
+        for fd in vcpu_fds:
+            copy = pidfd_getfd(pidfd, fd)
+            found = VCPU_IDENT.search(StatsFile(copy).ident)
+            if found is None or int(found.group(1)) in copies:
+                os.close(copy)
+                continue
+            copies[int(found.group(1))] = copy
+    except (OSError, StatsFormatError):
+        found = None
+    if vm is None or set(copies) != vcpu_ids:
+        for fd in [*copies.values(), *([vm] if vm is not None else [])]:
+            _close_quietly(fd)
+        return None
+    try:
+        return VmStats(pid, StatsFds(copies, vm, {}))
+    except StatsUnavailable:
+        return None

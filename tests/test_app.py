@@ -196,14 +196,15 @@ async def test_help_lists_every_key_and_closes(fixed):
         text = app.screen.text
         sections = app.key_sections()
         assert set(sections) == {"everywhere", "process list", "attached view",
-                                 "vCPU drill-down", "kernel view", "replay"}  # fmt: skip
+                                 "vCPU drill-down", "watch view", "kernel view", "replay"}  # fmt: skip
         for bindings in sections.values():
             for b in bindings:
                 assert (b.tooltip or b.description) in text, b
         for needle in ("Attach to the selected VMM", "Start the built-in demo", "Detach",
                        "Freeze", "Seek 10 s back", "Play faster", "drill-down", "Quit",
-                       "KVM's own counters", "Reset the counts", "Refresh the view less often"
-                       ):  # fmt: skip
+                       "KVM's own counters", "Reset the counts", "Refresh the view less often",
+                       "Watch the selected VM by sampling", "Trace this VM instead",
+                       "Detach and watch the VMM by sampling"):  # fmt: skip
             assert needle in text, needle
         assert "escape" not in text and " k esc " in text  # Esc spelt one way everywhere
         await pilot.press("escape")
@@ -1220,3 +1221,64 @@ async def test_two_vmms_attached_at_once_show_each_vm_and_are_marked_in_the_list
         assert re.match(rf"vCPU [01] of VM \d+ in pid ({pids[0]}|{pids[1]}) \(python", title), title
         await pilot.press("escape", "q")
     assert all(d.poll() is None for d in demos)  # detached: both run on
+
+
+def pane_text(screen, widget) -> str:
+    return str(screen.query_one(widget).render())
+
+
+@pytest.mark.kvm
+async def test_w_watches_a_vm_untraced_a_traces_it_and_w_watches_it_again(processes):
+    """`w` in the list: the watch view of a guest whose VMM takes 30 µs per `out`, never traced;
+    `a` traces it exactly, `w` there detaches and watches again, also typed in one burst; at
+    the end every fd kvmtop took is closed and the VMM's fd table is as it was."""
+    from kvmtop.procfs import fd_table, tracer_pid
+    from kvmtop.screens.sampled import SampledScreen
+    from kvmtop.widgets.sampled_targets import SampledTargets
+    from kvmtop.widgets.vmm_reasons import VmmReasons
+
+    vmm = subprocess.Popen(counted_command(outs=10**8, mmio_writes=0, out_sleep_us=30),
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    fds_before = fd_table(vmm.pid)
+    tracers: set[int] = set()
+
+    def watching(screen) -> bool:
+        """The watch view shows the guest's `out 0x80` as most of its VMM time."""
+        tracers.add(tracer_pid(vmm.pid))
+        snap = screen.feed.latest() if isinstance(screen, SampledScreen) else None
+        io = snap.vm.by_reason.get("KVM_EXIT_IO") if snap is not None else None
+        return io is not None and io.low > 0.5 and screen._shown_version == screen.feed.version
+
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await list_shows(pilot, vmm.pid)
+        await pilot.press("slash", *str(vmm.pid), "enter", "w")
+        await until(pilot, lambda: watching(app.screen), what="IO sampled and shown")
+        first = app.screen
+        assert tracers == {0} and app.session is None  # never traced, no session made
+        reasons = pane_text(first, VmmReasons)
+        assert "in KVM_RUN" in reasons and re.search(r"\nIO +\d+\.\d% ±\d", reasons), reasons
+        assert re.search(r"0x0080 out POST +\d+\.\d% ±", pane_text(first, SampledTargets))
+        assert "watched, not traced" in str(first.query_one("#title").render())
+        await pilot.press("a")  # exact tracing instead
+        await until_counting(pilot, vmm.pid)
+        assert isinstance(app.screen, AttachedScreen) and tracer_pid(vmm.pid) != 0
+        await until(pilot, lambda: first.feed.closed, what="the first watch closed")
+        await pilot.press("w")  # detach, watch again
+        tracers.clear()
+        await until(pilot, lambda: watching(app.screen), what="watching again")
+        assert app.screen is not first and app.session.state is SessionState.ENDED
+        assert tracers == {0}
+        second = app.screen
+        burst(app, "a", "w")  # traced and watched again, the keys in one burst
+        await until(pilot, lambda: app.screen is not second and watching(app.screen),
+                    what="watching after a burst")  # fmt: skip
+        assert app.session.state is SessionState.ENDED and tracer_pid(vmm.pid) == 0
+        await pilot.press("escape")
+        assert isinstance(app.screen, ProcessListScreen)
+        await pilot.press("q")
+    assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
+    assert not [link for link in fd_table(os.getpid()).values() if "kvm" in link]  # all closed
+    assert fd_table(vmm.pid) == fds_before

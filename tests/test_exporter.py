@@ -474,3 +474,99 @@ def test_exporter_help_names_its_options():
     result = subprocess.run([*KVMTOP, "exporter", "--help"], capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert result.returncode == 0 and "--listen" in result.stdout and "--rescan" in result.stdout
+    assert "--sampled" in result.stdout
+
+
+@pytest.mark.parametrize("rate", ["0", "-5", "1e6", "fast"])
+def test_a_bad_sampled_rate_is_one_line_and_a_non_zero_status(rate):
+    result = subprocess.run([*KVMTOP, "exporter", "--sampled", rate], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("kvmtop: "), result.stderr
+
+
+# --- sampled: the VMM's time by exit reason -----------------------------------------------------
+
+
+def test_sampled_seconds_add_each_snapshots_share_of_its_span_per_vcpu_and_reason():
+    from guests.fixed_watch import LOOKS, fixed_snapshot
+
+    from kvmtop.metric_families import SampledTotals
+
+    totals = SampledTotals()
+    for _ in range(3):
+        totals.add(fixed_snapshot())  # 3 snapshots of 1 s each
+    base = READINGS[0]
+    reading = VmReading(base.pid, base.vm, base.vcpu_descs, base.vm_descs, base.sample, totals)
+    fams = exposed(build_families([reading]))
+    looks = {(v, reason): 0 for v, (_n, _in, keys) in enumerate(LOOKS) for reason, _k, _c in keys}
+    for v, (_n, _in, keys) in enumerate(LOOKS):
+        for reason, _key, count in keys:
+            looks[(v, reason)] += count
+    names = {2: "KVM_EXIT_IO", 5: "KVM_EXIT_HLT", 6: "KVM_EXIT_MMIO"}
+    label = lambda v, reason: (("pid", "10"), ("reason", names[reason]), ("vcpu", str(v)),  # noqa: E731
+                               ("vm", "web"))  # fmt: skip
+    seconds = values_of(fams["kvm_vcpu_vmm_seconds"], "kvm_vcpu_vmm_seconds_total")
+    assert seconds == pytest.approx({label(v, r): 3 * n / 1000 for (v, r), n in looks.items()})
+    hits = values_of(fams["kvm_vcpu_vmm_samples"], "kvm_vcpu_vmm_samples_total")
+    assert hits == {label(v, r): 3 * n for (v, r), n in looks.items()}
+    samples = values_of(fams["kvm_vcpu_samples"], "kvm_vcpu_samples_total")
+    assert samples == {(("pid", "10"), ("vcpu", str(v)), ("vm", "web")): 3000.0 for v in range(4)}
+    assert {f.type for name, f in fams.items() if "sample" in name or "vmm" in name} == {"counter"}
+
+
+def test_without_sampling_no_sampled_family_is_exposed():
+    assert not [
+        name for name in exposed(build_families(READINGS)) if "sample" in name or "vmm" in name
+    ]
+
+
+def own_fleet(pid: int, sampled_hz: float | None) -> Fleet:
+    """A fleet of one VM (the test's own guest, never another VM on this host)."""
+    from kvmtop.discovery import list_kvm_processes
+
+    return Fleet(discover=lambda: [p for p in list_kvm_processes() if p.pid == pid],
+                 log=lambda text: None, sampled_hz=sampled_hz)  # fmt: skip
+
+
+@pytest.mark.kvm
+def test_a_sampled_fleet_exports_the_vmms_time_by_reason_of_a_real_guest_untraced(processes):
+    """A guest whose VMM takes 30 µs per `out 0x80`: its VMM time, sampled at 1 kHz, is nearly
+    all KVM_EXIT_IO on both vCPUs and grows scrape after scrape; the same fleet without
+    --sampled exposes no such family; the VMM is never left traced and every fd is closed."""
+    vmm = subprocess.Popen(counted_command(vcpus=2, outs=10**8, mmio_writes=0, out_sleep_us=30),
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid, 2)
+    fds_before = fd_table(vmm.pid)
+    plain = own_fleet(vmm.pid, None)
+    plain.rescan()
+    try:
+        fams = exposed(list(FleetCollector(plain).collect()))
+        assert "kvm_vcpu_exits" in fams and "kvm_vcpu_vmm_seconds" not in fams
+    finally:
+        plain.close()
+    fleet = own_fleet(vmm.pid, 1000.0)
+    fleet.rescan()
+    try:
+        assert tracer_pid(vmm.pid) == 0
+        seen = []
+        for _ in range(2):
+            time.sleep(1.0)
+            fams = exposed(list(FleetCollector(fleet).collect()))
+            seen.append((values_of(fams["kvm_vcpu_vmm_seconds"], "kvm_vcpu_vmm_seconds_total"),
+                         values_of(fams["kvm_vcpu_samples"], "kvm_vcpu_samples_total")))  # fmt: skip
+            assert tracer_pid(vmm.pid) == 0
+        (seconds_1, looks_1), (seconds_2, looks_2) = seen
+        for v in ("0", "1"):
+            io = (("pid", str(vmm.pid)), ("reason", "KVM_EXIT_IO"), ("vcpu", v),
+                  ("vm", "kvmtop-minivmm"))  # fmt: skip
+            vcpu = (("pid", str(vmm.pid)), ("vcpu", v), ("vm", "kvmtop-minivmm"))
+            assert 0.5 < seconds_1[io] < seconds_2[io] and looks_1[vcpu] < looks_2[vcpu]
+            own = sum(value for labels, value in seconds_2.items() if ("vcpu", v) in labels)
+            assert seconds_2[io] > 0.8 * own  # the VMM's time is the `out`s
+    finally:
+        fleet.close()
+    assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
+    assert not [link for link in fd_table(os.getpid()).values() if "kvm" in link]
+    assert fd_table(vmm.pid) == fds_before

@@ -105,3 +105,21 @@ def test_help(snap_compare, replay_app, size):
 
 def test_a_terminal_too_small_says_so(snap_compare, replay_app):
     assert snap_compare(replay_app, terminal_size=(60, 15), run_before=at_end)
+
+
+@SIZES
+def test_watch_view(snap_compare, monkeypatch, size):
+    """`w` on the first VM listed, watched by a fixed watcher (4 vCPUs, one second sampled)."""
+    from guests.fixed_watch import FixedWatcher
+
+    from kvmtop.watch_feed import WatchFeed
+
+    monkeypatch.setattr(WatchFeed, "watched_s", property(lambda feed: 63.0))
+
+    async def watch_first(pilot) -> None:
+        await pilot.pause(0.5)
+        await pilot.press("w")
+        await pilot.pause(1.0)
+
+    app = KvmtopApp(process_lister=fixed_processes, watcher=FixedWatcher)
+    assert snap_compare(app, terminal_size=size, run_before=watch_first)

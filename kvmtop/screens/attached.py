@@ -11,7 +11,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 
-from kvmtop.screens.requests import BackRequested, DetachRequested, KernelRequested
+from kvmtop.screens.requests import (
+    BackRequested,
+    DetachRequested,
+    KernelRequested,
+)
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.screens.watch import WatchScreen
 from kvmtop.sources import ExitSource, LiveSource, SourceStatus
@@ -47,16 +51,20 @@ class AttachedScreen(WatchScreen):
             "Kernel view",
             tooltip="KVM's own counters: every exit, also those KVM handles itself",
         ),
+        Binding("w", "watch", "Watch",
+                tooltip="Detach and watch the VMM by sampling instead (no cost to it; a there "
+                "traces again)"),
         Binding("escape", "back", "Back", tooltip="Back to the process list (tracing goes on)"),
-    ]
+    ]  # fmt: skip
 
     _shown_state = ""
     _snap: StatsSnapshot | None = None  # the last shown, for the layout
 
     def __init__(self, source: ExitSource,
-                 kernel_rates: Callable[[], tuple[float, float | None] | None] = lambda: None
-                 ) -> None:  # fmt: skip
+                 kernel_rates: Callable[[], tuple[float, float | None] | None] = lambda: None,
+                 watch: Callable[[int], None] | None = None) -> None:  # fmt: skip
         super().__init__(source)
+        self.watch = watch  # watching the pid by sampling instead (the app's)
         # KVM's own exits/s of the VM, when its counters are held, and the VMM's over the same
         # interval
         self.kernel_rates = kernel_rates
@@ -123,6 +131,12 @@ class AttachedScreen(WatchScreen):
             return isinstance(self.source, LiveSource) and self.source.attached
         if action == "kernel":
             return isinstance(self.source, LiveSource) and self.source.attached
+        if action == "watch":
+            return (
+                self.watch is not None
+                and isinstance(self.source, LiveSource)
+                and (self.source.attached)
+            )
         if action == "back":
             return isinstance(self.source, LiveSource)  # a replay has no process list
         return super().check_action(action, parameters)
@@ -133,6 +147,11 @@ class AttachedScreen(WatchScreen):
     def action_kernel(self) -> None:
         if isinstance(self.source, LiveSource) and self.source.session.pid is not None:
             self.post_message(KernelRequested(self.source.session.pid))
+
+    def action_watch(self) -> None:
+        if self.watch is not None and isinstance(self.source, LiveSource) and (
+                self.source.session.pid is not None and self.app.screen is self):  # fmt: skip
+            self.watch(self.source.session.pid)
 
     def action_back(self) -> None:
         self.post_message(BackRequested())

@@ -24,6 +24,9 @@ n (net)   v less what kvmtop's stops held the vCPU thread (attached)
 lost      exits seen but not decoded: must stay 0
 stops/s   ptrace stops per second and per exit, the cost of tracing:
           attached, 2 per KVM_RUN and per syscall of a vCPU thread
+in VMM ±  watch view: the share of the vCPU's time out of KVM_RUN, the VMM handling an
+          exit, sampled from its kvm_run, with its 95% bound; its exits/s are KVM's
+          counters, exact; nothing is traced
 
 q detaches before quitting: the VMM runs on untraced (the demo guest, which kvmtop
 started, is stopped)."""

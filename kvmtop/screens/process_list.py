@@ -20,6 +20,7 @@ from kvmtop.screens.requests import (
     DemoRequested,
     DetachRequested,
     KernelRequested,
+    WatchRequested,
 )
 from kvmtop.screens.typed_filter import TypedFilter
 from kvmtop.units import elapsed, human, size
@@ -30,7 +31,7 @@ PROCESS_REFRESH_S = 2.0
 
 class ProcessListScreen(Screen[None]):
     """KVM processes; `/` filters, `s` `<` `>` `I` and header clicks sort, `a`/Enter attaches,
-    `m` starts the demo."""
+    `w` watches by sampling, `m` starts the demo."""
 
     BINDINGS = [
         Binding("a", "attach", "Attach", tooltip="Attach to the selected VMM"),
@@ -50,6 +51,8 @@ class ProcessListScreen(Screen[None]):
                 tooltip="Move to the last process"),
         Binding("k", "kernel", "Kernel view",
                 tooltip="KVM's own counters of the selected VM, without tracing it"),
+        Binding("w", "watch", "Watch",
+                tooltip="Watch the selected VM by sampling: where its vCPUs' time goes, untraced"),
         Binding("m", "demo", "Demo", tooltip="Start the built-in demo guest and attach to it"),
         Binding("d", "detach", "Detach", tooltip="Detach from the VMM being traced"),
         Binding("escape", "clear_filter", "Clear filter", show=False,
@@ -187,6 +190,11 @@ class ProcessListScreen(Screen[None]):
         pid = self.selected_pid
         if pid is not None:
             self.post_message(KernelRequested(pid))
+
+    def action_watch(self) -> None:
+        pid = self.selected_pid
+        if pid is not None:
+            self.post_message(WatchRequested(pid))
 
     def action_filter(self) -> None:
         self.filter.start()

@@ -32,3 +32,11 @@ class DetachRequested(Message):
 
 class BackRequested(Message):
     """Leave the attached view for the process list (tracing goes on)."""
+
+
+class WatchRequested(Message):
+    """Watch process ``pid`` by sampling (detaching first if kvmtop traces it)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid

@@ -67,12 +67,14 @@ def sparkline(values: tuple[int, ...] | list[int], top: int | None = None) -> li
     return out
 
 
-def chart_row(values: tuple[int, ...] | list[int], row: int, rows: int) -> list[str]:
-    """Line ``row`` (0 = top) of a bar chart ``rows`` lines high, scaled to the largest value:
-    each line holds 8 eighths of a bar."""
+def chart_row(
+    values: tuple[int, ...] | list[int], row: int, rows: int, top: int | None = None
+) -> list[str]:
+    """Line ``row`` (0 = top) of a bar chart ``rows`` lines high, scaled to ``top`` (default:
+    the largest value): each line holds 8 eighths of a bar."""
     if rows <= 1:
-        return sparkline(values)
-    peak = max(values, default=0)
+        return sparkline(values, top)
+    peak = top if top is not None else max(values, default=0)
     floor = (rows - 1 - row) * 8  # eighths below this line
     out = []
     for v in values:

@@ -8,6 +8,9 @@ line each and scroll.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
@@ -29,20 +32,32 @@ LEGEND_W = 27
 MIN_TIMELINE_W = 20
 
 
-def timeline_width(width: int, id_w: int = ID_W) -> int:
+def timeline_width(width: int, id_w: int = ID_W, numbers_w: int = NUMBERS_W) -> int:
     """Seconds of the timeline a line of ``width`` shows: all 60 where the reasons' bar and
     legend fit beside them, else the latest ones. ``id_w``: the vCPU column's width (wider
-    for PID:VM:VCPU labels)."""
-    numbers = NUMBERS_W + id_w - ID_W
+    for PID:VM:VCPU labels); ``numbers_w``: the numbers' columns before the timeline."""
+    numbers = numbers_w + id_w - ID_W
     return max(MIN_TIMELINE_W, min(TIMELINE_W, width - numbers - 2 - LEGEND_W))
 
 
-def header(width: int, id_w: int = ID_W) -> str:
-    seconds = timeline_width(width, id_w)
-    what = "exits per second" if seconds >= 30 else "exits/s"
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """What a vCPU pane's header says: the column after exits/s, the timeline's (in full and
+    short) and the bar's; and how wide the numbers before the timeline are."""
+
+    middle: str = f"{'total':>{TOTAL_W}}"
+    timeline: tuple[str, str] = ("exits per second", "exits/s")
+    bar: str = "reasons"
+    numbers_w: int = NUMBERS_W
+
+
+def header(width: int, id_w: int = ID_W, columns: Columns = Columns()) -> str:
+    seconds = timeline_width(width, id_w, columns.numbers_w)
+    full, short = columns.timeline
+    what = full if len(f"{full}, last {seconds} s") <= seconds else short
     return (
-        f"{'vCPU':>{id_w}} {'exits/s':>{RATE_W}} {'total':>{TOTAL_W}}  "
-        f"{f'{what}, last {seconds} s':<{seconds}}  reasons"
+        f"{'vCPU':>{id_w}} {'exits/s':>{RATE_W}} {columns.middle}  "
+        f"{f'{what}, last {seconds} s':<{seconds}}  {columns.bar}"
     )
 
 
@@ -78,6 +93,7 @@ class VcpuTable(ScrollView, can_focus=True):
         Binding("pagedown", "cursor(10)", "Page down", show=False),
         Binding("enter", "open", "Open vCPU", tooltip="Open the selected vCPU's drill-down"),
     ]
+    COLUMNS: ClassVar[Columns] = Columns()
     cursor = reactive(0)
 
     class Selected(Message):
@@ -144,17 +160,21 @@ class VcpuTable(ScrollView, can_focus=True):
         width = self.scrollable_content_region.width
         if y == 0:  # the header stays put while the vCPUs scroll under it
             style = self.get_component_rich_style("vcpu-table--header")
-            text = header(width, self.id_w)[:width]
+            text = header(width, self.id_w, self.COLUMNS)[:width]
             return Strip([Segment(text, style)]).extend_cell_length(width, style)
         line = y - 1 + self.scroll_offset.y
-        k = self.lines_per_vcpu
-        index, sub = divmod(line, k)
+        index, sub = divmod(line, self.lines_per_vcpu)
         if not 0 <= index < len(self.rows):
             return Strip.blank(width)
-        v = self.rows[index]
         base = (
             self.get_component_rich_style("vcpu-table--cursor") if index == self.cursor else Style()
         )
+        segments = self.vcpu_line(self.rows[index], sub, base, width)
+        return Strip(segments).crop(0, width).extend_cell_length(width, base)
+
+    def vcpu_line(self, v: VcpuSnapshot, sub: int, base: Style, width: int) -> list[Segment]:
+        """Line ``sub`` of vCPU ``v``'s block."""
+        k = self.lines_per_vcpu
         muted = base + Style(dim=True)
         id_w = self.id_w
         numbers_w = NUMBERS_W + id_w - ID_W
@@ -173,14 +193,16 @@ class VcpuTable(ScrollView, can_focus=True):
         segments.append(Segment("  ", base))
         bar_w = max(0, width - numbers_w - seconds - 2)
         if sub == 0:
-            segments += stacked_bar(self, v, bar_w, base)
+            segments += stacked_bar(
+                self, [(r.label, r.count) for r in v.reasons], v.total, bar_w, base
+            )
         elif sub <= len(v.reasons) and bar_w >= LEGEND_W:
             r = v.reasons[sub - 1]  # the legend: one reason a line, largest first
             share = 100 * r.count / v.total if v.total else 0.0
             style = base + palette.reason_style(self, r.label)
             segments.append(Segment(f"{palette.short(r.label)[:12]:<12}", style))
             segments.append(Segment(f"{share:5.1f}% {human(r.rate):>6}/s", muted))
-        return Strip(segments).crop(0, width).extend_cell_length(width, base)
+        return segments
 
     def _timeline_row(
         self, v: VcpuSnapshot, sub: int, k: int, base: Style, seconds: int
@@ -202,19 +224,22 @@ class VcpuTable(ScrollView, can_focus=True):
         return out
 
 
-def stacked_bar(widget: VcpuTable, v: VcpuSnapshot, width: int, base: Style) -> list[Segment]:
-    """The vCPU's reasons as one bar, each reason's share in its colour (largest first)."""
-    if v.total == 0 or width <= 0:
+def stacked_bar(
+    widget: ScrollView, parts: list[tuple[str, int]], total: int, width: int, base: Style
+) -> list[Segment]:
+    """(label, count) parts of ``total`` as one bar, each part in its reason's colour (the
+    largest first)."""
+    if total == 0 or width <= 0:
         return []
     out: list[Segment] = []
     used = 0
-    for r in v.reasons:
-        cells = round(r.count * width / v.total)
+    for label, count in parts:
+        cells = round(count * width / total)
         if cells == 0:
             continue
         cells = min(cells, width - used)
-        text = palette.short(r.label)[:cells].ljust(cells) if cells >= 4 else "█" * cells
-        style = base + palette.reason_style(widget, r.label)
+        text = palette.short(label)[:cells].ljust(cells) if cells >= 4 else "█" * cells
+        style = base + palette.reason_style(widget, label)
         out.append(Segment(text, style + Style(reverse=cells >= 4)))
         used += cells
         if used >= width:

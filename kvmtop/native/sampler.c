@@ -1,0 +1,322 @@
+/* kvmtop._sampler: reads every watched vCPU's struct kvm_run at a steady, jittered rate, in one
+ * thread of its own, and counts what it sees. An executor, never a decider.
+ *
+ *   Sampler(rate_hz, seed)      a sampler, not yet running
+ *   add(buffer) -> index        a vCPU's kvm_run: kvmtop's own read-only mapping (held until
+ *                               the sampler is dropped); before start() only
+ *   start() / stop()            the sampling thread (no GIL, no syscall but its sleep)
+ *   take() -> (ns, ticks, vcpus)  the counts since the last take, then zeroed: for each vCPU
+ *                               (samples, in_run, ((reason, key, count), ...))
+ *
+ * A read sees exit_reason 0 while the vCPU is in KVM_RUN (the kernel resets it at entry), else the
+ * reason of the exit the VMM is handling, with its key: IO port | out << 16, MMIO address, 0 for
+ * others; a read the VMM's next entry raced (the reason changed under it) keeps the reason with
+ * key TORN. Python turns counts into shares; this file decides nothing.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <time.h>
+
+#define MAX_VCPUS 512
+#define SLOTS 256 /* (reason, key) counters per vCPU, power of two; more keys go to OTHER */
+#define KEY_TORN 0xFFFFFFFFFFFFFFFEull
+#define KEY_OTHER 0xFFFFFFFFFFFFFFFFull
+#define RUN_EXIT_REASON 8 /* offsetof(struct kvm_run, exit_reason) */
+#define RUN_UNION 32      /* offsetof(struct kvm_run, the exit union) */
+#define KVM_EXIT_IO 2
+#define KVM_EXIT_MMIO 6
+
+typedef struct {
+    uint32_t reason;
+    uint32_t used;
+    uint64_t key, n;
+} Slot;
+
+typedef struct {
+    Py_buffer view;
+    const volatile uint8_t *run;
+    uint64_t samples, in_run;
+    Slot slots[SLOTS];
+} Vcpu;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    pthread_t thread;
+    int running, stopping, n;
+    double interval_ns;
+    uint64_t rng, ticks;
+    int64_t since_ns;
+    Vcpu *vcpus[MAX_VCPUS];
+} Sampler;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static uint64_t next_random(uint64_t *s) { /* xorshift64*: jitter, not secrets */
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 2685821657736338717ull;
+}
+
+static uint32_t load32(const volatile uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, (const void *)p, 4);
+    return v;
+}
+
+static uint64_t load64(const volatile uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, (const void *)p, 8);
+    return v;
+}
+
+static void count(Vcpu *v, uint32_t reason, uint64_t key) {
+    uint64_t h = (key * 0x9E3779B97F4A7C15ull) ^ reason;
+    for (unsigned i = 0, s = (unsigned)(h >> 56) & (SLOTS - 1); i < SLOTS; i++, s = (s + 1) & (SLOTS - 1)) {
+        Slot *slot = &v->slots[s];
+        if (!slot->used) {
+            *slot = (Slot){reason, 1, key, 1};
+            return;
+        }
+        if (slot->reason == reason && slot->key == key) {
+            slot->n++;
+            return;
+        }
+    }
+    if (key != KEY_OTHER) count(v, reason, KEY_OTHER); /* full: the table keeps its reasons */
+}
+
+/* One look at one vCPU: a few loads from the mapping, no syscall. Lock held. */
+static void look(Vcpu *v) {
+    const volatile uint8_t *run = v->run;
+    uint32_t reason = load32(run + RUN_EXIT_REASON);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    v->samples++;
+    if (reason == 0) {
+        v->in_run++;
+        return;
+    }
+    uint64_t key = 0;
+    if (reason == KVM_EXIT_IO) /* direction u8 @0 (1: out), size u8, port u16 @2 */
+        key = (uint64_t)(load32(run + RUN_UNION) >> 16) | (uint64_t)(run[RUN_UNION] != 0) << 16;
+    else if (reason == KVM_EXIT_MMIO) /* phys_addr u64 @0, data[8], len u32, is_write u8 @20 */
+        key = load64(run + RUN_UNION);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (load32(run + RUN_EXIT_REASON) != reason) key = KEY_TORN; /* the VMM ran the vCPU again */
+    count(v, reason, key);
+}
+
+static void *sample_loop(void *arg) {
+    Sampler *s = arg;
+    prctl(PR_SET_TIMERSLACK, 1UL); /* the default 50 µs slack would pace a 10 kHz rate */
+    struct timespec at;
+    int64_t next = now_ns();
+    for (;;) {
+        /* the next look after 0.5..1.5 intervals: a mean of one, and no lock-step with the
+           guest's timers */
+        double jitter = 0.5 + (double)(next_random(&s->rng) >> 11) / 9007199254740992.0;
+        next += (int64_t)(s->interval_ns * jitter);
+        int64_t now = now_ns();
+        if (next < now) next = now; /* late (the host was busy): no burst to catch up */
+        at.tv_sec = next / 1000000000;
+        at.tv_nsec = next % 1000000000;
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &at, NULL) == EINTR) {
+        }
+        pthread_mutex_lock(&s->lock);
+        if (s->stopping) {
+            pthread_mutex_unlock(&s->lock);
+            return NULL;
+        }
+        for (int i = 0; i < s->n; i++) look(s->vcpus[i]);
+        s->ticks++;
+        pthread_mutex_unlock(&s->lock);
+    }
+}
+
+static int Sampler_init(Sampler *s, PyObject *args, PyObject *kw) {
+    (void)kw;
+    double rate;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "dK", &rate, &seed)) return -1;
+    if (!(rate > 0 && rate <= 100000)) {
+        PyErr_SetString(PyExc_ValueError, "the rate must be above 0 and at most 100000 Hz");
+        return -1;
+    }
+    s->interval_ns = 1e9 / rate;
+    s->rng = seed ? seed : 0x9E3779B97F4A7C15ull;
+    return 0;
+}
+
+static PyObject *Sampler_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    (void)args;
+    (void)kw;
+    Sampler *s = (Sampler *)type->tp_alloc(type, 0);
+    if (s) pthread_mutex_init(&s->lock, NULL);
+    return (PyObject *)s;
+}
+
+static void stop_thread(Sampler *s) {
+    if (!s->running) return;
+    pthread_mutex_lock(&s->lock);
+    s->stopping = 1;
+    pthread_mutex_unlock(&s->lock);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(s->thread, NULL);
+    Py_END_ALLOW_THREADS
+    s->running = 0;
+}
+
+static void Sampler_dealloc(Sampler *s) {
+    stop_thread(s);
+    for (int i = 0; i < s->n; i++) {
+        PyBuffer_Release(&s->vcpus[i]->view);
+        PyMem_Free(s->vcpus[i]);
+    }
+    pthread_mutex_destroy(&s->lock);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyObject *Sampler_add(Sampler *s, PyObject *args) {
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "O", &obj)) return NULL;
+    if (s->running) return PyErr_Format(PyExc_RuntimeError, "add before start"), NULL;
+    if (s->n >= MAX_VCPUS) return PyErr_Format(PyExc_OSError, "more than %d vCPUs", MAX_VCPUS), NULL;
+    Vcpu *v = PyMem_Calloc(1, sizeof *v);
+    if (!v) return PyErr_NoMemory();
+    if (PyObject_GetBuffer(obj, &v->view, PyBUF_SIMPLE) < 0) {
+        PyMem_Free(v);
+        return NULL;
+    }
+    if (v->view.len < RUN_UNION + 24) {
+        PyBuffer_Release(&v->view);
+        PyMem_Free(v);
+        return PyErr_Format(PyExc_ValueError, "a kvm_run mapping is at least %d bytes", RUN_UNION + 24), NULL;
+    }
+    v->run = v->view.buf;
+    s->vcpus[s->n] = v;
+    return PyLong_FromLong(s->n++);
+}
+
+static PyObject *Sampler_start(Sampler *s, PyObject *unused) {
+    (void)unused;
+    if (s->running) Py_RETURN_NONE;
+    s->stopping = 0;
+    s->since_ns = now_ns();
+    int rc = pthread_create(&s->thread, NULL, sample_loop, s);
+    if (rc) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    s->running = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Sampler_stop(Sampler *s, PyObject *unused) {
+    (void)unused;
+    stop_thread(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *vcpu_counts(Vcpu *v) {
+    PyObject *keys = PyList_New(0);
+    if (!keys) return NULL;
+    for (int i = 0; i < SLOTS; i++) {
+        Slot *slot = &v->slots[i];
+        if (!slot->used) continue;
+        PyObject *item = Py_BuildValue("(kKK)", (unsigned long)slot->reason,
+                                       (unsigned long long)slot->key, (unsigned long long)slot->n);
+        if (!item || PyList_Append(keys, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(keys);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    PyObject *out = Py_BuildValue("(KKN)", (unsigned long long)v->samples,
+                                  (unsigned long long)v->in_run, keys);
+    return out;
+}
+
+static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
+    (void)unused;
+    int n = s->n;
+    Vcpu *copies = PyMem_Malloc(sizeof(Vcpu) * (size_t)(n ? n : 1));
+    if (!copies) return PyErr_NoMemory();
+    int64_t since, now;
+    uint64_t ticks;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&s->lock);
+    now = now_ns();
+    since = s->since_ns;
+    ticks = s->ticks;
+    for (int i = 0; i < n; i++) {
+        Vcpu *v = s->vcpus[i];
+        copies[i].samples = v->samples;
+        copies[i].in_run = v->in_run;
+        memcpy(copies[i].slots, v->slots, sizeof v->slots);
+        v->samples = v->in_run = 0;
+        memset(v->slots, 0, sizeof v->slots);
+    }
+    s->ticks = 0;
+    s->since_ns = now;
+    pthread_mutex_unlock(&s->lock);
+    Py_END_ALLOW_THREADS
+    PyObject *vcpus = PyList_New(n);
+    for (int i = 0; vcpus && i < n; i++) {
+        PyObject *item = vcpu_counts(&copies[i]);
+        if (!item) {
+            Py_CLEAR(vcpus);
+            break;
+        }
+        PyList_SET_ITEM(vcpus, i, item);
+    }
+    PyMem_Free(copies);
+    if (!vcpus) return NULL;
+    return Py_BuildValue("(LKN)", (long long)(now - since), (unsigned long long)ticks, vcpus);
+}
+
+static PyMethodDef Sampler_methods[] = {
+    {"add", (PyCFunction)Sampler_add, METH_VARARGS, "add(buffer) -> index: a vCPU's kvm_run"},
+    {"start", (PyCFunction)Sampler_start, METH_NOARGS, "start the sampling thread"},
+    {"stop", (PyCFunction)Sampler_stop, METH_NOARGS, "stop it (and join it)"},
+    {"take", (PyCFunction)Sampler_take, METH_NOARGS, "take() -> (ns, ticks, vcpus), zeroed"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SamplerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop._sampler.Sampler",
+    .tp_basicsize = sizeof(Sampler),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Sampler_new,
+    .tp_init = (initproc)Sampler_init,
+    .tp_dealloc = (destructor)Sampler_dealloc,
+    .tp_methods = Sampler_methods,
+    .tp_doc = "Samples every vCPU's kvm_run at a jittered rate in a thread of its own.",
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop._sampler",
+                                    "kvm_run sampling off the GIL.", -1, NULL};
+
+PyMODINIT_FUNC PyInit__sampler(void) {
+    if (PyType_Ready(&SamplerType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&SamplerType);
+    if (PyModule_AddObject(m, "Sampler", (PyObject *)&SamplerType) < 0) {
+        Py_DECREF(&SamplerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,231 @@
+"""Where each vCPU's time goes, estimated from looks at its ``struct kvm_run``: pure.
+
+A look (:mod:`kvmtop.sampler`) sees ``exit_reason`` 0 while the vCPU is inside ``KVM_RUN`` (the
+kernel resets it at entry), else the exit the VMM is handling, with its IO port or MMIO address.
+Looks at a steady, jittered rate make the share of looks that saw a reason an unbiased estimate
+of the share of time the VMM spent handling that reason; each share here carries its 95% Wilson
+score interval from the number of looks. KVM's own counters (exact) give the exits; a reason's
+VMM share times the interval over its exit count is its mean VMM time per exit.
+
+:class:`Tally` adds up what the sampler took (bounded: a fixed number of keys per vCPU), and
+:func:`estimate` turns a tally and two counter samples into a :class:`WatchSnapshot`. No I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kvmtop.arch import HOST
+from kvmtop.decoder import exit_label
+from kvmtop.vcpu_keys import VcpuKey
+
+Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
+KEY_TORN = 0xFFFFFFFFFFFFFFFE  # a look the VMM's next entry raced: the reason, no key
+KEY_OTHER = 0xFFFFFFFFFFFFFFFF  # a key beyond the sampler's table
+KVM_EXIT_IO, KVM_EXIT_MMIO = 2, 6
+HISTORY = 60  # intervals of each vCPU's VMM share kept for a timeline
+MAX_KEYS = 4096  # (reason, key) pairs a tally keeps per vCPU; more are counted as OTHER
+# the KVM counter that counts the exits of a reason (to give a mean time per exit)
+COUNTER_OF_REASON = {"KVM_EXIT_IO": "io_exits", "KVM_EXIT_MMIO": "mmio_exits"}
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """``hits`` of ``samples`` looks: the share, and its 95% Wilson score interval."""
+
+    hits: int
+    samples: int
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.samples if self.samples else 0.0
+
+    @property
+    def low(self) -> float:
+        return self._bounds()[0]
+
+    @property
+    def high(self) -> float:
+        return self._bounds()[1]
+
+    @property
+    def half_width(self) -> float:
+        low, high = self._bounds()
+        return (high - low) / 2
+
+    def _bounds(self) -> tuple[float, float]:
+        n = self.samples
+        if not n:
+            return 0.0, 1.0
+        p = self.hits / n
+        z2 = Z95 * Z95
+        centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        # exactly 0 (1) when no (every) look hit, not a rounding error off it
+        low = 0.0 if self.hits == 0 else max(0.0, centre - half)
+        return low, 1.0 if self.hits == n else min(1.0, centre + half)
+
+    def text(self) -> str:
+        """``"46.2% ±0.4"``: the share and the half width of its interval, in percent."""
+        return f"{100 * self.value:.1f}% ±{100 * self.half_width:.1f}"
+
+
+@dataclass(frozen=True, slots=True)
+class SiteShare:
+    """An IO port (and direction) or MMIO address, by the VMM's time on its exits."""
+
+    reason: str
+    key: int  # IO: port | out << 16; MMIO: the guest-physical address
+    share: Share
+
+    @property
+    def label(self) -> str:
+        if self.reason == "KVM_EXIT_IO":
+            port, out = self.key & 0xFFFF, self.key >> 16
+            name = HOST.PORT_NAMES.get(port, "")
+            return f"0x{port:04x} {'out' if out else 'in'}" + (f" {name}" if name else "")
+        return f"0x{self.key:x}"
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuWatch:
+    label: str  # the vCPU id, or PID:VM:VCPU with several VMs (as the tracer's views)
+    key: VcpuKey | None
+    samples: int
+    in_run: Share  # of the looks, inside KVM_RUN (the guest, or KVM handling the exit)
+    vmm: Share  # out of KVM_RUN: the VMM handling an exit
+    by_reason: dict[str, Share]  # the VMM's time by exit reason, largest first
+    kvm_rates: dict[str, float]  # KVM's exact counters per second ("exits", "io_exits"...)
+    mean_vmm_ns: dict[str, float]  # a reason's VMM time per exit, where KVM counts its exits
+    history: tuple[float, ...] = ()  # the VMM's share per interval, oldest first
+
+    @property
+    def exits_per_s(self) -> float | None:
+        return self.kvm_rates.get("exits")
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSnapshot:
+    pid: int
+    seconds: float  # the span the looks cover
+    rate_hz: float  # the rate asked for
+    looks: int  # the sampler's rounds over all vCPUs in that span
+    vcpus: tuple[VcpuWatch, ...]
+    vm: VcpuWatch  # every vCPU's looks together
+    top_ports: tuple[SiteShare, ...]
+    top_addresses: tuple[SiteShare, ...]
+    reset_seen: bool  # a look saw exit_reason 0: the kernel resets it at KVM_RUN entry
+    note: str = ""  # what is not shown, and why ("KVM's counters: ...", "counters only: ...")
+    counters: bool = False  # KVM's counters are held (exits/s are exact)
+
+    @property
+    def reset_checked(self) -> bool:
+        """The samples mean what they say: a look saw a vCPU inside KVM_RUN (``reset_seen``)."""
+        return self.reset_seen
+
+
+@dataclass(slots=True)
+class _VcpuTally:
+    samples: int = 0
+    in_run: int = 0
+    keys: dict[tuple[int, int], int] = field(default_factory=dict)
+
+
+class Tally:
+    """What the sampler took, added up per vCPU (by index): bounded by :data:`MAX_KEYS`."""
+
+    def __init__(self, vcpus: int) -> None:
+        self.looks = 0
+        self.ns = 0
+        self.vcpus = [_VcpuTally() for _ in range(vcpus)]
+        self.reset_seen = False
+
+    def add(
+        self, taken: tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]]]]]
+    ) -> None:
+        """A sampler's ``take()``: (ns, looks, per vCPU (samples, in_run, (reason, key, n)...))."""
+        ns, looks, vcpus = taken
+        self.ns += ns
+        self.looks += looks
+        for tally, (samples, in_run, keys) in zip(self.vcpus, vcpus, strict=False):
+            tally.samples += samples
+            tally.in_run += in_run
+            self.reset_seen = self.reset_seen or in_run > 0
+            for reason, key, n in keys:
+                k = (reason, key)
+                if k not in tally.keys and len(tally.keys) >= MAX_KEYS:
+                    k = (reason, KEY_OTHER)
+                tally.keys[k] = tally.keys.get(k, 0) + n
+
+
+def _reason_shares(keys: Mapping[tuple[int, int], int], samples: int) -> dict[str, Share]:
+    hits: dict[str, int] = {}
+    for (reason, _key), n in keys.items():
+        label = exit_label(reason, 0)
+        hits[label] = hits.get(label, 0) + n
+    return {label: Share(n, samples) for label, n in sorted(hits.items(), key=lambda kv: -kv[1])}
+
+
+def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float]) -> dict[str, float]:
+    """VMM time per exit: its share of each second over its exits per second."""
+    out = {}
+    for label, share in by_reason.items():
+        per_s = rates.get(COUNTER_OF_REASON.get(label, ""), 0.0)
+        if per_s > 0:
+            out[label] = share.value * 1e9 / per_s
+    return out
+
+
+def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mapping[str, float],
+                history: Iterable[float] = ()) -> VcpuWatch:  # fmt: skip
+    n = tally.samples
+    by_reason = _reason_shares(tally.keys, n)
+    return VcpuWatch(label, key, n, Share(tally.in_run, n), Share(n - tally.in_run, n), by_reason,
+                     dict(rates), _mean_vmm_ns(by_reason, rates), tuple(history))  # fmt: skip
+
+
+def _sites(
+    tallies: Iterable[_VcpuTally], samples: int, reason: int, top: int
+) -> tuple[SiteShare, ...]:
+    hits: dict[int, int] = {}
+    for tally in tallies:
+        for (r, key), n in tally.keys.items():
+            if r == reason and key not in (KEY_TORN, KEY_OTHER):
+                hits[key] = hits.get(key, 0) + n
+    ranked = sorted(hits.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return tuple(SiteShare(exit_label(reason, 0), key, Share(n, samples)) for key, n in ranked)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedVcpu:
+    """A vCPU the watch maps: its label, key and the counters' name for it (its vCPU id)."""
+
+    label: str
+    key: VcpuKey | None
+    vcpu_id: int
+
+
+def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, ...],
+             vcpu_rates: Mapping[int, Mapping[str, float]], vm_rates: Mapping[str, float],
+             histories: Mapping[int, deque[float]] | None = None, top: int = 8,
+             note: str = "", counters: bool = False) -> WatchSnapshot:  # fmt: skip
+    """The estimates of one tally: per vCPU (``vcpu_rates`` by vCPU id, KVM's per-second rates),
+    for the whole VM (``vm_rates``: the vCPU counters summed), and the busiest sites."""
+    histories = histories or {}
+    rows = tuple(
+        _vcpu_watch(v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()))
+        for i, (v, t) in enumerate(zip(vcpus, tally.vcpus, strict=True))
+    )
+    whole = _VcpuTally(sum(t.samples for t in tally.vcpus), sum(t.in_run for t in tally.vcpus))
+    for t in tally.vcpus:
+        for k, n in t.keys.items():
+            whole.keys[k] = whole.keys.get(k, 0) + n
+    return WatchSnapshot(
+        pid, tally.ns / 1e9, rate_hz, tally.looks, rows, _vcpu_watch("all", None, whole, vm_rates),
+        _sites(tally.vcpus, whole.samples, KVM_EXIT_IO, top),
+        _sites(tally.vcpus, whole.samples, KVM_EXIT_MMIO, top),
+        tally.reset_seen, note, counters,
+    )  # fmt: skip

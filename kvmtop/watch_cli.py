@@ -1,0 +1,127 @@
+"""``kvmtop watch -p PID``: where each vCPU's time goes, without tracing the VMM.
+
+Every interval: per vCPU KVM's exact exits/s, and from samples of its ``kvm_run`` the share of
+time inside ``KVM_RUN`` and in the VMM, by exit reason, with 95% bounds; the busiest IO ports and
+MMIO addresses by the VMM's time. ``--json``: one object per interval. The VMM is stopped only
+for the moment KVM's counters take (:mod:`kvmtop.watcher`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import select
+import signal
+import time
+from typing import Any, TextIO
+
+from kvmtop.sampling import Share, SiteShare, VcpuWatch, WatchSnapshot
+from kvmtop.units import duration, human
+from kvmtop.watcher import Watcher
+
+CLEAR = "\x1b[H\x1b[J"
+
+
+def run_watch(pid: int, rate_hz: float, interval: float, count: int | None, as_json: bool,
+              out: TextIO, err: TextIO) -> int:  # fmt: skip
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Watcher(pid, rate_hz) as watcher:
+            shown = 0
+            while not stopping and (count is None or shown < count):
+                deadline = time.monotonic() + interval
+                while not stopping and watcher.alive and time.monotonic() < deadline:
+                    exit_fd = watcher.exit_fd
+                    wait = min(0.1, max(0.0, deadline - time.monotonic()))
+                    if exit_fd is not None:
+                        select.select([exit_fd], [], [], wait)
+                alive = watcher.alive
+                snap = watcher.snapshot()
+                if as_json:
+                    print(json.dumps(snapshot_json(snap)), file=out, flush=True)
+                else:
+                    print((CLEAR if out.isatty() else "") + snapshot_text(snap), file=out,
+                          flush=True)  # fmt: skip
+                shown += 1
+                if not alive:
+                    print(f"kvmtop: pid {pid} exited", file=err)
+                    break
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def _share_json(share: Share) -> dict[str, Any]:
+    return {"share": round(share.value, 6), "low": round(share.low, 6),
+            "high": round(share.high, 6), "hits": share.hits}  # fmt: skip
+
+
+def _vcpu_json(v: VcpuWatch) -> dict[str, Any]:
+    return {
+        "samples": v.samples,
+        "in_run": _share_json(v.in_run),
+        "vmm": _share_json(v.vmm),
+        "vmm_by_reason": {label: _share_json(s) for label, s in v.by_reason.items()},
+        "kvm_rates": {k: round(x, 3) for k, x in sorted(v.kvm_rates.items())},
+        "mean_vmm_ns": {k: round(x) for k, x in v.mean_vmm_ns.items()},
+        **({"key": {"pid": v.key.pid, "vm": v.key.vm, "vcpu": v.key.vcpu}} if v.key else {}),
+    }
+
+
+def _site_json(s: SiteShare) -> dict[str, Any]:
+    return {"label": s.label, "reason": s.reason, "key": s.key, **_share_json(s.share)}
+
+
+def snapshot_json(snap: WatchSnapshot) -> dict[str, Any]:
+    """One interval: the sampled shares (with their 95% Wilson bounds and hit counts) and KVM's
+    exact per-second counters, per vCPU and for the VM."""
+    return {
+        "pid": snap.pid,
+        "seconds": round(snap.seconds, 6),
+        "rate_hz": snap.rate_hz,
+        "looks": snap.looks,
+        "reset_seen": snap.reset_seen,
+        "kernel": platform.release(),
+        "counters": snap.counters,
+        "note": snap.note,
+        "vcpus": {v.label: _vcpu_json(v) for v in snap.vcpus},
+        "vm": _vcpu_json(snap.vm),
+        "top_ports": [_site_json(s) for s in snap.top_ports],
+        "top_addresses": [_site_json(s) for s in snap.top_addresses],
+    }
+
+
+def snapshot_text(snap: WatchSnapshot) -> str:
+    per_s = snap.looks / snap.seconds if snap.seconds else 0.0
+    lines = [
+        f"pid {snap.pid}  watched, not traced: {len(snap.vcpus)} vCPU(s), {snap.seconds:.2f} s, "
+        f"{human(per_s)} looks/s ({human(snap.rate_hz)} asked)",
+        "exits/s: KVM's counters (exact); shares of time: sampled, ± its 95% bound",
+    ]
+    if snap.reset_seen:
+        lines.append(f"kernel {platform.release()}: exit_reason reset at KVM_RUN entry (seen)")
+    if snap.note:
+        lines.append(snap.note)
+    lines += ["", f"{'VCPU':>12}  {'EXITS/s':>9}  {'IN KVM_RUN':>13}  {'IN THE VMM':>13}"]
+    for v in (*snap.vcpus, snap.vm):
+        rate = human(v.exits_per_s) if v.exits_per_s is not None else "-"
+        lines.append(f"{v.label:>12}  {rate:>9}  {v.in_run.text():>13}  {v.vmm.text():>13}")
+    lines += ["", "VMM TIME BY EXIT REASON (sampled)"]
+    for v in (*snap.vcpus, snap.vm):
+        for label, share in v.by_reason.items():
+            mean = v.mean_vmm_ns.get(label)
+            per_exit = f"  {duration(round(mean))}/exit" if mean is not None else ""
+            lines.append(f"{v.label:>12}  {label:<24} {share.text():>13}{per_exit}")
+    for title, sites in (("TOP IO PORTS BY VMM TIME", snap.top_ports),
+                         ("TOP MMIO ADDRESSES BY VMM TIME", snap.top_addresses)):  # fmt: skip
+        if sites:
+            lines += ["", title]
+            lines += [f"  {s.label:<28} {s.share.text():>13}" for s in sites]
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""The pure side of `kvmtop watch`: looks to shares with their bounds, and the C sampler against
+its Python reference on the same buffers."""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+import time
+
+import pytest
+
+from kvmtop.sampler import PySampler
+from kvmtop.sampling import (
+    KVM_EXIT_IO,
+    KVM_EXIT_MMIO,
+    MAX_KEYS,
+    Share,
+    Tally,
+    WatchedVcpu,
+    estimate,
+)
+
+
+def test_a_share_has_its_wilson_bounds():
+    half = Share(50, 100)
+    assert half.value == 0.5 and round(half.low, 4) == 0.4038 and round(half.high, 4) == 0.5962
+    assert (Share(0, 0).low, Share(0, 0).high) == (0.0, 1.0)  # no look: nothing known
+    none = Share(0, 1000)
+    assert none.low == 0.0 and 0 < none.high < 0.004 and none.text() == "0.0% ±0.2"
+
+
+def test_a_tally_keeps_a_bounded_table_and_the_estimate_adds_the_vcpus():
+    tally = Tally(2)
+    keys = [(KVM_EXIT_MMIO, a, 1) for a in range(MAX_KEYS + 10)]
+    tally.add((1_000_000_000, 5000, [(5000, 1000, [(KVM_EXIT_IO, 0x80 | 1 << 16, 4000)]),
+                                     (5000, 5000 - len(keys), keys)]))  # fmt: skip
+    assert len(tally.vcpus[1].keys) == MAX_KEYS + 1  # the rest as one OTHER
+    vcpus = (WatchedVcpu("0", None, 0), WatchedVcpu("1", None, 1))
+    snap = estimate(7, 1000.0, tally, vcpus, {0: {"exits": 10.0, "io_exits": 8.0}}, {})
+    assert snap.reset_seen and snap.reset_checked and snap.seconds == 1.0
+    zero = snap.vcpus[0]
+    assert zero.by_reason["KVM_EXIT_IO"] == Share(4000, 5000) and zero.in_run == Share(1000, 5000)
+    assert zero.mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(0.8e9 / 8)  # 0.8 s over 8 exits
+    assert snap.vm.samples == 10_000 and snap.top_ports[0].label == "0x0080 out POST"
+    assert snap.top_ports[0].share == Share(4000, 10_000) and len(snap.top_addresses) == 8
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_sampler_counts_what_the_page_says(native):
+    if native and importlib.util.find_spec("kvmtop._sampler") is None:
+        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+    pages = [bytearray(4096), bytearray(4096)]
+    struct.pack_into("<I", pages[1], 8, KVM_EXIT_IO)  # vCPU 1 in the VMM, `out 0x3f8`
+    struct.pack_into("<BBBBI", pages[1], 32, 1, 1, 0xF8, 0x03, 1)
+    if native:
+        from kvmtop import _sampler  # type: ignore[attr-defined]
+
+        sampler = _sampler.Sampler(2000.0, 1)
+    else:
+        sampler = PySampler(2000.0, 1)
+    for page in pages:
+        sampler.add(page)
+    sampler.start()
+    time.sleep(0.2)
+    sampler.stop()
+    _ns, looks, ((s0, r0, k0), (s1, r1, k1)) = sampler.take()
+    assert looks > 0 and s0 == r0 == s1 == looks and not k0
+    assert r1 == 0 and k1 == [(KVM_EXIT_IO, 0x3F8 | 1 << 16, looks)]

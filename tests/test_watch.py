@@ -1,0 +1,227 @@
+"""`kvmtop watch`: KVM's counters and samples of each vCPU's kvm_run, the VMM never traced after
+the counters' moment, its fd table unchanged, and shares that agree with the tracer's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import start_qemu, wait_for_vcpus
+from test_cli import as_nobody, assert_one_line_error
+
+from kvmtop.minivmm import counted_command
+from kvmtop.procfs import tracer_pid
+from kvmtop.watcher import Watcher
+
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("pure_sampler")]
+
+
+@pytest.fixture(params=["native", "pure"])
+def pure_sampler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The C sampler, and the pure-Python one (its reference)."""
+    if request.param == "pure":
+        monkeypatch.setenv("KVMTOP_PURE", "1")
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("kvmtop._sampler") is None:
+            pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+    return str(request.param)
+
+
+def tracers(pid: int) -> set[int]:
+    """The TracerPid of every thread of ``pid``."""
+    return {tracer_pid(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def fd_links(pid: int) -> dict[str, str]:
+    return {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+
+def io_loop(processes, **options) -> subprocess.Popen[bytes]:
+    vmm = subprocess.Popen(counted_command(outs=10_000_000, mmio_writes=0, **options),
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    time.sleep(0.2)  # running its loop
+    return vmm
+
+
+def test_a_watched_port_io_loop_is_never_traced_and_shows_its_port(processes):
+    vmm = io_loop(processes, out_sleep_us=100)
+    before = fd_links(vmm.pid)
+    seen: list[set[int]] = []
+    with Watcher(vmm.pid, rate_hz=2000) as watcher:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # TracerPid throughout the watch
+            seen.append(tracers(vmm.pid))
+            time.sleep(0.01)
+        snap = watcher.snapshot()
+    assert set().union(*seen) == {0} and len(seen) > 50, [
+        (i, t) for i, t in enumerate(seen) if t != {0}
+    ]
+    assert fd_links(vmm.pid) == before  # the counters' fds were closed in the VMM too
+    assert snap.counters and snap.reset_seen and not snap.note
+    (vcpu,) = snap.vcpus
+    assert vcpu.samples > 500 and vcpu.exits_per_s and vcpu.exits_per_s > 100
+    io = vcpu.by_reason["KVM_EXIT_IO"]
+    # a handler that sleeps 100 µs per exit of a guest that does nothing else: mostly the VMM
+    assert io.value > 0.6 and set(vcpu.by_reason) == {"KVM_EXIT_IO"}
+    assert snap.top_ports[0].label == "0x0080 out POST" and len(snap.top_ports) == 1
+    assert vmm.poll() is None  # it runs on
+
+
+def test_a_watched_mmio_loop_shows_its_address(processes):
+    vmm = subprocess.Popen(counted_command(outs=0, mmio_writes=10_000_000, mmio_addr=0xD0000),
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    with Watcher(vmm.pid, rate_hz=2000) as watcher:
+        time.sleep(1.0)
+        snap = watcher.snapshot()
+    (vcpu,) = snap.vcpus
+    assert max(vcpu.by_reason, key=lambda r: vcpu.by_reason[r].hits) == "KVM_EXIT_MMIO"
+    assert snap.top_addresses[0].label == "0xd0000" and not snap.top_ports
+    assert vcpu.mean_vmm_ns.get("KVM_EXIT_MMIO", 0) > 0  # KVM counts mmio_exits
+
+
+@pytest.mark.qemu
+def test_a_watched_qemu_is_never_traced_and_its_port_io_leads(bios, processes):
+    vmm = start_qemu(processes, bios(outs=0xFFFFFFFF, mmio_writes=0))  # hours of `out 0x80`
+    time.sleep(0.3)  # in its loop
+    before = fd_links(vmm.pid)
+    seen: list[set[int]] = []
+    with Watcher(vmm.pid, rate_hz=2000) as watcher:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            seen.append(tracers(vmm.pid))
+            time.sleep(0.01)
+        snap = watcher.snapshot()
+    assert set().union(*seen) == {0} and len(seen) > 50
+    assert fd_links(vmm.pid) == before
+    assert snap.reset_seen and snap.counters and snap.vm.in_run.hits > 0
+    (vcpu,) = snap.vcpus
+    assert max(vcpu.by_reason, key=lambda r: vcpu.by_reason[r].hits) == "KVM_EXIT_IO"
+    assert snap.top_ports[0].label == "0x0080 out POST"
+    assert vcpu.exits_per_s and vcpu.exits_per_s > 1000
+    assert vmm.poll() is None
+
+
+def test_a_vmm_that_ends_mid_watch_ends_the_watch_and_leaves_no_fd_behind(processes):
+    vmm = subprocess.Popen(counted_command(outs=30_000, mmio_writes=0),
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    ours = set(os.listdir("/proc/self/fd"))
+    with Watcher(vmm.pid, rate_hz=1000) as watcher:
+        vmm.wait(60)
+        assert not watcher.alive
+        snap = watcher.snapshot()
+        assert snap.vcpus[0].samples > 0
+    assert set(os.listdir("/proc/self/fd")) == ours
+    result = subprocess.run([sys.executable, "-m", "kvmtop", "watch", "-p", str(vmm.pid)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert_one_line_error(result, 3, f"no such process: {vmm.pid}")
+
+
+def test_the_watch_command_ends_with_its_vmm(processes):
+    vmm = subprocess.Popen(counted_command(outs=10_000, mmio_writes=0, out_sleep_us=200),  # ~3 s
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    result = subprocess.run([sys.executable, "-m", "kvmtop", "watch", "-p", str(vmm.pid), "--json",
+                             "--interval", "0.2"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and result.stderr == f"kvmtop: pid {vmm.pid} exited\n"
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert reports and all(r["pid"] == vmm.pid for r in reports)
+    assert reports[0]["vcpus"]["0"]["vmm_by_reason"]["KVM_EXIT_IO"]["hits"] > 0
+    assert reports[0]["reset_seen"] and reports[0]["kernel"] == os.uname().release
+
+
+def test_bad_pids_and_no_permission_get_one_line(processes):
+    result = subprocess.run([sys.executable, "-m", "kvmtop", "watch", "-p", str(os.getpid())],
+                            capture_output=True, text=True)  # fmt: skip
+    assert_one_line_error(result, 4, "not a KVM process")
+    for bad in (["--rate", "0"], ["--interval", "0"], ["--count", "0"]):
+        result = subprocess.run([sys.executable, "-m", "kvmtop", "watch", "-p", "1", *bad],
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    if os.geteuid() == 0:
+        vmm = io_loop(processes)
+        result = as_nobody("watch", "-p", str(vmm.pid), "--count", "1")
+        assert_one_line_error(result, 5, "needs its user or CAP_SYS_PTRACE")
+
+
+@pytest.mark.parametrize("sleep_us", [50, 1000])
+def test_sampled_shares_agree_with_the_vmm_s_own_account_of_its_time(tmp_path, processes, sleep_us):
+    """minivmm times its own KVM_RUN calls: the share of time it spent out of KVM_RUN (handling
+    exits) is the truth the samples estimate. The samples also count, as the VMM's, the part of
+    KVM_RUN before the kernel resets exit_reason (it first completes the exit: here ~20 µs per
+    exit, emulated): so they may exceed the truth by that much per exit, never fall below it."""
+    report = tmp_path / "vmm.json"
+    outs = 8000 if sleep_us < 500 else 2000
+    vmm = subprocess.Popen(counted_command(outs=outs, mmio_writes=0, out_sleep_us=sleep_us,
+                                           report_json=str(report)), stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    with Watcher(vmm.pid, rate_hz=4000) as watcher:
+        vmm.wait(120)
+        snap = watcher.snapshot()
+    own = json.loads(report.read_text())["time_ns"]["0"]
+    cycle_ns = (own["vmm"] + own["run"]) / (outs + 1)
+    truth = own["vmm"] / (own["vmm"] + own["run"])
+    sampled = snap.vcpus[0].vmm
+    assert sampled.samples > 1000
+    # never below the truth (bound, and 1% for the start of the run the watch did not see)...
+    assert sampled.high + 0.01 >= truth, (sampled.text(), truth)
+    # ...and above it by at most 40 µs of each exit's KVM_RUN
+    assert (sampled.low - truth) * cycle_ns <= 40_000, (sampled.text(), truth, cycle_ns)
+    io = snap.vcpus[0].by_reason["KVM_EXIT_IO"]
+    assert io.hits == sampled.hits  # every look out of KVM_RUN saw the `out` being handled
+
+
+def test_a_thread_reads_the_watch_while_the_sampler_runs(processes):
+    vmm = io_loop(processes)
+    with Watcher(vmm.pid, rate_hz=1000) as watcher:
+        shares: list[float] = []
+        reader = threading.Thread(target=lambda: [shares.append(watcher.snapshot().vm.vmm.value)
+                                                  or time.sleep(0.05) for _ in range(10)])  # fmt: skip
+        reader.start()
+        reader.join(10)
+    assert len(shares) == 10 and all(0 <= s <= 1 for s in shares)
+
+
+def test_a_vmm_holding_its_own_stats_fds_is_never_stopped_at_all(processes):
+    vmm = subprocess.Popen(counted_command(outs=10_000_000, mmio_writes=0, out_sleep_us=100,
+                                           own_stats=True), stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    time.sleep(0.2)
+    before = fd_links(vmm.pid)
+    assert sum(link.startswith("anon_inode:kvm-vcpu-stats") for link in before.values()) == 1
+    seen: list[set[int]] = []
+    done = threading.Event()
+
+    def poll() -> None:  # from before the watch starts
+        while not done.is_set():
+            seen.append(tracers(vmm.pid))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        time.sleep(0.05)
+        with Watcher(vmm.pid, rate_hz=2000) as watcher:
+            time.sleep(0.5)
+            snap = watcher.snapshot()
+    finally:
+        done.set()
+        poller.join()
+    assert watcher.counters_copied and snap.counters and not snap.note
+    assert set().union(*seen) == {0} and len(seen) > 20  # no attach, not even the first moment
+    assert fd_links(vmm.pid) == before
+    assert snap.vcpus[0].exits_per_s and snap.vcpus[0].by_reason["KVM_EXIT_IO"].hits > 0
