@@ -169,22 +169,25 @@ def _reason_shares(keys: Mapping[tuple[int, int], int], samples: int) -> dict[st
     return {label: Share(n, samples) for label, n in sorted(hits.items(), key=lambda kv: -kv[1])}
 
 
-def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float]) -> dict[str, float]:
-    """VMM time per exit: its share of each second over its exits per second."""
+def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float], vcpus: int
+                 ) -> dict[str, float]:  # fmt: skip
+    """VMM time per exit: its share of each vCPU-second, times the vCPUs the share is of, over
+    its exits per second (summed over those vCPUs)."""
     out = {}
     for label, share in by_reason.items():
         per_s = rates.get(COUNTER_OF_REASON.get(label, ""), 0.0)
         if per_s > 0:
-            out[label] = share.value * 1e9 / per_s
+            out[label] = share.value * vcpus * 1e9 / per_s
     return out
 
 
 def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mapping[str, float],
-                history: Iterable[float] = ()) -> VcpuWatch:  # fmt: skip
+                history: Iterable[float] = (), vcpus: int = 1) -> VcpuWatch:  # fmt: skip
+    """One vCPU's estimates, or (``vcpus`` > 1) the VM's: the looks of that many vCPUs."""
     n = tally.samples
     by_reason = _reason_shares(tally.keys, n)
     return VcpuWatch(label, key, n, Share(tally.in_run, n), Share(n - tally.in_run, n), by_reason,
-                     dict(rates), _mean_vmm_ns(by_reason, rates), tuple(history))  # fmt: skip
+                     dict(rates), _mean_vmm_ns(by_reason, rates, vcpus), tuple(history))  # fmt: skip
 
 
 def _sites(
@@ -224,7 +227,7 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
         for k, n in t.keys.items():
             whole.keys[k] = whole.keys.get(k, 0) + n
     return WatchSnapshot(
-        pid, tally.ns / 1e9, rate_hz, tally.looks, rows, _vcpu_watch("all", None, whole, vm_rates),
+        pid, tally.ns / 1e9, rate_hz, tally.looks, rows, _vcpu_watch("all", None, whole, vm_rates, (), len(rows)),
         _sites(tally.vcpus, whole.samples, KVM_EXIT_IO, top),
         _sites(tally.vcpus, whole.samples, KVM_EXIT_MMIO, top),
         tally.reset_seen, note, counters,

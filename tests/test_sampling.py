@@ -36,13 +36,16 @@ def test_a_tally_keeps_a_bounded_table_and_the_estimate_adds_the_vcpus():
                                      (5000, 5000 - len(keys), keys)]))  # fmt: skip
     assert len(tally.vcpus[1].keys) == MAX_KEYS + 1  # the rest as one OTHER
     vcpus = (WatchedVcpu("0", None, 0), WatchedVcpu("1", None, 1))
-    snap = estimate(7, 1000.0, tally, vcpus, {0: {"exits": 10.0, "io_exits": 8.0}}, {})
+    snap = estimate(7, 1000.0, tally, vcpus, {0: {"exits": 10.0, "io_exits": 8.0}},
+                    {"io_exits": 8.0})  # fmt: skip
     assert snap.reset_seen and snap.reset_checked and snap.seconds == 1.0
     zero = snap.vcpus[0]
     assert zero.by_reason["KVM_EXIT_IO"] == Share(4000, 5000) and zero.in_run == Share(1000, 5000)
     assert zero.mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(0.8e9 / 8)  # 0.8 s over 8 exits
     assert snap.vm.samples == 10_000 and snap.top_ports[0].label == "0x0080 out POST"
     assert snap.top_ports[0].share == Share(4000, 10_000) and len(snap.top_addresses) == 8
+    # the VM: 0.4 of 2 vCPU-seconds a second, the same 0.8 s over the same 8 exits
+    assert snap.vm.mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(0.8e9 / 8)
 
 
 @pytest.mark.parametrize("native", [True, False])
