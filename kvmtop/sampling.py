@@ -117,7 +117,7 @@ class WatchSnapshot:
     vm: VcpuWatch  # every vCPU's looks together
     top_ports: tuple[SiteShare, ...]
     top_addresses: tuple[SiteShare, ...]
-    reset_seen: bool  # a look saw exit_reason 0: the kernel resets it at KVM_RUN entry
+    reset_seen: bool  # a look (the watch's, so far) saw exit_reason 0: the kernel resets it
     note: str = ""  # what is not shown, and why ("KVM's counters: ...", "counters only: ...")
     counters: bool = False  # KVM's counters are held (exits/s are exact)
 

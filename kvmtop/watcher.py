@@ -161,6 +161,7 @@ class Watcher:
         tally = Tally(len(self.vcpus))
         tally.add(taken)
         self._total.add(taken)
+        tally.reset_seen = self._total.reset_seen  # once seen, the kernel resets: a VM fact
         for i, v in enumerate(tally.vcpus):
             if v.samples:
                 self._histories[i].append((v.samples - v.in_run) / v.samples)

@@ -140,7 +140,8 @@ def test_the_watch_command_ends_with_its_vmm(processes):
     reports = [json.loads(line) for line in result.stdout.splitlines()]
     assert reports and all(r["pid"] == vmm.pid for r in reports)
     assert reports[0]["vcpus"]["0"]["vmm_by_reason"]["KVM_EXIT_IO"]["hits"] > 0
-    assert reports[0]["reset_seen"] and reports[0]["kernel"] == os.uname().release
+    # a vCPU seen inside KVM_RUN by the end (this handler leaves it there ~2% of the time)
+    assert reports[-1]["reset_seen"] and reports[0]["kernel"] == os.uname().release
 
 
 def test_bad_pids_and_no_permission_get_one_line(processes):
