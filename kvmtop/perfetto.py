@@ -20,14 +20,18 @@ from dataclasses import dataclass
 
 from kvmtop.arch import HOST
 from kvmtop.coalesced import CoalescedWrites, iter_coalesced
-from kvmtop.decoder import exit_details, exit_label
+from kvmtop.decoder import event_label, exit_details
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
+from kvmtop.mmio_names import MmioNames
 from kvmtop.recording import RecordingMeta
 from kvmtop.vcpu_keys import VcpuKeys
 from kvmtop.xlat_exit import ExitReason, errno_name
 
 RATE_BIN_NS = 10_000_000  # exit-rate counter: one value per 10 ms
 HEX_ARGS = ("port", "address", "msr", "gpa", "rip", "pc", "hardware_reason")
+
+
+WELL_KNOWN_NAMES = MmioNames()  # the exits carry no argv: the well-known x86 ranges
 
 
 def us(ns: int) -> str:
@@ -38,7 +42,7 @@ def us(ns: int) -> str:
 
 def short_label(event: ExitEvent) -> str:
     """``IO``, ``INTR``, ``RUN_EFAULT``: the exit label without its prefix."""
-    return exit_label(event.reason, event.errno).removeprefix("KVM_EXIT_").removeprefix("KVM_")
+    return event_label(event).removeprefix("KVM_EXIT_").removeprefix("KVM_")
 
 
 def exit_title(event: ExitEvent) -> str:
@@ -62,6 +66,8 @@ def slice_args(event: ExitEvent) -> dict[str, int | str | bool]:
             args[key] = f"0x{args[key]:x}"
     if event.reason == ExitReason.IO and event.a in HOST.PORT_NAMES:
         args["port_name"] = HOST.PORT_NAMES[event.a]
+    if event.reason == ExitReason.MMIO and (name := WELL_KNOWN_NAMES.name(event.a)):
+        args["mmio_name"] = name
     if event.errno:
         args["errno"] = errno_name(event.errno)
     return args

@@ -1,4 +1,4 @@
-"""The busiest IO ports (well-known x86 ports named) and MMIO addresses, as many of each as the
+"""The busiest IO ports (well-known x86 ports named) and MMIO addresses (named by mmio_names), as many of each as the
 pane's height holds; below each table's exits, its writes that KVM coalesced (no exit)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 from rich.text import Text
 
 from kvmtop.arch import HOST
+from kvmtop.mmio_names import MmioNames
 from kvmtop.stats import CoalescedCount, MmioCount, PortCount
 from kvmtop.units import human
 from kvmtop.widgets.pane import ReasonPane
@@ -31,7 +32,7 @@ class TopTargets(ReasonPane):
 
     def draw(
         self, io: tuple[PortCount, ...], mmio: tuple[MmioCount, ...], exact: bool = True,
-        coalesced: tuple[CoalescedCount, ...] = (),
+        coalesced: tuple[CoalescedCount, ...] = (), names: MmioNames | None = None,
     ) -> Text:  # fmt: skip
         # two headers and a blank line between the tables; the rest split between them
         ports = [c for c in coalesced if c.pio]
@@ -51,14 +52,15 @@ class TopTargets(ReasonPane):
             text.append(f"0x{c.address:04x}  {'out':<4}{c.length:>4}{human(c.count):>8}  {name}\n")
         if not io and not ports:
             text.append("(none)\n", style="italic")
-        text.append(f"\n{'MMIO address':<15}{'op':<6}{'len':>3}{'count':>8}\n", style="bold")
+        text.append(f"\n{'MMIO address':<15}{'op':<6}{'len':>3}{'count':>8}  name\n", style="bold")
         for m in mmio[: max(1, mmio_rows)]:
             op = "write" if m.write else "read"
-            text.append(f"0x{m.address:<13x}{op:<6}{m.length:>3}{human(m.count):>8}\n")
+            text.append(f"0x{m.address:<13x}{op:<6}{m.length:>3}{human(m.count):>8}  {m.name}\n")
         if addresses:
             text.append(f"{NO_EXIT}\n", style="italic")
         for c in addresses:
-            text.append(f"0x{c.address:<13x}{'write':<6}{c.length:>3}{human(c.count):>8}\n")
+            name = (names or MmioNames()).name(c.address)
+            text.append(f"0x{c.address:<13x}{'write':<6}{c.length:>3}{human(c.count):>8}  {name}\n")
         if not mmio and not addresses:
             text.append("(none)\n", style="italic")
         if not exact:
