@@ -62,7 +62,7 @@ class Replay:
         self._goal: float | None = None  # a seek_to() waiting for the end to be known
         self._rebuild = False
         self._closing = False
-        self._shown: tuple[ExitStats, int] = (ExitStats(), self.start_ns)
+        self._shown: tuple[ExitStats, int] = (self._new_stats(), self.start_ns)
         self._work: ExitStats = self._shown[0]
         self._work_ns = self.start_ns
         self._rebuilding = False
@@ -73,6 +73,11 @@ class Replay:
         self._thread.start()
 
     # --- the clock (any thread) ----------------------------------------------------------------
+
+    def _new_stats(self) -> ExitStats:
+        stats = ExitStats()
+        stats.see_command(self.recording.meta.argv)
+        return stats
 
     def position_ns(self) -> int:
         """Where the clock is now (the player may still be catching up with it)."""
@@ -231,7 +236,7 @@ class Replay:
                     if self._rebuild:
                         self._rebuild = False
                         self._rebuilding = True
-                        self._work = ExitStats()
+                        self._work = self._new_stats()
                         self._work_ns = self.start_ns
                         self._batches = self.recording.batches(BATCH)
                         self._pending = None

@@ -72,7 +72,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
                 "total": v.total,
                 "tid": v.tid,
                 "reasons": _reasons_json(v.reasons, seconds),
-                "coalesced": _coalesced_json(v.coalesced),
+                "coalesced": _coalesced_json(v.coalesced, snapshot.mmio_names),
                 **_identity(v),
             }
             for v in snapshot.vcpus
@@ -279,6 +279,7 @@ def summary_csv(snapshot: StatsSnapshot, meta: Mapping[str, object] | None = Non
 def load_recording_stats(path: str) -> tuple[Recording, ExitStats]:
     recording = open_recording(path)
     stats = ExitStats()
+    stats.see_command(recording.meta.argv)
     for batch in recording.batches():
         stats.add_batch(batch)
     return recording, stats

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import add
 from typing import Any
@@ -454,6 +454,12 @@ class ExitStats:
             program = self._argv0.get(seen.key.pid)
             if program is not None:
                 self._programs[seen.key.pid] = program
+
+    def see_command(self, argv: Sequence[str]) -> None:
+        """Name MMIO by what a VMM's command line tells (a recording's argv; live sessions
+        learn it from each ProcessSeen)."""
+        with self._lock:
+            self._mmio_names = self._mmio_names.merged(from_argv(argv))
 
     def _see_process(self, proc: ProcessSeen) -> None:
         if proc.ended or not proc.argv:
