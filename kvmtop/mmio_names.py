@@ -188,3 +188,13 @@ def from_argv(argv: Iterable[str]) -> MmioNames:
     if _machine(args) == "microvm":
         regions += microvm_transports()
     return MmioNames(tuple(regions) + WELL_KNOWN)
+
+
+_SHORT = (("virtio-mmio ", "vio"), ("PCI MMCONFIG", "ECAM"))
+
+
+def short_name(name: str) -> str:
+    """A name for narrow panes: ``vio0 QueueNotify``, ``ECAM 00:1f.0 +0x40``."""
+    for long, short in _SHORT:
+        name = name.replace(long, short)
+    return name
