@@ -72,12 +72,12 @@ class Replay:
         self._thread = threading.Thread(target=self._run, name="kvmtop-replay", daemon=True)
         self._thread.start()
 
-    # --- the clock (any thread) ----------------------------------------------------------------
-
     def _new_stats(self) -> ExitStats:
         stats = ExitStats()
         stats.see_command(self.recording.meta.argv)
         return stats
+
+    # --- the clock (any thread) ----------------------------------------------------------------
 
     def position_ns(self) -> int:
         """Where the clock is now (the player may still be catching up with it)."""
