@@ -22,16 +22,13 @@ from kvmtop.arch import HOST
 from kvmtop.coalesced import CoalescedWrites, iter_coalesced
 from kvmtop.decoder import event_label, exit_details
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
-from kvmtop.mmio_names import MmioNames
+from kvmtop.mmio_names import MmioNames, from_argv
 from kvmtop.recording import RecordingMeta
 from kvmtop.vcpu_keys import VcpuKeys
 from kvmtop.xlat_exit import ExitReason, errno_name
 
 RATE_BIN_NS = 10_000_000  # exit-rate counter: one value per 10 ms
 HEX_ARGS = ("port", "address", "msr", "gpa", "rip", "pc", "hardware_reason")
-
-
-WELL_KNOWN_NAMES = MmioNames()  # the exits carry no argv: the well-known x86 ranges
 
 
 def us(ns: int) -> str:
@@ -59,14 +56,14 @@ def exit_title(event: ExitEvent) -> str:
     return short_label(event)
 
 
-def slice_args(event: ExitEvent) -> dict[str, int | str | bool]:
+def slice_args(event: ExitEvent, names: MmioNames) -> dict[str, int | str | bool]:
     args = exit_details(event)
     for key in HEX_ARGS:
         if key in args:
             args[key] = f"0x{args[key]:x}"
     if event.reason == ExitReason.IO and event.a in HOST.PORT_NAMES:
         args["port_name"] = HOST.PORT_NAMES[event.a]
-    if event.reason == ExitReason.MMIO and (name := WELL_KNOWN_NAMES.name(event.a)):
+    if event.reason == ExitReason.MMIO and not event.errno and (name := names.name(event.a)):
         args["mmio_name"] = name
     if event.errno:
         args["errno"] = errno_name(event.errno)
@@ -87,6 +84,7 @@ class PerfettoTrace:
 
     def __init__(self, meta: RecordingMeta, rate_bin_ns: int = RATE_BIN_NS) -> None:
         self.meta = meta
+        self._mmio_names = from_argv(meta.argv)  # MMIO named as the recorded command line tells
         self.rate_bin_ns = rate_bin_ns
         self._tracks: dict[int, _VcpuTrack] = {}
         self._keys = VcpuKeys()
@@ -149,7 +147,7 @@ class PerfettoTrace:
         return (f'{{"ph":"X","pid":{pid},"tid":{event.vcpu + 1},'
                 f'"ts":{us(start - self.meta.start_ns)},"dur":{us(end - start)},'
                 f'"name":{json.dumps(name, ensure_ascii=False)},"cat":"{cat}",'
-                f'"args":{json.dumps(slice_args(event))}}}')  # fmt: skip
+                f'"args":{json.dumps(slice_args(event, self._mmio_names))}}}')  # fmt: skip
 
     def _exit(self, event: ExitEvent) -> list[str]:
         track, out = self._track(event.vcpu)

@@ -74,7 +74,12 @@ def record_json(tmp_path, *args: str) -> dict:
                             text=True, timeout=60)  # fmt: skip
     assert report.returncode == 0, report.stderr
     text = subprocess.run([*KVMTOP, "report", str(out)], capture_output=True, text=True, timeout=60)
-    return json.loads(report.stdout) | {"text": text.stdout}
+    trace = subprocess.run([*KVMTOP, "export", str(out), "--perfetto", "-"], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    slices = [e for e in json.loads(trace.stdout)["traceEvents"] if e.get("ph") == "X"]
+    guest = [e for e in slices if e["cat"] in ("guest", "guest+vmm")]  # one slice per run
+    mmio_names = [e["args"]["mmio_name"] for e in guest if "mmio_name" in e["args"]]
+    return json.loads(report.stdout) | {"text": text.stdout, "trace_mmio_names": mmio_names}
 
 
 def microvm(tmp_path, accesses: list[tuple[int, bool, int]], *extra: str) -> list[str]:
@@ -97,6 +102,10 @@ def test_a_microvm_guests_virtio_mmio_exits_are_named_and_counted(tmp_path, engi
          "name": "virtio-mmio 1 QueueNotify"},
     ]  # fmt: skip
     assert "0x0000feb00000 read  len 4           7  virtio-mmio 0 MagicValue" in report["text"]
+    assert (
+        report["trace_mmio_names"]
+        == ["virtio-mmio 0 MagicValue"] * 7 + ["virtio-mmio 1 QueueNotify"] * 5
+    )
 
 
 @pytest.mark.qemu
