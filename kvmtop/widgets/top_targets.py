@@ -64,7 +64,10 @@ class TopTargets(ReasonPane):
             op = "write" if m.write else "read"
             if narrow:
                 name = short_name(m.name)
-                text.append(f"0x{m.address:<8x} {op[0]}{m.length:<1}{human(m.count):>7} {name}\n")
+                text.append(
+                    f"0x{m.address:<8x} {op[0]}{m.length:<1}{human(m.count):>7} {name}".rstrip()
+                    + "\n"
+                )
             else:
                 text.append(
                     f"0x{m.address:<13x}{op:<6}{m.length:>3}{human(m.count):>8}  {m.name}\n"
@@ -75,7 +78,9 @@ class TopTargets(ReasonPane):
             name = (names or MmioNames()).name(c.address)
             if narrow:
                 name = short_name(name)
-                text.append(f"0x{c.address:<8x} w{c.length:<1}{human(c.count):>7} {name}\n")
+                text.append(
+                    f"0x{c.address:<8x} w{c.length:<1}{human(c.count):>7} {name}".rstrip() + "\n"
+                )
             else:
                 text.append(
                     f"0x{c.address:<13x}{'write':<6}{c.length:>3}{human(c.count):>8}  {name}\n"
