@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from kvmtop.arch import HOST
-from kvmtop.events import EXIT_PRIVATE, EXIT_WRITE, ExitEvent
+from kvmtop.events import EXIT_CYCLE, EXIT_PRIVATE, EXIT_WRITE, ExitEvent
 from kvmtop.xlat_exit import (
     INTERNAL_ERROR_SUBERRORS,
     MSR_EXIT_REASONS,
@@ -66,15 +66,35 @@ def ioctl_request_32(request: int) -> int:
     return request & 0xFFFFFFFF
 
 
+# The errno summaries give a one-stop exit with reason 0: KVM_RUN's return value was not seen
+# (one-stop and user-notification tracing), so a failed run and KVM_EXIT_UNKNOWN look alike.
+RUN_UNSEEN = 0xFFFFFFFF
+UNSEEN_LABEL = "RUN_FAILED_OR_UNKNOWN"
+UNSEEN_TEXT = "run ended, exit reason 0: failed run or unknown"
+
+
 def exit_label(reason: int, run_errno: int) -> str:
     """The key exits are counted under: the exit reason when KVM_RUN returned 0;
     ``KVM_EXIT_INTR`` for EINTR (the kernel sets that reason when a signal ends the run);
-    ``KVM_RUN_<ERRNO>`` for any other failure."""
+    ``KVM_RUN_<ERRNO>`` for any other failure; :data:`UNSEEN_LABEL` for reason 0 of a run
+    whose return value was not seen (:data:`RUN_UNSEEN`)."""
+    if run_errno == RUN_UNSEEN:
+        return UNSEEN_LABEL
     if run_errno == 0:
         return exit_reason_name(reason)
     if run_errno == errno_module.EINTR:
         return exit_reason_name(ExitReason.INTR)
     return f"KVM_RUN_{errno_name(run_errno)}"
+
+
+def unseen_run(event: ExitEvent) -> bool:
+    """A one-stop exit with reason 0: a failed KVM_RUN or KVM_EXIT_UNKNOWN, not told apart."""
+    return bool(event.flags & EXIT_CYCLE) and event.reason == 0 and not event.errno
+
+
+def event_label(event: ExitEvent) -> str:
+    """:func:`exit_label` of one exit."""
+    return exit_label(event.reason, RUN_UNSEEN if unseen_run(event) else event.errno)
 
 
 def io_size_count(b: int) -> tuple[int, int]:
@@ -88,6 +108,8 @@ def describe_exit(event: ExitEvent) -> str:
         return (
             f"{exit_label(event.reason, event.errno)} (KVM_RUN failed: {errno_name(event.errno)})"
         )
+    if unseen_run(event):
+        return f"{UNSEEN_TEXT} (KVM_RUN's return value is not seen in this mode)"
     reason = event.reason
     write = bool(event.flags & EXIT_WRITE)
     data = f" data={event.data.hex()}" if event.data else ""

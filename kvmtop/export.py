@@ -16,11 +16,15 @@ from collections.abc import Iterable, Iterator
 from typing import TextIO
 
 from kvmtop.coalesced import CoalescedWrites, iter_coalesced
-from kvmtop.decoder import describe_exit, exit_details, exit_label
+from kvmtop.decoder import describe_exit, event_label, exit_details
 from kvmtop.errors import OutputError
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, Attached, ExitBatch, ExitEvent
+from kvmtop.mmio_names import MmioNames
 from kvmtop.recording import create_owner_only
 from kvmtop.vcpu_keys import VcpuKey, VcpuKeys
+from kvmtop.xlat_exit import ExitReason
+
+WELL_KNOWN = MmioNames()  # an exit carries no argv: the well-known x86 ranges
 
 CSV_COLUMNS = ("vcpu", "reason", "errno", "entry_ns", "exit_ns", "guest_ns", "one_stop",
                "write", "detail_a", "detail_b", "description", "data", "pid", "vm")  # fmt: skip
@@ -34,12 +38,14 @@ def exit_record(event: ExitEvent, start_ns: int, key: VcpuKey | None = None) -> 
     if key is not None:
         record.update(pid=key.pid, vm=key.vm)
     record.update({
-        "reason": exit_label(event.reason, event.errno),
+        "reason": event_label(event),
         "errno": event.errno,
         "entry_ns": event.entry_ns - start_ns,
         "exit_ns": event.exit_ns - start_ns,
     })  # fmt: skip
     record.update(exit_details(event))
+    if event.reason == ExitReason.MMIO and not event.errno and (name := WELL_KNOWN.name(event.a)):
+        record["mmio_name"] = name
     if event.flags & EXIT_CYCLE:
         record["one_stop"] = True
     return record
@@ -97,7 +103,7 @@ def csv_chunks(batches: Iterable[ExitBatch], start_ns: int) -> Iterator[str]:
         for e in batch.events:
             key = keys.of(e.vcpu)
             writer.writerow((
-                e.vcpu if key is None else key.vcpu, exit_label(e.reason, e.errno), e.errno,
+                e.vcpu if key is None else key.vcpu, event_label(e), e.errno,
                 e.entry_ns - start_ns, e.exit_ns - start_ns, e.guest_ns,
                 int(bool(e.flags & EXIT_CYCLE)), int(bool(e.flags & EXIT_WRITE)), e.a, e.b,
                 describe_exit(e), e.data.hex(), "" if key is None else key.pid,

@@ -208,3 +208,35 @@ def demo(vcpu: int, mmio_base: int = 0xD0000) -> bytes:
     c.label("round_end").hlt().jmp("top")
     c.label("text").emit(f"vCPU {vcpu} says hi\n".encode() + b"\0")
     return c.assemble()
+
+
+# A flat GDT: null, 32-bit code (selector 0x08) and data (0x10), both base 0 limit 4 GiB
+_FLAT_GDT = bytes(8) + bytes.fromhex("ffff0000009acf00") + bytes.fromhex("ffff00000092cf00")
+
+
+def flat32_accesses(
+    accesses: list[tuple[int, bool, int]], load_base: int = 0xF0000, exit_status: int = 0
+) -> bytes:
+    """Code for ``load_base`` (a BIOS at F000:0000) that enters 32-bit protected mode with flat
+    segments, makes each (address, write, count) of ``accesses`` as `count` x a 32-bit load or
+    store there (any guest-physical address below 4 GiB), then `out 0xf4, al` with al =
+    exit_status. Exits: MMIO one per access the VMM emulates, IO 1."""
+    body = bytearray()
+    for address, write, count in accesses:
+        body += b"\xbb" + struct.pack("<I", address)  # mov ebx, address
+        body += b"\xb9" + struct.pack("<I", count)  # mov ecx, count
+        body += b"\x89\x03" if write else b"\x8b\x03"  # mov [ebx], eax / mov eax, [ebx]
+        body += b"\xe2\xfc"  # loop back to the access
+    body += b"\xb0" + bytes([exit_status]) + b"\xe6" + bytes([DEBUG_EXIT_PORT])  # out 0xf4, al
+    body += b"\xf4\xeb\xfd"  # hlt; jmp to the hlt
+    real = 7 + 11 + 8  # cli + lgdt, cr0.PE, the far jump
+    gdtr = real
+    gdt = gdtr + 6
+    pm = gdt + len(_FLAT_GDT)
+    code = bytearray(b"\xfa\x2e\x0f\x01\x16" + struct.pack("<H", gdtr))  # cli; lgdt cs:[gdtr]
+    code += b"\x0f\x20\xc0\x66\x83\xc8\x01\x0f\x22\xc0\x90"  # mov eax,cr0; or eax,1; mov cr0,eax
+    code += b"\x66\xea" + struct.pack("<IH", load_base + pm, 0x08)  # jmp far 0x08:pm
+    assert len(code) == real
+    code += struct.pack("<HI", len(_FLAT_GDT) - 1, load_base + gdt) + _FLAT_GDT
+    code += b"\x66\xb8\x10\x00\x8e\xd8"  # mov ax, 0x10; mov ds, ax
+    return bytes(code + body)

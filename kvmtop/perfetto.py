@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from kvmtop.arch import HOST
 from kvmtop.coalesced import CoalescedWrites, iter_coalesced
-from kvmtop.decoder import exit_details, exit_label
+from kvmtop.decoder import event_label, exit_details
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
+from kvmtop.mmio_names import MmioNames, from_argv
 from kvmtop.recording import RecordingMeta
 from kvmtop.vcpu_keys import VcpuKeys
 from kvmtop.xlat_exit import ExitReason, errno_name
@@ -38,7 +39,7 @@ def us(ns: int) -> str:
 
 def short_label(event: ExitEvent) -> str:
     """``IO``, ``INTR``, ``RUN_EFAULT``: the exit label without its prefix."""
-    return exit_label(event.reason, event.errno).removeprefix("KVM_EXIT_").removeprefix("KVM_")
+    return event_label(event).removeprefix("KVM_EXIT_").removeprefix("KVM_")
 
 
 def exit_title(event: ExitEvent) -> str:
@@ -55,13 +56,15 @@ def exit_title(event: ExitEvent) -> str:
     return short_label(event)
 
 
-def slice_args(event: ExitEvent) -> dict[str, int | str | bool]:
+def slice_args(event: ExitEvent, names: MmioNames) -> dict[str, int | str | bool]:
     args = exit_details(event)
     for key in HEX_ARGS:
         if key in args:
             args[key] = f"0x{args[key]:x}"
     if event.reason == ExitReason.IO and event.a in HOST.PORT_NAMES:
         args["port_name"] = HOST.PORT_NAMES[event.a]
+    if event.reason == ExitReason.MMIO and not event.errno and (name := names.name(event.a)):
+        args["mmio_name"] = name
     if event.errno:
         args["errno"] = errno_name(event.errno)
     return args
@@ -81,6 +84,7 @@ class PerfettoTrace:
 
     def __init__(self, meta: RecordingMeta, rate_bin_ns: int = RATE_BIN_NS) -> None:
         self.meta = meta
+        self._mmio_names = from_argv(meta.argv)  # MMIO named as the recorded command line tells
         self.rate_bin_ns = rate_bin_ns
         self._tracks: dict[int, _VcpuTrack] = {}
         self._keys = VcpuKeys()
@@ -143,7 +147,7 @@ class PerfettoTrace:
         return (f'{{"ph":"X","pid":{pid},"tid":{event.vcpu + 1},'
                 f'"ts":{us(start - self.meta.start_ns)},"dur":{us(end - start)},'
                 f'"name":{json.dumps(name, ensure_ascii=False)},"cat":"{cat}",'
-                f'"args":{json.dumps(slice_args(event))}}}')  # fmt: skip
+                f'"args":{json.dumps(slice_args(event, self._mmio_names))}}}')  # fmt: skip
 
     def _exit(self, event: ExitEvent) -> list[str]:
         track, out = self._track(event.vcpu)

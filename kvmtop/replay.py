@@ -62,7 +62,7 @@ class Replay:
         self._goal: float | None = None  # a seek_to() waiting for the end to be known
         self._rebuild = False
         self._closing = False
-        self._shown: tuple[ExitStats, int] = (ExitStats(), self.start_ns)
+        self._shown: tuple[ExitStats, int] = (self._new_stats(), self.start_ns)
         self._work: ExitStats = self._shown[0]
         self._work_ns = self.start_ns
         self._rebuilding = False
@@ -71,6 +71,11 @@ class Replay:
         self._stops = StopShare(0, 0)  # the stops of the batch being fed
         self._thread = threading.Thread(target=self._run, name="kvmtop-replay", daemon=True)
         self._thread.start()
+
+    def _new_stats(self) -> ExitStats:
+        stats = ExitStats()
+        stats.see_command(self.recording.meta.argv)
+        return stats
 
     # --- the clock (any thread) ----------------------------------------------------------------
 
@@ -231,7 +236,7 @@ class Replay:
                     if self._rebuild:
                         self._rebuild = False
                         self._rebuilding = True
-                        self._work = ExitStats()
+                        self._work = self._new_stats()
                         self._work_ns = self.start_ns
                         self._batches = self.recording.batches(BATCH)
                         self._pending = None

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from kvmtop.arch import HOST
 from kvmtop.coalesced import RING_MAX
+from kvmtop.mmio_names import MmioNames
 from kvmtop.recording import Recording, open_recording
 from kvmtop.stats import (
     CoalescedCount,
@@ -72,7 +73,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
                 "total": v.total,
                 "tid": v.tid,
                 "reasons": _reasons_json(v.reasons, seconds),
-                "coalesced": _coalesced_json(v.coalesced),
+                "coalesced": _coalesced_json(v.coalesced, snapshot.mmio_names),
                 **_identity(v),
             }
             for v in snapshot.vcpus
@@ -83,6 +84,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
         ],
         "mmio": [
             {"address": m.address, "len": m.length, "write": m.write, "count": m.count}
+            | ({"name": m.name} if m.name else {})
             for m in snapshot.mmio
         ],
         "total": snapshot.total,
@@ -97,25 +99,30 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
             "read": snapshot.coalesced.read,
             "wraps": snapshot.coalesced.wraps,
             "unreadable_vcpus": list(snapshot.coalesced.unreadable),
-            "writes": _coalesced_json(snapshot.coalesced.top),
+            "writes": _coalesced_json(snapshot.coalesced.top, snapshot.mmio_names),
         },
         "meta": meta,
     }
 
 
-def _coalesced_json(writes: tuple[CoalescedCount, ...]) -> list[dict[str, object]]:
-    """Writes KVM queued in its coalesced ring (no exit): port IO (``port``) or MMIO."""
+def _coalesced_json(
+    writes: tuple[CoalescedCount, ...], names: MmioNames
+) -> list[dict[str, object]]:
+    """Writes KVM queued in its coalesced ring (no exit): port IO (``port``) or MMIO (with its
+    ``name`` where one is known)."""
     return [
         {"port" if c.pio else "address": c.address, "len": c.length, "count": c.count}
+        | ({"name": names.name(c.address)} if not c.pio and names.name(c.address) else {})
         for c in writes
     ]
 
 
-def coalesced_text(c: CoalescedCount) -> str:
+def coalesced_text(c: CoalescedCount, names: MmioNames | None = None) -> str:
     """One address or port's coalesced writes, as the IO and MMIO tables name theirs."""
     if c.pio:
         return f"0x{c.address:04x} out size {c.length}  {c.count:>10}  {port_name(c.address)}"
-    return f"0x{c.address:012x} write len {c.length}  {c.count:>10}"
+    name = (names or MmioNames()).name(c.address)
+    return f"0x{c.address:012x} write len {c.length}  {c.count:>10}  {name}".rstrip()
 
 
 def coalesced_notes(snapshot: CoalescedSnapshot) -> list[str]:
@@ -224,11 +231,15 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
         lines.append("TOP MMIO ADDRESSES")
         for m in snapshot.mmio[:10]:
             kind = "write" if m.write else "read"
-            lines.append(f"  0x{m.address:012x} {kind:<5} len {m.length}  {m.count:>10}")
+            lines.append(
+                f"  0x{m.address:012x} {kind:<5} len {m.length}  {m.count:>10}  {m.name}".rstrip()
+            )
         lines.append("")
     if snapshot.coalesced.top or snapshot.coalesced.unreadable:
         lines.append("COALESCED (NO EXIT): writes KVM queued for the VMM without an exit")
-        lines += [f"  {coalesced_text(c)}" for c in snapshot.coalesced.top[:10]]
+        lines += [
+            f"  {coalesced_text(c, snapshot.mmio_names)}" for c in snapshot.coalesced.top[:10]
+        ]
         lines += [f"  ({note})" for note in coalesced_notes(snapshot.coalesced)]
         lines.append("")
     if not snapshot.top_exact:
@@ -269,6 +280,7 @@ def summary_csv(snapshot: StatsSnapshot, meta: Mapping[str, object] | None = Non
 def load_recording_stats(path: str) -> tuple[Recording, ExitStats]:
     recording = open_recording(path)
     stats = ExitStats()
+    stats.see_command(recording.meta.argv)
     for batch in recording.batches():
         stats.add_batch(batch)
     return recording, stats

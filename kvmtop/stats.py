@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import add
 from typing import Any
@@ -21,6 +21,7 @@ from kvmtop import native, summary
 from kvmtop.coalesced import C_PIO, C_UNREADABLE, C_WRAP, COALESCED, KIND_COALESCED
 from kvmtop.decoder import exit_label
 from kvmtop.events import ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.mmio_names import MmioNames, from_argv
 from kvmtop.records import F_CYCLE, iter_events
 from kvmtop.vcpu_keys import VcpuKey
 
@@ -110,6 +111,7 @@ class MmioCount:
     length: int
     write: bool
     count: int
+    name: str = ""  # mmio_names: "LAPIC EOI", "virtio-mmio 0 QueueNotify"; "" when unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +158,7 @@ class StatsSnapshot:
     mmio: tuple[MmioCount, ...]
     top_exact: bool  # False once a top table evicted keys (its counts are then upper bounds)
     coalesced: CoalescedSnapshot = field(default_factory=lambda: EMPTY_COALESCED)
+    mmio_names: MmioNames = field(default_factory=MmioNames)  # the ranges the VMMs' argv told
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,8 +325,8 @@ def _ports(counter: TopCounter, n: int | None) -> tuple[PortCount, ...]:
     return tuple(PortCount(p, "out" if w else "in", s, c) for (p, w, s), c in counter.top(n))
 
 
-def _mmios(counter: TopCounter, n: int | None) -> tuple[MmioCount, ...]:
-    return tuple(MmioCount(a, ln, w, c) for (a, ln, w), c in counter.top(n))
+def _mmios(counter: TopCounter, n: int | None, names: MmioNames) -> tuple[MmioCount, ...]:
+    return tuple(MmioCount(a, ln, w, c, names.name(a)) for (a, ln, w), c in counter.top(n))
 
 
 def _coalesced(counter: TopCounter, n: int | None) -> tuple[CoalescedCount, ...]:
@@ -395,6 +398,7 @@ class ExitStats:
         self._vms: dict[tuple[int, int], None] = {}  # (pid, VM fd) of vCPUs with keys, in order
         self._programs: dict[int, str] = {}  # pid -> its program, for processes with vCPUs
         self._argv0: dict[int, str] = {}  # pid -> its program, for every process lately seen
+        self._mmio_names = MmioNames()  # well-known ranges, and those the VMMs' argv told
         self._reasons: dict[str, _Reason] = {}
         self._io = TopCounter(self.top_capacity)
         self._mmio = TopCounter(self.top_capacity)
@@ -451,10 +455,17 @@ class ExitStats:
             if program is not None:
                 self._programs[seen.key.pid] = program
 
+    def see_command(self, argv: Sequence[str]) -> None:
+        """Name MMIO by what a VMM's command line tells (a recording's argv; live sessions
+        learn it from each ProcessSeen)."""
+        with self._lock:
+            self._mmio_names = self._mmio_names.merged(from_argv(argv))
+
     def _see_process(self, proc: ProcessSeen) -> None:
         if proc.ended or not proc.argv:
             return
         program = os.path.basename(proc.argv[0])
+        self._mmio_names = self._mmio_names.merged(from_argv(proc.argv))
         if len(self._argv0) >= 4096:  # a build forking thousands: keep those that made vCPUs
             self._argv0 = {pid: self._argv0[pid] for pid in self._programs if pid in self._argv0}
         self._argv0[proc.pid] = program
@@ -555,7 +566,8 @@ class ExitStats:
                 vcpus=vcpus,
                 many_vms=many_vms,
                 io=_ports(self._io, top),
-                mmio=_mmios(self._mmio, top),
+                mmio=_mmios(self._mmio, top, self._mmio_names),
+                mmio_names=self._mmio_names,
                 top_exact=exact,
                 coalesced=self.coalesced.snapshot(top),
             )
@@ -597,7 +609,7 @@ class ExitStats:
             timeline_dominant=tuple(max(b, key=b.__getitem__) if b else None for b in seconds),
             timeline_by_reason={label: tuple(b.get(label, 0) for b in seconds) for label in labels},
             io=_ports(v.io, top),
-            mmio=_mmios(v.mmio, top),
+            mmio=_mmios(v.mmio, top, self._mmio_names),
             recent=v.recent_events() if recent else (),
             coalesced=_coalesced(v.coalesced, top),
         )

@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from kvmtop.decoder import RUN_UNSEEN
 from kvmtop.records import (
     EXIT,
     F_CYCLE,
@@ -151,6 +152,8 @@ def summarize(
         write = bool(flags & F_WRITE)
         if flags & F_FAILED:
             errno, a, b, write = b, 0, 0, False
+        elif flags & F_CYCLE and reason == 0:
+            errno = RUN_UNSEEN
         exit_ns = base_ns + t_exit
         entry_ns = exit_ns - guest
         group = groups.get((vcpu, reason, errno))

@@ -28,6 +28,7 @@
 #define F_WRITE 0x01
 #define F_FAILED 0x10
 #define F_CYCLE 0x20
+#define RUN_UNSEEN 0xFFFFFFFFu /* decoder.RUN_UNSEEN: exit reason 0 of a run whose return was not seen */
 
 /* include/uapi/linux/kvm.h */
 #define KVM_EXIT_IO 2
@@ -198,6 +199,8 @@ static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, int64_t he
         run_errno = b;
         a = b = 0;
         write = 0;
+    } else if ((flags & F_CYCLE) && reason == 0) { /* one-stop: KVM_RUN's return not seen */
+        run_errno = RUN_UNSEEN;
     }
     i128 exit_ns = p->base + (int64_t)le64(r + 8), entry_ns = exit_ns - (i128)guest;
 

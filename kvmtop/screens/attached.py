@@ -98,7 +98,9 @@ class AttachedScreen(WatchScreen):
         what = f"exit reasons, {'all VMs' if snap.many_vms else 'whole VM'}"
         reasons = self.show_reasons(what, snap.reasons, snap.total, snap.coalesced.total)
         self.query_one(LatencyPane).show(reasons)
-        self.query_one(TopTargets).show(snap.io, snap.mmio, snap.top_exact, snap.coalesced.top[:4])
+        self.query_one(TopTargets).show(
+            snap.io, snap.mmio, snap.top_exact, snap.coalesced.top[:4], snap.mmio_names
+        )
 
     def on_resize(self, _event: events.Resize) -> None:
         self.fit()

@@ -125,7 +125,7 @@ class VcpuScreen(WatchScreen):
         self.fit()
         coalesced = sum(c.count for c in v.coalesced)
         reasons = self.show_reasons(f"{v.name}: exit reasons", v.reasons, v.total, coalesced)
-        self.query_one(TopTargets).show(v.io, v.mmio, True, v.coalesced[:4])
+        self.query_one(TopTargets).show(v.io, v.mmio, True, v.coalesced[:4], snap.mmio_names)
         self.query_one(ReasonTimelines).show(v.timeline_by_reason)
         self.query_one(LatencyPane).show(reasons)
         self.query_one(ExitLog).show(v.recent, snap.first_ns)

@@ -1,4 +1,4 @@
-"""The busiest IO ports (well-known x86 ports named) and MMIO addresses, as many of each as the
+"""The busiest IO ports (well-known x86 ports named) and MMIO addresses (named by mmio_names), as many of each as the
 pane's height holds; below each table's exits, its writes that KVM coalesced (no exit)."""
 
 from __future__ import annotations
@@ -6,11 +6,13 @@ from __future__ import annotations
 from rich.text import Text
 
 from kvmtop.arch import HOST
+from kvmtop.mmio_names import MmioNames, short_name
 from kvmtop.stats import CoalescedCount, MmioCount, PortCount
 from kvmtop.units import human
 from kvmtop.widgets.pane import ReasonPane
 
 NO_EXIT = "coalesced (no exit)"
+NARROW = 48  # columns below which MMIO rows are compact
 
 
 def lines_for(
@@ -31,7 +33,7 @@ class TopTargets(ReasonPane):
 
     def draw(
         self, io: tuple[PortCount, ...], mmio: tuple[MmioCount, ...], exact: bool = True,
-        coalesced: tuple[CoalescedCount, ...] = (),
+        coalesced: tuple[CoalescedCount, ...] = (), names: MmioNames | None = None,
     ) -> Text:  # fmt: skip
         # two headers and a blank line between the tables; the rest split between them
         ports = [c for c in coalesced if c.pio]
@@ -51,14 +53,38 @@ class TopTargets(ReasonPane):
             text.append(f"0x{c.address:04x}  {'out':<4}{c.length:>4}{human(c.count):>8}  {name}\n")
         if not io and not ports:
             text.append("(none)\n", style="italic")
-        text.append(f"\n{'MMIO address':<15}{'op':<6}{'len':>3}{'count':>8}\n", style="bold")
+        narrow = self.room[0] < NARROW
+        if narrow:  # op and len as "w4", names shortened: "0xfeb00050 w4   1.2k vio0 QueueNotify"
+            text.append(f"\n{'MMIO':<10} {'op':<2}{'count':>7} name\n", style="bold")
+        else:
+            text.append(
+                f"\n{'MMIO address':<15}{'op':<6}{'len':>3}{'count':>8}  name\n", style="bold"
+            )
         for m in mmio[: max(1, mmio_rows)]:
             op = "write" if m.write else "read"
-            text.append(f"0x{m.address:<13x}{op:<6}{m.length:>3}{human(m.count):>8}\n")
+            if narrow:
+                name = short_name(m.name)
+                text.append(
+                    f"0x{m.address:<8x} {op[0]}{m.length:<1}{human(m.count):>7} {name}".rstrip()
+                    + "\n"
+                )
+            else:
+                text.append(
+                    f"0x{m.address:<13x}{op:<6}{m.length:>3}{human(m.count):>8}  {m.name}\n"
+                )
         if addresses:
             text.append(f"{NO_EXIT}\n", style="italic")
         for c in addresses:
-            text.append(f"0x{c.address:<13x}{'write':<6}{c.length:>3}{human(c.count):>8}\n")
+            name = (names or MmioNames()).name(c.address)
+            if narrow:
+                name = short_name(name)
+                text.append(
+                    f"0x{c.address:<8x} w{c.length:<1}{human(c.count):>7} {name}".rstrip() + "\n"
+                )
+            else:
+                text.append(
+                    f"0x{c.address:<13x}{'write':<6}{c.length:>3}{human(c.count):>8}  {name}\n"
+                )
         if not mmio and not addresses:
             text.append("(none)\n", style="italic")
         if not exact:

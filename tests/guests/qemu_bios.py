@@ -38,3 +38,13 @@ def qemu_command(bios_path: str, *extra: str) -> list[str]:
         "-display", "none", "-m", "16", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
         *extra,
     ]  # fmt: skip
+
+
+def build_flat32_bios(accesses: list[tuple[int, bool, int]]) -> bytes:
+    """A BIOS that makes ``accesses`` (guestcode.flat32_accesses) from 32-bit protected mode,
+    then `out 0xf4, al` with al=0. The reset vector jumps to it as :func:`build_bios`'s does."""
+    code = guestcode.flat32_accesses(accesses)
+    image = bytearray(b"\xf4" * BIOS_SIZE)
+    image[: len(code)] = code
+    image[0xFFF0:0xFFF5] = b"\xea\x00\x00\x00\xf0"  # jmp far F000:0000
+    return bytes(image)
