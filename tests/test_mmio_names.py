@@ -113,11 +113,13 @@ def test_a_microvm_guests_virtio_mmio_exits_are_named_and_counted(tmp_path, engi
 def test_an_ap_that_never_ran_is_labelled_for_what_the_mode_sees(tmp_path, engine, mode) -> None:
     """vCPU 1 waits for a SIPI that never comes: its one run ends when QEMU quits. Under user
     notification the return value is not seen and exit_reason stays 0."""
-    report = record_json(tmp_path, *MODES[mode], "--", *microvm(tmp_path, [], "-smp", "2"))
+    # the BSP's 3,000 exits first: time for the AP's thread to be in KVM_RUN before the end
+    busy = [(VIRTIO0, False, 3000)]
+    report = record_json(tmp_path, *MODES[mode], "--", *microvm(tmp_path, busy, "-smp", "2"))
     ap = report["vcpus"]["1"]["exits"]
     assert "KVM_EXIT_UNKNOWN" not in report["exits"]
-    if mode == "notify":
-        assert ap == {UNSEEN_LABEL: 1}
-        assert f"{UNSEEN_LABEL}" in report["text"]
+    if mode == "notify":  # QEMU's quit may signal the AP out of its run first: then INTR
+        assert ap in ({UNSEEN_LABEL: 1}, {"KVM_EXIT_INTR": 1})
+        assert (UNSEEN_LABEL in report["text"]) == (ap == {UNSEEN_LABEL: 1})
     else:  # the tracer sees KVM_RUN's errno (two stops) or the kick's EINTR (one stop)
         assert ap == {"KVM_EXIT_INTR": 1}
