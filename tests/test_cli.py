@@ -93,7 +93,7 @@ def test_killing_kvmtop_leaves_the_guest_running_and_the_recording_readable(
     tmp_path, bios, processes
 ):
     vmm = subprocess.Popen(
-        qemu_command(bios(outs=40_000, mmio_writes=0)), stderr=subprocess.DEVNULL
+        qemu_command(bios(outs=400_000, mmio_writes=0)), stderr=subprocess.DEVNULL
     )
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
