@@ -171,10 +171,43 @@ def _machine(argv: Sequence[str]) -> str:
     return machine
 
 
-def microvm_transports(count: int = MICROVM_VIRTIO_COUNT) -> list[Region]:
+def _devices(argv: Sequence[str]) -> list[str]:
+    """The values of ``-device VALUE`` / ``-device=VALUE``."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg in ("-device", "--device") and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif arg.startswith(("-device=", "--device=")):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
+def microvm_devices(argv: Sequence[str], count: int = MICROVM_VIRTIO_COUNT) -> dict[int, str]:
+    """Which ``virtio-*-device`` sits on which microvm transport: they take the transports from
+    the last one down, in command-line order, unless one names its bus
+    (``bus=virtio-mmio-bus.N``): as QEMU 7.2's `info qtree` shows."""
+    free = list(range(count - 1, -1, -1))
+    placed: dict[int, str] = {}
+    for value in _devices(argv):
+        driver, *props = value.split(",")
+        if not (driver.startswith("virtio-") and driver.endswith("-device")):
+            continue
+        bus = next((p.partition("=")[2] for p in props if p.startswith("bus=")), "")
+        slot = bus.rpartition(".")[2]
+        n = int(slot) if slot.isdigit() else (free[0] if free else None)
+        if n is not None and n in free:
+            free.remove(n)
+            placed[n] = driver.removesuffix("-device")
+    return placed
+
+
+def microvm_transports(count: int = MICROVM_VIRTIO_COUNT,
+                       devices: dict[int, str] | None = None) -> list[Region]:  # fmt: skip
+    devices = devices or {}
     return [
         Region(MICROVM_VIRTIO_BASE + n * MICROVM_VIRTIO_STRIDE, MICROVM_VIRTIO_STRIDE,
-               f"virtio-mmio {n}", virtio_mmio_register)
+               f"virtio-mmio {n}" + (f" ({devices[n]})" if n in devices else ""),
+               virtio_mmio_register)
         for n in range(count)
     ]  # fmt: skip
 
@@ -186,7 +219,7 @@ def from_argv(argv: Iterable[str]) -> MmioNames:
     for arg in args:
         regions += kernel_devices(arg)
     if _machine(args) == "microvm":
-        regions += microvm_transports()
+        regions += microvm_transports(devices=microvm_devices(args))
     return MmioNames(tuple(regions) + WELL_KNOWN)
 
 

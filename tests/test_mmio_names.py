@@ -45,6 +45,17 @@ def test_microvm_on_the_command_line_names_its_virtio_mmio_transports() -> None:
     assert from_argv(["qemu", "-machine", "q35"]).name(0xFEE000B0) == "LAPIC EOI"
 
 
+def test_microvm_s_devices_take_the_transports_from_the_last_down() -> None:
+    argv = ["qemu", "-M", "microvm", "-device", "virtio-blk-device,drive=d0",
+            "-device=virtio-net-device,netdev=n0", "-device", "isa-debug-exit,iobase=0xf4",
+            "-device", "virtio-rng-device,bus=virtio-mmio-bus.3"]  # fmt: skip
+    names = from_argv(argv)
+    assert names.name(VIRTIO0 + 0x200 * 23 + 0x50) == "virtio-mmio 23 (virtio-blk) QueueNotify"
+    assert names.name(VIRTIO0 + 0x200 * 22) == "virtio-mmio 22 (virtio-net) MagicValue"
+    assert names.name(VIRTIO0 + 0x200 * 3 + 0x70) == "virtio-mmio 3 (virtio-rng) Status"
+    assert names.name(VIRTIO0 + 0x200 * 21) == "virtio-mmio 21 MagicValue"  # nothing on it
+
+
 def test_a_kernel_command_line_declares_virtio_mmio_devices() -> None:
     argv = ["vmm", "--cmdline", "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 "
             "virtio_mmio.device=0x200@0xd0001000:6:3 virtio_mmio.device=bad@0x1:2"]  # fmt: skip
