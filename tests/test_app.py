@@ -743,7 +743,9 @@ async def test_launching_a_command_counts_its_exits_exactly(tmp_path):
         table = app.screen.query_one(VcpuTable)
         await until(pilot, lambda: [(v.vcpu, v.total) for v in table.rows] == [(0, 501), (1, 501)])
         assert app.session.exit_status == 0
-        assert "exited with status 0" in app.screen.query_one("StatusLine").render().plain
+        status = app.screen.query_one("StatusLine")
+        await until(pilot, lambda: "exited with status 0" in status.render().plain,
+                    what="the status line saying how it ended")  # fmt: skip
         await pilot.press("q")
     assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": 602, "KVM_EXIT_MMIO": 400}
 
