@@ -21,39 +21,53 @@ from kvmtop.vm_stats import StatsSample, VmStats, rates, take_stats
 CLEAR = "\x1b[H\x1b[J"
 
 
+class SignalStop:
+    """While held, SIGINT and SIGTERM set :attr:`stopping` instead of ending the process: a
+    live loop ends at its next check and closes what it holds."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.stopping = True
+
+    def __enter__(self) -> SignalStop:
+        self._previous = {
+            s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 def run_stats(pid: int, interval: float, as_json: bool, count: int | None, out: TextIO) -> int:
     stats = take_stats(pid)
-    stopping = False
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        first = last = stats.sample()
-        shown = 0
-        while not stopping and (count is None or shown < count):
-            deadline = time.monotonic() + interval
-            while not stopping and time.monotonic() < deadline and stats.vmm_alive():
-                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-            alive = stats.vmm_alive()
-            sample = stats.sample()
-            if as_json:
-                print(json.dumps(sample_json(stats, first, last, sample)), file=out, flush=True)
-            else:
-                live = out.isatty()
-                print((CLEAR if live else "") + stats_table(stats, first, last, sample),
-                      file=out, flush=True)  # fmt: skip
-            last = sample
-            shown += 1
-            if not alive:
-                print(f"kvmtop: pid {pid} exited", file=sys.stderr)
-                break
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        stats.close()
+    with SignalStop() as signals:
+        try:
+            first = last = stats.sample()
+            shown = 0
+            while not signals.stopping and (count is None or shown < count):
+                deadline = time.monotonic() + interval
+                while not signals.stopping and time.monotonic() < deadline and stats.vmm_alive():
+                    time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                alive = stats.vmm_alive()
+                sample = stats.sample()
+                if as_json:
+                    print(json.dumps(sample_json(stats, first, last, sample)), file=out, flush=True)
+                else:
+                    live = out.isatty()
+                    print((CLEAR if live else "") + stats_table(stats, first, last, sample),
+                          file=out, flush=True)  # fmt: skip
+                last = sample
+                shown += 1
+                if not alive:
+                    print(f"kvmtop: pid {pid} exited", file=sys.stderr)
+                    break
+        finally:
+            stats.close()
     return 0
 
 

@@ -11,50 +11,37 @@ from __future__ import annotations
 import json
 import platform
 import select
-import signal
 import time
 from typing import Any, TextIO
 
 from kvmtop.sampling import Share, SiteShare, VcpuWatch, WatchSnapshot
+from kvmtop.stats_cli import CLEAR, SignalStop
 from kvmtop.units import duration, human
 from kvmtop.watcher import Watcher
-
-CLEAR = "\x1b[H\x1b[J"
 
 
 def run_watch(pid: int, rate_hz: float, interval: float, count: int | None, as_json: bool,
               out: TextIO, err: TextIO) -> int:  # fmt: skip
-    stopping = False
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with Watcher(pid, rate_hz) as watcher:
-            shown = 0
-            while not stopping and (count is None or shown < count):
-                deadline = time.monotonic() + interval
-                while not stopping and watcher.alive and time.monotonic() < deadline:
-                    exit_fd = watcher.exit_fd
-                    wait = min(0.1, max(0.0, deadline - time.monotonic()))
-                    if exit_fd is not None:
-                        select.select([exit_fd], [], [], wait)
-                alive = watcher.alive
-                snap = watcher.snapshot()
-                if as_json:
-                    print(json.dumps(snapshot_json(snap)), file=out, flush=True)
-                else:
-                    print((CLEAR if out.isatty() else "") + snapshot_text(snap), file=out,
-                          flush=True)  # fmt: skip
-                shown += 1
-                if not alive:
-                    print(f"kvmtop: pid {pid} exited", file=err)
-                    break
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with SignalStop() as signals, Watcher(pid, rate_hz) as watcher:
+        shown = 0
+        while not signals.stopping and (count is None or shown < count):
+            deadline = time.monotonic() + interval
+            while not signals.stopping and watcher.alive and time.monotonic() < deadline:
+                exit_fd = watcher.exit_fd
+                wait = min(0.1, max(0.0, deadline - time.monotonic()))
+                if exit_fd is not None:
+                    select.select([exit_fd], [], [], wait)
+            alive = watcher.alive
+            snap = watcher.snapshot()
+            if as_json:
+                print(json.dumps(snapshot_json(snap)), file=out, flush=True)
+            else:
+                print((CLEAR if out.isatty() else "") + snapshot_text(snap), file=out,
+                      flush=True)  # fmt: skip
+            shown += 1
+            if not alive:
+                print(f"kvmtop: pid {pid} exited", file=err)
+                break
     return 0
 
 
