@@ -48,6 +48,9 @@ async def at(pilot, fraction: float = 1.0) -> None:
     replay.toggle_pause()
     replay.seek_to(fraction)
     assert await asyncio.to_thread(replay.wait_settled, 20)
+    draw = getattr(pilot.app.screen, "refresh_view", None)
+    if draw is not None:  # drawn now, not at the next timer tick (late on a loaded machine)
+        draw()
     await pilot.pause(0.6)
 
 

@@ -81,7 +81,7 @@ class VcpuTable(ScrollView, can_focus=True):
         "vcpu-table--header",
     }
     DEFAULT_CSS = """
-    VcpuTable { height: 1fr; min-height: 4; border: round $primary-darken-2; }
+    VcpuTable { height: 1fr; min-height: 4; border: round $primary-darken-2; overflow-x: hidden; }
     VcpuTable:focus { border: round $accent; }
     VcpuTable > .vcpu-table--cursor { background: $boost; text-style: bold; }
     VcpuTable > .vcpu-table--header { text-style: bold; color: $text-muted; }
@@ -122,7 +122,9 @@ class VcpuTable(ScrollView, can_focus=True):
         self._fit()
 
     def _fit(self) -> None:
-        room = max(1, self.scrollable_content_region.height - 1)  # under the header
+        # the whole height, not the region left beside a scrollbar: that bar goes once the
+        # vCPUs fit, and no resize would come to fit them again
+        room = max(1, self.size.height - 1)  # under the header
         n = max(1, len(self.rows))
         self.lines_per_vcpu = max(1, min(MAX_LINES_PER_VCPU, room // n))
         self.virtual_size = Size(self.size.width, len(self.rows) * self.lines_per_vcpu + 1)
