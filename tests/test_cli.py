@@ -126,7 +126,7 @@ def test_a_vmm_traced_by_strace_is_refused_with_the_reason(bios, processes):
                            stderr=subprocess.DEVNULL)  # fmt: skip
     processes.append(vmm)
     qemu_pid = _child_of(vmm.pid, "qemu-system")
-    wait_for_vcpus(qemu_pid)
+    wait_for_vcpus(qemu_pid, timeout=30.0)  # QEMU under strace starts slowly
     result = kvmtop("record", "-p", str(qemu_pid))
     assert_one_line_error(result, 5, f"traced by another process (TracerPid {vmm.pid}, strace)")
 
