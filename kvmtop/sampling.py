@@ -5,7 +5,8 @@ kernel resets it at entry), else the exit the VMM is handling, with its IO port 
 Looks at a steady, jittered rate make the share of looks that saw a reason an unbiased estimate
 of the share of time the VMM spent handling that reason; each share here carries its 95% Wilson
 score interval from the number of looks. KVM's own counters (exact) give the exits; a reason's
-VMM share times the interval over its exit count is its mean VMM time per exit.
+VMM share times the interval over its exit count is its mean VMM time per exit, less the part of
+each exit's ``KVM_RUN`` that looks also see a reason in (:mod:`kvmtop.entry_cost`), when timed.
 
 :class:`Tally` adds up what the sampler took (bounded: a fixed number of keys per vCPU), and
 :func:`estimate` turns a tally and two counter samples into a :class:`WatchSnapshot`. No I/O.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from kvmtop.arch import HOST
 from kvmtop.decoder import exit_label
+from kvmtop.entry_cost import EntryCost
 from kvmtop.vcpu_keys import VcpuKey
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
@@ -99,7 +101,8 @@ class VcpuWatch:
     vmm: Share  # out of KVM_RUN: the VMM handling an exit
     by_reason: dict[str, Share]  # the VMM's time by exit reason, largest first
     kvm_rates: dict[str, float]  # KVM's exact counters per second ("exits", "io_exits"...)
-    mean_vmm_ns: dict[str, float]  # a reason's VMM time per exit, where KVM counts its exits
+    mean_vmm_ns: dict[str, float]  # a reason's VMM time per exit, where KVM counts its exits,
+    # net of KVM's entry cost when that was timed
     history: tuple[float, ...] = ()  # the VMM's share per interval, oldest first
 
     @property
@@ -120,6 +123,7 @@ class WatchSnapshot:
     reset_seen: bool  # a look (the watch's, so far) saw exit_reason 0: the kernel resets it
     note: str = ""  # what is not shown, and why ("KVM's counters: ...", "counters only: ...")
     counters: bool = False  # KVM's counters are held (exits/s are exact)
+    entry: EntryCost | str = "not timed"  # KVM's own part of each exit in the looks, or why not
 
     @property
     def reset_checked(self) -> bool:
@@ -169,25 +173,27 @@ def _reason_shares(keys: Mapping[tuple[int, int], int], samples: int) -> dict[st
     return {label: Share(n, samples) for label, n in sorted(hits.items(), key=lambda kv: -kv[1])}
 
 
-def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float], vcpus: int
-                 ) -> dict[str, float]:  # fmt: skip
+def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float], vcpus: int,
+                 entry_ns: float = 0.0) -> dict[str, float]:  # fmt: skip
     """VMM time per exit: its share of each vCPU-second, times the vCPUs the share is of, over
-    its exits per second (summed over those vCPUs)."""
+    its exits per second (summed over those vCPUs), less KVM's own part of each exit."""
     out = {}
     for label, share in by_reason.items():
         per_s = rates.get(COUNTER_OF_REASON.get(label, ""), 0.0)
         if per_s > 0:
-            out[label] = share.value * vcpus * 1e9 / per_s
+            out[label] = max(0.0, share.value * vcpus * 1e9 / per_s - entry_ns)
     return out
 
 
 def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mapping[str, float],
-                history: Iterable[float] = (), vcpus: int = 1) -> VcpuWatch:  # fmt: skip
+                history: Iterable[float] = (), vcpus: int = 1, entry_ns: float = 0.0
+                ) -> VcpuWatch:  # fmt: skip
     """One vCPU's estimates, or (``vcpus`` > 1) the VM's: the looks of that many vCPUs."""
     n = tally.samples
     by_reason = _reason_shares(tally.keys, n)
+    means = _mean_vmm_ns(by_reason, rates, vcpus, entry_ns)
     return VcpuWatch(label, key, n, Share(tally.in_run, n), Share(n - tally.in_run, n), by_reason,
-                     dict(rates), _mean_vmm_ns(by_reason, rates, vcpus), tuple(history))  # fmt: skip
+                     dict(rates), means, tuple(history))  # fmt: skip
 
 
 def _sites(
@@ -214,12 +220,16 @@ class WatchedVcpu:
 def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, ...],
              vcpu_rates: Mapping[int, Mapping[str, float]], vm_rates: Mapping[str, float],
              histories: Mapping[int, deque[float]] | None = None, top: int = 8,
-             note: str = "", counters: bool = False) -> WatchSnapshot:  # fmt: skip
+             note: str = "", counters: bool = False, entry: EntryCost | str = "not timed"
+             ) -> WatchSnapshot:  # fmt: skip
     """The estimates of one tally: per vCPU (``vcpu_rates`` by vCPU id, KVM's per-second rates),
     for the whole VM (``vm_rates``: the vCPU counters summed), and the busiest sites."""
     histories = histories or {}
+    entry_ns = entry.ns if isinstance(entry, EntryCost) else 0.0
     rows = tuple(
-        _vcpu_watch(v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()))
+        _vcpu_watch(
+            v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()), 1, entry_ns
+        )  # fmt: skip
         for i, (v, t) in enumerate(zip(vcpus, tally.vcpus, strict=True))
     )
     whole = _VcpuTally(sum(t.samples for t in tally.vcpus), sum(t.in_run for t in tally.vcpus))
@@ -227,8 +237,9 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
         for k, n in t.keys.items():
             whole.keys[k] = whole.keys.get(k, 0) + n
     return WatchSnapshot(
-        pid, tally.ns / 1e9, rate_hz, tally.looks, rows, _vcpu_watch("all", None, whole, vm_rates, (), len(rows)),
+        pid, tally.ns / 1e9, rate_hz, tally.looks, rows,
+        _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry_ns),
         _sites(tally.vcpus, whole.samples, KVM_EXIT_IO, top),
         _sites(tally.vcpus, whole.samples, KVM_EXIT_MMIO, top),
-        tally.reset_seen, note, counters,
+        tally.reset_seen, note, counters, entry,
     )  # fmt: skip

@@ -14,6 +14,7 @@ import select
 import time
 from typing import Any, TextIO
 
+from kvmtop.entry_cost import EntryCost
 from kvmtop.sampling import Share, SiteShare, VcpuWatch, WatchSnapshot
 from kvmtop.stats_cli import CLEAR, SignalStop
 from kvmtop.units import duration, human
@@ -78,11 +79,24 @@ def snapshot_json(snap: WatchSnapshot) -> dict[str, Any]:
         "kernel": platform.release(),
         "counters": snap.counters,
         "note": snap.note,
+        "kvm_entry": snap.entry.as_json() if isinstance(snap.entry, EntryCost) else None,
+        **({} if isinstance(snap.entry, EntryCost) else {"kvm_entry_note": snap.entry}),
         "vcpus": {v.label: _vcpu_json(v) for v in snap.vcpus},
         "vm": _vcpu_json(snap.vm),
         "top_ports": [_site_json(s) for s in snap.top_ports],
         "top_addresses": [_site_json(s) for s in snap.top_addresses],
     }
+
+
+def entry_line(entry: EntryCost | str) -> str:
+    """What the VMM shares hold besides the VMM: KVM's work at each exit before it resets (and
+    after it sets) exit_reason."""
+    if isinstance(entry, EntryCost):
+        return (
+            f"KVM's own part of each exit: {entry.text()}, timed on a VM of kvmtop's "
+            "own;\nthe VMM's shares include it, its times per exit are net of it"
+        )
+    return f"KVM's own part of each exit, in the VMM's shares: {entry}"
 
 
 def snapshot_text(snap: WatchSnapshot) -> str:
@@ -96,6 +110,7 @@ def snapshot_text(snap: WatchSnapshot) -> str:
         lines.append(f"kernel {platform.release()}: exit_reason reset at KVM_RUN entry (seen)")
     if snap.note:
         lines.append(snap.note)
+    lines.append(entry_line(snap.entry))
     lines += ["", f"{'VCPU':>12}  {'EXITS/s':>9}  {'IN KVM_RUN':>13}  {'IN THE VMM':>13}"]
     for v in (*snap.vcpus, snap.vm):
         rate = human(v.exits_per_s) if v.exits_per_s is not None else "-"

@@ -5,6 +5,8 @@ attach, the only moment the VMM is ever stopped), then duplicates each vCPU fd w
 ``pidfd_getfd`` (the same rights as ptrace, no stop) and maps its ``kvm_run`` read-only, and
 starts one sampler thread for all vCPUs (:mod:`kvmtop.sampler`). From then on nothing of kvmtop
 runs in, or stops, the VMM; :meth:`Watcher.close` closes every fd it took. Never ptrace here.
+Before the first look it times this host's entry cost on a VM of kvmtop's own
+(:mod:`kvmtop.entry_cost`: once per process), so that VMM times per exit are net of it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from kvmtop.arch import HOST
+from kvmtop.entry_cost import EntryCost, measure
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
 from kvmtop.procfs import fd_table, permission_hint, tracer_pid
 from kvmtop.ptrace_abi import pidfd_getfd
@@ -138,6 +141,7 @@ class Watcher:
         self._total = Tally(len(self.vcpus))
         self._histories = {i: deque(maxlen=HISTORY) for i in range(len(self.vcpus))}
         self._first = self._last = self._stats.sample() if self._stats is not None else None
+        self.entry: EntryCost | str = measure()  # before the sampler takes a CPU
         self._sampler.start()
 
     # --- reading ---------------------------------------------------------------------------------
@@ -183,7 +187,8 @@ class Watcher:
                     f"{self._total.looks} looks; this kernel ({platform.release()}) may not reset "
                     "exit_reason at KVM_RUN entry, so the samples say nothing")  # fmt: skip
         return estimate(self.pid, self.rate_hz, tally, tuple(self.vcpus), vcpu_rates, vm_rates,
-                        self._histories, top, note, self._stats is not None)  # fmt: skip
+                        self._histories, top, note, self._stats is not None,
+                        self.entry)  # fmt: skip
 
     def _counters_now(self) -> StatsSample | None:
         if self._stats is None or not self._stats.vmm_alive():

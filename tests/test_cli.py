@@ -149,6 +149,7 @@ def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     """kvmtop ARGS as an unprivileged user without CAP_SYS_PTRACE (imported as root first)."""
     code = (
         "import os, sys, json, locale, shutil, kvmtop.cli, kvmtop.discovery, kvmtop.session, "
+        "kvmtop.watch_cli, "
         "kvmtop.report; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
         f"sys.exit(kvmtop.cli.main({list(args)!r}))"
     )

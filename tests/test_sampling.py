@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from kvmtop.entry_cost import EntryCost
 from kvmtop.sampler import PySampler
 from kvmtop.sampling import (
     KVM_EXIT_IO,
@@ -46,6 +47,22 @@ def test_a_tally_keeps_a_bounded_table_and_the_estimate_adds_the_vcpus():
     assert snap.top_ports[0].share == Share(4000, 10_000) and len(snap.top_addresses) == 8
     # the VM: 0.4 of 2 vCPU-seconds a second, the same 0.8 s over the same 8 exits
     assert snap.vm.mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(0.8e9 / 8)
+
+
+def test_a_vmm_time_per_exit_is_net_of_kvm_s_own_part_of_each_exit_when_timed():
+    tally = Tally(1)
+    tally.add((1_000_000_000, 1000, [(1000, 600, [(KVM_EXIT_IO, 0x80, 400)])]))
+    vcpus = (WatchedVcpu("0", None, 0),)
+    rates = {0: {"io_exits": 20_000.0}}
+    raw = estimate(7, 1000.0, tally, vcpus, rates, rates[0])
+    assert raw.vcpus[0].mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(20_000)  # 0.4 s / 20k exits
+    entry = EntryCost(7_000.0, 500.0, 3000)
+    net = estimate(7, 1000.0, tally, vcpus, rates, rates[0], entry=entry)
+    assert net.entry is entry and net.vcpus[0].mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(12_500)
+    assert net.vm.mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(12_500)
+    assert net.vcpus[0].vmm == raw.vcpus[0].vmm  # the shares are what the looks saw
+    slow = estimate(7, 1000.0, tally, vcpus, rates, rates[0], entry=EntryCost(30e3, 0.0, 300))
+    assert slow.vcpus[0].mean_vmm_ns["KVM_EXIT_IO"] == 0.0  # never below nothing
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -3,6 +3,7 @@ the counters' moment, its fd table unchanged, and shares that agree with the tra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,11 +15,13 @@ import pytest
 from conftest import start_qemu, wait_for_vcpus
 from test_cli import as_nobody, assert_one_line_error
 
+from kvmtop.entry_cost import EntryCost, measure
 from kvmtop.minivmm import counted_command
 from kvmtop.procfs import tracer_pid
 from kvmtop.watcher import Watcher
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("pure_sampler")]
+PYTHON_CLOCK_NS = 8_000  # per exit: what minivmm's clock, read around its ioctl, may misplace
 
 
 @pytest.fixture(params=["native", "pure"])
@@ -158,12 +161,26 @@ def test_bad_pids_and_no_permission_get_one_line(processes):
         assert_one_line_error(result, 5, "needs its user or CAP_SYS_PTRACE")
 
 
-@pytest.mark.parametrize("sleep_us", [50, 1000])
+def test_kvm_s_own_part_of_each_exit_is_timed_on_a_vm_of_kvmtop_s_own():
+    if importlib.util.find_spec("kvmtop._sampler") is None:
+        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+    entry = measure()
+    assert isinstance(entry, EntryCost), entry
+    # KVM_RUN's entry work on any host takes some hundreds of ns at least, and far under a ms
+    assert 100 < entry.head_ns < 1e6 and 10 < entry.tail_ns < 1e6 and entry.timed >= 300
+    assert measure() is entry  # once per process
+    assert entry.text().startswith(f"{entry.ns / 1e3:.1f} µs (entry ")
+
+
+@pytest.mark.parametrize("sleep_us", [20, 1000])
 def test_sampled_shares_agree_with_the_vmm_s_own_account_of_its_time(tmp_path, processes, sleep_us):
     """minivmm times its own KVM_RUN calls: the share of time it spent out of KVM_RUN (handling
-    exits) is the truth the samples estimate. The samples also count, as the VMM's, the part of
-    KVM_RUN before the kernel resets exit_reason (it first completes the exit: here ~20 µs per
-    exit, emulated): so they may exceed the truth by that much per exit, never fall below it."""
+    exits) is the truth the samples estimate. The samples also count, as the VMM's, KVM's own
+    part of each exit (before it resets exit_reason at entry, after it sets the next): net of
+    that, as the watch timed it, they agree with the truth. minivmm's clock is Python's, read
+    around its ioctl call: that takes a few µs per exit from its VMM time, and the tolerance."""
+    if importlib.util.find_spec("kvmtop._sampler") is None:
+        pytest.skip("kvmtop._sampler is not built: KVM's part of each exit is not timed")
     report = tmp_path / "vmm.json"
     outs = 8000 if sleep_us < 500 else 2000
     vmm = subprocess.Popen(counted_command(outs=outs, mmio_writes=0, out_sleep_us=sleep_us,
@@ -177,11 +194,11 @@ def test_sampled_shares_agree_with_the_vmm_s_own_account_of_its_time(tmp_path, p
     cycle_ns = (own["vmm"] + own["run"]) / (outs + 1)
     truth = own["vmm"] / (own["vmm"] + own["run"])
     sampled = snap.vcpus[0].vmm
-    assert sampled.samples > 1000
-    # never below the truth (bound, and 1% for the start of the run the watch did not see)...
-    assert sampled.high + 0.01 >= truth, (sampled.text(), truth)
-    # ...and above it by at most 40 µs of each exit's KVM_RUN
-    assert (sampled.low - truth) * cycle_ns <= 40_000, (sampled.text(), truth, cycle_ns)
+    assert sampled.samples > 1000 and isinstance(snap.entry, EntryCost), snap.entry
+    kvm_part = snap.entry.ns / cycle_ns  # of each cycle: KVM's, though the looks saw a reason
+    slack = PYTHON_CLOCK_NS / cycle_ns + 0.01  # and 1% for the start the watch did not see
+    low, high = sampled.low - kvm_part, sampled.high - kvm_part
+    assert low - slack <= truth <= high + slack, (sampled.text(), snap.entry, truth, cycle_ns)
     io = snap.vcpus[0].by_reason["KVM_EXIT_IO"]
     assert io.hits == sampled.hits  # every look out of KVM_RUN saw the `out` being handled
 

@@ -16,6 +16,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "entry_cost.h"
+
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -305,8 +307,14 @@ static PyTypeObject SamplerType = {
     .tp_doc = "Samples every vCPU's kvm_run at a jittered rate in a thread of its own.",
 };
 
+static PyMethodDef functions[] = {
+    {"entry_cost", entry_cost, METH_VARARGS,
+     "entry_cost(runs) -> (heads, tails, run_ns): see entry_cost.c"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop._sampler",
-                                    "kvm_run sampling off the GIL.", -1, NULL};
+                                    "kvm_run sampling off the GIL.", -1, functions};
 
 PyMODINIT_FUNC PyInit__sampler(void) {
     if (PyType_Ready(&SamplerType) < 0) return NULL;

@@ -95,7 +95,7 @@ class SampledScreen(Screen[None]):
         self.fit()
         self.query_one(SampledVcpus).show(snap.vcpus)
         vm = snap.vm
-        self.query_one(VmmReasons).show(vm)
+        self.query_one(VmmReasons).show(vm, snap.entry)
         self.query_one(SampledTargets).show(snap.top_ports, snap.top_addresses)
         self.query_one("#watch-status", Static).update(self.status_text(snap))
 

@@ -1,12 +1,14 @@
 """The watch view's reasons pane: the whole VM's time in the VMM by exit reason, sampled, each
 share with its 95% bound (the bar's solid part is the low bound, its light part reaches the
 high one), beside KVM's exact exits/s of that reason where its counters count it and the mean
-VMM time per exit that gives."""
+VMM time per exit that gives, net of KVM's own part of each exit (the subtitle says how much,
+or that it was not timed)."""
 
 from __future__ import annotations
 
 from rich.text import Text
 
+from kvmtop.entry_cost import EntryCost
 from kvmtop.sampling import COUNTER_OF_REASON, VcpuWatch
 from kvmtop.units import duration, human
 from kvmtop.widgets import palette
@@ -19,7 +21,11 @@ IN_RUN = "in KVM_RUN"
 class VmmReasons(ReasonPane):
     TITLE = "VM's time by exit reason, sampled ±95%"
 
-    def draw(self, vm: VcpuWatch) -> Text:
+    def draw(self, vm: VcpuWatch, entry: EntryCost | str = "not timed") -> Text:
+        subtitle = (f"VMM/exit net of KVM's {entry.ns / 1e3:.1f} µs/exit"
+                    if isinstance(entry, EntryCost) else f"KVM's part of each exit {entry}")  # fmt: skip
+        if self.border_subtitle != subtitle:
+            self.border_subtitle = subtitle
         by_reason = vm.by_reason
         width = max(30, self.room[0])
         name_w = max([len(palette.short(r)) for r in by_reason] + [len(IN_RUN)])
