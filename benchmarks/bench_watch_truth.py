@@ -1,6 +1,8 @@
 """How close do the watch's samples, and the tracer, come to a VMM's own clock? A C VMM
-(benchmarks/guests/timed_vmm.c, built here with cc) loops one vCPU on `out 0x80`, each exit
-handled by spinning a fixed time, and times every KVM_RUN call itself. Per handler time:
+(benchmarks/guests/timed_vmm.c, built here with cc) loops one vCPU on `out 0x80`, on an MMIO
+write, or on both in turn (the MMIO exits of the mix handled in half the time), each exit
+handled by spinning a fixed time, and times every KVM_RUN call itself. Per loop and handler time,
+for each exit reason:
 
 - watched (never traced) at 4 kHz: the VMM's sampled share of each cycle, as a time per exit
   (raw), and net of KVM's own part of each exit as the watch timed it on its own VM;
@@ -9,7 +11,7 @@ handled by spinning a fixed time, and times every KVM_RUN call itself. Per handl
 
     python benchmarks/bench_watch_truth.py [--rounds 3] [--seconds 2]
 
-Each round runs every handler time watched, then traced; the table gives medians over rounds.
+Each round runs every case watched, then traced; the table gives medians over rounds.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from conftest import wait_for_vcpus  # noqa: E402
 from kvmtop.entry_cost import EntryCost  # noqa: E402
 from kvmtop.watcher import Watcher  # noqa: E402
 
-HANDLERS_US = (0, 20, 100, 500)
+CASES = (("io", 0), ("io", 20), ("io", 100), ("io", 500), ("mmio", 20), ("mmio", 100),
+         ("mix", 100))  # fmt: skip
+REASONS = {"io": "KVM_EXIT_IO", "mmio": "KVM_EXIT_MMIO"}
 SOURCE = os.path.join(os.path.dirname(__file__), "guests", "timed_vmm.c")
 
 
@@ -44,28 +48,40 @@ def exits_for(handler_us: float, seconds: float) -> int:
     return int(seconds * 1e6 / (handler_us + 9))  # ~9 µs a cycle here with no handling
 
 
-def watched(binary: str, handler_us: float, seconds: float) -> dict[str, float]:
-    vmm = subprocess.Popen([binary, str(exits_for(handler_us, seconds)), str(handler_us)],
+def watched(binary: str, mode: str, handler_us: float, seconds: float
+            ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per reason: the VMM's own time per exit, and the sampled one, raw and net."""
+    vmm = subprocess.Popen([binary, str(exits_for(handler_us, seconds)), str(handler_us), mode],
                            stdout=subprocess.PIPE, text=True)  # fmt: skip
     wait_for_vcpus(vmm.pid)
     with Watcher(vmm.pid, rate_hz=4000, counters=False) as watcher:
         time.sleep(0.2)
         watcher.snapshot()  # from here on: the loop, steady
         own = json.loads(vmm.communicate(timeout=600)[0])
-        share = watcher.snapshot().vcpus[0].vmm
+        by_reason = watcher.snapshot().vcpus[0].by_reason
         entry = watcher.entry
-    cycle = (own["in_run_ns"] + own["out_ns"]) / own["exits"]
+    total = own["in_run_ns"] + own["out_ns"]
     kvm = entry.ns if isinstance(entry, EntryCost) else float("nan")
-    return {"own": own["out_ns"] / own["exits"], "raw": share.value * cycle,
-            "net": share.value * cycle - kvm, "half": share.half_width * cycle, "kvm": kvm}  # fmt: skip
+    out = {}
+    for key, label in REASONS.items():
+        n, ns = own[key]
+        if n and label in by_reason:
+            share = by_reason[label]
+            per_exit = total / n  # of the VMM's whole time, this reason's share is per its exits
+            out[label] = {"own": ns / n, "raw": share.value * per_exit,
+                          "net": share.value * per_exit - kvm,
+                          "half": share.half_width * per_exit, "kvm": kvm}  # fmt: skip
+    return out
 
 
-def traced(binary: str, handler_us: float, seconds: float, directory: str) -> dict[str, float]:
-    vmm = subprocess.Popen([binary, str(exits_for(handler_us, seconds) * 10), str(handler_us)],
-                           stdout=subprocess.DEVNULL)  # fmt: skip
+def traced(binary: str, mode: str, handler_us: float, seconds: float, directory: str
+           ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per reason: the VMM handling p50, raw and net of kvmtop's stops."""
+    vmm = subprocess.Popen([binary, str(exits_for(handler_us, seconds) * 10), str(handler_us),
+                            mode], stdout=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_for_vcpus(vmm.pid)
-        out = os.path.join(directory, f"traced-{handler_us}.kvmtop")
+        out = os.path.join(directory, f"traced-{mode}-{handler_us}.kvmtop")
         subprocess.run([sys.executable, "-m", "kvmtop", "record", "-o", out, "-p", str(vmm.pid),
                         "--duration", str(seconds)], check=True, capture_output=True)  # fmt: skip
     finally:
@@ -73,8 +89,8 @@ def traced(binary: str, handler_us: float, seconds: float, directory: str) -> di
         vmm.wait()
     report = json.loads(subprocess.run([sys.executable, "-m", "kvmtop", "report", out, "--json"],
                                        check=True, capture_output=True, text=True).stdout)  # fmt: skip
-    io = report["reasons"]["KVM_EXIT_IO"]
-    return {"raw": io["handling"]["p50_ns"], "net": io["handling_net"]["p50_ns"]}
+    return {label: {"raw": r["handling"]["p50_ns"], "net": r["handling_net"]["p50_ns"]}
+            for label, r in report["reasons"].items() if label in REASONS.values()}  # fmt: skip
 
 
 def main() -> int:
@@ -82,27 +98,31 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
-    results: dict[float, list[tuple[dict[str, float], dict[str, float]]]] = {}
+    Rounds = list[tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]]
+    results: dict[tuple[str, int], Rounds] = {}
     with tempfile.TemporaryDirectory() as directory:
         binary = build(directory)
         for _ in range(args.rounds):
-            for handler in HANDLERS_US:
-                pair = (watched(binary, handler, args.seconds),
-                        traced(binary, handler, args.seconds, directory))  # fmt: skip
-                results.setdefault(handler, []).append(pair)
+            for mode, handler in CASES:
+                pair = (watched(binary, mode, handler, args.seconds),
+                        traced(binary, mode, handler, args.seconds, directory))  # fmt: skip
+                results.setdefault((mode, handler), []).append(pair)
 
-    def med(handler: float, side: int, key: str) -> float:
-        return statistics.median(pair[side][key] for pair in results[handler]) / 1e3
+    def med(case: tuple[str, int], side: int, label: str, key: str) -> float:
+        return statistics.median(p[side][label][key] for p in results[case]) / 1e3
 
-    kvm = statistics.median(p[0]["kvm"] for rows in results.values() for p in rows) / 1e3
-    print(f"KVM's own part of each exit, as the watch timed it: {kvm:.1f} µs (median)\n")
-    print("| handler | VMM's own clock | sampled | sampled, net of KVM's part | traced | "
-          "traced, net of its stops |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|")
-    for h in HANDLERS_US:
-        print(f"| {h} µs | {med(h, 0, 'own'):.1f} µs | {med(h, 0, 'raw'):.1f} µs | "
-              f"{med(h, 0, 'net'):.1f} ±{med(h, 0, 'half'):.1f} µs | {med(h, 1, 'raw'):.1f} µs | "
-              f"{med(h, 1, 'net'):.1f} µs |")  # fmt: skip
+    kvm = statistics.median(r["kvm"] for rounds in results.values() for p in rounds
+                            for r in p[0].values())  # fmt: skip
+    print(f"KVM's own part of each exit, as the watch timed it: {kvm / 1e3:.1f} µs (median)\n")
+    print("| loop | handler | exit | VMM's own clock | sampled | sampled, net of KVM's part | "
+          "traced | traced, net of its stops |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for case in CASES:
+        for label in sorted(results[case][0][0]):
+            print(f"| {case[0]} | {case[1]} µs | {label.removeprefix('KVM_EXIT_')} | "
+                  f"{med(case, 0, label, 'own'):.1f} µs | {med(case, 0, label, 'raw'):.1f} µs | "
+                  f"{med(case, 0, label, 'net'):.1f} ±{med(case, 0, label, 'half'):.1f} µs | "
+                  f"{med(case, 1, label, 'raw'):.1f} µs | {med(case, 1, label, 'net'):.1f} µs |")  # fmt: skip
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -201,6 +202,38 @@ def test_sampled_shares_agree_with_the_vmm_s_own_account_of_its_time(tmp_path, p
     assert low - slack <= truth <= high + slack, (sampled.text(), snap.entry, truth, cycle_ns)
     io = snap.vcpus[0].by_reason["KVM_EXIT_IO"]
     assert io.hits == sampled.hits  # every look out of KVM_RUN saw the `out` being handled
+
+
+TIMED_VMM = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "guests", "timed_vmm.c")
+
+
+def test_sampled_times_per_exit_net_of_kvm_s_part_match_a_c_vmm_s_clock(tmp_path, processes):
+    """A C VMM alternates `out` and MMIO writes, spins 100 µs after each `out` and 50 µs after
+    each write, and times its KVM_RUN calls to tens of ns: each reason's sampled time per exit,
+    less KVM's part as the watch timed it, is the VMM's own within the bound and 3 µs (KVM's
+    part varies that much between VMs)."""
+    if importlib.util.find_spec("kvmtop._sampler") is None or shutil.which("cc") is None:
+        pytest.skip("needs kvmtop._sampler (KVM's part of each exit) and cc (the C VMM)")
+    binary = str(tmp_path / "timed_vmm")
+    subprocess.run(["cc", "-O2", "-o", binary, TIMED_VMM], check=True)
+    vmm = subprocess.Popen([binary, "40000", "100", "mix"], stdout=subprocess.PIPE, text=True)
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    with Watcher(vmm.pid, rate_hz=4000, counters=False) as watcher:
+        time.sleep(0.2)
+        watcher.snapshot()  # the loop from here on
+        own = json.loads(vmm.communicate(timeout=120)[0])
+        snap = watcher.snapshot()
+    assert isinstance(snap.entry, EntryCost), snap.entry
+    total = own["in_run_ns"] + own["out_ns"]
+    for key, label, handler_ns in (("io", "KVM_EXIT_IO", 100e3), ("mmio", "KVM_EXIT_MMIO", 50e3)):
+        n, ns = own[key]
+        share = snap.vcpus[0].by_reason[label]
+        truth = ns / n
+        assert handler_ns <= truth < handler_ns + 5e3  # the VMM spun as it was told
+        low = share.low * total / n - snap.entry.ns
+        high = share.high * total / n - snap.entry.ns
+        assert low - 3e3 <= truth <= high + 3e3, (label, low, high, truth, snap.entry)
 
 
 def test_a_thread_reads_the_watch_while_the_sampler_runs(processes):

@@ -1,9 +1,11 @@
-/* A VMM whose clock is C's: one vCPU looping on `out 0x80`, each exit handled by spinning a
- * fixed time. It times each KVM_RUN call around the ioctl (two clock reads, tens of ns apart from
- * the syscall) and prints, at the end, one JSON line: the exits and the time in and out of
- * KVM_RUN. The truth a sampled VMM share is checked against.
+/* A VMM whose clock is C's: one vCPU looping on `out 0x80` (io), on a byte write to unbacked
+ * memory at 0x20000 (mmio), or on both in turn (mix), each exit handled by spinning a fixed time
+ * (half of it for an MMIO exit of the mix). It times each KVM_RUN call around the ioctl (two
+ * clock reads, tens of ns apart from the syscall) and prints, at the end, one JSON line: the
+ * exits, the time in KVM_RUN, and out of it after each reason. The truth a sampled VMM share is
+ * checked against.
  *
- *     cc -O2 -o timed_vmm timed_vmm.c && ./timed_vmm EXITS HANDLER_US
+ *     cc -O2 -o timed_vmm timed_vmm.c && ./timed_vmm EXITS HANDLER_US [io|mmio|mix]
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -11,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -30,15 +33,20 @@ static int must(int value, const char *what) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) return fprintf(stderr, "usage: timed_vmm EXITS HANDLER_US\n"), 2;
+    if (argc < 3) return fprintf(stderr, "usage: timed_vmm EXITS HANDLER_US [io|mmio|mix]\n"), 2;
+    const char *mode = argc > 3 ? argv[3] : "io";
     long exits = atol(argv[1]);
     uint64_t handler_ns = (uint64_t)(atof(argv[2]) * 1000);
     int kvm = must(open("/dev/kvm", O_RDWR | O_CLOEXEC), "/dev/kvm");
     int vm = must(ioctl(kvm, KVM_CREATE_VM, 0), "KVM_CREATE_VM");
     unsigned char *memory = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (memory == MAP_FAILED) return perror("mmap"), 2;
-    static const unsigned char code[] = {0xe6, 0x80, 0xeb, 0xfc}; /* out 0x80, al; jmp $-2 */
-    for (unsigned i = 0; i < sizeof code; i++) memory[0x1000 + i] = code[i];
+    static const unsigned char io[] = {0xe6, 0x80, 0xeb, 0xfc};           /* out 0x80, al; jmp */
+    static const unsigned char mmio[] = {0xa2, 0, 0, 0xeb, 0xfb};          /* mov [ds:0], al; jmp */
+    static const unsigned char mix[] = {0xe6, 0x80, 0xa2, 0, 0, 0xeb, 0xf9}; /* both; jmp */
+    const unsigned char *code = !strcmp(mode, "mmio") ? mmio : !strcmp(mode, "mix") ? mix : io;
+    size_t code_size = code == mmio ? sizeof mmio : code == mix ? sizeof mix : sizeof io;
+    memcpy(memory + 0x1000, code, code_size);
     struct kvm_userspace_memory_region region = {
         .slot = 0, .guest_phys_addr = 0, .memory_size = 0x10000, .userspace_addr = (uintptr_t)memory};
     must(ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region), "KVM_SET_USER_MEMORY_REGION");
@@ -50,13 +58,17 @@ int main(int argc, char **argv) {
     must(ioctl(vcpu, KVM_GET_SREGS, &sregs), "KVM_GET_SREGS");
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
+    sregs.ds.base = 0x20000; /* beyond the 64 KiB of memory: its writes exit as MMIO */
+    sregs.ds.selector = 0x2000;
     must(ioctl(vcpu, KVM_SET_SREGS, &sregs), "KVM_SET_SREGS");
     struct kvm_regs regs = {.rip = 0x1000, .rflags = 2};
     must(ioctl(vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
-    uint64_t in_run = 0, out = 0, returned = 0;
+    uint64_t in_run = 0, out[2] = {0, 0}, returned = 0, handler = 0;
+    long count[2] = {0, 0};
+    int last = -1; /* 0: IO, 1: MMIO */
     for (long i = 0; i < exits; i++) {
         uint64_t entered = now_ns();
-        if (returned) out += entered - returned;
+        if (last >= 0) out[last] += entered - returned;
         int r = ioctl(vcpu, KVM_RUN, 0);
         returned = now_ns();
         in_run += returned - entered;
@@ -65,11 +77,17 @@ int main(int argc, char **argv) {
             continue;
         }
         must(r, "KVM_RUN");
-        if (run->exit_reason != KVM_EXIT_IO) return fprintf(stderr, "exit %u\n", run->exit_reason), 2;
-        while (now_ns() - returned < handler_ns) {
+        if (run->exit_reason != KVM_EXIT_IO && run->exit_reason != KVM_EXIT_MMIO)
+            return fprintf(stderr, "exit %u\n", run->exit_reason), 2;
+        last = run->exit_reason == KVM_EXIT_MMIO;
+        count[last]++;
+        handler = code == mix && last ? handler_ns / 2 : handler_ns;
+        while (now_ns() - returned < handler) {
         }
     }
-    printf("{\"exits\": %ld, \"in_run_ns\": %llu, \"out_ns\": %llu}\n", exits,
-           (unsigned long long)in_run, (unsigned long long)out);
+    printf("{\"exits\": %ld, \"in_run_ns\": %llu, \"out_ns\": %llu, \"io\": [%ld, %llu], "
+           "\"mmio\": [%ld, %llu]}\n", exits, (unsigned long long)in_run,
+           (unsigned long long)(out[0] + out[1]), count[0], (unsigned long long)out[0], count[1],
+           (unsigned long long)out[1]);
     return 0;
 }
