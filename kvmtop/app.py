@@ -337,7 +337,7 @@ class KvmtopApp(App[int]):
         it, once the tracer has detached. (Called by the attached view at once, not through a
         message: the keys typed after `w` then go to the watch view.)"""
         session, after = self.session, None
-        if session is not None and pid in session.pids and session.state in (
+        if session is not None and pid in session.target_pids and session.state in (
                 SessionState.ATTACHED, SessionState.ATTACHING):  # fmt: skip
             session.detach()
             after = session.ended

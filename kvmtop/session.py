@@ -73,6 +73,7 @@ class TraceSession:
         self.state = SessionState.IDLE
         self.pid: int | None = None
         self.pids: tuple[int, ...] = ()  # every VMM attached to, or the command launched
+        self.asked: tuple[int, ...] = ()  # the VMMs the last attach asked for (known at once)
         self.argv: tuple[str, ...] = ()
         self.launched = False
         self.one_stop = False
@@ -99,7 +100,15 @@ class TraceSession:
     # --- commands ------------------------------------------------------------------------------
 
     def attach(self, *pids: int) -> Future[Attached]:
+        self.asked = pids
         return self._begin(self._tracer.attach(*pids))
+
+    @property
+    def target_pids(self) -> tuple[int, ...]:
+        """The VMMs traced, or while an attach is under way the ones it asked for."""
+        if self.state is SessionState.ATTACHING and not self._attach_taken.is_set():
+            return self.asked  # (the pids of an earlier attach are no longer traced)
+        return self.pids
 
     def launch(
         self, argv: list[str], one_stop: bool = False, notify: bool = True
@@ -107,6 +116,7 @@ class TraceSession:
         """``one_stop``: under kvmtop's seccomp filter; ``notify``: one that notifies a
         listener (no ptrace stop per exit) where the kernel can, else one stop per exit."""
         seccomp = ("notify" if notify else "trace") if one_stop else ""
+        self.asked = ()  # its pid is known once it runs
         return self._begin(self._tracer.launch(argv, seccomp))
 
     def _begin(self, future: Future[Attached]) -> Future[Attached]:

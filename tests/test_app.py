@@ -29,7 +29,7 @@ from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen
 from kvmtop.screens.process_list import ProcessListScreen
 from kvmtop.screens.vcpu import VcpuScreen
-from kvmtop.session import SessionState
+from kvmtop.session import SessionState, TraceSession
 from kvmtop.widgets.exit_log import ExitLog
 from kvmtop.widgets.top_targets import TopTargets
 from kvmtop.widgets.vcpu_table import VcpuTable
@@ -92,6 +92,12 @@ async def list_shows(pilot, pid: int) -> ProcessListScreen:
     assert isinstance(screen, ProcessListScreen)
     await until(pilot, lambda: any(p.pid == pid for p in screen.procs), what="listed")
     return screen
+
+
+async def open_listed(pilot, pid: int, key: str) -> None:
+    """Once the process list lists ``pid``: filter it to ``pid``, select it and press ``key``."""
+    await list_shows(pilot, pid)
+    await pilot.press("slash", *str(pid), "enter", key)
 
 
 @pytest.fixture
@@ -965,8 +971,7 @@ async def test_the_kernel_views_scrollbar_thumb_starts_and_ends_on_a_row_edge(pr
     wait_for_vcpus(vmm.pid)
     app = KvmtopApp()
     async with app.run_test(size=size) as pilot:
-        await list_shows(pilot, vmm.pid)
-        await pilot.press("slash", *str(vmm.pid), "enter", "k")
+        await open_listed(pilot, vmm.pid, "k")
         await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
         grid = app.screen.query_one(CounterGrid)
         await pilot.press("z")
@@ -1255,8 +1260,7 @@ async def test_w_watches_a_vm_untraced_a_traces_it_and_w_watches_it_again(proces
 
     app = KvmtopApp()
     async with app.run_test(size=SIZE) as pilot:
-        await list_shows(pilot, vmm.pid)
-        await pilot.press("slash", *str(vmm.pid), "enter", "w")
+        await open_listed(pilot, vmm.pid, "w")
         await until(pilot, lambda: watching(app.screen), what="IO sampled and shown")
         first = app.screen
         assert tracers == {0} and app.session is None  # never traced, no session made
@@ -1284,3 +1288,37 @@ async def test_w_watches_a_vm_untraced_a_traces_it_and_w_watches_it_again(proces
     assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
     assert not [link for link in fd_table(os.getpid()).values() if "kvm" in link]  # all closed
     assert fd_table(vmm.pid) == fds_before
+
+
+@pytest.mark.kvm
+async def test_a_then_w_in_one_burst_from_a_first_watch_watches_again(processes, monkeypatch):
+    """From the first watch of a fresh app (no VMM traced before): `a` begins an attach and the
+    `w` typed with it, before the attach is done, detaches and watches again. (The session takes
+    the attach's news a second late, so that the `w` surely comes first.)"""
+    from kvmtop.procfs import tracer_pid
+    from kvmtop.screens.sampled import SampledScreen
+
+    taken = TraceSession._on_attached
+
+    def late(self, attached) -> None:
+        time.sleep(1.0)
+        taken(self, attached)
+
+    monkeypatch.setattr(TraceSession, "_on_attached", late)
+
+    vmm = subprocess.Popen(counted_command(outs=10**8, mmio_writes=0, out_sleep_us=30),
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_listed(pilot, vmm.pid, "w")
+        await until(pilot, lambda: isinstance(app.screen, SampledScreen), what="the watch view")
+        first = app.screen
+        burst(app, "a", "w")
+        await until(pilot, lambda: isinstance(app.screen, SampledScreen) and app.screen is not first
+                    and app.screen.feed.latest() is not None, what="watching again")  # fmt: skip
+        assert app.session.state in (SessionState.ENDED, SessionState.FAILED)
+        await until(pilot, lambda: tracer_pid(vmm.pid) == 0, what="untraced")
+        await pilot.press("escape", "q")
+    assert vmm.poll() is None and tracer_pid(vmm.pid) == 0

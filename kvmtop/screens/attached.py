@@ -151,9 +151,10 @@ class AttachedScreen(WatchScreen):
             self.post_message(KernelRequested(self.source.session.pid))
 
     def action_watch(self) -> None:
+        # while the attach is under way too: `w` typed right after `a` watches again
         if self.watch is not None and isinstance(self.source, LiveSource) and (
-                self.source.session.pid is not None and self.app.screen is self):  # fmt: skip
-            self.watch(self.source.session.pid)
+                self.source.session.target_pids and self.app.screen is self):  # fmt: skip
+            self.watch(self.source.session.target_pids[0])
 
     def action_back(self) -> None:
         self.post_message(BackRequested())
