@@ -17,14 +17,17 @@ def pure_requested() -> bool:
     return os.environ.get(PURE_ENV, "") not in ("", "0")
 
 
-def load(name: str) -> ModuleType | None:
-    """``kvmtop.<name>`` if it was built and pure Python was not asked for, else None."""
-    if pure_requested():
-        return None
+def built(name: str) -> ModuleType | None:
+    """``kvmtop.<name>`` if it was built, else None (pure Python asked for or not)."""
     try:
         return importlib.import_module(f"kvmtop.{name}")
     except ImportError:
         return None
+
+
+def load(name: str) -> ModuleType | None:
+    """``kvmtop.<name>`` if it was built and pure Python was not asked for, else None."""
+    return None if pure_requested() else built(name)
 
 
 def missing_notice() -> str | None:

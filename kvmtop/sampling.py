@@ -125,11 +125,6 @@ class WatchSnapshot:
     counters: bool = False  # KVM's counters are held (exits/s are exact)
     entry: EntryCost | str = "not timed"  # KVM's own part of each exit in the looks, or why not
 
-    @property
-    def reset_checked(self) -> bool:
-        """The samples mean what they say: a look saw a vCPU inside KVM_RUN (``reset_seen``)."""
-        return self.reset_seen
-
 
 @dataclass(slots=True)
 class _VcpuTally:

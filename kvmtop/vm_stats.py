@@ -177,6 +177,15 @@ def take_stats(pid: int, timeout: float = 10.0) -> VmStats:
         tracer.stop(timeout)
 
 
+def _vcpu_of_stats_fd(fd: int) -> int | None:
+    """The vCPU id a vCPU stats fd is of (from its id string), or None if it cannot be read."""
+    try:
+        found = VCPU_IDENT.search(StatsFile(fd).ident)
+    except (OSError, StatsFormatError):
+        return None
+    return int(found.group(1)) if found is not None else None
+
+
 def copy_held_stats(
     pid: int, pidfd: int, table: dict[int, str], vcpu_ids: set[int]
 ) -> VmStats | None:
@@ -192,15 +201,15 @@ def copy_held_stats(
         vm = pidfd_getfd(pidfd, vm_fds[0])
         for fd in vcpu_fds:
             copy = pidfd_getfd(pidfd, fd)
-            found = VCPU_IDENT.search(StatsFile(copy).ident)
-            if found is None or int(found.group(1)) in copies:
+            vcpu = _vcpu_of_stats_fd(copy)
+            if vcpu is None or vcpu in copies:
                 os.close(copy)
                 continue
-            copies[int(found.group(1))] = copy
-    except (OSError, StatsFormatError):
-        found = None
+            copies[vcpu] = copy
+    except OSError:
+        pass  # closed meanwhile, or the VMM ended: nothing is kept
     if vm is None or set(copies) != vcpu_ids:
-        for fd in [*copies.values(), *([vm] if vm is not None else [])]:
+        for fd in [*copies.values(), vm]:
             _close_quietly(fd)
         return None
     try:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -84,6 +85,19 @@ def start_qemu(processes: list[subprocess.Popen[bytes]], bios_path: str) -> subp
     from guests.qemu_bios import qemu_command
 
     vmm = subprocess.Popen(qemu_command(bios_path), stderr=subprocess.DEVNULL)
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    return vmm
+
+
+def start_minivmm(
+    processes: list[subprocess.Popen[bytes]], **counted: Any
+) -> subprocess.Popen[bytes]:
+    """minivmm's counted guest (:func:`kvmtop.minivmm.counted_command` ``counted``), its output
+    dropped, returned once its vCPU exists; cleaned up with ``processes``."""
+    from kvmtop.minivmm import counted_command
+
+    vmm = subprocess.Popen(counted_command(**counted), stdout=subprocess.DEVNULL)
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
     return vmm

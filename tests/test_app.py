@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import wait_for_vcpus
+from conftest import start_minivmm, wait_for_vcpus
 from guests.fixed_recording import START, events, write_fixed_recording
 from textual.events import Key
 from textual.keys import _character_to_key
@@ -1244,10 +1244,7 @@ async def test_w_watches_a_vm_untraced_a_traces_it_and_w_watches_it_again(proces
     from kvmtop.widgets.sampled_targets import SampledTargets
     from kvmtop.widgets.vmm_reasons import VmmReasons
 
-    vmm = subprocess.Popen(counted_command(outs=10**8, mmio_writes=0, out_sleep_us=30),
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_minivmm(processes, outs=10**8, mmio_writes=0, out_sleep_us=30)
     fds_before = fd_table(vmm.pid)
     tracers: set[int] = set()
 
@@ -1306,10 +1303,7 @@ async def test_a_then_w_in_one_burst_from_a_first_watch_watches_again(processes,
 
     monkeypatch.setattr(TraceSession, "_on_attached", late)
 
-    vmm = subprocess.Popen(counted_command(outs=10**8, mmio_writes=0, out_sleep_us=30),
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_minivmm(processes, outs=10**8, mmio_writes=0, out_sleep_us=30)
     app = KvmtopApp()
     async with app.run_test(size=SIZE) as pilot:
         await open_listed(pilot, vmm.pid, "w")

@@ -13,11 +13,10 @@ import threading
 import time
 
 import pytest
-from conftest import start_qemu, wait_for_vcpus
+from conftest import start_minivmm, start_qemu, wait_for_vcpus
 from test_cli import as_nobody, assert_one_line_error
 
 from kvmtop.entry_cost import EntryCost, measure
-from kvmtop.minivmm import counted_command
 from kvmtop.procfs import tracer_pid
 from kvmtop.watcher import Watcher
 
@@ -48,10 +47,7 @@ def fd_links(pid: int) -> dict[str, str]:
 
 
 def io_loop(processes, **options) -> subprocess.Popen[bytes]:
-    vmm = subprocess.Popen(counted_command(outs=10_000_000, mmio_writes=0, **options),
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_minivmm(processes, outs=10_000_000, mmio_writes=0, **options)
     time.sleep(0.2)  # running its loop
     return vmm
 
@@ -81,10 +77,7 @@ def test_a_watched_port_io_loop_is_never_traced_and_shows_its_port(processes):
 
 
 def test_a_watched_mmio_loop_shows_its_address(processes):
-    vmm = subprocess.Popen(counted_command(outs=0, mmio_writes=10_000_000, mmio_addr=0xD0000),
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_minivmm(processes, outs=0, mmio_writes=10_000_000, mmio_addr=0xD0000)
     with Watcher(vmm.pid, rate_hz=2000) as watcher:
         time.sleep(1.0)
         snap = watcher.snapshot()
@@ -117,10 +110,7 @@ def test_a_watched_qemu_is_never_traced_and_its_port_io_leads(bios, processes):
 
 
 def test_a_vmm_that_ends_mid_watch_ends_the_watch_and_leaves_no_fd_behind(processes):
-    vmm = subprocess.Popen(counted_command(outs=30_000, mmio_writes=0),
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_minivmm(processes, outs=30_000, mmio_writes=0)
     ours = set(os.listdir("/proc/self/fd"))
     with Watcher(vmm.pid, rate_hz=1000) as watcher:
         vmm.wait(60)
@@ -134,10 +124,7 @@ def test_a_vmm_that_ends_mid_watch_ends_the_watch_and_leaves_no_fd_behind(proces
 
 
 def test_the_watch_command_ends_with_its_vmm(processes):
-    vmm = subprocess.Popen(counted_command(outs=10_000, mmio_writes=0, out_sleep_us=200),  # ~3 s
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_minivmm(processes, outs=10_000, mmio_writes=0, out_sleep_us=200)  # ~3 s
     result = subprocess.run([sys.executable, "-m", "kvmtop", "watch", "-p", str(vmm.pid), "--json",
                              "--interval", "0.2"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0 and result.stderr == f"kvmtop: pid {vmm.pid} exited\n"
@@ -184,10 +171,8 @@ def test_sampled_shares_agree_with_the_vmm_s_own_account_of_its_time(tmp_path, p
         pytest.skip("kvmtop._sampler is not built: KVM's part of each exit is not timed")
     report = tmp_path / "vmm.json"
     outs = 8000 if sleep_us < 500 else 2000
-    vmm = subprocess.Popen(counted_command(outs=outs, mmio_writes=0, out_sleep_us=sleep_us,
-                                           report_json=str(report)), stdout=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_minivmm(processes, outs=outs, mmio_writes=0, out_sleep_us=sleep_us,
+                        report_json=str(report))  # fmt: skip
     with Watcher(vmm.pid, rate_hz=4000) as watcher:
         vmm.wait(120)
         snap = watcher.snapshot()
@@ -248,10 +233,8 @@ def test_a_thread_reads_the_watch_while_the_sampler_runs(processes):
 
 
 def test_a_vmm_holding_its_own_stats_fds_is_never_stopped_at_all(processes):
-    vmm = subprocess.Popen(counted_command(outs=10_000_000, mmio_writes=0, out_sleep_us=100,
-                                           own_stats=True), stdout=subprocess.DEVNULL)  # fmt: skip
-    processes.append(vmm)
-    wait_for_vcpus(vmm.pid)
+    vmm = start_minivmm(processes, outs=10_000_000, mmio_writes=0, out_sleep_us=100,
+                        own_stats=True)  # fmt: skip
     time.sleep(0.2)
     before = fd_links(vmm.pid)
     assert sum(link.startswith("anon_inode:kvm-vcpu-stats") for link in before.values()) == 1

@@ -48,11 +48,7 @@ class SampledVcpus(VcpuTable, inherit_bindings=False):
         self.border_title = "vCPUs: exits/s exact (KVM's counters); time in the VMM sampled"
 
     def show(self, rows: tuple[VcpuWatch, ...]) -> None:  # type: ignore[override]
-        self.rows = rows  # type: ignore[assignment]
-        self.id_w = max(ID_W, *(len(v.label) for v in rows)) if rows else ID_W
-        self.cursor = min(self.cursor, max(0, len(rows) - 1))
-        self._fit()
-        self.refresh()
+        self.take_rows(rows)  # its title stays
 
     @property
     def selected_vcpu(self) -> int | None:

@@ -9,7 +9,7 @@ line each and scroll.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from rich.segment import Segment
 from rich.style import Style
@@ -109,11 +109,15 @@ class VcpuTable(ScrollView, can_focus=True):
         self.border_title = "vCPUs"
 
     def show(self, rows: tuple[VcpuSnapshot, ...]) -> None:
-        self.rows = rows
-        self.id_w = max(ID_W, *(len(v.label) for v in rows)) if rows else ID_W
         title = vms_title(rows)
         if self.border_title != title:  # setting it lays the screen out again
             self.border_title = title
+        self.take_rows(rows)
+
+    def take_rows(self, rows: tuple[Any, ...]) -> None:
+        """The rows to draw (each with a ``label``): the cursor kept on one, the lines fitted."""
+        self.rows = rows
+        self.id_w = max(ID_W, *(len(v.label) for v in rows)) if rows else ID_W
         self.cursor = min(self.cursor, max(0, len(rows) - 1))
         self._fit()
         self.refresh()
