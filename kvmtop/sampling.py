@@ -104,6 +104,9 @@ class VcpuWatch:
     mean_vmm_ns: dict[str, float]  # a reason's VMM time per exit, where KVM counts its exits,
     # net of KVM's entry cost when that was timed
     history: tuple[float, ...] = ()  # the VMM's share per interval, oldest first
+    # the most of the VMM's share that can be KVM's own part of the exits (timed entry cost
+    # times every exit KVM counted: not every exit reaches the VMM), where both are known
+    kvm_part_at_most: float | None = None
 
     @property
     def exits_per_s(self) -> float | None:
@@ -187,8 +190,11 @@ def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mappi
     n = tally.samples
     by_reason = _reason_shares(tally.keys, n)
     means = _mean_vmm_ns(by_reason, rates, vcpus, entry_ns)
-    return VcpuWatch(label, key, n, Share(tally.in_run, n), Share(n - tally.in_run, n), by_reason,
-                     dict(rates), means, tuple(history))  # fmt: skip
+    vmm = Share(n - tally.in_run, n)
+    exits = rates.get("exits")
+    kvm_part = min(vmm.value, exits * entry_ns / 1e9 / vcpus) if exits and entry_ns else None
+    return VcpuWatch(label, key, n, Share(tally.in_run, n), vmm, by_reason, dict(rates), means,
+                     tuple(history), kvm_part)  # fmt: skip
 
 
 def _sites(

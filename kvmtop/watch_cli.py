@@ -59,6 +59,7 @@ def _vcpu_json(v: VcpuWatch) -> dict[str, Any]:
         "vmm_by_reason": {label: _share_json(s) for label, s in v.by_reason.items()},
         "kvm_rates": {k: round(x, 3) for k, x in sorted(v.kvm_rates.items())},
         "mean_vmm_ns": {k: round(x) for k, x in v.mean_vmm_ns.items()},
+        "kvm_part_at_most": None if v.kvm_part_at_most is None else round(v.kvm_part_at_most, 6),
         **({"key": {"pid": v.key.pid, "vm": v.key.vm, "vcpu": v.key.vcpu}} if v.key else {}),
     }
 
@@ -111,10 +112,13 @@ def snapshot_text(snap: WatchSnapshot) -> str:
     if snap.note:
         lines.append(snap.note)
     lines.append(entry_line(snap.entry))
-    lines += ["", f"{'VCPU':>12}  {'EXITS/s':>9}  {'IN KVM_RUN':>13}  {'IN THE VMM':>13}"]
+    lines += ["", f"{'VCPU':>12}  {'EXITS/s':>9}  {'IN KVM_RUN':>13}  {'IN THE VMM':>13}  "
+                  "OF WHICH KVM'S, AT MOST"]  # fmt: skip
     for v in (*snap.vcpus, snap.vm):
         rate = human(v.exits_per_s) if v.exits_per_s is not None else "-"
-        lines.append(f"{v.label:>12}  {rate:>9}  {v.in_run.text():>13}  {v.vmm.text():>13}")
+        kvm = f"{100 * v.kvm_part_at_most:.1f}%" if v.kvm_part_at_most is not None else "-"
+        lines.append(f"{v.label:>12}  {rate:>9}  {v.in_run.text():>13}  {v.vmm.text():>13}  "
+                     f"{kvm:>8}")  # fmt: skip
     lines += ["", "VMM TIME BY EXIT REASON (sampled)"]
     for v in (*snap.vcpus, snap.vm):
         for label, share in v.by_reason.items():

@@ -61,6 +61,14 @@ def test_a_vmm_time_per_exit_is_net_of_kvm_s_own_part_of_each_exit_when_timed():
     assert net.entry is entry and net.vcpus[0].mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(12_500)
     assert net.vm.mean_vmm_ns["KVM_EXIT_IO"] == pytest.approx(12_500)
     assert net.vcpus[0].vmm == raw.vcpus[0].vmm  # the shares are what the looks saw
+    assert raw.vcpus[0].kvm_part_at_most is None  # no entry cost, no bound
+    rated = estimate(7, 1000.0, tally, vcpus, {0: {"exits": 30_000.0}}, {"exits": 30_000.0},
+                     entry=entry)  # fmt: skip
+    # every exit KVM counted, times 7.5 µs: 0.225 of each second at most is KVM's, not the VMM's
+    assert rated.vcpus[0].kvm_part_at_most == pytest.approx(0.225)
+    assert rated.vm.kvm_part_at_most == pytest.approx(0.225)
+    busy = estimate(7, 1000.0, tally, vcpus, {0: {"exits": 90_000.0}}, {}, entry=entry)
+    assert busy.vcpus[0].kvm_part_at_most == pytest.approx(0.4)  # never more than the looks saw
     slow = estimate(7, 1000.0, tally, vcpus, rates, rates[0], entry=EntryCost(30e3, 0.0, 300))
     assert slow.vcpus[0].mean_vmm_ns["KVM_EXIT_IO"] == 0.0  # never below nothing
 
