@@ -6,8 +6,8 @@ for each exit reason:
 
 - watched (never traced) at 4 kHz: the VMM's sampled share of each cycle, as a time per exit
   (raw), and net of KVM's own part of each exit as the watch timed it on its own VM;
-- traced (`kvmtop record -p`, two stops per exit): the VMM handling p50, raw and net of the
-  time kvmtop's stops held the thread.
+- traced (`kvmtop record -p`, two stops per exit): the mean VMM handling time, raw and net of
+  the time kvmtop's stops held the thread.
 
     python benchmarks/bench_watch_truth.py [--rounds 3] [--seconds 2]
 
@@ -18,30 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from attached import attached_report, build_timed_vmm, mean, wait_for_vcpus
 
-from conftest import wait_for_vcpus  # noqa: E402
-
-from kvmtop.entry_cost import EntryCost  # noqa: E402
-from kvmtop.watcher import Watcher  # noqa: E402
+from kvmtop.entry_cost import EntryCost
+from kvmtop.watcher import Watcher
 
 CASES = (("io", 0), ("io", 20), ("io", 100), ("io", 500), ("mmio", 20), ("mmio", 100),
          ("mix", 100))  # fmt: skip
 REASONS = {"io": "KVM_EXIT_IO", "mmio": "KVM_EXIT_MMIO"}
-SOURCE = os.path.join(os.path.dirname(__file__), "guests", "timed_vmm.c")
-
-
-def build(directory: str) -> str:
-    binary = os.path.join(directory, "timed_vmm")
-    subprocess.run(["cc", "-O2", "-o", binary, SOURCE], check=True)
-    return binary
 
 
 def exits_for(handler_us: float, seconds: float) -> int:
@@ -76,20 +66,10 @@ def watched(binary: str, mode: str, handler_us: float, seconds: float
 
 def traced(binary: str, mode: str, handler_us: float, seconds: float, directory: str
            ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Per reason: the VMM handling p50, raw and net of kvmtop's stops."""
-    vmm = subprocess.Popen([binary, str(exits_for(handler_us, seconds) * 10), str(handler_us),
-                            mode], stdout=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_for_vcpus(vmm.pid)
-        out = os.path.join(directory, f"traced-{mode}-{handler_us}.kvmtop")
-        subprocess.run([sys.executable, "-m", "kvmtop", "record", "-o", out, "-p", str(vmm.pid),
-                        "--duration", str(seconds)], check=True, capture_output=True)  # fmt: skip
-    finally:
-        vmm.kill()
-        vmm.wait()
-    report = json.loads(subprocess.run([sys.executable, "-m", "kvmtop", "report", out, "--json"],
-                                       check=True, capture_output=True, text=True).stdout)  # fmt: skip
-    return {label: {"raw": r["handling"]["p50_ns"], "net": r["handling_net"]["p50_ns"]}
+    """Per reason: the mean VMM handling time, raw and net of kvmtop's stops."""
+    argv = [binary, str(exits_for(handler_us, seconds) * 10), str(handler_us), mode]
+    report = attached_report(argv, seconds, directory)
+    return {label: {"raw": mean(r["handling"]), "net": mean(r["handling_net"])}
             for label, r in report["reasons"].items() if label in REASONS.values()}  # fmt: skip
 
 
@@ -101,7 +81,7 @@ def main() -> int:
     Rounds = list[tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]]
     results: dict[tuple[str, int], Rounds] = {}
     with tempfile.TemporaryDirectory() as directory:
-        binary = build(directory)
+        binary = build_timed_vmm(directory)
         for _ in range(args.rounds):
             for mode, handler in CASES:
                 pair = (watched(binary, mode, handler, args.seconds),

@@ -56,7 +56,7 @@ SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 
 NO_WINDOW = (0, 0, 0)  # stops, seen ns, unseen ns (records.HELD)
 ROUND_TRIP_BLOCK = 64  # round trips measured per estimate of a stop's unseen cost
-ROUND_TRIP_RANK = 8  # the estimate: the 8th shortest of a block (its lowest eighth)
+ROUND_TRIP_RANK = 16  # the estimate: the 16th shortest of a block (its lowest quarter)
 
 
 class _Thread:
@@ -174,14 +174,19 @@ class PyEngine:
         if handled:
             self._stops += 1
             if not flags & P_NO_RESUME:
-                self._resume(th, mode, flags, 0)
                 if mode == MODE_TWO_STOP and th.runner:
-                    self._held_stop(th, now)
+                    # read before the resume: after it, the thread may already run, and kvmtop
+                    # may not (a wake-up can preempt it)
+                    resumed = time.monotonic_ns()
+                    self._resume(th, mode, flags, 0)
+                    self._held_stop(th, now, resumed)
+                else:
+                    self._resume(th, mode, flags, 0)
         return handled
 
-    def _held_stop(self, th: _Thread, now: int) -> None:
-        """After a vCPU thread's stop, seen at ``now``, was handled and the thread resumed."""
-        resumed = time.monotonic_ns()
+    def _held_stop(self, th: _Thread, now: int, resumed: int) -> None:
+        """After a vCPU thread's stop, seen at ``now``, was handled and the thread resumed (the
+        resume began at ``resumed``)."""
         if self._op == pt.PTRACE_SYSCALL_INFO_EXIT and th.resumed_ns:
             # entry-resume to exit stop: a stop's unseen round trip plus the syscall; the
             # shortest of them (a cheap syscall, a short run) is the round trip alone

@@ -30,7 +30,7 @@ PROCESS = struct.Struct("<BBxxIqIi8x")  # kind, flags (P_ENDED...), pid, t, ppid
 NAME = struct.Struct("<BB30s")  # kind, length, a piece of the argv (after its PROCESS record)
 # a part of an exit (after its EXIT, LONG, DATA; version 3): the ptrace stops between the
 # vCPU's previous exit and this exit's entry, and the time they held it: seen by the tracer
-# (stop to resume) and not seen (the stop's and the wake-up's switches, estimated)
+# (stop to the start of its resume) and not seen (the stop's and the wake-up's switches, estimated)
 HELD = struct.Struct("<BxHIQQ8x")  # kind, stops, pad, seen_ns, unseen_ns
 COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
 END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits

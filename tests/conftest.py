@@ -80,6 +80,19 @@ def bios(tmp_path):
     return make
 
 
+TIMED_VMM = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "guests", "timed_vmm.c")
+
+
+@pytest.fixture(scope="session")
+def timed_vmm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The path of the C VMM that times itself (benchmarks/guests/timed_vmm.c), built with cc."""
+    if shutil.which("cc") is None:
+        pytest.skip("needs cc to build the C VMM")
+    binary = str(tmp_path_factory.mktemp("timed_vmm") / "timed_vmm")
+    subprocess.run(["cc", "-O2", "-o", binary, TIMED_VMM], check=True)
+    return binary
+
+
 def start_qemu(processes: list[subprocess.Popen[bytes]], bios_path: str) -> subprocess.Popen[bytes]:
     """QEMU running ``bios_path``, returned once its vCPU exists; cleaned up with ``processes``."""
     from guests.qemu_bios import qemu_command

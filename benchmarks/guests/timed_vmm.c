@@ -3,9 +3,10 @@
  * (half of it for an MMIO exit of the mix). It times each KVM_RUN call around the ioctl (two
  * clock reads, tens of ns apart from the syscall) and prints, at the end, one JSON line: the
  * exits, the time in KVM_RUN, and out of it after each reason. The truth a sampled VMM share is
- * checked against.
+ * checked against. With SYSCALLS, each exit's handling first makes that many getppid calls (each
+ * costs a traced thread two stops), then spins its time.
  *
- *     cc -O2 -o timed_vmm timed_vmm.c && ./timed_vmm EXITS HANDLER_US [io|mmio|mix]
+ *     cc -O2 -o timed_vmm timed_vmm.c && ./timed_vmm EXITS HANDLER_US [io|mmio|mix] [SYSCALLS]
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -16,6 +17,8 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <time.h>
 
 static uint64_t now_ns(void) {
@@ -33,8 +36,10 @@ static int must(int value, const char *what) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) return fprintf(stderr, "usage: timed_vmm EXITS HANDLER_US [io|mmio|mix]\n"), 2;
+    if (argc < 3)
+        return fprintf(stderr, "usage: timed_vmm EXITS HANDLER_US [io|mmio|mix] [SYSCALLS]\n"), 2;
     const char *mode = argc > 3 ? argv[3] : "io";
+    int syscalls = argc > 4 ? atoi(argv[4]) : 0;
     long exits = atol(argv[1]);
     uint64_t handler_ns = (uint64_t)(atof(argv[2]) * 1000);
     int kvm = must(open("/dev/kvm", O_RDWR | O_CLOEXEC), "/dev/kvm");
@@ -82,7 +87,9 @@ int main(int argc, char **argv) {
         last = run->exit_reason == KVM_EXIT_MMIO;
         count[last]++;
         handler = code == mix && last ? handler_ns / 2 : handler_ns;
-        while (now_ns() - returned < handler) {
+        for (int k = 0; k < syscalls; k++) syscall(SYS_getppid); /* not the vDSO: a real syscall */
+        uint64_t spun = syscalls ? now_ns() : returned;
+        while (now_ns() - spun < handler) {
         }
     }
     printf("{\"exits\": %ld, \"in_run_ns\": %llu, \"out_ns\": %llu, \"io\": [%ld, %llu], "

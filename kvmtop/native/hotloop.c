@@ -202,7 +202,7 @@ typedef struct {
 #define MAX_PAGES 2048
 #define MAX_PROCS 256
 #define ROUND_TRIP_BLOCK 64 /* round trips measured per estimate */
-#define ROUND_TRIP_RANK 8    /* the estimate: the 8th shortest of a block (its lowest eighth) */
+#define ROUND_TRIP_RANK 16   /* the estimate: the 16th shortest of a block (its lowest quarter) */
 
 typedef struct {
     uint8_t *data;
@@ -597,10 +597,11 @@ static void round_trip_seen(Engine *e, int64_t ns) {
     e->n_round_trips = 0;
 }
 
-/* After a vCPU thread's stop was handled and the thread resumed (two stops), at ``now`` the
-   stop was seen. Costs one clock read. */
-static void held_stop(Engine *e, Thread *t, const struct syscall_info *info, int64_t now) {
-    int64_t resumed = now_ns();
+/* After a vCPU thread's stop was handled and the thread resumed (two stops): the stop was seen
+   at ``now`` and the resume began at ``resumed``, read before it (after it, the thread may
+   already run, and kvmtop may not: a wake-up can preempt it). */
+static void held_stop(Engine *e, Thread *t, const struct syscall_info *info, int64_t now,
+                      int64_t resumed) {
     if (info->op == PTRACE_SYSCALL_INFO_EXIT && t->resumed_ns) round_trip_seen(e, now - t->resumed_ns);
     t->resumed_ns = info->op == PTRACE_SYSCALL_INFO_ENTRY ? resumed : 0;
     if (!t->handling) return;
@@ -699,8 +700,10 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
     }
     e->stops++;
     if (proc->flags & P_NO_RESUME) return 1;
+    int held = proc->mode == MODE_TWO_STOP && t->runner;
+    int64_t resumed = held ? now_ns() : 0;
     if (resume_thread(e, t, 0) != 0) return -1;
-    if (proc->mode == MODE_TWO_STOP && t->runner) held_stop(e, t, &info, now);
+    if (held) held_stop(e, t, &info, now, resumed);
     return 1;
 }
 
