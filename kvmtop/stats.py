@@ -14,7 +14,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import add
 from typing import Any
 
 from kvmtop import native, summary
@@ -25,9 +24,11 @@ from kvmtop.mmio_names import MmioNames, from_argv
 from kvmtop.records import F_CYCLE, iter_events
 from kvmtop.vcpu_keys import VcpuKey
 
-LOG2_BUCKETS = 40
 TIMELINE_SECONDS = 60
-NS = 1_000_000_000  # bucket 0: 0-1 ns; bucket i (i >= 1): [2**i, 2**(i+1)) ns; the last is open
+NS = 1_000_000_000
+# a histogram bucket's power of two (its low's bit_length - 1; 0 for 0), for log2 views
+OCTAVE_OF = tuple(max(0, summary.bucket_bounds(b)[0].bit_length() - 1)
+                  for b in range(summary.BUCKETS))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,23 +37,30 @@ class LatencyHistogram:
     total_ns: int
     min_ns: int  # 0 when count == 0
     max_ns: int
-    buckets: tuple[int, ...]  # LOG2_BUCKETS counts
+    buckets: tuple[int, ...]  # summary.BUCKETS counts (summary.bucket_of: 8 per power of two)
 
     def percentile(self, q: float) -> int:
-        """Quantile q (0..1), interpolated inside its log2 bucket and clamped to [min, max]:
-        exact to within that bucket's width."""
+        """Quantile q (0..1), interpolated inside its bucket and clamped to [min, max]: exact to
+        within that bucket's width, an eighth of its value at most."""
         if self.count == 0:
             return 0
         rank = max(1.0, min(float(self.count), q * self.count))
         seen = 0
         for i, n in enumerate(self.buckets):
             if n and seen + n >= rank:
-                low = 0 if i == 0 else 1 << i
-                high = 2 if i == 0 else 1 << (i + 1)
-                value = low + (high - 1 - low) * (rank - seen) / n  # linear within the bucket
+                low, high = summary.bucket_bounds(i)
+                value = low + (high - low) * (rank - seen) / n  # linear within the bucket
                 return max(self.min_ns, min(self.max_ns, int(value)))
             seen += n
         return self.max_ns
+
+    def octaves(self) -> list[int]:
+        """The counts per power of two: index i holds [2**i, 2**(i+1)) ns (0 and 1 in 0)."""
+        counts = [0] * summary.OCTAVES
+        for i, n in enumerate(self.buckets):
+            if n:
+                counts[OCTAVE_OF[i]] += n
+        return counts
 
     @property
     def median(self) -> int:
@@ -67,7 +75,7 @@ class LatencyHistogram:
         return self.total_ns / self.count if self.count else 0.0
 
 
-EMPTY_HISTOGRAM = LatencyHistogram(0, 0, 0, 0, (0,) * LOG2_BUCKETS)
+EMPTY_HISTOGRAM = LatencyHistogram(0, 0, 0, 0, (0,) * summary.BUCKETS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +192,7 @@ EMPTY_COALESCED = CoalescedSnapshot(0, 0, (), (), False)
 
 
 class _Histogram:
-    """A log2 latency histogram being filled."""
+    """A latency histogram being filled (summary.bucket_of: 8 buckets per power of two)."""
 
     __slots__ = ("count", "total", "low", "high", "buckets")
 
@@ -193,7 +201,7 @@ class _Histogram:
         self.total = 0
         self.low = 0
         self.high = 0
-        self.buckets = [0] * LOG2_BUCKETS
+        self.buckets = [0] * summary.BUCKETS
 
     def add(self, ns: int) -> None:
         if ns < 0:
@@ -204,10 +212,11 @@ class _Histogram:
             self.high = ns
         self.count += 1
         self.total += ns
-        self.buckets[min(LOG2_BUCKETS - 1, max(0, ns.bit_length() - 1))] += 1
+        self.buckets[summary.bucket_of(ns)] += 1
 
-    def merge(self, count: int, total: int, low: int, high: int, buckets: tuple[int, ...]) -> None:
-        """Add a histogram of ``count`` values (as :mod:`kvmtop.summary` gives it)."""
+    def merge(self, count: int, total: int, low: int, high: int, pairs: tuple[int, ...]) -> None:
+        """Add a histogram of ``count`` values (as :mod:`kvmtop.summary` gives it: its buckets
+        as (bucket, count) pairs, flat)."""
         if not count:
             return
         if self.count == 0 or low < self.low:
@@ -216,7 +225,9 @@ class _Histogram:
             self.high = high
         self.count += count
         self.total += total
-        self.buckets = list(map(add, self.buckets, buckets))
+        buckets = self.buckets
+        for k in range(0, len(pairs), 2):
+            buckets[pairs[k]] += pairs[k + 1]
 
     def frozen(self) -> LatencyHistogram:
         return LatencyHistogram(self.count, self.total, self.low, self.high, tuple(self.buckets))

@@ -14,8 +14,9 @@ t_exit relative to ``base_ns`` (an int64 ns), and returns a :data:`Summary`:
   ``(vcpu, reason, errno, count, guest_total, guest_min, guest_max, guest_buckets,
   handling_count, handling_total, handling_min, handling_max, handling_buckets, and the same five
   of net handling)``; a failed run
-  (F_FAILED) has errno = its b and no details; the buckets are 40 counts, the bucket of ns being
-  ``min(39, max(0, ns.bit_length() - 1))``, negative ns counted as 0 (as in stats.py); handling is
+  (F_FAILED) has errno = its b and no details; the buckets are sparse, a flat tuple of
+  (bucket, count) pairs in bucket order for the buckets not empty, the bucket of ns being
+  :func:`bucket_of` (negative ns counted as 0); handling is
   the entry time of an exit minus the previous exit time of the same vCPU in this batch, counted
   in the previous exit's group, and not for exits with F_CYCLE; net handling is handling minus
   the time the exit's HELD record says the thread was stopped for the tracer (only exits with
@@ -54,7 +55,31 @@ from kvmtop.records import (
     RECORD_SIZE,
 )
 
-LOG2_BUCKETS = 40
+SUB_BITS = 3  # each power of two is cut in 2**SUB_BITS linear buckets: one spans 1/8 of its low
+OCTAVES = 40  # ns of 2**40 (18 minutes) and above share the last bucket
+BUCKETS = (OCTAVES - SUB_BITS + 1) << SUB_BITS  # 304
+
+
+def bucket_of(ns: int) -> int:
+    """The histogram bucket of ``ns`` (>= 0): ns itself below 16, then 8 per power of two."""
+    if ns < 2 << SUB_BITS:
+        return ns
+    octave = ns.bit_length() - 1
+    if octave >= OCTAVES:
+        return BUCKETS - 1
+    return ((octave - SUB_BITS + 1) << SUB_BITS) + (ns >> (octave - SUB_BITS)) - (1 << SUB_BITS)
+
+
+def bucket_bounds(bucket: int) -> tuple[int, int]:
+    """The lowest and highest ns of a bucket (the last one's highest: 2**40 - 1, a floor)."""
+    if bucket < 2 << SUB_BITS:
+        return bucket, bucket
+    octave = (bucket >> SUB_BITS) + SUB_BITS - 1
+    shift = octave - SUB_BITS
+    low = ((1 << SUB_BITS) + (bucket & ((1 << SUB_BITS) - 1))) << shift
+    return low, low + (1 << shift) - 1
+
+
 NS = 1_000_000_000
 KVM_EXIT_IO, KVM_EXIT_MMIO = 2, 6  # linux/kvm.h
 
@@ -105,7 +130,7 @@ class _Hist:
 
     def __init__(self) -> None:
         self.count = self.total = self.low = self.high = 0
-        self.buckets = [0] * LOG2_BUCKETS
+        self.buckets: dict[int, int] = {}
 
     def add(self, ns: int) -> None:
         ns = max(0, ns)
@@ -114,10 +139,12 @@ class _Hist:
         self.high = max(self.high, ns)
         self.count += 1
         self.total += ns
-        self.buckets[min(LOG2_BUCKETS - 1, max(0, ns.bit_length() - 1))] += 1
+        bucket = bucket_of(ns)
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
 
     def fields(self) -> tuple[int, int, int, int, tuple[int, ...]]:
-        return self.count, self.total, self.low, self.high, tuple(self.buckets)
+        pairs = tuple(x for bucket in sorted(self.buckets) for x in (bucket, self.buckets[bucket]))
+        return self.count, self.total, self.low, self.high, pairs
 
 
 class _VcpuPass:

@@ -13,13 +13,13 @@ from kvmtop.events import EXIT_CYCLE, ExitBatch, ExitEvent, VcpuSeen
 from kvmtop.native import PURE_ENV, load
 from kvmtop.stats import (
     EMPTY_HISTOGRAM,
-    LOG2_BUCKETS,
     ExitStats,
     LatencyHistogram,
     ReasonStats,
     TopCounter,
     reasons_by,
 )
+from kvmtop.summary import BUCKETS, bucket_bounds, bucket_of
 
 S = 1_000_000_000
 
@@ -87,7 +87,7 @@ def test_rates_and_timeline_use_the_last_whole_second() -> None:
     assert sum(later.vcpus[0].timeline) == 0 and later.vcpus[0].rate == 0
 
 
-def test_percentiles_come_from_log2_buckets_within_a_bucket_width() -> None:
+def test_percentiles_come_from_buckets_an_eighth_of_their_value_wide() -> None:
     stats = ExitStats()
     values = [1000] * 98 + [50_000, 1_000_000]
     stats.add_events(io(0, i * 10**7, i * 10**7 + v) for i, v in enumerate(values))
@@ -98,11 +98,22 @@ def test_percentiles_come_from_log2_buckets_within_a_bucket_width() -> None:
         1_000_000,
         sum(values),
     )
-    assert 512 <= hist.median <= 2047 and hist.median >= hist.min_ns
-    assert 32768 <= hist.p99 <= 65535
+    assert 1000 <= hist.median <= 1023  # 1000 is in [960, 1023], and no value is below 1000
+    assert 49152 <= hist.p99 <= 53247  # 50,000 is in [49152, 53247]
     assert hist.percentile(1.0) == 1_000_000
-    assert sum(hist.buckets) == 100 and len(hist.buckets) == LOG2_BUCKETS
-    assert LatencyHistogram(0, 0, 0, 0, (0,) * LOG2_BUCKETS).p99 == 0
+    assert sum(hist.buckets) == 100 and len(hist.buckets) == BUCKETS
+    assert LatencyHistogram(0, 0, 0, 0, (0,) * BUCKETS).p99 == 0
+    octaves = hist.octaves()  # the log2 view the latency pane draws
+    assert (octaves[9], octaves[15], octaves[19], sum(octaves)) == (98, 1, 1, 100)
+
+
+def test_every_ns_falls_in_the_bucket_whose_bounds_hold_it() -> None:
+    edges = [0, 1, 15, 16, 17, 31, 32, 1000, 2**39 - 1, 2**39, 2**40 - 1]
+    for ns in edges + [random.Random(ns).randrange(2**40) for ns in range(2000)]:
+        low, high = bucket_bounds(bucket_of(ns))
+        assert low <= ns <= high and high - low <= max(0, low // 8)
+    assert bucket_of(2**40) == bucket_of(2**60) == BUCKETS - 1
+    assert [bucket_bounds(b)[0] for b in range(16, 19)] == [16, 18, 20]  # 2 ns wide at 16
 
 
 def test_memory_stays_bounded_however_many_keys_and_exits() -> None:
@@ -187,8 +198,8 @@ def test_recent_exits_are_the_latest_of_each_vcpu_across_batches() -> None:
 
 def test_reasons_order_by_count_rate_or_the_vmms_median_handling_time() -> None:
     def handled_in(ns: int) -> LatencyHistogram:
-        buckets = [0] * LOG2_BUCKETS
-        buckets[ns.bit_length() - 1] = 1
+        buckets = [0] * BUCKETS
+        buckets[bucket_of(ns)] = 1
         return LatencyHistogram(1, ns, ns, ns, tuple(buckets))
 
     io = ReasonStats("KVM_EXIT_IO", 900, 10.0, EMPTY_HISTOGRAM, handled_in(2_000))

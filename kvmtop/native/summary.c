@@ -34,7 +34,10 @@
 #define KVM_EXIT_IO 2
 #define KVM_EXIT_MMIO 6
 
-#define LOG2_BUCKETS 40 /* kvmtop/stats.py */
+/* kvmtop/summary.py: bucket_of */
+#define SUB_BITS 3
+#define OCTAVES 40
+#define BUCKETS ((OCTAVES - SUB_BITS + 1) << SUB_BITS)
 #define NS_PER_S 1000000000
 
 typedef __int128 i128;
@@ -46,8 +49,18 @@ static uint64_t le64(const uint8_t *p) { return (uint64_t)le32(p) | (uint64_t)le
 struct hist {
     uint64_t count;
     i128 total, low, high;
-    uint64_t buckets[LOG2_BUCKETS];
+    uint64_t buckets[BUCKETS];
 };
+
+/* ns itself below 16, then 8 linear buckets per power of two; 2**40 ns and above in the last */
+static unsigned bucket_of(i128 ns) {
+    if (ns < (2 << SUB_BITS)) return (unsigned)ns;
+    if (ns >> OCTAVES) return BUCKETS - 1;
+    uint64_t v = (uint64_t)ns;
+    unsigned octave = 63 - (unsigned)__builtin_clzll(v);
+    return ((octave - SUB_BITS + 1) << SUB_BITS) + (unsigned)(v >> (octave - SUB_BITS)) -
+           (1u << SUB_BITS);
+}
 
 static void hist_add(struct hist *h, i128 ns) {
     if (ns < 0) ns = 0;
@@ -55,11 +68,7 @@ static void hist_add(struct hist *h, i128 ns) {
     if (ns > h->high) h->high = ns;
     h->count++;
     h->total += ns;
-    unsigned bucket; /* ns.bit_length() - 1, at least 0 */
-    uint64_t hi = (uint64_t)((unsigned __int128)ns >> 64), lo = (uint64_t)ns;
-    if (hi) bucket = 127 - (unsigned)__builtin_clzll(hi);
-    else bucket = lo > 1 ? 63 - (unsigned)__builtin_clzll(lo) : 0;
-    h->buckets[bucket < LOG2_BUCKETS ? bucket : LOG2_BUCKETS - 1]++;
+    h->buckets[bucket_of(ns)]++;
 }
 
 /* An insertion-ordered hash table of fixed-size entries, each beginning with its 3-word key.
@@ -308,15 +317,23 @@ static PyObject *long_from_i128(i128 v) {
     return _PyLong_FromByteArray(bytes, 16, 1, 1);
 }
 
+/* The buckets not empty as a flat tuple of (bucket, count) pairs, in bucket order. */
 static PyObject *buckets_tuple(const uint64_t *buckets) {
-    PyObject *t = PyTuple_New(LOG2_BUCKETS);
-    for (int i = 0; t && i < LOG2_BUCKETS; i++) {
-        PyObject *n = PyLong_FromUnsignedLongLong(buckets[i]);
-        if (!n) {
+    Py_ssize_t used = 0;
+    for (int i = 0; i < BUCKETS; i++) used += buckets[i] != 0;
+    PyObject *t = PyTuple_New(2 * used);
+    Py_ssize_t at = 0;
+    for (int i = 0; t && i < BUCKETS; i++) {
+        if (!buckets[i]) continue;
+        PyObject *b = PyLong_FromLong(i), *n = PyLong_FromUnsignedLongLong(buckets[i]);
+        if (!b || !n) {
+            Py_XDECREF(b);
+            Py_XDECREF(n);
             Py_CLEAR(t);
             break;
         }
-        PyTuple_SET_ITEM(t, i, n);
+        PyTuple_SET_ITEM(t, at++, b);
+        PyTuple_SET_ITEM(t, at++, n);
     }
     return t;
 }

@@ -19,7 +19,7 @@ NAME_W = 5  # "exit", "MMIO"; longer names are cut where the pane is narrow
 
 def log2_strip(h: LatencyHistogram, first: int = FIRST, last: int = LAST) -> str:
     """Buckets 2^first..2^last ns (256 ns .. 17 s) as sparkline glyphs."""
-    return "".join(palette.sparkline(list(h.buckets[first : last + 1])))
+    return "".join(palette.sparkline(h.octaves()[first : last + 1]))
 
 
 def columns_for(width: int, name_w: int) -> tuple[list[str], bool]:
