@@ -104,6 +104,7 @@ class KvmtopApp(App[int]):
         self._truncation_told = False
         self.held = HeldStats()  # VMs whose KVM stats fds are held (kernel view, exit rates)
         self._taking: set[int] = set()  # pids whose stats fds are being taken
+        self._kernel_closed: set[int] = set()  # ...whose view a `k` typed since closed again
         self.child_stderr: str | None = None  # launched commands' stderr, to show if they fail
         self._command_pid: int | None = None
         self.exit_message: str | None = None  # for stderr, once the screen is gone
@@ -296,8 +297,13 @@ class KvmtopApp(App[int]):
 
     def on_kernel_requested(self, request: KernelRequested) -> None:
         session, pid = self.session, request.pid
-        if isinstance(self.screen, KernelScreen) or pid in self._taking:
-            return  # `k` typed again before the view opened
+        # `k` typed again before the view opened (keys in one burst) goes back, as it does there
+        if pid in self._taking:
+            self._kernel_closed ^= {pid}
+            return
+        if isinstance(self.screen, KernelScreen):
+            self.pop_screen()
+            return
         if self.held.get(pid) is not None:  # held already: no attach, no injection
             self._show_kernel(pid)
             return
@@ -311,7 +317,9 @@ class KvmtopApp(App[int]):
 
     def _show_kernel(self, pid: int) -> None:
         self._taking.discard(pid)
-        if not isinstance(self.screen, KernelScreen):
+        if pid in self._kernel_closed:
+            self._kernel_closed.discard(pid)
+        elif not isinstance(self.screen, KernelScreen):
             traced = self.attached_pid == pid
             io_rate = self.traced_io_rate if traced else lambda: None
             self.push_screen(KernelScreen(self.held, pid, traced, io_rate))
@@ -322,7 +330,7 @@ class KvmtopApp(App[int]):
             self.held.take(pid, via)
         except KvmtopError as exc:
             self.call_from_thread(
-                lambda: self._taking.discard(pid)
+                lambda: (self._taking.discard(pid), self._kernel_closed.discard(pid))
             )  # not a builtin: Textual inspects it
             self.call_from_thread(self.notify, str(exc), severity="error", timeout=6)
             return

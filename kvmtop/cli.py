@@ -411,12 +411,16 @@ def report(path: str, form: str) -> int:
     recording, stats = load_recording_stats(path)
     meta = recording.meta_dict() | {"traced_s": traced_s(recording, stats)}
     snapshot = stats.snapshot(top=None)
-    if form == "json":
-        print(json.dumps(summary_json(snapshot, meta), indent=2))
-    elif form == "csv":
-        print(summary_csv(snapshot, meta), end="")
-    else:
-        print(summary_table(snapshot, meta))
+    try:
+        if form == "json":
+            print(json.dumps(summary_json(snapshot, meta), indent=2))
+        elif form == "csv":
+            print(summary_csv(snapshot, meta), end="")
+        else:
+            print(summary_table(snapshot, meta))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has all it wanted; a truncation is still said
+        _silence_stdout()
     _check_complete(recording, f"the report covers the {snapshot.total} exits it holds")
     return 0
 

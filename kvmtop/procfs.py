@@ -107,7 +107,7 @@ def permission_hint(pid: int) -> str:
     if tracer and tracer != "0":
         return (
             f"pid {pid} is traced by another process (TracerPid {tracer}, {_comm(int(tracer))}); "
-            "detach gdb/strace first"
+            "detach it first"
         )
     try:
         with open("/proc/sys/kernel/yama/ptrace_scope") as f:

@@ -528,6 +528,36 @@ async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_
         await pilot.press("q")
 
 
+async def test_a_filter_matching_nothing_says_once_that_exits_were_missed():
+    """A vCPU exiting faster than its ring is read: each refresh has missed some. With a filter
+    that matches none of them, the log says so once, not once per refresh."""
+    from textual.app import App
+
+    class One(App):
+        def compose(self):
+            yield ExitLog()
+
+    def ring(first: int) -> tuple[ExitEvent, ...]:  # 100 IO exits, none of the last ring's
+        return tuple(ExitEvent(0, 2, 0, START + i * 1000, START + i * 1000 + 500, 0x80, 1)
+                     for i in range(first, first + 100))  # fmt: skip
+
+    app = One()
+    async with app.run_test(size=SIZE) as pilot:
+        log = app.query_one(ExitLog)
+        log.filter(re.compile("HLT"))
+        for refresh in range(5):
+            log.show(ring(refresh * 1000), START)
+            await pilot.pause()
+        assert list(log.lines) == [
+            "   ... more exits came meanwhile than the ring holds; some are not shown"
+        ]
+        log.filter(None)  # every exit: the log starts over from the last ring
+        log.show(ring(5000), START)
+        await pilot.pause()
+        gaps = [line for line in log.lines if line.startswith("   ... more exits")]
+        assert len(gaps) == 1 and len(exit_lines(log)) == 200
+
+
 def _record(path, *args: str) -> None:
     import sys
 
@@ -922,6 +952,28 @@ async def test_slash_filters_the_kernel_views_counters_by_name_typed_in_one_burs
         assert app.screen is screen and "halt_exits" in grid.rows
         await pilot.press("escape")
         assert isinstance(app.screen, ProcessListScreen)
+        await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_k_typed_twice_in_one_burst_opens_the_kernel_view_and_goes_back(processes):
+    """The first `k` takes KVM's counters (a moment, in a thread) before the view opens; the
+    second, typed before that, goes back as it would in the view: the attached view stays."""
+    from kvmtop.screens.kernel import KernelScreen
+
+    demo = start_demo(processes)
+    app = KvmtopApp(pid=demo.pid)
+    async with app.run_test(size=SIZE) as pilot:
+        await until_counting(pilot, demo.pid)
+        attached = app.screen
+        burst(app, "k", "k", "p")
+        await until(pilot, lambda: app.held.get(demo.pid) is not None, what="counters taken")
+        await pilot.pause(0.5)
+        assert app.screen is attached and attached.frozen  # and `p` reached it
+        burst(app, "p", "k", "k", "k")  # held now: the view opens at once, and so goes back
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, KernelScreen) and not attached.frozen
         await pilot.press("q")
 
 

@@ -347,3 +347,11 @@ def test_output_to_a_full_disk_is_one_line_and_to_a_closed_pipe_ends_quietly(tmp
                                 text=True, timeout=60)  # fmt: skip
         os.close(write_end)
         assert (result.returncode, result.stderr) == (0, ""), args
+    with open(recording, "rb") as f:  # cut short: the closed pipe does not hide that
+        (tmp_path / "cut.kvmtop").write_bytes(f.read()[:-40])
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    result = subprocess.run([*KVMTOP, "report", str(tmp_path / "cut.kvmtop")], stdout=write_end,
+                            stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    os.close(write_end)
+    assert_one_line_error(result, 6, "is truncated")

@@ -37,7 +37,7 @@ def kernel_rates_text(kernel: float, vmm: float | None) -> str:
     if vmm <= kernel:
         return f"KVM: {human(kernel)} exits/s, {human(vmm)}/s of them reach the VMM"
     # a run a signal ends before the guest is entered returns to the VMM without an exit
-    return f"KVM: {human(kernel)} exits/s; the VMM sees {human(vmm)}/s, with runs signals ended"
+    return f"KVM: {human(kernel)} exits/s; {human(vmm)} runs/s end in the VMM, some without one"
 
 
 class AttachedScreen(WatchScreen):

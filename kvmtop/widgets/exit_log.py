@@ -42,6 +42,7 @@ class ExitLog(Log):
         self._recent: tuple[ExitEvent, ...] = ()  # the exits last shown, to filter them again
         self._pattern: re.Pattern[str] | None = None
         self._pending: ExitEvent | None = None  # the exit of the last line, its VMM time unknown
+        self._gap_last = False  # the last line says exits were missed (no exit line since)
 
     def filter(self, pattern: re.Pattern[str] | None, title: str = "latest exits") -> None:
         """Show only the exits whose decoded text ``pattern`` finds (None: every exit), those
@@ -56,6 +57,7 @@ class ExitLog(Log):
         self._last_ns = None
         self._followed_to = None
         self._pending = None
+        self._gap_last = False
 
     def show(self, recent: tuple[ExitEvent, ...], origin_ns: int | None) -> None:
         """Append the exits not shown yet (``recent`` is one vCPU's latest, oldest first)."""
@@ -80,8 +82,9 @@ class ExitLog(Log):
         lines = []
         start = 0 if last is None else bisect.bisect_right(recent, last, key=_exit_ns)
         self._complete_pending(recent, start)
-        if last is not None and start == 0:
+        if last is not None and start == 0 and not self._gap_last:  # once until an exit is shown
             lines.append("   ... more exits came meanwhile than the ring holds; some are not shown")
+            self._gap_last = True
         fresh = recent[start:]
         if fresh:
             self._last_ns = fresh[-1].exit_ns
@@ -96,6 +99,7 @@ class ExitLog(Log):
         if fresh:
             after = {id(e): n for e, n in zip(recent[start:], recent[start + 1 :], strict=False)}
             lines += [self._line(e, after.get(id(e))) for e in fresh]
+            self._gap_last = False
             newest = fresh[-1]
             self._pending = (
                 newest if id(newest) not in after and newest.flags & EXIT_CYCLE == 0 else None

@@ -11,15 +11,20 @@ from kvmtop.units import duration
 from kvmtop.widgets import palette
 from kvmtop.widgets.pane import ReasonPane
 
-FIRST, LAST = 8, 34  # the histogram's buckets: 2^8 ns .. 2^34 ns (256 ns .. 17 s)
+FIRST, LAST = 8, 34  # the histogram's powers of two: 2^8 ns .. 2^34 ns (256 ns .. 17 s)
 HIST_W = LAST - FIRST + 1
 NUM_W = 8  # "132.3µs" and a space
 NAME_W = 5  # "exit", "MMIO"; longer names are cut where the pane is narrow
 
 
 def log2_strip(h: LatencyHistogram, first: int = FIRST, last: int = LAST) -> str:
-    """Buckets 2^first..2^last ns (256 ns .. 17 s) as sparkline glyphs."""
-    return "".join(palette.sparkline(h.octaves()[first : last + 1]))
+    """Powers of two 2^first..2^last ns (256 ns .. 17 s) as sparkline glyphs, the first holding
+    the shorter times too (a net time of 0) and the last the longer ones."""
+    octaves = h.octaves()
+    shown = octaves[first : last + 1]
+    shown[0] += sum(octaves[:first])
+    shown[-1] += sum(octaves[last + 1 :])
+    return "".join(palette.sparkline(shown))
 
 
 def columns_for(width: int, name_w: int) -> tuple[list[str], bool]:
@@ -52,7 +57,7 @@ class LatencyPane(ReasonPane):
         text.append(f"{'exit':<{name_w}}   " + "".join(f"{c:>{NUM_W}}" for c in shown),
                     style="bold")  # fmt: skip
         if histogram:  # both ends of its axis
-            text.append("  " + "256ns".ljust(HIST_W - 3) + "17s", style="bold")
+            text.append("  " + "<512ns".ljust(HIST_W - 4) + "≥17s", style="bold")
         text.append("\n")
         for r in reasons:
             style = palette.reason_style(self, r.label)
