@@ -20,7 +20,7 @@ from kvmtop.procfs import tracer_pid
 from kvmtop.watcher import Watcher
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("pure_sampler")]
-PYTHON_CLOCK_NS = 8_000  # per exit: what minivmm's clock, read around its ioctl, may misplace
+PYTHON_CLOCK_NS = 10_000  # per exit: what minivmm's clock, read around its ioctl, may misplace
 
 
 @pytest.fixture(params=["native", "pure"])
