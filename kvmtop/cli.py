@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from kvmtop.session import TraceSession
 
 DEFAULT_RECORDING = "kvmtop.data"
+# A stop signal ends `record` within this: the detach it begins, or else the trace is cut short
+# (the kernel detaches a VMM when kvmtop exits; a launched command under the filter ends with it)
+STOP_GRACE_S = 0.5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -315,11 +318,18 @@ def record(
     # CMD's stdout stays its own (as with perf stat, strace -c, time); -p: the summary is the output
     summary_out = sys.stderr if to_stdout or command is not None else sys.stdout
     reader_gone = False
-    stop_requested: list[int] = []
+    stop_requested: list[float] = []  # when each stop signal came
 
-    def on_signal(signum: int, _frame: object) -> None:
-        stop_requested.append(signum)
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop_requested.append(time.monotonic())
         session.detach()
+
+    def stop_overdue() -> bool:
+        """A stop signal came and the detach it began has not ended the trace in time (or a
+        second signal came): stop waiting for it."""
+        return bool(stop_requested) and (
+            len(stop_requested) > 1 or time.monotonic() - stop_requested[0] > STOP_GRACE_S
+        )
 
     # SIGHUP: the terminal went away; detach cleanly and finish the file all the same.
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -355,20 +365,22 @@ def record(
                 file=sys.stderr,
             )
         deadline = None if duration is None else time.monotonic() + duration
-        while not session.ended.wait(0.1):
+        while not session.ended.wait(0.05) and not stop_overdue():
             if deadline is not None and time.monotonic() >= deadline:
                 session.detach()
                 deadline = None
             if to_stdout and not reader_gone and _stdout_reader_gone():
                 reader_gone = True  # also seen while the guest makes no exits
                 session.detach()
-        if session.launched and session.exit_status is None:
-            # Detached from a command we started: it is still our child; wait for it to end.
-            print(f"kvmtop: detached; waiting for pid {session.pid} to exit", file=sys.stderr)
-            while not session.child_ended.wait(0.1):
+        if session.launched and session.exit_status is None and not stop_overdue():
+            # Detached from a command we started: it is still our child; wait for it to end
+            # (a stop signal ends the wait: it runs on).
+            if not stop_requested:
+                print(f"kvmtop: detached; waiting for pid {session.pid} to exit", file=sys.stderr)
+            while not session.child_ended.wait(0.05) and not stop_overdue():
                 pass
     finally:
-        session.close()
+        session.close(timeout=0.1 if stop_requested else 2.0)
         if stream is not None:
             stream.close()
         for s, handler in previous.items():
@@ -393,6 +405,8 @@ def record(
         print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)
     else:
         print(summary_table(snapshot, meta), file=summary_out)
+    if session.output_error is not None:
+        return session.output_error.exit_code
     if session.launched:
         status = session.child_exit_status
         return status if status is not None else 0

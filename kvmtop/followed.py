@@ -45,6 +45,10 @@ class Followed:
         self.listener = -1  # kvmtop's copy of the filter's listener (notify mode), until started
         self.notifier: Notifier | None = None
         self.root_status: int | None = None  # how the launched command itself exited
+        # Threads and processes whose first stop came before their creator's clone or fork
+        # event: taken in then, so that event, when it comes, must not take them in again (they
+        # may have exited and been reaped meanwhile, and a zombie never reports again).
+        self.early: set[int] = set()
         self._news: list[ProcessSeen] = []  # for the next batch
 
     # --- the processes ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 from kvmtop import __version__
 from kvmtop.coalesced import KIND_COALESCED, rebase_coalesced
-from kvmtop.errors import RecordingError
+from kvmtop.errors import OutputError, RecordingError
 from kvmtop.events import Attached, Detached, ExitBatch, VcpuSeen
 from kvmtop.records import (
     COUNTERS,
@@ -117,7 +117,7 @@ class RecordingWriter:
             while view:
                 view = view[os.write(self._fd, view) :]
         except OSError as exc:
-            raise RecordingError(f"cannot write recording {self.path}: {exc.strerror}") from None
+            raise OutputError(f"cannot write recording {self.path}: {exc.strerror}") from None
 
     def _rel(self, ns: int) -> int:
         return ns - self.meta.start_ns

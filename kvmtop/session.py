@@ -90,6 +90,7 @@ class TraceSession:
         self._writer: RecordingWriter | None = None
         self._sink = exit_sink
         self.sink_closed = False  # the stream's reader went away (``| head``): detached
+        self.output_error: KvmtopError | None = None  # the recording or stream failed: detached
         self._pending: Future[Attached] | None = None
         self._attach_taken = threading.Event()  # the pump has taken the last attach's outcome
         self._tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr)
@@ -191,9 +192,11 @@ class TraceSession:
                 return
             try:
                 self._take(message)
-            except KvmtopError as exc:  # e.g. the recording cannot be written
+            except KvmtopError as exc:  # the recording cannot be written: nothing to trace for
                 self._notices.append(("error", str(exc)))
+                self.output_error = self.output_error or exc
                 self._close_writer(None)
+                self.detach()
 
     def _take(self, message: TracerMessage) -> None:
         if isinstance(message, ExitBatch):
@@ -227,6 +230,7 @@ class TraceSession:
         except KvmtopError as exc:  # the stream cannot be written: nothing left to trace for
             self._sink = None
             self._notices.append(("error", str(exc)))
+            self.output_error = self.output_error or exc
             self.detach()
 
     def _on_attached(self, attached: Attached) -> None:
@@ -242,6 +246,7 @@ class TraceSession:
         self.exit_status = None
         self.child_exit_status = None
         self.child_ended.clear()
+        self.state = SessionState.ATTACHED  # first: a recording that fails then detaches
         if self.record_path is not None:
             meta = meta_for(attached, self.with_data)
             self._writer = RecordingWriter.create(
@@ -249,7 +254,6 @@ class TraceSession:
             )
         if self._sink is not None:
             self._sink.begin(attached)
-        self.state = SessionState.ATTACHED
         if attached.launched:
             text = f"launched pid {attached.pid}"
         else:  # what attaching costs, and what a launch would

@@ -274,7 +274,10 @@ class Tracer:
                 self._resume(proc, tid, 0)  # PTRACE_INTERRUPT, or the end of a group-stop
         elif event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK):
             child = pt.ptrace_geteventmsg(tid)
-            if event == pt.PTRACE_EVENT_CLONE and tgid_of(child) in (proc.pid, -1):
+            assert self._group is not None
+            if child in self._group.early:
+                self._group.early.discard(child)  # taken in at its own first stop already
+            elif event == pt.PTRACE_EVENT_CLONE and tgid_of(child) in (proc.pid, -1):
                 self.engine.add_thread(child, proc.pid)  # a thread (CLONE_THREAD)
             else:
                 self._follow(child, proc.pid)
@@ -339,6 +342,8 @@ class Tracer:
                 elif owner is not None:
                     self.engine.add_thread(tid, owner.pid)
             if owner is not None:
+                assert group is not None
+                group.early.add(tid)
                 self._dispatch(tid, status, time.monotonic_ns())
             else:  # one of a VMM we have detached from (its clone raced the detach): let it go
                 try:

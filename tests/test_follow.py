@@ -43,6 +43,7 @@ class Followed:
         self.keys: dict[int, VcpuKey] = {}
         self.pids: set[int] = set()
         self.ended: dict[int, int | None] = {}
+        self.began_after_end: list[int] = []  # a process said to begin after it had ended
         self.attached: Attached | None = None
         self.detached: Detached | None = None
 
@@ -55,6 +56,8 @@ class Followed:
                 self.keys[seen.vcpu] = seen.key
             for proc in message.processes:
                 self.pids.add(proc.pid)
+                if not proc.ended and proc.pid in self.ended:
+                    self.began_after_end.append(proc.pid)
                 if proc.ended:
                     self.ended[proc.pid] = proc.exit_status
             for e in message.events:
@@ -102,6 +105,25 @@ def test_sh_c_children_are_followed_and_their_status_and_output_kept(tmp_path, s
     assert len(counts) == 2, counts  # the vforked child, and sh itself after its exec
     assert all(vcpus == [EACH] for vcpus in counts.values()), counts
     assert seen.ended[seen.detached.pid] == 3 and len(seen.pids) >= 2
+
+
+FORK_HEAVY = [
+    "bash",
+    "-c",
+    "for i in $(seq 60); do x=$(/usr/bin/env bash -c "
+    '"y=\\$(echo hi); z=\\$(basename /a/b)"); done; exit 7',
+]
+
+
+def test_a_fork_heavy_command_is_followed_to_its_end(seccomp):
+    """Short-lived children whose first stop and exit come before their parent's fork event
+    are taken in once: the session ends with the last of them (it once waited forever for a
+    child already reaped), each process ending after it began."""
+    for _ in range(3):
+        seen = launched(FORK_HEAVY, seccomp, stdio="/dev/null")
+        assert seen.detached is not None and seen.detached.exit_status == 7
+        assert len(seen.pids) > 150 and set(seen.ended) == seen.pids
+        assert seen.began_after_end == []
 
 
 def test_a_python_subprocess_child_is_counted_exactly(tmp_path, seccomp):

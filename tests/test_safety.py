@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import a_vcpu_thread, start_recording, tgkill, wait_for_vcpus
+from conftest import a_vcpu_thread, start_minivmm, start_recording, tgkill, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,6 +67,53 @@ def test_ctrl_c_sigterm_and_sighup_detach_cleanly_with_a_complete_recording(
     assert vmm.wait(120) == 1  # the guest ran to its end, untraced
     summary = report(str(out))
     assert summary["meta"]["complete"] and 0 < summary["exits"]["KVM_EXIT_IO"] < 400_001
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("how", ["attach", "launch"])
+def test_a_recording_that_cannot_be_written_ends_the_trace_with_status_8(processes, how):
+    """/dev/full takes the file but no byte of it: kvmtop says so once, stops tracing (it once
+    waited forever, deaf to Ctrl-C), still prints what it saw, and the VMM runs on."""
+    forever = {"outs": 10**9, "mmio_writes": 0, "out_sleep_us": 200}
+    if how == "attach":
+        vmm = start_minivmm(processes, **forever)
+        args = ["-p", str(vmm.pid), "--duration", "30"]
+    else:
+        args = ["--", *counted_command(**forever)]
+    out = subprocess.run([*KVMTOP, "record", "-o", "/dev/full", *args], capture_output=True,
+                         text=True, timeout=20)  # fmt: skip
+    assert out.returncode == 8, out.stderr
+    assert out.stderr.count("cannot write recording /dev/full: No space left on device") == 1
+    assert "Traceback" not in out.stderr and "VCPU  REASON" in out.stdout + out.stderr
+    if how == "attach":
+        assert tracer_pid(vmm.pid) == 0 and vmm.poll() is None  # untraced, running on
+
+
+@pytest.mark.kvm
+def test_a_stop_signal_ends_record_while_it_waits_for_a_detached_command(tmp_path):
+    """Detached from a command it started (two stops, --duration), record waits for the
+    command to end; Ctrl-C ends that wait (it once did nothing) and the command runs on."""
+    argv = counted_command(outs=10**9, mmio_writes=0, out_sleep_us=200)
+    out = tmp_path / "r.kvmtop"
+    rec = subprocess.Popen([*KVMTOP, "record", "--no-seccomp", "--duration", "0.5", "-o",
+                            str(out), "--", *argv], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert rec.stderr is not None
+    child = None
+    try:
+        for line in rec.stderr:
+            if "waiting for pid" in line:
+                child = int(line.split("waiting for pid ")[1].split()[0])
+                break
+        assert child is not None
+        rec.send_signal(signal.SIGINT)
+        rec.wait(5)  # at once: within STOP_GRACE_S of the signal
+        assert tracer_pid(child) == 0 and os.path.exists(f"/proc/{child}")
+        assert report(str(out))["meta"]["complete"]
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
 
 
 @pytest.mark.kvm
