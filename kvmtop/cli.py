@@ -14,7 +14,7 @@ code. Tracebacks only with ``--debug``.
     kvmtop list [--json]
     kvmtop stats -p PID [--interval S] [--count N] [--json]
     kvmtop watch -p PID [--rate HZ] [--interval S] [--count N] [--json]
-    kvmtop exporter [--listen HOST:PORT] [--rescan S] [--sampled [HZ]]
+    kvmtop exporter [--listen HOST:PORT] [--rescan S] [--sampled [HZ]] [-p PID] [--vm NAME]
 """
 
 from __future__ import annotations
@@ -137,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="where to serve /metrics (127.0.0.1:9464; port 0: any free one)")  # fmt: skip
     prom.add_argument("--rescan", type=float, default=10.0, metavar="S",
                       help="look for new VMs every S seconds (10)")  # fmt: skip
+    prom.add_argument("-p", "--pid", type=int, action="append", default=[],
+                      help="read only this VMM (again for more); default: every VM on the host")  # fmt: skip
+    prom.add_argument("--vm", action="append", default=[], metavar="NAME",
+                      help="read only the VMs of this name (QEMU's -name, as `kvmtop list` "
+                      "shows it; again for more), and those of --pid")  # fmt: skip
     prom.add_argument("--sampled", type=float, nargs="?", const=100.0, default=None, metavar="HZ",
                       help="also export each vCPU's time in the VMM by exit reason, sampled HZ "
                       "times a second per vCPU (100) without tracing (see kvmtop watch)")  # fmt: skip
@@ -234,7 +239,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if args.command == "list":
         return list_processes(args.json)
     if args.command == "exporter":
-        return exporter(args.listen, args.rescan, args.sampled)
+        return exporter(args.listen, args.rescan, args.sampled, args.pid, args.vm)
     if args.command == "watch":
         return watch(args)
     from kvmtop.app import run_tui  # Textual loads only for the TUI
@@ -504,11 +509,14 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def exporter(listen: str, rescan_s: float, sampled_hz: float | None = None) -> int:
+def exporter(
+    listen: str, rescan_s: float, sampled_hz: float | None = None, pids: Sequence[int] = (),
+    names: Sequence[str] = (),
+) -> int:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C, then close every fd and exit 0."""
     import threading
 
-    from kvmtop.exporter import run_exporter
+    from kvmtop.exporter import VmChoice, run_exporter
 
     if rescan_s <= 0:
         raise UsageError("--rescan must be above 0")
@@ -518,7 +526,8 @@ def exporter(listen: str, rescan_s: float, sampled_hz: float | None = None) -> i
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, lambda _signum, _frame: stop.set()) for s in stop_signals}
     try:
-        return run_exporter(listen, rescan_s, stop, sampled_hz)
+        return run_exporter(listen, rescan_s, stop, sampled_hz,
+                            VmChoice(frozenset(pids), frozenset(names)))  # fmt: skip
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

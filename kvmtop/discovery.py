@@ -58,12 +58,12 @@ def holds_a_vm(links: list[str]) -> bool:
 
 def display_name(cmdline: list[str], fallback: str) -> str:
     """QEMU's ``-name guest=foo,...`` or ``-name foo``; else the command's base name."""
-    if "kvmtop.minivmm" in cmdline:
-        return "kvmtop-demo" if "demo" in cmdline else "kvmtop-minivmm"
     for i, arg in enumerate(cmdline[:-1]):
         if arg in ("-name", "--name"):
             value = cmdline[i + 1].split(",")[0]
             return value.removeprefix("guest=") or fallback
+    if "kvmtop.minivmm" in cmdline:
+        return "kvmtop-demo" if "demo" in cmdline else "kvmtop-minivmm"
     return fallback
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -37,7 +38,7 @@ from prometheus_client.registry import Collector
 from kvmtop.discovery import KvmProcess, list_kvm_processes
 from kvmtop.errors import KvmtopError, NoSuchProcess, UsageError
 from kvmtop.metric_families import VM_LABELS, SampledTotals, VmReading, build_families
-from kvmtop.vm_stats import VmStats, take_stats
+from kvmtop.vm_stats import StatsCancelled, VmStats, take_stats
 from kvmtop.watch_feed import SnapshotSource
 
 
@@ -86,6 +87,7 @@ class Fleet:
     clock: Callable[[], float] = time.monotonic
     sampled_hz: float | None = None  # --sampled: looks a second at each vCPU's kvm_run
     sample: Callable[[int, float], SnapshotSource] = open_sampler
+    stopping: threading.Event = field(default_factory=threading.Event)  # no new take once set
     watched: dict[int, WatchedVm] = field(default_factory=dict)
     failed: dict[int, FailedVm] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,6 +106,8 @@ class Fleet:
                     del self.failed[pid]
         now = self.clock()
         for proc in found.values():
+            if self.stopping.is_set():
+                return
             held = self.watched.get(proc.pid)
             if held is not None:
                 if set(proc.vcpu_ids) - held.stats.vcpus.keys() and now >= held.next_retake:
@@ -116,8 +120,8 @@ class Fleet:
     def _take(self, proc: KvmProcess, now: float) -> None:
         try:
             stats = self.take(proc.pid)
-        except NoSuchProcess:
-            return  # ended meanwhile
+        except (NoSuchProcess, StatsCancelled):
+            return  # ended meanwhile, or the exporter is stopping
         except (KvmtopError, OSError) as exc:
             self.log(f"pid {proc.pid} ({proc.name}): skipped, retried in {RETRY_S:.0f} s: {exc}")
             with self.lock:
@@ -228,9 +232,30 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a line per scrape is noise
 
 
-def serve(host: str, port: int, sampled_hz: float | None = None) -> tuple[WSGIServer, Fleet]:
-    """The HTTP server (not yet serving) over a new, empty fleet."""
-    fleet = Fleet(sampled_hz=sampled_hz)
+@dataclass(frozen=True, slots=True)
+class VmChoice:
+    """The VMs the exporter reads: those of ``pids`` and those named in ``names`` (QEMU's -name,
+    as `kvmtop list` shows it); every VM on the host when both are empty."""
+
+    pids: frozenset[int] = frozenset()
+    names: frozenset[str] = frozenset()
+
+    def __call__(self, proc: KvmProcess) -> bool:
+        return not (self.pids or self.names) or proc.pid in self.pids or proc.name in self.names
+
+    def discover(self) -> list[KvmProcess]:
+        return [proc for proc in list_kvm_processes() if self(proc)]
+
+
+def serve(
+    host: str, port: int, sampled_hz: float | None = None, choice: VmChoice = VmChoice(),
+    stopping: threading.Event | None = None,
+) -> tuple[WSGIServer, Fleet]:  # fmt: skip
+    """The HTTP server (not yet serving) over a new, empty fleet of the VMs ``choice`` takes.
+    ``stopping`` set gives up a take under way (the exporter ends within a second)."""
+    stopping = stopping or threading.Event()
+    fleet = Fleet(take=partial(take_stats, cancel=stopping), discover=choice.discover,
+                  sampled_hz=sampled_hz, stopping=stopping)  # fmt: skip
     registry = CollectorRegistry()
     registry.register(FleetCollector(fleet))
     ProcessCollector(registry=registry)  # the exporter's own CPU, memory and open fds
@@ -263,10 +288,10 @@ def watch(fleet: Fleet, rescan_s: float, stop: threading.Event, wake_fd: int,
 
 
 def run_exporter(listen: str, rescan_s: float, stop: threading.Event,
-                 sampled_hz: float | None = None) -> int:  # fmt: skip
+                 sampled_hz: float | None = None, choice: VmChoice = VmChoice()) -> int:  # fmt: skip
     """Serve until ``stop`` is set; then close every fd and return 0."""
     host, port = parse_listen(listen)
-    httpd, fleet = serve(host, port, sampled_hz)
+    httpd, fleet = serve(host, port, sampled_hz, choice, stop)
     where = f"[{host}]:{httpd.server_port}" if ":" in host else f"{host}:{httpd.server_port}"
     print(f"kvmtop: exporter listening on http://{where}/metrics", file=sys.stderr, flush=True)
     wake_r, wake_w = os.pipe()

@@ -294,6 +294,7 @@ def counted_command(
     out_syscalls: int = 0,
     coalesced: bool = False,
     own_stats: bool = False,
+    name: str | None = None,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
@@ -305,6 +306,7 @@ def counted_command(
     argv += ["--out-syscalls", str(out_syscalls)] if out_syscalls else []
     argv += ["--coalesced"] if coalesced else []
     argv += ["--own-stats"] if own_stats else []
+    argv += ["--name", name] if name else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     counted = sub.add_parser("counted", help="make a known number of exits, then exit")
     counted.add_argument("--vcpus", type=int, default=1)
+    counted.add_argument("--name", help="the VM's name, as QEMU's -name (kvmtop list shows it)")
     counted.add_argument("--outs", type=int, default=300)
     counted.add_argument("--port", type=lambda s: int(s, 0), default=0x80)
     counted.add_argument("--mmio-writes", type=int, default=200)

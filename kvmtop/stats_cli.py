@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
 from kvmtop.kernel_table import counter_table, io_note, vcpu_values
 from kvmtop.kvm_stats import StatDesc, Values
 from kvmtop.procfs import is_stopped
-from kvmtop.vm_stats import StatsSample, VmStats, rates, take_stats
+from kvmtop.vm_stats import StatsCancelled, StatsSample, VmStats, rates, take_stats
 
 CLEAR = "\x1b[H\x1b[J"
 
@@ -26,11 +27,15 @@ class SignalStop:
     live loop ends at its next check and closes what it holds."""
 
     def __init__(self) -> None:
-        self.stopping = False
+        self.event = threading.Event()  # set by the signal: a take of KVM's counters gives up
         self._previous: dict[int, Any] = {}
 
+    @property
+    def stopping(self) -> bool:
+        return self.event.is_set()
+
     def _on_signal(self, _signum: int, _frame: object) -> None:
-        self.stopping = True
+        self.event.set()
 
     def __enter__(self) -> SignalStop:
         self._previous = {
@@ -44,8 +49,11 @@ class SignalStop:
 
 
 def run_stats(pid: int, interval: float, as_json: bool, count: int | None, out: TextIO) -> int:
-    stats = take_stats(pid)
     with SignalStop() as signals:
+        try:
+            stats = take_stats(pid, cancel=signals.event)
+        except StatsCancelled:
+            return 0  # stopped while the counters were being taken: the VMM is let go
         try:
             first = last = stats.sample()
             shown = 0

@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import re
 import select
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kvmtop.errors import KvmtopError
 from kvmtop.inject import StatsFds
@@ -30,10 +32,16 @@ VM_STATS_LINK, VCPU_STATS_LINK = (
     "anon_inode:kvm-vcpu-stats",
 )  # vCPU: ":N"
 VCPU_IDENT = re.compile(r"kvm-\d+/vcpu-(\d+)$")  # a vCPU stats fd's id string
+CANCEL_POLL_S = 0.05  # how often a take looks whether it is still wanted
+T = TypeVar("T")
 
 
 class StatsUnavailable(KvmtopError):
     """The kernel has no binary stats, or they could not be had from this VMM."""
+
+
+class StatsCancelled(StatsUnavailable):
+    """The take was given up (the exporter is stopping)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +141,12 @@ def vm_totals(sample: StatsSample, descs: tuple[StatDesc, ...]) -> dict[str, int
     return out
 
 
-def settle_stats(pid: int, future: Future[StatsFds], timeout: float = 10.0) -> VmStats:
+def settle_stats(
+    pid: int, future: Future[StatsFds], timeout: float = 10.0, cancel: threading.Event | None = None
+) -> VmStats:
     """The VmStats behind a tracer's :meth:`~kvmtop.tracer_thread.Tracer.stats_fds` answer."""
     try:
-        fds = future.result(timeout)
+        fds = result_unless(future, timeout, cancel)
     except TimeoutError:  # first: TimeoutError is an OSError, with no message of its own
         if is_stopped(pid, traced=True):
             raise StatsUnavailable(stopped_message(pid)) from None
@@ -158,8 +168,24 @@ def stopped_message(pid: int) -> str:
     )
 
 
-def take_stats(pid: int, timeout: float = 10.0) -> VmStats:
-    """Attach to ``pid``, take its stats fds, detach: the VMM runs on untraced."""
+def result_unless(future: Future[T], timeout: float, cancel: threading.Event | None) -> T:
+    """``future.result(timeout)``, given up at once (StatsCancelled) when ``cancel`` is set."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise StatsCancelled("cancelled")
+        left = deadline - time.monotonic()
+        try:
+            return future.result(max(0.0, min(left, CANCEL_POLL_S)))
+        except TimeoutError:
+            if left <= CANCEL_POLL_S:
+                raise
+
+
+def take_stats(pid: int, timeout: float = 10.0, cancel: threading.Event | None = None) -> VmStats:
+    """Attach to ``pid``, take its stats fds, detach: the VMM runs on untraced. ``cancel`` set
+    (the exporter stopping) gives up at once: the tracer detaches, which is safe at any point,
+    since it injects whole syscalls between two of its own steps."""
     from kvmtop.tracer_thread import Tracer  # the tracer only for the moment of the attach
 
     check_attachable(pid)
@@ -168,9 +194,9 @@ def take_stats(pid: int, timeout: float = 10.0) -> VmStats:
     tracer = Tracer()
     tracer.start()
     try:
-        tracer.attach(pid).result(timeout)
+        result_unless(tracer.attach(pid), timeout, cancel)
         try:
-            return settle_stats(pid, tracer.stats_fds(), timeout)
+            return settle_stats(pid, tracer.stats_fds(), timeout, cancel)
         finally:
             tracer.detach()
     finally:

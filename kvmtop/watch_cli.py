@@ -23,7 +23,7 @@ from kvmtop.watcher import Watcher
 
 def run_watch(pid: int, rate_hz: float, interval: float, count: int | None, as_json: bool,
               out: TextIO, err: TextIO) -> int:  # fmt: skip
-    with SignalStop() as signals, Watcher(pid, rate_hz) as watcher:
+    with SignalStop() as signals, Watcher(pid, rate_hz, cancel=signals.event) as watcher:
         shown = 0
         while not signals.stopping and (count is None or shown < count):
             deadline = time.monotonic() + interval

@@ -14,6 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 import platform
+import threading
 import time
 from collections import deque
 from types import TracebackType
@@ -74,8 +75,9 @@ class Watcher:
     """Counters and samples of one VMM's vCPUs (a context manager: it closes what it took)."""
 
     def __init__(self, pid: int, rate_hz: float = 1000.0, counters: bool = True,
-                 seed: int | None = None) -> None:  # fmt: skip
+                 seed: int | None = None, cancel: threading.Event | None = None) -> None:  # fmt: skip
         self.pid = pid
+        self._cancel = cancel  # set: a take of KVM's counters under way gives up
         self.rate_hz = rate_hz
         self._maps: list[mmap.mmap] = []
         self._fds: list[int] = []
@@ -97,7 +99,7 @@ class Watcher:
             self.counters_copied = self._stats is not None
         if counters and self._stats is None:  # its attach checks the pid and rights, with reasons
             try:
-                self._stats = take_stats(pid)
+                self._stats = take_stats(pid, cancel=self._cancel)
             except StatsUnavailable as exc:
                 self.note = f"KVM's counters: {exc}"
             _wait_untraced(pid)

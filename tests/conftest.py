@@ -116,6 +116,15 @@ def start_minivmm(
     return vmm
 
 
+def kvm_fds_of(pid: int) -> list[str]:
+    """The links of the KVM fds ``pid`` holds (/dev/kvm, VMs, vCPUs, stats): any other file
+    whose path says "kvm" (a lock file, a recording) is not one."""
+    from kvmtop.procfs import fd_table
+
+    return [link for link in fd_table(pid).values()
+            if link == "/dev/kvm" or link.startswith("anon_inode:kvm")]  # fmt: skip
+
+
 def wait_for_vcpus(pid: int, count: int = 1, timeout: float = 10.0) -> None:
     """Until process ``pid`` holds ``count`` vCPU fds (its VM is set up), or fail."""
     import time

@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from conftest import wait_for_vcpus
+from conftest import kvm_fds_of, start_minivmm, wait_for_vcpus
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -283,10 +283,15 @@ def test_a_vm_whose_stats_cannot_be_taken_is_logged_once_counted_and_retried_lat
 # --- the real exporter ---------------------------------------------------------------------------
 
 
-def start_exporter(processes: list[Any]) -> tuple[subprocess.Popen[str], str]:
-    """`kvmtop exporter` on a free loopback port: (process, its /metrics URL)."""
-    exporter = subprocess.Popen([*KVMTOP, "exporter", "--listen", "127.0.0.1:0", "--rescan", "0.5"],
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+OWN_VMS = f"kvmtop-test-{os.getpid()}"  # the name of the VMs these tests start (minivmm --name)
+
+
+def start_exporter(processes: list[Any], *chosen: str) -> tuple[subprocess.Popen[str], str]:
+    """`kvmtop exporter` on a free loopback port, reading only the VMs ``chosen`` (``-p PID``,
+    ``--vm NAME``; default: those named OWN_VMS), never another user's: (process, its URL)."""
+    chosen = chosen or ("--vm", OWN_VMS)
+    exporter = subprocess.Popen([*KVMTOP, "exporter", "--listen", "127.0.0.1:0", "--rescan", "0.5",
+                                 *chosen], stderr=subprocess.PIPE, text=True)  # fmt: skip
     processes.append(exporter)
     assert exporter.stderr is not None
     line = exporter.stderr.readline()
@@ -354,7 +359,8 @@ def test_the_exporter_follows_the_fleet_and_leaves_every_vm_untraced_and_exact(t
     def start(key: str) -> subprocess.Popen[bytes]:
         vmm = subprocess.Popen(counted_command(vcpus=vcpus[key], outs=outs[key], mmio_writes=0,
                                                spin=spins[key], exit_status=status[key],
-                                               report_json=str(tmp_path / f"{key}.json")))  # fmt: skip
+                                               report_json=str(tmp_path / f"{key}.json"),
+                                               name=OWN_VMS))  # fmt: skip
         processes.append(vmm)
         wait_for_vcpus(vmm.pid, vcpus[key])
         return vmm
@@ -368,7 +374,7 @@ def test_the_exporter_follows_the_fleet_and_leaves_every_vm_untraced_and_exact(t
     assert got[pids["a"]] == {"0"} and got[pids["b"]] == {"0", "1"}
     assert all(tracer_pid(pid) == 0 for pid in pids.values())  # detached after the pick-up
     up = {s.labels["pid"]: (s.labels["vm"], s.value) for s in fams["kvm_vm_up"].samples}
-    assert up[str(pids["a"])] == ("kvmtop-minivmm", 1) == up[str(pids["b"])]
+    assert up[str(pids["a"])] == (OWN_VMS, 1) == up[str(pids["b"])]
     time.sleep(0.5)
     later = scrape(url)
     for pid in pids.values():
@@ -405,8 +411,8 @@ def test_the_exporter_follows_the_fleet_and_leaves_every_vm_untraced_and_exact(t
     log = exporter.stderr.read()
     assert "Traceback" not in log
     for pid in pids.values():
-        assert f"pid {pid} (kvmtop-minivmm): reading KVM's counters" in log
-        assert f"pid {pid} (kvmtop-minivmm) exited: its counters are closed" in log
+        assert f"pid {pid} ({OWN_VMS}): reading KVM's counters" in log
+        assert f"pid {pid} ({OWN_VMS}) exited: its counters are closed" in log
 
 
 @pytest.mark.kvm
@@ -422,7 +428,7 @@ def test_a_vm_traced_by_another_tracer_is_skipped_with_one_line_and_counted_fail
     other.start()
     try:
         other.attach(vmm.pid).result(10)
-        exporter, url = start_exporter(processes)
+        exporter, url = start_exporter(processes, "-p", str(vmm.pid))
         fams = scrape_until(url, lambda f: any(s.labels["pid"] == str(vmm.pid)
                                                for s in f["kvm_vm_up"].samples))  # fmt: skip
         time.sleep(1.5)  # three more rescans: no retry before RETRY_S
@@ -467,6 +473,48 @@ def test_ctrl_c_closes_the_exporter_with_status_0(processes):
     assert "kvmtop_exporter_vms" in scrape(url)
     exporter.send_signal(signal.SIGINT)
     assert exporter.wait(10) == 0
+    assert exporter.stderr is not None and "Traceback" not in exporter.stderr.read()
+
+
+@pytest.mark.kvm
+def test_the_exporter_reads_only_the_vms_it_is_given(processes):
+    """-p and --vm choose the VMs; any other VM on the host (another user's, another test's) is
+    never attached to, not even for the moment of taking its counters."""
+    mine = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=1000, name=OWN_VMS)
+    other = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=1000)
+    exporter, url = start_exporter(processes)
+    fams = scrape_until(url, lambda f: mine.pid in vcpus_by_pid(f))
+    time.sleep(1.0)  # two more rescans
+    fams = scrape(url)
+    assert set(vcpus_by_pid(fams)) == {mine.pid}
+    exporter.send_signal(signal.SIGTERM)
+    assert exporter.wait(10) == 0
+    assert exporter.stderr is not None
+    log = exporter.stderr.read()
+    assert f"pid {mine.pid} " in log and f"pid {other.pid} " not in log
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_the_exporter_at_once_even_while_it_takes_a_vm_s_counters(
+    processes, sig
+):
+    """A VM whose vCPU thread stays out of KVM_RUN (its VMM handles an exit for 8 s) holds up a
+    take of its counters: the signal gives the take up (the VMM is let go, untraced) and the
+    exporter ends at once, where it once waited for the take."""
+    vmm = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=8e6, name=OWN_VMS)
+    time.sleep(0.2)  # into the first 8 s handling
+    exporter, _url = start_exporter(processes)
+    deadline = time.monotonic() + 10
+    while tracer_pid(vmm.pid) == 0:  # the first rescan's take, waiting for the next KVM_RUN
+        assert time.monotonic() < deadline, "no take began"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    started = time.monotonic()
+    exporter.send_signal(sig)
+    assert exporter.wait(10) == 0
+    assert time.monotonic() - started < 2.0  # where the take had 6 s left
+    assert tracer_pid(vmm.pid) == 0 and vmm.poll() is None
     assert exporter.stderr is not None and "Traceback" not in exporter.stderr.read()
 
 
@@ -568,5 +616,5 @@ def test_a_sampled_fleet_exports_the_vmms_time_by_reason_of_a_real_guest_untrace
     finally:
         fleet.close()
     assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
-    assert not [link for link in fd_table(os.getpid()).values() if "kvm" in link]
+    assert not kvm_fds_of(os.getpid())
     assert fd_table(vmm.pid) == fds_before

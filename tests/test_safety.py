@@ -117,6 +117,32 @@ def test_a_stop_signal_ends_record_while_it_waits_for_a_detached_command(tmp_pat
 
 
 @pytest.mark.kvm
+@pytest.mark.parametrize("command", ["stats", "watch"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_stats_and_watch_while_they_take_a_vm_s_counters(
+    processes, command, sig
+):
+    """A VM whose vCPU thread stays out of KVM_RUN (its VMM handles an exit for 8 s) holds up
+    the take of its counters: the signal gives it up at once, and the VMM is let go."""
+    vmm = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=8e6)
+    time.sleep(0.2)  # into the first 8 s handling
+    kvmtop = subprocess.Popen([*KVMTOP, command, "-p", str(vmm.pid)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    processes.append(kvmtop)
+    deadline = time.monotonic() + 10
+    while tracer_pid(vmm.pid) == 0:  # the take has begun
+        assert time.monotonic() < deadline, "no take began"
+        time.sleep(0.01)
+    time.sleep(0.3)
+    started = time.monotonic()
+    kvmtop.send_signal(sig)
+    _, stderr = kvmtop.communicate(timeout=10)
+    assert time.monotonic() - started < 2.0, stderr  # where the take had 7 s left
+    assert kvmtop.returncode == 0 and "Traceback" not in stderr, stderr
+    assert tracer_pid(vmm.pid) == 0 and vmm.poll() is None
+
+
+@pytest.mark.kvm
 def test_a_vmm_killed_while_traced_is_reported_and_the_file_is_valid(tmp_path, processes):
     vmm = subprocess.Popen(counted_command(outs=300, mmio_writes=0, spin=40_000_000))
     processes.append(vmm)
