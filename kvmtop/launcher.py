@@ -1,13 +1,15 @@
-"""Run by kvmtop as a fresh interpreter (``python -I -S launcher.py NOTIFY TRACE CMD...``), never
-imported: install a seccomp filter that hands kvmtop only the KVM ioctls it needs, stop until
-kvmtop has seized us, then exec CMD. Standalone on purpose: it imports nothing of kvmtop, and a
-fresh interpreter (unlike a forked copy of a threaded one) cannot deadlock.
+"""Run by kvmtop as a fresh interpreter (``python -I -S launcher.py NOTIFY TRACE IGNORED CMD...``),
+never imported: install a seccomp filter that hands kvmtop only the KVM ioctls it needs (if
+asked), stop until kvmtop has seized us, then exec CMD. Standalone on purpose: it imports nothing
+of kvmtop, and a fresh interpreter (unlike a forked copy of a threaded one) cannot deadlock.
 
-NOTIFY and TRACE are filter programs in hex ("-": not wanted). NOTIFY's KVM_RUN goes to a seccomp
-user-notification listener (SECCOMP_FILTER_FLAG_NEW_LISTENER), which kvmtop takes from us with
-pidfd_getfd while we are stopped (our copy is close-on-exec); TRACE's stops the tracer instead.
-We tell kvmtop on fd 3 which is in place ("notify FD", "trace") or why none is ("no seccomp:
-..."); without one, kvmtop traces CMD the ordinary way.
+NOTIFY and TRACE are filter programs in hex ("-": not wanted; both "-": no filter, and no
+PR_SET_NO_NEW_PRIVS either). NOTIFY's KVM_RUN goes to a seccomp user-notification listener
+(SECCOMP_FILTER_FLAG_NEW_LISTENER), which kvmtop takes from us with pidfd_getfd while we are
+stopped (our copy is close-on-exec); TRACE's stops the tracer instead. We tell kvmtop on fd 3
+which is in place ("notify FD", "trace") or why none is ("no seccomp: ..."); without one, kvmtop
+traces CMD the ordinary way. IGNORED: the signals kvmtop was started with ignored ("2,15"; "-":
+none), which CMD inherits ignored, as from a shell.
 """
 
 import ctypes
@@ -33,7 +35,22 @@ def install(libc: ctypes.CDLL, program: bytes, flags: int) -> int:
     return result if result >= 0 else -ctypes.get_errno()
 
 
+SYS_RT_SIGACTION = 13  # arch/x86/entry/syscalls/syscall_64.tbl
+# glibc's internal signals (SIGCANCEL, SIGSETXID): posix_spawn ignores them in the child, and an
+# exec would keep that; glibc's own sigaction() refuses them, the raw syscall does not.
+GLIBC_INTERNAL_SIGNALS = (32, 33)
+
+
+def reset_internal_signals(libc: ctypes.CDLL) -> None:
+    """SIG_DFL for glibc's internal signals, as in a process a shell starts."""
+    act = ctypes.create_string_buffer(32)  # struct kernel_sigaction: handler 0 = SIG_DFL
+    for sig in GLIBC_INTERNAL_SIGNALS:
+        libc.syscall(SYS_RT_SIGACTION, sig, ctypes.c_void_p(ctypes.addressof(act)), None, 8)
+
+
 def install_best(notify: str, trace: str) -> str:
+    if notify == trace == "-":
+        return "no seccomp: not asked for"
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
@@ -55,12 +72,17 @@ def install_best(notify: str, trace: str) -> str:
 
 
 def main() -> None:
-    notify, trace, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    notify, trace, ignored, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
     os.write(3, install_best(notify, trace).encode())
     os.close(3)
     os.kill(os.getpid(), signal.SIGSTOP)  # kvmtop seizes us, then sends SIGCONT
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; CMD must not
         signal.signal(sig, signal.SIG_DFL)
+    for number in ignored.split(",") if ignored != "-" else ():
+        signal.signal(int(number), signal.SIG_IGN)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    reset_internal_signals(libc)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:

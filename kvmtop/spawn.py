@@ -18,8 +18,15 @@ from kvmtop.errors import CommandNotFound, KvmtopError
 from kvmtop.ptrace_abi import WNOTHREAD
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
+# A launched command gets the signal dispositions a shell would give it: those kvmtop itself was
+# started with ignored (the SIGINT of a background job, nohup's SIGHUP) stay ignored, kvmtop's
+# own handlers never reach it (taken at import, before kvmtop installs any).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+INHERITED_IGNORED = tuple(s for s in STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN)
 # Python ignores SIGPIPE and SIGXFSZ, and a launched command would inherit that.
-CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
+CHILD_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ) + tuple(
+    s for s in STOP_SIGNALS if s not in INHERITED_IGNORED
+)
 
 
 def spawn_kicker() -> tuple[int, int]:
@@ -74,28 +81,26 @@ def spawn_stopped(
     if child_stderr is not None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
         actions.append((os.POSIX_SPAWN_OPEN, 2, child_stderr, flags, 0o600))
-    report_r = -1
+    report_r, report_w = os.pipe()
+    actions.append((os.POSIX_SPAWN_DUP2, report_w, 3))
+    notify = trace = "-"
     if seccomp:
-        report_r, report_w = os.pipe()
-        actions.append((os.POSIX_SPAWN_DUP2, report_w, 3))
         notify = HOST.seccomp_ioctls((KVM_RUN,), HOST.SECCOMP_RET_USER_NOTIF).hex()
         trace = HOST.seccomp_trace_ioctls(KVM_RUN, KVM_CREATE_VCPU).hex()
-        spawn = [sys.executable, "-I", "-S", LAUNCHER, notify if seccomp == "notify" else "-",
-                 trace, *argv]  # fmt: skip
-    else:
-        spawn = ["/bin/sh", "-c", 'kill -STOP $$ && exec "$@"', "sh", *argv]
+    ignored = ",".join(str(int(s)) for s in INHERITED_IGNORED) or "-"
+    spawn = [sys.executable, "-I", "-S", LAUNCHER, notify if seccomp == "notify" else "-", trace,
+             ignored, *argv]  # fmt: skip
     try:
         pid = os.posix_spawn(
             spawn[0], spawn, os.environ, file_actions=actions, setsigdef=CHILD_DEFAULT_SIGNALS
         )
     finally:
-        if seccomp:
-            os.close(report_w)
+        os.close(report_w)
     _, status = os.waitpid(pid, os.WUNTRACED | WNOTHREAD)
-    spawned = Spawned(pid, "")
-    if seccomp:
-        with os.fdopen(report_r, "rb") as pipe:
-            spawned = _reported(pid, pipe.read().decode(errors="replace"))
+    with os.fdopen(report_r, "rb") as pipe:
+        spawned = _reported(pid, pipe.read().decode(errors="replace"))
+    if not seccomp:
+        spawned = Spawned(pid, "")
     if not os.WIFSTOPPED(status):
         raise KvmtopError(f"cannot start {argv[0]}: its launcher ended with status {status}")
     return spawned

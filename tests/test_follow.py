@@ -126,6 +126,21 @@ def test_a_fork_heavy_command_is_followed_to_its_end(seccomp):
         assert seen.began_after_end == []
 
 
+@pytest.mark.parametrize("traps", ["", "trap '' INT TERM HUP; "])
+def test_a_launched_command_gets_the_signal_dispositions_a_shell_gives_it(tmp_path, seccomp, traps):
+    """What kvmtop was started with ignored stays ignored (a background job's SIGINT), nothing
+    else is (glibc's internal signals, which posix_spawn ignores in its child, included)."""
+    show = "grep -E '^Sig(Ign|Blk)' /proc/self/status"
+    plain = subprocess.run(["bash", "-c", f"{traps}exec {show}"], capture_output=True, text=True)
+    mode = {"notify": [], "trace": ["--no-notify"], "": ["--no-seccomp"]}[seccomp]
+    record = f"exec {sys.executable} -m kvmtop record -o {tmp_path / 'r.kvmtop'} {' '.join(mode)}"
+    launched = subprocess.run(["bash", "-c", f"{traps}{record} -- {show}"], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout == plain.stdout
+    assert ("SigIgn:\t0000000000004003" in plain.stdout) == bool(traps)  # HUP, INT, TERM
+
+
 def test_a_python_subprocess_child_is_counted_exactly(tmp_path, seccomp):
     own = tmp_path / "own.json"
     child = counted_command(vcpus=2, outs=OUTS, mmio_writes=MMIO, exit_status=4,
