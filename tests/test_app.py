@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import start_minivmm, wait_for_vcpus
+from conftest import kvm_fds_of, start_minivmm, wait_for_vcpus
 from guests.fixed_recording import START, events, write_fixed_recording
 from textual.events import Key
 from textual.keys import _character_to_key
@@ -44,6 +44,16 @@ async def until(pilot, condition, timeout: float = 20.0, what: str = "condition"
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
         await pilot.pause(0.05)
+
+
+async def promptly(condition, timeout: float = 10.0) -> None:
+    """Until a key posted without the pilot has acted (the pilot would wait for idle); the
+    timeout only catches a UI that never answers: how fast it answers is a benchmark's."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"a key did not act within {timeout} s")
+        await asyncio.sleep(0.001)
 
 
 async def settle(pilot) -> None:
@@ -302,16 +312,16 @@ async def test_seeking_a_long_recording_never_blocks_the_keys(tmp_path, monkeypa
         app.post_message(Key("end", None))  # (pilot.press would wait for the seek to end)
         await until(pilot, lambda: app.replay.status().busy, timeout=5, what="seeking")
         seen_busy = False
-        worst = 0.0
+        answered_mid_seek = 0  # keys whose action ran while the seek still went on
         while not app.replay.settled:  # the player thread reads; the UI answers meanwhile
             seen_busy |= app.replay.status().busy
-            before, t0 = app.refresh_s, time.monotonic()
+            before = app.refresh_s
             app.post_message(Key("plus", "+") if before == 0.25 else Key("minus", "-"))
-            while app.refresh_s == before and time.monotonic() - t0 < 2:
-                await asyncio.sleep(0.001)
-            worst = max(worst, time.monotonic() - t0)
+            await promptly(lambda before=before: app.refresh_s != before)
+            answered_mid_seek += not app.replay.settled
             await asyncio.sleep(0.02)
-        assert seen_busy and worst < 0.2, f"a key took {worst * 1e3:.0f} ms during the seek"
+        # how fast a key answers is benchmarks/bench_tui.py's to measure; here: it does, at once
+        assert seen_busy and answered_mid_seek >= 3
         assert app.replay.snapshot().total == total
         await pilot.press("q")
 
@@ -809,16 +819,13 @@ async def test_keys_answer_quickly_at_the_highest_exit_rate(processes):
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.session.stats.total > 2000, what="exits flowing")
         screen = app.screen
-        worst = 0.0
         for _ in range(6):  # not pilot.press: it waits for the whole process to go idle
-            before = screen.frozen
-            t0 = time.monotonic()
+            before, exits = screen.frozen, app.session.stats.total
             app.post_message(Key("p", "p"))
-            while screen.frozen == before and time.monotonic() - t0 < 2:
-                await asyncio.sleep(0.001)
-            worst = max(worst, time.monotonic() - t0)
+            await promptly(lambda before=before: screen.frozen != before)
             await asyncio.sleep(0.1)
-        assert worst < 0.2, f"a key took {worst * 1e3:.0f} ms"
+            # the key acted while tracing went on at full rate (how fast: benchmarks/bench_tui.py)
+            assert app.session.stats.total > exits
         assert app.session.stats.snapshot().lost == 0
         await pilot.press("q")
 
@@ -888,7 +895,7 @@ async def test_back_from_the_attached_view_the_cursor_is_on_the_traced_vm(proces
 async def test_kernel_view_without_tracing_and_beside_the_traced_view(processes):
     """`k` in the list: KVM's own counters of a VM kvmtop does not trace (a brief attach for the
     fds); the list then shows its exit rate. `k` in the attached view: the same, via the tracer."""
-    from kvmtop.procfs import fd_table, tracer_pid
+    from kvmtop.procfs import tracer_pid
     from kvmtop.screens.kernel import KernelScreen
     from kvmtop.widgets.counter_grid import CounterGrid
 
@@ -922,7 +929,7 @@ async def test_kernel_view_without_tracing_and_beside_the_traced_view(processes)
         assert isinstance(app.screen, AttachedScreen)
         await pilot.press("q")
     assert demo.poll() is None and tracer_pid(demo.pid) == 0
-    assert not [link for link in fd_table(os.getpid()).values() if "kvm" in link]  # all closed
+    assert not kvm_fds_of(os.getpid())  # all closed
 
 
 @pytest.mark.kvm
@@ -1335,7 +1342,7 @@ async def test_w_watches_a_vm_untraced_a_traces_it_and_w_watches_it_again(proces
         assert isinstance(app.screen, ProcessListScreen)
         await pilot.press("q")
     assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
-    assert not [link for link in fd_table(os.getpid()).values() if "kvm" in link]  # all closed
+    assert not kvm_fds_of(os.getpid())  # all closed
     assert fd_table(vmm.pid) == fds_before
 
 

@@ -143,15 +143,6 @@ def test_another_users_process_is_permission_denied_and_skipped_by_the_list(proc
     )
 
 
-def test_listing_every_process_is_fast():
-    list_kvm_processes()
-    started = time.perf_counter()
-    for _ in range(5):
-        list_kvm_processes()
-    per_listing = (time.perf_counter() - started) / 5
-    assert per_listing < 0.25, f"{per_listing * 1e3:.0f} ms for {len(psutil.pids())} processes"
-
-
 @pytest.mark.parametrize(
     ("cmdline", "name"),
     [
