@@ -108,6 +108,7 @@ class KvmtopApp(App[int]):
         self.child_stderr: str | None = None  # launched commands' stderr, to show if they fail
         self._command_pid: int | None = None
         self.exit_message: str | None = None  # for stderr, once the screen is gone
+        self.output_error: KvmtopError | None = None  # a recording that could not be written
         # the traced VM's aggregate, its total and IO exits at the held counters' last samples
         self._traced_at: dict[int, tuple[object, int, int]] = {}
 
@@ -450,6 +451,7 @@ class KvmtopApp(App[int]):
         session, self.session = self.session, None
         if session is not None:
             session.close()
+            self.output_error = self.output_error or session.output_error
             pid = session.pid
             if (session.launched and pid is not None and pid not in self.demo_pids
                     and not session.child_ended.is_set() and running(pid)):  # fmt: skip
@@ -525,6 +527,10 @@ def run_tui(
             print(f"kvmtop: {left_running_notice(*app.left_running)}", file=sys.stderr)
     if app.exit_message:
         print(app.exit_message, file=sys.stderr)
+    failed = app.output_error
+    if failed is not None and not result:  # the recording could not be written: tracing stopped
+        print(f"kvmtop: {failed}", file=sys.stderr)
+        return failed.exit_code
     return int(result or 0)
 
 

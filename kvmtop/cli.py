@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
 
 from kvmtop import __version__
 from kvmtop.errors import KvmtopError, OutputError, RecordingError, UsageError
@@ -50,6 +50,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see kvmtop --help)")
+
+    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+        if message:  # argparse's own ignores a failed write (--help into a full disk)
+            (file or sys.stderr).write(message)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,6 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"kvmtop: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # `--help | head`
+        _silence_stdout()
+        return 0
+    except OSError as exc:  # --help that stdout cannot take
+        _silence_stdout()
+        print(f"kvmtop: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
+        return OutputError.exit_code
     if args.command in (None, "record", "demo"):  # the commands that trace
         from kvmtop.native import missing_notice
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 
 import pytest
-from conftest import start_qemu, start_recording, wait_for_vcpus
+from conftest import start_minivmm, start_qemu, start_recording, wait_for_vcpus
 from guests.qemu_bios import qemu_command
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
@@ -309,6 +309,7 @@ def in_a_terminal(args: list[str], cols: int = 80, rows: int = 24) -> subprocess
         os.close(master)
 
     threading.Thread(target=drain, daemon=True).start()
+    proc.type = lambda keys: os.write(master, keys.encode())  # type: ignore[attr-defined]
     return proc
 
 
@@ -323,6 +324,35 @@ def test_a_signal_ends_the_demo_tui_and_stops_its_guest(signum, processes):
     tui.send_signal(signum)
     assert tui.wait(30) == 128 + signum
     assert not os.path.exists(f"/proc/{guest}")
+
+
+def test_help_into_a_full_disk_is_one_line_and_status_8():
+    """argparse ignores a failed write: --help once exited 0 having printed nothing."""
+    for args in (["--help"], ["record", "--help"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([*KVMTOP, *args], stdout=full, stderr=subprocess.PIPE,
+                                    text=True, timeout=60)  # fmt: skip
+        assert_one_line_error(result, 8, "cannot write to stdout: No space left on device")
+
+
+@pytest.mark.kvm
+def test_the_tui_recording_to_a_full_disk_detaches_says_why_and_quits_with_status_8(processes):
+    """It once stayed on "attaching..." and quit with status 0."""
+    from kvmtop.procfs import tracer_pid
+
+    vmm = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=200)
+    tui = in_a_terminal(["-o", "/dev/full", "-p", str(vmm.pid)])
+    processes.append(tui)
+    deadline = time.monotonic() + 20
+    while tracer_pid(vmm.pid) == 0:  # attached...
+        assert time.monotonic() < deadline and tui.poll() is None, "no attach"
+        time.sleep(0.01)
+    while tracer_pid(vmm.pid) != 0:  # ...and detached, the file refusing its first bytes
+        assert time.monotonic() < deadline, "still traced"
+        time.sleep(0.01)
+    tui.type("q")
+    assert tui.wait(20) == 8
+    assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
 
 
 @pytest.mark.kvm
