@@ -352,6 +352,12 @@ def record(
     previous = {s: signal.signal(s, on_signal) for s in stop_signals}
     try:
         if pids:
+            from kvmtop.procfs import is_stopped
+
+            for pid in pids:
+                if is_stopped(pid):
+                    print(f"kvmtop: pid {pid} is stopped (SIGSTOP): it makes no exit until "
+                          f"`kill -CONT {pid}`; recording all the same", file=sys.stderr)  # fmt: skip
             session.attach(*pids)
         else:
             session.launch(command or [], one_stop=one_stop, notify=notify)

@@ -143,6 +143,22 @@ def test_a_stop_signal_ends_stats_and_watch_while_they_take_a_vm_s_counters(
 
 
 @pytest.mark.kvm
+def test_recording_a_stopped_vmm_says_it_is_stopped(tmp_path, processes):
+    """It once recorded 0 exits without a word."""
+    vmm = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=200)
+    vmm.send_signal(signal.SIGSTOP)
+    try:
+        out = subprocess.run([*KVMTOP, "record", "-o", str(tmp_path / "r.kvmtop"), "-p",
+                              str(vmm.pid), "--duration", "0.3"], capture_output=True, text=True,
+                             timeout=30)  # fmt: skip
+    finally:
+        vmm.send_signal(signal.SIGCONT)
+    assert out.returncode == 0, out.stderr
+    assert f"pid {vmm.pid} is stopped (SIGSTOP): it makes no exit until `kill -CONT" in out.stderr
+    assert tracer_pid(vmm.pid) == 0
+
+
+@pytest.mark.kvm
 def test_a_vmm_killed_while_traced_is_reported_and_the_file_is_valid(tmp_path, processes):
     vmm = subprocess.Popen(counted_command(outs=300, mmio_writes=0, spin=40_000_000))
     processes.append(vmm)
