@@ -42,11 +42,12 @@ from kvmtop.vm_stats import StatsCancelled, VmStats, take_stats
 from kvmtop.watch_feed import SnapshotSource
 
 
-def open_sampler(pid: int, rate_hz: float) -> SnapshotSource:
-    """A watch of the VM's vCPUs alone: the fleet holds its counters already."""
+def open_sampler(pid: int, rate_hz: float, held: VmStats | None = None) -> SnapshotSource:
+    """A watch of the VM's vCPUs alone: the fleet holds its counters already (``held``, which
+    the looks read to tell a vCPU blocked in KVM_RUN from one whose VMM handles an exit)."""
     from kvmtop.watcher import Watcher
 
-    return Watcher(pid, rate_hz, counters=False)
+    return Watcher(pid, rate_hz, counters=False, held=held)
 
 
 RETRY_S = 300.0  # a VM whose stats could not be taken is tried again after this long
@@ -63,9 +64,9 @@ class WatchedVm:
     sampled: SampledTotals | None = None
 
     def close(self) -> None:
-        self.stats.close()
-        if self.watcher is not None:
+        if self.watcher is not None:  # first: its looks read the stats fds
             self.watcher.close()
+        self.stats.close()
 
 
 @dataclass(slots=True)
@@ -86,7 +87,7 @@ class Fleet:
     log: Callable[[str], None] = lambda text: print(f"kvmtop: {text}", file=sys.stderr, flush=True)
     clock: Callable[[], float] = time.monotonic
     sampled_hz: float | None = None  # --sampled: looks a second at each vCPU's kvm_run
-    sample: Callable[[int, float], SnapshotSource] = open_sampler
+    sample: Callable[[int, float, VmStats], SnapshotSource] = open_sampler
     stopping: threading.Event = field(default_factory=threading.Event)  # no new take once set
     watched: dict[int, WatchedVm] = field(default_factory=dict)
     failed: dict[int, FailedVm] = field(default_factory=dict)
@@ -135,7 +136,8 @@ class Fleet:
         sampling = ""
         if self.sampled_hz is not None:
             try:
-                vm.watcher, vm.sampled = self.sample(proc.pid, self.sampled_hz), SampledTotals()
+                vm.watcher = self.sample(proc.pid, self.sampled_hz, stats)
+                vm.sampled = SampledTotals()
                 sampling = f", sampling them {self.sampled_hz:g} times a second"
             except (KvmtopError, OSError) as exc:
                 sampling = f"; not sampled: {exc}"

@@ -7,6 +7,7 @@ kvmtop's counts with the VMM's own (``--report-json``, in ``kvmtop report --json
     python -m kvmtop.minivmm counted [--vcpus N] [--outs N] [--port P] [--mmio-writes N]
                                      [--mmio-addr A] [--spin N] [--exit-status S] [--report-json F]
                                      [--out-sleep-us US] [--out-syscalls N] [--own-stats]
+                                     [--irqchip]
     python -m kvmtop.minivmm demo [--vcpus N] [--duration S] [--report-json F]
 
 Exit status: counted mode exits with the status the guests wrote to port 0xf4 (the highest, if
@@ -42,6 +43,7 @@ KVM_SET_USER_MEMORY_REGION = 0x4020AE46
 KVM_GET_REGS, KVM_SET_REGS = 0x8090AE81, 0x4090AE82
 KVM_GET_SREGS, KVM_SET_SREGS = 0x8138AE83, 0x4138AE84
 KVM_RUN = 0xAE80
+KVM_CREATE_IRQCHIP = 0xAE60  # in-kernel PIC, IOAPIC and LAPICs: vCPUs but 0 wait for a SIPI
 KVM_REGISTER_COALESCED_MMIO = 0x4010AE67  # _IOW(KVMIO, 0x67, struct kvm_coalesced_mmio_zone)
 COALESCED_RING = 2 * 4096  # KVM_COALESCED_MMIO_PAGE_OFFSET 2 (x86), in the vCPU mapping
 KVM_GET_STATS_FD = 0xAECE  # a VM or vCPU fd: its binary stats fd (Linux 5.14+)
@@ -138,8 +140,9 @@ class Vcpu:
 
 class MiniVm:
     def __init__(
-        self, programs: list[bytes], stopping: threading.Event, stagger_s: float = 0.0
-    ) -> None:
+        self, programs: list[bytes], stopping: threading.Event, stagger_s: float = 0.0,
+        irqchip: bool = False,
+    ) -> None:  # fmt: skip
         """vCPU i is created by its own thread, ``i * stagger_s`` seconds after the start (like
         QEMU, where each vCPU thread creates its vCPU): a tracer attached early sees it appear."""
         try:
@@ -155,6 +158,8 @@ class MiniVm:
         address = _address_of(self.ram)
         region = struct.pack("<IIQQQ", 0, 0, 0, RAM_SIZE, address)
         fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
+        if irqchip:  # then KVM_RUN of a vCPU but 0 waits in the kernel, as a real AP does
+            fcntl.ioctl(self.vm, KVM_CREATE_IRQCHIP, 0)
         self.programs = programs
         self.mmap_size = size
         self.stagger_s = stagger_s
@@ -295,6 +300,7 @@ def counted_command(
     coalesced: bool = False,
     own_stats: bool = False,
     name: str | None = None,
+    irqchip: bool = False,
 ) -> list[str]:
     argv = [sys.executable, "-m", "kvmtop.minivmm", "counted", "--vcpus", str(vcpus),
             "--outs", str(outs), "--mmio-writes", str(mmio_writes), "--spin", str(spin),
@@ -307,6 +313,7 @@ def counted_command(
     argv += ["--coalesced"] if coalesced else []
     argv += ["--own-stats"] if own_stats else []
     argv += ["--name", name] if name else []
+    argv += ["--irqchip"] if irqchip else []
     return argv + (["--report-json", report_json] if report_json else [])
 
 
@@ -383,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     counted.add_argument("--own-stats", action="store_true",
                          help="hold KVM stats fds of the VM and each vCPU, as a QEMU may")  # fmt: skip
     counted.add_argument("--out-syscalls", type=int, default=0, help="...and makes N syscalls")
+    counted.add_argument("--irqchip", action="store_true",
+                         help="an in-kernel irqchip: vCPUs but 0 wait inside KVM_RUN for ever")  # fmt: skip
     counted.add_argument("--coalesced", action="store_true",
                          help="register the MMIO address as a coalesced zone: writes queue, no exit")  # fmt: skip
     demo = sub.add_parser("demo", help="an endless, changing mix of exits")
@@ -423,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         programs = [guestcode.demo(i) for i in range(args.vcpus)]
     try:
-        vms = [MiniVm(programs, stopping, getattr(args, "stagger", 0.0))
+        vms = [MiniVm(programs, stopping, getattr(args, "stagger", 0.0),
+                      getattr(args, "irqchip", False))
                for _ in range(getattr(args, "vms", 1))]  # fmt: skip
     except KvmUnavailableError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)

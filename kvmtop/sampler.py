@@ -3,12 +3,15 @@ jittered rate and counts what it sees (:mod:`kvmtop.sampling` says what the coun
 
 :func:`make_sampler` gives the C sampler (``kvmtop._sampler``: its own thread, no GIL, a few
 loads per vCPU a look) when it was built, else :class:`PySampler`, its reference in Python, with
-the same interface: ``add(buffer) -> index`` before ``start()``, ``take()``, ``stop()``. It only
-reads kvmtop's own read-only mappings: no syscall touches the VMM.
+the same interface: ``add(buffer[, stats_fd, blocking_at]) -> index`` before ``start()``,
+``take()``, ``stop()``. It only reads kvmtop's own read-only mappings, and where kvmtop holds the
+vCPU's stats fd, its ``blocking`` counter when a look sees a reason (a stale one stays while the
+vCPU waits inside ``KVM_RUN``): no syscall touches the VMM.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import threading
@@ -24,7 +27,7 @@ RUN_EXIT_REASON, RUN_UNION = 8, 32  # offsetof(struct kvm_run, exit_reason), (..
 MAX_RATE_HZ = 100_000
 SLOTS = 256  # (reason, key) counters per vCPU between two takes, as the C sampler keeps
 
-Taken = tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]]]]]
+Taken = tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]], int]]]
 
 
 class PySampler:
@@ -36,6 +39,7 @@ class PySampler:
         self._interval_s = 1.0 / rate_hz
         self._random = random.Random(seed)
         self._views: list[memoryview] = []
+        self._blocking: list[tuple[int, int]] = []  # (stats fd or -1, offset of `blocking`)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -43,11 +47,12 @@ class PySampler:
         self._looks = 0
         self._counts: list[list[Any]] = []
 
-    def add(self, buffer: Any) -> int:
+    def add(self, buffer: Any, stats_fd: int = -1, blocking_at: int = 0) -> int:
         if self._thread is not None:
             raise RuntimeError("add before start")
         self._views.append(memoryview(buffer))
-        self._counts.append([0, 0, {}])
+        self._blocking.append((stats_fd, blocking_at))
+        self._counts.append([0, 0, {}, 0])
         return len(self._views) - 1
 
     def start(self) -> None:
@@ -75,16 +80,22 @@ class PySampler:
             if delay > 0:
                 time.sleep(delay)
             with self._lock:
-                for view, counts in zip(self._views, self._counts, strict=True):
-                    self._look(view, counts)
+                for view, blocking, counts in zip(self._views, self._blocking, self._counts,
+                                                  strict=True):  # fmt: skip
+                    self._look(view, blocking, counts)
                 self._looks += 1
 
     @staticmethod
-    def _look(run: memoryview, counts: list[Any]) -> None:
+    def _look(run: memoryview, blocking: tuple[int, int], counts: list[Any]) -> None:
         reason = U32.unpack_from(run, RUN_EXIT_REASON)[0]
         counts[0] += 1
         if reason == 0:
             counts[1] += 1
+            return
+        fd, at = blocking
+        if fd >= 0 and any(os.pread(fd, 8, at)):  # waiting inside KVM_RUN: a stale reason
+            counts[1] += 1
+            counts[3] += 1
             return
         key = 0
         if reason == KVM_EXIT_IO:
@@ -102,10 +113,10 @@ class PySampler:
         with self._lock:
             now = time.monotonic_ns()
             out = (now - self._since, self._looks,
-                   [(s, r, [(k[0], k[1], n) for k, n in keys.items()])
-                    for s, r, keys in self._counts])  # fmt: skip
+                   [(s, r, [(k[0], k[1], n) for k, n in keys.items()], stale)
+                    for s, r, keys, stale in self._counts])  # fmt: skip
             self._since, self._looks = now, 0
-            self._counts = [[0, 0, {}] for _ in self._counts]
+            self._counts = [[0, 0, {}, 0] for _ in self._counts]
         return out
 
 

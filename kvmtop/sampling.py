@@ -8,6 +8,11 @@ score interval from the number of looks. KVM's own counters (exact) give the exi
 VMM share times the interval over its exit count is its mean VMM time per exit, less the part of
 each exit's ``KVM_RUN`` that looks also see a reason in (:mod:`kvmtop.entry_cost`), when timed.
 
+What the VMM itself spent is bounded, not guessed (:func:`vmm_own_bound`): at least the low end
+of the looks' share less the most KVM's part of every exit KVM counted can be, at most the high
+end (KVM's part is never less than nothing). Where KVM's part was not timed, or KVM's counters
+are not held, the low end is not known and the bound says so (``None``).
+
 :class:`Tally` adds up what the sampler took (bounded: a fixed number of keys per vCPU), and
 :func:`estimate` turns a tally and two counter samples into a :class:`WatchSnapshot`. No I/O.
 """
@@ -76,6 +81,25 @@ class Share:
 
 
 @dataclass(frozen=True, slots=True)
+class Bound:
+    """A 95% bound of something the looks estimate, net of KVM's part of each exit."""
+
+    low: float
+    high: float
+
+
+def vmm_own_bound(share: Share, span_ns: float, exits: float | None,
+                  entry: EntryCost | str) -> Bound | None:  # fmt: skip
+    """The VMM's own ns in ``span_ns`` of vCPU time whose looks gave ``share``, with ``exits``
+    exits in that span: at least the share's low end less KVM's part of every exit at its
+    most, at most its high end. None where the low end cannot be known (KVM's part not timed,
+    or no count of the exits)."""
+    if not isinstance(entry, EntryCost) or exits is None:
+        return None
+    return Bound(max(0.0, share.low * span_ns - exits * entry.at_most_ns), share.high * span_ns)
+
+
+@dataclass(frozen=True, slots=True)
 class SiteShare:
     """An IO port (and direction) or MMIO address, by the VMM's time on its exits."""
 
@@ -104,9 +128,14 @@ class VcpuWatch:
     mean_vmm_ns: dict[str, float]  # a reason's VMM time per exit, where KVM counts its exits,
     # net of KVM's entry cost when that was timed
     history: tuple[float, ...] = ()  # the VMM's share per interval, oldest first
-    # the most of the VMM's share that can be KVM's own part of the exits (timed entry cost
-    # times every exit KVM counted: not every exit reaches the VMM), where both are known
+    # the most of the VMM's share that can be KVM's own part of the exits (KVM's part at its
+    # most times every exit KVM counted: not every exit reaches the VMM), where both are known
     kvm_part_at_most: float | None = None
+    # the VMM's own share, net of KVM's part: its 95% bound; None where the low end is unknown
+    vmm_own: Bound | None = None
+    # a reason's VMM time per exit, net of KVM's part: its 95% bound, where KVM counts its exits
+    mean_vmm_bounds: dict[str, Bound] = field(default_factory=dict)
+    stale: int = 0  # looks that saw a reason while KVM said the vCPU waited inside KVM_RUN
 
     @property
     def exits_per_s(self) -> float | None:
@@ -127,13 +156,15 @@ class WatchSnapshot:
     note: str = ""  # what is not shown, and why ("KVM's counters: ...", "counters only: ...")
     counters: bool = False  # KVM's counters are held (exits/s are exact)
     entry: EntryCost | str = "not timed"  # KVM's own part of each exit in the looks, or why not
+    stopped: bool = False  # the VMM was stopped by a signal at the snapshot
 
 
 @dataclass(slots=True)
 class _VcpuTally:
     samples: int = 0
-    in_run: int = 0
+    in_run: int = 0  # stale looks included
     keys: dict[tuple[int, int], int] = field(default_factory=dict)
+    stale: int = 0
 
 
 class Tally:
@@ -146,16 +177,19 @@ class Tally:
         self.reset_seen = False
 
     def add(
-        self, taken: tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]]]]]
+        self, taken: tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]], int]]]
     ) -> None:
-        """A sampler's ``take()``: (ns, looks, per vCPU (samples, in_run, (reason, key, n)...))."""
+        """A sampler's ``take()``: (ns, looks, per vCPU (samples, in_run, (reason, key, n)...,
+        stale))."""
         ns, looks, vcpus = taken
         self.ns += ns
         self.looks += looks
-        for tally, (samples, in_run, keys) in zip(self.vcpus, vcpus, strict=False):
+        for tally, (samples, in_run, keys, stale) in zip(self.vcpus, vcpus, strict=False):
             tally.samples += samples
             tally.in_run += in_run
-            self.reset_seen = self.reset_seen or in_run > 0
+            tally.stale += stale
+            # a stale look (a vCPU blocked in KVM_RUN) says nothing of the reset
+            self.reset_seen = self.reset_seen or in_run > stale
             for reason, key, n in keys:
                 k = (reason, key)
                 if k not in tally.keys and len(tally.keys) >= MAX_KEYS:
@@ -172,29 +206,38 @@ def _reason_shares(keys: Mapping[tuple[int, int], int], samples: int) -> dict[st
 
 
 def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float], vcpus: int,
-                 entry_ns: float = 0.0) -> dict[str, float]:  # fmt: skip
+                 entry: EntryCost | str) -> tuple[dict[str, float], dict[str, Bound]]:  # fmt: skip
     """VMM time per exit: its share of each vCPU-second, times the vCPUs the share is of, over
-    its exits per second (summed over those vCPUs), less KVM's own part of each exit."""
-    out = {}
+    its exits per second (summed over those vCPUs), less KVM's own part of each exit as timed;
+    and its bound (KVM's part anywhere from nothing to its most)."""
+    entry_ns = entry.ns if isinstance(entry, EntryCost) else 0.0
+    means, bounds = {}, {}
     for label, share in by_reason.items():
         per_s = rates.get(COUNTER_OF_REASON.get(label, ""), 0.0)
         if per_s > 0:
-            out[label] = max(0.0, share.value * vcpus * 1e9 / per_s - entry_ns)
-    return out
+            means[label] = max(0.0, share.value * vcpus * 1e9 / per_s - entry_ns)
+            own = vmm_own_bound(share, vcpus * 1e9, per_s, entry)
+            if own is not None:
+                bounds[label] = Bound(own.low / per_s, own.high / per_s)
+    return means, bounds
 
 
 def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mapping[str, float],
-                history: Iterable[float] = (), vcpus: int = 1, entry_ns: float = 0.0
-                ) -> VcpuWatch:  # fmt: skip
+                history: Iterable[float] = (), vcpus: int = 1,
+                entry: EntryCost | str = "not timed") -> VcpuWatch:  # fmt: skip
     """One vCPU's estimates, or (``vcpus`` > 1) the VM's: the looks of that many vCPUs."""
     n = tally.samples
     by_reason = _reason_shares(tally.keys, n)
-    means = _mean_vmm_ns(by_reason, rates, vcpus, entry_ns)
+    means, mean_bounds = _mean_vmm_ns(by_reason, rates, vcpus, entry)
     vmm = Share(n - tally.in_run, n)
     exits = rates.get("exits")
-    kvm_part = min(vmm.value, exits * entry_ns / 1e9 / vcpus) if exits and entry_ns else None
+    own = vmm_own_bound(vmm, vcpus * 1e9, exits, entry)
+    at_most = entry.at_most_ns if isinstance(entry, EntryCost) else 0.0
+    kvm_part = min(vmm.value, exits * at_most / 1e9 / vcpus) if exits and at_most else None
     return VcpuWatch(label, key, n, Share(tally.in_run, n), vmm, by_reason, dict(rates), means,
-                     tuple(history), kvm_part)  # fmt: skip
+                     tuple(history), kvm_part,
+                     Bound(own.low / 1e9 / vcpus, own.high / 1e9 / vcpus) if own else None,
+                     mean_bounds, tally.stale)  # fmt: skip
 
 
 def _sites(
@@ -221,26 +264,26 @@ class WatchedVcpu:
 def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, ...],
              vcpu_rates: Mapping[int, Mapping[str, float]], vm_rates: Mapping[str, float],
              histories: Mapping[int, deque[float]] | None = None, top: int = 8,
-             note: str = "", counters: bool = False, entry: EntryCost | str = "not timed"
-             ) -> WatchSnapshot:  # fmt: skip
+             note: str = "", counters: bool = False, entry: EntryCost | str = "not timed",
+             stopped: bool = False) -> WatchSnapshot:  # fmt: skip
     """The estimates of one tally: per vCPU (``vcpu_rates`` by vCPU id, KVM's per-second rates),
     for the whole VM (``vm_rates``: the vCPU counters summed), and the busiest sites."""
     histories = histories or {}
-    entry_ns = entry.ns if isinstance(entry, EntryCost) else 0.0
     rows = tuple(
         _vcpu_watch(
-            v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()), 1, entry_ns
+            v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()), 1, entry
         )  # fmt: skip
         for i, (v, t) in enumerate(zip(vcpus, tally.vcpus, strict=True))
     )
-    whole = _VcpuTally(sum(t.samples for t in tally.vcpus), sum(t.in_run for t in tally.vcpus))
+    whole = _VcpuTally(sum(t.samples for t in tally.vcpus), sum(t.in_run for t in tally.vcpus),
+                       stale=sum(t.stale for t in tally.vcpus))  # fmt: skip
     for t in tally.vcpus:
         for k, n in t.keys.items():
             whole.keys[k] = whole.keys.get(k, 0) + n
     return WatchSnapshot(
         pid, tally.ns / 1e9, rate_hz, tally.looks, rows,
-        _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry_ns),
+        _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry),
         _sites(tally.vcpus, whole.samples, KVM_EXIT_IO, top),
         _sites(tally.vcpus, whole.samples, KVM_EXIT_MMIO, top),
-        tally.reset_seen, note, counters, entry,
+        tally.reset_seen, note, counters, entry, stopped,
     )  # fmt: skip

@@ -15,7 +15,7 @@ import time
 from typing import Any, TextIO
 
 from kvmtop.entry_cost import EntryCost
-from kvmtop.sampling import Share, SiteShare, VcpuWatch, WatchSnapshot
+from kvmtop.sampling import Bound, Share, SiteShare, VcpuWatch, WatchSnapshot
 from kvmtop.stats_cli import CLEAR, SignalStop
 from kvmtop.units import duration, human
 from kvmtop.watcher import Watcher
@@ -51,14 +51,22 @@ def _share_json(share: Share) -> dict[str, Any]:
             "high": round(share.high, 6), "hits": share.hits}  # fmt: skip
 
 
+def _bound_json(bound: Bound | None, digits: int) -> dict[str, float] | None:
+    return None if bound is None else {"low": round(bound.low, digits),
+                                       "high": round(bound.high, digits)}  # fmt: skip
+
+
 def _vcpu_json(v: VcpuWatch) -> dict[str, Any]:
     return {
         "samples": v.samples,
         "in_run": _share_json(v.in_run),
+        "stale_looks": v.stale,
         "vmm": _share_json(v.vmm),
+        "vmm_own": _bound_json(v.vmm_own, 6),
         "vmm_by_reason": {label: _share_json(s) for label, s in v.by_reason.items()},
         "kvm_rates": {k: round(x, 3) for k, x in sorted(v.kvm_rates.items())},
         "mean_vmm_ns": {k: round(x) for k, x in v.mean_vmm_ns.items()},
+        "mean_vmm_ns_bound": {k: _bound_json(b, 0) for k, b in v.mean_vmm_bounds.items()},
         "kvm_part_at_most": None if v.kvm_part_at_most is None else round(v.kvm_part_at_most, 6),
         **({"key": {"pid": v.key.pid, "vm": v.key.vm, "vcpu": v.key.vcpu}} if v.key else {}),
     }
@@ -77,6 +85,7 @@ def snapshot_json(snap: WatchSnapshot) -> dict[str, Any]:
         "rate_hz": snap.rate_hz,
         "looks": snap.looks,
         "reset_seen": snap.reset_seen,
+        "stopped": snap.stopped,
         "kernel": platform.release(),
         "counters": snap.counters,
         "note": snap.note,
@@ -94,10 +103,19 @@ def entry_line(entry: EntryCost | str) -> str:
     after it sets) exit_reason."""
     if isinstance(entry, EntryCost):
         return (
-            f"KVM's own part of each exit: {entry.text()}, timed on a VM of kvmtop's "
-            "own;\nthe VMM's shares include it, its times per exit are net of it"
+            f"KVM's own part of each exit: {entry.text()}, timed on a VM of kvmtop's own; "
+            f"another VM's may be\nanything up to {entry.at_most_ns / 1e3:.1f} µs: the VMM's "
+            "shares include it, THE VMM'S OWN bounds it out"
         )
-    return f"KVM's own part of each exit, in the VMM's shares: {entry}"
+    return (f"KVM's own part of each exit, in the VMM's shares: {entry}; "
+            "the VMM's own time is not bounded below")  # fmt: skip
+
+
+def bound_text(bound: Bound | None) -> str:
+    """``"41-47%"``: a share's 95% bound net of KVM's part; ``"?"`` where not known."""
+    if bound is None:
+        return "?"
+    return f"{100 * bound.low:.0f}-{100 * bound.high:.0f}%"
 
 
 def snapshot_text(snap: WatchSnapshot) -> str:
@@ -113,17 +131,20 @@ def snapshot_text(snap: WatchSnapshot) -> str:
         lines.append(snap.note)
     lines.append(entry_line(snap.entry))
     lines += ["", f"{'VCPU':>12}  {'EXITS/s':>9}  {'IN KVM_RUN':>13}  {'IN THE VMM':>13}  "
-                  "OF WHICH KVM'S, AT MOST"]  # fmt: skip
+                  "THE VMM'S OWN (net of KVM's part, 95%)"]  # fmt: skip
     for v in (*snap.vcpus, snap.vm):
         rate = human(v.exits_per_s) if v.exits_per_s is not None else "-"
-        kvm = f"{100 * v.kvm_part_at_most:.1f}%" if v.kvm_part_at_most is not None else "-"
+        stale = f"  ({v.stale} looks: blocked in KVM_RUN, stale reason)" if v.stale else ""
         lines.append(f"{v.label:>12}  {rate:>9}  {v.in_run.text():>13}  {v.vmm.text():>13}  "
-                     f"{kvm:>8}")  # fmt: skip
+                     f"{bound_text(v.vmm_own):>8}{stale}")  # fmt: skip
+    if any(v.vmm_own is None for v in snap.vcpus):
+        lines.append("  ?: not known without KVM's counters and KVM's part timed")
     lines += ["", "VMM TIME BY EXIT REASON (sampled)"]
     for v in (*snap.vcpus, snap.vm):
         for label, share in v.by_reason.items():
-            mean = v.mean_vmm_ns.get(label)
-            per_exit = f"  {duration(round(mean))}/exit" if mean is not None else ""
+            bound = v.mean_vmm_bounds.get(label)
+            per_exit = (f"  {duration(round(bound.low))}-{duration(round(bound.high))}/exit"
+                        if bound is not None else "")  # fmt: skip
             lines.append(f"{v.label:>12}  {label:<24} {share.text():>13}{per_exit}")
     for title, sites in (("TOP IO PORTS BY VMM TIME", snap.top_ports),
                          ("TOP MMIO ADDRESSES BY VMM TIME", snap.top_addresses)):  # fmt: skip

@@ -7,6 +7,9 @@ starts one sampler thread for all vCPUs (:mod:`kvmtop.sampler`). From then on no
 runs in, or stops, the VMM; :meth:`Watcher.close` closes every fd it took. Never ptrace here.
 Before the first look it times this host's entry cost on a VM of kvmtop's own
 (:mod:`kvmtop.entry_cost`: once per process), so that VMM times per exit are net of it.
+Where it holds a vCPU's stats fd (its own counters', or the caller's), a look that sees a reason
+also reads the vCPU's ``blocking`` counter: a vCPU waiting inside ``KVM_RUN`` keeps the reason it
+last returned with. A VMM stopped by a signal is said to be stopped at each snapshot.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 from kvmtop.arch import HOST
 from kvmtop.entry_cost import EntryCost, measure
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
-from kvmtop.procfs import fd_table, permission_hint, tracer_pid
+from kvmtop.procfs import fd_table, is_stopped, permission_hint, tracer_pid
 from kvmtop.ptrace_abi import pidfd_getfd
 from kvmtop.sampler import make_sampler
 from kvmtop.sampling import HISTORY, Tally, WatchedVcpu, WatchSnapshot, estimate
@@ -71,13 +74,28 @@ def _wait_untraced(pid: int) -> None:
         time.sleep(0.001)
 
 
+def _blocking_of(stats: VmStats | None, vcpu_id: int) -> tuple[int, int]:
+    """The vCPU's stats fd and the offset of its ``blocking`` counter, else (-1, 0)."""
+    held = stats.vcpus.get(vcpu_id) if stats is not None else None
+    if held is None or held.fd < 0:
+        return -1, 0
+    for desc in held.layout.descs:
+        if desc.name == "blocking":  # 1 while the vCPU waits in kvm_vcpu_block (Linux 5.16+)
+            return held.fd, held.layout.data_offset + desc.offset
+    return -1, 0
+
+
 class Watcher:
     """Counters and samples of one VMM's vCPUs (a context manager: it closes what it took)."""
 
     def __init__(self, pid: int, rate_hz: float = 1000.0, counters: bool = True,
-                 seed: int | None = None, cancel: threading.Event | None = None) -> None:  # fmt: skip
+                 seed: int | None = None, held: VmStats | None = None,
+                 cancel: threading.Event | None = None) -> None:  # fmt: skip
+        """``held``: the VM's stats fds, the caller's (kept open by it while this watches),
+        for the looks to read each vCPU's ``blocking`` counter without counters of their own.
+        ``cancel`` set: a take of KVM's counters under way gives up."""
         self.pid = pid
-        self._cancel = cancel  # set: a take of KVM's counters under way gives up
+        self._cancel = cancel
         self.rate_hz = rate_hz
         self._maps: list[mmap.mmap] = []
         self._fds: list[int] = []
@@ -86,13 +104,14 @@ class Watcher:
         self._pidfd: int | None = None
         self.note = ""
         self.counters_copied = False  # KVM's counters from the VMM's own stats fds: no attach
+        self.stopped_seen = False  # a snapshot found the VMM stopped (SIGSTOP...)
         try:
-            self._open(counters, seed)
+            self._open(counters, seed, held)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, counters: bool, seed: int | None) -> None:
+    def _open(self, counters: bool, seed: int | None, held: VmStats | None) -> None:
         pid = self.pid
         if counters:
             self._stats = _held_stats(pid)
@@ -134,7 +153,7 @@ class Watcher:
             self._fds.append(dup)
             page = mmap.mmap(dup, HOST.RUN_MAP_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
             self._maps.append(page)
-            self._sampler.add(page)
+            self._sampler.add(page, *_blocking_of(self._stats or held, vcpu_id))
             label = str(vcpu_id) if len(vms) == 1 else f"{pid}:{vm}:{vcpu_id}"
             self.vcpus.append(WatchedVcpu(label, VcpuKey(pid, vm, vcpu_id), vcpu_id))
         if not self.vcpus:
@@ -143,6 +162,7 @@ class Watcher:
         self._total = Tally(len(self.vcpus))
         self._histories = {i: deque(maxlen=HISTORY) for i in range(len(self.vcpus))}
         self._first = self._last = self._stats.sample() if self._stats is not None else None
+        self._stopped = False
         self.entry: EntryCost | str = measure()  # before the sampler takes a CPU
         self._sampler.start()
 
@@ -171,6 +191,8 @@ class Watcher:
         for i, v in enumerate(tally.vcpus):
             if v.samples:
                 self._histories[i].append((v.samples - v.in_run) / v.samples)
+        self._stopped = is_stopped(self.pid)
+        self.stopped_seen = self.stopped_seen or self._stopped
         now = self._counters_now()
         vcpu_rates, vm_rates = self._rates(self._last, now)
         self._last = now if now is not None else self._last
@@ -184,16 +206,20 @@ class Watcher:
     def _estimate(self, tally: Tally, vcpu_rates: dict[int, dict[str, float]],
                   vm_rates: dict[str, float], top: int) -> WatchSnapshot:  # fmt: skip
         note = self.note
-        if not self._total.reset_seen and self._total.looks >= RESET_CHECK_LOOKS:
+        if self._stopped:
+            note = (f"pid {self.pid} is stopped (a signal: state T): its vCPUs run nothing, and "
+                    "the looks show the exit each was stopped at")  # fmt: skip
+        elif (not self._total.reset_seen and self._total.looks >= RESET_CHECK_LOOKS
+              and not self.stopped_seen):  # fmt: skip
             note = (f"counters only: no look saw a vCPU inside KVM_RUN (exit_reason 0) in "
                     f"{self._total.looks} looks; this kernel ({platform.release()}) may not reset "
                     "exit_reason at KVM_RUN entry, so the samples say nothing")  # fmt: skip
         return estimate(self.pid, self.rate_hz, tally, tuple(self.vcpus), vcpu_rates, vm_rates,
                         self._histories, top, note, self._stats is not None,
-                        self.entry)  # fmt: skip
+                        self.entry, self._stopped)  # fmt: skip
 
     def _counters_now(self) -> StatsSample | None:
-        if self._stats is None or not self._stats.vmm_alive():
+        if self._stats is None:  # held fds still read an ended VMM's last counts
             return None
         try:
             return self._stats.sample()

@@ -3,9 +3,11 @@ the counters' moment, its fd table unchanged, and shares that agree with the tra
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,11 +18,12 @@ from conftest import start_minivmm, start_qemu, wait_for_vcpus
 from test_cli import as_nobody, assert_one_line_error
 
 from kvmtop.entry_cost import EntryCost, measure
-from kvmtop.procfs import tracer_pid
+from kvmtop.procfs import is_stopped, tracer_pid
+from kvmtop.sampling import vmm_own_bound
+from kvmtop.watch_cli import snapshot_text
 from kvmtop.watcher import Watcher
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("pure_sampler")]
-PYTHON_CLOCK_NS = 10_000  # per exit: what minivmm's clock, read around its ioctl, may misplace
 
 
 @pytest.fixture(params=["native", "pure"])
@@ -160,14 +163,17 @@ def test_kvm_s_own_part_of_each_exit_is_timed_on_a_vm_of_kvmtop_s_own():
 
 
 @pytest.mark.parametrize("sleep_us", [20, 1000])
-def test_sampled_shares_agree_with_the_vmm_s_own_account_of_its_time(tmp_path, processes, sleep_us):
+def test_the_vmm_s_own_share_lies_in_the_watch_s_bound_by_the_vmm_s_own_clock(
+    tmp_path, processes, sleep_us
+):
     """minivmm times its own KVM_RUN calls: the share of time it spent out of KVM_RUN (handling
-    exits) is the truth the samples estimate. The samples also count, as the VMM's, KVM's own
-    part of each exit (before it resets exit_reason at entry, after it sets the next): net of
-    that, as the watch timed it, they agree with the truth. minivmm's clock is Python's, read
-    around its ioctl call: that takes a few µs per exit from its VMM time, and the tolerance."""
+    exits) is the truth. The looks also count, as the VMM's, KVM's own part of each exit (before
+    it resets exit_reason at entry, after it sets the next), which differs between VMs and
+    moments: the watch's bound of the VMM's own share allows it anything from nothing to its
+    most, and holds the truth; and it says something (narrower than the share itself)."""
     if importlib.util.find_spec("kvmtop._sampler") is None:
         pytest.skip("kvmtop._sampler is not built: KVM's part of each exit is not timed")
+    assert isinstance(measure(), EntryCost)  # timed before the VMM starts: the watch sees it all
     report = tmp_path / "vmm.json"
     outs = 8000 if sleep_us < 500 else 2000
     vmm = start_minivmm(processes, outs=outs, mmio_writes=0, out_sleep_us=sleep_us,
@@ -176,23 +182,20 @@ def test_sampled_shares_agree_with_the_vmm_s_own_account_of_its_time(tmp_path, p
         vmm.wait(120)
         snap = watcher.snapshot()
     own = json.loads(report.read_text())["time_ns"]["0"]
-    cycle_ns = (own["vmm"] + own["run"]) / (outs + 1)
     truth = own["vmm"] / (own["vmm"] + own["run"])
-    sampled = snap.vcpus[0].vmm
-    assert sampled.samples > 1000 and isinstance(snap.entry, EntryCost), snap.entry
-    kvm_part = snap.entry.ns / cycle_ns  # of each cycle: KVM's, though the looks saw a reason
-    slack = PYTHON_CLOCK_NS / cycle_ns + 0.01  # and 1% for the start the watch did not see
-    low, high = sampled.low - kvm_part, sampled.high - kvm_part
-    assert low - slack <= truth <= high + slack, (sampled.text(), snap.entry, truth, cycle_ns)
-    io = snap.vcpus[0].by_reason["KVM_EXIT_IO"]
-    assert io.hits == sampled.hits  # every look out of KVM_RUN saw the `out` being handled
+    (vcpu,) = snap.vcpus
+    assert vcpu.samples > 1000 and vcpu.vmm_own is not None, (snap.note, snap.entry)
+    bound = vcpu.vmm_own
+    assert bound.low <= truth <= bound.high, (bound, truth, vcpu.vmm.text(), snap.entry)
+    assert bound.high - bound.low < truth
+    assert vcpu.by_reason["KVM_EXIT_IO"].hits == vcpu.vmm.hits  # every look out saw the `out`
 
 
-def test_sampled_times_per_exit_net_of_kvm_s_part_match_a_c_vmm_s_clock(timed_vmm, processes):
+def test_each_reason_s_vmm_time_per_exit_lies_in_its_bound_by_a_c_vmm_s_clock(timed_vmm, processes):
     """A C VMM alternates `out` and MMIO writes, spins 100 µs after each `out` and 50 µs after
-    each write, and times its KVM_RUN calls to tens of ns: each reason's sampled time per exit,
-    less KVM's part as the watch timed it, is the VMM's own within the bound and 3 µs (KVM's
-    part varies that much between VMs)."""
+    each write, and times its KVM_RUN calls to tens of ns: each reason's VMM time per exit, as
+    its own clock says, lies in the bound of its sampled share net of KVM's part (from nothing
+    to its most), and that bound is narrower than the time itself."""
     if importlib.util.find_spec("kvmtop._sampler") is None:
         pytest.skip("needs kvmtop._sampler (KVM's part of each exit)")
     vmm = subprocess.Popen([timed_vmm, "40000", "100", "mix"], stdout=subprocess.PIPE, text=True)
@@ -207,12 +210,65 @@ def test_sampled_times_per_exit_net_of_kvm_s_part_match_a_c_vmm_s_clock(timed_vm
     total = own["in_run_ns"] + own["out_ns"]
     for key, label, handler_ns in (("io", "KVM_EXIT_IO", 100e3), ("mmio", "KVM_EXIT_MMIO", 50e3)):
         n, ns = own[key]
-        share = snap.vcpus[0].by_reason[label]
         truth = ns / n
-        assert handler_ns <= truth < handler_ns + 5e3  # the VMM spun as it was told
-        low = share.low * total / n - snap.entry.ns
-        high = share.high * total / n - snap.entry.ns
-        assert low - 3e3 <= truth <= high + 3e3, (label, low, high, truth, snap.entry)
+        assert truth >= handler_ns  # the VMM spun as it was told
+        bound = vmm_own_bound(snap.vcpus[0].by_reason[label], total, n, snap.entry)
+        assert bound is not None
+        low, high = bound.low / n, bound.high / n
+        assert low <= truth <= high, (label, low, high, truth, snap.entry)
+        assert high - low < truth
+
+
+def test_a_vcpu_waiting_inside_kvm_run_reads_in_kvm_run_not_a_stale_reason(processes):
+    """With an in-kernel irqchip, minivmm's second vCPU waits in KVM_RUN for a SIPI that never
+    comes; KVM does not reset exit_reason on that path, so after a signal (kvmtop's own kick
+    when it takes the counters, here one sent to that thread) its page says KVM_EXIT_INTR for as
+    long as it waits. The watch reads it as in KVM_RUN (KVM's `blocking` counter), not the VMM."""
+    vmm = start_minivmm(processes, vcpus=2, irqchip=True, outs=10_000_000, mmio_writes=0,
+                        out_sleep_us=100)  # fmt: skip
+    wait_for_vcpus(vmm.pid, 2)
+    time.sleep(0.3)
+    with Watcher(vmm.pid, rate_hz=2000) as watcher:
+        waiting = next(t for t in os.listdir(f"/proc/{vmm.pid}/task")
+                       if open(f"/proc/{vmm.pid}/task/{t}/comm").read().strip() == "CPU 1/KVM")  # fmt: skip
+        tgkill(vmm.pid, int(waiting), signal.SIGUSR1)  # KVM_RUN returns EINTR; minivmm re-enters
+        time.sleep(0.1)
+        watcher.snapshot()
+        time.sleep(1.0)
+        snap = watcher.snapshot()
+    first, second = snap.vcpus
+    assert first.by_reason["KVM_EXIT_IO"].value > 0.5  # the `out` loop, in the VMM
+    assert second.samples > 500 and second.vmm.high < 0.01, second.by_reason
+    assert "KVM_EXIT_INTR" not in second.by_reason and second.stale > 0.9 * second.samples
+    assert snap.reset_seen and not snap.note
+
+
+def test_a_stopped_vmm_is_said_to_be_stopped_not_a_kernel_that_keeps_its_reasons(processes):
+    vmm = io_loop(processes, out_sleep_us=100)
+    os.kill(vmm.pid, signal.SIGSTOP)
+    try:
+        while not is_stopped(vmm.pid):
+            time.sleep(0.01)
+        with Watcher(vmm.pid, rate_hz=2000, counters=False) as watcher:
+            time.sleep(0.3)  # more than the 200 looks of the kernel's check
+            stopped = watcher.snapshot()
+            text = snapshot_text(stopped)
+            os.kill(vmm.pid, signal.SIGCONT)
+            time.sleep(0.5)
+            running = watcher.snapshot()
+    finally:
+        os.kill(vmm.pid, signal.SIGCONT)
+    assert stopped.stopped and not stopped.reset_seen and stopped.vcpus[0].samples >= 200
+    assert f"pid {vmm.pid} is stopped" in stopped.note and "may not reset" not in stopped.note
+    assert f"pid {vmm.pid} is stopped" in text and "kernel" not in stopped.note
+    assert not running.stopped and running.reset_seen and not running.note
+
+
+def tgkill(pid: int, tid: int, signum: int) -> None:
+    """A signal to one thread of another process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, signum) != 0:  # SYS_tgkill (x86_64)
+        raise OSError(ctypes.get_errno(), "tgkill")
 
 
 def test_a_thread_reads_the_watch_while_the_sampler_runs(processes):

@@ -2,16 +2,24 @@
  * thread of its own, and counts what it sees. An executor, never a decider.
  *
  *   Sampler(rate_hz, seed)      a sampler, not yet running
- *   add(buffer) -> index        a vCPU's kvm_run: kvmtop's own read-only mapping (held until
- *                               the sampler is dropped); before start() only
- *   start() / stop()            the sampling thread (no GIL, no syscall but its sleep)
+ *   add(buffer[, stats_fd, blocking_at]) -> index
+ *                               a vCPU's kvm_run: kvmtop's own read-only mapping (held until
+ *                               the sampler is dropped), and the vCPU's KVM stats fd with the
+ *                               data offset of its `blocking` counter, if kvmtop holds one;
+ *                               before start() only
+ *   start() / stop()            the sampling thread (no GIL, no syscall but its sleep and the
+ *                               pread below)
  *   take() -> (ns, ticks, vcpus)  the counts since the last take, then zeroed: for each vCPU
- *                               (samples, in_run, ((reason, key, count), ...))
+ *                               (samples, in_run, ((reason, key, count), ...), stale)
  *
  * A read sees exit_reason 0 while the vCPU is in KVM_RUN (the kernel resets it at entry), else the
  * reason of the exit the VMM is handling, with its key: IO port | out << 16, MMIO address, 0 for
  * others; a read the VMM's next entry raced (the reason changed under it) keeps the reason with
- * key TORN. Python turns counts into shares; this file decides nothing.
+ * key TORN. A reason alone is not trusted: KVM resets it in vcpu_run(), and a vCPU that blocks
+ * before that (an AP waiting for its SIPI, re-entered after a signal) shows the last exit's reason
+ * (KVM_EXIT_INTR) for as long as it waits. So a look that sees a reason reads the vCPU's
+ * `blocking` counter (one pread, ~0.3 µs, only when the reason is non-zero): blocked in KVM_RUN
+ * counts as in KVM_RUN, and as stale. Python turns counts into shares; this file decides nothing.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,6 +31,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <unistd.h>
 #include <time.h>
 
 #define MAX_VCPUS 512
@@ -43,7 +52,9 @@ typedef struct {
 typedef struct {
     Py_buffer view;
     const volatile uint8_t *run;
-    uint64_t samples, in_run;
+    int stats_fd;       /* the vCPU's KVM stats fd (the caller's, held while it holds us), or -1 */
+    off_t blocking_at;  /* the data offset of its `blocking` counter (1 inside kvm_vcpu_block) */
+    uint64_t samples, in_run, stale;
     Slot slots[SLOTS];
 } Vcpu;
 
@@ -107,6 +118,12 @@ static void look(Vcpu *v) {
     v->samples++;
     if (reason == 0) {
         v->in_run++;
+        return;
+    }
+    uint64_t blocking = 0;
+    if (v->stats_fd >= 0 && pread(v->stats_fd, &blocking, sizeof blocking, v->blocking_at) == sizeof blocking && blocking) {
+        v->in_run++; /* a stale reason: the vCPU waits inside KVM_RUN */
+        v->stale++;
         return;
     }
     uint64_t key = 0;
@@ -191,7 +208,9 @@ static void Sampler_dealloc(Sampler *s) {
 
 static PyObject *Sampler_add(Sampler *s, PyObject *args) {
     PyObject *obj;
-    if (!PyArg_ParseTuple(args, "O", &obj)) return NULL;
+    int stats_fd = -1;
+    long long blocking_at = 0;
+    if (!PyArg_ParseTuple(args, "O|iL", &obj, &stats_fd, &blocking_at)) return NULL;
     if (s->running) return PyErr_Format(PyExc_RuntimeError, "add before start"), NULL;
     if (s->n >= MAX_VCPUS) return PyErr_Format(PyExc_OSError, "more than %d vCPUs", MAX_VCPUS), NULL;
     Vcpu *v = PyMem_Calloc(1, sizeof *v);
@@ -206,6 +225,8 @@ static PyObject *Sampler_add(Sampler *s, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "a kvm_run mapping is at least %d bytes", RUN_UNION + 24), NULL;
     }
     v->run = v->view.buf;
+    v->stats_fd = stats_fd;
+    v->blocking_at = (off_t)blocking_at;
     s->vcpus[s->n] = v;
     return PyLong_FromLong(s->n++);
 }
@@ -245,8 +266,8 @@ static PyObject *vcpu_counts(Vcpu *v) {
         }
         Py_DECREF(item);
     }
-    PyObject *out = Py_BuildValue("(KKN)", (unsigned long long)v->samples,
-                                  (unsigned long long)v->in_run, keys);
+    PyObject *out = Py_BuildValue("(KKNK)", (unsigned long long)v->samples,
+                                  (unsigned long long)v->in_run, keys, (unsigned long long)v->stale);
     return out;
 }
 
@@ -266,8 +287,9 @@ static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
         Vcpu *v = s->vcpus[i];
         copies[i].samples = v->samples;
         copies[i].in_run = v->in_run;
+        copies[i].stale = v->stale;
         memcpy(copies[i].slots, v->slots, sizeof v->slots);
-        v->samples = v->in_run = 0;
+        v->samples = v->in_run = v->stale = 0;
         memset(v->slots, 0, sizeof v->slots);
     }
     s->ticks = 0;
@@ -289,7 +311,7 @@ static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
 }
 
 static PyMethodDef Sampler_methods[] = {
-    {"add", (PyCFunction)Sampler_add, METH_VARARGS, "add(buffer) -> index: a vCPU's kvm_run"},
+    {"add", (PyCFunction)Sampler_add, METH_VARARGS, "add(buffer[, stats_fd, blocking_at]) -> index: a vCPU's kvm_run"},
     {"start", (PyCFunction)Sampler_start, METH_NOARGS, "start the sampling thread"},
     {"stop", (PyCFunction)Sampler_stop, METH_NOARGS, "stop it (and join it)"},
     {"take", (PyCFunction)Sampler_take, METH_NOARGS, "take() -> (ns, ticks, vcpus), zeroed"},

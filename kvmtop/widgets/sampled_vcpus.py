@@ -66,9 +66,9 @@ class SampledVcpus(VcpuTable, inherit_bindings=False):
         elif sub == 1:
             run = f"in run {v.in_run.text()}"
             segments = [Segment(f"{run:>{numbers_w - 2}}  ", muted)]
-        elif sub == 2 and v.kvm_part_at_most is not None:  # of the VMM's share
-            kvm = f"of which KVM ≤{100 * v.kvm_part_at_most:.1f}%"
-            segments = [Segment(f"{kvm:>{numbers_w - 2}}  ", muted)]
+        elif sub == 2 and v.vmm_own is not None:  # the VMM's share net of KVM's part
+            own = f"VMM's own {100 * v.vmm_own.low:.0f}-{100 * v.vmm_own.high:.0f}%"
+            segments = [Segment(f"{own:>{numbers_w - 2}}  ", muted)]
         else:
             segments = [Segment(" " * numbers_w, base)]
         seconds = timeline_width(width, id_w, NUMBERS_W)
