@@ -240,10 +240,12 @@ class Replay:
                         self._work_ns = self.start_ns
                         self._batches = self.recording.batches(BATCH)
                         self._pending = None
-                    slack = 0 if self.paused else int(TICK_S * NS * self.speed)
-                    if not self._caught_up(target - slack):  # playing: feed once a tick
+                    at_end = self.end_ns is not None and target >= self.end_ns
+                    # playing: feed once a tick; at the end (or paused), all the way to it
+                    slack = 0 if self.paused or at_end else int(TICK_S * NS * self.speed)
+                    if not self._caught_up(target - slack):
                         break
-                    at_rest = self.paused or (self.end_ns is not None and target >= self.end_ns)
+                    at_rest = self.paused or at_end
                     self._lock.wait(None if at_rest else TICK_S)
                 if self._goal is not None:
                     target = END_OF_TIME

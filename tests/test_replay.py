@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from kvmtop.events import ExitBatch, ExitEvent
@@ -72,5 +73,28 @@ def test_a_truncated_recording_says_so_before_and_after_it_plays(tmp_path) -> No
         replay.seek_to(1.0)
         assert replay.wait_settled(10)
         assert replay.status().state == "replay ended, truncated"
+    finally:
+        replay.close()
+
+
+def test_a_recording_shorter_than_a_tick_plays_to_its_end_after_end_then_home(tmp_path) -> None:
+    """Home after End replays from the start at 1x: it reaches the last exit and says it ended
+    (it once stopped a tick's worth of exits short of the end, and stayed there)."""
+    events = [ExitEvent(0, 2, 0, START + i * 20_000 - 300, START + i * 20_000, 0x80, 1 | 1 << 8)
+              for i in range(1, 1500)]  # 30 ms  # fmt: skip
+    meta = RecordingMeta(pid=1, argv=("vm",), launched=False, start_ns=START, start_wall=1.7e9,
+                         with_data=False)  # fmt: skip
+    writer = RecordingWriter.create(str(tmp_path / "short.kvmtop"), meta, False)
+    writer.write_batch(ExitBatch.of(events, START))
+    writer.close()
+    replay = Replay(str(tmp_path / "short.kvmtop"))
+    try:
+        replay.seek_to(1.0)
+        assert replay.wait_settled(10) and replay.snapshot().total == len(events)
+        replay.seek_to(0.0)
+        assert replay.wait_settled(10)  # the clock runs on to the end, and the player with it
+        time.sleep(0.2)
+        assert replay.wait_settled(10) and replay.snapshot().total == len(events)
+        assert replay.status().state.startswith("replay ended")  # (no end marker written)
     finally:
         replay.close()
