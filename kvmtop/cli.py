@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     from kvmtop.events import ExitBatch
     from kvmtop.recording import Recording
 
-if TYPE_CHECKING:
-    from kvmtop.session import TraceSession
-
 DEFAULT_RECORDING = "kvmtop.data"
 # A stop signal ends `record` within this: the detach it begins, or else the trace is cut short
 # (the kernel detaches a VMM when kvmtop exits; a launched command under the filter ends with it)
@@ -293,21 +290,6 @@ def watch(args: argparse.Namespace) -> int:
         return 0
 
 
-def tracing_mode(session: TraceSession, asked_one_stop: bool) -> str:
-    """How the exits were seen, for the summary."""
-    if session.notify:
-        return "no ptrace stop per exit (kvmtop's seccomp filter notifies its listener)"
-    if session.one_stop:
-        note = f"; no user notification: {session.filter_note}" if session.filter_note else ""
-        return f"1 ptrace stop per exit (kvmtop's seccomp filter{note})"
-    if session.launched and asked_one_stop:
-        return "2 ptrace stops per exit (the seccomp filter could not be installed)"
-    if session.launched:
-        return "2 ptrace stops per KVM_RUN and per syscall of a vCPU thread"
-    return ("2 ptrace stops per KVM_RUN and per syscall of a vCPU thread (attached; started by "
-            "kvmtop, `record -- CMD`, it would take none per exit, 1 with --no-notify)")  # fmt: skip
-
-
 def record(
     pids: list[int] | None,
     command: list[str] | None,
@@ -323,6 +305,7 @@ def record(
     then summarise. A launched command runs under kvmtop's seccomp filter unless ``one_stop`` is
     False."""
     from kvmtop.export import JsonlStream
+    from kvmtop.recording import tracing_mode
     from kvmtop.report import cut, summary_json, summary_table
     from kvmtop.session import SessionState, TraceSession
 
@@ -422,7 +405,9 @@ def record(
     snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
             "launched": session.launched, "one_stop": session.one_stop,
-            "mode": tracing_mode(session, one_stop), "traced_s": session.traced_s}  # fmt: skip
+            "mode": tracing_mode(session.launched, session.one_stop, session.notify,
+                                 session.filter_note),
+            "traced_s": session.traced_s}  # fmt: skip
     if as_json:
         print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)
     else:

@@ -66,6 +66,7 @@ class RecordingMeta:
     hostname: str = ""
     kernel: str = ""
     kvmtop_version: str = __version__
+    mode: str = ""  # how the exits were seen (tracing_mode); "" in recordings made before it
 
 
 def meta_for(attached: Attached, with_data: bool) -> RecordingMeta:
@@ -79,7 +80,26 @@ def meta_for(attached: Attached, with_data: bool) -> RecordingMeta:
         with_data=with_data,
         hostname=socket.gethostname(),
         kernel=platform.release(),
+        mode=tracing_mode(
+            attached.launched, attached.one_stop, attached.notify, attached.filter_note
+        ),  # fmt: skip
     )
+
+
+def tracing_mode(launched: bool, one_stop: bool, notify: bool, filter_note: str) -> str:
+    """How the exits were seen, for the summary and the report. ``filter_note``: why a cheaper
+    way of stopping is not in place (for a launch, whose seccomp filter was asked for)."""
+    if notify:
+        return "no ptrace stop per exit (kvmtop's seccomp filter notifies its listener)"
+    if one_stop:
+        note = f"; no user notification: {filter_note}" if filter_note else ""
+        return f"1 ptrace stop per exit (kvmtop's seccomp filter{note})"
+    if launched and filter_note:
+        return "2 ptrace stops per exit (the seccomp filter could not be installed)"
+    if launched:
+        return "2 ptrace stops per KVM_RUN and per syscall of a vCPU thread"
+    return ("2 ptrace stops per KVM_RUN and per syscall of a vCPU thread (attached; started by "
+            "kvmtop, `record -- CMD`, it would take none per exit, 1 with --no-notify)")  # fmt: skip
 
 
 class RecordingWriter:

@@ -183,7 +183,8 @@ def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
         f"  (lost {snapshot.lost}, ptrace stops {snapshot.stops})",
     ]
     if meta.get("mode"):
-        per_exit = f": {snapshot.stops / snapshot.total:.2f} measured" if snapshot.total else ""
+        per_exit = (f": {snapshot.stops / snapshot.total:.2f} stops per exit measured"
+                    if snapshot.total else "")  # fmt: skip
         lines.append(f"traced with {meta['mode']}{per_exit}")
     if not snapshot.vcpus:
         lines.append(

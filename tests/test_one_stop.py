@@ -164,7 +164,7 @@ def test_the_summary_says_how_many_stops_per_exit():
         base + ["--no-notify"] + argv, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert re.search(r"traced with 1 ptrace stop per exit \(kvmtop's seccomp filter\): 1\.0\d measured",
+    assert re.search(r"traced with 1 ptrace stop per exit \(kvmtop's seccomp filter\): 1\.0\d stops per exit measured",
                      result.stderr)  # fmt: skip
 
 
@@ -181,3 +181,17 @@ def test_without_the_native_modules_kvmtop_says_so_and_counts_exactly(tmp_path, 
     notices = [line for line in result.stderr.splitlines() if "not built" in line]
     assert len(notices) == 1 and "pure Python" in notices[0]
     assert json_summary(result.stderr)["exits"] == {"KVM_EXIT_IO": 201, "KVM_EXIT_MMIO": 20}
+
+
+def test_the_report_says_how_the_recording_saw_its_exits_as_record_did(tmp_path):
+    """`report` once dropped the "traced with" line that `record` prints."""
+    out = str(tmp_path / "r.kvmtop")
+    argv = ["--", *counted_command(outs=100, mmio_writes=0)]
+    recorded = subprocess.run([sys.executable, "-m", "kvmtop", "record", "--no-notify", "-o", out,
+                               *argv], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert recorded.returncode == 0, recorded.stderr
+    reported = subprocess.run([sys.executable, "-m", "kvmtop", "report", out], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+    line = next(x for x in reported.stdout.splitlines() if x.startswith("traced with "))
+    assert line.startswith("traced with 1 ptrace stop per exit (kvmtop's seccomp filter): 1.0")
+    assert line in recorded.stderr

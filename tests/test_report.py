@@ -89,7 +89,7 @@ def test_the_head_line_says_what_was_measured() -> None:
     head = table.splitlines()
     assert head[0].endswith("…") and len(head[0]) == len("pid 7  ") + 70
     assert head[1].startswith("5 exits in 0.28 ms on 1 vCPU(s)")
-    assert head[2] == "traced with 1 ptrace stop per exit: 1.20 measured"
+    assert head[2] == "traced with 1 ptrace stop per exit: 1.20 stops per exit measured"
     assert summary_json(stats.snapshot(), {})["stops_per_exit"] == 1.2
 
 
