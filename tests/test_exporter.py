@@ -495,6 +495,44 @@ def test_the_exporter_reads_only_the_vms_it_is_given(processes):
 
 
 @pytest.mark.kvm
+def test_list_and_the_exporter_hold_beside_vms_stopped_or_traced_by_another_tracer(processes):
+    """Other VMs on the host may be stopped (SIGSTOP) or traced (gdb, strace): `list` shows
+    them with their state, the exporter reads the VM it can and says once of each other why
+    not, and still ends at once."""
+    mine = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=1000)
+    stopped = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=1000)
+    traced = start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=1000)
+    stopped.send_signal(signal.SIGSTOP)
+    other = Tracer()  # as gdb or strace would be
+    other.start()
+    try:
+        other.attach(traced.pid).result(10)
+        listed = subprocess.run([*KVMTOP, "list", "--json"], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        procs = {p["pid"]: p for p in json.loads(listed.stdout)}
+        assert procs[traced.pid]["tracer_pid"] != 0 and procs[mine.pid]["tracer_pid"] == 0
+        assert {mine.pid, stopped.pid, traced.pid} <= procs.keys()
+        pids = [arg for vmm in (mine, stopped, traced) for arg in ("-p", str(vmm.pid))]
+        exporter, url = start_exporter(processes, *pids)
+        fams = scrape_until(url, lambda f: len(f["kvm_vm_up"].samples) == 3)
+        up = {int(s.labels["pid"]): s.value for s in fams["kvm_vm_up"].samples}
+        assert up == {mine.pid: 1, stopped.pid: 0, traced.pid: 0}
+        started = time.monotonic()
+        exporter.send_signal(signal.SIGTERM)
+        assert exporter.wait(10) == 0 and time.monotonic() - started < 2.0
+    finally:
+        other.stop()
+        stopped.send_signal(signal.SIGCONT)
+    assert exporter.stderr is not None
+    log = exporter.stderr.read().splitlines()
+    for vmm, why in ((stopped, "is stopped"), (traced, "traced by another process")):
+        (line,) = [x for x in log if f"pid {vmm.pid} " in x]
+        assert "skipped" in line and why in line, line
+    assert tracer_pid(mine.pid) == 0 and tracer_pid(stopped.pid) == 0
+
+
+@pytest.mark.kvm
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_ends_the_exporter_at_once_even_while_it_takes_a_vm_s_counters(
     processes, sig

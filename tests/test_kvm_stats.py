@@ -369,8 +369,10 @@ def _stop(pid: int, traced: bool = False) -> None:
 
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + 10
-    while not is_stopped(pid, traced):
+    held = 0  # traced, a thread's brief ptrace stops look the same: the state must hold 0.2 s
+    while held < (20 if traced else 1):
         assert time.monotonic() < deadline, f"pid {pid} did not stop"
+        held = held + 1 if is_stopped(pid, traced) else 0
         time.sleep(0.01)
 
 
