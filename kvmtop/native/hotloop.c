@@ -5,7 +5,7 @@
  * mapping of that vCPU's struct kvm_run), and a buffer of packed exit records in the
  * recording's 32-byte layout (docs/recording-format.md). Its loops handle only the common case:
  *
- *   run():        waitpid (polling briefly first) -> PTRACE_GET_SYSCALL_INFO -> a KVM_RUN entry
+ *   run():        waitpid (polling first where that is faster) -> PTRACE_GET_SYSCALL_INFO -> a KVM_RUN entry
  *                 or return, or a seccomp stop, on a vCPU fd it knows -> read the exit from the
  *                 mapping -> append a record -> resume the thread; with the GIL released.
  *   notify_run(): the same for seccomp user notifications: RECV -> read the previous exit of
@@ -21,6 +21,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <poll.h>
@@ -120,7 +121,6 @@
 #define P_NO_RESUME 4 /* handle() records but does not resume: Python does (a detach) */
 
 #define SYSCALL_BUDGET 256 /* non-KVM syscalls a thread may make before PTRACE_CONT */
-#define POLL_GROW_START_NS 10000
 #define MAX_BUFFER (256u << 20)
 
 struct syscall_info { /* struct ptrace_syscall_info */
@@ -149,6 +149,83 @@ struct notif_resp { /* struct seccomp_notif_resp */
     int32_t error;
     uint32_t flags;
 };
+
+/* Whether a wait polls before it sleeps (kvmtop/stop_wait.py PollChooser, the reference: the
+   same numbers and steps). Epochs of each way are timed, alternated, and the faster kept. */
+#define EPOCH_STOPS 256     /* an epoch: at least this many stops... */
+#define EPOCH_NS 4000000    /* ...over at least this long */
+#define PROBE_EPOCHS 4      /* a comparison: current, other, other, current */
+#define EXPLOIT_MIN 4       /* epochs the faster way keeps after a changed choice, */
+#define EXPLOIT_MAX 64      /* doubling up to this while comparisons confirm it */
+#define MARGIN_SIXTEENTHS 15 /* polling must be at least 1/16 faster */
+#define QUIET_SHARE 4       /* quiet: fewer than 1 in 4 stops within 2 windows */
+
+struct poll_chooser {
+    int64_t max_ns, poll_ns, last_ns; /* poll_ns: the next wait's window (0: sleep at once) */
+    int probing, epoch, exploit;
+    int64_t stops, near, spent_ns, since_ns; /* this epoch */
+    int64_t way_ns[2], way_stops[2];         /* this comparison: [0] sleeping, [1] polling */
+};
+
+static void chooser_init(struct poll_chooser *c, int64_t max_ns) {
+    memset(c, 0, sizeof *c);
+    c->max_ns = max_ns;
+    c->probing = 1; /* sleeping is the safe start; the first comparison begins at once */
+    c->exploit = EXPLOIT_MIN;
+}
+
+static void chooser_keep(struct poll_chooser *c, int polling) {
+    c->poll_ns = polling ? c->max_ns : 0;
+    c->probing = 0;
+    c->epoch = 0;
+}
+
+static void chooser_epoch_done(struct poll_chooser *c, int64_t now) {
+    int quiet = c->near * QUIET_SHARE < c->stops;
+    int polling = c->poll_ns != 0;
+    if (c->probing) {
+        c->way_ns[polling] += c->spent_ns;
+        c->way_stops[polling] += c->stops;
+    }
+    c->stops = c->near = c->spent_ns = 0;
+    c->since_ns = now;
+    c->epoch++;
+    if (quiet) { /* sleep; compare soon after stops come close again */
+        c->exploit = EXPLOIT_MIN;
+        chooser_keep(c, 0);
+    } else if (c->probing && c->epoch == PROBE_EPOCHS) {
+        int faster = c->way_ns[1] * c->way_stops[0] * 16 <
+                     c->way_ns[0] * c->way_stops[1] * MARGIN_SIXTEENTHS;
+        int confirmed = faster == polling; /* the way of the first and last epochs */
+        c->exploit = confirmed ? (c->exploit * 2 < EXPLOIT_MAX ? c->exploit * 2 : EXPLOIT_MAX)
+                               : EXPLOIT_MIN;
+        chooser_keep(c, faster);
+    } else if (c->probing) {
+        if (c->epoch == 1 || c->epoch == PROBE_EPOCHS - 1) c->poll_ns = polling ? 0 : c->max_ns;
+    } else if (c->epoch >= c->exploit) {
+        c->probing = 1;
+        c->epoch = 0;
+        c->way_ns[0] = c->way_ns[1] = c->way_stops[0] = c->way_stops[1] = 0;
+    }
+}
+
+/* A stop was seen at now: its gap from the one before counts for this epoch. */
+static void chooser_seen(struct poll_chooser *c, int64_t now) {
+    if (!c->max_ns) return;
+    int64_t last = c->last_ns;
+    c->last_ns = now;
+    if (!last) {
+        c->since_ns = now;
+        return;
+    }
+    int64_t gap = now - last;
+    /* a gap over 4 windows is the VMM's own pause: capped, so that an idle moment in one epoch
+       does not decide the comparison */
+    c->spent_ns += gap < 4 * c->max_ns ? gap : 4 * c->max_ns;
+    c->near += gap <= 2 * c->max_ns;
+    c->stops++;
+    if (c->stops >= EPOCH_STOPS && now - c->since_ns >= EPOCH_NS) chooser_epoch_done(c, now);
+}
 
 /* Two stops: the time a vCPU thread spends stopped for kvmtop between a KVM_RUN return and its
    next entry (the VMM's handling of that exit): what kvmtop sees of each stop (wait return to
@@ -221,7 +298,7 @@ typedef struct {
     Buffer coalesced; /* COALESCED records */
     int64_t base_ns;
     int with_data, wait_flags, sys_ioctl;
-    int64_t poll_max_ns, poll_ns;
+    struct poll_chooser chooser;
     long stops, notifications, lost, exits;
     int64_t round_trips[ROUND_TRIP_BLOCK]; /* syscall-entry resume to exit stop, in ns */
     int n_round_trips;
@@ -718,7 +795,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         return -1;
     e->base_ns = base;
     e->with_data = with_data;
-    e->poll_max_ns = e->poll_ns = poll_max;
+    chooser_init(&e->chooser, poll_max);
     e->wait_flags = wait_flags;
     e->sys_ioctl = sys_ioctl;
     return 0;
@@ -750,29 +827,23 @@ static void Engine_dealloc(Engine *e) {
 #define LOCK(e) pthread_mutex_lock(&(e)->lock)
 #define UNLOCK(e) pthread_mutex_unlock(&(e)->lock)
 
-/* waitpid with adaptive polling first (the window grows when a sleep was short, halves when it
-   was long: kvmtop/stop_wait.py PollWindow, the reference). GIL released by the caller. */
-static int wait_stop(Engine *e, int *status) {
-    int64_t start = now_ns();
-    if (e->poll_ns) {
-        int64_t deadline = start + e->poll_ns;
+/* waitpid, polling first (from the last stop's moment, for the window) when the chooser says
+   so; *now: when the stop was seen, the one clock read per stop (polling adds one per failed
+   poll). GIL released by the caller. */
+static int wait_stop(Engine *e, int *status, int64_t *now) {
+    struct poll_chooser *c = &e->chooser;
+    int tid = 0;
+    if (c->poll_ns) {
+        int64_t deadline = c->last_ns + c->poll_ns;
         for (;;) {
-            int tid = waitpid(-1, status, e->wait_flags | WNOHANG);
-            if (tid != 0) return tid;
-            if (now_ns() >= deadline) break;
+            tid = waitpid(-1, status, e->wait_flags | WNOHANG);
+            if (tid != 0 || now_ns() >= deadline) break;
         }
     }
-    int tid = waitpid(-1, status, e->wait_flags);
-    if (tid > 0 && e->poll_max_ns) {
-        int64_t waited = now_ns() - start;
-        if (waited <= e->poll_max_ns) {
-            int64_t grown = e->poll_ns * 2 > POLL_GROW_START_NS ? e->poll_ns * 2 : POLL_GROW_START_NS;
-            e->poll_ns = grown < e->poll_max_ns ? grown : e->poll_max_ns;
-        } else {
-            e->poll_ns /= 2;
-            if (e->poll_ns < POLL_GROW_START_NS) e->poll_ns = 0;
-        }
-    }
+    if (tid == 0) tid = waitpid(-1, status, e->wait_flags);
+    if (tid < 0) return tid;
+    *now = now_ns();
+    chooser_seen(c, *now);
     return tid;
 }
 
@@ -784,12 +855,11 @@ static PyObject *Engine_run(Engine *e, PyObject *args) {
     int64_t now = 0;
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
-        tid = wait_stop(e, &status);
+        tid = wait_stop(e, &status, &now);
         if (tid < 0) {
             err = errno;
             break;
         }
-        now = now_ns();
         LOCK(e);
         Thread *t = thread_find(e, tid);
         Process *proc = t ? proc_find(e, t->pid) : NULL;
@@ -1256,15 +1326,63 @@ static PyTypeObject EngineType = {
     .tp_methods = Engine_methods,
 };
 
+/* The engine's chooser on its own, for the tests: fed with the timings kvmtop/stop_wait.py's
+   PollChooser is fed with, it must choose the same. */
+typedef struct {
+    PyObject_HEAD
+    struct poll_chooser c;
+} Chooser;
+
+static int Chooser_init(Chooser *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"max_ns", NULL};
+    long long max_ns;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "L", names, &max_ns)) return -1;
+    chooser_init(&self->c, max_ns);
+    return 0;
+}
+
+static PyObject *Chooser_seen(Chooser *self, PyObject *arg) {
+    long long now = PyLong_AsLongLong(arg);
+    if (now == -1 && PyErr_Occurred()) return NULL;
+    chooser_seen(&self->c, now);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Chooser_methods[] = {
+    {"seen", (PyCFunction)Chooser_seen, METH_O, "seen(now_ns): a stop was seen then"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Chooser_members[] = {
+    {"max_ns", T_LONGLONG, offsetof(Chooser, c.max_ns), READONLY, "the poll window"},
+    {"poll_ns", T_LONGLONG, offsetof(Chooser, c.poll_ns), READONLY,
+     "the next wait's poll window (0: sleep at once)"},
+    {"last_ns", T_LONGLONG, offsetof(Chooser, c.last_ns), READONLY, "when the last stop was seen"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ChooserType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop._hotloop.PollChooser",
+    .tp_basicsize = sizeof(Chooser),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Whether a wait polls first (see kvmtop/stop_wait.py PollChooser, the reference).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Chooser_init,
+    .tp_methods = Chooser_methods,
+    .tp_members = Chooser_members,
+};
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop._hotloop",
                                     "The tracer's per-exit work in C.", -1, NULL};
 
 PyMODINIT_FUNC PyInit__hotloop(void) {
-    if (PyType_Ready(&EngineType) < 0) return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ChooserType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) return NULL;
+    Py_INCREF(&ChooserType);
+    if (PyModule_AddObject(m, "PollChooser", (PyObject *)&ChooserType) < 0) return NULL;
     PyModule_AddIntConstant(m, "MODE_TWO_STOP", MODE_TWO_STOP);
     PyModule_AddIntConstant(m, "MODE_ONE_STOP", MODE_ONE_STOP);
     PyModule_AddIntConstant(m, "MODE_NOTIFY", MODE_NOTIFY);
