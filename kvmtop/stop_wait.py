@@ -26,10 +26,11 @@ EPOCH_STOPS = 256  # an epoch: at least this many stops...
 EPOCH_NS = 4_000_000  # ...over at least this long (the scheduler's own periods are ms)
 PROBE_EPOCHS = 4  # a comparison: epochs in the order current, other, other, current
 EXPLOIT_MIN = 4  # epochs the faster way keeps after a comparison that changed the choice,
-EXPLOIT_MAX = 64  # doubling up to this while comparisons confirm it
-MARGIN_SIXTEENTHS = 15  # polling must be at least 1/16 faster: it costs the host CPU
+EXPLOIT_MAX = 128  # doubling up to this while comparisons confirm it
+MARGIN_EIGHTHS = 7  # polling must be at least 1/8 faster: it costs the host CPU
 QUIET_SHARE = 4  # an epoch is quiet when fewer than 1 in 4 stops came within 2 windows:
 # polling could not catch them, so sleeping is right without a comparison
+GAP_MAX_NS = 10_000_000  # a gap counts for at most this
 
 
 def poll_max_ns_from_env() -> int:
@@ -67,9 +68,10 @@ class PollChooser:
             self.since_ns = now_ns
             return
         gap = now_ns - last
-        # A gap longer than 4 windows is the VMM's own pause, not the wait's doing: capped, so
-        # an idle moment in one epoch does not decide the comparison.
-        self.spent_ns += min(gap, 4 * self.max_ns)
+        # A gap over 10 ms is the VMM's own pause, not a wake-up or a scheduler's stall (a
+        # polling tracer can cost the VMM a time slice): capped, so that an idle moment in one
+        # epoch does not decide the comparison.
+        self.spent_ns += min(gap, GAP_MAX_NS)
         self.near += gap <= 2 * self.max_ns
         self.stops += 1
         if self.stops >= EPOCH_STOPS and now_ns - self.since_ns >= EPOCH_NS:
@@ -90,7 +92,7 @@ class PollChooser:
         elif self.probing and self.epoch == PROBE_EPOCHS:
             sleep_ns, poll_ns = self.way_ns
             sleep_stops, poll_stops = self.way_stops
-            faster = poll_ns * sleep_stops * 16 < sleep_ns * poll_stops * MARGIN_SIXTEENTHS
+            faster = poll_ns * sleep_stops * 8 < sleep_ns * poll_stops * MARGIN_EIGHTHS
             confirmed = faster == bool(polling)  # the way of the first and last epochs
             self.exploit = min(EXPLOIT_MAX, self.exploit * 2) if confirmed else EXPLOIT_MIN
             self._keep(faster)

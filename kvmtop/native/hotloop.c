@@ -156,9 +156,10 @@ struct notif_resp { /* struct seccomp_notif_resp */
 #define EPOCH_NS 4000000    /* ...over at least this long */
 #define PROBE_EPOCHS 4      /* a comparison: current, other, other, current */
 #define EXPLOIT_MIN 4       /* epochs the faster way keeps after a changed choice, */
-#define EXPLOIT_MAX 64      /* doubling up to this while comparisons confirm it */
-#define MARGIN_SIXTEENTHS 15 /* polling must be at least 1/16 faster */
+#define EXPLOIT_MAX 128     /* doubling up to this while comparisons confirm it */
+#define MARGIN_EIGHTHS 7    /* polling must be at least 1/8 faster */
 #define QUIET_SHARE 4       /* quiet: fewer than 1 in 4 stops within 2 windows */
+#define GAP_MAX_NS 10000000 /* a gap counts for at most this */
 
 struct poll_chooser {
     int64_t max_ns, poll_ns, last_ns; /* poll_ns: the next wait's window (0: sleep at once) */
@@ -194,8 +195,8 @@ static void chooser_epoch_done(struct poll_chooser *c, int64_t now) {
         c->exploit = EXPLOIT_MIN;
         chooser_keep(c, 0);
     } else if (c->probing && c->epoch == PROBE_EPOCHS) {
-        int faster = c->way_ns[1] * c->way_stops[0] * 16 <
-                     c->way_ns[0] * c->way_stops[1] * MARGIN_SIXTEENTHS;
+        int faster = c->way_ns[1] * c->way_stops[0] * 8 <
+                     c->way_ns[0] * c->way_stops[1] * MARGIN_EIGHTHS;
         int confirmed = faster == polling; /* the way of the first and last epochs */
         c->exploit = confirmed ? (c->exploit * 2 < EXPLOIT_MAX ? c->exploit * 2 : EXPLOIT_MAX)
                                : EXPLOIT_MIN;
@@ -219,9 +220,9 @@ static void chooser_seen(struct poll_chooser *c, int64_t now) {
         return;
     }
     int64_t gap = now - last;
-    /* a gap over 4 windows is the VMM's own pause: capped, so that an idle moment in one epoch
-       does not decide the comparison */
-    c->spent_ns += gap < 4 * c->max_ns ? gap : 4 * c->max_ns;
+    /* a gap over 10 ms is the VMM's own pause, not a wake-up or a scheduler's stall: capped, so
+       that an idle moment in one epoch does not decide the comparison */
+    c->spent_ns += gap < GAP_MAX_NS ? gap : GAP_MAX_NS;
     c->near += gap <= 2 * c->max_ns;
     c->stops++;
     if (c->stops >= EPOCH_STOPS && now - c->since_ns >= EPOCH_NS) chooser_epoch_done(c, now);
