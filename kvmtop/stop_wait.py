@@ -4,14 +4,18 @@ A tracee's stop wakes the tracer from waitpid(). When the tracer's CPU has gone 
 that wake-up can cost as much as the rest of the stop again (under nested virtualization an idle
 CPU halts and is woken through the host), so polling waitpid(WNOHANG) for a window before
 sleeping can double the stops/s. But on a host whose CPUs are all busy, wake-ups are cheap and a
-polling tracer takes CPU the VMM's threads need: there polling halves the stops/s, and its polls
-still succeed. Whether a poll caught the stop says nothing about which is faster; only the stops'
-pace does. So :class:`PollChooser` times short epochs of each way, alternated, keeps the faster
-for a longer period, and times both again now and then (the host changes by the hour).
+polling tracer takes CPU the VMM's threads and other tenants need, while its polls still succeed.
+Whether a poll caught the stop says nothing about which is faster; only the stops' pace does. So
+:class:`PollChooser` times short epochs of each way, alternated, keeps the faster for a longer
+period, and times both again now and then (the host changes by the hour). It polls only where
+that can pay: not when the stops come too far apart for a window to catch them, nor when the
+host's CPUs are contended while the tracer sleeps (CPU pressure, ``/proc/pressure/cpu``: tasks
+waiting for a CPU half the time or more), since polling there takes CPU from others.
 
-:class:`PollChooser` is pure (fed with the moment each stop was seen) and ``kvmtop/native/
-hotloop.c`` holds the same chooser, number for number; its ``PollChooser`` type is the C one,
-so the tests feed both the same timings. Only the tracer thread waits.
+:class:`PollChooser` is pure (fed with the moment each stop was seen and, when it asks, the
+host's CPU pressure) and ``kvmtop/native/hotloop.c`` holds the same chooser, number for number;
+its ``PollChooser`` type is the C one, so the tests feed both the same timings. Only the tracer
+thread waits.
 
 ``KVMTOP_POLL_US`` sets the poll window (default 50 µs; 0: never poll).
 """
@@ -24,13 +28,15 @@ import time
 POLL_MAX_NS = 50_000
 EPOCH_STOPS = 256  # an epoch: at least this many stops...
 EPOCH_NS = 4_000_000  # ...over at least this long (the scheduler's own periods are ms)
-PROBE_EPOCHS = 4  # a comparison: epochs in the order current, other, other, current
+PROBE_EPOCHS = 4  # a comparison: epochs sleeping, polling, polling, sleeping
 EXPLOIT_MIN = 4  # epochs the faster way keeps after a comparison that changed the choice,
 EXPLOIT_MAX = 128  # doubling up to this while comparisons confirm it
 MARGIN_EIGHTHS = 7  # polling must be at least 1/8 faster: it costs the host CPU
-QUIET_SHARE = 4  # an epoch is quiet when fewer than 1 in 4 stops came within 2 windows:
+SPARSE_SHARE = 4  # an epoch is sparse when fewer than 1 in 4 stops came within 2 windows:
 # polling could not catch them, so sleeping is right without a comparison
 GAP_MAX_NS = 10_000_000  # a gap counts for at most this
+PRESSURE = "/proc/pressure/cpu"  # Documentation/accounting/psi.rst: "some ... total=<us>"
+CONTENDED_SHARE = 2  # contended: tasks waited for a CPU at least 1/2 of the first epoch
 
 
 def poll_max_ns_from_env() -> int:
@@ -45,28 +51,33 @@ class PollChooser:
     """Whether the next wait polls (``poll_ns``, the window) or sleeps at once (0), judged by
     the mean time per stop of epochs each way (pure: fed with when each stop was seen)."""
 
-    __slots__ = ("max_ns", "poll_ns", "last_ns", "probing", "epoch", "exploit", "stops",
-                 "near", "spent_ns", "since_ns", "way_ns", "way_stops")  # fmt: skip
+    __slots__ = ("max_ns", "poll_ns", "last_ns", "probing", "epoch", "exploit", "chosen",
+                 "stops", "near", "spent_ns", "since_ns", "way_ns", "way_stops", "stall_us",
+                 "stall_since_ns")  # fmt: skip
 
     def __init__(self, max_ns: int = POLL_MAX_NS) -> None:
         self.max_ns = max_ns
-        self.poll_ns = 0  # sleeping is the safe start; the first comparison begins at once
+        self.poll_ns = 0
         self.last_ns = 0  # when the last stop was seen (0: none yet); a poll window starts here
-        self.probing = True
+        self.probing = True  # the first comparison begins at once
         self.epoch = 0  # epochs done in this comparison or this period
         self.exploit = EXPLOIT_MIN
+        self.chosen = False  # what the last comparison chose (True: polling)
         self.stops = self.near = self.spent_ns = self.since_ns = 0  # this epoch
         self.way_ns = [0, 0]  # this comparison's time per way (0: sleeping, 1: polling)...
         self.way_stops = [0, 0]  # ...and stops
+        self.stall_us = -1  # the host's CPU pressure at the comparison's start (-1: unknown)
+        self.stall_since_ns = 0
 
-    def seen(self, now_ns: int) -> None:
-        """A stop was seen at ``now_ns``: its gap from the one before counts for this epoch."""
+    def seen(self, now_ns: int) -> bool:
+        """A stop was seen at ``now_ns``: its gap from the one before counts for this epoch.
+        True: call :meth:`pressure` now."""
         if not self.max_ns:
-            return
+            return False
         last, self.last_ns = self.last_ns, now_ns
         if not last:
             self.since_ns = now_ns
-            return
+            return True  # the first comparison's start
         gap = now_ns - last
         # A gap over 10 ms is the VMM's own pause, not a wake-up or a scheduler's stall (a
         # polling tracer can cost the VMM a time slice): capped, so that an idle moment in one
@@ -75,10 +86,25 @@ class PollChooser:
         self.near += gap <= 2 * self.max_ns
         self.stops += 1
         if self.stops >= EPOCH_STOPS and now_ns - self.since_ns >= EPOCH_NS:
-            self._epoch_done(now_ns)
+            return self._epoch_done(now_ns)
+        return False
 
-    def _epoch_done(self, now_ns: int) -> None:
-        quiet = self.near * QUIET_SHARE < self.stops
+    def pressure(self, stall_us: int) -> None:
+        """The host's CPU pressure now (PSI "some" total, µs; -1: unknown), when :meth:`seen`
+        asked: at a comparison's start and after its first epoch (sleeping)."""
+        if stall_us < 0 or not self.probing:
+            return
+        if self.epoch == 0:
+            self.stall_us, self.stall_since_ns = stall_us, self.last_ns
+            return
+        if self.stall_us >= 0:
+            waited_ns = (stall_us - self.stall_us) * 1000
+            if waited_ns * CONTENDED_SHARE >= self.last_ns - self.stall_since_ns:
+                self._keep(False)  # contended: polling would take CPU others need
+                self.exploit = EXPLOIT_MIN
+
+    def _epoch_done(self, now_ns: int) -> bool:
+        sparse = self.near * SPARSE_SHARE < self.stops
         polling = 1 if self.poll_ns else 0
         if self.probing:
             self.way_ns[polling] += self.spent_ns
@@ -86,29 +112,49 @@ class PollChooser:
         self.stops = self.near = self.spent_ns = 0
         self.since_ns = now_ns
         self.epoch += 1
-        if quiet:  # sleep; compare soon after stops come close again
-            self.exploit = EXPLOIT_MIN
+        if sparse:  # sleep; compare soon after stops come close again
             self._keep(False)
+            self.exploit = EXPLOIT_MIN
         elif self.probing and self.epoch == PROBE_EPOCHS:
             sleep_ns, poll_ns = self.way_ns
             sleep_stops, poll_stops = self.way_stops
             faster = poll_ns * sleep_stops * 8 < sleep_ns * poll_stops * MARGIN_EIGHTHS
-            confirmed = faster == bool(polling)  # the way of the first and last epochs
+            confirmed = faster == self.chosen
             self.exploit = min(EXPLOIT_MAX, self.exploit * 2) if confirmed else EXPLOIT_MIN
             self._keep(faster)
         elif self.probing:
-            if self.epoch == 1 or self.epoch == PROBE_EPOCHS - 1:
-                self.poll_ns = 0 if polling else self.max_ns
+            self.poll_ns = self.max_ns if self.epoch < PROBE_EPOCHS - 1 else 0
+            return self.epoch == 1  # the first epoch, sleeping, is over: was the host contended?
         elif self.epoch >= self.exploit:
             self.probing = True
             self.epoch = 0
+            self.poll_ns = 0
             self.way_ns = [0, 0]
             self.way_stops = [0, 0]
+            self.stall_us = -1
+            return True
+        return False
 
     def _keep(self, polling: bool) -> None:
+        self.chosen = polling
         self.poll_ns = self.max_ns if polling else 0
         self.probing = False
         self.epoch = 0
+
+
+def read_pressure() -> int:
+    """The host's CPU pressure ("some" total, µs; -1: unreadable, e.g. a kernel without PSI)."""
+    try:
+        fd = os.open(PRESSURE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        line = os.read(fd, 128)
+        return int(line[line.index(b"total=") + 6 : line.index(b"\n")])
+    except (OSError, ValueError):
+        return -1
+    finally:
+        os.close(fd)
 
 
 class StopWaiter:
@@ -120,7 +166,7 @@ class StopWaiter:
         self.chooser = PollChooser(poll_max_ns_from_env() if max_ns is None else max_ns)
 
     # One clock read per stop (when it was seen), used by the caller too; polling adds one per
-    # failed poll.
+    # failed poll, and the chooser a read of the CPU pressure twice per comparison.
     def wait(self) -> tuple[int, int, int]:
         """(tid, status, the moment it was seen in ns)."""
         waitpid = os.waitpid
@@ -139,5 +185,6 @@ class StopWaiter:
         else:
             tid, status = waitpid(-1, self.flags)
         now = monotonic_ns()
-        chooser.seen(now)
+        if chooser.seen(now):
+            chooser.pressure(read_pressure())
         return tid, status, now

@@ -29,15 +29,27 @@ def make_chooser(request: pytest.FixtureRequest) -> Callable[[int], Any]:
     return PollChooser if request.param == "pure" else c_chooser
 
 
-def drive(chooser: Any, gap: Callable[[bool], int], stops: int) -> list[bool]:
-    """Each stop comes ``gap(polled)`` after the one before; whether each wait polled."""
+def idle_host(now_ns: int) -> int:
+    return 0  # no task ever waited for a CPU
+
+
+def contended_host(now_ns: int) -> int:
+    return now_ns * 3 // 4 // 1000  # tasks waited for a CPU 3/4 of the time
+
+
+def drive(
+    chooser: Any, gap: Callable[[bool], int], stops: int, stall: Callable[[int], int] = idle_host
+) -> list[bool]:
+    """Each stop comes ``gap(polled)`` after the one before, on a host whose CPU pressure at a
+    moment is ``stall(now)``; whether each wait polled."""
     now = chooser.last_ns or START
     polled = []
     for _ in range(stops):
         polling = chooser.poll_ns != 0
         polled.append(polling)
         now += gap(polling)
-        chooser.seen(now)
+        if chooser.seen(now):
+            chooser.pressure(stall(now))
     return polled
 
 
@@ -92,6 +104,31 @@ def test_a_quiet_vmm_is_never_polled(make_chooser: Callable[[int], Any]) -> None
     assert not any(polled)
 
 
+def test_a_contended_host_is_not_polled(make_chooser: Callable[[int], Any]) -> None:
+    """Polling would be faster, but tasks wait for a CPU while the tracer sleeps: polling would
+    take it from them."""
+    faster_polling = lambda polling: 20_000 if polling else 50_000  # noqa: E731
+    polled = drive(make_chooser(WINDOW), faster_polling, 200_000, contended_host)
+    assert not any(polled)
+
+
+def test_a_host_that_frees_its_cpus_is_polled_again(make_chooser: Callable[[int], Any]) -> None:
+    chooser = make_chooser(WINDOW)
+    faster_polling = lambda polling: 20_000 if polling else 50_000  # noqa: E731
+    drive(chooser, faster_polling, 50_000, contended_host)
+    waited = contended_host(chooser.last_ns)
+    polled = drive(chooser, faster_polling, 100_000, lambda now_ns: waited)
+    assert share(polled[-50_000:]) > 0.9
+
+
+def test_without_pressure_figures_the_comparison_decides(
+    make_chooser: Callable[[int], Any],
+) -> None:
+    faster_polling = lambda polling: 20_000 if polling else 50_000  # noqa: E731
+    polled = drive(make_chooser(WINDOW), faster_polling, 100_000, lambda now_ns: -1)
+    assert share(polled[-50_000:]) > 0.9
+
+
 def test_pauses_of_the_vmm_do_not_decide(make_chooser: Callable[[int], Any]) -> None:
     """A 50 ms pause of the VMM now and then falls in either way's epochs: polling still wins."""
     pauses = random.Random(7)
@@ -114,8 +151,12 @@ def test_the_engine_chooses_as_the_reference_does() -> None:
         gap = noise.randrange(5_000, 120_000)
         polling = pure.poll_ns != 0
         now += gap * 2 // 3 if polling else gap  # polling faster, both noisy
-        pure.seen(now)
-        native.seen(now)
+        asked = pure.seen(now)
+        assert native.seen(now) == asked
+        if asked:  # contended now and then
+            stall = (now // 1000) * noise.choice((0, 1)) // 2 + noise.randrange(0, 1000)
+            pure.pressure(stall)
+            native.pressure(stall)
         assert (pure.poll_ns, pure.last_ns) == (native.poll_ns, native.last_ns)
         switches += polling != (pure.poll_ns != 0)
     assert switches > 2

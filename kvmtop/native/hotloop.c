@@ -24,10 +24,12 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
@@ -151,38 +153,45 @@ struct notif_resp { /* struct seccomp_notif_resp */
 };
 
 /* Whether a wait polls before it sleeps (kvmtop/stop_wait.py PollChooser, the reference: the
-   same numbers and steps). Epochs of each way are timed, alternated, and the faster kept. */
+   same numbers and steps). Epochs of each way are timed, alternated, and the faster kept; not
+   polling where stops come too far apart, nor on a host whose CPUs are contended. */
 #define EPOCH_STOPS 256     /* an epoch: at least this many stops... */
 #define EPOCH_NS 4000000    /* ...over at least this long */
-#define PROBE_EPOCHS 4      /* a comparison: current, other, other, current */
+#define PROBE_EPOCHS 4      /* a comparison: sleeping, polling, polling, sleeping */
 #define EXPLOIT_MIN 4       /* epochs the faster way keeps after a changed choice, */
 #define EXPLOIT_MAX 128     /* doubling up to this while comparisons confirm it */
 #define MARGIN_EIGHTHS 7    /* polling must be at least 1/8 faster */
-#define QUIET_SHARE 4       /* quiet: fewer than 1 in 4 stops within 2 windows */
+#define SPARSE_SHARE 4      /* sparse: fewer than 1 in 4 stops within 2 windows */
 #define GAP_MAX_NS 10000000 /* a gap counts for at most this */
+#define PRESSURE "/proc/pressure/cpu" /* Documentation/accounting/psi.rst: "some ... total=<us>" */
+#define CONTENDED_SHARE 2   /* contended: tasks waited for a CPU 1/2 of the first epoch or more */
 
 struct poll_chooser {
     int64_t max_ns, poll_ns, last_ns; /* poll_ns: the next wait's window (0: sleep at once) */
-    int probing, epoch, exploit;
+    int probing, epoch, exploit, chosen;
     int64_t stops, near, spent_ns, since_ns; /* this epoch */
     int64_t way_ns[2], way_stops[2];         /* this comparison: [0] sleeping, [1] polling */
+    int64_t stall_us, stall_since_ns;        /* CPU pressure at its start (-1: unknown) */
 };
 
 static void chooser_init(struct poll_chooser *c, int64_t max_ns) {
     memset(c, 0, sizeof *c);
     c->max_ns = max_ns;
-    c->probing = 1; /* sleeping is the safe start; the first comparison begins at once */
+    c->probing = 1; /* the first comparison begins at once */
     c->exploit = EXPLOIT_MIN;
+    c->stall_us = -1;
 }
 
 static void chooser_keep(struct poll_chooser *c, int polling) {
+    c->chosen = polling;
     c->poll_ns = polling ? c->max_ns : 0;
     c->probing = 0;
     c->epoch = 0;
 }
 
-static void chooser_epoch_done(struct poll_chooser *c, int64_t now) {
-    int quiet = c->near * QUIET_SHARE < c->stops;
+/* 1: call chooser_pressure now */
+static int chooser_epoch_done(struct poll_chooser *c, int64_t now) {
+    int sparse = c->near * SPARSE_SHARE < c->stops;
     int polling = c->poll_ns != 0;
     if (c->probing) {
         c->way_ns[polling] += c->spent_ns;
@@ -191,33 +200,39 @@ static void chooser_epoch_done(struct poll_chooser *c, int64_t now) {
     c->stops = c->near = c->spent_ns = 0;
     c->since_ns = now;
     c->epoch++;
-    if (quiet) { /* sleep; compare soon after stops come close again */
-        c->exploit = EXPLOIT_MIN;
+    if (sparse) { /* sleep; compare soon after stops come close again */
         chooser_keep(c, 0);
+        c->exploit = EXPLOIT_MIN;
     } else if (c->probing && c->epoch == PROBE_EPOCHS) {
         int faster = c->way_ns[1] * c->way_stops[0] * 8 <
                      c->way_ns[0] * c->way_stops[1] * MARGIN_EIGHTHS;
-        int confirmed = faster == polling; /* the way of the first and last epochs */
+        int confirmed = faster == c->chosen;
         c->exploit = confirmed ? (c->exploit * 2 < EXPLOIT_MAX ? c->exploit * 2 : EXPLOIT_MAX)
                                : EXPLOIT_MIN;
         chooser_keep(c, faster);
     } else if (c->probing) {
-        if (c->epoch == 1 || c->epoch == PROBE_EPOCHS - 1) c->poll_ns = polling ? 0 : c->max_ns;
+        c->poll_ns = c->epoch < PROBE_EPOCHS - 1 ? c->max_ns : 0;
+        return c->epoch == 1; /* the first epoch, sleeping, is over: was the host contended? */
     } else if (c->epoch >= c->exploit) {
         c->probing = 1;
         c->epoch = 0;
+        c->poll_ns = 0;
         c->way_ns[0] = c->way_ns[1] = c->way_stops[0] = c->way_stops[1] = 0;
+        c->stall_us = -1;
+        return 1;
     }
+    return 0;
 }
 
-/* A stop was seen at now: its gap from the one before counts for this epoch. */
-static void chooser_seen(struct poll_chooser *c, int64_t now) {
-    if (!c->max_ns) return;
+/* A stop was seen at now: its gap from the one before counts for this epoch. 1: call
+   chooser_pressure now. */
+static int chooser_seen(struct poll_chooser *c, int64_t now) {
+    if (!c->max_ns) return 0;
     int64_t last = c->last_ns;
     c->last_ns = now;
     if (!last) {
         c->since_ns = now;
-        return;
+        return 1; /* the first comparison's start */
     }
     int64_t gap = now - last;
     /* a gap over 10 ms is the VMM's own pause, not a wake-up or a scheduler's stall: capped, so
@@ -225,7 +240,38 @@ static void chooser_seen(struct poll_chooser *c, int64_t now) {
     c->spent_ns += gap < GAP_MAX_NS ? gap : GAP_MAX_NS;
     c->near += gap <= 2 * c->max_ns;
     c->stops++;
-    if (c->stops >= EPOCH_STOPS && now - c->since_ns >= EPOCH_NS) chooser_epoch_done(c, now);
+    if (c->stops >= EPOCH_STOPS && now - c->since_ns >= EPOCH_NS) return chooser_epoch_done(c, now);
+    return 0;
+}
+
+/* The host's CPU pressure (PSI "some" total, us; -1: unknown), when chooser_seen asked: at a
+   comparison's start and after its first epoch (sleeping). */
+static void chooser_pressure(struct poll_chooser *c, int64_t stall_us) {
+    if (stall_us < 0 || !c->probing) return;
+    if (c->epoch == 0) {
+        c->stall_us = stall_us;
+        c->stall_since_ns = c->last_ns;
+        return;
+    }
+    if (c->stall_us >= 0 &&
+        (stall_us - c->stall_us) * 1000 * CONTENDED_SHARE >= c->last_ns - c->stall_since_ns) {
+        chooser_keep(c, 0); /* contended: polling would take CPU others need */
+        c->exploit = EXPLOIT_MIN;
+    }
+}
+
+static int64_t read_pressure(void) {
+    char line[128];
+    int fd = open(PRESSURE, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, line, sizeof line - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    line[n] = 0;
+    char *total = strstr(line, "total=");
+    char *end = strchr(line, '\n');
+    if (!total || !end || total > end) return -1;
+    return strtoll(total + 6, NULL, 10);
 }
 
 /* Two stops: the time a vCPU thread spends stopped for kvmtop between a KVM_RUN return and its
@@ -830,7 +876,8 @@ static void Engine_dealloc(Engine *e) {
 
 /* waitpid, polling first (from the last stop's moment, for the window) when the chooser says
    so; *now: when the stop was seen, the one clock read per stop (polling adds one per failed
-   poll). GIL released by the caller. */
+   poll, the chooser a read of the CPU pressure twice per comparison). GIL released by the
+   caller. */
 static int wait_stop(Engine *e, int *status, int64_t *now) {
     struct poll_chooser *c = &e->chooser;
     int tid = 0;
@@ -844,7 +891,7 @@ static int wait_stop(Engine *e, int *status, int64_t *now) {
     if (tid == 0) tid = waitpid(-1, status, e->wait_flags);
     if (tid < 0) return tid;
     *now = now_ns();
-    chooser_seen(c, *now);
+    if (chooser_seen(c, *now)) chooser_pressure(c, read_pressure());
     return tid;
 }
 
@@ -1345,12 +1392,21 @@ static int Chooser_init(Chooser *self, PyObject *args, PyObject *kw) {
 static PyObject *Chooser_seen(Chooser *self, PyObject *arg) {
     long long now = PyLong_AsLongLong(arg);
     if (now == -1 && PyErr_Occurred()) return NULL;
-    chooser_seen(&self->c, now);
+    return PyBool_FromLong(chooser_seen(&self->c, now));
+}
+
+static PyObject *Chooser_pressure(Chooser *self, PyObject *arg) {
+    long long stall_us = PyLong_AsLongLong(arg);
+    if (stall_us == -1 && PyErr_Occurred()) return NULL;
+    chooser_pressure(&self->c, stall_us);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef Chooser_methods[] = {
-    {"seen", (PyCFunction)Chooser_seen, METH_O, "seen(now_ns): a stop was seen then"},
+    {"seen", (PyCFunction)Chooser_seen, METH_O,
+     "seen(now_ns) -> a stop was seen then; True: call pressure() now"},
+    {"pressure", (PyCFunction)Chooser_pressure, METH_O,
+     "pressure(stall_us): the host's CPU pressure (PSI some total; -1: unknown)"},
     {NULL, NULL, 0, NULL},
 };
 
