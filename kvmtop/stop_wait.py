@@ -10,7 +10,7 @@ Whether a poll caught the stop says nothing about which is faster; only the stop
 period, and times both again now and then (the host changes by the hour). It polls only where
 that can pay: not when the stops come too far apart for a window to catch them, nor when the
 host's CPUs are contended while the tracer sleeps (CPU pressure, ``/proc/pressure/cpu``: tasks
-waiting for a CPU half the time or more), since polling there takes CPU from others.
+waiting for a CPU a quarter of the time or more), since polling there takes CPU from others.
 
 :class:`PollChooser` is pure (fed with the moment each stop was seen and, when it asks, the
 host's CPU pressure) and ``kvmtop/native/hotloop.c`` holds the same chooser, number for number;
@@ -36,7 +36,7 @@ SPARSE_SHARE = 4  # an epoch is sparse when fewer than 1 in 4 stops came within 
 # polling could not catch them, so sleeping is right without a comparison
 GAP_MAX_NS = 10_000_000  # a gap counts for at most this
 PRESSURE = "/proc/pressure/cpu"  # Documentation/accounting/psi.rst: "some ... total=<us>"
-CONTENDED_SHARE = 2  # contended: tasks waited for a CPU at least 1/2 of the first epoch
+CONTENDED_SHARE = 4  # contended: tasks waited for a CPU at least 1/4 of the first epoch
 
 
 def poll_max_ns_from_env() -> int:
@@ -100,8 +100,7 @@ class PollChooser:
         if self.stall_us >= 0:
             waited_ns = (stall_us - self.stall_us) * 1000
             if waited_ns * CONTENDED_SHARE >= self.last_ns - self.stall_since_ns:
-                self._keep(False)  # contended: polling would take CPU others need
-                self.exploit = EXPLOIT_MIN
+                self._choose(False)  # contended: polling would take CPU others need
 
     def _epoch_done(self, now_ns: int) -> bool:
         sparse = self.near * SPARSE_SHARE < self.stops
@@ -112,16 +111,12 @@ class PollChooser:
         self.stops = self.near = self.spent_ns = 0
         self.since_ns = now_ns
         self.epoch += 1
-        if sparse:  # sleep; compare soon after stops come close again
-            self._keep(False)
-            self.exploit = EXPLOIT_MIN
+        if sparse:  # sleep; compare when stops have come close for a period
+            self._choose(False)
         elif self.probing and self.epoch == PROBE_EPOCHS:
             sleep_ns, poll_ns = self.way_ns
             sleep_stops, poll_stops = self.way_stops
-            faster = poll_ns * sleep_stops * 8 < sleep_ns * poll_stops * MARGIN_EIGHTHS
-            confirmed = faster == self.chosen
-            self.exploit = min(EXPLOIT_MAX, self.exploit * 2) if confirmed else EXPLOIT_MIN
-            self._keep(faster)
+            self._choose(poll_ns * sleep_stops * 8 < sleep_ns * poll_stops * MARGIN_EIGHTHS)
         elif self.probing:
             self.poll_ns = self.max_ns if self.epoch < PROBE_EPOCHS - 1 else 0
             return self.epoch == 1  # the first epoch, sleeping, is over: was the host contended?
@@ -135,7 +130,11 @@ class PollChooser:
             return True
         return False
 
-    def _keep(self, polling: bool) -> None:
+    def _choose(self, polling: bool) -> None:
+        """End a comparison, or a period, with ``polling`` chosen: the longer the same choice
+        has held, the longer it holds."""
+        confirmed = polling == self.chosen
+        self.exploit = min(EXPLOIT_MAX, self.exploit * 2) if confirmed else EXPLOIT_MIN
         self.chosen = polling
         self.poll_ns = self.max_ns if polling else 0
         self.probing = False

@@ -164,7 +164,7 @@ struct notif_resp { /* struct seccomp_notif_resp */
 #define SPARSE_SHARE 4      /* sparse: fewer than 1 in 4 stops within 2 windows */
 #define GAP_MAX_NS 10000000 /* a gap counts for at most this */
 #define PRESSURE "/proc/pressure/cpu" /* Documentation/accounting/psi.rst: "some ... total=<us>" */
-#define CONTENDED_SHARE 2   /* contended: tasks waited for a CPU 1/2 of the first epoch or more */
+#define CONTENDED_SHARE 4   /* contended: tasks waited for a CPU 1/4 of the first epoch or more */
 
 struct poll_chooser {
     int64_t max_ns, poll_ns, last_ns; /* poll_ns: the next wait's window (0: sleep at once) */
@@ -182,7 +182,12 @@ static void chooser_init(struct poll_chooser *c, int64_t max_ns) {
     c->stall_us = -1;
 }
 
-static void chooser_keep(struct poll_chooser *c, int polling) {
+/* End a comparison, or a period, with polling chosen: the longer the same choice has held, the
+   longer it holds. */
+static void chooser_choose(struct poll_chooser *c, int polling) {
+    int confirmed = polling == c->chosen;
+    c->exploit = confirmed ? (c->exploit * 2 < EXPLOIT_MAX ? c->exploit * 2 : EXPLOIT_MAX)
+                           : EXPLOIT_MIN;
     c->chosen = polling;
     c->poll_ns = polling ? c->max_ns : 0;
     c->probing = 0;
@@ -200,16 +205,11 @@ static int chooser_epoch_done(struct poll_chooser *c, int64_t now) {
     c->stops = c->near = c->spent_ns = 0;
     c->since_ns = now;
     c->epoch++;
-    if (sparse) { /* sleep; compare soon after stops come close again */
-        chooser_keep(c, 0);
-        c->exploit = EXPLOIT_MIN;
+    if (sparse) { /* sleep; compare when stops have come close for a period */
+        chooser_choose(c, 0);
     } else if (c->probing && c->epoch == PROBE_EPOCHS) {
-        int faster = c->way_ns[1] * c->way_stops[0] * 8 <
-                     c->way_ns[0] * c->way_stops[1] * MARGIN_EIGHTHS;
-        int confirmed = faster == c->chosen;
-        c->exploit = confirmed ? (c->exploit * 2 < EXPLOIT_MAX ? c->exploit * 2 : EXPLOIT_MAX)
-                               : EXPLOIT_MIN;
-        chooser_keep(c, faster);
+        chooser_choose(c, c->way_ns[1] * c->way_stops[0] * 8 <
+                              c->way_ns[0] * c->way_stops[1] * MARGIN_EIGHTHS);
     } else if (c->probing) {
         c->poll_ns = c->epoch < PROBE_EPOCHS - 1 ? c->max_ns : 0;
         return c->epoch == 1; /* the first epoch, sleeping, is over: was the host contended? */
@@ -255,8 +255,7 @@ static void chooser_pressure(struct poll_chooser *c, int64_t stall_us) {
     }
     if (c->stall_us >= 0 &&
         (stall_us - c->stall_us) * 1000 * CONTENDED_SHARE >= c->last_ns - c->stall_since_ns) {
-        chooser_keep(c, 0); /* contended: polling would take CPU others need */
-        c->exploit = EXPLOIT_MIN;
+        chooser_choose(c, 0); /* contended: polling would take CPU others need */
     }
 }
 
