@@ -296,12 +296,14 @@ def report(
     print(f"QEMU -bios guest, {lo:,} and {hi:,} exits, {rounds} alternating rounds, medians")
     print(f"kvmtop: {' '.join(kvmtop)}")
     print(f"{header}\n")
-    head = (f"| tracer | µs/exit | over untraced µs | exits/s | vs strace | start-up s "
+    head = (f"| tracer | µs/exit | rounds | over untraced µs | exits/s | vs strace | start-up s "
             f"| {lo // 1000}k run s | vs strace |")  # fmt: skip
     print(head)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in rows:
         us = per_exit[t.name] * 1e6
+        each = [slope(t, lo, hi, r) * 1e6 for r in range(rounds)]
+        spread = f"{min(each):.1f}..{max(each):.1f}"
         ref = by_name.get(t.reference)
         over = f"{us - per_exit[ref.name] * 1e6:.1f}" if ref is not None and ref is not t else "-"
         if ref is not None and ref is not t:
@@ -317,10 +319,11 @@ def report(
             vs_whole = f"{whole[t.name] / whole['strace']:.2f}x"
         else:
             vs_rate = vs_whole = "-"
-        print(f"| {t.name} | {us:.1f} | {over} | {rate:,.0f} | {vs_rate} | {startup_text} "
-              f"| {whole[t.name]:.3f} | {vs_whole} |")  # fmt: skip
-    print("\nstart-up: intercept over the reference's (untraced; attach: untraced-spinning), "
-          "[the rounds' range]; in round brackets, a reference's own intercept. An intercept's "
+        print(f"| {t.name} | {us:.1f} | {spread} | {over} | {rate:,.0f} | {vs_rate} "
+              f"| {startup_text} | {whole[t.name]:.3f} | {vs_whole} |")  # fmt: skip
+    print("\nrounds: the rounds' range of µs/exit. start-up: intercept over the reference's "
+          "(untraced; attach: untraced-spinning), [the rounds' range]; in round brackets, a "
+          "reference's own intercept. An intercept's "
           f"error is {lo:,} times its slope's: 5 µs/exit of noise moves it {lo * 5e-6:.2f} s")  # fmt: skip
     attach = by_name.get("kvmtop-attach")
     if attach is not None:
