@@ -9,8 +9,8 @@ Whether a poll caught the stop says nothing about which is faster; only the stop
 :class:`PollChooser` times short epochs of each way, alternated, keeps the faster for a longer
 period, and times both again now and then (the host changes by the hour). It polls only where
 that can pay: not when the stops come too far apart for a window to catch them, nor when the
-host's CPUs are contended while the tracer sleeps (CPU pressure, ``/proc/pressure/cpu``: tasks
-waiting for a CPU a quarter of the time or more), since polling there takes CPU from others.
+host's CPUs are contended (CPU pressure, ``/proc/pressure/cpu``: tasks waited for a CPU a
+quarter of the last 10 s or more), since polling there takes CPU from others.
 
 :class:`PollChooser` is pure (fed with the moment each stop was seen and, when it asks, the
 host's CPU pressure) and ``kvmtop/native/hotloop.c`` holds the same chooser, number for number;
@@ -35,8 +35,9 @@ MARGIN_EIGHTHS = 7  # polling must be at least 1/8 faster: it costs the host CPU
 SPARSE_SHARE = 4  # an epoch is sparse when fewer than 1 in 4 stops came within 2 windows:
 # polling could not catch them, so sleeping is right without a comparison
 GAP_MAX_NS = 10_000_000  # a gap counts for at most this
-PRESSURE = "/proc/pressure/cpu"  # Documentation/accounting/psi.rst: "some ... total=<us>"
-CONTENDED_SHARE = 4  # contended: tasks waited for a CPU at least 1/4 of the first epoch
+PRESSURE = "/proc/pressure/cpu"  # Documentation/accounting/psi.rst: "some avg10=12.34 ..."
+CONTENDED = 2500  # contended: tasks waited for a CPU 25.00% of the last 10 s or more (its
+# "total" moves in steps of tens of ms here, too coarse for an epoch)
 
 
 def poll_max_ns_from_env() -> int:
@@ -52,8 +53,7 @@ class PollChooser:
     the mean time per stop of epochs each way (pure: fed with when each stop was seen)."""
 
     __slots__ = ("max_ns", "poll_ns", "last_ns", "probing", "epoch", "exploit", "chosen",
-                 "stops", "near", "spent_ns", "since_ns", "way_ns", "way_stops", "stall_us",
-                 "stall_since_ns")  # fmt: skip
+                 "stops", "near", "spent_ns", "since_ns", "way_ns", "way_stops")  # fmt: skip
 
     def __init__(self, max_ns: int = POLL_MAX_NS) -> None:
         self.max_ns = max_ns
@@ -66,8 +66,6 @@ class PollChooser:
         self.stops = self.near = self.spent_ns = self.since_ns = 0  # this epoch
         self.way_ns = [0, 0]  # this comparison's time per way (0: sleeping, 1: polling)...
         self.way_stops = [0, 0]  # ...and stops
-        self.stall_us = -1  # the host's CPU pressure at the comparison's start (-1: unknown)
-        self.stall_since_ns = 0
 
     def seen(self, now_ns: int) -> bool:
         """A stop was seen at ``now_ns``: its gap from the one before counts for this epoch.
@@ -89,18 +87,11 @@ class PollChooser:
             return self._epoch_done(now_ns)
         return False
 
-    def pressure(self, stall_us: int) -> None:
-        """The host's CPU pressure now (PSI "some" total, µs; -1: unknown), when :meth:`seen`
-        asked: at a comparison's start and after its first epoch (sleeping)."""
-        if stall_us < 0 or not self.probing:
-            return
-        if self.epoch == 0:
-            self.stall_us, self.stall_since_ns = stall_us, self.last_ns
-            return
-        if self.stall_us >= 0:
-            waited_ns = (stall_us - self.stall_us) * 1000
-            if waited_ns * CONTENDED_SHARE >= self.last_ns - self.stall_since_ns:
-                self._choose(False)  # contended: polling would take CPU others need
+    def pressure(self, waited: int) -> None:
+        """The host's CPU pressure (PSI "some" avg10 in hundredths of a percent; -1: unknown),
+        when :meth:`seen` asked: at a comparison's start."""
+        if self.probing and self.epoch == 0 and waited >= CONTENDED:
+            self._choose(False)  # contended: polling would take CPU others need
 
     def _epoch_done(self, now_ns: int) -> bool:
         sparse = self.near * SPARSE_SHARE < self.stops
@@ -119,14 +110,12 @@ class PollChooser:
             self._choose(poll_ns * sleep_stops * 8 < sleep_ns * poll_stops * MARGIN_EIGHTHS)
         elif self.probing:
             self.poll_ns = self.max_ns if self.epoch < PROBE_EPOCHS - 1 else 0
-            return self.epoch == 1  # the first epoch, sleeping, is over: was the host contended?
         elif self.epoch >= self.exploit:
             self.probing = True
             self.epoch = 0
             self.poll_ns = 0
             self.way_ns = [0, 0]
             self.way_stops = [0, 0]
-            self.stall_us = -1
             return True
         return False
 
@@ -142,14 +131,17 @@ class PollChooser:
 
 
 def read_pressure() -> int:
-    """The host's CPU pressure ("some" total, µs; -1: unreadable, e.g. a kernel without PSI)."""
+    """The host's CPU pressure ("some" avg10, hundredths of a percent; -1: unreadable, as on a
+    kernel without PSI)."""
     try:
         fd = os.open(PRESSURE, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return -1
     try:
         line = os.read(fd, 128)
-        return int(line[line.index(b"total=") + 6 : line.index(b"\n")])
+        start = line.index(b"avg10=") + 6
+        whole, _, hundredths = line[start : line.index(b" ", start)].partition(b".")
+        return int(whole) * 100 + int(hundredths[:2].ljust(2, b"0") or b"0")
     except (OSError, ValueError):
         return -1
     finally:
@@ -165,7 +157,7 @@ class StopWaiter:
         self.chooser = PollChooser(poll_max_ns_from_env() if max_ns is None else max_ns)
 
     # One clock read per stop (when it was seen), used by the caller too; polling adds one per
-    # failed poll, and the chooser a read of the CPU pressure twice per comparison.
+    # failed poll, and the chooser a read of the CPU pressure per comparison.
     def wait(self) -> tuple[int, int, int]:
         """(tid, status, the moment it was seen in ns)."""
         waitpid = os.waitpid

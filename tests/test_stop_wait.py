@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -29,19 +30,15 @@ def make_chooser(request: pytest.FixtureRequest) -> Callable[[int], Any]:
     return PollChooser if request.param == "pure" else c_chooser
 
 
-def idle_host(now_ns: int) -> int:
-    return 0  # no task ever waited for a CPU
-
-
-def contended_host(now_ns: int) -> int:
-    return now_ns * 3 // 4 // 1000  # tasks waited for a CPU 3/4 of the time
+IDLE_HOST = 0  # no task waited for a CPU (PSI "some" avg10, in hundredths of a percent)
+CONTENDED_HOST = 7500  # tasks waited for a CPU 75% of the time
 
 
 def drive(
-    chooser: Any, gap: Callable[[bool], int], stops: int, stall: Callable[[int], int] = idle_host
+    chooser: Any, gap: Callable[[bool], int], stops: int, pressure: int = IDLE_HOST
 ) -> list[bool]:
-    """Each stop comes ``gap(polled)`` after the one before, on a host whose CPU pressure at a
-    moment is ``stall(now)``; whether each wait polled."""
+    """Each stop comes ``gap(polled)`` after the one before, on a host of that CPU pressure;
+    whether each wait polled."""
     now = chooser.last_ns or START
     polled = []
     for _ in range(stops):
@@ -49,7 +46,7 @@ def drive(
         polled.append(polling)
         now += gap(polling)
         if chooser.seen(now):
-            chooser.pressure(stall(now))
+            chooser.pressure(pressure)
     return polled
 
 
@@ -105,19 +102,17 @@ def test_a_quiet_vmm_is_never_polled(make_chooser: Callable[[int], Any]) -> None
 
 
 def test_a_contended_host_is_not_polled(make_chooser: Callable[[int], Any]) -> None:
-    """Polling would be faster, but tasks wait for a CPU while the tracer sleeps: polling would
-    take it from them."""
+    """Polling would be faster, but tasks wait for a CPU: polling would take it from them."""
     faster_polling = lambda polling: 20_000 if polling else 50_000  # noqa: E731
-    polled = drive(make_chooser(WINDOW), faster_polling, 200_000, contended_host)
+    polled = drive(make_chooser(WINDOW), faster_polling, 200_000, CONTENDED_HOST)
     assert not any(polled)
 
 
 def test_a_host_that_frees_its_cpus_is_polled_again(make_chooser: Callable[[int], Any]) -> None:
     chooser = make_chooser(WINDOW)
     faster_polling = lambda polling: 20_000 if polling else 50_000  # noqa: E731
-    drive(chooser, faster_polling, 50_000, contended_host)
-    waited = contended_host(chooser.last_ns)
-    polled = drive(chooser, faster_polling, 100_000, lambda now_ns: waited)
+    drive(chooser, faster_polling, 50_000, CONTENDED_HOST)
+    polled = drive(chooser, faster_polling, 100_000, IDLE_HOST)
     assert share(polled[-50_000:]) > 0.9
 
 
@@ -125,7 +120,7 @@ def test_without_pressure_figures_the_comparison_decides(
     make_chooser: Callable[[int], Any],
 ) -> None:
     faster_polling = lambda polling: 20_000 if polling else 50_000  # noqa: E731
-    polled = drive(make_chooser(WINDOW), faster_polling, 100_000, lambda now_ns: -1)
+    polled = drive(make_chooser(WINDOW), faster_polling, 100_000, -1)
     assert share(polled[-50_000:]) > 0.9
 
 
@@ -154,9 +149,18 @@ def test_the_engine_chooses_as_the_reference_does() -> None:
         asked = pure.seen(now)
         assert native.seen(now) == asked
         if asked:  # contended now and then
-            stall = (now // 1000) * noise.choice((0, 1)) // 2 + noise.randrange(0, 1000)
-            pure.pressure(stall)
-            native.pressure(stall)
+            pressure = noise.choice((-1, IDLE_HOST, 2499, 2500, CONTENDED_HOST))
+            pure.pressure(pressure)
+            native.pressure(pressure)
         assert (pure.poll_ns, pure.last_ns) == (native.poll_ns, native.last_ns)
         switches += polling != (pure.poll_ns != 0)
     assert switches > 2
+
+
+def test_the_pressure_is_read_in_hundredths_of_a_percent(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = b"some avg10=25.07 avg60=3.10 avg300=0.00 total=123456\nfull avg10=0.00 total=0\n"
+    read, write = os.pipe()
+    os.write(write, text)
+    os.close(write)
+    monkeypatch.setattr(stop_wait.os, "open", lambda path, flags: read)
+    assert stop_wait.read_pressure() == 2507

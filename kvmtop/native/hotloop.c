@@ -163,15 +163,14 @@ struct notif_resp { /* struct seccomp_notif_resp */
 #define MARGIN_EIGHTHS 7    /* polling must be at least 1/8 faster */
 #define SPARSE_SHARE 4      /* sparse: fewer than 1 in 4 stops within 2 windows */
 #define GAP_MAX_NS 10000000 /* a gap counts for at most this */
-#define PRESSURE "/proc/pressure/cpu" /* Documentation/accounting/psi.rst: "some ... total=<us>" */
-#define CONTENDED_SHARE 4   /* contended: tasks waited for a CPU 1/4 of the first epoch or more */
+#define PRESSURE "/proc/pressure/cpu" /* Documentation/accounting/psi.rst: "some avg10=12.34 ..." */
+#define CONTENDED 2500      /* contended: tasks waited for a CPU 25.00% of the last 10 s or more */
 
 struct poll_chooser {
     int64_t max_ns, poll_ns, last_ns; /* poll_ns: the next wait's window (0: sleep at once) */
     int probing, epoch, exploit, chosen;
     int64_t stops, near, spent_ns, since_ns; /* this epoch */
     int64_t way_ns[2], way_stops[2];         /* this comparison: [0] sleeping, [1] polling */
-    int64_t stall_us, stall_since_ns;        /* CPU pressure at its start (-1: unknown) */
 };
 
 static void chooser_init(struct poll_chooser *c, int64_t max_ns) {
@@ -179,7 +178,6 @@ static void chooser_init(struct poll_chooser *c, int64_t max_ns) {
     c->max_ns = max_ns;
     c->probing = 1; /* the first comparison begins at once */
     c->exploit = EXPLOIT_MIN;
-    c->stall_us = -1;
 }
 
 /* End a comparison, or a period, with polling chosen: the longer the same choice has held, the
@@ -212,13 +210,11 @@ static int chooser_epoch_done(struct poll_chooser *c, int64_t now) {
                               c->way_ns[0] * c->way_stops[1] * MARGIN_EIGHTHS);
     } else if (c->probing) {
         c->poll_ns = c->epoch < PROBE_EPOCHS - 1 ? c->max_ns : 0;
-        return c->epoch == 1; /* the first epoch, sleeping, is over: was the host contended? */
     } else if (c->epoch >= c->exploit) {
         c->probing = 1;
         c->epoch = 0;
         c->poll_ns = 0;
         c->way_ns[0] = c->way_ns[1] = c->way_stops[0] = c->way_stops[1] = 0;
-        c->stall_us = -1;
         return 1;
     }
     return 0;
@@ -244,19 +240,11 @@ static int chooser_seen(struct poll_chooser *c, int64_t now) {
     return 0;
 }
 
-/* The host's CPU pressure (PSI "some" total, us; -1: unknown), when chooser_seen asked: at a
-   comparison's start and after its first epoch (sleeping). */
-static void chooser_pressure(struct poll_chooser *c, int64_t stall_us) {
-    if (stall_us < 0 || !c->probing) return;
-    if (c->epoch == 0) {
-        c->stall_us = stall_us;
-        c->stall_since_ns = c->last_ns;
-        return;
-    }
-    if (c->stall_us >= 0 &&
-        (stall_us - c->stall_us) * 1000 * CONTENDED_SHARE >= c->last_ns - c->stall_since_ns) {
+/* The host's CPU pressure (PSI "some" avg10 in hundredths of a percent; -1: unknown), when
+   chooser_seen asked: at a comparison's start. */
+static void chooser_pressure(struct poll_chooser *c, int64_t waited) {
+    if (c->probing && c->epoch == 0 && waited >= CONTENDED)
         chooser_choose(c, 0); /* contended: polling would take CPU others need */
-    }
 }
 
 static int64_t read_pressure(void) {
@@ -267,10 +255,16 @@ static int64_t read_pressure(void) {
     close(fd);
     if (n <= 0) return -1;
     line[n] = 0;
-    char *total = strstr(line, "total=");
-    char *end = strchr(line, '\n');
-    if (!total || !end || total > end) return -1;
-    return strtoll(total + 6, NULL, 10);
+    char *avg10 = strstr(line, "avg10=");
+    if (!avg10) return -1;
+    char *end;
+    long whole = strtol(avg10 + 6, &end, 10), hundredths = 0;
+    if (end == avg10 + 6) return -1;
+    if (*end == '.' && end[1] >= '0' && end[1] <= '9') {
+        hundredths = (end[1] - '0') * 10;
+        if (end[2] >= '0' && end[2] <= '9') hundredths += end[2] - '0';
+    }
+    return whole * 100 + hundredths;
 }
 
 /* Two stops: the time a vCPU thread spends stopped for kvmtop between a KVM_RUN return and its
@@ -875,7 +869,7 @@ static void Engine_dealloc(Engine *e) {
 
 /* waitpid, polling first (from the last stop's moment, for the window) when the chooser says
    so; *now: when the stop was seen, the one clock read per stop (polling adds one per failed
-   poll, the chooser a read of the CPU pressure twice per comparison). GIL released by the
+   poll, the chooser a read of the CPU pressure per comparison). GIL released by the
    caller. */
 static int wait_stop(Engine *e, int *status, int64_t *now) {
     struct poll_chooser *c = &e->chooser;
@@ -1395,9 +1389,9 @@ static PyObject *Chooser_seen(Chooser *self, PyObject *arg) {
 }
 
 static PyObject *Chooser_pressure(Chooser *self, PyObject *arg) {
-    long long stall_us = PyLong_AsLongLong(arg);
-    if (stall_us == -1 && PyErr_Occurred()) return NULL;
-    chooser_pressure(&self->c, stall_us);
+    long long waited = PyLong_AsLongLong(arg);
+    if (waited == -1 && PyErr_Occurred()) return NULL;
+    chooser_pressure(&self->c, waited);
     Py_RETURN_NONE;
 }
 
@@ -1405,7 +1399,7 @@ static PyMethodDef Chooser_methods[] = {
     {"seen", (PyCFunction)Chooser_seen, METH_O,
      "seen(now_ns) -> a stop was seen then; True: call pressure() now"},
     {"pressure", (PyCFunction)Chooser_pressure, METH_O,
-     "pressure(stall_us): the host's CPU pressure (PSI some total; -1: unknown)"},
+     "pressure(waited): the host's CPU pressure (PSI some avg10 in 1/100 %; -1: unknown)"},
     {NULL, NULL, 0, NULL},
 };
 
