@@ -1,6 +1,7 @@
 """What one traced KVM exit costs, as a slope, with start-up cancelled out.
 
     python benchmarks/bench_slope.py [--counts 20000,100000] [--rounds 3] [--only NAME,...]
+                                     [--busy] [--baseline DIR]
 
 The same QEMU ``-bios`` guest (tests/guests/qemu_bios.py: N x ``out 0x80``, then isa-debug-exit)
 runs at two exit counts, untraced and under each tracer, the tracers alternating within each
@@ -25,8 +26,18 @@ and the debug-exit's ``out 0xf4``), the floor's "total" N + 1 (it reads each exi
 ``KVM_RUN``, so the last ``out 0xf4`` never shows, and the first run's reason 0 does). strace
 writes to /dev/null, as asked, and is not counted.
 
+Two-stop waits: the ``-sleeping`` rows run kvmtop with ``KVMTOP_POLL_US=0`` (never poll before
+a wait), what the engine's poll chooser must never be slower than. ``--baseline DIR`` adds the
+two-stop rows once more (``base-``) with the kvmtop in DIR (another checkout, its C modules
+built in place), to compare a change with what it replaces in one run.
+
+The host's regime: quiet (nothing else running: an idle CPU halts and is slow to wake) or, with
+``--busy``, ``stress-ng --cpu <CPUs>`` started for the whole run and stopped after it (no CPU
+idles, wake-ups are cheap, and a polling tracer takes CPU the VMM needs). The header says which.
+
 kvmtop is the console script installed beside this interpreter when there is one (as a user runs
-it), else ``kvmtop`` on PATH, else ``python -m kvmtop``. The floor (/work/shared/floor/floor.c: a
+it), else ``kvmtop`` on PATH, else ``python -m kvmtop``; the header says which package it
+imported (PYTHONPATH can point it at a checkout). The floor (/work/shared/floor/floor.c: a
 C tracer that does nothing but read each exit, see its README) is built with gcc into a
 temporary directory when both are there; its rows say how close kvmtop comes to what this
 machine allows.
@@ -43,7 +54,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -54,6 +66,7 @@ STRACE = ["strace", "-f", "-qq", "-e", "trace=ioctl", "--kvm=vcpu", "-o", "/dev/
 FLOOR_SOURCE = "/work/shared/floor/floor.c"
 SPIN_ITERATIONS = 3_000_000  # ~0.8 s here; kvmtop attaches in ~0.2 s (0.3 s at worst)
 IO_EXIT = "KVM_EXIT_IO"
+SLEEPING = {"KVMTOP_POLL_US": "0"}  # never poll before a wait
 
 
 def kvmtop_command() -> list[str]:
@@ -81,8 +94,11 @@ class Tracer:
 
 
 class Bench:
-    def __init__(self, tmp: str, counts: list[int]) -> None:
+    def __init__(self, tmp: str, counts: list[int], baseline: str | None = None) -> None:
         self.kvmtop = kvmtop_command()
+        # -P: not the working directory first, as for the console script
+        self.baseline = [sys.executable, "-P", "-m", "kvmtop"] if baseline else None
+        self.baseline_env = {"PYTHONPATH": os.path.abspath(baseline)} if baseline else {}
         self.busy = {n: write_bios(os.path.join(tmp, f"busy{n}.bin"), n) for n in counts}
         self.spinning = {
             n: write_bios(os.path.join(tmp, f"spin{n}.bin"), n, 0, SPIN_ITERATIONS) for n in counts
@@ -103,10 +119,15 @@ class Bench:
     def strace(self, n: int) -> Run:
         return Run(_wall(STRACE + qemu_command(self.busy[n]))[0])
 
-    def launch(self, *flags: str) -> Callable[[int], Run]:
+    def launch(
+        self, *flags: str, env: dict[str, str] | None = None, kvmtop: list[str] | None = None
+    ) -> Callable[[int], Run]:
+        command = kvmtop or self.kvmtop
+        environ = {**os.environ, **env} if env else None
+
         def run(n: int) -> Run:
-            argv = [*self.kvmtop, "record", *flags, "--json", "-o", "/dev/null", "--"]
-            seconds, _out, err = _wall(argv + qemu_command(self.busy[n]))
+            argv = [*command, "record", *flags, "--json", "-o", "/dev/null", "--"]
+            seconds, _out, err = _wall(argv + qemu_command(self.busy[n]), environ)
             return Run(seconds, _io_exits(err[err.find("\n{") + 1 :]))  # after the notices
 
         return run
@@ -129,13 +150,21 @@ class Bench:
         vmm.wait()
         return Run(time.monotonic() - started)
 
-    def attach(self, n: int) -> Run:
+    def attacher(
+        self, env: dict[str, str] | None = None, kvmtop: list[str] | None = None
+    ) -> Callable[[int], Run]:
+        command = kvmtop or self.kvmtop
+        environ = {**os.environ, **env} if env else None
+        return lambda n: self.attach(n, command, environ)
+
+    def attach(self, n: int, kvmtop: list[str], env: dict[str, str] | None) -> Run:
         vmm = subprocess.Popen(qemu_command(self.spinning[n]), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             started = _vcpu_ready(vmm)
-            argv = [*self.kvmtop, "record", "-p", str(vmm.pid), "--json", "-o", "/dev/null"]
-            rec = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            argv = [*kvmtop, "record", "-p", str(vmm.pid), "--json", "-o", "/dev/null"]
+            rec = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env)  # fmt: skip
             assert rec.stderr is not None
             line = rec.stderr.readline()
             latency = time.monotonic() - started
@@ -186,8 +215,24 @@ def tracers(bench: Bench) -> list[Tracer]:
         Tracer("kvmtop", bench.launch(), expected=io_count),
         Tracer("kvmtop-no-seccomp", bench.launch("--no-seccomp"), expected=io_count),
         Tracer("untraced-spinning", bench.untraced_spinning, "untraced-spinning"),
-        Tracer("kvmtop-attach", bench.attach, "untraced-spinning", io_count),
+        Tracer("kvmtop-attach", bench.attacher(), "untraced-spinning", io_count),
+        Tracer(
+            "kvmtop-no-seccomp-sleeping",
+            bench.launch("--no-seccomp", env=SLEEPING),
+            expected=io_count,
+        ),
+        Tracer("kvmtop-attach-sleeping", bench.attacher(SLEEPING), "untraced-spinning", io_count),
     ]
+    if bench.baseline is not None:
+        base, env = bench.baseline, bench.baseline_env
+        rows += [
+            Tracer(
+                "base-no-seccomp",
+                bench.launch("--no-seccomp", env=env, kvmtop=base),
+                expected=io_count,
+            ),
+            Tracer("base-attach", bench.attacher(env, base), "untraced-spinning", io_count),
+        ]
     if bench.floor is not None:
         for mode, sync in (("ptrace1", False), ("ptrace2", False), ("unotif", False),
                            ("unotif", True)):  # fmt: skip
@@ -204,19 +249,61 @@ def intercept(tracer: Tracer, lo: int, hi: int, r: int) -> float:
     return tracer.runs[lo][r].seconds - slope(tracer, lo, hi, r) * lo
 
 
-def report(rows: list[Tracer], lo: int, hi: int, rounds: int, kvmtop: list[str]) -> None:
+def kvmtop_package(command: list[str], env: dict[str, str] | None = None) -> str:
+    """Where ``command`` imports kvmtop from (its interpreter, as the console script runs)."""
+    python = sys.executable
+    if command and command[0] != sys.executable and os.path.isfile(command[0]):
+        with open(command[0], "rb") as script:
+            first = script.readline()
+        if first.startswith(b"#!"):
+            python = first[2:].decode().strip().split()[0]
+    code = "import os, kvmtop; print(os.path.dirname(kvmtop.__file__))"
+    done = subprocess.run([python, "-P", "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, check=False)  # fmt: skip
+    return done.stdout.strip() or f"? ({done.stderr.strip()[-200:]})"
+
+
+@contextmanager
+def host_regime(busy: bool) -> Iterator[str]:
+    """Quiet, or every CPU kept busy by stress-ng for as long as the block runs."""
+    if not busy:
+        yield "quiet (nothing started beside the runs)"
+        return
+    cpus = os.cpu_count() or 1
+    stress = subprocess.Popen(["stress-ng", "--cpu", str(cpus), "--quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        time.sleep(1)  # its workers started
+        if stress.poll() is not None:
+            raise SystemExit(f"stress-ng ended at once (status {stress.returncode})")
+        yield f"busy (stress-ng --cpu {cpus}, pid {stress.pid}, for the whole run)"
+    finally:
+        stress.terminate()  # it stops its workers
+        try:
+            stress.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            stress.kill()
+            stress.wait()
+
+
+def report(
+    rows: list[Tracer], lo: int, hi: int, rounds: int, kvmtop: list[str], header: str
+) -> None:
     by_name = {t.name: t for t in rows}
     per_exit = {t.name: statistics.median(slope(t, lo, hi, r) for r in range(rounds)) for t in rows}
     whole = {t.name: statistics.median(run.seconds for run in t.runs[lo]) for t in rows}
     strace = by_name.get("strace")
     print(f"QEMU -bios guest, {lo:,} and {hi:,} exits, {rounds} alternating rounds, medians")
-    print(f"kvmtop: {' '.join(kvmtop)}\n")
-    head = (f"| tracer | µs/exit | over untraced µs | exits/s | vs strace | start-up s "
+    print(f"kvmtop: {' '.join(kvmtop)}")
+    print(f"{header}\n")
+    head = (f"| tracer | µs/exit | rounds | over untraced µs | exits/s | vs strace | start-up s "
             f"| {lo // 1000}k run s | vs strace |")  # fmt: skip
     print(head)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in rows:
         us = per_exit[t.name] * 1e6
+        each = [slope(t, lo, hi, r) * 1e6 for r in range(rounds)]
+        spread = f"{min(each):.1f}..{max(each):.1f}"
         ref = by_name.get(t.reference)
         over = f"{us - per_exit[ref.name] * 1e6:.1f}" if ref is not None and ref is not t else "-"
         if ref is not None and ref is not t:
@@ -232,10 +319,11 @@ def report(rows: list[Tracer], lo: int, hi: int, rounds: int, kvmtop: list[str])
             vs_whole = f"{whole[t.name] / whole['strace']:.2f}x"
         else:
             vs_rate = vs_whole = "-"
-        print(f"| {t.name} | {us:.1f} | {over} | {rate:,.0f} | {vs_rate} | {startup_text} "
-              f"| {whole[t.name]:.3f} | {vs_whole} |")  # fmt: skip
-    print("\nstart-up: intercept over the reference's (untraced; attach: untraced-spinning), "
-          "[the rounds' range]; in round brackets, a reference's own intercept. An intercept's "
+        print(f"| {t.name} | {us:.1f} | {spread} | {over} | {rate:,.0f} | {vs_rate} "
+              f"| {startup_text} | {whole[t.name]:.3f} | {vs_whole} |")  # fmt: skip
+    print("\nrounds: the rounds' range of µs/exit. start-up: intercept over the reference's "
+          "(untraced; attach: untraced-spinning), [the rounds' range]; in round brackets, a "
+          "reference's own intercept. An intercept's "
           f"error is {lo:,} times its slope's: 5 µs/exit of noise moves it {lo * 5e-6:.2f} s")  # fmt: skip
     attach = by_name.get("kvmtop-attach")
     if attach is not None:
@@ -256,12 +344,18 @@ def main() -> None:
     parser.add_argument("--counts", default="20000,100000", help="two exit counts (20000,100000)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="comma-separated tracer names (default: all)")
+    parser.add_argument("--busy", action="store_true",
+                        help="keep every CPU busy with stress-ng for the whole run")  # fmt: skip
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run the two-stop rows with the kvmtop in DIR (base-)")  # fmt: skip
     args = parser.parse_args()
     counts = sorted(int(c) for c in args.counts.split(","))
     if len(counts) != 2 or counts[0] == counts[1]:
         parser.error("--counts takes two different exit counts")
-    with tempfile.TemporaryDirectory() as tmp:
-        bench = Bench(tmp, counts)
+    if args.baseline and not os.path.isdir(os.path.join(args.baseline, "kvmtop")):
+        parser.error(f"--baseline {args.baseline}: no kvmtop package there")
+    with tempfile.TemporaryDirectory() as tmp, host_regime(args.busy) as regime:
+        bench = Bench(tmp, counts, args.baseline)
         rows = tracers(bench)
         if args.only:
             wanted = args.only.split(",")
@@ -282,7 +376,13 @@ def main() -> None:
                     t.runs[n].append(t.run(n))
             print(f"round {r + 1}/{args.rounds}: {time.monotonic() - started:.0f} s",
                   file=sys.stderr)  # fmt: skip
-        report(rows, counts[0], counts[1], args.rounds, bench.kvmtop)
+        header = f"kvmtop package: {kvmtop_package(bench.kvmtop)}"
+        if bench.baseline is not None:
+            base = kvmtop_package(bench.baseline, bench.baseline_env)
+            header += f"\nbase- rows: {' '.join(bench.baseline)}, package {base}"
+        stamp = time.strftime("%Y-%m-%d %H:%M %Z")
+        header += f"\nhost: {regime}; {os.cpu_count()} CPUs; ended {stamp}"
+        report(rows, counts[0], counts[1], args.rounds, bench.kvmtop, header)
 
 
 if __name__ == "__main__":

@@ -139,13 +139,11 @@ class PyEngine:
 
     def run(self, deadline_ns: int, max_bytes: int) -> tuple[int, int, int] | None:
         wait = self._waiter.wait
-        monotonic_ns = time.monotonic_ns
         while True:
             try:
-                tid, status = wait()
+                tid, status, now = wait()
             except InterruptedError:
                 return None
-            now = monotonic_ns()
             th = self._threads.get(tid)
             if th is None or self._modes.get(th.pid, (0, P_HANDBACK))[1] & P_HANDBACK:
                 return tid, status, now

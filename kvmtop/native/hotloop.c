@@ -5,7 +5,7 @@
  * mapping of that vCPU's struct kvm_run), and a buffer of packed exit records in the
  * recording's 32-byte layout (docs/recording-format.md). Its loops handle only the common case:
  *
- *   run():        waitpid (polling briefly first) -> PTRACE_GET_SYSCALL_INFO -> a KVM_RUN entry
+ *   run():        waitpid (polling first where that is faster) -> PTRACE_GET_SYSCALL_INFO -> a KVM_RUN entry
  *                 or return, or a seccomp stop, on a vCPU fd it knows -> read the exit from the
  *                 mapping -> append a record -> resume the thread; with the GIL released.
  *   notify_run(): the same for seccomp user notifications: RECV -> read the previous exit of
@@ -21,12 +21,15 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
@@ -120,7 +123,6 @@
 #define P_NO_RESUME 4 /* handle() records but does not resume: Python does (a detach) */
 
 #define SYSCALL_BUDGET 256 /* non-KVM syscalls a thread may make before PTRACE_CONT */
-#define POLL_GROW_START_NS 10000
 #define MAX_BUFFER (256u << 20)
 
 struct syscall_info { /* struct ptrace_syscall_info */
@@ -149,6 +151,121 @@ struct notif_resp { /* struct seccomp_notif_resp */
     int32_t error;
     uint32_t flags;
 };
+
+/* Whether a wait polls before it sleeps (kvmtop/stop_wait.py PollChooser, the reference: the
+   same numbers and steps). Epochs of each way are timed, alternated, and the faster kept; not
+   polling where stops come too far apart, nor on a host whose CPUs are contended. */
+#define EPOCH_STOPS 256     /* an epoch: at least this many stops... */
+#define EPOCH_NS 4000000    /* ...over at least this long */
+#define PROBE_EPOCHS 4      /* a comparison: sleeping, polling, polling, sleeping */
+#define EXPLOIT_MIN 4       /* epochs the faster way keeps after a changed choice, */
+#define EXPLOIT_MAX 128     /* doubling up to this while comparisons confirm it */
+#define MARGIN_EIGHTHS 7    /* polling must be at least 1/8 faster */
+#define SPARSE_SHARE 4      /* sparse: fewer than 1 in 4 stops within 2 windows */
+#define GAP_MAX_NS 10000000 /* a gap counts for at most this */
+#define PRESSURE "/proc/pressure/cpu" /* Documentation/accounting/psi.rst: "some avg10=12.34 ..." */
+#define CONTENDED 2500      /* contended: tasks waited for a CPU 25.00% of the last 10 s or more */
+
+struct poll_chooser {
+    int64_t max_ns, poll_ns, last_ns; /* poll_ns: the next wait's window (0: sleep at once) */
+    int probing, epoch, exploit, chosen;
+    int64_t stops, near, spent_ns, since_ns; /* this epoch */
+    int64_t way_ns[2], way_stops[2];         /* this comparison: [0] sleeping, [1] polling */
+};
+
+static void chooser_init(struct poll_chooser *c, int64_t max_ns) {
+    memset(c, 0, sizeof *c);
+    c->max_ns = max_ns;
+    c->probing = 1; /* the first comparison begins at once */
+    c->exploit = EXPLOIT_MIN;
+}
+
+/* End a comparison, or a period, with polling chosen: the longer the same choice has held, the
+   longer it holds. */
+static void chooser_choose(struct poll_chooser *c, int polling) {
+    int confirmed = polling == c->chosen;
+    c->exploit = confirmed ? (c->exploit * 2 < EXPLOIT_MAX ? c->exploit * 2 : EXPLOIT_MAX)
+                           : EXPLOIT_MIN;
+    c->chosen = polling;
+    c->poll_ns = polling ? c->max_ns : 0;
+    c->probing = 0;
+    c->epoch = 0;
+}
+
+/* 1: call chooser_pressure now */
+static int chooser_epoch_done(struct poll_chooser *c, int64_t now) {
+    int sparse = c->near * SPARSE_SHARE < c->stops;
+    int polling = c->poll_ns != 0;
+    if (c->probing) {
+        c->way_ns[polling] += c->spent_ns;
+        c->way_stops[polling] += c->stops;
+    }
+    c->stops = c->near = c->spent_ns = 0;
+    c->since_ns = now;
+    c->epoch++;
+    if (sparse) { /* sleep; compare when stops have come close for a period */
+        chooser_choose(c, 0);
+    } else if (c->probing && c->epoch == PROBE_EPOCHS) {
+        chooser_choose(c, c->way_ns[1] * c->way_stops[0] * 8 <
+                              c->way_ns[0] * c->way_stops[1] * MARGIN_EIGHTHS);
+    } else if (c->probing) {
+        c->poll_ns = c->epoch < PROBE_EPOCHS - 1 ? c->max_ns : 0;
+    } else if (c->epoch >= c->exploit) {
+        c->probing = 1;
+        c->epoch = 0;
+        c->poll_ns = 0;
+        c->way_ns[0] = c->way_ns[1] = c->way_stops[0] = c->way_stops[1] = 0;
+        return 1;
+    }
+    return 0;
+}
+
+/* A stop was seen at now: its gap from the one before counts for this epoch. 1: call
+   chooser_pressure now. */
+static int chooser_seen(struct poll_chooser *c, int64_t now) {
+    if (!c->max_ns) return 0;
+    int64_t last = c->last_ns;
+    c->last_ns = now;
+    if (!last) {
+        c->since_ns = now;
+        return 1; /* the first comparison's start */
+    }
+    int64_t gap = now - last;
+    /* a gap over 10 ms is the VMM's own pause, not a wake-up or a scheduler's stall: capped, so
+       that an idle moment in one epoch does not decide the comparison */
+    c->spent_ns += gap < GAP_MAX_NS ? gap : GAP_MAX_NS;
+    c->near += gap <= 2 * c->max_ns;
+    c->stops++;
+    if (c->stops >= EPOCH_STOPS && now - c->since_ns >= EPOCH_NS) return chooser_epoch_done(c, now);
+    return 0;
+}
+
+/* The host's CPU pressure (PSI "some" avg10 in hundredths of a percent; -1: unknown), when
+   chooser_seen asked: at a comparison's start. */
+static void chooser_pressure(struct poll_chooser *c, int64_t waited) {
+    if (c->probing && c->epoch == 0 && waited >= CONTENDED)
+        chooser_choose(c, 0); /* contended: polling would take CPU others need */
+}
+
+static int64_t read_pressure(void) {
+    char line[128];
+    int fd = open(PRESSURE, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, line, sizeof line - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    line[n] = 0;
+    char *avg10 = strstr(line, "avg10=");
+    if (!avg10) return -1;
+    char *end;
+    long whole = strtol(avg10 + 6, &end, 10), hundredths = 0;
+    if (end == avg10 + 6) return -1;
+    if (*end == '.' && end[1] >= '0' && end[1] <= '9') {
+        hundredths = (end[1] - '0') * 10;
+        if (end[2] >= '0' && end[2] <= '9') hundredths += end[2] - '0';
+    }
+    return whole * 100 + hundredths;
+}
 
 /* Two stops: the time a vCPU thread spends stopped for kvmtop between a KVM_RUN return and its
    next entry (the VMM's handling of that exit): what kvmtop sees of each stop (wait return to
@@ -221,7 +338,7 @@ typedef struct {
     Buffer coalesced; /* COALESCED records */
     int64_t base_ns;
     int with_data, wait_flags, sys_ioctl;
-    int64_t poll_max_ns, poll_ns;
+    struct poll_chooser chooser;
     long stops, notifications, lost, exits;
     int64_t round_trips[ROUND_TRIP_BLOCK]; /* syscall-entry resume to exit stop, in ns */
     int n_round_trips;
@@ -718,7 +835,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         return -1;
     e->base_ns = base;
     e->with_data = with_data;
-    e->poll_max_ns = e->poll_ns = poll_max;
+    chooser_init(&e->chooser, poll_max);
     e->wait_flags = wait_flags;
     e->sys_ioctl = sys_ioctl;
     return 0;
@@ -750,29 +867,24 @@ static void Engine_dealloc(Engine *e) {
 #define LOCK(e) pthread_mutex_lock(&(e)->lock)
 #define UNLOCK(e) pthread_mutex_unlock(&(e)->lock)
 
-/* waitpid with adaptive polling first (the window grows when a sleep was short, halves when it
-   was long: kvmtop/stop_wait.py PollWindow, the reference). GIL released by the caller. */
-static int wait_stop(Engine *e, int *status) {
-    int64_t start = now_ns();
-    if (e->poll_ns) {
-        int64_t deadline = start + e->poll_ns;
+/* waitpid, polling first (from the last stop's moment, for the window) when the chooser says
+   so; *now: when the stop was seen, the one clock read per stop (polling adds one per failed
+   poll, the chooser a read of the CPU pressure per comparison). GIL released by the
+   caller. */
+static int wait_stop(Engine *e, int *status, int64_t *now) {
+    struct poll_chooser *c = &e->chooser;
+    int tid = 0;
+    if (c->poll_ns) {
+        int64_t deadline = c->last_ns + c->poll_ns;
         for (;;) {
-            int tid = waitpid(-1, status, e->wait_flags | WNOHANG);
-            if (tid != 0) return tid;
-            if (now_ns() >= deadline) break;
+            tid = waitpid(-1, status, e->wait_flags | WNOHANG);
+            if (tid != 0 || now_ns() >= deadline) break;
         }
     }
-    int tid = waitpid(-1, status, e->wait_flags);
-    if (tid > 0 && e->poll_max_ns) {
-        int64_t waited = now_ns() - start;
-        if (waited <= e->poll_max_ns) {
-            int64_t grown = e->poll_ns * 2 > POLL_GROW_START_NS ? e->poll_ns * 2 : POLL_GROW_START_NS;
-            e->poll_ns = grown < e->poll_max_ns ? grown : e->poll_max_ns;
-        } else {
-            e->poll_ns /= 2;
-            if (e->poll_ns < POLL_GROW_START_NS) e->poll_ns = 0;
-        }
-    }
+    if (tid == 0) tid = waitpid(-1, status, e->wait_flags);
+    if (tid < 0) return tid;
+    *now = now_ns();
+    if (chooser_seen(c, *now)) chooser_pressure(c, read_pressure());
     return tid;
 }
 
@@ -784,12 +896,11 @@ static PyObject *Engine_run(Engine *e, PyObject *args) {
     int64_t now = 0;
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
-        tid = wait_stop(e, &status);
+        tid = wait_stop(e, &status, &now);
         if (tid < 0) {
             err = errno;
             break;
         }
-        now = now_ns();
         LOCK(e);
         Thread *t = thread_find(e, tid);
         Process *proc = t ? proc_find(e, t->pid) : NULL;
@@ -1256,15 +1367,72 @@ static PyTypeObject EngineType = {
     .tp_methods = Engine_methods,
 };
 
+/* The engine's chooser on its own, for the tests: fed with the timings kvmtop/stop_wait.py's
+   PollChooser is fed with, it must choose the same. */
+typedef struct {
+    PyObject_HEAD
+    struct poll_chooser c;
+} Chooser;
+
+static int Chooser_init(Chooser *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"max_ns", NULL};
+    long long max_ns;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "L", names, &max_ns)) return -1;
+    chooser_init(&self->c, max_ns);
+    return 0;
+}
+
+static PyObject *Chooser_seen(Chooser *self, PyObject *arg) {
+    long long now = PyLong_AsLongLong(arg);
+    if (now == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(chooser_seen(&self->c, now));
+}
+
+static PyObject *Chooser_pressure(Chooser *self, PyObject *arg) {
+    long long waited = PyLong_AsLongLong(arg);
+    if (waited == -1 && PyErr_Occurred()) return NULL;
+    chooser_pressure(&self->c, waited);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Chooser_methods[] = {
+    {"seen", (PyCFunction)Chooser_seen, METH_O,
+     "seen(now_ns) -> a stop was seen then; True: call pressure() now"},
+    {"pressure", (PyCFunction)Chooser_pressure, METH_O,
+     "pressure(waited): the host's CPU pressure (PSI some avg10 in 1/100 %; -1: unknown)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Chooser_members[] = {
+    {"max_ns", T_LONGLONG, offsetof(Chooser, c.max_ns), READONLY, "the poll window"},
+    {"poll_ns", T_LONGLONG, offsetof(Chooser, c.poll_ns), READONLY,
+     "the next wait's poll window (0: sleep at once)"},
+    {"last_ns", T_LONGLONG, offsetof(Chooser, c.last_ns), READONLY, "when the last stop was seen"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ChooserType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop._hotloop.PollChooser",
+    .tp_basicsize = sizeof(Chooser),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Whether a wait polls first (see kvmtop/stop_wait.py PollChooser, the reference).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Chooser_init,
+    .tp_methods = Chooser_methods,
+    .tp_members = Chooser_members,
+};
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop._hotloop",
                                     "The tracer's per-exit work in C.", -1, NULL};
 
 PyMODINIT_FUNC PyInit__hotloop(void) {
-    if (PyType_Ready(&EngineType) < 0) return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ChooserType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) return NULL;
+    Py_INCREF(&ChooserType);
+    if (PyModule_AddObject(m, "PollChooser", (PyObject *)&ChooserType) < 0) return NULL;
     PyModule_AddIntConstant(m, "MODE_TWO_STOP", MODE_TWO_STOP);
     PyModule_AddIntConstant(m, "MODE_ONE_STOP", MODE_ONE_STOP);
     PyModule_AddIntConstant(m, "MODE_NOTIFY", MODE_NOTIFY);
