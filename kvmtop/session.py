@@ -276,7 +276,9 @@ class TraceSession:
             self.child_ended.set()
             text = f"pid {detached.pid} exited with status {detached.exit_status}"
         else:
-            text = f"detached from pid {detached.pid}; it runs on"
+            pids = ", ".join(str(pid) for pid in self.pids or (detached.pid,))
+            text = (f"detached from pid {pids}; it runs on" if len(self.pids) <= 1
+                    else f"detached from pids {pids}; they run on")  # fmt: skip
         self._close_writer(detached)
         self.state = SessionState.ENDED
         self._notices.append(("information", text))

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import wait_for_vcpus
+from conftest import start_minivmm, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 
 from kvmtop.decoder import exit_label
@@ -228,6 +228,22 @@ def test_attach_to_two_vmms_at_once_and_detach_leaves_both_untraced(processes):
     finally:
         tracer.stop()
     assert [vmm.wait(120) for vmm in vmms] == [0, 0]  # each ran on to its own end
+
+
+def test_detaching_two_vmms_names_both(processes):
+    from kvmtop.session import TraceSession
+
+    vmms = [start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=200) for _ in "ab"]
+    session = TraceSession()
+    try:
+        session.attach(*(v.pid for v in vmms))
+        session.wait_attached()
+        session.detach()
+        assert session.ended.wait(10)
+    finally:
+        session.close()
+    notices = [text for _severity, text in session.take_notices()]
+    assert f"detached from pids {vmms[0].pid}, {vmms[1].pid}; they run on" in notices, notices
 
 
 def test_a_launched_commands_stdout_is_its_own(tmp_path):
