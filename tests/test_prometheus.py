@@ -301,6 +301,15 @@ def test_the_rules_file_is_valid():
 
 
 @needs_promtool
+def test_the_documented_scrape_config_is_valid_and_loads_the_rules():
+    config = os.path.join(ROOT, "docs", "prometheus.yml")
+    result = subprocess.run(["promtool", "check", "config", config], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kvmtop-rules.yml" in result.stdout and "1 rule files found" in result.stdout
+
+
+@needs_promtool
 def test_each_alert_fires_and_stays_quiet_as_its_unit_tests_say():
     result = subprocess.run(["promtool", "test", "rules", RULES_TEST], capture_output=True,
                             text=True, timeout=60, cwd=os.path.dirname(RULES_TEST))  # fmt: skip
