@@ -10,6 +10,7 @@ code. Tracebacks only with ``--debug``.
     kvmtop record [-o FILE] [--data] -- CMD [ARGS...]
     kvmtop record ... --jsonl -    ... and one JSON line per exit to stdout
     kvmtop report FILE [--json | --csv]
+    kvmtop diff A B [--json] [--threshold PCT] [--min-count N]
     kvmtop export FILE --perfetto OUT.json | --csv OUT | --jsonl OUT     (OUT may be -)
     kvmtop list [--json]
     kvmtop stats -p PID [--interval S] [--count N] [--json]
@@ -104,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     rep_form = rep.add_mutually_exclusive_group()
     rep_form.add_argument("--json", action="store_true", help="print JSON")
     rep_form.add_argument("--csv", action="store_true", help="print the table as CSV")
+
+    dif = sub.add_parser("diff", help="two recordings side by side: what changed from A to B")
+    dif.add_argument("a", metavar="A", help="the recording compared against (the baseline)")
+    dif.add_argument("b", metavar="B", help="the recording compared")
+    dif.add_argument("--json", action="store_true", help="print JSON")
+    dif.add_argument("--threshold", type=float, metavar="PCT",
+                     help="exit 1 when a rate or p99 moved by more than PCT percent")  # fmt: skip
+    dif.add_argument("--min-count", type=int, default=None, metavar="N",
+                     help="rows of fewer exits (in A and in B) do not count for --threshold; "
+                     "p99s count where both have N (100)")  # fmt: skip
 
     exp = sub.add_parser("export", help="convert a recording for other tools (- is stdout)")
     exp.add_argument("file")
@@ -242,6 +253,8 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
         return report(args.file, "json" if args.json else "csv" if args.csv else "table")
+    if args.command == "diff":
+        return diff(args)
     if args.command == "export":
         return export(args)
     if args.command == "list":
@@ -443,6 +456,38 @@ def report(path: str, form: str) -> int:
     except BrokenPipeError:  # `| head`: the reader has all it wanted; a truncation is still said
         _silence_stdout()
     _check_complete(recording, f"the report covers the {snapshot.total} exits it holds")
+    return 0
+
+
+def diff(args: argparse.Namespace) -> int:
+    """Two recordings side by side; with --threshold, 1 when something moved too far."""
+    from kvmtop.diff import MIN_COUNT, diff_json, diff_snapshots, diff_table, moved_rows
+    from kvmtop.report import load_recording_stats, seconds_text, traced_s
+
+    if args.threshold is not None and not args.threshold >= 0:
+        raise UsageError("--threshold takes a percentage of 0 or more")
+    min_count = MIN_COUNT if args.min_count is None else args.min_count
+    if min_count < 1:
+        raise UsageError("--min-count must be 1 or more")
+    loaded = []
+    for path in (args.a, args.b):
+        recording, stats = load_recording_stats(path)
+        snapshot = stats.snapshot(top=None)
+        loaded.append((recording, snapshot, traced_s(recording, stats) or 0.0))
+    (rec_a, snap_a, sec_a), (rec_b, snap_b, sec_b) = loaded
+    rows = diff_snapshots(snap_a, sec_a, snap_b, sec_b, min_count)
+    if args.json:
+        recordings = {name: {"file": rec.path, "exits": snap.total, "duration_s": round(sec, 6)}
+                      for name, (rec, snap, sec) in zip("ab", loaded, strict=True)}  # fmt: skip
+        print(json.dumps(diff_json(rows, recordings, args.threshold, min_count), indent=2))
+    else:
+        heads = tuple(f"{rec.path}  {snap.total} exits in {seconds_text(sec)}"
+                      for rec, snap, sec in loaded)  # fmt: skip
+        print(diff_table(rows, (heads[0], heads[1]), args.threshold, min_count), end="")
+    for rec, snap, _sec in loaded:
+        _check_complete(rec, f"the diff covers the {snap.total} exits it holds")
+    if args.threshold is not None and moved_rows(rows, args.threshold, min_count):
+        return 1
     return 0
 
 
