@@ -18,6 +18,7 @@ from kvmtop.stats import (
     ReasonStats,
     StatsSnapshot,
     VcpuSnapshot,
+    top_error,
 )
 from kvmtop.units import duration
 
@@ -80,11 +81,13 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
         },
         "io": [
             {"port": p.port, "direction": p.direction, "size": p.size, "count": p.count}
+            | ({"count_error": p.error} if p.error else {})
             for p in snapshot.io
         ],
         "mmio": [
             {"address": m.address, "len": m.length, "write": m.write, "count": m.count}
             | ({"name": m.name} if m.name else {})
+            | ({"count_error": m.error} if m.error else {})
             for m in snapshot.mmio
         ],
         "total": snapshot.total,
@@ -243,8 +246,10 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
         ]
         lines += [f"  ({note})" for note in coalesced_notes(snapshot.coalesced)]
         lines.append("")
-    if not snapshot.top_exact:
-        lines.append("(IO/MMIO tables hit their size bound: their counts are upper bounds)")
+    error = top_error(snapshot.io[:10], snapshot.mmio[:10])
+    if error:  # only where a count shown is in fact uncertain
+        lines.append(f"(IO/MMIO tables hit their size bound: a count shown may be high by up to "
+                     f"{error})")  # fmt: skip
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -111,6 +111,7 @@ class PortCount:
     direction: str  # "in" | "out"
     size: int
     count: int
+    error: int = 0  # the count may be this much too high (a bounded table's): 0 is exact
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,7 @@ class MmioCount:
     write: bool
     count: int
     name: str = ""  # mmio_names: "LAPIC EOI", "virtio-mmio 0 QueueNotify"; "" when unknown
+    error: int = 0  # the count may be this much too high (a bounded table's): 0 is exact
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +166,7 @@ class StatsSnapshot:
     many_vms: bool  # the vCPUs are of more than one VM: labels say PID:VM:VCPU
     io: tuple[PortCount, ...]  # whole VM
     mmio: tuple[MmioCount, ...]
-    top_exact: bool  # False once a top table evicted keys (its counts are then upper bounds)
+    top_exact: bool  # False when a count shown may be too high (a bounded table evicted keys)
     coalesced: CoalescedSnapshot = field(default_factory=lambda: EMPTY_COALESCED)
     mmio_names: MmioNames = field(default_factory=MmioNames)  # the ranges the VMMs' argv told
 
@@ -245,12 +247,15 @@ class _Reason:
 
 class TopCounter:
     """Counts per key, exact up to ``capacity`` distinct keys; beyond that the Space-Saving
-    algorithm keeps the heaviest keys in fixed memory (their counts become upper bounds)."""
+    algorithm keeps the heaviest keys in fixed memory: a key that takes an evicted one's place
+    starts from that one's count, which is then its count's most possible error (its true count
+    lies in [count - error, count]). A key never evicted since it came keeps error 0."""
 
-    __slots__ = ("counts", "capacity", "exact")
+    __slots__ = ("counts", "errors", "capacity", "exact")
 
     def __init__(self, capacity: int) -> None:
         self.counts: dict[Any, int] = {}
+        self.errors: dict[Any, int] = {}  # only the keys with an error
         self.capacity = capacity
         self.exact = True
 
@@ -263,7 +268,11 @@ class TopCounter:
             counts[key] = n
         else:
             victim = min(counts, key=counts.__getitem__)
-            counts[key] = counts.pop(victim) + n
+            floor = counts.pop(victim)
+            self.errors.pop(victim, None)
+            counts[key] = floor + n
+            if floor:
+                self.errors[key] = floor
             self.exact = False
 
     def top(self, n: int | None = None) -> list[tuple[Any, int]]:
@@ -333,11 +342,20 @@ def _reason(table: dict[str, _Reason], label: str) -> _Reason:
 
 
 def _ports(counter: TopCounter, n: int | None) -> tuple[PortCount, ...]:
-    return tuple(PortCount(p, "out" if w else "in", s, c) for (p, w, s), c in counter.top(n))
+    error = counter.errors.get
+    return tuple(PortCount(p, "out" if w else "in", s, c, error((p, w, s), 0))
+                 for (p, w, s), c in counter.top(n))  # fmt: skip
 
 
 def _mmios(counter: TopCounter, n: int | None, names: MmioNames) -> tuple[MmioCount, ...]:
-    return tuple(MmioCount(a, ln, w, c, names.name(a)) for (a, ln, w), c in counter.top(n))
+    error = counter.errors.get
+    return tuple(MmioCount(a, ln, w, c, names.name(a), error((a, ln, w), 0))
+                 for (a, ln, w), c in counter.top(n))  # fmt: skip
+
+
+def top_error(*tables: Iterable[PortCount | MmioCount]) -> int:
+    """The most any count shown may be too high by (0: every one is exact)."""
+    return max((row.error for rows in tables for row in rows), default=0)
 
 
 def _coalesced(counter: TopCounter, n: int | None) -> tuple[CoalescedCount, ...]:
@@ -563,7 +581,7 @@ class ExitStats:
                 for label, n in v.seconds.at(now_s - 1).items():
                     per_label_rate[label] = per_label_rate.get(label, 0) + n
             reasons = _reason_stats(self._reasons, per_label_rate)
-            exact = self._io.exact and self._mmio.exact
+            io, mmio = _ports(self._io, top), _mmios(self._mmio, top, self._mmio_names)
             many_vms = len(self._vms) > 1
             return StatsSnapshot(
                 now_ns=now,
@@ -576,10 +594,10 @@ class ExitStats:
                 reasons=reasons,
                 vcpus=vcpus,
                 many_vms=many_vms,
-                io=_ports(self._io, top),
-                mmio=_mmios(self._mmio, top, self._mmio_names),
+                io=io,
+                mmio=mmio,
                 mmio_names=self._mmio_names,
-                top_exact=exact,
+                top_exact=top_error(io, mmio) == 0,
                 coalesced=self.coalesced.snapshot(top),
             )
 

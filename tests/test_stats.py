@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sys
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -209,3 +210,24 @@ def test_reasons_order_by_count_rate_or_the_vmms_median_handling_time() -> None:
     assert reasons_by(reasons, "count") == (io, hlt, mmio)  # ties by label
     assert reasons_by(reasons, "rate") == (hlt, mmio, io)
     assert reasons_by(reasons, "VMM p50") == (mmio, io, hlt)
+
+
+def test_a_bounded_table_says_how_far_each_count_may_be_off_and_holds_the_truth() -> None:
+    """Space-Saving beyond capacity: each count shown is an upper bound, at most ``error`` too
+    high; keys counted from their first exit, never evicted, stay exact (error 0), and a table
+    whose shown counts are all exact is said to be exact, though it evicted keys."""
+    rng = random.Random(7)
+    heavy = [0x70, 0x71, 0x3F8]
+    ports = heavy * 400 + [0x1000 + rng.randrange(500) for _ in range(3000)]
+    rng.shuffle(ports)
+    ports = heavy + ports  # the heavy ones come first: counted exactly from then on
+    truth = Counter(ports)
+    stats = ExitStats(top_capacity=16)
+    stats.add_events(io(0, i, i + 1, port=p) for i, p in enumerate(ports))
+    snap = stats.snapshot(top=None)
+    assert len(snap.io) == 16 and any(p.error for p in snap.io)
+    for p in snap.io:
+        assert p.count - p.error <= truth[p.port] <= p.count, (hex(p.port), p)
+    top = stats.snapshot(top=3)
+    assert {p.port for p in top.io} == set(heavy) and all(p.error == 0 for p in top.io)
+    assert top.top_exact and not snap.top_exact

@@ -88,6 +88,6 @@ class TopTargets(ReasonPane):
         if not mmio and not addresses:
             text.append("(none)\n", style="italic")
         if not exact:
-            text.append("(bounded table: counts are upper bounds)", style="italic")
+            text.append("(bounded table: a count may be high)", style="italic")
         text.rstrip()
         return text
