@@ -593,25 +593,34 @@ static int resume_thread(Engine *e, Thread *t, int sig) {
 
 /* --- two stops: the time a vCPU thread's handling spends stopped for kvmtop ---------------------- */
 
+static int cmp_ns(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
 /* A stop's unseen cost per the first n round trips: each is one unseen resume-to-stop plus a
    syscall (a run's: plus KVM's part and the guest's run) or the VMM's work in user space, so at
-   least its own stop's cost: their mean is the most a stop costs on average, the shortest the
-   least; the estimate is the mean of the others' where there are enough. The same integer
-   arithmetic as hot_state.py. */
+   least its own stop's cost. The least is the shortest; the most, the mean of the slowest quarter
+   (a stop in the handling often waits through the VMM's work for a kvmtop gone to sleep, whose
+   wake-up is a slow one, and goes back to user space); the estimate, the mean of the others'
+   where there are enough, else of all. The same integer arithmetic as
+   hot_state.round_trip_costs. */
 static struct stop_costs round_trip_costs(const Engine *e, int n) {
-    int64_t total = 0, others = 0, least = e->round_trips[0];
+    int64_t times[ROUND_TRIP_BLOCK], total = 0, others = 0, slower = 0;
     int n_others = 0;
     for (int i = 0; i < n; i++) {
-        int64_t ns = e->round_trips[i];
-        total += ns;
-        if (ns < least) least = ns;
+        times[i] = e->round_trips[i];
+        total += times[i];
         if (!e->round_trip_runs[i]) {
-            others += ns;
+            others += times[i];
             n_others++;
         }
     }
-    struct stop_costs c = {least, 0, total / n > 1 ? total / n : 1};
-    c.estimate = n_others >= ROUND_TRIP_OTHERS ? others / n_others : c.most;
+    qsort(times, (size_t)n, sizeof times[0], cmp_ns);
+    for (int i = n - n / 4; i < n; i++) slower += times[i];
+    slower /= n / 4;
+    struct stop_costs c = {times[0], n_others >= ROUND_TRIP_OTHERS ? others / n_others : total / n,
+                           slower > 1 ? slower : 1};
     return c;
 }
 
