@@ -36,10 +36,14 @@ class ExitEvent:
     flags: int = 0
     data: bytes = b""  # IO/MMIO/MSR data, only when recording with --data
     # Two stops: the ptrace stops between the previous exit of this vCPU and this entry (the
-    # VMM's handling of that exit), and the time they held the thread (seen, and estimated)
+    # VMM's handling of that exit), and the time they held the thread: seen, and the unseen part
+    # estimated, with the least and the most it costs on average (0: no basis for the most;
+    # docs/engine.md)
     held_stops: int = 0
     held_seen_ns: int = 0
     held_unseen_ns: int = 0
+    held_unseen_low_ns: int = 0
+    held_unseen_high_ns: int = 0
 
     @property
     def held_ns(self) -> int:

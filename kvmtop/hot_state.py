@@ -54,14 +54,47 @@ SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
 
 
-NO_WINDOW = (0, 0, 0)  # stops, seen ns, unseen ns (records.HELD)
+NO_WINDOW = (0, 0, 0, 0, 0)  # stops, seen ns, unseen ns: estimate, least, most (records.HELD)
 ROUND_TRIP_BLOCK = 64  # round trips measured per estimate of a stop's unseen cost
-ROUND_TRIP_RANK = 16  # the estimate: the 16th shortest of a block (its lowest quarter)
+ROUND_TRIP_FIRST = 16  # ...and the first estimate, before a whole block
+ROUND_TRIP_OTHERS = 16  # the estimate leaves KVM_RUN's out where a block has this many others
+
+
+def round_trip_costs(block: list[tuple[int, bool]]) -> tuple[int, int, int]:
+    """A stop's unseen cost per the round trips of ``block`` ((ns, was it KVM_RUN's), not empty):
+    (least, estimate, most). Each round trip is one unseen resume-to-stop plus a syscall (a
+    run's: plus KVM's part and the guest's run) or the VMM's work in user space, so it is at
+    least its own stop's cost. The least is the shortest; the most, the mean of the slowest
+    quarter: a stop in the handling often waits through the VMM's work for a kvmtop gone to
+    sleep, whose wake-up is a slow one, and goes back to user space (docs/engine.md). The estimate is the mean of the others' round trips
+    where there are enough, else of all. The same integer arithmetic as ``round_trip_costs`` in
+    native/hotloop.c."""
+    times = sorted(ns for ns, _run in block)
+    others = [ns for ns, run in block if not run]
+    slower = times[len(times) - len(times) // 4 :]
+    most = max(1, sum(slower) // len(slower))
+    if len(others) >= ROUND_TRIP_OTHERS:
+        estimate = sum(others) // len(others)
+    else:
+        estimate = sum(times) // len(times)
+    return times[0], estimate, most
+
+
+def window_with_stop(window: tuple[int, int, int, int, int], seen: int,
+                     costs: tuple[int, int, int]) -> tuple[int, int, int, int, int]:  # fmt: skip
+    """``window`` (NO_WINDOW's fields) with one more stop, seen for ``seen`` ns, whose unseen
+    part costs ``costs`` (round_trip_costs; all 0: none measured yet, and then the window has
+    no most: 0)."""
+    stops, seen_ns, unseen, least, most = window
+    least_cost, estimate, most_cost = costs
+    bounded = most_cost and (most or not stops)
+    return (stops + 1, seen_ns + seen, unseen + estimate, least + least_cost,
+            most + most_cost if bounded else 0)  # fmt: skip
 
 
 class _Thread:
     __slots__ = ("tid", "pid", "runner", "in_run", "creating", "budget", "entry_ns", "page",
-                 "handling", "open", "entered", "resumed_ns")  # fmt: skip
+                 "handling", "open", "entered", "resumed_ns", "resumed_run")  # fmt: skip
 
     def __init__(self, tid: int, pid: int) -> None:
         self.tid = tid
@@ -76,7 +109,8 @@ class _Thread:
         self.handling = False  # in that window
         self.open = NO_WINDOW  # ...the time stopped in it so far
         self.entered = NO_WINDOW  # the window that ended at this run's entry
-        self.resumed_ns = 0  # resumed from a syscall-entry stop at (0: not from one)
+        self.resumed_ns = 0  # resumed from a syscall stop at (0: not from one)
+        self.resumed_run = False  # ...of KVM_RUN
 
 
 class _Page:
@@ -130,8 +164,8 @@ class PyEngine:
         self._pending: tuple[int, ...] | None = None
         self._notif = bytearray(NOTIF.size)
         self._op = 0  # the syscall stop's PTRACE_SYSCALL_INFO_* op (0: not a syscall stop)
-        self._round_trips: list[int] = []
-        self._round_trip_ns = 0
+        self._round_trips: list[tuple[int, bool]] = []  # (ns, was it KVM_RUN's)
+        self._stop_costs = (0, 0, 0)  # round_trip_costs of the latest block (0: none yet)
         self._rings: dict[tuple[int, int], RingLook | None] = {}  # (pid, VM fd) -> its look
         self._coalesced = bytearray()
 
@@ -185,17 +219,21 @@ class PyEngine:
     def _held_stop(self, th: _Thread, now: int, resumed: int) -> None:
         """After a vCPU thread's stop, seen at ``now``, was handled and the thread resumed (the
         resume began at ``resumed``)."""
-        if self._op == pt.PTRACE_SYSCALL_INFO_EXIT and th.resumed_ns:
-            # entry-resume to exit stop: a stop's unseen round trip plus the syscall; the
-            # shortest of them (a cheap syscall, a short run) is the round trip alone
-            self._round_trips.append(now - th.resumed_ns)
-            if len(self._round_trips) == ROUND_TRIP_BLOCK:
-                self._round_trip_ns = sorted(self._round_trips)[ROUND_TRIP_RANK - 1]
-                self._round_trips.clear()
-        th.resumed_ns = resumed if self._op == pt.PTRACE_SYSCALL_INFO_ENTRY else 0
+        if th.resumed_ns and (self._op == pt.PTRACE_SYSCALL_INFO_EXIT or not th.in_run):
+            # resume to the next stop: one stop's unseen round trip, plus a syscall (entry to
+            # exit), or the VMM's own work in user space (exit to an entry other than KVM_RUN)
+            block = self._round_trips
+            block.append((now - th.resumed_ns, th.resumed_run))
+            if len(block) == ROUND_TRIP_BLOCK or (
+                len(block) == ROUND_TRIP_FIRST and not self._stop_costs[2]
+            ):
+                self._stop_costs = round_trip_costs(block)
+                if len(block) == ROUND_TRIP_BLOCK:
+                    block.clear()
+        th.resumed_ns = resumed
+        th.resumed_run = th.in_run
         if th.handling:
-            stops, seen, unseen = th.open
-            th.open = (stops + 1, seen + resumed - now, unseen + self._round_trip_ns)
+            th.open = window_with_stop(th.open, resumed - now, self._stop_costs)
 
     def _handle(self, th: _Thread, mode: int, status: int, now: int) -> bool:
         self._op = 0
@@ -271,9 +309,8 @@ class PyEngine:
             event = ExitEvent(page.vcpu, reason, 0, th.entry_ns, now, a, b, flags, data,
                               *th.entered)  # fmt: skip
         else:
-            event = ExitEvent(page.vcpu, exit_reason_of(view), -rval, th.entry_ns, now,
-                              held_stops=th.entered[0], held_seen_ns=th.entered[1],
-                              held_unseen_ns=th.entered[2])  # fmt: skip
+            event = ExitEvent(page.vcpu, exit_reason_of(view), -rval, th.entry_ns, now, 0, 0, 0,
+                              b"", *th.entered)  # fmt: skip
         self._emit(event)
 
     def _record_cycle(self, page: _Page, now: int) -> None:

@@ -30,8 +30,11 @@ PROCESS = struct.Struct("<BBxxIqIi8x")  # kind, flags (P_ENDED...), pid, t, ppid
 NAME = struct.Struct("<BB30s")  # kind, length, a piece of the argv (after its PROCESS record)
 # a part of an exit (after its EXIT, LONG, DATA; version 3): the ptrace stops between the
 # vCPU's previous exit and this exit's entry, and the time they held it: seen by the tracer
-# (stop to the start of its resume) and not seen (the stop's and the wake-up's switches, estimated)
-HELD = struct.Struct("<BxHIQQ8x")  # kind, stops, pad, seen_ns, unseen_ns
+# (stop to the start of its resume) and not seen (the stop's and the wake-up's switches): its
+# estimate, and the least and most it costs on average (docs/engine.md); recordings from before
+# the two bounds hold zeros there (the least, 0; the most, 0: no bound)
+HELD = struct.Struct("<BxHIQQQ")  # kind, stops, unseen_low_ns, seen_ns, unseen_ns, unseen_high_ns
+UNSEEN_LOW_MAX = 0xFFFFFFFF  # unseen_low_ns saturates here (a lower least: the bound still holds)
 COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
 END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits
 T_EXIT = struct.Struct("<q")  # an EXIT record's t_exit alone, at byte 8
@@ -42,7 +45,7 @@ SAME_BITS = F_WRITE | F_PRIVATE  # the same bits as ExitEvent.flags' EXIT_WRITE,
 assert SAME_BITS == EXIT_WRITE | EXIT_PRIVATE
 GUEST_NS_MAX = 0xFFFFFFFE
 DATA_CHUNK = 30
-NOT_HELD = (0, 0, 0)
+NOT_HELD = (0, 0, 0, 0, 0)  # stops, seen, unseen, unseen_low, unseen_high
 
 # PROCESS record flags
 P_ENDED, P_EXITED = 0x01, 0x02  # the process has gone; ...and exited (the status is its own)
@@ -80,8 +83,9 @@ def pack_exit(out: bytearray, event: ExitEvent, base_ns: int) -> None:
         chunk = data[i : i + DATA_CHUNK]
         out += DATA.pack(KIND_DATA, len(chunk), chunk)
     if event.held_stops:
-        out += HELD.pack(KIND_HELD, min(event.held_stops, 0xFFFF), 0, event.held_seen_ns,
-                         event.held_unseen_ns)  # fmt: skip
+        out += HELD.pack(KIND_HELD, min(event.held_stops, 0xFFFF),
+                         min(event.held_unseen_low_ns, UNSEEN_LOW_MAX), event.held_seen_ns,
+                         event.held_unseen_ns, event.held_unseen_high_ns)  # fmt: skip
 
 
 def pack_events(events: Iterable[ExitEvent], base_ns: int) -> bytes:
@@ -92,14 +96,14 @@ def pack_events(events: Iterable[ExitEvent], base_ns: int) -> bytes:
 
 
 def _event(
-    fields: tuple[int, ...], guest: int, data: bytes, held: tuple[int, int, int], base_ns: int
+    fields: tuple[int, ...], guest: int, data: bytes, held: tuple[int, ...], base_ns: int
 ) -> ExitEvent:
     _kind, flags, vcpu, reason, t_exit, _guest, b, a = fields
     exit_ns = base_ns + t_exit
     cycle = EXIT_CYCLE if flags & F_CYCLE else 0
     if flags & F_FAILED:  # b holds the errno; the details of a failed run mean nothing
-        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns, flags=cycle, held_stops=held[0],
-                         held_seen_ns=held[1], held_unseen_ns=held[2])  # fmt: skip
+        return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns, 0, 0, cycle, b"",
+                         *held)  # fmt: skip
     return ExitEvent(vcpu, reason, 0, exit_ns - guest, exit_ns, a, b,
                      (flags & SAME_BITS) | cycle, data, *held)  # fmt: skip
 
@@ -126,8 +130,8 @@ def iter_events(records: bytes | bytearray | memoryview, base_ns: int) -> Iterat
             n, raw = DATA.unpack(EXIT.pack(*fields))[1:]
             data += raw[:n]
         elif kind == KIND_HELD:
-            _k, stops, _pad, seen, unseen = HELD.unpack(EXIT.pack(*fields))
-            held = (stops, seen, unseen)
+            _k, stops, low, seen, unseen, high = HELD.unpack(EXIT.pack(*fields))
+            held = (stops, seen, unseen, low, high)
     if pending is not None:
         yield _event(pending, guest, data, held, base_ns)
 

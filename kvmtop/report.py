@@ -18,6 +18,7 @@ from kvmtop.stats import (
     ReasonStats,
     StatsSnapshot,
     VcpuSnapshot,
+    bound_text,
     top_error,
 )
 from kvmtop.units import duration
@@ -49,6 +50,19 @@ def _latency(h: LatencyHistogram) -> dict[str, int]:
     }
 
 
+def _net_json(r: ReasonStats) -> dict[str, object]:
+    """Net handling, and where its mean lies (docs/engine.md); ``mean_known``: false where that
+    is wider than its own low end, and the views say "unknown"."""
+    bound = r.net_mean_bound
+    assert bound is not None
+    return {
+        **_latency(r.handling_net),
+        "mean_low_ns": round(bound.low_ns),
+        "mean_high_ns": round(bound.high_ns),
+        "mean_known": bound.known,
+    }
+
+
 def _reasons_json(reasons: tuple[ReasonStats, ...], seconds: float) -> dict[str, object]:
     return {
         r.label: {
@@ -57,7 +71,7 @@ def _reasons_json(reasons: tuple[ReasonStats, ...], seconds: float) -> dict[str,
             "guest": _latency(r.guest),
             "handling": _latency(r.handling),
             # handling less the time kvmtop's stops held the vCPU thread (two stops only)
-            **({"handling_net": _latency(r.handling_net)} if r.handling_net.count else {}),
+            **({"handling_net": _net_json(r)} if r.handling_net.count else {}),
         }
         for r in reasons
     }
@@ -206,7 +220,7 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
     header = f"{'VCPU':>{w}}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {'GUEST p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
     net = any(r.handling_net.count for _, reasons, _ in groups for r in reasons)
     if net:
-        header += f"  {'NET p50':>10}"
+        header += f"  {'NET p50':>10}  {'NET MEAN WITHIN':>17}"
     lines += ["", header, "-" * len(header)]
     for name, reasons, total in groups:
         for r in reasons:
@@ -218,6 +232,7 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
                 f"{_ns(r.handling.p99) if r.handling.count else '-':>10}"
                 + (
                     f"  {_ns(r.handling_net.median) if r.handling_net.count else '-':>10}"
+                    f"  {bound_text(r.net_mean_bound, ' ') if r.handling_net.count else '-':>17}"
                     if net
                     else ""
                 )
@@ -258,12 +273,19 @@ SUMMARY_CSV_COLUMNS = (
     "guest_min_ns", "guest_p50_ns", "guest_p99_ns", "guest_max_ns",
     "vmm_count", "vmm_min_ns", "vmm_p50_ns", "vmm_p99_ns", "vmm_max_ns",
     "vmm_net_count", "vmm_net_min_ns", "vmm_net_p50_ns", "vmm_net_p99_ns", "vmm_net_max_ns",
+    "vmm_net_mean_low_ns", "vmm_net_mean_high_ns",
 )  # fmt: skip
 
 
 def _latency_cells(h: LatencyHistogram) -> list[int | str]:
     """min, p50, p99, max; empty cells when nothing was measured (one-stop tracing's VMM)."""
     return [h.min_ns, h.median, h.p99, h.max_ns] if h.count else ["", "", "", ""]
+
+
+def _bound_cells(r: ReasonStats) -> list[int | str]:
+    """Where the mean net handling lies; empty cells where kvmtop cannot say."""
+    bound = r.net_mean_bound
+    return [round(bound.low_ns), round(bound.high_ns)] if bound and bound.known else ["", ""]
 
 
 def summary_csv(snapshot: StatsSnapshot, meta: Mapping[str, object] | None = None) -> str:
@@ -279,7 +301,8 @@ def summary_csv(snapshot: StatsSnapshot, meta: Mapping[str, object] | None = Non
             rate = round(_rate(r.count, seconds), 3)
             writer.writerow([name, r.label, r.count, share, rate, *_latency_cells(r.guest),
                              r.handling.count, *_latency_cells(r.handling),
-                             r.handling_net.count, *_latency_cells(r.handling_net)])  # fmt: skip
+                             r.handling_net.count, *_latency_cells(r.handling_net),
+                             *_bound_cells(r)])  # fmt: skip
     return buffer.getvalue()
 
 

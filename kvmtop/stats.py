@@ -22,6 +22,7 @@ from kvmtop.decoder import exit_label
 from kvmtop.events import ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.mmio_names import MmioNames, from_argv
 from kvmtop.records import F_CYCLE, iter_events
+from kvmtop.units import duration_span
 from kvmtop.vcpu_keys import VcpuKey
 
 TIMELINE_SECONDS = 60
@@ -90,6 +91,44 @@ class ReasonStats:
     # ...less the time kvmtop's ptrace stops held the thread in it (two stops: docs/engine.md);
     # empty where not measured
     handling_net: LatencyHistogram = EMPTY_HISTOGRAM
+    # the same exits' handling less the most and the least the stops can have held it on average
+    net_low_total: int = 0
+    net_high_total: int = 0
+
+    @property
+    def net_mean_bound(self) -> MeanBound | None:
+        """Where the mean net handling lies (None: not measured)."""
+        return mean_bound(self.handling_net.count, self.net_low_total, self.net_high_total)
+
+
+@dataclass(frozen=True, slots=True)
+class MeanBound:
+    """Where a mean of times lies: low_ns <= mean <= high_ns."""
+
+    low_ns: float
+    high_ns: float
+
+    @property
+    def known(self) -> bool:
+        """Narrower than its own low end: the mean is known within a factor of two. A wider
+        bound is still true, but says less than it seems to: views show it as unknown."""
+        return 0 < self.high_ns - self.low_ns < self.low_ns
+
+
+def bound_text(bound: MeanBound | None, sep: str = "") -> str:
+    """Where a mean lies (97.5µs–161.2µs), or "unknown" (none, or not known: MeanBound.known)."""
+    if bound is None or not bound.known:
+        return "unknown"
+    return duration_span(bound.low_ns, bound.high_ns, sep)
+
+
+def mean_bound(count: int, low_total: int, high_total: int) -> MeanBound | None:
+    """The bound of a mean over ``count`` values from the totals of their least and most (None:
+    no values). A mean of times is at least 0."""
+    if not count:
+        return None
+    high = max(0.0, high_total / count)
+    return MeanBound(min(high, max(0.0, low_total / count)), high)
 
 
 # the orders a view may list reasons in (`o` steps through them; a snapshot is by count)
@@ -236,13 +275,14 @@ class _Histogram:
 
 
 class _Reason:
-    __slots__ = ("count", "guest", "handling", "handling_net")
+    __slots__ = ("count", "guest", "handling", "handling_net", "net_low", "net_high")
 
     def __init__(self) -> None:
         self.count = 0
         self.guest = _Histogram()
         self.handling = _Histogram()
         self.handling_net = _Histogram()
+        self.net_low = self.net_high = 0  # summary's net_low_total, net_high_total
 
 
 class TopCounter:
@@ -526,6 +566,8 @@ class ExitStats:
             recent,
             kept,
             held,
+            held_least,
+            held_most,
         ) in vcpus:
             vcpu = self._vcpu(vcpu_id)
             if vcpu.last is not None and not first_flags & F_CYCLE:  # one-stop: no split known
@@ -535,6 +577,8 @@ class ExitStats:
                     found.handling.add(handling)
                     if held >= 0:
                         found.handling_net.add(handling - held)
+                        found.net_low += handling - held_most if held_most >= 0 else 0
+                        found.net_high += handling - held_least
             vcpu.last = (last_exit, self._label(reason, errno))
             vcpu.total += n
             if kept:
@@ -548,7 +592,9 @@ class ExitStats:
                 found.count += count
                 found.guest.merge(count, *hists[:4])
                 found.handling.merge(*hists[4:9])
-                found.handling_net.merge(*hists[9:])
+                found.handling_net.merge(*hists[9:14])
+                found.net_low += hists[14]
+                found.net_high += hists[15]
         for group, second, n in seconds:
             vcpu, label = labels[group]
             vcpu.seconds.add(second, label, n)
@@ -653,6 +699,8 @@ def _reason_stats(table: dict[str, _Reason], rates: dict[str, int]) -> tuple[Rea
             r.guest.frozen(),
             r.handling.frozen(),
             r.handling_net.frozen(),
+            r.net_low,
+            r.net_high,
         )  # fmt: skip
         for label, r in table.items()
     ]

@@ -12,21 +12,25 @@ t_exit relative to ``base_ns`` (an int64 ns), and returns a :data:`Summary`:
   times of the first and last (None when there are none);
 - ``groups``: per (vcpu, reason, errno), in order of first appearance,
   ``(vcpu, reason, errno, count, guest_total, guest_min, guest_max, guest_buckets,
-  handling_count, handling_total, handling_min, handling_max, handling_buckets, and the same five
-  of net handling)``; a failed run
+  handling_count, handling_total, handling_min, handling_max, handling_buckets, the same five
+  of net handling, net_low_total, net_high_total)``; a failed run
   (F_FAILED) has errno = its b and no details; the buckets are sparse, a flat tuple of
   (bucket, count) pairs in bucket order for the buckets not empty, the bucket of ns being
   :func:`bucket_of` (negative ns counted as 0); handling is
   the entry time of an exit minus the previous exit time of the same vCPU in this batch, counted
   in the previous exit's group, and not for exits with F_CYCLE; net handling is handling minus
   the time the exit's HELD record says the thread was stopped for the tracer (only exits with
-  one); min and max are 0 when empty;
+  one); min and max are 0 when empty; ``net_low_total`` and ``net_high_total`` sum, over the same
+  exits, handling less the most and the least that time can have been on average (seen, plus
+  HELD's unseen_high and unseen_low; with no most, unseen_high 0, the exit adds 0 to the low
+  total), not cut at 0: the mean net handling lies between their means (docs/engine.md);
 - ``seconds``: ``(group index, exit_ns // 10**9, count)``, in order of first appearance;
 - ``io``: ``(vcpu, port, write, size, count)`` for KVM_EXIT_IO with errno 0 (size = b & 0xFF);
 - ``mmio``: ``(vcpu, address, length, write, count)`` for KVM_EXIT_MMIO with errno 0;
 - ``vcpus``: in order of first appearance, ``(vcpu, exits, first_entry_ns, first_flags,
-  last_exit_ns, last_reason, last_errno, recent, recent_exits, first_held_ns)``: the record flags
-  of its first exit and its held ns (-1: no HELD record) for the pair across batches, and
+  last_exit_ns, last_reason, last_errno, recent, recent_exits, first_held_ns, first_held_least_ns,
+  first_held_most_ns)``: the record flags of its first exit and its held ns (-1: no HELD record;
+  most -1: no HELD record or no most) for the pair across batches, and
   ``recent``, the records of its last ``recent_per_vcpu`` exits (each with its LONG, DATA and
   HELD records), ``recent_exits`` of them.
 
@@ -100,25 +104,36 @@ def check_records(records: bytes | bytearray | memoryview) -> None:
         raise ValueError(f"{len(records)} bytes are not a whole number of records")
 
 
-def _exits(records: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, Any, int, int]]:
-    """(first record, record after its last, EXIT fields, guest ns, held ns or -1) per exit."""
+NOT_HELD = (-1, -1, -1)
+
+
+def held_times(seen: int, unseen: int, unseen_low: int, unseen_high: int) -> tuple[int, int, int]:
+    """A HELD record's time stopped for the tracer: (estimated, least, most; -1: no most)."""
+    return seen + unseen, seen + unseen_low, seen + unseen_high if unseen_high else -1
+
+
+def _exits(
+    records: bytes | bytearray | memoryview,
+) -> Iterator[tuple[int, int, Any, int, tuple[int, int, int]]]:
+    """(first record, record after its last, EXIT fields, guest ns, held_times or NOT_HELD) per
+    exit."""
     check_records(records)
     pending: Any = None
     start = guest = 0
-    held = -1
+    held = NOT_HELD
     for i, fields in enumerate(EXIT.iter_unpack(records)):
         kind = fields[0]
         if kind == KIND_EXIT:
             if pending is not None:
                 yield start, i, pending, guest, held
-            pending, start, guest, held = fields, i, fields[5], -1
+            pending, start, guest, held = fields, i, fields[5], NOT_HELD
         elif kind == KIND_LONG:
             if pending is not None:
                 guest = LONG.unpack(EXIT.pack(*fields))[1]
         elif kind == KIND_HELD:
             if pending is not None:
-                _k, _stops, _pad, seen, unseen = HELD.unpack(EXIT.pack(*fields))
-                held = seen + unseen
+                _k, _stops, low, seen, unseen, high = HELD.unpack(EXIT.pack(*fields))
+                held = held_times(seen, unseen, low, high)
         elif kind != KIND_DATA:
             raise ValueError(f"record {i} has kind {kind}: not an exit record")
     if pending is not None:
@@ -147,17 +162,30 @@ class _Hist:
         return self.count, self.total, self.low, self.high, pairs
 
 
+class _NetBound:
+    """Sums of net handling less the most and the least the stops can have cost on average."""
+
+    __slots__ = ("low", "high")
+
+    def __init__(self) -> None:
+        self.low = self.high = 0
+
+    def add(self, handling: int, least: int, most: int) -> None:
+        self.low += handling - most if most >= 0 else 0  # no most: the net is at least 0
+        self.high += handling - least
+
+
 class _VcpuPass:
     __slots__ = ("exits", "first_entry", "first_flags", "first_held", "last_exit", "last_group",
                  "last_key", "spans")  # fmt: skip
 
-    def __init__(self, entry: int, flags: int, held: int, recent: int) -> None:
+    def __init__(self, entry: int, flags: int, held: tuple[int, int, int], recent: int) -> None:
         self.exits = 0
         self.first_entry = entry
         self.first_flags = flags
         self.first_held = held
         self.last_exit = 0
-        self.last_group: tuple[_Hist, _Hist, _Hist] | None = None
+        self.last_group: tuple[_Hist, _Hist, _Hist, _NetBound] | None = None
         self.last_key = (0, 0)
         self.spans: deque[tuple[int, int]] = deque(maxlen=recent)
 
@@ -166,7 +194,7 @@ def summarize(
     records: bytes | bytearray | memoryview, base_ns: int, recent_per_vcpu: int
 ) -> Summary:
     recent = max(0, recent_per_vcpu)
-    groups: dict[tuple[int, int, int], tuple[_Hist, _Hist, _Hist, int]] = {}
+    groups: dict[tuple[int, int, int], tuple[_Hist, _Hist, _Hist, _NetBound, int]] = {}
     seconds: dict[tuple[int, int], int] = {}
     io: dict[tuple[int, int, bool, int], int] = {}
     mmio: dict[tuple[int, int, int, bool], int] = {}
@@ -185,23 +213,27 @@ def summarize(
         entry_ns = exit_ns - guest
         group = groups.get((vcpu, reason, errno))
         if group is None:
-            group = groups[(vcpu, reason, errno)] = (_Hist(), _Hist(), _Hist(), len(groups))
+            group = groups[(vcpu, reason, errno)] = (
+                _Hist(), _Hist(), _Hist(), _NetBound(), len(groups)
+            )  # fmt: skip
         group[0].add(guest)
         state = vcpus.get(vcpu)
         if state is None:
             state = vcpus[vcpu] = _VcpuPass(entry_ns, flags, held, recent)
         elif not flags & F_CYCLE:
             assert state.last_group is not None
-            state.last_group[1].add(entry_ns - state.last_exit)
-            if held >= 0:
-                state.last_group[2].add(entry_ns - state.last_exit - held)
+            handling = entry_ns - state.last_exit
+            state.last_group[1].add(handling)
+            if held[0] >= 0:
+                state.last_group[2].add(handling - held[0])
+                state.last_group[3].add(handling, held[1], held[2])
         state.exits += 1
         state.last_exit = exit_ns
-        state.last_group = group[:3]
+        state.last_group = group[:4]
         state.last_key = (reason, errno)
         if recent:
             state.spans.append((start, end))
-        second = (group[3], exit_ns // NS)
+        second = (group[4], exit_ns // NS)
         seconds[second] = seconds.get(second, 0) + 1
         if errno == 0:
             if reason == KVM_EXIT_IO:
@@ -220,8 +252,8 @@ def summarize(
         first_exit,
         last_exit,
         [
-            (*key, *guest.fields(), *handling.fields(), *net.fields())
-            for key, (guest, handling, net, _) in groups.items()
+            (*key, *guest.fields(), *handling.fields(), *net.fields(), bound.low, bound.high)
+            for key, (guest, handling, net, bound, _) in groups.items()
         ],
         [(g, s, n) for (g, s), n in seconds.items()],
         [(*key, n) for key, n in io.items()],
@@ -236,7 +268,7 @@ def summarize(
                 *s.last_key,
                 b"".join(view[a * RECORD_SIZE : z * RECORD_SIZE] for a, z in s.spans),
                 len(s.spans),
-                s.first_held,
+                *s.first_held,
             )
             for vcpu, s in vcpus.items()
         ],

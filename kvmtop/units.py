@@ -24,6 +24,11 @@ def duration(ns: int, sep: str = "") -> str:
     return f"{ns / 1e9:.1f}{sep}s"
 
 
+def duration_span(low_ns: float, high_ns: float, sep: str = "") -> str:
+    """A range of times: 97.5µs–161.2µs."""
+    return f"{duration(round(low_ns), sep)}–{duration(round(high_ns), sep)}"
+
+
 def size(n: int) -> str:
     """Bytes: 512 MiB, 1.5 GiB."""
     for unit, step in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):

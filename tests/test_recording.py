@@ -23,7 +23,7 @@ from kvmtop.recording import (
     open_recording,
 )
 from kvmtop.records import iter_events
-from kvmtop.stats import ExitStats
+from kvmtop.stats import ExitStats, MeanBound
 
 START = 5_000_000_000
 
@@ -276,6 +276,19 @@ def test_a_version_2_recording_reads_without_net_handling_and_a_held_record_roun
         stats.add_batch(batch)
     (io,) = stats.snapshot().reasons
     assert io.handling.count == 3 and io.handling_net.count == 0
+
+
+def test_a_held_record_from_before_the_bound_reads_back_with_no_bound(tmp_path) -> None:
+    path = str(tmp_path / "old-held.kvmtop")
+    events = [ExitEvent(0, 2, 0, START + 1_000 * i, START + 1_000 * i + 5, 0x80, 1, 1,
+                        held_stops=i, held_seen_ns=10, held_unseen_ns=20) for i in range(3)]  # fmt: skip
+    write(path, [ExitBatch.of(events, START, [VcpuSeen(0, 77, START)])])  # bytes 4-7, 24-31: 0
+    stats = ExitStats()
+    for batch in open_recording(path).batches():
+        stats.add_batch(batch)
+    (io,) = stats.snapshot().reasons
+    assert io.handling_net.mean == 995 - 30  # the estimate as it was
+    assert io.net_mean_bound == MeanBound(0.0, 995 - 10) and not io.net_mean_bound.known
 
 
 def test_a_version_1_recording_still_reads(tmp_path) -> None:

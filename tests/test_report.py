@@ -112,3 +112,23 @@ def test_rates_are_over_the_time_traced_not_between_the_first_and_last_exit() ->
     rows = list(csv.DictReader(io.StringIO(summary_csv(snapshot, meta))))
     assert rows[0]["rate_per_s"] == "2.0"
     assert summary_json(snapshot, {})["duration_s"] == 0.000001  # without it: first to last
+
+
+def test_the_net_handling_says_where_its_mean_lies_and_unknown_where_it_cannot() -> None:
+    def report(high_ns: int) -> tuple[dict, str]:
+        events = [
+            ExitEvent(0, 2, 0, 0, 1_000, 0x80, 1, 1),
+            ExitEvent(0, 2, 0, 101_000, 102_000, 0x80, 1, 1, held_stops=2, held_seen_ns=1_000,
+                      held_unseen_ns=30_000, held_unseen_low_ns=20_000,
+                      held_unseen_high_ns=high_ns),
+        ]  # fmt: skip
+        snapshot = stats_of(ExitBatch.of(events, 0)).snapshot()
+        return summary_json(snapshot, {})["reasons"]["KVM_EXIT_IO"], summary_table(snapshot, {})
+
+    io, table = report(40_000)
+    assert io["handling_net"]["mean_low_ns"] == 59_000
+    assert io["handling_net"]["mean_high_ns"] == 79_000 and io["handling_net"]["mean_known"]
+    assert "59.0 µs–79.0 µs" in table
+    io, table = report(0)  # no most: from 0, and unknown
+    assert (io["handling_net"]["mean_low_ns"], io["handling_net"]["mean_known"]) == (0, False)
+    assert "unknown" in table

@@ -16,8 +16,11 @@ from kvmtop.stats import (
     EMPTY_HISTOGRAM,
     ExitStats,
     LatencyHistogram,
+    MeanBound,
     ReasonStats,
     TopCounter,
+    bound_text,
+    mean_bound,
     reasons_by,
 )
 from kvmtop.summary import BUCKETS, bucket_bounds, bucket_of
@@ -231,3 +234,42 @@ def test_a_bounded_table_says_how_far_each_count_may_be_off_and_holds_the_truth(
     top = stats.snapshot(top=3)
     assert {p.port for p in top.io} == set(heavy) and all(p.error == 0 for p in top.io)
     assert top.top_exact and not snap.top_exact
+
+
+def test_the_mean_net_handling_lies_between_handling_less_the_most_and_the_least_held() -> None:
+    # held 1 µs seen and 20..40 µs unseen (estimate 30)
+    held = {"held_stops": 2, "held_seen_ns": 1_000, "held_unseen_ns": 30_000,
+            "held_unseen_low_ns": 20_000, "held_unseen_high_ns": 40_000}  # fmt: skip
+    events = [
+        ExitEvent(0, 2, 0, 0, 1_000, 0x80, 1, 1),
+        ExitEvent(0, 2, 0, 101_000, 102_000, 0x80, 1, 1, **held),  # handled 100 µs: net 59..79
+        # handled 30 µs: net 0 at the estimate, -11..9 (the mean is bounded, not each exit)
+        ExitEvent(0, 2, 0, 132_000, 133_000, 0x80, 1, 1, **held),
+    ]
+    stats = ExitStats()
+    stats.add_batch(ExitBatch.of(events, 0))
+    (io,) = stats.snapshot().reasons
+    assert io.handling_net.count == 2 and io.handling_net.total_ns == 69_000 + 0
+    bound = io.net_mean_bound
+    assert bound == MeanBound((59_000 - 11_000) / 2, (79_000 + 9_000) / 2)  # 24..44 µs
+    assert bound.known  # 20 µs wide, less than its low end
+    assert bound_text(bound) == "24.0µs–44.0µs"
+
+
+def test_a_bound_wider_than_its_low_end_or_with_no_basis_is_unknown() -> None:
+    assert not mean_bound(2, 20_000, 90_000).known  # 10..45 µs: wider than 10
+    assert mean_bound(2, -50_000, 90_000) == MeanBound(0.0, 45_000.0)  # a mean of times: >= 0
+    assert bound_text(mean_bound(2, -50_000, 90_000)) == "unknown"
+    assert mean_bound(0, 0, 0) is None and bound_text(None) == "unknown"
+
+
+def test_an_exit_whose_stops_came_before_any_round_trip_counts_from_0() -> None:
+    events = [
+        ExitEvent(0, 2, 0, 0, 1_000, 0x80, 1, 1),
+        ExitEvent(0, 2, 0, 101_000, 102_000, 0x80, 1, 1, held_stops=1, held_seen_ns=1_000),
+    ]
+    stats = ExitStats()
+    stats.add_batch(ExitBatch.of(events, 0))
+    (io,) = stats.snapshot().reasons
+    assert io.net_mean_bound == MeanBound(0.0, 99_000.0)  # no most; the least, 0 unseen
+    assert io.handling_net.mean == 99_000  # the estimate: nothing to take off

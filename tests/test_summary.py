@@ -42,9 +42,10 @@ exit_record = st.builds(
 )
 long_record = st.builds(lambda ns: LONG.pack(KIND_LONG, ns), st.integers(0, 2**64 - 1))
 data_record = st.builds(lambda n: bytes([KIND_DATA, n]) + bytes(30), st.integers(0, 30))
-held_record = st.builds(
-    lambda stops, seen, unseen: HELD.pack(KIND_HELD, stops, 0, seen, unseen),
-    st.integers(0, 65535), st.integers(0, 2**62), st.integers(0, 2**62),
+held_record = st.builds(  # the times' sums stay within int64, as real ones do
+    lambda stops, low, seen, unseen, high: HELD.pack(KIND_HELD, stops, low, seen, unseen, high),
+    st.integers(0, 65535), st.integers(0, 2**32 - 1), st.integers(0, 2**61),
+    st.integers(0, 2**61), st.sampled_from([0, 1, 2**61]),
 )  # fmt: skip
 records_strategy = st.lists(
     st.one_of(exit_record, exit_record, exit_record, long_record, data_record, held_record),
@@ -123,9 +124,26 @@ def test_net_handling_takes_off_the_time_the_next_exit_says_its_thread_was_held(
     _exits, _f, _l, groups, *_rest, vcpus = summary.summarize(records, 0, 2)
     io = groups[0]
     assert io[8:12] == (2, 400, 100, 300) and io[13:17] == (1, 180, 180, 180)
-    assert vcpus[0][9] == -1  # its first exit has no HELD record
+    assert io[18:] == (0, 250)  # no most: the net is at least 0; the least unseen: 0
+    assert vcpus[0][9:] == (-1, -1, -1)  # its first exit has no HELD record
     _e, _f, _l, groups, *_rest, vcpus = summary.summarize(records[32:], 0, 2)  # the 2nd first
-    assert vcpus[0][9] == 120
+    assert vcpus[0][9:] == (120, 50, -1)
+
+
+def test_the_net_bound_takes_off_the_most_and_the_least_the_stops_held_the_thread() -> None:
+    held = {"held_stops": 3, "held_seen_ns": 50, "held_unseen_ns": 70}
+    events = [
+        ExitEvent(0, 2, 0, 1_000, 1_100, 0x80, 1, 1),
+        ExitEvent(0, 2, 0, 1_400, 1_900, 0x80, 1, 1, **held, held_unseen_low_ns=30,
+                  held_unseen_high_ns=150),
+        ExitEvent(0, 2, 0, 2_000, 2_100, 0x80, 1, 1, **held, held_unseen_low_ns=30,
+                  held_unseen_high_ns=20),
+    ]  # fmt: skip
+    for summarize in (summary.summarize, native.summarize) if native else (summary.summarize,):
+        io = summarize(pack_events(events, 0), 0, 0)[3][0]
+        # handled in 300 and 100, held 50 seen and 30..150 and 30..20 unseen
+        assert io[13:17] == (2, 180 + 0, 0, 180)  # net of the estimate (70), at least 0
+        assert io[18:] == ((300 - 200) + (100 - 70), (300 - 80) + (100 - 80))
 
 
 def test_records_before_the_first_exit_belong_to_none() -> None:

@@ -1,7 +1,7 @@
 """The VMM's handling time, raw and net of kvmtop's own stops, against a VMM that knows its own:
 a C VMM (benchmarks/guests/timed_vmm.c) spins 100 µs on each `out`, with no other syscall or after
 5 getppid calls (each of which costs a traced thread two stops), and times its handling itself.
-Untraced, its clock is the truth the traced net figure is held to."""
+Untraced, its clock is the truth the bound kvmtop states for the mean net figure is held to."""
 
 from __future__ import annotations
 
@@ -42,20 +42,25 @@ def mean(latency: dict) -> float:
 
 
 @pytest.mark.usefixtures("engine")
-def test_net_vmm_time_takes_off_what_kvmtop_s_stops_cost(tmp_path, timed_vmm):
+def test_the_mean_net_vmm_time_lies_within_the_bound_kvmtop_states(tmp_path, timed_vmm):
     stops = []
     for syscalls in (0, 5):
-        truth = untraced_ns(timed_vmm, syscalls)
+        before = untraced_ns(timed_vmm, syscalls)
         summary = traced(tmp_path, timed_vmm, syscalls, "--no-seccomp")
+        # the truth moves between runs by itself (a busy host preempts the VMM): held to its range
+        truths = (before, untraced_ns(timed_vmm, syscalls))
         assert summary["exits"] == {"KVM_EXIT_IO": OUTS}
         io = summary["reasons"]["KVM_EXIT_IO"]
         # every handling period was measured (the last exit's ends with the process)
         assert io["handling"]["count"] == io["handling_net"]["count"] == OUTS - 1
-        raw, net = mean(io["handling"]), mean(io["handling_net"])
-        assert truth >= HANDLER_US * 1000  # the VMM spun as it was told
-        assert raw > truth + 2000  # each handling period held at least one stop
-        # net of the stops: near the untraced time, most of kvmtop's cost taken out
-        assert abs(net - truth) < max(10_000, 0.25 * (raw - truth)), (syscalls, truth, raw, net)
+        raw, net = io["handling"], io["handling_net"]
+        low, high = net["mean_low_ns"], net["mean_high_ns"]
+        assert min(truths) >= HANDLER_US * 1000  # the VMM spun as it was told
+        assert mean(raw) > min(truths) + 2000  # each handling period held at least one stop
+        assert low <= max(truths) and min(truths) <= high, (syscalls, truths, mean(raw), net)
+        assert low <= mean(net) <= high  # the estimate lies within its bound
+        if net["mean_known"]:  # narrower than what it bounds
+            assert high - low < min(truths), (syscalls, truths, net)
         stops.append(summary["stops_per_exit"])
     assert stops[1] > stops[0] + 9  # 2 stops per extra syscall
 

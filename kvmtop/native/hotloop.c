@@ -269,10 +269,16 @@ static int64_t read_pressure(void) {
 
 /* Two stops: the time a vCPU thread spends stopped for kvmtop between a KVM_RUN return and its
    next entry (the VMM's handling of that exit): what kvmtop sees of each stop (wait return to
-   resume) and, per stop, the round trip it does not see (the stop's and the wake-up's switches). */
+   resume) and, per stop, the round trip it does not see (the stop's and the wake-up's switches):
+   its estimate, and the least and the most it costs on average (most 0: no basis). */
 struct window {
     int stops;
-    int64_t seen_ns, unseen_ns;
+    int64_t seen_ns, unseen_ns, unseen_low_ns, unseen_high_ns;
+};
+
+/* A stop's unseen cost per a block of round trips (docs/engine.md; hot_state.round_trip_costs) */
+struct stop_costs {
+    int64_t least, estimate, most; /* all 0: none measured yet */
 };
 
 typedef struct {
@@ -301,7 +307,8 @@ typedef struct {
     int handling;          /* two stops: between a KVM_RUN return and the next entry */
     struct window open;    /* ...the time stopped in it so far */
     struct window entered; /* the window that ended at this run's entry */
-    int64_t resumed_ns;    /* resumed from a syscall-entry stop at (0: not from one) */
+    int64_t resumed_ns;    /* resumed from a syscall stop at (0: not from one) */
+    int resumed_run;       /* ...of KVM_RUN */
 } Thread;
 
 typedef struct {
@@ -319,7 +326,8 @@ typedef struct {
 #define MAX_PAGES 2048
 #define MAX_PROCS 256
 #define ROUND_TRIP_BLOCK 64 /* round trips measured per estimate */
-#define ROUND_TRIP_RANK 16   /* the estimate: the 16th shortest of a block (its lowest quarter) */
+#define ROUND_TRIP_FIRST 16 /* ...and the first estimate, before a whole block */
+#define ROUND_TRIP_OTHERS 16 /* the estimate leaves KVM_RUN's out where a block has this many others */
 
 typedef struct {
     uint8_t *data;
@@ -341,8 +349,9 @@ typedef struct {
     struct poll_chooser chooser;
     long stops, notifications, lost, exits;
     int64_t round_trips[ROUND_TRIP_BLOCK]; /* syscall-entry resume to exit stop, in ns */
+    int round_trip_runs[ROUND_TRIP_BLOCK]; /* ...was it KVM_RUN's */
     int n_round_trips;
-    int64_t round_trip_ns; /* the estimate of a stop's unseen cost; 0: none yet */
+    struct stop_costs stop_costs; /* of the latest block */
     struct notif pending; /* a notification handed back to Python, not yet answered */
     int has_pending;
     uint8_t scratch[RUN_MAP_SIZE];
@@ -572,8 +581,10 @@ static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, i
         memset(r, 0, RECORD);
         r[0] = KIND_HELD;
         put16(r + 2, (uint16_t)(w->stops > 0xFFFF ? 0xFFFF : w->stops));
+        put32(r + 4, w->unseen_low_ns > 0xFFFFFFFFll ? 0xFFFFFFFFu : (uint32_t)w->unseen_low_ns);
         put64(r + 8, (uint64_t)w->seen_ns);
         put64(r + 16, (uint64_t)w->unseen_ns);
+        put64(r + 24, (uint64_t)w->unseen_high_ns);
     }
     e->exits++;
 }
@@ -704,14 +715,41 @@ static int cmp_ns(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* A syscall's entry-resume to exit-stop time is a stop's unseen round trip plus the syscall;
-   the shortest of them (a cheap syscall, a short run) is the round trip alone. */
-static void round_trip_seen(Engine *e, int64_t ns) {
-    e->round_trips[e->n_round_trips++] = ns;
-    if (e->n_round_trips < ROUND_TRIP_BLOCK) return;
-    qsort(e->round_trips, ROUND_TRIP_BLOCK, sizeof e->round_trips[0], cmp_ns);
-    e->round_trip_ns = e->round_trips[ROUND_TRIP_RANK - 1];
-    e->n_round_trips = 0;
+/* A stop's unseen cost per the first n round trips: each is one unseen resume-to-stop plus a
+   syscall (a run's: plus KVM's part and the guest's run) or the VMM's work in user space, so at
+   least its own stop's cost. The least is the shortest; the most, the mean of the slowest quarter
+   (a stop in the handling often waits through the VMM's work for a kvmtop gone to sleep, whose
+   wake-up is a slow one, and goes back to user space); the estimate, the mean of the others'
+   where there are enough, else of all. The same integer arithmetic as
+   hot_state.round_trip_costs. */
+static struct stop_costs round_trip_costs(const Engine *e, int n) {
+    int64_t times[ROUND_TRIP_BLOCK], total = 0, others = 0, slower = 0;
+    int n_others = 0;
+    for (int i = 0; i < n; i++) {
+        times[i] = e->round_trips[i];
+        total += times[i];
+        if (!e->round_trip_runs[i]) {
+            others += times[i];
+            n_others++;
+        }
+    }
+    qsort(times, (size_t)n, sizeof times[0], cmp_ns);
+    for (int i = n - n / 4; i < n; i++) slower += times[i];
+    slower /= n / 4;
+    struct stop_costs c = {times[0], n_others >= ROUND_TRIP_OTHERS ? others / n_others : total / n,
+                           slower > 1 ? slower : 1};
+    return c;
+}
+
+/* A resume-to-next-stop time of a vCPU thread (held_stop says which count). */
+static void round_trip_seen(Engine *e, int64_t ns, int run) {
+    int n = e->n_round_trips;
+    e->round_trips[n] = ns;
+    e->round_trip_runs[n] = run;
+    e->n_round_trips = ++n;
+    if (n == ROUND_TRIP_BLOCK || (n == ROUND_TRIP_FIRST && !e->stop_costs.most))
+        e->stop_costs = round_trip_costs(e, n);
+    if (n == ROUND_TRIP_BLOCK) e->n_round_trips = 0;
 }
 
 /* After a vCPU thread's stop was handled and the thread resumed (two stops): the stop was seen
@@ -719,12 +757,21 @@ static void round_trip_seen(Engine *e, int64_t ns) {
    already run, and kvmtop may not: a wake-up can preempt it). */
 static void held_stop(Engine *e, Thread *t, const struct syscall_info *info, int64_t now,
                       int64_t resumed) {
-    if (info->op == PTRACE_SYSCALL_INFO_EXIT && t->resumed_ns) round_trip_seen(e, now - t->resumed_ns);
-    t->resumed_ns = info->op == PTRACE_SYSCALL_INFO_ENTRY ? resumed : 0;
+    /* resume to the next stop: one stop's unseen round trip, plus a syscall (entry to exit), or
+       the VMM's own work in user space (exit to an entry other than KVM_RUN's) */
+    if (t->resumed_ns && (info->op == PTRACE_SYSCALL_INFO_EXIT || !t->in_run))
+        round_trip_seen(e, now - t->resumed_ns, t->resumed_run);
+    t->resumed_ns = resumed;
+    t->resumed_run = t->in_run;
     if (!t->handling) return;
-    t->open.stops++;
-    t->open.seen_ns += resumed - now;
-    t->open.unseen_ns += e->round_trip_ns;
+    const struct stop_costs *c = &e->stop_costs;
+    struct window *w = &t->open;
+    int bounded = c->most && (w->unseen_high_ns || !w->stops); /* no basis once: no most */
+    w->stops++;
+    w->seen_ns += resumed - now;
+    w->unseen_ns += c->estimate;
+    w->unseen_low_ns += c->least;
+    w->unseen_high_ns = bounded ? w->unseen_high_ns + c->most : 0;
 }
 
 /* 1: handled and resumed; 0: for Python (nothing changed); -1: errno set. Lock held. */
@@ -754,7 +801,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                     t->in_run = 1;
                     t->page = (int)(p - e->pages);
                     t->entry_ns = now;
-                    t->entered = t->handling ? t->open : (struct window){0, 0, 0};
+                    t->entered = t->handling ? t->open : (struct window){0};
                     t->handling = 0;
                 } else if (request == KVM_CREATE_VCPU_) {
                     t->runner = 1;
@@ -790,7 +837,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                          0, 0, &t->entered);
                 }
                 t->handling = 1; /* this stop starts the VMM's handling of the exit */
-                t->open = (struct window){0, 0, 0};
+                t->open = (struct window){0};
             } else if (t->creating) {
                 return 0; /* a new vCPU fd: Python maps it */
             }

@@ -153,6 +153,13 @@ static void table_free(struct table *t) {
 struct group { /* key: vcpu, reason, errno */
     struct key key;
     struct hist guest, handling, net; /* net: handling less the time the tracer held it */
+    i128 net_low, net_high; /* handling less the most and the least that time was, on average */
+};
+
+/* A HELD record's time stopped for the tracer (summary.held_times): estimated, least, most;
+   -1: no HELD record (and for most: no most). */
+struct held {
+    int64_t estimate, least, most;
 };
 
 struct count { /* key: group index and second, IO or MMIO site */
@@ -165,7 +172,7 @@ struct vcpu { /* key: vcpu */
     uint64_t exits;
     i128 first_entry, last_exit;
     unsigned first_flags;
-    int64_t first_held; /* its first exit's held ns, -1: none (for the pair across batches) */
+    struct held first_held; /* its first exit's (for the pair across batches) */
     uint32_t last_reason, last_errno;
     size_t last_group;
     size_t want, taken, span0; /* its recent exits: how many, found so far, first in spans */
@@ -199,7 +206,7 @@ static int count_add(struct table *t, uint64_t a, uint64_t b, uint64_t c) {
     return 0;
 }
 
-static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, int64_t held) {
+static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, struct held held) {
     unsigned flags = r[1];
     uint16_t vcpu_id = le16(r + 2);
     uint32_t reason = le32(r + 4), b = le32(r + 20), run_errno = 0;
@@ -226,8 +233,13 @@ static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, int64_t he
         v->first_held = held;
     } else if (!(flags & F_CYCLE)) { /* one-stop: the run and the handling are not told apart */
         struct group *last = table_at(&p->groups, v->last_group);
-        hist_add(&last->handling, entry_ns - v->last_exit);
-        if (held >= 0) hist_add(&last->net, entry_ns - v->last_exit - held);
+        i128 handling = entry_ns - v->last_exit;
+        hist_add(&last->handling, handling);
+        if (held.estimate >= 0) {
+            hist_add(&last->net, handling - held.estimate);
+            last->net_low += held.most >= 0 ? handling - held.most : 0; /* no most: at least 0 */
+            last->net_high += handling - held.least;
+        }
     }
     v->exits++;
     v->last_exit = exit_ns;
@@ -263,13 +275,20 @@ static void group_records(struct pass *p) {
             return;
         }
         uint64_t guest = le32(buf + i * RECORD_SIZE + 16);
-        int64_t held = -1;
+        struct held held = {-1, -1, -1};
         size_t j = i + 1;
         for (; j < p->nrec; j++) {
             const uint8_t *part = buf + j * RECORD_SIZE;
-            if (part[0] == KIND_LONG) guest = le64(part + 8);
-            else if (part[0] == KIND_HELD) held = (int64_t)(le64(part + 8) + le64(part + 16));
-            else if (part[0] != KIND_DATA) break;
+            if (part[0] == KIND_LONG) {
+                guest = le64(part + 8);
+            } else if (part[0] == KIND_HELD) { /* kind, stops, unseen_low, seen, unseen, unseen_high */
+                int64_t seen = (int64_t)le64(part + 8), high = (int64_t)le64(part + 24);
+                held.estimate = seen + (int64_t)le64(part + 16);
+                held.least = seen + (int64_t)le32(part + 4);
+                held.most = high ? seen + high : -1;
+            } else if (part[0] != KIND_DATA) {
+                break;
+            }
         }
         if (add_exit(p, buf + i * RECORD_SIZE, guest, held) < 0) {
             p->err = 1;
@@ -372,10 +391,12 @@ static PyObject *summary_value(const struct pass *p) {
     if (!groups || !seconds || !io || !mmio || !vcpus) goto fail;
     for (size_t i = 0; i < p->groups.n; i++) {
         const struct group *g = table_at((struct table *)&p->groups, i);
-        if (append(groups, Py_BuildValue("(kkk" HIST_FORMAT HIST_FORMAT HIST_FORMAT ")",
+        if (append(groups, Py_BuildValue("(kkk" HIST_FORMAT HIST_FORMAT HIST_FORMAT "NN)",
                                          (unsigned long)g->key.k[0], (unsigned long)g->key.k[1],
                                          (unsigned long)g->key.k[2], HIST_VALUES(g->guest),
-                                         HIST_VALUES(g->handling), HIST_VALUES(g->net))) < 0)
+                                         HIST_VALUES(g->handling), HIST_VALUES(g->net),
+                                         long_from_i128(g->net_low),
+                                         long_from_i128(g->net_high))) < 0)
             goto fail;
     }
     for (size_t i = 0; i < p->seconds.n; i++) {
@@ -405,13 +426,15 @@ static PyObject *summary_value(const struct pass *p) {
     }
     for (size_t i = 0; i < p->vcpus.n; i++) {
         const struct vcpu *v = table_at((struct table *)&p->vcpus, i);
-        if (append(vcpus, Py_BuildValue("(kKNINkkNnL)", (unsigned long)v->key.k[0],
+        if (append(vcpus, Py_BuildValue("(kKNINkkNnLLL)", (unsigned long)v->key.k[0],
                                         (unsigned long long)v->exits,
                                         long_from_i128(v->first_entry), v->first_flags,
                                         long_from_i128(v->last_exit),
                                         (unsigned long)v->last_reason,
                                         (unsigned long)v->last_errno, vcpu_recent(p, v),
-                                        (Py_ssize_t)v->want, (long long)v->first_held)) < 0)
+                                        (Py_ssize_t)v->want, (long long)v->first_held.estimate,
+                                        (long long)v->first_held.least,
+                                        (long long)v->first_held.most)) < 0)
             goto fail;
     }
     PyObject *first = Py_None, *last = Py_None;

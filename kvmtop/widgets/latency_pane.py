@@ -1,12 +1,13 @@
 """Latency per exit reason: time in the guest per KVM_RUN and the VMM's handling time (and,
-attached, that time net of kvmtop's stops), with median and p99, and, as the pane's width allows, max, min and a small log2 histogram; where
-its height does not allow two lines a reason, medians and p99s on one."""
+attached, that time net of kvmtop's stops, with where its mean lies), with median and p99, and,
+as the pane's width allows, max, min and a small log2 histogram; where its height does not allow
+two lines a reason, medians and p99s on one."""
 
 from __future__ import annotations
 
 from rich.text import Text
 
-from kvmtop.stats import LatencyHistogram, ReasonStats
+from kvmtop.stats import LatencyHistogram, ReasonStats, bound_text
 from kvmtop.units import duration
 from kvmtop.widgets import palette
 from kvmtop.widgets.pane import ReasonPane
@@ -53,6 +54,8 @@ class LatencyPane(ReasonPane):
             return self.draw_one_line_each(reasons, max(4, min(longest, width - 4 * NUM_W)))
         name_w = max(NAME_W, min(longest, width - 3 - 3 * NUM_W))
         shown, histogram = columns_for(width, name_w)
+        # the net's mean on a line of its own where the row has no room for it and lines are spare
+        mean_line = per_reason == 3 and lines >= 1 + 4 * len(reasons)
         self.border_title = self.TITLE + (", log2 histogram" if histogram else "")
         text.append(f"{'exit':<{name_w}}   " + "".join(f"{c:>{NUM_W}}" for c in shown),
                     style="bold")  # fmt: skip
@@ -73,9 +76,16 @@ class LatencyPane(ReasonPane):
                     continue
                 values = {"min": h.min_ns, "p50": h.median, "p99": h.p99, "max": h.max_ns}
                 text.append("".join(f"{duration(values[c]):>{NUM_W}}" for c in shown))
-                if histogram:
+                mean = f"mean {bound_text(r.net_mean_bound)}" if kind == "n" else ""
+                room = width - name_w - 3 - NUM_W * len(shown)
+                if histogram and (not mean or room >= 2 + HIST_W + 2 + len(mean)):
                     text.append("  ")
                     text.append(log2_strip(h), style=style)
+                    room -= 2 + HIST_W
+                if mean and room >= 2 + len(mean):  # else in place of the net's histogram
+                    text.append(f"  {mean}")
+                elif mean and mean_line:
+                    text.append(f"\n{'':<{name_w}}   {mean}")
                 text.append("\n")
         text.rstrip()
         return text
