@@ -68,7 +68,7 @@ int main(int argc, char **argv) {
     must(ioctl(vcpu, KVM_SET_SREGS, &sregs), "KVM_SET_SREGS");
     struct kvm_regs regs = {.rip = 0x1000, .rflags = 2};
     must(ioctl(vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
-    uint64_t in_run = 0, out[2] = {0, 0}, returned = 0, handler = 0;
+    uint64_t in_run = 0, out[2] = {0, 0}, returned = 0, handler = 0, in_syscalls = 0;
     long count[2] = {0, 0};
     int last = -1; /* 0: IO, 1: MMIO */
     for (long i = 0; i < exits; i++) {
@@ -89,12 +89,13 @@ int main(int argc, char **argv) {
         handler = code == mix && last ? handler_ns / 2 : handler_ns;
         for (int k = 0; k < syscalls; k++) syscall(SYS_getppid); /* not the vDSO: a real syscall */
         uint64_t spun = syscalls ? now_ns() : returned;
+        in_syscalls += spun - returned; /* traced, their stops: what NET takes out */
         while (now_ns() - spun < handler) {
         }
     }
     printf("{\"exits\": %ld, \"in_run_ns\": %llu, \"out_ns\": %llu, \"io\": [%ld, %llu], "
-           "\"mmio\": [%ld, %llu]}\n", exits, (unsigned long long)in_run,
+           "\"mmio\": [%ld, %llu], \"syscalls_ns\": %llu}\n", exits, (unsigned long long)in_run,
            (unsigned long long)(out[0] + out[1]), count[0], (unsigned long long)out[0], count[1],
-           (unsigned long long)out[1]);
+           (unsigned long long)out[1], (unsigned long long)in_syscalls);
     return 0;
 }
