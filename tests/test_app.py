@@ -500,6 +500,82 @@ async def test_o_orders_the_exit_reasons_by_count_rate_or_latency_on_both_views(
         await pilot.press("q")
 
 
+async def test_the_drill_downs_timelines_follow_o_and_say_the_seconds_shown(fixed):
+    from kvmtop.widgets.reason_bars import ReasonBars
+    from kvmtop.widgets.reason_timelines import ReasonTimelines
+
+    def names(screen, widget) -> list[str]:
+        return [line.split()[0] for line in pane_text(screen, widget).splitlines()]
+
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("down", "enter")
+        await pilot.pause(0.4)
+        screen = app.screen
+        timelines = screen.query_one(ReasonTimelines)
+        seconds = int(re.search(r"last (\d+) s$", timelines.border_title)[1])
+        assert 15 < seconds < 60  # 80 columns: not all 60 s
+        assert all(len(line) <= 78 for line in pane_text(screen, ReasonTimelines).splitlines())
+        for _ in ("rate", "VMM p50", "count"):
+            await pilot.press("o")
+            await pilot.pause(0.3)
+            assert names(screen, ReasonTimelines) == names(screen, ReasonBars)
+        await pilot.press("q")
+
+
+def write_two_stop_recording(path: str) -> str:
+    """One vCPU, IO to one port and MMIO to one address, each exit's handling held by 2 of
+    kvmtop's stops (as two-stop tracing records it): guest, VMM and net times."""
+    start = 10**12
+    meta = RecordingMeta(pid=1, argv=("vm",), launched=False, start_ns=start, start_wall=1.7e9,
+                         with_data=False)  # fmt: skip
+    writer = RecordingWriter.create(path, meta, False)
+    evs = tuple(
+        ExitEvent(0, 2 if i % 2 else 6, 0, t, t + 5000, 0x80 if i % 2 else 0xD0000, 257, 1,
+                  held_stops=2, held_seen_ns=2000)
+        for i in range(400)
+        for t in [start + i * 10**7]
+    )  # fmt: skip
+    writer.write_batch(ExitBatch.of(evs, start))
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+async def test_the_drill_downs_latencies_keep_every_time_a_reason_where_there_is_room(
+    tmp_path, size
+):
+    """At 160x48 each reason has its guest, VMM and net lines with min, max and a histogram
+    (two reasons, the IO and MMIO panes beside them short); at 80x24 too, as the lines allow,
+    else one line a reason that keeps the VMM's median (`o` orders by it)."""
+    from kvmtop.widgets.latency_pane import LatencyPane
+
+    app = KvmtopApp(replay=write_two_stop_recording(str(tmp_path / "net.kvmtop")))
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("enter")
+        await pilot.pause(0.4)
+        screen = app.screen
+        assert isinstance(screen, VcpuScreen)
+        pane = screen.query_one(LatencyPane)
+        reasons = pane._shown[0]
+        assert len(reasons) == 2 and all(r.handling_net.count for r in reasons)
+        lines = pane_text(screen, LatencyPane).splitlines()
+        if size == (160, 48) or lines[0].split()[1] == "p50":  # a line per time, as room allows
+            kinds = [line.split()[1 if line[0] != " " else 0] for line in lines[1:]]
+            assert kinds == ["g", "v", "n"] * len(reasons)
+        else:  # a line a reason
+            assert lines[0].split() == ["exit", "g", "p50", "g", "p99", "v", "p50", "n", "p50"]
+            assert len(lines) == 1 + len(reasons)
+        if size == (160, 48):
+            assert lines[0].split()[:5] == ["exit", "min", "p50", "p99", "max"]
+            assert pane.border_title.endswith("log2 histogram")
+        await pilot.press("q")
+
+
 def exit_lines(log: ExitLog) -> list[str]:
     return [line for line in log.lines if not line.startswith("   ...")]  # not the notices
 
