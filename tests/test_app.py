@@ -236,6 +236,56 @@ async def test_help_lists_every_key_and_closes(fixed):
     assert app.return_value == 0
 
 
+def shown_lines(widget: Widget) -> list[str]:
+    """The lines of ``widget`` as drawn at its size."""
+    from textual.geometry import Region
+
+    width, height = widget.size
+    return [strip.text for strip in widget.render_lines(Region(0, 0, width, height))]
+
+
+async def test_help_at_80_columns_wraps_beside_its_terms_and_end_shows_its_last_line(fixed):
+    from textual.containers import VerticalScroll
+    from textual.widgets import Static
+
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark", "end")
+        await pilot.pause(0.3)
+        scroll = app.screen.query_one(VerticalScroll)
+        assert scroll.scroll_y == scroll.max_scroll_y > 0
+        lines = shown_lines(app.screen.query_one(Static))
+        assert "is stopped" in lines[-1]  # the help's last line, at the end
+        glossary = lines[next(i for i, line in enumerate(lines) if "exits/s    exits in" in line) :]
+        assert all(line.startswith((" " * 12, " ")) for line in glossary)
+        assert all(line[:12].strip() == "" or line[1] != " " for line in glossary)
+        await pilot.press("q")  # quits here too
+    assert app.return_value == 0
+
+
+async def test_at_80x24_the_list_shows_every_column_and_the_status_line_its_vcpus(fixed):
+    from test_snapshots import fixed_processes
+
+    from kvmtop.widgets.status_line import StatusLine
+
+    long = KvmProcess(6060, "bob", "x" * 40, ("qemu",), 2, (0, 1), 40.0, 64 << 20,
+                      time.time() - 60, 0)  # fmt: skip
+    app = KvmtopApp(process_lister=lambda: [*fixed_processes(), long])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.screen.listed, what="listed")
+        await pilot.pause(0.3)
+        table = app.screen.query_one("#procs")
+        assert shown_lines(table)[0].rstrip().endswith("TRACED BY  KVM EXITS/S")
+        assert "x" * 6 + "…" in shown_lines(table)[3]  # the long name cut, with …
+        await pilot.press("q")
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        assert "vCPUs 2" in shown_lines(app.screen.query_one(StatusLine))[0]
+        await pilot.press("q")
+
+
 async def test_command_palette_lists_the_screens_actions_and_runs_them(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
@@ -396,6 +446,31 @@ async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
         assert screen.filter.text == "web" and screen.sort_key == "COMMAND"
         await pilot.press("q")
     assert app.return_value == 0
+
+
+async def test_the_list_filter_anchors_to_each_field_and_says_when_it_is_no_regex():
+    from test_snapshots import fixed_processes
+
+    app = KvmtopApp(process_lister=fixed_processes)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await until(pilot, lambda: screen.listed, what="listed")
+        for typed, pids in (("^42", [4242]), ("42$", [4242]), ("^4242$", [4242]),
+                            ("^web-1$", [4242]), ("^alice$", [5151]), ("^(root|alice)$", [4242, 5151]),
+                            ("sock /tmp/fc$", [5151]), ("^fc$", [])):  # fmt: skip
+            burst(app, "slash", *typed, "enter")
+            await routed(pilot)
+            assert screen.filter.text == typed and listed_order(screen) == pids, typed
+            await pilot.press("escape")
+        burst(app, "slash", *"[(")
+        await routed(pilot)
+        assert listed_order(screen) == []
+        empty = str(screen.query_one("#empty").render())
+        assert empty.startswith("'[(' is not a regex (") and "matches no KVM process" in empty
+        assert "not a regex" in str(screen.query_one("#filter").render())
+        await pilot.press("backspace")  # `[` alone is no regex either: matched as text
+        assert "not a regex" in str(screen.query_one("#filter").render())
+        await pilot.press("escape", "q")
 
 
 def three_processes():
@@ -1311,7 +1386,8 @@ async def test_detach_clock_counts_from_the_detach_and_o_shows_the_recording(tmp
     app = KvmtopApp(pid=demo.pid, record_path=str(out))
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: app.attached_pid == demo.pid, what="attached")
-        await until(pilot, lambda: f"● recording to {out}" in status_text(app), what="rec shown")
+        await until(pilot, lambda: "● rec " in status_text(app)
+                    and f"recording to {out}" in status_text(app), what="rec shown")  # fmt: skip
         await pilot.pause(2.2)
         await pilot.press("d")
         await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")

@@ -63,6 +63,8 @@ class VcpuScreen(WatchScreen):
             title = f"latest exits /{text}█ (Enter keeps, Esc clears)"
         else:
             title = f"latest exits matching {text} (/ edits, Esc clears)" if text else ""
+        if self.filter.invalid:
+            title += f"; {self.filter.not_a_regex}"
         self.query_one(ExitLog).filter(self.filter.pattern if text else None,
                                        escape(title or LOG_TITLE))  # fmt: skip
         self.refresh_bindings()
