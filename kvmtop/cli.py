@@ -41,6 +41,7 @@ DEFAULT_RECORDING = "kvmtop.data"
 # A stop signal ends `record` within this: the detach it begins, or else the trace is cut short
 # (the kernel detaches a VMM when kvmtop exits; a launched command under the filter ends with it)
 STOP_GRACE_S = 0.5
+DELAY_MIN_S, DELAY_MAX_S = 0.25, 5.0  # the TUI's refresh steps (kvmtop.screens.watch)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="attach to this VMM process (again for several)")  # fmt: skip
     parser.add_argument("-o", "--output", help="also record to this file (TUI)")
     parser.add_argument("-d", "--delay", type=float, metavar="S",
-                        help="refresh the TUI's views every S seconds (0.25; + and - change it)")  # fmt: skip
+                        help="refresh the TUI's views every S seconds, 0.25 to 5 (0.25; + and - "
+                        "change it)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     rec = sub.add_parser("record", help="record every KVM exit of a VMM, then print a summary")
@@ -277,8 +279,9 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         except BrokenPipeError:  # `| head`: the reader has all it wanted
             _silence_stdout()
             return 0
-    if args.delay is not None and args.delay <= 0:
-        raise UsageError("--delay must be above 0")
+    if args.delay is not None and not DELAY_MIN_S <= args.delay <= DELAY_MAX_S:
+        raise UsageError(f"--delay must be from {DELAY_MIN_S:g} to {DELAY_MAX_S:g} seconds, as + and - "
+                         f"set it (not {args.delay:g})")  # fmt: skip
     if args.command == "replay":
         return run_tui(replay=args.file, refresh_s=args.delay)
     if args.command == "demo":

@@ -78,6 +78,17 @@ def burst(app, *keys: str) -> None:
         app.post_message(Key(key, char))
 
 
+async def routed(pilot) -> None:
+    """Until every key sent has acted (each waits for the one before it), and been drawn."""
+    await pilot.pause(0.05)  # the app takes the keys sent
+    await until(pilot, lambda: not pilot.app.keys_pending, what="keys routed")
+    await pilot.pause(0.1)
+
+
+def pane_text(screen, widget) -> str:
+    return str(screen.query_one(widget).render())
+
+
 def footer_keys(app) -> set[str]:
     return {key for key, b in app.screen.active_bindings.items() if b.binding.show}
 
@@ -235,6 +246,56 @@ async def test_help_lists_every_key_and_closes(fixed):
     assert app.return_value == 0
 
 
+def shown_lines(widget: Widget) -> list[str]:
+    """The lines of ``widget`` as drawn at its size."""
+    from textual.geometry import Region
+
+    width, height = widget.size
+    return [strip.text for strip in widget.render_lines(Region(0, 0, width, height))]
+
+
+async def test_help_at_80_columns_wraps_beside_its_terms_and_end_shows_its_last_line(fixed):
+    from textual.containers import VerticalScroll
+    from textual.widgets import Static
+
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark", "end")
+        await pilot.pause(0.3)
+        scroll = app.screen.query_one(VerticalScroll)
+        assert scroll.scroll_y == scroll.max_scroll_y > 0
+        lines = shown_lines(app.screen.query_one(Static))
+        assert "is stopped" in lines[-1]  # the help's last line, at the end
+        glossary = lines[next(i for i, line in enumerate(lines) if "exits/s    exits in" in line) :]
+        assert all(line.startswith((" " * 12, " ")) for line in glossary)
+        assert all(line[:12].strip() == "" or line[1] != " " for line in glossary)
+        await pilot.press("q")  # quits here too
+    assert app.return_value == 0
+
+
+async def test_at_80x24_the_list_shows_every_column_and_the_status_line_its_vcpus(fixed):
+    from test_snapshots import fixed_processes
+
+    from kvmtop.widgets.status_line import StatusLine
+
+    long = KvmProcess(6060, "bob", "x" * 40, ("qemu",), 2, (0, 1), 40.0, 64 << 20,
+                      time.time() - 60, 0)  # fmt: skip
+    app = KvmtopApp(process_lister=lambda: [*fixed_processes(), long])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: app.screen.listed, what="listed")
+        await pilot.pause(0.3)
+        table = app.screen.query_one("#procs")
+        assert shown_lines(table)[0].rstrip().endswith("TRACED BY  KVM EXITS/S")
+        assert "x" * 6 + "…" in shown_lines(table)[3]  # the long name cut, with …
+        await pilot.press("q")
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        assert "vCPUs 2" in shown_lines(app.screen.query_one(StatusLine))[0]
+        await pilot.press("q")
+
+
 async def test_command_palette_lists_the_screens_actions_and_runs_them(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
@@ -379,22 +440,47 @@ async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
         await until(pilot, lambda: screen.listed, what="listed")
         for typed in ("qemu", "sss", "demo", "kmad?"):  # each letter also a key of the list
             burst(app, "slash", *typed)
-            await pilot.pause(0.3)
+            await routed(pilot)
             assert app.is_running and app.screen is screen and app.session is None
             assert screen.filter.text == typed and screen.sort_key == "PID"
             await pilot.press("escape")
             assert screen.filter.text == ""
         burst(app, "slash", *"qx", "backspace", *"emu")
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "qemu"
         burst(app, "escape", "s")  # Esc closes the filter: `s` sorts again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "" and screen.sort_key == "USER"
         burst(app, "slash", *"web", "enter", "s")  # Enter keeps the filter: `s` sorts again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "web" and screen.sort_key == "COMMAND"
         await pilot.press("q")
     assert app.return_value == 0
+
+
+async def test_the_list_filter_anchors_to_each_field_and_says_when_it_is_no_regex():
+    from test_snapshots import fixed_processes
+
+    app = KvmtopApp(process_lister=fixed_processes)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = app.screen
+        await until(pilot, lambda: screen.listed, what="listed")
+        for typed, pids in (("^42", [4242]), ("42$", [4242]), ("^4242$", [4242]),
+                            ("^web-1$", [4242]), ("^alice$", [5151]), ("^(root|alice)$", [4242, 5151]),
+                            ("sock /tmp/fc$", [5151]), ("^fc$", [])):  # fmt: skip
+            burst(app, "slash", *typed, "enter")
+            await routed(pilot)
+            assert screen.filter.text == typed and listed_order(screen) == pids, typed
+            await pilot.press("escape")
+        burst(app, "slash", *"[(")
+        await routed(pilot)
+        assert listed_order(screen) == []
+        empty = str(screen.query_one("#empty").render())
+        assert empty.startswith("'[(' is not a regex (") and "matches no KVM process" in empty
+        assert "not a regex" in str(screen.query_one("#filter").render())
+        await pilot.press("backspace")  # `[` alone is no regex either: matched as text
+        assert "not a regex" in str(screen.query_one("#filter").render())
+        await pilot.press("escape", "q")
 
 
 def three_processes():
@@ -423,16 +509,16 @@ async def test_process_list_sorts_by_any_column_either_way_by_key_or_header_clic
         await until(pilot, lambda: screen.listed, what="listed")
         assert listed_order(screen) == [4242, 5151, 6060] and sorted_header(screen) == "PID▲"
         burst(app, *["greater_than_sign"] * 8)  # htop's `>`, in one burst: to KVM EXITS/S
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert sorted_header(screen) == "KVM EXITS/S▼"
         assert listed_order(screen) == [6060, 4242, 5151]  # the busiest first, unknown last
         burst(app, "I")  # htop's invert
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert (
             listed_order(screen) == [5151, 4242, 6060] and sorted_header(screen) == "KVM EXITS/S▲"
         )
         burst(app, "less_than_sign")  # a new column: its own natural order again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert sorted_header(screen) == "TRACED BY▲"
         assert listed_order(screen) == [4242, 6060, 5151]  # untraced first, ties by pid
         table = screen.query_one("#procs")
@@ -499,6 +585,82 @@ async def test_o_orders_the_exit_reasons_by_count_rate_or_latency_on_both_views(
         await pilot.press("q")
 
 
+async def test_the_drill_downs_timelines_follow_o_and_say_the_seconds_shown(fixed):
+    from kvmtop.widgets.reason_bars import ReasonBars
+    from kvmtop.widgets.reason_timelines import ReasonTimelines
+
+    def names(screen, widget) -> list[str]:
+        return [line.split()[0] for line in pane_text(screen, widget).splitlines()]
+
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("down", "enter")
+        await pilot.pause(0.4)
+        screen = app.screen
+        timelines = screen.query_one(ReasonTimelines)
+        seconds = int(re.search(r"last (\d+) s$", timelines.border_title)[1])
+        assert 15 < seconds < 60  # 80 columns: not all 60 s
+        assert all(len(line) <= 78 for line in pane_text(screen, ReasonTimelines).splitlines())
+        for _ in ("rate", "VMM p50", "count"):
+            await pilot.press("o")
+            await pilot.pause(0.3)
+            assert names(screen, ReasonTimelines) == names(screen, ReasonBars)
+        await pilot.press("q")
+
+
+def write_two_stop_recording(path: str) -> str:
+    """One vCPU, IO to one port and MMIO to one address, each exit's handling held by 2 of
+    kvmtop's stops (as two-stop tracing records it): guest, VMM and net times."""
+    start = 10**12
+    meta = RecordingMeta(pid=1, argv=("vm",), launched=False, start_ns=start, start_wall=1.7e9,
+                         with_data=False)  # fmt: skip
+    writer = RecordingWriter.create(path, meta, False)
+    evs = tuple(
+        ExitEvent(0, 2 if i % 2 else 6, 0, t, t + 5000, 0x80 if i % 2 else 0xD0000, 257, 1,
+                  held_stops=2, held_seen_ns=2000)
+        for i in range(400)
+        for t in [start + i * 10**7]
+    )  # fmt: skip
+    writer.write_batch(ExitBatch.of(evs, start))
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+async def test_the_drill_downs_latencies_keep_every_time_a_reason_where_there_is_room(
+    tmp_path, size
+):
+    """At 160x48 each reason has its guest, VMM and net lines with min, max and a histogram
+    (two reasons, the IO and MMIO panes beside them short); at 80x24 too, as the lines allow,
+    else one line a reason that keeps the VMM's median (`o` orders by it)."""
+    from kvmtop.widgets.latency_pane import LatencyPane
+
+    app = KvmtopApp(replay=write_two_stop_recording(str(tmp_path / "net.kvmtop")))
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("enter")
+        await pilot.pause(0.4)
+        screen = app.screen
+        assert isinstance(screen, VcpuScreen)
+        pane = screen.query_one(LatencyPane)
+        reasons = pane._shown[0]
+        assert len(reasons) == 2 and all(r.handling_net.count for r in reasons)
+        lines = pane_text(screen, LatencyPane).splitlines()
+        if size == (160, 48) or lines[0].split()[1] == "p50":  # a line per time, as room allows
+            kinds = [line.split()[1 if line[0] != " " else 0] for line in lines[1:]]
+            assert kinds == ["g", "v", "n"] * len(reasons)
+        else:  # a line a reason
+            assert lines[0].split() == ["exit", "g", "p50", "g", "p99", "v", "p50", "n", "p50"]
+            assert len(lines) == 1 + len(reasons)
+        if size == (160, 48):
+            assert lines[0].split()[:5] == ["exit", "min", "p50", "p99", "max"]
+            assert pane.border_title.endswith("log2 histogram")
+        await pilot.press("q")
+
+
 def exit_lines(log: ExitLog) -> list[str]:
     return [line for line in log.lines if not line.startswith("   ...")]  # not the notices
 
@@ -517,13 +679,13 @@ async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_
         assert any("HLT" in line for line in every) and any("0xcfc" in line for line in every)
         paused = app.replay.paused
         burst(app, "slash", *"hlt|0x3f8")  # `h` is help, `|` and `0` are keys elsewhere
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.screen is screen and screen.filter.text == "hlt|0x3f8"
         shown = exit_lines(log)
         assert shown and all(re.search("HLT|0x3f8", line) for line in shown)
         assert {line for line in every if "HLT" in line} <= set(shown)  # none left out
         burst(app, "escape", "slash", *"in port", "enter")  # space pauses a replay, not here
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.replay.paused == paused and screen.filter.text == "in port"
         assert exit_lines(log) and all("IO in port=0xcfc" in line for line in exit_lines(log))
         assert "matching in port" in str(log.border_title)
@@ -947,11 +1109,11 @@ async def test_slash_filters_the_kernel_views_counters_by_name_typed_in_one_burs
         grid = screen.query_one(CounterGrid)
         await until(pilot, lambda: "exits" in grid.rows, what="counters shown")
         burst(app, "slash", *"zkzk")  # `z` shows zeros and `k` goes back, but not after `/`
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.screen is screen and not screen.show_zeros
         assert list(grid.rows) == ["-vm-"]  # no counter is called that
         burst(app, "escape", "slash", *"^(IO|mmio)_exits$", "enter", "z")  # a regex, any case
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.show_zeros and screen.filter.text == "^(IO|mmio)_exits$"
         assert list(grid.rows) == ["io_exits", "mmio_exits", "-vm-"]
         assert "filtered out (/)" in str(screen.query_one("#title").render())
@@ -982,6 +1144,36 @@ async def test_k_typed_twice_in_one_burst_opens_the_kernel_view_and_goes_back(pr
         await pilot.pause(0.3)
         assert isinstance(app.screen, KernelScreen) and not attached.frozen
         await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_keys_in_one_burst_act_in_order_on_the_screen_each_lands_on(processes):
+    """`a` `d` in one burst attaches, and once attached detaches; `k` `z` takes KVM's counters,
+    then shows the zero rows in the view that opened; `k` `k` `p` opens that view, goes back
+    and freezes the attached view."""
+    from kvmtop.procfs import tracer_pid
+    from kvmtop.screens.kernel import KernelScreen
+
+    demo = start_demo(processes)
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await list_shows(pilot, demo.pid)
+        await pilot.press("slash", *str(demo.pid), "enter")
+        burst(app, "a", "d")
+        await until(pilot, lambda: app.session is not None and app.session.pid == demo.pid
+                    and app.session.state is SessionState.ENDED, what="attached, then detached")  # fmt: skip
+        assert isinstance(app.screen, AttachedScreen) and tracer_pid(demo.pid) == 0
+        burst(app, "escape", "k", "z")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        await pilot.pause(0.3)
+        assert app.screen.show_zeros
+        burst(app, "escape", "a", "k", "k", "p")
+        await until(pilot, lambda: app.held.get(demo.pid) is not None and app.attached_pid,
+                    what="attached, counters held")  # fmt: skip
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, AttachedScreen) and app.screen.frozen
+        await pilot.press("q")
+    assert demo.poll() is None and tracer_pid(demo.pid) == 0
 
 
 @pytest.mark.kvm
@@ -1201,7 +1393,8 @@ async def test_detach_clock_counts_from_the_detach_and_o_shows_the_recording(tmp
     app = KvmtopApp(pid=demo.pid, record_path=str(out))
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: app.attached_pid == demo.pid, what="attached")
-        await until(pilot, lambda: f"● recording to {out}" in status_text(app), what="rec shown")
+        await until(pilot, lambda: "● rec " in status_text(app)
+                    and f"recording to {out}" in status_text(app), what="rec shown")  # fmt: skip
         await pilot.pause(2.2)
         await pilot.press("d")
         await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
@@ -1287,10 +1480,6 @@ async def test_two_vmms_attached_at_once_show_each_vm_and_are_marked_in_the_list
         assert re.match(rf"vCPU [01] of VM \d+ in pid ({pids[0]}|{pids[1]}) \(python", title), title
         await pilot.press("escape", "q")
     assert all(d.poll() is None for d in demos)  # detached: both run on
-
-
-def pane_text(screen, widget) -> str:
-    return str(screen.query_one(widget).render())
 
 
 @pytest.mark.kvm

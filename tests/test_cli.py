@@ -183,9 +183,16 @@ def test_stats_count_below_one_is_a_usage_error():
         assert_one_line_error(result, 2, "--count must be 1 or more")
 
 
-def test_a_refresh_delay_must_be_above_0():
-    for args in (["-d", "0"], ["-d", "-1", "demo"], ["--delay", "0", "replay", "x"]):
-        assert_one_line_error(kvmtop(*args), 2, "--delay must be above 0")
+def test_a_refresh_delay_outside_the_tuis_steps_is_a_usage_error():
+    from kvmtop.cli import DELAY_MAX_S, DELAY_MIN_S
+    from kvmtop.screens.watch import REFRESH_STEPS
+
+    assert (DELAY_MIN_S, DELAY_MAX_S) == (REFRESH_STEPS[0], REFRESH_STEPS[-1])
+    for args, given in ((["-d", "0"], "0"), (["-d", "-1", "demo"], "-1"),
+                        (["--delay", "0", "replay", "x"], "0"), (["-d", "100"], "100"),
+                        (["-d", "0.2", "demo"], "0.2"), (["-d", "5.5", "replay", "x"], "5.5")):  # fmt: skip
+        assert_one_line_error(kvmtop(*args), 2,
+                              f"--delay must be from 0.25 to 5 seconds, as + and - set it (not {given})")  # fmt: skip
 
 
 def test_pid_and_output_work_before_or_after_the_command(tmp_path):

@@ -23,17 +23,23 @@ from kvmtop.stats import StatsSnapshot
 from kvmtop.units import human
 from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane
+from kvmtop.widgets.latency_pane import lines_for as latency_lines
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.status_line import StatusLine
 from kvmtop.widgets.top_targets import TopTargets, lines_for
 from kvmtop.widgets.vcpu_table import MAX_LINES_PER_VCPU, VcpuTable
 
+WIDE = 120  # columns: the app's -wide breakpoint
 
-def kernel_rates_text(kernel: float, vmm: float | None) -> str:
+
+def kernel_rates_text(kernel: float, vmm: float | None, short: bool = False) -> str:
     """KVM counts every exit and handles most itself; some reach the VMM. The two rates, over
-    the same interval, said so that the difference reads as what it is."""
+    the same interval, said so that the difference reads as what it is (``short``: in few
+    words, beside a command line on a narrow screen)."""
     if vmm is None:
         return f"KVM: {human(kernel)} exits/s"
+    if short:
+        return f"KVM {human(kernel)} exits/s, VMM {human(vmm)}/s"
     if vmm <= kernel:
         return f"KVM: {human(kernel)} exits/s, {human(vmm)}/s of them reach the VMM"
     # a run a signal ends before the guest is entered returns to the VMM without an exit
@@ -90,7 +96,8 @@ class AttachedScreen(WatchScreen):
         title = status.title
         rates = self.kernel_rates() if status.live else None
         if rates is not None:  # first: a long command line would cut it off
-            title = f"[{kernel_rates_text(*rates)}: k]  {title}"
+            short = self.size.width < WIDE  # the command keeps some room
+            title = f"[{kernel_rates_text(*rates, short=short)}: k]  {title}"
         self.query_one("#title", Static).update(title)
         self._snap = snap
         self.fit()
@@ -115,7 +122,7 @@ class AttachedScreen(WatchScreen):
         body = self.query_one("#body").size.height
         vcpus = max(1, len(snap.vcpus))
         bars = 2 + max(1, len(snap.reasons)) + (1 if snap.coalesced.total else 0)
-        latency = 1 + 2 * len(snap.reasons) if snap.reasons else 1
+        latency = latency_lines(snap.reasons) if snap.reasons else 1
         targets = lines_for(len(snap.io), len(snap.mmio), snap.top_exact, snap.coalesced.top[:4])
         room = body - bars - (2 + max(latency, targets))
         per_vcpu = max(1, min(MAX_LINES_PER_VCPU, (room - 3) // vcpus))

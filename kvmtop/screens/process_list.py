@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Static
 
 from kvmtop.discovery import KvmProcess, list_kvm_processes, not_yours
 from kvmtop.process_sort import NAMES, marker, sorted_processes
+from kvmtop.report import cut
 from kvmtop.screens.requests import (
     AttachRequested,
     DemoRequested,
@@ -27,6 +28,7 @@ from kvmtop.units import elapsed, human, size
 from kvmtop.widgets.key_footer import KeyFooter
 
 PROCESS_REFRESH_S = 2.0
+MIN_COMMAND_W, MAX_COMMAND_W = 8, 40
 
 
 class ProcessListScreen(Screen[None]):
@@ -36,7 +38,9 @@ class ProcessListScreen(Screen[None]):
     BINDINGS = [
         Binding("a", "attach", "Attach", tooltip="Attach to the selected VMM"),
         Binding("enter", "attach", "Attach", show=False, tooltip="Attach to the selected VMM"),
-        Binding("slash", "filter", "Filter", tooltip="Filter by pid, user or command as you type"),
+        Binding("slash", "filter", "Filter",
+                tooltip="Filter as you type: a regex found in the pid, user, name or command "
+                "line, each on its own (^ and $ anchor to its ends)"),
         Binding("s", "sort(1)", "Sort", tooltip="Next sort column (or click a header)"),
         Binding("greater_than_sign", "sort(1)", "Next sort column", show=False, key_display=">",
                 tooltip="Sort by the column to the right"),
@@ -78,6 +82,7 @@ class ProcessListScreen(Screen[None]):
         self.listed = False  # the first listing has arrived
         self._select: int | None = None  # the pid to put the cursor on at the next listing
         self.not_yours = ""  # what to say of other users' VMMs when none is listed
+        self._command_w: int | None = None  # the command column's width, fitted to the screen
 
     def compose(self) -> ComposeResult:
         yield Static("kvmtop: KVM processes on this machine", id="title")
@@ -106,13 +111,34 @@ class ProcessListScreen(Screen[None]):
         self._select = next(iter(self.attached()), None)
         self.refresh_processes()
 
-    def _add_columns(self) -> None:
-        """The headers, the sorted one marked ▲ or ▼."""
+    def _add_columns(self, command_w: int | None = None) -> None:
+        """The headers, the sorted one marked ▲ or ▼; the command's column ``command_w`` wide."""
         table = self.query_one(DataTable)
         table.clear(columns=True)
+        self._command_w = command_w
         sign = marker(self.sort_key, self.sort_reverse)
         for name in NAMES:
-            table.add_column(f"{name}{sign}" if name == self.sort_key else name, key=name)
+            label = f"{name}{sign}" if name == self.sort_key else name
+            table.add_column(label, key=name, width=command_w if name == "COMMAND" else None)
+
+    def on_resize(self, _event: events.Resize) -> None:
+        if self.listed:
+            self._show(self.procs)
+
+    def _fit_command(self, rows: list[list[Text | str]]) -> int:
+        """The command column's width: what the other columns leave of the screen's, so that
+        every column shows at 80 columns (names are cut, with …)."""
+        table = self.query_one(DataTable)
+        others = 0
+        for i, column in enumerate(table.columns.values()):
+            if column.key.value != "COMMAND":
+                cells = [len(row[i]) for row in rows]
+                others += max([len(str(column.label)), *cells]) + 2 * table.cell_padding
+        room = self.size.width - others - 2 * table.cell_padding - 1  # a scrollbar's column
+        width = max(MIN_COMMAND_W, min(MAX_COMMAND_W, room))
+        if width != self._command_w:
+            self._add_columns(width)
+        return width
 
     def _show(self, procs: list[KvmProcess]) -> None:
         self.procs = procs
@@ -122,20 +148,25 @@ class ProcessListScreen(Screen[None]):
         self._select = None
         table.clear()
         attached = self.attached()
-        for p in self._visible():
+        visible = self._visible()
+        rows: list[list[Text | str]] = []
+        for p in visible:
             ours = p.pid in attached
             traced = "kvmtop" if ours else (str(p.tracer_pid) if p.tracer_pid else "")
             rate = self.exit_rate(p.pid)
             pid = Text(
                 f"▶ {p.pid}" if ours else str(p.pid), justify="right", style="bold" if ours else ""
             )
-            table.add_row(
-                pid, p.user, p.name[:40],
+            rows.append([
+                pid, p.user, p.name,
                 Text(str(p.vcpus), justify="right"), Text(f"{p.cpu_percent:.0f}", justify="right"),
                 Text(size(p.rss), justify="right"), Text(elapsed(p.uptime_s), justify="right"),
                 traced, Text(human(rate) if rate is not None else "", justify="right"),
-                key=str(p.pid),
-            )  # fmt: skip
+            ])  # fmt: skip
+        command_w = self._fit_command(rows)
+        for p, row in zip(visible, rows, strict=True):
+            row[2] = cut(p.name, command_w)
+            table.add_row(*row, key=str(p.pid))
         if selected is not None and str(selected) in table.rows:
             table.move_cursor(row=table.get_row_index(str(selected)))
         empty = self.query_one("#empty", Static)
@@ -144,8 +175,12 @@ class ProcessListScreen(Screen[None]):
                      "No KVM process found on this machine (or none this user may inspect).")  # fmt: skip
             empty.update(f"{found}\nPress [b]m[/b] to start the built-in demo guest and watch its "
                          "exits.")  # fmt: skip
+        elif not table.row_count and self.filter.invalid:
+            empty.update(f"{self.filter.text!r} is not a regex ({self.filter.invalid}); as plain "
+                         "text it matches no KVM process (Esc clears the filter).")  # fmt: skip
         elif not table.row_count:
-            empty.update(f"No KVM process matches {self.filter.text!r} (Esc clears the filter).")
+            empty.update(f"No KVM process matches {self.filter.text!r} in its pid, user, name or "
+                         "command line (Esc clears the filter).")  # fmt: skip
         empty.display = not table.row_count
         shown = (
             f"{len(procs)}"
@@ -161,7 +196,7 @@ class ProcessListScreen(Screen[None]):
     def _visible(self) -> list[KvmProcess]:
         procs = [
             p for p in self.procs
-            if self.filter.matches(f"{p.pid} {p.user} {p.name} {' '.join(p.cmdline)}")
+            if self.filter.matches(str(p.pid), p.user, p.name, " ".join(p.cmdline))
         ]  # fmt: skip
         return sorted_processes(procs, self.sort_key, self.sort_reverse, self.exit_rate)
 
@@ -232,7 +267,7 @@ class ProcessListScreen(Screen[None]):
 
     def _sort_by(self, column: str, reverse: bool) -> None:
         self.sort_key, self.sort_reverse = column, reverse  # the title and header say it
-        self._add_columns()
+        self._add_columns(self._command_w)
         self._show(self.procs)
 
     def action_demo(self) -> None:

@@ -36,11 +36,8 @@ class SampledScreen(Screen[None]):
         Binding("a", "trace", "Trace exactly",
                 tooltip="Trace this VM instead: every exit exactly, at a cost to the VM (w there "
                 "comes back to watching)"),
-        Binding("escape,q,w", "back", "Back", key_display="esc q w",
-                tooltip="Back to the process list (watching stops)"),
-        # q goes back here: the footer names the quit keys left
-        Binding("f10,ctrl+c", "app.quit", "Quit", key_display="F10",
-                tooltip="Quit (the VM was never traced: nothing to detach)"),
+        Binding("escape,w", "back", "Back", key_display="esc w",
+                tooltip="Back to the process list (watching stops); q quits, as everywhere"),
     ]  # fmt: skip
 
     def __init__(self, feed: WatchFeed, trace: Callable[[int], None]) -> None:

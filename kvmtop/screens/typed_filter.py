@@ -13,13 +13,13 @@ from textual import events
 from textual.widgets import Static
 
 
-def pattern_for(text: str) -> re.Pattern[str]:
+def pattern_for(text: str) -> tuple[re.Pattern[str], str | None]:
     """As kvm_stat's `f`: a case-insensitive regex; text that is no regex (yet: `(` typed
-    alone) matches as a plain substring."""
+    alone) matches as a plain substring, and why it is no regex is returned beside it."""
     try:
-        return re.compile(text, re.IGNORECASE)
-    except re.error:
-        return re.compile(re.escape(text), re.IGNORECASE)
+        return re.compile(text, re.IGNORECASE), None
+    except re.error as exc:
+        return re.compile(re.escape(text), re.IGNORECASE), str(exc.msg)
 
 
 class TypedFilter:
@@ -28,11 +28,18 @@ class TypedFilter:
     def __init__(self, changed: Callable[[], None]) -> None:
         self.text = ""
         self.typing = False
-        self.pattern = pattern_for("")
+        self.pattern, self.invalid = pattern_for("")  # invalid: why the text is no regex
         self._changed = changed  # called after every change of the text or of the mode
 
-    def matches(self, text: str) -> bool:
-        return not self.text or self.pattern.search(text) is not None
+    def matches(self, *fields: str) -> bool:
+        """Whether the pattern is found in one of ``fields``, each on its own (`^` and `$`
+        anchor to a field's ends)."""
+        return not self.text or any(self.pattern.search(f) is not None for f in fields)
+
+    @property
+    def not_a_regex(self) -> str:
+        """What to say when the text is no regex, so matched as plain text ("" when it is)."""
+        return f"not a regex ({self.invalid}): matched as plain text" if self.invalid else ""
 
     def start(self) -> None:
         self.typing = True
@@ -44,7 +51,7 @@ class TypedFilter:
 
     def _set(self, text: str) -> None:
         self.text = text
-        self.pattern = pattern_for(text)
+        self.pattern, self.invalid = pattern_for(text)
         self._changed()
 
     def take(self, event: events.Key) -> bool:
@@ -74,9 +81,10 @@ class TypedFilter:
     def show_in(self, bar: Static) -> None:
         """The line that says what is filtered and how to change it; hidden without a filter."""
         bar.display = self.typing or bool(self.text)
+        warning = (f"   {self.not_a_regex}", "bold") if self.invalid else ""
         if self.typing:
-            bar.update(Text.assemble(("/", "bold"), self.text, (" ", "reverse"),
+            bar.update(Text.assemble(("/", "bold"), self.text, (" ", "reverse"), warning,
                                      ("   Enter keeps the filter, Esc clears it", "dim")))  # fmt: skip
         else:
-            bar.update(Text.assemble("filter: ", (self.text, "bold"),
+            bar.update(Text.assemble("filter: ", (self.text, "bold"), warning,
                                      ("   / edits it, Esc clears it", "dim")))  # fmt: skip

@@ -21,6 +21,7 @@ from kvmtop.units import human
 from kvmtop.widgets.exit_log import ExitLog
 from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane
+from kvmtop.widgets.latency_pane import lines_for as latency_lines
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.reason_timelines import ReasonTimelines
 from kvmtop.widgets.status_line import StatusLine
@@ -62,6 +63,8 @@ class VcpuScreen(WatchScreen):
             title = f"latest exits /{text}█ (Enter keeps, Esc clears)"
         else:
             title = f"latest exits matching {text} (/ edits, Esc clears)" if text else ""
+        if self.filter.invalid:
+            title += f"; {self.filter.not_a_regex}"
         self.query_one(ExitLog).filter(self.filter.pattern if text else None,
                                        escape(title or LOG_TITLE))  # fmt: skip
         self.refresh_bindings()
@@ -102,7 +105,7 @@ class VcpuScreen(WatchScreen):
         reasons = max(1, len(v.reasons))
         top = 2 + max(reasons, len(v.timeline_by_reason))
         room = self.size.height - 3 - top - (2 + self.LOG_LINES)  # title, status line, footer
-        latency = 2 + 1 + 2 * reasons
+        latency = 2 + latency_lines(v.reasons)
         targets = 2 + lines_for(len(v.io), len(v.mmio), coalesced=v.coalesced[:4])
         height = max(3 + reasons, min(room, max(latency, targets)))  # one line a reason, least
         self.query_one("#mid-row").styles.height = height
@@ -126,6 +129,6 @@ class VcpuScreen(WatchScreen):
         coalesced = sum(c.count for c in v.coalesced)
         reasons = self.show_reasons(f"{v.name}: exit reasons", v.reasons, v.total, coalesced)
         self.query_one(TopTargets).show(v.io, v.mmio, True, v.coalesced[:4], snap.mmio_names)
-        self.query_one(ReasonTimelines).show(v.timeline_by_reason)
+        self.query_one(ReasonTimelines).show(v.timeline_by_reason, tuple(r.label for r in reasons))
         self.query_one(LatencyPane).show(reasons)
         self.query_one(ExitLog).show(v.recent, snap.first_ns)

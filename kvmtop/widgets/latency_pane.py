@@ -28,6 +28,11 @@ def log2_strip(h: LatencyHistogram, first: int = FIRST, last: int = LAST) -> str
     return "".join(palette.sparkline(shown))
 
 
+def lines_for(reasons: tuple[ReasonStats, ...]) -> int:
+    """The lines of the full table: a header, and a line per time a reason (g, v and n)."""
+    return 1 + (2 + any(r.handling_net.count for r in reasons)) * len(reasons)
+
+
 def columns_for(width: int, name_w: int) -> tuple[list[str], bool]:
     """The statistics a line of ``width`` holds, in their order, and whether the histogram fits:
     p50 and p99 always, then max, min and the histogram as there is room."""
@@ -49,8 +54,7 @@ class LatencyPane(ReasonPane):
             return Text("no exits yet", style="italic")
         width, lines = self.room
         longest = max(len(palette.short(r.label)) for r in reasons)
-        per_reason = 2 + any(r.handling_net.count for r in reasons)
-        if lines < 1 + per_reason * len(reasons) and width >= 4 + 4 * NUM_W:  # "MMIO", 4 numbers
+        if lines < lines_for(reasons) and width >= 4 + 4 * NUM_W:  # "MMIO", 4 numbers
             return self.draw_one_line_each(reasons, max(4, min(longest, width - 4 * NUM_W)))
         name_w = max(NAME_W, min(longest, width - 3 - 3 * NUM_W))
         shown, histogram = columns_for(width, name_w)
@@ -91,21 +95,22 @@ class LatencyPane(ReasonPane):
         return text
 
     def draw_one_line_each(self, reasons: tuple[ReasonStats, ...], name_w: int) -> Text:
-        """Where the pane is too short for two lines a reason: its guest and VMM medians and
-        p99s on one line (the VMM's net of kvmtop's stops where measured)."""
-        self.border_title = self.TITLE
+        """Where the pane is too short for a line per time: a reason's guest median and p99 and
+        its VMM median on one line, and the VMM's p99 or, where measured, its median net of
+        kvmtop's stops (the VMM's median stays: `o` orders by it)."""
         text = Text(no_wrap=True, overflow="crop")
         net = any(r.handling_net.count for r in reasons)
-        heads = ("g p50", "g p99", "n p50" if net else "v p50", "n p99" if net else "v p99")
+        self.border_title = f"latency: g guest, v VMM{', n net' if net else ''}"
+        heads = ("g p50", "g p99", "v p50", "n p50" if net else "v p99")
         text.append(f"{'exit':<{name_w}}" + "".join(f"{h:>{NUM_W}}" for h in heads) + "\n",
                     style="bold")  # fmt: skip
         for r in reasons:
             text.append(f"{palette.short(r.label)[:name_w]:<{name_w}}",
                         style=palette.reason_style(self, r.label))  # fmt: skip
-            for h in (r.guest, r.handling_net if net else r.handling):
-                values = (h.median, h.p99) if h.count else None
-                text.append("".join(f"{duration(v) if values else '-':>{NUM_W}}"
-                                    for v in (values or (0, 0))))  # fmt: skip
+            last = r.handling_net.median if net else r.handling.p99
+            cells = ((r.guest, r.guest.median), (r.guest, r.guest.p99),
+                     (r.handling, r.handling.median), (r.handling_net if net else r.handling, last))  # fmt: skip
+            text.append("".join(f"{duration(v) if h.count else '-':>{NUM_W}}" for h, v in cells))
             text.append("\n")
         text.rstrip()
         return text

@@ -8,6 +8,8 @@ import zlib
 from rich.style import Style
 from textual.widget import Widget
 
+from kvmtop.decoder import UNSEEN_LABEL
+
 SLOTS = 8
 _FIXED = {
     "KVM_EXIT_IO": 0,
@@ -83,5 +85,10 @@ def chart_row(
     return out
 
 
+SHORT_NAMES = {UNSEEN_LABEL: "FAIL/UNKNOWN"}
+
+
 def short(label: str) -> str:
-    return label.removeprefix("KVM_EXIT_")
+    """A reason's name in a pane: no KVM_EXIT_ prefix, and at most 12 columns for those of
+    kvmtop's own making."""
+    return SHORT_NAMES.get(label) or label.removeprefix("KVM_EXIT_")

@@ -18,7 +18,7 @@ def lines_for(ports: int, addresses: int) -> int:
 
 
 class SampledTargets(ReasonPane):
-    TITLE = "ports, addresses by VMM time"
+    TITLE = "ports, addresses: VMM time"  # 29 columns inside the pane at 80
 
     def draw(self, ports: Sites, addresses: Sites) -> Text:
         room = self.room[1] - 3

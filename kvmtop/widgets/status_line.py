@@ -18,12 +18,14 @@ class StatusLine(Static):
     """
 
     def show(self, status: SourceStatus, snap: StatsSnapshot, frozen: bool) -> None:
+        """The most telling first: what is cut at the end of a narrow line is the cost of
+        tracing and the recording's file name (its ● stays in view)."""
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(f" {status.state} ", style="reverse")
         if frozen:
             text.append(" FROZEN (p) ", style="bold reverse")
         if status.recording is not None:
-            text.append(f" ● recording to {status.recording} ", style="bold red")
+            text.append(" ● rec ", style="bold red")
         if status.ended_s is not None:
             text.append(f"  {elapsed(status.ended_s)} ago, after {elapsed(status.since_s)} traced")
         elif status.live:
@@ -31,11 +33,12 @@ class StatusLine(Static):
         else:
             length = f" / {elapsed(status.length_s)}" if status.length_s is not None else ""
             text.append(f"  at {elapsed(status.since_s)}{length}")
-        text.append(f"   exits {human(snap.total)}")
+        text.append(f"   vCPUs {len(snap.vcpus)}   exits {human(snap.total)}")
         text.append("   lost ")
         text.append(str(snap.lost), style="bold red" if snap.lost else "")
         text.append(f"   stops/s {human(snap.stops_per_s)}")
         if snap.total:
             text.append(f" {snap.stops / snap.total:.1f}/exit")
-        text.append(f"   vCPUs {len(snap.vcpus)}")
+        if status.recording is not None:
+            text.append(f"   recording to {status.recording}")
         self.update(text)
