@@ -59,7 +59,8 @@ class LatencyPane(ReasonPane):
         name_w = max(NAME_W, min(longest, width - 3 - 3 * NUM_W))
         shown, histogram = columns_for(width, name_w)
         # the net's mean on a line of its own where the row has no room for it and lines are spare
-        mean_line = per_reason == 3 and lines >= 1 + 4 * len(reasons)
+        net_rows = any(r.handling_net.count for r in reasons)
+        mean_line = net_rows and lines >= 1 + 4 * len(reasons)
         self.border_title = self.TITLE + (", log2 histogram" if histogram else "")
         text.append(f"{'exit':<{name_w}}   " + "".join(f"{c:>{NUM_W}}" for c in shown),
                     style="bold")  # fmt: skip
