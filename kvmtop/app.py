@@ -52,6 +52,7 @@ from kvmtop.screens.vcpu import TYPED_REPLAY_KEYS, VcpuScreen
 from kvmtop.screens.watch import REFRESH_S, REPLAY_BINDINGS, WatchScreen
 from kvmtop.session import SessionState, TraceSession
 from kvmtop.sources import LiveSource, command_line
+from kvmtop.units import ended_text
 from kvmtop.watch_feed import SnapshotSource, WatchFeed, open_watcher
 from kvmtop.widgets.vcpu_table import VcpuTable
 
@@ -224,7 +225,7 @@ class KvmtopApp(OrderedKeysApp):
         lines = last_lines(self.child_stderr, 8) if self.child_stderr else []
         said = "".join(f"\n  {line}" for line in lines) if lines else " (it said nothing)"
         what = cut(" ".join(session.argv), 60)
-        return f"kvmtop: {what} exited with status {session.exit_status} before making a vCPU{said}"
+        return f"kvmtop: {what} {ended_text(session.exit_status)} before making a vCPU{said}"
 
     def _take_notices(self) -> None:
         session = self.session

@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
 
 from kvmtop import __version__
 from kvmtop.errors import KvmtopError, OutputError, RecordingError, UsageError
+from kvmtop.units import ended_text
 
 if TYPE_CHECKING:
     from kvmtop.events import ExitBatch
@@ -415,9 +416,7 @@ def record(
     for text in errors:  # e.g. the recording could not be written; the summary still follows
         print(f"kvmtop: {text}", file=sys.stderr)
     if session.exit_status is not None:
-        print(
-            f"kvmtop: pid {session.pid} exited with status {session.exit_status}", file=sys.stderr
-        )
+        print(f"kvmtop: pid {session.pid} {ended_text(session.exit_status)}", file=sys.stderr)
     snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
             "launched": session.launched, "one_stop": session.one_stop,

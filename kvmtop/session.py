@@ -31,6 +31,7 @@ from kvmtop.inject import StatsFds
 from kvmtop.recording import RecordingWriter, check_writable, meta_for
 from kvmtop.stats import ExitStats
 from kvmtop.tracer_thread import Tracer
+from kvmtop.units import ended_text
 
 
 class SessionState(enum.Enum):
@@ -274,7 +275,7 @@ class TraceSession:
         if detached.exit_status is not None:
             self.child_exit_status = detached.exit_status
             self.child_ended.set()
-            text = f"pid {detached.pid} exited with status {detached.exit_status}"
+            text = f"pid {detached.pid} {ended_text(detached.exit_status)}"
         else:
             pids = ", ".join(str(pid) for pid in self.pids or (detached.pid,))
             text = (f"detached from pid {pids}; it runs on" if len(self.pids) <= 1

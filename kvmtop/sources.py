@@ -14,6 +14,7 @@ from typing import Protocol
 
 from kvmtop.session import SessionState, TraceSession
 from kvmtop.stats import StatsSnapshot, VcpuSnapshot
+from kvmtop.units import ended_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,6 @@ class LiveSource:
             state = "attaching..."
         elif s.state is SessionState.ENDED:
             state = (
-                f"ended: exited with status {s.exit_status}"
-                if s.exit_status is not None
-                else "detached"
+                f"ended: {ended_text(s.exit_status)}" if s.exit_status is not None else "detached"
             )
         return SourceStatus(title, state, since, live=True, ended_s=ended_s, recording=recording)

@@ -43,3 +43,16 @@ def elapsed(seconds: float) -> str:
     return (
         f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
     )
+
+
+def ended_text(status: int) -> str:
+    """How a process ended, from its shell-style status (128 + the signal that killed it, as
+    kvmtop and shells report it): "exited with status 3", "was killed by SIGKILL (status 137)"."""
+    import signal
+
+    if 128 < status < 128 + signal.NSIG:
+        try:
+            return f"was killed by {signal.Signals(status - 128).name} (status {status})"
+        except ValueError:  # a real-time signal: no name
+            return f"was killed by signal {status - 128} (status {status})"
+    return f"exited with status {status}"

@@ -169,7 +169,7 @@ def test_a_vmm_killed_while_traced_is_reported_and_the_file_is_valid(tmp_path, p
     time.sleep(0.5)
     vmm.kill()
     _, stderr = rec.communicate(timeout=30)
-    assert rec.returncode == 0 and f"pid {vmm.pid} exited with status 137" in stderr
+    assert rec.returncode == 0 and f"pid {vmm.pid} was killed by SIGKILL (status 137)" in stderr
     recording = open_recording(str(out))
     list(recording.batches())
     assert recording.complete and recording.end.why == "exited" and recording.end.exit_status == 137
