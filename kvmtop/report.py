@@ -212,6 +212,15 @@ def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
     return lines
 
 
+def _net_median(r: ReasonStats) -> str:
+    """The net median, where the net mean is known (a per-exit net is an estimate, floored at 0:
+    where its mean cannot be told, neither can its median)."""
+    if not r.handling_net.count:
+        return "-"
+    known = r.net_mean_bound is not None and r.net_mean_bound.known
+    return _ns(r.handling_net.median) if known else "unknown"
+
+
 def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
     seconds = duration_s(snapshot, meta)
     lines = _head(snapshot, meta)
@@ -231,7 +240,7 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
                 f"{_ns(r.handling.median) if r.handling.count else '-':>10} "
                 f"{_ns(r.handling.p99) if r.handling.count else '-':>10}"
                 + (
-                    f"  {_ns(r.handling_net.median) if r.handling_net.count else '-':>10}"
+                    f"  {_net_median(r):>10}"
                     f"  {bound_text(r.net_mean_bound, ' ') if r.handling_net.count else '-':>17}"
                     if net
                     else ""

@@ -79,6 +79,13 @@ class LatencyPane(ReasonPane):
                 if not h.count:
                     text.append(f"{'-':>{NUM_W}}" * len(shown) + "\n")
                     continue
+                if kind == "n" and not (r.net_mean_bound and r.net_mean_bound.known):
+                    # per-exit estimates floored at 0: where their mean cannot be told, nor can
+                    # their spread
+                    text.append(
+                        f"{'unknown':>{NUM_W}}  (within the spread of kvmtop's own stops)\n"
+                    )
+                    continue
                 values = {"min": h.min_ns, "p50": h.median, "p99": h.p99, "max": h.max_ns}
                 text.append("".join(f"{duration(values[c]):>{NUM_W}}" for c in shown))
                 mean = f"mean {bound_text(r.net_mean_bound)}" if kind == "n" else ""
