@@ -97,11 +97,11 @@ def counter_table(
 
 
 def io_note(stats: VmStats, last: StatsSample, now: StatsSample, traced_io: float | None) -> str:
-    """Where KVM counted the guest's port IO when ``io_exits`` did not grow between two samples
-    but ``insn_emulation`` did: KVM's emulator ran the IO instructions (real-mode code on a host
-    without "unrestricted guest": nested or PVM), and its IO exits count only there.
-    ``traced_io``: the IO exits/s the VMM saw over the same interval, if traced. "" when
-    nothing needs saying."""
+    """What is known when ``io_exits`` did not grow between two samples but ``insn_emulation``
+    did: KVM counted the guest's port IO in insn_emulation. Why it emulated it is not known here
+    (real-mode code without "unrestricted guest" is one cause, not the only one), so the note
+    does not say. ``traced_io``: the IO exits/s the VMM saw over the same interval, if traced.
+    "" when nothing needs saying."""
     descs = stats.descs()
     names = {d.name for d in descs}
     if not {"io_exits", "insn_emulation"} <= names or now.t_ns <= last.t_ns:
@@ -116,9 +116,9 @@ def io_note(stats: VmStats, last: StatsSample, now: StatsSample, traced_io: floa
     if traced_io:
         return (
             f"io_exits did not grow while the VMM saw {human(traced_io)} IO exits/s: KVM "
-            f"emulated those instructions and counted them in insn_emulation ({emulated}/s)"
+            f"counted that port IO in insn_emulation ({emulated}/s)"
         )
     return (
-        f"io_exits did not grow, insn_emulation did ({emulated}/s): port IO of instructions "
-        "KVM emulates (real-mode code without unrestricted guest) counts there, not in io_exits"
+        f"io_exits did not grow, insn_emulation did ({emulated}/s): port IO that KVM emulates "
+        "counts there, not in io_exits"
     )

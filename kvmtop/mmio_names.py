@@ -231,3 +231,27 @@ def short_name(name: str) -> str:
     for long, short in _SHORT:
         name = name.replace(long, short)
     return name
+
+
+# the device part of a name (a region's name), before its register
+_DEVICE_PART = re.compile(r"(virtio-mmio \d+(?: \([^)]*\))?|LAPIC|IOAPIC|HPET|PCI MMCONFIG) (.+)")
+
+
+def fit_name(name: str, width: int) -> str:
+    """``name`` in ``width`` columns, keeping its register: the short device name, then without
+    its parenthesis (``vio23 InterruptStatus``), then cut in the middle (``vi… InterruptACK``);
+    the register is cut only when it alone does not fit."""
+    short = short_name(name)
+    if len(short) <= width:
+        return short
+    m = _DEVICE_PART.fullmatch(name)
+    if m is None:
+        return short[:width]
+    device, register = short_name(m.group(1)), m.group(2)
+    room = width - len(register) - 1
+    bare = device.partition(" (")[0]
+    if len(device) > room and len(bare) <= room:
+        device = device[: room - 1] + "…" if room >= len(bare) + 6 else bare  # " (vi…" at least
+    if len(device) > room:
+        device = device[: room - 1] + "…" if room >= 4 else ""
+    return (f"{device} {register}" if device else register)[:width]

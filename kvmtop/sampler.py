@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from kvmtop import native
-from kvmtop.sampling import KEY_OTHER, KEY_TORN, KVM_EXIT_IO, KVM_EXIT_MMIO
+from kvmtop.sampling import KEY_OTHER, KEY_TORN, KVM_EXIT_IO, KVM_EXIT_MMIO, MMIO_WRITE
 
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
@@ -101,7 +101,7 @@ class PySampler:
         if reason == KVM_EXIT_IO:
             key = U32.unpack_from(run, RUN_UNION)[0] >> 16 | (run[RUN_UNION] != 0) << 16
         elif reason == KVM_EXIT_MMIO:
-            key = U64.unpack_from(run, RUN_UNION)[0]
+            key = U64.unpack_from(run, RUN_UNION)[0] | (MMIO_WRITE if run[RUN_UNION + 20] else 0)
         if U32.unpack_from(run, RUN_EXIT_REASON)[0] != reason:
             key = KEY_TORN  # the VMM ran the vCPU again
         keys = counts[2]

@@ -27,12 +27,14 @@ from dataclasses import dataclass, field
 from kvmtop.arch import HOST
 from kvmtop.decoder import exit_label
 from kvmtop.entry_cost import EntryCost
+from kvmtop.mmio_names import MmioNames
 from kvmtop.vcpu_keys import VcpuKey
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 KEY_TORN = 0xFFFFFFFFFFFFFFFE  # a look the VMM's next entry raced: the reason, no key
 KEY_OTHER = 0xFFFFFFFFFFFFFFFF  # a key beyond the sampler's table
 KVM_EXIT_IO, KVM_EXIT_MMIO = 2, 6
+MMIO_WRITE = 1 << 63  # in an MMIO key, beside the address: the look saw kvm_run.mmio.is_write
 HISTORY = 60  # intervals of each vCPU's VMM share kept for a timeline
 MAX_KEYS = 4096  # (reason, key) pairs a tally keeps per vCPU; more are counted as OTHER
 # the KVM counter that counts the exits of a reason (to give a mean time per exit)
@@ -106,14 +108,32 @@ class SiteShare:
     reason: str
     key: int  # IO: port | out << 16; MMIO: the guest-physical address
     share: Share
+    write: bool | None = None  # MMIO: the looks saw a write (None: IO)
+    name: str = ""  # MMIO: what the address is (:mod:`kvmtop.mmio_names`), "" when not known
+
+    @property
+    def direction(self) -> str:
+        if self.reason == "KVM_EXIT_IO":
+            return "out" if self.key >> 16 else "in"
+        return "write" if self.write else "read"
+
+    @property
+    def prefix(self) -> str:
+        """``"0x0080 out"``, ``"0xfeb02e60 read"``: the label before its name."""
+        if self.reason == "KVM_EXIT_IO":
+            return f"0x{self.key & 0xFFFF:04x} {self.direction}"
+        return f"0x{self.key:x} {self.direction}"
+
+    @property
+    def site_name(self) -> str:
+        if self.reason == "KVM_EXIT_IO":
+            return HOST.PORT_NAMES.get(self.key & 0xFFFF, "")
+        return self.name
 
     @property
     def label(self) -> str:
-        if self.reason == "KVM_EXIT_IO":
-            port, out = self.key & 0xFFFF, self.key >> 16
-            name = HOST.PORT_NAMES.get(port, "")
-            return f"0x{port:04x} {'out' if out else 'in'}" + (f" {name}" if name else "")
-        return f"0x{self.key:x}"
+        name = self.site_name
+        return f"{self.prefix} {name}" if name else self.prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +261,7 @@ def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mappi
 
 
 def _sites(
-    tallies: Iterable[_VcpuTally], samples: int, reason: int, top: int
+    tallies: Iterable[_VcpuTally], samples: int, reason: int, top: int, names: MmioNames
 ) -> tuple[SiteShare, ...]:
     hits: dict[int, int] = {}
     for tally in tallies:
@@ -249,7 +269,14 @@ def _sites(
             if r == reason and key not in (KEY_TORN, KEY_OTHER):
                 hits[key] = hits.get(key, 0) + n
     ranked = sorted(hits.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-    return tuple(SiteShare(exit_label(reason, 0), key, Share(n, samples)) for key, n in ranked)
+    label = exit_label(reason, 0)
+    if reason != KVM_EXIT_MMIO:
+        return tuple(SiteShare(label, key, Share(n, samples)) for key, n in ranked)
+    return tuple(
+        SiteShare(label, key & ~MMIO_WRITE, Share(n, samples), bool(key & MMIO_WRITE),
+                  names.name(key & ~MMIO_WRITE))
+        for key, n in ranked
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,9 +292,11 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
              vcpu_rates: Mapping[int, Mapping[str, float]], vm_rates: Mapping[str, float],
              histories: Mapping[int, deque[float]] | None = None, top: int = 8,
              note: str = "", counters: bool = False, entry: EntryCost | str = "not timed",
-             stopped: bool = False) -> WatchSnapshot:  # fmt: skip
+             stopped: bool = False, names: MmioNames | None = None) -> WatchSnapshot:  # fmt: skip
     """The estimates of one tally: per vCPU (``vcpu_rates`` by vCPU id, KVM's per-second rates),
-    for the whole VM (``vm_rates``: the vCPU counters summed), and the busiest sites."""
+    for the whole VM (``vm_rates``: the vCPU counters summed), and the busiest sites (MMIO
+    addresses named by ``names``: the VMM's command line, the well-known x86 ranges)."""
+    names = names or MmioNames()
     histories = histories or {}
     rows = tuple(
         _vcpu_watch(
@@ -283,7 +312,7 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
     return WatchSnapshot(
         pid, tally.ns / 1e9, rate_hz, tally.looks, rows,
         _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry),
-        _sites(tally.vcpus, whole.samples, KVM_EXIT_IO, top),
-        _sites(tally.vcpus, whole.samples, KVM_EXIT_MMIO, top),
+        _sites(tally.vcpus, whole.samples, KVM_EXIT_IO, top, names),
+        _sites(tally.vcpus, whole.samples, KVM_EXIT_MMIO, top, names),
         tally.reset_seen, note, counters, entry, stopped,
     )  # fmt: skip

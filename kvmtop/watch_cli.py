@@ -73,7 +73,10 @@ def _vcpu_json(v: VcpuWatch) -> dict[str, Any]:
 
 
 def _site_json(s: SiteShare) -> dict[str, Any]:
-    return {"label": s.label, "reason": s.reason, "key": s.key, **_share_json(s.share)}
+    site: dict[str, Any] = {"label": s.label, "reason": s.reason, "key": s.key}
+    if s.reason == "KVM_EXIT_MMIO":
+        site |= {"address": s.key, "direction": s.direction, "name": s.name}
+    return site | _share_json(s.share)
 
 
 def snapshot_json(snap: WatchSnapshot) -> dict[str, Any]:

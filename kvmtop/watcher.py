@@ -26,7 +26,8 @@ from typing import Any
 from kvmtop.arch import HOST
 from kvmtop.entry_cost import EntryCost, measure
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
-from kvmtop.procfs import fd_table, is_stopped, permission_hint, tracer_pid
+from kvmtop.mmio_names import MmioNames, from_argv
+from kvmtop.procfs import cmdline, fd_table, is_stopped, permission_hint, tracer_pid
 from kvmtop.ptrace_abi import pidfd_getfd
 from kvmtop.sampler import make_sampler
 from kvmtop.sampling import HISTORY, Tally, WatchedVcpu, WatchSnapshot, estimate
@@ -105,6 +106,7 @@ class Watcher:
         self.note = ""
         self.counters_copied = False  # KVM's counters from the VMM's own stats fds: no attach
         self.stopped_seen = False  # a snapshot found the VMM stopped (SIGSTOP...)
+        self.mmio_names = MmioNames()  # as report names them: the VMM's argv, x86's ranges
         try:
             self._open(counters, seed, held)
         except BaseException:
@@ -134,6 +136,7 @@ class Watcher:
             ) from None
         if not found:
             raise NotKvmProcess(f"pid {pid} holds no KVM vCPU: not a VMM running a VM")
+        self.mmio_names = from_argv(cmdline(pid))
         # one fd per vCPU: a VMM may hold several of the same (Python's mmap keeps a dup)
         first: dict[tuple[int, int], int] = {}
         for fd, vcpu_id in sorted(found.items()):
@@ -216,7 +219,7 @@ class Watcher:
                     "exit_reason at KVM_RUN entry, so the samples say nothing")  # fmt: skip
         return estimate(self.pid, self.rate_hz, tally, tuple(self.vcpus), vcpu_rates, vm_rates,
                         self._histories, top, note, self._stats is not None,
-                        self.entry, self._stopped)  # fmt: skip
+                        self.entry, self._stopped, self.mmio_names)  # fmt: skip
 
     def _counters_now(self) -> StatsSample | None:
         if self._stats is None:  # held fds still read an ended VMM's last counts

@@ -485,3 +485,22 @@ def test_a_qemu_whose_vcpus_never_run_is_said_so_and_left_as_it_was(tmp_path, pr
     )
     assert settled_fd_table(vmm.pid) == before and tracer_pid(vmm.pid) == 0
     assert vmm.poll() is None
+
+
+@pytest.mark.parametrize("traced_io", [None, 80_000.0])
+def test_the_io_note_says_where_kvm_counted_the_port_io_and_guesses_no_cause(traced_io):
+    """A 64-bit guest's port IO can be emulated too: the note states the counters, no cause."""
+    from types import SimpleNamespace
+
+    from kvmtop.kernel_table import io_note
+    from kvmtop.kvm_stats import CUMULATIVE, StatDesc
+    from kvmtop.vm_stats import StatsSample
+
+    descs = tuple(StatDesc(name, CUMULATIVE, "", 10, 0, 1, 8 * i, 0)
+                  for i, name in enumerate(("io_exits", "insn_emulation")))  # fmt: skip
+    stats = SimpleNamespace(descs=lambda: descs)
+    last = StatsSample(0, {}, {0: {"io_exits": 0, "insn_emulation": 1000}})
+    now = StatsSample(1_000_000_000, {}, {0: {"io_exits": 0, "insn_emulation": 81_000}})
+    note = io_note(stats, last, now, traced_io)  # type: ignore[arg-type]
+    assert "io_exits did not grow" in note and "insn_emulation" in note and "80.0k/s" in note
+    assert "real-mode" not in note and "unrestricted" not in note

@@ -136,3 +136,15 @@ def test_an_ap_that_never_ran_is_labelled_for_what_the_mode_sees(tmp_path, engin
         assert re.search(rf"^ +1  {label} +1 ", report["text"], re.MULTILINE), report["text"]
     else:  # the tracer sees KVM_RUN's errno (two stops) or the kick's EINTR (one stop)
         assert ap == {"KVM_EXIT_INTR": 1}
+
+
+def test_a_name_cut_to_fit_keeps_its_register_and_shortens_the_device():
+    from kvmtop.mmio_names import fit_name
+
+    name = "virtio-mmio 23 (virtio-blk) InterruptStatus"
+    assert fit_name(name, 60) == "vio23 (virtio-blk) InterruptStatus"
+    assert fit_name(name, 30) == "vio23 (virtio… InterruptStatus"
+    assert fit_name(name, 23) == "vio23 InterruptStatus"  # not "vio23 (virtio-blk) Inte"
+    assert fit_name("virtio-mmio 23 (virtio-blk) InterruptACK", 23) == "vio23 InterruptACK"
+    assert fit_name(name, 15) == "InterruptStatus"
+    assert fit_name("PCI MMCONFIG 00:1f.0 +0x40", 16) == "00:1f.0 +0x40"

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import struct
 import time
+from typing import Any
 
 import pytest
 
@@ -75,13 +76,8 @@ def test_a_vmm_time_per_exit_is_net_of_kvm_s_own_part_of_each_exit_when_timed():
     assert slow.vcpus[0].mean_vmm_ns["KVM_EXIT_IO"] == 0.0  # never below nothing
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_the_sampler_counts_what_the_page_says(native):
-    if native and importlib.util.find_spec("kvmtop._sampler") is None:
-        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
-    pages = [bytearray(4096), bytearray(4096)]
-    struct.pack_into("<I", pages[1], 8, KVM_EXIT_IO)  # vCPU 1 in the VMM, `out 0x3f8`
-    struct.pack_into("<BBBBI", pages[1], 32, 1, 1, 0xF8, 0x03, 1)
+def looked_at(native: bool, pages: list[bytearray]) -> Any:
+    """What a sampler (the C one, or its Python twin) took from ``pages`` in 0.1 s."""
     if native:
         from kvmtop import _sampler  # type: ignore[attr-defined]
 
@@ -91,11 +87,36 @@ def test_the_sampler_counts_what_the_page_says(native):
     for page in pages:
         sampler.add(page)
     sampler.start()
-    time.sleep(0.2)
+    time.sleep(0.1)
     sampler.stop()
-    _ns, looks, ((s0, r0, k0, x0), (s1, r1, k1, x1)) = sampler.take()
+    return sampler.take()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_sampler_counts_what_the_page_says(native):
+    if native and importlib.util.find_spec("kvmtop._sampler") is None:
+        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+    pages = [bytearray(4096), bytearray(4096)]
+    struct.pack_into("<I", pages[1], 8, KVM_EXIT_IO)  # vCPU 1 in the VMM, `out 0x3f8`
+    struct.pack_into("<BBBBI", pages[1], 32, 1, 1, 0xF8, 0x03, 1)
+    _ns, looks, ((s0, r0, k0, x0), (s1, r1, k1, x1)) = looked_at(native, pages)
     assert looks > 0 and s0 == r0 == s1 == looks and not k0
     assert r1 == 0 and k1 == [(KVM_EXIT_IO, 0x3F8 | 1 << 16, looks)] and x0 == x1 == 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_sampler_keys_an_mmio_look_by_its_address_and_direction(native):
+    if native and importlib.util.find_spec("kvmtop._sampler") is None:
+        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+    from kvmtop.sampling import MMIO_WRITE
+
+    pages = [bytearray(4096), bytearray(4096)]
+    for page, write in zip(pages, (0, 1), strict=True):  # phys_addr @0, len @16, is_write @20
+        struct.pack_into("<I", page, 8, KVM_EXIT_MMIO)
+        struct.pack_into("<Q8xIB", page, 32, 0xFEB02E60, 4, write)
+    _ns, looks, ((_s0, _r0, k0, _x0), (_s1, _r1, k1, _x1)) = looked_at(native, pages)
+    assert k0 == [(KVM_EXIT_MMIO, 0xFEB02E60, looks)]
+    assert k1 == [(KVM_EXIT_MMIO, 0xFEB02E60 | MMIO_WRITE, looks)]
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -156,3 +177,25 @@ def test_the_vmm_s_own_time_is_bounded_by_kvm_s_part_from_nothing_to_its_most():
     assert per_exit.low == pytest.approx(own.low / 10_000)
     assert per_exit.high == pytest.approx(share.high * 1e9 / 10_000)
     assert per_exit.low <= v.mean_vmm_ns["KVM_EXIT_MMIO"] <= per_exit.high
+
+
+def test_the_watch_names_each_mmio_address_and_its_direction_as_report_does():
+    from kvmtop.mmio_names import from_argv
+    from kvmtop.sampling import MMIO_WRITE
+    from kvmtop.watch_cli import snapshot_json, snapshot_text
+    from kvmtop.widgets.sampled_targets import _label
+
+    names = from_argv(["qemu", "-M", "microvm", "-device", "virtio-blk-device,drive=d"])
+    tally = Tally(1)
+    tally.add((10**9, 1000, [(1000, 700, [(KVM_EXIT_MMIO, 0xFEB02E60, 200),
+                                          (KVM_EXIT_MMIO, 0xFEB02E64 | MMIO_WRITE, 100)], 0)]))  # fmt: skip
+    snap = estimate(1, 1000.0, tally, (WatchedVcpu("0", None, 0),), {}, {}, names=names)
+    status, ack = snap.top_addresses
+    assert status.label == "0xfeb02e60 read virtio-mmio 23 (virtio-blk) InterruptStatus"
+    assert ack.label == "0xfeb02e64 write virtio-mmio 23 (virtio-blk) InterruptACK"
+    assert ack.name == names.name(0xFEB02E64)  # the same names as report's
+    assert status.label in snapshot_text(snap)
+    (first, second) = snapshot_json(snap)["top_addresses"]
+    assert first["address"] == 0xFEB02E60 and first["direction"] == "read"
+    assert second["name"] == "virtio-mmio 23 (virtio-blk) InterruptACK"
+    assert _label(status, 29) == "0xfeb02e60 r InterruptStatus"  # the watch view's pane at 80

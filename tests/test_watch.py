@@ -85,7 +85,7 @@ def test_a_watched_mmio_loop_shows_its_address(processes):
         snap = watcher.snapshot()
     (vcpu,) = snap.vcpus
     assert max(vcpu.by_reason, key=lambda r: vcpu.by_reason[r].hits) == "KVM_EXIT_MMIO"
-    assert snap.top_addresses[0].label == "0xd0000" and not snap.top_ports
+    assert snap.top_addresses[0].label == "0xd0000 write" and not snap.top_ports
     assert vcpu.mean_vmm_ns.get("KVM_EXIT_MMIO", 0) > 0  # KVM counts mmio_exits
 
 

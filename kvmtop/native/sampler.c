@@ -13,7 +13,8 @@
  *                               (samples, in_run, ((reason, key, count), ...), stale)
  *
  * A read sees exit_reason 0 while the vCPU is in KVM_RUN (the kernel resets it at entry), else the
- * reason of the exit the VMM is handling, with its key: IO port | out << 16, MMIO address, 0 for
+ * reason of the exit the VMM is handling, with its key: IO port | out << 16, MMIO address |
+ * is_write << 63 (a guest-physical address has at most 52 bits), 0 for
  * others; a read the VMM's next entry raced (the reason changed under it) keeps the reason with
  * key TORN. A reason alone is not trusted: KVM resets it in vcpu_run(), and a vCPU that blocks
  * before that (an AP waiting for its SIPI, re-entered after a signal) shows the last exit's reason
@@ -130,7 +131,7 @@ static void look(Vcpu *v) {
     if (reason == KVM_EXIT_IO) /* direction u8 @0 (1: out), size u8, port u16 @2 */
         key = (uint64_t)(load32(run + RUN_UNION) >> 16) | (uint64_t)(run[RUN_UNION] != 0) << 16;
     else if (reason == KVM_EXIT_MMIO) /* phys_addr u64 @0, data[8], len u32, is_write u8 @20 */
-        key = load64(run + RUN_UNION);
+        key = load64(run + RUN_UNION) | (uint64_t)(run[RUN_UNION + 20] != 0) << 63;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     if (load32(run + RUN_EXIT_REASON) != reason) key = KEY_TORN; /* the VMM ran the vCPU again */
     count(v, reason, key);

@@ -6,13 +6,19 @@ from __future__ import annotations
 from rich.text import Text
 
 from kvmtop.arch import HOST
-from kvmtop.mmio_names import MmioNames, short_name
+from kvmtop.mmio_names import MmioNames, fit_name
 from kvmtop.stats import CoalescedCount, MmioCount, PortCount
 from kvmtop.units import human
 from kvmtop.widgets.pane import ReasonPane
 
 NO_EXIT = "coalesced (no exit)"
 NARROW = 48  # columns below which MMIO rows are compact
+NARROW_ROW, WIDE_ROW = 21, 34  # columns an MMIO row takes before its name
+
+
+def _name_in(name: str, width: int) -> str:
+    """The whole name where it fits, else shortened with its register kept."""
+    return name if len(name) <= width else fit_name(name, width)
 
 
 def lines_for(
@@ -63,27 +69,29 @@ class TopTargets(ReasonPane):
         for m in mmio[: max(1, mmio_rows)]:
             op = "write" if m.write else "read"
             if narrow:
-                name = short_name(m.name)
+                name = fit_name(m.name, self.room[0] - NARROW_ROW)
                 text.append(
                     f"0x{m.address:<8x} {op[0]}{m.length:<1}{human(m.count):>7} {name}".rstrip()
                     + "\n"
                 )
             else:
                 text.append(
-                    f"0x{m.address:<13x}{op:<6}{m.length:>3}{human(m.count):>8}  {m.name}\n"
+                    f"0x{m.address:<13x}{op:<6}{m.length:>3}{human(m.count):>8}  "
+                    f"{_name_in(m.name, self.room[0] - WIDE_ROW)}\n"
                 )
         if addresses:
             text.append(f"{NO_EXIT}\n", style="italic")
         for c in addresses:
             name = (names or MmioNames()).name(c.address)
             if narrow:
-                name = short_name(name)
+                name = fit_name(name, self.room[0] - NARROW_ROW)
                 text.append(
                     f"0x{c.address:<8x} w{c.length:<1}{human(c.count):>7} {name}".rstrip() + "\n"
                 )
             else:
                 text.append(
-                    f"0x{c.address:<13x}{'write':<6}{c.length:>3}{human(c.count):>8}  {name}\n"
+                    f"0x{c.address:<13x}{'write':<6}{c.length:>3}{human(c.count):>8}  "
+                    f"{_name_in(name, self.room[0] - WIDE_ROW)}\n"
                 )
         if not mmio and not addresses:
             text.append("(none)\n", style="italic")
