@@ -201,7 +201,9 @@ def test_a_guest_whose_mmio_writes_doubled_shows_plus_100_percent_mmio(recording
         assert r["rate_ratio"] == pytest.approx(2.0 * seconds, rel=1e-4)  # each over its own time
     assert rows[("reason", "KVM_EXIT_IO")]["count_ratio"] == 1.0  # OUTS + 1 on both
     assert rows[("io", "0x0080 out size 1")]["count_ratio"] == 1.0
-    assert 0.9 < seconds < 1.1, "the recordings' lengths differ: raise SPIN"
+    # the thresholds' test below wants the rate's change within 50%..150%: lengths within 25%
+    # (a busy host stretches one run's spin more than the other's by 10% and more)
+    assert 0.75 < seconds < 1.25, "the recordings' lengths differ: raise SPIN"
     text = kvmtop("diff", recordings["a"], recordings["b"]).stdout
     line = next(x for x in text.splitlines() if "reason KVM_EXIT_MMIO" in x)
     assert line.split()[3:6] == ["3000", "6000", "+100.0%"]
