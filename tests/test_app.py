@@ -892,7 +892,7 @@ async def test_the_demo_shows_two_vcpus_moving_drills_in_detaches_and_quits():
         def at_end() -> bool:
             return log.scroll_y == log.max_scroll_y
 
-        await until(pilot, at_end, timeout=3, what="the log following the latest exits")
+        await until(pilot, at_end, timeout=10, what="the log following the latest exits")
         await pilot.press("pageup", "pageup", "pageup")
         top_line = log.lines[int(log.scroll_y)]
         await pilot.pause(0.8)
@@ -900,8 +900,8 @@ async def test_the_demo_shows_two_vcpus_moving_drills_in_detaches_and_quits():
         assert log.scroll_y < log.max_scroll_y
         assert log.border_subtitle == "held: End follows the latest exits"
         await pilot.press("end")
-        await until(pilot, at_end, timeout=3, what="the log following again")
-        await until(pilot, lambda: not log.border_subtitle, timeout=3, what="the hint gone")
+        await until(pilot, at_end, timeout=10, what="the log following again")
+        await until(pilot, lambda: not log.border_subtitle, timeout=10, what="the hint gone")
         await pilot.press("p", "p", "escape")
         assert isinstance(app.screen, AttachedScreen)
         await pilot.press("d")

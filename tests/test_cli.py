@@ -339,6 +339,19 @@ def test_a_signal_ends_the_demo_tui_and_stops_its_guest(signum, processes):
     assert not os.path.exists(f"/proc/{guest}")
 
 
+@pytest.mark.kvm
+def test_a_jsonl_stream_into_a_full_disk_stops_the_trace_with_status_8():
+    """It once said "cannot write to stdout" and exited 0."""
+    from kvmtop.minivmm import counted_command
+
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*KVMTOP, "record", "--jsonl", "-", "--",
+                                 *counted_command(outs=10**9, mmio_writes=0, out_sleep_us=200)],
+                                stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 8, result.stderr
+    assert result.stderr.count("cannot write to stdout: No space left on device") == 1
+
+
 def test_help_into_a_full_disk_is_one_line_and_status_8():
     """argparse ignores a failed write: --help once exited 0 having printed nothing."""
     for args in (["--help"], ["record", "--help"]):
