@@ -1417,6 +1417,8 @@ async def test_r_resets_the_view_and_plus_minus_change_how_often_it_refreshes(pr
         tids = {v.vcpu: v.tid for v in app.session.stats.snapshot().vcpus}
         pressed_ns = time.monotonic_ns()
         await pilot.press("r")
+        await until(pilot, lambda: app.session.stats.snapshot().first_ns is not None,
+                    what="exits counted since the reset")  # fmt: skip
         snap = app.session.stats.snapshot()
         # every exit counted came after the reset (but those of a batch on its way, ≤ 100 ms)
         assert snap.first_ns > pressed_ns - 0.2 * S
