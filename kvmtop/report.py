@@ -217,8 +217,7 @@ def _net_median(r: ReasonStats) -> str:
     where its mean cannot be told, neither can its median)."""
     if not r.handling_net.count:
         return "-"
-    known = r.net_mean_bound is not None and r.net_mean_bound.known
-    return _ns(r.handling_net.median) if known else "unknown"
+    return _ns(r.handling_net.median) if r.net_known else "unknown"
 
 
 def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:

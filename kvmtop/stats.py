@@ -100,6 +100,13 @@ class ReasonStats:
         """Where the mean net handling lies (None: not measured)."""
         return mean_bound(self.handling_net.count, self.net_low_total, self.net_high_total)
 
+    @property
+    def net_known(self) -> bool:
+        """The net mean is known (MeanBound.known): only then do the views show the net times
+        per exit, estimates floored at 0 whose spread says nothing where the mean cannot."""
+        bound = self.net_mean_bound
+        return bound is not None and bound.known
+
 
 @dataclass(frozen=True, slots=True)
 class MeanBound:

@@ -79,7 +79,7 @@ class LatencyPane(ReasonPane):
                 if not h.count:
                     text.append(f"{'-':>{NUM_W}}" * len(shown) + "\n")
                     continue
-                if kind == "n" and not (r.net_mean_bound and r.net_mean_bound.known):
+                if kind == "n" and not r.net_known:
                     # per-exit estimates floored at 0: where their mean cannot be told, nor can
                     # their spread
                     text.append(
@@ -118,7 +118,10 @@ class LatencyPane(ReasonPane):
             last = r.handling_net.median if net else r.handling.p99
             cells = ((r.guest, r.guest.median), (r.guest, r.guest.p99),
                      (r.handling, r.handling.median), (r.handling_net if net else r.handling, last))  # fmt: skip
-            text.append("".join(f"{duration(v) if h.count else '-':>{NUM_W}}" for h, v in cells))
+            shown = [duration(v) if h.count else "-" for h, v in cells]
+            if net and r.handling_net.count and not r.net_known:
+                shown[-1] = "unknown"  # as the full table's n row: its estimates floored at 0
+            text.append("".join(f"{v:>{NUM_W}}" for v in shown))
             text.append("\n")
         text.rstrip()
         return text
