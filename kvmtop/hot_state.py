@@ -58,37 +58,71 @@ NO_WINDOW = (0, 0, 0, 0, 0)  # stops, seen ns, unseen ns: estimate, least, most 
 ROUND_TRIP_BLOCK = 64  # round trips measured per estimate of a stop's unseen cost
 ROUND_TRIP_FIRST = 16  # ...and the first estimate, before a whole block
 ROUND_TRIP_OTHERS = 16  # the estimate leaves KVM_RUN's out where a block has this many others
+ROUND_TRIP_CLASS = 16  # a class's most is taken from a block that has this many of its own
+SLEPT, POLLED = 0, 1  # the classes of a stop: kvmtop slept for it, or a poll caught it
+StopCosts = tuple[int, int, int, int]  # round_trip_costs: least, estimate, most (slept, polled)
+NO_COSTS: StopCosts = (0, 0, 0, 0)  # none measured yet
 
 
-def round_trip_costs(block: list[tuple[int, bool]]) -> tuple[int, int, int]:
-    """A stop's unseen cost per the round trips of ``block`` ((ns, was it KVM_RUN's), not empty):
-    (least, estimate, most). Each round trip is one unseen resume-to-stop plus a syscall (a
-    run's: plus KVM's part and the guest's run) or the VMM's work in user space, so it is at
-    least its own stop's cost. The least is the shortest; the most, the mean of the slowest
-    quarter: a stop in the handling often waits through the VMM's work for a kvmtop gone to
-    sleep, whose wake-up is a slow one, and goes back to user space (docs/engine.md). The estimate is the mean of the others' round trips
-    where there are enough, else of all. The same integer arithmetic as ``round_trip_costs`` in
+def round_trip_costs(block: list[tuple[int, bool, int]],
+                     before: StopCosts = NO_COSTS) -> StopCosts:  # fmt: skip
+    """A stop's unseen cost per the round trips of ``block`` ((ns, was it KVM_RUN's, the class
+    of the stop that ended it: SLEPT or POLLED), not empty): (least, estimate, most after a stop
+    kvmtop slept for, most after one a poll caught). Each round trip is one unseen resume-to-stop
+    plus a syscall (a run's: plus KVM's part and the guest's run) or the VMM's work in user
+    space, so it is at least its own stop's cost. Where the block has enough others' round
+    trips, the least is the shortest of them and the estimate their mean; else the least is 0
+    (a run's round trip holds KVM's part, which can be most of it: it bounds nothing from
+    below) and the estimate the mean of all. A most is the mean of
+    the slowest quarter of its class's (kvmtop's own wake-up is most of what a stop costs, and
+    one from sleep is the slow one), kept from ``before`` for a class the block has fewer than
+    ROUND_TRIP_CLASS of. The same integer arithmetic as ``round_trip_costs`` in
     native/hotloop.c."""
-    times = sorted(ns for ns, _run in block)
-    others = [ns for ns, run in block if not run]
-    slower = times[len(times) - len(times) // 4 :]
-    most = max(1, sum(slower) // len(slower))
+    times = [ns for ns, _run, _class in block]
+    others = [ns for ns, run, _class in block if not run]
     if len(others) >= ROUND_TRIP_OTHERS:
-        estimate = sum(others) // len(others)
+        least, estimate = min(others), sum(others) // len(others)
     else:
-        estimate = sum(times) // len(times)
-    return times[0], estimate, most
+        least, estimate = 0, sum(times) // len(times)
+    mosts = []
+    for way in (SLEPT, POLLED):
+        ways = sorted(ns for ns, _run, class_ in block if class_ == way)
+        if len(ways) < ROUND_TRIP_CLASS:
+            mosts.append(before[2 + way])
+            continue
+        slower = ways[len(ways) - len(ways) // 4 :]
+        mosts.append(max(1, sum(slower) // len(slower)))
+    return least, estimate, mosts[SLEPT], mosts[POLLED]
 
 
-def window_with_stop(window: tuple[int, int, int, int, int], seen: int,
-                     costs: tuple[int, int, int]) -> tuple[int, int, int, int, int]:  # fmt: skip
-    """``window`` (NO_WINDOW's fields) with one more stop, seen for ``seen`` ns, whose unseen
-    part costs ``costs`` (round_trip_costs; all 0: none measured yet, and then the window has
-    no most: 0)."""
+def stop_cost(costs: StopCosts, way: int) -> tuple[int, int, int]:
+    """(least, estimate, most) of a stop whose unseen part ended in a stop of class ``way``
+    (SLEPT or POLLED), per ``costs`` (round_trip_costs): a stop a poll caught costs at most
+    what one kvmtop slept for does, where its own class has no figure yet; the estimate lies
+    within the bound. No most (0) where neither has one."""
+    least, estimate, most_slept, most_polled = costs
+    most = (most_polled or most_slept) if way == POLLED else most_slept
+    if not most:
+        return least, estimate, 0
+    return least, min(max(estimate, least), most), most
+
+
+def window_with_stop(window: tuple[int, int, int, int, int],
+                     seen: int) -> tuple[int, int, int, int, int]:  # fmt: skip
+    """``window`` (NO_WINDOW's fields) with one more stop, seen for ``seen`` ns; its unseen part
+    comes with the thread's next stop (window_with_unseen)."""
+    stops, seen_ns, unseen, least, most = window
+    return stops + 1, seen_ns + seen, unseen, least, most
+
+
+def window_with_unseen(window: tuple[int, int, int, int, int],
+                       costs: tuple[int, int, int]) -> tuple[int, int, int, int, int]:  # fmt: skip
+    """``window`` with the unseen part of its latest stop, which costs ``costs`` (stop_cost; a
+    most of 0: none measured yet, and then the window has no most: 0)."""
     stops, seen_ns, unseen, least, most = window
     least_cost, estimate, most_cost = costs
-    bounded = most_cost and (most or not stops)
-    return (stops + 1, seen_ns + seen, unseen + estimate, least + least_cost,
+    bounded = most_cost and (most or stops == 1)
+    return (stops, seen_ns, unseen + estimate, least + least_cost,
             most + most_cost if bounded else 0)  # fmt: skip
 
 
@@ -164,8 +198,8 @@ class PyEngine:
         self._pending: tuple[int, ...] | None = None
         self._notif = bytearray(NOTIF.size)
         self._op = 0  # the syscall stop's PTRACE_SYSCALL_INFO_* op (0: not a syscall stop)
-        self._round_trips: list[tuple[int, bool]] = []  # (ns, was it KVM_RUN's)
-        self._stop_costs = (0, 0, 0)  # round_trip_costs of the latest block (0: none yet)
+        self._round_trips: list[tuple[int, bool, int]] = []  # (ns, was it KVM_RUN's, class)
+        self._stop_costs = NO_COSTS  # round_trip_costs of the latest block
         self._rings: dict[tuple[int, int], RingLook | None] = {}  # (pid, VM fd) -> its look
         self._coalesced = bytearray()
 
@@ -197,6 +231,11 @@ class PyEngine:
             return False
         mode, flags = self._modes.get(th.pid, (MODE_TWO_STOP, 0))
         with self._lock:
+            if th.handling and th.open[0]:
+                # this stop ends the unseen part of the window's latest one: what it cost
+                # depends on whether kvmtop slept for this stop or a poll caught it
+                costs = stop_cost(self._stop_costs, self._waiter.polled)
+                th.open = window_with_unseen(th.open, costs)
             try:
                 handled = self._handle(th, mode, status, now)
             except pt.PtraceError as exc:
@@ -223,17 +262,17 @@ class PyEngine:
             # resume to the next stop: one stop's unseen round trip, plus a syscall (entry to
             # exit), or the VMM's own work in user space (exit to an entry other than KVM_RUN)
             block = self._round_trips
-            block.append((now - th.resumed_ns, th.resumed_run))
+            block.append((now - th.resumed_ns, th.resumed_run, self._waiter.polled))
             if len(block) == ROUND_TRIP_BLOCK or (
                 len(block) == ROUND_TRIP_FIRST and not self._stop_costs[2]
             ):
-                self._stop_costs = round_trip_costs(block)
+                self._stop_costs = round_trip_costs(block, self._stop_costs)
                 if len(block) == ROUND_TRIP_BLOCK:
                     block.clear()
         th.resumed_ns = resumed
         th.resumed_run = th.in_run
         if th.handling:
-            th.open = window_with_stop(th.open, resumed - now, self._stop_costs)
+            th.open = window_with_stop(th.open, resumed - now)
 
     def _handle(self, th: _Thread, mode: int, status: int, now: int) -> bool:
         self._op = 0

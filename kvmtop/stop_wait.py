@@ -155,6 +155,7 @@ class StopWaiter:
     def __init__(self, flags: int, max_ns: int | None = None) -> None:
         self.flags = flags
         self.chooser = PollChooser(poll_max_ns_from_env() if max_ns is None else max_ns)
+        self.polled = 0  # whether a poll caught the last stop (1), or kvmtop slept for it (0)
 
     # One clock read per stop (when it was seen), used by the caller too; polling adds one per
     # failed poll, and the chooser a read of the CPU pressure per comparison.
@@ -163,6 +164,7 @@ class StopWaiter:
         waitpid = os.waitpid
         monotonic_ns = time.monotonic_ns
         chooser = self.chooser
+        self.polled = 1 if chooser.poll_ns else 0
         if chooser.poll_ns:
             deadline = chooser.last_ns + chooser.poll_ns
             nohang = self.flags | os.WNOHANG
@@ -172,6 +174,7 @@ class StopWaiter:
                     break
                 if monotonic_ns() >= deadline:
                     tid, status = waitpid(-1, self.flags)
+                    self.polled = 0
                     break
         else:
             tid, status = waitpid(-1, self.flags)

@@ -277,8 +277,9 @@ struct window {
 };
 
 /* A stop's unseen cost per a block of round trips (docs/engine.md; hot_state.round_trip_costs) */
+enum { SLEPT, POLLED }; /* the classes of a stop: kvmtop slept for it, or a poll caught it */
 struct stop_costs {
-    int64_t least, estimate, most; /* all 0: none measured yet */
+    int64_t least, estimate, most[2]; /* all 0: none measured yet; most per class */
 };
 
 typedef struct {
@@ -327,6 +328,7 @@ typedef struct {
 #define MAX_PROCS 256
 #define ROUND_TRIP_BLOCK 64 /* round trips measured per estimate */
 #define ROUND_TRIP_FIRST 16 /* ...and the first estimate, before a whole block */
+#define ROUND_TRIP_CLASS 16 /* a class's most is taken from a block that has this many of its own */
 #define ROUND_TRIP_OTHERS 16 /* the estimate leaves KVM_RUN's out where a block has this many others */
 
 typedef struct {
@@ -348,10 +350,12 @@ typedef struct {
     int with_data, wait_flags, sys_ioctl;
     struct poll_chooser chooser;
     long stops, notifications, lost, exits;
-    int64_t round_trips[ROUND_TRIP_BLOCK]; /* syscall-entry resume to exit stop, in ns */
-    int round_trip_runs[ROUND_TRIP_BLOCK]; /* ...was it KVM_RUN's */
+    int64_t round_trips[ROUND_TRIP_BLOCK]; /* a block's resume-to-next-stop times, in ns */
+    int round_trip_runs[ROUND_TRIP_BLOCK];    /* ...was it KVM_RUN's */
+    int round_trip_ways[ROUND_TRIP_BLOCK];    /* ...the class of the stop that ended it */
     int n_round_trips;
     struct stop_costs stop_costs; /* of the latest block */
+    int polled;                   /* the class of the stop last waited for: SLEPT or POLLED */
     struct notif pending; /* a notification handed back to Python, not yet answered */
     int has_pending;
     uint8_t scratch[RUN_MAP_SIZE];
@@ -715,46 +719,60 @@ static int cmp_ns(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* A stop's unseen cost per the first n round trips: each is one unseen resume-to-stop plus a
-   syscall (a run's: plus KVM's part and the guest's run) or the VMM's work in user space, so at
-   least its own stop's cost. The least is the shortest; the most, the mean of the slowest quarter
-   (a stop in the handling often waits through the VMM's work for a kvmtop gone to sleep, whose
-   wake-up is a slow one, and goes back to user space); the estimate, the mean of the others'
-   where there are enough, else of all. The same integer arithmetic as
-   hot_state.round_trip_costs. */
-static struct stop_costs round_trip_costs(const Engine *e, int n) {
-    int64_t times[ROUND_TRIP_BLOCK], total = 0, others = 0, slower = 0;
+/* A stop's unseen cost per the first n round trips, each ended by a stop of a class (SLEPT,
+   POLLED): each is one unseen resume-to-stop plus a syscall (a run's: plus KVM's part and the
+   guest's run) or the VMM's work in user space, so at least its own stop's cost. Where there
+   are enough others' round trips, the least is the shortest of them and the estimate their mean;
+   else the least is 0 (a run's holds KVM's part, which can be most of it) and the estimate the
+   mean of all. A most is the mean of the slowest quarter of its class's (kvmtop's own wake-up is most of what a stop
+   costs, and one from sleep is the slow one), kept from ``before`` for a class the block has
+   fewer than ROUND_TRIP_CLASS of. The same integer arithmetic as hot_state.round_trip_costs. */
+static struct stop_costs round_trip_costs(const Engine *e, int n, const struct stop_costs *before) {
+    int64_t total = 0, others = 0, shortest = INT64_MAX;
     int n_others = 0;
     for (int i = 0; i < n; i++) {
-        times[i] = e->round_trips[i];
-        total += times[i];
+        int64_t ns = e->round_trips[i];
+        total += ns;
         if (!e->round_trip_runs[i]) {
-            others += times[i];
+            others += ns;
             n_others++;
+            if (ns < shortest) shortest = ns;
         }
     }
-    qsort(times, (size_t)n, sizeof times[0], cmp_ns);
-    for (int i = n - n / 4; i < n; i++) slower += times[i];
-    slower /= n / 4;
-    struct stop_costs c = {times[0], n_others >= ROUND_TRIP_OTHERS ? others / n_others : total / n,
-                           slower > 1 ? slower : 1};
+    int enough = n_others >= ROUND_TRIP_OTHERS;
+    struct stop_costs c = {enough ? shortest : 0, enough ? others / n_others : total / n,
+                           {before->most[SLEPT], before->most[POLLED]}};
+    for (int way = SLEPT; way <= POLLED; way++) {
+        int64_t ways[ROUND_TRIP_BLOCK], slower = 0;
+        int m = 0;
+        for (int i = 0; i < n; i++)
+            if (e->round_trip_ways[i] == way) ways[m++] = e->round_trips[i];
+        if (m < ROUND_TRIP_CLASS) continue;
+        qsort(ways, (size_t)m, sizeof ways[0], cmp_ns);
+        for (int i = m - m / 4; i < m; i++) slower += ways[i];
+        slower /= m / 4;
+        c.most[way] = slower > 1 ? slower : 1;
+    }
     return c;
 }
 
-/* A resume-to-next-stop time of a vCPU thread (held_stop says which count). */
+/* A resume-to-next-stop time of a vCPU thread, ended by the stop just waited for (held_stop
+   says which count). */
 static void round_trip_seen(Engine *e, int64_t ns, int run) {
     int n = e->n_round_trips;
     e->round_trips[n] = ns;
     e->round_trip_runs[n] = run;
+    e->round_trip_ways[n] = e->polled;
     e->n_round_trips = ++n;
-    if (n == ROUND_TRIP_BLOCK || (n == ROUND_TRIP_FIRST && !e->stop_costs.most))
-        e->stop_costs = round_trip_costs(e, n);
+    if (n == ROUND_TRIP_BLOCK || (n == ROUND_TRIP_FIRST && !e->stop_costs.most[SLEPT]))
+        e->stop_costs = round_trip_costs(e, n, &e->stop_costs);
     if (n == ROUND_TRIP_BLOCK) e->n_round_trips = 0;
 }
 
 /* After a vCPU thread's stop was handled and the thread resumed (two stops): the stop was seen
    at ``now`` and the resume began at ``resumed``, read before it (after it, the thread may
-   already run, and kvmtop may not: a wake-up can preempt it). */
+   already run, and kvmtop may not: a wake-up can preempt it). Its unseen part comes with the
+   thread's next stop (held_unseen). */
 static void held_stop(Engine *e, Thread *t, const struct syscall_info *info, int64_t now,
                       int64_t resumed) {
     /* resume to the next stop: one stop's unseen round trip, plus a syscall (entry to exit), or
@@ -764,14 +782,26 @@ static void held_stop(Engine *e, Thread *t, const struct syscall_info *info, int
     t->resumed_ns = resumed;
     t->resumed_run = t->in_run;
     if (!t->handling) return;
+    t->open.stops++;
+    t->open.seen_ns += resumed - now;
+}
+
+/* A stop of a thread in its handling window ends the unseen part of the window's latest stop:
+   what that cost depends on whether kvmtop slept for this stop or a poll caught it
+   (hot_state.window_with_unseen). */
+static void held_unseen(Engine *e, Thread *t) {
     const struct stop_costs *c = &e->stop_costs;
+    /* a stop a poll caught costs at most what one kvmtop slept for does, where its own class has
+       no figure yet; the estimate lies within the bound (hot_state.stop_cost) */
+    int64_t most = c->most[SLEPT];
+    if (e->polled == POLLED && c->most[POLLED]) most = c->most[POLLED];
+    int64_t estimate = c->estimate;
+    if (most) estimate = estimate < c->least ? c->least : estimate > most ? most : estimate;
     struct window *w = &t->open;
-    int bounded = c->most && (w->unseen_high_ns || !w->stops); /* no basis once: no most */
-    w->stops++;
-    w->seen_ns += resumed - now;
-    w->unseen_ns += c->estimate;
+    int bounded = most && (w->unseen_high_ns || w->stops == 1); /* no basis once: no most */
+    w->unseen_ns += estimate;
     w->unseen_low_ns += c->least;
-    w->unseen_high_ns = bounded ? w->unseen_high_ns + c->most : 0;
+    w->unseen_high_ns = bounded ? w->unseen_high_ns + most : 0;
 }
 
 /* 1: handled and resumed; 0: for Python (nothing changed); -1: errno set. Lock held. */
@@ -781,6 +811,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
     if (!t) return 0;
     Process *proc = proc_find(e, t->pid);
     if (!proc) return 0;
+    if (t->handling && t->open.stops) held_unseen(e, t);
     int sig = WSTOPSIG(status), event = status >> 16;
     struct syscall_info info = {0};
     if (sig == SYSCALL_STOP_SIG && event == 0) {
@@ -928,6 +959,7 @@ static int wait_stop(Engine *e, int *status, int64_t *now) {
             if (tid != 0 || now_ns() >= deadline) break;
         }
     }
+    e->polled = tid != 0 ? POLLED : SLEPT;
     if (tid == 0) tid = waitpid(-1, status, e->wait_flags);
     if (tid < 0) return tid;
     *now = now_ns();
