@@ -8,10 +8,10 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("kvmtop._hotloop", ["kvmtop/native/hotloop.c"], optional=True),
-        Extension("kvmtop._summary", ["kvmtop/native/summary.c"], optional=True),
+        Extension("kvmtop.native._hotloop", ["kvmtop/native/hotloop.c"], optional=True),
+        Extension("kvmtop.native._summary", ["kvmtop/native/summary.c"], optional=True),
         Extension(
-            "kvmtop._sampler",
+            "kvmtop.native._sampler",
             ["kvmtop/native/sampler.c", "kvmtop/native/entry_cost.c"],
             depends=["kvmtop/native/entry_cost.h"],
             optional=True,

@@ -1,5 +1,5 @@
 """What the aggregate costs per exit: ExitStats.add_batch on 4096-exit batches of packed records,
-with the C summary (kvmtop._summary) and in pure Python, and RecordingWriter.write_batch.
+with the C summary (kvmtop.native._summary) and in pure Python, and RecordingWriter.write_batch.
 
 python benchmarks/bench_aggregate.py [--batches 200]
 
@@ -15,11 +15,11 @@ import random
 import tempfile
 import time
 
-from kvmtop import summary
-from kvmtop.events import ExitBatch, ExitEvent
+from kvmtop.aggregate import batch_summary as summary
+from kvmtop.aggregate.exits import ExitStats
+from kvmtop.formats.recording import RecordingMeta, RecordingWriter
+from kvmtop.model.events import ExitBatch, ExitEvent
 from kvmtop.native import load
-from kvmtop.recording import RecordingMeta, RecordingWriter
-from kvmtop.stats import ExitStats
 
 BATCH = 4096
 START = 10**12
@@ -83,7 +83,7 @@ def main() -> None:
     print("| step | µs per exit |")
     print("|---|---:|")
     if load("_summary") is None:
-        print("| ExitStats.add_batch, C summary | (kvmtop._summary not built) |")
+        print("| ExitStats.add_batch, C summary | (kvmtop.native._summary not built) |")
     else:
         print(f"| ExitStats.add_batch, C summary | {add_batch_us(work):.3f} |")
     os.environ["KVMTOP_PURE"] = "1"  # ExitStats picks its summary when it is made

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import wait_for_vcpus  # noqa: E402
 from guests.qemu_bios import build_bios, qemu_command  # noqa: E402
 
-from kvmtop.recording import open_recording  # noqa: E402
+from kvmtop.formats.recording import open_recording  # noqa: E402
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 STRACE = ["strace", "-f", "-qq", "-ttt", "-e", "trace=ioctl", "--kvm=vcpu", "-o"]
@@ -62,7 +62,7 @@ def recording_rate(out: str) -> float:
 
 SESSION = """
 import sys
-from kvmtop.session import TraceSession
+from kvmtop.sources.session import TraceSession
 out = sys.argv[1] or None
 session = TraceSession(record_path=out)
 session.launch(sys.argv[2:], one_stop=True)

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from conftest import wait_for_vcpus  # noqa: E402
 
-from kvmtop.minivmm import demo_command  # noqa: E402
+from kvmtop.minivmm.vmm import demo_command  # noqa: E402
 
 
 def main() -> None:

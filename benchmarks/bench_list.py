@@ -15,7 +15,7 @@ import time
 
 import psutil
 
-from kvmtop.discovery import list_kvm_processes
+from kvmtop.host.discovery import list_kvm_processes
 
 TARGET_S = 0.25
 

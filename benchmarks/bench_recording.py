@@ -10,9 +10,9 @@ import os
 import tempfile
 import time
 
-from kvmtop.events import ExitBatch, ExitEvent
-from kvmtop.recording import RecordingMeta, RecordingWriter, open_recording
-from kvmtop.stats import ExitStats
+from kvmtop.aggregate.exits import ExitStats
+from kvmtop.formats.recording import RecordingMeta, RecordingWriter, open_recording
+from kvmtop.model.events import ExitBatch, ExitEvent
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import wait_for_vcpus  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
-from kvmtop.discovery import list_kvm_processes  # noqa: E402
-from kvmtop.exporter import Fleet, FleetCollector  # noqa: E402
-from kvmtop.minivmm import demo_command  # noqa: E402
-from kvmtop.watch_feed import WatchFeed  # noqa: E402
+from kvmtop.commands.exporter import Fleet, FleetCollector  # noqa: E402
+from kvmtop.host.discovery import list_kvm_processes  # noqa: E402
+from kvmtop.minivmm.vmm import demo_command  # noqa: E402
+from kvmtop.sources.watch_feed import WatchFeed  # noqa: E402
 
 
 def cpu_share(seconds: float, every_second: Callable[[], object] | None = None) -> float:

@@ -27,7 +27,7 @@ from conftest import wait_for_vcpus  # noqa: E402
 from guests.qemu_bios import qemu_command, write_bios  # noqa: E402
 
 from kvmtop.app import KvmtopApp  # noqa: E402
-from kvmtop.session import SessionState  # noqa: E402
+from kvmtop.sources.session import SessionState  # noqa: E402
 
 ENDLESS = 2**32 - 1  # `out 0x80` exits: about 40 hours at the traced rate
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from guests.qemu_bios import qemu_command, write_bios  # noqa: E402
 
 from kvmtop.app import AttachedScreen, KvmtopApp  # noqa: E402
-from kvmtop.session import SessionState  # noqa: E402
+from kvmtop.sources.session import SessionState  # noqa: E402
 from kvmtop.widgets.vcpu_table import VcpuTable  # noqa: E402
 
 

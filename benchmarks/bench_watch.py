@@ -1,6 +1,6 @@
 """Does `kvmtop watch` slow its guest, and what does its sampler cost? One QEMU guest looping on
 `out 0x80`, its exit rate from KVM's counters over short windows, alternating: untraced, watched
-at 1 kHz, watched at 10 kHz (the sampler of kvmtop.watcher); then the sampler's CPU time per
+at 1 kHz, watched at 10 kHz (the sampler of kvmtop.sampling.watcher); then the sampler's CPU time per
 vCPU on a 4-vCPU QEMU at each rate.
 
     python benchmarks/bench_watch.py [--rounds 10] [--window 1] [--seconds 3]
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from conftest import wait_for_vcpus  # noqa: E402
 from guests.qemu_bios import qemu_command, write_bios  # noqa: E402
 
-from kvmtop.vm_stats import VmStats, take_stats  # noqa: E402
-from kvmtop.watcher import Watcher  # noqa: E402
+from kvmtop.counters.vm_stats import VmStats, take_stats  # noqa: E402
+from kvmtop.sampling.watcher import Watcher  # noqa: E402
 
 RATES = (1000, 10_000)
 ENDLESS = 0xFFFFFFFF  # outs: hours at this host's rate

@@ -33,9 +33,9 @@ import time
 
 from attached import attached_report, build_timed_vmm, mean, wait_for_vcpus
 
-from kvmtop.entry_cost import EntryCost
-from kvmtop.sampling import vmm_own_bound
-from kvmtop.watcher import Watcher
+from kvmtop.sampling.entry_cost import EntryCost
+from kvmtop.sampling.shares import vmm_own_bound
+from kvmtop.sampling.watcher import Watcher
 
 CASES = (("io", 0), ("io", 20), ("io", 100), ("io", 500), ("mmio", 20), ("mmio", 100),
          ("mix", 100))  # fmt: skip

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from guests.qemu_bios import BIOS_SIZE, qemu_command  # noqa: E402
 
 from kvmtop.app import KvmtopApp  # noqa: E402
-from kvmtop.discovery import list_kvm_processes  # noqa: E402
-from kvmtop.minivmm import demo_command  # noqa: E402
+from kvmtop.host.discovery import list_kvm_processes  # noqa: E402
+from kvmtop.minivmm.vmm import demo_command  # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 SIZE = (160, 45)

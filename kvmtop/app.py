@@ -23,19 +23,18 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from kvmtop.counters.held_stats import HeldStats
 from kvmtop.decoder import ExitReason, exit_label
-from kvmtop.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal
-from kvmtop.events import Attached
-from kvmtop.held_stats import HeldStats
-from kvmtop.inject import StatsFds
-from kvmtop.minivmm import demo_command
-from kvmtop.replay import Replay
-from kvmtop.report import cut
+from kvmtop.formats.report import cut
+from kvmtop.host.discovery import KvmProcess, list_kvm_processes, others_vmms
+from kvmtop.minivmm.vmm import demo_command
+from kvmtop.model.events import Attached
 from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen, Sections
 from kvmtop.screens.kernel import REFRESH_S as KERNEL_REFRESH_S
 from kvmtop.screens.kernel import KernelScreen
+from kvmtop.screens.polled import REFRESH_S, REPLAY_BINDINGS, WatchScreen
 from kvmtop.screens.process_list import ProcessListScreen
 from kvmtop.screens.requests import (
     AttachRequested,
@@ -45,14 +44,15 @@ from kvmtop.screens.requests import (
     KernelRequested,
     WatchRequested,
 )
-from kvmtop.screens.sampled import SampledScreen
 from kvmtop.screens.too_small import TooSmallScreen, too_small
 from kvmtop.screens.vcpu import TYPED_REPLAY_KEYS, VcpuScreen
-from kvmtop.screens.watch import REFRESH_S, REPLAY_BINDINGS, WatchScreen
-from kvmtop.session import SessionState, TraceSession
-from kvmtop.sources import LiveSource, command_line
+from kvmtop.screens.watch import SampledScreen
+from kvmtop.sources.exit_source import LiveSource, command_line
+from kvmtop.sources.replay import Replay
+from kvmtop.sources.session import SessionState, TraceSession
+from kvmtop.sources.watch_feed import SnapshotSource, WatchFeed, open_watcher
+from kvmtop.trace.inject import StatsFds
 from kvmtop.units import ended_text
-from kvmtop.watch_feed import SnapshotSource, WatchFeed, open_watcher
 from kvmtop.widgets.vcpu_table import VcpuTable
 
 UNLISTED_ACTIONS = frozenset({"quit", "app.quit", "command_palette", "help", "app.pop_screen"})
@@ -500,7 +500,7 @@ def run_tui(
     refresh_s: float | None = None,
 ) -> int:
     """The TUI; returns the exit status. Errors a user can fix are raised before it opens."""
-    from kvmtop.procfs import check_attachable
+    from kvmtop.host.procfs import check_attachable
 
     for pid in pids or ():
         check_attachable(pid)
@@ -509,7 +509,7 @@ def run_tui(
     if demo and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise KvmUnavailable("kvmtop demo needs /dev/kvm (KVM), which is missing or not accessible")
     if record_path is not None:
-        from kvmtop.recording import check_writable
+        from kvmtop.formats.recording import check_writable
 
         check_writable(record_path)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):  # it would draw into a file, blind
@@ -536,7 +536,7 @@ def run_tui(
 
 
 def running(pid: int) -> bool:
-    from kvmtop.procfs import status_field
+    from kvmtop.host.procfs import status_field
 
     state = status_field(pid, "State")
     return state is not None and not state.startswith(("Z", "X"))  # not a zombie, not dead

@@ -35,14 +35,14 @@ from kvmtop.errors import KvmtopError, OutputError, RecordingError, UsageError
 from kvmtop.units import ended_text
 
 if TYPE_CHECKING:
-    from kvmtop.events import ExitBatch
-    from kvmtop.recording import Recording
+    from kvmtop.formats.recording import Recording
+    from kvmtop.model.events import ExitBatch
 
 DEFAULT_RECORDING = "kvmtop.data"
 # A stop signal ends `record` within this: the detach it begins, or else the trace is cut short
 # (the kernel detaches a VMM when kvmtop exits; a launched command under the filter ends with it)
 STOP_GRACE_S = 0.5
-DELAY_MIN_S, DELAY_MAX_S = 0.25, 5.0  # the TUI's refresh steps (kvmtop.screens.watch)
+DELAY_MIN_S, DELAY_MAX_S = 0.25, 5.0  # the TUI's refresh steps (kvmtop.screens.polled)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     from kvmtop.app import run_tui  # Textual loads only for the TUI
 
     if args.command == "stats":
-        from kvmtop.stats_cli import run_stats
+        from kvmtop.commands.stats import run_stats
 
         if args.interval <= 0:
             raise UsageError("--interval must be above 0")
@@ -291,7 +291,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
 
 
 def watch(args: argparse.Namespace) -> int:
-    from kvmtop.watch_cli import run_watch
+    from kvmtop.commands.watch import run_watch
 
     if args.interval <= 0:
         raise UsageError("--interval must be above 0")
@@ -321,10 +321,10 @@ def record(
     """Trace until the VMM exits, Ctrl-C/SIGTERM, ``duration``, or the JSONL reader going away;
     then summarise. A launched command runs under kvmtop's seccomp filter unless ``one_stop`` is
     False."""
-    from kvmtop.export import JsonlStream
-    from kvmtop.recording import tracing_mode
-    from kvmtop.report import cut, summary_json, summary_table
-    from kvmtop.session import SessionState, TraceSession
+    from kvmtop.formats.jsonl_csv import JsonlStream
+    from kvmtop.formats.recording import tracing_mode
+    from kvmtop.formats.report import cut, summary_json, summary_table
+    from kvmtop.sources.session import SessionState, TraceSession
 
     to_stdout = jsonl == "-"
     stream = JsonlStream(jsonl) if jsonl is not None else None
@@ -352,7 +352,7 @@ def record(
     previous = {s: signal.signal(s, on_signal) for s in stop_signals}
     try:
         if pids:
-            from kvmtop.procfs import is_stopped
+            from kvmtop.host.procfs import is_stopped
 
             for pid in pids:
                 if is_stopped(pid):
@@ -436,7 +436,7 @@ def record(
 
 
 def report(path: str, form: str) -> int:
-    from kvmtop.report import (
+    from kvmtop.formats.report import (
         load_recording_stats,
         summary_csv,
         summary_json,
@@ -463,8 +463,8 @@ def report(path: str, form: str) -> int:
 
 def diff(args: argparse.Namespace) -> int:
     """Two recordings side by side; with --threshold, 1 when something moved too far."""
-    from kvmtop.diff import MIN_COUNT, diff_json, diff_snapshots, diff_table, moved_rows
-    from kvmtop.report import load_recording_stats, seconds_text, traced_s
+    from kvmtop.formats.diff import MIN_COUNT, diff_json, diff_snapshots, diff_table, moved_rows
+    from kvmtop.formats.report import load_recording_stats, seconds_text, traced_s
 
     if args.threshold is not None and not args.threshold >= 0:
         raise UsageError("--threshold takes a percentage of 0 or more")
@@ -501,12 +501,12 @@ def _check_complete(recording: Recording, covered: str) -> None:
 
 def export(args: argparse.Namespace) -> int:
     """Stream a recording into another format: nothing is held but a little per vCPU."""
-    from kvmtop.export import csv_chunks, jsonl_chunks, open_output, write_chunks
-    from kvmtop.perfetto import PerfettoTrace
+    from kvmtop.formats.jsonl_csv import csv_chunks, jsonl_chunks, open_output, write_chunks
+    from kvmtop.formats.perfetto import PerfettoTrace
 
     if args.rate_bin <= 0:
         raise UsageError("--rate-bin takes a number of milliseconds above 0")
-    from kvmtop.recording import open_recording
+    from kvmtop.formats.recording import open_recording
 
     recording = open_recording(args.file)
     start = recording.meta.start_ns
@@ -565,7 +565,7 @@ def exporter(
     """Serve until SIGTERM or Ctrl-C, then close every fd and exit 0."""
     import threading
 
-    from kvmtop.exporter import VmChoice, run_exporter
+    from kvmtop.commands.exporter import VmChoice, run_exporter
 
     if rescan_s <= 0:
         raise UsageError("--rescan must be above 0")
@@ -586,7 +586,7 @@ LIST_CPU_INTERVAL_S = 0.5  # `list --json` samples every process's CPU time this
 
 
 def list_processes(as_json: bool) -> int:
-    from kvmtop.discovery import list_kvm_processes, not_yours, others_vmms
+    from kvmtop.host.discovery import list_kvm_processes, not_yours, others_vmms
 
     procs = list_kvm_processes(cpu_interval=LIST_CPU_INTERVAL_S if as_json else 0.0)
     if as_json:

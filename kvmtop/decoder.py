@@ -12,8 +12,8 @@ import struct
 from dataclasses import dataclass
 from types import ModuleType
 
-from kvmtop.arch import HOST
-from kvmtop.events import EXIT_CYCLE, EXIT_PRIVATE, EXIT_WRITE, ExitEvent
+from kvmtop.abi.arch import HOST
+from kvmtop.model.events import EXIT_CYCLE, EXIT_PRIVATE, EXIT_WRITE, ExitEvent
 from kvmtop.xlat_exit import (
     INTERNAL_ERROR_SUBERRORS,
     MSR_EXIT_REASONS,

@@ -2,7 +2,7 @@
 
 The kernel wants every ptrace request for a tracee to come from the thread that attached it, so
 everything ptrace happens on :class:`Tracer`'s own thread. Other threads talk to it through a
-command queue (attach, launch, detach, quit) and receive :mod:`kvmtop.events` messages in batches
+command queue (attach, launch, detach, quit) and receive :mod:`kvmtop.model.events` messages in batches
 on ``Tracer.out``.
 
 How a KVM exit is seen: every thread of the VMM is seized (PTRACE_SEIZE, never SIGSTOP) and
@@ -11,10 +11,10 @@ taken; at its syscall-exit stop the exit is read from kvmtop's own read-only map
 vCPU's ``struct kvm_run``. Threads that never touch KVM are resumed with PTRACE_CONT once they
 have used up a small syscall budget, so they cost no stops. A launched command runs under a
 seccomp filter instead: with user notification, its KVM_RUNs go to a listener thread
-(:mod:`kvmtop.notify_thread`) and cost no ptrace stop at all; with SECCOMP_RET_TRACE, one stop
+(:mod:`kvmtop.trace.notify_listener`) and cost no ptrace stop at all; with SECCOMP_RET_TRACE, one stop
 each. Either way an exit is read at the vCPU's next KVM_RUN entry.
 
-The per-stop work is the engine's (:mod:`kvmtop.hot_state`, in C when built): it handles the
+The per-stop work is the engine's (:mod:`kvmtop.trace.py_engine`, in C when built): it handles the
 common stops itself and hands every other one back to this thread, which decides what happens
 (new threads, exec, exits, signals, detach, KVM's counters) and tells the engine.
 
@@ -23,7 +23,7 @@ every signal through unchanged, and when it detaches (or its thread dies, which 
 detach) the VMM runs on as if never traced.
 
 Waking the thread: it sleeps in waitpid(), which no queue can interrupt, so it keeps a tiny
-child of its own (:mod:`kvmtop.kicker`); stopping that child with SIGSTOP makes waitpid return.
+child of its own (:mod:`kvmtop.trace.kicker`); stopping that child with SIGSTOP makes waitpid return.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from kvmtop import ptrace_abi as pt
+from kvmtop.abi import ptrace_abi as pt
 from kvmtop.errors import KvmtopError
-from kvmtop.events import (
+from kvmtop.host.procfs import tgid_of
+from kvmtop.model.events import (
     Attached,
     Detached,
     ExitBatch,
@@ -48,8 +49,10 @@ from kvmtop.events import (
     TracerMessage,
     VcpuSeen,
 )
-from kvmtop.followed import OPTIONS, Followed, launch_process, seize_process
-from kvmtop.hot_state import (
+from kvmtop.trace.followed_processes import OPTIONS, Followed, launch_process, seize_process
+from kvmtop.trace.inject import StatsFds, plan_job, run_job
+from kvmtop.trace.kicker import Kicker
+from kvmtop.trace.py_engine import (
     MODE_NOTIFY,
     MODE_ONE_STOP,
     MODE_TWO_STOP,
@@ -59,11 +62,8 @@ from kvmtop.hot_state import (
     make_engine,
     vcpu_records,
 )
-from kvmtop.inject import StatsFds, plan_job, run_job
-from kvmtop.kicker import Kicker
-from kvmtop.procfs import tgid_of
-from kvmtop.stop_wait import poll_max_ns_from_env
-from kvmtop.traced import TracedProcess, exit_status_of, kvm_run_fd
+from kvmtop.trace.stop_wait import poll_max_ns_from_env
+from kvmtop.trace.traced_process import TracedProcess, exit_status_of, kvm_run_fd
 
 WAIT_FLAGS = pt.WALL | pt.WNOTHREAD | os.WUNTRACED
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -75,7 +75,7 @@ __all__ = ["OPTIONS", "Tracer"]
 
 
 class Tracer:
-    """Owns the tracing thread. One session at a time (:class:`kvmtop.followed.Followed`: the
+    """Owns the tracing thread. One session at a time (:class:`kvmtop.trace.followed_processes.Followed`: the
     VMMs attached to, or a launched command and every process it starts); attach again after a
     detach."""
 
@@ -133,7 +133,7 @@ class Tracer:
 
     def stats_fds(self) -> Future[StatsFds]:
         """KVM's binary stats fds of the traced VM and its vCPUs, made by one of its threads
-        (see :mod:`kvmtop.inject`); the caller owns the fds. Fails with OSError if the kernel
+        (see :mod:`kvmtop.trace.inject`); the caller owns the fds. Fails with OSError if the kernel
         has no binary stats."""
         return self._send("stats", None)
 
@@ -459,7 +459,7 @@ class Tracer:
             flags |= P_HANDBACK | P_NO_RESUME
         self.engine.set_process(proc.pid, proc.mode, flags)
 
-    # --- KVM's own counters (kvmtop.inject) -------------------------------------------------------
+    # --- KVM's own counters (kvmtop.trace.inject) -------------------------------------------------------
 
     def _start_stats(self, future: Future[StatsFds]) -> None:
         """For the session's first VM (whose vCPU numbers are KVM's ids)."""

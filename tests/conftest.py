@@ -106,9 +106,9 @@ def start_qemu(processes: list[subprocess.Popen[bytes]], bios_path: str) -> subp
 def start_minivmm(
     processes: list[subprocess.Popen[bytes]], **counted: Any
 ) -> subprocess.Popen[bytes]:
-    """minivmm's counted guest (:func:`kvmtop.minivmm.counted_command` ``counted``), its output
+    """minivmm's counted guest (:func:`kvmtop.minivmm.vmm.counted_command` ``counted``), its output
     dropped, returned once its vCPU exists; cleaned up with ``processes``."""
-    from kvmtop.minivmm import counted_command
+    from kvmtop.minivmm.vmm import counted_command
 
     vmm = subprocess.Popen(counted_command(**counted), stdout=subprocess.DEVNULL)
     processes.append(vmm)
@@ -119,7 +119,7 @@ def start_minivmm(
 def kvm_fds_of(pid: int) -> list[str]:
     """The links of the KVM fds ``pid`` holds (/dev/kvm, VMs, vCPUs, stats): any other file
     whose path says "kvm" (a lock file, a recording) is not one."""
-    from kvmtop.procfs import fd_table
+    from kvmtop.host.procfs import fd_table
 
     return [link for link in fd_table(pid).values()
             if link == "/dev/kvm" or link.startswith("anon_inode:kvm")]  # fmt: skip
@@ -170,6 +170,8 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
         monkeypatch.setenv("KVMTOP_PURE", "1")
     else:
         monkeypatch.delenv("KVMTOP_PURE", raising=False)
-        if importlib.util.find_spec("kvmtop._hotloop") is None:
-            pytest.skip("kvmtop._hotloop is not built (no C compiler or Python headers at install)")
+        if importlib.util.find_spec("kvmtop.native._hotloop") is None:
+            pytest.skip(
+                "kvmtop.native._hotloop is not built (no C compiler or Python headers at install)"
+            )
     return str(request.param)

@@ -20,16 +20,16 @@ from textual.keys import _character_to_key
 from textual.widget import Widget
 
 from kvmtop.app import KvmtopApp
-from kvmtop.discovery import KvmProcess
-from kvmtop.events import ExitBatch, ExitEvent
-from kvmtop.minivmm import counted_command, demo_command
+from kvmtop.formats.recording import RecordingMeta, RecordingWriter
+from kvmtop.host.discovery import KvmProcess
+from kvmtop.minivmm.vmm import counted_command, demo_command
+from kvmtop.model.events import ExitBatch, ExitEvent
 from kvmtop.native import PURE_ENV
-from kvmtop.recording import RecordingMeta, RecordingWriter
 from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen
 from kvmtop.screens.process_list import ProcessListScreen
 from kvmtop.screens.vcpu import VcpuScreen
-from kvmtop.session import SessionState, TraceSession
+from kvmtop.sources.session import SessionState, TraceSession
 from kvmtop.widgets.exit_log import ExitLog
 from kvmtop.widgets.top_targets import TopTargets
 from kvmtop.widgets.vcpu_table import VcpuTable
@@ -752,7 +752,7 @@ async def test_the_exit_log_gives_each_exits_vmm_time_up_to_the_vcpus_next_entry
     """Two stops per exit: each line's VMM time is the vCPU's next entry minus its exit, as
     recorded; the last exit's is not known (no next entry), and says so."""
     from kvmtop.decoder import describe_exit
-    from kvmtop.recording import open_recording
+    from kvmtop.formats.recording import open_recording
     from kvmtop.units import duration
 
     path = tmp_path / "two-stop.kvmtop"
@@ -1051,7 +1051,7 @@ async def test_back_from_the_attached_view_the_cursor_is_on_the_traced_vm(proces
 async def test_kernel_view_without_tracing_and_beside_the_traced_view(processes):
     """`k` in the list: KVM's own counters of a VM kvmtop does not trace (a brief attach for the
     fds); the list then shows its exit rate. `k` in the attached view: the same, via the tracer."""
-    from kvmtop.procfs import tracer_pid
+    from kvmtop.host.procfs import tracer_pid
     from kvmtop.screens.kernel import KernelScreen
     from kvmtop.widgets.counter_grid import CounterGrid
 
@@ -1211,7 +1211,7 @@ async def test_k_on_a_stopped_vmm_says_it_is_stopped(processes):
     and kvmtop goes on; resumed, the same `k` opens the kernel view."""
     import signal
 
-    from kvmtop.procfs import is_stopped
+    from kvmtop.host.procfs import is_stopped
     from kvmtop.screens.kernel import KernelScreen
 
     vmm = subprocess.Popen(counted_command(outs=0, mmio_writes=0, spin=4_000_000_000))
@@ -1243,8 +1243,8 @@ async def test_kernel_view_says_where_kvm_counted_the_io_exits_the_vmm_handles(p
     goes once nothing grows (the VMM stopped)."""
     import signal
 
-    from kvmtop.kernel_table import io_note
-    from kvmtop.procfs import is_stopped
+    from kvmtop.counters.kernel_table import io_note
+    from kvmtop.host.procfs import is_stopped
     from kvmtop.screens.kernel import KernelScreen
     from kvmtop.widgets.counter_grid import CounterGrid
 
@@ -1457,8 +1457,8 @@ async def test_w_watches_a_vm_untraced_a_traces_it_and_w_watches_it_again(proces
     """`w` in the list: the watch view of a guest whose VMM takes 30 µs per `out`, never traced;
     `a` traces it exactly, `w` there detaches and watches again, also typed in one burst; at
     the end every fd kvmtop took is closed and the VMM's fd table is as it was."""
-    from kvmtop.procfs import fd_table, tracer_pid
-    from kvmtop.screens.sampled import SampledScreen
+    from kvmtop.host.procfs import fd_table, tracer_pid
+    from kvmtop.screens.watch import SampledScreen
     from kvmtop.widgets.sampled_targets import SampledTargets
     from kvmtop.widgets.vmm_reasons import VmmReasons
 
@@ -1510,8 +1510,8 @@ async def test_a_then_w_in_one_burst_from_a_first_watch_watches_again(processes,
     """From the first watch of a fresh app (no VMM traced before): `a` begins an attach and the
     `w` typed with it, before the attach is done, detaches and watches again. (The session takes
     the attach's news a second late, so that the `w` surely comes first.)"""
-    from kvmtop.procfs import tracer_pid
-    from kvmtop.screens.sampled import SampledScreen
+    from kvmtop.host.procfs import tracer_pid
+    from kvmtop.screens.watch import SampledScreen
 
     taken = TraceSession._on_attached
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import start_minivmm, start_qemu, start_recording, wait_for_vcpus
 from guests.qemu_bios import qemu_command
 
-from kvmtop.procfs import tracer_pid
+from kvmtop.host.procfs import tracer_pid
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,9 +154,9 @@ def test_another_users_vmm_is_refused_with_the_reason(bios, processes):
 def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     """kvmtop ARGS as an unprivileged user without CAP_SYS_PTRACE (imported as root first)."""
     code = (
-        "import os, sys, json, locale, shutil, kvmtop.cli, kvmtop.discovery, kvmtop.session, "
-        "kvmtop.watch_cli, "
-        "kvmtop.report; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+        "import os, sys, json, locale, shutil, kvmtop.cli, kvmtop.host.discovery, kvmtop.sources.session, "
+        "kvmtop.commands.watch, "
+        "kvmtop.formats.report; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
         f"sys.exit(kvmtop.cli.main({list(args)!r}))"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -166,7 +166,7 @@ def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.kvm
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_list_of_a_user_with_no_vmms_names_the_vmms_of_other_users(processes):
-    from kvmtop.minivmm import demo_command
+    from kvmtop.minivmm.vmm import demo_command
 
     vmm = subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL)
     processes.append(vmm)
@@ -185,7 +185,7 @@ def test_stats_count_below_one_is_a_usage_error():
 
 def test_a_refresh_delay_outside_the_tuis_steps_is_a_usage_error():
     from kvmtop.cli import DELAY_MAX_S, DELAY_MIN_S
-    from kvmtop.screens.watch import REFRESH_STEPS
+    from kvmtop.screens.polled import REFRESH_STEPS
 
     assert (DELAY_MIN_S, DELAY_MAX_S) == (REFRESH_STEPS[0], REFRESH_STEPS[-1])
     for args, given in ((["-d", "0"], "0"), (["-d", "-1", "demo"], "-1"),
@@ -265,7 +265,7 @@ def _child_of(pid: int, name: str, timeout: float = 10) -> int:
 
 @pytest.mark.kvm
 def test_list_shows_a_running_vmm_with_its_vcpus(processes):
-    from kvmtop.minivmm import demo_command
+    from kvmtop.minivmm.vmm import demo_command
 
     vmm = subprocess.Popen(demo_command(vcpus=3), stdout=subprocess.DEVNULL)
     processes.append(vmm)
@@ -280,7 +280,7 @@ def test_list_shows_a_running_vmm_with_its_vcpus(processes):
 @pytest.mark.kvm
 def test_list_json_measures_the_cpu_of_a_busy_guest(processes):
     """psutil's first sample of a process is always 0.0: `list --json` takes two."""
-    from kvmtop.minivmm import counted_command
+    from kvmtop.minivmm.vmm import counted_command
 
     busy = subprocess.Popen(counted_command(outs=0, mmio_writes=0, spin=4_000_000_000))
     processes.append(busy)
@@ -342,7 +342,7 @@ def test_a_signal_ends_the_demo_tui_and_stops_its_guest(signum, processes):
 @pytest.mark.kvm
 def test_a_jsonl_stream_into_a_full_disk_stops_the_trace_with_status_8():
     """It once said "cannot write to stdout" and exited 0."""
-    from kvmtop.minivmm import counted_command
+    from kvmtop.minivmm.vmm import counted_command
 
     with open("/dev/full", "w") as full:
         result = subprocess.run([*KVMTOP, "record", "--jsonl", "-", "--",
@@ -379,7 +379,7 @@ def test_the_tui_recording_to_a_full_disk_detaches_says_why_and_quits_with_statu
 def test_output_to_a_full_disk_is_one_line_and_to_a_closed_pipe_ends_quietly(tmp_path, processes):
     from guests.fixed_recording import write_fixed_recording
 
-    from kvmtop.minivmm import demo_command
+    from kvmtop.minivmm.vmm import demo_command
 
     vmm = subprocess.Popen(demo_command(), stdout=subprocess.DEVNULL)
     processes.append(vmm)

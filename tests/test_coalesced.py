@@ -12,7 +12,13 @@ import pytest
 from conftest import start_qemu
 from guests.qemu_bios import build_bios, qemu_command
 
-from kvmtop.coalesced import (
+from kvmtop.aggregate.exits import ExitStats
+from kvmtop.formats.jsonl_csv import jsonl_chunks
+from kvmtop.formats.perfetto import PerfettoTrace
+from kvmtop.formats.recording import RecordingWriter, open_recording
+from kvmtop.formats.report import summary_json, summary_table
+from kvmtop.minivmm.vmm import counted_command
+from kvmtop.model.coalesced import (
     C_PIO,
     C_WRAP,
     COALESCED,
@@ -24,13 +30,7 @@ from kvmtop.coalesced import (
     iter_coalesced,
     unreadable_record,
 )
-from kvmtop.events import ExitBatch, ExitEvent
-from kvmtop.export import jsonl_chunks
-from kvmtop.minivmm import counted_command
-from kvmtop.perfetto import PerfettoTrace
-from kvmtop.recording import RecordingWriter, open_recording
-from kvmtop.report import summary_json, summary_table
-from kvmtop.stats import ExitStats
+from kvmtop.model.events import ExitBatch, ExitEvent
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 MODES = {"two stops": ["--no-seccomp"], "one stop": ["--no-notify"], "notify": []}
@@ -121,7 +121,7 @@ def test_coalesced_records_go_through_a_recording_and_its_report(tmp_path) -> No
 
 
 def _meta(start: int):
-    from kvmtop.recording import RecordingMeta
+    from kvmtop.formats.recording import RecordingMeta
 
     return RecordingMeta(1, ("vmm",), False, start, 0.0, False)
 
@@ -204,8 +204,8 @@ def test_a_batch_without_coalesced_records_changes_nothing() -> None:
 def test_where_kvm_run_is_read_remotely_the_ring_is_said_unreadable_once_and_nothing_counted(
     engine, monkeypatch
 ) -> None:
-    from kvmtop import vcpu_maps
-    from kvmtop.events import Detached
+    from kvmtop.host import vcpu_maps
+    from kvmtop.model.events import Detached
     from kvmtop.tracer_thread import Tracer
 
     def refused(_pidfd: int, _fd: int) -> int:

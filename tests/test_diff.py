@@ -12,10 +12,10 @@ import pytest
 from guests.fixed_recording import write_fixed_recording
 from guests.qemu_bios import build_bios, qemu_command
 
-from kvmtop.diff import DiffRow, diff_json, diff_snapshots, diff_table, moved_rows
-from kvmtop.events import ExitBatch, ExitEvent, VcpuSeen
-from kvmtop.stats import ExitStats, StatsSnapshot
-from kvmtop.vcpu_keys import VcpuKey
+from kvmtop.aggregate.exits import ExitStats, StatsSnapshot
+from kvmtop.formats.diff import DiffRow, diff_json, diff_snapshots, diff_table, moved_rows
+from kvmtop.model.events import ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.model.vcpu_keys import VcpuKey
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 US = 1_000

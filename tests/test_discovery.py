@@ -14,15 +14,15 @@ import psutil
 import pytest
 from conftest import wait_for_vcpus
 
-from kvmtop.discovery import (
+from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
+from kvmtop.host.discovery import (
     KvmProcess,
     display_name,
     holds_a_vm,
     kvm_process,
     list_kvm_processes,
 )
-from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
-from kvmtop.minivmm import counted_command, demo_command
+from kvmtop.minivmm.vmm import counted_command, demo_command
 
 
 @pytest.mark.kvm
@@ -166,8 +166,8 @@ def test_a_process_holding_only_stats_fds_is_not_a_vmm():
 
 
 def test_processes_sort_by_any_column_either_way_unknown_exit_rates_last() -> None:
-    from kvmtop.discovery import KvmProcess
-    from kvmtop.process_sort import NAMES, marker, sorted_processes
+    from kvmtop.host.discovery import KvmProcess
+    from kvmtop.host.process_sort import NAMES, marker, sorted_processes
 
     def vmm(pid: int, name: str, cpu: float, tracer: int = 0) -> KvmProcess:
         return KvmProcess(pid, "root", name, (name,), 1, (0,), cpu, 1 << 20, 0.0, tracer)

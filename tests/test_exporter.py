@@ -19,16 +19,24 @@ from conftest import kvm_fds_of, start_minivmm, wait_for_vcpus
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmtop.discovery import KvmProcess
+from kvmtop.abi.binary_stats import (
+    CUMULATIVE,
+    INSTANT,
+    LINEAR_HIST,
+    LOG_HIST,
+    PEAK,
+    StatDesc,
+    StatsFile,
+)
+from kvmtop.abi.ptrace_abi import pidfd_getfd
+from kvmtop.commands.exporter import RETRY_S, Fleet, FleetCollector, parse_listen
+from kvmtop.counters.vm_stats import StatsSample
 from kvmtop.errors import NoSuchProcess, PermissionDenied, UsageError
-from kvmtop.exporter import RETRY_S, Fleet, FleetCollector, parse_listen
-from kvmtop.kvm_stats import CUMULATIVE, INSTANT, LINEAR_HIST, LOG_HIST, PEAK, StatDesc, StatsFile
-from kvmtop.metric_families import VmReading, build_families, plan_metrics
-from kvmtop.minivmm import counted_command
-from kvmtop.procfs import fd_table, tracer_pid
-from kvmtop.ptrace_abi import pidfd_getfd
+from kvmtop.formats.metric_families import VmReading, build_families, plan_metrics
+from kvmtop.host.discovery import KvmProcess
+from kvmtop.host.procfs import fd_table, tracer_pid
+from kvmtop.minivmm.vmm import counted_command
 from kvmtop.tracer_thread import Tracer
-from kvmtop.vm_stats import StatsSample
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 
@@ -577,7 +585,7 @@ def test_a_bad_sampled_rate_is_one_line_and_a_non_zero_status(rate):
 def test_sampled_seconds_add_each_snapshots_share_of_its_span_per_vcpu_and_reason():
     from guests.fixed_watch import LOOKS, fixed_snapshot
 
-    from kvmtop.metric_families import SampledTotals
+    from kvmtop.formats.metric_families import SampledTotals
 
     totals = SampledTotals()
     for _ in range(3):
@@ -609,7 +617,7 @@ def test_without_sampling_no_sampled_family_is_exposed():
 
 def own_fleet(pid: int, sampled_hz: float | None) -> Fleet:
     """A fleet of one VM (the test's own guest, never another VM on this host)."""
-    from kvmtop.discovery import list_kvm_processes
+    from kvmtop.host.discovery import list_kvm_processes
 
     return Fleet(discover=lambda: [p for p in list_kvm_processes() if p.pid == pid],
                  log=lambda text: None, sampled_hz=sampled_hz)  # fmt: skip

@@ -17,11 +17,11 @@ from conftest import start_minivmm, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 
 from kvmtop.decoder import exit_label
-from kvmtop.events import Attached, Detached, ExitBatch
-from kvmtop.minivmm import counted_command
-from kvmtop.procfs import tracer_pid
+from kvmtop.host.procfs import tracer_pid
+from kvmtop.minivmm.vmm import counted_command
+from kvmtop.model.events import Attached, Detached, ExitBatch
+from kvmtop.model.vcpu_keys import VcpuKey
 from kvmtop.tracer_thread import Tracer
-from kvmtop.vcpu_keys import VcpuKey
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]
 
@@ -231,7 +231,7 @@ def test_attach_to_two_vmms_at_once_and_detach_leaves_both_untraced(processes):
 
 
 def test_detaching_two_vmms_names_both(processes):
-    from kvmtop.session import TraceSession
+    from kvmtop.sources.session import TraceSession
 
     vmms = [start_minivmm(processes, outs=10**9, mmio_writes=0, out_sleep_us=200) for _ in "ab"]
     session = TraceSession()

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from guests.qemu_bios import build_bios, qemu_command
 
-from kvmtop.minivmm import counted_command, demo_command
+from kvmtop.minivmm.vmm import counted_command, demo_command
 
 
 @pytest.mark.kvm

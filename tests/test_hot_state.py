@@ -3,7 +3,7 @@ use this arithmetic (hot_state.py, and native/hotloop.c to the integer)."""
 
 from __future__ import annotations
 
-from kvmtop.hot_state import (
+from kvmtop.trace.py_engine import (
     NO_WINDOW,
     POLLED,
     ROUND_TRIP_CLASS,

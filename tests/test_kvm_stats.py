@@ -17,8 +17,7 @@ import pytest
 from conftest import a_vcpu_thread, tgkill, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 
-from kvmtop.inject import VM
-from kvmtop.kvm_stats import (
+from kvmtop.abi.binary_stats import (
     CUMULATIVE,
     LOG_HIST,
     PEAK,
@@ -27,10 +26,11 @@ from kvmtop.kvm_stats import (
     histogram_percentile,
     parse_layout,
 )
-from kvmtop.minivmm import counted_command
-from kvmtop.procfs import fd_table, tracer_pid
+from kvmtop.counters.vm_stats import VmStats, settle_stats, take_stats
+from kvmtop.host.procfs import fd_table, tracer_pid
+from kvmtop.minivmm.vmm import counted_command
+from kvmtop.trace.inject import VM
 from kvmtop.tracer_thread import Tracer
-from kvmtop.vm_stats import VmStats, settle_stats, take_stats
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 NAME_SIZE = 48
@@ -269,8 +269,8 @@ def test_stats_into_a_closed_pipe_ends_quietly(processes):
 def test_a_kernel_without_binary_stats_is_said_so_in_one_line(err):
     from concurrent.futures import Future
 
-    from kvmtop.arch import x86_64
-    from kvmtop.inject import StatsJob, _took
+    from kvmtop.abi.arch import x86_64
+    from kvmtop.trace.inject import StatsJob, _took
 
     job = StatsJob(Future(), [(VM, 5), (0, 7)])
     _took(job, -1, x86_64.SYS_IOCTL, (VM, 5), -err, 1234)  # what the ioctl returned
@@ -285,7 +285,7 @@ def test_a_kernel_without_binary_stats_is_said_so_in_one_line(err):
 def test_counters_through_a_one_stop_launch_leave_the_counts_exact(tmp_path, seccomp):
     """Under kvmtop's seccomp filter the vCPU threads stop only at KVM_RUN (seccomp stops): the
     fds are made there, and every exit is still counted exactly."""
-    from kvmtop.events import Detached, ExitBatch
+    from kvmtop.model.events import Detached, ExitBatch
 
     n, own = 30_000, tmp_path / "own.json"
     tracer = Tracer()
@@ -352,7 +352,7 @@ def test_a_vmm_under_its_own_seccomp_filter_is_left_alone(tmp_path, processes):
 
 
 def test_the_counters_that_say_why_vcpus_exit_come_first():
-    from kvmtop.kernel_table import in_reading_order
+    from kvmtop.counters.kernel_table import in_reading_order
 
     descs = parse_layout(stats_blob([
         ("halt_poll_invalid", CUMULATIVE, 0, 1, 0), ("pf_taken", CUMULATIVE, 0, 1, 0),
@@ -365,7 +365,7 @@ def test_the_counters_that_say_why_vcpus_exit_come_first():
 
 def _stop(pid: int, traced: bool = False) -> None:
     """SIGSTOP ``pid`` and wait until /proc says every thread of it is stopped."""
-    from kvmtop.procfs import is_stopped
+    from kvmtop.host.procfs import is_stopped
 
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + 10
@@ -380,7 +380,7 @@ def _stop(pid: int, traced: bool = False) -> None:
 def test_stats_of_a_stopped_vmm_says_so_without_attaching(tmp_path, processes, monkeypatch):
     """A SIGSTOPped VMM runs no thread that could make the fds: kvmtop says so at once, in one
     line, without tracing it; resumed, it runs on exactly and its counters can be had."""
-    from kvmtop.vm_stats import StatsUnavailable
+    from kvmtop.counters.vm_stats import StatsUnavailable
 
     n, own = 2_000, tmp_path / "own.json"
     vmm = subprocess.Popen(counted_command(outs=n, mmio_writes=0, spin=3_000_000,
@@ -412,7 +412,7 @@ def test_stats_of_a_stopped_vmm_says_so_without_attaching(tmp_path, processes, m
 def test_a_vmm_stopped_while_traced_is_named_when_no_fd_comes(processes):
     """Stopped after the attach (group-stopped under kvmtop, as without it), no thread reaches
     a syscall stop: the wait ends with the reason, not with an empty one."""
-    from kvmtop.vm_stats import StatsUnavailable
+    from kvmtop.counters.vm_stats import StatsUnavailable
 
     vmm = subprocess.Popen(counted_command(outs=2_000, mmio_writes=0, spin=3_000_000))
     processes.append(vmm)
@@ -442,7 +442,7 @@ def test_counters_held_while_the_vmm_is_stopped_are_shown_and_say_so(processes):
     wait_for_vcpus(vmm.pid)
     stats = take_stats(vmm.pid)
     try:
-        from kvmtop.stats_cli import sample_json, stats_table
+        from kvmtop.commands.stats import sample_json, stats_table
 
         _stop(vmm.pid)
         try:
@@ -468,7 +468,7 @@ def test_a_qemu_whose_vcpus_never_run_is_said_so_and_left_as_it_was(tmp_path, pr
     """`-S`: QEMU runs, its vCPU threads wait for `cont` and never enter KVM_RUN, where alone a
     vCPU's stats fd can be made: the wait ends with that reason (not an empty one), and QEMU's
     fds are as before (the VM's stats fd made on the way was closed in it)."""
-    from kvmtop.vm_stats import StatsUnavailable
+    from kvmtop.counters.vm_stats import StatsUnavailable
 
     bios = tmp_path / "bios.bin"
     bios.write_bytes(build_bios(outs=10, mmio_writes=0))
@@ -492,9 +492,9 @@ def test_the_io_note_says_where_kvm_counted_the_port_io_and_guesses_no_cause(tra
     """A 64-bit guest's port IO can be emulated too: the note states the counters, no cause."""
     from types import SimpleNamespace
 
-    from kvmtop.kernel_table import io_note
-    from kvmtop.kvm_stats import CUMULATIVE, StatDesc
-    from kvmtop.vm_stats import StatsSample
+    from kvmtop.abi.binary_stats import CUMULATIVE, StatDesc
+    from kvmtop.counters.kernel_table import io_note
+    from kvmtop.counters.vm_stats import StatsSample
 
     descs = tuple(StatDesc(name, CUMULATIVE, "", 10, 0, 1, 8 * i, 0)
                   for i, name in enumerate(("io_exits", "insn_emulation")))  # fmt: skip

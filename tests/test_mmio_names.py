@@ -1,4 +1,4 @@
-"""MMIO addresses named as the IO ports are (kvmtop.mmio_names), and a one-stop run that ended
+"""MMIO addresses named as the IO ports are (kvmtop.abi.mmio_names), and a one-stop run that ended
 with reason 0 labelled for what is known of it: tables and argv parsing by hand-made input, then
 real QEMU microvm guests whose MMIO exits are counted exactly."""
 
@@ -12,9 +12,9 @@ import pytest
 from guests.qemu_bios import build_flat32_bios, qemu_command
 from test_coalesced import KVMTOP, MODES
 
+from kvmtop.abi.mmio_names import MmioNames, from_argv, kernel_devices, parse_size
 from kvmtop.decoder import UNSEEN_LABEL, describe_exit, event_label
-from kvmtop.events import EXIT_CYCLE, ExitEvent
-from kvmtop.mmio_names import MmioNames, from_argv, kernel_devices, parse_size
+from kvmtop.model.events import EXIT_CYCLE, ExitEvent
 
 VIRTIO0 = 0xFEB00000
 
@@ -139,7 +139,7 @@ def test_an_ap_that_never_ran_is_labelled_for_what_the_mode_sees(tmp_path, engin
 
 
 def test_a_name_cut_to_fit_keeps_its_register_and_shortens_the_device():
-    from kvmtop.mmio_names import fit_name
+    from kvmtop.abi.mmio_names import fit_name
 
     name = "virtio-mmio 23 (virtio-blk) InterruptStatus"
     assert fit_name(name, 60) == "vio23 (virtio-blk) InterruptStatus"

@@ -16,8 +16,8 @@ from conftest import json_summary, start_recording, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 
 from kvmtop.decoder import exit_label
-from kvmtop.events import EXIT_CYCLE, Attached, Detached, ExitBatch
-from kvmtop.minivmm import counted_command, demo_command
+from kvmtop.minivmm.vmm import counted_command, demo_command
+from kvmtop.model.events import EXIT_CYCLE, Attached, Detached, ExitBatch
 from kvmtop.tracer_thread import Tracer
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]
@@ -171,7 +171,7 @@ def test_the_summary_says_how_many_stops_per_exit():
 def test_without_the_native_modules_kvmtop_says_so_and_counts_exactly(tmp_path, engine):
     """A kvmtop built without a C compiler: one line on stderr, then the pure-Python engine."""
     out = tmp_path / "r.kvmtop"
-    hide = "import sys; sys.modules['kvmtop._hotloop'] = sys.modules['kvmtop._summary'] = None"
+    hide = "import sys; sys.modules['kvmtop.native._hotloop'] = sys.modules['kvmtop.native._summary'] = None"
     run = f"{hide}; from kvmtop.cli import main; sys.exit(main(sys.argv[1:]))"
     argv = [sys.executable, "-c", run, "record", "--json", "-o", str(out), "--",
             *counted_command(outs=200, mmio_writes=20, exit_status=3)]  # fmt: skip

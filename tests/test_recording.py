@@ -13,17 +13,17 @@ from guests.many_vms import many_vms_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmtop.aggregate.exits import ExitStats, MeanBound
 from kvmtop.errors import RecordingError
-from kvmtop.events import Detached, ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
-from kvmtop.recording import (
+from kvmtop.formats.recording import (
     HEADER,
     RECORD_SIZE,
     RecordingMeta,
     RecordingWriter,
     open_recording,
 )
-from kvmtop.records import iter_events
-from kvmtop.stats import ExitStats, MeanBound
+from kvmtop.model.events import Detached, ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.model.records import iter_events
 
 START = 5_000_000_000
 

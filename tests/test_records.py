@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_recording import START, events_strategy
 
-from kvmtop.events import EXIT_WRITE, ExitBatch, ExitEvent, VcpuSeen
-from kvmtop.records import (
+from kvmtop.model.events import EXIT_WRITE, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.model.records import (
     EXIT,
     KIND_DATA,
     KIND_EXIT,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from kvmtop.events import ExitBatch, ExitEvent
-from kvmtop.recording import RecordingMeta, RecordingWriter
-from kvmtop.replay import Replay
+from kvmtop.formats.recording import RecordingMeta, RecordingWriter
+from kvmtop.model.events import ExitBatch, ExitEvent
+from kvmtop.sources.replay import Replay
 
 START = 2_000_000_000_000
 MS = 1_000_000

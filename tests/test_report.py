@@ -9,12 +9,12 @@ import json
 
 from guests.many_vms import START, many_vms_batch
 
-from kvmtop.events import ExitBatch, ExitEvent
-from kvmtop.export import csv_chunks, jsonl_chunks
-from kvmtop.perfetto import PerfettoTrace
-from kvmtop.recording import RecordingMeta
-from kvmtop.report import summary_csv, summary_json, summary_table
-from kvmtop.stats import ExitStats
+from kvmtop.aggregate.exits import ExitStats
+from kvmtop.formats.jsonl_csv import csv_chunks, jsonl_chunks
+from kvmtop.formats.perfetto import PerfettoTrace
+from kvmtop.formats.recording import RecordingMeta
+from kvmtop.formats.report import summary_csv, summary_json, summary_table
+from kvmtop.model.events import ExitBatch, ExitEvent
 
 
 def stats_of(*batches: ExitBatch) -> ExitStats:

@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmtop.errors import RecordingError
-from kvmtop.events import Detached, ExitBatch
-from kvmtop.minivmm import counted_command
-from kvmtop.procfs import tracer_pid
-from kvmtop.recording import open_recording
+from kvmtop.formats.recording import open_recording
+from kvmtop.host.procfs import tracer_pid
+from kvmtop.minivmm.vmm import counted_command
+from kvmtop.model.events import Detached, ExitBatch
 from kvmtop.tracer_thread import Tracer
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
@@ -318,7 +318,7 @@ def test_any_bytes_give_a_clear_error_or_the_readable_prefix(tmp_path_factory, h
 
 
 def test_kvmtop_has_no_way_to_write_a_tracee():
-    """No code that touches a tracee pokes memory; only kvmtop/inject.py (KVM's counters, on
+    """No code that touches a tracee pokes memory; only kvmtop/trace/inject.py (KVM's counters, on
     request) sets registers."""
     sources = {
         p.name: p.read_text().lower()
@@ -356,7 +356,7 @@ def test_bad_command_lines_get_one_clear_line(args, status, text):
 @pytest.mark.kvm
 async def test_quitting_the_tui_leaves_a_complete_recording(tmp_path, processes):
     from kvmtop.app import KvmtopApp
-    from kvmtop.session import SessionState
+    from kvmtop.sources.session import SessionState
 
     vmm = subprocess.Popen(counted_command(outs=300, mmio_writes=0, spin=8_000_000, exit_status=2))
     processes.append(vmm)

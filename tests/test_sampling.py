@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from kvmtop.entry_cost import EntryCost
-from kvmtop.sampler import PySampler
-from kvmtop.sampling import (
+from kvmtop.sampling.entry_cost import EntryCost
+from kvmtop.sampling.sampler import PySampler
+from kvmtop.sampling.shares import (
     KVM_EXIT_IO,
     KVM_EXIT_MMIO,
     MAX_KEYS,
@@ -79,7 +79,7 @@ def test_a_vmm_time_per_exit_is_net_of_kvm_s_own_part_of_each_exit_when_timed():
 def looked_at(native: bool, pages: list[bytearray]) -> Any:
     """What a sampler (the C one, or its Python twin) took from ``pages`` in 0.1 s."""
     if native:
-        from kvmtop import _sampler  # type: ignore[attr-defined]
+        from kvmtop.native import _sampler  # type: ignore[attr-defined]
 
         sampler = _sampler.Sampler(2000.0, 1)
     else:
@@ -94,8 +94,10 @@ def looked_at(native: bool, pages: list[bytearray]) -> Any:
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_sampler_counts_what_the_page_says(native):
-    if native and importlib.util.find_spec("kvmtop._sampler") is None:
-        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+    if native and importlib.util.find_spec("kvmtop.native._sampler") is None:
+        pytest.skip(
+            "kvmtop.native._sampler is not built (no C compiler or Python headers at install)"
+        )
     pages = [bytearray(4096), bytearray(4096)]
     struct.pack_into("<I", pages[1], 8, KVM_EXIT_IO)  # vCPU 1 in the VMM, `out 0x3f8`
     struct.pack_into("<BBBBI", pages[1], 32, 1, 1, 0xF8, 0x03, 1)
@@ -106,9 +108,11 @@ def test_the_sampler_counts_what_the_page_says(native):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_sampler_keys_an_mmio_look_by_its_address_and_direction(native):
-    if native and importlib.util.find_spec("kvmtop._sampler") is None:
-        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
-    from kvmtop.sampling import MMIO_WRITE
+    if native and importlib.util.find_spec("kvmtop.native._sampler") is None:
+        pytest.skip(
+            "kvmtop.native._sampler is not built (no C compiler or Python headers at install)"
+        )
+    from kvmtop.sampling.shares import MMIO_WRITE
 
     pages = [bytearray(4096), bytearray(4096)]
     for page, write in zip(pages, (0, 1), strict=True):  # phys_addr @0, len @16, is_write @20
@@ -124,8 +128,10 @@ def test_a_reason_seen_while_kvm_says_the_vcpu_is_blocked_counts_as_in_kvm_run(n
     """A vCPU waiting in kvm_vcpu_block keeps the reason it last returned with (KVM_EXIT_INTR
     after a signal): its `blocking` counter, read where a look sees a reason, says it is in
     KVM_RUN. Here a file stands for the stats fd: blocking is 1 at offset 24."""
-    if native and importlib.util.find_spec("kvmtop._sampler") is None:
-        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+    if native and importlib.util.find_spec("kvmtop.native._sampler") is None:
+        pytest.skip(
+            "kvmtop.native._sampler is not built (no C compiler or Python headers at install)"
+        )
     stats = tmp_path / "stats"
     stats.write_bytes(bytes(24) + struct.pack("<Q", 1) + struct.pack("<Q", 0))
     page = bytearray(4096)
@@ -133,7 +139,7 @@ def test_a_reason_seen_while_kvm_says_the_vcpu_is_blocked_counts_as_in_kvm_run(n
     fd = os.open(stats, os.O_RDONLY)
     try:
         if native:
-            from kvmtop import _sampler  # type: ignore[attr-defined]
+            from kvmtop.native import _sampler  # type: ignore[attr-defined]
 
             sampler = _sampler.Sampler(2000.0, 1)
         else:
@@ -180,9 +186,9 @@ def test_the_vmm_s_own_time_is_bounded_by_kvm_s_part_from_nothing_to_its_most():
 
 
 def test_the_watch_names_each_mmio_address_and_its_direction_as_report_does():
-    from kvmtop.mmio_names import from_argv
-    from kvmtop.sampling import MMIO_WRITE
-    from kvmtop.watch_cli import snapshot_json, snapshot_text
+    from kvmtop.abi.mmio_names import from_argv
+    from kvmtop.commands.watch import snapshot_json, snapshot_text
+    from kvmtop.sampling.shares import MMIO_WRITE
     from kvmtop.widgets.sampled_targets import _label
 
     names = from_argv(["qemu", "-M", "microvm", "-device", "virtio-blk-device,drive=d"])

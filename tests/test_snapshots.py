@@ -10,7 +10,7 @@ import pytest
 from guests.fixed_recording import write_fixed_recording
 
 from kvmtop.app import KvmtopApp
-from kvmtop.discovery import KvmProcess
+from kvmtop.host.discovery import KvmProcess
 
 SIZE = (140, 42)
 SIZES = pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def test_watch_view(snap_compare, monkeypatch, size):
     """`w` on the first VM listed, watched by a fixed watcher (4 vCPUs, one second sampled)."""
     from guests.fixed_watch import FixedWatcher
 
-    from kvmtop.watch_feed import WatchFeed
+    from kvmtop.sources.watch_feed import WatchFeed
 
     monkeypatch.setattr(WatchFeed, "watched_s", property(lambda feed: 63.0))
 

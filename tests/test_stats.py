@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmtop.events import EXIT_CYCLE, ExitBatch, ExitEvent, VcpuSeen
-from kvmtop.native import PURE_ENV, load
-from kvmtop.stats import (
+from kvmtop.aggregate.batch_summary import BUCKETS, bucket_bounds, bucket_of
+from kvmtop.aggregate.exits import (
     EMPTY_HISTOGRAM,
     ExitStats,
     LatencyHistogram,
@@ -23,7 +22,8 @@ from kvmtop.stats import (
     mean_bound,
     reasons_by,
 )
-from kvmtop.summary import BUCKETS, bucket_bounds, bucket_of
+from kvmtop.model.events import EXIT_CYCLE, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.native import PURE_ENV, load
 
 S = 1_000_000_000
 
@@ -34,7 +34,7 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     if request.param == "pure":
         monkeypatch.setenv(PURE_ENV, "1")
     elif load("_summary") is None:
-        pytest.skip("kvmtop._summary is not built")
+        pytest.skip("kvmtop.native._summary is not built")
     return str(request.param)
 
 

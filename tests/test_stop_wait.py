@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from kvmtop import stop_wait
-from kvmtop.stop_wait import EXPLOIT_MAX, PROBE_EPOCHS, PollChooser
+from kvmtop.trace import stop_wait
+from kvmtop.trace.stop_wait import EXPLOIT_MAX, PROBE_EPOCHS, PollChooser
 
 WINDOW = 50_000
 START = 1_000_000_000
@@ -19,9 +19,11 @@ START = 1_000_000_000
 
 def c_chooser(max_ns: int) -> Any:
     try:
-        module = importlib.import_module("kvmtop._hotloop")
+        module = importlib.import_module("kvmtop.native._hotloop")
     except ImportError:
-        pytest.skip("kvmtop._hotloop is not built (no C compiler or Python headers at install)")
+        pytest.skip(
+            "kvmtop.native._hotloop is not built (no C compiler or Python headers at install)"
+        )
     return module.PollChooser(max_ns)
 
 

@@ -8,10 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmtop import summary
-from kvmtop.events import EXIT_CYCLE, ExitEvent
-from kvmtop.native import load
-from kvmtop.records import (
+from kvmtop.aggregate import batch_summary as summary
+from kvmtop.model.events import EXIT_CYCLE, ExitEvent
+from kvmtop.model.records import (  # fmt: skip
     EXIT,
     F_CYCLE,
     HELD,
@@ -21,10 +20,11 @@ from kvmtop.records import (
     KIND_LONG,
     LONG,
     pack_events,
-)  # fmt: skip
+)
+from kvmtop.native import load
 
 native = load("_summary")
-needs_native = pytest.mark.skipif(native is None, reason="kvmtop._summary is not built")
+needs_native = pytest.mark.skipif(native is None, reason="kvmtop.native._summary is not built")
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 

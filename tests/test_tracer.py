@@ -18,9 +18,9 @@ from conftest import wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 
 from kvmtop.decoder import exit_label
-from kvmtop.events import Attached, Detached, ExitBatch, TracerFailed
-from kvmtop.minivmm import counted_command
-from kvmtop.procfs import tracer_pid
+from kvmtop.host.procfs import tracer_pid
+from kvmtop.minivmm.vmm import counted_command
+from kvmtop.model.events import Attached, Detached, ExitBatch, TracerFailed
 from kvmtop.tracer_thread import Tracer
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]
@@ -256,7 +256,7 @@ def test_data_values_are_captured_only_when_asked(tmp_path):
 def test_without_pidfd_getfd_the_vmms_own_mapping_is_read(tracer, tmp_path, monkeypatch):
     """Where duplicating the vCPU fd is refused, kvm_run is read from the VMM's own mapping
     (found in /proc/PID/maps) with process_vm_readv: the counts stay exact."""
-    from kvmtop import vcpu_maps
+    from kvmtop.host import vcpu_maps
 
     def refused(_pidfd: int, _fd: int) -> int:
         raise PermissionError(1, "Operation not permitted")

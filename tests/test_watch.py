@@ -17,11 +17,11 @@ import pytest
 from conftest import start_minivmm, start_qemu, wait_for_vcpus
 from test_cli import as_nobody, assert_one_line_error
 
-from kvmtop.entry_cost import EntryCost, measure
-from kvmtop.procfs import is_stopped, tracer_pid
-from kvmtop.sampling import vmm_own_bound
-from kvmtop.watch_cli import snapshot_text
-from kvmtop.watcher import Watcher
+from kvmtop.commands.watch import snapshot_text
+from kvmtop.host.procfs import is_stopped, tracer_pid
+from kvmtop.sampling.entry_cost import EntryCost, measure
+from kvmtop.sampling.shares import vmm_own_bound
+from kvmtop.sampling.watcher import Watcher
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("pure_sampler")]
 
@@ -34,8 +34,10 @@ def pure_sampler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     else:
         import importlib.util
 
-        if importlib.util.find_spec("kvmtop._sampler") is None:
-            pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+        if importlib.util.find_spec("kvmtop.native._sampler") is None:
+            pytest.skip(
+                "kvmtop.native._sampler is not built (no C compiler or Python headers at install)"
+            )
     return str(request.param)
 
 
@@ -152,8 +154,10 @@ def test_bad_pids_and_no_permission_get_one_line(processes):
 
 
 def test_kvm_s_own_part_of_each_exit_is_timed_on_a_vm_of_kvmtop_s_own():
-    if importlib.util.find_spec("kvmtop._sampler") is None:
-        pytest.skip("kvmtop._sampler is not built (no C compiler or Python headers at install)")
+    if importlib.util.find_spec("kvmtop.native._sampler") is None:
+        pytest.skip(
+            "kvmtop.native._sampler is not built (no C compiler or Python headers at install)"
+        )
     entry = measure()
     assert isinstance(entry, EntryCost), entry
     # KVM_RUN's entry work on any host takes some hundreds of ns at least, and far under a ms
@@ -171,8 +175,8 @@ def test_the_vmm_s_own_share_lies_in_the_watch_s_bound_by_the_vmm_s_own_clock(
     it resets exit_reason at entry, after it sets the next), which differs between VMs and
     moments: the watch's bound of the VMM's own share allows it anything from nothing to its
     most, and holds the truth; and it says something (narrower than the share itself)."""
-    if importlib.util.find_spec("kvmtop._sampler") is None:
-        pytest.skip("kvmtop._sampler is not built: KVM's part of each exit is not timed")
+    if importlib.util.find_spec("kvmtop.native._sampler") is None:
+        pytest.skip("kvmtop.native._sampler is not built: KVM's part of each exit is not timed")
     assert isinstance(measure(), EntryCost)  # timed before the VMM starts: the watch sees it all
     report = tmp_path / "vmm.json"
     outs = 8000 if sleep_us < 500 else 2000
@@ -196,8 +200,8 @@ def test_each_reason_s_vmm_time_per_exit_lies_in_its_bound_by_a_c_vmm_s_clock(ti
     each write, and times its KVM_RUN calls to tens of ns: each reason's VMM time per exit, as
     its own clock says, lies in the bound of its sampled share net of KVM's part (from nothing
     to its most), and that bound is narrower than the time itself."""
-    if importlib.util.find_spec("kvmtop._sampler") is None:
-        pytest.skip("needs kvmtop._sampler (KVM's part of each exit)")
+    if importlib.util.find_spec("kvmtop.native._sampler") is None:
+        pytest.skip("needs kvmtop.native._sampler (KVM's part of each exit)")
     vmm = subprocess.Popen([timed_vmm, "40000", "100", "mix"], stdout=subprocess.PIPE, text=True)
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)

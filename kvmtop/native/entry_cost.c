@@ -1,4 +1,4 @@
-/* kvmtop._sampler.entry_cost: what KVM_RUN spends, on this host, while exit_reason still holds
+/* kvmtop.native._sampler.entry_cost: what KVM_RUN spends, on this host, while exit_reason still holds
  * the last exit: before the kernel resets it at entry (the head) and after it sets the next one
  * (the tail). A look at kvm_run in those moments sees a reason, so samples count them as the
  * VMM's time, though the VMM's thread is inside KVM_RUN. Measured on a VM of kvmtop's own (one

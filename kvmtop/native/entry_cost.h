@@ -1,4 +1,4 @@
-/* kvmtop._sampler.entry_cost(runs): see entry_cost.c */
+/* kvmtop.native._sampler.entry_cost(runs): see entry_cost.c */
 #ifndef KVMTOP_ENTRY_COST_H
 #define KVMTOP_ENTRY_COST_H
 #include <Python.h>

@@ -1,4 +1,4 @@
-/* kvmtop._hotloop: the tracer's per-exit work, in C. An executor, never a decider.
+/* kvmtop.native._hotloop: the tracer's per-exit work, in C. An executor, never a decider.
  *
  * It owns the hot state of tracing: the threads being traced (tid -> process, whether it runs
  * vCPUs, its syscall budget, the run it is in), the vCPUs (process, fd -> kvmtop's read-only
@@ -13,7 +13,7 @@
  *
  * Both hand back to Python on anything else: a stop or a notification it does not recognise
  * (an unknown thread or fd, clone/exec/exit events, signals, group stops, a process Python has
- * asked to see every stop of), a full buffer, a deadline. kvmtop/hot_state.py is the same
+ * asked to see every stop of), a full buffer, a deadline. kvmtop/trace/py_engine.py is the same
  * engine in pure Python, the reference these loops are tested against.
  *
  * It never writes a tracee's memory or registers. Two threads may use one engine (the ptrace
@@ -92,13 +92,13 @@
 #define RING_ENTRY 24
 #define RING_MAX ((RING_PAGE - 8) / RING_ENTRY) /* KVM_COALESCED_MMIO_MAX: 170 */
 
-/* docs/recording-format.md (kvmtop/records.py) */
+/* docs/recording-format.md (kvmtop/model/records.py) */
 #define KIND_EXIT 1
 #define KIND_LONG 2
 #define KIND_DATA 3
 #define KIND_HELD 9 /* a part of an exit: time stopped for kvmtop before its entry */
 #define KIND_VCPU 4
-#define KIND_COALESCED 10 /* writes KVM queued in the coalesced MMIO ring (kvmtop/coalesced.py) */
+#define KIND_COALESCED 10 /* writes KVM queued in the coalesced MMIO ring (kvmtop/model/coalesced.py) */
 #define C_PIO 0x01
 #define C_WRAP 0x02
 #define C_UNREADABLE 0x04
@@ -112,7 +112,7 @@
 #define DATA_CHUNK 30
 #define RECORD 32
 
-/* Process modes (kvmtop/hot_state.py: the same numbers) */
+/* Process modes (kvmtop/trace/py_engine.py: the same numbers) */
 #define MODE_TWO_STOP 0 /* PTRACE_SYSCALL: KVM_RUN's entry and exit stops */
 #define MODE_ONE_STOP 1 /* seccomp RET_TRACE on KVM_RUN: one stop, at its entry */
 #define MODE_NOTIFY 2   /* seccomp user notification: no ptrace stop per exit */
@@ -152,7 +152,7 @@ struct notif_resp { /* struct seccomp_notif_resp */
     uint32_t flags;
 };
 
-/* Whether a wait polls before it sleeps (kvmtop/stop_wait.py PollChooser, the reference: the
+/* Whether a wait polls before it sleeps (kvmtop/trace/stop_wait.py PollChooser, the reference: the
    same numbers and steps). Epochs of each way are timed, alternated, and the faster kept; not
    polling where stops come too far apart, nor on a host whose CPUs are contended. */
 #define EPOCH_STOPS 256     /* an epoch: at least this many stops... */
@@ -451,7 +451,7 @@ static const uint8_t *page_bytes(Engine *e, Page *p) {
     return e->scratch;
 }
 
-/* a, b, flags and data of an exit (kvmtop/arch/x86_64.py decode_union, the reference) */
+/* a, b, flags and data of an exit (kvmtop/abi/arch/x86_64.py decode_union, the reference) */
 static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint32_t *b,
                          uint8_t *flags, uint8_t *data, size_t *data_len, int with_data,
                          int reads) {
@@ -648,7 +648,7 @@ static void open_run(Engine *e, Page *p, int64_t now) {
     p->open_immediate = run ? run[RUN_IMMEDIATE_EXIT] != 0 : 0;
 }
 
-/* --- the coalesced MMIO ring (kvmtop/coalesced.py RingLook, the reference) ------------------- */
+/* --- the coalesced MMIO ring (kvmtop/model/coalesced.py RingLook, the reference) ------------------- */
 
 static void put_coalesced(Engine *e, uint8_t flags, int vcpu, uint32_t len, int64_t now,
                           uint32_t count, uint64_t address) {
@@ -1436,17 +1436,17 @@ static PyMethodDef Engine_methods[] = {
 };
 
 static PyTypeObject EngineType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop._hotloop.Engine",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop.native._hotloop.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The hot state and loops of tracing (see kvmtop/hot_state.py for the reference).",
+    .tp_doc = "The hot state and loops of tracing (see kvmtop/trace/py_engine.py for the reference).",
     .tp_new = Engine_new,
     .tp_init = (initproc)Engine_init,
     .tp_dealloc = (destructor)Engine_dealloc,
     .tp_methods = Engine_methods,
 };
 
-/* The engine's chooser on its own, for the tests: fed with the timings kvmtop/stop_wait.py's
+/* The engine's chooser on its own, for the tests: fed with the timings kvmtop/trace/stop_wait.py's
    PollChooser is fed with, it must choose the same. */
 typedef struct {
     PyObject_HEAD
@@ -1491,17 +1491,17 @@ static PyMemberDef Chooser_members[] = {
 };
 
 static PyTypeObject ChooserType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop._hotloop.PollChooser",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop.native._hotloop.PollChooser",
     .tp_basicsize = sizeof(Chooser),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Whether a wait polls first (see kvmtop/stop_wait.py PollChooser, the reference).",
+    .tp_doc = "Whether a wait polls first (see kvmtop/trace/stop_wait.py PollChooser, the reference).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Chooser_init,
     .tp_methods = Chooser_methods,
     .tp_members = Chooser_members,
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop._hotloop",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop.native._hotloop",
                                     "The tracer's per-exit work in C.", -1, NULL};
 
 PyMODINIT_FUNC PyInit__hotloop(void) {

@@ -1,4 +1,4 @@
-/* kvmtop._sampler: reads every watched vCPU's struct kvm_run at a steady, jittered rate, in one
+/* kvmtop.native._sampler: reads every watched vCPU's struct kvm_run at a steady, jittered rate, in one
  * thread of its own, and counts what it sees. An executor, never a decider.
  *
  *   Sampler(rate_hz, seed)      a sampler, not yet running
@@ -320,7 +320,7 @@ static PyMethodDef Sampler_methods[] = {
 };
 
 static PyTypeObject SamplerType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop._sampler.Sampler",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop.native._sampler.Sampler",
     .tp_basicsize = sizeof(Sampler),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Sampler_new,
@@ -336,7 +336,7 @@ static PyMethodDef functions[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop._sampler",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvmtop.native._sampler",
                                     "kvm_run sampling off the GIL.", -1, functions};
 
 PyMODINIT_FUNC PyInit__sampler(void) {

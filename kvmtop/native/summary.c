@@ -1,7 +1,7 @@
-/* kvmtop._summary: a batch of exit records grouped in one pass, for the aggregate to merge per
+/* kvmtop.native._summary: a batch of exit records grouped in one pass, for the aggregate to merge per
  * key instead of per exit. An executor, never a decider.
  *
- *   summarize(records, base_ns, recent_per_vcpu) -> the summary tuple kvmtop/summary.py
+ *   summarize(records, base_ns, recent_per_vcpu) -> the summary tuple kvmtop/aggregate/batch_summary.py
  *                 documents, value for value (that file is the reference this one is tested
  *                 against): counts, guest and handling log2 histograms and per-second counts
  *                 per (vcpu, reason, errno), IO and MMIO key counts, and per vCPU what the
@@ -34,7 +34,7 @@
 #define KVM_EXIT_IO 2
 #define KVM_EXIT_MMIO 6
 
-/* kvmtop/summary.py: bucket_of */
+/* kvmtop/aggregate/batch_summary.py: bucket_of */
 #define SUB_BITS 3
 #define OCTAVES 40
 #define BUCKETS ((OCTAVES - SUB_BITS + 1) << SUB_BITS)
@@ -506,13 +506,13 @@ static PyObject *summarize(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"summarize", summarize, METH_VARARGS,
-     "summarize(records, base_ns, recent_per_vcpu) -> summary (see kvmtop/summary.py)"},
+     "summarize(records, base_ns, recent_per_vcpu) -> summary (see kvmtop/aggregate/batch_summary.py)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "kvmtop._summary",
+    .m_name = "kvmtop.native._summary",
     .m_doc = "A batch of exit records grouped in one pass.",
     .m_size = -1,
     .m_methods = methods,

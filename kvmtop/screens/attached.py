@@ -11,15 +11,11 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 
-from kvmtop.screens.requests import (
-    BackRequested,
-    DetachRequested,
-    KernelRequested,
-)
+from kvmtop.aggregate.exits import StatsSnapshot
+from kvmtop.screens.polled import WatchScreen
+from kvmtop.screens.requests import BackRequested, DetachRequested, KernelRequested
 from kvmtop.screens.vcpu import VcpuScreen
-from kvmtop.screens.watch import WatchScreen
-from kvmtop.sources import ExitSource, LiveSource, SourceStatus
-from kvmtop.stats import StatsSnapshot
+from kvmtop.sources.exit_source import ExitSource, LiveSource, SourceStatus
 from kvmtop.units import human
 from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane

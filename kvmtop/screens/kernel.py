@@ -12,8 +12,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Static
 
-from kvmtop.held_stats import HeldStats
-from kvmtop.kernel_table import CounterTable, counter_table, io_note
+from kvmtop.counters.held_stats import HeldStats
+from kvmtop.counters.kernel_table import CounterTable, counter_table, io_note
 from kvmtop.screens.typed_filter import TypedFilter
 from kvmtop.units import human
 from kvmtop.widgets.counter_grid import CounterGrid

@@ -13,9 +13,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Static
 
-from kvmtop.discovery import KvmProcess, list_kvm_processes, not_yours
-from kvmtop.process_sort import NAMES, marker, sorted_processes
-from kvmtop.report import cut
+from kvmtop.formats.report import cut
+from kvmtop.host.discovery import KvmProcess, list_kvm_processes, not_yours
+from kvmtop.host.process_sort import NAMES, marker, sorted_processes
 from kvmtop.screens.requests import (
     AttachRequested,
     DemoRequested,

@@ -13,10 +13,10 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.markup import escape
 from textual.widgets import Static
 
+from kvmtop.aggregate.exits import StatsSnapshot, VcpuSnapshot
+from kvmtop.screens.polled import REPLAY_BINDINGS, WatchScreen
 from kvmtop.screens.typed_filter import TypedFilter
-from kvmtop.screens.watch import REPLAY_BINDINGS, WatchScreen
-from kvmtop.sources import ExitSource, SourceStatus
-from kvmtop.stats import StatsSnapshot, VcpuSnapshot
+from kvmtop.sources.exit_source import ExitSource, SourceStatus
 from kvmtop.units import human
 from kvmtop.widgets.exit_log import ExitLog
 from kvmtop.widgets.key_footer import KeyFooter

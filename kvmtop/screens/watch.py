@@ -1,187 +1,146 @@
-"""What the attached view and the drill-down share: a source polled 4 times a second (`+`/`-`
-and `-d` change that), `p` to freeze the view while tracing goes on and `r` to reset its counts
-(live only), `o` to order the exit reasons by count, rate or latency, and the replay keys
-(pause, seek, speed), offered only when the source is a recording."""
+"""The watch view (`w`): a VM watched by sampling, never traced. One line per vCPU (KVM's exits/s,
+the share of time in the VMM and its 60 s timeline, the VMM's time by reason), the whole VM's
+time by exit reason and its busiest IO ports and MMIO addresses by VMM time, each share with
+its 95% bound; KVM's counters are exact, the shares sampled, and the view says which is which.
+`a` switches to exact tracing of the same VM (`w` there comes back here).
+
+The watcher runs in a :class:`~kvmtop.sources.watch_feed.WatchFeed` thread; this screen only polls it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
+from textual.widgets import Static
 
-from kvmtop.replay import Replay
-from kvmtop.sources import ExitSource, LiveSource, SourceStatus
-from kvmtop.stats import REASON_ORDERS, ReasonStats, StatsSnapshot, reasons_by
-from kvmtop.widgets.reason_bars import ReasonBars
-from kvmtop.widgets.status_line import StatusLine
+from kvmtop.sampling.shares import WatchSnapshot
+from kvmtop.sources.watch_feed import WatchFeed
+from kvmtop.units import elapsed, human
+from kvmtop.widgets.key_footer import KeyFooter
+from kvmtop.widgets.sampled_targets import SampledTargets, lines_for
+from kvmtop.widgets.sampled_vcpus import SampledVcpus
+from kvmtop.widgets.vcpu_table import MAX_LINES_PER_VCPU
+from kvmtop.widgets.vmm_reasons import VmmReasons
 
-REFRESH_S = 0.25  # snapshot polls: 4 Hz, whatever the exit rate
-REFRESH_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0)  # `+` and `-` move along these
-
-REPLAY_ACTIONS = frozenset({"pause", "seek", "seek_to", "speed"})
-# one footer item per pair of keys: the footer then fits 80 columns
-SEEK = Binding.Group("Seek 10s", compact=True)
-SPEED = Binding.Group("Speed", compact=True)
-# priority: the replay keys win over the focused pane's own scrolling keys
-REPLAY_BINDINGS = [
-    Binding("space", "pause", "Pause", priority=True, tooltip="Pause or play the recording"),
-    Binding("left", "seek(-10)", "-10s", priority=True, group=SEEK,
-            tooltip="Seek 10 s back (the view is rebuilt from the start)"),
-    Binding("right", "seek(10)", "+10s", priority=True, group=SEEK, tooltip="Seek 10 s forward"),
-    Binding("home", "seek_to(0)", "Start", show=False, priority=True,
-            tooltip="Seek to the start of the recording"),
-    Binding("end", "seek_to(1)", "End", show=False, priority=True,
-            tooltip="Seek to the end of the recording"),
-    Binding("left_square_bracket", "speed(-1)", "Slower", key_display="[", priority=True,
-            group=SPEED, tooltip="Play slower"),
-    Binding("right_square_bracket", "speed(1)", "Faster", key_display="]", priority=True,
-            group=SPEED, tooltip="Play faster"),
-]  # fmt: skip
+POLL_S = 0.25
 
 
-class WatchScreen(Screen[None]):
-    """A screen that shows a source: subclasses fill :meth:`show`."""
-
-    TOP = 8  # IO ports / MMIO addresses per snapshot
-
+class SampledScreen(Screen[None]):
     BINDINGS = [
-        Binding("p", "freeze", "Freeze", tooltip="Freeze or unfreeze the view (tracing goes on)"),
-        Binding("r", "reset", "Reset", show=False,
-                tooltip="Reset the counts, rates and histograms shown (a recording is untouched)"),
-        Binding("o", "reason_order", "Order", show=False,
-                tooltip="Order the exit reasons: by count, by rate, by VMM p50"),
-        Binding("plus", "refresh_every(1)", "Slower refresh", show=False, key_display="+",
-                tooltip="Refresh the view less often (0.25 s, 0.5, 1, 2, 5 s)"),
-        Binding("minus", "refresh_every(-1)", "Faster refresh", show=False, key_display="-",
-                tooltip="Refresh the view more often"),
-        *REPLAY_BINDINGS,
+        Binding("a", "trace", "Trace exactly",
+                tooltip="Trace this VM instead: every exit exactly, at a cost to the VM (w there "
+                "comes back to watching)"),
+        Binding("escape,w", "back", "Back", key_display="esc w",
+                tooltip="Back to the process list (watching stops); q quits, as everywhere"),
     ]  # fmt: skip
 
-    def __init__(self, source: ExitSource) -> None:
+    def __init__(self, feed: WatchFeed, trace: Callable[[int], None]) -> None:
         super().__init__()
-        self.source = source
-        self.frozen = False
-        self._shown_version: object = None
-        self._last_snapshot: StatsSnapshot | None = None
+        self.feed = feed
+        self.trace = trace  # exact tracing of the pid instead (the app's)
+        self._shown_version = -1
+        self._snap: WatchSnapshot | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.feed.pid
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"pid {self.pid}: taking its vCPUs' run pages and KVM's counters...",
+                     id="title")  # fmt: skip
+        with Vertical(id="body"):
+            yield SampledVcpus(id="vcpus")
+            with Horizontal(id="watch-row"):
+                yield VmmReasons()
+                yield SampledTargets()
+        yield Static("", id="watch-status")
+        yield KeyFooter()
 
     def on_mount(self) -> None:
-        self.refresh_view()
-        self._every = self.refresh_s
-        self._timer = self.set_interval(self._every, self._tick)
+        self.query_one(SampledVcpus).focus()
+        self.set_interval(POLL_S, self._tick)
 
-    @property
-    def refresh_s(self) -> float:
-        """The app's refresh interval (`+`/`-`), which every view follows."""
-        return float(getattr(self.app, "refresh_s", REFRESH_S))
-
-    @property
-    def reason_order(self) -> str:
-        """How the reasons are ordered (`o`), the same on every view."""
-        return str(getattr(self.app, "reason_order", "count"))
-
-    def ordered(self, reasons: tuple[ReasonStats, ...]) -> tuple[ReasonStats, ...]:
-        return reasons_by(reasons, self.reason_order)
-
-    def reasons_title(self, title: str) -> str:
-        """A reasons pane's title, saying the order when it is not the usual one (by count)."""
-        order = self.reason_order
-        return title if order == "count" else f"{title}, by {order}"
-
-    def show_reasons(
-        self, title: str, reasons: tuple[ReasonStats, ...], total: int, coalesced: int = 0
-    ) -> tuple[ReasonStats, ...]:
-        """The reasons pane, titled (saying the order) and ordered; returns the order."""
-        bars = self.query_one(ReasonBars)
-        title = self.reasons_title(title)
-        if bars.border_title != title:  # setting it lays the screen out again
-            bars.border_title = title
-        ordered = self.ordered(reasons)
-        bars.show(ordered, total, coalesced)
-        return ordered
-
-    def action_reason_order(self) -> None:
-        orders = list(REASON_ORDERS)
-        order = orders[(orders.index(self.reason_order) + 1) % len(orders)]
-        self.app.reason_order = order  # type: ignore[attr-defined]
-        self.refresh_view()  # the reasons pane's title says the order
+    def on_unmount(self) -> None:
+        self.feed.close()  # its thread closes the watcher's fds
 
     def _tick(self) -> None:
-        if not self.is_current:  # a screen under another one does not draw
+        feed = self.feed
+        if feed.error is not None:
+            self.notify(feed.error, severity="error", timeout=6)
+            feed.error = None
+            if self.app.screen is self:
+                self.app.pop_screen()
             return
-        if self._every != self.refresh_s:  # changed on another view
-            self._restart_timer()
-        version = self.source.version()
-        if version != self._shown_version:  # an idle VMM or a paused replay: nothing to redraw
-            self._shown_version = version
-            self.refresh_view()
-
-    def refresh_view(self) -> None:
-        status = self.source.status()
-        if status.busy and self._last_snapshot is not None:
-            # a long seek: snapshots would only slow the player down; show its progress
-            self.query_one(StatusLine).show(status, self._last_snapshot, self.frozen)
+        if feed.version == self._shown_version or not self.is_current:
             return
-        snap = self.source.snapshot(top=self.TOP)
-        self._last_snapshot = snap
-        self.query_one(StatusLine).show(status, snap, self.frozen)
-        if not self.frozen:
-            self.show(snap, status)
+        self._shown_version = feed.version
+        if feed.ended:
+            self.refresh_bindings()  # `a` leaves the footer
+        snap = feed.latest()
+        if snap is not None:
+            self.show(snap)
 
-    def show(self, snap: StatsSnapshot, status: SourceStatus) -> None:
-        """Fill the panes (not called while frozen)."""
-        raise NotImplementedError
+    def show(self, snap: WatchSnapshot) -> None:
+        self._snap = snap
+        self.query_one("#title", Static).update(self.title_text(snap))
+        self.fit()
+        self.query_one(SampledVcpus).show(snap.vcpus)
+        vm = snap.vm
+        self.query_one(VmmReasons).show(vm, snap.entry)
+        self.query_one(SampledTargets).show(snap.top_ports, snap.top_addresses)
+        self.query_one("#watch-status", Static).update(self.status_text(snap))
 
-    @property
-    def replay(self) -> Replay | None:
-        return self.source if isinstance(self.source, Replay) else None
+    def title_text(self, snap: WatchSnapshot) -> str:
+        if self.feed.ended:
+            return f"pid {self.pid} has ended: the watch is closed (Esc goes back)"
+        rate = snap.vm.exits_per_s
+        kvm = f"KVM: {human(rate)} exits/s (exact)" if rate is not None else "KVM's counters: -"
+        return f"pid {self.pid}: watched, not traced: no cost to the VM   {kvm}"
+
+    def status_text(self, snap: WatchSnapshot) -> Text:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(" ended " if self.feed.ended else " watching ", style="reverse")
+        text.append(f"  for {elapsed(self.feed.watched_s)}   samples {human(snap.vm.samples)} "
+                    f"in {snap.seconds:.1f} s ({human(snap.rate_hz)}/s a vCPU)   "
+                    f"vCPUs {len(snap.vcpus)}   ")  # fmt: skip
+        if snap.note:
+            text.append(snap.note, style="bold red" if not snap.reset_seen else "")
+        else:
+            text.append("exact: KVM's counters; sampled: shares ±95%", style="dim")
+        return text
+
+    def on_resize(self, _event: events.Resize) -> None:
+        self.fit()
+
+    def fit(self) -> None:
+        """The vCPU pane's lines as in the attached view: what the VM's panes leave."""
+        snap = self._snap
+        if snap is None:
+            return
+        body = self.query_one("#body").size.height
+        vcpus = max(1, len(snap.vcpus))
+        reasons = 3 + 1 + max(1, len(snap.vm.by_reason))
+        panes = max(reasons, 2 + lines_for(len(snap.top_ports), len(snap.top_addresses)))
+        room = body - panes
+        per_vcpu = max(1, min(MAX_LINES_PER_VCPU, (room - 3) // vcpus))
+        height = max(min(room, 3 + vcpus * per_vcpu), 3 + min(vcpus, 4))
+        self.query_one(SampledVcpus).styles.height = height
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in REPLAY_ACTIONS:
-            return self.replay is not None  # hidden from the footer when live
-        if action == "freeze":
-            return self.replay is None  # a replay has Pause, which holds the whole view
-        if action == "reset":
-            return isinstance(self.source, LiveSource)  # a replay has Home
+        if action == "trace":
+            return not self.feed.ended  # nothing left to trace
         return True
 
-    def _restart_timer(self) -> None:
-        self._timer.stop()
-        self._every = self.refresh_s
-        self._timer = self.set_interval(self._every, self._tick)
+    def action_trace(self) -> None:
+        if self.app.screen is self:
+            self.trace(self.pid)
 
-    def action_refresh_every(self, step: int) -> None:
-        i = min(range(len(REFRESH_STEPS)), key=lambda k: abs(REFRESH_STEPS[k] - self.refresh_s))
-        every = REFRESH_STEPS[max(0, min(len(REFRESH_STEPS) - 1, i + step))]
-        self.app.refresh_s = every  # type: ignore[attr-defined]
-        self._restart_timer()
-        self.notify(f"the view refreshes every {every:g} s", timeout=2)
-
-    def action_reset(self) -> None:
-        if isinstance(self.source, LiveSource):
-            self.source.reset()
-            self.refresh_view()
-            self.notify("counts, rates and histograms reset (tracing and recording go on)",
-                        timeout=2)  # fmt: skip
-
-    def action_freeze(self) -> None:
-        self.frozen = not self.frozen
-        self.refresh_view()
-
-    def action_pause(self) -> None:
-        if self.replay is not None:
-            self.replay.toggle_pause()
-            self.refresh_view()
-
-    def action_seek(self, seconds: float) -> None:
-        if self.replay is not None:
-            self.replay.seek(seconds)
-            self.refresh_view()
-
-    def action_seek_to(self, fraction: float) -> None:
-        if self.replay is not None:
-            self.replay.seek_to(fraction)
-            self.refresh_view()
-
-    def action_speed(self, step: int) -> None:
-        if self.replay is not None:
-            self.replay.faster(step)
-            self.refresh_view()
+    def action_back(self) -> None:
+        if self.app.screen is self:
+            self.app.pop_screen()

@@ -1,4 +1,4 @@
-"""KVM's counters as a grid: counters down, vCPUs across (see :mod:`kvmtop.kernel_table`)."""
+"""KVM's counters as a grid: counters down, vCPUs across (see :mod:`kvmtop.counters.kernel_table`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.scrollbar import ScrollBarRender
 from textual.widgets import DataTable
 
-from kvmtop.kernel_table import CounterTable
+from kvmtop.counters.kernel_table import CounterTable
 
 
 class WholeRowScrollBar(ScrollBarRender):

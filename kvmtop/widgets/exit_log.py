@@ -15,7 +15,7 @@ from operator import attrgetter
 from textual.widgets import Log
 
 from kvmtop.decoder import describe_exit
-from kvmtop.events import EXIT_CYCLE, ExitEvent
+from kvmtop.model.events import EXIT_CYCLE, ExitEvent
 from kvmtop.units import duration
 
 MAX_LINES = 2000

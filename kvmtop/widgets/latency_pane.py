@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from kvmtop.stats import LatencyHistogram, ReasonStats, bound_text
+from kvmtop.aggregate.exits import LatencyHistogram, ReasonStats, bound_text
 from kvmtop.units import duration
 from kvmtop.widgets import palette
 from kvmtop.widgets.pane import ReasonPane

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from kvmtop.stats import ReasonStats
+from kvmtop.aggregate.exits import ReasonStats
 from kvmtop.units import human
 from kvmtop.widgets import palette
 from kvmtop.widgets.pane import ReasonPane

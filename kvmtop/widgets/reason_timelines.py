@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from kvmtop.stats import TIMELINE_SECONDS
+from kvmtop.aggregate.exits import TIMELINE_SECONDS
 from kvmtop.units import human
 from kvmtop.widgets import palette
 from kvmtop.widgets.pane import ReasonPane

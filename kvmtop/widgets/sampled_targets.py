@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from kvmtop.mmio_names import fit_name
-from kvmtop.sampling import SiteShare
+from kvmtop.abi.mmio_names import fit_name
+from kvmtop.sampling.shares import SiteShare
 from kvmtop.widgets.pane import ReasonPane
 from kvmtop.widgets.shares import SHARE_W
 

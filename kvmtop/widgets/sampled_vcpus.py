@@ -9,7 +9,7 @@ from __future__ import annotations
 from rich.segment import Segment
 from rich.style import Style
 
-from kvmtop.sampling import VcpuWatch
+from kvmtop.sampling.shares import VcpuWatch
 from kvmtop.units import human
 from kvmtop.widgets import palette
 from kvmtop.widgets.shares import SHARE_W

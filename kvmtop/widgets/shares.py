@@ -3,7 +3,7 @@ light part the high bound, so a share measured from few samples shows how little
 
 from __future__ import annotations
 
-from kvmtop.sampling import Share
+from kvmtop.sampling.shares import Share
 
 SHARE_W = 11  # "100.0% ±0.0"
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from kvmtop.sources import SourceStatus
-from kvmtop.stats import StatsSnapshot
+from kvmtop.aggregate.exits import StatsSnapshot
+from kvmtop.sources.exit_source import SourceStatus
 from kvmtop.units import elapsed, human
 
 

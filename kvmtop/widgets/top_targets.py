@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from kvmtop.arch import HOST
-from kvmtop.mmio_names import MmioNames, fit_name
-from kvmtop.stats import CoalescedCount, MmioCount, PortCount
+from kvmtop.abi.arch import HOST
+from kvmtop.abi.mmio_names import MmioNames, fit_name
+from kvmtop.aggregate.exits import CoalescedCount, MmioCount, PortCount
 from kvmtop.units import human
 from kvmtop.widgets.pane import ReasonPane
 

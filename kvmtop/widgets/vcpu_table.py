@@ -21,7 +21,7 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from kvmtop.stats import VcpuSnapshot
+from kvmtop.aggregate.exits import VcpuSnapshot
 from kvmtop.units import human
 from kvmtop.widgets import palette
 

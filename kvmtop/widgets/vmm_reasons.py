@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from kvmtop.entry_cost import EntryCost
-from kvmtop.sampling import COUNTER_OF_REASON, VcpuWatch
+from kvmtop.sampling.entry_cost import EntryCost
+from kvmtop.sampling.shares import COUNTER_OF_REASON, VcpuWatch
 from kvmtop.units import duration, human
 from kvmtop.widgets import palette
 from kvmtop.widgets.pane import ReasonPane

@@ -1,14 +1,14 @@
 """A watch that always gives the same snapshot: 4 vCPUs, sampled 1000 times a second for one
 second, with KVM's counters, for pictures of the watch view that never vary. The snapshot is
-computed by kvmtop.sampling from a hand-made tally, as the watcher's are."""
+computed by kvmtop.sampling.shares from a hand-made tally, as the watcher's are."""
 
 from __future__ import annotations
 
 from collections import deque
 
-from kvmtop.entry_cost import EntryCost
-from kvmtop.sampling import Tally, WatchedVcpu, WatchSnapshot, estimate
-from kvmtop.vcpu_keys import VcpuKey
+from kvmtop.model.vcpu_keys import VcpuKey
+from kvmtop.sampling.entry_cost import EntryCost
+from kvmtop.sampling.shares import Tally, WatchedVcpu, WatchSnapshot, estimate
 
 PID = 4242
 IO, HLT, MMIO = 2, 5, 6
@@ -49,7 +49,7 @@ def fixed_snapshot() -> WatchSnapshot:
 
 
 class FixedWatcher:
-    """What the watch view needs of a :class:`kvmtop.watcher.Watcher`."""
+    """What the watch view needs of a :class:`kvmtop.sampling.watcher.Watcher`."""
 
     alive = True
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kvmtop.events import ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
-from kvmtop.vcpu_keys import OTHER_VMS_FROM, VcpuKey
+from kvmtop.model.events import ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.model.vcpu_keys import OTHER_VMS_FROM, VcpuKey
 
 START = 5_000_000_000
 

@@ -1,6 +1,6 @@
 """A 64 KiB flat BIOS image for real QEMU that makes a known number of exits.
 
-The reset vector (offset 0xFFF0, CPU address F000:FFF0) jumps to kvmtop.guestcode.counted at
+The reset vector (offset 0xFFF0, CPU address F000:FFF0) jumps to kvmtop.minivmm.guestcode.counted at
 offset 0: spin (no exits), N x `out 0x80, al`, M x byte writes to QEMU's pc.rom at 0xC0000
 (ROM: writes exit as MMIO), then `out 0xf4, al` with al=0, which isa-debug-exit turns into
 QEMU's exit status 1. Exits: IO = N + 1, MMIO = M.
@@ -8,7 +8,7 @@ QEMU's exit status 1. Exits: IO = N + 1, MMIO = M.
 
 from __future__ import annotations
 
-from kvmtop import guestcode
+from kvmtop.minivmm import guestcode
 
 BIOS_SIZE = 0x10000
 

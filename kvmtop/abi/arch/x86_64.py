@@ -1,0 +1,173 @@
+"""x86_64: the kvm_run exit union, syscall numbers and well-known IO ports.
+
+Offsets are from the start of struct kvm_run (include/uapi/linux/kvm.h; shared kvm-abi.md),
+checked on this machine with offsetof().
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kvmtop.model.events import EXIT_PRIVATE, EXIT_WRITE
+from kvmtop.xlat_exit import ExitReason
+
+NAME = "x86_64"
+AUDIT_ARCH = 0xC000003E  # AUDIT_ARCH_X86_64 (include/uapi/linux/audit.h)
+SYS_IOCTL = 16  # arch/x86/entry/syscalls/syscall_64.tbl
+PAGE_SIZE = 4096
+PIO_PAGE_OFFSET = 1  # KVM_PIO_PAGE_OFFSET
+RUN_MAP_SIZE = PAGE_SIZE * (PIO_PAGE_OFFSET + 1)  # what kvmtop maps: kvm_run and PIO data
+COALESCED_MMIO_PAGE_OFFSET = 2  # KVM_COALESCED_MMIO_PAGE_OFFSET
+
+_U8 = struct.Struct("<B")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset @32
+_MMIO = struct.Struct("<QQIB")  # phys_addr, data, len, is_write @32
+_MSR = struct.Struct("<B7xIIQ")  # error, pad, reason, index, data @32
+_U64_U32 = struct.Struct("<QI")
+_U32_U32 = struct.Struct("<II")
+_HYPERCALL = struct.Struct("<Q48xQI")  # nr, args[6], ret, longmode @32
+_MEMORY_FAULT = struct.Struct("<QQQ")  # flags, gpa, size @32
+_KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+_DEBUG = struct.Struct("<II QQ")  # exception, pad, pc, dr6/dr7 @32 (kvm_debug_exit_arch)
+
+UNION = 32  # offsetof(struct kvm_run, exit union)
+
+# classic BPF (include/uapi/linux/filter.h, bpf_common.h) and seccomp (linux/seccomp.h)
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_TRACE = 0x7FFF0000, 0x7FF00000
+SECCOMP_RET_TRACE, SECCOMP_RET_USER_NOTIF = 0x7FF00000, 0x7FC00000
+_SECCOMP_DATA_NR, _SECCOMP_DATA_ARCH, _SECCOMP_DATA_ARG1 = 0, 4, 24  # struct seccomp_data
+_INSN = struct.Struct("<HBBI")  # struct sock_filter: code, jt, jf, k
+
+
+def seccomp_ioctls(requests: tuple[int, ...], action: int) -> bytes:
+    """A filter returning ``action`` (SECCOMP_RET_TRACE or SECCOMP_RET_USER_NOTIF) for
+    ioctl(_, request) with one of ``requests`` (compared on the low 32 bits, as the kernel reads
+    it), and allowing every other syscall and every other ABI (x32, i386)."""
+    n = len(requests)
+    insns = [
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARCH),
+        (_BPF_JEQ_K, 0, 3 + n, AUDIT_ARCH),  # another ABI: allow
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_NR),
+        (_BPF_JEQ_K, 0, 1 + n, SYS_IOCTL),
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_DATA_ARG1),
+        *((_BPF_JEQ_K, n - i, 0, request) for i, request in enumerate(requests)),
+        (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+        (_BPF_RET_K, 0, 0, action),
+    ]
+    return b"".join(_INSN.pack(*insn) for insn in insns)
+
+
+def seccomp_trace_ioctls(first: int, second: int) -> bytes:
+    """SECCOMP_RET_TRACE for ioctl(_, first|second); every other syscall allowed."""
+    return seccomp_ioctls((first, second), SECCOMP_RET_TRACE)
+
+
+def decode_union(
+    reason: int, run: bytes | memoryview, with_data: bool, reads: bool = False
+) -> tuple[int, int, int, bytes]:
+    """(a, b, flags, data) for one exit. ``run`` holds at least the kvm_run page, and the PIO
+    page after it when IO data is wanted. Unknown reasons decode to zeros. ``reads``: read at
+    the vCPU's next KVM_RUN entry, where the VMM has put the value of an IO in, MMIO read or
+    RDMSR for the guest: that value is the data too."""
+    R = ExitReason
+    if reason == R.IO:
+        direction, size, port, count, data_offset = _IO.unpack_from(run, UNION)
+        data = b""
+        if with_data and (direction == 1 or reads):
+            end = data_offset + size * count
+            data = bytes(run[data_offset:end]) if end <= len(run) else b""
+        return port, size | (count << 8), EXIT_WRITE if direction else 0, data
+    if reason == R.MMIO:
+        addr, value, length, is_write = _MMIO.unpack_from(run, UNION)
+        data = _U64.pack(value)[: min(length, 8)] if (with_data and (is_write or reads)) else b""
+        return addr, length, EXIT_WRITE if is_write else 0, data
+    if reason in (R.X86_RDMSR, R.X86_WRMSR):
+        _error, why, index, value = _MSR.unpack_from(run, UNION)
+        write = reason == R.X86_WRMSR
+        data = _U64.pack(value) if (with_data and (write or reads)) else b""
+        return index, why, EXIT_WRITE if write else 0, data
+    if reason == R.HYPERCALL:
+        nr, _ret, longmode = _HYPERCALL.unpack_from(run, UNION)
+        return nr, longmode, 0, b""
+    if reason in (R.SYSTEM_EVENT, R.INTERNAL_ERROR):
+        kind, ndata = _U32_U32.unpack_from(run, UNION)
+        return kind, ndata, 0, b""
+    if reason == R.FAIL_ENTRY:
+        hw_reason, cpu = _U64_U32.unpack_from(run, UNION)
+        return hw_reason, cpu, 0, b""
+    if reason == R.UNKNOWN:
+        return _U64.unpack_from(run, UNION)[0], 0, 0, b""
+    if reason == R.EXCEPTION:
+        exception, error_code = _U32_U32.unpack_from(run, UNION)
+        return exception, error_code, 0, b""
+    if reason == R.TPR_ACCESS:
+        rip, is_write = _U64_U32.unpack_from(run, UNION)
+        return rip, is_write, EXIT_WRITE if is_write else 0, b""
+    if reason == R.DEBUG:
+        exception, _pad, pc, _dr = _DEBUG.unpack_from(run, UNION)
+        return pc, exception, 0, b""
+    if reason == R.IOAPIC_EOI:
+        return _U8.unpack_from(run, UNION)[0], 0, 0, b""
+    if reason in (R.NOTIFY, R.HYPERV, R.XEN):
+        return _U32.unpack_from(run, UNION)[0], 0, 0, b""
+    if reason == R.MEMORY_FAULT:
+        flags, gpa, size = _MEMORY_FAULT.unpack_from(run, UNION)
+        private = EXIT_PRIVATE if flags & _KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
+        return gpa, min(size, 0xFFFFFFFF), private, b""
+    return 0, 0, 0, b""
+
+
+# Well-known PC IO ports, for naming the top ports of a vCPU.
+PORT_NAMES: dict[int, str] = {
+    0x20: "PIC1 cmd",
+    0x21: "PIC1 data",
+    0x40: "PIT ch0",
+    0x41: "PIT ch1",
+    0x42: "PIT ch2",
+    0x43: "PIT mode",
+    0x60: "i8042 data",
+    0x61: "system ctrl B",
+    0x64: "i8042 cmd",
+    0x70: "RTC index",
+    0x71: "RTC data",
+    0x80: "POST",
+    0x92: "A20 fast",
+    0xA0: "PIC2 cmd",
+    0xA1: "PIC2 data",
+    0xB2: "APM/SMI cmd",
+    0xB3: "APM/SMI status",
+    0xF4: "debug-exit",
+    0x1F0: "IDE0 data",
+    0x1F7: "IDE0 status",
+    0x2F8: "COM2",
+    0x3F8: "COM1 data",
+    0x3F9: "COM1 IER",
+    0x3FA: "COM1 IIR",
+    0x3FB: "COM1 LCR",
+    0x3FC: "COM1 MCR",
+    0x3FD: "COM1 LSR",
+    0x3FE: "COM1 MSR",
+    0x402: "firmware debug",
+    0x510: "fw_cfg ctl",
+    0x511: "fw_cfg data",
+    0x514: "fw_cfg dma",
+    0x600: "ACPI PM",
+    0x604: "ACPI PM1a cnt",
+    0x608: "ACPI PM timer",
+    0xCF8: "PCI config addr",
+    0xCFC: "PCI config data",
+    0xCFD: "PCI config data+1",
+    0xCFE: "PCI config data+2",
+    0xCFF: "PCI config data+3",
+}
+
+
+# Running a syscall in a tracee (kvmtop.trace.inject, only for KVM_GET_STATS_FD): the 64-bit
+# `syscall` instruction, its user code segment, and its argument registers.
+SYS_CLOSE = 3
+SYSCALL_INSN = b"\x0f\x05"
+USER_CS_64 = 0x33
+SYSCALL_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")

@@ -1,0 +1,318 @@
+"""Where each vCPU's time goes, estimated from looks at its ``struct kvm_run``: pure.
+
+A look (:mod:`kvmtop.sampling.sampler`) sees ``exit_reason`` 0 while the vCPU is inside ``KVM_RUN`` (the
+kernel resets it at entry), else the exit the VMM is handling, with its IO port or MMIO address.
+Looks at a steady, jittered rate make the share of looks that saw a reason an unbiased estimate
+of the share of time the VMM spent handling that reason; each share here carries its 95% Wilson
+score interval from the number of looks. KVM's own counters (exact) give the exits; a reason's
+VMM share times the interval over its exit count is its mean VMM time per exit, less the part of
+each exit's ``KVM_RUN`` that looks also see a reason in (:mod:`kvmtop.sampling.entry_cost`), when timed.
+
+What the VMM itself spent is bounded, not guessed (:func:`vmm_own_bound`): at least the low end
+of the looks' share less the most KVM's part of every exit KVM counted can be, at most the high
+end (KVM's part is never less than nothing). Where KVM's part was not timed, or KVM's counters
+are not held, the low end is not known and the bound says so (``None``).
+
+:class:`Tally` adds up what the sampler took (bounded: a fixed number of keys per vCPU), and
+:func:`estimate` turns a tally and two counter samples into a :class:`WatchSnapshot`. No I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kvmtop.abi.arch import HOST
+from kvmtop.abi.mmio_names import MmioNames
+from kvmtop.decoder import exit_label
+from kvmtop.model.vcpu_keys import VcpuKey
+from kvmtop.sampling.entry_cost import EntryCost
+
+Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
+KEY_TORN = 0xFFFFFFFFFFFFFFFE  # a look the VMM's next entry raced: the reason, no key
+KEY_OTHER = 0xFFFFFFFFFFFFFFFF  # a key beyond the sampler's table
+KVM_EXIT_IO, KVM_EXIT_MMIO = 2, 6
+MMIO_WRITE = 1 << 63  # in an MMIO key, beside the address: the look saw kvm_run.mmio.is_write
+HISTORY = 60  # intervals of each vCPU's VMM share kept for a timeline
+MAX_KEYS = 4096  # (reason, key) pairs a tally keeps per vCPU; more are counted as OTHER
+# the KVM counter that counts the exits of a reason (to give a mean time per exit)
+COUNTER_OF_REASON = {"KVM_EXIT_IO": "io_exits", "KVM_EXIT_MMIO": "mmio_exits"}
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """``hits`` of ``samples`` looks: the share, and its 95% Wilson score interval."""
+
+    hits: int
+    samples: int
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.samples if self.samples else 0.0
+
+    @property
+    def low(self) -> float:
+        return self._bounds()[0]
+
+    @property
+    def high(self) -> float:
+        return self._bounds()[1]
+
+    @property
+    def half_width(self) -> float:
+        low, high = self._bounds()
+        return (high - low) / 2
+
+    def _bounds(self) -> tuple[float, float]:
+        n = self.samples
+        if not n:
+            return 0.0, 1.0
+        p = self.hits / n
+        z2 = Z95 * Z95
+        centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+        half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        # exactly 0 (1) when no (every) look hit, not a rounding error off it
+        low = 0.0 if self.hits == 0 else max(0.0, centre - half)
+        return low, 1.0 if self.hits == n else min(1.0, centre + half)
+
+    def text(self) -> str:
+        """``"46.2% ±0.4"``: the share and the half width of its interval, in percent."""
+        return f"{100 * self.value:.1f}% ±{100 * self.half_width:.1f}"
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A 95% bound of something the looks estimate, net of KVM's part of each exit."""
+
+    low: float
+    high: float
+
+
+def vmm_own_bound(share: Share, span_ns: float, exits: float | None,
+                  entry: EntryCost | str) -> Bound | None:  # fmt: skip
+    """The VMM's own ns in ``span_ns`` of vCPU time whose looks gave ``share``, with ``exits``
+    exits in that span: at least the share's low end less KVM's part of every exit at its
+    most, at most its high end. None where the low end cannot be known (KVM's part not timed,
+    or no count of the exits)."""
+    if not isinstance(entry, EntryCost) or exits is None:
+        return None
+    return Bound(max(0.0, share.low * span_ns - exits * entry.at_most_ns), share.high * span_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class SiteShare:
+    """An IO port (and direction) or MMIO address, by the VMM's time on its exits."""
+
+    reason: str
+    key: int  # IO: port | out << 16; MMIO: the guest-physical address
+    share: Share
+    write: bool | None = None  # MMIO: the looks saw a write (None: IO)
+    name: str = ""  # MMIO: what the address is (:mod:`kvmtop.abi.mmio_names`), "" when not known
+
+    @property
+    def direction(self) -> str:
+        if self.reason == "KVM_EXIT_IO":
+            return "out" if self.key >> 16 else "in"
+        return "write" if self.write else "read"
+
+    @property
+    def prefix(self) -> str:
+        """``"0x0080 out"``, ``"0xfeb02e60 read"``: the label before its name."""
+        if self.reason == "KVM_EXIT_IO":
+            return f"0x{self.key & 0xFFFF:04x} {self.direction}"
+        return f"0x{self.key:x} {self.direction}"
+
+    @property
+    def site_name(self) -> str:
+        if self.reason == "KVM_EXIT_IO":
+            return HOST.PORT_NAMES.get(self.key & 0xFFFF, "")
+        return self.name
+
+    @property
+    def label(self) -> str:
+        name = self.site_name
+        return f"{self.prefix} {name}" if name else self.prefix
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuWatch:
+    label: str  # the vCPU id, or PID:VM:VCPU with several VMs (as the tracer's views)
+    key: VcpuKey | None
+    samples: int
+    in_run: Share  # of the looks, inside KVM_RUN (the guest, or KVM handling the exit)
+    vmm: Share  # out of KVM_RUN: the VMM handling an exit
+    by_reason: dict[str, Share]  # the VMM's time by exit reason, largest first
+    kvm_rates: dict[str, float]  # KVM's exact counters per second ("exits", "io_exits"...)
+    mean_vmm_ns: dict[str, float]  # a reason's VMM time per exit, where KVM counts its exits,
+    # net of KVM's entry cost when that was timed
+    history: tuple[float, ...] = ()  # the VMM's share per interval, oldest first
+    # the most of the VMM's share that can be KVM's own part of the exits (KVM's part at its
+    # most times every exit KVM counted: not every exit reaches the VMM), where both are known
+    kvm_part_at_most: float | None = None
+    # the VMM's own share, net of KVM's part: its 95% bound; None where the low end is unknown
+    vmm_own: Bound | None = None
+    # a reason's VMM time per exit, net of KVM's part: its 95% bound, where KVM counts its exits
+    mean_vmm_bounds: dict[str, Bound] = field(default_factory=dict)
+    stale: int = 0  # looks that saw a reason while KVM said the vCPU waited inside KVM_RUN
+
+    @property
+    def exits_per_s(self) -> float | None:
+        return self.kvm_rates.get("exits")
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSnapshot:
+    pid: int
+    seconds: float  # the span the looks cover
+    rate_hz: float  # the rate asked for
+    looks: int  # the sampler's rounds over all vCPUs in that span
+    vcpus: tuple[VcpuWatch, ...]
+    vm: VcpuWatch  # every vCPU's looks together
+    top_ports: tuple[SiteShare, ...]
+    top_addresses: tuple[SiteShare, ...]
+    reset_seen: bool  # a look (the watch's, so far) saw exit_reason 0: the kernel resets it
+    note: str = ""  # what is not shown, and why ("KVM's counters: ...", "counters only: ...")
+    counters: bool = False  # KVM's counters are held (exits/s are exact)
+    entry: EntryCost | str = "not timed"  # KVM's own part of each exit in the looks, or why not
+    stopped: bool = False  # the VMM was stopped by a signal at the snapshot
+
+
+@dataclass(slots=True)
+class _VcpuTally:
+    samples: int = 0
+    in_run: int = 0  # stale looks included
+    keys: dict[tuple[int, int], int] = field(default_factory=dict)
+    stale: int = 0
+
+
+class Tally:
+    """What the sampler took, added up per vCPU (by index): bounded by :data:`MAX_KEYS`."""
+
+    def __init__(self, vcpus: int) -> None:
+        self.looks = 0
+        self.ns = 0
+        self.vcpus = [_VcpuTally() for _ in range(vcpus)]
+        self.reset_seen = False
+
+    def add(
+        self, taken: tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]], int]]]
+    ) -> None:
+        """A sampler's ``take()``: (ns, looks, per vCPU (samples, in_run, (reason, key, n)...,
+        stale))."""
+        ns, looks, vcpus = taken
+        self.ns += ns
+        self.looks += looks
+        for tally, (samples, in_run, keys, stale) in zip(self.vcpus, vcpus, strict=False):
+            tally.samples += samples
+            tally.in_run += in_run
+            tally.stale += stale
+            # a stale look (a vCPU blocked in KVM_RUN) says nothing of the reset
+            self.reset_seen = self.reset_seen or in_run > stale
+            for reason, key, n in keys:
+                k = (reason, key)
+                if k not in tally.keys and len(tally.keys) >= MAX_KEYS:
+                    k = (reason, KEY_OTHER)
+                tally.keys[k] = tally.keys.get(k, 0) + n
+
+
+def _reason_shares(keys: Mapping[tuple[int, int], int], samples: int) -> dict[str, Share]:
+    hits: dict[str, int] = {}
+    for (reason, _key), n in keys.items():
+        label = exit_label(reason, 0)
+        hits[label] = hits.get(label, 0) + n
+    return {label: Share(n, samples) for label, n in sorted(hits.items(), key=lambda kv: -kv[1])}
+
+
+def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float], vcpus: int,
+                 entry: EntryCost | str) -> tuple[dict[str, float], dict[str, Bound]]:  # fmt: skip
+    """VMM time per exit: its share of each vCPU-second, times the vCPUs the share is of, over
+    its exits per second (summed over those vCPUs), less KVM's own part of each exit as timed;
+    and its bound (KVM's part anywhere from nothing to its most)."""
+    entry_ns = entry.ns if isinstance(entry, EntryCost) else 0.0
+    means, bounds = {}, {}
+    for label, share in by_reason.items():
+        per_s = rates.get(COUNTER_OF_REASON.get(label, ""), 0.0)
+        if per_s > 0:
+            means[label] = max(0.0, share.value * vcpus * 1e9 / per_s - entry_ns)
+            own = vmm_own_bound(share, vcpus * 1e9, per_s, entry)
+            if own is not None:
+                bounds[label] = Bound(own.low / per_s, own.high / per_s)
+    return means, bounds
+
+
+def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mapping[str, float],
+                history: Iterable[float] = (), vcpus: int = 1,
+                entry: EntryCost | str = "not timed") -> VcpuWatch:  # fmt: skip
+    """One vCPU's estimates, or (``vcpus`` > 1) the VM's: the looks of that many vCPUs."""
+    n = tally.samples
+    by_reason = _reason_shares(tally.keys, n)
+    means, mean_bounds = _mean_vmm_ns(by_reason, rates, vcpus, entry)
+    vmm = Share(n - tally.in_run, n)
+    exits = rates.get("exits")
+    own = vmm_own_bound(vmm, vcpus * 1e9, exits, entry)
+    at_most = entry.at_most_ns if isinstance(entry, EntryCost) else 0.0
+    kvm_part = min(vmm.value, exits * at_most / 1e9 / vcpus) if exits and at_most else None
+    return VcpuWatch(label, key, n, Share(tally.in_run, n), vmm, by_reason, dict(rates), means,
+                     tuple(history), kvm_part,
+                     Bound(own.low / 1e9 / vcpus, own.high / 1e9 / vcpus) if own else None,
+                     mean_bounds, tally.stale)  # fmt: skip
+
+
+def _sites(
+    tallies: Iterable[_VcpuTally], samples: int, reason: int, top: int, names: MmioNames
+) -> tuple[SiteShare, ...]:
+    hits: dict[int, int] = {}
+    for tally in tallies:
+        for (r, key), n in tally.keys.items():
+            if r == reason and key not in (KEY_TORN, KEY_OTHER):
+                hits[key] = hits.get(key, 0) + n
+    ranked = sorted(hits.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    label = exit_label(reason, 0)
+    if reason != KVM_EXIT_MMIO:
+        return tuple(SiteShare(label, key, Share(n, samples)) for key, n in ranked)
+    return tuple(
+        SiteShare(label, key & ~MMIO_WRITE, Share(n, samples), bool(key & MMIO_WRITE),
+                  names.name(key & ~MMIO_WRITE))
+        for key, n in ranked
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedVcpu:
+    """A vCPU the watch maps: its label, key and the counters' name for it (its vCPU id)."""
+
+    label: str
+    key: VcpuKey | None
+    vcpu_id: int
+
+
+def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, ...],
+             vcpu_rates: Mapping[int, Mapping[str, float]], vm_rates: Mapping[str, float],
+             histories: Mapping[int, deque[float]] | None = None, top: int = 8,
+             note: str = "", counters: bool = False, entry: EntryCost | str = "not timed",
+             stopped: bool = False, names: MmioNames | None = None) -> WatchSnapshot:  # fmt: skip
+    """The estimates of one tally: per vCPU (``vcpu_rates`` by vCPU id, KVM's per-second rates),
+    for the whole VM (``vm_rates``: the vCPU counters summed), and the busiest sites (MMIO
+    addresses named by ``names``: the VMM's command line, the well-known x86 ranges)."""
+    names = names or MmioNames()
+    histories = histories or {}
+    rows = tuple(
+        _vcpu_watch(
+            v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()), 1, entry
+        )  # fmt: skip
+        for i, (v, t) in enumerate(zip(vcpus, tally.vcpus, strict=True))
+    )
+    whole = _VcpuTally(sum(t.samples for t in tally.vcpus), sum(t.in_run for t in tally.vcpus),
+                       stale=sum(t.stale for t in tally.vcpus))  # fmt: skip
+    for t in tally.vcpus:
+        for k, n in t.keys.items():
+            whole.keys[k] = whole.keys.get(k, 0) + n
+    return WatchSnapshot(
+        pid, tally.ns / 1e9, rate_hz, tally.looks, rows,
+        _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry),
+        _sites(tally.vcpus, whole.samples, KVM_EXIT_IO, top, names),
+        _sites(tally.vcpus, whole.samples, KVM_EXIT_MMIO, top, names),
+        tally.reset_seen, note, counters, entry, stopped,
+    )  # fmt: skip

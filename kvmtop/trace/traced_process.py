@@ -1,0 +1,113 @@
+"""A process being traced and its vCPU mappings. The tracer thread decides what happens to it;
+this module carries it out. No ptrace here; the listener's thread may open pages too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmtop.abi import ptrace_abi as pt
+from kvmtop.abi.arch import HOST
+from kvmtop.decoder import KVM_RUN, vcpu_id_of_fd_link
+from kvmtop.host.procfs import fd_table
+from kvmtop.host.vcpu_maps import RunPage, open_run_page, vcpu_fds, vm_of_vcpu_fd
+from kvmtop.model.events import VcpuSeen
+from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
+from kvmtop.trace.inject import StatsJob
+
+
+@dataclass(slots=True)
+class TracedProcess:
+    """One process of the session (:class:`kvmtop.trace.followed_processes.Followed`) and its vCPU mappings."""
+
+    pid: int
+    pidfd: int
+    argv: tuple[str, ...]
+    mode: int  # hot_state.MODE_*
+    slots: VcpuSlots  # the session's, shared by all its processes
+    ppid: int = 0
+    pages: dict[int, RunPage] = field(default_factory=dict)  # the VMM's fd number -> run page
+    pages_lock: threading.Lock = field(default_factory=threading.Lock)
+    stats_job: StatsJob | None = None  # KVM_GET_STATS_FD asked for, not yet done
+
+    # --- vCPUs ---------------------------------------------------------------------------------
+
+    def open_page(self, engine: Any, tid: int, fd: int, at_run: bool = True) -> VcpuSeen | None:
+        """Map the vCPU behind ``fd`` and give it to the engine, numbered as the session
+        numbers its vCPUs. At a KVM_RUN (``at_run``), one that cannot be read is given all the
+        same (vCPU -1), so that its exits are counted as lost, not missed; at its creation the
+        VMM may not have mapped it yet."""
+        try:
+            table = fd_table(self.pid)
+            vcpu = vcpu_id_of_fd_link(table.get(fd, ""))
+            page = open_run_page(self.pid, self.pidfd, fd)
+        except OSError:
+            vcpu = None
+        if vcpu is None:
+            if at_run:
+                engine.add_page(self.pid, fd, -1, tid, None, 0)
+            return None
+        key = VcpuKey(self.pid, vm_of_vcpu_fd(table, fd), vcpu)
+        slot = self.slots.slot(key)
+        with self.pages_lock:
+            old = self.pages.pop(fd, None)
+            self.pages[fd] = page
+        engine.add_page(self.pid, fd, slot, 0, page.mapping, page.address)
+        engine.add_ring(self.pid, fd, key.vm, page.ring)
+        if old is not None:
+            old.close()
+        return VcpuSeen(slot, 0, time.monotonic_ns(), key)
+
+    def forget_page(self, engine: Any, fd: int) -> None:
+        engine.remove_page(self.pid, fd)
+        with self.pages_lock:
+            page = self.pages.pop(fd, None)
+        if page is not None:
+            page.close()
+
+    def forget_pages(self, engine: Any) -> None:
+        with self.pages_lock:
+            fds = list(self.pages)
+        for fd in fds:
+            self.forget_page(engine, fd)
+
+    def open_known_vcpus(self, engine: Any) -> list[VcpuSeen]:
+        """The vCPUs a running VMM has (one fd each), mapped before its next KVM_RUN."""
+        try:
+            fds = vcpu_fds(self.pid)
+        except OSError:
+            return []
+        seen = []
+        opened: set[int] = set()
+        for fd, vcpu in sorted(fds.items()):
+            if vcpu in opened:
+                continue  # another fd of the same vCPU: its first KVM_RUN will map that one
+            opened.add(vcpu)
+            found = self.open_page(engine, 0, fd)
+            if found is not None:
+                seen.append(found)
+        return seen
+
+    def close(self, engine: Any) -> None:
+        self.forget_pages(engine)
+        engine.remove_process(self.pid)
+        os.close(self.pidfd)
+
+
+def kvm_run_fd(info: memoryview) -> int | None:
+    """The vCPU fd, if the syscall entering (PTRACE_GET_SYSCALL_INFO) is KVM_RUN."""
+    nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
+    return fd if nr == HOST.SYS_IOCTL and request & 0xFFFFFFFF == KVM_RUN else None
+
+
+def exit_status_of(status: int) -> int:
+    """A shell-style status: the exit code, or 128 + the signal that killed it."""
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return status
