@@ -18,7 +18,8 @@ import time
 from kvmtop.aggregate import batch_summary as summary
 from kvmtop.aggregate.exits import ExitStats
 from kvmtop.formats.recording import RecordingMeta, RecordingWriter
-from kvmtop.model.events import ExitBatch, ExitEvent
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import ExitBatch
 from kvmtop.native import load
 
 BATCH = 4096

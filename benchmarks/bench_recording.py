@@ -12,7 +12,8 @@ import time
 
 from kvmtop.aggregate.exits import ExitStats
 from kvmtop.formats.recording import RecordingMeta, RecordingWriter, open_recording
-from kvmtop.model.events import ExitBatch, ExitEvent
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import ExitBatch
 
 
 def main() -> None:

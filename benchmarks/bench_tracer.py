@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from guests.qemu_bios import build_bios, qemu_command  # noqa: E402
 
-from kvmtop.model.events import Detached, ExitBatch  # noqa: E402
+from kvmtop.model.messages import Detached, ExitBatch  # noqa: E402
 from kvmtop.tracer_thread import Tracer  # noqa: E402
 
 

@@ -29,7 +29,7 @@ from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTermin
 from kvmtop.formats.report import cut
 from kvmtop.host.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.minivmm.vmm import demo_command
-from kvmtop.model.events import Attached
+from kvmtop.model.messages import Attached, StatsFds
 from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen, Sections
 from kvmtop.screens.kernel import REFRESH_S as KERNEL_REFRESH_S
@@ -47,11 +47,11 @@ from kvmtop.screens.requests import (
 from kvmtop.screens.too_small import TooSmallScreen, too_small
 from kvmtop.screens.vcpu import TYPED_REPLAY_KEYS, VcpuScreen
 from kvmtop.screens.watch import SampledScreen
-from kvmtop.sources.exit_source import LiveSource, command_line
+from kvmtop.sources.exit_source import command_line
+from kvmtop.sources.live import LiveSource
 from kvmtop.sources.replay import Replay
 from kvmtop.sources.session import SessionState, TraceSession
 from kvmtop.sources.watch_feed import SnapshotSource, WatchFeed, open_watcher
-from kvmtop.trace.inject import StatsFds
 from kvmtop.units import ended_text
 from kvmtop.widgets.vcpu_table import VcpuTable
 

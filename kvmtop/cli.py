@@ -36,7 +36,7 @@ from kvmtop.units import ended_text
 
 if TYPE_CHECKING:
     from kvmtop.formats.recording import Recording
-    from kvmtop.model.events import ExitBatch
+    from kvmtop.model.messages import ExitBatch
 
 DEFAULT_RECORDING = "kvmtop.data"
 # A stop signal ends `record` within this: the detach it begins, or else the trace is cut short

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from kvmtop.abi.arch import HOST
-from kvmtop.model.events import EXIT_CYCLE, EXIT_PRIVATE, EXIT_WRITE, ExitEvent
+from kvmtop.abi.kvm import RUN_EXIT_REASON
+from kvmtop.abi.record_layout import EXIT_CYCLE, EXIT_PRIVATE, EXIT_WRITE, RUN_UNSEEN
+from kvmtop.model.events import ExitEvent
 from kvmtop.xlat_exit import (
     INTERNAL_ERROR_SUBERRORS,
     MSR_EXIT_REASONS,
@@ -23,22 +25,11 @@ from kvmtop.xlat_exit import (
     exit_reason_name,
 )
 
-# ioctl request numbers: _IO(KVMIO=0xAE, nr) carries no size, so they are the same on every
-# architecture (include/uapi/linux/kvm.h).
-KVM_GET_API_VERSION = 0xAE00
-KVM_CREATE_VM = 0xAE01
-KVM_CHECK_EXTENSION = 0xAE03
-KVM_GET_VCPU_MMAP_SIZE = 0xAE04
-KVM_CREATE_VCPU = 0xAE41
-KVM_RUN = 0xAE80
-
-KVM_RUN_SIZE = 2352  # sizeof(struct kvm_run) on x86_64 and aarch64
-EXIT_REASON_OFFSET = 8  # offsetof(struct kvm_run, exit_reason)
 _EXIT_REASON = struct.Struct("<I")
 
 
 def exit_reason_of(run: bytes | memoryview) -> int:
-    return int(_EXIT_REASON.unpack_from(run, EXIT_REASON_OFFSET)[0])
+    return int(_EXIT_REASON.unpack_from(run, RUN_EXIT_REASON)[0])
 
 
 def decode_exit(
@@ -47,7 +38,7 @@ def decode_exit(
     """(reason, a, b, flags, data) from a vCPU's kvm_run mapping, read after KVM_RUN returned 0
     (``reads``: at its next entry, where a read's value for the guest is there too). ``run`` is
     the kvm_run page, plus the PIO data page when ``with_data``."""
-    reason = _EXIT_REASON.unpack_from(run, EXIT_REASON_OFFSET)[0]
+    reason = _EXIT_REASON.unpack_from(run, RUN_EXIT_REASON)[0]
     a, b, flags, data = arch.decode_union(reason, run, with_data, reads)
     return reason, a, b, flags, data
 
@@ -66,9 +57,8 @@ def ioctl_request_32(request: int) -> int:
     return request & 0xFFFFFFFF
 
 
-# The errno summaries give a one-stop exit with reason 0: KVM_RUN's return value was not seen
-# (one-stop and user-notification tracing), so a failed run and KVM_EXIT_UNKNOWN look alike.
-RUN_UNSEEN = 0xFFFFFFFF
+# A one-stop exit with reason 0 (the summaries' RUN_UNSEEN errno): a failed run and
+# KVM_EXIT_UNKNOWN look alike, since KVM_RUN's return value was not seen.
 UNSEEN_LABEL = "RUN_FAILED_OR_UNKNOWN"
 UNSEEN_TEXT = "run ended, exit reason 0: failed run or unknown"
 

@@ -40,28 +40,30 @@ from typing import Any
 from kvmtop.abi import ptrace_abi as pt
 from kvmtop.errors import KvmtopError
 from kvmtop.host.procfs import tgid_of
-from kvmtop.model.events import (
+from kvmtop.model.events import VcpuSeen
+from kvmtop.model.messages import (
     Attached,
     Detached,
     ExitBatch,
+    StatsFds,
     TracerEnded,
     TracerFailed,
     TracerMessage,
-    VcpuSeen,
 )
-from kvmtop.trace.followed_processes import OPTIONS, Followed, launch_process, seize_process
-from kvmtop.trace.inject import StatsFds, plan_job, run_job
-from kvmtop.trace.kicker import Kicker
-from kvmtop.trace.py_engine import (
+from kvmtop.trace.engine import (
     MODE_NOTIFY,
     MODE_ONE_STOP,
     MODE_TWO_STOP,
     P_HANDBACK,
     P_NO_RESUME,
     P_SYSCALLS,
-    make_engine,
+    PtraceEngine,
     vcpu_records,
 )
+from kvmtop.trace.followed_processes import OPTIONS, Followed, launch_process, seize_process
+from kvmtop.trace.inject import plan_job, run_job
+from kvmtop.trace.kicker import Kicker
+from kvmtop.trace.native_engine import make_engine
 from kvmtop.trace.stop_wait import poll_max_ns_from_env
 from kvmtop.trace.traced_process import TracedProcess, exit_status_of, kvm_run_fd
 
@@ -91,7 +93,7 @@ class Tracer:
         self.child_stdio = child_stdio  # launched commands' stdio goes here (TUI: /dev/null)
         self.child_stdout_to_stderr = child_stdout_to_stderr  # kvmtop's stdout is a stream
         self.child_stderr = child_stderr  # ...and their stderr here (TUI: a file, to show it)
-        self.engine = make_engine(0, with_data, poll_max_ns_from_env(), WAIT_FLAGS)
+        self.engine: PtraceEngine = make_engine(0, with_data, poll_max_ns_from_env(), WAIT_FLAGS)
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="kvmtop-tracer", daemon=True)
         self._ready = threading.Event()
@@ -189,7 +191,7 @@ class Tracer:
             if got is None:  # a deadline or a full batch
                 self._flush()
             else:
-                self._dispatch(*got)
+                self._dispatch(got.tid, got.status, got.now_ns)
 
     def _dispatch(self, tid: int, status: int, now: int) -> None:
         """A stop or exit the engine handed back."""
@@ -223,7 +225,7 @@ class Tracer:
                 self._ensure_page(proc, tid, fd)
         elif op == pt.PTRACE_SYSCALL_INFO_EXIT:
             state = self.engine.thread(tid)
-            if tid in self._kicked and state is not None and state[4]:  # its KVM_RUN returns
+            if tid in self._kicked and state is not None and state.in_run:  # its KVM_RUN returns
                 self._kicked.discard(tid)
                 if pt.SYSCALL_INFO_EXIT.unpack_from(info)[0] == -errno_module.EINTR:
                     # kvmtop's own PTRACE_INTERRUPT (a detach, KVM's counters) ended the run:
@@ -231,7 +233,7 @@ class Tracer:
                     self.engine.set_thread(tid, True, False)
                     self._resume(proc, tid, 0)
                     return
-            if state is not None and state[3] and not state[4]:  # creating a vCPU
+            if state is not None and state.creating and not state.in_run:  # a vCPU created
                 rval = pt.SYSCALL_INFO_EXIT.unpack_from(info)[0]
                 if rval >= 0:
                     proc.forget_page(self.engine, rval)  # a new vCPU can reuse a closed fd
@@ -406,18 +408,20 @@ class Tracer:
             self._quit = True
 
     def _flush(self) -> None:
-        records, seen, stops, notifications, lost, _exits = self.engine.take()
+        taken = self.engine.take()
         coalesced = self.engine.take_coalesced()
         group = self._group or self._last_group
         base = group.t0 if group is not None else 0
         key = group.slots.key if group is not None else (lambda _slot: None)
         vcpus = self._seen + [
-            VcpuSeen(slot, tid, t, key(slot)) for slot, tid, t in vcpu_records(seen, base)
+            VcpuSeen(seen.vcpu, seen.tid, seen.t_ns, key(seen.vcpu))
+            for seen in vcpu_records(taken.seen, base)
         ]
         processes = group.take_news() if group is not None else ()
-        lost += self._lost
-        stops += self._stops
-        if records or vcpus or lost or stops or notifications or processes or coalesced:
+        lost = taken.lost + self._lost
+        stops = taken.stops + self._stops
+        records = taken.records
+        if records or vcpus or lost or stops or taken.notifications or processes or coalesced:
             self.out.put(ExitBatch(records, base, tuple(vcpus), lost, stops, processes, coalesced))
             self._seen = []
             self._lost = 0
@@ -507,7 +511,7 @@ class Tracer:
         if run_fd is not None:
             self._ensure_page(proc, tid, run_fd)
             page = self.engine.page(proc.pid, run_fd)
-            run = (page[0], run_fd) if page is not None else None
+            run = (page.vcpu, run_fd) if page is not None else None
         try:
             status = run_job(job, tid, proc.pidfd, resume, run)
         except pt.PtraceError as exc:

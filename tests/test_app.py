@@ -23,7 +23,8 @@ from kvmtop.app import KvmtopApp
 from kvmtop.formats.recording import RecordingMeta, RecordingWriter
 from kvmtop.host.discovery import KvmProcess
 from kvmtop.minivmm.vmm import counted_command, demo_command
-from kvmtop.model.events import ExitBatch, ExitEvent
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import ExitBatch
 from kvmtop.native import PURE_ENV
 from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen

@@ -12,25 +12,18 @@ import pytest
 from conftest import start_qemu
 from guests.qemu_bios import build_bios, qemu_command
 
+from kvmtop.abi.kvm import COALESCED_ENTRY as ENTRY
+from kvmtop.abi.kvm import COALESCED_RING_HEAD as RING_HEAD
+from kvmtop.abi.record_layout import C_PIO, C_WRAP, COALESCED, KIND_COALESCED
 from kvmtop.aggregate.exits import ExitStats
 from kvmtop.formats.jsonl_csv import jsonl_chunks
 from kvmtop.formats.perfetto import PerfettoTrace
 from kvmtop.formats.recording import RecordingWriter, open_recording
 from kvmtop.formats.report import summary_json, summary_table
 from kvmtop.minivmm.vmm import counted_command
-from kvmtop.model.coalesced import (
-    C_PIO,
-    C_WRAP,
-    COALESCED,
-    ENTRY,
-    KIND_COALESCED,
-    RING_HEAD,
-    RING_MAX,
-    RingLook,
-    iter_coalesced,
-    unreadable_record,
-)
-from kvmtop.model.events import ExitBatch, ExitEvent
+from kvmtop.model.coalesced import RING_MAX, RingLook, iter_coalesced, unreadable_record
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import ExitBatch
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]
 MODES = {"two stops": ["--no-seccomp"], "one stop": ["--no-notify"], "notify": []}
@@ -205,7 +198,7 @@ def test_where_kvm_run_is_read_remotely_the_ring_is_said_unreadable_once_and_not
     engine, monkeypatch
 ) -> None:
     from kvmtop.host import vcpu_maps
-    from kvmtop.model.events import Detached
+    from kvmtop.model.messages import Detached
     from kvmtop.tracer_thread import Tracer
 
     def refused(_pidfd: int, _fd: int) -> int:

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from kvmtop import decoder
 from kvmtop.abi.arch import x86_64
-from kvmtop.model.events import EXIT_WRITE, ExitEvent
+from kvmtop.abi.record_layout import EXIT_WRITE
+from kvmtop.model.events import ExitEvent
 from kvmtop.xlat_exit import ExitReason, exit_reason_name, exit_reason_number
 
 RUN_BYTES = x86_64.RUN_MAP_SIZE

@@ -14,7 +14,8 @@ from guests.qemu_bios import build_bios, qemu_command
 
 from kvmtop.aggregate.exits import ExitStats, StatsSnapshot
 from kvmtop.formats.diff import DiffRow, diff_json, diff_snapshots, diff_table, moved_rows
-from kvmtop.model.events import ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.model.events import ExitEvent, VcpuSeen
+from kvmtop.model.messages import ExitBatch
 from kvmtop.model.vcpu_keys import VcpuKey
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]

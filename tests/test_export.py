@@ -18,10 +18,12 @@ from guests.fixed_recording import START, events, write_fixed_recording
 from guests.qemu_bios import qemu_command
 from test_cli import KVMTOP, assert_one_line_error, kvmtop
 
+from kvmtop.abi.record_layout import EXIT_CYCLE
 from kvmtop.formats.jsonl_csv import jsonl_chunks
 from kvmtop.formats.perfetto import PerfettoTrace, us
 from kvmtop.formats.recording import RecordingMeta, RecordingWriter, open_recording
-from kvmtop.model.events import EXIT_CYCLE, Detached, ExitBatch, ExitEvent
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import Detached, ExitBatch
 
 FIXED = events()
 

@@ -16,6 +16,7 @@ import time
 import pytest
 from conftest import a_vcpu_thread, tgkill, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
+from kvmtop.counters.taking import settle_stats, take_stats
 
 from kvmtop.abi.binary_stats import (
     CUMULATIVE,
@@ -26,7 +27,7 @@ from kvmtop.abi.binary_stats import (
     histogram_percentile,
     parse_layout,
 )
-from kvmtop.counters.vm_stats import VmStats, settle_stats, take_stats
+from kvmtop.counters.vm_stats import VmStats
 from kvmtop.host.procfs import fd_table, tracer_pid
 from kvmtop.minivmm.vmm import counted_command
 from kvmtop.trace.inject import VM
@@ -285,7 +286,7 @@ def test_a_kernel_without_binary_stats_is_said_so_in_one_line(err):
 def test_counters_through_a_one_stop_launch_leave_the_counts_exact(tmp_path, seccomp):
     """Under kvmtop's seccomp filter the vCPU threads stop only at KVM_RUN (seccomp stops): the
     fds are made there, and every exit is still counted exactly."""
-    from kvmtop.model.events import Detached, ExitBatch
+    from kvmtop.model.messages import Detached, ExitBatch
 
     n, own = 30_000, tmp_path / "own.json"
     tracer = Tracer()

@@ -13,8 +13,9 @@ from guests.qemu_bios import build_flat32_bios, qemu_command
 from test_coalesced import KVMTOP, MODES
 
 from kvmtop.abi.mmio_names import MmioNames, from_argv, kernel_devices, parse_size
+from kvmtop.abi.record_layout import EXIT_CYCLE
 from kvmtop.decoder import UNSEEN_LABEL, describe_exit, event_label
-from kvmtop.model.events import EXIT_CYCLE, ExitEvent
+from kvmtop.model.events import ExitEvent
 
 VIRTIO0 = 0xFEB00000
 

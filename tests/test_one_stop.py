@@ -15,9 +15,10 @@ import pytest
 from conftest import json_summary, start_recording, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
 
+from kvmtop.abi.record_layout import EXIT_CYCLE
 from kvmtop.decoder import exit_label
 from kvmtop.minivmm.vmm import counted_command, demo_command
-from kvmtop.model.events import EXIT_CYCLE, Attached, Detached, ExitBatch
+from kvmtop.model.messages import Attached, Detached, ExitBatch
 from kvmtop.tracer_thread import Tracer
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]

@@ -22,7 +22,8 @@ from kvmtop.formats.recording import (
     RecordingWriter,
     open_recording,
 )
-from kvmtop.model.events import Detached, ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.model.messages import Detached, ExitBatch
 from kvmtop.model.records import iter_events
 
 START = 5_000_000_000

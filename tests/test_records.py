@@ -6,20 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_recording import START, events_strategy
 
-from kvmtop.model.events import EXIT_WRITE, ExitBatch, ExitEvent, VcpuSeen
-from kvmtop.model.records import (
-    EXIT,
-    KIND_DATA,
-    KIND_EXIT,
-    KIND_LONG,
-    RECORD_SIZE,
-    cut_after,
-    exit_count,
-    iter_events,
-    kinds,
-    pack_events,
-    rebase,
-)
+from kvmtop.abi.record_layout import EXIT, EXIT_WRITE, KIND_DATA, KIND_EXIT, KIND_LONG, RECORD_SIZE
+from kvmtop.model.events import ExitEvent, VcpuSeen
+from kvmtop.model.messages import ExitBatch
+from kvmtop.model.records import cut_after, exit_count, iter_events, kinds, pack_events, rebase
 
 BASE = START  # the events' times are START plus up to 10**12 ns
 

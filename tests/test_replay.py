@@ -6,7 +6,8 @@ import time
 from collections import Counter
 
 from kvmtop.formats.recording import RecordingMeta, RecordingWriter
-from kvmtop.model.events import ExitBatch, ExitEvent
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import ExitBatch
 from kvmtop.sources.replay import Replay
 
 START = 2_000_000_000_000

@@ -14,7 +14,8 @@ from kvmtop.formats.jsonl_csv import csv_chunks, jsonl_chunks
 from kvmtop.formats.perfetto import PerfettoTrace
 from kvmtop.formats.recording import RecordingMeta
 from kvmtop.formats.report import summary_csv, summary_json, summary_table
-from kvmtop.model.events import ExitBatch, ExitEvent
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import ExitBatch
 
 
 def stats_of(*batches: ExitBatch) -> ExitStats:

@@ -21,7 +21,7 @@ from kvmtop.errors import RecordingError
 from kvmtop.formats.recording import open_recording
 from kvmtop.host.procfs import tracer_pid
 from kvmtop.minivmm.vmm import counted_command
-from kvmtop.model.events import Detached, ExitBatch
+from kvmtop.model.messages import Detached, ExitBatch
 from kvmtop.tracer_thread import Tracer
 
 KVMTOP = [sys.executable, "-m", "kvmtop"]

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmtop.abi.record_layout import EXIT_CYCLE
 from kvmtop.aggregate.batch_summary import BUCKETS, bucket_bounds, bucket_of
 from kvmtop.aggregate.exits import (
     EMPTY_HISTOGRAM,
@@ -22,7 +23,8 @@ from kvmtop.aggregate.exits import (
     mean_bound,
     reasons_by,
 )
-from kvmtop.model.events import EXIT_CYCLE, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.model.events import ExitEvent, VcpuSeen
+from kvmtop.model.messages import ExitBatch
 from kvmtop.native import PURE_ENV, load
 
 S = 1_000_000_000

@@ -8,10 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmtop.aggregate import batch_summary as summary
-from kvmtop.model.events import EXIT_CYCLE, ExitEvent
-from kvmtop.model.records import (  # fmt: skip
+from kvmtop.abi.record_layout import (
     EXIT,
+    EXIT_CYCLE,
     F_CYCLE,
     HELD,
     KIND_DATA,
@@ -19,8 +18,10 @@ from kvmtop.model.records import (  # fmt: skip
     KIND_HELD,
     KIND_LONG,
     LONG,
-    pack_events,
 )
+from kvmtop.aggregate import batch_summary as summary
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.records import pack_events
 from kvmtop.native import load
 
 native = load("_summary")

@@ -20,7 +20,7 @@ from guests.qemu_bios import build_bios, qemu_command
 from kvmtop.decoder import exit_label
 from kvmtop.host.procfs import tracer_pid
 from kvmtop.minivmm.vmm import counted_command
-from kvmtop.model.events import Attached, Detached, ExitBatch, TracerFailed
+from kvmtop.model.messages import Attached, Detached, ExitBatch, TracerFailed
 from kvmtop.tracer_thread import Tracer
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]

@@ -44,8 +44,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from kvmtop.decoder import RUN_UNSEEN
-from kvmtop.model.records import (
+from kvmtop.abi.record_layout import (
     EXIT,
     F_CYCLE,
     F_FAILED,
@@ -57,6 +56,7 @@ from kvmtop.model.records import (
     KIND_LONG,
     LONG,
     RECORD_SIZE,
+    RUN_UNSEEN,
 )
 
 SUB_BITS = 3  # each power of two is cut in 2**SUB_BITS linear buckets: one spans 1/8 of its low

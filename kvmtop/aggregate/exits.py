@@ -18,11 +18,12 @@ from typing import Any
 
 from kvmtop import native
 from kvmtop.abi.mmio_names import MmioNames, from_argv
+from kvmtop.abi.record_layout import C_PIO, C_UNREADABLE, C_WRAP, COALESCED, F_CYCLE, KIND_COALESCED
 from kvmtop.aggregate import batch_summary as summary
 from kvmtop.decoder import exit_label
-from kvmtop.model.coalesced import C_PIO, C_UNREADABLE, C_WRAP, COALESCED, KIND_COALESCED
-from kvmtop.model.events import ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
-from kvmtop.model.records import F_CYCLE, iter_events
+from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.model.messages import ExitBatch
+from kvmtop.model.records import iter_events
 from kvmtop.model.vcpu_keys import VcpuKey
 from kvmtop.units import duration_span
 

@@ -35,7 +35,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from kvmtop.counters.vm_stats import StatsCancelled, VmStats, take_stats
+from kvmtop.counters.taking import take_stats
+from kvmtop.counters.vm_stats import StatsCancelled, VmStats
 from kvmtop.errors import KvmtopError, NoSuchProcess, UsageError
 from kvmtop.formats.metric_families import VM_LABELS, SampledTotals, VmReading, build_families
 from kvmtop.host.discovery import KvmProcess, list_kvm_processes

@@ -16,7 +16,8 @@ from typing import Any, TextIO
 
 from kvmtop.abi.binary_stats import StatDesc, Values
 from kvmtop.counters.kernel_table import counter_table, io_note, vcpu_values
-from kvmtop.counters.vm_stats import StatsCancelled, StatsSample, VmStats, rates, take_stats
+from kvmtop.counters.taking import take_stats
+from kvmtop.counters.vm_stats import StatsCancelled, StatsSample, VmStats, rates
 from kvmtop.host.procfs import is_stopped
 
 CLEAR = "\x1b[H\x1b[J"

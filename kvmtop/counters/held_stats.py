@@ -10,8 +10,9 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from kvmtop.counters.vm_stats import StatsSample, VmStats, settle_stats, take_stats, vm_totals
-from kvmtop.trace.inject import StatsFds
+from kvmtop.counters.taking import settle_stats, take_stats
+from kvmtop.counters.vm_stats import StatsSample, VmStats, vm_totals
+from kvmtop.model.messages import StatsFds
 
 
 @dataclass(slots=True)

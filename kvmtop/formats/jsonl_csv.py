@@ -16,12 +16,14 @@ from collections.abc import Iterable, Iterator
 from typing import TextIO
 
 from kvmtop.abi.mmio_names import MmioNames
+from kvmtop.abi.record_layout import EXIT_CYCLE, EXIT_WRITE
 from kvmtop.decoder import describe_exit, event_label, exit_details
 from kvmtop.errors import OutputError
 from kvmtop.formats.recording import create_owner_only
 from kvmtop.model.coalesced import CoalescedWrites, iter_coalesced
-from kvmtop.model.events import EXIT_CYCLE, EXIT_WRITE, Attached, ExitBatch, ExitEvent
-from kvmtop.model.vcpu_keys import VcpuKey, VcpuKeys
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import Attached, ExitBatch, VcpuKeys
+from kvmtop.model.vcpu_keys import VcpuKey
 from kvmtop.xlat_exit import ExitReason
 
 WELL_KNOWN = MmioNames()  # an exit carries no argv: the well-known x86 ranges

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 from kvmtop.abi.arch import HOST
 from kvmtop.abi.mmio_names import MmioNames, from_argv
+from kvmtop.abi.record_layout import EXIT_CYCLE, EXIT_WRITE
 from kvmtop.decoder import event_label, exit_details
 from kvmtop.formats.recording import RecordingMeta
 from kvmtop.model.coalesced import CoalescedWrites, iter_coalesced
-from kvmtop.model.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
-from kvmtop.model.vcpu_keys import VcpuKeys
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import ExitBatch, VcpuKeys
 from kvmtop.xlat_exit import ExitReason, errno_name
 
 RATE_BIN_NS = 10_000_000  # exit-rate counter: one value per 10 ms

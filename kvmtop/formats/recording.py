@@ -22,13 +22,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from kvmtop import __version__
-from kvmtop.errors import OutputError, RecordingError
-from kvmtop.model.coalesced import KIND_COALESCED, rebase_coalesced
-from kvmtop.model.events import Attached, Detached, ExitBatch, VcpuSeen
-from kvmtop.model.records import (
+from kvmtop.abi.record_layout import (
     COUNTERS,
     END,
     EXIT_PARTS,
+    KIND_COALESCED,
     KIND_COUNTERS,
     KIND_END,
     KIND_EXIT,
@@ -36,6 +34,12 @@ from kvmtop.model.records import (
     KIND_PROCESS,
     KIND_VCPU,
     RECORD_SIZE,
+)
+from kvmtop.errors import OutputError, RecordingError
+from kvmtop.model.coalesced import rebase_coalesced
+from kvmtop.model.events import VcpuSeen
+from kvmtop.model.messages import Attached, Detached, ExitBatch
+from kvmtop.model.records import (
     kinds,
     last_t_exit,
     name_piece,

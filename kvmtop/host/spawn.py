@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmtop.abi.arch import HOST
+from kvmtop.abi.kvm import KVM_CREATE_VCPU, KVM_RUN
 from kvmtop.abi.ptrace_abi import WNOTHREAD
-from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN
 from kvmtop.errors import CommandNotFound, KvmtopError
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")

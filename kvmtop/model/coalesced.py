@@ -19,24 +19,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvmtop.abi.arch import HOST
+from kvmtop.abi.kvm import (
+    COALESCED_ENTRY,
+    COALESCED_ENTRY_SIZE,
+    COALESCED_RING_HEAD,
+    coalesced_mmio_max,
+)
+from kvmtop.abi.record_layout import C_PIO, C_UNREADABLE, C_WRAP, COALESCED, KIND_COALESCED
 
-KIND_COALESCED = 10
-# kind, flags, vcpu, len, t (- start_ns), count, pad, address: the EXIT record's shape
-COALESCED = struct.Struct("<BBHIqIIQ")
-C_PIO = 0x01  # port IO (the entry's pio field), else MMIO
-C_WRAP = 0x02  # the VMM drained entries appended since kvmtop's previous look: a whole turn
-# of the ring (RING_MAX more entries) between the two looks cannot be ruled out (set on the
-# first record of such a look)
-C_UNREADABLE = 0x04  # this vCPU's ring cannot be read (no mapping of it): nothing is counted
-
-# include/uapi/linux/kvm.h: struct kvm_coalesced_mmio_ring {__u32 first, last; entries[]},
-# struct kvm_coalesced_mmio {__u64 phys_addr; __u32 len; __u32 pio (was pad); __u8 data[8]}
-RING_HEAD = struct.Struct("<II")
-ENTRY = struct.Struct("<QII")  # phys_addr, len, pio (data[8] follows)
-ENTRY_SIZE = 24
-RING_MAX = (HOST.PAGE_SIZE - RING_HEAD.size) // ENTRY_SIZE  # KVM_COALESCED_MMIO_MAX: 170
-
-assert COALESCED.size == 32
+# the ring's entries in one page: KVM_COALESCED_MMIO_MAX, 170
+RING_MAX = coalesced_mmio_max(HOST.PAGE_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +51,14 @@ class RingLook:
     __slots__ = ("first", "last")
 
     def __init__(self, ring: bytes | memoryview) -> None:
-        self.first, self.last = RING_HEAD.unpack_from(ring)  # nothing before attach is counted
+        self.first, self.last = COALESCED_RING_HEAD.unpack_from(
+            ring
+        )  # nothing before attach is counted
 
     def look(self, ring: bytes | memoryview, vcpu: int, t_rel: int, out: bytearray) -> None:
         """Append to ``out`` a COALESCED record per (address, pio, len) of the entries appended
         since the previous look. The common case (nothing new) reads two words."""
-        first, last = RING_HEAD.unpack_from(ring)
+        first, last = COALESCED_RING_HEAD.unpack_from(ring)
         if last == self.last or last >= RING_MAX or first >= RING_MAX:
             self.first = first if first < RING_MAX else self.first
             return
@@ -74,7 +68,9 @@ class RingLook:
         groups: dict[tuple[int, int, int], int] = {}
         i = self.last
         while i != last:
-            address, length, pio = ENTRY.unpack_from(ring, RING_HEAD.size + i * ENTRY_SIZE)
+            address, length, pio = COALESCED_ENTRY.unpack_from(
+                ring, COALESCED_RING_HEAD.size + i * COALESCED_ENTRY_SIZE
+            )
             key = (address, 1 if pio else 0, length)
             groups[key] = groups.get(key, 0) + 1
             i = (i + 1) % RING_MAX

@@ -1,7 +1,7 @@
 """The packed 32-byte records exits travel in: the recording's record layout
 (docs/recording-format.md), and packing and decoding them.
 
-An :class:`~kvmtop.model.events.ExitBatch` carries its exits as these records, the tracer produces
+An :class:`~kvmtop.model.messages.ExitBatch` carries its exits as these records, the tracer produces
 them, the recording writes them verbatim and the aggregate reads them in bulk; an ExitEvent is
 made from them only where one exit at a time is wanted (export, the recent-exits pane). Pure:
 bytes in, values out; no I/O.
@@ -10,60 +10,42 @@ bytes in, values out; no I/O.
 from __future__ import annotations
 
 import bisect
-import struct
 from collections.abc import Iterable, Iterator
 
-from kvmtop.model.events import (
+from kvmtop.abi.record_layout import (
+    DATA,
+    DATA_CHUNK,
+    EXIT,
     EXIT_CYCLE,
-    EXIT_PRIVATE,
-    EXIT_WRITE,
-    ExitEvent,
-    ProcessSeen,
-    VcpuSeen,
+    F_CYCLE,
+    F_DATA,
+    F_FAILED,
+    F_LONG,
+    GUEST_NS_MAX,
+    HELD,
+    KIND_DATA,
+    KIND_EXIT,
+    KIND_HELD,
+    KIND_LONG,
+    KIND_NAME,
+    KIND_PROCESS,
+    KIND_VCPU,
+    LONG,
+    NAME,
+    NAME_PIECES,
+    P_ENDED,
+    P_EXITED,
+    PROCESS,
+    RECORD_SIZE,
+    SAME_BITS,
+    T_EXIT,
+    UNSEEN_LOW_MAX,
+    VCPU,
 )
+from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.model.vcpu_keys import VcpuKey
 
-RECORD_SIZE = 32
-
-KIND_EXIT, KIND_LONG, KIND_DATA, KIND_VCPU, KIND_COUNTERS, KIND_END = 1, 2, 3, 4, 5, 6
-KIND_PROCESS, KIND_NAME = 7, 8
-KIND_HELD = 9
-EXIT = struct.Struct("<BBHIqIIQ")  # kind, flags, vcpu, reason, t_exit, guest_ns, b, a
-LONG = struct.Struct("<B7xQ16x")  # kind, guest_ns (when it does not fit 32 bits)
-DATA = struct.Struct("<BB30s")  # kind, length, bytes
-VCPU = struct.Struct("<BxHIqIiI4x")  # kind, vcpu, tid, t, pid, VM fd, vCPU id (version 2)
-VCPU_HEAD = struct.Struct("<BxHIq16x")  # kind, vcpu, tid, t: the engine's, and version 1's
-PROCESS = struct.Struct("<BBxxIqIi8x")  # kind, flags (P_ENDED...), pid, t, ppid, exit status
-NAME = struct.Struct("<BB30s")  # kind, length, a piece of the argv (after its PROCESS record)
-# a part of an exit (after its EXIT, LONG, DATA; version 3): the ptrace stops between the
-# vCPU's previous exit and this exit's entry, and the time they held it: seen by the tracer
-# (stop to the start of its resume) and not seen (the stop's and the wake-up's switches): its
-# estimate, and the least and most it costs on average (docs/engine.md); recordings from before
-# the two bounds hold zeros there (the least, 0; the most, 0: no bound)
-HELD = struct.Struct("<BxHIQQQ")  # kind, stops, unseen_low_ns, seen_ns, unseen_ns, unseen_high_ns
-UNSEEN_LOW_MAX = 0xFFFFFFFF  # unseen_low_ns saturates here (a lower least: the bound still holds)
-COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
-END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits
-T_EXIT = struct.Struct("<q")  # an EXIT record's t_exit alone, at byte 8
-
-# EXIT record flags
-F_WRITE, F_PRIVATE, F_DATA, F_LONG, F_FAILED, F_CYCLE = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-SAME_BITS = F_WRITE | F_PRIVATE  # the same bits as ExitEvent.flags' EXIT_WRITE, EXIT_PRIVATE
-assert SAME_BITS == EXIT_WRITE | EXIT_PRIVATE
-GUEST_NS_MAX = 0xFFFFFFFE
-DATA_CHUNK = 30
 NOT_HELD = (0, 0, 0, 0, 0)  # stops, seen, unseen, unseen_low, unseen_high
-
-# PROCESS record flags
-P_ENDED, P_EXITED = 0x01, 0x02  # the process has gone; ...and exited (the status is its own)
-NAME_PIECES = 4  # at most 4 NAME records (120 bytes) of argv a process
-
-for _s in (EXIT, LONG, DATA, HELD, VCPU, VCPU_HEAD, PROCESS, NAME, COUNTERS, END):
-    assert _s.size == RECORD_SIZE
-
-# bytes.translate table: the kinds an exit is made of (EXIT and its parts) become 0, others 1
-EXIT_PART_KINDS = (KIND_EXIT, KIND_LONG, KIND_DATA, KIND_HELD)
-EXIT_PARTS = bytes(0 if k in EXIT_PART_KINDS else 1 for k in range(256))
 
 
 def pack_exit(out: bytearray, event: ExitEvent, base_ns: int) -> None:

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kvmtop.model.events import ExitBatch  # events imports this module
 
 OTHER_VMS_FROM = 0x8000  # vCPU ids stay below KVM_MAX_VCPU_IDS (4096 on x86)
 NO_VM = -1  # the VM is not known (a recording made before VMs were told apart)
@@ -67,18 +63,3 @@ class VcpuSlots:
     def key(self, slot: int) -> VcpuKey | None:
         with self._lock:
             return self._keys.get(slot)
-
-
-class VcpuKeys:
-    """Which process, VM and vCPU id each vCPU number of a stream stands for."""
-
-    def __init__(self) -> None:
-        self._keys: dict[int, VcpuKey] = {}
-
-    def see(self, batch: ExitBatch) -> None:
-        for seen in batch.vcpus:
-            if seen.key is not None:
-                self._keys[seen.vcpu] = seen.key
-
-    def of(self, vcpu: int) -> VcpuKey | None:
-        return self._keys.get(vcpu)

@@ -1103,7 +1103,8 @@ static PyObject *Engine_thread(Engine *e, PyObject *args) {
     Thread copy = t ? *t : (Thread){0};
     UNLOCK(e);
     if (!t) Py_RETURN_NONE;
-    return Py_BuildValue("(iiiii)", copy.pid, copy.runner, copy.budget, copy.creating, copy.in_run);
+    return Py_BuildValue("(iNiNN)", copy.pid, PyBool_FromLong(copy.runner), copy.budget,
+                         PyBool_FromLong(copy.creating), PyBool_FromLong(copy.in_run));
 }
 
 static PyObject *Engine_set_thread(Engine *e, PyObject *args) {
@@ -1381,7 +1382,8 @@ static PyObject *Engine_notify_run(Engine *e, PyObject *args) {
     Py_END_ALLOW_THREADS
     if (err) return PyErr_SetFromErrno(PyExc_OSError), NULL;
     if (why[0] == 'u')
-        return Py_BuildValue("(siii)", why, (int)n.pid, (int)n.args[0], n.nr == e->sys_ioctl && (uint32_t)n.args[1] == KVM_RUN_);
+        return Py_BuildValue("(siiN)", why, (int)n.pid, (int)n.args[0],
+                             PyBool_FromLong(n.nr == e->sys_ioctl && (uint32_t)n.args[1] == KVM_RUN_));
     return Py_BuildValue("(s)", why);
 }
 
@@ -1438,7 +1440,7 @@ static PyMethodDef Engine_methods[] = {
 static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvmtop.native._hotloop.Engine",
     .tp_basicsize = sizeof(Engine),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, /* kvmtop/trace/native_engine.py */
     .tp_doc = "The hot state and loops of tracing (see kvmtop/trace/py_engine.py for the reference).",
     .tp_new = Engine_new,
     .tp_init = (initproc)Engine_init,

@@ -1,6 +1,6 @@
 """Watching a VM without tracing it: KVM's counters and samples of each vCPU's ``kvm_run``.
 
-:class:`Watcher` takes KVM's counters of the VM (:func:`kvmtop.counters.vm_stats.take_stats`: a brief
+:class:`Watcher` takes KVM's counters of the VM (:func:`kvmtop.counters.taking.take_stats`: a brief
 attach, the only moment the VMM is ever stopped), then duplicates each vCPU fd with
 ``pidfd_getfd`` (the same rights as ptrace, no stop) and maps its ``kvm_run`` read-only, and
 starts one sampler thread for all vCPUs (:mod:`kvmtop.sampling.sampler`). From then on nothing of kvmtop
@@ -26,15 +26,8 @@ from typing import Any
 from kvmtop.abi.arch import HOST
 from kvmtop.abi.mmio_names import MmioNames, from_argv
 from kvmtop.abi.ptrace_abi import pidfd_getfd
-from kvmtop.counters.vm_stats import (
-    StatsSample,
-    StatsUnavailable,
-    VmStats,
-    copy_held_stats,
-    rates,
-    take_stats,
-    vm_totals,
-)
+from kvmtop.counters.taking import copy_held_stats, take_stats
+from kvmtop.counters.vm_stats import StatsSample, StatsUnavailable, VmStats, rates, vm_totals
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
 from kvmtop.host.procfs import cmdline, fd_table, is_stopped, permission_hint, tracer_pid
 from kvmtop.host.vcpu_maps import vcpu_fds, vm_of_vcpu_fd

@@ -15,7 +15,8 @@ from kvmtop.aggregate.exits import StatsSnapshot
 from kvmtop.screens.polled import WatchScreen
 from kvmtop.screens.requests import BackRequested, DetachRequested, KernelRequested
 from kvmtop.screens.vcpu import VcpuScreen
-from kvmtop.sources.exit_source import ExitSource, LiveSource, SourceStatus
+from kvmtop.sources.exit_source import ExitSource, SourceStatus
+from kvmtop.sources.live import LiveSource
 from kvmtop.units import human
 from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane

@@ -9,7 +9,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from kvmtop.aggregate.exits import REASON_ORDERS, ReasonStats, StatsSnapshot, reasons_by
-from kvmtop.sources.exit_source import ExitSource, LiveSource, SourceStatus
+from kvmtop.sources.exit_source import ExitSource, SourceStatus
+from kvmtop.sources.live import LiveSource
 from kvmtop.sources.replay import Replay
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.status_line import StatusLine

@@ -1,20 +1,19 @@
-"""What the attached view watches: a live tracing session, or a recording played back
-(:class:`kvmtop.sources.replay.Replay`). Both answer the same few questions (a snapshot of the
+"""What the attached view watches: a live tracing session (:class:`kvmtop.sources.live.LiveSource`),
+or a recording played back (:class:`kvmtop.sources.replay.Replay`). Both answer the same few questions (a snapshot of the
 aggregate, one vCPU's snapshot, a status), so every pane works the same on either.
 
-Nothing here draws, traces or feeds the aggregate: the live source only reads a TraceSession.
+Nothing here draws, traces or feeds the aggregate, and nothing here imports a source: what every
+source gives, for the views (and widgets) to read. The sources are :mod:`kvmtop.sources.live`,
+:mod:`kvmtop.sources.replay` and :mod:`kvmtop.sources.watch_feed`.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
 from kvmtop.aggregate.exits import StatsSnapshot, VcpuSnapshot
-from kvmtop.sources.session import SessionState, TraceSession
-from kvmtop.units import ended_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,47 +43,3 @@ class ExitSource(Protocol):
 def command_line(argv: tuple[str, ...]) -> str:
     """argv for a title line: the program's base name, then its arguments."""
     return " ".join((os.path.basename(argv[0]), *argv[1:])) if argv else ""
-
-
-class LiveSource:
-    """A TraceSession as the attached view sees it: its aggregate, read at the current time.
-    The session replaces its aggregate on each attach, so it is looked up on every read."""
-
-    def __init__(self, session: TraceSession) -> None:
-        self.session = session
-
-    @property
-    def attached(self) -> bool:
-        return self.session.state in (SessionState.ATTACHED, SessionState.ATTACHING)
-
-    def version(self) -> object:
-        s = self.session  # rates and timelines move on with each second, even with no exits
-        return (s.stats, s.stats.total, s.stats.lost, s.state, time.monotonic_ns() // 10**9)
-
-    def snapshot(self, top: int | None = 8) -> StatsSnapshot:
-        return self.session.stats.snapshot(time.monotonic_ns(), top=top)
-
-    def reset(self) -> None:
-        """Start the view's counts over; the recording, if any, has every exit all the same."""
-        self.session.stats.reset()
-
-    def vcpu_snapshot(self, vcpu: int, top: int | None = 10) -> VcpuSnapshot | None:
-        return self.session.stats.vcpu_snapshot(vcpu, time.monotonic_ns(), top=top)
-
-    def status(self) -> SourceStatus:
-        s = self.session
-        title = f"pid {s.pid}  {command_line(s.argv)}" if s.pid else "not attached"
-        now = time.monotonic_ns()
-        until, ended_s = now, None
-        if s.state is SessionState.ENDED and s.ended_at_ns is not None:
-            until, ended_s = s.ended_at_ns, (now - s.ended_at_ns) / 1e9
-        since = (until - s.attached_at_ns) / 1e9 if s.attached_at_ns else 0.0
-        recording = s.record_path if s.state is SessionState.ATTACHED else None
-        state = s.state.value
-        if s.state is SessionState.ATTACHING:
-            state = "attaching..."
-        elif s.state is SessionState.ENDED:
-            state = (
-                f"ended: {ended_text(s.exit_status)}" if s.exit_status is not None else "detached"
-            )
-        return SourceStatus(title, state, since, live=True, ended_s=ended_s, recording=recording)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from kvmtop.aggregate.exits import ExitStats, StatsSnapshot, VcpuSnapshot
 from kvmtop.formats.recording import Recording, open_recording
 from kvmtop.model.coalesced import split_coalesced
-from kvmtop.model.events import ExitBatch
+from kvmtop.model.messages import ExitBatch
 from kvmtop.model.records import cut_after, exit_count, first_t_exit
 from kvmtop.sources.exit_source import SourceStatus, command_line
 

@@ -21,15 +21,15 @@ from typing import Protocol
 from kvmtop.aggregate.exits import ExitStats
 from kvmtop.errors import KvmtopError
 from kvmtop.formats.recording import RecordingWriter, check_writable, meta_for
-from kvmtop.model.events import (
+from kvmtop.model.messages import (
     Attached,
     Detached,
     ExitBatch,
+    StatsFds,
     TracerEnded,
     TracerFailed,
     TracerMessage,
 )
-from kvmtop.trace.inject import StatsFds
 from kvmtop.tracer_thread import Tracer
 from kvmtop.units import ended_text
 

@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
 
 from kvmtop.abi import ptrace_abi as pt
 from kvmtop.errors import NoSuchProcess, PermissionDenied
@@ -25,10 +24,11 @@ from kvmtop.host.procfs import (
     tgid_of,
 )
 from kvmtop.host.spawn import spawn_stopped
-from kvmtop.model.events import Detached, ProcessSeen
+from kvmtop.model.events import ProcessSeen
+from kvmtop.model.messages import Detached
 from kvmtop.model.vcpu_keys import VcpuSlots
-from kvmtop.trace.notify_listener import Notifier
-from kvmtop.trace.py_engine import MODE_NOTIFY, MODE_ONE_STOP, MODE_TWO_STOP, set_sync_wakeup
+from kvmtop.trace.engine import MODE_NOTIFY, MODE_ONE_STOP, MODE_TWO_STOP, PtraceEngine
+from kvmtop.trace.notify_listener import Notifier, set_sync_wakeup
 from kvmtop.trace.traced_process import TracedProcess
 
 OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_TRACEEXEC
@@ -42,7 +42,7 @@ class Followed:
     def __init__(self, t0: int, launched: bool, mode: int, filter_note: str = "") -> None:
         self.t0 = t0  # record times count from it
         self.launched = launched
-        self.mode = mode  # hot_state.MODE_*: every process inherits the filter, and the mode
+        self.mode = mode  # engine.MODE_*: every process inherits the filter, and the mode
         self.filter_note = filter_note  # why a cheaper way of stopping is not in place
         self.procs: dict[int, TracedProcess] = {}
         self.roots: list[int] = []  # the pids asked for, or the command launched
@@ -82,7 +82,7 @@ class Followed:
         proc.argv = cmdline(proc.pid)
         self._news.append(ProcessSeen(proc.pid, proc.ppid, proc.argv, time.monotonic_ns()))
 
-    def ended(self, proc: TracedProcess, engine: Any, exit_status: int | None) -> None:
+    def ended(self, proc: TracedProcess, engine: PtraceEngine, exit_status: int | None) -> None:
         """``proc`` has exited (``exit_status``) or been detached (None)."""
         self.procs.pop(proc.pid, None)
         proc.close(engine)
@@ -92,9 +92,9 @@ class Followed:
             ProcessSeen(proc.pid, proc.ppid, proc.argv, time.monotonic_ns(), True, exit_status)
         )
 
-    def proc_of(self, engine: Any, tid: int) -> TracedProcess | None:
+    def proc_of(self, engine: PtraceEngine, tid: int) -> TracedProcess | None:
         state = engine.thread(tid)
-        return None if state is None else self.procs.get(state[0])
+        return None if state is None else self.procs.get(state.pid)
 
     def take_news(self) -> tuple[ProcessSeen, ...]:
         news, self._news = tuple(self._news), []
@@ -107,7 +107,7 @@ class Followed:
     # --- the listener (seccomp user notification) ------------------------------------------------
 
     def start_notifier(
-        self, engine: Any, on_full: Callable[[], None], on_error: Callable[[str], None]
+        self, engine: PtraceEngine, on_full: Callable[[], None], on_error: Callable[[str], None]
     ) -> None:
         def on_unknown(tid: int, fd: int, is_run: bool) -> None:
             self.on_unknown(engine, tid, fd, is_run)
@@ -116,7 +116,7 @@ class Followed:
         self.listener = -1  # the listener's thread closes it
         self.notifier.start()
 
-    def on_unknown(self, engine: Any, tid: int, fd: int, is_run: bool) -> None:
+    def on_unknown(self, engine: PtraceEngine, tid: int, fd: int, is_run: bool) -> None:
         """A notification from a thread or vCPU fd the engine does not know yet. Every thread
         of a followed process starts stopped until the tracer has taken it in, so a thread
         unknown here belongs to no followed process: its ioctl goes on, uncounted."""
@@ -127,14 +127,14 @@ class Followed:
                 return
             engine.add_thread(tid, proc.pid)
         else:
-            proc = self.procs.get(state[0])
+            proc = self.procs.get(state.pid)
             if proc is None:
                 return
         if is_run and engine.page(proc.pid, fd) is None:
             proc.open_page(engine, tid, fd)
 
 
-def seize_process(pid: int, engine: Any, group: Followed) -> TracedProcess:
+def seize_process(pid: int, engine: PtraceEngine, group: Followed) -> TracedProcess:
     """PTRACE_SEIZE every thread of ``pid`` (listing again until none is new), then interrupt
     each once so that it can be resumed with PTRACE_SYSCALL. The process joins ``group`` as
     soon as a thread is seized: when the attach fails half-way, detaching the group lets go
@@ -178,7 +178,7 @@ def seize_process(pid: int, engine: Any, group: Followed) -> TracedProcess:
 def launch_process(
     argv: list[str],
     seccomp: str,
-    engine: Any,
+    engine: PtraceEngine,
     child_stdio: str | None,
     stdout_to_stderr: bool,
     child_stderr: str | None = None,

@@ -37,20 +37,11 @@ from kvmtop.abi.arch import x86_64 as arch
 from kvmtop.decoder import VM_FD_LINK, vcpu_id_of_fd_link
 from kvmtop.errors import KvmtopError
 from kvmtop.host.procfs import fd_table, seccomp_of
+from kvmtop.model.messages import StatsFds
 
 KVM_GET_STATS_FD = 0xAECE
 MAX_ATTEMPTS = 20  # stops a job may be interrupted at before it gives up
 VM = -1  # the key of the VM's stats fd; vCPUs are keyed by their id
-
-
-@dataclass(frozen=True, slots=True)
-class StatsFds:
-    """kvmtop's own stats fds: ``vcpus`` {vCPU id: fd} and ``vm`` (or None); ``made_by``: which
-    VMM thread made each (vCPU id, or VM: tid)."""
-
-    vcpus: dict[int, int]
-    vm: int | None
-    made_by: dict[int, int]
 
 
 @dataclass(slots=True)

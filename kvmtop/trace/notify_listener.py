@@ -12,10 +12,13 @@ would fail with ENOSYS.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+
+from kvmtop.abi.seccomp import SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP
+from kvmtop.trace.engine import NotifyEngine
 
 BATCH_BYTES = 4096 * 32  # records before the tracer is asked to flush
 
@@ -23,7 +26,7 @@ BATCH_BYTES = 4096 * 32  # records before the tracer is asked to flush
 class Notifier:
     def __init__(
         self,
-        engine: Any,
+        engine: NotifyEngine,
         listener: int,
         on_unknown: Callable[[int, int, bool], None],
         on_full: Callable[[], None],
@@ -60,14 +63,14 @@ class Notifier:
         try:
             while not self._stopping:
                 got = engine.notify_run(self.listener, self._wake_r, BATCH_BYTES)
-                if got[0] == "unknown":
+                if got.why == "unknown":
                     try:
-                        self.on_unknown(got[1], got[2], bool(got[3]))
+                        self.on_unknown(got.tid, got.fd, bool(got.is_run))
                     finally:
                         engine.notify_continue(self.listener)  # answered whatever happened
-                elif got[0] == "full":
+                elif got.why == "full":
                     self.on_full()
-                elif got[0] == "hangup":
+                elif got.why == "hangup":
                     break
         except OSError as exc:
             self.on_error(f"seccomp listener failed: {exc.strerror or exc}")
@@ -76,3 +79,12 @@ class Notifier:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self.on_full()  # the last records go out
+
+
+def set_sync_wakeup(listener: int) -> bool:
+    """Ask the kernel to wake the listener on the notifying CPU (Linux 6.6+); False if it can't."""
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+    except OSError:
+        return False
+    return True

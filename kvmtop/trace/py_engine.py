@@ -1,12 +1,13 @@
-"""The tracer's hot state and loops in pure Python: the reference for ``kvmtop.native._hotloop``.
+"""The engine in pure Python (:class:`PyEngine`, a :class:`~kvmtop.trace.engine.PtraceEngine`):
+the tracer's hot state and loops, and the reference for ``kvmtop.native._hotloop``.
 
 An engine holds what tracing needs per stop: the traced threads (tid -> process, whether it runs
 vCPUs, its syscall budget, the run it is in), the vCPUs (process, fd -> a view of that vCPU's
 ``struct kvm_run``), and packed exit records in the recording's layout (:mod:`kvmtop.model.records`).
 Its loops handle the common case (a KVM_RUN entry or return, a seccomp stop or a user
 notification on a known vCPU fd) and hand everything else back to the tracer, which decides.
-:func:`make_engine` picks the C engine when it was built; both have this exact interface and the
-tests run the tracer on each.
+:func:`kvmtop.trace.native_engine.make_engine` picks the C engine when it was built; both have
+this exact interface and the tests run the tracer on each.
 
 Only the tracer thread calls :meth:`run`, :meth:`handle` and :meth:`resume` (ptrace); the
 notification thread calls only :meth:`notify_run` and :meth:`notify_continue` (no ptrace).
@@ -17,42 +18,39 @@ from __future__ import annotations
 import errno as errno_module
 import fcntl
 import select
-import struct
 import threading
 import time
 from typing import Any
 
-from kvmtop import native
 from kvmtop.abi import ptrace_abi as pt
 from kvmtop.abi.arch import HOST
-from kvmtop.decoder import KVM_CREATE_VCPU, KVM_RUN, decode_exit, exit_reason_of, is_read
+from kvmtop.abi.kvm import KVM_CREATE_VCPU, KVM_RUN, KVMIO, RUN_IMMEDIATE_EXIT
+from kvmtop.abi.record_layout import EXIT_CYCLE, KIND_VCPU, VCPU_HEAD
+from kvmtop.abi.seccomp import (
+    NOTIF,
+    NOTIF_RESP,
+    SECCOMP_IOCTL_NOTIF_RECV,
+    SECCOMP_IOCTL_NOTIF_SEND,
+    SECCOMP_USER_NOTIF_FLAG_CONTINUE,
+)
+from kvmtop.decoder import decode_exit, exit_reason_of, is_read
 from kvmtop.model.coalesced import RingLook, unreadable_record
-from kvmtop.model.events import EXIT_CYCLE, ExitEvent
-from kvmtop.model.records import RECORD_SIZE, VCPU_HEAD, pack_exit
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.records import pack_exit
+from kvmtop.trace.engine import (
+    MODE_TWO_STOP,
+    P_HANDBACK,
+    P_NO_RESUME,
+    P_SYSCALLS,
+    SYSCALL_BUDGET,
+    Notified,
+    PageOwner,
+    Stop,
+    Taken,
+    ThreadState,
+)
 from kvmtop.trace.stop_wait import StopWaiter
 from kvmtop.xlat_exit import ExitReason
-
-MODE_TWO_STOP = 0  # PTRACE_SYSCALL: KVM_RUN's entry and exit stops
-MODE_ONE_STOP = 1  # seccomp RET_TRACE on KVM_RUN: one stop, at its entry
-MODE_NOTIFY = 2  # seccomp user notification: no ptrace stop per exit
-# Process flags (set_process)
-P_HANDBACK = 1  # run() hands every stop of the process to the tracer
-P_SYSCALLS = 2  # resume its threads with PTRACE_SYSCALL (every syscall entry stops)
-P_NO_RESUME = 4  # handle() records but does not resume: the tracer does (a detach)
-SYSCALL_BUDGET = 256  # non-KVM syscalls a thread may make before it is resumed with PTRACE_CONT
-KVMIO = 0xAE  # the ioctl type byte of every KVM ioctl
-IMMEDIATE_EXIT_OFFSET = 1  # offsetof(struct kvm_run, immediate_exit)
-KIND_VCPU = 4
-
-# include/uapi/linux/seccomp.h: struct seccomp_notif (80 bytes) and seccomp_notif_resp (24)
-NOTIF = struct.Struct("<QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args
-NOTIF_RESP = struct.Struct("<QqiI")  # id, val, error, flags
-SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # SECCOMP_IOWR(0, struct seccomp_notif)
-SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # SECCOMP_IOWR(1, struct seccomp_notif_resp)
-SECCOMP_IOCTL_NOTIF_SET_FLAGS = 0x40082104  # SECCOMP_IOW(4, __u64), Linux 6.6+
-SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
-SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1
-
 
 NO_WINDOW = (0, 0, 0, 0, 0)  # stops, seen ns, unseen ns: estimate, least, most (records.HELD)
 ROUND_TRIP_BLOCK = 64  # round trips measured per estimate of a stop's unseen cost
@@ -205,7 +203,7 @@ class PyEngine:
 
     # --- ptrace stops (tracer thread) -----------------------------------------------------------
 
-    def run(self, deadline_ns: int, max_bytes: int) -> tuple[int, int, int] | None:
+    def run(self, deadline_ns: int, max_bytes: int) -> Stop | None:
         wait = self._waiter.wait
         while True:
             try:
@@ -214,9 +212,9 @@ class PyEngine:
                 return None
             th = self._threads.get(tid)
             if th is None or self._modes.get(th.pid, (0, P_HANDBACK))[1] & P_HANDBACK:
-                return tid, status, now
+                return Stop(tid, status, now)
             if not self.handle(tid, status, now):
-                return tid, status, now
+                return Stop(tid, status, now)
             if len(self._records) >= max_bytes or now >= deadline_ns:
                 return None
 
@@ -385,7 +383,7 @@ class PyEngine:
         page.open_since = now
         # With immediate_exit set, KVM_RUN returns EINTR at once and leaves exit_reason as it
         # was: remember it, or the previous exit would be counted twice.
-        page.open_immediate = bool(view[IMMEDIATE_EXIT_OFFSET]) if view is not None else False
+        page.open_immediate = bool(view[RUN_IMMEDIATE_EXIT]) if view is not None else False
 
     def _emit(self, event: ExitEvent) -> None:
         pack_exit(self._records, event, self.base_ns)
@@ -448,11 +446,11 @@ class PyEngine:
         with self._lock:
             return self._threads.pop(tid, None) is not None
 
-    def thread(self, tid: int) -> tuple[int, int, int, int, int] | None:
+    def thread(self, tid: int) -> ThreadState | None:
         th = self._threads.get(tid)
         if th is None:
             return None
-        return th.pid, int(th.runner), th.budget, int(th.creating), int(th.in_run)
+        return ThreadState(th.pid, th.runner, th.budget, th.creating, th.in_run)
 
     def set_thread(self, tid: int, runner: bool, creating: bool) -> bool:
         """Also out of KVM_RUN: a run that ended is the caller's to account for."""
@@ -508,9 +506,9 @@ class PyEngine:
         with self._lock:
             return self._drop((pid, fd))
 
-    def page(self, pid: int, fd: int) -> tuple[int, int] | None:
+    def page(self, pid: int, fd: int) -> PageOwner | None:
         page = self._pages.get((pid, fd))
-        return None if page is None else (page.vcpu, page.tid)
+        return None if page is None else PageOwner(page.vcpu, page.tid)
 
     def close_runs(self, pid: int, tid: int, now: int) -> None:
         """A vCPU thread (``tid``; 0: all of ``pid``) has ended: the exit of its last run is
@@ -562,10 +560,10 @@ class PyEngine:
             self._coalesced.clear()
         return out
 
-    def take(self) -> tuple[bytes, bytes, int, int, int, int]:
+    def take(self) -> Taken:
         with self._lock:
-            out = (bytes(self._records), bytes(self._seen), self._stops, self._notifications,
-                   self._lost, self._exits)  # fmt: skip
+            out = Taken(bytes(self._records), bytes(self._seen), self._stops, self._notifications,
+                        self._lost, self._exits)  # fmt: skip
             self._records.clear()
             self._seen.clear()
             self._stops = self._notifications = self._lost = self._exits = 0
@@ -586,7 +584,7 @@ class PyEngine:
 
     # --- seccomp user notification (notification thread) -----------------------------------------
 
-    def notify_run(self, listener: int, wake: int, max_bytes: int) -> tuple[Any, ...]:
+    def notify_run(self, listener: int, wake: int, max_bytes: int) -> Notified:
         poller = select.poll()
         poller.register(listener, select.POLLIN)
         poller.register(wake, select.POLLIN)
@@ -594,9 +592,9 @@ class PyEngine:
         while True:
             events = dict(poller.poll())
             if wake in events:
-                return ("wake",)
+                return Notified("wake")
             if events.get(listener, 0) & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                return ("hangup",)
+                return Notified("hangup")
             buf[:] = bytes(NOTIF.size)
             try:
                 fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
@@ -611,14 +609,10 @@ class PyEngine:
                     self._pending = notif
             if not answered:
                 _id, tid, _flags, nr, _arch, _ip, fd, request = notif[:8]
-                return (
-                    "unknown",
-                    tid,
-                    fd,
-                    nr == self.sys_ioctl and request & 0xFFFFFFFF == KVM_RUN,
-                )
+                is_run = nr == self.sys_ioctl and request & 0xFFFFFFFF == KVM_RUN
+                return Notified("unknown", tid, fd, is_run)
             if len(self._records) >= max_bytes:
-                return ("full",)
+                return Notified("full")
 
     def notify_continue(self, listener: int) -> None:
         with self._lock:
@@ -652,29 +646,3 @@ class PyEngine:
         if page is not None:
             self._open_run(page, now)  # counted once, when the run it ends was really entered
         return True
-
-
-def set_sync_wakeup(listener: int) -> bool:
-    """Ask the kernel to wake the listener on the notifying CPU (Linux 6.6+); False if it can't."""
-    try:
-        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
-    except OSError:
-        return False
-    return True
-
-
-def make_engine(base_ns: int, with_data: bool, poll_max_ns: int, wait_flags: int) -> Any:
-    """The C engine when it was built (and KVMTOP_PURE is not set), else :class:`PyEngine`."""
-    module = native.load("_hotloop")
-    if module is not None:
-        return module.Engine(base_ns, with_data, poll_max_ns, wait_flags, HOST.SYS_IOCTL)
-    return PyEngine(base_ns, with_data, poll_max_ns, wait_flags)
-
-
-def vcpu_records(seen: bytes, base_ns: int) -> list[tuple[int, int, int]]:
-    """(vcpu, tid, absolute ns) of each VCPU record an engine's :meth:`take` returned."""
-    out = []
-    for i in range(0, len(seen), RECORD_SIZE):
-        _kind, vcpu, tid, t = VCPU_HEAD.unpack_from(seen, i)
-        out.append((vcpu, tid, base_ns + t))
-    return out

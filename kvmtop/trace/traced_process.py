@@ -8,15 +8,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from kvmtop.abi import ptrace_abi as pt
 from kvmtop.abi.arch import HOST
-from kvmtop.decoder import KVM_RUN, vcpu_id_of_fd_link
+from kvmtop.abi.kvm import KVM_RUN
+from kvmtop.decoder import vcpu_id_of_fd_link
 from kvmtop.host.procfs import fd_table
 from kvmtop.host.vcpu_maps import RunPage, open_run_page, vcpu_fds, vm_of_vcpu_fd
 from kvmtop.model.events import VcpuSeen
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
+from kvmtop.trace.engine import Engine
 from kvmtop.trace.inject import StatsJob
 
 
@@ -27,7 +28,7 @@ class TracedProcess:
     pid: int
     pidfd: int
     argv: tuple[str, ...]
-    mode: int  # hot_state.MODE_*
+    mode: int  # engine.MODE_*
     slots: VcpuSlots  # the session's, shared by all its processes
     ppid: int = 0
     pages: dict[int, RunPage] = field(default_factory=dict)  # the VMM's fd number -> run page
@@ -36,7 +37,7 @@ class TracedProcess:
 
     # --- vCPUs ---------------------------------------------------------------------------------
 
-    def open_page(self, engine: Any, tid: int, fd: int, at_run: bool = True) -> VcpuSeen | None:
+    def open_page(self, engine: Engine, tid: int, fd: int, at_run: bool = True) -> VcpuSeen | None:
         """Map the vCPU behind ``fd`` and give it to the engine, numbered as the session
         numbers its vCPUs. At a KVM_RUN (``at_run``), one that cannot be read is given all the
         same (vCPU -1), so that its exits are counted as lost, not missed; at its creation the
@@ -62,20 +63,20 @@ class TracedProcess:
             old.close()
         return VcpuSeen(slot, 0, time.monotonic_ns(), key)
 
-    def forget_page(self, engine: Any, fd: int) -> None:
+    def forget_page(self, engine: Engine, fd: int) -> None:
         engine.remove_page(self.pid, fd)
         with self.pages_lock:
             page = self.pages.pop(fd, None)
         if page is not None:
             page.close()
 
-    def forget_pages(self, engine: Any) -> None:
+    def forget_pages(self, engine: Engine) -> None:
         with self.pages_lock:
             fds = list(self.pages)
         for fd in fds:
             self.forget_page(engine, fd)
 
-    def open_known_vcpus(self, engine: Any) -> list[VcpuSeen]:
+    def open_known_vcpus(self, engine: Engine) -> list[VcpuSeen]:
         """The vCPUs a running VMM has (one fd each), mapped before its next KVM_RUN."""
         try:
             fds = vcpu_fds(self.pid)
@@ -92,7 +93,7 @@ class TracedProcess:
                 seen.append(found)
         return seen
 
-    def close(self, engine: Any) -> None:
+    def close(self, engine: Engine) -> None:
         self.forget_pages(engine)
         engine.remove_process(self.pid)
         os.close(self.pidfd)

@@ -14,8 +14,9 @@ from operator import attrgetter
 
 from textual.widgets import Log
 
+from kvmtop.abi.record_layout import EXIT_CYCLE
 from kvmtop.decoder import describe_exit
-from kvmtop.model.events import EXIT_CYCLE, ExitEvent
+from kvmtop.model.events import ExitEvent
 from kvmtop.units import duration
 
 MAX_LINES = 2000

@@ -4,7 +4,8 @@ snapshot and replay tests are fed from it, so what they show never varies."""
 from __future__ import annotations
 
 from kvmtop.formats.recording import RecordingMeta, RecordingWriter
-from kvmtop.model.events import Detached, ExitBatch, ExitEvent, VcpuSeen
+from kvmtop.model.events import ExitEvent, VcpuSeen
+from kvmtop.model.messages import Detached, ExitBatch
 
 START = 1_000_000_000_000
 S = 1_000_000_000

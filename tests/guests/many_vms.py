@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kvmtop.model.events import ExitBatch, ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.model.messages import ExitBatch
 from kvmtop.model.vcpu_keys import OTHER_VMS_FROM, VcpuKey
 
 START = 5_000_000_000

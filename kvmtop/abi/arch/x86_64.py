@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from kvmtop.model.events import EXIT_PRIVATE, EXIT_WRITE
+from kvmtop.abi.record_layout import EXIT_PRIVATE, EXIT_WRITE
 from kvmtop.xlat_exit import ExitReason
 
 NAME = "x86_64"
