@@ -26,6 +26,7 @@ KVM_RUN_SIZE = 2352  # sizeof(struct kvm_run) on x86_64 and aarch64
 RUN_IMMEDIATE_EXIT = 1  # offsetof(struct kvm_run, immediate_exit)
 RUN_EXIT_REASON = 8  # offsetof(struct kvm_run, exit_reason)
 RUN_UNION = 32  # offsetof(struct kvm_run, the exit union)
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3  # kvm_run.memory_fault.flags
 
 # struct kvm_coalesced_mmio_ring {__u32 first, last; entries[]}, one page mapped by every vCPU
 # fd at KVM_COALESCED_MMIO_PAGE_OFFSET; struct kvm_coalesced_mmio {__u64 phys_addr; __u32 len;

@@ -58,6 +58,7 @@ from kvmtop.abi.record_layout import (
     RECORD_SIZE,
     RUN_UNSEEN,
 )
+from kvmtop.xlat_exit import ExitReason
 
 SUB_BITS = 3  # each power of two is cut in 2**SUB_BITS linear buckets: one spans 1/8 of its low
 OCTAVES = 40  # ns of 2**40 (18 minutes) and above share the last bucket
@@ -85,7 +86,6 @@ def bucket_bounds(bucket: int) -> tuple[int, int]:
 
 
 NS = 1_000_000_000
-KVM_EXIT_IO, KVM_EXIT_MMIO = 2, 6  # linux/kvm.h
 
 Summary = tuple[
     int,
@@ -194,6 +194,7 @@ def summarize(
     records: bytes | bytearray | memoryview, base_ns: int, recent_per_vcpu: int
 ) -> Summary:
     recent = max(0, recent_per_vcpu)
+    kvm_exit_io, kvm_exit_mmio = ExitReason.IO, ExitReason.MMIO
     groups: dict[tuple[int, int, int], tuple[_Hist, _Hist, _Hist, _NetBound, int]] = {}
     seconds: dict[tuple[int, int], int] = {}
     io: dict[tuple[int, int, bool, int], int] = {}
@@ -236,10 +237,10 @@ def summarize(
         second = (group[4], exit_ns // NS)
         seconds[second] = seconds.get(second, 0) + 1
         if errno == 0:
-            if reason == KVM_EXIT_IO:
+            if reason == kvm_exit_io:
                 port = (vcpu, a, write, b & 0xFF)
                 io[port] = io.get(port, 0) + 1
-            elif reason == KVM_EXIT_MMIO:
+            elif reason == kvm_exit_mmio:
                 site = (vcpu, a, b, write)
                 mmio[site] = mmio.get(site, 0) + 1
         exits += 1

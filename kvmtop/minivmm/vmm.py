@@ -32,29 +32,34 @@ import threading
 import time
 from collections.abc import Callable
 
+from kvmtop.abi.arch import x86_64
+from kvmtop.abi.kvm import (
+    KVM_CREATE_IRQCHIP,
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_GET_STATS_FD,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_RUN,
+    RUN_UNION,
+)
 from kvmtop.minivmm import guestcode
 from kvmtop.xlat_exit import ExitReason, exit_reason_name
 
-# include/uapi/linux/kvm.h (x86_64 values for the size-encoded ones)
-KVM_CREATE_VM = 0xAE01
-KVM_GET_VCPU_MMAP_SIZE = 0xAE04
-KVM_CREATE_VCPU = 0xAE41
+# include/uapi/linux/kvm.h: the size-encoded ioctls only this VMM makes (x86_64 values)
 KVM_SET_USER_MEMORY_REGION = 0x4020AE46
 KVM_GET_REGS, KVM_SET_REGS = 0x8090AE81, 0x4090AE82
 KVM_GET_SREGS, KVM_SET_SREGS = 0x8138AE83, 0x4138AE84
-KVM_RUN = 0xAE80
-KVM_CREATE_IRQCHIP = 0xAE60  # in-kernel PIC, IOAPIC and LAPICs: vCPUs but 0 wait for a SIPI
 KVM_REGISTER_COALESCED_MMIO = 0x4010AE67  # _IOW(KVMIO, 0x67, struct kvm_coalesced_mmio_zone)
-COALESCED_RING = 2 * 4096  # KVM_COALESCED_MMIO_PAGE_OFFSET 2 (x86), in the vCPU mapping
-KVM_GET_STATS_FD = 0xAECE  # a VM or vCPU fd: its binary stats fd (Linux 5.14+)
+COALESCED_RING = x86_64.COALESCED_MMIO_PAGE_OFFSET * x86_64.PAGE_SIZE  # in the vCPU mapping
 REGS_SIZE, SREGS_SIZE = 144, 312
 RIP_OFFSET, RFLAGS_OFFSET = 128, 136  # struct kvm_regs: 16 GPRs, rip, rflags
 CS_BASE, CS_SELECTOR = 0, 12  # struct kvm_sregs starts with cs: base u64, limit u32, selector u16
 
 RAM_SIZE = 0xA0000  # 640 KiB at GPA 0; no memory above, so 0xA0000.. exits as MMIO
 CODE_SEGMENT = 0x1000  # vCPU i runs at segment 0x1000 * (i + 1): 64 KiB each
-IO = struct.Struct("<BBHIQ")  # kvm_run.io @32
-MMIO = struct.Struct("<QQIB")  # kvm_run.mmio @32
+IO = struct.Struct("<BBHIQ")  # kvm_run.io at RUN_UNION
+MMIO = struct.Struct("<QQIB")  # kvm_run.mmio at RUN_UNION: phys_addr, data, len, is_write
+MMIO_DATA = RUN_UNION + 8  # kvm_run.mmio.data: what an MMIO read gives the guest
 EXIT_STATUS_PORT = guestcode.DEBUG_EXIT_PORT
 DEMO_PHASE_SECONDS = 5.0
 DEMO_PACE_S = (0.02, 0.01, 0.03)  # sleep on hlt per phase: rates differ visibly
@@ -193,7 +198,7 @@ class MiniVm:
             reason = struct.unpack_from("<I", run, 8)[0]
             self.counts.add(vcpu.index, reason)
             if reason == ExitReason.IO:
-                direction, size, port, count, offset = IO.unpack_from(run, 32)
+                direction, size, port, count, offset = IO.unpack_from(run, RUN_UNION)
                 with self.counts.lock:
                     self.counts.io[(port, "out" if direction else "in", size)] += 1
                 if direction == 0:
@@ -207,11 +212,13 @@ class MiniVm:
                 elif self.out_sleep_s or self.out_syscalls:
                     self.handle_out_slowly()
             elif reason == ExitReason.MMIO:
-                address, _data, length, is_write = MMIO.unpack_from(run, 32)
+                address, _data, length, is_write = MMIO.unpack_from(run, RUN_UNION)
                 with self.counts.lock:
                     self.counts.mmio[(address, length, bool(is_write))] += 1
                 if not is_write:
-                    run[40 : 40 + length] = (0x5A5A5A5A5A5A5A5A).to_bytes(8, "little")[:length]
+                    run[MMIO_DATA : MMIO_DATA + length] = (0x5A5A5A5A5A5A5A5A).to_bytes(
+                        8, "little"
+                    )[:length]
             elif reason == ExitReason.HLT:
                 delay = pace(vcpu)
                 if delay < 0:

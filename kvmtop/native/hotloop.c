@@ -58,61 +58,12 @@
 #define SECCOMP_IOCTL_NOTIF_SEND_ _IOWR(SECCOMP_IOC_MAGIC, 1, struct notif_resp)
 #define SECCOMP_USER_NOTIF_FLAG_CONTINUE_ 1
 
-/* include/uapi/linux/kvm.h */
-#define KVMIO 0xAE
-#define KVM_RUN_ 0xAE80
-#define KVM_CREATE_VCPU_ 0xAE41
-#define KVM_EXIT_UNKNOWN 0
-#define KVM_EXIT_EXCEPTION 1
-#define KVM_EXIT_IO 2
-#define KVM_EXIT_HYPERCALL 3
-#define KVM_EXIT_DEBUG 4
-#define KVM_EXIT_MMIO 6
-#define KVM_EXIT_FAIL_ENTRY 9
-#define KVM_EXIT_INTR 10
-#define KVM_EXIT_TPR_ACCESS 12
-#define KVM_EXIT_INTERNAL_ERROR 17
-#define KVM_EXIT_SYSTEM_EVENT 24
-#define KVM_EXIT_IOAPIC_EOI 26
-#define KVM_EXIT_HYPERV 27
-#define KVM_EXIT_X86_RDMSR 29
-#define KVM_EXIT_X86_WRMSR 30
-#define KVM_EXIT_XEN 34
-#define KVM_EXIT_NOTIFY 37
-#define KVM_EXIT_MEMORY_FAULT 39
-#define KVM_MEMORY_EXIT_FLAG_PRIVATE (1ULL << 3)
-#define RUN_IMMEDIATE_EXIT 1 /* offsetof(struct kvm_run, immediate_exit) */
-#define RUN_EXIT_REASON 8    /* offsetof(struct kvm_run, exit_reason) */
-#define RUN_UNION 32         /* offsetof(struct kvm_run, the exit union) */
-#define RUN_MAP_SIZE 8192    /* kvm_run and the PIO data page (KVM_PIO_PAGE_OFFSET 1) */
-/* struct kvm_coalesced_mmio_ring {__u32 first, last; struct kvm_coalesced_mmio entries[]}, one
-   page at KVM_COALESCED_MMIO_PAGE_OFFSET 2; an entry {__u64 phys_addr; __u32 len, pio;
-   __u8 data[8]} */
-#define RING_PAGE 4096
-#define RING_ENTRY 24
-#define RING_MAX ((RING_PAGE - 8) / RING_ENTRY) /* KVM_COALESCED_MMIO_MAX: 170 */
+/* KVM's exit numbers, ioctls and kvm_run offsets, the coalesced MMIO ring, and the records'
+   kinds, flags and field offsets (docs/recording-format.md): written at build time from the
+   Python declarations (kvmtop/abi/c_header.py) */
+#include "kvmtop_abi.h"
 
-/* docs/recording-format.md (kvmtop/model/records.py) */
-#define KIND_EXIT 1
-#define KIND_LONG 2
-#define KIND_DATA 3
-#define KIND_HELD 9 /* a part of an exit: time stopped for kvmtop before its entry */
-#define KIND_VCPU 4
-#define KIND_COALESCED 10 /* writes KVM queued in the coalesced MMIO ring (kvmtop/model/coalesced.py) */
-#define C_PIO 0x01
-#define C_WRAP 0x02
-#define C_UNREADABLE 0x04
-#define F_WRITE 0x01
-#define F_PRIVATE 0x02
-#define F_DATA 0x04
-#define F_LONG 0x08
-#define F_FAILED 0x10
-#define F_CYCLE 0x20
-#define GUEST_NS_MAX 0xFFFFFFFEu
-#define DATA_CHUNK 30
-#define RECORD 32
-
-/* Process modes (kvmtop/trace/py_engine.py: the same numbers) */
+/* Process modes (kvmtop/trace/engine.py: the same numbers) */
 #define MODE_TWO_STOP 0 /* PTRACE_SYSCALL: KVM_RUN's entry and exit stops */
 #define MODE_ONE_STOP 1 /* seccomp RET_TRACE on KVM_RUN: one stop, at its entry */
 #define MODE_NOTIFY 2   /* seccomp user notification: no ptrace stop per exit */
@@ -555,40 +506,41 @@ static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, i
     if (guest < 0 || guest > (int64_t)GUEST_NS_MAX) flags |= F_LONG;
     size_t chunks = (data_len + DATA_CHUNK - 1) / DATA_CHUNK;
     int held = w && w->stops;
-    size_t n = RECORD * (1 + ((flags & F_LONG) ? 1 : 0) + chunks + (held ? 1 : 0));
+    size_t n = RECORD_SIZE * (1 + ((flags & F_LONG) ? 1 : 0) + chunks + (held ? 1 : 0));
     uint8_t *r = buffer_grow(e, &e->records, n);
     if (!r) {
         e->lost++;
         return;
     }
     r[0] = KIND_EXIT;
-    r[1] = flags;
-    put16(r + 2, (uint16_t)vcpu);
-    put32(r + 4, reason);
-    put64(r + 8, (uint64_t)(exit_ns - e->base_ns));
-    put32(r + 16, (flags & F_LONG) ? 0xFFFFFFFFu : (uint32_t)guest);
-    put32(r + 20, b);
-    put64(r + 24, a);
-    r += RECORD;
+    r[EXIT_AT_FLAGS] = flags;
+    put16(r + EXIT_AT_VCPU, (uint16_t)vcpu);
+    put32(r + EXIT_AT_REASON, reason);
+    put64(r + EXIT_AT_T_EXIT, (uint64_t)(exit_ns - e->base_ns));
+    put32(r + EXIT_AT_GUEST_NS, (flags & F_LONG) ? 0xFFFFFFFFu : (uint32_t)guest);
+    put32(r + EXIT_AT_B, b);
+    put64(r + EXIT_AT_A, a);
+    r += RECORD_SIZE;
     if (flags & F_LONG) {
         r[0] = KIND_LONG;
-        put64(r + 8, (uint64_t)(guest < 0 ? 0 : guest));
-        r += RECORD;
+        put64(r + LONG_AT_GUEST_NS, (uint64_t)(guest < 0 ? 0 : guest));
+        r += RECORD_SIZE;
     }
-    for (size_t i = 0; i < data_len; i += DATA_CHUNK, r += RECORD) {
+    for (size_t i = 0; i < data_len; i += DATA_CHUNK, r += RECORD_SIZE) {
         size_t k = data_len - i < DATA_CHUNK ? data_len - i : DATA_CHUNK;
         r[0] = KIND_DATA;
-        r[1] = (uint8_t)k;
-        memcpy(r + 2, data + i, k);
+        r[DATA_AT_LENGTH] = (uint8_t)k;
+        memcpy(r + DATA_AT_BYTES, data + i, k);
     }
     if (held) {
-        memset(r, 0, RECORD);
+        memset(r, 0, RECORD_SIZE);
         r[0] = KIND_HELD;
-        put16(r + 2, (uint16_t)(w->stops > 0xFFFF ? 0xFFFF : w->stops));
-        put32(r + 4, w->unseen_low_ns > 0xFFFFFFFFll ? 0xFFFFFFFFu : (uint32_t)w->unseen_low_ns);
-        put64(r + 8, (uint64_t)w->seen_ns);
-        put64(r + 16, (uint64_t)w->unseen_ns);
-        put64(r + 24, (uint64_t)w->unseen_high_ns);
+        put16(r + HELD_AT_STOPS, (uint16_t)(w->stops > 0xFFFF ? 0xFFFF : w->stops));
+        put32(r + HELD_AT_UNSEEN_LOW_NS, w->unseen_low_ns > (int64_t)UNSEEN_LOW_MAX
+                                             ? UNSEEN_LOW_MAX : (uint32_t)w->unseen_low_ns);
+        put64(r + HELD_AT_SEEN_NS, (uint64_t)w->seen_ns);
+        put64(r + HELD_AT_UNSEEN_NS, (uint64_t)w->unseen_ns);
+        put64(r + HELD_AT_UNSEEN_HIGH_NS, (uint64_t)w->unseen_high_ns);
     }
     e->exits++;
 }
@@ -597,12 +549,12 @@ static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, i
 static void seen(Engine *e, Page *p, int tid, int64_t now) {
     p->tid = tid;
     if (p->vcpu < 0) return; /* not a vCPU whose kvm_run cannot be read */
-    uint8_t *r = buffer_grow(e, &e->seen, RECORD);
+    uint8_t *r = buffer_grow(e, &e->seen, RECORD_SIZE);
     if (!r) return;
     r[0] = KIND_VCPU;
-    put16(r + 2, (uint16_t)p->vcpu);
-    put32(r + 4, (uint32_t)tid);
-    put64(r + 8, (uint64_t)(now - e->base_ns));
+    put16(r + VCPU_AT_VCPU, (uint16_t)p->vcpu);
+    put32(r + VCPU_AT_TID, (uint32_t)tid);
+    put64(r + VCPU_AT_T, (uint64_t)(now - e->base_ns));
 }
 
 /* One stop / notify: the run entered at open_since ended with the exit its kvm_run holds. */
@@ -652,15 +604,15 @@ static void open_run(Engine *e, Page *p, int64_t now) {
 
 static void put_coalesced(Engine *e, uint8_t flags, int vcpu, uint32_t len, int64_t now,
                           uint32_t count, uint64_t address) {
-    uint8_t *r = buffer_grow(e, &e->coalesced, RECORD);
+    uint8_t *r = buffer_grow(e, &e->coalesced, RECORD_SIZE);
     if (!r) return;
     r[0] = KIND_COALESCED;
-    r[1] = flags;
-    put16(r + 2, (uint16_t)vcpu);
-    put32(r + 4, len);
-    put64(r + 8, (uint64_t)(now - e->base_ns));
-    put32(r + 16, count);
-    put64(r + 24, address);
+    r[COALESCED_AT_FLAGS] = flags;
+    put16(r + COALESCED_AT_VCPU, (uint16_t)vcpu);
+    put32(r + COALESCED_AT_LEN, len);
+    put64(r + COALESCED_AT_T, (uint64_t)(now - e->base_ns));
+    put32(r + COALESCED_AT_COUNT, count);
+    put64(r + COALESCED_AT_ADDRESS, address);
 }
 
 /* At each exit seen: a COALESCED record per (address, pio, len) of the entries the VM's ring
@@ -679,9 +631,9 @@ static void ring_look(Engine *e, Page *p, int64_t now) {
     struct ring_group { uint64_t address; uint32_t len, pio, count; } groups[RING_MAX];
     int n = 0;
     for (uint32_t i = g->last; i != last; i = (i + 1) % RING_MAX) {
-        const uint8_t *entry = p->ring_map + 8 + (size_t)i * RING_ENTRY;
-        uint64_t address = get64(entry);
-        uint32_t len = get32(entry + 8), pio = get32(entry + 12) ? 1 : 0;
+        const uint8_t *entry = p->ring_map + RING_HEAD + (size_t)i * RING_ENTRY;
+        uint64_t address = get64(entry + RING_ENTRY_AT_PHYS_ADDR);
+        uint32_t len = get32(entry + RING_ENTRY_AT_LEN), pio = get32(entry + RING_ENTRY_AT_PIO) ? 1 : 0;
         int k = 0;
         while (k < n && !(groups[k].address == address && groups[k].pio == pio &&
                           groups[k].len == len))
@@ -823,7 +775,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
             } else if (info.entry.nr == (uint64_t)e->sys_ioctl &&
                        ((info.entry.args[1] >> 8) & 0xFF) == KVMIO) {
                 uint32_t request = (uint32_t)info.entry.args[1];
-                if (request == KVM_RUN_) {
+                if (request == KVM_RUN) {
                     Page *p = page_find(e, t->pid, (int)info.entry.args[0]);
                     if (!p) return 0;
                     if (p->tid != tid) seen(e, p, tid, now);
@@ -834,7 +786,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                     t->entry_ns = now;
                     t->entered = t->handling ? t->open : (struct window){0};
                     t->handling = 0;
-                } else if (request == KVM_CREATE_VCPU_) {
+                } else if (request == KVM_CREATE_VCPU) {
                     t->runner = 1;
                     t->creating = 1;
                 } else {
@@ -878,14 +830,14 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
             return errno == ESRCH ? 0 : -1;
         if (info.op != PTRACE_SYSCALL_INFO_SECCOMP) return 0;
         uint32_t request = (uint32_t)info.entry.args[1];
-        if (request == KVM_RUN_) {
+        if (request == KVM_RUN) {
             Page *p = page_find(e, t->pid, (int)info.entry.args[0]);
             if (!p) return 0;
             if (p->tid != tid) seen(e, p, tid, now);
             ring_look(e, p, now);
             if (p->open_since) record_cycle(e, p, now);
             open_run(e, p, now);
-        } else if (request == KVM_CREATE_VCPU_) {
+        } else if (request == KVM_CREATE_VCPU) {
             t->creating = 1; /* resumed with PTRACE_SYSCALL: its return gives the fd */
         } else {
             return 0;
@@ -1325,7 +1277,7 @@ static int answer(Engine *e, int listener, struct notif *n, int force) {
     int64_t now = now_ns();
     Thread *t = thread_find(e, (int)n->pid);
     Page *p = NULL;
-    if (n->nr == e->sys_ioctl && (uint32_t)n->args[1] == KVM_RUN_ && t)
+    if (n->nr == e->sys_ioctl && (uint32_t)n->args[1] == KVM_RUN && t)
         p = page_find(e, t->pid, (int)n->args[0]);
     if (!p && !force) return 0;
     if (p) {
@@ -1383,7 +1335,7 @@ static PyObject *Engine_notify_run(Engine *e, PyObject *args) {
     if (err) return PyErr_SetFromErrno(PyExc_OSError), NULL;
     if (why[0] == 'u')
         return Py_BuildValue("(siiN)", why, (int)n.pid, (int)n.args[0],
-                             PyBool_FromLong(n.nr == e->sys_ioctl && (uint32_t)n.args[1] == KVM_RUN_));
+                             PyBool_FromLong(n.nr == e->sys_ioctl && (uint32_t)n.args[1] == KVM_RUN));
     return Py_BuildValue("(s)", why);
 }
 

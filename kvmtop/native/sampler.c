@@ -35,14 +35,14 @@
 #include <unistd.h>
 #include <time.h>
 
+/* KVM's exit numbers and kvm_run offsets: written at build time from the Python declarations
+   (kvmtop/abi/c_header.py) */
+#include "kvmtop_abi.h"
+
 #define MAX_VCPUS 512
 #define SLOTS 256 /* (reason, key) counters per vCPU, power of two; more keys go to OTHER */
 #define KEY_TORN 0xFFFFFFFFFFFFFFFEull
 #define KEY_OTHER 0xFFFFFFFFFFFFFFFFull
-#define RUN_EXIT_REASON 8 /* offsetof(struct kvm_run, exit_reason) */
-#define RUN_UNION 32      /* offsetof(struct kvm_run, the exit union) */
-#define KVM_EXIT_IO 2
-#define KVM_EXIT_MMIO 6
 
 typedef struct {
     uint32_t reason;

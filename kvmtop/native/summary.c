@@ -19,20 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* docs/recording-format.md */
-#define RECORD_SIZE 32
-#define KIND_EXIT 1
-#define KIND_LONG 2
-#define KIND_DATA 3
-#define KIND_HELD 9 /* a part: time the thread was stopped for the tracer before the entry */
-#define F_WRITE 0x01
-#define F_FAILED 0x10
-#define F_CYCLE 0x20
-#define RUN_UNSEEN 0xFFFFFFFFu /* decoder.RUN_UNSEEN: exit reason 0 of a run whose return was not seen */
-
-/* include/uapi/linux/kvm.h */
-#define KVM_EXIT_IO 2
-#define KVM_EXIT_MMIO 6
+/* the records' kinds, flags and field offsets (docs/recording-format.md) and KVM's exit numbers:
+   written at build time from the Python declarations (kvmtop/abi/c_header.py) */
+#include "kvmtop_abi.h"
 
 /* kvmtop/aggregate/batch_summary.py: bucket_of */
 #define SUB_BITS 3
@@ -207,10 +196,10 @@ static int count_add(struct table *t, uint64_t a, uint64_t b, uint64_t c) {
 }
 
 static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, struct held held) {
-    unsigned flags = r[1];
-    uint16_t vcpu_id = le16(r + 2);
-    uint32_t reason = le32(r + 4), b = le32(r + 20), run_errno = 0;
-    uint64_t a = le64(r + 24), write = flags & F_WRITE;
+    unsigned flags = r[EXIT_AT_FLAGS];
+    uint16_t vcpu_id = le16(r + EXIT_AT_VCPU);
+    uint32_t reason = le32(r + EXIT_AT_REASON), b = le32(r + EXIT_AT_B), run_errno = 0;
+    uint64_t a = le64(r + EXIT_AT_A), write = flags & F_WRITE;
     if (flags & F_FAILED) { /* b holds the errno; the details of a failed run mean nothing */
         run_errno = b;
         a = b = 0;
@@ -218,7 +207,7 @@ static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, struct hel
     } else if ((flags & F_CYCLE) && reason == 0) { /* one-stop: KVM_RUN's return not seen */
         run_errno = RUN_UNSEEN;
     }
-    i128 exit_ns = p->base + (int64_t)le64(r + 8), entry_ns = exit_ns - (i128)guest;
+    i128 exit_ns = p->base + (int64_t)le64(r + EXIT_AT_T_EXIT), entry_ns = exit_ns - (i128)guest;
 
     long gi = table_get(&p->groups, vcpu_id, reason, run_errno);
     if (gi < 0) return -1;
@@ -274,17 +263,18 @@ static void group_records(struct pass *p) {
             p->bad_record = i;
             return;
         }
-        uint64_t guest = le32(buf + i * RECORD_SIZE + 16);
+        uint64_t guest = le32(buf + i * RECORD_SIZE + EXIT_AT_GUEST_NS);
         struct held held = {-1, -1, -1};
         size_t j = i + 1;
         for (; j < p->nrec; j++) {
             const uint8_t *part = buf + j * RECORD_SIZE;
             if (part[0] == KIND_LONG) {
-                guest = le64(part + 8);
-            } else if (part[0] == KIND_HELD) { /* kind, stops, unseen_low, seen, unseen, unseen_high */
-                int64_t seen = (int64_t)le64(part + 8), high = (int64_t)le64(part + 24);
-                held.estimate = seen + (int64_t)le64(part + 16);
-                held.least = seen + (int64_t)le32(part + 4);
+                guest = le64(part + LONG_AT_GUEST_NS);
+            } else if (part[0] == KIND_HELD) {
+                int64_t seen = (int64_t)le64(part + HELD_AT_SEEN_NS);
+                int64_t high = (int64_t)le64(part + HELD_AT_UNSEEN_HIGH_NS);
+                held.estimate = seen + (int64_t)le64(part + HELD_AT_UNSEEN_NS);
+                held.least = seen + (int64_t)le32(part + HELD_AT_UNSEEN_LOW_NS);
                 held.most = high ? seen + high : -1;
             } else if (part[0] != KIND_DATA) {
                 break;
@@ -318,7 +308,7 @@ static void find_recent(struct pass *p) {
         const uint8_t *r = p->buf + i * RECORD_SIZE;
         if (r[0] != KIND_EXIT) continue; /* a LONG or DATA record of the exit before it */
         size_t unused;
-        long vi = table_find(&p->vcpus, le16(r + 2), 0, 0, &unused); /* every one is known */
+        long vi = table_find(&p->vcpus, le16(r + EXIT_AT_VCPU), 0, 0, &unused); /* every one is known */
         struct vcpu *v = table_at(&p->vcpus, (size_t)vi);
         if (v->taken < v->want) {
             v->taken++;

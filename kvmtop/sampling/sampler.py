@@ -19,11 +19,12 @@ import time
 from typing import Any
 
 from kvmtop import native
-from kvmtop.sampling.shares import KEY_OTHER, KEY_TORN, KVM_EXIT_IO, KVM_EXIT_MMIO, MMIO_WRITE
+from kvmtop.abi.kvm import RUN_EXIT_REASON, RUN_UNION
+from kvmtop.sampling.shares import KEY_OTHER, KEY_TORN, MMIO_WRITE
+from kvmtop.xlat_exit import ExitReason
 
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
-RUN_EXIT_REASON, RUN_UNION = 8, 32  # offsetof(struct kvm_run, exit_reason), (..., the union)
 MAX_RATE_HZ = 100_000
 SLOTS = 256  # (reason, key) counters per vCPU between two takes, as the C sampler keeps
 
@@ -98,9 +99,9 @@ class PySampler:
             counts[3] += 1
             return
         key = 0
-        if reason == KVM_EXIT_IO:
+        if reason == ExitReason.IO:
             key = U32.unpack_from(run, RUN_UNION)[0] >> 16 | (run[RUN_UNION] != 0) << 16
-        elif reason == KVM_EXIT_MMIO:
+        elif reason == ExitReason.MMIO:
             key = U64.unpack_from(run, RUN_UNION)[0] | (MMIO_WRITE if run[RUN_UNION + 20] else 0)
         if U32.unpack_from(run, RUN_EXIT_REASON)[0] != reason:
             key = KEY_TORN  # the VMM ran the vCPU again

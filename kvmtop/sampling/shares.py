@@ -29,11 +29,11 @@ from kvmtop.abi.mmio_names import MmioNames
 from kvmtop.decoder import exit_label
 from kvmtop.model.vcpu_keys import VcpuKey
 from kvmtop.sampling.entry_cost import EntryCost
+from kvmtop.xlat_exit import ExitReason
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 KEY_TORN = 0xFFFFFFFFFFFFFFFE  # a look the VMM's next entry raced: the reason, no key
 KEY_OTHER = 0xFFFFFFFFFFFFFFFF  # a key beyond the sampler's table
-KVM_EXIT_IO, KVM_EXIT_MMIO = 2, 6
 MMIO_WRITE = 1 << 63  # in an MMIO key, beside the address: the look saw kvm_run.mmio.is_write
 HISTORY = 60  # intervals of each vCPU's VMM share kept for a timeline
 MAX_KEYS = 4096  # (reason, key) pairs a tally keeps per vCPU; more are counted as OTHER
@@ -270,7 +270,7 @@ def _sites(
                 hits[key] = hits.get(key, 0) + n
     ranked = sorted(hits.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     label = exit_label(reason, 0)
-    if reason != KVM_EXIT_MMIO:
+    if reason != ExitReason.MMIO:
         return tuple(SiteShare(label, key, Share(n, samples)) for key, n in ranked)
     return tuple(
         SiteShare(label, key & ~MMIO_WRITE, Share(n, samples), bool(key & MMIO_WRITE),
@@ -312,7 +312,7 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
     return WatchSnapshot(
         pid, tally.ns / 1e9, rate_hz, tally.looks, rows,
         _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry),
-        _sites(tally.vcpus, whole.samples, KVM_EXIT_IO, top, names),
-        _sites(tally.vcpus, whole.samples, KVM_EXIT_MMIO, top, names),
+        _sites(tally.vcpus, whole.samples, int(ExitReason.IO), top, names),
+        _sites(tally.vcpus, whole.samples, int(ExitReason.MMIO), top, names),
         tally.reset_seen, note, counters, entry, stopped,
     )  # fmt: skip

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 from kvmtop.abi import ptrace_abi as pt
 from kvmtop.abi.arch import x86_64 as arch
+from kvmtop.abi.kvm import KVM_GET_STATS_FD
 from kvmtop.decoder import VM_FD_LINK, vcpu_id_of_fd_link
 from kvmtop.errors import KvmtopError
 from kvmtop.host.procfs import fd_table, seccomp_of
 from kvmtop.model.messages import StatsFds
 
-KVM_GET_STATS_FD = 0xAECE
 MAX_ATTEMPTS = 20  # stops a job may be interrupted at before it gives up
 VM = -1  # the key of the VM's stats fd; vCPUs are keyed by their id
 

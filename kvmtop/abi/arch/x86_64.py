@@ -1,6 +1,6 @@
 """x86_64: the kvm_run exit union, syscall numbers and well-known IO ports.
 
-Offsets are from the start of struct kvm_run (include/uapi/linux/kvm.h; shared kvm-abi.md),
+Offsets are from the start of the exit union (kvmtop.abi.kvm.RUN_UNION; include/uapi/linux/kvm.h),
 checked on this machine with offsetof().
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 
+from kvmtop.abi.kvm import KVM_MEMORY_EXIT_FLAG_PRIVATE, RUN_UNION
 from kvmtop.abi.record_layout import EXIT_PRIVATE, EXIT_WRITE
 from kvmtop.xlat_exit import ExitReason
 
@@ -29,10 +30,8 @@ _U64_U32 = struct.Struct("<QI")
 _U32_U32 = struct.Struct("<II")
 _HYPERCALL = struct.Struct("<Q48xQI")  # nr, args[6], ret, longmode @32
 _MEMORY_FAULT = struct.Struct("<QQQ")  # flags, gpa, size @32
-_KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 _DEBUG = struct.Struct("<II QQ")  # exception, pad, pc, dr6/dr7 @32 (kvm_debug_exit_arch)
 
-UNION = 32  # offsetof(struct kvm_run, exit union)
 
 # classic BPF (include/uapi/linux/filter.h, bpf_common.h) and seccomp (linux/seccomp.h)
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
@@ -74,48 +73,48 @@ def decode_union(
     RDMSR for the guest: that value is the data too."""
     R = ExitReason
     if reason == R.IO:
-        direction, size, port, count, data_offset = _IO.unpack_from(run, UNION)
+        direction, size, port, count, data_offset = _IO.unpack_from(run, RUN_UNION)
         data = b""
         if with_data and (direction == 1 or reads):
             end = data_offset + size * count
             data = bytes(run[data_offset:end]) if end <= len(run) else b""
         return port, size | (count << 8), EXIT_WRITE if direction else 0, data
     if reason == R.MMIO:
-        addr, value, length, is_write = _MMIO.unpack_from(run, UNION)
+        addr, value, length, is_write = _MMIO.unpack_from(run, RUN_UNION)
         data = _U64.pack(value)[: min(length, 8)] if (with_data and (is_write or reads)) else b""
         return addr, length, EXIT_WRITE if is_write else 0, data
     if reason in (R.X86_RDMSR, R.X86_WRMSR):
-        _error, why, index, value = _MSR.unpack_from(run, UNION)
+        _error, why, index, value = _MSR.unpack_from(run, RUN_UNION)
         write = reason == R.X86_WRMSR
         data = _U64.pack(value) if (with_data and (write or reads)) else b""
         return index, why, EXIT_WRITE if write else 0, data
     if reason == R.HYPERCALL:
-        nr, _ret, longmode = _HYPERCALL.unpack_from(run, UNION)
+        nr, _ret, longmode = _HYPERCALL.unpack_from(run, RUN_UNION)
         return nr, longmode, 0, b""
     if reason in (R.SYSTEM_EVENT, R.INTERNAL_ERROR):
-        kind, ndata = _U32_U32.unpack_from(run, UNION)
+        kind, ndata = _U32_U32.unpack_from(run, RUN_UNION)
         return kind, ndata, 0, b""
     if reason == R.FAIL_ENTRY:
-        hw_reason, cpu = _U64_U32.unpack_from(run, UNION)
+        hw_reason, cpu = _U64_U32.unpack_from(run, RUN_UNION)
         return hw_reason, cpu, 0, b""
     if reason == R.UNKNOWN:
-        return _U64.unpack_from(run, UNION)[0], 0, 0, b""
+        return _U64.unpack_from(run, RUN_UNION)[0], 0, 0, b""
     if reason == R.EXCEPTION:
-        exception, error_code = _U32_U32.unpack_from(run, UNION)
+        exception, error_code = _U32_U32.unpack_from(run, RUN_UNION)
         return exception, error_code, 0, b""
     if reason == R.TPR_ACCESS:
-        rip, is_write = _U64_U32.unpack_from(run, UNION)
+        rip, is_write = _U64_U32.unpack_from(run, RUN_UNION)
         return rip, is_write, EXIT_WRITE if is_write else 0, b""
     if reason == R.DEBUG:
-        exception, _pad, pc, _dr = _DEBUG.unpack_from(run, UNION)
+        exception, _pad, pc, _dr = _DEBUG.unpack_from(run, RUN_UNION)
         return pc, exception, 0, b""
     if reason == R.IOAPIC_EOI:
-        return _U8.unpack_from(run, UNION)[0], 0, 0, b""
+        return _U8.unpack_from(run, RUN_UNION)[0], 0, 0, b""
     if reason in (R.NOTIFY, R.HYPERV, R.XEN):
-        return _U32.unpack_from(run, UNION)[0], 0, 0, b""
+        return _U32.unpack_from(run, RUN_UNION)[0], 0, 0, b""
     if reason == R.MEMORY_FAULT:
-        flags, gpa, size = _MEMORY_FAULT.unpack_from(run, UNION)
-        private = EXIT_PRIVATE if flags & _KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
+        flags, gpa, size = _MEMORY_FAULT.unpack_from(run, RUN_UNION)
+        private = EXIT_PRIVATE if flags & KVM_MEMORY_EXIT_FLAG_PRIVATE else 0
         return gpa, min(size, 0xFFFFFFFF), private, b""
     return 0, 0, 0, b""
 
