@@ -4,35 +4,16 @@ which must return exactly the same values.
 
 ``summarize(records, base_ns, recent_per_vcpu)`` takes EXIT records each followed by its LONG,
 DATA and HELD records (:mod:`kvmtop.model.records`; LONG or DATA before the first EXIT are passed over),
-t_exit relative to ``base_ns`` (an int64 ns), and returns a :data:`Summary`:
-
-``(exits, first_exit_ns, last_exit_ns, groups, seconds, io, mmio, vcpus)``
-
-- ``exits``: the number of EXIT records; ``first_exit_ns``/``last_exit_ns``: the absolute exit
-  times of the first and last (None when there are none);
-- ``groups``: per (vcpu, reason, errno), in order of first appearance,
-  ``(vcpu, reason, errno, count, guest_total, guest_min, guest_max, guest_buckets,
-  handling_count, handling_total, handling_min, handling_max, handling_buckets, the same five
-  of net handling, net_low_total, net_high_total)``; a failed run
-  (F_FAILED) has errno = its b and no details; the buckets are sparse, a flat tuple of
-  (bucket, count) pairs in bucket order for the buckets not empty, the bucket of ns being
-  :func:`bucket_of` (negative ns counted as 0); handling is
-  the entry time of an exit minus the previous exit time of the same vCPU in this batch, counted
-  in the previous exit's group, and not for exits with F_CYCLE; net handling is handling minus
-  the time the exit's HELD record says the thread was stopped for the tracer (only exits with
-  one); min and max are 0 when empty; ``net_low_total`` and ``net_high_total`` sum, over the same
-  exits, handling less the most and the least that time can have been on average (seen, plus
-  HELD's unseen_high and unseen_low; with no most, unseen_high 0, the exit adds 0 to the low
-  total), not cut at 0: the mean net handling lies between their means (docs/engine.md);
-- ``seconds``: ``(group index, exit_ns // 10**9, count)``, in order of first appearance;
-- ``io``: ``(vcpu, port, write, size, count)`` for KVM_EXIT_IO with errno 0 (size = b & 0xFF);
-- ``mmio``: ``(vcpu, address, length, write, count)`` for KVM_EXIT_MMIO with errno 0;
-- ``vcpus``: in order of first appearance, ``(vcpu, exits, first_entry_ns, first_flags,
-  last_exit_ns, last_reason, last_errno, recent, recent_exits, first_held_ns, first_held_least_ns,
-  first_held_most_ns)``: the record flags of its first exit and its held ns (-1: no HELD record;
-  most -1: no HELD record or no most) for the pair across batches, and
-  ``recent``, the records of its last ``recent_per_vcpu`` exits (each with its LONG, DATA and
-  HELD records), ``recent_exits`` of them.
+t_exit relative to ``base_ns`` (an int64 ns), and returns a :class:`BatchSummary` of named
+tuples (the C twin builds the same types, handed to it once by :func:`named_in`): every count
+is per key, in order of first appearance. A failed run (F_FAILED) has errno = its b and no
+details; a one-stop exit with reason 0 has errno RUN_UNSEEN. Handling is the entry time of an
+exit minus the previous exit time of the same vCPU in this batch, counted in the previous
+exit's group, and not for exits with F_CYCLE; net handling is handling minus the time the exit's
+HELD record says the thread was stopped for the tracer (only exits with one). Each histogram is
+five fields: count, total, min and max (0 when empty) and the buckets, sparse: a flat tuple of
+(bucket, count) pairs in bucket order for the buckets not empty, the bucket of ns being
+:func:`bucket_of` (negative ns counted as 0).
 
 A record of another kind raises ValueError, as does a length that is not a whole number of
 records. Pure; no I/O.
@@ -42,7 +23,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from types import ModuleType
+from typing import Any, NamedTuple
 
 from kvmtop.abi.record_layout import (
     EXIT,
@@ -87,16 +69,94 @@ def bucket_bounds(bucket: int) -> tuple[int, int]:
 
 NS = 1_000_000_000
 
-Summary = tuple[
-    int,
-    int | None,
-    int | None,
-    list[tuple[Any, ...]],
-    list[tuple[int, int, int]],
-    list[tuple[int, int, bool, int, int]],
-    list[tuple[int, int, int, bool, int]],
-    list[tuple[Any, ...]],
-]
+
+class GroupSummary(NamedTuple):
+    """The exits of one (vcpu, reason, errno)."""
+
+    vcpu: int
+    reason: int
+    errno: int
+    count: int
+    guest_total: int  # time inside KVM_RUN: a histogram's five fields
+    guest_min: int
+    guest_max: int
+    guest_buckets: tuple[int, ...]
+    handling_count: int  # the VMM's handling of these exits (see the module docstring)
+    handling_total: int
+    handling_min: int
+    handling_max: int
+    handling_buckets: tuple[int, ...]
+    net_count: int  # handling less the time stopped for the tracer (exits with a HELD record)
+    net_total: int
+    net_min: int
+    net_max: int
+    net_buckets: tuple[int, ...]
+    # Over the same exits: handling less the most and the least that time can have been on
+    # average (seen, plus HELD's unseen_high and unseen_low; no most, unseen_high 0: the exit
+    # adds 0), not cut at 0: the mean net handling lies between their means (docs/engine.md)
+    net_low_total: int
+    net_high_total: int
+
+
+class SecondSummary(NamedTuple):
+    group: int  # the index of its GroupSummary
+    second: int  # exit_ns // 10**9
+    count: int
+
+
+class IoSummary(NamedTuple):
+    """KVM_EXIT_IO exits with errno 0 at one port."""
+
+    vcpu: int
+    port: int
+    write: bool
+    size: int  # b & 0xFF
+    count: int
+
+
+class MmioSummary(NamedTuple):
+    """KVM_EXIT_MMIO exits with errno 0 at one address."""
+
+    vcpu: int
+    address: int
+    length: int
+    write: bool
+    count: int
+
+
+class VcpuSummary(NamedTuple):
+    """One vCPU's exits in the batch: what pairs them with the batches before and after."""
+
+    vcpu: int
+    exits: int
+    first_entry_ns: int
+    first_flags: int  # the record flags of its first exit
+    last_exit_ns: int
+    last_reason: int
+    last_errno: int
+    recent: bytes  # the records of its last ``recent_per_vcpu`` exits (with their parts)
+    recent_exits: int
+    first_held_ns: int  # its first exit's time stopped for the tracer (-1: no HELD record)
+    first_held_least_ns: int
+    first_held_most_ns: int  # -1: no HELD record, or no most
+
+
+class BatchSummary(NamedTuple):
+    exits: int  # EXIT records
+    first_exit_ns: int | None  # absolute (None: no exit)
+    last_exit_ns: int | None
+    groups: list[GroupSummary]
+    seconds: list[SecondSummary]
+    io: list[IoSummary]
+    mmio: list[MmioSummary]
+    vcpus: list[VcpuSummary]
+
+
+def named_in(module: ModuleType) -> ModuleType:
+    """``module`` (``kvmtop.native._summary``), told to build these named tuples."""
+    module.name_types(BatchSummary, GroupSummary, SecondSummary, IoSummary, MmioSummary,
+                      VcpuSummary)  # fmt: skip
+    return module
 
 
 def check_records(records: bytes | bytearray | memoryview) -> None:
@@ -192,7 +252,7 @@ class _VcpuPass:
 
 def summarize(
     records: bytes | bytearray | memoryview, base_ns: int, recent_per_vcpu: int
-) -> Summary:
+) -> BatchSummary:
     recent = max(0, recent_per_vcpu)
     kvm_exit_io, kvm_exit_mmio = ExitReason.IO, ExitReason.MMIO
     groups: dict[tuple[int, int, int], tuple[_Hist, _Hist, _Hist, _NetBound, int]] = {}
@@ -248,19 +308,21 @@ def summarize(
             first_exit = exit_ns
         last_exit = exit_ns
     view = memoryview(records)
-    return (
+    return BatchSummary(
         exits,
         first_exit,
         last_exit,
         [
-            (*key, *guest.fields(), *handling.fields(), *net.fields(), bound.low, bound.high)
+            GroupSummary(
+                *key, *guest.fields(), *handling.fields(), *net.fields(), bound.low, bound.high
+            )  # fmt: skip
             for key, (guest, handling, net, bound, _) in groups.items()
         ],
-        [(g, s, n) for (g, s), n in seconds.items()],
-        [(*key, n) for key, n in io.items()],
-        [(*key, n) for key, n in mmio.items()],
+        [SecondSummary(g, s, n) for (g, s), n in seconds.items()],
+        [IoSummary(*key, n) for key, n in io.items()],
+        [MmioSummary(*key, n) for key, n in mmio.items()],
         [
-            (
+            VcpuSummary(
                 vcpu,
                 s.exits,
                 s.first_entry,

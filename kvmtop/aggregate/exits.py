@@ -19,7 +19,8 @@ from typing import Any
 from kvmtop import native
 from kvmtop.abi.mmio_names import MmioNames, from_argv
 from kvmtop.abi.record_layout import C_PIO, C_UNREADABLE, C_WRAP, COALESCED, F_CYCLE, KIND_COALESCED
-from kvmtop.aggregate import batch_summary as summary
+from kvmtop.aggregate import batch_summary
+from kvmtop.aggregate.batch_summary import BatchSummary, named_in
 from kvmtop.decoder import exit_label
 from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.model.messages import ExitBatch
@@ -30,8 +31,8 @@ from kvmtop.units import duration_span
 TIMELINE_SECONDS = 60
 NS = 1_000_000_000
 # a histogram bucket's power of two (its low's bit_length - 1; 0 for 0), for log2 views
-OCTAVE_OF = tuple(max(0, summary.bucket_bounds(b)[0].bit_length() - 1)
-                  for b in range(summary.BUCKETS))  # fmt: skip
+OCTAVE_OF = tuple(max(0, batch_summary.bucket_bounds(b)[0].bit_length() - 1)
+                  for b in range(batch_summary.BUCKETS))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,9 @@ class LatencyHistogram:
     total_ns: int
     min_ns: int  # 0 when count == 0
     max_ns: int
-    buckets: tuple[int, ...]  # summary.BUCKETS counts (summary.bucket_of: 8 per power of two)
+    buckets: tuple[
+        int, ...
+    ]  # batch_summary.BUCKETS counts (batch_summary.bucket_of: 8 per power of two)
 
     def percentile(self, q: float) -> int:
         """Quantile q (0..1), interpolated inside its bucket and clamped to [min, max]: exact to
@@ -51,7 +54,7 @@ class LatencyHistogram:
         seen = 0
         for i, n in enumerate(self.buckets):
             if n and seen + n >= rank:
-                low, high = summary.bucket_bounds(i)
+                low, high = batch_summary.bucket_bounds(i)
                 value = low + (high - low) * (rank - seen) / n  # linear within the bucket
                 return max(self.min_ns, min(self.max_ns, int(value)))
             seen += n
@@ -59,7 +62,7 @@ class LatencyHistogram:
 
     def octaves(self) -> list[int]:
         """The counts per power of two: index i holds [2**i, 2**(i+1)) ns (0 and 1 in 0)."""
-        counts = [0] * summary.OCTAVES
+        counts = [0] * batch_summary.OCTAVES
         for i, n in enumerate(self.buckets):
             if n:
                 counts[OCTAVE_OF[i]] += n
@@ -78,7 +81,7 @@ class LatencyHistogram:
         return self.total_ns / self.count if self.count else 0.0
 
 
-EMPTY_HISTOGRAM = LatencyHistogram(0, 0, 0, 0, (0,) * summary.BUCKETS)
+EMPTY_HISTOGRAM = LatencyHistogram(0, 0, 0, 0, (0,) * batch_summary.BUCKETS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +245,7 @@ EMPTY_COALESCED = CoalescedSnapshot(0, 0, (), (), False)
 
 
 class _Histogram:
-    """A latency histogram being filled (summary.bucket_of: 8 buckets per power of two)."""
+    """A latency histogram being filled (batch_summary.bucket_of: 8 buckets per power of two)."""
 
     __slots__ = ("count", "total", "low", "high", "buckets")
 
@@ -251,7 +254,7 @@ class _Histogram:
         self.total = 0
         self.low = 0
         self.high = 0
-        self.buckets = [0] * summary.BUCKETS
+        self.buckets = [0] * batch_summary.BUCKETS
 
     def add(self, ns: int) -> None:
         if ns < 0:
@@ -262,7 +265,7 @@ class _Histogram:
             self.high = ns
         self.count += 1
         self.total += ns
-        self.buckets[summary.bucket_of(ns)] += 1
+        self.buckets[batch_summary.bucket_of(ns)] += 1
 
     def merge(self, count: int, total: int, low: int, high: int, pairs: tuple[int, ...]) -> None:
         """Add a histogram of ``count`` values (as :mod:`kvmtop.aggregate.batch_summary` gives it: its buckets
@@ -444,11 +447,13 @@ class CoalescedCounts:
                                  _coalesced(self.top, top), self.read)  # fmt: skip
 
 
-def summarizer() -> Callable[[bytes, int, int], summary.Summary]:
+def summarizer() -> Callable[[bytes, int, int], BatchSummary]:
     """The C ``summarize`` when it is built (and pure Python was not asked for), else its
-    Python twin."""
+    Python twin: both return the same named tuples."""
     module = native.load("_summary")
-    return summary.summarize if module is None else module.summarize  # type: ignore[no-any-return]
+    if module is None:
+        return batch_summary.summarize
+    return named_in(module).summarize  # type: ignore[no-any-return]
 
 
 class ExitStats:
@@ -558,65 +563,55 @@ class ExitStats:
                 self._labels[(reason, errno)] = label
         return label
 
-    def _add(self, summed: summary.Summary, base_ns: int) -> None:
+    def _add(self, summed: BatchSummary, base_ns: int) -> None:
         """Merge a batch's summary: the cost is per vCPU, label, second and key."""
-        exits, first_ns, last_ns, groups, seconds, io, mmio, vcpus = summed
-        if not exits:
+        if not summed.exits:
             return
         reasons = self._reasons
-        for (
-            vcpu_id,
-            n,
-            first_entry,
-            first_flags,
-            last_exit,
-            reason,
-            errno,
-            recent,
-            kept,
-            held,
-            held_least,
-            held_most,
-        ) in vcpus:
-            vcpu = self._vcpu(vcpu_id)
-            if vcpu.last is not None and not first_flags & F_CYCLE:  # one-stop: no split known
-                handling = first_entry - vcpu.last[0]  # the pair across batches
+        for part in summed.vcpus:
+            vcpu = self._vcpu(part.vcpu)
+            if vcpu.last is not None and not part.first_flags & F_CYCLE:  # one-stop: no split
+                handling = part.first_entry_ns - vcpu.last[0]  # the pair across batches
+                held, held_most = part.first_held_ns, part.first_held_most_ns
                 for table in (vcpu.reasons, reasons):
                     found = _reason(table, vcpu.last[1])
                     found.handling.add(handling)
                     if held >= 0:
                         found.handling_net.add(handling - held)
                         found.net_low += handling - held_most if held_most >= 0 else 0
-                        found.net_high += handling - held_least
-            vcpu.last = (last_exit, self._label(reason, errno))
-            vcpu.total += n
-            if kept:
-                vcpu.keep_recent(recent, base_ns, kept)
+                        found.net_high += handling - part.first_held_least_ns
+            vcpu.last = (part.last_exit_ns, self._label(part.last_reason, part.last_errno))
+            vcpu.total += part.exits
+            if part.recent_exits:
+                vcpu.keep_recent(part.recent, base_ns, part.recent_exits)
         labels = []
-        for vcpu_id, reason, errno, count, *hists in groups:
-            label = self._label(reason, errno)
-            labels.append((self._vcpus[vcpu_id], label))
-            for table in (self._vcpus[vcpu_id].reasons, reasons):
+        for g in summed.groups:
+            label = self._label(g.reason, g.errno)
+            labels.append((self._vcpus[g.vcpu], label))
+            for table in (self._vcpus[g.vcpu].reasons, reasons):
                 found = _reason(table, label)
-                found.count += count
-                found.guest.merge(count, *hists[:4])
-                found.handling.merge(*hists[4:9])
-                found.handling_net.merge(*hists[9:14])
-                found.net_low += hists[14]
-                found.net_high += hists[15]
-        for group, second, n in seconds:
+                found.count += g.count
+                found.guest.merge(g.count, g.guest_total, g.guest_min, g.guest_max,
+                                  g.guest_buckets)  # fmt: skip
+                found.handling.merge(g.handling_count, g.handling_total, g.handling_min,
+                                     g.handling_max, g.handling_buckets)  # fmt: skip
+                found.handling_net.merge(g.net_count, g.net_total, g.net_min, g.net_max,
+                                         g.net_buckets)  # fmt: skip
+                found.net_low += g.net_low_total
+                found.net_high += g.net_high_total
+        for group, second, n in summed.seconds:
             vcpu, label = labels[group]
             vcpu.seconds.add(second, label, n)
-        for vcpu_id, port, write, size, n in io:
+        for vcpu_id, port, write, size, n in summed.io:
             self._vcpus[vcpu_id].io.add((port, write, size), n)
             self._io.add((port, write, size), n)
-        for vcpu_id, address, length, write, n in mmio:
+        for vcpu_id, address, length, write, n in summed.mmio:
             self._vcpus[vcpu_id].mmio.add((address, length, write), n)
             self._mmio.add((address, length, write), n)
-        self.total += exits
+        self.total += summed.exits
         if self.first_ns is None:
-            self.first_ns = first_ns
-        self.last_ns = last_ns
+            self.first_ns = summed.first_exit_ns
+        self.last_ns = summed.last_exit_ns
 
     # --- reading -----------------------------------------------------------------------------
 

@@ -375,48 +375,87 @@ static PyObject *vcpu_recent(const struct pass *p, const struct vcpu *v) {
     return out;
 }
 
+/* The named tuple types kvmtop/aggregate/batch_summary.py declares (name_types): the summary,
+   a group, a second, an IO port, an MMIO address, a vCPU. Unset: plain tuples. */
+enum { T_SUMMARY, T_GROUP, T_SECOND, T_IO, T_MMIO, T_VCPU, T_COUNT };
+static PyTypeObject *named_types[T_COUNT];
+
+/* ``tuple`` as an instance of the named tuple type ``which`` (a tuple subclass, built as
+   tuple.__new__ builds one), dropping the reference to ``tuple``; NULL passes through. */
+static PyObject *named(PyObject *tuple, int which) {
+    PyTypeObject *type = named_types[which];
+    if (!tuple || !type) return tuple;
+    Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+    PyObject *out = type->tp_alloc(type, n);
+    if (out) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PyTuple_GET_ITEM(tuple, i);
+            Py_INCREF(item);
+            PyTuple_SET_ITEM(out, i, item);
+        }
+    }
+    Py_DECREF(tuple);
+    return out;
+}
+
+static PyObject *name_types(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *types[T_COUNT];
+    if (!PyArg_ParseTuple(args, "OOOOOO:name_types", &types[0], &types[1], &types[2], &types[3],
+                          &types[4], &types[5]))
+        return NULL;
+    for (int i = 0; i < T_COUNT; i++)
+        if (!PyType_Check(types[i]) || !PyType_IsSubtype((PyTypeObject *)types[i], &PyTuple_Type))
+            return PyErr_Format(PyExc_TypeError, "name_types: argument %d is no tuple type", i + 1);
+    for (int i = 0; i < T_COUNT; i++) {
+        Py_INCREF(types[i]);
+        Py_XSETREF(named_types[i], (PyTypeObject *)types[i]);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *summary_value(const struct pass *p) {
     PyObject *groups = PyList_New(0), *seconds = PyList_New(0), *io = PyList_New(0);
     PyObject *mmio = PyList_New(0), *vcpus = PyList_New(0);
     if (!groups || !seconds || !io || !mmio || !vcpus) goto fail;
     for (size_t i = 0; i < p->groups.n; i++) {
         const struct group *g = table_at((struct table *)&p->groups, i);
-        if (append(groups, Py_BuildValue("(kkk" HIST_FORMAT HIST_FORMAT HIST_FORMAT "NN)",
+        if (append(groups, named(Py_BuildValue("(kkk" HIST_FORMAT HIST_FORMAT HIST_FORMAT "NN)",
                                          (unsigned long)g->key.k[0], (unsigned long)g->key.k[1],
                                          (unsigned long)g->key.k[2], HIST_VALUES(g->guest),
                                          HIST_VALUES(g->handling), HIST_VALUES(g->net),
                                          long_from_i128(g->net_low),
-                                         long_from_i128(g->net_high))) < 0)
+                                         long_from_i128(g->net_high)), T_GROUP)) < 0)
             goto fail;
     }
     for (size_t i = 0; i < p->seconds.n; i++) {
         const struct count *c = table_at((struct table *)&p->seconds, i);
-        if (append(seconds, Py_BuildValue("(KLK)", (unsigned long long)c->key.k[0],
-                                          (long long)(int64_t)c->key.k[1],
-                                          (unsigned long long)c->n)) < 0)
+        if (append(seconds, named(Py_BuildValue("(KLK)", (unsigned long long)c->key.k[0],
+                                                (long long)(int64_t)c->key.k[1],
+                                                (unsigned long long)c->n), T_SECOND)) < 0)
             goto fail;
     }
     for (size_t i = 0; i < p->io.n; i++) {
         const struct count *c = table_at((struct table *)&p->io, i);
-        if (append(io, Py_BuildValue("(kKNkK)", (unsigned long)c->key.k[0],
-                                     (unsigned long long)c->key.k[1],
-                                     PyBool_FromLong((long)(c->key.k[2] >> 8)),
-                                     (unsigned long)(c->key.k[2] & 0xFF),
-                                     (unsigned long long)c->n)) < 0)
+        if (append(io, named(Py_BuildValue("(kKNkK)", (unsigned long)c->key.k[0],
+                                           (unsigned long long)c->key.k[1],
+                                           PyBool_FromLong((long)(c->key.k[2] >> 8)),
+                                           (unsigned long)(c->key.k[2] & 0xFF),
+                                           (unsigned long long)c->n), T_IO)) < 0)
             goto fail;
     }
     for (size_t i = 0; i < p->mmio.n; i++) {
         const struct count *c = table_at((struct table *)&p->mmio, i);
-        if (append(mmio, Py_BuildValue("(kKkNK)", (unsigned long)c->key.k[0],
-                                       (unsigned long long)c->key.k[1],
-                                       (unsigned long)(c->key.k[2] & 0xFFFFFFFF),
-                                       PyBool_FromLong((long)(c->key.k[2] >> 32)),
-                                       (unsigned long long)c->n)) < 0)
+        if (append(mmio, named(Py_BuildValue("(kKkNK)", (unsigned long)c->key.k[0],
+                                             (unsigned long long)c->key.k[1],
+                                             (unsigned long)(c->key.k[2] & 0xFFFFFFFF),
+                                             PyBool_FromLong((long)(c->key.k[2] >> 32)),
+                                             (unsigned long long)c->n), T_MMIO)) < 0)
             goto fail;
     }
     for (size_t i = 0; i < p->vcpus.n; i++) {
         const struct vcpu *v = table_at((struct table *)&p->vcpus, i);
-        if (append(vcpus, Py_BuildValue("(kKNINkkNnLLL)", (unsigned long)v->key.k[0],
+        if (append(vcpus, named(Py_BuildValue("(kKNINkkNnLLL)", (unsigned long)v->key.k[0],
                                         (unsigned long long)v->exits,
                                         long_from_i128(v->first_entry), v->first_flags,
                                         long_from_i128(v->last_exit),
@@ -424,7 +463,7 @@ static PyObject *summary_value(const struct pass *p) {
                                         (unsigned long)v->last_errno, vcpu_recent(p, v),
                                         (Py_ssize_t)v->want, (long long)v->first_held.estimate,
                                         (long long)v->first_held.least,
-                                        (long long)v->first_held.most)) < 0)
+                                        (long long)v->first_held.most), T_VCPU)) < 0)
             goto fail;
     }
     PyObject *first = Py_None, *last = Py_None;
@@ -440,8 +479,8 @@ static PyObject *summary_value(const struct pass *p) {
         Py_INCREF(first);
         Py_INCREF(last);
     }
-    return Py_BuildValue("(KNNNNNNN)", (unsigned long long)p->exits, first, last, groups,
-                         seconds, io, mmio, vcpus);
+    return named(Py_BuildValue("(KNNNNNNN)", (unsigned long long)p->exits, first, last, groups,
+                               seconds, io, mmio, vcpus), T_SUMMARY);
 fail:
     Py_XDECREF(groups);
     Py_XDECREF(seconds);
@@ -497,6 +536,8 @@ static PyObject *summarize(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"summarize", summarize, METH_VARARGS,
      "summarize(records, base_ns, recent_per_vcpu) -> summary (see kvmtop/aggregate/batch_summary.py)"},
+    {"name_types", name_types, METH_VARARGS,
+     "name_types(summary, group, second, io, mmio, vcpu): the named tuple types summarize returns"},
     {NULL, NULL, 0, NULL},
 };
 

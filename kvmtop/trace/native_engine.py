@@ -24,6 +24,7 @@ def native_engine_type(module: ModuleType) -> type:
 
     class NativeEngine(module.Engine):  # type: ignore[name-defined,misc]
         __slots__ = ()
+        native = True
 
         def run(self, deadline_ns: int, max_bytes: int) -> Stop | None:
             got = super().run(deadline_ns, max_bytes)
@@ -41,7 +42,7 @@ def native_engine_type(module: ModuleType) -> type:
             return Taken._make(super().take())
 
         def notify_run(self, listener: int, wake: int, max_bytes: int) -> Notified:
-            return Notified._make(super().notify_run(listener, wake, max_bytes))
+            return Notified(*super().notify_run(listener, wake, max_bytes))
 
     NativeEngine.__qualname__ = NativeEngine.__name__ = "NativeEngine"
     NativeEngine.__module__ = __name__
