@@ -12,13 +12,13 @@ import struct
 from kvmtop.abi import record_layout
 from kvmtop.abi.c_header import definitions, field_offsets, render
 
-KVMTOP = pathlib.Path(__file__).resolve().parent.parent / "kvmtop"
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "kvmtop"
 HEADER_NAMES = {name for name, _value, _where in definitions()}
 
 
 def test_the_c_sources_include_the_header_and_define_none_of_its_names():
     for source in ("hotloop.c", "summary.c", "sampler.c"):
-        text = (KVMTOP / "native" / source).read_text()
+        text = (PACKAGE / "native" / source).read_text()
         assert '#include "kvmtop_abi.h"' in text, source
         defined = set(re.findall(r"^\s*#\s*define\s+(\w+)", text, re.M))
         assert not defined & HEADER_NAMES, (source, sorted(defined & HEADER_NAMES))
@@ -31,7 +31,7 @@ def test_no_python_module_declares_an_exit_number_a_kvm_run_offset_or_a_record_l
         re.M,
     )
     layouts = {layout.format for layout, _names in record_layout.FIELDS.values()}
-    for path in KVMTOP.rglob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         if path.parent.name == "abi" or path.name == "launcher.py":
             continue  # the declarations; the launcher imports nothing of kvmtop on purpose
         text = path.read_text()

@@ -13,8 +13,8 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import kvm_fds_of, start_minivmm, wait_for_vcpus
 from guests.fixed_recording import START, events, write_fixed_recording
+from helpers import kvm_fds_of, start_minivmm, wait_for_vcpus
 from textual.events import Key
 from textual.keys import _character_to_key
 from textual.widget import Widget
@@ -269,7 +269,7 @@ async def test_help_at_80_columns_wraps_beside_its_terms_and_end_shows_its_last_
 
 
 async def test_at_80x24_the_list_shows_every_column_and_the_status_line_its_vcpus(fixed):
-    from test_snapshots import fixed_processes
+    from helpers import fixed_processes
 
     from kvmtop.widgets.status_line import StatusLine
 
@@ -427,7 +427,7 @@ async def test_a_failed_attach_is_a_notification_and_the_app_stays_up(processes)
 
 
 async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
-    from test_snapshots import fixed_processes
+    from helpers import fixed_processes
 
     app = KvmtopApp(process_lister=fixed_processes)
     async with app.run_test(size=SIZE) as pilot:
@@ -454,7 +454,7 @@ async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
 
 
 async def test_the_list_filter_anchors_to_each_field_and_says_when_it_is_no_regex():
-    from test_snapshots import fixed_processes
+    from helpers import fixed_processes
 
     app = KvmtopApp(process_lister=fixed_processes)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -479,7 +479,7 @@ async def test_the_list_filter_anchors_to_each_field_and_says_when_it_is_no_rege
 
 
 def three_processes():
-    from test_snapshots import fixed_processes
+    from helpers import fixed_processes
 
     demo = KvmProcess(6060, "bob", "kvmtop-demo", ("python", "-m", "kvmtop.minivmm", "demo"), 2,
                       (0, 1), 40.0, 64 << 20, time.time() - 60, 0)  # fmt: skip

@@ -8,29 +8,25 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
-from conftest import start_minivmm, start_qemu, start_recording, wait_for_vcpus
 from guests.qemu_bios import qemu_command
+from helpers import (
+    KVMTOP,
+    as_nobody,
+    assert_one_line_error,
+    kvmtop,
+    start_minivmm,
+    start_qemu,
+    start_recording,
+    wait_for_vcpus,
+)
 
 from kvmtop.host.procfs import tracer_pid
 
-KVMTOP = [sys.executable, "-m", "kvmtop"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def kvmtop(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*KVMTOP, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], status: int, text: str) -> None:
-    assert result.returncode == status, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kvmtop: ") and text in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.qemu
@@ -149,18 +145,6 @@ def test_another_users_vmm_is_refused_with_the_reason(bios, processes):
     # either the VMM's user or CAP_SYS_PTRACE is enough; the message says whose the VMM is
     assert_one_line_error(result, 5, f"pid {vmm.pid} (qemu-system-x86, owned by root): ptrace "
                           "needs its user or CAP_SYS_PTRACE; run kvmtop as root")  # fmt: skip
-
-
-def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    """kvmtop ARGS as an unprivileged user without CAP_SYS_PTRACE (imported as root first)."""
-    code = (
-        "import os, sys, json, locale, shutil, kvmtop.cli, kvmtop.host.discovery, kvmtop.sources.session, "
-        "kvmtop.commands.watch, "
-        "kvmtop.formats.report; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
-        f"sys.exit(kvmtop.cli.main({list(args)!r}))"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd="/")  # fmt: skip
 
 
 @pytest.mark.kvm

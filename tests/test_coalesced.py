@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 
 import pytest
-from conftest import start_qemu
 from guests.qemu_bios import build_bios, qemu_command
+from helpers import MODES, record_json, start_qemu
 
 from kvmtop.abi.kvm import COALESCED_ENTRY as ENTRY
 from kvmtop.abi.kvm import COALESCED_RING_HEAD as RING_HEAD
@@ -25,8 +23,6 @@ from kvmtop.model.coalesced import RING_MAX, RingLook, iter_coalesced, unreadabl
 from kvmtop.model.events import ExitEvent
 from kvmtop.model.messages import ExitBatch
 
-KVMTOP = [sys.executable, "-m", "kvmtop"]
-MODES = {"two stops": ["--no-seccomp"], "one stop": ["--no-notify"], "notify": []}
 RTC_WRITES = 100  # below the ring's 169 free entries: QEMU drains it at the first 0x71 read
 
 
@@ -117,17 +113,6 @@ def _meta(start: int):
     from kvmtop.formats.recording import RecordingMeta
 
     return RecordingMeta(1, ("vmm",), False, start, 0.0, False)
-
-
-def record_json(tmp_path, *args: str) -> dict:
-    out = tmp_path / "r.kvmtop"
-    result = subprocess.run([*KVMTOP, "record", "-o", str(out), *args], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
-    assert "Traceback" not in result.stderr, result.stderr
-    report = subprocess.run([*KVMTOP, "report", str(out), "--json"], capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
-    assert report.returncode == 0, report.stderr
-    return json.loads(report.stdout)
 
 
 @pytest.mark.kvm

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 from guests.fixed_recording import write_fixed_recording
 from guests.qemu_bios import build_bios, qemu_command
+from helpers import KVMTOP
 
 from kvmtop.aggregate.exits import ExitStats, StatsSnapshot
 from kvmtop.formats.diff import DiffRow, diff_json, diff_snapshots, diff_table, moved_rows
@@ -18,7 +18,6 @@ from kvmtop.model.events import ExitEvent, VcpuSeen
 from kvmtop.model.messages import ExitBatch
 from kvmtop.model.vcpu_keys import VcpuKey
 
-KVMTOP = [sys.executable, "-m", "kvmtop"]
 US = 1_000
 
 

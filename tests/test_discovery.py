@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from conftest import wait_for_vcpus
+from helpers import wait_for_vcpus
 
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
 from kvmtop.host.discovery import (

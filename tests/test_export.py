@@ -13,10 +13,9 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from conftest import start_qemu
 from guests.fixed_recording import START, events, write_fixed_recording
 from guests.qemu_bios import qemu_command
-from test_cli import KVMTOP, assert_one_line_error, kvmtop
+from helpers import KVMTOP, assert_one_line_error, kvmtop, start_qemu
 
 from kvmtop.abi.record_layout import EXIT_CYCLE
 from kvmtop.formats.jsonl_csv import jsonl_chunks

@@ -9,13 +9,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from typing import Any
 
 import pytest
-from conftest import kvm_fds_of, start_minivmm, wait_for_vcpus
+from helpers import KVMTOP, kvm_fds_of, start_minivmm, wait_for_vcpus
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,8 +36,6 @@ from kvmtop.host.discovery import KvmProcess
 from kvmtop.host.procfs import fd_table, tracer_pid
 from kvmtop.minivmm.vmm import counted_command
 from kvmtop.tracer_thread import Tracer
-
-KVMTOP = [sys.executable, "-m", "kvmtop"]
 
 
 def desc(name: str, kind: int, unit: str = "", exponent: int = 0, size: int = 1,

@@ -13,8 +13,8 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import start_minivmm, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
+from helpers import start_minivmm, wait_for_vcpus
 
 from kvmtop.decoder import exit_label
 from kvmtop.host.procfs import tracer_pid

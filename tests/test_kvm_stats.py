@@ -14,9 +14,8 @@ import threading
 import time
 
 import pytest
-from conftest import a_vcpu_thread, tgkill, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
-from kvmtop.counters.taking import settle_stats, take_stats
+from helpers import KVMTOP, a_vcpu_thread, tgkill, wait_for_vcpus
 
 from kvmtop.abi.binary_stats import (
     CUMULATIVE,
@@ -27,13 +26,13 @@ from kvmtop.abi.binary_stats import (
     histogram_percentile,
     parse_layout,
 )
+from kvmtop.counters.taking import settle_stats, take_stats
 from kvmtop.counters.vm_stats import VmStats
 from kvmtop.host.procfs import fd_table, tracer_pid
 from kvmtop.minivmm.vmm import counted_command
 from kvmtop.trace.inject import VM
 from kvmtop.tracer_thread import Tracer
 
-KVMTOP = [sys.executable, "-m", "kvmtop"]
 NAME_SIZE = 48
 
 pytestmark = pytest.mark.usefixtures("engine")  # on the C engine and on its reference

@@ -8,9 +8,10 @@ import json
 import re
 import subprocess
 
+import helpers
 import pytest
 from guests.qemu_bios import build_flat32_bios, qemu_command
-from test_coalesced import KVMTOP, MODES
+from helpers import KVMTOP, MODES
 
 from kvmtop.abi.mmio_names import MmioNames, from_argv, kernel_devices, parse_size
 from kvmtop.abi.record_layout import EXIT_CYCLE
@@ -79,20 +80,15 @@ def test_a_one_stop_run_with_reason_0_is_not_called_unknown() -> None:
 
 
 def record_json(tmp_path, *args: str) -> dict:
+    report = helpers.record_json(tmp_path, *args, status=1)  # QEMU's status from isa-debug-exit
     out = tmp_path / "r.kvmtop"
-    result = subprocess.run([*KVMTOP, "record", "-o", str(out), *args], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 1, result.stderr  # QEMU's status from isa-debug-exit
-    report = subprocess.run([*KVMTOP, "report", str(out), "--json"], capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
-    assert report.returncode == 0, report.stderr
     text = subprocess.run([*KVMTOP, "report", str(out)], capture_output=True, text=True, timeout=60)
     trace = subprocess.run([*KVMTOP, "export", str(out), "--perfetto", "-"], capture_output=True,
                            text=True, timeout=60)  # fmt: skip
     slices = [e for e in json.loads(trace.stdout)["traceEvents"] if e.get("ph") == "X"]
     guest = [e for e in slices if e["cat"] in ("guest", "guest+vmm")]  # one slice per run
     mmio_names = [e["args"]["mmio_name"] for e in guest if "mmio_name" in e["args"]]
-    return json.loads(report.stdout) | {"text": text.stdout, "trace_mmio_names": mmio_names}
+    return report | {"text": text.stdout, "trace_mmio_names": mmio_names}
 
 
 def microvm(tmp_path, accesses: list[tuple[int, bool, int]], *extra: str) -> list[str]:

@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-from conftest import json_summary, start_recording, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
+from helpers import json_summary, start_recording, wait_for_vcpus
 
 from kvmtop.abi.record_layout import EXIT_CYCLE
 from kvmtop.decoder import exit_label

@@ -22,7 +22,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -31,13 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import wait_for_vcpus
+from helpers import KVMTOP, wait_for_vcpus
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DASHBOARD = os.path.join(ROOT, "docs", "grafana-kvmtop.json")
 RULES = os.path.join(ROOT, "docs", "kvmtop-rules.yml")
 RULES_TEST = os.path.join(ROOT, "docs", "kvmtop-rules.test.yml")
-KVMTOP = [sys.executable, "-m", "kvmtop"]
 NAME = f"kvmtop-prom-{os.getpid()}"  # the guest's -name: the exporter reads it alone (--vm)
 EXITS = 5_000
 HANDLER_US = 5_000.0  # 200 exits/s at most, for 25 s

@@ -10,8 +10,8 @@ import stat
 import pytest
 from guests.fixed_recording import write_fixed_recording
 from guests.many_vms import many_vms_batch
+from helpers import START, events_strategy
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from kvmtop.aggregate.exits import ExitStats, MeanBound
 from kvmtop.errors import RecordingError
@@ -25,8 +25,6 @@ from kvmtop.formats.recording import (
 from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.model.messages import Detached, ExitBatch
 from kvmtop.model.records import iter_events
-
-START = 5_000_000_000
 
 
 def meta(with_data: bool = False) -> RecordingMeta:
@@ -54,33 +52,6 @@ def read(path: str) -> tuple[list[ExitEvent], list[VcpuSeen], int, int, object]:
         lost += batch.lost
         stops += batch.stops
     return events, seen, lost, stops, rec
-
-
-events_strategy = st.lists(
-    st.builds(
-        lambda vcpu, reason, errno, entry, guest, a, b, flags, data: ExitEvent(
-            vcpu,
-            reason,
-            errno,
-            START + entry,
-            START + entry + guest,
-            0 if errno else a,
-            0 if errno else b,
-            0 if errno else flags,
-            b"" if errno else data,
-        ),  # fmt: skip
-        st.integers(0, 511),
-        st.integers(0, 2**32 - 1),
-        st.sampled_from([0, 0, 0, 4, 14]),
-        st.integers(0, 10**12),
-        st.integers(0, 10**11),  # up to 100 s in the guest: some need the long-run record
-        st.integers(0, 2**64 - 1),
-        st.integers(0, 2**32 - 1),
-        st.integers(0, 7),  # EXIT_WRITE | EXIT_PRIVATE | EXIT_CYCLE
-        st.binary(max_size=100),
-    ),
-    max_size=40,
-)
 
 
 @settings(max_examples=60, deadline=None)

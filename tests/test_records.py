@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from helpers import START, events_strategy
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_recording import START, events_strategy
 
 from kvmtop.abi.record_layout import EXIT, EXIT_WRITE, KIND_DATA, KIND_EXIT, KIND_LONG, RECORD_SIZE
 from kvmtop.model.events import ExitEvent, VcpuSeen

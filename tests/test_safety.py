@@ -7,13 +7,19 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from conftest import a_vcpu_thread, start_minivmm, start_recording, tgkill, wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
+from helpers import (
+    KVMTOP,
+    a_vcpu_thread,
+    start_minivmm,
+    start_recording,
+    tgkill,
+    wait_for_vcpus,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,8 +29,6 @@ from kvmtop.host.procfs import tracer_pid
 from kvmtop.minivmm.vmm import counted_command
 from kvmtop.model.messages import Detached, ExitBatch
 from kvmtop.tracer_thread import Tracer
-
-KVMTOP = [sys.executable, "-m", "kvmtop"]
 
 pytestmark = pytest.mark.usefixtures("engine")  # on the C engine and on its reference
 

@@ -4,10 +4,10 @@ Update after an intended change: pytest tests/test_snapshots.py --snapshot-updat
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from guests.fixed_recording import write_fixed_recording
+from helpers import fixed_processes
 
 from kvmtop.app import KvmtopApp
 from kvmtop.host.discovery import KvmProcess
@@ -22,16 +22,6 @@ SIZES = pytest.mark.parametrize(
 def an_hour_of_uptime(monkeypatch: pytest.MonkeyPatch) -> None:
     """The listed VMs have run an hour, however long the screen takes to be drawn."""
     monkeypatch.setattr(KvmProcess, "uptime_s", property(lambda p: 3600.0))
-
-
-def fixed_processes() -> list[KvmProcess]:
-    hour_ago = time.time() - 3600
-    return [
-        KvmProcess(4242, "root", "web-1", ("qemu-system-x86_64", "-name", "web-1"), 4, (0, 1, 2, 3),
-                   12.0, 512 << 20, hour_ago, 0),
-        KvmProcess(5151, "alice", "firecracker", ("firecracker", "--api-sock", "/tmp/fc"), 2, (0, 1),
-                   3.0, 128 << 20, hour_ago, 777),
-    ]  # fmt: skip
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import wait_for_vcpus
 from guests.qemu_bios import build_bios, qemu_command
+from helpers import wait_for_vcpus
 
 from kvmtop.decoder import exit_label
 from kvmtop.host.procfs import tracer_pid

@@ -14,8 +14,13 @@ import threading
 import time
 
 import pytest
-from conftest import start_minivmm, start_qemu, wait_for_vcpus
-from test_cli import as_nobody, assert_one_line_error
+from helpers import (
+    as_nobody,
+    assert_one_line_error,
+    start_minivmm,
+    start_qemu,
+    wait_for_vcpus,
+)
 
 from kvmtop.commands.watch import snapshot_text
 from kvmtop.host.procfs import is_stopped, tracer_pid
