@@ -1,4 +1,10 @@
-"""The optional C modules (``kvmtop/native/*.c``, built by ``pip install .``): which are here.
+"""The optional C modules, executors of the hot paths, and which of them were built: their
+sources (``hotloop.c``, the tracer's engine; ``summary.c``, a batch's one-pass summary;
+``sampler.c`` and ``entry_cost.c``, the watch's sampler) live here and are built by
+``pip install .`` as ``kvmtop.native._hotloop``, ``_summary`` and ``_sampler``. Each has a
+pure-Python twin where its role lives (:mod:`kvmtop.trace.py_engine`,
+:mod:`kvmtop.aggregate.batch_summary`, :mod:`kvmtop.sampling.sampler`); they include the header
+written from :mod:`kvmtop.abi`. Imports nothing of kvmtop.
 
 ``KVMTOP_PURE=1`` in the environment makes kvmtop run its pure-Python paths, as it does when a
 module could not be built; the tests run the engine both ways. Nothing here calls into a module.

@@ -227,7 +227,7 @@ struct window {
     int64_t seen_ns, unseen_ns, unseen_low_ns, unseen_high_ns;
 };
 
-/* A stop's unseen cost per a block of round trips (docs/engine.md; hot_state.round_trip_costs) */
+/* A stop's unseen cost per a block of round trips (docs/engine.md; py_engine.round_trip_costs) */
 enum { SLEPT, POLLED }; /* the classes of a stop: kvmtop slept for it, or a poll caught it */
 struct stop_costs {
     int64_t least, estimate, most[2]; /* all 0: none measured yet; most per class */
@@ -678,7 +678,7 @@ static int cmp_ns(const void *a, const void *b) {
    else the least is 0 (a run's holds KVM's part, which can be most of it) and the estimate the
    mean of all. A most is the mean of the slowest quarter of its class's (kvmtop's own wake-up is most of what a stop
    costs, and one from sleep is the slow one), kept from ``before`` for a class the block has
-   fewer than ROUND_TRIP_CLASS of. The same integer arithmetic as hot_state.round_trip_costs. */
+   fewer than ROUND_TRIP_CLASS of. The same integer arithmetic as py_engine.round_trip_costs. */
 static struct stop_costs round_trip_costs(const Engine *e, int n, const struct stop_costs *before) {
     int64_t total = 0, others = 0, shortest = INT64_MAX;
     int n_others = 0;
@@ -740,11 +740,11 @@ static void held_stop(Engine *e, Thread *t, const struct syscall_info *info, int
 
 /* A stop of a thread in its handling window ends the unseen part of the window's latest stop:
    what that cost depends on whether kvmtop slept for this stop or a poll caught it
-   (hot_state.window_with_unseen). */
+   (py_engine.window_with_unseen). */
 static void held_unseen(Engine *e, Thread *t) {
     const struct stop_costs *c = &e->stop_costs;
     /* a stop a poll caught costs at most what one kvmtop slept for does, where its own class has
-       no figure yet; the estimate lies within the bound (hot_state.stop_cost) */
+       no figure yet; the estimate lies within the bound (py_engine.stop_cost) */
     int64_t most = c->most[SLEPT];
     if (e->polled == POLLED && c->most[POLLED]) most = c->most[POLLED];
     int64_t estimate = c->estimate;

@@ -1,5 +1,5 @@
 """The engine's bound of what its stops cost, on hand-made round trips (no tracing): both engines
-use this arithmetic (hot_state.py, and native/hotloop.c to the integer)."""
+use this arithmetic (trace/py_engine.py, and native/hotloop.c to the integer)."""
 
 from __future__ import annotations
 
