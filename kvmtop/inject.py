@@ -46,11 +46,14 @@ VM = -1  # the key of the VM's stats fd; vCPUs are keyed by their id
 @dataclass(frozen=True, slots=True)
 class StatsFds:
     """kvmtop's own stats fds: ``vcpus`` {vCPU id: fd} and ``vm`` (or None); ``made_by``: which
-    VMM thread made each (vCPU id, or VM: tid)."""
+    VMM thread made each (vCPU id, or VM: tid); ``kicks``: {vCPU id: how many of its KVM_RUNs
+    kvmtop's own interrupts ended}, each a ``signal_exits`` KVM counted (the tracer's, kept up
+    to date until it has detached)."""
 
     vcpus: dict[int, int]
     vm: int | None
     made_by: dict[int, int]
+    kicks: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -64,6 +67,7 @@ class StatsJob:
     made_by: dict[int, int] = field(default_factory=dict)  # key -> tid
     asked_ns: int = field(default_factory=time.monotonic_ns)
     nudged: bool = False  # the tracer has interrupted the VMM's threads for it
+    kicks: dict[int, int] = field(default_factory=dict)  # the process's (StatsFds.kicks)
 
     @property
     def finished(self) -> bool:
@@ -91,7 +95,7 @@ class StatsJob:
             self.future.set_exception(OSError(self.error))
         else:
             vm = self.got.pop(VM, None)
-            self.future.set_result(StatsFds(dict(self.got), vm, dict(self.made_by)))
+            self.future.set_result(StatsFds(dict(self.got), vm, dict(self.made_by), self.kicks))
 
     def release(self) -> None:
         for fd in self.got.values():
@@ -99,7 +103,8 @@ class StatsJob:
         self.got.clear()
 
 
-def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool) -> StatsJob:
+def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool,
+             kicks: dict[int, int]) -> StatsJob:  # fmt: skip
     """What to ask for: the VM fd and one fd per vCPU of ``pid`` (Python's mmap, for one,
     holds a duplicate of its vCPU fd). A VMM thread under a seccomp filter of its own
     (Firecracker, crosvm and cloud-hypervisor filter their vCPU threads) might refuse the
@@ -122,7 +127,7 @@ def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool
                 "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
                 "could be refused or kill it, so KVM's counters are not taken from it"
             )
-    return StatsJob(future, todo)
+    return StatsJob(future, todo, kicks=kicks)
 
 
 class Interrupted(Exception):
