@@ -31,7 +31,6 @@ from kvmtop.held_stats import HeldStats
 from kvmtop.inject import StatsFds
 from kvmtop.minivmm import demo_command
 from kvmtop.replay import Replay
-from kvmtop.report import cut
 from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen, Sections
 from kvmtop.screens.kernel import REFRESH_S as KERNEL_REFRESH_S
@@ -50,8 +49,8 @@ from kvmtop.screens.too_small import TooSmallScreen, too_small
 from kvmtop.screens.vcpu import TYPED_REPLAY_KEYS, VcpuScreen
 from kvmtop.screens.watch import REFRESH_S, REPLAY_BINDINGS, WatchScreen
 from kvmtop.session import SessionState, TraceSession
-from kvmtop.sources import LiveSource, command_line
-from kvmtop.units import ended_text
+from kvmtop.sources import LiveSource
+from kvmtop.units import command_text, ended_text
 from kvmtop.watch_feed import SnapshotSource, WatchFeed, open_watcher
 from kvmtop.widgets.vcpu_table import VcpuTable
 
@@ -222,7 +221,7 @@ class KvmtopApp(App[int]):
         self._command_pid = None
         lines = last_lines(self.child_stderr, 8) if self.child_stderr else []
         said = "".join(f"\n  {line}" for line in lines) if lines else " (it said nothing)"
-        what = cut(" ".join(session.argv), 60)
+        what = command_text(session.argv, 60)
         return f"kvmtop: {what} {ended_text(session.exit_status)} before making a vCPU{said}"
 
     def _take_notices(self) -> None:
@@ -543,5 +542,6 @@ def running(pid: int) -> bool:
 
 
 def left_running_notice(pid: int, argv: tuple[str, ...]) -> str:
-    return (f"pid {pid} ({command_line(argv)[:60]}), which kvmtop started, runs on untraced, its "
+    what = command_text((os.path.basename(argv[0]), *argv[1:]) if argv else (), 60)
+    return (f"pid {pid} ({what}), which kvmtop started, runs on untraced, its "
             f"output to /dev/null; `kill {pid}` stops it")  # fmt: skip

@@ -24,6 +24,7 @@ from kvmtop.decoder import event_label, exit_details
 from kvmtop.events import EXIT_CYCLE, EXIT_WRITE, ExitBatch, ExitEvent
 from kvmtop.mmio_names import MmioNames, from_argv
 from kvmtop.recording import RecordingMeta
+from kvmtop.units import command_text
 from kvmtop.vcpu_keys import VcpuKeys
 from kvmtop.xlat_exit import ExitReason, errno_name
 
@@ -96,13 +97,13 @@ class PerfettoTrace:
                  "start_wall": self.meta.start_wall, "hostname": self.meta.hostname,
                  "kvmtop_version": self.meta.kvmtop_version}  # fmt: skip
         yield f'{{"displayTimeUnit":"ns","otherData":{json.dumps(other)},"traceEvents":[\n'
-        name = " ".join(self.meta.argv)[:80] or f"pid {self.meta.pid}"
+        name = command_text(self.meta.argv, 80) or f"pid {self.meta.pid}"
         yield self._meta_event("process_name", 0, {"name": name})
         for batch in batches:
             pieces: list[str] = []
             for proc in batch.processes:
                 if proc.argv and not proc.ended:
-                    self._programs[proc.pid] = " ".join(proc.argv)[:80]
+                    self._programs[proc.pid] = command_text(proc.argv, 80)
             self._keys.see(batch)
             for seen in batch.vcpus:
                 pieces += self._track(seen.vcpu)[1]
