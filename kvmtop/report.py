@@ -212,12 +212,12 @@ def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
     return lines
 
 
-def _net_median(r: ReasonStats) -> str:
+def net_median_text(r: ReasonStats) -> str:
     """The net median, where the net mean is known (a per-exit net is an estimate, floored at 0:
     where its mean cannot be told, neither can its median)."""
     if not r.handling_net.count:
         return "-"
-    return _ns(r.handling_net.median) if r.net_known else "unknown"
+    return _ns(r.handling_net.median) if r.net_median_known else "unknown"
 
 
 def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
@@ -245,7 +245,7 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
                 f"{_ns(r.handling.median) if r.handling.count else '-':>10} "
                 f"{_ns(r.handling.p99) if r.handling.count else '-':>10}"
                 + (
-                    f"  {_net_median(r):>10}"
+                    f"  {net_median_text(r):>10}"
                     f"  {bound_text(r.net_mean_bound, ' ') if r.handling_net.count else '-':>17}"
                     if net
                     else ""

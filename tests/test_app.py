@@ -572,6 +572,11 @@ async def test_o_orders_the_exit_reasons_by_count_rate_or_latency_on_both_views(
         assert app.screen.query_one(ReasonBars).border_title.endswith(", by VMM p50")
         medians = [r.handling.median for r in shown(app.screen)]
         assert medians == sorted(medians, reverse=True)
+        await pilot.press("o")  # the most VMM time in all first
+        await pilot.pause(0.3)
+        totals = [r.handling.total_ns for r in shown(app.screen)]
+        assert totals == sorted(totals, reverse=True)
+        assert app.screen.query_one(ReasonBars).border_title.endswith(", by VMM total")
         await pilot.press("o")  # and round to by count
         await pilot.pause(0.3)
         counts = [r.count for r in shown(app.screen)]
@@ -597,7 +602,7 @@ async def test_the_drill_downs_timelines_follow_o_and_say_the_seconds_shown(fixe
         seconds = int(re.search(r"last (\d+) s$", timelines.border_title)[1])
         assert 15 < seconds < 60  # 80 columns: not all 60 s
         assert all(len(line) <= 78 for line in pane_text(screen, ReasonTimelines).splitlines())
-        for _ in ("rate", "VMM p50", "count"):
+        for _ in ("rate", "VMM p50", "VMM total", "count"):
             await pilot.press("o")
             await pilot.pause(0.3)
             assert names(screen, ReasonTimelines) == names(screen, ReasonBars)
