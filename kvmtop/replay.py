@@ -215,6 +215,7 @@ class Replay:
             length_s=length,
             busy=state.startswith("seeking"),
             exits=self._shown[0].total,
+            clock=(self.start_ns, meta.start_wall),
         )
 
     @property

@@ -28,6 +28,9 @@ class SourceStatus:
     exits: int | None = None  # a replay: the exits of the aggregate at since_s (while seeking too)
     ended_s: float | None = None  # live, tracing over: seconds since it ended (since_s stops)
     recording: str | None = None  # live: the file being recorded to (-o)
+    # (monotonic ns, Unix time) of one instant, to tell an exit's time of day: live, this
+    # host's clocks now; a replay, the recording's start
+    clock: tuple[int, float] | None = None
 
 
 class ExitSource(Protocol):
@@ -88,4 +91,5 @@ class LiveSource:
             state = (
                 f"ended: {ended_text(s.exit_status)}" if s.exit_status is not None else "detached"
             )
-        return SourceStatus(title, state, since, live=True, ended_s=ended_s, recording=recording)
+        return SourceStatus(title, state, since, live=True, ended_s=ended_s, recording=recording,
+                            clock=(time.monotonic_ns(), time.time()))  # fmt: skip

@@ -729,6 +729,38 @@ async def test_a_filter_matching_nothing_says_once_that_exits_were_missed():
         assert len(gaps) == 1 and len(exit_lines(log)) == 200
 
 
+async def test_t_gives_the_exit_log_the_time_of_day_of_each_exit_and_back(fixed):
+    """The fixed recording started at Unix time 1,760,000,000.0: its exits' times of day follow
+    from that, here in local time; t again gives the seconds since tracing began."""
+    from datetime import datetime
+
+    from guests.fixed_recording import START as FIXED_START
+    from guests.fixed_recording import events as fixed_events
+
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("enter")
+        await pilot.pause(0.4)
+        log = app.screen.query_one(ExitLog)
+        relative = exit_lines(log)
+        assert relative and "seconds since tracing began" in str(log.border_title)
+        await pilot.press("t")
+        await pilot.pause(0.3)
+        assert "time of day" in str(log.border_title).split("(")[0]
+        clock = exit_lines(log)
+        assert len(clock) == len(relative)
+        last = [e for e in fixed_events() if e.vcpu == 0][-1]
+        at = datetime.fromtimestamp(1_760_000_000.0 + (last.exit_ns - FIXED_START) / 1e9)
+        assert clock[-1].startswith(at.strftime("%H:%M:%S.%f") + "  ")
+        assert [c.split("  ", 1)[1] for c in clock] == [r.split("s  ", 1)[1] for r in relative]
+        await pilot.press("t")
+        await pilot.pause(0.3)
+        assert exit_lines(log) == relative
+        await pilot.press("q")
+
+
 def _record(path, *args: str) -> None:
     import sys
 
