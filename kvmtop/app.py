@@ -26,7 +26,6 @@ from textual.screen import Screen
 from kvmtop.counters.held_stats import HeldStats
 from kvmtop.decoder import ExitReason, exit_label
 from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal
-from kvmtop.formats.report import cut
 from kvmtop.host.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.minivmm.vmm import demo_command
 from kvmtop.model.messages import Attached, StatsFds
@@ -47,12 +46,11 @@ from kvmtop.screens.requests import (
 from kvmtop.screens.too_small import TooSmallScreen, too_small
 from kvmtop.screens.vcpu import TYPED_REPLAY_KEYS, VcpuScreen
 from kvmtop.screens.watch import SampledScreen
-from kvmtop.sources.exit_source import command_line
 from kvmtop.sources.live import LiveSource
 from kvmtop.sources.replay import Replay
 from kvmtop.sources.session import SessionState, TraceSession
 from kvmtop.sources.watch_feed import SnapshotSource, WatchFeed, open_watcher
-from kvmtop.units import ended_text
+from kvmtop.units import command_text, ended_text
 from kvmtop.widgets.vcpu_table import VcpuTable
 
 UNLISTED_ACTIONS = frozenset({"quit", "app.quit", "command_palette", "help", "app.pop_screen"})
@@ -222,7 +220,7 @@ class KvmtopApp(App[int]):
         self._command_pid = None
         lines = last_lines(self.child_stderr, 8) if self.child_stderr else []
         said = "".join(f"\n  {line}" for line in lines) if lines else " (it said nothing)"
-        what = cut(" ".join(session.argv), 60)
+        what = command_text(session.argv, 60)
         return f"kvmtop: {what} {ended_text(session.exit_status)} before making a vCPU{said}"
 
     def _take_notices(self) -> None:
@@ -543,5 +541,6 @@ def running(pid: int) -> bool:
 
 
 def left_running_notice(pid: int, argv: tuple[str, ...]) -> str:
-    return (f"pid {pid} ({command_line(argv)[:60]}), which kvmtop started, runs on untraced, its "
+    what = command_text((os.path.basename(argv[0]), *argv[1:]) if argv else (), 60)
+    return (f"pid {pid} ({what}), which kvmtop started, runs on untraced, its "
             f"output to /dev/null; `kill {pid}` stops it")  # fmt: skip

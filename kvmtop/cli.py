@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
 
 from kvmtop import __version__
 from kvmtop.errors import KvmtopError, OutputError, RecordingError, UsageError
-from kvmtop.units import ended_text
+from kvmtop.units import command_text, ended_text
 
 if TYPE_CHECKING:
     from kvmtop.formats.recording import Recording
@@ -323,7 +323,7 @@ def record(
     False."""
     from kvmtop.formats.jsonl_csv import JsonlStream
     from kvmtop.formats.recording import tracing_mode
-    from kvmtop.formats.report import cut, summary_json, summary_table
+    from kvmtop.formats.report import summary_json, summary_table
     from kvmtop.sources.session import SessionState, TraceSession
 
     to_stdout = jsonl == "-"
@@ -362,15 +362,14 @@ def record(
         else:
             session.launch(command or [], one_stop=one_stop, notify=notify)
         attached = session.wait_attached()
-        what = " ".join(attached.argv) or str(attached.pid)
+        what = command_text(attached.argv, 60) or str(attached.pid)
         verb = "launched" if attached.launched else "attached to"
         others = [str(p) for p in attached.pids[1:]]
         also = f" and {', '.join(others)}" if others else ""
         dests = [output, "stdout (JSONL)" if to_stdout else jsonl and f"{jsonl} (JSONL)"]
         where = " and ".join(d for d in dests if d)
         print(
-            f"kvmtop: {verb} pid {attached.pid} ({cut(what, 60)}){also}; recording to {where}; "
-            "Ctrl-C stops",
+            f"kvmtop: {verb} pid {attached.pid} ({what}){also}; recording to {where}; Ctrl-C stops",
             file=sys.stderr,
         )
         if attached.one_stop:

@@ -65,7 +65,12 @@ from kvmtop.trace.inject import plan_job, run_job
 from kvmtop.trace.kicker import Kicker
 from kvmtop.trace.native_engine import make_engine
 from kvmtop.trace.stop_wait import poll_max_ns_from_env
-from kvmtop.trace.traced_process import TracedProcess, exit_status_of, kvm_run_fd
+from kvmtop.trace.traced_process import (
+    TracedProcess,
+    exit_status_of,
+    interrupted_run_fd,
+    kvm_run_fd,
+)
 
 WAIT_FLAGS = pt.WALL | pt.WNOTHREAD | os.WUNTRACED
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -229,7 +234,8 @@ class Tracer:
                 self._kicked.discard(tid)
                 if pt.SYSCALL_INFO_EXIT.unpack_from(info)[0] == -errno_module.EINTR:
                     # kvmtop's own PTRACE_INTERRUPT (a detach, KVM's counters) ended the run:
-                    # no exit of the guest's
+                    # no exit of the guest's, but a signal exit KVM counted
+                    self._count_kick(proc, tid)
                     self.engine.set_thread(tid, True, False)
                     self._resume(proc, tid, 0)
                     return
@@ -268,6 +274,8 @@ class Tracer:
         elif event == 0:
             self._resume(proc, tid, sig)  # signal-delivery-stop: pass the signal on, unchanged
         elif event == pt.PTRACE_EVENT_STOP:
+            if tid in self._kicked and sig == signal.SIGTRAP:  # kvmtop's PTRACE_INTERRUPT
+                self._count_kick(proc, tid)  # ...unless counted at its KVM_RUN's return
             self._kicked.discard(tid)  # the interrupt's own stop: what follows is not kvmtop's
             if sig in GROUP_STOP_SIGNALS and not self._detaching:
                 # group-stop: stay stopped (until SIGCONT) but keep reporting to us
@@ -296,6 +304,17 @@ class Tracer:
             self._resume(proc, proc.pid, 0)
         else:
             self._resume(proc, tid, 0)
+
+    def _count_kick(self, proc: TracedProcess, tid: int) -> None:
+        """At the first stop after kvmtop's own interrupt: if it ended the thread's KVM_RUN (the
+        ioctl returned EINTR, as for a signal), KVM counted a signal exit for that vCPU that the
+        VMM did not cause."""
+        try:
+            fd = interrupted_run_fd(pt.ptrace_getregs(tid))
+        except pt.PtraceError:
+            return
+        if fd is not None:
+            proc.count_kick(fd)
 
     def _follow(self, pid: int, ppid: int) -> TracedProcess | None:
         """A process a followed one started: traced like its parent from its first
@@ -476,7 +495,7 @@ class Tracer:
         if proc is None:
             raise KvmtopError("the VM's process has gone")
         tids = self.engine.threads_of(proc.pid)
-        proc.stats_job = plan_job(future, proc.pid, tids, proc.mode != MODE_TWO_STOP)
+        proc.stats_job = plan_job(future, proc.pid, tids, proc.mode != MODE_TWO_STOP, proc.kicks)
         self._stats_proc = proc
         self._set_flags(proc)
 
@@ -582,6 +601,7 @@ class Tracer:
             for pid in pids:
                 group.roots.append(pid)
                 proc = seize_process(pid, self.engine, group)
+                self._kicked.update(self.engine.threads_of(pid))  # each was interrupted once
                 self._seen += proc.open_known_vcpus(self.engine)
         except BaseException:
             group.roots = [root for root in group.roots if root in group.procs]

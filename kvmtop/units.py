@@ -45,6 +45,23 @@ def elapsed(seconds: float) -> str:
     )
 
 
+def command_text(argv: list[str] | tuple[str, ...], width: int) -> str:
+    """``argv`` as one line of at most about ``width`` characters, cut between arguments, never
+    inside one, and saying how many are left out: "qemu-system-x86_64 -enable-kvm … (+9 more)".
+    The first argument is always whole."""
+    if not argv:
+        return ""
+    shown = [argv[0]]
+    for i, arg in enumerate(argv[1:], 1):
+        rest = len(argv) - i - 1
+        tail = f" … (+{rest} more)" if rest else ""
+        if len(" ".join([*shown, arg])) + len(tail) > width:
+            break
+        shown.append(arg)
+    left = len(argv) - len(shown)
+    return " ".join(shown) + (f" … (+{left} more)" if left else "")
+
+
 def ended_text(status: int) -> str:
     """How a process ended, from its shell-style status (128 + the signal that killed it, as
     kvmtop and shells report it): "exited with status 3", "was killed by SIGKILL (status 137)"."""

@@ -23,6 +23,7 @@ from kvmtop.aggregate.exits import (
     mean_bound,
     reasons_by,
 )
+from kvmtop.formats.report import net_median_text
 from kvmtop.model.events import ExitEvent, VcpuSeen
 from kvmtop.model.messages import ExitBatch
 from kvmtop.native import PURE_ENV, load
@@ -202,7 +203,7 @@ def test_recent_exits_are_the_latest_of_each_vcpu_across_batches() -> None:
     assert recent is not None and recent.recent == tuple(events[15:20:2])
 
 
-def test_reasons_order_by_count_rate_or_the_vmms_median_handling_time() -> None:
+def test_reasons_order_by_count_rate_or_the_vmms_median_or_total_handling_time() -> None:
     def handled_in(ns: int) -> LatencyHistogram:
         buckets = [0] * BUCKETS
         buckets[bucket_of(ns)] = 1
@@ -210,11 +211,33 @@ def test_reasons_order_by_count_rate_or_the_vmms_median_handling_time() -> None:
 
     io = ReasonStats("KVM_EXIT_IO", 900, 10.0, EMPTY_HISTOGRAM, handled_in(2_000))
     mmio = ReasonStats("KVM_EXIT_MMIO", 50, 40.0, EMPTY_HISTOGRAM, handled_in(90_000))
+    io = ReasonStats("KVM_EXIT_IO", 900, 10.0, EMPTY_HISTOGRAM,
+                     LatencyHistogram(900, 900 * 2_000, 2_000, 2_000, io.handling.buckets))  # fmt: skip
     hlt = ReasonStats("KVM_EXIT_HLT", 50, 40.0, EMPTY_HISTOGRAM, handled_in(500))
     reasons = (io, hlt, mmio)
     assert reasons_by(reasons, "count") == (io, hlt, mmio)  # ties by label
     assert reasons_by(reasons, "rate") == (hlt, mmio, io)
     assert reasons_by(reasons, "VMM p50") == (mmio, io, hlt)
+    assert reasons_by(reasons, "VMM total") == (io, mmio, hlt)  # 1.8 ms in all, then 90 µs
+
+
+def test_a_net_median_is_known_only_where_fewer_than_half_the_estimates_were_cut_at_0() -> None:
+    def net(values: list[int]) -> ReasonStats:
+        buckets = [0] * BUCKETS
+        for ns in values:
+            buckets[bucket_of(ns)] += 1
+        h = LatencyHistogram(len(values), sum(values), min(values), max(values), tuple(buckets))
+        n = len(values)  # a narrow bound of the mean: it is known
+        return ReasonStats("KVM_EXIT_MMIO", n, 1.0, EMPTY_HISTOGRAM, h, h,
+                           net_low_total=sum(values) - n, net_high_total=sum(values) + n)  # fmt: skip
+
+    mostly_cut = net([0, 0, 0, 500_000])  # a mean of 125 µs, three of four cut at 0
+    assert mostly_cut.net_known and mostly_cut.net_cut_share == 0.75
+    assert not mostly_cut.net_median_known  # its median, 0, is the cut
+    assert net_median_text(mostly_cut) == "unknown"  # as the report says it
+    few_cut = net([0, 90_000, 100_000, 110_000])
+    assert few_cut.net_median_known and few_cut.handling_net.median > 80_000
+    assert net_median_text(few_cut).endswith("µs")
 
 
 def test_a_bounded_table_says_how_far_each_count_may_be_off_and_holds_the_truth() -> None:

@@ -252,6 +252,54 @@ def test_qemu_keeps_running_exactly_after_its_counters_are_taken(tmp_path, proce
     assert total["io_exits"] + total["insn_emulation"] >= n  # type: ignore[operator]
 
 
+def threads_in_kvm_run(pid: int) -> list[int]:
+    """The threads of ``pid`` inside ioctl(fd, KVM_RUN) now (/proc/PID/task/TID/syscall)."""
+    inside = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        if len(fields) > 2 and fields[0] == "16" and int(fields[2], 16) == 0xAE80:
+            inside.append(int(tid))
+    return inside
+
+
+@pytest.mark.qemu
+def test_signal_exits_leave_out_the_kicks_of_kvmtop_s_own_attach_and_detach(tmp_path, processes):
+    """An idle QEMU guest (2 vCPUs halted in KVM_RUN): every attach and detach of kvmtop ends
+    their KVM_RUNs, and KVM counts each as a signal exit. Each run leaves its own out and says
+    how many; those of runs before it stay in the counter, as the kernel kept them."""
+    bios = tmp_path / "hlt.bin"
+    bios.write_bytes(b"\xf4" * 0x10000)  # the reset vector's hlt, interrupts off: halted for good
+    vmm = subprocess.Popen(qemu_command(str(bios), "-smp", "2"), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid, 2)
+    deadline = time.monotonic() + 10
+    while len(threads_in_kvm_run(vmm.pid)) < 2:  # both halted inside KVM_RUN
+        assert time.monotonic() < deadline, "QEMU's vCPUs did not enter KVM_RUN"
+        time.sleep(0.05)
+    runs = []
+    for _ in range(3):
+        result = subprocess.run([*KVMTOP, "stats", "-p", str(vmm.pid), "--json", "--count", "1"],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        runs.append(json.loads(result.stdout))
+    for before, after in zip(runs, runs[1:], strict=False):
+        for vcpu in ("0", "1"):
+            assert before["kvmtop_signal_exits"][vcpu] >= 1  # the attach kicked it
+            shown = before["vcpus"][vcpu]["signal_exits"]
+            assert (
+                after["vcpus"][vcpu]["signal_exits"] == shown + before["kvmtop_signal_exits"][vcpu]
+            )
+    text = subprocess.run([*KVMTOP, "stats", "-p", str(vmm.pid), "--count", "1"],
+                          capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    assert "note: signal_exits leaves out the " in text
+    assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
+
+
 @pytest.mark.kvm
 def test_stats_into_a_closed_pipe_ends_quietly(processes):
     vmm = subprocess.Popen(counted_command(outs=2_000_000, mmio_writes=0, spin=2_000_000))

@@ -66,6 +66,25 @@ def test_stops_per_second_as_it_plays_are_the_recordings_own_rate(tmp_path) -> N
         replay.close()
 
 
+def test_a_finished_recording_s_length_is_known_before_it_plays(tmp_path) -> None:
+    """Its END record, read from the file's tail: "at 0:07 / 0:30" from the start, not "at
+    0:07" until the player has read it through."""
+    from guests.fixed_recording import write_fixed_recording
+
+    replay = Replay(write_fixed_recording(str(tmp_path / "fixed.kvmtop")), paused=True)
+    try:
+        status = replay.status()
+        assert replay.end_ns is None  # not read through
+        assert status.length_s == 30.0 and not replay.truncated
+        replay.seek(7.0)
+        assert replay.wait_settled(10)
+        status = replay.status()
+        assert status.since_s == 7.0 and status.length_s == 30.0
+        assert status.exits == replay.snapshot().total > 0  # the count where it is
+    finally:
+        replay.close()
+
+
 def test_a_truncated_recording_says_so_before_and_after_it_plays(tmp_path) -> None:
     write_recording(str(tmp_path / "r.kvmtop"))  # no end marker: as if kvmtop was killed
     replay = Replay(str(tmp_path / "r.kvmtop"), paused=True)

@@ -16,6 +16,7 @@ from kvmtop.formats.recording import RecordingMeta
 from kvmtop.formats.report import summary_csv, summary_json, summary_table
 from kvmtop.model.events import ExitEvent
 from kvmtop.model.messages import ExitBatch
+from kvmtop.units import command_text
 
 
 def stats_of(*batches: ExitBatch) -> ExitStats:
@@ -88,10 +89,32 @@ def test_the_head_line_says_what_was_measured() -> None:
         stats.snapshot(), {"pid": 7, "argv": argv, "mode": "1 ptrace stop per exit"}
     )
     head = table.splitlines()
-    assert head[0].endswith("…") and len(head[0]) == len("pid 7  ") + 70
+    assert head[0] == f"pid 7  {' '.join(argv)}"  # whole: nothing of what ran is hidden
     assert head[1].startswith("5 exits in 0.28 ms on 1 vCPU(s)")
     assert head[2] == "traced with 1 ptrace stop per exit: 1.20 stops per exit measured"
     assert summary_json(stats.snapshot(), {})["stops_per_exit"] == 1.2
+
+
+def test_a_command_is_cut_between_arguments_and_says_how_many_are_left_out() -> None:
+    argv = ["qemu-system-x86_64", "-enable-kvm", "-bios", "/tmp/b.bin", "-nodefaults", "-m", "16"]
+    assert command_text(argv, 200) == " ".join(argv)
+    assert command_text(argv, 50) == "qemu-system-x86_64 -enable-kvm -bios … (+4 more)"
+    for width in range(1, 60):  # every argument shown whole, the program's always
+        words = command_text(argv, width).split(" … ")[0].split()
+        assert words == argv[: len(words)] and words[0] == argv[0]
+        assert len(command_text(argv, width)) <= max(width, len(argv[0]) + len(" … (+6 more)"))
+
+
+def test_one_stop_per_exit_labels_its_times_as_the_run_and_the_handling_together() -> None:
+    from kvmtop.events import EXIT_CYCLE
+
+    def table(flags: int) -> str:
+        events = [ExitEvent(0, 2, 0, START + i * 70_000, START + (i + 1) * 70_000, 0x80, 1,
+                            1 | flags) for i in range(5)]  # fmt: skip
+        return summary_table(stats_of(ExitBatch.of(events, START, stops=5)).snapshot(), {})
+
+    assert "RUN+VMM p50" in table(EXIT_CYCLE) and "GUEST p50" not in table(EXIT_CYCLE)
+    assert "GUEST p50" in table(0) and "RUN+VMM" not in table(0)
 
 
 def test_a_command_that_made_no_vcpu_is_told_so() -> None:

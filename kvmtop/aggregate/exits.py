@@ -112,6 +112,18 @@ class ReasonStats:
         bound = self.net_mean_bound
         return bound is not None and bound.known
 
+    @property
+    def net_cut_share(self) -> float:
+        """The share of exits whose net estimate was cut at 0 (0..1; 0 without net times)."""
+        h = self.handling_net
+        return h.buckets[0] / h.count if h.count else 0.0
+
+    @property
+    def net_median_known(self) -> bool:
+        """The net median says something: the mean is known and fewer than half the exits'
+        estimates were cut at 0 (else the median is that cut, not the VMM's time)."""
+        return self.net_known and self.net_cut_share < 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class MeanBound:
@@ -148,6 +160,7 @@ REASON_ORDERS: dict[str, Callable[[ReasonStats], tuple[float, str]]] = {
     "count": lambda r: (-r.count, r.label),
     "rate": lambda r: (-r.rate, r.label),
     "VMM p50": lambda r: (-r.handling.median, r.label),  # the slowest to handle first
+    "VMM total": lambda r: (-r.handling.total_ns, r.label),  # what takes the VMM most time
 }
 
 

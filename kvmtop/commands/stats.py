@@ -15,7 +15,7 @@ import time
 from typing import Any, TextIO
 
 from kvmtop.abi.binary_stats import StatDesc, Values
-from kvmtop.counters.kernel_table import counter_table, io_note, vcpu_values
+from kvmtop.counters.kernel_table import counter_table, io_note, kick_note, vcpu_values
 from kvmtop.counters.taking import take_stats
 from kvmtop.counters.vm_stats import StatsCancelled, StatsSample, VmStats, rates
 from kvmtop.host.procfs import is_stopped
@@ -87,8 +87,8 @@ def stats_table(stats: VmStats, first: StatsSample, last: StatsSample, now: Stat
     if is_stopped(stats.pid):
         head += "  (stopped: its vCPUs are not running)"
     table = counter_table(stats, last, now)
-    note = io_note(stats, last, now, None)
-    return "\n".join([head, *([f"note: {note}"] if note else []), "", *_grid(["VCPU COUNTER", *table.columns], table.rows), "",
+    notes = [note for note in (io_note(stats, last, now, None), kick_note(stats)) if note]
+    return "\n".join([head, *(f"note: {note}" for note in notes), "", *_grid(["VCPU COUNTER", *table.columns], table.rows), "",
                       *_grid(["VM COUNTER", "value"], table.vm_rows)])  # fmt: skip
 
 
@@ -119,8 +119,9 @@ def _json_values(descs: tuple[StatDesc, ...], values: Values) -> dict[str, Any]:
 def sample_json(stats: VmStats, first: StatsSample, last: StatsSample, now: StatsSample
                 ) -> dict[str, Any]:  # fmt: skip
     """One interval: raw values as the kernel gives them (names carry units, e.g. ``_ns``;
-    histograms as the low edge and count of each non-empty bucket), and per-second rates of
-    the cumulative counters since the previous object."""
+    histograms as the low edge and count of each non-empty bucket), but ``signal_exits`` less
+    those kvmtop's own interrupts caused (``kvmtop_signal_exits``, per vCPU), and per-second
+    rates of the cumulative counters since the previous object."""
     descs, vm_descs = stats.descs(), stats.descs(vcpu=False)
     return {
         "t": round((now.t_ns - first.t_ns) / 1e9, 6),
@@ -128,6 +129,7 @@ def sample_json(stats: VmStats, first: StatsSample, last: StatsSample, now: Stat
         "stopped": is_stopped(stats.pid),
         "vm": _json_values(vm_descs, now.vm),
         "vcpus": {str(v): _json_values(descs, values) for v, values in sorted(now.vcpus.items())},
+        "kvmtop_signal_exits": {str(v): n for v, n in sorted(stats.kicks.items())},
         "rates": {
             "vm": rates(last, now, vm_descs, lambda s: s.vm),
             **{

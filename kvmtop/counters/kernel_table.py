@@ -96,6 +96,17 @@ def counter_table(
     return CounterTable(columns, rows, vm_rows)
 
 
+def kick_note(stats: VmStats) -> str:
+    """What ``signal_exits`` leaves out: the KVM_RUNs kvmtop's own interrupts ended. "" when
+    none did."""
+    kicked = stats.kicked()
+    if not kicked:
+        return ""
+    return (f"signal_exits leaves out the {kicked} this kvmtop caused (its attach, its request "
+            "for these counters and its detach end a vCPU's KVM_RUN as a signal does); those of "
+            "earlier attaches, by kvmtop or any tracer, stay in it")  # fmt: skip
+
+
 def io_note(stats: VmStats, last: StatsSample, now: StatsSample, traced_io: float | None) -> str:
     """What is known when ``io_exits`` did not grow between two samples but ``insn_emulation``
     did: KVM counted the guest's port IO in insn_emulation. Why it emulated it is not known here

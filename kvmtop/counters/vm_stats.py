@@ -22,6 +22,7 @@ VM_STATS_LINK, VCPU_STATS_LINK = (
     "anon_inode:kvm-vm-stats",
     "anon_inode:kvm-vcpu-stats",
 )  # vCPU: ":N"
+SIGNAL_EXITS = "signal_exits"  # a vCPU's KVM_RUNs ended by a signal, or by a tracer's interrupt
 
 
 class StatsUnavailable(KvmtopError):
@@ -45,6 +46,8 @@ class VmStats:
     def __init__(self, pid: int, fds: StatsFds) -> None:
         self.pid = pid
         self.made_by = fds.made_by  # which VMM thread made each fd (vCPU id or VM: tid)
+        # {vCPU id: signal exits kvmtop's own interrupts caused}, left out of signal_exits
+        self.kicks = fds.kicks
         self._pidfd: int | None = None
         try:
             self._pidfd = os.pidfd_open(pid)
@@ -67,11 +70,20 @@ class VmStats:
         return f.layout.descs if f is not None else ()
 
     def sample(self) -> StatsSample:
-        return StatsSample(
-            time.monotonic_ns(),
-            self.vm.read() if self.vm is not None else {},
-            {vcpu: f.read() for vcpu, f in self.vcpus.items()},
-        )
+        """The counters now; a vCPU's ``signal_exits`` less those kvmtop's own interrupts
+        caused (its attach, its request for these fds, its detach end a vCPU's KVM_RUN as a
+        signal does, and KVM counts each)."""
+        vcpus = {vcpu: f.read() for vcpu, f in self.vcpus.items()}
+        for vcpu, kicks in list(self.kicks.items()):
+            count = vcpus.get(vcpu, {}).get(SIGNAL_EXITS)
+            if isinstance(count, int):
+                vcpus[vcpu][SIGNAL_EXITS] = max(0, count - kicks)
+        return StatsSample(time.monotonic_ns(), self.vm.read() if self.vm is not None else {},
+                           vcpus)  # fmt: skip
+
+    def kicked(self) -> int:
+        """The signal exits kvmtop's own interrupts caused, left out of ``signal_exits``."""
+        return sum(self.kicks.values())
 
     @property
     def exit_fd(self) -> int | None:

@@ -26,6 +26,7 @@ from kvmtop.formats.recording import RecordingMeta
 from kvmtop.model.coalesced import CoalescedWrites, iter_coalesced
 from kvmtop.model.events import ExitEvent
 from kvmtop.model.messages import ExitBatch, VcpuKeys
+from kvmtop.units import command_text
 from kvmtop.xlat_exit import ExitReason, errno_name
 
 RATE_BIN_NS = 10_000_000  # exit-rate counter: one value per 10 ms
@@ -97,13 +98,13 @@ class PerfettoTrace:
                  "start_wall": self.meta.start_wall, "hostname": self.meta.hostname,
                  "kvmtop_version": self.meta.kvmtop_version}  # fmt: skip
         yield f'{{"displayTimeUnit":"ns","otherData":{json.dumps(other)},"traceEvents":[\n'
-        name = " ".join(self.meta.argv)[:80] or f"pid {self.meta.pid}"
+        name = command_text(self.meta.argv, 80) or f"pid {self.meta.pid}"
         yield self._meta_event("process_name", 0, {"name": name})
         for batch in batches:
             pieces: list[str] = []
             for proc in batch.processes:
                 if proc.argv and not proc.ended:
-                    self._programs[proc.pid] = " ".join(proc.argv)[:80]
+                    self._programs[proc.pid] = command_text(proc.argv, 80)
             self._keys.see(batch)
             for seen in batch.vcpus:
                 pieces += self._track(seen.vcpu)[1]

@@ -191,18 +191,22 @@ class Recording:
         self.torn_bytes = 0
         self.end: Detached | None = None
 
-    def ends_with_marker(self) -> bool:
-        """Without reading it through: the file ends in a whole END record, as a finished
-        recording does (:attr:`complete` says it for sure once :meth:`batches` has read it)."""
+    def end_marker_ns(self) -> int | None:
+        """Without reading it through: when tracing ended (monotonic ns), if the file ends in a
+        whole END record, as a finished recording does (:attr:`complete` says it for sure once
+        :meth:`batches` has read it); else None."""
         try:
             body = os.path.getsize(self.path) - self._body
             if body < RECORD_SIZE or body % RECORD_SIZE:
-                return False
+                return None
             with open(self.path, "rb") as f:
                 f.seek(self._body + body - RECORD_SIZE)
-                return f.read(1) == bytes([KIND_END])
+                rec = f.read(RECORD_SIZE)
         except OSError:
-            return False
+            return None
+        if len(rec) < END.size or rec[0] != KIND_END:
+            return None
+        return self.meta.start_ns + END.unpack_from(rec)[4]
 
     def meta_dict(self) -> dict[str, object]:
         out = asdict(self.meta)

@@ -195,7 +195,7 @@ def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
     vms = {(v.key.pid, v.key.vm) for v in snapshot.vcpus if v.key is not None}
     on = f"{len(snapshot.vcpus)} vCPU(s)" + (f" of {len(vms)} VMs" if len(vms) > 1 else "")
     lines = [
-        f"pid {meta.get('pid')}  {cut(argv, 70)}",
+        f"pid {meta.get('pid')}  {argv}",  # whole: a report is read for what ran
         f"{snapshot.total} exits in {seconds_text(seconds)} on {on}"
         f"  (lost {snapshot.lost}, ptrace stops {snapshot.stops})",
     ]
@@ -212,12 +212,12 @@ def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
     return lines
 
 
-def _net_median(r: ReasonStats) -> str:
+def net_median_text(r: ReasonStats) -> str:
     """The net median, where the net mean is known (a per-exit net is an estimate, floored at 0:
     where its mean cannot be told, neither can its median)."""
     if not r.handling_net.count:
         return "-"
-    return _ns(r.handling_net.median) if r.net_known else "unknown"
+    return _ns(r.handling_net.median) if r.net_median_known else "unknown"
 
 
 def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
@@ -225,11 +225,17 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
     lines = _head(snapshot, meta)
     groups = _row_groups(snapshot)
     w = max(4, *(len(name) for name, _, _ in groups))
-    header = f"{'VCPU':>{w}}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {'GUEST p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
+    split = any(r.handling.count for _, reasons, _ in groups for r in reasons)
+    # one stop per exit: each time runs from a KVM_RUN entry to the vCPU's next
+    run = "GUEST" if split or snapshot.total <= len(snapshot.vcpus) else "RUN+VMM"
+    header = f"{'VCPU':>{w}}  {'REASON':<24} {'COUNT':>10} {'SHARE':>7} {'RATE/s':>10}  {run + ' p50':>10} {'p99':>10}  {'VMM p50':>10} {'p99':>10}"
     net = any(r.handling_net.count for _, reasons, _ in groups for r in reasons)
     if net:
         header += f"  {'NET p50':>10}  {'NET MEAN WITHIN':>17}"
     lines += ["", header, "-" * len(header)]
+    if run != "GUEST":
+        lines[-2:-2] = ["RUN+VMM: from a KVM_RUN to the vCPU's next one, the guest's run and the "
+                        "VMM's handling together (one stop per exit does not tell them apart)"]  # fmt: skip
     for name, reasons, total in groups:
         for r in reasons:
             share = 100.0 * r.count / total if total else 0.0
@@ -239,7 +245,7 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
                 f"{_ns(r.handling.median) if r.handling.count else '-':>10} "
                 f"{_ns(r.handling.p99) if r.handling.count else '-':>10}"
                 + (
-                    f"  {_net_median(r):>10}"
+                    f"  {net_median_text(r):>10}"
                     f"  {bound_text(r.net_mean_bound, ' ') if r.handling_net.count else '-':>17}"
                     if net
                     else ""

@@ -120,8 +120,11 @@ class VcpuKeys:
 @dataclass(frozen=True, slots=True)
 class StatsFds:
     """kvmtop's own stats fds: ``vcpus`` {vCPU id: fd} and ``vm`` (or None); ``made_by``: which
-    VMM thread made each (vCPU id, or VM: tid)."""
+    VMM thread made each (vCPU id, or VM: tid); ``kicks``: {vCPU id: how many of its KVM_RUNs
+    kvmtop's own interrupts ended}, each a ``signal_exits`` KVM counted (the tracer's, kept up
+    to date until it has detached)."""
 
     vcpus: dict[int, int]
     vm: int | None
     made_by: dict[int, int]
+    kicks: dict[int, int] = field(default_factory=dict)

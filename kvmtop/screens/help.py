@@ -20,7 +20,9 @@ GLOSSARY = (
                  "largest reasons"),
     ("g (guest)", "time inside KVM_RUN per run"),
     ("v (VMM)", "handling time: from an exit until that vCPU's next KVM_RUN"),
-    ("n (net)", "v less what kvmtop's stops held the vCPU thread (attached)"),
+    ("n (net)", "v less what kvmtop's stops held the vCPU thread (attached), per exit an "
+     "estimate cut at 0, with where its mean lies; unknown where the mean cannot be told, "
+     "cut where most exits' estimates were cut at 0"),
     ("lost", "exits seen but not decoded: must stay 0"),
     ("stops/s", "ptrace stops per second and per exit, the cost of tracing: attached, 2 per "
                 "KVM_RUN and per syscall of a vCPU thread"),

@@ -13,7 +13,7 @@ from textual.screen import Screen
 from textual.widgets import Static
 
 from kvmtop.counters.held_stats import HeldStats
-from kvmtop.counters.kernel_table import CounterTable, counter_table, io_note
+from kvmtop.counters.kernel_table import CounterTable, counter_table, io_note, kick_note
 from kvmtop.screens.typed_filter import TypedFilter
 from kvmtop.units import human
 from kvmtop.widgets.counter_grid import CounterGrid
@@ -80,10 +80,10 @@ class KernelScreen(Screen[None]):
         how = "also traced" if self.traced else "not traced: no cost to the VM"
         exits = f"{human(rate)} exits/s, " if rate is not None else ""  # none on the first frame
         table = counter_table(stats, before, now, compact=True)
-        note = io_note(stats, before, now, self.traced_io())
+        note = io_note(stats, before, now, self.traced_io()) or kick_note(stats)
         hidden = ""
         if not self.show_zeros:  # io_exits stays beside a note that speaks of it
-            table, count = kept(table, lambda name, cells: (bool(note) and name == "io_exits")
+            table, count = kept(table, lambda name, cells: (note.startswith("io_exits") and name == "io_exits")
                                 or not all(c in ZERO for c in cells))  # fmt: skip
             hidden = f"; {count} at 0 hidden (z)" if count else ""
         if self.filter.text:

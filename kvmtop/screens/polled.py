@@ -49,7 +49,7 @@ class WatchScreen(Screen[None]):
         Binding("r", "reset", "Reset", show=False,
                 tooltip="Reset the counts, rates and histograms shown (a recording is untouched)"),
         Binding("o", "reason_order", "Order", show=False,
-                tooltip="Order the exit reasons: by count, by rate, by VMM p50"),
+                tooltip="Order the exit reasons: by count, by rate, by VMM p50, by VMM total"),
         Binding("plus", "refresh_every(1)", "Slower refresh", show=False, key_display="+",
                 tooltip="Refresh the view less often (0.25 s, 0.5, 1, 2, 5 s)"),
         Binding("minus", "refresh_every(-1)", "Faster refresh", show=False, key_display="-",

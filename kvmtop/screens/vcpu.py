@@ -27,7 +27,8 @@ from kvmtop.widgets.reason_timelines import ReasonTimelines
 from kvmtop.widgets.status_line import StatusLine
 from kvmtop.widgets.top_targets import TopTargets, lines_for
 
-LOG_TITLE = "latest exits (/ filters)"
+LOG_TITLE = "latest exits, seconds since tracing began (/ filters, t time of day)"
+CLOCK_LOG_TITLE = "latest exits, time of day (/ filters, t seconds since tracing began)"
 # Not priority keys here: a priority key runs as it arrives, before the keys ahead of it in the
 # same burst are handled, so a space typed in the filter right after `/` would pause the replay.
 # The exit log binds none of them itself.
@@ -46,6 +47,8 @@ class VcpuScreen(WatchScreen):
         Binding("escape", "app.pop_screen", "Back", tooltip="Back to the attached view"),
         Binding("slash", "filter", "Filter", show=False,  # the log's title says it: room
                 tooltip="Filter the exit log as you type: reason, port or address"),
+        Binding("t", "clock", "Time of day", show=False,
+                tooltip="The exit log's times: the time of day, or seconds since tracing began"),
         *TYPED_REPLAY_KEYS,
     ]  # fmt: skip
 
@@ -53,9 +56,22 @@ class VcpuScreen(WatchScreen):
         super().__init__(source)
         self.vcpu = vcpu
         self.filter = TypedFilter(self._filter_changed)
+        self._clock_on = False  # the exit log in time of day (t)
+
+    def _log_title(self) -> str:
+        return CLOCK_LOG_TITLE if self._clock_on else LOG_TITLE
 
     def action_filter(self) -> None:
         self.filter.start()
+
+    def action_clock(self) -> None:
+        self._clock_on = not self._clock_on
+        self._log_clock()
+        self._filter_changed()  # the title says which
+
+    def _log_clock(self) -> None:
+        status = self.source.status()
+        self.query_one(ExitLog).use_clock(status.clock if self._clock_on else None)
 
     def _filter_changed(self) -> None:
         text = self.filter.text
@@ -66,7 +82,7 @@ class VcpuScreen(WatchScreen):
         if self.filter.invalid:
             title += f"; {self.filter.not_a_regex}"
         self.query_one(ExitLog).filter(self.filter.pattern if text else None,
-                                       escape(title or LOG_TITLE))  # fmt: skip
+                                       escape(title or self._log_title()))  # fmt: skip
         self.refresh_bindings()
 
     def on_key(self, event: events.Key) -> None:

@@ -24,8 +24,12 @@ class SourceStatus:
     live: bool
     length_s: float | None = None  # a recording's length, once known
     busy: bool = False  # a replay seeking: the panes wait, only the status line moves
+    exits: int | None = None  # a replay: the exits of the aggregate at since_s (while seeking too)
     ended_s: float | None = None  # live, tracing over: seconds since it ended (since_s stops)
     recording: str | None = None  # live: the file being recorded to (-o)
+    # (monotonic ns, Unix time) of one instant, to tell an exit's time of day: live, this
+    # host's clocks now; a replay, the recording's start
+    clock: tuple[int, float] | None = None
 
 
 class ExitSource(Protocol):

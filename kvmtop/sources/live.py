@@ -53,4 +53,5 @@ class LiveSource:
             state = (
                 f"ended: {ended_text(s.exit_status)}" if s.exit_status is not None else "detached"
             )
-        return SourceStatus(title, state, since, live=True, ended_s=ended_s, recording=recording)
+        return SourceStatus(title, state, since, live=True, ended_s=ended_s, recording=recording,
+                            clock=(time.monotonic_ns(), time.time()))  # fmt: skip

@@ -51,7 +51,9 @@ class Replay:
     def __init__(self, path: str, speed: float = 1.0, paused: bool = False) -> None:
         self.recording: Recording = open_recording(path)  # RecordingError before any thread
         self.path = path
-        self._ends_whole = self.recording.ends_with_marker()  # known before it plays through
+        # known before it plays through: whether it ends whole, and then when
+        self._marked_end_ns = self.recording.end_marker_ns()
+        self._ends_whole = self._marked_end_ns is not None
         self.start_ns = self.recording.meta.start_ns
         self.end_ns: int | None = None  # known once the player has read the whole file
         self.speed = speed
@@ -203,7 +205,8 @@ class Replay:
             state = f"paused at {self.speed:g}x"
         else:
             state = f"replay {self.speed:g}x"
-        length = None if self.end_ns is None else (self.end_ns - self.start_ns) / NS
+        end = self.end_ns if self.end_ns is not None else self._marked_end_ns
+        length = None if end is None else (end - self.start_ns) / NS
         return SourceStatus(
             title=f"{self.path}: pid {meta.pid}  {command_line(meta.argv)}",
             state=state,
@@ -211,6 +214,8 @@ class Replay:
             live=False,
             length_s=length,
             busy=state.startswith("seeking"),
+            exits=self._shown[0].total,
+            clock=(self.start_ns, meta.start_wall),
         )
 
     @property

@@ -55,6 +55,7 @@ class StatsJob:
     made_by: dict[int, int] = field(default_factory=dict)  # key -> tid
     asked_ns: int = field(default_factory=time.monotonic_ns)
     nudged: bool = False  # the tracer has interrupted the VMM's threads for it
+    kicks: dict[int, int] = field(default_factory=dict)  # the process's (StatsFds.kicks)
 
     @property
     def finished(self) -> bool:
@@ -82,7 +83,7 @@ class StatsJob:
             self.future.set_exception(OSError(self.error))
         else:
             vm = self.got.pop(VM, None)
-            self.future.set_result(StatsFds(dict(self.got), vm, dict(self.made_by)))
+            self.future.set_result(StatsFds(dict(self.got), vm, dict(self.made_by), self.kicks))
 
     def release(self) -> None:
         for fd in self.got.values():
@@ -90,7 +91,8 @@ class StatsJob:
         self.got.clear()
 
 
-def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool) -> StatsJob:
+def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool,
+             kicks: dict[int, int]) -> StatsJob:  # fmt: skip
     """What to ask for: the VM fd and one fd per vCPU of ``pid`` (Python's mmap, for one,
     holds a duplicate of its vCPU fd). A VMM thread under a seccomp filter of its own
     (Firecracker, crosvm and cloud-hypervisor filter their vCPU threads) might refuse the
@@ -113,7 +115,7 @@ def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool
                 "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
                 "could be refused or kill it, so KVM's counters are not taken from it"
             )
-    return StatsJob(future, todo)
+    return StatsJob(future, todo, kicks=kicks)
 
 
 class Interrupted(Exception):

@@ -4,10 +4,13 @@ this module carries it out. No ptrace here; the listener's thread may open pages
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmtop.abi import ptrace_abi as pt
 from kvmtop.abi.arch import HOST
@@ -34,8 +37,20 @@ class TracedProcess:
     pages: dict[int, RunPage] = field(default_factory=dict)  # the VMM's fd number -> run page
     pages_lock: threading.Lock = field(default_factory=threading.Lock)
     stats_job: StatsJob | None = None  # KVM_GET_STATS_FD asked for, not yet done
+    # {vCPU id: KVM_RUNs that kvmtop's own interrupts ended}: KVM counts each in signal_exits
+    kicks: dict[int, int] = field(default_factory=dict)
 
     # --- vCPUs ---------------------------------------------------------------------------------
+
+    def count_kick(self, fd: int) -> None:
+        """kvmtop's own interrupt ended a KVM_RUN on ``fd``: KVM counted a signal exit for
+        that vCPU that the VMM did not cause."""
+        try:
+            vcpu = vcpu_id_of_fd_link(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+        except OSError:
+            return  # closed meanwhile
+        if vcpu is not None:
+            self.kicks[vcpu] = self.kicks.get(vcpu, 0) + 1
 
     def open_page(self, engine: Engine, tid: int, fd: int, at_run: bool = True) -> VcpuSeen | None:
         """Map the vCPU behind ``fd`` and give it to the engine, numbered as the session
@@ -103,6 +118,14 @@ def kvm_run_fd(info: memoryview) -> int | None:
     """The vCPU fd, if the syscall entering (PTRACE_GET_SYSCALL_INFO) is KVM_RUN."""
     nr, fd, request = pt.SYSCALL_INFO_ENTRY.unpack_from(info)
     return fd if nr == HOST.SYS_IOCTL and request & 0xFFFFFFFF == KVM_RUN else None
+
+
+def interrupted_run_fd(regs: Any) -> int | None:
+    """The vCPU fd, if the registers at an interrupt's stop (PTRACE_GETREGS) show a KVM_RUN
+    that the interrupt ended: the ioctl returned EINTR, as for a signal."""
+    if regs.orig_rax != HOST.SYS_IOCTL or regs.rsi & 0xFFFFFFFF != KVM_RUN:
+        return None
+    return int(regs.rdi) if ctypes.c_long(regs.rax).value == -errno.EINTR else None
 
 
 def exit_status_of(status: int) -> int:

@@ -4,12 +4,14 @@ once the vCPU's next exit is in; until then the newest line says so, and is comp
 In one-stop modes an exit's times span its run and the VMM's handling, which cannot be told
 apart: the line says so. Scrolling up holds it still; scrolling back to the end (End) resumes
 following the latest exits. A filter (a regex on the decoded exit: reason, port, address)
-shows only the exits it matches."""
+shows only the exits it matches. Times are seconds since tracing began, or the time of day
+(:meth:`ExitLog.use_clock`)."""
 
 from __future__ import annotations
 
 import bisect
 import re
+from datetime import datetime
 from operator import attrgetter
 
 from textual.widgets import Log
@@ -44,12 +46,20 @@ class ExitLog(Log):
         self._pattern: re.Pattern[str] | None = None
         self._pending: ExitEvent | None = None  # the exit of the last line, its VMM time unknown
         self._gap_last = False  # the last line says exits were missed (no exit line since)
+        self._clock: tuple[int, float] | None = None  # time of day: (monotonic ns, Unix time)
 
     def filter(self, pattern: re.Pattern[str] | None, title: str = "latest exits") -> None:
         """Show only the exits whose decoded text ``pattern`` finds (None: every exit), those
         already shown too."""
         self._pattern = pattern
         self.border_title = title
+        self._start_over()
+        self.show(self._recent, self._origin_ns)
+
+    def use_clock(self, clock: tuple[int, float] | None) -> None:
+        """Time each exit by the time of day (``clock``: a monotonic ns and the Unix time of the
+        same instant), or (None) in seconds since tracing began; the lines shown too."""
+        self._clock = clock
         self._start_over()
         self.show(self._recent, self._origin_ns)
 
@@ -124,10 +134,14 @@ class ExitLog(Log):
 
     def _line(self, e: ExitEvent, after: ExitEvent | None, gone: bool = False) -> str:
         """``after``: the vCPU's next exit, whose entry ends the VMM's handling of ``e``."""
-        t = (e.exit_ns - (self._origin_ns or e.exit_ns)) / 1e9
+        if self._clock is not None:
+            mono_ns, unix = self._clock
+            at = datetime.fromtimestamp(unix + (e.exit_ns - mono_ns) / 1e9).strftime("%H:%M:%S.%f")
+        else:
+            at = f"{(e.exit_ns - (self._origin_ns or e.exit_ns)) / 1e9:12.6f}s"
         if e.flags & EXIT_CYCLE:  # entry to the next entry: the run and the VMM's handling
             times = f"guest+VMM {duration(e.guest_ns):>{WIDTH}} (not separable)"
         else:
             vmm = duration(after.entry_ns - e.exit_ns) if after else GONE if gone else PENDING
             times = f"guest {duration(e.guest_ns):>{WIDTH}}  VMM {vmm:>{WIDTH}}"
-        return f"{t:12.6f}s  {times}  {describe_exit(e)}"
+        return f"{at}  {times}  {describe_exit(e)}"

@@ -87,7 +87,13 @@ class LatencyPane(ReasonPane):
                     )
                     continue
                 values = {"min": h.min_ns, "p50": h.median, "p99": h.p99, "max": h.max_ns}
-                text.append("".join(f"{duration(values[c]):>{NUM_W}}" for c in shown))
+                cells = [duration(values[c]) for c in shown]
+                if kind == "n" and not r.net_median_known:  # most estimates cut at 0
+                    cells = [
+                        "cut" if c in ("min", "p50") else v
+                        for c, v in zip(shown, cells, strict=True)
+                    ]
+                text.append("".join(f"{v:>{NUM_W}}" for v in cells))
                 mean = f"mean {bound_text(r.net_mean_bound)}" if kind == "n" else ""
                 room = width - name_w - 3 - NUM_W * len(shown)
                 if histogram and (not mean or room >= 2 + HIST_W + 2 + len(mean)):
@@ -119,8 +125,8 @@ class LatencyPane(ReasonPane):
             cells = ((r.guest, r.guest.median), (r.guest, r.guest.p99),
                      (r.handling, r.handling.median), (r.handling_net if net else r.handling, last))  # fmt: skip
             shown = [duration(v) if h.count else "-" for h, v in cells]
-            if net and r.handling_net.count and not r.net_known:
-                shown[-1] = "unknown"  # as the full table's n row: its estimates floored at 0
+            if net and r.handling_net.count and not r.net_median_known:
+                shown[-1] = "unknown"  # estimates floored at 0: no basis, or most of them cut
             text.append("".join(f"{v:>{NUM_W}}" for v in shown))
             text.append("\n")
         text.rstrip()

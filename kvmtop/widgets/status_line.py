@@ -33,7 +33,9 @@ class StatusLine(Static):
         else:
             length = f" / {elapsed(status.length_s)}" if status.length_s is not None else ""
             text.append(f"  at {elapsed(status.since_s)}{length}")
-        text.append(f"   vCPUs {len(snap.vcpus)}   exits {human(snap.total)}")
+        # seeking, the panes (and ``snap``) wait: the count is of where the seek has got to
+        exits = status.exits if status.busy and status.exits is not None else snap.total
+        text.append(f"   vCPUs {len(snap.vcpus)}   exits {human(exits)}")
         text.append("   lost ")
         text.append(str(snap.lost), style="bold red" if snap.lost else "")
         text.append(f"   stops/s {human(snap.stops_per_s)}")
