@@ -104,7 +104,8 @@ def kick_note(stats: VmStats) -> str:
         return ""
     return (f"signal_exits leaves out the {kicked} this kvmtop caused (its attach, its request "
             "for these counters and its detach end a vCPU's KVM_RUN as a signal does); those of "
-            "earlier attaches, by kvmtop or any tracer, stay in it")  # fmt: skip
+            "earlier attaches, by kvmtop or any tracer, stay in it, and a detach that lands as a "
+            "vCPU enters KVM_RUN can leave it 1 more, after kvmtop has gone")  # fmt: skip
 
 
 def io_note(stats: VmStats, last: StatsSample, now: StatsSample, traced_io: float | None) -> str:
