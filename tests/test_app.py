@@ -31,7 +31,7 @@ from kvmtop.screens.help import HelpScreen
 from kvmtop.screens.process_list import ProcessListScreen
 from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.sources.session import SessionState, TraceSession
-from kvmtop.widgets.exit_log import ExitLog
+from kvmtop.widgets.exit_log import MAX_NEW_LINES, ExitLog
 from kvmtop.widgets.top_targets import TopTargets
 from kvmtop.widgets.vcpu_table import VcpuTable
 
@@ -931,9 +931,13 @@ async def test_the_demo_shows_two_vcpus_moving_drills_in_detaches_and_quits():
         assert log.lines[int(log.scroll_y)] == top_line  # scrolled up: what it shows holds still
         assert log.scroll_y < log.max_scroll_y
         assert log.border_subtitle == "held: End follows the latest exits"
+        held_last = log.lines[-1]
         await pilot.press("end")
-        await until(pilot, at_end, timeout=10, what="the log following again")
+        # following again: the hint gone, and the newest exits appended, the view on them (at
+        # the end, or one refresh's lines before it while they come in)
         await until(pilot, lambda: not log.border_subtitle, timeout=10, what="the hint gone")
+        await until(pilot, lambda: log.lines[-1] != held_last, timeout=10, what="newer exits")
+        assert log.scroll_y >= log.max_scroll_y - MAX_NEW_LINES, "the view on the newest exits"
         await pilot.press("p", "p", "escape")
         assert isinstance(app.screen, AttachedScreen)
         await pilot.press("d")

@@ -106,7 +106,7 @@ def test_a_command_is_cut_between_arguments_and_says_how_many_are_left_out() -> 
 
 
 def test_one_stop_per_exit_labels_its_times_as_the_run_and_the_handling_together() -> None:
-    from kvmtop.events import EXIT_CYCLE
+    from kvmtop.abi.record_layout import EXIT_CYCLE
 
     def table(flags: int) -> str:
         events = [ExitEvent(0, 2, 0, START + i * 70_000, START + (i + 1) * 70_000, 0x80, 1,
