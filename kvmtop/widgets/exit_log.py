@@ -48,6 +48,12 @@ class ExitLog(Log):
         self._gap_last = False  # the last line says exits were missed (no exit line since)
         self._clock: tuple[int, float] | None = None  # time of day: (monotonic ns, Unix time)
 
+    def action_scroll_end(self) -> None:
+        """End: follow the latest exits again, wherever the panes above have since moved the
+        log's end to (its height changes with theirs)."""
+        self._followed_to = None
+        super().action_scroll_end()
+
     def filter(self, pattern: re.Pattern[str] | None, title: str = "latest exits") -> None:
         """Show only the exits whose decoded text ``pattern`` finds (None: every exit), those
         already shown too."""
