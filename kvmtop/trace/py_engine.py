@@ -198,6 +198,8 @@ class PyEngine:
         self._op = 0  # the syscall stop's PTRACE_SYSCALL_INFO_* op (0: not a syscall stop)
         self._round_trips: list[tuple[int, bool, int]] = []  # (ns, was it KVM_RUN's, class)
         self._stop_costs = NO_COSTS  # round_trip_costs of the latest block
+        # ...and stop_cost of it per class (SLEPT, POLLED): made once a block, read per stop
+        self._cost_by_way = (stop_cost(NO_COSTS, SLEPT), stop_cost(NO_COSTS, POLLED))
         self._rings: dict[tuple[int, int], RingLook | None] = {}  # (pid, VM fd) -> its look
         self._coalesced = bytearray()
 
@@ -232,8 +234,7 @@ class PyEngine:
             if th.handling and th.open[0]:
                 # this stop ends the unseen part of the window's latest one: what it cost
                 # depends on whether kvmtop slept for this stop or a poll caught it
-                costs = stop_cost(self._stop_costs, self._waiter.polled)
-                th.open = window_with_unseen(th.open, costs)
+                th.open = window_with_unseen(th.open, self._cost_by_way[self._waiter.polled])
             try:
                 handled = self._handle(th, mode, status, now)
             except pt.PtraceError as exc:
@@ -264,7 +265,8 @@ class PyEngine:
             if len(block) == ROUND_TRIP_BLOCK or (
                 len(block) == ROUND_TRIP_FIRST and not self._stop_costs[2]
             ):
-                self._stop_costs = round_trip_costs(block, self._stop_costs)
+                costs = self._stop_costs = round_trip_costs(block, self._stop_costs)
+                self._cost_by_way = (stop_cost(costs, SLEPT), stop_cost(costs, POLLED))
                 if len(block) == ROUND_TRIP_BLOCK:
                     block.clear()
         th.resumed_ns = resumed
