@@ -1,12 +1,13 @@
 /* A VMM whose clock is C's: one vCPU looping on `out 0x80` (io), on a byte write to unbacked
  * memory at 0x20000 (mmio), or on both in turn (mix), each exit handled by spinning a fixed time
- * (half of it for an MMIO exit of the mix). It times each KVM_RUN call around the ioctl (two
+ * (half of it for an MMIO exit of the mix), or (io-sleep: the loop on `out`) by sleeping it, so that
+ * each KVM_RUN begins after a wake-up. It times each KVM_RUN call around the ioctl (two
  * clock reads, tens of ns apart from the syscall) and prints, at the end, one JSON line: the
  * exits, the time in KVM_RUN, and out of it after each reason. The truth a sampled VMM share is
  * checked against. With SYSCALLS, each exit's handling first makes that many getppid calls (each
  * costs a traced thread two stops), then spins its time.
  *
- *     cc -O2 -o timed_vmm timed_vmm.c && ./timed_vmm EXITS HANDLER_US [io|mmio|mix] [SYSCALLS]
+ *     cc -O2 -o timed_vmm timed_vmm.c && ./timed_vmm EXITS HANDLER_US [io|mmio|mix|io-sleep] [SYSCALLS]
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -37,9 +38,10 @@ static int must(int value, const char *what) {
 
 int main(int argc, char **argv) {
     if (argc < 3)
-        return fprintf(stderr, "usage: timed_vmm EXITS HANDLER_US [io|mmio|mix] [SYSCALLS]\n"), 2;
+        return fprintf(stderr, "usage: timed_vmm EXITS HANDLER_US [io|mmio|mix|io-sleep] [SYSCALLS]\n"), 2;
     const char *mode = argc > 3 ? argv[3] : "io";
     int syscalls = argc > 4 ? atoi(argv[4]) : 0;
+    int sleeping = !strcmp(mode, "io-sleep");
     long exits = atol(argv[1]);
     uint64_t handler_ns = (uint64_t)(atof(argv[2]) * 1000);
     int kvm = must(open("/dev/kvm", O_RDWR | O_CLOEXEC), "/dev/kvm");
@@ -90,6 +92,11 @@ int main(int argc, char **argv) {
         for (int k = 0; k < syscalls; k++) syscall(SYS_getppid); /* not the vDSO: a real syscall */
         uint64_t spun = syscalls ? now_ns() : returned;
         in_syscalls += spun - returned; /* traced, their stops: what NET takes out */
+        if (sleeping) {
+            struct timespec pause = {.tv_sec = (time_t)(handler / 1000000000u),
+                                     .tv_nsec = (long)(handler % 1000000000u)};
+            nanosleep(&pause, NULL);
+        }
         while (now_ns() - spun < handler) {
         }
     }

@@ -13,8 +13,11 @@ up to :data:`MAX_BATCHES`), so that a VMM time per exit can be told net of them.
 
 The timing is of one VM in one pattern (exits back to back, on one CPU), and another VM's part
 is not the same: on one quiet host, with the timing at 7.4-7.6 µs, VMMs that handle their exits
-differently showed 1.6 µs (a C VMM spinning 20 µs per exit), 16 µs (one handling none, and a
-Python one sleeping 1 ms: a wake-up) and 21 µs (MMIO exits of a mix); the timing itself moved
+differently showed 1.6 µs (a C VMM spinning 20 µs per exit), 16 µs (one handling none) and
+21 µs (MMIO exits of a mix); a VMM whose thread sleeps between exits, or moves between CPUs,
+adds a few µs (a C VMM sleeping 1 ms: 8.6 µs per run, 15.6 µs moved each time, against 7.9
+back to back); a Python VMM's own clock around its ioctl call counts the interpreter's call as
+KVM's, 5-25 µs after a sleep, so it is no truth for this figure; the timing itself moved
 from 3.6 to 12.9 µs between days. So the bounds take KVM's part of any exit to lie between
 nothing and :data:`AT_MOST_FACTOR` times the timing, never at the timed point.
 """
