@@ -50,5 +50,6 @@ setup(
             depends=["kvmtop/native/entry_cost.h"],
             optional=True,
         ),
+        Extension("kvmtop.native._tracepoints", ["kvmtop/native/tracepoints.c"], optional=True),
     ],
 )

@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
 
 from kvmtop import __version__
 from kvmtop.errors import KvmtopError, OutputError, RecordingError, UsageError
+from kvmtop.trace.engine import ENGINE_ENV, ENGINES
 from kvmtop.units import command_text, ended_text
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--pid", type=int, action="append",
                         help="attach to this VMM process (again for several)")  # fmt: skip
     parser.add_argument("-o", "--output", help="also record to this file (TUI)")
+    parser.add_argument("--engine", choices=ENGINES, default=None,
+                        help="how exits are seen: auto (KVM's tracepoints where kvmtop may "
+                        "open them, else ptrace), tracepoints, or ptrace")  # fmt: skip
     parser.add_argument("-d", "--delay", type=float, metavar="S",
                         help="refresh the TUI's views every S seconds, 0.25 to 5 (0.25; + and - "
                         "change it)")  # fmt: skip
@@ -85,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also stream one JSON line per exit to OUT (- is stdout; the summary then goes to "
         "stderr); no recording file unless -o is given",
     )
+    rec.add_argument("-a", "--all", action="store_true",
+                     help="every VMM on the host, those started later too (tracepoints)")  # fmt: skip
+    rec.add_argument("--engine", choices=ENGINES, default=argparse.SUPPRESS,
+                     help="auto (the default), tracepoints or ptrace")  # fmt: skip
     rec.add_argument("--duration", type=float, help="stop after this many seconds")
     rec.add_argument(
         "--data", action="store_true", help="also record IO/MMIO data values (may hold secrets)"
@@ -244,14 +252,18 @@ class _CheckedStdout:
 def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if command is not None and not command:
         raise UsageError("no command after --")
+    if getattr(args, "engine", None):
+        os.environ[ENGINE_ENV] = args.engine  # every tracer this run opens, the TUI's too
     if args.command == "record":
-        if args.pid is not None and command is not None:
-            raise UsageError("record takes -p PID or -- CMD [ARGS...], not both")
-        if args.pid is None and command is None:
-            raise UsageError("record needs either -p PID or -- CMD [ARGS...]")
+        given = (args.pid is not None) + (command is not None) + bool(args.all)
+        if given > 1:
+            raise UsageError("record takes one of -p PID, -a or -- CMD [ARGS...]")
+        if not given:
+            raise UsageError("record needs either -p PID, -a or -- CMD [ARGS...]")
         output = args.output or (None if args.jsonl else DEFAULT_RECORDING)
         return record(args.pid, command, output, args.duration, args.data, args.json,
-                      not args.no_seccomp, args.jsonl, notify=not args.no_notify)  # fmt: skip
+                      not args.no_seccomp, args.jsonl, notify=not args.no_notify,
+                      all_vms=args.all)  # fmt: skip
     if command is not None and args.command is not None:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
@@ -317,6 +329,7 @@ def record(
     one_stop: bool = True,
     jsonl: str | None = None,
     notify: bool = True,
+    all_vms: bool = False,
 ) -> int:
     """Trace until the VMM exits, Ctrl-C/SIGTERM, ``duration``, or the JSONL reader going away;
     then summarise. A launched command runs under kvmtop's seccomp filter unless ``one_stop`` is
@@ -328,6 +341,10 @@ def record(
 
     to_stdout = jsonl == "-"
     stream = JsonlStream(jsonl) if jsonl is not None else None
+    from kvmtop.tracer_thread import choose_engine
+
+    if all_vms and choose_engine()[0] != "tracepoints":
+        raise UsageError("-a needs the tracepoint engine: " + choose_engine()[1])
     session = TraceSession(record_path=output, with_data=with_data,
                            keep_old=output == DEFAULT_RECORDING, exit_sink=stream,
                            child_stdout_to_stderr=to_stdout)  # fmt: skip
@@ -359,6 +376,8 @@ def record(
                     print(f"kvmtop: pid {pid} is stopped (SIGSTOP): it makes no exit until "
                           f"`kill -CONT {pid}`; recording all the same", file=sys.stderr)  # fmt: skip
             session.attach(*pids)
+        elif all_vms:
+            session.attach()
         else:
             session.launch(command or [], one_stop=one_stop, notify=notify)
         attached = session.wait_attached()
@@ -372,7 +391,9 @@ def record(
             f"kvmtop: {verb} pid {attached.pid} ({what}){also}; recording to {where}; Ctrl-C stops",
             file=sys.stderr,
         )
-        if attached.one_stop:
+        if attached.engine_note:
+            print(f"kvmtop: {attached.engine_note}", file=sys.stderr)
+        elif attached.one_stop:
             how = "no ptrace stop per exit (seccomp user notification)" if attached.notify else (
                 "one stop per exit (seccomp filter)")  # fmt: skip
             print(
@@ -380,7 +401,7 @@ def record(
                 "ends when the recording does",
                 file=sys.stderr,
             )
-        elif attached.launched and one_stop:
+        elif attached.launched and one_stop and not attached.engine_note:
             print(
                 "kvmtop: the seccomp filter could not be installed: 2 stops per exit",
                 file=sys.stderr,
@@ -419,8 +440,8 @@ def record(
     snapshot = session.stats.snapshot(top=None)
     meta = {"pid": session.pid, "argv": list(session.argv), "file": output,
             "launched": session.launched, "one_stop": session.one_stop,
-            "mode": tracing_mode(session.launched, session.one_stop, session.notify,
-                                 session.filter_note),
+            "mode": session.engine_note or tracing_mode(
+                session.launched, session.one_stop, session.notify, session.filter_note),
             "traced_s": session.traced_s}  # fmt: skip
     if as_json:
         print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)

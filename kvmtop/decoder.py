@@ -243,3 +243,35 @@ def proc_syscall(text: str) -> tuple[int, tuple[int, ...]] | None:
         return int(fields[0]), tuple(int(x, 16) for x in fields[1:7])
     except ValueError:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceField:
+    """A field of a tracepoint's raw sample, as its tracefs ``format`` file declares it."""
+
+    offset: int
+    size: int
+    signed: bool
+
+
+_FORMAT_FIELD = re.compile(
+    r"field:(?P<decl>[^;]+);\s*offset:(?P<offset>\d+);\s*size:(?P<size>\d+);\s*signed:(?P<signed>\d)"
+)
+
+
+def tracepoint_format(text: str) -> tuple[int, dict[str, TraceField]]:
+    """(id, {field name: TraceField}) from a tracepoint's tracefs ``format`` file; an array
+    field (``u8 insn[15]``) by its name without the brackets."""
+    event_id = -1
+    fields: dict[str, TraceField] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("ID:"):
+            event_id = int(line[3:])
+            continue
+        match = _FORMAT_FIELD.search(line)
+        if match is None:
+            continue
+        name = match["decl"].split()[-1].split("[")[0]
+        fields[name] = TraceField(int(match["offset"]), int(match["size"]), match["signed"] == "1")
+    return event_id, fields

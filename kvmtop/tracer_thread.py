@@ -51,6 +51,8 @@ from kvmtop.model.messages import (
     TracerMessage,
 )
 from kvmtop.trace.engine import (
+    ENGINE_ENV,
+    ENGINES,
     MODE_NOTIFY,
     MODE_ONE_STOP,
     MODE_TWO_STOP,
@@ -639,3 +641,69 @@ class Tracer:
 
     def _notify_failed(self, message: str) -> None:
         self.out.put(TracerFailed(message, kind="KvmtopError"))
+
+
+# --- choosing the engine ----------------------------------------------------------------------
+
+
+def choose_engine(engine: str = "") -> tuple[str, str]:
+    """("tracepoints" or "ptrace", why) for ``engine`` ("": ``$KVMTOP_ENGINE`` or auto):
+    auto takes KVM's tracepoints where this process may open them. Raises the tracepoint
+    engine's error when it is asked for by name and cannot run."""
+    from kvmtop.trace.tp_engine import TracepointsUnavailable, unavailable_reason
+
+    engine = engine or os.environ.get(ENGINE_ENV, "") or "auto"
+    if engine not in ENGINES:
+        raise KvmtopError(f"no such engine: {engine} (one of {', '.join(ENGINES)})")
+    if engine == "ptrace":
+        return "ptrace", "asked for"
+    why = unavailable_reason()
+    if not why:
+        return "tracepoints", ""
+    if engine == "tracepoints":
+        raise TracepointsUnavailable(f"kernel tracepoints unavailable: {why}")
+    return "ptrace", why
+
+
+def open_tracer(
+    engine: str = "",
+    with_data: bool = False,
+    child_stdio: str | None = None,
+    child_stdout_to_stderr: bool = False,
+    child_stderr: str | None = None,
+) -> tuple[Any, str, str]:
+    """(a tracer, not started; how its exits are seen where not by ptrace; why not where
+    auto fell back to ptrace)."""
+    from kvmtop.trace.tp_tracer import TracepointTracer
+
+    chosen, why = choose_engine(engine)
+    if chosen == "tracepoints":
+        tracer = TracepointTracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr,
+                                  stats_taker=stats_once)  # fmt: skip
+        return tracer, tracer.engine_note, ""
+    tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr)
+    return tracer, "", (f"ptrace, not kernel tracepoints: {why}" if why != "asked for" else "")
+
+
+def stats_once(pid: int) -> Future[StatsFds]:
+    """KVM's stats fds of ``pid``, made by a ptrace tracer of its own that attaches for the
+    moment it takes (the tracepoint engine has no ptrace to make them with)."""
+    future: Future[StatsFds] = Future()
+
+    def take() -> None:
+        tracer = Tracer()
+        tracer.start()
+        try:
+            tracer.attach(pid).result(10)
+            future.set_result(tracer.stats_fds().result(10))
+        except BaseException as exc:  # noqa: BLE001 - the asker gets it
+            future.set_exception(exc)
+        finally:
+            try:
+                tracer.detach().result(5)
+            except BaseException:  # noqa: BLE001 - gone, or never attached
+                pass
+            tracer.stop()
+
+    threading.Thread(target=take, name="kvmtop-stats-once", daemon=True).start()
+    return future

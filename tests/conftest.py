@@ -65,13 +65,40 @@ def timed_vmm(tmp_path_factory: pytest.TempPathFactory) -> str:
     return binary
 
 
+@pytest.fixture(autouse=True)
+def ptrace_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests trace with ptrace unless they ask for an engine (the ``engine`` fixture): as root
+    ``auto`` would take the tracepoint engine."""
+    monkeypatch.setenv("KVMTOP_ENGINE", "ptrace")
+
+
+@pytest.fixture(params=["native", "pure", "tracepoints"])
+def any_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on the C engine, on the pure-Python one (its reference), and on KVM's
+    tracepoints (no ptrace). The environment carries the choice to ``kvmtop`` subprocesses
+    and to :func:`kvmtop.tracer_thread.open_tracer`."""
+    if request.param == "tracepoints":
+        from kvmtop.trace.tp_engine import unavailable_reason
+
+        why = unavailable_reason()
+        if why:
+            pytest.skip(f"the tracepoint engine cannot run here: {why}")
+        monkeypatch.setenv("KVMTOP_ENGINE", "tracepoints")
+        return "tracepoints"
+    return _ptrace_engine(str(request.param), monkeypatch)
+
+
 @pytest.fixture(params=["native", "pure"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on the C engine and on the pure-Python one (its reference). The environment
     carries the choice to ``kvmtop`` subprocesses too."""
+    return _ptrace_engine(str(request.param), monkeypatch)
+
+
+def _ptrace_engine(which: str, monkeypatch: pytest.MonkeyPatch) -> str:
     import importlib.util
 
-    if request.param == "pure":
+    if which == "pure":
         monkeypatch.setenv("KVMTOP_PURE", "1")
     else:
         monkeypatch.delenv("KVMTOP_PURE", raising=False)
@@ -79,4 +106,4 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
             pytest.skip(
                 "kvmtop.native._hotloop is not built (no C compiler or Python headers at install)"
             )
-    return str(request.param)
+    return which

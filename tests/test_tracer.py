@@ -21,9 +21,9 @@ from kvmtop.decoder import exit_label
 from kvmtop.host.procfs import tracer_pid
 from kvmtop.minivmm.vmm import counted_command
 from kvmtop.model.messages import Attached, Detached, ExitBatch, TracerFailed
-from kvmtop.tracer_thread import Tracer
+from kvmtop.tracer_thread import Tracer, open_tracer
 
-pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("engine")]
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("any_engine")]
 
 
 @dataclass
@@ -73,8 +73,8 @@ def drain(tracer: Tracer, trace: Trace, until_detached: bool = True, timeout: fl
 
 
 @pytest.fixture
-def tracer(engine):
-    t = Tracer()
+def tracer(any_engine):
+    t = open_tracer()[0]
     t.start()
     yield t
     t.stop()

@@ -84,7 +84,8 @@ def meta_for(attached: Attached, with_data: bool) -> RecordingMeta:
         with_data=with_data,
         hostname=socket.gethostname(),
         kernel=platform.release(),
-        mode=tracing_mode(
+        mode=attached.engine_note
+        or tracing_mode(
             attached.launched, attached.one_stop, attached.notify, attached.filter_note
         ),  # fmt: skip
     )

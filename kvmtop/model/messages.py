@@ -73,6 +73,7 @@ class Attached:
     notify: bool = False  # ...and the filter notifies a listener: no ptrace stop per exit
     filter_note: str = ""  # why a cheaper way of stopping could not be had
     pids: tuple[int, ...] = ()  # every VMM attached to (``pid`` is the first)
+    engine_note: str = ""  # how exits are seen where not by ptrace ("kernel tracepoints: ...")
 
 
 @dataclass(frozen=True, slots=True)

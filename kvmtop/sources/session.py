@@ -30,7 +30,7 @@ from kvmtop.model.messages import (
     TracerFailed,
     TracerMessage,
 )
-from kvmtop.tracer_thread import Tracer
+from kvmtop.tracer_thread import open_tracer
 from kvmtop.units import ended_text
 
 
@@ -64,6 +64,7 @@ class TraceSession:
         exit_sink: ExitSink | None = None,
         child_stdout_to_stderr: bool = False,
         child_stderr: str | None = None,
+        engine: str = "",
     ) -> None:
         if record_path is not None:
             check_writable(record_path)
@@ -94,7 +95,9 @@ class TraceSession:
         self.output_error: KvmtopError | None = None  # the recording or stream failed: detached
         self._pending: Future[Attached] | None = None
         self._attach_taken = threading.Event()  # the pump has taken the last attach's outcome
-        self._tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr)
+        self._tracer, self.engine_note, self.engine_why = open_tracer(
+            engine, with_data, child_stdio, child_stdout_to_stderr, child_stderr
+        )
         self._tracer.start()
         self._pump = threading.Thread(target=self._run_pump, name="kvmtop-pump", daemon=True)
         self._pump.start()
@@ -241,6 +244,7 @@ class TraceSession:
         self.one_stop = attached.one_stop
         self.notify = attached.notify
         self.filter_note = attached.filter_note
+        self.engine_note = attached.engine_note or self.engine_note
         self.attached_at_ns = attached.t_ns
         self.attached_wall = time.time()
         self.ended_at_ns = None
@@ -255,12 +259,17 @@ class TraceSession:
             )
         if self._sink is not None:
             self._sink.begin(attached)
-        if attached.launched:
+        if attached.engine_note:
+            verb = "launched" if attached.launched else "attached to"
+            text = f"{verb} pid {attached.pid}: {self.engine_note}"
+        elif attached.launched:
             text = f"launched pid {attached.pid}"
         else:  # what attaching costs, and what a launch would
             text = (f"attached to pid {attached.pid}: 2 ptrace stops per KVM_RUN and per syscall "
                     "of a vCPU thread; started by `kvmtop record -- CMD` it would take none per "
                     "exit")  # fmt: skip
+        if self.engine_why:
+            text += f" ({self.engine_why})"
         self._notices.append(("information", text))
 
     def _on_detached(self, detached: Detached) -> None:

@@ -35,6 +35,8 @@ MODE_NOTIFY = 2  # seccomp user notification: no ptrace stop per exit
 P_HANDBACK = 1  # run() hands every stop of the process to the tracer
 P_SYSCALLS = 2  # resume its threads with PTRACE_SYSCALL (every syscall entry stops)
 P_NO_RESUME = 4  # handle() records but does not resume: the tracer does (a detach)
+ENGINES = ("auto", "tracepoints", "ptrace")  # --engine
+ENGINE_ENV = "KVMTOP_ENGINE"  # the default of --engine (else auto)
 SYSCALL_BUDGET = 256  # non-KVM syscalls a thread may make before it is resumed with PTRACE_CONT
 
 
