@@ -66,6 +66,9 @@ STRACE = ["strace", "-f", "-qq", "-e", "trace=ioctl", "--kvm=vcpu", "-o", "/dev/
 FLOOR_SOURCE = "/work/shared/floor/floor.c"
 SPIN_ITERATIONS = 3_000_000  # ~0.8 s here; kvmtop attaches in ~0.2 s (0.3 s at worst)
 IO_EXIT = "KVM_EXIT_IO"
+PERF_EVENTS = ["-e", "kvm:kvm_userspace_exit", "-e", "kvm:kvm_pio", "-e", "syscalls:sys_enter_ioctl",
+               "--filter", "cmd == 0xae80", "-e", "syscalls:sys_exit_ioctl"]  # fmt: skip
+ENGINE = "KVMTOP_ENGINE"  # kvmtop's engine (a checkout from before engines ignores it)
 SLEEPING = {"KVMTOP_POLL_US": "0"}  # never poll before a wait
 
 
@@ -123,7 +126,7 @@ class Bench:
         self, *flags: str, env: dict[str, str] | None = None, kvmtop: list[str] | None = None
     ) -> Callable[[int], Run]:
         command = kvmtop or self.kvmtop
-        environ = {**os.environ, **env} if env else None
+        environ = {**os.environ, ENGINE: "ptrace", **(env or {})}
 
         def run(n: int) -> Run:
             argv = [*command, "record", *flags, "--json", "-o", "/dev/null", "--"]
@@ -151,11 +154,18 @@ class Bench:
         return Run(time.monotonic() - started)
 
     def attacher(
-        self, env: dict[str, str] | None = None, kvmtop: list[str] | None = None
-    ) -> Callable[[int], Run]:
+        self, env: dict[str, str] | None = None, kvmtop: list[str] | None = None,
+        engine: str = "ptrace",
+    ) -> Callable[[int], Run]:  # fmt: skip
         command = kvmtop or self.kvmtop
-        environ = {**os.environ, **env} if env else None
+        environ = {**os.environ, ENGINE: engine, **(env or {})}
         return lambda n: self.attach(n, command, environ)
+
+    def perf_record(self, n: int) -> Run:
+        """The kernel's floor for the tracepoint engine: perf keeping every event of each exit."""
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = ["perf", "record", "-q", "-o", os.path.join(tmp, "perf.data"), *PERF_EVENTS]
+            return Run(_wall(argv + ["--"] + qemu_command(self.busy[n]))[0])
 
     def attach(self, n: int, kvmtop: list[str], env: dict[str, str] | None) -> Run:
         vmm = subprocess.Popen(qemu_command(self.spinning[n]), stdout=subprocess.DEVNULL,
@@ -214,8 +224,15 @@ def tracers(bench: Bench) -> list[Tracer]:
         Tracer("strace", bench.strace),
         Tracer("kvmtop", bench.launch(), expected=io_count),
         Tracer("kvmtop-no-seccomp", bench.launch("--no-seccomp"), expected=io_count),
+        Tracer("kvmtop-tracepoints", bench.launch(env={ENGINE: "tracepoints"}), expected=io_count),
         Tracer("untraced-spinning", bench.untraced_spinning, "untraced-spinning"),
         Tracer("kvmtop-attach", bench.attacher(), "untraced-spinning", io_count),
+        Tracer(
+            "kvmtop-tracepoints-attach",
+            bench.attacher(engine="tracepoints"),
+            "untraced-spinning",
+            io_count,
+        ),  # fmt: skip
         Tracer(
             "kvmtop-no-seccomp-sleeping",
             bench.launch("--no-seccomp", env=SLEEPING),
@@ -233,6 +250,8 @@ def tracers(bench: Bench) -> list[Tracer]:
             ),
             Tracer("base-attach", bench.attacher(env, base), "untraced-spinning", io_count),
         ]
+    if shutil.which("perf") is not None:
+        rows.append(Tracer("perf-record", bench.perf_record))
     if bench.floor is not None:
         for mode, sync in (("ptrace1", False), ("ptrace2", False), ("unotif", False),
                            ("unotif", True)):  # fmt: skip

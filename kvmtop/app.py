@@ -25,7 +25,7 @@ from textual.screen import Screen
 
 from kvmtop.counters.held_stats import HeldStats
 from kvmtop.decoder import ExitReason, exit_label
-from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal
+from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal, UsageError
 from kvmtop.host.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.minivmm.vmm import demo_command
 from kvmtop.model.messages import Attached, StatsFds
@@ -81,8 +81,10 @@ class KvmtopApp(App[int]):
         others: Callable[[], dict[str, list[int]]] | None = None,
         refresh_s: float | None = None,
         watcher: Callable[[int, float], SnapshotSource] = open_watcher,
+        all_vms: bool = False,
     ) -> None:
         super().__init__()
+        self.start_all = all_vms  # every VMM on the host (the tracepoint engine)
         self.watcher = watcher  # opens the watch of a VM (`w`)
         self.feeds: list[WatchFeed] = []  # every watch opened: closed at quit
         self.process_lister = process_lister
@@ -138,6 +140,8 @@ class KvmtopApp(App[int]):
         self.set_interval(KERNEL_REFRESH_S, self._sample_held)
         if self.start_pids:
             self.attach(*self.start_pids)
+        elif self.start_all:
+            self._watch(lambda s: s.attach())
         elif self.start_argv:
             argv = self.start_argv
             self._watch(lambda s: s.launch(argv))
@@ -496,6 +500,7 @@ def run_tui(
     demo: bool = False,
     record_path: str | None = None,
     refresh_s: float | None = None,
+    all_vms: bool = False,
 ) -> int:
     """The TUI; returns the exit status. Errors a user can fix are raised before it opens."""
     from kvmtop.host.procfs import check_attachable
@@ -516,8 +521,14 @@ def run_tui(
             f"{what} needs a terminal on stdin and stdout; without one, use "
             "kvmtop record (-p PID or -- CMD), report or stats"
         )
+    if all_vms:
+        from kvmtop.tracer_thread import choose_engine
+
+        engine, why = choose_engine()
+        if engine != "tracepoints":
+            raise UsageError(f"-a needs the tracepoint engine: {why}")
     app = KvmtopApp(pid=pids, argv=argv, replay=replay, demo=demo, record_path=record_path,
-                    refresh_s=refresh_s)  # fmt: skip
+                    refresh_s=refresh_s, all_vms=all_vms)  # fmt: skip
     try:
         result = app.run()
     finally:

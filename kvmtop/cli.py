@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--pid", type=int, action="append",
                         help="attach to this VMM process (again for several)")  # fmt: skip
     parser.add_argument("-o", "--output", help="also record to this file (TUI)")
+    parser.add_argument("-a", "--all", action="store_true",
+                        help="the TUI on every VMM of the host, those started later too "
+                        "(the tracepoint engine)")  # fmt: skip
     parser.add_argument("--engine", choices=ENGINES, default=None,
                         help="how exits are seen: auto (KVM's tracepoints where kvmtop may "
                         "open them, else ptrace), tracepoints, or ptrace")  # fmt: skip
@@ -89,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         help="also stream one JSON line per exit to OUT (- is stdout; the summary then goes to "
         "stderr); no recording file unless -o is given",
     )
-    rec.add_argument("-a", "--all", action="store_true",
+    rec.add_argument("-a", "--all", action="store_true", default=argparse.SUPPRESS,
                      help="every VMM on the host, those started later too (tracepoints)")  # fmt: skip
     rec.add_argument("--engine", choices=ENGINES, default=argparse.SUPPRESS,
                      help="auto (the default), tracepoints or ptrace")  # fmt: skip
@@ -257,9 +260,9 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if args.command == "record":
         given = (args.pid is not None) + (command is not None) + bool(args.all)
         if given > 1:
-            raise UsageError("record takes one of -p PID, -a or -- CMD [ARGS...]")
+            raise UsageError("record takes -p PID or -- CMD [ARGS...] (or -a), not both")
         if not given:
-            raise UsageError("record needs either -p PID, -a or -- CMD [ARGS...]")
+            raise UsageError("record needs either -p PID or -- CMD [ARGS...] (or -a, every VMM)")
         output = args.output or (None if args.jsonl else DEFAULT_RECORDING)
         return record(args.pid, command, output, args.duration, args.data, args.json,
                       not args.no_seccomp, args.jsonl, notify=not args.no_notify,
@@ -299,7 +302,10 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         return run_tui(replay=args.file, refresh_s=args.delay)
     if args.command == "demo":
         return run_tui(demo=True, record_path=args.output, refresh_s=args.delay)
-    return run_tui(pids=args.pid, argv=command, record_path=args.output, refresh_s=args.delay)
+    if args.all and (args.pid or command is not None):
+        raise UsageError("-a takes no -p PID and no -- CMD: it is every VMM on the host")
+    return run_tui(pids=args.pid, argv=command, record_path=args.output, refresh_s=args.delay,
+                   all_vms=args.all)  # fmt: skip
 
 
 def watch(args: argparse.Namespace) -> int:

@@ -646,6 +646,9 @@ class Tracer:
 # --- choosing the engine ----------------------------------------------------------------------
 
 
+ASKED_PTRACE = "ptrace was asked for (--engine ptrace or KVMTOP_ENGINE)"
+
+
 def choose_engine(engine: str = "") -> tuple[str, str]:
     """("tracepoints" or "ptrace", why) for ``engine`` ("": ``$KVMTOP_ENGINE`` or auto):
     auto takes KVM's tracepoints where this process may open them. Raises the tracepoint
@@ -656,7 +659,7 @@ def choose_engine(engine: str = "") -> tuple[str, str]:
     if engine not in ENGINES:
         raise KvmtopError(f"no such engine: {engine} (one of {', '.join(ENGINES)})")
     if engine == "ptrace":
-        return "ptrace", "asked for"
+        return "ptrace", ASKED_PTRACE
     why = unavailable_reason()
     if not why:
         return "tracepoints", ""
@@ -682,7 +685,7 @@ def open_tracer(
                                   stats_taker=stats_once)  # fmt: skip
         return tracer, tracer.engine_note, ""
     tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr)
-    return tracer, "", (f"ptrace, not kernel tracepoints: {why}" if why != "asked for" else "")
+    return tracer, "", (f"ptrace, not kernel tracepoints: {why}" if why != ASKED_PTRACE else "")
 
 
 def stats_once(pid: int) -> Future[StatsFds]:

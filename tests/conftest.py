@@ -88,6 +88,30 @@ def any_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     return _ptrace_engine(str(request.param), monkeypatch)
 
 
+@pytest.fixture
+def tracepoints(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The tracepoint engine for this test (and its ``kvmtop`` subprocesses)."""
+    from kvmtop.trace.tp_engine import unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"the tracepoint engine cannot run here: {why}")
+    monkeypatch.setenv("KVMTOP_ENGINE", "tracepoints")
+    return "tracepoints"
+
+
+@pytest.fixture(scope="session")
+def timed_vmm_static(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The C VMM that times itself, statically linked (no libc of the host's to lean on)."""
+    if shutil.which("cc") is None:
+        pytest.skip("needs cc to build the C VMM")
+    binary = str(tmp_path_factory.mktemp("timed_vmm_static") / "timed_vmm")
+    built = subprocess.run(["cc", "-O2", "-static", "-o", binary, TIMED_VMM], capture_output=True)
+    if built.returncode != 0:
+        pytest.skip(f"cc cannot link statically here: {built.stderr.decode()[-200:]}")
+    return binary
+
+
 @pytest.fixture(params=["native", "pure"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on the C engine and on the pure-Python one (its reference). The environment

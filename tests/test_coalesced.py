@@ -169,6 +169,32 @@ def test_qemu_rtc_index_writes_are_coalesced_and_counted_when_attached(
     assert vmm.wait(30) == 1
 
 
+@pytest.mark.kvm
+def test_kvm_s_tracepoints_count_every_write_kvm_handled_in_the_kernel(tmp_path, tracepoints):
+    """The tracepoint engine sees no ring: it counts each port or MMIO write that was not
+    followed by its exit (KVM took it in the kernel), so the same 199 writes as the ring's."""
+    own = tmp_path / "own.json"
+    argv = counted_command(outs=0, mmio_writes=200, coalesced=True, report_json=str(own))
+    report = record_json(tmp_path, "--", *argv)
+    assert report["exits"] == {"KVM_EXIT_MMIO": 1, "KVM_EXIT_IO": 1}
+    assert report["coalesced"]["writes"] == [{"address": 0xC0000, "len": 1, "count": 199}]
+    assert report["coalesced"]["total"] == json.loads(own.read_text())["coalesced"] == 199
+    assert report["coalesced"]["kernel"] and report["coalesced"]["wraps"] == 0
+
+
+@pytest.mark.qemu
+def test_kvm_s_tracepoints_tell_the_rtc_index_writes_from_the_data_reads_that_exit(
+    tmp_path, tracepoints, processes
+) -> None:
+    """`out 0x70` (KVM takes it) then `in 0x71` (an exit) in one run: the write is KVM's,
+    the exit an IN of 0x71, launched and attached."""
+    report = record_json(tmp_path, "--", *qemu_command(rtc_bios(tmp_path)))
+    assert_rtc_counts(report)
+    vmm = start_qemu(processes, rtc_bios(tmp_path, spin=3_000_000))
+    assert_rtc_counts(record_json(tmp_path, "-p", str(vmm.pid)))
+    assert vmm.wait(30) == 1
+
+
 def test_a_batch_without_coalesced_records_changes_nothing() -> None:
     stats = ExitStats()
     stats.add_batch(ExitBatch.of([ExitEvent(0, 2, 0, 10, 20, 0x80, 1)]))

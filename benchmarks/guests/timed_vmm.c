@@ -3,7 +3,8 @@
  * (half of it for an MMIO exit of the mix), or (io-sleep: the loop on `out`) by sleeping it, so that
  * each KVM_RUN begins after a wake-up. It times each KVM_RUN call around the ioctl (two
  * clock reads, tens of ns apart from the syscall) and prints, at the end, one JSON line: the
- * exits, the time in KVM_RUN, and out of it after each reason. The truth a sampled VMM share is
+ * exits, the time in KVM_RUN, and out of it after each reason, and how long its thread waited for
+ * a CPU meanwhile (where the kernel's schedstat says). The truth a sampled VMM share is
  * checked against. With SYSCALLS, each exit's handling first makes that many getppid calls (each
  * costs a traced thread two stops), then spins its time.
  *
@@ -26,6 +27,16 @@ static uint64_t now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* The time this thread waited for a CPU so far (its second schedstat field), 0 if unknown. */
+static uint64_t run_delay_ns(void) {
+    unsigned long long on_cpu = 0, waited = 0;
+    FILE *f = fopen("/proc/thread-self/schedstat", "r");
+    if (!f) return 0;
+    if (fscanf(f, "%llu %llu", &on_cpu, &waited) != 2) waited = 0;
+    fclose(f);
+    return waited;
 }
 
 static int must(int value, const char *what) {
@@ -71,6 +82,7 @@ int main(int argc, char **argv) {
     struct kvm_regs regs = {.rip = 0x1000, .rflags = 2};
     must(ioctl(vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
     uint64_t in_run = 0, out[2] = {0, 0}, returned = 0, handler = 0, in_syscalls = 0;
+    uint64_t waited = run_delay_ns(); /* a CPU's wait is neither KVM's nor the handler's */
     long count[2] = {0, 0};
     int last = -1; /* 0: IO, 1: MMIO */
     for (long i = 0; i < exits; i++) {
@@ -100,9 +112,11 @@ int main(int argc, char **argv) {
         while (now_ns() - spun < handler) {
         }
     }
+    waited = run_delay_ns() - waited;
     printf("{\"exits\": %ld, \"in_run_ns\": %llu, \"out_ns\": %llu, \"io\": [%ld, %llu], "
-           "\"mmio\": [%ld, %llu], \"syscalls_ns\": %llu}\n", exits, (unsigned long long)in_run,
-           (unsigned long long)(out[0] + out[1]), count[0], (unsigned long long)out[0], count[1],
-           (unsigned long long)out[1], (unsigned long long)in_syscalls);
+           "\"mmio\": [%ld, %llu], \"syscalls_ns\": %llu, \"run_delay_ns\": %llu}\n", exits,
+           (unsigned long long)in_run, (unsigned long long)(out[0] + out[1]), count[0],
+           (unsigned long long)out[0], count[1], (unsigned long long)out[1],
+           (unsigned long long)in_syscalls, (unsigned long long)waited);
     return 0;
 }

@@ -71,7 +71,7 @@ def definitions() -> list[tuple[str, int, str]]:
         KIND_DATA=r.KIND_DATA, KIND_VCPU=r.KIND_VCPU, KIND_HELD=r.KIND_HELD,
         KIND_COALESCED=r.KIND_COALESCED, F_WRITE=r.F_WRITE, F_PRIVATE=r.F_PRIVATE,
         F_DATA=r.F_DATA, F_LONG=r.F_LONG, F_FAILED=r.F_FAILED, F_CYCLE=r.F_CYCLE,
-        C_PIO=r.C_PIO, C_WRAP=r.C_WRAP, C_UNREADABLE=r.C_UNREADABLE,
+        C_PIO=r.C_PIO, C_WRAP=r.C_WRAP, C_UNREADABLE=r.C_UNREADABLE, C_KERNEL=r.C_KERNEL,
         GUEST_NS_MAX=r.GUEST_NS_MAX, DATA_CHUNK=r.DATA_CHUNK, UNSEEN_LOW_MAX=r.UNSEEN_LOW_MAX,
         RUN_UNSEEN=r.RUN_UNSEEN)  # fmt: skip
     for record, (layout, names) in r.FIELDS.items():

@@ -34,7 +34,9 @@ NAME = struct.Struct("<BB30s")  # kind, length, a piece of the argv (after its P
 # the two bounds hold zeros there (the least, 0; the most, 0: no bound)
 HELD = struct.Struct("<BxHIQQQ")  # kind, stops, unseen_low_ns, seen_ns, unseen_ns, unseen_high_ns
 UNSEEN_LOW_MAX = 0xFFFFFFFF  # unseen_low_ns saturates here (a lower least: the bound still holds)
-COUNTERS = struct.Struct("<B3xIQq8x")  # kind, lost, stops, t
+# kind, lost, stops, t, then (version 3 files may hold zeros) the events the kernel dropped on
+# one CPU's ring since the last such record (the tracepoint engine), and that CPU
+COUNTERS = struct.Struct("<B3xIQqIH2x")
 END = struct.Struct("<BBHiqQ8x")  # kind, why, pad, exit status (-1: none), t, total exits
 T_EXIT = struct.Struct("<q")  # an EXIT record's t_exit alone, at byte 8
 
@@ -65,6 +67,8 @@ C_WRAP = 0x02  # the VMM drained entries appended since kvmtop's previous look: 
 # of the ring (KVM_COALESCED_MMIO_MAX more entries) between the two looks cannot be ruled out
 # (set on the first record of such a look)
 C_UNREADABLE = 0x04  # this vCPU's ring cannot be read (no mapping of it): nothing is counted
+C_KERNEL = 0x08  # seen by KVM's tracepoints: a write KVM handled in the kernel, with no exit
+# (queued in the coalesced ring, or taken by an in-kernel device or an ioeventfd)
 assert COALESCED.size == RECORD_SIZE
 
 # The summaries' errno of a one-stop exit with reason 0 (F_CYCLE): KVM_RUN's return value was

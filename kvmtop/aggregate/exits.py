@@ -18,7 +18,15 @@ from typing import Any
 
 from kvmtop import native
 from kvmtop.abi.mmio_names import MmioNames, from_argv
-from kvmtop.abi.record_layout import C_PIO, C_UNREADABLE, C_WRAP, COALESCED, F_CYCLE, KIND_COALESCED
+from kvmtop.abi.record_layout import (
+    C_KERNEL,
+    C_PIO,
+    C_UNREADABLE,
+    C_WRAP,
+    COALESCED,
+    F_CYCLE,
+    KIND_COALESCED,
+)
 from kvmtop.aggregate import batch_summary
 from kvmtop.aggregate.batch_summary import BatchSummary, named_in
 from kvmtop.decoder import exit_label
@@ -233,6 +241,7 @@ class StatsSnapshot:
     top_exact: bool  # False when a count shown may be too high (a bounded table evicted keys)
     coalesced: CoalescedSnapshot = field(default_factory=lambda: EMPTY_COALESCED)
     mmio_names: MmioNames = field(default_factory=MmioNames)  # the ranges the VMMs' argv told
+    dropped: tuple[tuple[int, int], ...] = ()  # (CPU, events the kernel dropped): exits missing
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +261,7 @@ class CoalescedSnapshot:
     unreadable: tuple[int, ...]  # vCPUs whose ring could not be read (nothing counted for them)
     top: tuple[CoalescedCount, ...]  # count descending
     read: bool  # a ring was read (False: nothing could be counted, or nothing to count)
+    kernel: bool = False  # from KVM's tracepoints: every write KVM handled with no exit
 
 
 EMPTY_COALESCED = CoalescedSnapshot(0, 0, (), (), False)
@@ -437,6 +447,7 @@ class CoalescedCounts:
         self.wraps = 0
         self.unreadable: dict[int, None] = {}
         self.read = False
+        self.kernel = False
 
     def add(self, records: bytes, vcpu_of: Callable[[int], _Vcpu]) -> None:
         """Cost: one step per COALESCED record (one per address and look), never per write."""
@@ -448,6 +459,7 @@ class CoalescedCounts:
                     self.unreadable[vcpu] = None
                 continue
             self.read = True
+            self.kernel = self.kernel or bool(flags & C_KERNEL)
             key = (flags & C_PIO, address, length)
             self.top.add(key, count)
             vcpu_of(vcpu).coalesced.add(key, count)
@@ -457,7 +469,7 @@ class CoalescedCounts:
 
     def snapshot(self, top: int | None) -> CoalescedSnapshot:
         return CoalescedSnapshot(self.total, self.wraps, tuple(self.unreadable),
-                                 _coalesced(self.top, top), self.read)  # fmt: skip
+                                 _coalesced(self.top, top), self.read, self.kernel)  # fmt: skip
 
 
 def summarizer() -> Callable[[bytes, int, int], BatchSummary]:
@@ -487,6 +499,7 @@ class ExitStats:
         self._labels: dict[tuple[int, int], str] = {}
         self._summarize = summarizer()
         self.lost = 0
+        self.dropped: dict[int, int] = {}  # CPU: events the kernel could not write
         self._clear()
 
     def _clear(self) -> None:
@@ -532,6 +545,8 @@ class ExitStats:
             if batch.coalesced:
                 self.coalesced.add(batch.coalesced, self._vcpu)
             self.lost += batch.lost
+            for cpu, n in batch.dropped:
+                self.dropped[cpu] = self.dropped.get(cpu, 0) + n
             if batch.stops:
                 self.stops += batch.stops
                 if self.last_ns is not None:  # the batch's last exit, if it had any
@@ -662,6 +677,7 @@ class ExitStats:
                 mmio_names=self._mmio_names,
                 top_exact=top_error(io, mmio) == 0,
                 coalesced=self.coalesced.snapshot(top),
+                dropped=tuple(sorted(self.dropped.items())),
             )
 
     def count_of(self, label: str) -> int:

@@ -161,10 +161,13 @@ class RecordingWriter:
         for proc in batch.processes:
             if proc.ended:
                 out += pack_process(proc, self._rel(proc.t_ns))
-        if batch.lost or batch.stops:
+        if batch.lost or batch.stops or batch.dropped:
             last = last_t_exit(batch.records)
-            t = batch.base_ns + last if last is not None else time.monotonic_ns()
-            out += COUNTERS.pack(KIND_COUNTERS, batch.lost, batch.stops, self._rel(t))
+            t = self._rel(batch.base_ns + last if last is not None else time.monotonic_ns())
+            dropped = batch.dropped or ((0, 0),)
+            for i, (cpu, n) in enumerate(dropped):  # the first also carries lost and stops
+                out += COUNTERS.pack(KIND_COUNTERS, batch.lost if not i else 0,
+                                     batch.stops if not i else 0, t, min(n, 0xFFFFFFFF), cpu)  # fmt: skip
         self.total += batch.exits
         if out:
             self._write(out)
@@ -226,11 +229,12 @@ class Recording:
         procs: list[tuple[memoryview | bytes, list[bytes]]] = []  # PROCESS records, their NAMEs
         lost = stops = 0
         coalesced = bytearray()  # COALESCED records: writes that never exited
+        dropped: dict[int, int] = {}  # CPU: events the kernel dropped
 
         def batch() -> ExitBatch:
             processes = tuple(unpack_process(rec, names, start) for rec, names in procs)
             return ExitBatch(bytes(body), start, tuple(seen), lost, stops, processes,
-                             bytes(coalesced))  # fmt: skip
+                             bytes(coalesced), tuple(dropped.items()))  # fmt: skip
 
         offset = self._body
         try:
@@ -265,6 +269,7 @@ class Recording:
                                 yield batch()
                                 body, exits, seen, lost, stops = bytearray(), 0, [], 0, 0
                                 coalesced = bytearray()
+                                dropped = {}
                                 procs = []
                         continue
                     rec = view[i * RECORD_SIZE : (i + 1) * RECORD_SIZE]
@@ -275,9 +280,11 @@ class Recording:
                     elif kind == KIND_NAME and procs:
                         procs[-1][1].append(name_piece(rec))
                     elif kind == KIND_COUNTERS:
-                        _, n_lost, n_stops, _t = COUNTERS.unpack(rec)
+                        _, n_lost, n_stops, _t, n_dropped, cpu = COUNTERS.unpack(rec)
                         lost += n_lost
                         stops += n_stops
+                        if n_dropped:
+                            dropped[cpu] = dropped.get(cpu, 0) + n_dropped
                     elif kind == KIND_COALESCED:
                         coalesced += rec
                     elif kind == KIND_END:
@@ -295,7 +302,7 @@ class Recording:
                     i += 1
                 offset += whole
             self.torn_bytes = len(carry)
-        if body or seen or lost or stops or procs or coalesced:
+        if body or seen or lost or stops or procs or coalesced or dropped:
             yield batch()
 
 

@@ -106,6 +106,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
         ],
         "total": snapshot.total,
         "lost": snapshot.lost,
+        "dropped_events": {str(cpu): n for cpu, n in snapshot.dropped},
         "stops": snapshot.stops,
         "stops_per_exit": round(snapshot.stops / snapshot.total, 3) if snapshot.total else None,
         "duration_s": round(seconds, 6),
@@ -114,6 +115,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
         "coalesced": {
             "total": snapshot.coalesced.total,
             "read": snapshot.coalesced.read,
+            "kernel": snapshot.coalesced.kernel,
             "wraps": snapshot.coalesced.wraps,
             "unreadable_vcpus": list(snapshot.coalesced.unreadable),
             "writes": _coalesced_json(snapshot.coalesced.top, snapshot.mmio_names),
@@ -203,6 +205,10 @@ def _head(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> list[str]:
         per_exit = (f": {snapshot.stops / snapshot.total:.2f} stops per exit measured"
                     if snapshot.total else "")  # fmt: skip
         lines.append(f"traced with {meta['mode']}{per_exit}")
+    if snapshot.dropped:
+        per_cpu = ", ".join(f"CPU {cpu}: {n}" for cpu, n in snapshot.dropped)
+        lines.append(f"the kernel dropped {sum(n for _c, n in snapshot.dropped)} tracepoint "
+                     f"events ({per_cpu}): their exits are missing from the counts")  # fmt: skip
     if not snapshot.vcpus:
         lines.append(
             "no vCPU was seen: the command made no VM (see its own messages above)"
@@ -269,7 +275,11 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
             )
         lines.append("")
     if snapshot.coalesced.top or snapshot.coalesced.unreadable:
-        lines.append("COALESCED (NO EXIT): writes KVM queued for the VMM without an exit")
+        lines.append(
+            "HANDLED BY KVM (NO EXIT): writes KVM took in the kernel (its coalesced ring, "
+            "in-kernel devices, ioeventfds)" if snapshot.coalesced.kernel
+            else "COALESCED (NO EXIT): writes KVM queued for the VMM without an exit"
+        )  # fmt: skip
         lines += [
             f"  {coalesced_text(c, snapshot.mmio_names)}" for c in snapshot.coalesced.top[:10]
         ]

@@ -33,6 +33,8 @@ class ExitBatch:
     stops: int = 0  # ptrace stops handled since the previous batch
     processes: tuple[ProcessSeen, ...] = ()  # before this batch's exits
     coalesced: bytes = b""  # COALESCED records (kvmtop.model.coalesced): writes that never exited
+    dropped: tuple[tuple[int, int], ...] = ()  # (CPU, events the kernel could not write) since
+    # the last batch: the tracepoint engine's rings overflowed, exits may be missing
 
     @classmethod
     def of(

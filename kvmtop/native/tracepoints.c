@@ -17,7 +17,9 @@
  *       read the rings until the deadline, max_bytes of records, or a KVM_RUN on a (pid, fd)
  *       not told (the event waits; tell it and run again; vm and id: of its KVM_CREATE_VCPU
  *       where the engine saw it, else -1); wake_fd readable returns too
- *   .take() -> (records, seen, exits, lost_exits, news)
+ *   .take() -> (records, seen, exits, lost_exits, news, kernel)
+ *       kernel: COALESCED records flagged C_KERNEL: the port and MMIO writes KVM handled in
+ *       the kernel (a run's write not followed by its exit to the VMM), by vCPU and target
  *       news: ((what, pid, ppid, tid, t_ns, comm), ...), what: "fork", "exec" (comm: the
  *       program's), "exit" (a thread)
  *   .close_thread(tid)             its last exit is final (records a held one)
@@ -44,9 +46,10 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { R_RUN, R_UEXIT, R_PIO, R_MMIO, R_HYPERCALL, R_SYSEXIT, R_ROLES };
+enum { R_RUN, R_UEXIT, R_PIO, R_MMIO, R_HYPERCALL, R_SYSEXIT, R_MARK, R_ROLES };
 #define KVM_CREATE_VCPU_CMD KVM_CREATE_VCPU
-enum { SLOT_UNNAMED = -1, SLOT_CREATED = -3, SLOT_NEXT_RUN = -4 }; /* a vCPU seen made: Python names it */
+enum { SLOT_UNNAMED = -1, SLOT_CREATED = -3, SLOT_NEXT_RUN = -4 };
+enum { OUT_OR_IN = 2 }; /* a vCPU seen made: Python names it */
 enum { MAX_FIELDS = 5, SLACK_NS = 2000000 };
 #define SAMPLE_TYPE (PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME | PERF_SAMPLE_RAW)
 enum { EV_FORK = R_ROLES, EV_EXIT, EV_EXEC };
@@ -82,17 +85,31 @@ typedef struct {
     uint32_t tid; /* the thread last seen running it */
 } Vcpu;
 
+typedef struct { /* writes KVM handled in the kernel, since the last take */
+    int slot, pio;
+    uint32_t len;
+    uint64_t address, count, t;
+} KernelWrites;
+
 typedef struct {
     uint32_t tid, pid;
     int used;
     int in_run, fd, slot;
     int creating, create_vm, create_id; /* in KVM_CREATE_VCPU: its return is the new fd */
+    int orphan_run;           /* in a run begun before kvmtop looked: its vCPU is unknown */
+    KernelWrites pending[8];  /* ...and the writes KVM handled in it, until the next run */
+    int npending;
     uint64_t entry;
     int pio, mmio, hc; /* details of this run, the last of each */
+    int access;        /* this run's last port or MMIO access (1 pio, 2 mmio), a write not yet
+                          known to have exited */
+    uint64_t access_addr, access_t;
+    uint32_t access_len;
     int64_t pio_f[5], mmio_f[4], hc_nr;
     int awaiting; /* a held exit waits for this run's first completion trace */
     int held;     /* an exit waits for its value (IN's port and value, a read's value) */
-    int held_wait; /* ...for a completion (else for the vCPU of the next run) */
+    int held_wait; /* ...for a completion (else for the vCPU of the next run); OUT_OR_IN: an
+                      OUT unless the next entry completes an IN (then the OUT was KVM's) */
     int held_slot, held_reason;
     uint64_t held_entry, held_exit, held_val;
     int64_t held_a, held_b, held_flags;
@@ -125,6 +142,9 @@ typedef struct {
     char *out, *seen;
     size_t nout, cout, nseen, cseen;
     uint64_t exits, lost_exits;
+    int marks; /* kvm_exit fires: every hardware exit is seen, so a write's fate is known */
+    KernelWrites *kernel;
+    size_t nkernel, ckernel;
     PyObject *news; /* list */
     char *scratch;
     size_t cscratch;
@@ -314,6 +334,57 @@ static int saw(Rings *self, Vcpu *v, uint32_t tid, uint64_t t) {
     return 0;
 }
 
+/* ``count`` writes to one target, in ``list`` (growing it: -1 when it cannot; ``cap`` 0: a
+   fixed list of ``*n`` < 8 entries, full: dropped). */
+static int count_write(KernelWrites **list, size_t *n, size_t *cap, KernelWrites w) {
+    for (size_t i = 0; i < *n; i++) {
+        KernelWrites *k = &(*list)[i];
+        if (k->slot == w.slot && k->pio == w.pio && k->address == w.address && k->len == w.len) {
+            k->count += w.count, k->t = w.t;
+            return 0;
+        }
+    }
+    if (cap && grow((void **)list, cap, *n + 1, sizeof(KernelWrites)) < 0) return -1;
+    if (!cap && *n >= 8) return 0;
+    (*list)[(*n)++] = w;
+    return 0;
+}
+
+/* The thread's last access was handled in the kernel: counted by vCPU and target (in a run
+   begun before kvmtop looked, held until the thread's next run names the vCPU). */
+static int kernel_handled(Rings *self, Thread *th) {
+    int pio = th->access == 1;
+    if (!th->access) return 0;
+    th->access = 0;
+    KernelWrites w = {th->slot, pio, th->access_len, th->access_addr, 1, th->access_t};
+    if (th->slot == SLOT_NEXT_RUN) {
+        KernelWrites *list = th->pending;
+        size_t n = (size_t)th->npending;
+        count_write(&list, &n, NULL, w);
+        th->npending = (int)n;
+        return 0;
+    }
+    if (th->slot < 0) return 0;
+    return count_write(&self->kernel, &self->nkernel, &self->ckernel, w);
+}
+
+/* A KVM event of a thread not seen entering KVM_RUN: it is in a run begun before kvmtop
+   looked, which ends with its next exit; its vCPU is the one of its next KVM_RUN. */
+static void begun_unseen(Rings *self, Thread *th) {
+    if (th->in_run || th->fd >= 0 || th->orphan_run || th->held) return;
+    th->in_run = th->orphan_run = 1;
+    th->slot = SLOT_NEXT_RUN;
+    th->entry = self->base;
+    th->pio = th->mmio = th->hc = th->access = 0;
+}
+
+/* A port or MMIO write in a run: the one before it was handled in the kernel. */
+static int accessed(Rings *self, Thread *th, int pio, uint64_t addr, uint32_t len, uint64_t t, int write) {
+    if (kernel_handled(self, th) < 0) return -1;
+    if (write) th->access = pio ? 1 : 2, th->access_addr = addr, th->access_len = len, th->access_t = t;
+    return 0;
+}
+
 /* The exit a thread holds, with the details it has (a completion's, or its own). */
 static int emit_held(Rings *self, Thread *th, const void *data, size_t len) {
     th->held = th->awaiting = th->held_wait = 0;
@@ -344,13 +415,19 @@ static void hold(Thread *th, int wait, int slot, int reason, uint64_t entry, uin
    IN's port and value, a read's value (with data), or the vCPU of a run that began before
    kvmtop looked (its entry unseen: timed from the session's start). */
 static int run_ended(Rings *self, Thread *th, const Ev *e) {
-    int orphan = !th->in_run;
-    if (orphan && th->fd >= 0) return 0; /* a thread seen running: no such run */
-    th->in_run = 0;
+    begun_unseen(self, th);
+    if (!th->in_run) return 0; /* a second return with no entry seen: none such */
+    int orphan = th->orphan_run;
+    th->in_run = th->orphan_run = 0;
     int reason = (int)e->f[0];
     int64_t err = e->f[1];
     uint64_t entry = orphan ? self->base : th->entry;
     int slot = orphan ? SLOT_NEXT_RUN : th->slot;
+    /* the run's last write exited if this exit is of its kind; else KVM handled it */
+    int wrote = err == 0 && ((reason == KVM_EXIT_IO && th->access == 1) ||
+                             (reason == KVM_EXIT_MMIO && th->access == 2));
+    if (wrote) th->access = 0;
+    else if (kernel_handled(self, th) < 0) return -1;
     if (th->held && err == 0 && emit_held(self, th, NULL, 0) < 0) return -1; /* no completion */
     if (err < 0) {
         if (err == -EINTR) reason = KVM_EXIT_INTR; /* also where immediate_exit left it */
@@ -363,7 +440,7 @@ static int run_ended(Rings *self, Thread *th, const Ev *e) {
     uint64_t val = 0;
     size_t len = 0;
     if (reason == KVM_EXIT_IO) {
-        if (!th->pio || th->pio_f[0] == 0) {
+        if (!wrote) {
             wait = 1; /* an IN: port and value come at completion */
         } else {
             a = th->pio_f[1];
@@ -373,15 +450,16 @@ static int run_ended(Rings *self, Thread *th, const Ev *e) {
             len = (size_t)(th->pio_f[2] * th->pio_f[3]);
             len = len < 4 ? len : 4;
         }
-    } else if (reason == KVM_EXIT_MMIO && th->mmio) {
+        if (wrote && !self->marks) wait = OUT_OR_IN; /* it may be KVM's, before an IN */
+    } else if (reason == KVM_EXIT_MMIO && (wrote || (th->mmio && th->mmio_f[0] == 0))) {
         a = th->mmio_f[2];
         b = th->mmio_f[1];
-        if (th->mmio_f[0] == 2) {
+        if (wrote) {
             flags = F_WRITE;
             val = (uint64_t)th->mmio_f[3];
             len = b < 8 ? (size_t)b : 8;
         } else {
-            wait = self->with_data; /* a read: its value comes at completion */
+            wait = 1; /* a read: its completion comes at the next entry (and its value) */
         }
     } else if (reason == KVM_EXIT_HYPERCALL && th->hc) {
         a = th->hc_nr;
@@ -429,15 +507,31 @@ static int process(Rings *self, const Ev *e) {
             th->held_slot = v->slot;
             if (!th->held_wait && emit_held(self, th, NULL, 0) < 0) return -1;
         }
+        for (int i = 0; i < th->npending; i++) { /* ...and the writes KVM handled in it */
+            th->pending[i].slot = v->slot;
+            if (v->slot >= 0 && count_write(&self->kernel, &self->nkernel, &self->ckernel, th->pending[i]) < 0)
+                return -1;
+        }
+        th->npending = th->orphan_run = 0;
         th->fd = fd;
         th->slot = v->slot;
         th->in_run = 1;
         th->entry = e->t;
-        th->pio = th->mmio = th->hc = 0;
+        th->pio = th->mmio = th->hc = th->access = 0;
         th->awaiting = th->held && th->held_wait;
         return 0;
     }
     case R_PIO:
+        begun_unseen(self, th);
+        if (th->awaiting && e->f[0] == 0 && th->held_wait == OUT_OR_IN) { /* it was an IN */
+            th->access = 1, th->access_addr = (uint64_t)th->held_a, th->access_t = th->held_exit;
+            th->access_len = (uint32_t)((th->held_b & 0xff) * (th->held_b >> 8));
+            int slot = th->slot;
+            th->slot = th->held_slot;
+            if (kernel_handled(self, th) < 0) return -1; /* the OUT before it was KVM's */
+            th->slot = slot;
+            th->held_flags = 0;
+        }
         if (th->awaiting && e->f[0] == 0) { /* the IN's completion: its port and value */
             th->held_a = e->f[1];
             th->held_b = e->f[2] | e->f[3] << 8;
@@ -448,8 +542,10 @@ static int process(Rings *self, const Ev *e) {
         th->awaiting = 0;
         memcpy(th->pio_f, e->f, sizeof th->pio_f);
         th->pio = 1;
-        return 0;
+        if (!th->in_run) return 0;
+        return accessed(self, th, 1, (uint64_t)e->f[1], (uint32_t)(e->f[2] * e->f[3]), e->t, e->f[0] == 1);
     case R_MMIO:
+        begun_unseen(self, th);
         if (th->awaiting && e->f[0] == 1) { /* a read's completion: its value */
             uint64_t val = (uint64_t)e->f[3];
             return emit_held(self, th, &val, th->held_b < 8 ? (size_t)th->held_b : 8);
@@ -457,7 +553,8 @@ static int process(Rings *self, const Ev *e) {
         th->awaiting = 0;
         memcpy(th->mmio_f, e->f, sizeof th->mmio_f);
         th->mmio = 1;
-        return 0;
+        if (!th->in_run) return 0;
+        return accessed(self, th, 0, (uint64_t)e->f[2], (uint32_t)e->f[1], e->t, e->f[0] == 2);
     case R_HYPERCALL:
         th->hc = 1, th->hc_nr = e->f[0];
         return 0;
@@ -472,6 +569,11 @@ static int process(Rings *self, const Ev *e) {
         return 0;
     case R_UEXIT:
         return run_ended(self, th, e);
+    case R_MARK: /* the guest ran again (another hardware exit, another emulated instruction):
+                    the run's last write did not exit */
+        self->marks = 1;
+        begun_unseen(self, th);
+        return kernel_handled(self, th);
     }
     return 0;
 }
@@ -614,6 +716,7 @@ static void Rings_dealloc(Rings *self) {
     close_all(self);
     free(self->cpus), free(self->ids), free(self->lost), free(self->followed), free(self->vcpus);
     free(self->threads), free(self->queue), free(self->out), free(self->seen), free(self->scratch);
+    free(self->kernel);
     Py_XDECREF(self->news);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -877,9 +980,28 @@ static PyObject *Rings_take(Rings *self, PyObject *unused) {
     (void)unused;
     PyObject *news = PyList_AsTuple(self->news);
     if (!news) return NULL;
-    PyObject *out = Py_BuildValue("(y#y#KKN)", self->out ? self->out : "", (Py_ssize_t)self->nout,
+    char *kernel = self->nkernel ? calloc(self->nkernel, RECORD_SIZE) : NULL;
+    if (self->nkernel && !kernel) return Py_DECREF(news), PyErr_NoMemory();
+    for (size_t i = 0; i < self->nkernel; i++) { /* COALESCED records, flagged C_KERNEL */
+        KernelWrites *k = &self->kernel[i];
+        char *r = kernel + i * RECORD_SIZE;
+        uint16_t vcpu = (uint16_t)k->slot;
+        int64_t t = (int64_t)(k->t - self->base);
+        uint32_t count = k->count > UINT32_MAX ? UINT32_MAX : (uint32_t)k->count;
+        r[0] = KIND_COALESCED;
+        r[COALESCED_AT_FLAGS] = (char)(C_KERNEL | (k->pio ? C_PIO : 0));
+        memcpy(r + COALESCED_AT_VCPU, &vcpu, 2);
+        memcpy(r + COALESCED_AT_LEN, &k->len, 4);
+        memcpy(r + COALESCED_AT_T, &t, 8);
+        memcpy(r + COALESCED_AT_COUNT, &count, 4);
+        memcpy(r + COALESCED_AT_ADDRESS, &k->address, 8);
+    }
+    PyObject *out = Py_BuildValue("(y#y#KKNy#)", self->out ? self->out : "", (Py_ssize_t)self->nout,
                                   self->seen ? self->seen : "", (Py_ssize_t)self->nseen,
-                                  (unsigned long long)self->exits, (unsigned long long)self->lost_exits, news);
+                                  (unsigned long long)self->exits, (unsigned long long)self->lost_exits, news,
+                                  kernel ? kernel : "", (Py_ssize_t)(self->nkernel * RECORD_SIZE));
+    free(kernel);
+    self->nkernel = 0;
     if (!out) return NULL;
     PyList_SetSlice(self->news, 0, PyList_GET_SIZE(self->news), NULL);
     self->nout = self->nseen = 0;
@@ -898,7 +1020,7 @@ static PyObject *Rings_close_thread(Rings *self, PyObject *arg) {
 
 static PyObject *Rings_pending(Rings *self, PyObject *unused) {
     (void)unused;
-    return PyLong_FromSize_t(self->nout + self->nseen + (size_t)PyList_GET_SIZE(self->news));
+    return PyLong_FromSize_t(self->nout + self->nseen + self->nkernel + (size_t)PyList_GET_SIZE(self->news));
 }
 
 static PyObject *Rings_lost_events(Rings *self, PyObject *unused) {
@@ -983,6 +1105,7 @@ PyMODINIT_FUNC PyInit__tracepoints(void) {
     PyModule_AddIntConstant(m, "R_MMIO", R_MMIO);
     PyModule_AddIntConstant(m, "R_HYPERCALL", R_HYPERCALL);
     PyModule_AddIntConstant(m, "R_SYSEXIT", R_SYSEXIT);
+    PyModule_AddIntConstant(m, "R_MARK", R_MARK);
     return m;
 }
 #else

@@ -40,6 +40,8 @@ class LiveSource:
     def status(self) -> SourceStatus:
         s = self.session
         title = f"pid {s.pid}  {command_line(s.argv)}" if s.pid else "not attached"
+        if s.every_vmm and s.state is not SessionState.IDLE:
+            title = "every VMM on the host"
         now = time.monotonic_ns()
         until, ended_s = now, None
         if s.state is SessionState.ENDED and s.ended_at_ns is not None:

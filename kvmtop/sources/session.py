@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
@@ -78,6 +79,7 @@ class TraceSession:
         self.asked: tuple[int, ...] = ()  # the VMMs the last attach asked for (known at once)
         self.argv: tuple[str, ...] = ()
         self.launched = False
+        self.every_vmm = False  # -a: every VMM on the host
         self.one_stop = False
         self.notify = False  # seccomp user notification: no ptrace stop per exit
         self.filter_note = ""
@@ -106,7 +108,7 @@ class TraceSession:
 
     def attach(self, *pids: int) -> Future[Attached]:
         self.asked = pids
-        return self._begin(self._tracer.attach(*pids))
+        return self._begin(lambda: self._tracer.attach(*pids))
 
     @property
     def target_pids(self) -> tuple[int, ...]:
@@ -122,13 +124,15 @@ class TraceSession:
         listener (no ptrace stop per exit) where the kernel can, else one stop per exit."""
         seccomp = ("notify" if notify else "trace") if one_stop else ""
         self.asked = ()  # its pid is known once it runs
-        return self._begin(self._tracer.launch(argv, seccomp))
+        return self._begin(lambda: self._tracer.launch(argv, seccomp))
 
-    def _begin(self, future: Future[Attached]) -> Future[Attached]:
+    def _begin(self, start: Callable[[], Future[Attached]]) -> Future[Attached]:
+        """Attaching from now: the tracer may have attached (and the pump taken its Attached)
+        before ``start`` returns."""
         self.state = SessionState.ATTACHING
         self.ended.clear()
         self._attach_taken.clear()
-        self._pending = future
+        self._pending = future = start()
         return future
 
     def stats_fds(self) -> Future[StatsFds]:
@@ -241,6 +245,7 @@ class TraceSession:
         self.stats = ExitStats()
         self.pid, self.argv, self.launched = attached.pid, attached.argv, attached.launched
         self.pids = attached.pids or (attached.pid,)
+        self.every_vmm = not attached.pids and not attached.launched  # -a: all of the host's
         self.one_stop = attached.one_stop
         self.notify = attached.notify
         self.filter_note = attached.filter_note
@@ -261,7 +266,8 @@ class TraceSession:
             self._sink.begin(attached)
         if attached.engine_note:
             verb = "launched" if attached.launched else "attached to"
-            text = f"{verb} pid {attached.pid}: {self.engine_note}"
+            what = "every VMM on the host" if self.every_vmm else f"pid {attached.pid}"
+            text = f"{verb} {what}: {self.engine_note}"
         elif attached.launched:
             text = f"launched pid {attached.pid}"
         else:  # what attaching costs, and what a launch would
@@ -289,6 +295,8 @@ class TraceSession:
             pids = ", ".join(str(pid) for pid in self.pids or (detached.pid,))
             text = (f"detached from pid {pids}; it runs on" if len(self.pids) <= 1
                     else f"detached from pids {pids}; they run on")  # fmt: skip
+            if self.every_vmm:
+                text = "detached from every VMM on the host; they run on"
         self._close_writer(detached)
         self.state = SessionState.ENDED
         self._notices.append(("information", text))

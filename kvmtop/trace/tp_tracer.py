@@ -36,7 +36,7 @@ from kvmtop.model.messages import (
 )
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
 from kvmtop.trace.engine import vcpu_records
-from kvmtop.trace.tp_engine import ENGINE_NOTE, open_rings
+from kvmtop.trace.tp_engine import ENGINE_NOTE, online_cpus, open_rings
 
 BATCH_BYTES = 4096 * 32
 FLUSH_INTERVAL_NS = 100_000_000
@@ -78,6 +78,7 @@ class TracepointTracer:
         self.child_stderr = child_stderr
         self._stats_taker = stats_taker
         self._rings = open_rings(with_data)
+        self._cpus = online_cpus()  # the rings' CPUs, in their order
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="kvmtop-tracepoints", daemon=True)
@@ -86,7 +87,7 @@ class TracepointTracer:
         self._seen: list[VcpuSeen] = []
         self._children: set[int] = set()  # launched, no longer followed, not yet reaped
         self._quit = False
-        self.lost_events: tuple[int, ...] = ()
+        self._dropped: tuple[int, ...] = ()  # the rings' dropped events, per CPU, so far
 
     # --- the API other threads call ------------------------------------------------------------
 
@@ -212,7 +213,7 @@ class TracepointTracer:
         self._rings.set_vcpu(pid, fd, slot)
 
     def _flush(self) -> None:
-        records, seen, _exits, lost, news = self._rings.take()
+        records, seen, _exits, lost, news, kernel = self._rings.take()
         session = self._session or self._last
         base = session.t0 if session is not None else 0
         key = session.slots.key if session is not None else (lambda _slot: None)
@@ -224,10 +225,15 @@ class TracepointTracer:
             for what, pid, ppid, tid, t, comm in news:
                 self._news(session, what, pid, ppid, tid, t, comm)
             processes, session.news = tuple(session.news), []
-        if records or vcpus or lost or processes:
-            self.out.put(ExitBatch(records, base, tuple(vcpus), lost, 0, processes))
+        totals = self._rings.lost_events()
+        before = self._dropped or (0,) * len(totals)
+        dropped = tuple((cpu, n - old) for cpu, n, old in zip(self._cpus, totals, before, strict=True)
+                        if n > old)  # fmt: skip
+        self._dropped = totals
+        if records or vcpus or lost or processes or kernel or dropped:
+            self.out.put(ExitBatch(records, base, tuple(vcpus), lost, 0, processes, kernel,
+                                   dropped))  # fmt: skip
             self._seen = []
-        self.lost_events = self._rings.lost_events()
 
     def _news(self, session: _Session, what: str, pid: int, ppid: int, tid: int, t: int,
               comm: str) -> None:  # fmt: skip
