@@ -84,6 +84,17 @@ def burst(app, *keys: str) -> None:
         app.post_message(Key(key, char))
 
 
+async def routed(pilot) -> None:
+    """Until every key sent has acted (each waits for the one before it), and been drawn."""
+    await pilot.pause(0.05)  # the app takes the keys sent
+    await until(pilot, lambda: not pilot.app.keys_pending, what="keys routed")
+    await pilot.pause(0.1)
+
+
+def pane_text(screen, widget) -> str:
+    return str(screen.query_one(widget).render())
+
+
 def footer_keys(app) -> set[str]:
     return {key for key, b in app.screen.active_bindings.items() if b.binding.show}
 
@@ -435,19 +446,19 @@ async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
         await until(pilot, lambda: screen.listed, what="listed")
         for typed in ("qemu", "sss", "demo", "kmad?"):  # each letter also a key of the list
             burst(app, "slash", *typed)
-            await pilot.pause(0.3)
+            await routed(pilot)
             assert app.is_running and app.screen is screen and app.session is None
             assert screen.filter.text == typed and screen.sort_key == "PID"
             await pilot.press("escape")
             assert screen.filter.text == ""
         burst(app, "slash", *"qx", "backspace", *"emu")
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "qemu"
         burst(app, "escape", "s")  # Esc closes the filter: `s` sorts again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "" and screen.sort_key == "USER"
         burst(app, "slash", *"web", "enter", "s")  # Enter keeps the filter: `s` sorts again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "web" and screen.sort_key == "COMMAND"
         await pilot.press("q")
     assert app.return_value == 0
@@ -504,16 +515,16 @@ async def test_process_list_sorts_by_any_column_either_way_by_key_or_header_clic
         await until(pilot, lambda: screen.listed, what="listed")
         assert listed_order(screen) == [4242, 5151, 6060] and sorted_header(screen) == "PID▲"
         burst(app, *["greater_than_sign"] * 8)  # htop's `>`, in one burst: to KVM EXITS/S
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert sorted_header(screen) == "KVM EXITS/S▼"
         assert listed_order(screen) == [6060, 4242, 5151]  # the busiest first, unknown last
         burst(app, "I")  # htop's invert
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert (
             listed_order(screen) == [5151, 4242, 6060] and sorted_header(screen) == "KVM EXITS/S▲"
         )
         burst(app, "less_than_sign")  # a new column: its own natural order again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert sorted_header(screen) == "TRACED BY▲"
         assert listed_order(screen) == [4242, 6060, 5151]  # untraced first, ties by pid
         table = screen.query_one("#procs")
@@ -679,13 +690,13 @@ async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_
         assert any("HLT" in line for line in every) and any("0xcfc" in line for line in every)
         paused = app.replay.paused
         burst(app, "slash", *"hlt|0x3f8")  # `h` is help, `|` and `0` are keys elsewhere
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.screen is screen and screen.filter.text == "hlt|0x3f8"
         shown = exit_lines(log)
         assert shown and all(re.search("HLT|0x3f8", line) for line in shown)
         assert {line for line in every if "HLT" in line} <= set(shown)  # none left out
         burst(app, "escape", "slash", *"in port", "enter")  # space pauses a replay, not here
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.replay.paused == paused and screen.filter.text == "in port"
         assert exit_lines(log) and all("IO in port=0xcfc" in line for line in exit_lines(log))
         assert "matching in port" in str(log.border_title)
@@ -1145,11 +1156,11 @@ async def test_slash_filters_the_kernel_views_counters_by_name_typed_in_one_burs
         grid = screen.query_one(CounterGrid)
         await until(pilot, lambda: "exits" in grid.rows, what="counters shown")
         burst(app, "slash", *"zkzk")  # `z` shows zeros and `k` goes back, but not after `/`
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.screen is screen and not screen.show_zeros
         assert list(grid.rows) == ["-vm-"]  # no counter is called that
         burst(app, "escape", "slash", *"^(IO|mmio)_exits$", "enter", "z")  # a regex, any case
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.show_zeros and screen.filter.text == "^(IO|mmio)_exits$"
         assert list(grid.rows) == ["io_exits", "mmio_exits", "-vm-"]
         assert "filtered out (/)" in str(screen.query_one("#title").render())
@@ -1180,6 +1191,36 @@ async def test_k_typed_twice_in_one_burst_opens_the_kernel_view_and_goes_back(pr
         await pilot.pause(0.3)
         assert isinstance(app.screen, KernelScreen) and not attached.frozen
         await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_keys_in_one_burst_act_in_order_on_the_screen_each_lands_on(processes):
+    """`a` `d` in one burst attaches, and once attached detaches; `k` `z` takes KVM's counters,
+    then shows the zero rows in the view that opened; `k` `k` `p` opens that view, goes back
+    and freezes the attached view."""
+    from kvmtop.host.procfs import tracer_pid
+    from kvmtop.screens.kernel import KernelScreen
+
+    demo = start_demo(processes)
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await list_shows(pilot, demo.pid)
+        await pilot.press("slash", *str(demo.pid), "enter")
+        burst(app, "a", "d")
+        await until(pilot, lambda: app.session is not None and app.session.pid == demo.pid
+                    and app.session.state is SessionState.ENDED, what="attached, then detached")  # fmt: skip
+        assert isinstance(app.screen, AttachedScreen) and tracer_pid(demo.pid) == 0
+        burst(app, "escape", "k", "z")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        await pilot.pause(0.3)
+        assert app.screen.show_zeros
+        burst(app, "escape", "a", "k", "k", "p")
+        await until(pilot, lambda: app.held.get(demo.pid) is not None and app.attached_pid,
+                    what="attached, counters held")  # fmt: skip
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, AttachedScreen) and app.screen.frozen
+        await pilot.press("q")
+    assert demo.poll() is None and tracer_pid(demo.pid) == 0
 
 
 @pytest.mark.kvm
@@ -1489,10 +1530,6 @@ async def test_two_vmms_attached_at_once_show_each_vm_and_are_marked_in_the_list
         assert re.match(rf"vCPU [01] of VM \d+ in pid ({pids[0]}|{pids[1]}) \(python", title), title
         await pilot.press("escape", "q")
     assert all(d.poll() is None for d in demos)  # detached: both run on
-
-
-def pane_text(screen, widget) -> str:
-    return str(screen.query_one(widget).render())
 
 
 @pytest.mark.kvm
