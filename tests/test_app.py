@@ -1184,10 +1184,11 @@ async def test_k_typed_twice_in_one_burst_opens_the_kernel_view_and_goes_back(pr
         attached = app.screen
         burst(app, "k", "k", "p")
         await until(pilot, lambda: app.held.get(demo.pid) is not None, what="counters taken")
-        await pilot.pause(0.5)
+        await until(pilot, lambda: not app.keys_pending, what="every key acted")
+        await pilot.pause(0.3)
         assert app.screen is attached and attached.frozen  # and `p` reached it
         burst(app, "p", "k", "k", "k")  # held now: the view opens at once, and so goes back
-        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        await until(pilot, lambda: not app.keys_pending, what="every key acted")
         await pilot.pause(0.3)
         assert isinstance(app.screen, KernelScreen) and not attached.frozen
         await pilot.press("q")

@@ -64,21 +64,28 @@ class OrderedKeysApp(App[int]):
         await super().on_event(event)
 
     async def _route_key(self, key: events.Key) -> None:
+        screen = self._key_screen = self._on_show
+        if screen is None:
+            return  # quitting: no screen for it
         target: MessagePump = self.focused or self.screen
-        screen = self._key_screen = self.screen
         self._key_serial += 1
         serial = self._key_serial
         self._key_under_way = True
         self.set_timer(LOST_AFTER_S, lambda: self._key_done(serial))
         await super().on_event(key)  # a priority binding, or on to the focused widget
-        if self.screen is not screen or not target.post_message(KeyPassed(serial, target)):
+        if self._on_show is not screen or not target.post_message(KeyPassed(serial, target)):
             self._key_done(serial)
+
+    @property
+    def _on_show(self) -> object:
+        """The screen on show (None once the app has closed them all, as it quits)."""
+        return self.screen_stack[-1] if self.screen_stack else None
 
     def on_key_passed(self, passed: KeyPassed) -> None:
         passed.stop()
         if passed.serial != self._key_serial or not self._key_under_way:
             return
-        if passed.second or self._key_screen is not self.screen:  # a screen came or went
+        if passed.second or self._key_screen is not self._on_show:  # a screen came or went
             self._key_done(passed.serial)
         elif not passed.target.post_message(KeyPassed(passed.serial, passed.target, True)):
             self._key_done(passed.serial)
