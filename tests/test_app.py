@@ -67,11 +67,6 @@ def exits_until(seconds: float) -> int:
     return sum(e.exit_ns <= START + seconds * S for e in events())
 
 
-async def routed(pilot) -> None:
-    """Until the keys of a burst have acted, and been drawn."""
-    await pilot.pause(0.3)
-
-
 def burst(app, *keys: str) -> None:
     """Keys arriving in one write, as a paste or keys coalesced over SSH do: all queued before
     the app handles the first (pilot.press waits for the app to go idle after each key)."""
