@@ -671,6 +671,31 @@ def exit_lines(log: ExitLog) -> list[str]:
     return [line for line in log.lines if not line.startswith("   ...")]  # not the notices
 
 
+def log_rows(log: ExitLog) -> list[str]:
+    """The exit log's rows as it draws them, inside its border."""
+    return [log.render_line(y).text.rstrip() for y in range(log.scrollable_content_region.height)]
+
+
+def columns(row: str) -> list[tuple[int, int]]:
+    """Where each column's text starts and ends in a row of the exit log (2 spaces apart)."""
+    return [m.span() for m in re.finditer(r"\S+(?: \S+)*", row)]
+
+
+def column_names(row: str) -> list[str]:
+    return [row[start:end] for start, end in columns(row)]
+
+
+def assert_under_their_names(rows: list[str]) -> None:
+    """Below the header, each exit's times end where their column's name ends, and its
+    decoded exit starts where EXIT does."""
+    names = columns(rows[0])
+    for row in rows[1:]:
+        spans = columns(row)
+        assert len(spans) == len(names), (rows[0], row)
+        assert [end for _, end in spans[:-1]] == [end for _, end in names[:-1]], (rows[0], row)
+        assert spans[-1][0] == names[-1][0], (rows[0], row)
+
+
 async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_it(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
@@ -786,9 +811,10 @@ async def _drill_down_log_at_the_end(path) -> list[str]:
         assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 0
         log = app.screen.query_one(ExitLog)
         await until(pilot, lambda: log.line_count > 0, what="the exit log")
-        lines = list(log.lines)
+        await pilot.pause(0.2)
+        lines, rows = list(log.lines), log_rows(log)
         await pilot.press("q")
-    return lines
+    return lines, rows
 
 
 @pytest.mark.kvm
@@ -803,13 +829,14 @@ async def test_the_exit_log_gives_each_exits_vmm_time_up_to_the_vcpus_next_entry
     _record(path, "--no-seccomp")
     exits = [e for b in open_recording(str(path)).batches() for e in b.events if e.vcpu == 0]
     assert len(exits) == 251  # 150 outs, 100 MMIO writes, the debug-exit `out`
-    lines = await _drill_down_log_at_the_end(path)
+    lines, rows = await _drill_down_log_at_the_end(path)
     assert len(lines) == len(exits)
     for line, e, after in zip(lines, exits, [*exits[1:], None], strict=True):
         vmm = duration(after.entry_ns - e.exit_ns) if after else "…"
-        assert re.search(rf"  guest +{re.escape(duration(e.guest_ns))}  VMM +{re.escape(vmm)}  ",
-                         line), line  # fmt: skip
-        assert line.endswith(describe_exit(e))
+        assert line.split()[1:3] == [duration(e.guest_ns), vmm], line
+        assert line.endswith(f"  {describe_exit(e)}")
+    assert column_names(rows[0]) == ["SINCE START", "GUEST", "VMM", "EXIT"]
+    assert_under_their_names(rows)
 
 
 @pytest.mark.kvm
@@ -842,7 +869,7 @@ async def test_the_live_exit_log_completes_each_lines_vmm_time_at_the_next_exit(
         i = by_time.get(line[:13])
         if i is not None and i + 1 < len(ring) and " ? " not in line:
             vmm = duration(ring[i + 1].entry_ns - ring[i].exit_ns)
-            assert re.search(rf"  VMM +{re.escape(vmm)}  ", line), (line, vmm)
+            assert line.split()[2] == vmm, (line, vmm)
             checked += 1
     assert checked > 100
 
@@ -851,10 +878,40 @@ async def test_the_live_exit_log_completes_each_lines_vmm_time_at_the_next_exit(
 async def test_the_exit_log_says_guest_and_vmm_times_are_one_span_in_one_stop_mode(tmp_path):
     path = tmp_path / "one-stop.kvmtop"
     _record(path)  # seccomp user notification: exits read at the next entry
-    lines = await _drill_down_log_at_the_end(path)
+    lines, rows = await _drill_down_log_at_the_end(path)
     assert len(lines) == 251
-    assert all(re.search(r"  guest\+VMM +\S+ \(not separable\)  ", line) for line in lines), lines
-    assert not any(" VMM " in line for line in lines)
+    assert all(re.fullmatch(r" +\d+\.\d{6}s +\d\S*s  (IO|MMIO) .*", line) for line in lines), lines
+    assert column_names(rows[0]) == ["SINCE START", "GUEST+VMM", "EXIT"]  # one span a line
+    assert_under_their_names(rows)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+async def test_the_exit_log_names_its_columns_in_a_row_that_stays_on_top_as_it_scrolls(fixed, size):
+    """In seconds since tracing began and in the time of day (t), at the end and scrolled up:
+    the top row names the columns, each over its values; the newest exit is not hidden."""
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("enter")
+        log = app.screen.query_one(ExitLog)
+        await until(pilot, lambda: log.line_count > 100, what="the exit log")
+        for time_column in ("SINCE START", "TIME OF DAY"):
+            await pilot.pause(0.3)
+            rows = log_rows(log)
+            assert column_names(rows[0]) == [time_column, "GUEST", "VMM", "EXIT"]
+            assert rows[-1] == log.lines[-1] and len(rows) >= 6  # the newest exit, at the bottom
+            assert_under_their_names(rows)
+            await pilot.press("pageup", "pageup")
+            await pilot.pause(0.3)
+            top = int(log.scroll_y)
+            assert 0 < top < log.max_scroll_y - 1
+            rows = log_rows(log)
+            assert column_names(rows[0]) == [time_column, "GUEST", "VMM", "EXIT"]
+            assert rows[1:] == [line.rstrip() for line in log.lines[top : top + len(rows) - 1]]
+            assert_under_their_names(rows)
+            await pilot.press("t")  # the time of day (it follows the latest exits again)
+        await pilot.press("q")
 
 
 async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
