@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 from textual import events, work
-from textual.app import App, SystemCommand
+from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
@@ -33,6 +33,7 @@ from kvmtop.screens.attached import AttachedScreen
 from kvmtop.screens.help import HelpScreen, Sections
 from kvmtop.screens.kernel import REFRESH_S as KERNEL_REFRESH_S
 from kvmtop.screens.kernel import KernelScreen
+from kvmtop.screens.ordered_keys import OrderedKeysApp
 from kvmtop.screens.polled import REFRESH_S, REPLAY_BINDINGS, WatchScreen
 from kvmtop.screens.process_list import ProcessListScreen
 from kvmtop.screens.requests import (
@@ -59,7 +60,7 @@ UNLISTED_ACTIONS = frozenset({"quit", "app.quit", "command_palette", "help", "ap
 IO_LABEL = exit_label(ExitReason.IO, 0)
 
 
-class KvmtopApp(App[int]):
+class KvmtopApp(OrderedKeysApp):
     CSS_PATH = "app.tcss"
     TITLE = "kvmtop"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]  # wide: names in full
@@ -105,7 +106,6 @@ class KvmtopApp(App[int]):
         self._truncation_told = False
         self.held = HeldStats()  # VMs whose KVM stats fds are held (kernel view, exit rates)
         self._taking: set[int] = set()  # pids whose stats fds are being taken
-        self._kernel_closed: set[int] = set()  # ...whose view a `k` typed since closed again
         self.child_stderr: str | None = None  # launched commands' stderr, to show if they fail
         self._command_pid: int | None = None
         self.exit_message: str | None = None  # for stderr, once the screen is gone
@@ -177,6 +177,8 @@ class KvmtopApp(App[int]):
             self.notify(f"already tracing pid {session.pid}: detach first (d)", severity="warning")
             return
         self._attempt = begin(session)
+        # the keys typed meanwhile act on the view once attached (`d` detaches), or on the list
+        self.hold_keys(lambda: session.state is not SessionState.ATTACHING)
         self.push_screen(AttachedScreen(LiveSource(session), self.kernel_rates, self.watch_vm))
 
     def attach(self, pid: int, *more: int) -> None:
@@ -243,6 +245,9 @@ class KvmtopApp(App[int]):
             if isinstance(self.screen, AttachedScreen):
                 self.pop_screen()
 
+    def held_keys_released(self) -> None:
+        self._take_notices()  # a failed attach's view is gone before the keys held come
+
     def _tell_truncation(self) -> None:
         """Once the player has read the whole recording: say if it was cut short (as report
         and export do), since the replay then ends at its last whole record."""
@@ -301,9 +306,7 @@ class KvmtopApp(App[int]):
 
     def on_kernel_requested(self, request: KernelRequested) -> None:
         session, pid = self.session, request.pid
-        # `k` typed again before the view opened (keys in one burst) goes back, as it does there
         if pid in self._taking:
-            self._kernel_closed ^= {pid}
             return
         if isinstance(self.screen, KernelScreen):
             self.pop_screen()
@@ -317,13 +320,12 @@ class KvmtopApp(App[int]):
         else:
             self.notify(f"taking KVM's counters of pid {pid} (a brief attach)...", timeout=2)
         self._taking.add(pid)
+        self.hold_keys(lambda: pid not in self._taking)  # `z` typed meanwhile acts on the view
         self._take_kernel(pid, via)
 
     def _show_kernel(self, pid: int) -> None:
         self._taking.discard(pid)
-        if pid in self._kernel_closed:
-            self._kernel_closed.discard(pid)
-        elif not isinstance(self.screen, KernelScreen):
+        if not isinstance(self.screen, KernelScreen):
             traced = self.attached_pid == pid
             io_rate = self.traced_io_rate if traced else lambda: None
             self.push_screen(KernelScreen(self.held, pid, traced, io_rate))
@@ -333,10 +335,8 @@ class KvmtopApp(App[int]):
         try:
             self.held.take(pid, via)
         except KvmtopError as exc:
-            self.call_from_thread(
-                lambda: (self._taking.discard(pid), self._kernel_closed.discard(pid))
-            )  # not a builtin: Textual inspects it
             self.call_from_thread(self.notify, str(exc), severity="error", timeout=6)
+            self.call_from_thread(lambda: self._taking.discard(pid))  # (Textual inspects it)
             return
         self.call_from_thread(self._show_kernel, pid)
 

@@ -67,11 +67,6 @@ def exits_until(seconds: float) -> int:
     return sum(e.exit_ns <= START + seconds * S for e in events())
 
 
-async def routed(pilot) -> None:
-    """Until the keys of a burst have acted, and been drawn."""
-    await pilot.pause(0.3)
-
-
 def burst(app, *keys: str) -> None:
     """Keys arriving in one write, as a paste or keys coalesced over SSH do: all queued before
     the app handles the first (pilot.press waits for the app to go idle after each key)."""
@@ -82,6 +77,17 @@ def burst(app, *keys: str) -> None:
             char = {"slash": "/", "enter": "\r", "space": " ", "greater_than_sign": ">",
                     "less_than_sign": "<"}.get(key)  # fmt: skip
         app.post_message(Key(key, char))
+
+
+async def routed(pilot) -> None:
+    """Until every key sent has acted (each waits for the one before it), and been drawn."""
+    await pilot.pause(0.05)  # the app takes the keys sent
+    await until(pilot, lambda: not pilot.app.keys_pending, what="keys routed")
+    await pilot.pause(0.1)
+
+
+def pane_text(screen, widget) -> str:
+    return str(screen.query_one(widget).render())
 
 
 def footer_keys(app) -> set[str]:
@@ -435,19 +441,19 @@ async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
         await until(pilot, lambda: screen.listed, what="listed")
         for typed in ("qemu", "sss", "demo", "kmad?"):  # each letter also a key of the list
             burst(app, "slash", *typed)
-            await pilot.pause(0.3)
+            await routed(pilot)
             assert app.is_running and app.screen is screen and app.session is None
             assert screen.filter.text == typed and screen.sort_key == "PID"
             await pilot.press("escape")
             assert screen.filter.text == ""
         burst(app, "slash", *"qx", "backspace", *"emu")
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "qemu"
         burst(app, "escape", "s")  # Esc closes the filter: `s` sorts again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "" and screen.sort_key == "USER"
         burst(app, "slash", *"web", "enter", "s")  # Enter keeps the filter: `s` sorts again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.filter.text == "web" and screen.sort_key == "COMMAND"
         await pilot.press("q")
     assert app.return_value == 0
@@ -504,16 +510,16 @@ async def test_process_list_sorts_by_any_column_either_way_by_key_or_header_clic
         await until(pilot, lambda: screen.listed, what="listed")
         assert listed_order(screen) == [4242, 5151, 6060] and sorted_header(screen) == "PID▲"
         burst(app, *["greater_than_sign"] * 8)  # htop's `>`, in one burst: to KVM EXITS/S
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert sorted_header(screen) == "KVM EXITS/S▼"
         assert listed_order(screen) == [6060, 4242, 5151]  # the busiest first, unknown last
         burst(app, "I")  # htop's invert
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert (
             listed_order(screen) == [5151, 4242, 6060] and sorted_header(screen) == "KVM EXITS/S▲"
         )
         burst(app, "less_than_sign")  # a new column: its own natural order again
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert sorted_header(screen) == "TRACED BY▲"
         assert listed_order(screen) == [4242, 6060, 5151]  # untraced first, ties by pid
         table = screen.query_one("#procs")
@@ -665,6 +671,31 @@ def exit_lines(log: ExitLog) -> list[str]:
     return [line for line in log.lines if not line.startswith("   ...")]  # not the notices
 
 
+def log_rows(log: ExitLog) -> list[str]:
+    """The exit log's rows as it draws them, inside its border."""
+    return [log.render_line(y).text.rstrip() for y in range(log.scrollable_content_region.height)]
+
+
+def columns(row: str) -> list[tuple[int, int]]:
+    """Where each column's text starts and ends in a row of the exit log (2 spaces apart)."""
+    return [m.span() for m in re.finditer(r"\S+(?: \S+)*", row)]
+
+
+def column_names(row: str) -> list[str]:
+    return [row[start:end] for start, end in columns(row)]
+
+
+def assert_under_their_names(rows: list[str]) -> None:
+    """Below the header, each exit's times end where their column's name ends, and its
+    decoded exit starts where EXIT does."""
+    names = columns(rows[0])
+    for row in rows[1:]:
+        spans = columns(row)
+        assert len(spans) == len(names), (rows[0], row)
+        assert [end for _, end in spans[:-1]] == [end for _, end in names[:-1]], (rows[0], row)
+        assert spans[-1][0] == names[-1][0], (rows[0], row)
+
+
 async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_it(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
@@ -679,13 +710,13 @@ async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_
         assert any("HLT" in line for line in every) and any("0xcfc" in line for line in every)
         paused = app.replay.paused
         burst(app, "slash", *"hlt|0x3f8")  # `h` is help, `|` and `0` are keys elsewhere
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.screen is screen and screen.filter.text == "hlt|0x3f8"
         shown = exit_lines(log)
         assert shown and all(re.search("HLT|0x3f8", line) for line in shown)
         assert {line for line in every if "HLT" in line} <= set(shown)  # none left out
         burst(app, "escape", "slash", *"in port", "enter")  # space pauses a replay, not here
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.replay.paused == paused and screen.filter.text == "in port"
         assert exit_lines(log) and all("IO in port=0xcfc" in line for line in exit_lines(log))
         assert "matching in port" in str(log.border_title)
@@ -780,9 +811,10 @@ async def _drill_down_log_at_the_end(path) -> list[str]:
         assert isinstance(app.screen, VcpuScreen) and app.screen.vcpu == 0
         log = app.screen.query_one(ExitLog)
         await until(pilot, lambda: log.line_count > 0, what="the exit log")
-        lines = list(log.lines)
+        await pilot.pause(0.2)
+        lines, rows = list(log.lines), log_rows(log)
         await pilot.press("q")
-    return lines
+    return lines, rows
 
 
 @pytest.mark.kvm
@@ -797,13 +829,14 @@ async def test_the_exit_log_gives_each_exits_vmm_time_up_to_the_vcpus_next_entry
     _record(path, "--no-seccomp")
     exits = [e for b in open_recording(str(path)).batches() for e in b.events if e.vcpu == 0]
     assert len(exits) == 251  # 150 outs, 100 MMIO writes, the debug-exit `out`
-    lines = await _drill_down_log_at_the_end(path)
+    lines, rows = await _drill_down_log_at_the_end(path)
     assert len(lines) == len(exits)
     for line, e, after in zip(lines, exits, [*exits[1:], None], strict=True):
         vmm = duration(after.entry_ns - e.exit_ns) if after else "…"
-        assert re.search(rf"  guest +{re.escape(duration(e.guest_ns))}  VMM +{re.escape(vmm)}  ",
-                         line), line  # fmt: skip
-        assert line.endswith(describe_exit(e))
+        assert line.split()[1:3] == [duration(e.guest_ns), vmm], line
+        assert line.endswith(f"  {describe_exit(e)}")
+    assert column_names(rows[0]) == ["SINCE START", "GUEST", "VMM", "EXIT"]
+    assert_under_their_names(rows)
 
 
 @pytest.mark.kvm
@@ -836,7 +869,7 @@ async def test_the_live_exit_log_completes_each_lines_vmm_time_at_the_next_exit(
         i = by_time.get(line[:13])
         if i is not None and i + 1 < len(ring) and " ? " not in line:
             vmm = duration(ring[i + 1].entry_ns - ring[i].exit_ns)
-            assert re.search(rf"  VMM +{re.escape(vmm)}  ", line), (line, vmm)
+            assert line.split()[2] == vmm, (line, vmm)
             checked += 1
     assert checked > 100
 
@@ -845,10 +878,40 @@ async def test_the_live_exit_log_completes_each_lines_vmm_time_at_the_next_exit(
 async def test_the_exit_log_says_guest_and_vmm_times_are_one_span_in_one_stop_mode(tmp_path):
     path = tmp_path / "one-stop.kvmtop"
     _record(path)  # seccomp user notification: exits read at the next entry
-    lines = await _drill_down_log_at_the_end(path)
+    lines, rows = await _drill_down_log_at_the_end(path)
     assert len(lines) == 251
-    assert all(re.search(r"  guest\+VMM +\S+ \(not separable\)  ", line) for line in lines), lines
-    assert not any(" VMM " in line for line in lines)
+    assert all(re.fullmatch(r" +\d+\.\d{6}s +\d\S*s  (IO|MMIO) .*", line) for line in lines), lines
+    assert column_names(rows[0]) == ["SINCE START", "GUEST+VMM", "EXIT"]  # one span a line
+    assert_under_their_names(rows)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+async def test_the_exit_log_names_its_columns_in_a_row_that_stays_on_top_as_it_scrolls(fixed, size):
+    """In seconds since tracing began and in the time of day (t), at the end and scrolled up:
+    the top row names the columns, each over its values; the newest exit is not hidden."""
+    app = KvmtopApp(replay=fixed)
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("end")
+        await settle(pilot)
+        await pilot.press("enter")
+        log = app.screen.query_one(ExitLog)
+        await until(pilot, lambda: log.line_count > 100, what="the exit log")
+        for time_column in ("SINCE START", "TIME OF DAY"):
+            await pilot.pause(0.3)
+            rows = log_rows(log)
+            assert column_names(rows[0]) == [time_column, "GUEST", "VMM", "EXIT"]
+            assert rows[-1] == log.lines[-1] and len(rows) >= 6  # the newest exit, at the bottom
+            assert_under_their_names(rows)
+            await pilot.press("pageup", "pageup")
+            await pilot.pause(0.3)
+            top = int(log.scroll_y)
+            assert 0 < top < log.max_scroll_y - 1
+            rows = log_rows(log)
+            assert column_names(rows[0]) == [time_column, "GUEST", "VMM", "EXIT"]
+            assert rows[1:] == [line.rstrip() for line in log.lines[top : top + len(rows) - 1]]
+            assert_under_their_names(rows)
+            await pilot.press("t")  # the time of day (it follows the latest exits again)
+        await pilot.press("q")
 
 
 async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
@@ -1145,11 +1208,11 @@ async def test_slash_filters_the_kernel_views_counters_by_name_typed_in_one_burs
         grid = screen.query_one(CounterGrid)
         await until(pilot, lambda: "exits" in grid.rows, what="counters shown")
         burst(app, "slash", *"zkzk")  # `z` shows zeros and `k` goes back, but not after `/`
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert app.screen is screen and not screen.show_zeros
         assert list(grid.rows) == ["-vm-"]  # no counter is called that
         burst(app, "escape", "slash", *"^(IO|mmio)_exits$", "enter", "z")  # a regex, any case
-        await pilot.pause(0.3)
+        await routed(pilot)
         assert screen.show_zeros and screen.filter.text == "^(IO|mmio)_exits$"
         assert list(grid.rows) == ["io_exits", "mmio_exits", "-vm-"]
         assert "filtered out (/)" in str(screen.query_one("#title").render())
@@ -1173,13 +1236,44 @@ async def test_k_typed_twice_in_one_burst_opens_the_kernel_view_and_goes_back(pr
         attached = app.screen
         burst(app, "k", "k", "p")
         await until(pilot, lambda: app.held.get(demo.pid) is not None, what="counters taken")
-        await pilot.pause(0.5)
+        await until(pilot, lambda: not app.keys_pending, what="every key acted")
+        await pilot.pause(0.3)
         assert app.screen is attached and attached.frozen  # and `p` reached it
         burst(app, "p", "k", "k", "k")  # held now: the view opens at once, and so goes back
-        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        await until(pilot, lambda: not app.keys_pending, what="every key acted")
         await pilot.pause(0.3)
         assert isinstance(app.screen, KernelScreen) and not attached.frozen
         await pilot.press("q")
+
+
+@pytest.mark.kvm
+async def test_keys_in_one_burst_act_in_order_on_the_screen_each_lands_on(processes):
+    """`a` `d` in one burst attaches, and once attached detaches; `k` `z` takes KVM's counters,
+    then shows the zero rows in the view that opened; `k` `k` `p` opens that view, goes back
+    and freezes the attached view."""
+    from kvmtop.host.procfs import tracer_pid
+    from kvmtop.screens.kernel import KernelScreen
+
+    demo = start_demo(processes)
+    app = KvmtopApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await list_shows(pilot, demo.pid)
+        await pilot.press("slash", *str(demo.pid), "enter")
+        burst(app, "a", "d")
+        await until(pilot, lambda: app.session is not None and app.session.pid == demo.pid
+                    and app.session.state is SessionState.ENDED, what="attached, then detached")  # fmt: skip
+        assert isinstance(app.screen, AttachedScreen) and tracer_pid(demo.pid) == 0
+        burst(app, "escape", "k", "z")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
+        await pilot.pause(0.3)
+        assert app.screen.show_zeros
+        burst(app, "escape", "a", "k", "k", "p")
+        await until(pilot, lambda: app.held.get(demo.pid) is not None and app.attached_pid,
+                    what="attached, counters held")  # fmt: skip
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, AttachedScreen) and app.screen.frozen
+        await pilot.press("q")
+    assert demo.poll() is None and tracer_pid(demo.pid) == 0
 
 
 @pytest.mark.kvm
@@ -1489,10 +1583,6 @@ async def test_two_vmms_attached_at_once_show_each_vm_and_are_marked_in_the_list
         assert re.match(rf"vCPU [01] of VM \d+ in pid ({pids[0]}|{pids[1]}) \(python", title), title
         await pilot.press("escape", "q")
     assert all(d.poll() is None for d in demos)  # detached: both run on
-
-
-def pane_text(screen, widget) -> str:
-    return str(screen.query_one(widget).render())
 
 
 @pytest.mark.kvm

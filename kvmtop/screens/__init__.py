@@ -2,5 +2,6 @@
 
 A screen lays out widgets and feeds them snapshots a few times a second; it asks the app for
 anything that changes the session (attach, detach, the demo) with a message, and never traces,
-computes statistics or calls psutil itself.
+computes statistics or calls psutil itself. :mod:`kvmtop.screens.ordered_keys` hands the
+keys to them one at a time, in order.
 """

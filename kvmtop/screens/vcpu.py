@@ -104,7 +104,7 @@ class VcpuScreen(WatchScreen):
         yield KeyFooter()
 
     TOP = 0  # the whole VM's tables are not shown here
-    LOG_LINES = 5  # the exit log's least, inside its border
+    LOG_LINES = 6  # the exit log's least, inside its border: its header and 5 exits
 
     _shown_vcpu: VcpuSnapshot | None = None
 

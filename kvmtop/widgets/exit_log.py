@@ -2,10 +2,11 @@
 time in the guest and the VMM's time handling it (the vCPU's next entry minus the exit: known
 once the vCPU's next exit is in; until then the newest line says so, and is completed then).
 In one-stop modes an exit's times span its run and the VMM's handling, which cannot be told
-apart: the line says so. Scrolling up holds it still; scrolling back to the end (End) resumes
-following the latest exits. A filter (a regex on the decoded exit: reason, port, address)
-shows only the exits it matches. Times are seconds since tracing began, or the time of day
-(:meth:`ExitLog.use_clock`)."""
+apart: one column, GUEST+VMM, has them. Scrolling up holds it still; scrolling back to the end
+(End) resumes following the latest exits. A filter (a regex on the decoded exit: reason, port,
+address) shows only the exits it matches. Times are seconds since tracing began, or the time
+of day (:meth:`ExitLog.use_clock`). A header row names the columns; it stays in the top row
+however the log scrolls."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import re
 from datetime import datetime
 from operator import attrgetter
 
+from rich.text import Text
+from textual.geometry import Size
+from textual.strip import Strip
 from textual.widgets import Log
 
 from kvmtop.abi.record_layout import EXIT_CYCLE
@@ -28,12 +32,16 @@ HELD = "held: End follows the latest exits"
 PENDING = "…"  # the VMM's time of the newest exit: known at the vCPU's next exit
 GONE = "?"  # the next exit of the vCPU has left the ring before it was read
 WIDTH = 9  # a duration's column
+SINCE_WIDTH = 13  # seconds since tracing began: "   12.345678s"
+CLOCK_WIDTH = 15  # the time of day: "12:34:56.789012"
 
 
 class ExitLog(Log):
+    COMPONENT_CLASSES = {"exit-log--header"}
     DEFAULT_CSS = """
-    ExitLog { height: 1fr; min-height: 5; border: round $primary-darken-2; scrollbar-size-horizontal: 0; }
+    ExitLog { height: 1fr; min-height: 6; border: round $primary-darken-2; scrollbar-size-horizontal: 0; }
     ExitLog:focus { border: round $accent; }
+    ExitLog > .exit-log--header { text-style: bold; color: $text-muted; }
     """
 
     def __init__(self, **kwargs: object) -> None:
@@ -47,6 +55,7 @@ class ExitLog(Log):
         self._pending: ExitEvent | None = None  # the exit of the last line, its VMM time unknown
         self._gap_last = False  # the last line says exits were missed (no exit line since)
         self._clock: tuple[int, float] | None = None  # time of day: (monotonic ns, Unix time)
+        self._one_stop = False  # the newest exit's times span its run and the VMM's handling
 
     def action_scroll_end(self) -> None:
         """End: follow the latest exits again, wherever the panes above have since moved the
@@ -67,6 +76,7 @@ class ExitLog(Log):
         same instant), or (None) in seconds since tracing began; the lines shown too."""
         self._clock = clock
         self._start_over()
+        self.refresh()  # the header's time column too
         self.show(self._recent, self._origin_ns)
 
     def _start_over(self) -> None:
@@ -118,6 +128,9 @@ class ExitLog(Log):
             lines += [self._line(e, after.get(id(e))) for e in fresh]
             self._gap_last = False
             newest = fresh[-1]
+            if self._one_stop != bool(newest.flags & EXIT_CYCLE):
+                self._one_stop = not self._one_stop
+                self.refresh()  # the header's time columns too
             self._pending = (
                 newest if id(newest) not in after and newest.flags & EXIT_CYCLE == 0 else None
             )
@@ -144,10 +157,40 @@ class ExitLog(Log):
             mono_ns, unix = self._clock
             at = datetime.fromtimestamp(unix + (e.exit_ns - mono_ns) / 1e9).strftime("%H:%M:%S.%f")
         else:
-            at = f"{(e.exit_ns - (self._origin_ns or e.exit_ns)) / 1e9:12.6f}s"
+            at = f"{(e.exit_ns - (self._origin_ns or e.exit_ns)) / 1e9:{SINCE_WIDTH - 1}.6f}s"
         if e.flags & EXIT_CYCLE:  # entry to the next entry: the run and the VMM's handling
-            times = f"guest+VMM {duration(e.guest_ns):>{WIDTH}} (not separable)"
+            times = f"{duration(e.guest_ns):>{WIDTH}}"
         else:
             vmm = duration(after.entry_ns - e.exit_ns) if after else GONE if gone else PENDING
-            times = f"guest {duration(e.guest_ns):>{WIDTH}}  VMM {vmm:>{WIDTH}}"
+            times = f"{duration(e.guest_ns):>{WIDTH}}  {vmm:>{WIDTH}}"
         return f"{at}  {times}  {describe_exit(e)}"
+
+    @property
+    def header(self) -> str:
+        """The columns' names, each right-aligned over its column as its values are."""
+        at = f"{'TIME OF DAY':>{CLOCK_WIDTH}}" if self._clock else f"{'SINCE START':>{SINCE_WIDTH}}"
+        times = (
+            f"{'GUEST+VMM':>{WIDTH}}" if self._one_stop else f"{'GUEST':>{WIDTH}}  {'VMM':>{WIDTH}}"
+        )
+        return f"{at}  {times}  EXIT"
+
+    # The header takes the top row: the lines are drawn one row lower, and the log's height
+    # counts one row more, so that scrolled to its end the last line still shows.
+
+    def validate_virtual_size(self, size: Size) -> Size:
+        return Size(size.width, size.height + 1)
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        width = self.size.width
+        if y > 0:
+            return self._render_line(scroll_y + y - 1, scroll_x, width)
+        style = self.rich_style + self.get_component_rich_style("exit-log--header")
+        text = Text(self.header, style=style, no_wrap=True, end="")
+        strip = Strip(text.render(self.app.console), text.cell_len)
+        return strip.crop_extend(scroll_x, scroll_x + width, style)
+
+    def refresh_lines(self, y_start: int, line_count: int = 1) -> None:
+        """Lines ``y_start`` and on, drawn a row below where Log puts them."""
+        super().refresh_lines(y_start + 1, line_count)  # their rows (and lines y_start + 1...)
+        self._render_line_cache.discard(y_start)
