@@ -399,6 +399,8 @@ def record(
         )
         if attached.engine_note:
             print(f"kvmtop: {attached.engine_note}", file=sys.stderr)
+            if session.hardware_note:
+                print(f"kvmtop: {session.hardware_note}", file=sys.stderr)
         elif attached.one_stop:
             how = "no ptrace stop per exit (seccomp user notification)" if attached.notify else (
                 "one stop per exit (seccomp filter)")  # fmt: skip

@@ -57,67 +57,73 @@ def _sample(ident: int, pid: int, tid: int, t: int, raw: bytes) -> bytes:
     return struct.pack("<IHH", PERF_RECORD_SAMPLE, 0, 8 + len(body)) + body
 
 
-def test_samples_as_the_kernel_writes_them_make_the_ptrace_engines_records():
-    """An `out` and an `in` (whose port comes with its completion at the next entry), built
-    from this host's format files and fed to the engine as one ring holds them."""
+PID, TID, BASE = 4242, 4243, 1_000_000
+
+
+def fed(samples: list[tuple[str, int, dict[str, int]]]) -> tuple:
+    """An engine of one ring (CPU 0) fed ``samples`` (role, ns after BASE, field values) as the
+    kernel writes them, with this host's format files; thread TID of PID runs vCPU 0 on fd 9.
+    What it took after processing them all."""
     module = native.built("_tracepoints")
     root = tracefs_root()
     assert module is not None and root is not None
-    rings_events = []
-    layouts = {}
+    events, layouts = [], {}
     for role, name, wanted, _filter in EVENTS:
         found = event_format(root, name)
         assert found is not None, name
         layouts[role] = found[1]
         layout = tuple((found[1][f].offset, found[1][f].size, found[1][f].signed) for f in wanted)
-        rings_events.append((getattr(module, role), found[0], None, layout))
-    rings = module.Rings([0], rings_events, 1, False)
+        events.append((getattr(module, role), found[0], None, layout))
+    rings = module.Rings([0], events, 1, False)
     try:
         roles = {getattr(module, role): role for role, *_rest in EVENTS}
         ids = {roles[role]: ident for ident, role in rings.ids}  # the kernel's ids, CPU 0's
 
-        def raw(role: str, **values: int) -> bytes:
+        def raw(role: str, values: dict[str, int]) -> bytes:
             fields = layouts[role]
-            size = max(f.offset + f.size for f in fields.values())
-            out = bytearray(size)
+            out = bytearray(max(f.offset + f.size for f in fields.values()))
             for name, value in values.items():
                 f = fields[name]
                 out[f.offset : f.offset + f.size] = (value & (1 << 8 * f.size) - 1).to_bytes(
                     f.size, "little")  # fmt: skip
             return bytes(out)
 
-        pid, tid, base = 4242, 4243, 1_000_000
-        rings.follow(pid)
-        rings.set_base(base)
-        rings.set_vcpu(pid, 9, 0)
-        feed = b"".join([
-            _sample(ids["R_RUN"], pid, tid, base + 100, raw("R_RUN", fd=9, cmd=KVM_RUN)),
-            _sample(ids["R_PIO"], pid, tid, base + 150,
-                    raw("R_PIO", rw=1, port=0x80, size=1, count=1, val=7)),
-            _sample(ids["R_UEXIT"], pid, tid, base + 160, raw("R_UEXIT", reason=2, errno=0)),
-            _sample(ids["R_RUN"], pid, tid, base + 300, raw("R_RUN", fd=9, cmd=KVM_RUN)),
-            _sample(ids["R_UEXIT"], pid, tid, base + 400, raw("R_UEXIT", reason=2, errno=0)),
-            _sample(ids["R_RUN"], pid, tid, base + 500, raw("R_RUN", fd=9, cmd=KVM_RUN)),
-            _sample(ids["R_PIO"], pid, tid, base + 510,
-                    raw("R_PIO", rw=0, port=0x71, size=1, count=1, val=0x42)),
-            _sample(ids["R_UEXIT"], pid, tid, base + 600, raw("R_UEXIT", reason=10, errno=-4)),
-        ])  # fmt: skip
-        rings.feed(0, feed)
+        rings.follow(PID)
+        rings.set_base(BASE)
+        rings.set_vcpu(PID, 9, 0)
+        rings.feed(0, b"".join(_sample(ids[role], PID, TID, BASE + t, raw(role, values))
+                               for role, t, values in samples))  # fmt: skip
         assert rings.flush() is None
-        records, seen, exits, lost, _news, _kernel = rings.take()
-        events = list(iter_events(records, base))
-        assert exits == 3 and lost == 0
-        out, inp, intr = events
-        assert (out.reason, out.a, out.entry_ns, out.exit_ns) == (ExitReason.IO, 0x80, base + 100,
-                                                                   base + 160)  # fmt: skip
-        assert out.flags & 1  # a write
-        assert (inp.reason, inp.a, inp.entry_ns, inp.exit_ns) == (ExitReason.IO, 0x71, base + 300,
-                                                                   base + 400)  # fmt: skip
-        assert not inp.flags & 1
-        assert (intr.reason, intr.errno) == (ExitReason.INTR, 4)
-        assert len(seen) == 32  # one VCPU record: vCPU 0 ran on the thread
+        return rings.take()
     finally:
         rings.close()
+
+
+def test_samples_as_the_kernel_writes_them_make_the_ptrace_engines_records():
+    """An `out` and an `in` (whose port comes with its completion at the next entry), built
+    from this host's format files and fed to the engine as one ring holds them."""
+    records, seen, exits, lost, _news, _kernel = fed([
+        ("R_RUN", 100, dict(fd=9, cmd=KVM_RUN)),
+        ("R_PIO", 150, dict(rw=1, port=0x80, size=1, count=1, val=7)),
+        ("R_UEXIT", 160, dict(reason=2, errno=0)),
+        ("R_RUN", 300, dict(fd=9, cmd=KVM_RUN)),
+        ("R_UEXIT", 400, dict(reason=2, errno=0)),
+        ("R_RUN", 500, dict(fd=9, cmd=KVM_RUN)),
+        ("R_PIO", 510, dict(rw=0, port=0x71, size=1, count=1, val=0x42)),
+        ("R_UEXIT", 600, dict(reason=10, errno=-4)),
+    ])  # fmt: skip
+    base = BASE
+    events = list(iter_events(records, base))
+    assert exits == 3 and lost == 0
+    out, inp, intr = events
+    assert (out.reason, out.a, out.entry_ns, out.exit_ns) == (ExitReason.IO, 0x80, base + 100,
+                                                               base + 160)  # fmt: skip
+    assert out.flags & 1  # a write
+    assert (inp.reason, inp.a, inp.entry_ns, inp.exit_ns) == (ExitReason.IO, 0x71, base + 300,
+                                                               base + 400)  # fmt: skip
+    assert not inp.flags & 1
+    assert (intr.reason, intr.errno) == (ExitReason.INTR, 4)
+    assert len(seen) == 32  # one VCPU record: vCPU 0 ran on the thread
 
 
 def test_record_a_sees_every_vmm_started_after_it(tmp_path, processes):
@@ -236,3 +242,42 @@ async def test_the_tui_on_every_vmm_counts_one_started_after_it(processes, trace
         assert mine() == {"KVM_EXIT_IO": 201, "KVM_EXIT_MMIO": 4}
         assert app.screen.source.status().title == "every VMM on the host"
         await pilot.press("q")
+
+
+def test_kvm_exit_samples_built_from_its_format_file_count_hardware_exits_by_name(tmp_path):
+    """Where kvm_exit fires (VMX, SVM), every hardware exit is counted per vCPU by its name;
+    it does not fire on every host, so its samples are built from its format file, which
+    every host has. A write before a hardware exit is KVM's: counted as handled in the kernel."""
+    from kvmtop.aggregate.exits import ExitStats
+    from kvmtop.formats.recording import RecordingMeta, RecordingWriter, open_recording
+    from kvmtop.formats.report import summary_json, summary_table
+    from kvmtop.model.messages import ExitBatch
+
+    hlt, io, vmx = 12, 30, 1
+    records, _seen, exits, _lost, _news, kernel = fed([
+        ("R_RUN", 100, dict(fd=9, cmd=KVM_RUN)),
+        ("R_KEXIT", 110, dict(exit_reason=io, isa=vmx, guest_rip=0x1000)),
+        ("R_PIO", 111, dict(rw=1, port=0x70, size=1, count=1, val=1)),  # KVM's (in-kernel)
+        ("R_KEXIT", 120, dict(exit_reason=hlt, isa=vmx, guest_rip=0x1002)),
+        ("R_KEXIT", 130, dict(exit_reason=io, isa=vmx, guest_rip=0x1003)),
+        ("R_PIO", 131, dict(rw=1, port=0x80, size=1, count=1, val=2)),  # the VMM's
+        ("R_UEXIT", 140, dict(reason=2, errno=0)),
+    ])  # fmt: skip
+    base = BASE
+    (out,) = list(iter_events(records, base))
+    assert exits == 1 and out.a == 0x80
+    path = str(tmp_path / "h.kvmtop")
+    writer = RecordingWriter.create(path, RecordingMeta(1, ("vmm",), False, base, 0.0, False),
+                                    with_data=False)  # fmt: skip
+    writer.write_batch(ExitBatch(records, base, coalesced=kernel))
+    writer.close()
+    stats = ExitStats()
+    for batch in open_recording(path).batches():
+        stats.add_batch(batch)
+    snap = stats.snapshot()
+    assert snap.hardware == (("vmx:IO_INSTRUCTION", 2), ("vmx:HLT", 1))
+    report = summary_json(snap, {})
+    assert report["hardware_exits"] == {"vmx:IO_INSTRUCTION": 2, "vmx:HLT": 1}
+    assert report["vcpus"]["0"]["hardware_exits"] == {"vmx:IO_INSTRUCTION": 2, "vmx:HLT": 1}
+    assert report["coalesced"]["writes"] == [{"port": 0x70, "len": 1, "count": 1}]
+    assert "HARDWARE EXITS (kvm_exit)" in summary_table(snap, {})

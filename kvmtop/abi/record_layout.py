@@ -71,6 +71,13 @@ C_KERNEL = 0x08  # seen by KVM's tracepoints: a write KVM handled in the kernel,
 # (queued in the coalesced ring, or taken by an in-kernel device or an ioeventfd)
 assert COALESCED.size == RECORD_SIZE
 
+# HARDWARE records (kind 11, beside the COALESCED ones, in their shape): the guest's hardware
+# exits of one vCPU by reason, from KVM's kvm_exit tracepoint (KVM's own and the VMM's)
+KIND_HARDWARE = 11
+# kind, isa (xlat_exit.ISA_*), vcpu, reason, t (- start_ns) of the last, count, pad, its guest RIP
+HARDWARE = struct.Struct("<BBHIqIIQ")
+assert HARDWARE.size == RECORD_SIZE
+
 # The summaries' errno of a one-stop exit with reason 0 (F_CYCLE): KVM_RUN's return value was
 # not seen (one-stop and user-notification tracing), so a failed run and KVM_EXIT_UNKNOWN look
 # alike.
@@ -85,4 +92,5 @@ FIELDS: dict[str, tuple[struct.Struct, tuple[str, ...]]] = {
     "VCPU": (VCPU, ("kind", "vcpu", "tid", "t", "pid", "vm", "vcpu_id")),
     "HELD": (HELD, ("kind", "stops", "unseen_low_ns", "seen_ns", "unseen_ns", "unseen_high_ns")),
     "COALESCED": (COALESCED, ("kind", "flags", "vcpu", "len", "t", "count", "pad", "address")),
+    "HARDWARE": (HARDWARE, ("kind", "isa", "vcpu", "reason", "t", "count", "pad", "rip")),
 }

@@ -25,7 +25,9 @@ from kvmtop.abi.record_layout import (
     C_WRAP,
     COALESCED,
     F_CYCLE,
+    HARDWARE,
     KIND_COALESCED,
+    KIND_HARDWARE,
 )
 from kvmtop.aggregate import batch_summary
 from kvmtop.aggregate.batch_summary import BatchSummary, named_in
@@ -35,6 +37,7 @@ from kvmtop.model.messages import ExitBatch
 from kvmtop.model.records import iter_events
 from kvmtop.model.vcpu_keys import VcpuKey
 from kvmtop.units import duration_span
+from kvmtop.xlat_exit import hardware_exit_name
 
 TIMELINE_SECONDS = 60
 NS = 1_000_000_000
@@ -242,6 +245,10 @@ class StatsSnapshot:
     coalesced: CoalescedSnapshot = field(default_factory=lambda: EMPTY_COALESCED)
     mmio_names: MmioNames = field(default_factory=MmioNames)  # the ranges the VMMs' argv told
     dropped: tuple[tuple[int, int], ...] = ()  # (CPU, events the kernel dropped): exits missing
+    # the guest's hardware exits (kvm_exit), KVM's own and the VMM's: (name, count), whole
+    # session, and per vCPU number
+    hardware: tuple[tuple[str, int], ...] = ()
+    hardware_by_vcpu: tuple[tuple[int, tuple[tuple[str, int], ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +479,36 @@ class CoalescedCounts:
                                  _coalesced(self.top, top), self.read, self.kernel)  # fmt: skip
 
 
+class HardwareCounts:
+    """The guest's hardware exits by reason, from HARDWARE records (KVM's kvm_exit tracepoint,
+    where it fires): a handful of reasons, counted whole and per vCPU."""
+
+    def __init__(self) -> None:
+        self.per_vcpu: dict[int, dict[str, int]] = {}
+
+    def add(self, records: bytes) -> None:
+        for kind, isa, vcpu, reason, _t, count, _pad, _rip in HARDWARE.iter_unpack(records):
+            if kind == KIND_HARDWARE:
+                counts = self.per_vcpu.setdefault(vcpu, {})
+                name = hardware_exit_name(isa, reason)
+                counts[name] = counts.get(name, 0) + count
+
+    def snapshot(
+        self,
+    ) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[int, tuple[tuple[str, int], ...]], ...]]:
+        whole: dict[str, int] = {}
+        for counts in self.per_vcpu.values():
+            for name, n in counts.items():
+                whole[name] = whole.get(name, 0) + n
+        return _by_count(whole), tuple(
+            (vcpu, _by_count(counts)) for vcpu, counts in sorted(self.per_vcpu.items())
+        )
+
+
+def _by_count(counts: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
 def summarizer() -> Callable[[bytes, int, int], BatchSummary]:
     """The C ``summarize`` when it is built (and pure Python was not asked for), else its
     Python twin: both return the same named tuples."""
@@ -512,6 +549,7 @@ class ExitStats:
         self._io = TopCounter(self.top_capacity)
         self._mmio = TopCounter(self.top_capacity)
         self.coalesced = CoalescedCounts(self.top_capacity)
+        self.hardware = HardwareCounts()
         self._stops = _Seconds()
         self.total = 0
         self.stops = 0
@@ -544,6 +582,7 @@ class ExitStats:
                 self._add(summed, batch.base_ns)
             if batch.coalesced:
                 self.coalesced.add(batch.coalesced, self._vcpu)
+                self.hardware.add(batch.coalesced)
             self.lost += batch.lost
             for cpu, n in batch.dropped:
                 self.dropped[cpu] = self.dropped.get(cpu, 0) + n
@@ -661,6 +700,7 @@ class ExitStats:
             reasons = _reason_stats(self._reasons, per_label_rate)
             io, mmio = _ports(self._io, top), _mmios(self._mmio, top, self._mmio_names)
             many_vms = len(self._vms) > 1
+            hardware, hardware_by_vcpu = self.hardware.snapshot()
             return StatsSnapshot(
                 now_ns=now,
                 first_ns=self.first_ns,
@@ -678,6 +718,8 @@ class ExitStats:
                 top_exact=top_error(io, mmio) == 0,
                 coalesced=self.coalesced.snapshot(top),
                 dropped=tuple(sorted(self.dropped.items())),
+                hardware=hardware,
+                hardware_by_vcpu=hardware_by_vcpu,
             )
 
     def count_of(self, label: str) -> int:

@@ -30,6 +30,7 @@ from kvmtop.abi.record_layout import (
     KIND_COUNTERS,
     KIND_END,
     KIND_EXIT,
+    KIND_HARDWARE,
     KIND_NAME,
     KIND_PROCESS,
     KIND_VCPU,
@@ -285,8 +286,8 @@ class Recording:
                         stops += n_stops
                         if n_dropped:
                             dropped[cpu] = dropped.get(cpu, 0) + n_dropped
-                    elif kind == KIND_COALESCED:
-                        coalesced += rec
+                    elif kind in (KIND_COALESCED, KIND_HARDWARE):
+                        coalesced += rec  # (records of no exit, in one shape)
                     elif kind == KIND_END:
                         _, why, _pad, status, t, _total = END.unpack(rec)
                         why_text = {v: k for k, v in WHY_CODES.items()}.get(why, "ended")

@@ -79,6 +79,7 @@ def _reasons_json(reasons: tuple[ReasonStats, ...], seconds: float) -> dict[str,
 
 def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[str, object]:
     seconds = duration_s(snapshot, meta)
+    hardware = dict(snapshot.hardware_by_vcpu)
     return {
         "exits": {r.label: r.count for r in snapshot.reasons},
         # Keyed by vCPU id when the session had one VM (as always), by PID:VM:VCPU when more
@@ -89,6 +90,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
                 "tid": v.tid,
                 "reasons": _reasons_json(v.reasons, seconds),
                 "coalesced": _coalesced_json(v.coalesced, snapshot.mmio_names),
+                "hardware_exits": dict(hardware.get(v.vcpu, ())),
                 **_identity(v),
             }
             for v in snapshot.vcpus
@@ -107,6 +109,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
         "total": snapshot.total,
         "lost": snapshot.lost,
         "dropped_events": {str(cpu): n for cpu, n in snapshot.dropped},
+        "hardware_exits": dict(snapshot.hardware),
         "stops": snapshot.stops,
         "stops_per_exit": round(snapshot.stops / snapshot.total, 3) if snapshot.total else None,
         "duration_s": round(seconds, 6),
@@ -273,6 +276,10 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
             lines.append(
                 f"  0x{m.address:012x} {kind:<5} len {m.length}  {m.count:>10}  {m.name}".rstrip()
             )
+        lines.append("")
+    if snapshot.hardware:
+        lines.append("HARDWARE EXITS (kvm_exit): every exit of the guest, KVM's own and the VMM's")
+        lines += [f"  {name:<28} {n:>10}" for name, n in snapshot.hardware[:12]]
         lines.append("")
     if snapshot.coalesced.top or snapshot.coalesced.unreadable:
         lines.append(

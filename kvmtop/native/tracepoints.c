@@ -19,7 +19,8 @@
  *       where the engine saw it, else -1); wake_fd readable returns too
  *   .take() -> (records, seen, exits, lost_exits, news, kernel)
  *       kernel: COALESCED records flagged C_KERNEL: the port and MMIO writes KVM handled in
- *       the kernel (a run's write not followed by its exit to the VMM), by vCPU and target
+ *       the kernel (a run's write not followed by its exit to the VMM), by vCPU and target;
+ *       then HARDWARE records: the guest's hardware exits by vCPU and reason (kvm_exit)
  *       news: ((what, pid, ppid, tid, t_ns, comm), ...), what: "fork", "exec" (comm: the
  *       program's), "exit" (a thread)
  *   .close_thread(tid)             its last exit is final (records a held one)
@@ -46,7 +47,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { R_RUN, R_UEXIT, R_PIO, R_MMIO, R_HYPERCALL, R_SYSEXIT, R_MARK, R_ROLES };
+enum { R_RUN, R_UEXIT, R_PIO, R_MMIO, R_HYPERCALL, R_SYSEXIT, R_MARK, R_KEXIT, R_ROLES };
 #define KVM_CREATE_VCPU_CMD KVM_CREATE_VCPU
 enum { SLOT_UNNAMED = -1, SLOT_CREATED = -3, SLOT_NEXT_RUN = -4 };
 enum { OUT_OR_IN = 2 }; /* a vCPU seen made: Python names it */
@@ -90,6 +91,12 @@ typedef struct { /* writes KVM handled in the kernel, since the last take */
     uint32_t len;
     uint64_t address, count, t;
 } KernelWrites;
+
+typedef struct { /* the guest's hardware exits by reason (kvm_exit), since the last take */
+    int slot, isa;
+    uint32_t reason;
+    uint64_t count, t, rip;
+} HardwareExits;
 
 typedef struct {
     uint32_t tid, pid;
@@ -145,6 +152,8 @@ typedef struct {
     int marks; /* kvm_exit fires: every hardware exit is seen, so a write's fate is known */
     KernelWrites *kernel;
     size_t nkernel, ckernel;
+    HardwareExits *hardware;
+    size_t nhardware, chardware;
     PyObject *news; /* list */
     char *scratch;
     size_t cscratch;
@@ -569,6 +578,21 @@ static int process(Rings *self, const Ev *e) {
         return 0;
     case R_UEXIT:
         return run_ended(self, th, e);
+    case R_KEXIT: /* a hardware exit, KVM's own or the VMM's: counted by reason */
+        if (th->in_run && th->slot >= 0) {
+            uint32_t reason = (uint32_t)e->f[0];
+            int isa = (int)e->f[1];
+            size_t i = 0;
+            while (i < self->nhardware && !(self->hardware[i].slot == th->slot &&
+                                            self->hardware[i].isa == isa && self->hardware[i].reason == reason))
+                i++;
+            if (i == self->nhardware) {
+                if (grow((void **)&self->hardware, &self->chardware, i + 1, sizeof(HardwareExits)) < 0) return -1;
+                self->hardware[self->nhardware++] = (HardwareExits){th->slot, isa, reason, 0, 0, 0};
+            }
+            self->hardware[i].count++, self->hardware[i].t = e->t, self->hardware[i].rip = (uint64_t)e->f[2];
+        }
+        /* fall through: it is a mark too */
     case R_MARK: /* the guest ran again (another hardware exit, another emulated instruction):
                     the run's last write did not exit */
         self->marks = 1;
@@ -716,7 +740,7 @@ static void Rings_dealloc(Rings *self) {
     close_all(self);
     free(self->cpus), free(self->ids), free(self->lost), free(self->followed), free(self->vcpus);
     free(self->threads), free(self->queue), free(self->out), free(self->seen), free(self->scratch);
-    free(self->kernel);
+    free(self->kernel), free(self->hardware);
     Py_XDECREF(self->news);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -980,8 +1004,23 @@ static PyObject *Rings_take(Rings *self, PyObject *unused) {
     (void)unused;
     PyObject *news = PyList_AsTuple(self->news);
     if (!news) return NULL;
-    char *kernel = self->nkernel ? calloc(self->nkernel, RECORD_SIZE) : NULL;
-    if (self->nkernel && !kernel) return Py_DECREF(news), PyErr_NoMemory();
+    size_t nrecords = self->nkernel + self->nhardware;
+    char *kernel = nrecords ? calloc(nrecords, RECORD_SIZE) : NULL;
+    if (nrecords && !kernel) return Py_DECREF(news), PyErr_NoMemory();
+    for (size_t i = 0; i < self->nhardware; i++) { /* HARDWARE records */
+        HardwareExits *h = &self->hardware[i];
+        char *r = kernel + (self->nkernel + i) * RECORD_SIZE;
+        uint16_t vcpu = (uint16_t)h->slot;
+        int64_t t = (int64_t)(h->t - self->base);
+        uint32_t count = h->count > UINT32_MAX ? UINT32_MAX : (uint32_t)h->count;
+        r[0] = KIND_HARDWARE;
+        r[HARDWARE_AT_ISA] = (char)h->isa;
+        memcpy(r + HARDWARE_AT_VCPU, &vcpu, 2);
+        memcpy(r + HARDWARE_AT_REASON, &h->reason, 4);
+        memcpy(r + HARDWARE_AT_T, &t, 8);
+        memcpy(r + HARDWARE_AT_COUNT, &count, 4);
+        memcpy(r + HARDWARE_AT_RIP, &h->rip, 8);
+    }
     for (size_t i = 0; i < self->nkernel; i++) { /* COALESCED records, flagged C_KERNEL */
         KernelWrites *k = &self->kernel[i];
         char *r = kernel + i * RECORD_SIZE;
@@ -999,9 +1038,9 @@ static PyObject *Rings_take(Rings *self, PyObject *unused) {
     PyObject *out = Py_BuildValue("(y#y#KKNy#)", self->out ? self->out : "", (Py_ssize_t)self->nout,
                                   self->seen ? self->seen : "", (Py_ssize_t)self->nseen,
                                   (unsigned long long)self->exits, (unsigned long long)self->lost_exits, news,
-                                  kernel ? kernel : "", (Py_ssize_t)(self->nkernel * RECORD_SIZE));
+                                  kernel ? kernel : "", (Py_ssize_t)(nrecords * RECORD_SIZE));
     free(kernel);
-    self->nkernel = 0;
+    self->nkernel = self->nhardware = 0;
     if (!out) return NULL;
     PyList_SetSlice(self->news, 0, PyList_GET_SIZE(self->news), NULL);
     self->nout = self->nseen = 0;
@@ -1020,7 +1059,8 @@ static PyObject *Rings_close_thread(Rings *self, PyObject *arg) {
 
 static PyObject *Rings_pending(Rings *self, PyObject *unused) {
     (void)unused;
-    return PyLong_FromSize_t(self->nout + self->nseen + self->nkernel + (size_t)PyList_GET_SIZE(self->news));
+    return PyLong_FromSize_t(self->nout + self->nseen + self->nkernel + self->nhardware +
+                             (size_t)PyList_GET_SIZE(self->news));
 }
 
 static PyObject *Rings_lost_events(Rings *self, PyObject *unused) {
@@ -1106,6 +1146,7 @@ PyMODINIT_FUNC PyInit__tracepoints(void) {
     PyModule_AddIntConstant(m, "R_HYPERCALL", R_HYPERCALL);
     PyModule_AddIntConstant(m, "R_SYSEXIT", R_SYSEXIT);
     PyModule_AddIntConstant(m, "R_MARK", R_MARK);
+    PyModule_AddIntConstant(m, "R_KEXIT", R_KEXIT);
     return m;
 }
 #else

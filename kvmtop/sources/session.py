@@ -100,6 +100,8 @@ class TraceSession:
         self._tracer, self.engine_note, self.engine_why = open_tracer(
             engine, with_data, child_stdio, child_stdout_to_stderr, child_stderr
         )
+        # said once where KVM's own exits cannot be seen one by one (no kvm_exit)
+        self.hardware_note: str = getattr(self._tracer, "hardware_note", "")
         self._tracer.start()
         self._pump = threading.Thread(target=self._run_pump, name="kvmtop-pump", daemon=True)
         self._pump.start()
@@ -268,6 +270,7 @@ class TraceSession:
             verb = "launched" if attached.launched else "attached to"
             what = "every VMM on the host" if self.every_vmm else f"pid {attached.pid}"
             text = f"{verb} {what}: {self.engine_note}"
+            text += f" ({self.hardware_note})" if self.hardware_note else ""
         elif attached.launched:
             text = f"launched pid {attached.pid}"
         else:  # what attaching costs, and what a launch would

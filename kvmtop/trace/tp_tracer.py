@@ -36,7 +36,7 @@ from kvmtop.model.messages import (
 )
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
 from kvmtop.trace.engine import vcpu_records
-from kvmtop.trace.tp_engine import ENGINE_NOTE, online_cpus, open_rings
+from kvmtop.trace.tp_engine import ENGINE_NOTE, hardware_note, online_cpus, open_rings
 
 BATCH_BYTES = 4096 * 32
 FLUSH_INTERVAL_NS = 100_000_000
@@ -78,6 +78,7 @@ class TracepointTracer:
         self.child_stderr = child_stderr
         self._stats_taker = stats_taker
         self._rings = open_rings(with_data)
+        self.hardware_note = hardware_note()
         self._cpus = online_cpus()  # the rings' CPUs, in their order
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
