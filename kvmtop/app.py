@@ -23,8 +23,8 @@ from textual.app import SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from kvmtop.aggregate.exits import ExitStats
 from kvmtop.counters.held_stats import HeldStats
-from kvmtop.decoder import ExitReason, exit_label
 from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal, UsageError
 from kvmtop.host.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.minivmm.vmm import demo_command
@@ -55,9 +55,6 @@ from kvmtop.units import command_text, ended_text
 from kvmtop.widgets.vcpu_table import VcpuTable
 
 UNLISTED_ACTIONS = frozenset({"quit", "app.quit", "command_palette", "help", "app.pop_screen"})
-
-
-IO_LABEL = exit_label(ExitReason.IO, 0)
 
 
 class KvmtopApp(OrderedKeysApp):
@@ -111,7 +108,7 @@ class KvmtopApp(OrderedKeysApp):
         self.exit_message: str | None = None  # for stderr, once the screen is gone
         self.output_error: KvmtopError | None = None  # a recording that could not be written
         # the traced VM's aggregate, its total and IO exits at the held counters' last samples
-        self._traced_at: dict[int, tuple[object, int, int]] = {}
+        self._traced_at: dict[int, ExitStats] = {}  # the counters' moments, and whose counts
 
     @property
     def attached_pid(self) -> int | None:
@@ -276,7 +273,9 @@ class KvmtopApp(OrderedKeysApp):
             self._traced_at.clear()
             return
         stats = session.stats
-        self._traced_at[samples[1].t_ns] = (stats, stats.total, stats.count_of(IO_LABEL))
+        if samples[1].t_ns not in self._traced_at:  # counted by exit time up to the moment
+            stats.note_moment(samples[1].t_ns)
+            self._traced_at[samples[1].t_ns] = stats
         while len(self._traced_at) > 2:
             del self._traced_at[next(iter(self._traced_at))]
 
@@ -298,11 +297,14 @@ class KvmtopApp(OrderedKeysApp):
         samples = self.held.samples(pid) if pid is not None else None
         if samples is None:
             return None
-        before, now = (self._traced_at.get(sample.t_ns) for sample in samples)
-        if before is None or now is None or before[0] is not now[0]:  # not one attach's counts
+        stats = [self._traced_at.get(sample.t_ns) for sample in samples]
+        if stats[0] is None or stats[0] is not stats[1]:  # not one attach's counts
+            return None
+        before, now = (stats[0].exits_until(sample.t_ns) for sample in samples)
+        if before is None or now is None:
             return None
         seconds = max(1e-9, (samples[1].t_ns - samples[0].t_ns) / 1e9)
-        return (now[column] - before[column]) / seconds  # type: ignore[operator]
+        return (now[column - 1] - before[column - 1]) / seconds
 
     def on_kernel_requested(self, request: KernelRequested) -> None:
         session, pid = self.session, request.pid

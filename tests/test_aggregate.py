@@ -298,3 +298,23 @@ def test_an_exit_whose_stops_came_before_any_round_trip_counts_from_0() -> None:
     (io,) = stats.snapshot().reasons
     assert io.net_mean_bound == MeanBound(0.0, 99_000.0)  # no most; the least, 0 unseen
     assert io.handling_net.mean == 99_000  # the estimate: nothing to take off
+
+
+def test_exits_are_counted_to_a_moment_by_exit_time_whenever_their_batch_comes():
+    """The title's two rates are over one interval: KVM's counters are sampled at a moment,
+    the traced exits counted up to that moment by exit time, also those whose batch comes
+    after it (the tracer delivers up to 0.2 s late) and not those received after it."""
+    from kvmtop.model.messages import ExitBatch
+
+    def exits(*times: int, reason: int = 2) -> ExitBatch:
+        return ExitBatch.of([ExitEvent(0, reason, 0, t - 5, t, 0x80, 1, 1) for t in times])
+
+    stats = ExitStats()
+    stats.add_batch(exits(10, 20, 30))
+    stats.add_batch(exits(40, 50, reason=6))  # two MMIO exits, the second after the moment
+    stats.note_moment(45)  # noted with an exit after it received already
+    assert stats.exits_until(45) == (4, 3)
+    stats.add_batch(exits(44, 46, 60))  # late: one before the moment
+    stats.add_batch(exits(41, 42))  # late: a whole batch before it
+    assert stats.exits_until(45) == (7, 6)
+    assert stats.exits_until(50) is None  # not a moment noted

@@ -24,9 +24,12 @@ from kvmtop.abi.record_layout import (
     C_UNREADABLE,
     C_WRAP,
     COALESCED,
+    EXIT,
     F_CYCLE,
+    F_FAILED,
     HARDWARE,
     KIND_COALESCED,
+    KIND_EXIT,
     KIND_HARDWARE,
 )
 from kvmtop.aggregate import batch_summary
@@ -34,13 +37,16 @@ from kvmtop.aggregate.batch_summary import BatchSummary, named_in
 from kvmtop.decoder import exit_label
 from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.model.messages import ExitBatch
-from kvmtop.model.records import iter_events
+from kvmtop.model.records import cut_after, exit_count, iter_events
 from kvmtop.model.vcpu_keys import VcpuKey
 from kvmtop.units import duration_span
-from kvmtop.xlat_exit import hardware_exit_name
+from kvmtop.xlat_exit import ExitReason, hardware_exit_name
 
 TIMELINE_SECONDS = 60
 NS = 1_000_000_000
+IO_LABEL = exit_label(ExitReason.IO, 0)
+MOMENTS = 4  # moments counted to at once (note_moment): the counters' last samples
+RECENT_BATCHES = 64  # batches kept to count back from (a moment noted just after their exits)
 # a histogram bucket's power of two (its low's bit_length - 1; 0 for 0), for log2 views
 OCTAVE_OF = tuple(max(0, batch_summary.bucket_bounds(b)[0].bit_length() - 1)
                   for b in range(batch_summary.BUCKETS))  # fmt: skip
@@ -505,6 +511,12 @@ class HardwareCounts:
         )
 
 
+def _io_exits(records: bytes) -> int:
+    """The KVM_EXIT_IO exits (errno 0) among ``records``."""
+    return sum(1 for kind, flags, _v, reason, *_rest in EXIT.iter_unpack(records)
+               if kind == KIND_EXIT and reason == ExitReason.IO and not flags & F_FAILED)  # fmt: skip
+
+
 def _by_count(counts: dict[str, int]) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
@@ -540,6 +552,9 @@ class ExitStats:
         self._clear()
 
     def _clear(self) -> None:
+        # {moment (ns): [exits, IO exits] up to it}, counted by exit time (note_moment)
+        self._moments: dict[int, list[int]] = {}
+        self._recent: deque[tuple[int, bytes]] = deque(maxlen=RECENT_BATCHES)  # (base, records)
         self._vcpus: dict[int, _Vcpu] = {}
         self._vms: dict[tuple[int, int], None] = {}  # (pid, VM fd) of vCPUs with keys, in order
         self._programs: dict[int, str] = {}  # pid -> its program, for processes with vCPUs
@@ -580,6 +595,7 @@ class ExitStats:
             if batch.records:
                 summed = self._summarize(batch.records, batch.base_ns, self.recent_capacity)
                 self._add(summed, batch.base_ns)
+                self._count_to_moments(summed, batch.records, batch.base_ns)
             if batch.coalesced:
                 self.coalesced.add(batch.coalesced, self._vcpu)
                 self.hardware.add(batch.coalesced)
@@ -721,6 +737,41 @@ class ExitStats:
                 hardware=hardware,
                 hardware_by_vcpu=hardware_by_vcpu,
             )
+
+    def note_moment(self, t_ns: int) -> None:
+        """Count the exits whose exit time is at most ``t_ns`` (:meth:`exits_until`): those
+        received, and those the tracer delivers later (its batches come up to 0.2 s after
+        their exits). For rates over the same interval as counters sampled at ``t_ns``."""
+        with self._lock:
+            found = self._reasons.get(IO_LABEL)
+            counts = [self.total, found.count if found is not None else 0]
+            for base, records in self._recent:  # received, but after the moment
+                later = records[cut_after(records, t_ns - base) :]
+                counts[0] -= exit_count(later)
+                counts[1] -= _io_exits(later)
+            self._moments[t_ns] = counts
+            while len(self._moments) > MOMENTS:
+                del self._moments[next(iter(self._moments))]
+
+    def exits_until(self, t_ns: int) -> tuple[int, int] | None:
+        """(exits, IO exits) with an exit time at most ``t_ns``, a moment noted (None: not)."""
+        with self._lock:
+            found = self._moments.get(t_ns)
+            return (found[0], found[1]) if found is not None else None
+
+    def _count_to_moments(self, summed: BatchSummary, records: bytes, base_ns: int) -> None:
+        self._recent.append((base_ns, records))
+        first, last = summed.first_exit_ns, summed.last_exit_ns
+        if first is None or last is None:
+            return
+        for t, counts in self._moments.items():
+            if last <= t:
+                counts[0] += summed.exits
+                counts[1] += sum(io.count for io in summed.io)
+            elif first <= t:
+                before = records[: cut_after(records, t - base_ns)]
+                counts[0] += exit_count(before)
+                counts[1] += _io_exits(before)
 
     def count_of(self, label: str) -> int:
         """The exits counted under one reason label (``KVM_EXIT_IO``), without a snapshot."""
