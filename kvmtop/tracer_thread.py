@@ -230,6 +230,12 @@ class Tracer:
             fd = kvm_run_fd(info)
             if fd is not None and proc.mode == MODE_TWO_STOP:
                 self._ensure_page(proc, tid, fd)
+                if self._detaching and tid in self._kicked:
+                    # kvmtop's interrupt is pending: detached here, the KVM_RUN would end with
+                    # EINTR unseen (a signal exit KVM counts). Run it to that end, seen, first.
+                    self.engine.handle(tid, status, now)
+                    pt.ptrace_unless_gone(pt.PTRACE_SYSCALL, tid)
+                    return
         elif op == pt.PTRACE_SYSCALL_INFO_EXIT:
             state = self.engine.thread(tid)
             if tid in self._kicked and state is not None and state.in_run:  # its KVM_RUN returns
