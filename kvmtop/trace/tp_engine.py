@@ -87,8 +87,7 @@ def hardware_note() -> str:
     if {"kvm_intel", "kvm_amd"} & set(modules):
         return ""
     which = ", ".join(modules) or "no vendor module"
-    return (f"kvm:kvm_exit does not fire with this host's KVM ({which}): the exits KVM handles "
-            "itself are not seen one by one; its counters (k) count them")  # fmt: skip
+    return f"kvm:kvm_exit does not fire with {which}: KVM's own exits are in its counters (k)"
 
 
 def open_rings(with_data: bool, pages: int = RING_PAGES) -> Any:
