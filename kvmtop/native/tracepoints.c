@@ -496,7 +496,7 @@ static int process(Rings *self, const Ev *e) {
         }
         return 0;
     }
-    if (!followed(self, e->pid)) return 0;
+    if (!followed(self, e->pid) || e->t < self->base) return 0; /* before the session began */
     Thread *th = thread_of(self, e->tid, 1);
     if (!th) return -1;
     th->pid = e->pid;
