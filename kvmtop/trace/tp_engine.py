@@ -16,7 +16,7 @@ the processes it follows. They die with kvmtop's fds: nothing in tracefs is chan
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmtop import native
 from kvmtop.abi.kvm import KVM_CREATE_VCPU, KVM_RUN
@@ -46,6 +46,71 @@ EVENTS: tuple[tuple[str, str, tuple[str, ...], str | None], ...] = (
 )
 REQUIRED = ("kvm/kvm_userspace_exit", "syscalls/sys_enter_ioctl", "syscalls/sys_exit_ioctl")
 ENGINE_NOTE = "kernel tracepoints: no stop per exit"
+
+
+class TaskNews(NamedTuple):
+    """A process the engine follows forked (``what`` "fork": ``pid`` is the child), ran a new
+    program ("exec": ``comm`` is its name), or one of its threads ended ("exit")."""
+
+    what: str
+    pid: int
+    ppid: int
+    tid: int
+    t_ns: int
+    comm: str
+
+
+class TpTaken(NamedTuple):
+    """What :meth:`TracepointEngine.take` hands over since the last take."""
+
+    records: bytes  # EXIT records and their parts, as the ptrace engines make them
+    seen: bytes  # VCPU records: a vCPU seen running on a thread new to it
+    exits: int
+    lost: int  # exits of a vCPU that could not be named
+    news: tuple[TaskNews, ...]
+    no_exit: bytes  # COALESCED records (C_KERNEL) and HARDWARE records
+
+
+class UnknownVcpu(NamedTuple):
+    """A KVM_RUN on a (process, fd) the engine cannot number yet: ``vm`` and ``vcpu`` from its
+    KVM_CREATE_VCPU where the engine saw it, else -1."""
+
+    pid: int
+    tid: int
+    fd: int
+    vm: int
+    vcpu: int
+
+
+class TracepointEngine:
+    """The native reader (``kvmtop.native._tracepoints.Rings``) with named types at its
+    boundary. Only the tracer's thread calls it."""
+
+    def __init__(self, rings: Any) -> None:
+        self._rings = rings
+        self.follow, self.unfollow = rings.follow, rings.unfollow
+        self.follow_all, self.follow_children = rings.follow_all, rings.follow_children
+        self.set_vcpu, self.forget_pid, self.set_base = (
+            rings.set_vcpu,
+            rings.forget_pid,
+            rings.set_base,
+        )
+        self.lost_events, self.close = rings.lost_events, rings.close
+
+    def run(self, deadline_ns: int, max_bytes: int, wake_fd: int) -> UnknownVcpu | None:
+        """Read the rings until the deadline, ``max_bytes`` of records, ``wake_fd`` readable,
+        or a vCPU to name (None: one of the others)."""
+        got = self._rings.run(deadline_ns, max_bytes, wake_fd)
+        return None if got is None else UnknownVcpu(*got[1:])
+
+    def flush(self) -> UnknownVcpu | None:
+        """Every event read, whatever its time (the session ends)."""
+        got = self._rings.flush()
+        return None if got is None else UnknownVcpu(*got[1:])
+
+    def take(self) -> TpTaken:
+        records, seen, exits, lost, news, no_exit = self._rings.take()
+        return TpTaken(records, seen, exits, lost, tuple(TaskNews(*n) for n in news), no_exit)
 
 
 class TracepointsUnavailable(KvmtopError):
@@ -90,7 +155,7 @@ def hardware_note() -> str:
     return f"kvm:kvm_exit does not fire with {which}: KVM's own exits are in its counters (k)"
 
 
-def open_rings(with_data: bool, pages: int = RING_PAGES) -> Any:
+def open_engine(with_data: bool, pages: int = RING_PAGES) -> TracepointEngine:
     """The rings of every online CPU, each with the events above that this kernel has."""
     why = unavailable_reason()
     if why:
@@ -109,7 +174,7 @@ def open_rings(with_data: bool, pages: int = RING_PAGES) -> Any:
         layout = tuple((fields[f].offset, fields[f].size, fields[f].signed) for f in wanted)
         events.append((getattr(module, role), event_id, kernel_filter, layout))
     try:
-        return module.Rings(online_cpus(), events, pages, with_data)  # in this order
+        return TracepointEngine(module.Rings(online_cpus(), events, pages, with_data))
     except OSError as exc:
         raise TracepointsUnavailable(
             f"kernel tracepoints unavailable: perf_event_open: {exc.strerror or exc}"

@@ -36,7 +36,14 @@ from kvmtop.model.messages import (
 )
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
 from kvmtop.trace.engine import vcpu_records
-from kvmtop.trace.tp_engine import ENGINE_NOTE, hardware_note, online_cpus, open_rings
+from kvmtop.trace.tp_engine import (
+    ENGINE_NOTE,
+    TaskNews,
+    UnknownVcpu,
+    hardware_note,
+    online_cpus,
+    open_engine,
+)
 
 BATCH_BYTES = 4096 * 32
 FLUSH_INTERVAL_NS = 100_000_000
@@ -77,7 +84,7 @@ class TracepointTracer:
         self.child_stdout_to_stderr = child_stdout_to_stderr
         self.child_stderr = child_stderr
         self._stats_taker = stats_taker
-        self._rings = open_rings(with_data)
+        self._rings = open_engine(with_data)
         self.hardware_note = hardware_note()
         self._cpus = online_cpus()  # the rings' CPUs, in their order
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -161,7 +168,7 @@ class TracepointTracer:
         while not self._quit:
             got = rings.run(time.monotonic_ns() + FLUSH_INTERVAL_NS, BATCH_BYTES, self._wake_r)
             if got is not None:
-                self._name_vcpu(*got[1:])
+                self._name_vcpu(got)
                 continue
             self._commands_waiting()
             self._reap_children()
@@ -194,9 +201,10 @@ class TracepointTracer:
                 self.out.put(TracerFailed(str(exc), kind=type(exc).__name__))
                 future.set_exception(exc)
 
-    def _name_vcpu(self, pid: int, tid: int, fd: int, vm: int, vcpu: int) -> None:
+    def _name_vcpu(self, unknown: UnknownVcpu) -> None:
         """A KVM_RUN on fd ``fd`` of ``pid`` the engine could not number: its KVM_CREATE_VCPU
         (``vm``, ``vcpu``; -1 where the engine did not see it) or the fd table names it."""
+        pid, fd, vm, vcpu = unknown.pid, unknown.fd, unknown.vm, unknown.vcpu
         session = self._session or self._last
         slot = SLOT_UNNAMED
         if vcpu < 0:
@@ -214,7 +222,8 @@ class TracepointTracer:
         self._rings.set_vcpu(pid, fd, slot)
 
     def _flush(self) -> None:
-        records, seen, _exits, lost, news, kernel = self._rings.take()
+        taken = self._rings.take()
+        records, seen, lost, kernel = taken.records, taken.seen, taken.lost, taken.no_exit
         session = self._session or self._last
         base = session.t0 if session is not None else 0
         key = session.slots.key if session is not None else (lambda _slot: None)
@@ -223,8 +232,8 @@ class TracepointTracer:
         ]
         processes: tuple[ProcessSeen, ...] = ()
         if session is not None:
-            for what, pid, ppid, tid, t, comm in news:
-                self._news(session, what, pid, ppid, tid, t, comm)
+            for news in taken.news:
+                self._news(session, news)
             processes, session.news = tuple(session.news), []
         totals = self._rings.lost_events()
         before = self._dropped or (0,) * len(totals)
@@ -236,15 +245,15 @@ class TracepointTracer:
                                    dropped))  # fmt: skip
             self._seen = []
 
-    def _news(self, session: _Session, what: str, pid: int, ppid: int, tid: int, t: int,
-              comm: str) -> None:  # fmt: skip
+    def _news(self, session: _Session, news: TaskNews) -> None:
+        what, pid, ppid, t = news.what, news.pid, news.ppid, news.t_ns
         if what == "fork":
             session.procs[pid] = cmdline(pid) if _alive(pid) else session.procs.get(ppid, ())
             session.news.append(ProcessSeen(pid, ppid, session.procs[pid], t))
         elif what == "exec" and pid in session.procs:
-            session.procs[pid] = cmdline(pid) if _alive(pid) else (comm,)
+            session.procs[pid] = cmdline(pid) if _alive(pid) else (news.comm,)
             session.news.append(ProcessSeen(pid, 0, session.procs[pid], t))
-        elif what == "exit" and tid == pid and pid in session.procs:
+        elif what == "exit" and news.tid == pid and pid in session.procs:
             status = self._reap(pid) if session.launched and pid == session.roots[0] else None
             if status is not None:
                 session.root_status = status
@@ -368,7 +377,7 @@ class TracepointTracer:
             raise KvmtopError("not attached")
         got = self._rings.flush()
         while got is not None:  # vCPUs first seen in the last events
-            self._name_vcpu(*got[1:])
+            self._name_vcpu(got)
             got = self._rings.flush()
         self._flush()
         for pid in list(session.procs):
