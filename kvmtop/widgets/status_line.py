@@ -1,6 +1,6 @@
 """The status line: attached since (since when it ended, or where a replay is), the file being
-recorded to, exits recorded, exits lost (must stay 0), ptrace stops per second and per
-exit so far, vCPUs."""
+recorded to, exits recorded, exits lost (must stay 0), events the kernel dropped (the tracepoint
+engine; must stay 0), ptrace stops per second and per exit so far (or none), vCPUs."""
 
 from __future__ import annotations
 
@@ -38,9 +38,15 @@ class StatusLine(Static):
         text.append(f"   vCPUs {len(snap.vcpus)}   exits {human(exits)}")
         text.append("   lost ")
         text.append(str(snap.lost), style="bold red" if snap.lost else "")
-        text.append(f"   stops/s {human(snap.stops_per_s)}")
-        if snap.total:
-            text.append(f" {snap.stops / snap.total:.1f}/exit")
+        if snap.dropped:  # the kernel's tracepoint events it could not write: exits missing
+            text.append(f"   dropped {human(sum(n for _cpu, n in snap.dropped))} events",
+                        style="bold red")  # fmt: skip
+        if snap.total and not snap.stops:  # KVM's tracepoints, or seccomp's notifications
+            text.append("   no stops")
+        else:
+            text.append(f"   stops/s {human(snap.stops_per_s)}")
+            if snap.total:
+                text.append(f" {snap.stops / snap.total:.1f}/exit")
         if status.recording is not None:
             text.append(f"   recording to {status.recording}")
         self.update(text)
