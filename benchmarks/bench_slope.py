@@ -64,7 +64,7 @@ from guests.qemu_bios import qemu_command, write_bios  # noqa: E402
 
 STRACE = ["strace", "-f", "-qq", "-e", "trace=ioctl", "--kvm=vcpu", "-o", "/dev/null"]
 FLOOR_SOURCE = "/work/shared/floor/floor.c"
-SPIN_ITERATIONS = 3_000_000  # ~0.8 s here; kvmtop attaches in ~0.2 s (0.3 s at worst)
+SPIN_ITERATIONS = 6_000_000  # ~1.5 s here; kvmtop attaches in ~0.2 s (0.65 s beside stress-ng)
 IO_EXIT = "KVM_EXIT_IO"
 PERF_EVENTS = ["-e", "kvm:kvm_userspace_exit", "-e", "kvm:kvm_pio", "-e", "syscalls:sys_enter_ioctl",
                "--filter", "cmd == 0xae80", "-e", "syscalls:sys_exit_ioctl"]  # fmt: skip
