@@ -158,7 +158,8 @@ class TracepointTracer:
         except BaseException as exc:  # noqa: BLE001 - report; the events die with the fds
             self.out.put(TracerFailed(f"tracer failed: {exc!r}", kind="KvmtopError"))
         finally:
-            self._rings.close()
+            # the kernel takes ~0.25 s to tear the events down: not in the way of the summary
+            threading.Thread(target=self._rings.close, name="kvmtop-tp-close", daemon=True).start()
             os.close(self._wake_r)
             os.close(self._wake_w)
             self.out.put(TracerEnded())
