@@ -294,8 +294,12 @@ class TracepointTracer:
         session = self._session
         if session is None:
             return
+        gone = [pid for pid in session.pidfds if pid in session.procs and not _alive(pid)]
+        if gone:  # its last events may wait in the rings, and its exit record: read them all
+            self._read_all()
+            self._flush()
         for pid, pidfd in list(session.pidfds.items()):
-            if pid in session.procs and not _alive(pid):
+            if pid in gone and pid in session.procs:  # (no exit record of its leader seen)
                 del session.procs[pid]
                 self._rings.unfollow(pid)
                 session.news.append(ProcessSeen(pid, 0, (), time.monotonic_ns(), True, None))
@@ -304,6 +308,13 @@ class TracepointTracer:
                 del session.pidfds[pid]
         if session.roots and not session.procs:
             self._end("exited")
+
+    def _read_all(self) -> None:
+        """Every event in the rings, whatever its time, naming the vCPUs first seen in them."""
+        got = self._rings.flush()
+        while got is not None:
+            self._name_vcpu(got)
+            got = self._rings.flush()
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -376,10 +387,7 @@ class TracepointTracer:
         session = self._session
         if session is None:
             raise KvmtopError("not attached")
-        got = self._rings.flush()
-        while got is not None:  # vCPUs first seen in the last events
-            self._name_vcpu(got)
-            got = self._rings.flush()
+        self._read_all()
         self._flush()
         for pid in list(session.procs):
             self._rings.unfollow(pid)
