@@ -50,6 +50,7 @@ from kvmtop.model.messages import (
     TracerFailed,
     TracerMessage,
 )
+from kvmtop.trace.commanded import Commanded
 from kvmtop.trace.engine import (
     ENGINE_ENV,
     ENGINES,
@@ -83,7 +84,7 @@ FLUSH_INTERVAL_NS = int(FLUSH_INTERVAL_S * 1e9)
 __all__ = ["OPTIONS", "Tracer"]
 
 
-class Tracer:
+class Tracer(Commanded):
     """Owns the tracing thread. One session at a time (:class:`kvmtop.trace.followed_processes.Followed`: the
     VMMs attached to, or a launched command and every process it starts); attach again after a
     detach."""
@@ -146,24 +147,8 @@ class Tracer:
         has no binary stats."""
         return self._send("stats", None)
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Detach if attached, then end the thread (bounded by ``timeout``)."""
-        if self._thread.is_alive():
-            self._send("quit", None)
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _send(self, command: str, arg: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        if not self._thread.is_alive():
-            future.set_exception(KvmtopError("the tracer is not running"))
-            return future
-        self._commands.put((command, arg, future))
+    def _wake(self) -> None:
         self._kicker.kick()
-        return future
 
     def _tick(self) -> None:
         """Makes sure exits reach ``out`` within FLUSH_INTERVAL_S even when the guest goes quiet."""

@@ -35,6 +35,7 @@ from kvmtop.model.messages import (
     TracerMessage,
 )
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
+from kvmtop.trace.commanded import Commanded
 from kvmtop.trace.engine import vcpu_records
 from kvmtop.trace.tp_engine import (
     ENGINE_NOTE,
@@ -64,7 +65,7 @@ class _Session:
         self.root_status: int | None = None
 
 
-class TracepointTracer:
+class TracepointTracer(Commanded):
     """Owns the thread that reads KVM's tracepoints. One session at a time; ``all_vms``: every
     VMM on the host at once (``-a``)."""
 
@@ -129,26 +130,11 @@ class TracepointTracer:
             return future
         return self._stats_taker(session.slots.first_pid or session.roots[0])
 
-    def stop(self, timeout: float = 2.0) -> None:
-        if self._thread.is_alive():
-            self._send("quit", None)
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _send(self, command: str, arg: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        if not self._thread.is_alive():
-            future.set_exception(KvmtopError("the tracer is not running"))
-            return future
-        self._commands.put((command, arg, future))
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # woken already
-        return future
 
     # --- the thread ------------------------------------------------------------------------------
 
