@@ -445,11 +445,7 @@ class Tracer(Commanded):
         self._kicker.reported(status)
         self._flush()
         self._nudge_stats()
-        while True:
-            try:
-                command, arg, future = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for command, arg, future in self._pending_commands():
             try:
                 if command == "attach":
                     future.set_result(self._attach(arg))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -40,3 +41,11 @@ class Commanded:
 
     def _wake(self) -> None:
         raise NotImplementedError
+
+    def _pending_commands(self) -> Iterator[tuple[str, Any, Future[Any]]]:
+        """The commands sent so far, each once (the tracer's thread only)."""
+        while True:
+            try:
+                yield self._commands.get_nowait()
+            except queue.Empty:
+                return

@@ -167,11 +167,7 @@ class TracepointTracer(Commanded):
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
-        while True:
-            try:
-                command, arg, future = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        for command, arg, future in self._pending_commands():
             try:
                 if command == "attach":
                     future.set_result(self._attach(arg))
