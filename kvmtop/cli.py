@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINES, default=None,
                         help="how exits are seen: auto (KVM's tracepoints where kvmtop may "
                         "open them, else ptrace), tracepoints, or ptrace")  # fmt: skip
+    parser.add_argument("--rip", action="store_true",
+                        help="also the guest's RIP at every exit (sets the vCPUs' kvm_valid_regs "
+                        "while traced: see the README)")  # fmt: skip
+    parser.add_argument("--guest-symbols", metavar="FILE",
+                        help="name guest RIPs with a guest's kallsyms copy, System.map or ELF")  # fmt: skip
     parser.add_argument("-d", "--delay", type=float, metavar="S",
                         help="refresh the TUI's views every S seconds, 0.25 to 5 (0.25; + and - "
                         "change it)")  # fmt: skip
@@ -97,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--engine", choices=ENGINES, default=argparse.SUPPRESS,
                      help="auto (the default), tracepoints or ptrace")  # fmt: skip
     rec.add_argument("--duration", type=float, help="stop after this many seconds")
+    rec.add_argument("--rip", action="store_true", default=argparse.SUPPRESS,
+                     help="also record the guest's RIP at every exit (see the README)")  # fmt: skip
+    rec.add_argument("--guest-symbols", metavar="FILE", default=argparse.SUPPRESS,
+                     help="name guest RIPs in the summary with a guest's kallsyms, System.map or "
+                     "ELF")  # fmt: skip
     rec.add_argument(
         "--data", action="store_true", help="also record IO/MMIO data values (may hold secrets)"
     )
@@ -266,7 +276,7 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
         output = args.output or (None if args.jsonl else DEFAULT_RECORDING)
         return record(args.pid, command, output, args.duration, args.data, args.json,
                       not args.no_seccomp, args.jsonl, notify=not args.no_notify,
-                      all_vms=args.all)  # fmt: skip
+                      all_vms=args.all, rip=args.rip, symbols=args.guest_symbols)  # fmt: skip
     if command is not None and args.command is not None:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
@@ -336,6 +346,8 @@ def record(
     jsonl: str | None = None,
     notify: bool = True,
     all_vms: bool = False,
+    rip: bool = False,
+    symbols: str | None = None,
 ) -> int:
     """Trace until the VMM exits, Ctrl-C/SIGTERM, ``duration``, or the JSONL reader going away;
     then summarise. A launched command runs under kvmtop's seccomp filter unless ``one_stop`` is
@@ -353,11 +365,12 @@ def record(
         raise UsageError("-a needs the tracepoint engine: " + choose_engine()[1])
     session = TraceSession(record_path=output, with_data=with_data,
                            keep_old=output == DEFAULT_RECORDING, exit_sink=stream,
-                           child_stdout_to_stderr=to_stdout)  # fmt: skip
+                           child_stdout_to_stderr=to_stdout, rip=rip)  # fmt: skip
     # CMD's stdout stays its own (as with perf stat, strace -c, time); -p: the summary is the output
     summary_out = sys.stderr if to_stdout or command is not None else sys.stdout
     reader_gone = False
     stop_requested: list[float] = []  # when each stop signal came
+    notices: list[tuple[str, str]] = []  # errors, for the end; warnings are said at once
 
     def on_signal(_signum: int, _frame: object) -> None:
         stop_requested.append(time.monotonic())
@@ -416,6 +429,7 @@ def record(
             )
         deadline = None if duration is None else time.monotonic() + duration
         while not session.ended.wait(0.05) and not stop_overdue():
+            notices += say_warnings(session.take_notices())
             if deadline is not None and time.monotonic() >= deadline:
                 session.detach()
                 deadline = None
@@ -438,7 +452,8 @@ def record(
     if to_stdout and (reader_gone or session.sink_closed):
         _silence_stdout()
         print("kvmtop: the JSONL reader closed its pipe; detached", file=sys.stderr)
-    errors = [text for severity, text in session.take_notices() if severity == "error"]
+    notices += say_warnings(session.take_notices())
+    errors = [text for severity, text in notices if severity == "error"]
     if session.state is SessionState.FAILED:
         raise KvmtopError(errors[-1] if errors else "attach failed")
     for text in errors:  # e.g. the recording could not be written; the summary still follows
@@ -461,6 +476,14 @@ def record(
         status = session.child_exit_status
         return status if status is not None else 0
     return 0
+
+
+def say_warnings(notices: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Print the warnings among ``notices`` on stderr; the others, for later."""
+    for severity, text in notices:
+        if severity == "warning":
+            print(f"kvmtop: {text}", file=sys.stderr)
+    return [(severity, text) for severity, text in notices if severity != "warning"]
 
 
 def report(path: str, form: str) -> int:

@@ -49,6 +49,7 @@ from kvmtop.model.messages import (
     TracerEnded,
     TracerFailed,
     TracerMessage,
+    TracerNote,
 )
 from kvmtop.trace.commanded import Commanded
 from kvmtop.trace.engine import (
@@ -64,7 +65,7 @@ from kvmtop.trace.engine import (
     vcpu_records,
 )
 from kvmtop.trace.followed_processes import OPTIONS, Followed, launch_process, seize_process
-from kvmtop.trace.inject import plan_job, run_job
+from kvmtop.trace.inject import CheckJob, own_filter, plan_job, run_job
 from kvmtop.trace.kicker import Kicker
 from kvmtop.trace.native_engine import make_engine
 from kvmtop.trace.stop_wait import poll_max_ns_from_env
@@ -95,9 +96,11 @@ class Tracer(Commanded):
         child_stdio: str | None = None,
         child_stdout_to_stderr: bool = False,
         child_stderr: str | None = None,
+        rip: bool = False,
     ) -> None:
         self.out: queue.SimpleQueue[TracerMessage] = queue.SimpleQueue()
         self.with_data = with_data
+        self.rip = rip  # every exit's guest RIP (kvmtop.trace.sync_regs), where it is safe
         self.child_stdio = child_stdio  # launched commands' stdio goes here (TUI: /dev/null)
         self.child_stdout_to_stderr = child_stdout_to_stderr  # kvmtop's stdout is a stream
         self.child_stderr = child_stderr  # ...and their stderr here (TUI: a file, to show it)
@@ -118,6 +121,7 @@ class Tracer(Commanded):
         self._stops = 0  # the stops this thread handled itself
         self._info = pt.SyscallInfo()
         self._ticker = threading.Thread(target=self._tick, name="kvmtop-tick", daemon=True)
+        self._rip_decided = threading.Condition()  # notified when a VMM answered (--rip)
 
     # --- the API other threads call --------------------------------------------------------
 
@@ -147,6 +151,11 @@ class Tracer(Commanded):
         has no binary stats."""
         return self._send("stats", None)
 
+    def want_rip(self) -> Future[None]:
+        """From now on, every exit's guest RIP where it is safe (see
+        :mod:`kvmtop.trace.sync_regs`; what is not is said in TracerNote messages)."""
+        return self._send("rip", None)
+
     def _wake(self) -> None:
         self._kicker.kick()
 
@@ -154,7 +163,7 @@ class Tracer(Commanded):
         """Makes sure exits reach ``out`` within FLUSH_INTERVAL_S even when the guest goes quiet."""
         while self._thread.is_alive():
             time.sleep(FLUSH_INTERVAL_S)
-            if self.engine.pending() or self._stats_proc is not None:
+            if self.engine.pending() or self._stats_proc is not None or self.rip:
                 self._kicker.kick()
 
     # --- the tracing thread ------------------------------------------------------------------
@@ -170,6 +179,8 @@ class Tracer(Commanded):
         finally:
             self._ready.set()
             group = self._group
+            for proc in group.procs.values() if group is not None else ():
+                proc.restore_rips()  # the kernel detaches the VMM; the field goes back too
             if group is not None and group.notifier is not None:
                 group.notifier.stop()
             self._kicker.close()
@@ -210,17 +221,17 @@ class Tracer(Commanded):
         info = self._info.fetch(tid)
         op = info[0]
         if op == pt.PTRACE_SYSCALL_INFO_ENTRY:
-            if proc.stats_job is not None and self._inject(proc, tid, pt.PTRACE_SYSCALL, info):
-                return
             fd = kvm_run_fd(info)
             if fd is not None and proc.mode == MODE_TWO_STOP:
-                self._ensure_page(proc, tid, fd)
+                self._ensure_page(proc, tid, fd)  # (with --rip: asked for below, before its run)
                 if self._detaching and tid in self._kicked:
                     # kvmtop's interrupt is pending: detached here, the KVM_RUN would end with
                     # EINTR unseen (a signal exit KVM counts). Run it to that end, seen, first.
                     self.engine.handle(tid, status, now)
                     pt.ptrace_unless_gone(pt.PTRACE_SYSCALL, tid)
                     return
+            if self._has_job(proc) and self._inject(proc, tid, pt.PTRACE_SYSCALL, info):
+                return
         elif op == pt.PTRACE_SYSCALL_INFO_EXIT:
             state = self.engine.thread(tid)
             if tid in self._kicked and state is not None and state.in_run:  # its KVM_RUN returns
@@ -237,6 +248,7 @@ class Tracer(Commanded):
                 if rval >= 0:
                     proc.forget_page(self.engine, rval)  # a new vCPU can reuse a closed fd
                     proc.open_page(self.engine, tid, rval, at_run=False)
+                    self._rip_check(proc)  # asked at its next syscall: before its first run
                 self.engine.set_thread(tid, True, False)
                 self._resume(proc, tid, 0)
                 return
@@ -252,17 +264,18 @@ class Tracer(Commanded):
     def _ensure_page(self, proc: TracedProcess, tid: int, fd: int) -> None:
         if self.engine.page(proc.pid, fd) is None:
             proc.open_page(self.engine, tid, fd)
+            self._rip_check(proc)
 
     def _other_stop(self, proc: TracedProcess, tid: int, status: int, now: int) -> None:
         sig = (status >> 8) & 0xFF
         event = status >> 16
         if event == pt.PTRACE_EVENT_SECCOMP:
             info = self._info.fetch(tid)
-            if proc.stats_job is not None and self._inject(proc, tid, pt.PTRACE_CONT, info):
-                return
             fd = kvm_run_fd(info)
             if fd is not None:
                 self._ensure_page(proc, tid, fd)
+            if self._has_job(proc) and self._inject(proc, tid, pt.PTRACE_CONT, info):
+                return
             self._handle_or_resume(proc, tid, status, now)
         elif event == 0:
             self._resume(proc, tid, sig)  # signal-delivery-stop: pass the signal on, unchanged
@@ -387,6 +400,7 @@ class Tracer(Commanded):
         group = self._group
         if group is None or group.procs.get(proc.pid) is not proc:
             return
+        proc.check_job = None
         if proc.stats_job is not None:
             proc.stats_job.error = "no KVM counters: the VMM has gone"
             proc.stats_job.settle()
@@ -429,6 +443,8 @@ class Tracer(Commanded):
             VcpuSeen(seen.vcpu, seen.tid, seen.t_ns, key(seen.vcpu))
             for seen in vcpu_records(taken.seen, base)
         ]
+        if self.rip and self._group is not None:
+            self._rip_sweep(self._group)
         processes = group.take_news() if group is not None else ()
         lost = taken.lost + self._lost
         stops = taken.stops + self._stops
@@ -457,6 +473,9 @@ class Tracer(Commanded):
                     self._quit_when_detached(future)
                 elif command == "stats":
                     self._start_stats(future)
+                elif command == "rip":
+                    self.rip = True
+                    future.set_result(None)
             except KvmtopError as exc:
                 if command != "stats":  # the tracing goes on; only the asker needs to know
                     self.out.put(TracerFailed(str(exc), kind=type(exc).__name__))
@@ -465,7 +484,7 @@ class Tracer(Commanded):
     def _set_flags(self, proc: TracedProcess) -> None:
         """Tell the engine how to treat the process's stops now."""
         flags = 0
-        if proc.stats_job is not None:
+        if self._has_job(proc):
             flags |= P_HANDBACK | P_SYSCALLS
         if self._detaching:
             flags |= P_HANDBACK | P_NO_RESUME
@@ -488,18 +507,81 @@ class Tracer(Commanded):
         self._stats_proc = proc
         self._set_flags(proc)
 
+    @staticmethod
+    def _has_job(proc: TracedProcess) -> bool:
+        return proc.stats_job is not None or proc.check_job is not None
+
+    # --- guest RIPs (kvmtop.trace.sync_regs) ------------------------------------------------------
+
+    def _rip_sweep(self, group: Followed) -> None:
+        """With ``rip``, every FLUSH_INTERVAL_S: vCPUs new to kvmtop (also those the listener's
+        thread found) get their kvm_valid_regs set once their VMM has said what KVM allows for
+        their VM, which it is asked (KVM_CHECK_EXTENSION, kvmtop.trace.inject) where not yet."""
+        for proc in list(group.procs.values()):
+            self._rip_check(proc)
+
+    def _rip_check(self, proc: TracedProcess) -> None:
+        """``proc``'s vCPUs new to kvmtop: see :meth:`_rip_sweep`."""
+        if not self.rip or self._detaching:
+            return
+        for note in proc.enable_rips(self.engine):
+            self.out.put(TracerNote(note))
+        if self._has_job(proc):
+            return
+        vms = proc.vms_to_check()
+        if not vms:
+            return
+        tid = own_filter(proc.pid, self.engine.threads_of(proc.pid), proc.mode != MODE_TWO_STOP)
+        if tid is not None:
+            for vm in vms:
+                proc.sync_allowed[vm] = 0
+            self.out.put(TracerNote(
+                f"pid {proc.pid}: no guest RIP: it runs under a seccomp filter of its own "
+                f"(thread {tid}), which could refuse or kill it for the KVM_CHECK_EXTENSION "
+                "kvmtop would have it make"))  # fmt: skip
+            return
+        proc.check_job = CheckJob(vms)
+        self._set_flags(proc)
+        if proc.mode != MODE_TWO_STOP:
+            # its threads may not stop by themselves for a long time (with user notification:
+            # never), and a vCPU's first run may be waiting for the answer (_rip_wait)
+            proc.check_job.nudged = True
+            self._interrupt(proc)
+
+    def _rip_wait(self, proc: TracedProcess) -> None:
+        """The listener's thread has found a vCPU whose first KVM_RUN waits for its answer: with
+        ``rip``, have its VMM asked now, and let the run go once it has answered (at most 1 s),
+        so that the vCPU's first exit carries its RIP too."""
+        if not self.rip:
+            return
+        self._kicker.kick()
+        deadline = time.monotonic() + 1.0
+        with self._rip_decided:
+            while proc.vms_to_check() and time.monotonic() < deadline and self.alive:
+                self._rip_decided.wait(0.05)
+
+    def _check_done(self, proc: TracedProcess, job: CheckJob) -> None:
+        proc.check_job = None
+        self._set_flags(proc)
+        proc.sync_allowed.update(job.answers)
+        for vm in job.todo:  # given up
+            proc.sync_allowed[vm] = -errno_module.EINTR
+        for note in proc.enable_rips(self.engine):
+            self.out.put(TracerNote(note))
+        with self._rip_decided:
+            self._rip_decided.notify_all()
+
     def _nudge_stats(self) -> None:
         """A busy vCPU's next KVM_RUN entry comes at once, and so does some thread's syscall.
         If the job is not done after 0.2 s, the threads are interrupted: a blocking syscall
         restarts (its entry comes again); a KVM_RUN returns EINTR, as for any signal, which
         VMMs handle by running it again (an idle vCPU may not leave KVM_RUN for seconds)."""
-        proc = self._stats_proc
-        job = proc.stats_job if proc is not None else None
-        if proc is None or job is None or job.nudged:
-            return
-        if time.monotonic_ns() - job.asked_ns > 200_000_000:
-            job.nudged = True
-            self._interrupt(proc)
+        group = self._group
+        for proc in list(group.procs.values()) if group is not None else ():
+            job = proc.stats_job or proc.check_job
+            if job is not None and not job.nudged and time.monotonic_ns() - job.asked_ns > 2e8:
+                job.nudged = True
+                self._interrupt(proc)
 
     def _interrupt(self, proc: TracedProcess) -> None:
         for tid in self.engine.threads_of(proc.pid):
@@ -510,7 +592,7 @@ class Tracer(Commanded):
         """Go on with the stats job on ``tid``, at a syscall entry (``info``: its
         PTRACE_GET_SYSCALL_INFO). False: nothing was done, the stop is handled as usual; True:
         handled (the stop that followed was dispatched)."""
-        job = proc.stats_job
+        job = proc.stats_job or proc.check_job
         assert job is not None
         if self._detaching:
             return False
@@ -526,7 +608,9 @@ class Tracer(Commanded):
             if exc.errno != errno_module.ESRCH:
                 raise
             return True  # killed meanwhile: its exit status follows
-        if job.finished:
+        if job.finished and isinstance(job, CheckJob):
+            self._check_done(proc, job)
+        elif job.finished:
             proc.stats_job = None
             self._stats_proc = None
             self._set_flags(proc)
@@ -592,6 +676,7 @@ class Tracer(Commanded):
                 proc = seize_process(pid, self.engine, group)
                 self._kicked.update(self.engine.threads_of(pid))  # each was interrupted once
                 self._seen += proc.open_known_vcpus(self.engine)
+                self._rip_check(proc)
         except BaseException:
             group.roots = [root for root in group.roots if root in group.procs]
             if group.procs:  # let go of what was seized
@@ -615,6 +700,7 @@ class Tracer(Commanded):
         )  # fmt: skip
         self._begin(group)
         if group.mode == MODE_NOTIFY:
+            group.on_vcpu_found = self._rip_wait
             group.start_notifier(self.engine, self._kicker.kick, self._notify_failed)
         root = group.roots[0]
         os.kill(root, signal.SIGCONT)  # the launcher runs on, traced, and execs the command
@@ -636,10 +722,11 @@ class Tracer(Commanded):
 ASKED_PTRACE = "ptrace was asked for (--engine ptrace or KVMTOP_ENGINE)"
 
 
-def choose_engine(engine: str = "") -> tuple[str, str]:
+def choose_engine(engine: str = "", rip: bool = False) -> tuple[str, str]:
     """("tracepoints" or "ptrace", why) for ``engine`` ("": ``$KVMTOP_ENGINE`` or auto):
-    auto takes KVM's tracepoints where this process may open them. Raises the tracepoint
-    engine's error when it is asked for by name and cannot run."""
+    auto takes KVM's tracepoints where this process may open them, but ptrace where guest RIPs
+    are asked for (``rip``: the tracepoint engine gives none). Raises the tracepoint engine's
+    error when it is asked for by name and cannot run."""
     from kvmtop.trace.tp_engine import TracepointsUnavailable, unavailable_reason
 
     engine = engine or os.environ.get(ENGINE_ENV, "") or "auto"
@@ -647,6 +734,8 @@ def choose_engine(engine: str = "") -> tuple[str, str]:
         raise KvmtopError(f"no such engine: {engine} (one of {', '.join(ENGINES)})")
     if engine == "ptrace":
         return "ptrace", ASKED_PTRACE
+    if engine == "auto" and rip:
+        return "ptrace", "--rip: the ptrace engine gives each exit's guest RIP"
     why = unavailable_reason()
     if not why:
         return "tracepoints", ""
@@ -661,17 +750,18 @@ def open_tracer(
     child_stdio: str | None = None,
     child_stdout_to_stderr: bool = False,
     child_stderr: str | None = None,
+    rip: bool = False,
 ) -> tuple[Any, str, str]:
     """(a tracer, not started; how its exits are seen where not by ptrace; why not where
-    auto fell back to ptrace)."""
+    auto fell back to ptrace). ``rip``: every exit's guest RIP (the ptrace tracer's)."""
     from kvmtop.trace.tp_tracer import TracepointTracer
 
-    chosen, why = choose_engine(engine)
+    chosen, why = choose_engine(engine, rip)
     if chosen == "tracepoints":
         tracer = TracepointTracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr,
                                   stats_taker=stats_once)  # fmt: skip
         return tracer, tracer.engine_note, ""
-    tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr)
+    tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr, rip)
     return tracer, "", (f"ptrace, not kernel tracepoints: {why}" if why != ASKED_PTRACE else "")
 
 

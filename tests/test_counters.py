@@ -321,10 +321,12 @@ def test_a_kernel_without_binary_stats_is_said_so_in_one_line(err):
     from concurrent.futures import Future
 
     from kvmtop.abi.arch import x86_64
-    from kvmtop.trace.inject import StatsJob, _took
+    from kvmtop.trace.inject import StatsJob
 
     job = StatsJob(Future(), [(VM, 5), (0, 7)])
-    _took(job, -1, x86_64.SYS_IOCTL, (VM, 5), -err, 1234)  # what the ioctl returned
+    call = job.next_call(None)
+    assert call is not None and call[0] == x86_64.SYS_IOCTL and call[1][0] == 5
+    job.took(call, -err, 1234, -1)  # what the ioctl returned
     assert job.finished and not job.to_close  # nothing was made in the VMM: nothing to close
     job.settle()
     with pytest.raises(OSError, match="no KVM binary stats .*Linux 5.14"):

@@ -274,8 +274,8 @@ def test_a_version_1_recording_still_reads(tmp_path) -> None:
     assert batch.vcpus == (VcpuSeen(1, 77, START, None),) and batch.exits == 7
     with open(path, "r+b") as f:
         f.seek(8)
-        f.write((4).to_bytes(2, "little"))
+        f.write((5).to_bytes(2, "little"))
     with pytest.raises(
-        RecordingError, match="version 4 recording; this kvmtop reads versions 1 to 3"
+        RecordingError, match="version 5 recording; this kvmtop reads versions 1 to 4"
     ):
         open_recording(path)

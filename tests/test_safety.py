@@ -335,6 +335,10 @@ def test_kvmtop_has_no_way_to_write_a_tracee():
         if name not in ("inject.py", "ptrace_abi.py"):
             assert "setregs" not in source, name
     assert sources["ptrace_abi.py"].count("setregs") == 2  # the one import, re-exported
+    # with --rip, one field through kvmtop's own mapping of a vCPU fd: kvmtop/trace/sync_regs.py
+    writers = {name for name, source in sources.items() if "prot_write" in source}
+    assert writers == {"sync_regs.py", "vmm.py"}  # and minivmm, the VMM itself
+    assert "dirty_regs" not in sources["sync_regs.py"].split('"""', 2)[2]
 
 
 @pytest.mark.parametrize(

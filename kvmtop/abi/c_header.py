@@ -63,6 +63,13 @@ def definitions() -> list[tuple[str, int, str]]:
         RING_ENTRY=kvm.COALESCED_ENTRY_SIZE,
         RING_MAX=kvm.coalesced_mmio_max(x86_64.PAGE_SIZE),
     )
+    add(
+        "the guest's registers KVM syncs into kvm_run (kvmtop/abi/arch/x86_64.py)",
+        RUN_VALID_REGS=x86_64.RUN_VALID_REGS, KVM_SYNC_X86_REGS=x86_64.KVM_SYNC_X86_REGS,
+        KVM_SYNC_X86_SREGS=x86_64.KVM_SYNC_X86_SREGS, SYNC_RIP=x86_64.SYNC_RIP,
+        SYNC_CS=x86_64.SYNC_CS, SYNC_CS_L=x86_64.SYNC_CS_L, SYNC_SS_DPL=x86_64.SYNC_SS_DPL,
+        SYNC_CR0=x86_64.SYNC_CR0, X86_EFLAGS_VM=x86_64.X86_EFLAGS_VM, X86_CR0_PE=x86_64.X86_CR0_PE,
+    )  # fmt: skip
     entry = field_offsets(kvm.COALESCED_ENTRY, ("phys_addr", "len", "pio"))
     add("struct kvm_coalesced_mmio", **{f"RING_ENTRY_AT_{k.upper()}": v for k, v in entry.items()})
     r = record_layout
@@ -71,6 +78,7 @@ def definitions() -> list[tuple[str, int, str]]:
         KIND_DATA=r.KIND_DATA, KIND_VCPU=r.KIND_VCPU, KIND_HELD=r.KIND_HELD,
         KIND_COALESCED=r.KIND_COALESCED, KIND_HARDWARE=r.KIND_HARDWARE, F_WRITE=r.F_WRITE,
         F_PRIVATE=r.F_PRIVATE, F_DATA=r.F_DATA, F_LONG=r.F_LONG, F_FAILED=r.F_FAILED, F_CYCLE=r.F_CYCLE,
+        KIND_RIP=r.KIND_RIP, R_SEGMENTS=r.R_SEGMENTS,
         C_PIO=r.C_PIO, C_WRAP=r.C_WRAP, C_UNREADABLE=r.C_UNREADABLE, C_KERNEL=r.C_KERNEL,
         GUEST_NS_MAX=r.GUEST_NS_MAX, DATA_CHUNK=r.DATA_CHUNK, UNSEEN_LOW_MAX=r.UNSEEN_LOW_MAX,
         RUN_UNSEEN=r.RUN_UNSEEN)  # fmt: skip

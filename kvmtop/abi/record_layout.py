@@ -20,6 +20,7 @@ RECORD_SIZE = 32
 KIND_EXIT, KIND_LONG, KIND_DATA, KIND_VCPU, KIND_COUNTERS, KIND_END = 1, 2, 3, 4, 5, 6
 KIND_PROCESS, KIND_NAME = 7, 8
 KIND_HELD = 9
+KIND_RIP = 12
 EXIT = struct.Struct("<BBHIqIIQ")  # kind, flags, vcpu, reason, t_exit, guest_ns, b, a
 LONG = struct.Struct("<B7xQ16x")  # kind, guest_ns (when it does not fit 32 bits)
 DATA = struct.Struct("<BB30s")  # kind, length, bytes
@@ -34,6 +35,12 @@ NAME = struct.Struct("<BB30s")  # kind, length, a piece of the argv (after its P
 # the two bounds hold zeros there (the least, 0; the most, 0: no bound)
 HELD = struct.Struct("<BxHIQQQ")  # kind, stops, unseen_low_ns, seen_ns, unseen_ns, unseen_high_ns
 UNSEEN_LOW_MAX = 0xFFFFFFFF  # unseen_low_ns saturates here (a lower least: the bound still holds)
+# a part of an exit (after its HELD; version 4, with --rip): the guest's RIP at the exit, as KVM
+# synced it into kvm_run, its linear address (rip, or cs.base + rip outside 64-bit code) and the
+# CPL; flags R_SEGMENTS: the segment registers were synced too (linear address and CPL exact;
+# else linear = rip and the CPL is not known)
+RIP = struct.Struct("<BBBx4xQQ8x")  # kind, flags, cpl, rip, linear
+R_SEGMENTS = 0x01
 # kind, lost, stops, t, then (version 3 files may hold zeros) the events the kernel dropped on
 # one CPU's ring since the last such record (the tracepoint engine), and that CPU
 COUNTERS = struct.Struct("<B3xIQqIH2x")
@@ -51,11 +58,11 @@ DATA_CHUNK = 30
 P_ENDED, P_EXITED = 0x01, 0x02  # the process has gone; ...and exited (the status is its own)
 NAME_PIECES = 4  # at most 4 NAME records (120 bytes) of argv a process
 
-for _s in (EXIT, LONG, DATA, HELD, VCPU, VCPU_HEAD, PROCESS, NAME, COUNTERS, END):
+for _s in (EXIT, LONG, DATA, HELD, RIP, VCPU, VCPU_HEAD, PROCESS, NAME, COUNTERS, END):
     assert _s.size == RECORD_SIZE
 
 # bytes.translate table: the kinds an exit is made of (EXIT and its parts) become 0, others 1
-EXIT_PART_KINDS = (KIND_EXIT, KIND_LONG, KIND_DATA, KIND_HELD)
+EXIT_PART_KINDS = (KIND_EXIT, KIND_LONG, KIND_DATA, KIND_HELD, KIND_RIP)
 EXIT_PARTS = bytes(0 if k in EXIT_PART_KINDS else 1 for k in range(256))
 
 # COALESCED records (kind 10): writes KVM queued in the coalesced MMIO ring without an exit
@@ -91,6 +98,7 @@ FIELDS: dict[str, tuple[struct.Struct, tuple[str, ...]]] = {
     "DATA": (DATA, ("kind", "length", "bytes")),
     "VCPU": (VCPU, ("kind", "vcpu", "tid", "t", "pid", "vm", "vcpu_id")),
     "HELD": (HELD, ("kind", "stops", "unseen_low_ns", "seen_ns", "unseen_ns", "unseen_high_ns")),
+    "RIP": (RIP, ("kind", "flags", "cpl", "rip", "linear")),
     "COALESCED": (COALESCED, ("kind", "flags", "vcpu", "len", "t", "count", "pad", "address")),
     "HARDWARE": (HARDWARE, ("kind", "isa", "vcpu", "reason", "t", "count", "pad", "rip")),
 }

@@ -36,6 +36,7 @@ from kvmtop.abi.record_layout import (
     KIND_EXIT,
     KIND_HELD,
     KIND_LONG,
+    KIND_RIP,
     LONG,
     RECORD_SIZE,
     RUN_UNSEEN,
@@ -194,7 +195,7 @@ def _exits(
             if pending is not None:
                 _k, _stops, low, seen, unseen, high = HELD.unpack(EXIT.pack(*fields))
                 held = held_times(seen, unseen, low, high)
-        elif kind != KIND_DATA:
+        elif kind != KIND_DATA and kind != KIND_RIP:
             raise ValueError(f"record {i} has kind {kind}: not an exit record")
     if pending is not None:
         yield start, len(records) // RECORD_SIZE, pending, guest, held

@@ -52,8 +52,9 @@ from kvmtop.model.records import (
 )
 
 MAGIC = b"\x89KVMTOP\n"  # the high byte and newline catch text-mode and truncated transfers
-VERSION = 3  # 2: VCPU records say the process and VM; PROCESS and NAME records; 3: HELD, COALESCED
-READS = (1, 2, 3)
+# 2: VCPU records say the process and VM; PROCESS and NAME records; 3: HELD, COALESCED; 4: RIP
+VERSION = 4
+READS = (1, 2, 3, 4)
 HEADER = struct.Struct("<8sHHI")  # magic, version, flags, metadata length
 HEADER_DATA = 0x0001  # IO/MMIO data values are recorded
 WHY_CODES = {"detached": 0, "exited": 1}
@@ -72,9 +73,10 @@ class RecordingMeta:
     kernel: str = ""
     kvmtop_version: str = __version__
     mode: str = ""  # how the exits were seen (tracing_mode); "" in recordings made before it
+    rip: bool = False  # guest RIPs were asked for (--rip): exits carry RIP records where safe
 
 
-def meta_for(attached: Attached, with_data: bool) -> RecordingMeta:
+def meta_for(attached: Attached, with_data: bool, rip: bool = False) -> RecordingMeta:
     lag = (time.monotonic_ns() - attached.t_ns) / 1e9
     return RecordingMeta(
         pid=attached.pid,
@@ -83,6 +85,7 @@ def meta_for(attached: Attached, with_data: bool) -> RecordingMeta:
         start_ns=attached.t_ns,
         start_wall=time.time() - lag,
         with_data=with_data,
+        rip=rip,
         hostname=socket.gethostname(),
         kernel=platform.release(),
         mode=attached.engine_note

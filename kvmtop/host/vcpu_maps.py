@@ -28,6 +28,7 @@ class RunPage:
     mapping: mmap.mmap | None = None  # our own mapping, for the engine
     ring: mmap.mmap | None = None  # ...and of the VM's coalesced MMIO ring (None: not mapped)
     address: int = 0  # else the VMM's mapping's address, read with process_vm_readv
+    fd: int = -1  # kvmtop's duplicate of the vCPU fd (-1: none, read remotely)
 
     def view(self) -> memoryview | bytes:
         raise NotImplementedError
@@ -41,7 +42,7 @@ class MappedRunPage(RunPage):
 
     def __init__(self, vcpu: int, dupfd: int, size: int) -> None:
         self.vcpu = vcpu
-        self._fd = dupfd
+        self._fd = self.fd = dupfd
         self._map = mmap.mmap(dupfd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         self._view = memoryview(self._map)
         self.mapping = self._map

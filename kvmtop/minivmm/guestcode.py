@@ -175,6 +175,27 @@ def counted(
     return code.assemble()
 
 
+def counted_rips(
+    outs: int, mmio_writes: int, spin_iterations: int = 0, ins: int = 0, mmio_reads: int = 0
+) -> dict[str, int]:
+    """Where :func:`counted` (same arguments) leaves the guest at each kind of exit, as KVM
+    reports RIP here: past a completed `out` or MMIO write, on an `in` or MMIO read (the
+    instruction the VMM's value completes). Keys: out, in, mmio_write, mmio_read, exit."""
+    loop = 6  # `mov ecx, imm32` before each repeated body (none for a count of 0)
+    at = loop + 3 if spin_iterations > 0 else 0  # `loop $`
+    sites = {"out": at + loop + 2}  # E6 imm8
+    at += loop + 2 + 3 if outs > 0 else 0
+    sites["in"] = at + loop
+    at += loop + 2 + 3 if ins > 0 else 0
+    at += 3 + 2  # mov ax, imm16; mov es, ax
+    sites["mmio_write"] = at + loop + 4  # 26 A2 moffs16
+    at += loop + 4 + 3 if mmio_writes > 0 else 0
+    sites["mmio_read"] = at + loop
+    at += loop + 4 + 3 if mmio_reads > 0 else 0
+    sites["exit"] = at + 2 + 2  # mov al, imm8; out 0xf4, al
+    return sites
+
+
 def demo(vcpu: int, mmio_base: int = 0xD0000) -> bytes:
     """An endless, varied mix: each round asks the VMM for a phase (port PHASE_PORT) and makes
     that phase's exits, then halts (the VMM paces rounds by sleeping on hlt)."""

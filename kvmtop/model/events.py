@@ -13,6 +13,17 @@ from kvmtop.model.vcpu_keys import VcpuKey
 
 
 @dataclass(frozen=True, slots=True)
+class GuestRip:
+    """Where the guest was at an exit (``--rip``): its RIP, that RIP's linear address (cs.base
+    added outside 64-bit code) and its privilege level (-1: not known, the segment registers
+    were not synced)."""
+
+    rip: int
+    linear: int
+    cpl: int = -1
+
+
+@dataclass(frozen=True, slots=True)
 class ExitEvent:
     """One return of KVM_RUN on one vCPU.
 
@@ -40,6 +51,7 @@ class ExitEvent:
     held_unseen_ns: int = 0
     held_unseen_low_ns: int = 0
     held_unseen_high_ns: int = 0
+    rip: GuestRip | None = None  # with --rip, where KVM synced the guest's registers
 
     @property
     def held_ns(self) -> int:

@@ -98,11 +98,19 @@ class TracerFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class TracerNote:
+    """Something the user should know while tracing goes on (a vCPU that gets no guest RIP,
+    and why)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class TracerEnded:
     """The tracer's thread has ended: no message follows."""
 
 
-TracerMessage = ExitBatch | Attached | Detached | TracerFailed | TracerEnded
+TracerMessage = ExitBatch | Attached | Detached | TracerFailed | TracerNote | TracerEnded
 
 
 class VcpuKeys:

@@ -29,6 +29,7 @@ from kvmtop.abi.record_layout import (
     KIND_LONG,
     KIND_NAME,
     KIND_PROCESS,
+    KIND_RIP,
     KIND_VCPU,
     LONG,
     NAME,
@@ -36,13 +37,15 @@ from kvmtop.abi.record_layout import (
     P_ENDED,
     P_EXITED,
     PROCESS,
+    R_SEGMENTS,
     RECORD_SIZE,
+    RIP,
     SAME_BITS,
     T_EXIT,
     UNSEEN_LOW_MAX,
     VCPU,
 )
-from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
+from kvmtop.model.events import ExitEvent, GuestRip, ProcessSeen, VcpuSeen
 from kvmtop.model.vcpu_keys import VcpuKey
 
 NOT_HELD = (0, 0, 0, 0, 0)  # stops, seen, unseen, unseen_low, unseen_high
@@ -75,6 +78,16 @@ def pack_exit(out: bytearray, event: ExitEvent, base_ns: int) -> None:
         out += HELD.pack(KIND_HELD, min(event.held_stops, 0xFFFF),
                          min(event.held_unseen_low_ns, UNSEEN_LOW_MAX), event.held_seen_ns,
                          event.held_unseen_ns, event.held_unseen_high_ns)  # fmt: skip
+    rip = event.rip
+    if rip is not None:
+        known = rip.cpl >= 0
+        out += RIP.pack(KIND_RIP, R_SEGMENTS if known else 0, max(rip.cpl, 0), rip.rip, rip.linear)
+
+
+def unpack_rip(record: bytes | memoryview) -> GuestRip:
+    """A RIP record (version 4)."""
+    _kind, flags, cpl, rip, linear = RIP.unpack(record)
+    return GuestRip(rip, linear, cpl if flags & R_SEGMENTS else -1)
 
 
 def pack_events(events: Iterable[ExitEvent], base_ns: int) -> bytes:
@@ -85,32 +98,34 @@ def pack_events(events: Iterable[ExitEvent], base_ns: int) -> bytes:
 
 
 def _event(
-    fields: tuple[int, ...], guest: int, data: bytes, held: tuple[int, ...], base_ns: int
-) -> ExitEvent:
+    fields: tuple[int, ...], guest: int, data: bytes, held: tuple[int, ...], base_ns: int,
+    rip: GuestRip | None,
+) -> ExitEvent:  # fmt: skip
     _kind, flags, vcpu, reason, t_exit, _guest, b, a = fields
     exit_ns = base_ns + t_exit
     cycle = EXIT_CYCLE if flags & F_CYCLE else 0
     if flags & F_FAILED:  # b holds the errno; the details of a failed run mean nothing
         return ExitEvent(vcpu, reason, b, exit_ns - guest, exit_ns, 0, 0, cycle, b"",
-                         *held)  # fmt: skip
+                         *held, rip=rip)  # fmt: skip
     return ExitEvent(vcpu, reason, 0, exit_ns - guest, exit_ns, a, b,
-                     (flags & SAME_BITS) | cycle, data, *held)  # fmt: skip
+                     (flags & SAME_BITS) | cycle, data, *held, rip=rip)  # fmt: skip
 
 
 def iter_events(records: bytes | bytearray | memoryview, base_ns: int) -> Iterator[ExitEvent]:
-    """The exits in ``records`` (EXIT records, each with the LONG, DATA, HELD records after it),
-    as ExitEvents with absolute times. LONG or DATA records before the first EXIT belong to
-    no exit and are passed over."""
+    """The exits in ``records`` (EXIT records, each with the LONG, DATA, HELD, RIP records after
+    it), as ExitEvents with absolute times. Parts before the first EXIT belong to no exit and
+    are passed over."""
     pending: tuple[int, ...] | None = None
     guest = 0
     data = b""
     held = NOT_HELD
+    rip: GuestRip | None = None
     for fields in EXIT.iter_unpack(records):
         kind = fields[0]
         if kind == KIND_EXIT:
             if pending is not None:
-                yield _event(pending, guest, data, held, base_ns)
-            pending, guest, data, held = fields, fields[5], b"", NOT_HELD
+                yield _event(pending, guest, data, held, base_ns, rip)
+            pending, guest, data, held, rip = fields, fields[5], b"", NOT_HELD, None
         elif pending is None:
             continue
         elif kind == KIND_LONG:
@@ -121,8 +136,10 @@ def iter_events(records: bytes | bytearray | memoryview, base_ns: int) -> Iterat
         elif kind == KIND_HELD:
             _k, stops, low, seen, unseen, high = HELD.unpack(EXIT.pack(*fields))
             held = (stops, seen, unseen, low, high)
+        elif kind == KIND_RIP:
+            rip = unpack_rip(EXIT.pack(*fields))
     if pending is not None:
-        yield _event(pending, guest, data, held, base_ns)
+        yield _event(pending, guest, data, held, base_ns, rip)
 
 
 def pack_vcpu(seen: VcpuSeen, t_rel: int) -> bytes:

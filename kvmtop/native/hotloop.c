@@ -249,7 +249,9 @@ typedef struct {
     const uint8_t *ring_map; /* the VM's coalesced MMIO ring, through this vCPU's mapping */
     Py_buffer ring_view;
     int ring; /* index into rings (used only with ring_map) */
+    int rip; /* RIP_OFF, RIP_ARMED (kvm_valid_regs set), RIP_ON (a run entered since: RIP parts) */
 } Page;
+enum { RIP_OFF, RIP_ARMED, RIP_ON };
 
 typedef struct {
     int used, tid, pid;
@@ -487,9 +489,32 @@ static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint3
     }
 }
 
-/* One exit: EXIT, then LONG when guest_ns does not fit, then DATA (docs/recording-format.md). */
+/* The guest's RIP part of an exit whose run KVM synced the registers of (x86_64.guest_rip, the
+   reference); 0 where kvm_valid_regs does not ask for them. */
+static int rip_part(const uint8_t *run, uint8_t *r) {
+    uint64_t valid = get64(run + RUN_VALID_REGS);
+    if (!(valid & KVM_SYNC_X86_REGS)) return 0;
+    uint64_t rip = get64(run + SYNC_RIP), rflags = get64(run + SYNC_RIP + 8), linear = rip;
+    uint8_t flags = 0, cpl = 0;
+    if (valid & KVM_SYNC_X86_SREGS) {
+        flags = R_SEGMENTS;
+        if (get64(run + SYNC_CR0) & X86_CR0_PE)
+            cpl = (rflags & X86_EFLAGS_VM) ? 3 : (run[SYNC_SS_DPL] & 3);
+        if (!run[SYNC_CS_L]) linear = (get64(run + SYNC_CS) + rip) & 0xFFFFFFFFu;
+    }
+    memset(r, 0, RECORD_SIZE);
+    r[0] = KIND_RIP;
+    r[RIP_AT_FLAGS] = flags;
+    r[RIP_AT_CPL] = cpl;
+    put64(r + RIP_AT_RIP, rip);
+    put64(r + RIP_AT_LINEAR, linear);
+    return 1;
+}
+
+/* One exit: EXIT, then LONG when guest_ns does not fit, then DATA, HELD and RIP
+   (docs/recording-format.md); ``rip``: the page's RIP parts are on. */
 static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, int64_t exit_ns,
-                 const uint8_t *run, int cycle, int reads, const struct window *w) {
+                 const uint8_t *run, int cycle, int reads, const struct window *w, int rip) {
     uint64_t a = 0;
     uint32_t b = 0;
     uint8_t flags = 0, data[RUN_MAP_SIZE];
@@ -506,7 +531,7 @@ static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, i
     if (guest < 0 || guest > (int64_t)GUEST_NS_MAX) flags |= F_LONG;
     size_t chunks = (data_len + DATA_CHUNK - 1) / DATA_CHUNK;
     int held = w && w->stops;
-    size_t n = RECORD_SIZE * (1 + ((flags & F_LONG) ? 1 : 0) + chunks + (held ? 1 : 0));
+    size_t n = RECORD_SIZE * (1 + ((flags & F_LONG) ? 1 : 0) + chunks + (held ? 1 : 0) + (rip ? 1 : 0));
     uint8_t *r = buffer_grow(e, &e->records, n);
     if (!r) {
         e->lost++;
@@ -541,7 +566,9 @@ static void emit(Engine *e, int vcpu, uint32_t reason, int err, int64_t entry, i
         put64(r + HELD_AT_SEEN_NS, (uint64_t)w->seen_ns);
         put64(r + HELD_AT_UNSEEN_NS, (uint64_t)w->unseen_ns);
         put64(r + HELD_AT_UNSEEN_HIGH_NS, (uint64_t)w->unseen_high_ns);
+        r += RECORD_SIZE;
     }
+    if (rip && !rip_part(run, r)) e->records.len -= RECORD_SIZE; /* not synced: no part */
     e->exits++;
 }
 
@@ -568,9 +595,9 @@ static void record_cycle(Engine *e, Page *p, int64_t now) {
     }
     uint32_t reason = p->open_immediate ? KVM_EXIT_INTR : get32(run + RUN_EXIT_REASON);
     if (reason == KVM_EXIT_INTR) /* the kernel sets it when a signal ends the run (EINTR) */
-        emit(e, p->vcpu, reason, EINTR, since, now, run, 1, 0, NULL);
+        emit(e, p->vcpu, reason, EINTR, since, now, run, 1, 0, NULL, p->rip == RIP_ON);
     else
-        emit(e, p->vcpu, reason, 0, since, now, run, 1, 1, NULL);
+        emit(e, p->vcpu, reason, 0, since, now, run, 1, 1, NULL, p->rip == RIP_ON);
 }
 
 /* An exit whose value the VMM gives the guest: IO in, MMIO read, RDMSR (decoder.is_read). */
@@ -589,12 +616,13 @@ static void record_held(Engine *e, Page *p, int reads) {
         return;
     }
     emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), 0, p->held_entry, p->held_exit, run, 0, reads,
-         &p->held_window);
+         &p->held_window, p->rip == RIP_ON);
 }
 
 static void open_run(Engine *e, Page *p, int64_t now) {
     const uint8_t *run = page_bytes(e, p);
     p->open_since = now;
+    if (p->rip == RIP_ARMED) p->rip = RIP_ON; /* this run began with kvm_valid_regs set */
     /* With immediate_exit set, KVM_RUN returns EINTR at once and leaves exit_reason as it was:
        remember it, or the previous exit would be counted twice. */
     p->open_immediate = run ? run[RUN_IMMEDIATE_EXIT] != 0 : 0;
@@ -780,6 +808,7 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                     if (!p) return 0;
                     if (p->tid != tid) seen(e, p, tid, now);
                     if (p->held) record_held(e, p, 1);
+                    if (p->rip == RIP_ARMED) p->rip = RIP_ON; /* begun with kvm_valid_regs set */
                     t->runner = 1;
                     t->in_run = 1;
                     t->page = (int)(p - e->pages);
@@ -813,11 +842,12 @@ static int handle_stop(Engine *e, int tid, int status, int64_t now) {
                         p->held_exit = now;
                         p->held_window = t->entered;
                     } else {
-                        emit(e, p->vcpu, reason, 0, t->entry_ns, now, run, 0, 0, &t->entered);
+                        emit(e, p->vcpu, reason, 0, t->entry_ns, now, run, 0, 0, &t->entered,
+                             p->rip == RIP_ON);
                     }
                 } else {
                     emit(e, p->vcpu, get32(run + RUN_EXIT_REASON), (int)-rval, t->entry_ns, now, run,
-                         0, 0, &t->entered);
+                         0, 0, &t->entered, p->rip == RIP_ON);
                 }
                 t->handling = 1; /* this stop starts the VMM's handling of the exit */
                 t->open = (struct window){0};
@@ -1149,6 +1179,17 @@ static PyObject *Engine_remove_page(Engine *e, PyObject *args) {
     return PyBool_FromLong(p != NULL);
 }
 
+/* set_rip(pid, fd, on): Python has set the page's kvm_valid_regs (on), or is about to restore it */
+static PyObject *Engine_set_rip(Engine *e, PyObject *args) {
+    int pid, fd, on;
+    if (!PyArg_ParseTuple(args, "iip", &pid, &fd, &on)) return NULL;
+    LOCK(e);
+    Page *p = page_find(e, pid, fd);
+    if (p) p->rip = on ? RIP_ARMED : RIP_OFF;
+    UNLOCK(e);
+    return PyBool_FromLong(p != NULL);
+}
+
 static PyObject *Engine_page(Engine *e, PyObject *args) {
     int pid, fd;
     if (!PyArg_ParseTuple(args, "ii", &pid, &fd)) return NULL;
@@ -1371,6 +1412,8 @@ static PyMethodDef Engine_methods[] = {
      "add_page(pid, fd, vcpu, tid, mapping or None, remote_address)"},
     {"remove_page", (PyCFunction)Engine_remove_page, METH_VARARGS, "remove_page(pid, fd)"},
     {"page", (PyCFunction)Engine_page, METH_VARARGS, "page(pid, fd) -> (vcpu, tid) or None"},
+    {"set_rip", (PyCFunction)Engine_set_rip, METH_VARARGS,
+     "set_rip(pid, fd, on): RIP parts from the page's next run on (its kvm_valid_regs is set), or none"},
     {"close_runs", (PyCFunction)Engine_close_runs, METH_VARARGS,
      "close_runs(pid, tid or 0, now_ns): the last exit of runs that have ended"},
     {"take", (PyCFunction)Engine_take, METH_NOARGS,

@@ -254,7 +254,8 @@ static void group_records(struct pass *p) {
     const uint8_t *buf = p->buf;
     for (size_t i = 0; i < p->nrec;) {
         unsigned kind = buf[i * RECORD_SIZE];
-        if (kind == KIND_LONG || kind == KIND_DATA || kind == KIND_HELD) { /* before any EXIT */
+        if (kind == KIND_LONG || kind == KIND_DATA || kind == KIND_HELD || kind == KIND_RIP) {
+            /* a part before any EXIT */
             i++;
             continue;
         }
@@ -276,7 +277,7 @@ static void group_records(struct pass *p) {
                 held.estimate = seen + (int64_t)le64(part + HELD_AT_UNSEEN_NS);
                 held.least = seen + (int64_t)le32(part + HELD_AT_UNSEEN_LOW_NS);
                 held.most = high ? seen + high : -1;
-            } else if (part[0] != KIND_DATA) {
+            } else if (part[0] != KIND_DATA && part[0] != KIND_RIP) {
                 break;
             }
         }

@@ -30,6 +30,7 @@ from kvmtop.model.messages import (
     TracerEnded,
     TracerFailed,
     TracerMessage,
+    TracerNote,
 )
 from kvmtop.tracer_thread import open_tracer
 from kvmtop.units import ended_text
@@ -66,6 +67,7 @@ class TraceSession:
         child_stdout_to_stderr: bool = False,
         child_stderr: str | None = None,
         engine: str = "",
+        rip: bool = False,
     ) -> None:
         if record_path is not None:
             check_writable(record_path)
@@ -97,8 +99,9 @@ class TraceSession:
         self.output_error: KvmtopError | None = None  # the recording or stream failed: detached
         self._pending: Future[Attached] | None = None
         self._attach_taken = threading.Event()  # the pump has taken the last attach's outcome
+        self.rip = rip  # every exit's guest RIP, where it is safe (kvmtop.trace.sync_regs)
         self._tracer, self.engine_note, self.engine_why = open_tracer(
-            engine, with_data, child_stdio, child_stdout_to_stderr, child_stderr
+            engine, with_data, child_stdio, child_stdout_to_stderr, child_stderr, rip
         )
         # said once where KVM's own exits cannot be seen one by one (no kvm_exit)
         self.hardware_note: str = getattr(self._tracer, "hardware_note", "")
@@ -140,6 +143,16 @@ class TraceSession:
     def stats_fds(self) -> Future[StatsFds]:
         """KVM's stats fds of the traced VM (see :meth:`Tracer.stats_fds`)."""
         return self._tracer.stats_fds()
+
+    def want_rip(self) -> None:
+        """Guest RIPs from now on (the recording, begun without, says so only in its records)."""
+        want = getattr(self._tracer, "want_rip", None)
+        if want is None:  # the tracepoint engine's tracer
+            self._notices.append(("warning", "no guest RIPs from kernel tracepoints here: "
+                                  "trace with --engine ptrace (or --rip) for them"))  # fmt: skip
+            return
+        self.rip = True
+        want()
 
     def detach(self) -> None:
         if self.state in (SessionState.ATTACHED, SessionState.ATTACHING):
@@ -222,6 +235,8 @@ class TraceSession:
                 self._attach_taken.set()
         elif isinstance(message, Detached):
             self._on_detached(message)
+        elif isinstance(message, TracerNote):
+            self._notices.append(("warning", message.message))
         elif isinstance(message, TracerFailed):
             self._notices.append(("error", message.message))
             if self.state is SessionState.ATTACHING:
@@ -260,7 +275,7 @@ class TraceSession:
         self.child_ended.clear()
         self.state = SessionState.ATTACHED  # first: a recording that fails then detaches
         if self.record_path is not None:
-            meta = meta_for(attached, self.with_data)
+            meta = meta_for(attached, self.with_data, self.rip)
             self._writer = RecordingWriter.create(
                 self.record_path, meta, self.with_data, keep_old=self.keep_old
             )

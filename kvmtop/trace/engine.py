@@ -166,6 +166,12 @@ class NotifyEngine(Engine, Protocol):
 class PtraceEngine(StopEngine, NotifyEngine, Protocol):
     """The engine of a ptrace session: the C engine, or its Python reference."""
 
+    def set_rip(self, pid: int, fd: int, on: bool) -> bool:
+        """The tracer has set the vCPU's ``kvm_valid_regs`` (``on``): the exits of its runs
+        begun from now on carry a RIP part (:data:`kvmtop.abi.record_layout.RIP`), or it is
+        about to restore the field: none from now. False: no such vCPU."""
+        ...
+
 
 def vcpu_records(seen: bytes, base_ns: int) -> list[VcpuThread]:
     """The VCPU records of :attr:`Taken.seen`, with absolute times."""

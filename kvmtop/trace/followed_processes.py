@@ -57,6 +57,8 @@ class Followed:
         # may have exited and been reaped meanwhile, and a zombie never reports again).
         self.early: set[int] = set()
         self._news: list[ProcessSeen] = []  # for the next batch
+        # the listener's thread found a vCPU: called before its first run is let go (--rip)
+        self.on_vcpu_found: Callable[[TracedProcess], None] | None = None
 
     # --- the processes ---------------------------------------------------------------------------
 
@@ -132,6 +134,8 @@ class Followed:
                 return
         if is_run and engine.page(proc.pid, fd) is None:
             proc.open_page(engine, tid, fd)
+            if self.on_vcpu_found is not None:
+                self.on_vcpu_found(proc)
 
 
 def seize_process(pid: int, engine: PtraceEngine, group: Followed) -> TracedProcess:

@@ -1,8 +1,10 @@
 """The one place kvmtop changes a tracee's registers: it has a VMM thread issue
 ``ioctl(fd, KVM_GET_STATS_FD)`` for its VM and vCPU fds, takes the new fds with pidfd_getfd, and
-has the thread close its copies. KVM refuses that ioctl from any other process (EIO).
+has the thread close its copies (:class:`StatsJob`); or, with ``--rip``, has it ask
+``ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS)``, which KVM answers for that VM alone
+(:class:`CheckJob`). KVM refuses both from any other process (EIO).
 
-Only on the user's request for KVM's counters, only at a syscall-entry stop (a seccomp stop is
+Only on the user's request (KVM's counters, guest RIPs), only at a syscall-entry stop (a seccomp stop is
 one), and the thread's own syscall runs as before. Every vCPU ioctl takes that vCPU's mutex,
 which its thread holds for as long as it is in KVM_RUN (an idle guest: seconds): so a vCPU's
 stats fd is made by the thread that runs it, at the entry of its KVM_RUN, when the mutex is
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 from kvmtop.abi import ptrace_abi as pt
 from kvmtop.abi.arch import x86_64 as arch
-from kvmtop.abi.kvm import KVM_GET_STATS_FD
+from kvmtop.abi.kvm import KVM_CHECK_EXTENSION, KVM_GET_STATS_FD
 from kvmtop.decoder import VM_FD_LINK, vcpu_id_of_fd_link
 from kvmtop.errors import KvmtopError
 from kvmtop.host.procfs import fd_table, seccomp_of
@@ -56,10 +58,43 @@ class StatsJob:
     asked_ns: int = field(default_factory=time.monotonic_ns)
     nudged: bool = False  # the tracer has interrupted the VMM's threads for it
     kicks: dict[int, int] = field(default_factory=dict)  # the process's (StatsFds.kicks)
+    asking: tuple[int, int] | None = None  # the (key, fd) of the ioctl under way
 
     @property
     def finished(self) -> bool:
         return not self.to_close and (not self.todo or self.error is not None)
+
+    def next_call(self, run: tuple[int, int] | None) -> tuple[int, tuple[int, ...]] | None:
+        """The syscall (number, arguments) this stop can make for the job, if any."""
+        if self.to_close:
+            return arch.SYS_CLOSE, (self.to_close[-1],)
+        item = self.asking = self.next_for(run)
+        return None if item is None else (arch.SYS_IOCTL, (item[1], KVM_GET_STATS_FD, 0))
+
+    def give_up(self) -> None:
+        self.error = "KVM_GET_STATS_FD kept being interrupted by signals"  # only closes now
+
+    def took(self, call: tuple[int, tuple[int, ...]], result: int, tid: int, pidfd: int) -> None:
+        """What the syscall ``call`` returned, on thread ``tid``."""
+        if call[0] == arch.SYS_CLOSE or self.asking is None:
+            self.to_close.pop()
+            return
+        key = self.asking[0]
+        self.todo = [t for t in self.todo if t[0] != key]
+        self.made_by[key] = tid
+        if result < 0:
+            if result == -errno_module.ENOTTY or result == -errno_module.EINVAL:
+                self.error = (
+                    "this kernel has no KVM binary stats (KVM_GET_STATS_FD needs Linux 5.14+)"
+                )
+            else:
+                self.error = f"KVM_GET_STATS_FD failed: {os.strerror(-result)}"
+            return
+        self.to_close.append(result)
+        try:
+            self.got[key] = pt.pidfd_getfd(pidfd, result)
+        except OSError as exc:
+            self.error = f"cannot take the stats fd: {exc.strerror}"
 
     def next_for(self, run: tuple[int, int] | None) -> tuple[int, int] | None:
         """The (key, fd) this stop can ask for: the VM's, or that of the vCPU whose KVM_RUN
@@ -91,6 +126,48 @@ class StatsJob:
         self.got.clear()
 
 
+@dataclass(slots=True)
+class CheckJob:
+    """``KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS)`` asked by the VMM on each VM fd of ``todo``:
+    ``answers`` (VM fd -> the kvm_valid_regs bits KVM allows that VM; a failed ioctl: -errno).
+    A VM ioctl takes no vCPU's mutex: any thread's syscall entry can ask it."""
+
+    todo: list[int]
+    answers: dict[int, int] = field(default_factory=dict)
+    error: str | None = None
+    attempts: int = 0
+    asked_ns: int = field(default_factory=time.monotonic_ns)
+    nudged: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return not self.todo or self.error is not None
+
+    def next_call(self, run: tuple[int, int] | None) -> tuple[int, tuple[int, ...]] | None:
+        if self.finished:
+            return None
+        return arch.SYS_IOCTL, (self.todo[0], KVM_CHECK_EXTENSION, arch.KVM_CAP_SYNC_REGS)
+
+    def give_up(self) -> None:
+        self.error = "KVM_CHECK_EXTENSION kept being interrupted by signals"
+
+    def took(self, call: tuple[int, tuple[int, ...]], result: int, tid: int, pidfd: int) -> None:
+        vm = call[1][0]
+        self.todo.remove(vm)
+        self.answers[vm] = result
+
+
+def own_filter(pid: int, tids: list[int], one_stop: bool) -> int | None:
+    """A thread of ``pid`` under a seccomp filter of its own (not kvmtop's: one-stop launch,
+    ``one_stop``, has one), if any: a syscall kvmtop made it run could be refused or kill it."""
+    own = 1 if one_stop else 0
+    for tid in tids:
+        mode, filters = seccomp_of(pid, tid)
+        if mode == 1 or (mode == 2 and filters != own):
+            return tid
+    return None
+
+
 def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool,
              kicks: dict[int, int]) -> StatsJob:  # fmt: skip
     """What to ask for: the VM fd and one fd per vCPU of ``pid`` (Python's mmap, for one,
@@ -106,15 +183,13 @@ def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool
     todo = sorted(by_key.items())
     if not todo:
         raise KvmtopError(f"pid {pid} holds no VM or vCPU fd")
-    own = 1 if one_stop else 0
-    for tid in tids:
-        mode, filters = seccomp_of(pid, tid)
-        if mode == 1 or (mode == 2 and filters != own):
-            raise KvmtopError(
-                f"pid {pid} runs under a seccomp filter of its own (thread {tid}), as "
-                "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
-                "could be refused or kill it, so KVM's counters are not taken from it"
-            )
+    tid = own_filter(pid, tids, one_stop)
+    if tid is not None:
+        raise KvmtopError(
+            f"pid {pid} runs under a seccomp filter of its own (thread {tid}), as "
+            "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
+            "could be refused or kill it, so KVM's counters are not taken from it"
+        )
     return StatsJob(future, todo, kicks=kicks)
 
 
@@ -159,34 +234,29 @@ def _signed(value: int) -> int:
 
 
 def run_job(
-    job: StatsJob, tid: int, pidfd: int, resume: int, run: tuple[int, int] | None
+    job: StatsJob | CheckJob, tid: int, pidfd: int, resume: int, run: tuple[int, int] | None
 ) -> int | None:
     """Do what ``job`` can on thread ``tid``, stopped at a syscall entry (``run``: the vCPU id
     and fd if that syscall is KVM_RUN); ``resume`` is how the thread is resumed afterwards
     (PTRACE_SYSCALL or PTRACE_CONT). Returns the status of the thread's next stop for the
     tracer to handle (normally the entry of its own syscall again), or None when nothing was
     done here (the thread is still at its stop)."""
-    if not job.to_close and job.next_for(run) is None:
+    if job.next_call(run) is None:
         return None
     saved = pt.ptrace_getregs(tid)
     if not can_inject(tid, saved):
         return None
     if job.attempts >= MAX_ATTEMPTS and job.error is None:
-        job.error = "KVM_GET_STATS_FD kept being interrupted by signals"  # only closes now
+        job.give_up()
     job.attempts += 1
     restart = _regs_for(saved, saved.orig_rax, ())  # the thread's own syscall, from the start
     first = True
     try:
         while True:
-            args: tuple[int, ...]
-            item = job.next_for(run)
-            if job.to_close:
-                nr, args = arch.SYS_CLOSE, (job.to_close[-1],)
-            elif item is not None:
-                nr, args = arch.SYS_IOCTL, (item[1], KVM_GET_STATS_FD, 0)
-            else:
+            call = job.next_call(run)
+            if call is None:
                 break
-            regs = _regs_for(saved, nr, args)
+            regs = _regs_for(saved, *call)
             if first:  # at the entry stop: this syscall takes the place of the thread's own
                 regs.rip, regs.rax = saved.rip, saved.rax
             pt.ptrace_setregs(tid, regs)
@@ -196,8 +266,7 @@ def run_job(
             first = False
             pt.ptrace(pt.PTRACE_SYSCALL, tid, 0, 0)
             _wait_syscall_stop(tid)  # its exit
-            result = _signed(pt.ptrace_getregs(tid).rax)
-            _took(job, pidfd, nr, item, result, tid)
+            job.took(call, _signed(pt.ptrace_getregs(tid).rax), tid, pidfd)
     except Interrupted as stop:
         if (stop.status & 0xFF) == 0x7F:  # still there: as if its syscall had not begun
             pt.ptrace_setregs(tid, restart)
@@ -208,24 +277,3 @@ def run_job(
     pt.ptrace(resume, tid, 0, 0)
     _, status = os.waitpid(tid, pt.WALL)
     return status
-
-
-def _took(job: StatsJob, pidfd: int, nr: int, item: tuple[int, int] | None, result: int,
-          tid: int) -> None:  # fmt: skip
-    if nr == arch.SYS_CLOSE or item is None:
-        job.to_close.pop()
-        return
-    key = item[0]
-    job.todo = [t for t in job.todo if t[0] != key]
-    job.made_by[key] = tid
-    if result < 0:
-        if result == -errno_module.ENOTTY or result == -errno_module.EINVAL:
-            job.error = "this kernel has no KVM binary stats (KVM_GET_STATS_FD needs Linux 5.14+)"
-        else:
-            job.error = f"KVM_GET_STATS_FD failed: {os.strerror(-result)}"
-        return
-    job.to_close.append(result)
-    try:
-        job.got[key] = pt.pidfd_getfd(pidfd, result)
-    except OSError as exc:
-        job.error = f"cannot take the stats fd: {exc.strerror}"

@@ -35,7 +35,7 @@ from kvmtop.abi.seccomp import (
 )
 from kvmtop.decoder import decode_exit, exit_reason_of, is_read
 from kvmtop.model.coalesced import RingLook, unreadable_record
-from kvmtop.model.events import ExitEvent
+from kvmtop.model.events import ExitEvent, GuestRip
 from kvmtop.model.records import pack_exit
 from kvmtop.trace.engine import (
     MODE_TWO_STOP,
@@ -52,6 +52,7 @@ from kvmtop.trace.engine import (
 from kvmtop.trace.stop_wait import StopWaiter
 from kvmtop.xlat_exit import ExitReason
 
+RIP_OFF, RIP_ARMED, RIP_ON = 0, 1, 2  # a page's RIP parts: none; kvm_valid_regs set; a run since
 NO_WINDOW = (0, 0, 0, 0, 0)  # stops, seen ns, unseen ns: estimate, least, most (records.HELD)
 ROUND_TRIP_BLOCK = 64  # round trips measured per estimate of a stop's unseen cost
 ROUND_TRIP_FIRST = 16  # ...and the first estimate, before a whole block
@@ -147,7 +148,7 @@ class _Thread:
 
 class _Page:
     __slots__ = ("vcpu", "tid", "read", "view", "open_since", "open_immediate", "held",
-                 "held_window", "ring")  # fmt: skip
+                 "held_window", "ring", "rip")  # fmt: skip
 
     def __init__(self, vcpu: int, tid: int, read: Any, view: memoryview | None) -> None:
         self.vcpu = vcpu
@@ -160,6 +161,21 @@ class _Page:
         self.ring: _Ring | None = None  # the VM's coalesced MMIO ring, through this vCPU's mapping
         # ns, recorded at the next entry, where the VMM has put the value for the guest
         self.held_window = NO_WINDOW  # ...and the time stopped before that read's entry
+        # RIP_ON: KVM syncs the guest's registers at the end of every run begun since the
+        # tracer set kvm_valid_regs (RIP_ARMED): its exits carry a RIP part
+        self.rip = RIP_OFF
+
+    def guest_rip(self, view: memoryview | bytes) -> GuestRip | None:
+        """The RIP part of the exit ``view`` holds, if this page's exits carry one."""
+        if self.rip != RIP_ON:
+            return None
+        found = HOST.guest_rip(view)
+        return None if found is None else GuestRip(*found)
+
+    def entered(self) -> None:
+        """A run begins: after kvm_valid_regs was set, KVM syncs at its end."""
+        if self.rip == RIP_ARMED:
+            self.rip = RIP_ON
 
 
 class _Ring:
@@ -291,6 +307,7 @@ class PyEngine:
                             return False
                         if page.held is not None:
                             self._record_held(page, reads=True)
+                        page.entered()
                         th.runner = th.in_run = True
                         th.page = page
                         th.entry_ns = now
@@ -346,10 +363,10 @@ class PyEngine:
                 page.held_window = th.entered
                 return
             event = ExitEvent(page.vcpu, reason, 0, th.entry_ns, now, a, b, flags, data,
-                              *th.entered)  # fmt: skip
+                              *th.entered, rip=page.guest_rip(view))  # fmt: skip
         else:
             event = ExitEvent(page.vcpu, exit_reason_of(view), -rval, th.entry_ns, now, 0, 0, 0,
-                              b"", *th.entered)  # fmt: skip
+                              b"", *th.entered, rip=page.guest_rip(view))  # fmt: skip
         self._emit(event)
 
     def _record_cycle(self, page: _Page, now: int) -> None:
@@ -362,10 +379,12 @@ class PyEngine:
             return
         reason = ExitReason.INTR if page.open_immediate else exit_reason_of(view)
         if reason == ExitReason.INTR:  # the kernel sets it when a signal ends the run (EINTR)
-            event = ExitEvent(page.vcpu, reason, errno_module.EINTR, since, now, flags=EXIT_CYCLE)
+            event = ExitEvent(page.vcpu, reason, errno_module.EINTR, since, now, flags=EXIT_CYCLE,
+                              rip=page.guest_rip(view))  # fmt: skip
         else:
             _r, a, b, flags, data = decode_exit(view, self.with_data, reads=True)
-            event = ExitEvent(page.vcpu, reason, 0, since, now, a, b, flags | EXIT_CYCLE, data)
+            event = ExitEvent(page.vcpu, reason, 0, since, now, a, b, flags | EXIT_CYCLE, data,
+                              rip=page.guest_rip(view))  # fmt: skip
         self._emit(event)
 
     def _record_held(self, page: _Page, reads: bool) -> None:
@@ -378,11 +397,12 @@ class PyEngine:
             return
         reason, a, b, flags, data = decode_exit(view, self.with_data, reads=reads)
         self._emit(ExitEvent(page.vcpu, reason, 0, entry, exit_ns, a, b, flags, data,
-                             *page.held_window))  # fmt: skip
+                             *page.held_window, rip=page.guest_rip(view)))  # fmt: skip
 
     def _open_run(self, page: _Page, now: int) -> None:
         view = page.read()
         page.open_since = now
+        page.entered()
         # With immediate_exit set, KVM_RUN returns EINTR at once and leaves exit_reason as it
         # was: remember it, or the previous exit would be counted twice.
         page.open_immediate = bool(view[RUN_IMMEDIATE_EXIT]) if view is not None else False
@@ -507,6 +527,15 @@ class PyEngine:
     def remove_page(self, pid: int, fd: int) -> bool:
         with self._lock:
             return self._drop((pid, fd))
+
+    def set_rip(self, pid: int, fd: int, on: bool) -> bool:
+        """The tracer has set the page's kvm_valid_regs (``on``: its exits carry RIP parts
+        from its next run on), or is about to restore it (none from now)."""
+        with self._lock:
+            page = self._pages.get((pid, fd))
+            if page is not None:
+                page.rip = RIP_ARMED if on else RIP_OFF
+            return page is not None
 
     def page(self, pid: int, fd: int) -> PageOwner | None:
         page = self._pages.get((pid, fd))

@@ -21,7 +21,8 @@ from kvmtop.host.vcpu_maps import RunPage, open_run_page, vcpu_fds, vm_of_vcpu_f
 from kvmtop.model.events import VcpuSeen
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
 from kvmtop.trace.engine import Engine
-from kvmtop.trace.inject import StatsJob
+from kvmtop.trace.inject import CheckJob, StatsJob
+from kvmtop.trace.sync_regs import ValidRegs, bits_to_set
 
 
 @dataclass(slots=True)
@@ -37,6 +38,13 @@ class TracedProcess:
     pages: dict[int, RunPage] = field(default_factory=dict)  # the VMM's fd number -> run page
     pages_lock: threading.Lock = field(default_factory=threading.Lock)
     stats_job: StatsJob | None = None  # KVM_GET_STATS_FD asked for, not yet done
+    # --rip: KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS) asked for, not yet answered; the answers
+    # per VM fd; the vCPU fds whose kvm_valid_regs kvmtop set, and those it has decided on
+    check_job: CheckJob | None = None
+    sync_allowed: dict[int, int] = field(default_factory=dict)
+    valid_regs: dict[int, ValidRegs] = field(default_factory=dict)
+    rip_decided: set[int] = field(default_factory=set)
+    vm_of: dict[int, int] = field(default_factory=dict)  # vCPU fd -> its VM's fd
     # {vCPU id: KVM_RUNs that kvmtop's own interrupts ended}: KVM counts each in signal_exits
     kicks: dict[int, int] = field(default_factory=dict)
 
@@ -72,6 +80,7 @@ class TracedProcess:
         with self.pages_lock:
             old = self.pages.pop(fd, None)
             self.pages[fd] = page
+            self.vm_of[fd] = key.vm
         engine.add_page(self.pid, fd, slot, 0, page.mapping, page.address)
         engine.add_ring(self.pid, fd, key.vm, page.ring)
         if old is not None:
@@ -80,10 +89,59 @@ class TracedProcess:
 
     def forget_page(self, engine: Engine, fd: int) -> None:
         engine.remove_page(self.pid, fd)
+        valid_regs = self.valid_regs.pop(fd, None)
+        if valid_regs is not None:
+            valid_regs.close()  # kvm_valid_regs back to 0
+        self.rip_decided.discard(fd)
         with self.pages_lock:
             page = self.pages.pop(fd, None)
+            self.vm_of.pop(fd, None)
         if page is not None:
             page.close()
+
+    # --- guest RIPs (--rip; kvmtop.trace.sync_regs) ----------------------------------------------
+
+    def vms_to_check(self) -> list[int]:
+        """The VM fds of vCPUs not yet decided on whose VMM has not answered KVM_CAP_SYNC_REGS."""
+        with self.pages_lock:
+            vms = {vm for fd, vm in self.vm_of.items() if fd not in self.rip_decided}
+        return sorted(vm for vm in vms if vm not in self.sync_allowed)
+
+    def enable_rips(self, engine: Any) -> list[str]:
+        """Set kvm_valid_regs of every vCPU not yet decided on whose VM's answer is in, where
+        it is safe (kvmtop.trace.sync_regs); what could not be done, for the user."""
+        notes = []
+        with self.pages_lock:
+            todo = [(fd, self.vm_of[fd], page) for fd, page in self.pages.items()
+                    if fd not in self.rip_decided and self.vm_of.get(fd) in self.sync_allowed]  # fmt: skip
+        for fd, vm, page in todo:
+            self.rip_decided.add(fd)
+            answer = self.sync_allowed[vm]
+            bits = bits_to_set(answer)
+            where = f"pid {self.pid} vCPU {page.vcpu}"
+            if not bits:
+                why = f"failed: {os.strerror(-answer)}" if answer < 0 else f"= {answer:#x}"
+                notes.append(f"{where}: no guest RIP: KVM allows this VM no synced registers "
+                             f"(KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS) {why})")  # fmt: skip
+                continue
+            if page.fd < 0:
+                notes.append(f"{where}: no guest RIP: its kvm_run can only be read in the VMM's "
+                             "memory, which kvmtop never writes")  # fmt: skip
+                continue
+            valid_regs = ValidRegs(page.fd)
+            refused = valid_regs.set(bits)
+            if refused is not None:
+                valid_regs.close()
+                notes.append(f"{where}: no guest RIP: {refused}")
+                continue
+            self.valid_regs[fd] = valid_regs
+            engine.set_rip(self.pid, fd, True)
+        return notes
+
+    def restore_rips(self) -> None:
+        """Every kvm_valid_regs kvmtop set back to 0 (the tracer is going away)."""
+        for valid_regs in self.valid_regs.values():
+            valid_regs.restore()
 
     def forget_pages(self, engine: Engine) -> None:
         with self.pages_lock:

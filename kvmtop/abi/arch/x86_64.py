@@ -164,6 +164,45 @@ PORT_NAMES: dict[int, str] = {
 }
 
 
+# The guest's registers KVM copies into kvm_run at every KVM_RUN return while kvm_valid_regs
+# asks for them (store_regs() in arch/x86/kvm/x86.c; struct kvm_sync_regs, checked with
+# offsetof against linux/kvm.h 6.1). kvm_dirty_regs is never written: KVM would load the
+# page's registers into the vCPU.
+KVM_CAP_SYNC_REGS = 74  # KVM_CHECK_EXTENSION on a VM fd: the kvm_valid_regs bits it allows
+KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS = 0x1, 0x2  # kvm_valid_regs bits (KVM_SYNC_X86_*)
+RUN_VALID_REGS = 0x120  # offsetof(struct kvm_run, kvm_valid_regs), u64
+RUN_DIRTY_REGS = 0x128  # offsetof(struct kvm_run, kvm_dirty_regs): never written
+SYNC_RIP = 0x1B0  # s.regs.regs.rip (rflags follows)
+SYNC_CS = 0x1C0  # s.regs.sregs.cs: base u64, limit u32, selector u16, type, present, dpl, db, s, l
+SYNC_CS_L = SYNC_CS + 19  # cs.l: 64-bit code, where cs.base is not used
+SYNC_SS_DPL = 0x248  # s.regs.sregs.ss.dpl: the CPL in protected mode
+SYNC_CR0 = 0x2A0  # s.regs.sregs.cr0
+_RIP_FLAGS = struct.Struct("<QQ")  # rip, rflags
+X86_EFLAGS_VM = 1 << 17  # virtual-8086 mode: CPL 3
+X86_CR0_PE = 1
+
+
+def guest_rip(run: bytes | memoryview) -> tuple[int, int, int] | None:
+    """(rip, linear address, CPL or -1) of the exit KVM last returned from, from the registers
+    it synced into ``run`` (None: kvm_valid_regs does not ask for them). The linear address
+    adds cs.base outside 64-bit code, and it and the CPL are known only where the segment
+    registers are synced too (else: rip, -1)."""
+    valid = _U64.unpack_from(run, RUN_VALID_REGS)[0]
+    if not valid & KVM_SYNC_X86_REGS:
+        return None
+    rip, rflags = _RIP_FLAGS.unpack_from(run, SYNC_RIP)
+    if not valid & KVM_SYNC_X86_SREGS:
+        return rip, rip, -1
+    base = _U64.unpack_from(run, SYNC_CS)[0]
+    cr0 = _U64.unpack_from(run, SYNC_CR0)[0]
+    if not cr0 & X86_CR0_PE:
+        cpl = 0
+    else:
+        cpl = 3 if rflags & X86_EFLAGS_VM else run[SYNC_SS_DPL] & 3
+    linear = rip if run[SYNC_CS_L] else (base + rip) & 0xFFFFFFFF
+    return rip, linear, cpl
+
+
 # Running a syscall in a tracee (kvmtop.trace.inject, only for KVM_GET_STATS_FD): the 64-bit
 # `syscall` instruction, its user code segment, and its argument registers.
 SYS_CLOSE = 3

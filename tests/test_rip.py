@@ -1,0 +1,215 @@
+"""--rip: every exit's guest RIP, exact, in every mode and on both engines; and the one field
+kvmtop writes for it, kvm_valid_regs, set only where safe and always restored."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import struct
+import subprocess
+import time
+
+import pytest
+from helpers import KVMTOP, wait_for_vcpus
+
+from kvmtop.abi.arch import x86_64
+from kvmtop.abi.ptrace_abi import pidfd_getfd
+from kvmtop.decoder import vcpu_id_of_fd_link
+from kvmtop.minivmm.guestcode import counted_rips
+from kvmtop.minivmm.vmm import CODE_SEGMENT, counted_command, demo_command
+from kvmtop.model.events import ExitEvent
+from kvmtop.model.messages import Detached, ExitBatch, TracerFailed, TracerNote
+from kvmtop.model.vcpu_keys import VcpuSlots
+from kvmtop.trace.engine import MODE_TWO_STOP
+from kvmtop.trace.py_engine import RIP_OFF, PyEngine
+from kvmtop.trace.sync_regs import bits_to_set
+from kvmtop.trace.traced_process import TracedProcess
+from kvmtop.tracer_thread import Tracer
+from kvmtop.xlat_exit import ExitReason
+
+pytestmark = [pytest.mark.kvm]
+
+GUEST = {"outs": 40, "ins": 3, "mmio_writes": 10, "mmio_reads": 4}
+_U64 = struct.Struct("<Q")
+
+
+def trace_all(tracer: Tracer) -> tuple[list[ExitEvent], list[str]]:
+    """Every exit and note until the session ends."""
+    events: list[ExitEvent] = []
+    notes: list[str] = []
+    while True:
+        message = tracer.out.get(timeout=60)
+        if isinstance(message, ExitBatch):
+            events += message.events
+        elif isinstance(message, TracerNote):
+            notes.append(message.message)
+        elif isinstance(message, TracerFailed):
+            raise AssertionError(message.message)
+        elif isinstance(message, Detached):
+            return events, notes
+
+
+def expected_rip(event: ExitEvent, sites: dict[str, int]) -> int:
+    write = bool(event.flags & 1)
+    if event.reason == ExitReason.IO:
+        if event.a == 0xF4:
+            return sites["exit"]
+        return sites["out"] if write else sites["in"]
+    assert event.reason == ExitReason.MMIO
+    return sites["mmio_write"] if write else sites["mmio_read"]
+
+
+def check_every_rip(events: list[ExitEvent]) -> None:
+    sites = counted_rips(GUEST["outs"], GUEST["mmio_writes"], 0, GUEST["ins"],
+                         GUEST["mmio_reads"])  # fmt: skip
+    guest = [e for e in events if e.errno == 0]
+    assert (
+        len(guest) == GUEST["outs"] + GUEST["ins"] + 1 + GUEST["mmio_writes"] + GUEST["mmio_reads"]
+    )
+    for e in guest:
+        assert e.rip is not None, e
+        rip = expected_rip(e, sites)
+        assert (e.rip.rip, e.rip.linear, e.rip.cpl) == (rip, CODE_SEGMENT * 16 + rip, 0), e
+
+
+@pytest.mark.usefixtures("engine")
+@pytest.mark.parametrize("seccomp", ["notify", "trace", ""])
+def test_every_launched_exit_carries_its_exact_rip(seccomp):
+    tracer = Tracer(rip=True)
+    tracer.start()
+    try:
+        tracer.launch(counted_command(**GUEST), seccomp).result(10)
+        events, notes = trace_all(tracer)
+    finally:
+        tracer.stop()
+    assert notes == []
+    check_every_rip(events)
+
+
+def vcpu_valid_regs(pid: int) -> mmap.mmap:
+    """A writable mapping of the first page of ``pid``'s vCPU 0 (the test's own look)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if vcpu_id_of_fd_link(os.readlink(f"/proc/{pid}/fd/{fd}")) == 0:
+                dup = pidfd_getfd(pidfd, int(fd))
+                try:
+                    return mmap.mmap(dup, 4096, mmap.MAP_SHARED,
+                                     mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+                finally:
+                    os.close(dup)
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"pid {pid} has no vCPU 0")
+
+
+def valid_regs(page: mmap.mmap) -> int:
+    return int(_U64.unpack_from(page, x86_64.RUN_VALID_REGS)[0])
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def demo(processes):
+    guest = subprocess.Popen(demo_command(vcpus=1), stdout=subprocess.DEVNULL)
+    processes.append(guest)
+    wait_for_vcpus(guest.pid)
+    return guest
+
+
+@pytest.mark.usefixtures("engine")
+def test_attached_exits_carry_rips_and_kvm_valid_regs_is_0_again_after_detach(demo):
+    page = vcpu_valid_regs(demo.pid)
+    assert valid_regs(page) == 0
+    tracer = Tracer(rip=True)
+    tracer.start()
+    try:
+        tracer.attach(demo.pid).result(10)
+        wait_for(lambda: valid_regs(page) == x86_64.KVM_SYNC_X86_REGS | x86_64.KVM_SYNC_X86_SREGS)
+        time.sleep(0.5)
+        tracer.detach().result(10)
+        events, notes = trace_all(tracer)
+    finally:
+        tracer.stop()
+    assert valid_regs(page) == 0
+    assert notes == []
+    with_rip = [e for e in events if e.rip is not None]
+    assert len(with_rip) > 20
+    # the demo guest's code sits at segment 0x1000, below its first 256 bytes
+    assert all(
+        e.rip.linear == CODE_SEGMENT * 16 + e.rip.rip and e.rip.rip < 0x100 for e in with_rip
+    )
+    # only the runs under way when the field was set (one per vCPU) can lack a RIP
+    assert len([e for e in events if e.rip is None and e.errno == 0]) <= 1
+    assert demo.poll() is None  # it runs on
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_kvm_valid_regs_is_0_again_after_a_stop_signal_ends_a_recording(demo, stop, tmp_path):
+    page = vcpu_valid_regs(demo.pid)
+    record = subprocess.Popen([*KVMTOP, "record", "--rip", "-p", str(demo.pid), "-o",
+                               str(tmp_path / "r.kvmtop")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: valid_regs(page) != 0, 10)
+        record.send_signal(stop)
+        _out, err = record.communicate(timeout=30)
+    finally:
+        if record.poll() is None:
+            record.kill()
+    assert record.returncode == 0, err
+    assert valid_regs(page) == 0
+    assert demo.poll() is None
+
+
+def test_a_vmm_that_uses_kvm_valid_regs_itself_is_never_written(demo):
+    page = vcpu_valid_regs(demo.pid)
+    _U64.pack_into(page, x86_64.RUN_VALID_REGS, x86_64.KVM_SYNC_X86_REGS)  # as the VMM would
+    seen = set()
+    tracer = Tracer(rip=True)
+    tracer.start()
+    try:
+        tracer.attach(demo.pid).result(10)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            seen.add(valid_regs(page))
+        tracer.detach().result(10)
+        events, notes = trace_all(tracer)
+    finally:
+        tracer.stop()
+    assert seen == {x86_64.KVM_SYNC_X86_REGS}
+    assert valid_regs(page) == x86_64.KVM_SYNC_X86_REGS
+    assert all(e.rip is None for e in events)
+    assert len(notes) == 1 and "uses kvm_valid_regs itself (0x1): left alone" in notes[0]
+
+
+def test_a_vm_for_which_kvm_allows_no_synced_registers_is_never_written(demo):
+    """KVM answers 0 to KVM_CAP_SYNC_REGS for a protected guest (none can run here): that answer
+    alone decides, whatever the page holds."""
+    assert bits_to_set(0) == 0
+    assert bits_to_set(-22) == 0  # the ioctl failed
+    assert bits_to_set(x86_64.KVM_SYNC_X86_SREGS) == 0  # no RIP without the registers
+    assert bits_to_set(0x7) == x86_64.KVM_SYNC_X86_REGS | x86_64.KVM_SYNC_X86_SREGS
+    assert bits_to_set(x86_64.KVM_SYNC_X86_REGS) == x86_64.KVM_SYNC_X86_REGS
+    page = vcpu_valid_regs(demo.pid)
+
+    engine = PyEngine(0, False, 0, 0)  # tells which pages' exits carry RIPs
+    proc = TracedProcess(demo.pid, os.pidfd_open(demo.pid), (), MODE_TWO_STOP, VcpuSlots())
+    try:
+        proc.open_known_vcpus(engine)
+        (vm,) = proc.vms_to_check()
+        proc.sync_allowed[vm] = 0
+        notes = proc.enable_rips(engine)
+        assert len(notes) == 1 and "KVM_CAP_SYNC_REGS) = 0x0" in notes[0], notes
+        assert proc.vms_to_check() == [] and proc.enable_rips(engine) == []  # decided, once
+        assert {page.rip for page in engine._pages.values()} == {RIP_OFF}
+        assert valid_regs(page) == 0
+    finally:
+        proc.close(engine)
+    assert valid_regs(page) == 0
