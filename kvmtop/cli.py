@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     rep_form = rep.add_mutually_exclusive_group()
     rep_form.add_argument("--json", action="store_true", help="print JSON")
     rep_form.add_argument("--csv", action="store_true", help="print the table as CSV")
+    rep.add_argument("--guest-symbols", metavar="FILE", default=argparse.SUPPRESS,
+                     help="name guest RIPs with a guest's kallsyms copy, System.map or ELF")  # fmt: skip
 
     dif = sub.add_parser("diff", help="two recordings side by side: what changed from A to B")
     dif.add_argument("a", metavar="A", help="the recording compared against (the baseline)")
@@ -148,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     exp_form.add_argument("--jsonl", metavar="OUT", help="JSON Lines, one object per exit")
     exp.add_argument("--rate-bin", type=float, default=10.0, metavar="MS",
                      help="Perfetto: the exit-rate counter's bin (10 ms)")  # fmt: skip
+    exp.add_argument("--guest-symbols", metavar="FILE", default=argparse.SUPPRESS,
+                     help="name guest RIPs with a guest's kallsyms copy, System.map or ELF")  # fmt: skip
 
     lst = sub.add_parser("list", help="list the KVM processes on this machine")
     lst.add_argument("--json", action="store_true", help="print JSON")
@@ -280,7 +284,8 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if command is not None and args.command is not None:
         raise UsageError(f"`--` goes with record or the TUI, not with {args.command}")
     if args.command == "report":
-        return report(args.file, "json" if args.json else "csv" if args.csv else "table")
+        return report(args.file, "json" if args.json else "csv" if args.csv else "table",
+                      args.guest_symbols)  # fmt: skip
     if args.command == "diff":
         return diff(args)
     if args.command == "export":
@@ -358,7 +363,8 @@ def record(
     from kvmtop.sources.session import SessionState, TraceSession
 
     to_stdout = jsonl == "-"
-    stream = JsonlStream(jsonl) if jsonl is not None else None
+    symbols_found = guest_symbols(symbols)
+    stream = JsonlStream(jsonl, symbols_found) if jsonl is not None else None
     from kvmtop.tracer_thread import choose_engine
 
     if all_vms and choose_engine()[0] != "tracepoints":
@@ -467,9 +473,9 @@ def record(
                 session.launched, session.one_stop, session.notify, session.filter_note),
             "traced_s": session.traced_s}  # fmt: skip
     if as_json:
-        print(json.dumps(summary_json(snapshot, meta), indent=2), file=summary_out)
+        print(json.dumps(summary_json(snapshot, meta, symbols_found), indent=2), file=summary_out)
     else:
-        print(summary_table(snapshot, meta), file=summary_out)
+        print(summary_table(snapshot, meta, symbols_found), file=summary_out)
     if session.output_error is not None:
         return session.output_error.exit_code
     if session.launched:
@@ -486,7 +492,17 @@ def say_warnings(notices: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(severity, text) for severity, text in notices if severity != "warning"]
 
 
-def report(path: str, form: str) -> int:
+def guest_symbols(path: str | None) -> Any:
+    """The guest symbols of ``--guest-symbols FILE`` (None without it); a bad file is a
+    UsageError, said before anything else is done."""
+    if path is None:
+        return None
+    from kvmtop.formats.guest_symbols import load_guest_symbols
+
+    return load_guest_symbols(path)
+
+
+def report(path: str, form: str, symbols_path: str | None = None) -> int:
     from kvmtop.formats.report import (
         load_recording_stats,
         summary_csv,
@@ -495,16 +511,17 @@ def report(path: str, form: str) -> int:
         traced_s,
     )
 
+    symbols = guest_symbols(symbols_path)
     recording, stats = load_recording_stats(path)
     meta = recording.meta_dict() | {"traced_s": traced_s(recording, stats)}
     snapshot = stats.snapshot(top=None)
     try:
         if form == "json":
-            print(json.dumps(summary_json(snapshot, meta), indent=2))
+            print(json.dumps(summary_json(snapshot, meta, symbols), indent=2))
         elif form == "csv":
             print(summary_csv(snapshot, meta), end="")
         else:
-            print(summary_table(snapshot, meta))
+            print(summary_table(snapshot, meta, symbols))
         sys.stdout.flush()
     except BrokenPipeError:  # `| head`: the reader has all it wanted; a truncation is still said
         _silence_stdout()
@@ -559,6 +576,7 @@ def export(args: argparse.Namespace) -> int:
         raise UsageError("--rate-bin takes a number of milliseconds above 0")
     from kvmtop.formats.recording import open_recording
 
+    symbols = guest_symbols(args.guest_symbols)
     recording = open_recording(args.file)
     start = recording.meta.start_ns
     total = [0]
@@ -572,11 +590,11 @@ def export(args: argparse.Namespace) -> int:
     if dest != "-" and os.path.exists(dest) and os.path.samefile(dest, args.file):
         raise OutputError(f"cannot write {dest}: it is the recording being exported")
     if args.perfetto:
-        chunks = PerfettoTrace(recording.meta, int(args.rate_bin * 1e6)).chunks(counted())
+        chunks = PerfettoTrace(recording.meta, int(args.rate_bin * 1e6), symbols).chunks(counted())
     elif args.csv:
-        chunks = csv_chunks(counted(), start)
+        chunks = csv_chunks(counted(), start, symbols)
     else:
-        chunks = jsonl_chunks(counted(), start)
+        chunks = jsonl_chunks(counted(), start, symbols)
     out = open_output(dest)
     try:
         write_chunks(chunks, out, dest)

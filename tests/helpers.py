@@ -189,3 +189,34 @@ def fixed_processes() -> list[KvmProcess]:
         KvmProcess(5151, "alice", "firecracker", ("firecracker", "--api-sock", "/tmp/fc"), 2, (0, 1),
                    3.0, 128 << 20, hour_ago, 777),
     ]  # fmt: skip
+
+
+def write_elf_symbols(path: str, symbols: list[tuple[str, int, int]]) -> None:
+    """An ELF64 file (x86-64) whose only content is a symbol table: (name, address, size) each a
+    global function, absolute (as a firmware image's symbols are)."""
+    import struct
+
+    strtab = b"\0" + b"".join(name.encode() + b"\0" for name, _, _ in symbols)
+    entries = [bytes(24)]  # the null symbol
+    at = 1
+    for name, address, size in symbols:
+        entries.append(
+            struct.pack("<IBBHQQ", at, 0x12, 0, 0xFFF1, address, size)
+        )  # GLOBAL FUNC ABS
+        at += len(name) + 1
+    symtab = b"".join(entries)
+    shstrtab = b"\0.symtab\0.strtab\0.shstrtab\0"
+    body = symtab + strtab + shstrtab
+    sections = [
+        bytes(64),
+        struct.pack("<IIQQQQIIQQ", 1, 2, 0, 0, 64, len(symtab), 2, 1, 8, 24),  # .symtab
+        struct.pack("<IIQQQQIIQQ", 9, 3, 0, 0, 64 + len(symtab), len(strtab), 0, 0, 1, 0),
+        struct.pack(
+            "<IIQQQQIIQQ", 17, 3, 0, 0, 64 + len(symtab) + len(strtab), len(shstrtab), 0, 0, 1, 0
+        ),  # fmt: skip
+    ]
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0, 0, 64 + len(body), 0, 64, 0, 0, 64,
+                          len(sections), 3)  # fmt: skip
+    with open(path, "wb") as f:
+        f.write(header + body + b"".join(sections))

@@ -154,7 +154,7 @@ def test_csv_export_has_a_row_per_exit(tmp_path, fixed):
                        "exit_ns": "20000", "guest_ns": "20000", "one_stop": "0", "write": "1",
                        "detail_a": str(0x3F8), "detail_b": "257",
                        "description": "IO out port=0x3f8 size=1", "data": "",
-                       "pid": "", "vm": ""}  # fmt: skip
+                       "pid": "", "vm": "", "rip": "", "linear": "", "symbol": ""}  # fmt: skip
     assert Counter(r["reason"] for r in rows)["KVM_EXIT_HLT"] == sum(e.reason == 5 for e in FIXED)
 
 

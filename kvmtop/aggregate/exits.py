@@ -14,7 +14,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from kvmtop import native
 from kvmtop.abi.mmio_names import MmioNames, from_argv
@@ -34,6 +33,8 @@ from kvmtop.abi.record_layout import (
 )
 from kvmtop.aggregate import batch_summary
 from kvmtop.aggregate.batch_summary import BatchSummary, named_in
+from kvmtop.aggregate.guest_code import GuestCode, GuestCodeCounts, RipCount
+from kvmtop.aggregate.top_counter import TopCounter
 from kvmtop.decoder import exit_label
 from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
 from kvmtop.model.messages import ExitBatch
@@ -222,6 +223,8 @@ class VcpuSnapshot:
     mmio: tuple[MmioCount, ...]
     recent: tuple[ExitEvent, ...]  # the latest exits, oldest first
     coalesced: tuple[CoalescedCount, ...] = ()  # writes KVM queued without an exit
+    rips: tuple[RipCount, ...] = ()  # --rip: guest code by exits, count descending
+    rips_by_time: tuple[RipCount, ...] = ()  # ...by the VMM's time handling its exits
 
     @property
     def name(self) -> str:
@@ -255,6 +258,9 @@ class StatsSnapshot:
     # session, and per vCPU number
     hardware: tuple[tuple[str, int], ...] = ()
     hardware_by_vcpu: tuple[tuple[int, tuple[tuple[str, int], ...]], ...] = ()
+    rips: tuple[RipCount, ...] = ()  # --rip: the VM's guest code by exits, count descending
+    rips_by_time: tuple[RipCount, ...] = ()  # ...by the VMM's time handling its exits
+    rip_seen: bool = False  # some exit carried a guest RIP
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,41 +337,6 @@ class _Reason:
         self.handling = _Histogram()
         self.handling_net = _Histogram()
         self.net_low = self.net_high = 0  # summary's net_low_total, net_high_total
-
-
-class TopCounter:
-    """Counts per key, exact up to ``capacity`` distinct keys; beyond that the Space-Saving
-    algorithm keeps the heaviest keys in fixed memory: a key that takes an evicted one's place
-    starts from that one's count, which is then its count's most possible error (its true count
-    lies in [count - error, count]). A key never evicted since it came keeps error 0."""
-
-    __slots__ = ("counts", "errors", "capacity", "exact")
-
-    def __init__(self, capacity: int) -> None:
-        self.counts: dict[Any, int] = {}
-        self.errors: dict[Any, int] = {}  # only the keys with an error
-        self.capacity = capacity
-        self.exact = True
-
-    def add(self, key: Any, n: int = 1) -> None:
-        """Count ``key`` ``n`` times: the same as ``n`` single adds in a row."""
-        counts = self.counts
-        if key in counts:
-            counts[key] += n
-        elif len(counts) < self.capacity:
-            counts[key] = n
-        else:
-            victim = min(counts, key=counts.__getitem__)
-            floor = counts.pop(victim)
-            self.errors.pop(victim, None)
-            counts[key] = floor + n
-            if floor:
-                self.errors[key] = floor
-            self.exact = False
-
-    def top(self, n: int | None = None) -> list[tuple[Any, int]]:
-        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], repr(kv[0])))
-        return ranked if n is None else ranked[:n]
 
 
 class _Seconds:
@@ -565,6 +536,7 @@ class ExitStats:
         self._mmio = TopCounter(self.top_capacity)
         self.coalesced = CoalescedCounts(self.top_capacity)
         self.hardware = HardwareCounts()
+        self.guest_code = GuestCodeCounts(self.top_capacity)
         self._stops = _Seconds()
         self.total = 0
         self.stops = 0
@@ -596,6 +568,7 @@ class ExitStats:
                 summed = self._summarize(batch.records, batch.base_ns, self.recent_capacity)
                 self._add(summed, batch.base_ns)
                 self._count_to_moments(summed, batch.records, batch.base_ns)
+                self.guest_code.add(batch.records, batch.base_ns, self._label)
             if batch.coalesced:
                 self.coalesced.add(batch.coalesced, self._vcpu)
                 self.hardware.add(batch.coalesced)
@@ -736,6 +709,9 @@ class ExitStats:
                 dropped=tuple(sorted(self.dropped.items())),
                 hardware=hardware,
                 hardware_by_vcpu=hardware_by_vcpu,
+                rips=self.guest_code.vm.top(top),
+                rips_by_time=self.guest_code.vm.top(top, by_time=True),
+                rip_seen=self.guest_code.seen,
             )
 
     def note_moment(self, t_ns: int) -> None:
@@ -795,6 +771,7 @@ class ExitStats:
         labels = sorted({label for bucket in seconds for label in bucket})
         key = v.key
         many = len(self._vms) > 1
+        code: GuestCode | None = self.guest_code.vcpus.get(v.vcpu)
         return VcpuSnapshot(
             vcpu=v.vcpu,
             label=key.label()
@@ -813,6 +790,8 @@ class ExitStats:
             mmio=_mmios(v.mmio, top, self._mmio_names),
             recent=v.recent_events() if recent else (),
             coalesced=_coalesced(v.coalesced, top),
+            rips=code.top(top) if code is not None else (),
+            rips_by_time=code.top(top, by_time=True) if code is not None else (),
         )
 
 

@@ -22,6 +22,7 @@ from kvmtop.abi.arch import HOST
 from kvmtop.abi.mmio_names import MmioNames, from_argv
 from kvmtop.abi.record_layout import EXIT_CYCLE, EXIT_WRITE
 from kvmtop.decoder import event_label, exit_details
+from kvmtop.formats.guest_symbols import GuestSymbols, code_text
 from kvmtop.formats.recording import RecordingMeta
 from kvmtop.model.coalesced import CoalescedWrites, iter_coalesced
 from kvmtop.model.events import ExitEvent
@@ -30,7 +31,7 @@ from kvmtop.units import command_text
 from kvmtop.xlat_exit import ExitReason, errno_name
 
 RATE_BIN_NS = 10_000_000  # exit-rate counter: one value per 10 ms
-HEX_ARGS = ("port", "address", "msr", "gpa", "rip", "pc", "hardware_reason")
+HEX_ARGS = ("port", "address", "msr", "gpa", "rip", "linear", "pc", "hardware_reason")
 
 
 def us(ns: int) -> str:
@@ -58,8 +59,12 @@ def exit_title(event: ExitEvent) -> str:
     return short_label(event)
 
 
-def slice_args(event: ExitEvent, names: MmioNames) -> dict[str, int | str | bool]:
+def slice_args(event: ExitEvent, names: MmioNames,
+               symbols: GuestSymbols | None = None) -> dict[str, int | str | bool]:  # fmt: skip
     args = exit_details(event)
+    if event.rip is not None:
+        args["rip"], args["linear"] = event.rip.rip, event.rip.linear
+        args["guest_code"] = code_text(event.rip, symbols)
     for key in HEX_ARGS:
         if key in args:
             args[key] = f"0x{args[key]:x}"
@@ -84,8 +89,10 @@ class _VcpuTrack:
 class PerfettoTrace:
     """Turns batches into trace events; :meth:`chunks` is the whole document, piece by piece."""
 
-    def __init__(self, meta: RecordingMeta, rate_bin_ns: int = RATE_BIN_NS) -> None:
+    def __init__(self, meta: RecordingMeta, rate_bin_ns: int = RATE_BIN_NS,
+                 symbols: GuestSymbols | None = None) -> None:  # fmt: skip
         self.meta = meta
+        self.symbols = symbols  # with --rip: slices say the guest code (its symbol) that exited
         self._mmio_names = from_argv(meta.argv)  # MMIO named as the recorded command line tells
         self.rate_bin_ns = rate_bin_ns
         self._tracks: dict[int, _VcpuTrack] = {}
@@ -149,20 +156,20 @@ class PerfettoTrace:
         return (f'{{"ph":"X","pid":{pid},"tid":{event.vcpu + 1},'
                 f'"ts":{us(start - self.meta.start_ns)},"dur":{us(end - start)},'
                 f'"name":{json.dumps(name, ensure_ascii=False)},"cat":"{cat}",'
-                f'"args":{json.dumps(slice_args(event, self._mmio_names))}}}')  # fmt: skip
+                f'"args":{json.dumps(slice_args(event, self._mmio_names, self.symbols))}}}')  # fmt: skip
 
     def _exit(self, event: ExitEvent) -> list[str]:
         track, out = self._track(event.vcpu)
         last = track.last
         if last is not None and event.entry_ns >= last.exit_ns:
-            out.append(self._slice(f"VMM: {exit_title(last)}", "vmm", last,
+            out.append(self._slice(f"VMM: {exit_title(last)}{self._at(last)}", "vmm", last,
                                    last.exit_ns, event.entry_ns))  # fmt: skip
         if event.flags & EXIT_CYCLE:
-            out.append(self._slice(f"guest+VMM: {exit_title(event)}", "guest+vmm", event,
+            out.append(self._slice(f"guest+VMM: {exit_title(event)}{self._at(event)}", "guest+vmm", event,
                                    event.entry_ns, event.exit_ns))  # fmt: skip
             track.last = None
         else:
-            out.append(self._slice(f"guest → {short_label(event)}", "guest", event,
+            out.append(self._slice(f"guest → {short_label(event)}{self._at(event)}", "guest", event,
                                    event.entry_ns, event.exit_ns))  # fmt: skip
             track.last = event
         rate_bin = max(track.rate_bin, (event.exit_ns - self.meta.start_ns) // self.rate_bin_ns)
@@ -170,6 +177,10 @@ class PerfettoTrace:
             out += self._close_bins(event.vcpu, track, rate_bin)
         track.rate_count += 1
         return out
+
+    def _at(self, event: ExitEvent) -> str:
+        """`` @ symbol+0x1c`` (or the address): the guest code that made the exit (--rip)."""
+        return "" if event.rip is None else f" @ {code_text(event.rip, self.symbols)}"
 
     def _coalesced(self, writes: CoalescedWrites) -> list[str]:
         """An instant on the vCPU's track: the writes its VM's ring took without an exit."""

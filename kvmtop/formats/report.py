@@ -19,6 +19,8 @@ from kvmtop.aggregate.exits import (
     bound_text,
     top_error,
 )
+from kvmtop.aggregate.guest_code import RipCount
+from kvmtop.formats.guest_symbols import GuestSymbols, code_text
 from kvmtop.formats.recording import Recording, open_recording
 from kvmtop.model.coalesced import RING_MAX
 from kvmtop.units import duration
@@ -77,9 +79,45 @@ def _reasons_json(reasons: tuple[ReasonStats, ...], seconds: float) -> dict[str,
     }
 
 
-def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[str, object]:
+GUEST_CODE_TOP = 10  # guest code addresses per vCPU and reason in the report
+
+
+def _rip_json(r: RipCount, symbols: GuestSymbols | None) -> dict[str, object]:
+    symbol = symbols.name(r.linear) if symbols is not None else None
+    return (
+        {"reason": r.label, "rip": r.rip, "linear": r.linear, "count": r.count}
+        | ({"cpl": r.cpl} if r.cpl >= 0 else {})
+        | ({"vmm_ns": r.vmm_ns} if r.vmm_ns >= 0 else {})
+        | ({"symbol": symbol} if symbol is not None else {})
+        | ({"count_error": r.error} if r.error else {})
+    )
+
+
+def _per_reason(rips: tuple[RipCount, ...], n: int) -> list[RipCount]:
+    """The first ``n`` of each reason, in the table's order."""
+    taken: dict[str, int] = {}
+    out = []
+    for r in rips:
+        if taken.get(r.label, 0) < n:
+            taken[r.label] = taken.get(r.label, 0) + 1
+            out.append(r)
+    return out
+
+
+def _guest_code_json(by_exits: tuple[RipCount, ...], by_time: tuple[RipCount, ...],
+                     symbols: GuestSymbols | None) -> dict[str, object]:  # fmt: skip
+    """--rip: each reason's top guest code by exits and by the VMM's time handling them."""
+    return {
+        "by_exits": [_rip_json(r, symbols) for r in _per_reason(by_exits, GUEST_CODE_TOP)],
+        "by_vmm_time": [_rip_json(r, symbols) for r in _per_reason(by_time, GUEST_CODE_TOP)],
+    }
+
+
+def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object],
+                 symbols: GuestSymbols | None = None) -> dict[str, object]:  # fmt: skip
     seconds = duration_s(snapshot, meta)
     hardware = dict(snapshot.hardware_by_vcpu)
+    code = snapshot.rip_seen
     return {
         "exits": {r.label: r.count for r in snapshot.reasons},
         # Keyed by vCPU id when the session had one VM (as always), by PID:VM:VCPU when more
@@ -93,6 +131,7 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
                 "hardware_exits": dict(hardware.get(v.vcpu, ())),
                 **_identity(v),
             }
+            | ({"guest_code": _guest_code_json(v.rips, v.rips_by_time, symbols)} if code else {})
             for v in snapshot.vcpus
         },
         "io": [
@@ -124,7 +163,11 @@ def summary_json(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> dict[st
             "writes": _coalesced_json(snapshot.coalesced.top, snapshot.mmio_names),
         },
         "meta": meta,
-    }
+    } | (
+        {"guest_code": _guest_code_json(snapshot.rips, snapshot.rips_by_time, symbols)}
+        if code
+        else {}
+    )
 
 
 def _coalesced_json(
@@ -229,7 +272,24 @@ def net_median_text(r: ReasonStats) -> str:
     return _ns(r.handling_net.median) if r.net_median_known else "unknown"
 
 
-def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
+def guest_code_lines(snapshot: StatsSnapshot, symbols: GuestSymbols | None) -> list[str]:
+    """--rip: per vCPU and reason, the guest code that made the most exits."""
+    if not snapshot.rip_seen:
+        return []
+    named = f" (symbols: {symbols.source})" if symbols is not None else ""
+    lines = [f"TOP GUEST CODE: per vCPU and reason, by exits{named}"]
+    w = max(4, *(len(v.label) for v in snapshot.vcpus))
+    for v in snapshot.vcpus:
+        for r in _per_reason(v.rips, 5):
+            vmm = _ns(r.vmm_ns) if r.vmm_ns >= 0 else "-"
+            lines.append(f"  {v.label:>{w}}  {r.label:<22} {r.count:>10}  VMM {vmm:>10}  "
+                         f"{code_text(r, symbols)}")  # fmt: skip
+    lines.append("")
+    return lines
+
+
+def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object],
+                  symbols: GuestSymbols | None = None) -> str:  # fmt: skip
     seconds = duration_s(snapshot, meta)
     lines = _head(snapshot, meta)
     groups = _row_groups(snapshot)
@@ -292,6 +352,7 @@ def summary_table(snapshot: StatsSnapshot, meta: Mapping[str, object]) -> str:
         ]
         lines += [f"  ({note})" for note in coalesced_notes(snapshot.coalesced)]
         lines.append("")
+    lines += guest_code_lines(snapshot, symbols)
     error = top_error(snapshot.io[:10], snapshot.mmio[:10])
     if error:  # only where a count shown is in fact uncertain
         lines.append(f"(IO/MMIO tables hit their size bound: a count shown may be high by up to "
