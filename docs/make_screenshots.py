@@ -70,6 +70,35 @@ async def shoot_watch(pid: int) -> None:
         app.save_screenshot("screen-watch.svg", DOCS)
 
 
+async def shoot_guest_code(recording: str, symbols: str) -> None:
+    """The attached view of a recording made with --rip, its guest code named (README)."""
+    from kvmtop.formats.guest_symbols import load_guest_symbols
+
+    app = KvmtopApp(replay=recording, guest_symbols=load_guest_symbols(symbols))
+    async with app.run_test(size=(100, 40)) as pilot:
+        assert app.replay is not None
+        app.replay.path = "demo-rip.kvmtop"
+        app.replay.toggle_pause()
+        app.replay.seek_to(1.0)
+        await asyncio.to_thread(app.replay.wait_settled, 60)
+        await pilot.pause(0.8)
+        app.save_screenshot("screen-guest-code.svg", DOCS)
+
+
+def demo_system_map(path: str) -> None:
+    """A System.map of the demo guest's code: each vCPU's labels at its code segment."""
+    from kvmtop.minivmm.guestcode import demo_code
+    from kvmtop.minivmm.vmm import CODE_SEGMENT
+
+    with open(path, "w") as f:
+        for vcpu in (0, 1):
+            base = CODE_SEGMENT * (vcpu + 1) * 16
+            labels = demo_code(vcpu).labels
+            for name, at in sorted(labels.items(), key=lambda kv: kv[1]):
+                if "." not in name:  # not a repeat's own
+                    f.write(f"{base + at:016x} t demo_{name}\n")
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         recording = os.path.join(tmp, "demo.kvmtop")
@@ -79,6 +108,15 @@ def main() -> None:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         asyncio.run(shoot_replay(recording))
+        with_rip = os.path.join(tmp, "demo-rip.kvmtop")
+        subprocess.run(
+            [sys.executable, "-m", "kvmtop", "record", "--rip", "--no-seccomp", "-o", with_rip,
+             "--", *demo_command(duration=15)],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        symbols = os.path.join(tmp, "demo.map")
+        demo_system_map(symbols)
+        asyncio.run(shoot_guest_code(with_rip, symbols))
         bios = os.path.join(tmp, "idle.bin")
         with open(bios, "wb") as f:
             f.write(b"\xf4" * BIOS_SIZE)  # hlt from the reset vector on: an idle guest

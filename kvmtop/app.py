@@ -26,6 +26,7 @@ from textual.screen import Screen
 from kvmtop.aggregate.exits import ExitStats
 from kvmtop.counters.held_stats import HeldStats
 from kvmtop.errors import CommandNotFound, KvmtopError, KvmUnavailable, NoTerminal, UsageError
+from kvmtop.formats.guest_symbols import GuestSymbols
 from kvmtop.host.discovery import KvmProcess, list_kvm_processes, others_vmms
 from kvmtop.minivmm.vmm import demo_command
 from kvmtop.model.messages import Attached, StatsFds
@@ -80,9 +81,13 @@ class KvmtopApp(OrderedKeysApp):
         refresh_s: float | None = None,
         watcher: Callable[[int, float], SnapshotSource] = open_watcher,
         all_vms: bool = False,
+        rip: bool = False,
+        guest_symbols: GuestSymbols | None = None,
     ) -> None:
         super().__init__()
         self.start_all = all_vms  # every VMM on the host (the tracepoint engine)
+        self.rip = rip  # --rip: every exit's guest RIP (the attached view's `g` turns it on too)
+        self.guest_symbols = guest_symbols  # --guest-symbols: names for the guest code
         self.watcher = watcher  # opens the watch of a VM (`w`)
         self.feeds: list[WatchFeed] = []  # every watch opened: closed at quit
         self.process_lister = process_lister
@@ -164,7 +169,7 @@ class KvmtopApp(OrderedKeysApp):
                 fd, self.child_stderr = tempfile.mkstemp(prefix="kvmtop-stderr-")
                 os.close(fd)
             self.session = TraceSession(record_path=self.record_path, child_stdio=os.devnull,
-                                        child_stderr=self.child_stderr)  # fmt: skip
+                                        child_stderr=self.child_stderr, rip=self.rip)  # fmt: skip
         return self.session
 
     def _watch(self, begin: Callable[[TraceSession], Future[Attached]]) -> None:
@@ -503,6 +508,8 @@ def run_tui(
     record_path: str | None = None,
     refresh_s: float | None = None,
     all_vms: bool = False,
+    rip: bool = False,
+    guest_symbols: GuestSymbols | None = None,
 ) -> int:
     """The TUI; returns the exit status. Errors a user can fix are raised before it opens."""
     from kvmtop.host.procfs import check_attachable
@@ -530,7 +537,8 @@ def run_tui(
         if engine != "tracepoints":
             raise UsageError(f"-a needs the tracepoint engine: {why}")
     app = KvmtopApp(pid=pids, argv=argv, replay=replay, demo=demo, record_path=record_path,
-                    refresh_s=refresh_s, all_vms=all_vms)  # fmt: skip
+                    refresh_s=refresh_s, all_vms=all_vms, rip=rip,
+                    guest_symbols=guest_symbols)  # fmt: skip
     try:
         result = app.run()
     finally:

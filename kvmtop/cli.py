@@ -187,9 +187,13 @@ def _parser() -> argparse.ArgumentParser:
                       "times a second per vCPU (100) without tracing (see kvmtop watch)")  # fmt: skip
 
     rpl = sub.add_parser("replay", help="play a recording in the TUI")
+    rpl.add_argument("--guest-symbols", metavar="FILE", default=argparse.SUPPRESS,
+                     help="name guest RIPs with a guest's kallsyms copy, System.map or ELF")  # fmt: skip
     rpl.add_argument("file")
 
     demo = sub.add_parser("demo", help="start a small built-in guest and watch it (needs /dev/kvm)")
+    demo.add_argument("--rip", action="store_true", default=argparse.SUPPRESS,
+                      help="also the guest's RIP at every exit")  # fmt: skip
     demo.add_argument("-o", "--output", default=argparse.SUPPRESS, help="also record to this file")
     return parser
 
@@ -313,14 +317,19 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
     if args.delay is not None and not DELAY_MIN_S <= args.delay <= DELAY_MAX_S:
         raise UsageError(f"--delay must be from {DELAY_MIN_S:g} to {DELAY_MAX_S:g} seconds, as + and - "
                          f"set it (not {args.delay:g})")  # fmt: skip
+    symbols = guest_symbols(args.guest_symbols)
     if args.command == "replay":
-        return run_tui(replay=args.file, refresh_s=args.delay)
+        return run_tui(replay=args.file, refresh_s=args.delay, guest_symbols=symbols)
     if args.command == "demo":
-        return run_tui(demo=True, record_path=args.output, refresh_s=args.delay)
+        return run_tui(demo=True, record_path=args.output, refresh_s=args.delay, rip=args.rip,
+                       guest_symbols=symbols)  # fmt: skip
     if args.all and (args.pid or command is not None):
         raise UsageError("-a takes no -p PID and no -- CMD: it is every VMM on the host")
+    if args.all and args.rip:
+        raise UsageError("-a follows the host's VMs with kernel tracepoints, which give no guest "
+                         "RIP here; --rip needs -p PID or -- CMD")  # fmt: skip
     return run_tui(pids=args.pid, argv=command, record_path=args.output, refresh_s=args.delay,
-                   all_vms=args.all)  # fmt: skip
+                   all_vms=args.all, rip=args.rip, guest_symbols=symbols)  # fmt: skip
 
 
 def watch(args: argparse.Namespace) -> int:

@@ -122,6 +122,7 @@ class Tracer(Commanded):
         self._info = pt.SyscallInfo()
         self._ticker = threading.Thread(target=self._tick, name="kvmtop-tick", daemon=True)
         self._rip_decided = threading.Condition()  # notified when a VMM answered (--rip)
+        self._rip_waiting: set[int] = set()  # vCPU threads whose first run waits for that
 
     # --- the API other threads call --------------------------------------------------------
 
@@ -546,19 +547,38 @@ class Tracer(Commanded):
             # its threads may not stop by themselves for a long time (with user notification:
             # never), and a vCPU's first run may be waiting for the answer (_rip_wait)
             proc.check_job.nudged = True
-            self._interrupt(proc)
+            self._interrupt_for_job(proc)
 
-    def _rip_wait(self, proc: TracedProcess) -> None:
+    def _interrupt_for_job(self, proc: TracedProcess) -> None:
+        """Interrupt the threads of ``proc`` that run no vCPU, so that one of them asks KVM
+        at its next syscall entry; only where it has none, the vCPU threads too. A vCPU thread
+        interrupted just as its KVM_RUN notification is answered would enter the run with the
+        interrupt pending: a run that ends at once, with no exit of the guest's."""
+        tids = self.engine.threads_of(proc.pid)
+        runners = set(self._rip_waiting)
+        for fd in list(proc.pages):
+            owner = self.engine.page(proc.pid, fd)
+            if owner is not None:
+                runners.add(owner.tid)
+        for tid in [t for t in tids if t not in runners] or tids:
+            pt.ptrace_unless_gone(pt.PTRACE_INTERRUPT, tid)
+            self._kicked.add(tid)
+
+    def _rip_wait(self, proc: TracedProcess, tid: int) -> None:
         """The listener's thread has found a vCPU whose first KVM_RUN waits for its answer: with
         ``rip``, have its VMM asked now, and let the run go once it has answered (at most 1 s),
         so that the vCPU's first exit carries its RIP too."""
         if not self.rip:
             return
-        self._kicker.kick()
-        deadline = time.monotonic() + 1.0
-        with self._rip_decided:
-            while proc.vms_to_check() and time.monotonic() < deadline and self.alive:
-                self._rip_decided.wait(0.05)
+        self._rip_waiting.add(tid)
+        try:
+            self._kicker.kick()
+            deadline = time.monotonic() + 1.0
+            with self._rip_decided:
+                while proc.vms_to_check() and time.monotonic() < deadline and self.alive:
+                    self._rip_decided.wait(0.05)
+        finally:
+            self._rip_waiting.discard(tid)
 
     def _check_done(self, proc: TracedProcess, job: CheckJob) -> None:
         proc.check_job = None

@@ -220,3 +220,33 @@ def write_elf_symbols(path: str, symbols: list[tuple[str, int, int]]) -> None:
                           len(sections), 3)  # fmt: skip
     with open(path, "wb") as f:
         f.write(header + body + b"".join(sections))
+
+
+def vcpu_valid_regs(pid: int) -> Any:
+    """A writable mapping of the first page of ``pid``'s vCPU 0 (the test's own look at its
+    kvm_run, as a VMM has it)."""
+    import mmap
+
+    from kvmtop.abi.ptrace_abi import pidfd_getfd
+    from kvmtop.decoder import vcpu_id_of_fd_link
+
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            if vcpu_id_of_fd_link(os.readlink(f"/proc/{pid}/fd/{fd}")) == 0:
+                dup = pidfd_getfd(pidfd, int(fd))
+                try:
+                    return mmap.mmap(dup, 4096, mmap.MAP_SHARED,
+                                     mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+                finally:
+                    os.close(dup)
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"pid {pid} has no vCPU 0")
+
+
+def valid_regs(page: Any) -> int:
+    """kvm_run.kvm_valid_regs in ``page`` (vcpu_valid_regs)."""
+    from kvmtop.abi.arch import x86_64
+
+    return int.from_bytes(page[x86_64.RUN_VALID_REGS : x86_64.RUN_VALID_REGS + 8], "little")

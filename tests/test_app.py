@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 from guests.fixed_recording import START, events, write_fixed_recording
-from helpers import kvm_fds_of, start_minivmm, wait_for_vcpus
+from helpers import kvm_fds_of, start_minivmm, valid_regs, vcpu_valid_regs, wait_for_vcpus
 from textual.events import Key
 from textual.keys import _character_to_key
 from textual.widget import Widget
@@ -1667,3 +1667,43 @@ async def test_a_then_w_in_one_burst_from_a_first_watch_watches_again(processes,
         await until(pilot, lambda: tracer_pid(vmm.pid) == 0, what="untraced")
         await pilot.press("escape", "q")
     assert vmm.poll() is None and tracer_pid(vmm.pid) == 0
+
+
+@pytest.mark.kvm
+async def test_g_shows_which_guest_code_makes_the_exits_named_and_ordered_by_o(processes, tmp_path):
+    """Attached without --rip, `g` turns guest RIPs on: the guest code pane appears with the
+    demo guest's addresses named from a System.map, the drill-down and its exit log too, `o`
+    orders the pane by the VMM's time; the quit leaves kvm_valid_regs as it found it."""
+    from kvmtop.formats.guest_symbols import load_guest_symbols
+    from kvmtop.minivmm.guestcode import demo_code
+    from kvmtop.minivmm.vmm import CODE_SEGMENT
+    from kvmtop.widgets.guest_code import GuestCodePane
+
+    base = CODE_SEGMENT * 16  # vCPU 0's code
+    labels = demo_code(0).labels
+    path = tmp_path / "System.map"
+    path.write_text("".join(f"{base + at:016x} t demo_{name}\n"
+                            for name, at in labels.items() if "." not in name))  # fmt: skip
+    demo = start_demo(processes)
+    app = KvmtopApp(pid=demo.pid, guest_symbols=load_guest_symbols(str(path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await until_counting(pilot, demo.pid)
+        pane = app.screen.query_one(GuestCodePane)
+        assert not pane.display and app.screen.check_action("guest_rip", ()) is True
+        await pilot.press("g")
+        await until(pilot, lambda: app.session.stats.snapshot().rip_seen, what="RIPs")
+        await until(pilot, lambda: "demo_" in str(pane.render()), what="named code")
+        assert app.screen.check_action("guest_rip", ()) is False  # on: the key has gone
+        assert "guest code by exits" in pane.border_title
+        await pilot.press("o", "o", "o")  # by VMM total
+        await until(pilot, lambda: "by VMM time" in pane.border_title, what="ordered by time")
+        table = app.screen.query_one(VcpuTable)
+        await until(pilot, lambda: len(table.rows) == 2, what="both vCPUs listed")
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, VcpuScreen), what="drill-down")
+        log = app.screen.query_one(ExitLog)
+        await until(pilot, lambda: any(" @ demo_" in line for line in log.lines), what="named")
+        page = vcpu_valid_regs(demo.pid)
+        assert valid_regs(page) != 0
+        await pilot.press("q")
+    assert valid_regs(page) == 0 and demo.poll() is None

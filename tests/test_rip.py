@@ -3,7 +3,6 @@ kvmtop writes for it, kvm_valid_regs, set only where safe and always restored.""
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import struct
@@ -11,11 +10,9 @@ import subprocess
 import time
 
 import pytest
-from helpers import KVMTOP, wait_for_vcpus
+from helpers import KVMTOP, valid_regs, vcpu_valid_regs, wait_for_vcpus
 
 from kvmtop.abi.arch import x86_64
-from kvmtop.abi.ptrace_abi import pidfd_getfd
-from kvmtop.decoder import vcpu_id_of_fd_link
 from kvmtop.minivmm.guestcode import counted_rips
 from kvmtop.minivmm.vmm import CODE_SEGMENT, counted_command, demo_command
 from kvmtop.model.events import ExitEvent
@@ -85,27 +82,6 @@ def test_every_launched_exit_carries_its_exact_rip(seccomp):
         tracer.stop()
     assert notes == []
     check_every_rip(events)
-
-
-def vcpu_valid_regs(pid: int) -> mmap.mmap:
-    """A writable mapping of the first page of ``pid``'s vCPU 0 (the test's own look)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            if vcpu_id_of_fd_link(os.readlink(f"/proc/{pid}/fd/{fd}")) == 0:
-                dup = pidfd_getfd(pidfd, int(fd))
-                try:
-                    return mmap.mmap(dup, 4096, mmap.MAP_SHARED,
-                                     mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
-                finally:
-                    os.close(dup)
-    finally:
-        os.close(pidfd)
-    raise AssertionError(f"pid {pid} has no vCPU 0")
-
-
-def valid_regs(page: mmap.mmap) -> int:
-    return int(_U64.unpack_from(page, x86_64.RUN_VALID_REGS)[0])
 
 
 def wait_for(predicate, timeout: float = 5.0) -> None:

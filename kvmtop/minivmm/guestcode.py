@@ -199,6 +199,11 @@ def counted_rips(
 def demo(vcpu: int, mmio_base: int = 0xD0000) -> bytes:
     """An endless, varied mix: each round asks the VMM for a phase (port PHASE_PORT) and makes
     that phase's exits, then halts (the VMM paces rounds by sleeping on hlt)."""
+    return demo_code(vcpu, mmio_base).assemble()
+
+
+def demo_code(vcpu: int, mmio_base: int = 0xD0000) -> Code:
+    """:func:`demo`'s code, with its labels (``Code.labels``: top, serial, mmio, pci...)."""
     c = Code()
     c.mov_ax_cs().mov_ds_ax()  # strings live in the code segment
     c.mov_ax(mmio_base >> 4).mov_es_ax()
@@ -228,7 +233,7 @@ def demo(vcpu: int, mmio_base: int = 0xD0000) -> bytes:
 
     c.label("round_end").hlt().jmp("top")
     c.label("text").emit(f"vCPU {vcpu} says hi\n".encode() + b"\0")
-    return c.assemble()
+    return c
 
 
 # A flat GDT: null, 32-bit code (selector 0x08) and data (0x10), both base 0 limit 4 GiB

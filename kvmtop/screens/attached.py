@@ -18,6 +18,8 @@ from kvmtop.screens.vcpu import VcpuScreen
 from kvmtop.sources.exit_source import ExitSource, SourceStatus
 from kvmtop.sources.live import LiveSource
 from kvmtop.units import human
+from kvmtop.widgets.guest_code import GuestCodePane
+from kvmtop.widgets.guest_code import lines_for as code_lines
 from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane
 from kvmtop.widgets.latency_pane import lines_for as latency_lines
@@ -54,6 +56,9 @@ class AttachedScreen(WatchScreen):
             "Kernel view",
             tooltip="KVM's own counters: every exit, also those KVM handles itself",
         ),
+        Binding("g", "guest_rip", "Guest RIPs",
+                tooltip="Show which guest code makes the exits (as --rip): sets the vCPUs' "
+                "kvm_valid_regs while traced"),
         Binding("w", "watch", "Watch",
                 tooltip="Detach and watch the VMM by sampling instead (no cost to it; a there "
                 "traces again)"),
@@ -80,6 +85,7 @@ class AttachedScreen(WatchScreen):
             with Horizontal(id="vm-row"):
                 yield LatencyPane()
                 yield TopTargets()
+            yield GuestCodePane(id="guest-code")
         yield StatusLine()
         yield KeyFooter()
 
@@ -105,6 +111,16 @@ class AttachedScreen(WatchScreen):
         self.query_one(TopTargets).show(
             snap.io, snap.mmio, snap.top_exact, snap.coalesced.top[:4], snap.mmio_names
         )
+        code = self.query_one(GuestCodePane)
+        code.display = self._code_shown(snap)
+        if code.display:
+            rows, by_time = self.code_rows(snap.rips, snap.rips_by_time)
+            code.show(rows, by_time)
+
+    def _code_shown(self, snap: StatsSnapshot) -> bool:
+        """The guest code pane, once RIPs are asked for (or a recording holds some)."""
+        live = isinstance(self.source, LiveSource) and self.source.session.rip
+        return bool(snap.rip_seen or live)
 
     def on_resize(self, _event: events.Resize) -> None:
         self.fit()
@@ -121,7 +137,11 @@ class AttachedScreen(WatchScreen):
         bars = 2 + max(1, len(snap.reasons)) + (1 if snap.coalesced.total else 0)
         latency = latency_lines(snap.reasons) if snap.reasons else 1
         targets = lines_for(len(snap.io), len(snap.mmio), snap.top_exact, snap.coalesced.top[:4])
-        room = body - bars - (2 + max(latency, targets))
+        code = 0
+        if self._code_shown(snap):  # up to 6 addresses, as far as the vCPUs leave room
+            code = 2 + code_lines(min(len(snap.rips), max(1, (body - bars - 14) // 2), 6))
+            self.query_one(GuestCodePane).styles.height = code
+        room = body - bars - code - (2 + max(latency, targets))
         per_vcpu = max(1, min(MAX_LINES_PER_VCPU, (room - 3) // vcpus))
         height = max(min(room, 3 + vcpus * per_vcpu), 3 + min(vcpus, 4))
         self.query_one(VcpuTable).styles.height = height
@@ -137,6 +157,9 @@ class AttachedScreen(WatchScreen):
             return isinstance(self.source, LiveSource) and self.source.attached
         if action == "kernel":
             return isinstance(self.source, LiveSource) and self.source.attached
+        if action == "guest_rip":
+            return (isinstance(self.source, LiveSource) and self.source.attached
+                    and not self.source.session.rip)  # fmt: skip
         if action == "watch":
             return (
                 self.watch is not None
@@ -159,6 +182,12 @@ class AttachedScreen(WatchScreen):
         if self.watch is not None and isinstance(self.source, LiveSource) and (
                 self.source.session.target_pids and self.app.screen is self):  # fmt: skip
             self.watch(self.source.session.target_pids[0])
+
+    def action_guest_rip(self) -> None:
+        if isinstance(self.source, LiveSource) and self.source.attached:
+            self.source.session.want_rip()
+            self.refresh_bindings()
+            self.refresh_view()
 
     def action_back(self) -> None:
         self.post_message(BackRequested())

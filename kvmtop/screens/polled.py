@@ -9,9 +9,12 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from kvmtop.aggregate.exits import REASON_ORDERS, ReasonStats, StatsSnapshot, reasons_by
+from kvmtop.aggregate.guest_code import RipCount
+from kvmtop.formats.guest_symbols import code_text
 from kvmtop.sources.exit_source import ExitSource, SourceStatus
 from kvmtop.sources.live import LiveSource
 from kvmtop.sources.replay import Replay
+from kvmtop.widgets.guest_code import CodeRow
 from kvmtop.widgets.reason_bars import ReasonBars
 from kvmtop.widgets.status_line import StatusLine
 
@@ -98,6 +101,16 @@ class WatchScreen(Screen[None]):
         ordered = self.ordered(reasons)
         bars.show(ordered, total, coalesced)
         return ordered
+
+    def code_rows(self, by_exits: tuple[RipCount, ...],
+                  by_time: tuple[RipCount, ...]) -> tuple[tuple[CodeRow, ...], bool]:  # fmt: skip
+        """The guest code pane's rows, named with the app's guest symbols, in the `o` order:
+        by the VMM's time where the reasons are ordered by it, else by exits."""
+        by_vmm = self.reason_order.startswith("VMM")
+        symbols = getattr(self.app, "guest_symbols", None)
+        rows = tuple((r.label, r.count, r.vmm_ns, code_text(r, symbols))
+                     for r in (by_time if by_vmm else by_exits))  # fmt: skip
+        return rows, by_vmm
 
     def action_reason_order(self) -> None:
         orders = list(REASON_ORDERS)

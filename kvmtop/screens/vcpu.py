@@ -14,11 +14,13 @@ from textual.markup import escape
 from textual.widgets import Static
 
 from kvmtop.aggregate.exits import StatsSnapshot, VcpuSnapshot
+from kvmtop.formats.guest_symbols import code_text
 from kvmtop.screens.polled import REPLAY_BINDINGS, WatchScreen
 from kvmtop.screens.typed_filter import TypedFilter
 from kvmtop.sources.exit_source import ExitSource, SourceStatus
 from kvmtop.units import human
 from kvmtop.widgets.exit_log import ExitLog
+from kvmtop.widgets.guest_code import GuestCodePane
 from kvmtop.widgets.key_footer import KeyFooter
 from kvmtop.widgets.latency_pane import LatencyPane
 from kvmtop.widgets.latency_pane import lines_for as latency_lines
@@ -97,8 +99,11 @@ class VcpuScreen(WatchScreen):
             with Horizontal(id="mid-row"):
                 yield LatencyPane()
                 yield TopTargets()
+            yield GuestCodePane(id="vcpu-code")
         log = ExitLog()
         log.border_title = LOG_TITLE
+        symbols = getattr(self.app, "guest_symbols", None)
+        log.code_of = lambda rip: code_text(rip, symbols)
         yield log
         yield StatusLine()
         yield KeyFooter()
@@ -147,4 +152,8 @@ class VcpuScreen(WatchScreen):
         self.query_one(TopTargets).show(v.io, v.mmio, True, v.coalesced[:4], snap.mmio_names)
         self.query_one(ReasonTimelines).show(v.timeline_by_reason, tuple(r.label for r in reasons))
         self.query_one(LatencyPane).show(reasons)
+        code = self.query_one(GuestCodePane)
+        code.display = bool(v.rips)
+        if v.rips:
+            code.show(*self.code_rows(v.rips, v.rips_by_time))
         self.query_one(ExitLog).show(v.recent, snap.first_ns)

@@ -58,7 +58,7 @@ class Followed:
         self.early: set[int] = set()
         self._news: list[ProcessSeen] = []  # for the next batch
         # the listener's thread found a vCPU: called before its first run is let go (--rip)
-        self.on_vcpu_found: Callable[[TracedProcess], None] | None = None
+        self.on_vcpu_found: Callable[[TracedProcess, int], None] | None = None
 
     # --- the processes ---------------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ class Followed:
         if is_run and engine.page(proc.pid, fd) is None:
             proc.open_page(engine, tid, fd)
             if self.on_vcpu_found is not None:
-                self.on_vcpu_found(proc)
+                self.on_vcpu_found(proc, tid)
 
 
 def seize_process(pid: int, engine: PtraceEngine, group: Followed) -> TracedProcess:

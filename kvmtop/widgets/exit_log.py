@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Callable
 from datetime import datetime
 from operator import attrgetter
 
@@ -22,7 +23,7 @@ from textual.widgets import Log
 
 from kvmtop.abi.record_layout import EXIT_CYCLE
 from kvmtop.decoder import describe_exit
-from kvmtop.model.events import ExitEvent
+from kvmtop.model.events import ExitEvent, GuestRip
 from kvmtop.units import duration
 
 MAX_LINES = 2000
@@ -46,6 +47,7 @@ class ExitLog(Log):
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(max_lines=MAX_LINES, auto_scroll=True, **kwargs)  # type: ignore[arg-type]
+        self.code_of: Callable[[GuestRip], str] | None = None  # names guest code (--rip)
         self.border_title = "latest exits"
         self._last_ns: int | None = None  # exit time of the last exit written
         self._origin_ns: int | None = None
@@ -117,7 +119,7 @@ class ExitLog(Log):
             self._last_ns = fresh[-1].exit_ns
         if self._pattern is not None:
             pattern = self._pattern
-            fresh = tuple(e for e in fresh if pattern.search(describe_exit(e)))
+            fresh = tuple(e for e in fresh if pattern.search(self._described(e)))
         if len(fresh) > MAX_NEW_LINES:
             lines.append(
                 f"   ... {len(fresh) - MAX_NEW_LINES} exits since the last refresh not shown"
@@ -163,7 +165,15 @@ class ExitLog(Log):
         else:
             vmm = duration(after.entry_ns - e.exit_ns) if after else GONE if gone else PENDING
             times = f"{duration(e.guest_ns):>{WIDTH}}  {vmm:>{WIDTH}}"
-        return f"{at}  {times}  {describe_exit(e)}"
+        return f"{at}  {times}  {self._described(e)}"
+
+    def _described(self, e: ExitEvent) -> str:
+        """The decoded exit and, with --rip, the guest code it came from (named by
+        :attr:`code_of`, the screen's, else its address)."""
+        if e.rip is None:
+            return describe_exit(e)
+        code = self.code_of(e.rip) if self.code_of is not None else f"{e.rip.linear:#x}"
+        return f"{describe_exit(e)}  @ {code}"
 
     @property
     def header(self) -> str:
