@@ -155,11 +155,11 @@ class Bench:
 
     def attacher(
         self, env: dict[str, str] | None = None, kvmtop: list[str] | None = None,
-        engine: str = "ptrace",
+        engine: str = "ptrace", *flags: str,
     ) -> Callable[[int], Run]:  # fmt: skip
         command = kvmtop or self.kvmtop
         environ = {**os.environ, ENGINE: engine, **(env or {})}
-        return lambda n: self.attach(n, command, environ)
+        return lambda n: self.attach(n, command, environ, flags)
 
     def perf_record(self, n: int) -> Run:
         """The kernel's floor for the tracepoint engine: perf keeping every event of each exit."""
@@ -167,12 +167,13 @@ class Bench:
             argv = ["perf", "record", "-q", "-o", os.path.join(tmp, "perf.data"), *PERF_EVENTS]
             return Run(_wall(argv + ["--"] + qemu_command(self.busy[n]))[0])
 
-    def attach(self, n: int, kvmtop: list[str], env: dict[str, str] | None) -> Run:
+    def attach(self, n: int, kvmtop: list[str], env: dict[str, str] | None,
+               flags: tuple[str, ...] = ()) -> Run:  # fmt: skip
         vmm = subprocess.Popen(qemu_command(self.spinning[n]), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             started = _vcpu_ready(vmm)
-            argv = [*kvmtop, "record", "-p", str(vmm.pid), "--json", "-o", "/dev/null"]
+            argv = [*kvmtop, "record", *flags, "-p", str(vmm.pid), "--json", "-o", "/dev/null"]
             rec = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, env=env)  # fmt: skip
             assert rec.stderr is not None
@@ -239,6 +240,15 @@ def tracers(bench: Bench) -> list[Tracer]:
             expected=io_count,
         ),
         Tracer("kvmtop-attach-sleeping", bench.attacher(SLEEPING), "untraced-spinning", io_count),
+        # --rip: every exit's guest RIP (kvm_valid_regs set: KVM copies the registers at each exit)
+        Tracer("kvmtop-rip", bench.launch("--rip"), expected=io_count),
+        Tracer("kvmtop-no-seccomp-rip", bench.launch("--no-seccomp", "--rip"), expected=io_count),
+        Tracer(
+            "kvmtop-attach-rip",
+            bench.attacher(None, None, "ptrace", "--rip"),
+            "untraced-spinning",
+            io_count,
+        ),  # fmt: skip
     ]
     if bench.baseline is not None:
         base, env = bench.baseline, bench.baseline_env

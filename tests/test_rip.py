@@ -10,7 +10,8 @@ import subprocess
 import time
 
 import pytest
-from helpers import KVMTOP, valid_regs, vcpu_valid_regs, wait_for_vcpus
+from guests.qemu_bios import BIOS_SIZE, build_bios, qemu_command
+from helpers import KVMTOP, start_qemu, valid_regs, vcpu_valid_regs, wait_for_vcpus
 
 from kvmtop.abi.arch import x86_64
 from kvmtop.minivmm.guestcode import counted_rips
@@ -57,17 +58,18 @@ def expected_rip(event: ExitEvent, sites: dict[str, int]) -> int:
     return sites["mmio_write"] if write else sites["mmio_read"]
 
 
-def check_every_rip(events: list[ExitEvent]) -> None:
-    sites = counted_rips(GUEST["outs"], GUEST["mmio_writes"], 0, GUEST["ins"],
-                         GUEST["mmio_reads"])  # fmt: skip
-    guest = [e for e in events if e.errno == 0]
-    assert (
-        len(guest) == GUEST["outs"] + GUEST["ins"] + 1 + GUEST["mmio_writes"] + GUEST["mmio_reads"]
-    )
+def check_every_rip(events: list[ExitEvent], cs_base: int = CODE_SEGMENT * 16, spin: int = 0,
+                    made: dict[str, int] = GUEST) -> None:  # fmt: skip
+    """Every IO and MMIO exit of the counted guest (``made``, at ``cs_base``) is there, each
+    with its exact RIP."""
+    sites = counted_rips(made["outs"], made["mmio_writes"], spin, made["ins"],
+                         made["mmio_reads"])  # fmt: skip
+    guest = [e for e in events if e.errno == 0 and e.reason in (ExitReason.IO, ExitReason.MMIO)]
+    assert len(guest) == made["outs"] + made["ins"] + 1 + made["mmio_writes"] + made["mmio_reads"]
     for e in guest:
         assert e.rip is not None, e
         rip = expected_rip(e, sites)
-        assert (e.rip.rip, e.rip.linear, e.rip.cpl) == (rip, CODE_SEGMENT * 16 + rip, 0), e
+        assert (e.rip.rip, e.rip.linear, e.rip.cpl) == (rip, cs_base + rip, 0), e
 
 
 @pytest.mark.usefixtures("engine")
@@ -82,6 +84,50 @@ def test_every_launched_exit_carries_its_exact_rip(seccomp):
         tracer.stop()
     assert notes == []
     check_every_rip(events)
+
+
+QEMU_BIOS_CS = 0xF0000  # the counted guest as a BIOS at F000:0000 (tests/guests/qemu_bios.py)
+QEMU_GUEST = GUEST | {"mmio_reads": 0}
+
+
+@pytest.mark.qemu
+@pytest.mark.usefixtures("engine")
+@pytest.mark.parametrize("seccomp", ["notify", "trace", ""])
+def test_every_exit_of_a_launched_qemu_carries_its_exact_rip(seccomp, tmp_path):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(GUEST["outs"], GUEST["mmio_writes"], ins=GUEST["ins"]))
+    tracer = Tracer(rip=True)
+    tracer.start()
+    try:
+        tracer.launch(qemu_command(str(bios)), seccomp).result(10)
+        events, notes = trace_all(tracer)
+    finally:
+        tracer.stop()
+    assert notes == []
+    check_every_rip(events, QEMU_BIOS_CS, made=QEMU_GUEST)
+
+
+@pytest.mark.qemu
+@pytest.mark.usefixtures("engine")
+def test_every_exit_after_an_attach_to_qemu_carries_its_exact_rip(processes, tmp_path):
+    """The guest spins (no exit) while kvmtop attaches: the run under way then is kicked, not an
+    exit; every exit after it, from a run begun with kvm_valid_regs set, has its RIP."""
+    spin = 3_000_000
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(GUEST["outs"], GUEST["mmio_writes"], spin, ins=GUEST["ins"]))
+    assert bios.stat().st_size == BIOS_SIZE
+    vmm = start_qemu(processes, str(bios))
+    page = vcpu_valid_regs(vmm.pid)
+    tracer = Tracer(rip=True)
+    tracer.start()
+    try:
+        tracer.attach(vmm.pid).result(10)
+        events, notes = trace_all(tracer)
+    finally:
+        tracer.stop()
+    assert notes == [] and vmm.wait(10) is not None
+    check_every_rip(events, QEMU_BIOS_CS, spin, QEMU_GUEST)
+    assert valid_regs(page) == 0
 
 
 def wait_for(predicate, timeout: float = 5.0) -> None:
