@@ -376,6 +376,9 @@ def record(
     stream = JsonlStream(jsonl, symbols_found) if jsonl is not None else None
     from kvmtop.tracer_thread import choose_engine
 
+    if all_vms and rip:
+        raise UsageError("-a follows the host's VMs with kernel tracepoints, which give no guest "
+                         "RIP here; --rip needs -p PID or -- CMD")  # fmt: skip
     if all_vms and choose_engine()[0] != "tracepoints":
         raise UsageError("-a needs the tracepoint engine: " + choose_engine()[1])
     session = TraceSession(record_path=output, with_data=with_data,

@@ -105,6 +105,9 @@ class TraceSession:
         )
         # said once where KVM's own exits cannot be seen one by one (no kvm_exit)
         self.hardware_note: str = getattr(self._tracer, "hardware_note", "")
+        if rip and not hasattr(self._tracer, "want_rip"):
+            self._notices.append(("warning", "no guest RIPs from kernel tracepoints here: "
+                                  "trace with --engine ptrace for them"))  # fmt: skip
         self._tracer.start()
         self._pump = threading.Thread(target=self._run_pump, name="kvmtop-pump", daemon=True)
         self._pump.start()
@@ -150,7 +153,7 @@ class TraceSession:
         if want is None:  # the tracepoint engine's tracer
             self._notices.append(("warning", "no guest RIPs from kernel tracepoints here: "
                                   "trace with --engine ptrace (or --rip) for them"))  # fmt: skip
-            return
+            return  # (the tracepoint engine's tracer has no want_rip)
         self.rip = True
         want()
 
