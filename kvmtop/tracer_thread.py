@@ -69,6 +69,7 @@ from kvmtop.trace.inject import CheckJob, own_filter, plan_job, run_job
 from kvmtop.trace.kicker import Kicker
 from kvmtop.trace.native_engine import make_engine
 from kvmtop.trace.stop_wait import poll_max_ns_from_env
+from kvmtop.trace.sync_regs import NOT_ASKED
 from kvmtop.trace.traced_process import (
     TracedProcess,
     exit_status_of,
@@ -535,7 +536,7 @@ class Tracer(Commanded):
         tid = own_filter(proc.pid, self.engine.threads_of(proc.pid), proc.mode != MODE_TWO_STOP)
         if tid is not None:
             for vm in vms:
-                proc.sync_allowed[vm] = 0
+                proc.sync_allowed[vm] = NOT_ASKED
             self.out.put(TracerNote(
                 f"pid {proc.pid}: no guest RIP: it runs under a seccomp filter of its own "
                 f"(thread {tid}), which could refuse or kill it for the KVM_CHECK_EXTENSION "

@@ -250,3 +250,18 @@ def valid_regs(page: Any) -> int:
     from kvmtop.abi.arch import x86_64
 
     return int.from_bytes(page[x86_64.RUN_VALID_REGS : x86_64.RUN_VALID_REGS + 8], "little")
+
+
+# Runs a command under a seccomp filter of its own that allows everything (as Firecracker, crosvm
+# and cloud-hypervisor filter their vCPU threads): `python -c SECCOMP_ALLOW_ALL CMD ARGS...`
+SECCOMP_ALLOW_ALL = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
+ret_allow = struct.pack("<HBBI", 0x06, 0, 0, 0x7FFF0000)  # BPF_RET|BPF_K SECCOMP_RET_ALLOW
+code = ctypes.create_string_buffer(ret_allow, len(ret_allow))
+prog = ctypes.create_string_buffer(struct.pack("<H6xQ", 1, ctypes.addressof(code)))
+assert libc.prctl(38, 1, None, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.addressof(prog), 0, 0) == 0  # PR_SET_SECCOMP, filter
+os.execv(sys.argv[1], sys.argv[1:])
+"""

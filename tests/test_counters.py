@@ -15,7 +15,7 @@ import time
 
 import pytest
 from guests.qemu_bios import build_bios, qemu_command
-from helpers import KVMTOP, a_vcpu_thread, tgkill, wait_for_vcpus
+from helpers import KVMTOP, SECCOMP_ALLOW_ALL, a_vcpu_thread, tgkill, wait_for_vcpus
 
 from kvmtop.abi.binary_stats import (
     CUMULATIVE,
@@ -369,19 +369,6 @@ def test_counters_through_a_one_stop_launch_leave_the_counts_exact(tmp_path, sec
     assert json.loads(own.read_text())["exits"] == {"KVM_EXIT_IO": 2 * (n + 1)} and io == 2 * (
         n + 1
     )
-
-
-SECCOMP_ALLOW_ALL = """
-import ctypes, os, struct, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
-ret_allow = struct.pack("<HBBI", 0x06, 0, 0, 0x7FFF0000)  # BPF_RET|BPF_K SECCOMP_RET_ALLOW
-code = ctypes.create_string_buffer(ret_allow, len(ret_allow))
-prog = ctypes.create_string_buffer(struct.pack("<H6xQ", 1, ctypes.addressof(code)))
-assert libc.prctl(38, 1, None, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
-assert libc.prctl(22, 2, ctypes.addressof(prog), 0, 0) == 0  # PR_SET_SECCOMP, filter
-os.execv(sys.argv[1], sys.argv[1:])
-"""
 
 
 @pytest.mark.kvm

@@ -7,11 +7,19 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
 from guests.qemu_bios import BIOS_SIZE, build_bios, qemu_command
-from helpers import KVMTOP, start_qemu, valid_regs, vcpu_valid_regs, wait_for_vcpus
+from helpers import (
+    KVMTOP,
+    SECCOMP_ALLOW_ALL,
+    start_qemu,
+    valid_regs,
+    vcpu_valid_regs,
+    wait_for_vcpus,
+)
 
 from kvmtop.abi.arch import x86_64
 from kvmtop.minivmm.guestcode import counted_rips
@@ -235,3 +243,30 @@ def test_a_vm_for_which_kvm_allows_no_synced_registers_is_never_written(demo):
     finally:
         proc.close(engine)
     assert valid_regs(page) == 0
+
+
+def test_a_vmm_under_its_own_seccomp_filter_is_never_asked_nor_written(processes):
+    """kvmtop would have to make it run KVM_CHECK_EXTENSION, which its filter could refuse or
+    kill it for: it is not asked, its field never set, and kvmtop says so once."""
+    n = 2_000
+    vmm = subprocess.Popen([sys.executable, "-c", SECCOMP_ALLOW_ALL,
+                            *counted_command(outs=n, mmio_writes=0, spin=2_000_000)])  # fmt: skip
+    processes.append(vmm)
+    wait_for_vcpus(vmm.pid)
+    page = vcpu_valid_regs(vmm.pid)
+    seen = set()
+    tracer = Tracer(rip=True)
+    tracer.start()
+    try:
+        tracer.attach(vmm.pid).result(10)
+        deadline = time.monotonic() + 1.0  # (no poll: the exit status is the tracer's to see)
+        while time.monotonic() < deadline:
+            seen.add(valid_regs(page))
+            time.sleep(0.001)
+        events, notes = trace_all(tracer)
+    finally:
+        tracer.stop()
+    assert seen == {0} and vmm.wait(10) == 0 and valid_regs(page) == 0
+    assert len(notes) == 1 and "seccomp filter of its own" in notes[0], notes
+    assert sum(e.reason == ExitReason.IO and e.errno == 0 for e in events) == n + 1
+    assert all(e.rip is None for e in events)

@@ -28,6 +28,7 @@ from kvmtop.abi.arch import x86_64 as arch
 
 _U64 = struct.Struct("<Q")
 WANTED = arch.KVM_SYNC_X86_REGS | arch.KVM_SYNC_X86_SREGS  # RIP, and cs for its linear address
+NOT_ASKED = -(1 << 31)  # a VMM kvmtop did not ask (a seccomp filter of its own): nothing set
 
 
 def bits_to_set(allowed: int) -> int:

@@ -22,7 +22,7 @@ from kvmtop.model.events import VcpuSeen
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
 from kvmtop.trace.engine import Engine
 from kvmtop.trace.inject import CheckJob, StatsJob
-from kvmtop.trace.sync_regs import ValidRegs, bits_to_set
+from kvmtop.trace.sync_regs import NOT_ASKED, ValidRegs, bits_to_set
 
 
 @dataclass(slots=True)
@@ -119,6 +119,8 @@ class TracedProcess:
             answer = self.sync_allowed[vm]
             bits = bits_to_set(answer)
             where = f"pid {self.pid} vCPU {page.vcpu}"
+            if answer == NOT_ASKED:
+                continue  # said once for the process
             if not bits:
                 why = f"failed: {os.strerror(-answer)}" if answer < 0 else f"= {answer:#x}"
                 notes.append(f"{where}: no guest RIP: KVM allows this VM no synced registers "
@@ -128,7 +130,12 @@ class TracedProcess:
                 notes.append(f"{where}: no guest RIP: its kvm_run can only be read in the VMM's "
                              "memory, which kvmtop never writes")  # fmt: skip
                 continue
-            valid_regs = ValidRegs(page.fd)
+            try:
+                valid_regs = ValidRegs(page.fd)
+            except OSError as exc:
+                notes.append(f"{where}: no guest RIP: its kvm_run cannot be mapped writable "
+                             f"({exc.strerror})")  # fmt: skip
+                continue
             refused = valid_regs.set(bits)
             if refused is not None:
                 valid_regs.close()
