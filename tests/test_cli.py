@@ -208,7 +208,7 @@ def test_command_not_found():
 
 
 def test_record_needs_a_pid_or_a_command():
-    assert_one_line_error(kvmtop("record"), 2, "record needs either -p PID, -a or -- CMD")
+    assert_one_line_error(kvmtop("record"), 2, "record needs either -p PID or -- CMD")
 
 
 @pytest.mark.parametrize(

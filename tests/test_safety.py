@@ -348,7 +348,7 @@ def test_kvmtop_has_no_way_to_write_a_tracee():
         (["record", "-p", "-5"], 3, "no such process: -5"),
         (["record", "-p", "99999999999999999999"], 3, "no such process"),
         (["record", "-p", "abc"], 2, "invalid int value: 'abc'"),
-        (["record", "-p", "1", "--", "true"], 2, "record takes one of -p PID, -a or -- CMD"),
+        (["record", "-p", "1", "--", "true"], 2, "not both"),
         (["record", "--duration", "x", "-p", "5"], 2, "invalid float value"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
         (["report"], 2, "required: file"),
