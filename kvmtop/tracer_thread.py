@@ -50,6 +50,7 @@ from kvmtop.model.messages import (
     TracerFailed,
     TracerMessage,
     TracerNote,
+    close_when_answered,
 )
 from kvmtop.trace.commanded import Commanded
 from kvmtop.trace.engine import (
@@ -796,7 +797,12 @@ def stats_once(pid: int) -> Future[StatsFds]:
         tracer.start()
         try:
             tracer.attach(pid).result(10)
-            future.set_result(tracer.stats_fds().result(10))
+            asked = tracer.stats_fds()
+            try:
+                future.set_result(asked.result(10))
+            except TimeoutError:
+                close_when_answered(asked)
+                raise
         except BaseException as exc:  # noqa: BLE001 - the asker gets it
             future.set_exception(exc)
         finally:

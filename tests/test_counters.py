@@ -15,7 +15,7 @@ import time
 
 import pytest
 from guests.qemu_bios import build_bios, qemu_command
-from helpers import KVMTOP, SECCOMP_ALLOW_ALL, a_vcpu_thread, tgkill, wait_for_vcpus
+from helpers import KVMTOP, SECCOMP_ALLOW_ALL, a_vcpu_thread, kvm_fds_of, tgkill, wait_for_vcpus
 
 from kvmtop.abi.binary_stats import (
     CUMULATIVE,
@@ -451,27 +451,33 @@ def test_stats_of_a_stopped_vmm_says_so_without_attaching(tmp_path, processes, m
 @pytest.mark.kvm
 def test_a_vmm_stopped_while_traced_is_named_when_no_fd_comes(processes):
     """Stopped after the attach (group-stopped under kvmtop, as without it), no thread reaches
-    a syscall stop: the wait ends with the reason, not with an empty one."""
+    a syscall stop: the wait ends with the reason, not with an empty one. Continued, the VMM
+    answers the request after all: nobody waits for it then, and its fds are closed."""
     from kvmtop.counters.vm_stats import StatsUnavailable
 
     vmm = subprocess.Popen(counted_command(outs=2_000, mmio_writes=0, spin=3_000_000))
     processes.append(vmm)
     wait_for_vcpus(vmm.pid)
+    own_before = kvm_fds_of(os.getpid())
     tracer = Tracer()
     tracer.start()
     try:
         tracer.attach(vmm.pid).result(10)
         _stop(vmm.pid, traced=True)
+        asked = tracer.stats_fds()
         try:
             with pytest.raises(StatsUnavailable) as raised:
-                settle_stats(vmm.pid, tracer.stats_fds(), timeout=1.0)
+                settle_stats(vmm.pid, asked, timeout=1.0)
         finally:
             os.kill(vmm.pid, signal.SIGCONT)
+        late = asked.result(10)  # made once the vCPU runs again
         tracer.detach().result(10)
     finally:
         tracer.stop()
     message = str(raised.value)
     assert message.startswith(f"no KVM counters for pid {vmm.pid}: it is stopped"), message
+    assert late.vm is not None and set(late.vcpus) == {0}
+    assert kvm_fds_of(os.getpid()) == own_before  # the late answer's fds were closed
     assert vmm.wait(120) == 0
 
 

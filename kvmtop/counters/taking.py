@@ -27,7 +27,7 @@ from kvmtop.counters.vm_stats import (
     close_quietly,
 )
 from kvmtop.host.procfs import check_attachable, is_stopped
-from kvmtop.model.messages import StatsFds
+from kvmtop.model.messages import StatsFds, close_when_answered
 from kvmtop.tracer_thread import Tracer
 
 VCPU_IDENT = re.compile(r"kvm-\d+/vcpu-(\d+)$")  # a vCPU stats fd's id string
@@ -38,10 +38,15 @@ T = TypeVar("T")
 def settle_stats(
     pid: int, future: Future[StatsFds], timeout: float = 10.0, cancel: threading.Event | None = None
 ) -> VmStats:
-    """The VmStats behind a tracer's :meth:`~kvmtop.tracer_thread.Tracer.stats_fds` answer."""
+    """The VmStats behind a tracer's :meth:`~kvmtop.tracer_thread.Tracer.stats_fds` answer.
+    Given up on (timeout, ``cancel``), the answer may still come: its fds are closed then."""
     try:
         fds = result_unless(future, timeout, cancel)
+    except StatsCancelled:
+        close_when_answered(future)
+        raise
     except TimeoutError:  # first: TimeoutError is an OSError, with no message of its own
+        close_when_answered(future)
         if is_stopped(pid, traced=True):
             raise StatsUnavailable(stopped_message(pid)) from None
         raise StatsUnavailable(

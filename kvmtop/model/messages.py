@@ -8,7 +8,9 @@ builds it, any thread may read it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kvmtop.model.events import ExitEvent, ProcessSeen, VcpuSeen
@@ -139,3 +141,22 @@ class StatsFds:
     vm: int | None
     made_by: dict[int, int]
     kicks: dict[int, int] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for fd in [self.vm, *self.vcpus.values()]:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def close_when_answered(future: Future[StatsFds]) -> None:
+    """For an answer nobody waits for any more: its fds are closed when it comes (at once if it
+    has come)."""
+
+    def close(done: Future[StatsFds]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    future.add_done_callback(close)
