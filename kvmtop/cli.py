@@ -75,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="how exits are seen: auto (KVM's tracepoints where kvmtop may "
                         "open them, else ptrace), tracepoints, or ptrace")  # fmt: skip
     parser.add_argument("--rip", action="store_true",
-                        help="also the guest's RIP at every exit (sets the vCPUs' kvm_valid_regs "
-                        "while traced: see the README)")  # fmt: skip
+                        help="also the guest's RIP at every exit (ptrace: sets the vCPUs' "
+                        "kvm_valid_regs while traced; tracepoints: adds kvm_emulate_insn; see "
+                        "the README)")  # fmt: skip
     parser.add_argument("--guest-symbols", metavar="FILE",
                         help="name guest RIPs with a guest's kallsyms copy, System.map or ELF")  # fmt: skip
     parser.add_argument("-d", "--delay", type=float, metavar="S",
@@ -325,9 +326,6 @@ def _run(args: argparse.Namespace, command: list[str] | None) -> int:
                        guest_symbols=symbols)  # fmt: skip
     if args.all and (args.pid or command is not None):
         raise UsageError("-a takes no -p PID and no -- CMD: it is every VMM on the host")
-    if args.all and args.rip:
-        raise UsageError("-a follows the host's VMs with kernel tracepoints, which give no guest "
-                         "RIP here; --rip needs -p PID or -- CMD")  # fmt: skip
     return run_tui(pids=args.pid, argv=command, record_path=args.output, refresh_s=args.delay,
                    all_vms=args.all, rip=args.rip, guest_symbols=symbols)  # fmt: skip
 
@@ -376,9 +374,6 @@ def record(
     stream = JsonlStream(jsonl, symbols_found) if jsonl is not None else None
     from kvmtop.tracer_thread import choose_engine
 
-    if all_vms and rip:
-        raise UsageError("-a follows the host's VMs with kernel tracepoints, which give no guest "
-                         "RIP here; --rip needs -p PID or -- CMD")  # fmt: skip
     if all_vms and choose_engine()[0] != "tracepoints":
         raise UsageError("-a needs the tracepoint engine: " + choose_engine()[1])
     session = TraceSession(record_path=output, with_data=with_data,

@@ -744,11 +744,10 @@ class Tracer(Commanded):
 ASKED_PTRACE = "ptrace was asked for (--engine ptrace or KVMTOP_ENGINE)"
 
 
-def choose_engine(engine: str = "", rip: bool = False) -> tuple[str, str]:
+def choose_engine(engine: str = "") -> tuple[str, str]:
     """("tracepoints" or "ptrace", why) for ``engine`` ("": ``$KVMTOP_ENGINE`` or auto):
-    auto takes KVM's tracepoints where this process may open them, but ptrace where guest RIPs
-    are asked for (``rip``: the tracepoint engine gives none). Raises the tracepoint engine's
-    error when it is asked for by name and cannot run."""
+    auto takes KVM's tracepoints where this process may open them. Raises the tracepoint
+    engine's error when it is asked for by name and cannot run."""
     from kvmtop.trace.tp_engine import TracepointsUnavailable, unavailable_reason
 
     engine = engine or os.environ.get(ENGINE_ENV, "") or "auto"
@@ -756,8 +755,6 @@ def choose_engine(engine: str = "", rip: bool = False) -> tuple[str, str]:
         raise KvmtopError(f"no such engine: {engine} (one of {', '.join(ENGINES)})")
     if engine == "ptrace":
         return "ptrace", ASKED_PTRACE
-    if engine == "auto" and rip:
-        return "ptrace", "--rip: the ptrace engine gives each exit's guest RIP"
     why = unavailable_reason()
     if not why:
         return "tracepoints", ""
@@ -775,13 +772,13 @@ def open_tracer(
     rip: bool = False,
 ) -> tuple[Any, str, str]:
     """(a tracer, not started; how its exits are seen where not by ptrace; why not where
-    auto fell back to ptrace). ``rip``: every exit's guest RIP (the ptrace tracer's)."""
+    auto fell back to ptrace). ``rip``: every exit's guest RIP."""
     from kvmtop.trace.tp_tracer import TracepointTracer
 
-    chosen, why = choose_engine(engine, rip)
+    chosen, why = choose_engine(engine)
     if chosen == "tracepoints":
         tracer = TracepointTracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr,
-                                  stats_taker=stats_once)  # fmt: skip
+                                  stats_taker=stats_once, rip=rip)  # fmt: skip
         return tracer, tracer.engine_note, ""
     tracer = Tracer(with_data, child_stdio, child_stdout_to_stderr, child_stderr, rip)
     return tracer, "", (f"ptrace, not kernel tracepoints: {why}" if why != ASKED_PTRACE else "")

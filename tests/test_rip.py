@@ -270,3 +270,73 @@ def test_a_vmm_under_its_own_seccomp_filter_is_never_asked_nor_written(processes
     assert len(notes) == 1 and "seccomp filter of its own" in notes[0], notes
     assert sum(e.reason == ExitReason.IO and e.errno == 0 for e in events) == n + 1
     assert all(e.rip is None for e in events)
+
+
+# --- KVM's tracepoints: the kernel traces each instruction it emulates (kvm_emulate_insn), and
+# this host emulates the instruction of every exit to the VMM: RIPs with nothing written
+
+
+def traced_with_tracepoints(start) -> tuple[list[ExitEvent], list[str]]:
+    """``start(tracer)`` on the tracepoint engine's tracer with --rip, then every exit."""
+    from kvmtop.tracer_thread import open_tracer
+
+    tracer, _note, _why = open_tracer(rip=True)
+    tracer.start()
+    try:
+        start(tracer)
+        return trace_all(tracer)
+    finally:
+        tracer.stop()
+
+
+@pytest.mark.usefixtures("tracepoints")
+def test_every_exit_seen_through_kernel_tracepoints_carries_its_exact_rip():
+    events, notes = traced_with_tracepoints(
+        lambda tracer: tracer.launch(counted_command(**GUEST)).result(10)
+    )
+    assert notes == []
+    check_every_rip(events)
+
+
+@pytest.mark.qemu
+@pytest.mark.usefixtures("tracepoints")
+def test_every_exit_of_qemu_seen_through_kernel_tracepoints_carries_its_exact_rip(tmp_path):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(build_bios(GUEST["outs"], GUEST["mmio_writes"], ins=GUEST["ins"]))
+    events, notes = traced_with_tracepoints(
+        lambda tracer: tracer.launch(qemu_command(str(bios))).result(10)
+    )
+    assert notes == []
+    check_every_rip(events, QEMU_BIOS_CS, made=QEMU_GUEST)
+
+
+@pytest.mark.usefixtures("tracepoints")
+def test_rips_asked_for_while_attached_with_tracepoints_write_nothing_into_the_vmm(demo):
+    """As `g` does: RIPs from the moment they are asked for, exact, and kvm_valid_regs never
+    set (the kernel's trace of the emulated instruction gives them)."""
+    from kvmtop.tracer_thread import open_tracer
+
+    page = vcpu_valid_regs(demo.pid)
+    tracer, _note, _why = open_tracer()
+    tracer.start()
+    try:
+        tracer.attach(demo.pid).result(10)
+        time.sleep(0.2)
+        tracer.want_rip().result(10)
+        for _ in range(50):
+            assert valid_regs(page) == 0
+            time.sleep(0.01)
+        tracer.detach().result(10)
+        events, notes = trace_all(tracer)
+    finally:
+        tracer.stop()
+    assert notes == [] and valid_regs(page) == 0
+    first = next(i for i, e in enumerate(events) if e.rip is not None)
+    later = [e for e in events[first:] if e.errno == 0]
+    assert first > 0 and len(later) > 20  # none before the ask; every one after it
+    assert all(e.rip is not None for e in later)
+    assert all(
+        e.rip.linear == CODE_SEGMENT * 16 + e.rip.rip and e.rip.rip < 0x100 and e.rip.cpl == 0
+        for e in later
+    )
+    assert demo.poll() is None

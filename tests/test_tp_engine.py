@@ -20,7 +20,7 @@ from kvmtop.decoder import tracepoint_format
 from kvmtop.host.tracefs import event_format, tracefs_root
 from kvmtop.minivmm.vmm import counted_command
 from kvmtop.model.records import iter_events
-from kvmtop.trace.tp_engine import EVENTS, unavailable_reason
+from kvmtop.trace.tp_engine import EVENTS, RIP_EVENTS, unavailable_reason
 from kvmtop.xlat_exit import ExitReason
 
 WHY = unavailable_reason()
@@ -60,23 +60,24 @@ def _sample(ident: int, pid: int, tid: int, t: int, raw: bytes) -> bytes:
 PID, TID, BASE = 4242, 4243, 1_000_000
 
 
-def fed(samples: list[tuple[str, int, dict[str, int]]]) -> tuple:
+def fed(samples: list[tuple[str, int, dict[str, int]]], rip: bool = False) -> tuple:
     """An engine of one ring (CPU 0) fed ``samples`` (role, ns after BASE, field values) as the
-    kernel writes them, with this host's format files; thread TID of PID runs vCPU 0 on fd 9.
-    What it took after processing them all."""
+    kernel writes them, with this host's format files; thread TID of PID runs vCPU 0 on fd 9
+    (``rip``: as with --rip). What it took after processing them all."""
     module = native.built("_tracepoints")
     root = tracefs_root()
     assert module is not None and root is not None
     events, layouts = [], {}
-    for role, name, wanted, _filter in EVENTS:
+    specs = EVENTS + RIP_EVENTS
+    for role, name, wanted, _filter in specs:
         found = event_format(root, name)
         assert found is not None, name
         layouts[role] = found[1]
         layout = tuple((found[1][f].offset, found[1][f].size, found[1][f].signed) for f in wanted)
         events.append((getattr(module, role), found[0], None, layout))
-    rings = module.Rings([0], events, 1, False)
+    rings = module.Rings([0], events, 1, False, rip)
     try:
-        roles = {getattr(module, role): role for role, *_rest in EVENTS}
+        roles = {getattr(module, role): role for role, *_rest in specs}
         ids = {roles[role]: ident for ident, role in rings.ids}  # the kernel's ids, CPU 0's
 
         def raw(role: str, values: dict[str, int]) -> bytes:
@@ -124,6 +125,45 @@ def test_samples_as_the_kernel_writes_them_make_the_ptrace_engines_records():
     assert not inp.flags & 1
     assert (intr.reason, intr.errno) == (ExitReason.INTR, 4)
     assert len(seen) == 32  # one VCPU record: vCPU 0 ran on the thread
+
+
+def test_an_exit_s_rip_is_its_last_emulated_instruction_s_or_its_last_hardware_exit_s():
+    """With --rip: after the emulated instruction that exited where the VMM completed it (an
+    `out`), on it where the VMM's answer completes it (an `in`); linear and CPL known in real
+    mode only; else kvm_exit's guest_rip (VMX, SVM: the instruction that exited)."""
+    real, prot32, vmx, io = 0, 1 | 4, 1, 30
+    records, _seen, exits, _lost, _news, _kernel = fed([
+        ("R_RUN", 100, dict(fd=9, cmd=KVM_RUN)),
+        ("R_EMUL", 110, dict(rip=0x8, csbase=0x10000, len=2, flags=real, failed=0)),
+        ("R_PIO", 111, dict(rw=1, port=0x80, size=1, count=1, val=7)),
+        ("R_UEXIT", 120, dict(reason=2, errno=0)),
+        ("R_RUN", 200, dict(fd=9, cmd=KVM_RUN)),
+        ("R_EMUL", 210, dict(rip=0x11, csbase=0x10000, len=2, flags=real, failed=0)),
+        ("R_UEXIT", 220, dict(reason=2, errno=0)),
+        ("R_RUN", 300, dict(fd=9, cmd=KVM_RUN)),
+        ("R_PIO", 301, dict(rw=0, port=0x71, size=1, count=1, val=0x42)),  # the `in` completed
+        ("R_EMUL", 310, dict(rip=0x400, csbase=0x2000, len=3, flags=prot32, failed=0)),
+        ("R_MMIO", 311, dict(type=2, len=4, gpa=0xFEE00000, val=1)),
+        ("R_UEXIT", 320, dict(reason=6, errno=0)),
+        ("R_RUN", 400, dict(fd=9, cmd=KVM_RUN)),
+        ("R_KEXIT", 410, dict(exit_reason=io, isa=vmx, guest_rip=0xFFFF800000001003)),
+        ("R_PIO", 411, dict(rw=1, port=0x80, size=1, count=1, val=2)),
+        ("R_UEXIT", 420, dict(reason=2, errno=0)),
+    ], rip=True)  # fmt: skip
+    out, inp, mmio, fast = iter_events(records, BASE)
+    assert exits == 4 and inp.a == 0x71
+    assert (out.rip.rip, out.rip.linear, out.rip.cpl) == (0xA, 0x1000A, 0)
+    assert (inp.rip.rip, inp.rip.linear, inp.rip.cpl) == (0x11, 0x10011, 0)
+    assert (mmio.rip.rip, mmio.rip.linear, mmio.rip.cpl) == (0x403, 0x2403, -1)
+    rip = 0xFFFF800000001003
+    assert (fast.rip.rip, fast.rip.linear, fast.rip.cpl) == (rip, rip, -1)
+    without, *_rest = fed([
+        ("R_RUN", 100, dict(fd=9, cmd=KVM_RUN)),
+        ("R_EMUL", 110, dict(rip=0x8, csbase=0x10000, len=2, flags=real, failed=0)),
+        ("R_PIO", 111, dict(rw=1, port=0x80, size=1, count=1, val=7)),
+        ("R_UEXIT", 120, dict(reason=2, errno=0)),
+    ])  # fmt: skip
+    assert [e.rip for e in iter_events(without, BASE)] == [None]
 
 
 def test_record_a_sees_every_vmm_started_after_it(tmp_path, processes):

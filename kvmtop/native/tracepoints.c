@@ -5,10 +5,12 @@
  * engines make (kvmtop_abi.h). Python decides: which tracepoints (their ids and the offsets of
  * their fields, from tracefs' format files), which processes, which vCPU each (pid, fd) is.
  *
- *   Rings(cpus, events, pages, with_data)
+ *   Rings(cpus, events, pages, with_data, with_rip=False)
  *       events: [(role, id, filter or None, ((offset, size, signed), ...)), ...], the first
  *       event of each CPU also reports forks, exits and execs (PERF_RECORD_FORK, _EXIT, _COMM).
- *       Raises OSError (errno of perf_event_open, or of the filter: EINVAL).
+ *       Raises OSError (errno of perf_event_open, or of the filter: EINVAL). with_rip: each
+ *       exit has a RIP part where the run's kvm_emulate_insn (R_EMUL) or kvm_exit told it.
+ *   .add_events(events, with_rip)  more events on every ring from now on
  *   .follow(pid) / .unfollow(pid) / .follow_all(on) / .follow_children(on)
  *   .set_vcpu(pid, fd, slot)       slot -1: not a vCPU that can be named (its exits are lost)
  *   .forget_pid(pid)               its threads and vCPU fds
@@ -47,7 +49,8 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { R_RUN, R_UEXIT, R_PIO, R_MMIO, R_HYPERCALL, R_SYSEXIT, R_MARK, R_KEXIT, R_ROLES };
+enum { R_RUN, R_UEXIT, R_PIO, R_MMIO, R_HYPERCALL, R_SYSEXIT, R_MARK, R_KEXIT, R_EMUL, R_ROLES };
+enum { EMUL_VM86 = 0x2, EMUL_PROT64 = 0x8 }; /* kvm_emulate_insn's flags (0: real mode) */
 #define KVM_CREATE_VCPU_CMD KVM_CREATE_VCPU
 enum { SLOT_UNNAMED = -1, SLOT_CREATED = -3, SLOT_NEXT_RUN = -4 };
 enum { OUT_OR_IN = 2 }; /* a vCPU seen made: Python names it */
@@ -98,6 +101,12 @@ typedef struct { /* the guest's hardware exits by reason (kvm_exit), since the l
     uint64_t count, t, rip;
 } HardwareExits;
 
+typedef struct { /* the guest's RIP at an exit, as KVM would sync it into kvm_run */
+    int known;
+    uint8_t flags, cpl;
+    uint64_t rip, linear;
+} RipPart;
+
 typedef struct {
     uint32_t tid, pid;
     int used;
@@ -121,6 +130,10 @@ typedef struct {
     uint64_t held_entry, held_exit, held_val;
     int64_t held_a, held_b, held_flags;
     size_t held_len;
+    RipPart held_rip;
+    /* this run's last emulated instruction (kvm_emulate_insn), or its last hardware exit's RIP */
+    int emul_seen, emul_mode, emul_failed, kexit_seen;
+    uint64_t emul_rip, emul_cs, emul_len, kexit_rip;
 } Thread;
 
 typedef struct {
@@ -130,12 +143,13 @@ typedef struct {
     int *cpus;
     int *fds; /* every event fd, to close */
     int nfds;
+    size_t cfds, cids, ring_bytes;
     EventId *ids;
     int nids;
     Field fields[R_ROLES][MAX_FIELDS];
     int nfields[R_ROLES];
     uint64_t *lost; /* per ring */
-    int with_data, all, children;
+    int with_data, with_rip, all, children;
     int *followed;
     int nfollowed, cfollowed;
     Vcpu *vcpus;
@@ -288,7 +302,7 @@ static void forget_pid(Rings *self, int pid) {
 /* --- records ----------------------------------------------------------------------------------- */
 
 static int emit(Rings *self, int slot, int reason, uint64_t entry, uint64_t exit_t, int64_t a,
-                int64_t b, int flags, const void *data, size_t len) {
+                int64_t b, int flags, const void *data, size_t len, const RipPart *rip) {
     if (slot < 0) {
         self->lost_exits++;
         return 0;
@@ -298,7 +312,8 @@ static int emit(Rings *self, int slot, int reason, uint64_t entry, uint64_t exit
     size_t chunks = self->with_data ? (len + DATA_CHUNK - 1) / DATA_CHUNK : 0;
     if (chunks) flags |= F_DATA;
     if (lng) flags |= F_LONG;
-    char *r = record_room(&self->out, &self->nout, &self->cout, 1 + (size_t)lng + chunks);
+    int with_rip = rip != NULL && rip->known;
+    char *r = record_room(&self->out, &self->nout, &self->cout, 1 + (size_t)lng + chunks + (size_t)with_rip);
     if (!r) return -1;
     uint16_t vcpu = (uint16_t)slot;
     uint32_t reason32 = (uint32_t)reason, g = lng ? 0xFFFFFFFFu : (uint32_t)guest;
@@ -324,6 +339,14 @@ static int emit(Rings *self, int slot, int reason, uint64_t entry, uint64_t exit
         r[0] = KIND_DATA;
         r[DATA_AT_LENGTH] = (char)n;
         memcpy(r + DATA_AT_BYTES, (const char *)data + i * DATA_CHUNK, n);
+    }
+    if (with_rip) {
+        memset(r, 0, RECORD_SIZE);
+        r[0] = KIND_RIP;
+        r[RIP_AT_FLAGS] = (char)rip->flags;
+        r[RIP_AT_CPL] = (char)rip->cpl;
+        memcpy(r + RIP_AT_RIP, &rip->rip, 8);
+        memcpy(r + RIP_AT_LINEAR, &rip->linear, 8);
     }
     self->exits++;
     return 0;
@@ -385,6 +408,7 @@ static void begun_unseen(Rings *self, Thread *th) {
     th->slot = SLOT_NEXT_RUN;
     th->entry = self->base;
     th->pio = th->mmio = th->hc = th->access = 0;
+    th->emul_seen = th->kexit_seen = 0;
 }
 
 /* A port or MMIO write in a run: the one before it was handled in the kernel. */
@@ -399,7 +423,7 @@ static int emit_held(Rings *self, Thread *th, const void *data, size_t len) {
     th->held = th->awaiting = th->held_wait = 0;
     if (!data) data = &th->held_val, len = th->held_len;
     return emit(self, th->held_slot, th->held_reason, th->held_entry, th->held_exit, th->held_a,
-                th->held_b, (int)th->held_flags, data, len);
+                th->held_b, (int)th->held_flags, data, len, &th->held_rip);
 }
 
 static int news(Rings *self, const char *what, const Ev *e, uint32_t ppid) {
@@ -414,10 +438,30 @@ static int news(Rings *self, const char *what, const Ev *e, uint32_t ppid) {
 }
 
 static void hold(Thread *th, int wait, int slot, int reason, uint64_t entry, uint64_t exit_t,
-                 int64_t a, int64_t b, int flags, uint64_t val, size_t len) {
-    th->held = 1, th->held_wait = wait;
+                 int64_t a, int64_t b, int flags, uint64_t val, size_t len, RipPart rip) {
+    th->held = 1, th->held_wait = wait, th->held_rip = rip;
     th->held_slot = slot, th->held_reason = reason, th->held_entry = entry, th->held_exit = exit_t;
     th->held_a = a, th->held_b = b, th->held_flags = flags, th->held_val = val, th->held_len = len;
+}
+
+/* The RIP KVM would sync into kvm_run at this exit (with --rip): after the run's last
+   emulated instruction, or on it where the VMM's answer completes it (an IN, an MMIO read) or
+   its emulation failed; else the RIP of the run's last hardware exit (kvm_exit: the
+   instruction that exited). Its linear address and CPL are known in real and vm86 mode. */
+static RipPart rip_at_exit(Rings *self, const Thread *th, int completes_later) {
+    RipPart r = {0, 0, 0, 0, 0};
+    if (!self->with_rip) return r;
+    if (th->emul_seen) {
+        r.known = 1;
+        r.rip = th->emul_rip + (completes_later || th->emul_failed ? 0 : th->emul_len);
+        r.linear = th->emul_mode & EMUL_PROT64 ? r.rip : (th->emul_cs + r.rip) & 0xFFFFFFFFu;
+        if (th->emul_mode == 0 || th->emul_mode == (EMUL_VM86 | 1))
+            r.flags = R_SEGMENTS, r.cpl = th->emul_mode ? 3 : 0;
+    } else if (th->kexit_seen) {
+        r.known = 1;
+        r.rip = r.linear = th->kexit_rip;
+    }
+    return r;
 }
 
 /* A run's end (kvm_userspace_exit): its record, or held for what comes at the next entry: an
@@ -440,8 +484,9 @@ static int run_ended(Rings *self, Thread *th, const Ev *e) {
     if (th->held && err == 0 && emit_held(self, th, NULL, 0) < 0) return -1; /* no completion */
     if (err < 0) {
         if (err == -EINTR) reason = KVM_EXIT_INTR; /* also where immediate_exit left it */
-        if (!orphan) return emit(self, slot, reason, entry, e->t, 0, -err, F_FAILED, NULL, 0);
-        hold(th, 0, slot, reason, entry, e->t, 0, -err, F_FAILED, 0, 0);
+        RipPart rip = rip_at_exit(self, th, 0);
+        if (!orphan) return emit(self, slot, reason, entry, e->t, 0, -err, F_FAILED, NULL, 0, &rip);
+        hold(th, 0, slot, reason, entry, e->t, 0, -err, F_FAILED, 0, 0, rip);
         return 0;
     }
     int64_t a = 0, b = 0;
@@ -473,8 +518,10 @@ static int run_ended(Rings *self, Thread *th, const Ev *e) {
     } else if (reason == KVM_EXIT_HYPERCALL && th->hc) {
         a = th->hc_nr;
     }
-    if (!wait && !orphan) return emit(self, slot, reason, entry, e->t, a, b, flags, &val, len);
-    hold(th, wait, slot, reason, entry, e->t, a, b, flags, val, len);
+    int completes_later = (reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO) && !wrote;
+    RipPart rip = rip_at_exit(self, th, completes_later);
+    if (!wait && !orphan) return emit(self, slot, reason, entry, e->t, a, b, flags, &val, len, &rip);
+    hold(th, wait, slot, reason, entry, e->t, a, b, flags, val, len, rip);
     return 0;
 }
 
@@ -527,6 +574,7 @@ static int process(Rings *self, const Ev *e) {
         th->in_run = 1;
         th->entry = e->t;
         th->pio = th->mmio = th->hc = th->access = 0;
+        th->emul_seen = th->kexit_seen = 0;
         th->awaiting = th->held && th->held_wait;
         return 0;
     }
@@ -579,6 +627,7 @@ static int process(Rings *self, const Ev *e) {
     case R_UEXIT:
         return run_ended(self, th, e);
     case R_KEXIT: /* a hardware exit, KVM's own or the VMM's: counted by reason */
+        begun_unseen(self, th);
         if (th->in_run && th->slot >= 0) {
             uint32_t reason = (uint32_t)e->f[0];
             int isa = (int)e->f[1];
@@ -591,6 +640,14 @@ static int process(Rings *self, const Ev *e) {
                 self->hardware[self->nhardware++] = (HardwareExits){th->slot, isa, reason, 0, 0, 0};
             }
             self->hardware[i].count++, self->hardware[i].t = e->t, self->hardware[i].rip = (uint64_t)e->f[2];
+        }
+        th->kexit_seen = 1, th->kexit_rip = (uint64_t)e->f[2];
+        /* fall through: it is a mark too */
+    case R_EMUL: /* an instruction KVM emulated (with --rip): the exiting one, if the last */
+        if (e->role == R_EMUL) {
+            begun_unseen(self, th);
+            th->emul_seen = 1, th->emul_rip = (uint64_t)e->f[0], th->emul_cs = (uint64_t)e->f[1];
+            th->emul_len = (uint64_t)e->f[2], th->emul_mode = (int)e->f[3], th->emul_failed = e->f[4] != 0;
         }
         /* fall through: it is a mark too */
     case R_MARK: /* the guest ran again (another hardware exit, another emulated instruction):
@@ -734,6 +791,7 @@ static void close_all(Rings *self) {
     free(self->fds);
     self->rings = NULL, self->fds = NULL;
     self->nrings = self->nfds = 0;
+    self->cfds = 0;
 }
 
 static void Rings_dealloc(Rings *self) {
@@ -763,106 +821,110 @@ static int open_event(int role_first, uint64_t config, int cpu, size_t ring_byte
     return (int)syscall(SYS_perf_event_open, &attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC);
 }
 
-static int Rings_init(Rings *self, PyObject *args, PyObject *kwds) {
-    (void)kwds;
-    PyObject *cpus, *events;
-    long pages;
-    int with_data;
-    if (!PyArg_ParseTuple(args, "OOlp", &cpus, &events, &pages, &with_data)) return -1;
-    PyObject *cpu_seq = PySequence_Fast(cpus, "cpus must be a sequence");
-    if (!cpu_seq) return -1;
-    PyObject *ev_seq = PySequence_Fast(events, "events must be a sequence");
-    if (!ev_seq) return Py_DECREF(cpu_seq), -1;
-    Py_ssize_t ncpu = PySequence_Fast_GET_SIZE(cpu_seq), nev = PySequence_Fast_GET_SIZE(ev_seq);
-    long page_size = sysconf(_SC_PAGESIZE);
-    size_t ring_bytes = (size_t)pages * (size_t)page_size;
-    int rc = -1;
-    if (ncpu < 1 || nev < 1 || pages < 1 || (pages & (pages - 1))) {
-        PyErr_SetString(PyExc_ValueError, "cpus, events: not empty; pages: a power of 2");
-        goto done;
-    }
-    self->with_data = with_data;
-    self->news = PyList_New(0);
-    self->cpus = calloc((size_t)ncpu, sizeof(int));
-    self->rings = calloc((size_t)ncpu, sizeof(Ring));
-    self->lost = calloc((size_t)ncpu, sizeof(uint64_t));
-    self->fds = calloc((size_t)(ncpu * nev), sizeof(int));
-    self->ids = calloc((size_t)(ncpu * nev), sizeof(EventId));
-    if (!self->news || !self->cpus || !self->rings || !self->lost || !self->fds || !self->ids) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    self->ncpus = (int)ncpu;
-    for (Py_ssize_t j = 0; j < nev; j++) { /* roles and fields */
+/* Each event's role and fields (the engine's order), from ((role, config, filter, fields), ...). */
+static int parse_roles(Rings *self, PyObject *ev_seq) {
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(ev_seq); j++) {
         int role;
         unsigned long long config;
         PyObject *filter, *fields;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(ev_seq, j), "iKOO", &role, &config, &filter, &fields)) goto done;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(ev_seq, j), "iKOO", &role, &config, &filter, &fields)) return -1;
         if (role < 0 || role >= R_ROLES) {
             PyErr_SetString(PyExc_ValueError, "no such role");
-            goto done;
+            return -1;
         }
         PyObject *fseq = PySequence_Fast(fields, "fields must be a sequence");
-        if (!fseq) goto done;
+        if (!fseq) return -1;
         Py_ssize_t nf = PySequence_Fast_GET_SIZE(fseq);
         self->nfields[role] = (int)(nf < MAX_FIELDS ? nf : MAX_FIELDS);
         for (int k = 0; k < self->nfields[role]; k++) {
             int off, size, sgn;
             if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fseq, k), "iip", &off, &size, &sgn)) {
                 Py_DECREF(fseq);
-                goto done;
+                return -1;
             }
             self->fields[role][k] = (Field){(uint16_t)off, (uint16_t)size, (uint8_t)sgn};
         }
         Py_DECREF(fseq);
     }
+    return 0;
+}
+
+/* The events on the i-th CPU: the first opened leads (its ring; later ones write into it). */
+static int open_on_cpu(Rings *self, int i, PyObject *ev_seq, size_t ring_bytes) {
+    long page_size = sysconf(_SC_PAGESIZE);
+    int leader = i < self->nrings ? self->rings[i].fd : -1;
+    Py_ssize_t nev = PySequence_Fast_GET_SIZE(ev_seq);
+    if (grow((void **)&self->fds, &self->cfds, (size_t)(self->nfds + nev), sizeof(int)) < 0 ||
+        grow((void **)&self->ids, &self->cids, (size_t)(self->nids + nev), sizeof(EventId)) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < nev; j++) {
+        int role;
+        unsigned long long config;
+        PyObject *filter, *fields;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(ev_seq, j), "iKOO", &role, &config, &filter, &fields)) return -1;
+        int fd = open_event(leader < 0, config, self->cpus[i], ring_bytes);
+        if (fd < 0) return PyErr_SetFromErrno(PyExc_OSError), -1;
+        self->fds[self->nfds++] = fd;
+        if (filter != Py_None) {
+            const char *text = PyUnicode_AsUTF8(filter);
+            if (!text) return -1;
+            if (ioctl(fd, PERF_EVENT_IOC_SET_FILTER, text) < 0) return PyErr_SetFromErrno(PyExc_OSError), -1;
+        }
+        uint64_t id;
+        if (ioctl(fd, PERF_EVENT_IOC_ID, &id) < 0) return PyErr_SetFromErrno(PyExc_OSError), -1;
+        self->ids[self->nids++] = (EventId){id, role};
+        if (leader < 0) {
+            void *m = mmap(NULL, ring_bytes + (size_t)page_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (m == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError), -1;
+            Ring *ring = &self->rings[self->nrings++];
+            ring->fd = fd;
+            ring->page = m;
+            ring->size = ring_bytes;
+            ring->data = (char *)m + page_size;
+            leader = fd;
+        } else if (ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, leader) < 0) {
+            return PyErr_SetFromErrno(PyExc_OSError), -1;
+        }
+    }
+    return 0;
+}
+
+static int Rings_init(Rings *self, PyObject *args, PyObject *kwds) {
+    (void)kwds;
+    PyObject *cpus, *events;
+    long pages;
+    int with_data, with_rip = 0;
+    if (!PyArg_ParseTuple(args, "OOlp|p", &cpus, &events, &pages, &with_data, &with_rip)) return -1;
+    PyObject *cpu_seq = PySequence_Fast(cpus, "cpus must be a sequence");
+    if (!cpu_seq) return -1;
+    PyObject *ev_seq = PySequence_Fast(events, "events must be a sequence");
+    if (!ev_seq) return Py_DECREF(cpu_seq), -1;
+    Py_ssize_t ncpu = PySequence_Fast_GET_SIZE(cpu_seq), nev = PySequence_Fast_GET_SIZE(ev_seq);
+    self->ring_bytes = (size_t)pages * (size_t)sysconf(_SC_PAGESIZE);
+    int rc = -1;
+    if (ncpu < 1 || nev < 1 || pages < 1 || (pages & (pages - 1))) {
+        PyErr_SetString(PyExc_ValueError, "cpus, events: not empty; pages: a power of 2");
+        goto done;
+    }
+    self->with_data = with_data;
+    self->with_rip = with_rip;
+    self->news = PyList_New(0);
+    self->cpus = calloc((size_t)ncpu, sizeof(int));
+    self->rings = calloc((size_t)ncpu, sizeof(Ring));
+    self->lost = calloc((size_t)ncpu, sizeof(uint64_t));
+    if (!self->news || !self->cpus || !self->rings || !self->lost) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    self->ncpus = (int)ncpu;
+    if (parse_roles(self, ev_seq) < 0) goto done;
     for (Py_ssize_t i = 0; i < ncpu; i++) {
         int cpu = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(cpu_seq, i));
         if (cpu < 0 && PyErr_Occurred()) goto done;
         self->cpus[i] = cpu;
-        int leader = -1;
-        for (Py_ssize_t j = 0; j < nev; j++) {
-            int role;
-            unsigned long long config;
-            PyObject *filter, *fields;
-            PyArg_ParseTuple(PySequence_Fast_GET_ITEM(ev_seq, j), "iKOO", &role, &config, &filter, &fields);
-            int fd = open_event(j == 0, config, cpu, ring_bytes);
-            if (fd < 0) {
-                PyErr_SetFromErrno(PyExc_OSError);
-                goto done;
-            }
-            self->fds[self->nfds++] = fd;
-            if (filter != Py_None) {
-                const char *text = PyUnicode_AsUTF8(filter);
-                if (!text) goto done;
-                if (ioctl(fd, PERF_EVENT_IOC_SET_FILTER, text) < 0) {
-                    PyErr_SetFromErrno(PyExc_OSError);
-                    goto done;
-                }
-            }
-            uint64_t id;
-            if (ioctl(fd, PERF_EVENT_IOC_ID, &id) < 0) {
-                PyErr_SetFromErrno(PyExc_OSError);
-                goto done;
-            }
-            self->ids[self->nids++] = (EventId){id, role};
-            if (leader < 0) {
-                void *m = mmap(NULL, ring_bytes + (size_t)page_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-                if (m == MAP_FAILED) {
-                    PyErr_SetFromErrno(PyExc_OSError);
-                    goto done;
-                }
-                Ring *ring = &self->rings[self->nrings++];
-                ring->fd = fd;
-                ring->page = m;
-                ring->size = ring_bytes;
-                ring->data = (char *)m + page_size;
-                leader = fd;
-            } else if (ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, leader) < 0) {
-                PyErr_SetFromErrno(PyExc_OSError);
-                goto done;
-            }
-        }
+        if (open_on_cpu(self, (int)i, ev_seq, self->ring_bytes) < 0) goto done;
     }
     rc = 0;
 done:
@@ -870,6 +932,22 @@ done:
     Py_DECREF(cpu_seq);
     Py_DECREF(ev_seq);
     return rc;
+}
+
+/* More events on every CPU's ring, from now on (as the constructor's ``events``); ``rip``:
+   exits carry the guest's RIP from now on. */
+static PyObject *Rings_add_events(Rings *self, PyObject *args) {
+    PyObject *events;
+    int with_rip;
+    if (!PyArg_ParseTuple(args, "Op", &events, &with_rip)) return NULL;
+    PyObject *ev_seq = PySequence_Fast(events, "events must be a sequence");
+    if (!ev_seq) return NULL;
+    int rc = parse_roles(self, ev_seq);
+    for (int i = 0; rc == 0 && i < self->nrings; i++) rc = open_on_cpu(self, i, ev_seq, self->ring_bytes);
+    Py_DECREF(ev_seq);
+    if (rc < 0) return NULL;
+    self->with_rip = self->with_rip || with_rip;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Rings_follow(Rings *self, PyObject *arg) {
@@ -1101,6 +1179,7 @@ static PyMethodDef Rings_methods[] = {
     {"close_thread", (PyCFunction)Rings_close_thread, METH_O, "A thread has ended."},
     {"pending", (PyCFunction)Rings_pending, METH_NOARGS, "Bytes and news to take."},
     {"lost_events", (PyCFunction)Rings_lost_events, METH_NOARGS, "Per-CPU events the kernel dropped."},
+    {"add_events", (PyCFunction)Rings_add_events, METH_VARARGS, "More events on every ring (events, rip)."},
     {"close", (PyCFunction)Rings_close, METH_NOARGS, "Close every event."},
     {NULL, NULL, 0, NULL},
 };
@@ -1147,6 +1226,7 @@ PyMODINIT_FUNC PyInit__tracepoints(void) {
     PyModule_AddIntConstant(m, "R_SYSEXIT", R_SYSEXIT);
     PyModule_AddIntConstant(m, "R_MARK", R_MARK);
     PyModule_AddIntConstant(m, "R_KEXIT", R_KEXIT);
+    PyModule_AddIntConstant(m, "R_EMUL", R_EMUL);
     return m;
 }
 #else

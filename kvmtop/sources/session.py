@@ -99,15 +99,12 @@ class TraceSession:
         self.output_error: KvmtopError | None = None  # the recording or stream failed: detached
         self._pending: Future[Attached] | None = None
         self._attach_taken = threading.Event()  # the pump has taken the last attach's outcome
-        self.rip = rip  # every exit's guest RIP, where it is safe (kvmtop.trace.sync_regs)
+        self.rip = rip  # every exit's guest RIP (kvmtop.trace.sync_regs, or the kernel's)
         self._tracer, self.engine_note, self.engine_why = open_tracer(
             engine, with_data, child_stdio, child_stdout_to_stderr, child_stderr, rip
         )
         # said once where KVM's own exits cannot be seen one by one (no kvm_exit)
         self.hardware_note: str = getattr(self._tracer, "hardware_note", "")
-        if rip and not hasattr(self._tracer, "want_rip"):
-            self._notices.append(("warning", "no guest RIPs from kernel tracepoints here: "
-                                  "trace with --engine ptrace for them"))  # fmt: skip
         self._tracer.start()
         self._pump = threading.Thread(target=self._run_pump, name="kvmtop-pump", daemon=True)
         self._pump.start()
@@ -149,13 +146,8 @@ class TraceSession:
 
     def want_rip(self) -> None:
         """Guest RIPs from now on (the recording, begun without, says so only in its records)."""
-        want = getattr(self._tracer, "want_rip", None)
-        if want is None:  # the tracepoint engine's tracer
-            self._notices.append(("warning", "no guest RIPs from kernel tracepoints here: "
-                                  "trace with --engine ptrace (or --rip) for them"))  # fmt: skip
-            return  # (the tracepoint engine's tracer has no want_rip)
         self.rip = True
-        want()
+        self._tracer.want_rip()
 
     def detach(self) -> None:
         if self.state in (SessionState.ATTACHED, SessionState.ATTACHING):

@@ -25,7 +25,8 @@ from kvmtop.host.tracefs import event_format, tracefs_root, why_not
 
 RING_PAGES = 512  # 2 MiB a CPU: ~60 ms of events at 100k exits/s before the reader must run
 # role, event, fields in the engine's order, kernel filter
-EVENTS: tuple[tuple[str, str, tuple[str, ...], str | None], ...] = (
+EventSpec = tuple[str, str, tuple[str, ...], str | None]
+EVENTS: tuple[EventSpec, ...] = (
     ("R_UEXIT", "kvm/kvm_userspace_exit", ("reason", "errno"), None),
     (
         "R_RUN",
@@ -43,6 +44,12 @@ EVENTS: tuple[tuple[str, str, tuple[str, ...], str | None], ...] = (
     # on VMX and SVM hosts, not where KVM emulates without it (kvm_emulate_insn would tell
     # too, but fires for every emulated instruction: a real-mode guest runs 2x slower)
     ("R_KEXIT", "kvm/kvm_exit", ("exit_reason", "isa", "guest_rip"), None),
+)
+# with --rip: each instruction KVM emulates (this host emulates the instruction of every exit to
+# the VMM; a real-mode guest has every instruction emulated, so this costs it most); kvm_exit's
+# guest_rip gives the others (VMX, SVM)
+RIP_EVENTS: tuple[EventSpec, ...] = (
+    ("R_EMUL", "kvm/kvm_emulate_insn", ("rip", "csbase", "len", "flags", "failed"), None),
 )
 REQUIRED = ("kvm/kvm_userspace_exit", "syscalls/sys_enter_ioctl", "syscalls/sys_exit_ioctl")
 ENGINE_NOTE = "kernel tracepoints: no stop per exit"
@@ -108,6 +115,15 @@ class TracepointEngine:
         got = self._rings.flush()
         return None if got is None else UnknownVcpu(*got[1:])
 
+    def want_rip(self) -> None:
+        """Every exit's guest RIP from now on, where the kernel tells it (:data:`RIP_EVENTS`)."""
+        module = native.built("_tracepoints")
+        assert module is not None
+        try:
+            self._rings.add_events(_opened(module, RIP_EVENTS), True)
+        except OSError as exc:
+            raise _open_failed(exc) from None
+
     def take(self) -> TpTaken:
         records, seen, exits, lost, news, no_exit = self._rings.take()
         return TpTaken(records, seen, exits, lost, tuple(TaskNews(*n) for n in news), no_exit)
@@ -155,16 +171,30 @@ def hardware_note() -> str:
     return f"kvm:kvm_exit does not fire with {which}: KVM's own exits are in its counters (k)"
 
 
-def open_engine(with_data: bool, pages: int = RING_PAGES) -> TracepointEngine:
-    """The rings of every online CPU, each with the events above that this kernel has."""
+def open_engine(with_data: bool, pages: int = RING_PAGES, rip: bool = False) -> TracepointEngine:
+    """The rings of every online CPU, each with the events above that this kernel has (and
+    those of ``rip``: :data:`RIP_EVENTS`)."""
     why = unavailable_reason()
     if why:
         raise TracepointsUnavailable(f"kernel tracepoints unavailable: {why}")
     module = native.built("_tracepoints")
+    assert module is not None
+    events = _opened(module, EVENTS + (RIP_EVENTS if rip else ()))
+    try:
+        return TracepointEngine(module.Rings(online_cpus(), events, pages, with_data, rip))
+    except OSError as exc:
+        raise _open_failed(exc) from None
+
+
+def _opened(
+    module: Any, wanted_events: tuple[EventSpec, ...]
+) -> list[tuple[int, int, str | None, tuple[tuple[int, int, bool], ...]]]:
+    """The Rings' events: (role, the kernel's id, filter, field layout) of each event this
+    kernel has."""
     root = tracefs_root()
-    assert module is not None and root is not None
+    assert root is not None
     events = []
-    for role, name, wanted, kernel_filter in EVENTS:
+    for role, name, wanted, kernel_filter in wanted_events:
         found = event_format(root, name)
         if found is None:
             continue
@@ -173,9 +203,10 @@ def open_engine(with_data: bool, pages: int = RING_PAGES) -> TracepointEngine:
             raise TracepointsUnavailable(f"kernel tracepoints unavailable: {name} has other fields")
         layout = tuple((fields[f].offset, fields[f].size, fields[f].signed) for f in wanted)
         events.append((getattr(module, role), event_id, kernel_filter, layout))
-    try:
-        return TracepointEngine(module.Rings(online_cpus(), events, pages, with_data))
-    except OSError as exc:
-        raise TracepointsUnavailable(
-            f"kernel tracepoints unavailable: perf_event_open: {exc.strerror or exc}"
-        ) from None
+    return events
+
+
+def _open_failed(exc: OSError) -> TracepointsUnavailable:
+    return TracepointsUnavailable(
+        f"kernel tracepoints unavailable: perf_event_open: {exc.strerror or exc}"
+    )

@@ -33,6 +33,7 @@ from kvmtop.model.messages import (
     TracerEnded,
     TracerFailed,
     TracerMessage,
+    TracerNote,
 )
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
 from kvmtop.trace.commanded import Commanded
@@ -40,6 +41,7 @@ from kvmtop.trace.engine import vcpu_records
 from kvmtop.trace.tp_engine import (
     ENGINE_NOTE,
     TaskNews,
+    TracepointsUnavailable,
     UnknownVcpu,
     hardware_note,
     online_cpus,
@@ -78,6 +80,7 @@ class TracepointTracer(Commanded):
         child_stdout_to_stderr: bool = False,
         child_stderr: str | None = None,
         stats_taker: StatsTaker | None = None,
+        rip: bool = False,
     ) -> None:
         self.out: queue.SimpleQueue[TracerMessage] = queue.SimpleQueue()
         self.with_data = with_data
@@ -85,7 +88,8 @@ class TracepointTracer(Commanded):
         self.child_stdout_to_stderr = child_stdout_to_stderr
         self.child_stderr = child_stderr
         self._stats_taker = stats_taker
-        self._rings = open_engine(with_data)
+        self.rip = rip  # every exit's guest RIP, where the kernel tells it (RIP_EVENTS, kvm_exit)
+        self._rings = open_engine(with_data, rip=rip)
         self.hardware_note = hardware_note()
         self._cpus = online_cpus()  # the rings' CPUs, in their order
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -129,6 +133,11 @@ class TracepointTracer(Commanded):
             future.set_exception(KvmtopError("KVM's counters cannot be taken here"))
             return future
         return self._stats_taker(session.slots.first_pid or session.roots[0])
+
+    def want_rip(self) -> Future[None]:
+        """From now on, every exit's guest RIP where the kernel tells it (nothing is written
+        into the VMM: the kernel traces the instructions it emulates)."""
+        return self._send("rip", None)
 
     def _wake(self) -> None:
         try:
@@ -175,6 +184,8 @@ class TracepointTracer(Commanded):
                     future.set_result(self._launch(arg))
                 elif command == "detach":
                     future.set_result(self._end("detached"))
+                elif command == "rip":
+                    self._want_rip(future)
                 elif command == "quit":
                     future.set_result(None)
                     if self._session is not None:
@@ -183,6 +194,19 @@ class TracepointTracer(Commanded):
             except KvmtopError as exc:
                 self.out.put(TracerFailed(str(exc), kind=type(exc).__name__))
                 future.set_exception(exc)
+
+    def _want_rip(self, future: Future[None]) -> None:
+        """RIPs from now on; where the kernel refuses the event, the tracing goes on without
+        them and says why."""
+        try:
+            if not self.rip:
+                self._rings.want_rip()
+                self.rip = True
+        except TracepointsUnavailable as exc:
+            self.out.put(TracerNote(f"no guest RIPs: {exc}"))
+            future.set_exception(exc)
+            return
+        future.set_result(None)
 
     def _name_vcpu(self, unknown: UnknownVcpu) -> None:
         """A KVM_RUN on fd ``fd`` of ``pid`` the engine could not number: its KVM_CREATE_VCPU
