@@ -249,6 +249,18 @@ def tracers(bench: Bench) -> list[Tracer]:
             "untraced-spinning",
             io_count,
         ),  # fmt: skip
+        # --rip with tracepoints: kvm_emulate_insn too (the guest's every instruction, here)
+        Tracer(
+            "kvmtop-tracepoints-rip",
+            bench.launch("--rip", env={ENGINE: "tracepoints"}),
+            expected=io_count,
+        ),
+        Tracer(
+            "kvmtop-tracepoints-attach-rip",
+            bench.attacher(None, None, "tracepoints", "--rip"),
+            "untraced-spinning",
+            io_count,
+        ),  # fmt: skip
     ]
     if bench.baseline is not None:
         base, env = bench.baseline, bench.baseline_env
