@@ -10,7 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from conftest import TIMED_VMM, wait_for_vcpus  # noqa: E402 (wait_for_vcpus: for the benchmarks too)
+from conftest import TIMED_VMM  # noqa: E402
+from helpers import wait_for_vcpus  # noqa: E402 (for the benchmarks too)
 
 
 def build_timed_vmm(directory: str) -> str:

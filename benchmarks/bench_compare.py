@@ -27,8 +27,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from conftest import wait_for_vcpus  # noqa: E402
 from guests.qemu_bios import build_bios, qemu_command  # noqa: E402
+from helpers import wait_for_vcpus  # noqa: E402
 
 from kvmtop.formats.recording import open_recording  # noqa: E402
 

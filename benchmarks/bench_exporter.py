@@ -22,7 +22,7 @@ import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from conftest import wait_for_vcpus  # noqa: E402
+from helpers import wait_for_vcpus  # noqa: E402
 
 from kvmtop.minivmm.vmm import demo_command  # noqa: E402
 

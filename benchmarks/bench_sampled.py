@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from conftest import wait_for_vcpus  # noqa: E402
+from helpers import wait_for_vcpus  # noqa: E402
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from kvmtop.commands.exporter import Fleet, FleetCollector  # noqa: E402

@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from conftest import wait_for_vcpus  # noqa: E402
 from guests.qemu_bios import qemu_command, write_bios  # noqa: E402
+from helpers import wait_for_vcpus  # noqa: E402
 
 from kvmtop.counters.taking import take_stats  # noqa: E402
 

@@ -10,6 +10,10 @@
 - **kvmtop at full rate**: ``kvmtop record -p PID`` attached to a guest of ``--exits`` exits at
   its full rate, from before its first exit to its end: kvmtop's CPU time (user and system, its
   own: QEMU is not its child) per second of the guest's run and per exit, and its peak RSS.
+- **the kernel's part** (``--events``): a C VMM (benchmarks/guests/timed_vmm.c, `out 0x80` with
+  no handling) at 20k and 100k exits, the rounds alternating: untraced; with the engine's events
+  open and read by its native reader (every event, and smaller sets: what each costs the guest);
+  with every event open and none read (the kernel's writes alone). µs per exit as slopes.
 
 The host's regime: quiet, or with ``--busy``, ``stress-ng --cpu <CPUs>`` beside the runs.
 Medians over rounds; the header gives the date and regime.
@@ -97,12 +101,103 @@ def full_rate(bios: str, kvmtop: list[str]) -> tuple[float, float, float, int]:
     return cpu / seconds, cpu / max(1, exits) * 1e6, seconds, after.ru_maxrss
 
 
+EVENT_SETS = {  # the engine's events (kvmtop.trace.tp_engine.EVENTS) by name, in smaller sets
+    "every event": None,
+    "no ioctl exit": ("kvm/kvm_userspace_exit", "syscalls/sys_enter_ioctl", "kvm/kvm_pio",
+                      "kvm/kvm_mmio", "kvm/kvm_hypercall", "kvm/kvm_exit"),
+    "KVM's only": ("kvm/kvm_userspace_exit", "kvm/kvm_pio", "kvm/kvm_mmio", "kvm/kvm_hypercall",
+                   "kvm/kvm_exit"),
+    "kvm_userspace_exit": ("kvm/kvm_userspace_exit",),
+}  # fmt: skip
+
+
+def events_open(names: tuple[str, ...] | None, read: bool):
+    """The engine's rings with the events ``names`` (None: all), read by a thread as the
+    engine reads them (``read``) or never; a callable that closes them."""
+    import threading
+
+    from kvmtop import native
+    from kvmtop.trace import tp_engine
+
+    module = native.built("_tracepoints")
+    assert module is not None, "kvmtop.native._tracepoints is not built"
+    specs = tuple(e for e in tp_engine.EVENTS if names is None or e[1] in names)
+    rings = module.Rings(tp_engine.online_cpus(), tp_engine.opened_events(module, specs),
+                         tp_engine.RING_PAGES, False)  # fmt: skip
+    stop = threading.Event()
+    wake_r, wake_w = os.pipe()
+
+    def reader() -> None:
+        while not stop.is_set():
+            rings.run(time.monotonic_ns() + 50_000_000, 1 << 20, wake_r)
+            rings.take()
+
+    thread = threading.Thread(target=reader, daemon=True)
+    if read:
+        thread.start()
+
+    def close() -> None:
+        stop.set()
+        os.write(wake_w, b"x")
+        if read:
+            thread.join(5)
+        rings.close()
+        os.close(wake_r)
+        os.close(wake_w)
+
+    return close
+
+
+def kernel_part(rounds: int) -> dict[str, list[float]]:
+    """{row: µs per exit of each round} (see the module's docstring)."""
+    from attached import build_timed_vmm
+
+    rows: dict[str, list[float]] = {"untraced": []}
+    rows |= {f"{name}, read": [] for name in EVENT_SETS}
+    rows["every event, unread"] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        vmm = build_timed_vmm(tmp)
+
+        def wall(n: int) -> float:
+            t = time.monotonic()
+            subprocess.run([vmm, str(n), "0", "io"], check=True, stdout=subprocess.DEVNULL)
+            return time.monotonic() - t
+
+        for _ in range(rounds):
+            for row in rows:
+                name, _sep, how = row.partition(", ")
+                times = []
+                for n in (20_000, 100_000):
+                    close = (
+                        None if row == "untraced" else events_open(EVENT_SETS[name], how == "read")
+                    )
+                    try:
+                        times.append(wall(n))
+                    finally:
+                        if close is not None:
+                            close()
+                rows[row].append((times[1] - times[0]) / 80_000 * 1e6)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exits", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="stress-ng --cpu <CPUs> beside")
+    parser.add_argument("--events", action="store_true", help="the kernel's part alone")
     args = parser.parse_args()
+    if args.events:
+        with host_regime(args.busy) as regime:
+            rows = kernel_part(args.rounds)
+        print(f"host: {regime}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        print("| C VMM, `out 0x80` | µs/exit | rounds | vs untraced |\n|---|---:|---:|---:|")
+        untraced = statistics.median(rows["untraced"])
+        for row, values in rows.items():
+            median = statistics.median(values)
+            print(f"| {row} | {median:.2f} | {min(values):.2f}..{max(values):.2f} | "
+                  f"{untraced / median:.2f}x |")  # fmt: skip
+        return
     kvmtop = kvmtop_command()
     with tempfile.TemporaryDirectory() as tmp, host_regime(args.busy) as regime:
         busy_bios = write_bios(os.path.join(tmp, "busy.bin"), 10**9)  # exits until killed

@@ -120,7 +120,7 @@ class TracepointEngine:
         module = native.built("_tracepoints")
         assert module is not None
         try:
-            self._rings.add_events(_opened(module, RIP_EVENTS), True)
+            self._rings.add_events(opened_events(module, RIP_EVENTS), True)
         except OSError as exc:
             raise _open_failed(exc) from None
 
@@ -179,14 +179,14 @@ def open_engine(with_data: bool, pages: int = RING_PAGES, rip: bool = False) -> 
         raise TracepointsUnavailable(f"kernel tracepoints unavailable: {why}")
     module = native.built("_tracepoints")
     assert module is not None
-    events = _opened(module, EVENTS + (RIP_EVENTS if rip else ()))
+    events = opened_events(module, EVENTS + (RIP_EVENTS if rip else ()))
     try:
         return TracepointEngine(module.Rings(online_cpus(), events, pages, with_data, rip))
     except OSError as exc:
         raise _open_failed(exc) from None
 
 
-def _opened(
+def opened_events(
     module: Any, wanted_events: tuple[EventSpec, ...]
 ) -> list[tuple[int, int, str | None, tuple[tuple[int, int, bool], ...]]]:
     """The Rings' events: (role, the kernel's id, filter, field layout) of each event this
