@@ -42,12 +42,17 @@ class BuildWithAbiHeader(build_ext):
 setup(
     cmdclass={"build_ext": BuildWithAbiHeader},
     ext_modules=[
-        Extension("kvmtop.native._hotloop", ["kvmtop/native/hotloop.c"], optional=True),
+        Extension(
+            "kvmtop.native._hotloop",
+            ["kvmtop/native/hotloop.c"],
+            depends=["kvmtop/native/guest_rip.h"],
+            optional=True,
+        ),
         Extension("kvmtop.native._summary", ["kvmtop/native/summary.c"], optional=True),
         Extension(
             "kvmtop.native._sampler",
             ["kvmtop/native/sampler.c", "kvmtop/native/entry_cost.c"],
-            depends=["kvmtop/native/entry_cost.h"],
+            depends=["kvmtop/native/entry_cost.h", "kvmtop/native/guest_rip.h"],
             optional=True,
         ),
         Extension("kvmtop.native._tracepoints", ["kvmtop/native/tracepoints.c"], optional=True),

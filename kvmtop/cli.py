@@ -14,7 +14,7 @@ code. Tracebacks only with ``--debug``.
     kvmtop export FILE --perfetto OUT.json | --csv OUT | --jsonl OUT     (OUT may be -)
     kvmtop list [--json]
     kvmtop stats -p PID [--interval S] [--count N] [--json]
-    kvmtop watch -p PID [--rate HZ] [--interval S] [--count N] [--json]
+    kvmtop watch -p PID [--rate HZ] [--interval S] [--count N] [--json] [--rip [--guest-symbols F]]
     kvmtop exporter [--listen HOST:PORT] [--rescan S] [--sampled [HZ]] [-p PID] [--vm NAME]
 """
 
@@ -172,6 +172,11 @@ def _parser() -> argparse.ArgumentParser:
     wat.add_argument("--interval", type=float, default=1.0, help="seconds between reports")
     wat.add_argument("--count", type=int, help="stop after N reports (1 or more)")
     wat.add_argument("--json", action="store_true", help="one JSON object per report")
+    wat.add_argument("--rip", action="store_true", default=argparse.SUPPRESS,
+                     help="also the guest code the VMM's exits come from, sampled (sets the "
+                     "vCPUs' kvm_valid_regs while watching: see the README)")  # fmt: skip
+    wat.add_argument("--guest-symbols", metavar="FILE", default=argparse.SUPPRESS,
+                     help="name guest RIPs with a guest's kallsyms copy, System.map or ELF")  # fmt: skip
 
     prom = sub.add_parser("exporter", help="serve KVM's counters of every VM here to Prometheus")
     prom.add_argument("--listen", default="127.0.0.1:9464", metavar="HOST:PORT",
@@ -339,9 +344,12 @@ def watch(args: argparse.Namespace) -> int:
         raise UsageError("--count must be 1 or more (leave it out to run until Ctrl-C)")
     if not 0 < args.rate <= 100_000:
         raise UsageError("--rate must be above 0 and at most 100000")
+    if args.guest_symbols and not args.rip:
+        raise UsageError("--guest-symbols names the guest code --rip samples: give --rip too")
+    symbols = guest_symbols(args.guest_symbols)
     try:
         return run_watch(args.pid, args.rate, args.interval, args.count, args.json, sys.stdout,
-                         sys.stderr)  # fmt: skip
+                         sys.stderr, args.rip, symbols)  # fmt: skip
     except BrokenPipeError:  # `| head`: the reader has all it wanted
         _silence_stdout()
         return 0

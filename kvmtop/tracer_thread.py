@@ -66,7 +66,14 @@ from kvmtop.trace.engine import (
     vcpu_records,
 )
 from kvmtop.trace.followed_processes import OPTIONS, Followed, launch_process, seize_process
-from kvmtop.trace.inject import CheckJob, own_filter, plan_job, run_job
+from kvmtop.trace.inject import (
+    CheckJob,
+    own_filter,
+    own_filter_message,
+    plan_job,
+    run_job,
+    vm_fds,
+)
 from kvmtop.trace.kicker import Kicker
 from kvmtop.trace.native_engine import make_engine
 from kvmtop.trace.stop_wait import poll_max_ns_from_env
@@ -116,6 +123,7 @@ class Tracer(Commanded):
         self._group: Followed | None = None
         self._last_group: Followed | None = None  # for what is left of the last session
         self._stats_proc: TracedProcess | None = None  # the process a stats job is for
+        self._asking = False  # a caller's KVM_CAP_SYNC_REGS check is under way (nudged as stats)
         self._kicked: set[int] = set()  # threads kvmtop interrupted, before their next stop
         self._detached_children: set[int] = set()  # launched, detached, not yet reaped
         self._seen: list[VcpuSeen] = []
@@ -154,6 +162,13 @@ class Tracer(Commanded):
         has no binary stats."""
         return self._send("stats", None)
 
+    def sync_regs_allowed(self) -> Future[dict[int, int]]:
+        """What KVM allows the traced VMM's VMs in kvm_valid_regs: ``{VM fd: the bits, or
+        -errno}``, asked by one of its threads (KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS), see
+        :mod:`kvmtop.trace.inject`); nothing is set here. Fails with KvmtopError where the VMM
+        runs under a seccomp filter of its own (it is not asked) or goes away first."""
+        return self._send("check", None)
+
     def want_rip(self) -> Future[None]:
         """From now on, every exit's guest RIP where it is safe (see
         :mod:`kvmtop.trace.sync_regs`; what is not is said in TracerNote messages)."""
@@ -166,7 +181,7 @@ class Tracer(Commanded):
         """Makes sure exits reach ``out`` within FLUSH_INTERVAL_S even when the guest goes quiet."""
         while self._thread.is_alive():
             time.sleep(FLUSH_INTERVAL_S)
-            if self.engine.pending() or self._stats_proc is not None or self.rip:
+            if self.engine.pending() or self._stats_proc is not None or self.rip or self._asking:
                 self._kicker.kick()
 
     # --- the tracing thread ------------------------------------------------------------------
@@ -403,7 +418,10 @@ class Tracer(Commanded):
         group = self._group
         if group is None or group.procs.get(proc.pid) is not proc:
             return
-        proc.check_job = None
+        if proc.check_job is not None:
+            proc.check_job.settle("the VMM has gone, or the trace ended, before it answered")
+            proc.check_job = None
+            self._asking = False
         if proc.stats_job is not None:
             proc.stats_job.error = "no KVM counters: the VMM has gone"
             proc.stats_job.settle()
@@ -476,11 +494,14 @@ class Tracer(Commanded):
                     self._quit_when_detached(future)
                 elif command == "stats":
                     self._start_stats(future)
+                elif command == "check":
+                    self._start_check(future)
                 elif command == "rip":
                     self.rip = True
                     future.set_result(None)
             except KvmtopError as exc:
-                if command != "stats":  # the tracing goes on; only the asker needs to know
+                if command not in ("stats", "check"):  # the tracing goes on; only the asker
+                    # needs to know
                     self.out.put(TracerFailed(str(exc), kind=type(exc).__name__))
                 future.set_exception(exc)
 
@@ -495,19 +516,38 @@ class Tracer(Commanded):
 
     # --- KVM's own counters (kvmtop.trace.inject) -------------------------------------------------------
 
-    def _start_stats(self, future: Future[StatsFds]) -> None:
-        """For the session's first VM (whose vCPU numbers are KVM's ids)."""
+    def _first_proc(self) -> TracedProcess:
+        """The session's first VMM (whose vCPU numbers are KVM's ids)."""
         group = self._group
         if group is None or group.detaching is not None:
             raise KvmtopError("not attached")
-        if self._stats_proc is not None:
-            raise KvmtopError("KVM's counters are being fetched already")
         proc = group.procs.get(group.slots.first_pid or group.roots[0])
         if proc is None:
             raise KvmtopError("the VM's process has gone")
+        return proc
+
+    def _start_stats(self, future: Future[StatsFds]) -> None:
+        if self._stats_proc is not None:
+            raise KvmtopError("KVM's counters are being fetched already")
+        proc = self._first_proc()
         tids = self.engine.threads_of(proc.pid)
         proc.stats_job = plan_job(future, proc.pid, tids, proc.mode != MODE_TWO_STOP, proc.kicks)
         self._stats_proc = proc
+        self._set_flags(proc)
+
+    def _start_check(self, future: Future[dict[int, int]]) -> None:
+        """KVM_CAP_SYNC_REGS asked on every VM fd of the session's first VMM, for the caller."""
+        proc = self._first_proc()
+        if proc.check_job is not None:
+            raise KvmtopError("KVM_CAP_SYNC_REGS is being asked already")
+        tid = own_filter(proc.pid, self.engine.threads_of(proc.pid), proc.mode != MODE_TWO_STOP)
+        if tid is not None:
+            raise KvmtopError(own_filter_message(proc.pid, tid, "it is not asked"))
+        vms = vm_fds(proc.pid)
+        if not vms:
+            raise KvmtopError(f"pid {proc.pid} holds no VM fd")
+        proc.check_job = CheckJob(vms, future=future)
+        self._asking = True
         self._set_flags(proc)
 
     @staticmethod
@@ -585,6 +625,10 @@ class Tracer(Commanded):
     def _check_done(self, proc: TracedProcess, job: CheckJob) -> None:
         proc.check_job = None
         self._set_flags(proc)
+        job.settle()
+        if job.future is not None:
+            self._asking = False
+            return  # the caller's: nothing set here
         proc.sync_allowed.update(job.answers)
         for vm in job.todo:  # given up
             proc.sync_allowed[vm] = -errno_module.EINTR
@@ -614,8 +658,6 @@ class Tracer(Commanded):
         """Go on with the stats job on ``tid``, at a syscall entry (``info``: its
         PTRACE_GET_SYSCALL_INFO). False: nothing was done, the stop is handled as usual; True:
         handled (the stop that followed was dispatched)."""
-        job = proc.stats_job or proc.check_job
-        assert job is not None
         if self._detaching:
             return False
         run = None
@@ -624,23 +666,26 @@ class Tracer(Commanded):
             self._ensure_page(proc, tid, run_fd)
             page = self.engine.page(proc.pid, run_fd)
             run = (page.vcpu, run_fd) if page is not None else None
-        try:
-            status = run_job(job, tid, proc.pidfd, resume, run)
-        except pt.PtraceError as exc:
-            if exc.errno != errno_module.ESRCH:
-                raise
-            return True  # killed meanwhile: its exit status follows
-        if job.finished and isinstance(job, CheckJob):
-            self._check_done(proc, job)
-        elif job.finished:
-            proc.stats_job = None
-            self._stats_proc = None
-            self._set_flags(proc)
-            job.settle()
-        if status is None:
-            return False
-        self._dispatch(tid, status, time.monotonic_ns())
-        return True
+        for job in (proc.stats_job, proc.check_job):  # a stats job waiting for a vCPU's run
+            if job is None:  # does not hold up a check any thread can make
+                continue
+            try:
+                status = run_job(job, tid, proc.pidfd, resume, run)
+            except pt.PtraceError as exc:
+                if exc.errno != errno_module.ESRCH:
+                    raise
+                return True  # killed meanwhile: its exit status follows
+            if job.finished and isinstance(job, CheckJob):
+                self._check_done(proc, job)
+            elif job.finished:
+                proc.stats_job = None
+                self._stats_proc = None
+                self._set_flags(proc)
+                job.settle()
+            if status is not None:
+                self._dispatch(tid, status, time.monotonic_ns())
+                return True
+        return False
 
     # --- attach, launch, detach ---------------------------------------------------------------------
 

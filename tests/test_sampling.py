@@ -37,8 +37,8 @@ def test_a_share_has_its_wilson_bounds():
 def test_a_tally_keeps_a_bounded_table_and_the_estimate_adds_the_vcpus():
     tally = Tally(2)
     keys = [(KVM_EXIT_MMIO, a, 1) for a in range(MAX_KEYS + 10)]
-    tally.add((1_000_000_000, 5000, [(5000, 1000, [(KVM_EXIT_IO, 0x80 | 1 << 16, 4000)], 0),
-                                     (5000, 5000 - len(keys), keys, 0)]))  # fmt: skip
+    tally.add((1_000_000_000, 5000, [(5000, 1000, [(KVM_EXIT_IO, 0x80 | 1 << 16, 4000)], 0, None),
+                                     (5000, 5000 - len(keys), keys, 0, None)]))  # fmt: skip
     assert len(tally.vcpus[1].keys) == MAX_KEYS + 1  # the rest as one OTHER
     vcpus = (WatchedVcpu("0", None, 0), WatchedVcpu("1", None, 1))
     snap = estimate(7, 1000.0, tally, vcpus, {0: {"exits": 10.0, "io_exits": 8.0}},
@@ -55,7 +55,7 @@ def test_a_tally_keeps_a_bounded_table_and_the_estimate_adds_the_vcpus():
 
 def test_a_vmm_time_per_exit_is_net_of_kvm_s_own_part_of_each_exit_when_timed():
     tally = Tally(1)
-    tally.add((1_000_000_000, 1000, [(1000, 600, [(KVM_EXIT_IO, 0x80, 400)], 0)]))
+    tally.add((1_000_000_000, 1000, [(1000, 600, [(KVM_EXIT_IO, 0x80, 400)], 0, None)]))
     vcpus = (WatchedVcpu("0", None, 0),)
     rates = {0: {"io_exits": 20_000.0}}
     raw = estimate(7, 1000.0, tally, vcpus, rates, rates[0])
@@ -102,7 +102,7 @@ def test_the_sampler_counts_what_the_page_says(native):
     pages = [bytearray(4096), bytearray(4096)]
     struct.pack_into("<I", pages[1], 8, KVM_EXIT_IO)  # vCPU 1 in the VMM, `out 0x3f8`
     struct.pack_into("<BBBBI", pages[1], 32, 1, 1, 0xF8, 0x03, 1)
-    _ns, looks, ((s0, r0, k0, x0), (s1, r1, k1, x1)) = looked_at(native, pages)
+    _ns, looks, ((s0, r0, k0, x0, _c0), (s1, r1, k1, x1, _c1)) = looked_at(native, pages)
     assert looks > 0 and s0 == r0 == s1 == looks and not k0
     assert r1 == 0 and k1 == [(KVM_EXIT_IO, 0x3F8 | 1 << 16, looks)] and x0 == x1 == 0
 
@@ -119,7 +119,7 @@ def test_the_sampler_keys_an_mmio_look_by_its_address_and_direction(native):
     for page, write in zip(pages, (0, 1), strict=True):  # phys_addr @0, len @16, is_write @20
         struct.pack_into("<I", page, 8, KVM_EXIT_MMIO)
         struct.pack_into("<Q8xIB", page, 32, 0xFEB02E60, 4, write)
-    _ns, looks, ((_s0, _r0, k0, _x0), (_s1, _r1, k1, _x1)) = looked_at(native, pages)
+    _ns, looks, ((_s0, _r0, k0, _x0, _c0), (_s1, _r1, k1, _x1, _c1)) = looked_at(native, pages)
     assert k0 == [(KVM_EXIT_MMIO, 0xFEB02E60, looks)]
     assert k1 == [(KVM_EXIT_MMIO, 0xFEB02E60 | MMIO_WRITE, looks)]
 
@@ -154,7 +154,8 @@ def test_a_reason_seen_while_kvm_says_the_vcpu_is_blocked_counts_as_in_kvm_run(n
         _ns, looks, vcpus = sampler.take()
     finally:
         os.close(fd)
-    (s0, r0, k0, x0), (s1, r1, k1, x1), (s2, r2, k2, x2) = vcpus
+    (s0, r0, k0, x0, c0), (s1, r1, k1, x1, c1), (s2, r2, k2, x2, c2) = vcpus
+    assert c0 is c1 is c2 is None  # no guest RIPs asked
     assert looks > 0 and s0 == r0 == x0 == looks and not k0
     assert r1 == x1 == 0 and k1 == [(10, 0, looks)]
     assert r2 == x2 == 0 and k2 == [(10, 0, looks)]
@@ -173,7 +174,7 @@ def test_the_vmm_s_own_time_is_bounded_by_kvm_s_part_from_nothing_to_its_most():
     assert vmm_own_bound(share, 1e9, 10_000, "not timed") is None
     assert vmm_own_bound(share, 1e9, 1e6, entry).low == 0.0  # never below nothing
     tally = Tally(1)
-    tally.add((1_000_000_000, 1000, [(1000, 500, [(KVM_EXIT_MMIO, 0xD0000, 500)], 0)]))
+    tally.add((1_000_000_000, 1000, [(1000, 500, [(KVM_EXIT_MMIO, 0xD0000, 500)], 0, None)]))
     snap = estimate(7, 1000.0, tally, (WatchedVcpu("0", None, 0),),
                     {0: {"exits": 10_000.0, "mmio_exits": 10_000.0}},
                     {"exits": 10_000.0, "mmio_exits": 10_000.0}, entry=entry)  # fmt: skip
@@ -195,7 +196,7 @@ def test_the_watch_names_each_mmio_address_and_its_direction_as_report_does():
     names = from_argv(["qemu", "-M", "microvm", "-device", "virtio-blk-device,drive=d"])
     tally = Tally(1)
     tally.add((10**9, 1000, [(1000, 700, [(KVM_EXIT_MMIO, 0xFEB02E60, 200),
-                                          (KVM_EXIT_MMIO, 0xFEB02E64 | MMIO_WRITE, 100)], 0)]))  # fmt: skip
+                                          (KVM_EXIT_MMIO, 0xFEB02E64 | MMIO_WRITE, 100)], 0, None)]))  # fmt: skip
     snap = estimate(1, 1000.0, tally, (WatchedVcpu("0", None, 0),), {}, {}, names=names)
     status, ack = snap.top_addresses
     assert status.label == "0xfeb02e60 read virtio-mmio 23 (virtio-blk) InterruptStatus"

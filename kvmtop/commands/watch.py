@@ -2,8 +2,9 @@
 
 Every interval: per vCPU KVM's exact exits/s, and from samples of its ``kvm_run`` the share of
 time inside ``KVM_RUN`` and in the VMM, by exit reason, with 95% bounds; the busiest IO ports and
-MMIO addresses by the VMM's time. ``--json``: one object per interval. The VMM is stopped only
-for the moment KVM's counters take (:mod:`kvmtop.sampling.watcher`).
+MMIO addresses by the VMM's time. ``--rip``: also the guest code the VMM's exits come from, per
+vCPU and reason (named with ``--guest-symbols``). ``--json``: one object per interval. The VMM
+is stopped only for the moment KVM's counters take (:mod:`kvmtop.sampling.watcher`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import time
 from typing import Any, TextIO
 
 from kvmtop.commands.stats import CLEAR, SignalStop
+from kvmtop.formats.guest_symbols import GuestSymbols, code_text, symbol_of
 from kvmtop.sampling.entry_cost import EntryCost
-from kvmtop.sampling.shares import Bound, Share, SiteShare, VcpuWatch, WatchSnapshot
+from kvmtop.sampling.shares import Bound, CodeShare, Share, SiteShare, VcpuWatch, WatchSnapshot
 from kvmtop.sampling.watcher import Watcher
 from kvmtop.units import duration, human
 
 
 def run_watch(pid: int, rate_hz: float, interval: float, count: int | None, as_json: bool,
-              out: TextIO, err: TextIO) -> int:  # fmt: skip
-    with SignalStop() as signals, Watcher(pid, rate_hz, cancel=signals.event) as watcher:
+              out: TextIO, err: TextIO, rip: bool = False,
+              symbols: GuestSymbols | None = None) -> int:  # fmt: skip
+    """Until ``count`` reports, Ctrl-C/SIGTERM or the VMM's end; with ``rip``, the kvm_valid_regs
+    the watch set go back to 0 at each of those ends (the Watcher's close)."""
+    with SignalStop() as signals, Watcher(pid, rate_hz, cancel=signals.event, rip=rip) as watcher:
         shown = 0
         while not signals.stopping and (count is None or shown < count):
             deadline = time.monotonic() + interval
@@ -35,9 +40,9 @@ def run_watch(pid: int, rate_hz: float, interval: float, count: int | None, as_j
             alive = watcher.alive
             snap = watcher.snapshot()
             if as_json:
-                print(json.dumps(snapshot_json(snap)), file=out, flush=True)
+                print(json.dumps(snapshot_json(snap, symbols)), file=out, flush=True)
             else:
-                print((CLEAR if out.isatty() else "") + snapshot_text(snap), file=out,
+                print((CLEAR if out.isatty() else "") + snapshot_text(snap, symbols), file=out,
                       flush=True)  # fmt: skip
             shown += 1
             if not alive:
@@ -79,9 +84,32 @@ def _site_json(s: SiteShare) -> dict[str, Any]:
     return site | _share_json(s.share)
 
 
-def snapshot_json(snap: WatchSnapshot) -> dict[str, Any]:
+def _code_json(code: CodeShare, symbols: GuestSymbols | None) -> dict[str, Any]:
+    return {"rip": code.rip, "linear": code.linear, "cpl": code.cpl,
+            "symbol": symbol_of(code, symbols), "looks": code.share.hits,
+            **{k: v for k, v in _share_json(code.share).items() if k != "hits"}}  # fmt: skip
+
+
+def guest_code_json(snap: WatchSnapshot, symbols: GuestSymbols | None) -> dict[str, Any] | None:
+    """--rip: per vCPU (and for the VM, ``all``) and reason, the top guest code by the VMM's
+    sampled time; ``looks`` of each vCPU is the shares' denominator."""
+    if not snap.rip:
+        return None
+    out: dict[str, Any] = {"note": snap.code_note, "vcpus": {}}
+    for v in (*snap.vcpus, snap.vm):
+        if v.code is None:
+            continue
+        by_reason: dict[str, list[dict[str, Any]]] = {}
+        for code in v.code.top:
+            by_reason.setdefault(code.reason, []).append(_code_json(code, symbols))
+        out["vcpus"][v.label] = {"looks": v.code.looks, "unstable_looks": v.code.unstable,
+                                 "counted": v.code.live, "by_reason": by_reason}  # fmt: skip
+    return out
+
+
+def snapshot_json(snap: WatchSnapshot, symbols: GuestSymbols | None = None) -> dict[str, Any]:
     """One interval: the sampled shares (with their 95% Wilson bounds and hit counts) and KVM's
-    exact per-second counters, per vCPU and for the VM."""
+    exact per-second counters, per vCPU and for the VM; with --rip, the guest code."""
     return {
         "pid": snap.pid,
         "seconds": round(snap.seconds, 6),
@@ -98,6 +126,7 @@ def snapshot_json(snap: WatchSnapshot) -> dict[str, Any]:
         "vm": _vcpu_json(snap.vm),
         "top_ports": [_site_json(s) for s in snap.top_ports],
         "top_addresses": [_site_json(s) for s in snap.top_addresses],
+        **({"guest_code": guest_code_json(snap, symbols)} if snap.rip else {}),
     }
 
 
@@ -121,7 +150,27 @@ def bound_text(bound: Bound | None) -> str:
     return f"{100 * bound.low:.0f}-{100 * bound.high:.0f}%"
 
 
-def snapshot_text(snap: WatchSnapshot) -> str:
+def guest_code_lines(snap: WatchSnapshot, symbols: GuestSymbols | None) -> list[str]:
+    """--rip: per vCPU and reason, the guest code the VMM's sampled time went to."""
+    if not snap.rip:
+        return []
+    named = f" (symbols: {symbols.source})" if symbols is not None else ""
+    lines = ["", f"TOP GUEST CODE BY VMM TIME (sampled at the exits, --rip){named}"]
+    if snap.code_note:
+        lines.append(f"  {snap.code_note}")
+    for v in (*snap.vcpus, snap.vm):
+        if v.code is None:
+            continue
+        if not v.code.live:
+            lines.append(f"{v.label:>12}  (no look has seen it enter KVM_RUN since its "
+                         "kvm_valid_regs was set: no RIP counted yet)")  # fmt: skip
+        for code in v.code.top:
+            lines.append(f"{v.label:>12}  {code.reason:<24} {code.share.text():>13}  "
+                         f"{code_text(code, symbols)}")  # fmt: skip
+    return lines
+
+
+def snapshot_text(snap: WatchSnapshot, symbols: GuestSymbols | None = None) -> str:
     per_s = snap.looks / snap.seconds if snap.seconds else 0.0
     lines = [
         f"pid {snap.pid}  watched, not traced: {len(snap.vcpus)} vCPU(s), {snap.seconds:.2f} s, "
@@ -154,4 +203,4 @@ def snapshot_text(snap: WatchSnapshot) -> str:
         if sites:
             lines += ["", title]
             lines += [f"  {s.label:<28} {s.share.text():>13}" for s in sites]
-    return "\n".join(lines)
+    return "\n".join(lines + guest_code_lines(snap, symbols))

@@ -2,7 +2,8 @@
 threads make them (:mod:`kvmtop.trace.inject`) and detaches at once, so the VMM runs on
 untraced; or, while a tracing session is on, its tracer does the same (:func:`settle_stats`);
 or the fds a VMM holds itself (a QEMU that keeps them for ``query-stats``) are copied with
-``pidfd_getfd``, with no attach at all. From then on :class:`~kvmtop.counters.vm_stats.VmStats`
+``pidfd_getfd``, with no attach at all. The same moment can also have the VMM answer
+KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS) (:func:`take_moment`, for ``watch --rip``). From then on :class:`~kvmtop.counters.vm_stats.VmStats`
 reads them. The one module of the counters that needs the tracer: what reads and draws them
 never reaches it.
 """
@@ -14,6 +15,7 @@ import re
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TypeVar
 
 from kvmtop.abi.binary_stats import StatsFile, StatsFormatError
@@ -26,6 +28,7 @@ from kvmtop.counters.vm_stats import (
     VmStats,
     close_quietly,
 )
+from kvmtop.errors import KvmtopError
 from kvmtop.host.procfs import check_attachable, is_stopped
 from kvmtop.model.messages import StatsFds, close_when_answered
 from kvmtop.tracer_thread import Tracer
@@ -85,19 +88,72 @@ def take_stats(pid: int, timeout: float = 10.0, cancel: threading.Event | None =
     """Attach to ``pid``, take its stats fds, detach: the VMM runs on untraced. ``cancel`` set
     (the exporter stopping) gives up at once: the tracer detaches, which is safe at any point,
     since it injects whole syscalls between two of its own steps."""
+    taken = take_moment(pid, True, False, timeout, cancel)
+    if taken.stats is None:
+        raise StatsUnavailable(taken.stats_error)
+    return taken.stats
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """What one brief attach took: KVM's counters, the VMM's answers to KVM_CAP_SYNC_REGS
+    (``{VM fd: the kvm_valid_regs bits KVM allows, or -errno}``), each where asked and had,
+    else why not."""
+
+    stats: VmStats | None = None
+    stats_error: str = ""
+    sync_allowed: dict[int, int] | None = None
+    sync_error: str = ""
+
+
+def take_moment(pid: int, stats: bool, sync_regs: bool, timeout: float = 10.0,
+                cancel: threading.Event | None = None) -> Moment:  # fmt: skip
+    """Attach to ``pid`` for one moment: its stats fds (``stats``) and its own
+    KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS) answers (``sync_regs``, for ``watch --rip``), asked
+    at once; then detach: the VMM runs on untraced. Raises StatsCancelled when ``cancel`` is
+    set, KvmtopError when ``pid`` cannot be attached to."""
     check_attachable(pid)
     if is_stopped(pid):  # no thread of it would stop for the tracer: waiting is no use
         raise StatsUnavailable(stopped_message(pid))
+    deadline = time.monotonic() + timeout
     tracer = Tracer()
     tracer.start()
     try:
         result_unless(tracer.attach(pid), timeout, cancel)
         try:
-            return settle_stats(pid, tracer.stats_fds(), timeout, cancel)
+            asked_sync = tracer.sync_regs_allowed() if sync_regs else None
+            asked_stats = tracer.stats_fds() if stats else None
+            return _settle_moment(pid, asked_stats, asked_sync, deadline, cancel)
         finally:
             tracer.detach()
     finally:
         tracer.stop(timeout)
+
+
+def _settle_moment(pid: int, asked_stats: Future[StatsFds] | None,
+                   asked_sync: Future[dict[int, int]] | None, deadline: float,
+                   cancel: threading.Event | None) -> Moment:  # fmt: skip
+    taken, stats_error = None, ""
+    if asked_stats is not None:
+        try:
+            taken = settle_stats(pid, asked_stats, max(0.0, deadline - time.monotonic()), cancel)
+        except StatsCancelled:
+            raise
+        except StatsUnavailable as exc:
+            stats_error = str(exc)
+    allowed, sync_error = None, ""
+    try:
+        if asked_sync is not None:
+            allowed = result_unless(asked_sync, max(0.0, deadline - time.monotonic()), cancel)
+    except StatsCancelled:
+        if taken is not None:
+            taken.close()
+        raise
+    except TimeoutError:
+        sync_error = f"pid {pid}: no thread of it made a syscall kvmtop could ask KVM with"
+    except KvmtopError as exc:
+        sync_error = str(exc)
+    return Moment(taken, stats_error, allowed, sync_error)
 
 
 def _vcpu_of_stats_fd(fd: int) -> int | None:

@@ -62,6 +62,7 @@
    kinds, flags and field offsets (docs/recording-format.md): written at build time from the
    Python declarations (kvmtop/abi/c_header.py) */
 #include "kvmtop_abi.h"
+#include "guest_rip.h"
 
 /* Process modes (kvmtop/trace/engine.py: the same numbers) */
 #define MODE_TWO_STOP 0 /* PTRACE_SYSCALL: KVM_RUN's entry and exit stops */
@@ -489,25 +490,17 @@ static void decode_union(const uint8_t *run, uint32_t reason, uint64_t *a, uint3
     }
 }
 
-/* The guest's RIP part of an exit whose run KVM synced the registers of (x86_64.guest_rip, the
-   reference); 0 where kvm_valid_regs does not ask for them. */
+/* The guest's RIP part of an exit whose run KVM synced the registers of (guest_rip.h); 0 where
+   kvm_valid_regs does not ask for them. */
 static int rip_part(const uint8_t *run, uint8_t *r) {
-    uint64_t valid = get64(run + RUN_VALID_REGS);
-    if (!(valid & KVM_SYNC_X86_REGS)) return 0;
-    uint64_t rip = get64(run + SYNC_RIP), rflags = get64(run + SYNC_RIP + 8), linear = rip;
-    uint8_t flags = 0, cpl = 0;
-    if (valid & KVM_SYNC_X86_SREGS) {
-        flags = R_SEGMENTS;
-        if (get64(run + SYNC_CR0) & X86_CR0_PE)
-            cpl = (rflags & X86_EFLAGS_VM) ? 3 : (run[SYNC_SS_DPL] & 3);
-        if (!run[SYNC_CS_L]) linear = (get64(run + SYNC_CS) + rip) & 0xFFFFFFFFu;
-    }
+    struct guest_rip g;
+    if (!guest_rip(run, &g)) return 0;
     memset(r, 0, RECORD_SIZE);
     r[0] = KIND_RIP;
-    r[RIP_AT_FLAGS] = flags;
-    r[RIP_AT_CPL] = cpl;
-    put64(r + RIP_AT_RIP, rip);
-    put64(r + RIP_AT_LINEAR, linear);
+    r[RIP_AT_FLAGS] = g.cpl >= 0 ? R_SEGMENTS : 0;
+    r[RIP_AT_CPL] = (uint8_t)(g.cpl >= 0 ? g.cpl : 0);
+    put64(r + RIP_AT_RIP, g.rip);
+    put64(r + RIP_AT_LINEAR, g.linear);
     return 1;
 }
 

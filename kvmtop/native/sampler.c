@@ -9,8 +9,13 @@
  *                               before start() only
  *   start() / stop()            the sampling thread (no GIL, no syscall but its sleep and the
  *                               pread below)
+ *   rip(index)                  from now on also the guest's RIP of the exits this vCPU's looks
+ *                               see (watch --rip: Python has set its kvm_valid_regs, through a
+ *                               mapping of its own); any time
  *   take() -> (ns, ticks, vcpus)  the counts since the last take, then zeroed: for each vCPU
- *                               (samples, in_run, ((reason, key, count), ...), stale)
+ *                               (samples, in_run, ((reason, key, count), ...), stale, code)
+ *                               with code None, or (looks, unstable,
+ *                               ((reason, rip, linear, cpl, count), ...), live)
  *
  * A read sees exit_reason 0 while the vCPU is in KVM_RUN (the kernel resets it at entry), else the
  * reason of the exit the VMM is handling, with its key: IO port | out << 16, MMIO address |
@@ -21,6 +26,13 @@
  * (KVM_EXIT_INTR) for as long as it waits. So a look that sees a reason reads the vCPU's
  * `blocking` counter (one pread, ~0.3 µs, only when the reason is non-zero): blocked in KVM_RUN
  * counts as in KVM_RUN, and as stale. Python turns counts into shares; this file decides nothing.
+ *
+ * Guest code (after rip(index)): a look that sees the VMM handling an exit reads the registers KVM
+ * synced at that exit's return (guest_rip.h), then exit_reason and RIP again, and keeps the
+ * sample only if both are the same (stable; else `unstable`). s.regs of the exit under way when
+ * kvm_valid_regs was set predates it (KVM syncs at KVM_RUN's return): so a vCPU's RIPs count only
+ * from the first look that sees it inside KVM_RUN after rip() (`live`); `looks` counts every look
+ * from then on but the unstable ones (the shares' denominator).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,6 +50,7 @@
 /* KVM's exit numbers and kvm_run offsets: written at build time from the Python declarations
    (kvmtop/abi/c_header.py) */
 #include "kvmtop_abi.h"
+#include "guest_rip.h"
 
 #define MAX_VCPUS 512
 #define SLOTS 256 /* (reason, key) counters per vCPU, power of two; more keys go to OTHER */
@@ -51,12 +64,23 @@ typedef struct {
 } Slot;
 
 typedef struct {
+    uint32_t reason, used;
+    int32_t cpl;
+    uint64_t rip, linear, n;
+} CodeSlot;
+
+enum { RIP_OFF, RIP_WAIT, RIP_LIVE }; /* rip(): not asked, waiting for a look inside KVM_RUN, counted */
+
+typedef struct {
     Py_buffer view;
     const volatile uint8_t *run;
     int stats_fd;       /* the vCPU's KVM stats fd (the caller's, held while it holds us), or -1 */
     off_t blocking_at;  /* the data offset of its `blocking` counter (1 inside kvm_vcpu_block) */
     uint64_t samples, in_run, stale;
     Slot slots[SLOTS];
+    int rip;
+    uint64_t code_looks, unstable;
+    CodeSlot code[SLOTS];
 } Vcpu;
 
 typedef struct {
@@ -111,6 +135,25 @@ static void count(Vcpu *v, uint32_t reason, uint64_t key) {
     if (key != KEY_OTHER) count(v, reason, KEY_OTHER); /* full: the table keeps its reasons */
 }
 
+static void count_code(Vcpu *v, uint32_t reason, const struct guest_rip *g) {
+    uint64_t h = (g->linear * 0x9E3779B97F4A7C15ull) ^ reason;
+    for (unsigned i = 0, s = (unsigned)(h >> 56) & (SLOTS - 1); i < SLOTS; i++, s = (s + 1) & (SLOTS - 1)) {
+        CodeSlot *slot = &v->code[s];
+        if (!slot->used) {
+            *slot = (CodeSlot){reason, 1, g->cpl, g->rip, g->linear, 1};
+            return;
+        }
+        if (slot->reason == reason && slot->rip == g->rip && slot->linear == g->linear && slot->cpl == g->cpl) {
+            slot->n++;
+            return;
+        }
+    }
+    if (g->rip != KEY_OTHER) { /* full: the table keeps its reasons */
+        struct guest_rip other = {KEY_OTHER, KEY_OTHER, -1};
+        count_code(v, reason, &other);
+    }
+}
+
 /* One look at one vCPU: a few loads from the mapping, no syscall. Lock held. */
 static void look(Vcpu *v) {
     const volatile uint8_t *run = v->run;
@@ -119,12 +162,16 @@ static void look(Vcpu *v) {
     v->samples++;
     if (reason == 0) {
         v->in_run++;
+        if (v->rip == RIP_WAIT) v->rip = RIP_LIVE; /* entered KVM_RUN since: s.regs is synced */
+        if (v->rip == RIP_LIVE) v->code_looks++;
         return;
     }
     uint64_t blocking = 0;
     if (v->stats_fd >= 0 && pread(v->stats_fd, &blocking, sizeof blocking, v->blocking_at) == sizeof blocking && blocking) {
         v->in_run++; /* a stale reason: the vCPU waits inside KVM_RUN */
         v->stale++;
+        if (v->rip == RIP_WAIT) v->rip = RIP_LIVE;
+        if (v->rip == RIP_LIVE) v->code_looks++;
         return;
     }
     uint64_t key = 0;
@@ -132,9 +179,19 @@ static void look(Vcpu *v) {
         key = (uint64_t)(load32(run + RUN_UNION) >> 16) | (uint64_t)(run[RUN_UNION] != 0) << 16;
     else if (reason == KVM_EXIT_MMIO) /* phys_addr u64 @0, data[8], len u32, is_write u8 @20 */
         key = load64(run + RUN_UNION) | (uint64_t)(run[RUN_UNION + 20] != 0) << 63;
+    struct guest_rip g;
+    int synced = v->rip == RIP_LIVE && guest_rip(run, &g);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    if (load32(run + RUN_EXIT_REASON) != reason) key = KEY_TORN; /* the VMM ran the vCPU again */
+    uint32_t again = load32(run + RUN_EXIT_REASON);
+    if (again != reason) key = KEY_TORN; /* the VMM ran the vCPU again */
     count(v, reason, key);
+    if (v->rip != RIP_LIVE) return;
+    if (synced && again == reason && load64(run + SYNC_RIP) == g.rip) {
+        v->code_looks++;
+        count_code(v, reason, &g);
+    } else {
+        v->unstable++; /* the two reads differ (or the field was cleared): not kept */
+    }
 }
 
 static void *sample_loop(void *arg) {
@@ -246,10 +303,42 @@ static PyObject *Sampler_start(Sampler *s, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Sampler_rip(Sampler *s, PyObject *args) {
+    int i;
+    if (!PyArg_ParseTuple(args, "i", &i)) return NULL;
+    if (i < 0 || i >= s->n) return PyErr_Format(PyExc_IndexError, "no vCPU %d", i), NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&s->lock);
+    if (s->vcpus[i]->rip == RIP_OFF) s->vcpus[i]->rip = RIP_WAIT;
+    pthread_mutex_unlock(&s->lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *Sampler_stop(Sampler *s, PyObject *unused) {
     (void)unused;
     stop_thread(s);
     Py_RETURN_NONE;
+}
+
+static PyObject *code_counts(Vcpu *v) {
+    if (v->rip == RIP_OFF) Py_RETURN_NONE;
+    PyObject *rips = PyList_New(0);
+    if (!rips) return NULL;
+    for (int i = 0; i < SLOTS; i++) {
+        CodeSlot *slot = &v->code[i];
+        if (!slot->used) continue;
+        PyObject *item = Py_BuildValue("(kKKiK)", (unsigned long)slot->reason, (unsigned long long)slot->rip,
+                                       (unsigned long long)slot->linear, (int)slot->cpl, (unsigned long long)slot->n);
+        if (!item || PyList_Append(rips, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(rips);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return Py_BuildValue("(KKNO)", (unsigned long long)v->code_looks, (unsigned long long)v->unstable, rips,
+                         v->rip == RIP_LIVE ? Py_True : Py_False);
 }
 
 static PyObject *vcpu_counts(Vcpu *v) {
@@ -267,8 +356,13 @@ static PyObject *vcpu_counts(Vcpu *v) {
         }
         Py_DECREF(item);
     }
-    PyObject *out = Py_BuildValue("(KKNK)", (unsigned long long)v->samples,
-                                  (unsigned long long)v->in_run, keys, (unsigned long long)v->stale);
+    PyObject *code = code_counts(v);
+    if (!code) {
+        Py_DECREF(keys);
+        return NULL;
+    }
+    PyObject *out = Py_BuildValue("(KKNKN)", (unsigned long long)v->samples,
+                                  (unsigned long long)v->in_run, keys, (unsigned long long)v->stale, code);
     return out;
 }
 
@@ -290,8 +384,13 @@ static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
         copies[i].in_run = v->in_run;
         copies[i].stale = v->stale;
         memcpy(copies[i].slots, v->slots, sizeof v->slots);
-        v->samples = v->in_run = v->stale = 0;
+        copies[i].rip = v->rip;
+        copies[i].code_looks = v->code_looks;
+        copies[i].unstable = v->unstable;
+        memcpy(copies[i].code, v->code, sizeof v->code);
+        v->samples = v->in_run = v->stale = v->code_looks = v->unstable = 0;
         memset(v->slots, 0, sizeof v->slots);
+        memset(v->code, 0, sizeof v->code);
     }
     s->ticks = 0;
     s->since_ns = now;
@@ -315,6 +414,7 @@ static PyMethodDef Sampler_methods[] = {
     {"add", (PyCFunction)Sampler_add, METH_VARARGS, "add(buffer[, stats_fd, blocking_at]) -> index: a vCPU's kvm_run"},
     {"start", (PyCFunction)Sampler_start, METH_NOARGS, "start the sampling thread"},
     {"stop", (PyCFunction)Sampler_stop, METH_NOARGS, "stop it (and join it)"},
+    {"rip", (PyCFunction)Sampler_rip, METH_VARARGS, "rip(index): the guest's RIP at this vCPU's exits too"},
     {"take", (PyCFunction)Sampler_take, METH_NOARGS, "take() -> (ns, ticks, vcpus), zeroed"},
     {NULL, NULL, 0, NULL},
 };

@@ -4,7 +4,8 @@ jittered rate and counts what it sees (:mod:`kvmtop.sampling.shares` says what t
 :func:`make_sampler` gives the C sampler (``kvmtop.native._sampler``: its own thread, no GIL, a few
 loads per vCPU a look) when it was built, else :class:`PySampler`, its reference in Python, with
 the same interface: ``add(buffer[, stats_fd, blocking_at]) -> index`` before ``start()``,
-``take()``, ``stop()``. It only reads kvmtop's own read-only mappings, and where kvmtop holds the
+``rip(index)`` (the guest's RIP at that vCPU's exits too, once kvmtop has set its
+``kvm_valid_regs``), ``take()``, ``stop()``. It only reads kvmtop's own read-only mappings, and where kvmtop holds the
 vCPU's stats fd, its ``blocking`` counter when a look sees a reason (a stale one stays while the
 vCPU waits inside ``KVM_RUN``): no syscall touches the VMM.
 """
@@ -19,6 +20,7 @@ import time
 from typing import Any
 
 from kvmtop import native
+from kvmtop.abi.arch.x86_64 import SYNC_RIP, guest_rip
 from kvmtop.abi.kvm import RUN_EXIT_REASON, RUN_UNION
 from kvmtop.sampling.shares import KEY_OTHER, KEY_TORN, MMIO_WRITE
 from kvmtop.xlat_exit import ExitReason
@@ -28,7 +30,10 @@ U64 = struct.Struct("<Q")
 MAX_RATE_HZ = 100_000
 SLOTS = 256  # (reason, key) counters per vCPU between two takes, as the C sampler keeps
 
-Taken = tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]], int]]]
+# per vCPU, with guest RIPs asked: (looks, unstable, ((reason, rip, linear, cpl, n), ...), live)
+CodeTaken = tuple[int, int, list[tuple[int, int, int, int, int]], bool]
+Taken = tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]], int, CodeTaken | None]]]
+RIP_OFF, RIP_WAIT, RIP_LIVE = 0, 1, 2  # as sampler.c: not asked, waiting for a run, counted
 
 
 class PySampler:
@@ -47,6 +52,8 @@ class PySampler:
         self._since = time.monotonic_ns()
         self._looks = 0
         self._counts: list[list[Any]] = []
+        self._rip: list[int] = []
+        self._code: list[list[Any]] = []  # [looks, unstable, {(reason, rip, linear, cpl): n}]
 
     def add(self, buffer: Any, stats_fd: int = -1, blocking_at: int = 0) -> int:
         if self._thread is not None:
@@ -54,7 +61,14 @@ class PySampler:
         self._views.append(memoryview(buffer))
         self._blocking.append((stats_fd, blocking_at))
         self._counts.append([0, 0, {}, 0])
+        self._rip.append(RIP_OFF)
+        self._code.append([0, 0, {}])
         return len(self._views) - 1
+
+    def rip(self, index: int) -> None:
+        with self._lock:
+            if self._rip[index] == RIP_OFF:
+                self._rip[index] = RIP_WAIT
 
     def start(self) -> None:
         if self._thread is None:
@@ -81,44 +95,66 @@ class PySampler:
             if delay > 0:
                 time.sleep(delay)
             with self._lock:
-                for view, blocking, counts in zip(self._views, self._blocking, self._counts,
-                                                  strict=True):  # fmt: skip
-                    self._look(view, blocking, counts)
+                for i, (view, blocking, counts) in enumerate(
+                    zip(self._views, self._blocking, self._counts, strict=True)
+                ):
+                    self._look(i, view, blocking, counts)
                 self._looks += 1
 
-    @staticmethod
-    def _look(run: memoryview, blocking: tuple[int, int], counts: list[Any]) -> None:
+    def _look(self, i: int, run: memoryview, blocking: tuple[int, int], counts: list[Any]) -> None:
         reason = U32.unpack_from(run, RUN_EXIT_REASON)[0]
         counts[0] += 1
-        if reason == 0:
-            counts[1] += 1
-            return
         fd, at = blocking
-        if fd >= 0 and any(os.pread(fd, 8, at)):  # waiting inside KVM_RUN: a stale reason
+        if reason == 0 or fd >= 0 and any(os.pread(fd, 8, at)):  # (blocked: a stale reason)
             counts[1] += 1
-            counts[3] += 1
+            counts[3] += reason != 0
+            if self._rip[i] == RIP_WAIT:  # entered KVM_RUN since: s.regs is synced
+                self._rip[i] = RIP_LIVE
+            self._code[i][0] += self._rip[i] == RIP_LIVE
             return
         key = 0
         if reason == ExitReason.IO:
             key = U32.unpack_from(run, RUN_UNION)[0] >> 16 | (run[RUN_UNION] != 0) << 16
         elif reason == ExitReason.MMIO:
             key = U64.unpack_from(run, RUN_UNION)[0] | (MMIO_WRITE if run[RUN_UNION + 20] else 0)
-        if U32.unpack_from(run, RUN_EXIT_REASON)[0] != reason:
+        synced = guest_rip(run) if self._rip[i] == RIP_LIVE else None
+        again = U32.unpack_from(run, RUN_EXIT_REASON)[0]
+        if again != reason:
             key = KEY_TORN  # the VMM ran the vCPU again
-        keys = counts[2]
-        if (reason, key) not in keys and len(keys) >= SLOTS:
-            key = KEY_OTHER
-        keys[(reason, key)] = keys.get((reason, key), 0) + 1
+        _count(counts[2], (reason, key), (reason, KEY_OTHER))
+        if self._rip[i] != RIP_LIVE:
+            return
+        code = self._code[i]
+        if (
+            synced is not None
+            and again == reason
+            and U64.unpack_from(run, SYNC_RIP)[0] == synced[0]
+        ):
+            code[0] += 1
+            _count(code[2], (reason, *synced), (reason, KEY_OTHER, KEY_OTHER, -1))
+        else:
+            code[1] += 1  # the two reads differ (or the field was cleared): not kept
 
     def take(self) -> Taken:
         with self._lock:
             now = time.monotonic_ns()
             out = (now - self._since, self._looks,
-                   [(s, r, [(k[0], k[1], n) for k, n in keys.items()], stale)
-                    for s, r, keys, stale in self._counts])  # fmt: skip
+                   [(s, r, [(k[0], k[1], n) for k, n in keys.items()], stale,
+                     None if state == RIP_OFF else
+                     (code[0], code[1], [(*k, n) for k, n in code[2].items()], state == RIP_LIVE))
+                    for (s, r, keys, stale), state, code in
+                    zip(self._counts, self._rip, self._code, strict=True)])  # fmt: skip
             self._since, self._looks = now, 0
             self._counts = [[0, 0, {}, 0] for _ in self._counts]
+            self._code = [[0, 0, {}] for _ in self._code]
         return out
+
+
+def _count(table: dict[Any, int], key: Any, other: Any) -> None:
+    """One more of ``key`` in a table of at most SLOTS keys (beyond: ``other``)."""
+    if key not in table and len(table) >= SLOTS:
+        key = other
+    table[key] = table.get(key, 0) + 1
 
 
 def make_sampler(rate_hz: float, seed: int | None = None) -> Any:

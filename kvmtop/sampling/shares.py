@@ -13,6 +13,11 @@ of the looks' share less the most KVM's part of every exit KVM counted can be, a
 end (KVM's part is never less than nothing). Where KVM's part was not timed, or KVM's counters
 are not held, the low end is not known and the bound says so (``None``).
 
+With guest RIPs (``watch --rip``), the looks that saw the VMM handling an exit also saw the
+guest's RIP at it: each RIP's share of a vCPU's looks (those since its RIPs were counted) is
+the share of time the VMM spent on exits at that guest code, with the same bounds
+(:class:`CodeShare`).
+
 :class:`Tally` adds up what the sampler took (bounded: a fixed number of keys per vCPU), and
 :func:`estimate` turns a tally and two counter samples into a :class:`WatchSnapshot`. No I/O.
 """
@@ -23,6 +28,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmtop.abi.arch import HOST
 from kvmtop.abi.mmio_names import MmioNames
@@ -137,6 +143,28 @@ class SiteShare:
 
 
 @dataclass(frozen=True, slots=True)
+class CodeShare:
+    """Guest code the looks saw the VMM handling exits of ``reason`` at: its share of the looks
+    made while the vCPU's RIPs were counted, with its 95% bound."""
+
+    reason: str
+    rip: int
+    linear: int  # cs.base + rip outside 64-bit code
+    cpl: int  # -1: not known
+    share: Share
+
+
+@dataclass(frozen=True, slots=True)
+class CodeWatch:
+    """A vCPU's (or the VM's) guest code at its exits, sampled: the top RIPs of each reason."""
+
+    looks: int  # the looks since its RIPs were counted, but the unstable ones: the denominator
+    unstable: int  # looks whose two reads of exit_reason and RIP differed: not kept
+    live: bool  # counted (else waiting for a look inside KVM_RUN since kvm_valid_regs was set)
+    top: tuple[CodeShare, ...]  # per reason (largest reason first), each its top RIPs
+
+
+@dataclass(frozen=True, slots=True)
 class VcpuWatch:
     label: str  # the vCPU id, or PID:VM:VCPU with several VMs (as the tracer's views)
     key: VcpuKey | None
@@ -156,6 +184,7 @@ class VcpuWatch:
     # a reason's VMM time per exit, net of KVM's part: its 95% bound, where KVM counts its exits
     mean_vmm_bounds: dict[str, Bound] = field(default_factory=dict)
     stale: int = 0  # looks that saw a reason while KVM said the vCPU waited inside KVM_RUN
+    code: CodeWatch | None = None  # guest RIPs at its exits (watch --rip), where asked
 
     @property
     def exits_per_s(self) -> float | None:
@@ -177,6 +206,11 @@ class WatchSnapshot:
     counters: bool = False  # KVM's counters are held (exits/s are exact)
     entry: EntryCost | str = "not timed"  # KVM's own part of each exit in the looks, or why not
     stopped: bool = False  # the VMM was stopped by a signal at the snapshot
+    rip: bool = False  # guest RIPs were asked for (watch --rip)
+    code_note: str = ""  # with rip: which vCPUs give none, and why
+
+
+CodeKey = tuple[int, int, int, int]  # reason, rip, linear, cpl
 
 
 @dataclass(slots=True)
@@ -185,6 +219,26 @@ class _VcpuTally:
     in_run: int = 0  # stale looks included
     keys: dict[tuple[int, int], int] = field(default_factory=dict)
     stale: int = 0
+    code: _CodeTally | None = None  # guest RIPs, where asked
+
+
+@dataclass(slots=True)
+class _CodeTally:
+    looks: int = 0
+    unstable: int = 0
+    live: bool = False
+    rips: dict[CodeKey, int] = field(default_factory=dict)
+
+    def add(self, looks: int, unstable: int, rips: Iterable[tuple[int, int, int, int, int]],
+            live: bool) -> None:  # fmt: skip
+        self.looks += looks
+        self.unstable += unstable
+        self.live = self.live or live
+        for reason, rip, linear, cpl, n in rips:
+            k = (reason, rip, linear, cpl)
+            if k not in self.rips and len(self.rips) >= MAX_KEYS:
+                k = (reason, KEY_OTHER, KEY_OTHER, -1)
+            self.rips[k] = self.rips.get(k, 0) + n
 
 
 class Tally:
@@ -196,18 +250,20 @@ class Tally:
         self.vcpus = [_VcpuTally() for _ in range(vcpus)]
         self.reset_seen = False
 
-    def add(
-        self, taken: tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]], int]]]
-    ) -> None:
+    def add(self, taken: Any) -> None:
         """A sampler's ``take()``: (ns, looks, per vCPU (samples, in_run, (reason, key, n)...,
-        stale))."""
+        stale, code)), code None or (looks, unstable, (reason, rip, linear, cpl, n)..., live)
+        (:data:`kvmtop.sampling.sampler.Taken`)."""
         ns, looks, vcpus = taken
         self.ns += ns
         self.looks += looks
-        for tally, (samples, in_run, keys, stale) in zip(self.vcpus, vcpus, strict=False):
+        for tally, (samples, in_run, keys, stale, code) in zip(self.vcpus, vcpus, strict=False):
             tally.samples += samples
             tally.in_run += in_run
             tally.stale += stale
+            if code is not None:
+                tally.code = tally.code or _CodeTally()
+                tally.code.add(*code)
             # a stale look (a vCPU blocked in KVM_RUN) says nothing of the reset
             self.reset_seen = self.reset_seen or in_run > stale
             for reason, key, n in keys:
@@ -244,7 +300,7 @@ def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float], vcp
 
 def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mapping[str, float],
                 history: Iterable[float] = (), vcpus: int = 1,
-                entry: EntryCost | str = "not timed") -> VcpuWatch:  # fmt: skip
+                entry: EntryCost | str = "not timed", top: int = 8) -> VcpuWatch:  # fmt: skip
     """One vCPU's estimates, or (``vcpus`` > 1) the VM's: the looks of that many vCPUs."""
     n = tally.samples
     by_reason = _reason_shares(tally.keys, n)
@@ -257,7 +313,22 @@ def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mappi
     return VcpuWatch(label, key, n, Share(tally.in_run, n), vmm, by_reason, dict(rates), means,
                      tuple(history), kvm_part,
                      Bound(own.low / 1e9 / vcpus, own.high / 1e9 / vcpus) if own else None,
-                     mean_bounds, tally.stale)  # fmt: skip
+                     mean_bounds, tally.stale, _code_watch(tally.code, top))  # fmt: skip
+
+
+def _code_watch(tally: _CodeTally | None, top: int) -> CodeWatch | None:
+    """The top ``top`` RIPs of each reason (a reason with more looks first)."""
+    if tally is None:
+        return None
+    by_reason: dict[int, list[tuple[CodeKey, int]]] = {}
+    for k, n in tally.rips.items():
+        if k[1] != KEY_OTHER:
+            by_reason.setdefault(k[0], []).append((k, n))
+    rows: list[CodeShare] = []
+    for reason, counts in sorted(by_reason.items(), key=lambda kv: -sum(n for _, n in kv[1])):
+        for (_r, rip, linear, cpl), n in sorted(counts, key=lambda kn: (-kn[1], kn[0]))[:top]:
+            rows.append(CodeShare(exit_label(reason, 0), rip, linear, cpl, Share(n, tally.looks)))
+    return CodeWatch(tally.looks, tally.unstable, tally.live, tuple(rows))
 
 
 def _sites(
@@ -300,7 +371,7 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
     histories = histories or {}
     rows = tuple(
         _vcpu_watch(
-            v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()), 1, entry
+            v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()), 1, entry, top
         )  # fmt: skip
         for i, (v, t) in enumerate(zip(vcpus, tally.vcpus, strict=True))
     )
@@ -309,9 +380,13 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
     for t in tally.vcpus:
         for k, n in t.keys.items():
             whole.keys[k] = whole.keys.get(k, 0) + n
+        if t.code is not None:
+            whole.code = whole.code or _CodeTally()
+            whole.code.add(t.code.looks, t.code.unstable,
+                           ((*k, n) for k, n in t.code.rips.items()), t.code.live)  # fmt: skip
     return WatchSnapshot(
         pid, tally.ns / 1e9, rate_hz, tally.looks, rows,
-        _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry),
+        _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry, top),
         _sites(tally.vcpus, whole.samples, int(ExitReason.IO), top, names),
         _sites(tally.vcpus, whole.samples, int(ExitReason.MMIO), top, names),
         tally.reset_seen, note, counters, entry, stopped,

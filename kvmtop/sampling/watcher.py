@@ -10,23 +10,32 @@ Before the first look it times this host's entry cost on a VM of kvmtop's own
 Where it holds a vCPU's stats fd (its own counters', or the caller's), a look that sees a reason
 also reads the vCPU's ``blocking`` counter: a vCPU waiting inside ``KVM_RUN`` keeps the reason it
 last returned with. A VMM stopped by a signal is said to be stopped at each snapshot.
+
+With ``rip`` (``watch --rip``) the same moment has the VMM answer
+KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS) (:func:`kvmtop.counters.taking.take_moment`; a moment of
+its own where the counters need none), and each vCPU's ``kvm_valid_regs`` is set where
+:func:`kvmtop.trace.sync_regs.enable` finds it safe, through a writable mapping of the fd the
+watch duplicated: never the VMM's memory, never ``kvm_dirty_regs``. :meth:`Watcher.close` puts
+it back to 0.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import platform
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 from kvmtop.abi.arch import HOST
 from kvmtop.abi.mmio_names import MmioNames, from_argv
 from kvmtop.abi.ptrace_abi import pidfd_getfd
-from kvmtop.counters.taking import copy_held_stats, take_stats
+from kvmtop.counters.taking import Moment, copy_held_stats, take_moment
 from kvmtop.counters.vm_stats import StatsSample, StatsUnavailable, VmStats, rates, vm_totals
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
 from kvmtop.host.procfs import cmdline, fd_table, is_stopped, permission_hint, tracer_pid
@@ -35,6 +44,7 @@ from kvmtop.model.vcpu_keys import VcpuKey
 from kvmtop.sampling.entry_cost import EntryCost, measure
 from kvmtop.sampling.sampler import make_sampler
 from kvmtop.sampling.shares import HISTORY, Tally, WatchedVcpu, WatchSnapshot, estimate
+from kvmtop.trace.sync_regs import ValidRegs, enable
 
 RESET_CHECK_LOOKS = 200  # looks of a running VM that must show a vCPU inside KVM_RUN
 UNTRACED_WAIT_S = 2.0  # for the counters' tracer to have left every thread
@@ -84,10 +94,11 @@ class Watcher:
 
     def __init__(self, pid: int, rate_hz: float = 1000.0, counters: bool = True,
                  seed: int | None = None, held: VmStats | None = None,
-                 cancel: threading.Event | None = None) -> None:  # fmt: skip
+                 cancel: threading.Event | None = None, rip: bool = False) -> None:  # fmt: skip
         """``held``: the VM's stats fds, the caller's (kept open by it while this watches),
         for the looks to read each vCPU's ``blocking`` counter without counters of their own.
-        ``cancel`` set: a take of KVM's counters under way gives up."""
+        ``cancel`` set: a take of KVM's counters under way gives up. ``rip``: the guest's RIP
+        at the exits the looks see too (sets kvm_valid_regs where safe, until :meth:`close`)."""
         self.pid = pid
         self._cancel = cancel
         self.rate_hz = rate_hz
@@ -100,6 +111,9 @@ class Watcher:
         self.counters_copied = False  # KVM's counters from the VMM's own stats fds: no attach
         self.stopped_seen = False  # a snapshot found the VMM stopped (SIGSTOP...)
         self.mmio_names = MmioNames()  # as report names them: the VMM's argv, x86's ranges
+        self.rip = rip
+        self.code_notes: list[str] = []  # with rip: the vCPUs that give none, and why
+        self._valid_regs: list[ValidRegs] = []  # the fields set, to put back at close
         try:
             self._open(counters, seed, held)
         except BaseException:
@@ -111,12 +125,7 @@ class Watcher:
         if counters:
             self._stats = _held_stats(pid)
             self.counters_copied = self._stats is not None
-        if counters and self._stats is None:  # its attach checks the pid and rights, with reasons
-            try:
-                self._stats = take_stats(pid, cancel=self._cancel)
-            except StatsUnavailable as exc:
-                self.note = f"KVM's counters: {exc}"
-            _wait_untraced(pid)
+        allowed = self._moment(pid, counters and self._stats is None)
         try:
             self._pidfd = os.pidfd_open(pid)
             table = fd_table(pid)
@@ -149,9 +158,11 @@ class Watcher:
             self._fds.append(dup)
             page = mmap.mmap(dup, HOST.RUN_MAP_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
             self._maps.append(page)
-            self._sampler.add(page, *_blocking_of(self._stats or held, vcpu_id))
+            index = self._sampler.add(page, *_blocking_of(self._stats or held, vcpu_id))
             label = str(vcpu_id) if len(vms) == 1 else f"{pid}:{vm}:{vcpu_id}"
             self.vcpus.append(WatchedVcpu(label, VcpuKey(pid, vm, vcpu_id), vcpu_id))
+            if allowed is not None:
+                self._enable_rip(index, dup, allowed.get(vm, -errno.ENOENT), label)
         if not self.vcpus:
             raise NotKvmProcess(f"pid {pid}'s vCPUs went away")
         self._tally = Tally(len(self.vcpus))
@@ -161,6 +172,33 @@ class Watcher:
         self._stopped = False
         self.entry: EntryCost | str = measure()  # before the sampler takes a CPU
         self._sampler.start()
+
+    def _moment(self, pid: int, stats: bool) -> dict[int, int] | None:
+        """The one brief attach: KVM's counters where ``stats``, the VMM's answers to
+        KVM_CAP_SYNC_REGS with ``rip`` (None: no RIPs, and :attr:`code_notes` says why)."""
+        if not stats and not self.rip:
+            return None
+        try:  # its attach checks the pid and rights, with reasons
+            taken = take_moment(pid, stats, self.rip, cancel=self._cancel)
+        except StatsUnavailable as exc:
+            taken = Moment(stats_error=str(exc), sync_error=str(exc))
+        _wait_untraced(pid)
+        if stats:
+            self._stats = taken.stats
+        if stats and taken.stats is None:
+            self.note = f"KVM's counters: {taken.stats_error}"
+        if self.rip and taken.sync_allowed is None:
+            self.code_notes.append(f"no guest RIP: {taken.sync_error}")
+        return taken.sync_allowed
+
+    def _enable_rip(self, index: int, dup: int, answer: int, label: str) -> None:
+        """Set the vCPU's kvm_valid_regs where safe, then have the sampler read its RIPs."""
+        got = enable(dup, answer)
+        if isinstance(got, str):
+            self.code_notes.append(f"vCPU {label}: no guest RIP: {got}")
+        elif got is not None:
+            self._valid_regs.append(got)
+            self._sampler.rip(index)
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -210,9 +248,10 @@ class Watcher:
             note = (f"counters only: no look saw a vCPU inside KVM_RUN (exit_reason 0) in "
                     f"{self._total.looks} looks; this kernel ({platform.release()}) may not reset "
                     "exit_reason at KVM_RUN entry, so the samples say nothing")  # fmt: skip
-        return estimate(self.pid, self.rate_hz, tally, tuple(self.vcpus), vcpu_rates, vm_rates,
+        snap = estimate(self.pid, self.rate_hz, tally, tuple(self.vcpus), vcpu_rates, vm_rates,
                         self._histories, top, note, self._stats is not None,
                         self.entry, self._stopped, self.mmio_names)  # fmt: skip
+        return replace(snap, rip=self.rip, code_note="; ".join(self.code_notes))
 
     def _counters_now(self) -> StatsSample | None:
         if self._stats is None:  # held fds still read an ended VMM's last counts
@@ -235,7 +274,11 @@ class Watcher:
     # --- the end ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the sampler and close every fd and mapping it took (idempotent)."""
+        """Put back every kvm_valid_regs it set, stop the sampler and close every fd and mapping
+        it took (idempotent)."""
+        for valid_regs in self._valid_regs:
+            valid_regs.close()  # back to 0, unless something else has changed it since
+        self._valid_regs.clear()
         if self._sampler is not None:
             self._sampler.stop()
             self._sampler = None  # drops its hold on the mappings

@@ -138,6 +138,18 @@ class CheckJob:
     attempts: int = 0
     asked_ns: int = field(default_factory=time.monotonic_ns)
     nudged: bool = False
+    future: Future[dict[int, int]] | None = None  # a caller's (the watch's), else --rip's own
+
+    def settle(self, error: str | None = None) -> None:
+        """Resolve the caller's future, if any: the answers, a VM given up on as -EINTR; or
+        ``error`` (the VMM has gone, the trace ended)."""
+        if self.future is None or self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(KvmtopError(error))
+        else:
+            given_up = dict.fromkeys(self.todo, -errno_module.EINTR)
+            self.future.set_result(self.answers | given_up)
 
     @property
     def finished(self) -> bool:
@@ -168,6 +180,18 @@ def own_filter(pid: int, tids: list[int], one_stop: bool) -> int | None:
     return None
 
 
+def own_filter_message(pid: int, tid: int, what: str) -> str:
+    """Why a VMM under a seccomp filter of its own is not asked ``what``."""
+    return (f"pid {pid} runs under a seccomp filter of its own (thread {tid}), as Firecracker, "
+            "crosvm and cloud-hypervisor do: a syscall kvmtop made it run could be refused or "
+            f"kill it, so {what}")  # fmt: skip
+
+
+def vm_fds(pid: int) -> list[int]:
+    """The VM fds ``pid`` holds."""
+    return sorted(fd for fd, link in fd_table(pid).items() if link == VM_FD_LINK)
+
+
 def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool,
              kicks: dict[int, int]) -> StatsJob:  # fmt: skip
     """What to ask for: the VM fd and one fd per vCPU of ``pid`` (Python's mmap, for one,
@@ -185,11 +209,7 @@ def plan_job(future: Future[StatsFds], pid: int, tids: list[int], one_stop: bool
         raise KvmtopError(f"pid {pid} holds no VM or vCPU fd")
     tid = own_filter(pid, tids, one_stop)
     if tid is not None:
-        raise KvmtopError(
-            f"pid {pid} runs under a seccomp filter of its own (thread {tid}), as "
-            "Firecracker, crosvm and cloud-hypervisor do: a syscall kvmtop made it run "
-            "could be refused or kill it, so KVM's counters are not taken from it"
-        )
+        raise KvmtopError(own_filter_message(pid, tid, "KVM's counters are not taken from it"))
     return StatsJob(future, todo, kicks=kicks)
 
 

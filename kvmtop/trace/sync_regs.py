@@ -22,6 +22,7 @@ No ptrace here; the tracer thread decides when (:mod:`kvmtop.tracer_thread`).
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 
 from kvmtop.abi.arch import x86_64 as arch
@@ -70,3 +71,28 @@ class ValidRegs:
     def close(self) -> None:
         self.restore()
         self._map.close()
+
+
+def enable(fd: int, answer: int) -> ValidRegs | str | None:
+    """kvm_valid_regs of the vCPU whose fd kvmtop duplicated as ``fd`` (-1: it has none, and can
+    only read the VMM's memory) set to what its VM's answer to KVM_CAP_SYNC_REGS allows, where
+    that is safe: the field, to restore at the end; else why not, for the user (None: the VMM
+    was not asked, which is said once for it)."""
+    if answer == NOT_ASKED:
+        return None
+    bits = bits_to_set(answer)
+    if not bits:
+        why = f"failed: {os.strerror(-answer)}" if answer < 0 else f"= {answer:#x}"
+        return ("KVM allows this VM no synced registers "
+                f"(KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS) {why})")  # fmt: skip
+    if fd < 0:
+        return "its kvm_run can only be read in the VMM's memory, which kvmtop never writes"
+    try:
+        valid_regs = ValidRegs(fd)
+    except OSError as exc:
+        return f"its kvm_run cannot be mapped writable ({exc.strerror})"
+    refused = valid_regs.set(bits)
+    if refused is not None:
+        valid_regs.close()
+        return refused
+    return valid_regs

@@ -22,7 +22,7 @@ from kvmtop.model.events import VcpuSeen
 from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
 from kvmtop.trace.engine import Engine
 from kvmtop.trace.inject import CheckJob, StatsJob
-from kvmtop.trace.sync_regs import NOT_ASKED, ValidRegs, bits_to_set
+from kvmtop.trace.sync_regs import ValidRegs, enable
 
 
 @dataclass(slots=True)
@@ -116,33 +116,12 @@ class TracedProcess:
                     if fd not in self.rip_decided and self.vm_of.get(fd) in self.sync_allowed]  # fmt: skip
         for fd, vm, page in todo:
             self.rip_decided.add(fd)
-            answer = self.sync_allowed[vm]
-            bits = bits_to_set(answer)
-            where = f"pid {self.pid} vCPU {page.vcpu}"
-            if answer == NOT_ASKED:
-                continue  # said once for the process
-            if not bits:
-                why = f"failed: {os.strerror(-answer)}" if answer < 0 else f"= {answer:#x}"
-                notes.append(f"{where}: no guest RIP: KVM allows this VM no synced registers "
-                             f"(KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS) {why})")  # fmt: skip
-                continue
-            if page.fd < 0:
-                notes.append(f"{where}: no guest RIP: its kvm_run can only be read in the VMM's "
-                             "memory, which kvmtop never writes")  # fmt: skip
-                continue
-            try:
-                valid_regs = ValidRegs(page.fd)
-            except OSError as exc:
-                notes.append(f"{where}: no guest RIP: its kvm_run cannot be mapped writable "
-                             f"({exc.strerror})")  # fmt: skip
-                continue
-            refused = valid_regs.set(bits)
-            if refused is not None:
-                valid_regs.close()
-                notes.append(f"{where}: no guest RIP: {refused}")
-                continue
-            self.valid_regs[fd] = valid_regs
-            engine.set_rip(self.pid, fd, True)
+            got = enable(page.fd, self.sync_allowed[vm])
+            if isinstance(got, str):
+                notes.append(f"pid {self.pid} vCPU {page.vcpu}: no guest RIP: {got}")
+            elif got is not None:
+                self.valid_regs[fd] = got
+                engine.set_rip(self.pid, fd, True)
         return notes
 
     def restore_rips(self) -> None:
