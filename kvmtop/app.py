@@ -362,7 +362,8 @@ class KvmtopApp(OrderedKeysApp):
             after = session.ended
         if isinstance(self.screen, AttachedScreen) and len(self.screen_stack) > 2:
             self.pop_screen()  # watching replaces tracing
-        feed = WatchFeed(pid, after=after, opener=self.watcher)
+        opener = functools.partial(self.watcher, rip=True) if self.rip else self.watcher
+        feed = WatchFeed(pid, after=after, opener=opener)
         self.feeds = [f for f in self.feeds if not f.closed] + [feed]
         self.push_screen(SampledScreen(feed, self.trace_vm))
 

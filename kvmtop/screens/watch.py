@@ -2,7 +2,8 @@
 the share of time in the VMM and its 60 s timeline, the VMM's time by reason), the whole VM's
 time by exit reason and its busiest IO ports and MMIO addresses by VMM time, each share with
 its 95% bound; KVM's counters are exact, the shares sampled, and the view says which is which.
-`a` switches to exact tracing of the same VM (`w` there comes back here).
+`a` switches to exact tracing of the same VM (`w` there comes back here). With ``--rip``, a
+guest code pane: the guest RIPs (or symbols) the VM's time in the VMM went to, sampled.
 
 The watcher runs in a :class:`~kvmtop.sources.watch_feed.WatchFeed` thread; this screen only polls it.
 """
@@ -19,10 +20,13 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Static
 
+from kvmtop.formats.guest_symbols import code_text
 from kvmtop.sampling.shares import WatchSnapshot
 from kvmtop.sources.watch_feed import WatchFeed
 from kvmtop.units import elapsed, human
 from kvmtop.widgets.key_footer import KeyFooter
+from kvmtop.widgets.sampled_code import SampledCode, SampledCodeRow
+from kvmtop.widgets.sampled_code import lines_for as code_lines
 from kvmtop.widgets.sampled_targets import SampledTargets, lines_for
 from kvmtop.widgets.sampled_vcpus import SampledVcpus
 from kvmtop.widgets.vcpu_table import MAX_LINES_PER_VCPU
@@ -59,11 +63,13 @@ class SampledScreen(Screen[None]):
             with Horizontal(id="watch-row"):
                 yield VmmReasons()
                 yield SampledTargets()
+            yield SampledCode()
         yield Static("", id="watch-status")
         yield KeyFooter()
 
     def on_mount(self) -> None:
         self.query_one(SampledVcpus).focus()
+        self.query_one(SampledCode).display = False  # until a snapshot with guest RIPs asked
         self.set_interval(POLL_S, self._tick)
 
     def on_unmount(self) -> None:
@@ -94,7 +100,18 @@ class SampledScreen(Screen[None]):
         vm = snap.vm
         self.query_one(VmmReasons).show(vm, snap.entry)
         self.query_one(SampledTargets).show(snap.top_ports, snap.top_addresses)
+        code = self.query_one(SampledCode)
+        code.display = snap.rip
+        if snap.rip:
+            code.show(self.code_rows(snap), snap.code_note)
         self.query_one("#watch-status", Static).update(self.status_text(snap))
+
+    def code_rows(self, snap: WatchSnapshot) -> tuple[SampledCodeRow, ...]:
+        """The VM's guest code, largest share first, named with the app's guest symbols."""
+        symbols = getattr(self.app, "guest_symbols", None)
+        top = snap.vm.code.top if snap.vm.code is not None else ()
+        ranked = sorted(top, key=lambda c: -c.share.hits)
+        return tuple((c.reason, c.share, code_text(c, symbols)) for c in ranked)
 
     def title_text(self, snap: WatchSnapshot) -> str:
         if self.feed.ended:
@@ -127,7 +144,12 @@ class SampledScreen(Screen[None]):
         vcpus = max(1, len(snap.vcpus))
         reasons = 3 + 1 + max(1, len(snap.vm.by_reason))
         panes = max(reasons, 2 + lines_for(len(snap.top_ports), len(snap.top_addresses)))
-        room = body - panes
+        code = 0
+        if snap.rip:  # up to 6 addresses, as far as the vCPUs leave room
+            rows = len(snap.vm.code.top) if snap.vm.code is not None else 0
+            code = 2 + code_lines(min(rows, max(1, (body - panes - 8) // 2), 6))
+            self.query_one(SampledCode).styles.height = code
+        room = body - panes - code
         per_vcpu = max(1, min(MAX_LINES_PER_VCPU, (room - 3) // vcpus))
         height = max(min(room, 3 + vcpus * per_vcpu), 3 + min(vcpus, 4))
         self.query_one(SampledVcpus).styles.height = height

@@ -31,10 +31,11 @@ class SnapshotSource(Protocol):
     def close(self) -> None: ...
 
 
-def open_watcher(pid: int, rate_hz: float) -> SnapshotSource:
+def open_watcher(pid: int, rate_hz: float, rip: bool = False) -> SnapshotSource:
+    """The watch of ``pid``; with ``rip`` (kvmtop --rip), the guest code at its exits too."""
     from kvmtop.sampling.watcher import Watcher
 
-    return Watcher(pid, rate_hz)
+    return Watcher(pid, rate_hz, rip=rip)
 
 
 class WatchFeed:
