@@ -131,3 +131,18 @@ def _ptrace_engine(which: str, monkeypatch: pytest.MonkeyPatch) -> str:
                 "kvmtop.native._hotloop is not built (no C compiler or Python headers at install)"
             )
     return which
+
+
+@pytest.fixture(params=["native", "pure"])
+def pure_sampler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The C sampler, and the pure-Python one (its reference)."""
+    if request.param == "pure":
+        monkeypatch.setenv("KVMTOP_PURE", "1")
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("kvmtop.native._sampler") is None:
+            pytest.skip(
+                "kvmtop.native._sampler is not built (no C compiler or Python headers at install)"
+            )
+    return str(request.param)

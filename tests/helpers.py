@@ -252,6 +252,23 @@ def valid_regs(page: Any) -> int:
     return int.from_bytes(page[x86_64.RUN_VALID_REGS : x86_64.RUN_VALID_REGS + 8], "little")
 
 
+def stop_once_set(kvmtop_run: subprocess.Popen[str], page: Any, stop: int,
+                  timeout: float = 20.0) -> str:  # fmt: skip
+    """Once ``kvmtop_run`` (a `record --rip` or `watch --rip`) has set kvm_valid_regs in
+    ``page`` (vcpu_valid_regs), the signal ``stop`` to it; its stderr when it has ended."""
+    try:
+        deadline = time.monotonic() + timeout
+        while valid_regs(page) == 0:
+            assert time.monotonic() < deadline and kvmtop_run.poll() is None
+            time.sleep(0.01)
+        time.sleep(0.2)
+        kvmtop_run.send_signal(stop)
+        return kvmtop_run.communicate(timeout=30)[1]
+    finally:
+        if kvmtop_run.poll() is None:
+            kvmtop_run.kill()
+
+
 # Runs a command under a seccomp filter of its own that allows everything (as Firecracker, crosvm
 # and cloud-hypervisor filter their vCPU threads): `python -c SECCOMP_ALLOW_ALL CMD ARGS...`
 SECCOMP_ALLOW_ALL = """

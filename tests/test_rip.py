@@ -16,6 +16,7 @@ from helpers import (
     KVMTOP,
     SECCOMP_ALLOW_ALL,
     start_qemu,
+    stop_once_set,
     valid_regs,
     vcpu_valid_regs,
     wait_for_vcpus,
@@ -186,13 +187,7 @@ def test_kvm_valid_regs_is_0_again_after_a_stop_signal_ends_a_recording(demo, st
     record = subprocess.Popen([*KVMTOP, "record", "--rip", "-p", str(demo.pid), "-o",
                                str(tmp_path / "r.kvmtop")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        wait_for(lambda: valid_regs(page) != 0, 10)
-        record.send_signal(stop)
-        _out, err = record.communicate(timeout=30)
-    finally:
-        if record.poll() is None:
-            record.kill()
+    err = stop_once_set(record, page, stop)
     assert record.returncode == 0, err
     assert valid_regs(page) == 0
     assert demo.poll() is None

@@ -31,21 +31,6 @@ from kvmtop.sampling.watcher import Watcher
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("pure_sampler")]
 
 
-@pytest.fixture(params=["native", "pure"])
-def pure_sampler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The C sampler, and the pure-Python one (its reference)."""
-    if request.param == "pure":
-        monkeypatch.setenv("KVMTOP_PURE", "1")
-    else:
-        import importlib.util
-
-        if importlib.util.find_spec("kvmtop.native._sampler") is None:
-            pytest.skip(
-                "kvmtop.native._sampler is not built (no C compiler or Python headers at install)"
-            )
-    return str(request.param)
-
-
 def tracers(pid: int) -> set[int]:
     """The TracerPid of every thread of ``pid``."""
     return {tracer_pid(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}

@@ -66,7 +66,8 @@ def definitions() -> list[tuple[str, int, str]]:
     add(
         "the guest's registers KVM syncs into kvm_run (kvmtop/abi/arch/x86_64.py)",
         RUN_VALID_REGS=x86_64.RUN_VALID_REGS, KVM_SYNC_X86_REGS=x86_64.KVM_SYNC_X86_REGS,
-        KVM_SYNC_X86_SREGS=x86_64.KVM_SYNC_X86_SREGS, SYNC_RIP=x86_64.SYNC_RIP,
+        KVM_SYNC_X86_SREGS=x86_64.KVM_SYNC_X86_SREGS, SYNC_REGS=x86_64.SYNC_REGS,
+        SYNC_REGS_SIZE=x86_64.SYNC_REGS_SIZE, SYNC_RIP=x86_64.SYNC_RIP,
         SYNC_CS=x86_64.SYNC_CS, SYNC_CS_L=x86_64.SYNC_CS_L, SYNC_SS_DPL=x86_64.SYNC_SS_DPL,
         SYNC_CR0=x86_64.SYNC_CR0, X86_EFLAGS_VM=x86_64.X86_EFLAGS_VM, X86_CR0_PE=x86_64.X86_CR0_PE,
     )  # fmt: skip

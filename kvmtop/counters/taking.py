@@ -123,7 +123,7 @@ def take_moment(pid: int, stats: bool, sync_regs: bool, timeout: float = 10.0,
         try:
             asked_sync = tracer.sync_regs_allowed() if sync_regs else None
             asked_stats = tracer.stats_fds() if stats else None
-            return _settle_moment(pid, asked_stats, asked_sync, deadline, cancel)
+            return _settle_moment(pid, asked_stats, asked_sync, timeout, deadline, cancel)
         finally:
             tracer.detach()
     finally:
@@ -131,12 +131,12 @@ def take_moment(pid: int, stats: bool, sync_regs: bool, timeout: float = 10.0,
 
 
 def _settle_moment(pid: int, asked_stats: Future[StatsFds] | None,
-                   asked_sync: Future[dict[int, int]] | None, deadline: float,
+                   asked_sync: Future[dict[int, int]] | None, timeout: float, deadline: float,
                    cancel: threading.Event | None) -> Moment:  # fmt: skip
     taken, stats_error = None, ""
-    if asked_stats is not None:
+    if asked_stats is not None:  # asked first: it has the whole timeout
         try:
-            taken = settle_stats(pid, asked_stats, max(0.0, deadline - time.monotonic()), cancel)
+            taken = settle_stats(pid, asked_stats, timeout, cancel)
         except StatsCancelled:
             raise
         except StatsUnavailable as exc:

@@ -31,8 +31,10 @@
  * synced at that exit's return (guest_rip.h), then exit_reason and RIP again, and keeps the
  * sample only if both are the same (stable; else `unstable`). s.regs of the exit under way when
  * kvm_valid_regs was set predates it (KVM syncs at KVM_RUN's return): so a vCPU's RIPs count only
- * from the first look that sees it inside KVM_RUN after rip() (`live`); `looks` counts every look
- * from then on but the unstable ones (the shares' denominator).
+ * from the first look that shows a KVM_RUN since rip() (`live`): one inside KVM_RUN, or one whose
+ * exit_reason or synced registers differ from those the page held at rip() (a vCPU whose
+ * registers at every exit are those it already held waits for a look inside KVM_RUN); `looks`
+ * counts every look from then on but the unstable ones (the shares' denominator).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -79,6 +81,8 @@ typedef struct {
     uint64_t samples, in_run, stale;
     Slot slots[SLOTS];
     int rip;
+    uint32_t first_reason; /* RIP_WAIT: what the page held at rip() */
+    uint8_t first_regs[SYNC_REGS_SIZE];
     uint64_t code_looks, unstable;
     CodeSlot code[SLOTS];
 } Vcpu;
@@ -173,6 +177,11 @@ static void look(Vcpu *v) {
         if (v->rip == RIP_WAIT) v->rip = RIP_LIVE;
         if (v->rip == RIP_LIVE) v->code_looks++;
         return;
+    }
+    if (v->rip == RIP_WAIT) { /* a KVM_RUN since rip(): a new exit, or new registers synced */
+        uint8_t regs[SYNC_REGS_SIZE];
+        memcpy(regs, (const void *)(run + SYNC_REGS), sizeof regs);
+        if (reason != v->first_reason || memcmp(regs, v->first_regs, sizeof regs)) v->rip = RIP_LIVE;
     }
     uint64_t key = 0;
     if (reason == KVM_EXIT_IO) /* direction u8 @0 (1: out), size u8, port u16 @2 */
@@ -307,9 +316,16 @@ static PyObject *Sampler_rip(Sampler *s, PyObject *args) {
     int i;
     if (!PyArg_ParseTuple(args, "i", &i)) return NULL;
     if (i < 0 || i >= s->n) return PyErr_Format(PyExc_IndexError, "no vCPU %d", i), NULL;
+    if (s->vcpus[i]->view.len < SYNC_CR0 + 8) /* the synced registers lie beyond the exit */
+        return PyErr_Format(PyExc_ValueError, "a kvm_run mapping with its registers is at least %d bytes", SYNC_CR0 + 8), NULL;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
-    if (s->vcpus[i]->rip == RIP_OFF) s->vcpus[i]->rip = RIP_WAIT;
+    Vcpu *v = s->vcpus[i];
+    if (v->rip == RIP_OFF) {
+        v->rip = RIP_WAIT;
+        v->first_reason = load32(v->run + RUN_EXIT_REASON);
+        memcpy(v->first_regs, (const void *)(v->run + SYNC_REGS), sizeof v->first_regs);
+    }
     pthread_mutex_unlock(&s->lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;

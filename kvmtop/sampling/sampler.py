@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from kvmtop import native
-from kvmtop.abi.arch.x86_64 import SYNC_RIP, guest_rip
+from kvmtop.abi.arch.x86_64 import SYNC_REGS, SYNC_REGS_SIZE, SYNC_RIP, guest_rip
 from kvmtop.abi.kvm import RUN_EXIT_REASON, RUN_UNION
 from kvmtop.sampling.shares import KEY_OTHER, KEY_TORN, MMIO_WRITE
 from kvmtop.xlat_exit import ExitReason
@@ -54,6 +54,7 @@ class PySampler:
         self._counts: list[list[Any]] = []
         self._rip: list[int] = []
         self._code: list[list[Any]] = []  # [looks, unstable, {(reason, rip, linear, cpl): n}]
+        self._first: list[tuple[int, bytes] | None] = []  # RIP_WAIT: the page's exit at rip()
 
     def add(self, buffer: Any, stats_fd: int = -1, blocking_at: int = 0) -> int:
         if self._thread is not None:
@@ -63,12 +64,14 @@ class PySampler:
         self._counts.append([0, 0, {}, 0])
         self._rip.append(RIP_OFF)
         self._code.append([0, 0, {}])
+        self._first.append(None)
         return len(self._views) - 1
 
     def rip(self, index: int) -> None:
         with self._lock:
             if self._rip[index] == RIP_OFF:
                 self._rip[index] = RIP_WAIT
+                self._first[index] = _exit_of(self._views[index])
 
     def start(self) -> None:
         if self._thread is None:
@@ -112,6 +115,9 @@ class PySampler:
                 self._rip[i] = RIP_LIVE
             self._code[i][0] += self._rip[i] == RIP_LIVE
             return
+        if self._rip[i] == RIP_WAIT:  # a KVM_RUN since rip(): a new exit, or new registers
+            if _exit_of(run) != self._first[i]:
+                self._rip[i] = RIP_LIVE
         key = 0
         if reason == ExitReason.IO:
             key = U32.unpack_from(run, RUN_UNION)[0] >> 16 | (run[RUN_UNION] != 0) << 16
@@ -148,6 +154,13 @@ class PySampler:
             self._counts = [[0, 0, {}, 0] for _ in self._counts]
             self._code = [[0, 0, {}] for _ in self._code]
         return out
+
+
+def _exit_of(run: memoryview) -> tuple[int, bytes]:
+    """The exit a page shows: its reason and the registers synced into it."""
+    return U32.unpack_from(run, RUN_EXIT_REASON)[0], bytes(
+        run[SYNC_REGS : SYNC_REGS + SYNC_REGS_SIZE]
+    )
 
 
 def _count(table: dict[Any, int], key: Any, other: Any) -> None:

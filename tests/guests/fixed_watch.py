@@ -40,7 +40,9 @@ def history(i: int) -> deque[float]:
 
 def fixed_snapshot() -> WatchSnapshot:
     tally = Tally(len(LOOKS))
-    tally.add((1_000_000_000, 1000, [(n, in_run, list(keys), 0) for n, in_run, keys in LOOKS]))
+    tally.add(
+        (1_000_000_000, 1000, [(n, in_run, list(keys), 0, None) for n, in_run, keys in LOOKS])
+    )
     vcpus = tuple(WatchedVcpu(str(i), VcpuKey(PID, 3, i), i) for i in range(len(LOOKS)))
     whole = {name: float(sum(r[name] for r in RATES)) for name in RATES[0]}
     return estimate(PID, 1000.0, tally, vcpus, {i: dict(r) for i, r in enumerate(RATES)}, whole,

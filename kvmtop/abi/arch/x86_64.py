@@ -172,6 +172,7 @@ KVM_CAP_SYNC_REGS = 74  # KVM_CHECK_EXTENSION on a VM fd: the kvm_valid_regs bit
 KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS = 0x1, 0x2  # kvm_valid_regs bits (KVM_SYNC_X86_*)
 RUN_VALID_REGS = 0x120  # offsetof(struct kvm_run, kvm_valid_regs), u64
 RUN_DIRTY_REGS = 0x128  # offsetof(struct kvm_run, kvm_dirty_regs): never written
+SYNC_REGS, SYNC_REGS_SIZE = 0x130, 0x90  # s.regs.regs: struct kvm_regs (rax..r15, rip, rflags)
 SYNC_RIP = 0x1B0  # s.regs.regs.rip (rflags follows)
 SYNC_CS = 0x1C0  # s.regs.sregs.cs: base u64, limit u32, selector u16, type, present, dpl, db, s, l
 SYNC_CS_L = SYNC_CS + 19  # cs.l: 64-bit code, where cs.base is not used
