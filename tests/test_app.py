@@ -1639,6 +1639,43 @@ async def test_w_watches_a_vm_untraced_a_traces_it_and_w_watches_it_again(proces
 
 
 @pytest.mark.kvm
+async def test_with_rip_the_watch_view_shows_the_guest_code_and_esc_and_q_restore_the_field(
+    processes, tmp_path
+):
+    """kvmtop --rip: the watch view's guest code pane names minivmm's `out` from a kallsyms
+    file; its kvm_valid_regs is set while watched, 0 again after Esc and after q."""
+    from kvmtop.formats.guest_symbols import load_guest_symbols
+    from kvmtop.minivmm.guestcode import counted_rips
+    from kvmtop.minivmm.vmm import CODE_SEGMENT
+    from kvmtop.screens.watch import SampledScreen
+    from kvmtop.widgets.sampled_code import SampledCode
+
+    vmm = start_minivmm(processes, outs=10**8, mmio_writes=0, out_sleep_us=100)
+    at = CODE_SEGMENT * 16 + counted_rips(10**8, 0)["out"]
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text(f"{at - 8:016x} T counted_loop\n{at:016x} t after_out\n"
+                        f"{at + 3:016x} t later\n")  # fmt: skip
+    page = vcpu_valid_regs(vmm.pid)
+
+    def named(screen) -> bool:
+        return isinstance(screen, SampledScreen) and "after_out" in pane_text(screen, SampledCode)
+
+    app = KvmtopApp(rip=True, guest_symbols=load_guest_symbols(str(kallsyms)))
+    async with app.run_test(size=SIZE) as pilot:
+        await open_listed(pilot, vmm.pid, "w")
+        await until(pilot, lambda: named(app.screen), what="the guest code named")
+        assert valid_regs(page) != 0
+        assert re.search(r"IO +\d+\.\d% ±\d+\.\d  after_out", pane_text(app.screen, SampledCode))
+        await pilot.press("escape")
+        await until(pilot, lambda: valid_regs(page) == 0, what="the field back to 0 at Esc")
+        await pilot.press("w")
+        await until(pilot, lambda: named(app.screen), what="watched again")
+        assert valid_regs(page) != 0
+        await pilot.press("q")
+    assert valid_regs(page) == 0 and vmm.poll() is None
+
+
+@pytest.mark.kvm
 async def test_a_then_w_in_one_burst_from_a_first_watch_watches_again(processes, monkeypatch):
     """From the first watch of a fresh app (no VMM traced before): `a` begins an attach and the
     `w` typed with it, before the attach is done, detaches and watches again. (The session takes
