@@ -310,3 +310,61 @@ def test_a_vmm_holding_its_own_stats_fds_is_never_stopped_at_all(processes):
     assert set().union(*seen) == {0} and len(seen) > 20  # no attach, not even the first moment
     assert fd_links(vmm.pid) == before
     assert snap.vcpus[0].exits_per_s and snap.vcpus[0].by_reason["KVM_EXIT_IO"].hits > 0
+
+
+def test_an_internal_error_the_guest_ran_on_after_is_stale_and_one_it_did_not_is_the_vmm_s(
+    tmp_path,
+):
+    """KVM may write KVM_EXIT_INTERNAL_ERROR into kvm_run and run the guest on (an emulation
+    failure it handles itself): a look at that reason is the VMM's only if the vCPU's `exits`
+    counter did not move by its next look. Without the vCPU's stats fd nothing can tell."""
+    from kvmtop.abi.kvm import RUN_EXIT_REASON
+    from kvmtop.sampling.sampler import make_sampler
+    from kvmtop.xlat_exit import ExitReason
+
+    pages = [bytearray(8192), bytearray(8192)]
+    for page in pages:
+        page[RUN_EXIT_REASON : RUN_EXIT_REASON + 4] = int(ExitReason.INTERNAL_ERROR).to_bytes(
+            4, "little"
+        )
+    stats = tmp_path / "stats"
+    stats.write_bytes(bytes(16))  # `blocking` 0 at 0, `exits` at 8
+    fd = os.open(stats, os.O_RDWR)
+    running = threading.Event()
+
+    def guest_runs() -> None:  # KVM's exits counter while the guest runs on
+        exits = 0
+        while running.is_set():
+            exits += 1
+            os.pwrite(fd, exits.to_bytes(8, "little"), 8)
+            time.sleep(0.00005)
+
+    sampler = make_sampler(500.0, 1)
+    sampler.add(pages[0], fd, 0, 8)
+    sampler.add(pages[1])  # no stats fd
+    running.set()
+    writer = threading.Thread(target=guest_runs)
+    writer.start()
+    sampler.start()
+    try:
+        time.sleep(0.5)
+        _ns, _looks, ran_on = sampler.take()
+        running.clear()
+        writer.join()
+        time.sleep(0.01)  # (the look held across the stop)
+        sampler.take()
+        time.sleep(0.5)  # a real one: the VMM holds the vCPU, the guest does not run
+        _ns, _looks, stopped = sampler.take()
+    finally:
+        running.clear()
+        sampler.stop()
+        os.close(fd)
+    samples, in_run, keys, stale, _code = ran_on[0]
+    # (a look the writer's thread was late for, under load, reads as the VMM's)
+    assert samples > 120 and in_run == stale > 0.9 * samples, ran_on[0]
+    samples, in_run, keys, stale, _code = stopped[0]
+    assert samples > 120 and in_run == stale == 0, stopped[0]
+    assert keys == [(ExitReason.INTERNAL_ERROR, 0, samples)]
+    for taken in (ran_on, stopped):  # without its stats fd: the VMM's, as it reads
+        samples, in_run, keys, _stale, _code = taken[1]
+        assert in_run == 0 and keys == [(ExitReason.INTERNAL_ERROR, 0, samples)]

@@ -186,7 +186,7 @@ def snapshot_text(snap: WatchSnapshot, symbols: GuestSymbols | None = None) -> s
                   "THE VMM'S OWN (net of KVM's part, 95%)"]  # fmt: skip
     for v in (*snap.vcpus, snap.vm):
         rate = human(v.exits_per_s) if v.exits_per_s is not None else "-"
-        stale = f"  ({v.stale} looks: blocked in KVM_RUN, stale reason)" if v.stale else ""
+        stale = f"  ({v.stale} looks: in KVM_RUN, stale reason)" if v.stale else ""
         lines.append(f"{v.label:>12}  {rate:>9}  {v.in_run.text():>13}  {v.vmm.text():>13}  "
                      f"{bound_text(v.vmm_own):>8}{stale}")  # fmt: skip
     if any(v.vmm_own is None for v in snap.vcpus):

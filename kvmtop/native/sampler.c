@@ -2,7 +2,7 @@
  * thread of its own, and counts what it sees. An executor, never a decider.
  *
  *   Sampler(rate_hz, seed)      a sampler, not yet running
- *   add(buffer[, stats_fd, blocking_at]) -> index
+ *   add(buffer[, stats_fd, blocking_at, exits_at]) -> index
  *                               a vCPU's kvm_run: kvmtop's own read-only mapping (held until
  *                               the sampler is dropped), and the vCPU's KVM stats fd with the
  *                               data offset of its `blocking` counter, if kvmtop holds one;
@@ -25,7 +25,11 @@
  * before that (an AP waiting for its SIPI, re-entered after a signal) shows the last exit's reason
  * (KVM_EXIT_INTR) for as long as it waits. So a look that sees a reason reads the vCPU's
  * `blocking` counter (one pread, ~0.3 µs, only when the reason is non-zero): blocked in KVM_RUN
- * counts as in KVM_RUN, and as stale. Python turns counts into shares; this file decides nothing.
+ * counts as in KVM_RUN, and as stale. Nor is a reason after which a VMM does not run the vCPU
+ * again (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_FAIL_ENTRY): KVM may write it and run the guest on (an
+ * emulation failure it handles itself), so such a look is held until the vCPU's next look, and
+ * counts as in KVM_RUN (stale) if the vCPU's `exits` counter moved meanwhile: the guest ran.
+ * Python turns counts into shares; this file decides nothing.
  *
  * Guest code (after rip(index)): a look that sees the VMM handling an exit reads the registers KVM
  * synced at that exit's return (guest_rip.h), then exit_reason and RIP again, and keeps the
@@ -78,7 +82,10 @@ typedef struct {
     const volatile uint8_t *run;
     int stats_fd;       /* the vCPU's KVM stats fd (the caller's, held while it holds us), or -1 */
     off_t blocking_at;  /* the data offset of its `blocking` counter (1 inside kvm_vcpu_block) */
+    off_t exits_at;     /* ...and of its `exits` counter (every exit to KVM), or -1 */
     uint64_t samples, in_run, stale;
+    uint32_t held;      /* a look's reason, held until the next look (0: none) */
+    uint64_t held_exits; /* `exits` at that look */
     Slot slots[SLOTS];
     int rip;
     uint32_t first_reason; /* RIP_WAIT: what the page held at rip() */
@@ -158,11 +165,38 @@ static void count_code(Vcpu *v, uint32_t reason, const struct guest_rip *g) {
     }
 }
 
-/* One look at one vCPU: a few loads from the mapping, no syscall. Lock held. */
+static int read_stat(const Vcpu *v, off_t at, uint64_t *value) {
+    return pread(v->stats_fd, value, sizeof *value, at) == sizeof *value;
+}
+
+/* A look held at a reason after which a VMM does not run the vCPU again: in KVM_RUN (stale) if
+   the guest ran since (its `exits` counter moved), else the VMM's. One pread. */
+static void settle_held(Vcpu *v) {
+    uint64_t exits = 0;
+    v->samples++;
+    if (read_stat(v, v->exits_at, &exits) && exits != v->held_exits) {
+        v->in_run++;
+        v->stale++;
+        if (v->rip == RIP_LIVE) v->code_looks++;
+    } else {
+        count(v, v->held, 0);
+        if (v->rip == RIP_LIVE) v->unstable++; /* its RIP was not read */
+    }
+    v->held = 0;
+}
+
+/* One look at one vCPU: a few loads from the mapping; a pread where a reason needs one. Lock
+   held. */
 static void look(Vcpu *v) {
     const volatile uint8_t *run = v->run;
+    if (v->held) settle_held(v);
     uint32_t reason = load32(run + RUN_EXIT_REASON);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if ((reason == KVM_EXIT_INTERNAL_ERROR || reason == KVM_EXIT_FAIL_ENTRY) && v->stats_fd >= 0 &&
+        v->exits_at >= 0 && read_stat(v, v->exits_at, &v->held_exits)) {
+        v->held = reason; /* counted at the next look */
+        return;
+    }
     v->samples++;
     if (reason == 0) {
         v->in_run++;
@@ -171,7 +205,7 @@ static void look(Vcpu *v) {
         return;
     }
     uint64_t blocking = 0;
-    if (v->stats_fd >= 0 && pread(v->stats_fd, &blocking, sizeof blocking, v->blocking_at) == sizeof blocking && blocking) {
+    if (v->stats_fd >= 0 && read_stat(v, v->blocking_at, &blocking) && blocking) {
         v->in_run++; /* a stale reason: the vCPU waits inside KVM_RUN */
         v->stale++;
         if (v->rip == RIP_WAIT) v->rip = RIP_LIVE;
@@ -276,8 +310,8 @@ static void Sampler_dealloc(Sampler *s) {
 static PyObject *Sampler_add(Sampler *s, PyObject *args) {
     PyObject *obj;
     int stats_fd = -1;
-    long long blocking_at = 0;
-    if (!PyArg_ParseTuple(args, "O|iL", &obj, &stats_fd, &blocking_at)) return NULL;
+    long long blocking_at = 0, exits_at = -1;
+    if (!PyArg_ParseTuple(args, "O|iLL", &obj, &stats_fd, &blocking_at, &exits_at)) return NULL;
     if (s->running) return PyErr_Format(PyExc_RuntimeError, "add before start"), NULL;
     if (s->n >= MAX_VCPUS) return PyErr_Format(PyExc_OSError, "more than %d vCPUs", MAX_VCPUS), NULL;
     Vcpu *v = PyMem_Calloc(1, sizeof *v);
@@ -294,6 +328,7 @@ static PyObject *Sampler_add(Sampler *s, PyObject *args) {
     v->run = v->view.buf;
     v->stats_fd = stats_fd;
     v->blocking_at = (off_t)blocking_at;
+    v->exits_at = (off_t)exits_at;
     s->vcpus[s->n] = v;
     return PyLong_FromLong(s->n++);
 }
@@ -427,7 +462,7 @@ static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
 }
 
 static PyMethodDef Sampler_methods[] = {
-    {"add", (PyCFunction)Sampler_add, METH_VARARGS, "add(buffer[, stats_fd, blocking_at]) -> index: a vCPU's kvm_run"},
+    {"add", (PyCFunction)Sampler_add, METH_VARARGS, "add(buffer[, stats_fd, blocking_at, exits_at]) -> index: a vCPU's kvm_run"},
     {"start", (PyCFunction)Sampler_start, METH_NOARGS, "start the sampling thread"},
     {"stop", (PyCFunction)Sampler_stop, METH_NOARGS, "stop it (and join it)"},
     {"rip", (PyCFunction)Sampler_rip, METH_VARARGS, "rip(index): the guest's RIP at this vCPU's exits too"},

@@ -3,11 +3,14 @@ jittered rate and counts what it sees (:mod:`kvmtop.sampling.shares` says what t
 
 :func:`make_sampler` gives the C sampler (``kvmtop.native._sampler``: its own thread, no GIL, a few
 loads per vCPU a look) when it was built, else :class:`PySampler`, its reference in Python, with
-the same interface: ``add(buffer[, stats_fd, blocking_at]) -> index`` before ``start()``,
+the same interface: ``add(buffer[, stats_fd, blocking_at, exits_at]) -> index`` before ``start()``,
 ``rip(index)`` (the guest's RIP at that vCPU's exits too, once kvmtop has set its
 ``kvm_valid_regs``), ``take()``, ``stop()``. It only reads kvmtop's own read-only mappings, and where kvmtop holds the
 vCPU's stats fd, its ``blocking`` counter when a look sees a reason (a stale one stays while the
-vCPU waits inside ``KVM_RUN``): no syscall touches the VMM.
+vCPU waits inside ``KVM_RUN``), and its ``exits`` counter when the reason is one after which a
+VMM does not run the vCPU again (:data:`HELD_REASONS`; KVM may write one and run the guest on):
+such a look waits for the vCPU's next, and is stale if the guest ran meanwhile. No syscall
+touches the VMM.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SLOTS = 256  # (reason, key) counters per vCPU between two takes, as the C sampl
 CodeTaken = tuple[int, int, list[tuple[int, int, int, int, int]], bool]
 Taken = tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]], int, CodeTaken | None]]]
 RIP_OFF, RIP_WAIT, RIP_LIVE = 0, 1, 2  # as sampler.c: not asked, waiting for a run, counted
+HELD_REASONS = (ExitReason.INTERNAL_ERROR, ExitReason.FAIL_ENTRY)  # looks settled at the next
 
 
 class PySampler:
@@ -45,7 +49,9 @@ class PySampler:
         self._interval_s = 1.0 / rate_hz
         self._random = random.Random(seed)
         self._views: list[memoryview] = []
-        self._blocking: list[tuple[int, int]] = []  # (stats fd or -1, offset of `blocking`)
+        # (stats fd or -1, offset of `blocking`, of `exits` or -1)
+        self._stats: list[tuple[int, int, int]] = []
+        self._held: list[tuple[int, int] | None] = []  # (reason, `exits`) of a look held
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -56,11 +62,12 @@ class PySampler:
         self._code: list[list[Any]] = []  # [looks, unstable, {(reason, rip, linear, cpl): n}]
         self._first: list[tuple[int, bytes] | None] = []  # RIP_WAIT: the page's exit at rip()
 
-    def add(self, buffer: Any, stats_fd: int = -1, blocking_at: int = 0) -> int:
+    def add(self, buffer: Any, stats_fd: int = -1, blocking_at: int = 0, exits_at: int = -1) -> int:
         if self._thread is not None:
             raise RuntimeError("add before start")
         self._views.append(memoryview(buffer))
-        self._blocking.append((stats_fd, blocking_at))
+        self._stats.append((stats_fd, blocking_at, exits_at))
+        self._held.append(None)
         self._counts.append([0, 0, {}, 0])
         self._rip.append(RIP_OFF)
         self._code.append([0, 0, {}])
@@ -98,16 +105,42 @@ class PySampler:
             if delay > 0:
                 time.sleep(delay)
             with self._lock:
-                for i, (view, blocking, counts) in enumerate(
-                    zip(self._views, self._blocking, self._counts, strict=True)
+                for i, (view, stats, counts) in enumerate(
+                    zip(self._views, self._stats, self._counts, strict=True)
                 ):
-                    self._look(i, view, blocking, counts)
+                    self._look(i, view, stats, counts)
                 self._looks += 1
 
-    def _look(self, i: int, run: memoryview, blocking: tuple[int, int], counts: list[Any]) -> None:
-        reason = U32.unpack_from(run, RUN_EXIT_REASON)[0]
+    def _settle_held(self, i: int, stats: tuple[int, int, int], counts: list[Any]) -> None:
+        """The look held at a reason after which a VMM does not run the vCPU again: in KVM_RUN
+        (stale) if the guest ran since (its ``exits`` counter moved), else the VMM's."""
+        held = self._held[i]
+        assert held is not None
+        self._held[i] = None
+        reason, exits = held
         counts[0] += 1
-        fd, at = blocking
+        live = self._rip[i] == RIP_LIVE
+        if _stat(stats[0], stats[2]) not in (None, exits):
+            counts[1] += 1
+            counts[3] += 1
+            self._code[i][0] += live
+        else:
+            _count(counts[2], (reason, 0), (reason, KEY_OTHER))
+            self._code[i][1] += live  # its RIP was not read
+
+    def _look(
+        self, i: int, run: memoryview, stats: tuple[int, int, int], counts: list[Any]
+    ) -> None:
+        if self._held[i] is not None:
+            self._settle_held(i, stats, counts)
+        reason = U32.unpack_from(run, RUN_EXIT_REASON)[0]
+        fd, at, exits_at = stats
+        if reason in HELD_REASONS and fd >= 0 and exits_at >= 0:
+            exits = _stat(fd, exits_at)
+            if exits is not None:
+                self._held[i] = (reason, exits)  # counted at the next look
+                return
+        counts[0] += 1
         if reason == 0 or fd >= 0 and any(os.pread(fd, 8, at)):  # (blocked: a stale reason)
             counts[1] += 1
             counts[3] += reason != 0
@@ -177,3 +210,12 @@ def make_sampler(rate_hz: float, seed: int | None = None) -> Any:
     if module is not None:
         return module.Sampler(float(rate_hz), seed)
     return PySampler(rate_hz, seed)
+
+
+def _stat(fd: int, at: int) -> int | None:
+    """A vCPU's counter at ``at`` in its stats fd (None: unreadable)."""
+    try:
+        data = os.pread(fd, 8, at)
+    except OSError:
+        return None
+    return U64.unpack(data)[0] if len(data) == 8 else None

@@ -183,7 +183,7 @@ class VcpuWatch:
     vmm_own: Bound | None = None
     # a reason's VMM time per exit, net of KVM's part: its 95% bound, where KVM counts its exits
     mean_vmm_bounds: dict[str, Bound] = field(default_factory=dict)
-    stale: int = 0  # looks that saw a reason while KVM said the vCPU waited inside KVM_RUN
+    stale: int = 0  # looks that saw a reason while KVM said the vCPU was inside KVM_RUN
     code: CodeWatch | None = None  # guest RIPs at its exits (watch --rip), where asked
 
     @property

@@ -9,7 +9,10 @@ Before the first look it times this host's entry cost on a VM of kvmtop's own
 (:mod:`kvmtop.sampling.entry_cost`: once per process), so that VMM times per exit are net of it.
 Where it holds a vCPU's stats fd (its own counters', or the caller's), a look that sees a reason
 also reads the vCPU's ``blocking`` counter: a vCPU waiting inside ``KVM_RUN`` keeps the reason it
-last returned with. A VMM stopped by a signal is said to be stopped at each snapshot.
+last returned with; and at a reason after which a VMM does not run the vCPU again (an internal
+error, a failed entry: KVM may write one and run the guest on), its ``exits`` counter, so that
+such a look counts as the VMM's only if the guest did not run by the next look. A VMM stopped by
+a signal is said to be stopped at each snapshot.
 
 With ``rip`` (``watch --rip``) the same moment has the VMM answer
 KVM_CHECK_EXTENSION(KVM_CAP_SYNC_REGS) (:func:`kvmtop.counters.taking.take_moment`; a moment of
@@ -78,15 +81,16 @@ def _wait_untraced(pid: int) -> None:
         time.sleep(0.001)
 
 
-def _blocking_of(stats: VmStats | None, vcpu_id: int) -> tuple[int, int]:
-    """The vCPU's stats fd and the offset of its ``blocking`` counter, else (-1, 0)."""
+def _stats_of(stats: VmStats | None, vcpu_id: int) -> tuple[int, int, int]:
+    """The vCPU's stats fd, the offset of its ``blocking`` counter and of its ``exits`` counter
+    (-1: none), else (-1, 0, -1)."""
     held = stats.vcpus.get(vcpu_id) if stats is not None else None
     if held is None or held.fd < 0:
-        return -1, 0
-    for desc in held.layout.descs:
-        if desc.name == "blocking":  # 1 while the vCPU waits in kvm_vcpu_block (Linux 5.16+)
-            return held.fd, held.layout.data_offset + desc.offset
-    return -1, 0
+        return -1, 0, -1
+    at = {d.name: held.layout.data_offset + d.offset for d in held.layout.descs}
+    if "blocking" not in at:  # 1 while the vCPU waits in kvm_vcpu_block (Linux 5.16+)
+        return -1, 0, -1
+    return held.fd, at["blocking"], at.get("exits", -1)
 
 
 class Watcher:
@@ -158,7 +162,7 @@ class Watcher:
             self._fds.append(dup)
             page = mmap.mmap(dup, HOST.RUN_MAP_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
             self._maps.append(page)
-            index = self._sampler.add(page, *_blocking_of(self._stats or held, vcpu_id))
+            index = self._sampler.add(page, *_stats_of(self._stats or held, vcpu_id))
             label = str(vcpu_id) if len(vms) == 1 else f"{pid}:{vm}:{vcpu_id}"
             self.vcpus.append(WatchedVcpu(label, VcpuKey(pid, vm, vcpu_id), vcpu_id))
             if allowed is not None:
