@@ -1237,12 +1237,15 @@ async def test_k_typed_twice_in_one_burst_opens_the_kernel_view_and_goes_back(pr
         burst(app, "k", "k", "p")
         await until(pilot, lambda: app.held.get(demo.pid) is not None, what="counters taken")
         await until(pilot, lambda: not app.keys_pending, what="every key acted")
-        await pilot.pause(0.3)
-        assert app.screen is attached and attached.frozen  # and `p` reached it
+        # (a screen a key pushed or popped shows a moment after the key acted: waited for)
+        await until(pilot, lambda: app.screen is attached and attached.frozen,
+                    what="the attached view frozen: `p` reached it")  # fmt: skip
         burst(app, "p", "k", "k", "k")  # held now: the view opens at once, and so goes back
         await until(pilot, lambda: not app.keys_pending, what="every key acted")
+        await until(pilot, lambda: isinstance(app.screen, KernelScreen) and not attached.frozen,
+                    what="the kernel view over the running attached view")  # fmt: skip
         await pilot.pause(0.3)
-        assert isinstance(app.screen, KernelScreen) and not attached.frozen
+        assert isinstance(app.screen, KernelScreen) and not attached.frozen  # and it stays
         await pilot.press("q")
 
 
@@ -1265,13 +1268,16 @@ async def test_keys_in_one_burst_act_in_order_on_the_screen_each_lands_on(proces
         assert isinstance(app.screen, AttachedScreen) and tracer_pid(demo.pid) == 0
         burst(app, "escape", "k", "z")
         await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
-        await pilot.pause(0.3)
-        assert app.screen.show_zeros
+        await until(pilot, lambda: not app.keys_pending, what="every key acted")
+        await until(pilot, lambda: getattr(app.screen, "show_zeros", False), what="`z` acted")
         burst(app, "escape", "a", "k", "k", "p")
         await until(pilot, lambda: app.held.get(demo.pid) is not None and app.attached_pid,
                     what="attached, counters held")  # fmt: skip
-        await pilot.pause(0.5)
-        assert isinstance(app.screen, AttachedScreen) and app.screen.frozen
+        await until(pilot, lambda: not app.keys_pending, what="every key acted")
+        await until(pilot, lambda: isinstance(app.screen, AttachedScreen) and app.screen.frozen,
+                    what="the attached view frozen: `k` `k` went there and back, `p` froze it")  # fmt: skip
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, AttachedScreen) and app.screen.frozen  # and it stays
         await pilot.press("q")
     assert demo.poll() is None and tracer_pid(demo.pid) == 0
 

@@ -37,9 +37,9 @@ DASHBOARD = os.path.join(ROOT, "docs", "grafana-kvmtop.json")
 RULES = os.path.join(ROOT, "docs", "kvmtop-rules.yml")
 RULES_TEST = os.path.join(ROOT, "docs", "kvmtop-rules.test.yml")
 NAME = f"kvmtop-prom-{os.getpid()}"  # the guest's -name: the exporter reads it alone (--vm)
-EXITS = 5_000
-HANDLER_US = 5_000.0  # 200 exits/s at most, for 25 s
-WINDOW_S = 10  # the rate's window
+EXITS = 3_000
+HANDLER_US = 5_000.0  # 200 exits/s at most, for 15 s
+WINDOW_S = 6  # the rate's window
 HOST = "127"  # the host label docs/prometheus.yml's relabelling gives a target on 127.0.0.1
 
 needs_prometheus = pytest.mark.skipif(
