@@ -81,13 +81,13 @@ int main(int argc, char **argv) {
     must(ioctl(vcpu, KVM_SET_SREGS, &sregs), "KVM_SET_SREGS");
     struct kvm_regs regs = {.rip = 0x1000, .rflags = 2};
     must(ioctl(vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
-    uint64_t in_run = 0, out[2] = {0, 0}, returned = 0, handler = 0, in_syscalls = 0;
+    uint64_t in_run = 0, out[2] = {0, 0}, returned = 0, handler = 0, in_syscalls = 0, syscalled = 0;
     uint64_t waited = run_delay_ns(); /* a CPU's wait is neither KVM's nor the handler's */
     long count[2] = {0, 0};
     int last = -1; /* 0: IO, 1: MMIO */
     for (long i = 0; i < exits; i++) {
         uint64_t entered = now_ns();
-        if (last >= 0) out[last] += entered - returned;
+        if (last >= 0) out[last] += entered - returned, in_syscalls += syscalled; /* the same handlings */
         int r = ioctl(vcpu, KVM_RUN, 0);
         returned = now_ns();
         in_run += returned - entered;
@@ -103,7 +103,7 @@ int main(int argc, char **argv) {
         handler = code == mix && last ? handler_ns / 2 : handler_ns;
         for (int k = 0; k < syscalls; k++) syscall(SYS_getppid); /* not the vDSO: a real syscall */
         uint64_t spun = syscalls ? now_ns() : returned;
-        in_syscalls += spun - returned; /* traced, their stops: what NET takes out */
+        syscalled = spun - returned; /* traced, their stops: what NET takes out */
         if (sleeping) {
             struct timespec pause = {.tv_sec = (time_t)(handler / 1000000000u),
                                      .tv_nsec = (long)(handler % 1000000000u)};
