@@ -578,10 +578,8 @@ class Tracer(Commanded):
         if tid is not None:
             for vm in vms:
                 proc.sync_allowed[vm] = NOT_ASKED
-            self.out.put(TracerNote(
-                f"pid {proc.pid}: no guest RIP: it runs under a seccomp filter of its own "
-                f"(thread {tid}), which could refuse or kill it for the KVM_CHECK_EXTENSION "
-                "kvmtop would have it make"))  # fmt: skip
+            self.out.put(TracerNote(own_filter_message(
+                proc.pid, tid, "it is not asked KVM_CHECK_EXTENSION: no guest RIP")))  # fmt: skip
             return
         proc.check_job = CheckJob(vms)
         self._set_flags(proc)

@@ -55,9 +55,7 @@ class GuestCode:
     def top(self, n: int | None, by_time: bool = False) -> tuple[RipCount, ...]:
         """The heaviest ``n`` (None: all), by exits or by the VMM's time."""
         exits, times = self.exits.counts, self.times.counts
-        table = times if by_time else exits
-        ranked = sorted(table.items(), key=lambda kv: (-kv[1], repr(kv[0])))
-        ranked = ranked if n is None else ranked[:n]
+        ranked = (self.times if by_time else self.exits).top(n)
         return tuple(
             RipCount(*key, exits.get(key, 0), times.get(key, -1), self.exits.errors.get(key, 0))
             for key, _ in ranked

@@ -1,7 +1,8 @@
 /* kvmtop.native._sampler: reads every watched vCPU's struct kvm_run at a steady, jittered rate, in one
  * thread of its own, and counts what it sees. An executor, never a decider.
  *
- *   Sampler(rate_hz, seed)      a sampler, not yet running
+ *   Sampler(rate_hz, seed[, held])  a sampler, not yet running; held: the exit reasons whose
+ *                               looks wait for the vCPU's next (see below)
  *   add(buffer[, stats_fd, blocking_at, exits_at]) -> index
  *                               a vCPU's kvm_run: kvmtop's own read-only mapping (held until
  *                               the sampler is dropped), and the vCPU's KVM stats fd with the
@@ -25,10 +26,10 @@
  * before that (an AP waiting for its SIPI, re-entered after a signal) shows the last exit's reason
  * (KVM_EXIT_INTR) for as long as it waits. So a look that sees a reason reads the vCPU's
  * `blocking` counter (one pread, ~0.3 µs, only when the reason is non-zero): blocked in KVM_RUN
- * counts as in KVM_RUN, and as stale. Nor is a reason after which a VMM does not run the vCPU
- * again (KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_FAIL_ENTRY): KVM may write it and run the guest on (an
- * emulation failure it handles itself), so such a look is held until the vCPU's next look, and
- * counts as in KVM_RUN (stale) if the vCPU's `exits` counter moved meanwhile: the guest ran.
+ * counts as in KVM_RUN, and as stale. Nor is a reason of `held` (Python's choice: those after
+ * which a VMM does not run the vCPU again, which KVM may write and run the guest on): such a
+ * look is held until the vCPU's next look, and counts as in KVM_RUN (stale) if the vCPU's
+ * `exits` counter moved meanwhile: the guest ran.
  * Python turns counts into shares; this file decides nothing.
  *
  * Guest code (after rip(index)): a look that sees the VMM handling an exit reads the registers KVM
@@ -59,6 +60,7 @@
 #include "guest_rip.h"
 
 #define MAX_VCPUS 512
+#define MAX_HELD 8
 #define SLOTS 256 /* (reason, key) counters per vCPU, power of two; more keys go to OTHER */
 #define KEY_TORN 0xFFFFFFFFFFFFFFFEull
 #define KEY_OTHER 0xFFFFFFFFFFFFFFFFull
@@ -98,7 +100,8 @@ typedef struct {
     PyObject_HEAD
     pthread_mutex_t lock;
     pthread_t thread;
-    int running, stopping, n;
+    int running, stopping, n, nheld;
+    uint32_t held[MAX_HELD]; /* exit reasons whose looks wait for the next (Sampler's held) */
     double interval_ns;
     uint64_t rng, ticks;
     int64_t since_ns;
@@ -187,15 +190,18 @@ static void settle_held(Vcpu *v) {
 
 /* One look at one vCPU: a few loads from the mapping; a pread where a reason needs one. Lock
    held. */
-static void look(Vcpu *v) {
+static void look(const Sampler *s, Vcpu *v) {
     const volatile uint8_t *run = v->run;
     if (v->held) settle_held(v);
     uint32_t reason = load32(run + RUN_EXIT_REASON);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    if ((reason == KVM_EXIT_INTERNAL_ERROR || reason == KVM_EXIT_FAIL_ENTRY) && v->stats_fd >= 0 &&
-        v->exits_at >= 0 && read_stat(v, v->exits_at, &v->held_exits)) {
-        v->held = reason; /* counted at the next look */
-        return;
+    if (reason != 0 && v->stats_fd >= 0 && v->exits_at >= 0) {
+        for (int i = 0; i < s->nheld; i++) {
+            if (s->held[i] == reason && read_stat(v, v->exits_at, &v->held_exits)) {
+                v->held = reason; /* counted at the next look */
+                return;
+            }
+        }
     }
     v->samples++;
     if (reason == 0) {
@@ -258,7 +264,7 @@ static void *sample_loop(void *arg) {
             pthread_mutex_unlock(&s->lock);
             return NULL;
         }
-        for (int i = 0; i < s->n; i++) look(s->vcpus[i]);
+        for (int i = 0; i < s->n; i++) look(s, s->vcpus[i]);
         s->ticks++;
         pthread_mutex_unlock(&s->lock);
     }
@@ -268,7 +274,19 @@ static int Sampler_init(Sampler *s, PyObject *args, PyObject *kw) {
     (void)kw;
     double rate;
     unsigned long long seed;
-    if (!PyArg_ParseTuple(args, "dK", &rate, &seed)) return -1;
+    PyObject *held = NULL;
+    if (!PyArg_ParseTuple(args, "dK|O", &rate, &seed, &held)) return -1;
+    if (held) {
+        PyObject *seq = PySequence_Fast(held, "held must be a sequence of exit reasons");
+        if (!seq) return -1;
+        s->nheld = 0;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && s->nheld < MAX_HELD; i++) {
+            unsigned long reason = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (PyErr_Occurred()) return Py_DECREF(seq), -1;
+            s->held[s->nheld++] = (uint32_t)reason;
+        }
+        Py_DECREF(seq);
+    }
     if (!(rate > 0 && rate <= 100000)) {
         PyErr_SetString(PyExc_ValueError, "the rate must be above 0 and at most 100000 Hz");
         return -1;

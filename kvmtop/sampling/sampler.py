@@ -43,10 +43,11 @@ HELD_REASONS = (ExitReason.INTERNAL_ERROR, ExitReason.FAIL_ENTRY)  # looks settl
 class PySampler:
     """The sampler in Python: slower (the GIL), the reference."""
 
-    def __init__(self, rate_hz: float, seed: int) -> None:
+    def __init__(self, rate_hz: float, seed: int, held: tuple[int, ...] = ()) -> None:
         if not 0 < rate_hz <= MAX_RATE_HZ:
             raise ValueError(f"the rate must be above 0 and at most {MAX_RATE_HZ} Hz")
         self._interval_s = 1.0 / rate_hz
+        self._held_reasons = frozenset(held)
         self._random = random.Random(seed)
         self._views: list[memoryview] = []
         # (stats fd or -1, offset of `blocking`, of `exits` or -1)
@@ -135,7 +136,7 @@ class PySampler:
             self._settle_held(i, stats, counts)
         reason = U32.unpack_from(run, RUN_EXIT_REASON)[0]
         fd, at, exits_at = stats
-        if reason in HELD_REASONS and fd >= 0 and exits_at >= 0:
+        if reason in self._held_reasons and fd >= 0 and exits_at >= 0:
             exits = _stat(fd, exits_at)
             if exits is not None:
                 self._held[i] = (reason, exits)  # counted at the next look
@@ -208,8 +209,8 @@ def make_sampler(rate_hz: float, seed: int | None = None) -> Any:
     seed = random.getrandbits(63) if seed is None else seed
     module = native.load("_sampler")
     if module is not None:
-        return module.Sampler(float(rate_hz), seed)
-    return PySampler(rate_hz, seed)
+        return module.Sampler(float(rate_hz), seed, HELD_REASONS)
+    return PySampler(rate_hz, seed, HELD_REASONS)
 
 
 def _stat(fd: int, at: int) -> int | None:
