@@ -1,5 +1,6 @@
 """What the aggregate costs per exit: ExitStats.add_batch on 4096-exit batches of packed records,
-with the C summary (kvmtop.native._summary) and in pure Python, and RecordingWriter.write_batch.
+with the C summary (kvmtop.native._summary) and in pure Python, without and with a RIP record on
+every exit (``--rip``: 16 guest code addresses), and RecordingWriter.write_batch.
 
 python benchmarks/bench_aggregate.py [--batches 200]
 
@@ -10,6 +11,7 @@ EINTR kicks and HLT.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import tempfile
@@ -18,7 +20,7 @@ import time
 from kvmtop.aggregate import batch_summary as summary
 from kvmtop.aggregate.exits import ExitStats
 from kvmtop.formats.recording import RecordingMeta, RecordingWriter
-from kvmtop.model.events import ExitEvent
+from kvmtop.model.events import ExitEvent, GuestRip
 from kvmtop.model.messages import ExitBatch
 from kvmtop.native import load
 
@@ -26,8 +28,9 @@ BATCH = 4096
 START = 10**12
 
 
-def batches(n: int) -> list[ExitBatch]:
+def batches(n: int, rip: bool = False) -> list[ExitBatch]:
     rng = random.Random(1)
+    sites = [GuestRip(0x1000 + 7 * i, 0xF1000 + 7 * i, 0) for i in range(16)]
     t = [START, START + 300]
     out = []
     for _ in range(n):
@@ -48,6 +51,8 @@ def batches(n: int) -> list[ExitBatch]:
                 e = ExitEvent(vcpu, 10, 4, entry, t[vcpu])  # EINTR
             else:
                 e = ExitEvent(vcpu, 5, 0, entry, t[vcpu])  # HLT
+            if rip:
+                e = dataclasses.replace(e, rip=rng.choice(sites))
             events.append(e)
         out.append(ExitBatch.of(events, START, stops=2 * BATCH))
     return out
@@ -79,17 +84,19 @@ def write_batch_us(work: list[ExitBatch]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=200)
-    work = batches(parser.parse_args().batches)
+    count = parser.parse_args().batches
+    work, with_rips = batches(count), batches(count, rip=True)
     print(f"{len(work)} batches of {BATCH} exits, 2 vCPUs, IO/MMIO/INTR/HLT\n")
     print("| step | µs per exit |")
     print("|---|---:|")
-    if load("_summary") is None:
-        print("| ExitStats.add_batch, C summary | (kvmtop.native._summary not built) |")
-    else:
-        print(f"| ExitStats.add_batch, C summary | {add_batch_us(work):.3f} |")
-    os.environ["KVMTOP_PURE"] = "1"  # ExitStats picks its summary when it is made
-    print(f"| ExitStats.add_batch, pure Python | {add_batch_us(work):.3f} |")
-    del os.environ["KVMTOP_PURE"]
+    for name, batch_list in (("", work), (", a RIP on every exit", with_rips)):
+        if load("_summary") is None:
+            print(f"| ExitStats.add_batch{name}, C summary | (kvmtop.native._summary not built) |")
+        else:
+            print(f"| ExitStats.add_batch{name}, C summary | {add_batch_us(batch_list):.3f} |")
+        os.environ["KVMTOP_PURE"] = "1"  # ExitStats picks its summary when it is made
+        print(f"| ExitStats.add_batch{name}, pure Python | {add_batch_us(batch_list):.3f} |")
+        del os.environ["KVMTOP_PURE"]
     t0 = time.perf_counter()
     for batch in work:
         summary.summarize(batch.records, batch.base_ns, 2000)

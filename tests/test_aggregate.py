@@ -24,7 +24,7 @@ from kvmtop.aggregate.exits import (
     reasons_by,
 )
 from kvmtop.formats.report import net_median_text
-from kvmtop.model.events import ExitEvent, VcpuSeen
+from kvmtop.model.events import ExitEvent, GuestRip, VcpuSeen
 from kvmtop.model.messages import ExitBatch
 from kvmtop.native import PURE_ENV, load
 
@@ -318,3 +318,27 @@ def test_exits_are_counted_to_a_moment_by_exit_time_whenever_their_batch_comes()
     stats.add_batch(exits(41, 42))  # late: a whole batch before it
     assert stats.exits_until(45) == (7, 6)
     assert stats.exits_until(50) is None  # not a moment noted
+
+
+def test_guest_code_counts_each_address_by_exits_and_by_the_handling_that_follows_it() -> None:
+    at = {rip: GuestRip(rip, 0xF0000 + rip, 0) for rip in (0x1002, 0x1005)}
+    stats = ExitStats()
+    stats.add_batch(ExitBatch.of([
+        ExitEvent(0, 2, 0, 1_000, 1_100, 0x80, 1 | 1 << 8, 1, rip=at[0x1002]),
+        ExitEvent(1, 2, 0, 1_000, 1_200, 0x80, 1 | 1 << 8, 1, rip=at[0x1005]),
+        ExitEvent(0, 2, 0, 1_400, 1_900, 0x80, 1 | 1 << 8, 1, rip=at[0x1002]),  # handled 300
+    ], 0))  # fmt: skip
+    stats.add_batch(ExitBatch.of([  # the next batch ends both handlings left open
+        ExitEvent(0, 2, 0, 2_000, 2_100, 0x80, 1 | 1 << 8, 1, rip=at[0x1005]),  # handled 100
+        ExitEvent(1, 5, 0, 1_700, 1_800),  # 0x1005's on vCPU 1 handled 500; no RIP of its own
+        ExitEvent(1, 5, 0, 1_900, 2_000),  # not counted: its exit before has no RIP
+    ], 0))  # fmt: skip
+    snap = stats.snapshot()
+    assert snap.rip_seen
+    by_exits = {(r.rip, r.count, r.vmm_ns) for r in snap.rips}
+    assert by_exits == {(0x1002, 2, 300 + 100), (0x1005, 2, 500)}  # 0x1005 on vCPU 0: still open
+    assert [r.rip for r in snap.rips_by_time] == [0x1005, 0x1002]
+    assert all(r.label == "KVM_EXIT_IO" and r.linear == 0xF0000 + r.rip and r.cpl == 0
+               for r in snap.rips)  # fmt: skip
+    vcpu1 = next(v for v in snap.vcpus if v.vcpu == 1).rips
+    assert [(r.rip, r.count, r.vmm_ns) for r in vcpu1] == [(0x1005, 1, 500)]

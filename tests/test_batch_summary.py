@@ -17,10 +17,12 @@ from kvmtop.abi.record_layout import (
     KIND_EXIT,
     KIND_HELD,
     KIND_LONG,
+    KIND_RIP,
     LONG,
+    RIP,
 )
 from kvmtop.aggregate import batch_summary as summary
-from kvmtop.model.events import ExitEvent
+from kvmtop.model.events import ExitEvent, GuestRip
 from kvmtop.model.records import pack_events
 from kvmtop.native import load
 
@@ -48,8 +50,15 @@ held_record = st.builds(  # the times' sums stay within int64, as real ones do
     st.integers(0, 65535), st.integers(0, 2**32 - 1), st.integers(0, 2**61),
     st.integers(0, 2**61), st.sampled_from([0, 1, 2**61]),
 )  # fmt: skip
+rip_record = st.builds(  # few addresses, so that exits share them
+    lambda flags, cpl, rip, linear: RIP.pack(KIND_RIP, flags, cpl, rip, linear),
+    st.sampled_from([0, 1, 3]), st.sampled_from([0, 3, 255]),
+    st.sampled_from([0, 0x1002, 2**64 - 1]), st.sampled_from([0x1002, 0xF1002]),
+)  # fmt: skip
 records_strategy = st.lists(
-    st.one_of(exit_record, exit_record, exit_record, long_record, data_record, held_record),
+    st.one_of(
+        exit_record, exit_record, exit_record, long_record, data_record, held_record, rip_record
+    ),
     max_size=60,
 ).map(b"".join)
 
@@ -84,7 +93,9 @@ def test_a_summary_groups_by_vcpu_reason_and_errno_with_handling_on_the_previous
         ExitEvent(0, 10, 4, 2_000, 2**33, flags=EXIT_CYCLE),  # EINTR, one-stop: no handling
     ]
     records = pack_events(events, 1_000)
-    exits, first, last, groups, seconds, io, mmio, vcpus = summary.summarize(records, 1_000, 2)
+    exits, first, last, groups, seconds, io, mmio, vcpus, rips = summary.summarize(
+        records, 1_000, 2
+    )
     assert (exits, first, last) == (4, 1_100, 2**33)
     assert [g[:7] for g in groups] == [
         (0, 2, 0, 2, 600, 100, 500),
@@ -101,6 +112,7 @@ def test_a_summary_groups_by_vcpu_reason_and_errno_with_handling_on_the_previous
     assert v0[8] == 2 and v0[7] == records[64:]  # its last two exits, as records
     assert v1[:4] == (1, 1, 1_050, 0) and v1[7] == records[32:64]
     assert vcpus[0][3] & F_CYCLE == 0
+    assert rips == [] and v0.last_rip == v1.last_rip == -1  # no RIP records
 
 
 def test_net_handling_takes_off_the_time_the_next_exit_says_its_thread_was_held() -> None:
@@ -122,13 +134,14 @@ def test_net_handling_takes_off_the_time_the_next_exit_says_its_thread_was_held(
         ExitEvent(0, 6, 0, 2_000, 2_100, 0xD0000, 4, 0),  # handled in 100: nothing measured
     ]
     records = pack_events(events, 0)
-    _exits, _f, _l, groups, *_rest, vcpus = summary.summarize(records, 0, 2)
+    summed = summary.summarize(records, 0, 2)
+    groups, vcpus = summed.groups, summed.vcpus
     io = groups[0]
     assert io[8:12] == (2, 400, 100, 300) and io[13:17] == (1, 180, 180, 180)
     assert io[18:] == (0, 250)  # no most: the net is at least 0; the least unseen: 0
-    assert vcpus[0][9:] == (-1, -1, -1)  # its first exit has no HELD record
-    _e, _f, _l, groups, *_rest, vcpus = summary.summarize(records[32:], 0, 2)  # the 2nd first
-    assert vcpus[0][9:] == (120, 50, -1)
+    assert vcpus[0][9:12] == (-1, -1, -1)  # its first exit has no HELD record
+    vcpus = summary.summarize(records[32:], 0, 2).vcpus  # the 2nd first
+    assert vcpus[0][9:12] == (120, 50, -1)
 
 
 def test_the_net_bound_takes_off_the_most_and_the_least_the_stops_held_the_thread() -> None:
@@ -150,6 +163,36 @@ def test_the_net_bound_takes_off_the_most_and_the_least_the_stops_held_the_threa
 def test_records_before_the_first_exit_belong_to_none() -> None:
     orphans = LONG.pack(KIND_LONG, 99) + bytes([KIND_DATA, 3]) + bytes(30)
     records = orphans + pack_events([ExitEvent(0, 5, 0, 10, 20)], 0)
-    exits, *_, vcpus = summary.summarize(records, 0, 5)
-    assert exits == 1 and vcpus[0][7] == records[64:]
+    summed = summary.summarize(records, 0, 5)
+    assert summed.exits == 1 and summed.vcpus[0][7] == records[64:]
     assert struct.unpack_from("<I", records, 64 + 16)[0] == 10
+
+
+@pytest.mark.parametrize("which", ["pure", "native"])
+def test_exits_with_a_rip_count_by_group_and_address_with_the_handling_that_ends_here(
+    which: str,
+) -> None:
+    if which == "native" and native is None:
+        pytest.skip("kvmtop.native._summary is not built")
+    summarize = summary.named_in(native).summarize if which == "native" else summary.summarize
+    at = {0x1002: GuestRip(0x1002, 0xF1002, 0), 0x1005: GuestRip(0x1005, 0xF1005, -1)}
+    events = [
+        ExitEvent(0, 2, 0, 1_000, 1_100, 0x80, 1 | 1 << 8, 1, rip=at[0x1002]),
+        ExitEvent(1, 2, 0, 1_050, 1_060, 0x80, 1 | 1 << 8, 1, rip=at[0x1002]),
+        ExitEvent(0, 2, 0, 1_400, 1_900, 0x80, 1 | 1 << 8, 1, rip=at[0x1002]),  # handled 300
+        ExitEvent(0, 2, 0, 2_000, 2_100, 0x80, 1 | 1 << 8, 1, rip=at[0x1005]),  # handled 100
+        ExitEvent(0, 5, 0, 2_150, 2_200),  # handled 50, after 0x1005; no RIP of its own
+        ExitEvent(
+            1, 2, 0, 1_000, 3_000, 0x80, 1 | 1 << 8, 1, rip=at[0x1005]
+        ),  # entered before 1_060
+    ]
+    summed = summarize(pack_events(events, 0), 0, 0)
+    io0, io1 = 0, 1  # the groups: (vCPU 0, IO), (vCPU 1, IO), then (vCPU 0, HLT)
+    assert [g[:3] for g in summed.groups] == [(0, 2, 0), (1, 2, 0), (0, 5, 0)]
+    assert summed.rips == [
+        (io0, 0x1002, 0xF1002, 0, 2, 2, 300 + 100),  # its second exit's handling ends at 0x1005
+        (io1, 0x1002, 0xF1002, 0, 1, 1, 0),  # handled in -60 ns (clocks of two CPUs): cut at 0
+        (io0, 0x1005, 0xF1005, -1, 1, 1, 50),
+        (io1, 0x1005, 0xF1005, -1, 1, 0, 0),  # its handling is still open
+    ]
+    assert [v.last_rip for v in summed.vcpus] == [-1, 3]  # vCPU 0's last exit has no RIP

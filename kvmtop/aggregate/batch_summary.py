@@ -3,14 +3,16 @@ per exit: the pure-Python twin of ``kvmtop/native/summary.c`` (module ``kvmtop.n
 which must return exactly the same values.
 
 ``summarize(records, base_ns, recent_per_vcpu)`` takes EXIT records each followed by its LONG,
-DATA and HELD records (:mod:`kvmtop.model.records`; LONG or DATA before the first EXIT are passed over),
+DATA and HELD and RIP records (:mod:`kvmtop.model.records`; parts before the first EXIT are passed over),
 t_exit relative to ``base_ns`` (an int64 ns), and returns a :class:`BatchSummary` of named
 tuples (the C twin builds the same types, handed to it once by :func:`named_in`): every count
 is per key, in order of first appearance. A failed run (F_FAILED) has errno = its b and no
 details; a one-stop exit with reason 0 has errno RUN_UNSEEN. Handling is the entry time of an
 exit minus the previous exit time of the same vCPU in this batch, counted in the previous
 exit's group, and not for exits with F_CYCLE; net handling is handling minus the time the exit's
-HELD record says the thread was stopped for the tracer (only exits with one). Each histogram is
+HELD record says the thread was stopped for the tracer (only exits with one). Exits with a RIP
+record (``--rip``) are also counted per (group, rip, linear, cpl), with the handling that ends
+in this batch (each cut at 0), and each vCPU names the RIP entry of its last exit. Each histogram is
 five fields: count, total, min and max (0 when empty) and the buckets, sparse: a flat tuple of
 (bucket, count) pairs in bucket order for the buckets not empty, the bucket of ns being
 :func:`bucket_of` (negative ns counted as 0).
@@ -38,7 +40,9 @@ from kvmtop.abi.record_layout import (
     KIND_LONG,
     KIND_RIP,
     LONG,
+    R_SEGMENTS,
     RECORD_SIZE,
+    RIP,
     RUN_UNSEEN,
 )
 from kvmtop.xlat_exit import ExitReason
@@ -125,6 +129,18 @@ class MmioSummary(NamedTuple):
     count: int
 
 
+class RipSummary(NamedTuple):
+    """The exits of one group at one guest code address (those with a RIP record: ``--rip``)."""
+
+    group: int  # the index of its GroupSummary
+    rip: int
+    linear: int
+    cpl: int  # -1: not known (the RIP record's R_SEGMENTS clear)
+    count: int
+    handling_count: int  # the VMM's handling of these exits that ended in this batch
+    handling_total: int  # each handling cut at 0
+
+
 class VcpuSummary(NamedTuple):
     """One vCPU's exits in the batch: what pairs them with the batches before and after."""
 
@@ -140,6 +156,7 @@ class VcpuSummary(NamedTuple):
     first_held_ns: int  # its first exit's time stopped for the tracer (-1: no HELD record)
     first_held_least_ns: int
     first_held_most_ns: int  # -1: no HELD record, or no most
+    last_rip: int  # the RipSummary of its last exit (-1: that exit had no RIP record)
 
 
 class BatchSummary(NamedTuple):
@@ -151,12 +168,13 @@ class BatchSummary(NamedTuple):
     io: list[IoSummary]
     mmio: list[MmioSummary]
     vcpus: list[VcpuSummary]
+    rips: list[RipSummary]
 
 
 def named_in(module: ModuleType) -> ModuleType:
     """``module`` (``kvmtop.native._summary``), told to build these named tuples."""
     module.name_types(BatchSummary, GroupSummary, SecondSummary, IoSummary, MmioSummary,
-                      VcpuSummary)  # fmt: skip
+                      VcpuSummary, RipSummary)  # fmt: skip
     return module
 
 
@@ -175,19 +193,20 @@ def held_times(seen: int, unseen: int, unseen_low: int, unseen_high: int) -> tup
 
 def _exits(
     records: bytes | bytearray | memoryview,
-) -> Iterator[tuple[int, int, Any, int, tuple[int, int, int]]]:
-    """(first record, record after its last, EXIT fields, guest ns, held_times or NOT_HELD) per
-    exit."""
+) -> Iterator[tuple[int, int, Any, int, tuple[int, int, int], Any]]:
+    """(first record, record after its last, EXIT fields, guest ns, held_times or NOT_HELD, RIP
+    fields or None) per exit."""
     check_records(records)
     pending: Any = None
+    rip: Any = None
     start = guest = 0
     held = NOT_HELD
     for i, fields in enumerate(EXIT.iter_unpack(records)):
         kind = fields[0]
         if kind == KIND_EXIT:
             if pending is not None:
-                yield start, i, pending, guest, held
-            pending, start, guest, held = fields, i, fields[5], NOT_HELD
+                yield start, i, pending, guest, held, rip
+            pending, start, guest, held, rip = fields, i, fields[5], NOT_HELD, None
         elif kind == KIND_LONG:
             if pending is not None:
                 guest = LONG.unpack(EXIT.pack(*fields))[1]
@@ -195,10 +214,13 @@ def _exits(
             if pending is not None:
                 _k, _stops, low, seen, unseen, high = HELD.unpack(EXIT.pack(*fields))
                 held = held_times(seen, unseen, low, high)
-        elif kind != KIND_DATA and kind != KIND_RIP:
+        elif kind == KIND_RIP:
+            if pending is not None:
+                rip = RIP.unpack(EXIT.pack(*fields))
+        elif kind != KIND_DATA:
             raise ValueError(f"record {i} has kind {kind}: not an exit record")
     if pending is not None:
-        yield start, len(records) // RECORD_SIZE, pending, guest, held
+        yield start, len(records) // RECORD_SIZE, pending, guest, held, rip
 
 
 class _Hist:
@@ -238,7 +260,7 @@ class _NetBound:
 
 class _VcpuPass:
     __slots__ = ("exits", "first_entry", "first_flags", "first_held", "last_exit", "last_group",
-                 "last_key", "spans")  # fmt: skip
+                 "last_key", "last_rip", "spans")  # fmt: skip
 
     def __init__(self, entry: int, flags: int, held: tuple[int, int, int], recent: int) -> None:
         self.exits = 0
@@ -248,6 +270,7 @@ class _VcpuPass:
         self.last_exit = 0
         self.last_group: tuple[_Hist, _Hist, _Hist, _NetBound] | None = None
         self.last_key = (0, 0)
+        self.last_rip: list[int] | None = None  # its last exit's entry in the RIP table
         self.spans: deque[tuple[int, int]] = deque(maxlen=recent)
 
 
@@ -261,9 +284,10 @@ def summarize(
     io: dict[tuple[int, int, bool, int], int] = {}
     mmio: dict[tuple[int, int, int, bool], int] = {}
     vcpus: dict[int, _VcpuPass] = {}
+    rips: dict[tuple[int, int, int, int], list[int]] = {}  # -> [index, count, handlings, total]
     exits = 0
     first_exit = last_exit = None
-    for start, end, fields, guest, held in _exits(records):
+    for start, end, fields, guest, held, rip in _exits(records):
         _kind, flags, vcpu, reason, t_exit, _guest, b, a = fields
         errno = 0
         write = bool(flags & F_WRITE)
@@ -289,10 +313,22 @@ def summarize(
             if held[0] >= 0:
                 state.last_group[2].add(handling - held[0])
                 state.last_group[3].add(handling, held[1], held[2])
+            if state.last_rip is not None:
+                state.last_rip[2] += 1
+                state.last_rip[3] += max(0, handling)
         state.exits += 1
         state.last_exit = exit_ns
         state.last_group = group[:4]
         state.last_key = (reason, errno)
+        state.last_rip = None
+        if rip is not None:
+            _k, rip_flags, cpl, address, linear = rip
+            site = (group[4], address, linear, cpl if rip_flags & R_SEGMENTS else -1)
+            entry = rips.get(site)
+            if entry is None:
+                entry = rips[site] = [len(rips), 0, 0, 0]
+            entry[1] += 1
+            state.last_rip = entry
         if recent:
             state.spans.append((start, end))
         second = (group[4], exit_ns // NS)
@@ -333,7 +369,9 @@ def summarize(
                 b"".join(view[a * RECORD_SIZE : z * RECORD_SIZE] for a, z in s.spans),
                 len(s.spans),
                 *s.first_held,
+                -1 if s.last_rip is None else s.last_rip[0],
             )
             for vcpu, s in vcpus.items()
         ],
+        [RipSummary(*site, *entry[1:]) for site, entry in rips.items()],
     )

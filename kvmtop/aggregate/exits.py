@@ -568,7 +568,7 @@ class ExitStats:
                 summed = self._summarize(batch.records, batch.base_ns, self.recent_capacity)
                 self._add(summed, batch.base_ns)
                 self._count_to_moments(summed, batch.records, batch.base_ns)
-                self.guest_code.add(batch.records, batch.base_ns, self._label)
+                self.guest_code.add(summed, self._label)
             if batch.coalesced:
                 self.coalesced.add(batch.coalesced, self._vcpu)
                 self.hardware.add(batch.coalesced)

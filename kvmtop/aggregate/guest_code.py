@@ -1,32 +1,18 @@
 """Which guest code makes the exits (``--rip``): per vCPU and for the VM, each exit reason's
 guest RIPs by exits and by the VMM's time handling them, in bounded tables (Space-Saving beyond
-``capacity`` keys, as the IO ports are). Fed with a batch's records; costs a pass over a batch
-only when it holds RIP records. Pure: no I/O, no names (symbols are the views' business).
+``capacity`` keys, as the IO ports are). Fed with a batch's summary
+(:mod:`kvmtop.aggregate.batch_summary`: the exits counted per address in its one pass), at a
+cost per address, never per exit. Pure: no I/O, no names (symbols are the views' business).
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any
 
-from kvmtop.abi.record_layout import (
-    EXIT,
-    F_CYCLE,
-    F_FAILED,
-    KIND_EXIT,
-    KIND_LONG,
-    KIND_RIP,
-    LONG,
-    R_SEGMENTS,
-    RECORD_SIZE,
-    RIP,
-    RUN_UNSEEN,
-)
+from kvmtop.abi.record_layout import F_CYCLE
+from kvmtop.aggregate.batch_summary import BatchSummary
 from kvmtop.aggregate.top_counter import TopCounter
-
-_KIND_RIP = bytes([KIND_RIP])
-_GUEST = struct.Struct("<I")  # an EXIT record's guest_ns, at byte 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,48 +64,29 @@ class GuestCodeCounts:
             found = self.vcpus[vcpu] = GuestCode(self.capacity)
         return found
 
-    def add(self, records: bytes | bytearray | memoryview, base_ns: int, label_of: Any) -> None:
-        """A batch's records (time order per vCPU); ``label_of(reason, errno)`` names a reason."""
-        view = memoryview(records)
-        kinds = bytes(view[0::RECORD_SIZE])
-        if _KIND_RIP not in kinds:
+    def add(self, summed: BatchSummary, label_of: Any) -> None:
+        """A batch's summary (its ``rips``, counted in its one pass); ``label_of(reason, errno)``
+        names a reason. Each vCPU's first exit ends the handling its last one left open."""
+        if not summed.rips and not self._open:
             return
-        self.seen = True
-        exit_at = rip_at = -1
-        guest = 0
-        for i, kind in enumerate(kinds):
-            if kind == KIND_EXIT:
-                if exit_at >= 0:
-                    self._count(view, exit_at, guest, rip_at, base_ns, label_of)
-                exit_at, rip_at = i, -1
-                guest = _GUEST.unpack_from(view, i * RECORD_SIZE + 16)[0]
-            elif kind == KIND_LONG:
-                guest = LONG.unpack_from(view, i * RECORD_SIZE)[1]
-            elif kind == KIND_RIP:
-                rip_at = i
-        if exit_at >= 0:
-            self._count(view, exit_at, guest, rip_at, base_ns, label_of)
-
-    def _count(self, view: memoryview, at: int, guest: int, rip_at: int, base_ns: int,
-               label_of: Any) -> None:  # fmt: skip
-        """One exit (its RIP record at ``rip_at``, -1: none): counted, and the end of its
-        vCPU's previous exit's handling."""
-        _kind, flags, vcpu, reason, t_exit, _g, b, _a = EXIT.unpack_from(view, at * RECORD_SIZE)
-        exit_ns = base_ns + t_exit
-        last = self._open.pop(vcpu, None)
-        tables = (self.of(vcpu), self.vm)
-        if last is not None and not flags & F_CYCLE:  # the previous exit's handling ends here
-            handling = max(0, exit_ns - guest - last[1])
-            for table in tables:
-                table.times.add(last[0], handling)
-        if rip_at < 0:
-            return
-        _k, rflags, cpl, rip, linear = RIP.unpack_from(view, rip_at * RECORD_SIZE)
-        errno = b if flags & F_FAILED else (RUN_UNSEEN if flags & F_CYCLE and reason == 0 else 0)
-        key = (label_of(reason, errno), rip, linear, cpl if rflags & R_SEGMENTS else -1)
-        for table in tables:
-            table.exits.add(key, 1)
-        self._open[vcpu] = (key, exit_ns)
+        self.seen = self.seen or bool(summed.rips)
+        keys = []
+        for site in summed.rips:
+            group = summed.groups[site.group]
+            key = (label_of(group.reason, group.errno), site.rip, site.linear, site.cpl)
+            keys.append(key)
+            for table in (self.of(group.vcpu), self.vm):
+                table.exits.add(key, site.count)
+                if site.handling_count:
+                    table.times.add(key, site.handling_total)
+        for vcpu in summed.vcpus:
+            last = self._open.pop(vcpu.vcpu, None)
+            if last is not None and not vcpu.first_flags & F_CYCLE:
+                handling = max(0, vcpu.first_entry_ns - last[1])
+                for table in (self.of(vcpu.vcpu), self.vm):
+                    table.times.add(last[0], handling)
+            if vcpu.last_rip >= 0:
+                self._open[vcpu.vcpu] = (keys[vcpu.last_rip], vcpu.last_exit_ns)
 
     def reset(self) -> None:
         self.vm = GuestCode(self.capacity)

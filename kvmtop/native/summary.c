@@ -4,8 +4,9 @@
  *   summarize(records, base_ns, recent_per_vcpu) -> the summary tuple kvmtop/aggregate/batch_summary.py
  *                 documents, value for value (that file is the reference this one is tested
  *                 against): counts, guest and handling log2 histograms and per-second counts
- *                 per (vcpu, reason, errno), IO and MMIO key counts, and per vCPU what the
- *                 aggregate needs across batches plus the records of its last exits.
+ *                 per (vcpu, reason, errno), IO and MMIO key counts, the exits with a RIP
+ *                 record per (group, rip, linear, cpl) with their handling, and per vCPU what
+ *                 the aggregate needs across batches plus the records of its last exits.
  *
  * It owns no state between calls and no label, no rate, no top table: Python keeps those. The
  * records (docs/recording-format.md) are read with the GIL released; it hands back with
@@ -164,8 +165,17 @@ struct vcpu { /* key: vcpu */
     struct held first_held; /* its first exit's (for the pair across batches) */
     uint32_t last_reason, last_errno;
     size_t last_group;
+    long last_rip; /* the RIP entry of its last exit; -1: that exit had no RIP record */
     size_t want, taken, span0; /* its recent exits: how many, found so far, first in spans */
 };
+
+struct rip_site { /* key: group index | (cpl + 1) << 48, rip, linear */
+    struct key key;
+    uint64_t count, handlings;
+    i128 handling_total; /* each handling cut at 0 */
+};
+
+#define RIP_CPL_SHIFT 48
 
 struct span {
     size_t start, end; /* records start..end-1: an exit with its LONG and DATA records */
@@ -175,7 +185,7 @@ struct pass {
     const uint8_t *buf;
     size_t nrec, recent;
     i128 base;
-    struct table groups, seconds, io, mmio, vcpus;
+    struct table groups, seconds, io, mmio, vcpus, rips;
     struct span *spans;
     uint64_t exits;
     i128 first_exit, last_exit;
@@ -195,7 +205,9 @@ static int count_add(struct table *t, uint64_t a, uint64_t b, uint64_t c) {
     return 0;
 }
 
-static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, struct held held) {
+/* One exit: r its EXIT record, rip its RIP record (NULL: none). */
+static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, struct held held,
+                    const uint8_t *rip) {
     unsigned flags = r[EXIT_AT_FLAGS];
     uint16_t vcpu_id = le16(r + EXIT_AT_VCPU);
     uint32_t reason = le32(r + EXIT_AT_REASON), b = le32(r + EXIT_AT_B), run_errno = 0;
@@ -220,6 +232,7 @@ static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, struct hel
         v->first_entry = entry_ns;
         v->first_flags = flags;
         v->first_held = held;
+        v->last_rip = -1;
     } else if (!(flags & F_CYCLE)) { /* one-stop: the run and the handling are not told apart */
         struct group *last = table_at(&p->groups, v->last_group);
         i128 handling = entry_ns - v->last_exit;
@@ -229,12 +242,26 @@ static int add_exit(struct pass *p, const uint8_t *r, uint64_t guest, struct hel
             last->net_low += held.most >= 0 ? handling - held.most : 0; /* no most: at least 0 */
             last->net_high += handling - held.least;
         }
+        if (v->last_rip >= 0) {
+            struct rip_site *site = table_at(&p->rips, (size_t)v->last_rip);
+            site->handlings++;
+            site->handling_total += handling < 0 ? 0 : handling;
+        }
     }
     v->exits++;
     v->last_exit = exit_ns;
     v->last_group = (size_t)gi;
     v->last_reason = reason;
     v->last_errno = run_errno;
+    v->last_rip = -1;
+    if (rip) {
+        int cpl = rip[RIP_AT_FLAGS] & R_SEGMENTS ? rip[RIP_AT_CPL] : -1;
+        long ri = table_get(&p->rips, (uint64_t)gi | (uint64_t)(cpl + 1) << RIP_CPL_SHIFT,
+                            le64(rip + RIP_AT_RIP), le64(rip + RIP_AT_LINEAR));
+        if (ri < 0) return -1;
+        ((struct rip_site *)table_at(&p->rips, (size_t)ri))->count++;
+        v->last_rip = ri;
+    }
 
     int64_t second = (int64_t)floor_div(exit_ns, NS_PER_S);
     if (count_add(&p->seconds, (uint64_t)gi, (uint64_t)second, 0) < 0) return -1;
@@ -266,6 +293,7 @@ static void group_records(struct pass *p) {
         }
         uint64_t guest = le32(buf + i * RECORD_SIZE + EXIT_AT_GUEST_NS);
         struct held held = {-1, -1, -1};
+        const uint8_t *rip = NULL;
         size_t j = i + 1;
         for (; j < p->nrec; j++) {
             const uint8_t *part = buf + j * RECORD_SIZE;
@@ -277,11 +305,13 @@ static void group_records(struct pass *p) {
                 held.estimate = seen + (int64_t)le64(part + HELD_AT_UNSEEN_NS);
                 held.least = seen + (int64_t)le32(part + HELD_AT_UNSEEN_LOW_NS);
                 held.most = high ? seen + high : -1;
-            } else if (part[0] != KIND_DATA && part[0] != KIND_RIP) {
+            } else if (part[0] == KIND_RIP) {
+                rip = part;
+            } else if (part[0] != KIND_DATA) {
                 break;
             }
         }
-        if (add_exit(p, buf + i * RECORD_SIZE, guest, held) < 0) {
+        if (add_exit(p, buf + i * RECORD_SIZE, guest, held, rip) < 0) {
             p->err = 1;
             return;
         }
@@ -377,8 +407,8 @@ static PyObject *vcpu_recent(const struct pass *p, const struct vcpu *v) {
 }
 
 /* The named tuple types kvmtop/aggregate/batch_summary.py declares (name_types): the summary,
-   a group, a second, an IO port, an MMIO address, a vCPU. Unset: plain tuples. */
-enum { T_SUMMARY, T_GROUP, T_SECOND, T_IO, T_MMIO, T_VCPU, T_COUNT };
+   a group, a second, an IO port, an MMIO address, a vCPU, a RIP. Unset: plain tuples. */
+enum { T_SUMMARY, T_GROUP, T_SECOND, T_IO, T_MMIO, T_VCPU, T_RIP, T_COUNT };
 static PyTypeObject *named_types[T_COUNT];
 
 /* ``tuple`` as an instance of the named tuple type ``which`` (a tuple subclass, built as
@@ -402,8 +432,8 @@ static PyObject *named(PyObject *tuple, int which) {
 static PyObject *name_types(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *types[T_COUNT];
-    if (!PyArg_ParseTuple(args, "OOOOOO:name_types", &types[0], &types[1], &types[2], &types[3],
-                          &types[4], &types[5]))
+    if (!PyArg_ParseTuple(args, "OOOOOOO:name_types", &types[0], &types[1], &types[2],
+                          &types[3], &types[4], &types[5], &types[6]))
         return NULL;
     for (int i = 0; i < T_COUNT; i++)
         if (!PyType_Check(types[i]) || !PyType_IsSubtype((PyTypeObject *)types[i], &PyTuple_Type))
@@ -417,8 +447,8 @@ static PyObject *name_types(PyObject *self, PyObject *args) {
 
 static PyObject *summary_value(const struct pass *p) {
     PyObject *groups = PyList_New(0), *seconds = PyList_New(0), *io = PyList_New(0);
-    PyObject *mmio = PyList_New(0), *vcpus = PyList_New(0);
-    if (!groups || !seconds || !io || !mmio || !vcpus) goto fail;
+    PyObject *mmio = PyList_New(0), *vcpus = PyList_New(0), *rips = PyList_New(0);
+    if (!groups || !seconds || !io || !mmio || !vcpus || !rips) goto fail;
     for (size_t i = 0; i < p->groups.n; i++) {
         const struct group *g = table_at((struct table *)&p->groups, i);
         if (append(groups, named(Py_BuildValue("(kkk" HIST_FORMAT HIST_FORMAT HIST_FORMAT "NN)",
@@ -456,7 +486,7 @@ static PyObject *summary_value(const struct pass *p) {
     }
     for (size_t i = 0; i < p->vcpus.n; i++) {
         const struct vcpu *v = table_at((struct table *)&p->vcpus, i);
-        if (append(vcpus, named(Py_BuildValue("(kKNINkkNnLLL)", (unsigned long)v->key.k[0],
+        if (append(vcpus, named(Py_BuildValue("(kKNINkkNnLLLl)", (unsigned long)v->key.k[0],
                                         (unsigned long long)v->exits,
                                         long_from_i128(v->first_entry), v->first_flags,
                                         long_from_i128(v->last_exit),
@@ -464,7 +494,19 @@ static PyObject *summary_value(const struct pass *p) {
                                         (unsigned long)v->last_errno, vcpu_recent(p, v),
                                         (Py_ssize_t)v->want, (long long)v->first_held.estimate,
                                         (long long)v->first_held.least,
-                                        (long long)v->first_held.most), T_VCPU)) < 0)
+                                        (long long)v->first_held.most, v->last_rip), T_VCPU)) < 0)
+            goto fail;
+    }
+    for (size_t i = 0; i < p->rips.n; i++) {
+        const struct rip_site *r = table_at((struct table *)&p->rips, i);
+        uint64_t k0 = r->key.k[0];
+        if (append(rips, named(Py_BuildValue("(KKKiKKN)", (unsigned long long)(k0 & ((1ull << RIP_CPL_SHIFT) - 1)),
+                                             (unsigned long long)r->key.k[1],
+                                             (unsigned long long)r->key.k[2],
+                                             (int)(k0 >> RIP_CPL_SHIFT) - 1,
+                                             (unsigned long long)r->count,
+                                             (unsigned long long)r->handlings,
+                                             long_from_i128(r->handling_total)), T_RIP)) < 0)
             goto fail;
     }
     PyObject *first = Py_None, *last = Py_None;
@@ -480,14 +522,15 @@ static PyObject *summary_value(const struct pass *p) {
         Py_INCREF(first);
         Py_INCREF(last);
     }
-    return named(Py_BuildValue("(KNNNNNNN)", (unsigned long long)p->exits, first, last, groups,
-                               seconds, io, mmio, vcpus), T_SUMMARY);
+    return named(Py_BuildValue("(KNNNNNNNN)", (unsigned long long)p->exits, first, last, groups,
+                               seconds, io, mmio, vcpus, rips), T_SUMMARY);
 fail:
     Py_XDECREF(groups);
     Py_XDECREF(seconds);
     Py_XDECREF(io);
     Py_XDECREF(mmio);
     Py_XDECREF(vcpus);
+    Py_XDECREF(rips);
     return NULL;
 }
 
@@ -513,6 +556,7 @@ static PyObject *summarize(PyObject *self, PyObject *args) {
         .io = {.entry_size = sizeof(struct count)},
         .mmio = {.entry_size = sizeof(struct count)},
         .vcpus = {.entry_size = sizeof(struct vcpu)},
+        .rips = {.entry_size = sizeof(struct rip_site)},
     };
     Py_BEGIN_ALLOW_THREADS
     group_records(&p);
@@ -530,6 +574,7 @@ static PyObject *summarize(PyObject *self, PyObject *args) {
     table_free(&p.io);
     table_free(&p.mmio);
     table_free(&p.vcpus);
+    table_free(&p.rips);
     PyBuffer_Release(&records);
     return out;
 }
@@ -538,7 +583,7 @@ static PyMethodDef methods[] = {
     {"summarize", summarize, METH_VARARGS,
      "summarize(records, base_ns, recent_per_vcpu) -> summary (see kvmtop/aggregate/batch_summary.py)"},
     {"name_types", name_types, METH_VARARGS,
-     "name_types(summary, group, second, io, mmio, vcpu): the named tuple types summarize returns"},
+     "name_types(summary, group, second, io, mmio, vcpu, rip): the named tuple types summarize returns"},
     {NULL, NULL, 0, NULL},
 };
 
