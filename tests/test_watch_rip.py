@@ -66,10 +66,10 @@ def test_the_sampler_counts_a_vcpu_s_rips_only_from_a_look_that_shows_a_run_sinc
         time.sleep(0.1)
         _ns, _looks, before = sampler.take()
         put(pages[0], 0, 0x1234)  # the VMM runs the vCPU again
-        time.sleep(0.05)
+        time.sleep(0.25)  # windows long enough for the counts below at a quarter of the rate
         put(pages[0], ExitReason.MMIO, 0x2000)
         put(pages[1], ExitReason.IO, 0x1300)  # the next exit, seen only in the VMM
-        time.sleep(0.1)
+        time.sleep(0.25)
     finally:
         sampler.stop()
     _ns, looks, after = sampler.take()
