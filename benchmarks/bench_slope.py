@@ -26,6 +26,11 @@ and the debug-exit's ``out 0xf4``), the floor's "total" N + 1 (it reads each exi
 ``KVM_RUN``, so the last ``out 0xf4`` never shows, and the first run's reason 0 does). strace
 writes to /dev/null, as asked, and is not counted.
 
+Against the floor: where ``floor-ptrace2`` ran, each launched row's N2 run time over the
+floor's N2 run time in the same round, median and range. On a busy host one run's slope is
+noise-bound (a round's 100k run can end before its 20k run); this ratio pairs runs that met the
+same drift.
+
 Two-stop waits: the ``-sleeping`` rows run kvmtop with ``KVMTOP_POLL_US=0`` (never poll before
 a wait), what the engine's poll chooser must never be slower than. ``--baseline DIR`` adds the
 two-stop rows once more (``base-``) with the kvmtop in DIR (another checkout, its C modules
@@ -68,6 +73,7 @@ SPIN_ITERATIONS = 6_000_000  # ~1.5 s here; kvmtop attaches in ~0.2 s (0.65 s be
 IO_EXIT = "KVM_EXIT_IO"
 PERF_EVENTS = ["-e", "kvm:kvm_userspace_exit", "-e", "kvm:kvm_pio", "-e", "syscalls:sys_enter_ioctl",
                "--filter", "cmd == 0xae80", "-e", "syscalls:sys_exit_ioctl"]  # fmt: skip
+FLOOR_ROW = "floor-ptrace2"  # the 2-stop floor the 2-stop paths are held to
 ENGINE = "KVMTOP_ENGINE"  # kvmtop's engine (a checkout from before engines ignores it)
 SLEEPING = {"KVMTOP_POLL_US": "0"}  # never poll before a wait
 
@@ -371,6 +377,17 @@ def report(
         latencies = [run.latency for runs in attach.runs.values() for run in runs if run.latency]
         print(f"attach latency (vCPU seen -> kvmtop's 'recording to'): median "
               f"{statistics.median(latencies):.3f} s, max {max(latencies):.3f} s")  # fmt: skip
+    floor = by_name.get(FLOOR_ROW)
+    launched = [t for t in rows if t.reference == "untraced" and t is not floor]
+    if floor is not None and launched:
+        print(f"\n{hi // 1000}k runs against {FLOOR_ROW}, round by round (a run's time over the "
+              "floor's in the same round; within a round the host's drift hits both alike):")  # fmt: skip
+        for t in launched:
+            ratios = [
+                a.seconds / b.seconds for a, b in zip(t.runs[hi], floor.runs[hi], strict=True)
+            ]
+            print(f"  {t.name}: {statistics.median(ratios):.2f}x "
+                  f"[{min(ratios):.2f}..{max(ratios):.2f}]")  # fmt: skip
     for t in rows:
         if t.expected is None:
             continue
