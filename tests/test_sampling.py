@@ -207,3 +207,17 @@ def test_the_watch_names_each_mmio_address_and_its_direction_as_report_does():
     assert first["address"] == 0xFEB02E60 and first["direction"] == "read"
     assert second["name"] == "virtio-mmio 23 (virtio-blk) InterruptACK"
     assert _label(status, 29) == "0xfeb02e60 r InterruptStatus"  # the watch view's pane at 80
+
+
+def test_the_c_sampler_refuses_held_reasons_it_cannot_keep():
+    if importlib.util.find_spec("kvmtop.native._sampler") is None:
+        pytest.skip(
+            "kvmtop.native._sampler is not built (no C compiler or Python headers at install)"
+        )
+    from kvmtop.native import _sampler  # type: ignore[attr-defined]
+
+    _sampler.Sampler(1000.0, 1, tuple(range(17, 25)))  # eight: kept
+    with pytest.raises(ValueError, match="at most 8 held exit reasons"):
+        _sampler.Sampler(1000.0, 1, tuple(range(17, 26)))
+    with pytest.raises(TypeError):
+        _sampler.Sampler(1000.0, 1, ("17",))

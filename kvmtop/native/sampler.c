@@ -279,8 +279,13 @@ static int Sampler_init(Sampler *s, PyObject *args, PyObject *kw) {
     if (held) {
         PyObject *seq = PySequence_Fast(held, "held must be a sequence of exit reasons");
         if (!seq) return -1;
+        if (PySequence_Fast_GET_SIZE(seq) > MAX_HELD) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "at most %d held exit reasons", MAX_HELD);
+            return -1;
+        }
         s->nheld = 0;
-        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && s->nheld < MAX_HELD; i++) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
             unsigned long reason = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
             if (PyErr_Occurred()) return Py_DECREF(seq), -1;
             s->held[s->nheld++] = (uint32_t)reason;
