@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, like every other error."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see kvmtop --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")  # a command's own: kvmtop record
 
     def _print_message(self, message: str, file: IO[str] | None = None) -> None:
         if message:  # argparse's own ignores a failed write (--help into a full disk)
@@ -201,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rip", action="store_true", default=argparse.SUPPRESS,
                       help="also the guest's RIP at every exit")  # fmt: skip
     demo.add_argument("-o", "--output", default=argparse.SUPPRESS, help="also record to this file")
+    parser.set_defaults(commands=sub.choices)  # each command's parser, for its usage errors
     return parser
 
 
@@ -212,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_in, command = args_in[:i], args_in[i + 1 :]
     parser = _parser()
     try:
-        args = parser.parse_args(args_in)
+        args, extra = parser.parse_known_args(args_in)
+        if extra:  # told by the command's parser: its --help lists its options
+            parser = args.commands.get(args.command, parser)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except UsageError as exc:
         print(f"kvmtop: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -683,7 +687,9 @@ def list_processes(as_json: bool) -> int:
         return 0
     print(f"{'PID':>7}  {'USER':<10} {'VCPUS':>5}  COMMAND")
     for p in procs:
-        print(f"{p.pid:>7}  {p.user[:10]:<10} {p.vcpus:>5}  {p.name}  ({' '.join(p.cmdline)[:80]})")
+        print(
+            f"{p.pid:>7}  {p.user[:10]:<10} {p.vcpus:>5}  {p.name}  ({command_text(p.cmdline, 80)})"
+        )
     return 0
 
 

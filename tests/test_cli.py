@@ -25,6 +25,7 @@ from helpers import (
 )
 
 from kvmtop.host.procfs import tracer_pid
+from kvmtop.units import command_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,6 +168,16 @@ def test_stats_count_below_one_is_a_usage_error():
         assert_one_line_error(result, 2, "--count must be 1 or more")
 
 
+def test_an_unknown_option_names_the_help_that_lists_the_options_there():
+    # `-d` is the TUI's refresh delay; record's time limit is --duration
+    assert_one_line_error(kvmtop("record", "-d", "2", "-p", "1"), 2,
+                          "unrecognized arguments: -d 2 (see kvmtop record --help)")  # fmt: skip
+    assert_one_line_error(
+        kvmtop("--bogus"), 2, "unrecognized arguments: --bogus (see kvmtop --help)"
+    )
+    assert_one_line_error(kvmtop("report"), 2, "(see kvmtop report --help)")
+
+
 def test_a_refresh_delay_outside_the_tuis_steps_is_a_usage_error():
     from kvmtop.cli import DELAY_MAX_S, DELAY_MIN_S
     from kvmtop.screens.polled import REFRESH_STEPS
@@ -259,6 +270,11 @@ def test_list_shows_a_running_vmm_with_its_vcpus(processes):
     assert listed[vmm.pid]["name"] == "kvmtop-demo"
     table = kvmtop("list").stdout
     assert str(vmm.pid) in table and "kvmtop-demo" in table
+    (row,) = [line for line in table.splitlines() if line.split()[0] == str(vmm.pid)]
+    argv = demo_command(vcpus=3)  # 93 characters: cut between arguments, saying how many are left
+    assert row.endswith(f"({command_text(argv, 80)})"), row
+    shown = row.split("  (", 1)[1].split(" … (+")[0].split()
+    assert shown == argv[: len(shown)] and f"… (+{len(argv) - len(shown)} more)" in row, row
 
 
 @pytest.mark.kvm
