@@ -297,6 +297,24 @@ async def test_at_80x24_the_list_shows_every_column_and_the_status_line_its_vcpu
         await pilot.press("q")
 
 
+def test_a_narrow_status_line_leaves_out_whole_fields_and_cuts_only_the_file_name():
+    from rich.text import Text
+
+    from kvmtop.widgets.status_line import NAME_SHOWN, fitted
+
+    fields = [Text(" attached "), Text("   exits 1.2M"), Text("   lost 0"), Text("   no stops")]
+    assert fitted(fields, 31, cut_last=False).plain == " attached    exits 1.2M"
+    assert fitted(fields, 32, cut_last=False).plain == " attached    exits 1.2M   lost 0"
+    assert fitted(fields, 42, cut_last=False).plain == " attached    exits 1.2M   lost 0"
+    assert fitted(fields, 43, cut_last=False).plain.endswith("lost 0   no stops")
+    assert fitted(fields, 0, cut_last=False).plain.endswith("no stops")  # not laid out yet
+    named = [*fields[:3], Text("   recording to /tmp/" + "r" * 40 + ".kvmtop")]
+    shown = fitted(named, 32 + NAME_SHOWN, cut_last=True).plain
+    assert shown.startswith(" attached    exits 1.2M   lost 0   recording") and shown.endswith("…")
+    assert len(shown) == 32 + NAME_SHOWN
+    assert fitted(named, 32 + NAME_SHOWN - 1, cut_last=True).plain.endswith("lost 0")
+
+
 async def test_command_palette_lists_the_screens_actions_and_runs_them(fixed):
     app = KvmtopApp(replay=fixed)
     async with app.run_test(size=SIZE) as pilot:
@@ -1498,10 +1516,11 @@ async def test_detach_clock_counts_from_the_detach_and_o_shows_the_recording(tmp
     demo = start_demo(processes)
     out = tmp_path / "demo.kvmtop"
     app = KvmtopApp(pid=demo.pid, record_path=str(out))
-    async with app.run_test(size=(80, 24)) as pilot:
+    async with app.run_test(size=(160, 48)) as pilot:
         await until(pilot, lambda: app.attached_pid == demo.pid, what="attached")
+        # the file's name as far as it fits (its end cut, with …, on a narrow line)
         await until(pilot, lambda: "● rec " in status_text(app)
-                    and f"recording to {out}" in status_text(app), what="rec shown")  # fmt: skip
+                    and f"recording to {str(out)[:12]}" in status_text(app), what="rec shown")  # fmt: skip
         await pilot.pause(2.2)
         await pilot.press("d")
         await until(pilot, lambda: app.session.state is SessionState.ENDED, what="detached")
