@@ -67,9 +67,11 @@ def exits_until(seconds: float) -> int:
     return sum(e.exit_ns <= START + seconds * S for e in events())
 
 
-def burst(app, *keys: str) -> None:
+async def burst(app, *keys: str) -> None:
     """Keys arriving in one write, as a paste or keys coalesced over SSH do: all queued before
-    the app handles the first (pilot.press waits for the app to go idle after each key)."""
+    the app handles the first (pilot.press waits for the app to go idle after each key). Back
+    once the app has taken them all (behind them in its queue): from then on
+    ``app.keys_pending`` says whether they have all acted."""
     for key in keys:
         if len(key) == 1:  # a character: the key a terminal's keys are parsed to ("space", "I")
             key, char = _character_to_key(key), key
@@ -77,11 +79,13 @@ def burst(app, *keys: str) -> None:
             char = {"slash": "/", "enter": "\r", "space": " ", "greater_than_sign": ">",
                     "less_than_sign": "<"}.get(key)  # fmt: skip
         app.post_message(Key(key, char))
+    taken = asyncio.Event()
+    app.call_later(taken.set)
+    await asyncio.wait_for(taken.wait(), 30)
 
 
 async def routed(pilot) -> None:
     """Until every key sent has acted (each waits for the one before it), and been drawn."""
-    await pilot.pause(0.05)  # the app takes the keys sent
     await until(pilot, lambda: not pilot.app.keys_pending, what="keys routed")
     await pilot.pause(0.1)
 
@@ -458,19 +462,19 @@ async def test_keys_typed_in_one_burst_after_slash_all_go_to_the_filter():
         screen = app.screen
         await until(pilot, lambda: screen.listed, what="listed")
         for typed in ("qemu", "sss", "demo", "kmad?"):  # each letter also a key of the list
-            burst(app, "slash", *typed)
+            await burst(app, "slash", *typed)
             await routed(pilot)
             assert app.is_running and app.screen is screen and app.session is None
             assert screen.filter.text == typed and screen.sort_key == "PID"
             await pilot.press("escape")
             assert screen.filter.text == ""
-        burst(app, "slash", *"qx", "backspace", *"emu")
+        await burst(app, "slash", *"qx", "backspace", *"emu")
         await routed(pilot)
         assert screen.filter.text == "qemu"
-        burst(app, "escape", "s")  # Esc closes the filter: `s` sorts again
+        await burst(app, "escape", "s")  # Esc closes the filter: `s` sorts again
         await routed(pilot)
         assert screen.filter.text == "" and screen.sort_key == "USER"
-        burst(app, "slash", *"web", "enter", "s")  # Enter keeps the filter: `s` sorts again
+        await burst(app, "slash", *"web", "enter", "s")  # Enter keeps the filter: `s` sorts again
         await routed(pilot)
         assert screen.filter.text == "web" and screen.sort_key == "COMMAND"
         await pilot.press("q")
@@ -487,11 +491,11 @@ async def test_the_list_filter_anchors_to_each_field_and_says_when_it_is_no_rege
         for typed, pids in (("^42", [4242]), ("42$", [4242]), ("^4242$", [4242]),
                             ("^web-1$", [4242]), ("^alice$", [5151]), ("^(root|alice)$", [4242, 5151]),
                             ("sock /tmp/fc$", [5151]), ("^fc$", [])):  # fmt: skip
-            burst(app, "slash", *typed, "enter")
+            await burst(app, "slash", *typed, "enter")
             await routed(pilot)
             assert screen.filter.text == typed and listed_order(screen) == pids, typed
             await pilot.press("escape")
-        burst(app, "slash", *"[(")
+        await burst(app, "slash", *"[(")
         await routed(pilot)
         assert listed_order(screen) == []
         empty = str(screen.query_one("#empty").render())
@@ -527,16 +531,16 @@ async def test_process_list_sorts_by_any_column_either_way_by_key_or_header_clic
         screen = app.screen
         await until(pilot, lambda: screen.listed, what="listed")
         assert listed_order(screen) == [4242, 5151, 6060] and sorted_header(screen) == "PID▲"
-        burst(app, *["greater_than_sign"] * 8)  # htop's `>`, in one burst: to KVM EXITS/S
+        await burst(app, *["greater_than_sign"] * 8)  # htop's `>`, in one burst: to KVM EXITS/S
         await routed(pilot)
         assert sorted_header(screen) == "KVM EXITS/S▼"
         assert listed_order(screen) == [6060, 4242, 5151]  # the busiest first, unknown last
-        burst(app, "I")  # htop's invert
+        await burst(app, "I")  # htop's invert
         await routed(pilot)
         assert (
             listed_order(screen) == [5151, 4242, 6060] and sorted_header(screen) == "KVM EXITS/S▲"
         )
-        burst(app, "less_than_sign")  # a new column: its own natural order again
+        await burst(app, "less_than_sign")  # a new column: its own natural order again
         await routed(pilot)
         assert sorted_header(screen) == "TRACED BY▲"
         assert listed_order(screen) == [4242, 6060, 5151]  # untraced first, ties by pid
@@ -727,13 +731,13 @@ async def test_slash_filters_the_exit_log_with_keys_in_one_burst_and_esc_clears_
         every = list(log.lines)
         assert any("HLT" in line for line in every) and any("0xcfc" in line for line in every)
         paused = app.replay.paused
-        burst(app, "slash", *"hlt|0x3f8")  # `h` is help, `|` and `0` are keys elsewhere
+        await burst(app, "slash", *"hlt|0x3f8")  # `h` is help, `|` and `0` are keys elsewhere
         await routed(pilot)
         assert app.screen is screen and screen.filter.text == "hlt|0x3f8"
         shown = exit_lines(log)
         assert shown and all(re.search("HLT|0x3f8", line) for line in shown)
         assert {line for line in every if "HLT" in line} <= set(shown)  # none left out
-        burst(app, "escape", "slash", *"in port", "enter")  # space pauses a replay, not here
+        await burst(app, "escape", "slash", *"in port", "enter")  # space pauses a replay, not here
         await routed(pilot)
         assert app.replay.paused == paused and screen.filter.text == "in port"
         assert exit_lines(log) and all("IO in port=0xcfc" in line for line in exit_lines(log))
@@ -937,7 +941,7 @@ async def test_enter_three_times_fast_opens_one_vcpu_screen(fixed):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("end")
         await settle(pilot)
-        burst(app, "enter", "enter", "enter")
+        await burst(app, "enter", "enter", "enter")
         await until(pilot, lambda: isinstance(app.screen, VcpuScreen), what="drill-down")
         await pilot.pause(0.3)
         assert sum(isinstance(s, VcpuScreen) for s in app.screen_stack) == 1
@@ -1039,7 +1043,7 @@ def gone(pid: int) -> bool:
 async def test_every_demo_guest_started_is_stopped_at_quit_also_after_a_detach():
     app = KvmtopApp(process_lister=list)
     async with app.run_test(size=SIZE) as pilot:
-        burst(app, "m", "m", "m")  # typed fast: one demo
+        await burst(app, "m", "m", "m")  # typed fast: one demo
         await until(pilot, lambda: app.attached_pid is not None, what="demo attached")
         first = app.attached_pid
         await pilot.pause(0.3)
@@ -1225,11 +1229,11 @@ async def test_slash_filters_the_kernel_views_counters_by_name_typed_in_one_burs
         screen = app.screen
         grid = screen.query_one(CounterGrid)
         await until(pilot, lambda: "exits" in grid.rows, what="counters shown")
-        burst(app, "slash", *"zkzk")  # `z` shows zeros and `k` goes back, but not after `/`
+        await burst(app, "slash", *"zkzk")  # `z` shows zeros and `k` goes back, but not after `/`
         await routed(pilot)
         assert app.screen is screen and not screen.show_zeros
         assert list(grid.rows) == ["-vm-"]  # no counter is called that
-        burst(app, "escape", "slash", *"^(IO|mmio)_exits$", "enter", "z")  # a regex, any case
+        await burst(app, "escape", "slash", *"^(IO|mmio)_exits$", "enter", "z")  # a regex, any case
         await routed(pilot)
         assert screen.show_zeros and screen.filter.text == "^(IO|mmio)_exits$"
         assert list(grid.rows) == ["io_exits", "mmio_exits", "-vm-"]
@@ -1252,13 +1256,13 @@ async def test_k_typed_twice_in_one_burst_opens_the_kernel_view_and_goes_back(pr
     async with app.run_test(size=SIZE) as pilot:
         await until_counting(pilot, demo.pid)
         attached = app.screen
-        burst(app, "k", "k", "p")
+        await burst(app, "k", "k", "p")
         await until(pilot, lambda: app.held.get(demo.pid) is not None, what="counters taken")
         await until(pilot, lambda: not app.keys_pending, what="every key acted")
         # (a screen a key pushed or popped shows a moment after the key acted: waited for)
         await until(pilot, lambda: app.screen is attached and attached.frozen,
                     what="the attached view frozen: `p` reached it")  # fmt: skip
-        burst(app, "p", "k", "k", "k")  # held now: the view opens at once, and so goes back
+        await burst(app, "p", "k", "k", "k")  # held now: the view opens at once, and so goes back
         await until(pilot, lambda: not app.keys_pending, what="every key acted")
         await until(pilot, lambda: isinstance(app.screen, KernelScreen) and not attached.frozen,
                     what="the kernel view over the running attached view")  # fmt: skip
@@ -1280,15 +1284,15 @@ async def test_keys_in_one_burst_act_in_order_on_the_screen_each_lands_on(proces
     async with app.run_test(size=SIZE) as pilot:
         await list_shows(pilot, demo.pid)
         await pilot.press("slash", *str(demo.pid), "enter")
-        burst(app, "a", "d")
+        await burst(app, "a", "d")
         await until(pilot, lambda: app.session is not None and app.session.pid == demo.pid
                     and app.session.state is SessionState.ENDED, what="attached, then detached")  # fmt: skip
         assert isinstance(app.screen, AttachedScreen) and tracer_pid(demo.pid) == 0
-        burst(app, "escape", "k", "z")
+        await burst(app, "escape", "k", "z")
         await until(pilot, lambda: isinstance(app.screen, KernelScreen), what="kernel view")
         await until(pilot, lambda: not app.keys_pending, what="every key acted")
         await until(pilot, lambda: getattr(app.screen, "show_zeros", False), what="`z` acted")
-        burst(app, "escape", "a", "k", "k", "p")
+        await burst(app, "escape", "a", "k", "k", "p")
         await until(pilot, lambda: app.held.get(demo.pid) is not None and app.attached_pid,
                     what="attached, counters held")  # fmt: skip
         await until(pilot, lambda: not app.keys_pending, what="every key acted")
@@ -1651,7 +1655,7 @@ async def test_w_watches_a_vm_untraced_a_traces_it_and_w_watches_it_again(proces
         assert app.screen is not first and app.session.state is SessionState.ENDED
         assert tracers == {0}
         second = app.screen
-        burst(app, "a", "w")  # traced and watched again, the keys in one burst
+        await burst(app, "a", "w")  # traced and watched again, the keys in one burst
         await until(pilot, lambda: app.screen is not second and watching(app.screen),
                     what="watching after a burst")  # fmt: skip
         assert app.session.state is SessionState.ENDED and tracer_pid(vmm.pid) == 0
@@ -1722,7 +1726,7 @@ async def test_a_then_w_in_one_burst_from_a_first_watch_watches_again(processes,
         await open_listed(pilot, vmm.pid, "w")
         await until(pilot, lambda: isinstance(app.screen, SampledScreen), what="the watch view")
         first = app.screen
-        burst(app, "a", "w")
+        await burst(app, "a", "w")
         await until(pilot, lambda: isinstance(app.screen, SampledScreen) and app.screen is not first
                     and app.screen.feed.latest() is not None, what="watching again")  # fmt: skip
         assert app.session.state in (SessionState.ENDED, SessionState.FAILED)
