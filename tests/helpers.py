@@ -100,14 +100,17 @@ def kvm_fds_of(pid: int) -> list[str]:
 
 
 def wait_for_vcpus(pid: int, count: int = 1, timeout: float = 10.0) -> None:
-    """Until process ``pid`` holds ``count`` vCPU fds (its VM is set up), or fail."""
+    """Until process ``pid`` has mapped the ``kvm_run`` of ``count`` vCPUs (its VM is set up: a
+    VMM maps each vCPU's before it runs it, and after any fd it makes for it, such as the copy
+    Python's mmap keeps), or fail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            with open(f"/proc/{pid}/maps") as maps:
+                mapped = {line.split()[-1] for line in maps if "anon_inode:kvm-vcpu:" in line}
         except OSError:
-            links = []
-        if sum(link.startswith("anon_inode:kvm-vcpu:") for link in links) >= count:
+            mapped = set()
+        if len(mapped) >= count:
             return
         time.sleep(0.01)
     raise AssertionError(f"pid {pid} created no {count} vCPU(s) within {timeout} s")
