@@ -29,7 +29,9 @@ writes to /dev/null, as asked, and is not counted.
 Against the floor: where ``floor-ptrace2`` ran, each launched row's N2 run time over the
 floor's N2 run time in the same round, median and range. On a busy host one run's slope is
 noise-bound (a round's 100k run can end before its 20k run); this ratio pairs runs that met the
-same drift.
+same drift. Every row with a reference also gets its exits/s over the reference's round by
+round: the reference's slope over the row's in the same round, median and range (the tracepoint
+engine's targets are put this way).
 
 Two-stop waits: the ``-sleeping`` rows run kvmtop with ``KVMTOP_POLL_US=0`` (never poll before
 a wait), what the engine's poll chooser must never be slower than. ``--baseline DIR`` adds the
@@ -387,6 +389,16 @@ def report(
                 a.seconds / b.seconds for a, b in zip(t.runs[hi], floor.runs[hi], strict=True)
             ]
             print(f"  {t.name}: {statistics.median(ratios):.2f}x "
+                  f"[{min(ratios):.2f}..{max(ratios):.2f}]")  # fmt: skip
+    paired = [t for t in rows if t.reference in by_name and t.reference != t.name]
+    if paired:
+        print("\nexits/s over the reference's, round by round (the reference's slope over the "
+              "row's, in each round): median [range]")  # fmt: skip
+        for t in paired:
+            ref = by_name[t.reference]
+            ratios = [slope(ref, lo, hi, r) / slope(t, lo, hi, r)
+                      if slope(t, lo, hi, r) > 0 else float("inf") for r in range(rounds)]  # fmt: skip
+            print(f"  {t.name} (over {ref.name}): {statistics.median(ratios):.2f}x "
                   f"[{min(ratios):.2f}..{max(ratios):.2f}]")  # fmt: skip
     for t in rows:
         if t.expected is None:
