@@ -13,7 +13,9 @@
 - **the kernel's part** (``--events``): a C VMM (benchmarks/guests/timed_vmm.c, `out 0x80` with
   no handling) at 20k and 100k exits, the rounds alternating: untraced; with the engine's events
   open and read by its native reader (every event, and smaller sets: what each costs the guest);
-  with every event open and none read (the kernel's writes alone). µs per exit as slopes.
+  with every event open and none read (the kernel's writes alone); with every event holding a
+  BPF program that returns 0 (no event written: where an in-kernel consumer of the same
+  tracepoints would start). µs per exit as slopes.
 
 The host's regime: quiet, or with ``--busy``, ``stress-ng --cpu <CPUs>`` beside the runs.
 Medians over rounds; the header gives the date and regime.
@@ -148,6 +150,61 @@ def events_open(names: tuple[str, ...] | None, read: bool):
     return close
 
 
+def bpf_open(names: tuple[str, ...] | None):
+    """The engine's tracepoints (``names``; None: all) each with a BPF program that returns 0,
+    so that nothing is written for them: what an in-kernel consumer of the same events would
+    start from. One perf event per tracepoint holds it (a tracepoint's programs run on every
+    CPU). A callable that closes them."""
+    import ctypes
+    import struct
+
+    from kvmtop.host.tracefs import tracefs_root
+    from kvmtop.trace import tp_engine
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    # include/uapi/linux/bpf.h: r0 = 0; exit
+    insns = bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])
+    license_ = ctypes.create_string_buffer(b"GPL")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    attr = ctypes.create_string_buffer(struct.pack("<IIQQ", BPF_PROG_TYPE_TRACEPOINT, 2,
+                                                   ctypes.addressof(code),
+                                                   ctypes.addressof(license_)), 128)  # fmt: skip
+    prog = libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, 128)
+    if prog < 0:
+        raise OSError(ctypes.get_errno(), "BPF_PROG_LOAD")
+    fds = [prog]
+    root = tracefs_root()
+    assert root is not None, "no tracefs"
+    for _role, name, _fields, _filter in tp_engine.EVENTS:
+        path = os.path.join(root, "events", name, "id")
+        if (names is not None and name not in names) or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            event_id = int(f.read())
+        # include/uapi/linux/perf_event.h: type, size, config, sample_period
+        pattr = ctypes.create_string_buffer(struct.pack("<IIQQ", PERF_TYPE_TRACEPOINT, 128,
+                                                        event_id, 1), 128)  # fmt: skip
+        fd = libc.syscall(SYS_PERF_EVENT_OPEN, pattr, -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"perf_event_open {name}")
+        fds.append(fd)
+        if libc.ioctl(fd, PERF_EVENT_IOC_SET_BPF, prog) < 0:
+            raise OSError(ctypes.get_errno(), f"PERF_EVENT_IOC_SET_BPF {name}")
+
+    def close() -> None:
+        for fd in reversed(fds):
+            os.close(fd)
+
+    return close
+
+
+SYS_BPF, SYS_PERF_EVENT_OPEN = 321, 298  # arch/x86/entry/syscalls/syscall_64.tbl
+BPF_PROG_LOAD, BPF_PROG_TYPE_TRACEPOINT = 5, 5  # include/uapi/linux/bpf.h
+PERF_TYPE_TRACEPOINT, PERF_FLAG_FD_CLOEXEC = 2, 8  # include/uapi/linux/perf_event.h
+PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
+
+
 def kernel_part(rounds: int) -> dict[str, list[float]]:
     """{row: µs per exit of each round} (see the module's docstring)."""
     from attached import build_timed_vmm
@@ -155,6 +212,7 @@ def kernel_part(rounds: int) -> dict[str, list[float]]:
     rows: dict[str, list[float]] = {"untraced": []}
     rows |= {f"{name}, read": [] for name in EVENT_SETS}
     rows["every event, unread"] = []
+    rows["every event, BPF"] = []
     with tempfile.TemporaryDirectory() as tmp:
         vmm = build_timed_vmm(tmp)
 
@@ -168,9 +226,12 @@ def kernel_part(rounds: int) -> dict[str, list[float]]:
                 name, _sep, how = row.partition(", ")
                 times = []
                 for n in (20_000, 100_000):
-                    close = (
-                        None if row == "untraced" else events_open(EVENT_SETS[name], how == "read")
-                    )
+                    if row == "untraced":
+                        close = None
+                    elif how == "BPF":
+                        close = bpf_open(EVENT_SETS[name])
+                    else:
+                        close = events_open(EVENT_SETS[name], how == "read")
                     try:
                         times.append(wall(n))
                     finally:
