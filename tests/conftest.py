@@ -25,6 +25,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs qemu-system-x86_64 on PATH"))
 
 
+@pytest.fixture(autouse=True)
+def alone_when_asked(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[None]:  # fmt: skip
+    """With several workers (pytest-xdist), a test marked ``alone`` runs with no other test
+    beside it: it takes a lock the others share exclusively, behind a turnstile that stops new
+    tests from starting while it waits. The locks live in the run's temporary directory, which
+    the workers share."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent
+    with (
+        open(shared / "alone.turnstile", "a") as turnstile,
+        open(shared / "alone.lock", "a") as lock,
+    ):
+        if request.node.get_closest_marker("alone") is not None:
+            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        else:
+            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            yield
+        # closing the files lets the locks go
+
+
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     """Append every process a test starts; each is killed (by its pid) at teardown."""
