@@ -28,7 +28,9 @@ from kvmtop.sampling.entry_cost import EntryCost, measure
 from kvmtop.sampling.shares import vmm_own_bound
 from kvmtop.sampling.watcher import Watcher
 
-pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("pure_sampler")]
+# alone: a look's timing is what these test, and another worker's guests move it (a look
+# delays the VMM it shares a CPU with; timers that expire together wake both at once)
+pytestmark = [pytest.mark.kvm, pytest.mark.alone, pytest.mark.usefixtures("pure_sampler")]
 
 
 def tracers(pid: int) -> set[int]:
@@ -156,7 +158,6 @@ def test_kvm_s_own_part_of_each_exit_is_timed_on_a_vm_of_kvmtop_s_own():
     assert entry.text().startswith(f"{entry.ns / 1e3:.1f} µs (entry ")
 
 
-@pytest.mark.alone  # a VMM's own clock is the truth: no other worker's guest beside it
 @pytest.mark.parametrize(
     ("mode", "handler_us", "exits"), [("io", 100, 10_000), ("io-sleep", 1000, 2000)]
 )
@@ -189,7 +190,6 @@ def test_the_vmm_s_own_share_lies_in_the_watch_s_bound_by_the_vmm_s_own_clock(
     assert vcpu.by_reason["KVM_EXIT_IO"].hits == vcpu.vmm.hits  # every look out saw the `out`
 
 
-@pytest.mark.alone  # a VMM's own clock is the truth: no other worker's guest beside it
 def test_each_reason_s_vmm_time_per_exit_lies_in_its_bound_by_a_c_vmm_s_clock(timed_vmm, processes):
     """A C VMM alternates `out` and MMIO writes, spins 100 µs after each `out` and 50 µs after
     each write, and times its KVM_RUN calls to tens of ns: each reason's VMM time per exit, as

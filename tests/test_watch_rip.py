@@ -34,7 +34,8 @@ from kvmtop.sampling.shares import vmm_own_bound
 from kvmtop.sampling.watcher import Watcher
 from kvmtop.xlat_exit import ExitReason
 
-pytestmark = [pytest.mark.usefixtures("pure_sampler")]
+# alone: as tests/test_watch.py
+pytestmark = [pytest.mark.alone, pytest.mark.usefixtures("pure_sampler")]
 
 BOTH = x86_64.KVM_SYNC_X86_REGS | x86_64.KVM_SYNC_X86_SREGS
 _U64 = struct.Struct("<Q")
@@ -120,7 +121,6 @@ def test_the_top_guest_code_of_each_reason_is_the_rip_past_its_exiting_instructi
     assert sum(c.share.hits for c in code.top if c not in top.values()) < 0.01 * code.looks
 
 
-@pytest.mark.alone  # a VMM's own clock is the truth: no other worker's guest beside it
 @pytest.mark.kvm
 def test_the_share_of_the_guest_code_holds_the_vmm_s_own_clock_in_its_bound(timed_vmm, processes):
     """The C VMM sleeps 1 ms after each `out` (each run then begins after a wake-up) and times
