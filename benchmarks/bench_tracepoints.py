@@ -158,7 +158,7 @@ def bpf_open(names: tuple[str, ...] | None):
     import ctypes
     import struct
 
-    from kvmtop.host.tracefs import tracefs_root
+    from kvmtop.host.tracefs import event_format, tracefs_root
     from kvmtop.trace import tp_engine
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -177,11 +177,10 @@ def bpf_open(names: tuple[str, ...] | None):
     root = tracefs_root()
     assert root is not None, "no tracefs"
     for _role, name, _fields, _filter in tp_engine.EVENTS:
-        path = os.path.join(root, "events", name, "id")
-        if (names is not None and name not in names) or not os.path.exists(path):
+        found = event_format(root, name) if names is None or name in names else None
+        if found is None:
             continue
-        with open(path) as f:
-            event_id = int(f.read())
+        event_id = found[0]
         # include/uapi/linux/perf_event.h: type, size, config, sample_period
         pattr = ctypes.create_string_buffer(struct.pack("<IIQQ", PERF_TYPE_TRACEPOINT, 128,
                                                         event_id, 1), 128)  # fmt: skip

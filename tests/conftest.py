@@ -42,15 +42,12 @@ def alone_when_asked(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
         open(shared / "alone.turnstile", "a") as turnstile,
         open(shared / "alone.lock", "a") as lock,
     ):
-        if request.node.get_closest_marker("alone") is not None:
-            fcntl.flock(turnstile, fcntl.LOCK_EX)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-        else:
-            fcntl.flock(turnstile, fcntl.LOCK_EX)
+        alone = request.node.get_closest_marker("alone") is not None
+        fcntl.flock(turnstile, fcntl.LOCK_EX)  # an alone test keeps it while it waits and runs
+        if not alone:
             fcntl.flock(turnstile, fcntl.LOCK_UN)
-            fcntl.flock(lock, fcntl.LOCK_SH)
-            yield
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        yield
         # closing the files lets the locks go
 
 
