@@ -158,6 +158,29 @@ def test_kvm_s_own_part_of_each_exit_is_timed_on_a_vm_of_kvmtop_s_own():
     assert entry.text().startswith(f"{entry.ns / 1e3:.1f} µs (entry ")
 
 
+def test_a_host_that_cannot_time_kvm_s_part_now_is_asked_again_later():
+    """One CPU to run on (as a host whose CPUs are all taken leaves the watching thread none):
+    not timed, and said why; given two, the same process times it, and keeps that."""
+    if importlib.util.find_spec("kvmtop.native._sampler") is None:
+        pytest.skip("kvmtop.native._sampler is not built: KVM's part of each exit is not timed")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    program = (
+        "import os\n"
+        "from kvmtop.sampling.entry_cost import EntryCost, measure\n"
+        f"os.sched_setaffinity(0, {{{cpus[0]}}})\n"
+        "first = measure()\n"
+        f"os.sched_setaffinity(0, {set(cpus)!r})\n"
+        "second = measure()\n"
+        "print(repr(first)); print(isinstance(second, EntryCost), measure() is second)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            timeout=60, check=True)  # fmt: skip
+    first, second = result.stdout.splitlines()
+    assert "it takes two CPUs" in first and second == "True True"
+
+
 @pytest.mark.parametrize(
     ("mode", "handler_us", "exits"), [("io", 100, 10_000), ("io-sleep", 1000, 2000)]
 )

@@ -7,9 +7,11 @@ emulated instruction): so besides the VMM's handling, the samples hold that head
 VM: kvmtop times them once on a VM of its own (``kvmtop.native._sampler.entry_cost``), in a few batches
 some ms apart, and keeps the median over batches of each batch's median (the runs its threads
 were preempted in, on a busy host, are the outliers; a busy moment spoils a batch, not the
-figure: on a host whose CPUs are all busy, about 1 batch in 3 is spoilt, so more are tried,
+figure: on a host whose CPUs are all busy, 1 batch in 3 to 1 in 2 is spoilt, so more are tried,
 up to :data:`MAX_BATCHES`), so that a VMM time per exit can be told net of them. Where they cannot be timed
-(no native module, no ``/dev/kvm`` for kvmtop, one CPU) the reason says why.
+(no native module, no ``/dev/kvm`` for kvmtop, one CPU) the reason says why. Only a timing is
+kept: a host too busy to time it now (its CPUs all taken, so the watching thread rarely runs
+beside the vCPU's) is tried again at the next call.
 
 The timing is of one VM in one pattern (exits back to back, on one CPU), and another VM's part
 is not the same: on one quiet host, with the timing at 7.4-7.6 µs, VMMs that handle their exits
@@ -24,7 +26,6 @@ nothing and :data:`AT_MOST_FACTOR` times the timing, never at the timed point.
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import time
@@ -70,9 +71,21 @@ class EntryCost:
                 "at_most_ns": round(self.at_most_ns)}  # fmt: skip
 
 
-@functools.cache
-def measure(runs: int = RUNS, batches: int = BATCHES, tries: int = MAX_BATCHES) -> EntryCost | str:
-    """This host's entry cost, timed once per process; else why it could not be."""
+_timed: EntryCost | None = None  # this process's timing, once there is one
+
+
+def measure() -> EntryCost | str:
+    """This host's entry cost, timed once per process; else why it could not be (this time)."""
+    global _timed
+    if _timed is None:
+        result = _time(RUNS, BATCHES, MAX_BATCHES)
+        if isinstance(result, str):
+            return result
+        _timed = result
+    return _timed
+
+
+def _time(runs: int, batches: int, tries: int) -> EntryCost | str:
     # a fact of the host, not a path of the engine: timed with KVMTOP_PURE set too
     _sampler = native.built("_sampler")
     if _sampler is None:
