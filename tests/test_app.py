@@ -1035,6 +1035,32 @@ async def test_the_demo_shows_two_vcpus_moving_drills_in_detaches_and_quits():
     assert not os.path.exists(f"/proc/{demo_pid}")  # kvmtop started the demo; q stopped it
 
 
+@pytest.mark.kvm
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+async def test_every_footer_key_fits_whole_at_80_and_160_columns(size):
+    """The live attached screen has the most keys: at 80 columns they fit compact, the command
+    palette's key given up for them; at 160 the palette's key is back at the right."""
+    from textual.widgets._footer import FooterKey
+
+    def keys() -> list[tuple[str, int]]:
+        return [
+            (key.key_display or key.key, key.region.right) for key in app.screen.query(FooterKey)
+        ]
+
+    app = KvmtopApp(process_lister=list)
+    async with app.run_test(size=size) as pilot:
+        for press, screen in (("m", AttachedScreen), ("escape", ProcessListScreen)):
+            await pilot.press(press)
+            await until(pilot, lambda s=screen: isinstance(app.screen, s) and keys(),
+                        what=screen.__name__)  # fmt: skip
+            await pilot.pause(0.2)
+            shown = keys()
+            assert [key for key, _ in shown if key != "^p"][-2:] == ["q", "?"]
+            assert all(right <= size[0] for _, right in shown), shown
+            assert ("^p" in dict(shown)) == (size[0] >= 100)
+        await pilot.press("q")
+
+
 def gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 

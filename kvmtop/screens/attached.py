@@ -53,10 +53,10 @@ class AttachedScreen(WatchScreen):
         Binding(
             "k",
             "kernel",
-            "Kernel view",
+            "Kernel",
             tooltip="KVM's own counters: every exit, also those KVM handles itself",
         ),
-        Binding("g", "guest_rip", "Guest RIPs",
+        Binding("g", "guest_rip", "RIPs",
                 tooltip="Show which guest code makes the exits (as --rip): sets the vCPUs' "
                 "kvm_valid_regs while traced"),
         Binding("w", "watch", "Watch",

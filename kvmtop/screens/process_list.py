@@ -53,7 +53,7 @@ class ProcessListScreen(Screen[None]):
                 tooltip="Move to the first process"),
         Binding("end", "last", "Last", show=False, priority=True,
                 tooltip="Move to the last process"),
-        Binding("k", "kernel", "Kernel view",
+        Binding("k", "kernel", "Kernel",
                 tooltip="KVM's own counters of the selected VM, without tracing it"),
         Binding("w", "watch", "Watch",
                 tooltip="Watch the selected VM by sampling: where its vCPUs' time goes, untraced"),
