@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from conftest import TIMED_VMM  # noqa: E402
-from helpers import wait_for_vcpus  # noqa: E402 (for the benchmarks too)
+from helpers import held_timed_vmm, let_go, own_clock, wait_for_vcpus  # noqa: E402,F401 (for the benchmarks too)
 
 
 def build_timed_vmm(directory: str) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shutil
 import signal
 import statistics
@@ -31,7 +30,15 @@ import sys
 import tempfile
 import time
 
-from attached import attached_report, build_timed_vmm, mean, wait_for_vcpus
+from attached import (
+    attached_report,
+    build_timed_vmm,
+    held_timed_vmm,
+    let_go,
+    mean,
+    own_clock,
+    wait_for_vcpus,
+)
 
 from kvmtop.sampling.entry_cost import EntryCost
 from kvmtop.sampling.shares import vmm_own_bound
@@ -49,15 +56,16 @@ def exits_for(handler_us: float, seconds: float) -> int:
 def watched(binary: str, mode: str, handler_us: float, seconds: float
             ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per reason: the VMM's own time per exit, and the sampled one, raw and net."""
-    vmm = subprocess.Popen([binary, str(exits_for(handler_us, seconds)), str(handler_us), mode],
-                           stdout=subprocess.PIPE, text=True)  # fmt: skip
+    vmm = held_timed_vmm(binary, str(exits_for(handler_us, seconds)), str(handler_us), mode)
     wait_for_vcpus(vmm.pid)
     with Watcher(vmm.pid, rate_hz=4000, counters=False) as watcher:
         time.sleep(0.2)
         watcher.snapshot()  # from here on: the loop, steady
-        own = json.loads(vmm.communicate(timeout=600)[0])
-        by_reason = watcher.snapshot().vcpus[0].by_reason
+        own = own_clock(vmm, timeout=600)
+        vcpu = watcher.snapshot().vcpus[0]  # the VMM held: its wait for a CPU read too
+        by_reason = vcpu.by_reason
         entry = watcher.entry
+    let_go(vmm)
     total = own["in_run_ns"] + own["out_ns"]
     kvm = entry.ns if isinstance(entry, EntryCost) else float("nan")
     out = {}
@@ -66,7 +74,7 @@ def watched(binary: str, mode: str, handler_us: float, seconds: float
         if n and label in by_reason:
             share = by_reason[label]
             per_exit = total / n  # of the VMM's whole time, this reason's share is per its exits
-            bound = vmm_own_bound(share, total, n, entry)
+            bound = vmm_own_bound(share, total, n, entry, vcpu.stretch(label))
             low, high = (bound.low / n, bound.high / n) if bound else (float("nan"),) * 2
             out[label] = {"own": ns / n, "raw": share.value * per_exit, "low": low,
                           "high": high, "inside": float(low <= ns / n <= high),

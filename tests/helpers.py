@@ -116,6 +116,30 @@ def wait_for_vcpus(pid: int, count: int = 1, timeout: float = 10.0) -> None:
     raise AssertionError(f"pid {pid} created no {count} vCPU(s) within {timeout} s")
 
 
+def held_timed_vmm(binary: str, *args: str) -> subprocess.Popen[str]:
+    """benchmarks/guests/timed_vmm.c, held after its line (TIMED_VMM_HOLD) until its stdin is
+    closed: a watcher reads the live process once more after the VMM's own account."""
+    return subprocess.Popen([binary, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "TIMED_VMM_HOLD": "1"})  # fmt: skip
+
+
+def own_clock(vmm: subprocess.Popen[str], timeout: float = 120.0) -> dict[str, Any]:
+    """A held timed_vmm's line: its own clock's account of its run."""
+    import select
+
+    assert vmm.stdout is not None
+    if not select.select([vmm.stdout], [], [], timeout)[0]:
+        raise AssertionError(f"timed_vmm (pid {vmm.pid}) said nothing within {timeout} s")
+    return json.loads(vmm.stdout.readline())
+
+
+def let_go(vmm: subprocess.Popen[str]) -> None:
+    """A held timed_vmm ends."""
+    assert vmm.stdin is not None
+    vmm.stdin.close()
+    vmm.wait(10)
+
+
 def start_qemu(processes: list[subprocess.Popen[bytes]], bios_path: str) -> subprocess.Popen[bytes]:
     """QEMU running ``bios_path``, returned once its vCPU exists; cleaned up with ``processes``."""
     from guests.qemu_bios import qemu_command

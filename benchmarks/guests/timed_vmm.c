@@ -6,7 +6,9 @@
  * exits, the time in KVM_RUN, and out of it after each reason, and how long its thread waited for
  * a CPU meanwhile (where the kernel's schedstat says). The truth a sampled VMM share is
  * checked against. With SYSCALLS, each exit's handling first makes that many getppid calls (each
- * costs a traced thread two stops), then spins its time.
+ * costs a traced thread two stops), then spins its time. With TIMED_VMM_HOLD set in its
+ * environment, it stays (its vCPU out of KVM_RUN) until its stdin ends, so that a watcher can
+ * read the process once more after the line.
  *
  *     cc -O2 -o timed_vmm timed_vmm.c && ./timed_vmm EXITS HANDLER_US [io|mmio|mix|io-sleep] [SYSCALLS]
  */
@@ -118,5 +120,9 @@ int main(int argc, char **argv) {
            (unsigned long long)in_run, (unsigned long long)(out[0] + out[1]), count[0],
            (unsigned long long)out[0], count[1], (unsigned long long)out[1],
            (unsigned long long)in_syscalls, (unsigned long long)waited);
+    fflush(stdout);
+    if (getenv("TIMED_VMM_HOLD"))
+        while (getchar() != EOF) {
+        }
     return 0;
 }

@@ -73,6 +73,13 @@ def _vcpu_json(v: VcpuWatch) -> dict[str, Any]:
         "mean_vmm_ns": {k: round(x) for k, x in v.mean_vmm_ns.items()},
         "mean_vmm_ns_bound": {k: _bound_json(b, 0) for k, b in v.mean_vmm_bounds.items()},
         "kvm_part_at_most": None if v.kvm_part_at_most is None else round(v.kvm_part_at_most, 6),
+        # the most the sampler's looks can have stretched (shares of the span; in the bounds):
+        # every state's time, the VMM's, each reason's
+        "sampler_stretch_at_most": round(v.sampler, 6),
+        "sampler_stretch_vmm_at_most": round(v.sampler_vmm, 6),
+        "sampler_stretch_by_reason_at_most": {
+            k: round(x, 6) for k, x in v.sampler_by_reason.items()
+        },  # fmt: skip
         **({"key": {"pid": v.key.pid, "vm": v.key.vm, "vcpu": v.key.vcpu}} if v.key else {}),
     }
 

@@ -17,6 +17,19 @@ def task_ids(pid: int) -> list[int]:
         return []
 
 
+def run_delays(pid: int) -> dict[int, int] | None:
+    """Per thread of ``pid``, the ns it has waited on a run queue for a CPU
+    (/proc/PID/task/TID/schedstat); None where none can be read."""
+    delays = {}
+    for tid in task_ids(pid):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                delays[tid] = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that has just ended
+    return delays or None
+
+
 def is_stopped(pid: int, traced: bool = False) -> bool:
     """Whether every thread of ``pid`` is stopped by a signal (SIGSTOP, SIGTSTP: state T in
     /proc/PID/task/TID/stat); a stopped VMM runs no vCPU and makes no syscall until SIGCONT.

@@ -13,10 +13,11 @@
  *   rip(index)                  from now on also the guest's RIP of the exits this vCPU's looks
  *                               see (watch --rip: Python has set its kvm_valid_regs, through a
  *                               mapping of its own); any time
- *   take() -> (ns, ticks, vcpus)  the counts since the last take, then zeroed: for each vCPU
- *                               (samples, in_run, ((reason, key, count), ...), stale, code)
- *                               with code None, or (looks, unstable,
- *                               ((reason, rip, linear, cpl, count), ...), live)
+ *   take() -> (ns, ticks, vcpus, cpu_ns)  the counts since the last take, then zeroed: for
+ *                               each vCPU (samples, in_run, ((reason, key, count), ...), stale,
+ *                               code, ((reason, cpu_ns), ...)) with code None, or (looks,
+ *                               unstable, ((reason, rip, linear, cpl, count), ...), live);
+ *                               cpu_ns: the sampling thread's CPU time (see below)
  *
  * A read sees exit_reason 0 while the vCPU is in KVM_RUN (the kernel resets it at entry), else the
  * reason of the exit the VMM is handling, with its key: IO port | out << 16, MMIO address |
@@ -31,6 +32,12 @@
  * look is held until the vCPU's next look, and counts as in KVM_RUN (stale) if the vCPU's
  * `exits` counter moved meanwhile: the guest ran.
  * Python turns counts into shares; this file decides nothing.
+ *
+ * The sampler's own CPU time: a look that shares a CPU with the vCPU's thread keeps the VMM off it
+ * for as long as the sampling thread runs, in whatever state the look saw, and no look sees that
+ * stretch (the sampler is busy). So the thread's CPU time from one wake to the next (one clock
+ * read a look) is added up, in all (cpu_ns) and per vCPU by the reason its look saw (0: none):
+ * the most the looks may have stretched each reason's time (Python bounds the shares by it).
  *
  * Guest code (after rip(index)): a look that sees the VMM handling an exit reads the registers KVM
  * synced at that exit's return (guest_rip.h), then exit_reason and RIP again, and keeps the
@@ -64,6 +71,7 @@
 #define SLOTS 256 /* (reason, key) counters per vCPU, power of two; more keys go to OTHER */
 #define KEY_TORN 0xFFFFFFFFFFFFFFFEull
 #define KEY_OTHER 0xFFFFFFFFFFFFFFFFull
+#define STRETCH_REASONS 64 /* reasons whose stretch is kept apart; higher ones share the last */
 
 typedef struct {
     uint32_t reason;
@@ -94,6 +102,8 @@ typedef struct {
     uint8_t first_regs[SYNC_REGS_SIZE];
     uint64_t code_looks, unstable;
     CodeSlot code[SLOTS];
+    uint32_t seen;                    /* the reason its last look counted as the VMM's (0: none) */
+    uint64_t stretch[STRETCH_REASONS]; /* the sampler's CPU ns after looks that saw each reason */
 } Vcpu;
 
 typedef struct {
@@ -105,6 +115,8 @@ typedef struct {
     double interval_ns;
     uint64_t rng, ticks;
     int64_t since_ns;
+    uint64_t cpu_ns;   /* the sampling thread's CPU time since the last take */
+    int64_t cycle_at;  /* its CPU clock at the last wake (0: none yet) */
     Vcpu *vcpus[MAX_VCPUS];
 } Sampler;
 
@@ -193,12 +205,13 @@ static void settle_held(Vcpu *v) {
 static void look(const Sampler *s, Vcpu *v) {
     const volatile uint8_t *run = v->run;
     if (v->held) settle_held(v);
+    v->seen = 0;
     uint32_t reason = load32(run + RUN_EXIT_REASON);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     if (reason != 0 && v->stats_fd >= 0 && v->exits_at >= 0) {
         for (int i = 0; i < s->nheld; i++) {
             if (s->held[i] == reason && read_stat(v, v->exits_at, &v->held_exits)) {
-                v->held = reason; /* counted at the next look */
+                v->held = v->seen = reason; /* counted at the next look */
                 return;
             }
         }
@@ -234,6 +247,7 @@ static void look(const Sampler *s, Vcpu *v) {
     uint32_t again = load32(run + RUN_EXIT_REASON);
     if (again != reason) key = KEY_TORN; /* the VMM ran the vCPU again */
     count(v, reason, key);
+    v->seen = reason;
     if (v->rip != RIP_LIVE) return;
     if (synced && again == reason && load64(run + SYNC_RIP) == g.rip) {
         v->code_looks++;
@@ -264,6 +278,18 @@ static void *sample_loop(void *arg) {
             pthread_mutex_unlock(&s->lock);
             return NULL;
         }
+        struct timespec cpu;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
+        int64_t cpu_at = (int64_t)cpu.tv_sec * 1000000000 + cpu.tv_nsec;
+        if (s->cycle_at) { /* the last cycle: its look, its sleep, this wake */
+            uint64_t cycle = (uint64_t)(cpu_at - s->cycle_at);
+            s->cpu_ns += cycle;
+            for (int i = 0; i < s->n; i++) {
+                Vcpu *v = s->vcpus[i];
+                if (v->seen) v->stretch[v->seen < STRETCH_REASONS ? v->seen : STRETCH_REASONS - 1] += cycle;
+            }
+        }
+        s->cycle_at = cpu_at;
         for (int i = 0; i < s->n; i++) look(s, s->vcpus[i]);
         s->ticks++;
         pthread_mutex_unlock(&s->lock);
@@ -415,6 +441,17 @@ static PyObject *code_counts(Vcpu *v) {
                          v->rip == RIP_LIVE ? Py_True : Py_False);
 }
 
+static PyObject *stretch_counts(const Vcpu *v) {
+    PyObject *out = PyList_New(0);
+    for (int r = 0; out && r < STRETCH_REASONS; r++) {
+        if (!v->stretch[r]) continue;
+        PyObject *item = Py_BuildValue("(iK)", r, (unsigned long long)v->stretch[r]);
+        if (!item || PyList_Append(out, item) < 0) Py_CLEAR(out);
+        Py_XDECREF(item);
+    }
+    return out;
+}
+
 static PyObject *vcpu_counts(Vcpu *v) {
     PyObject *keys = PyList_New(0);
     if (!keys) return NULL;
@@ -435,9 +472,14 @@ static PyObject *vcpu_counts(Vcpu *v) {
         Py_DECREF(keys);
         return NULL;
     }
-    PyObject *out = Py_BuildValue("(KKNKN)", (unsigned long long)v->samples,
-                                  (unsigned long long)v->in_run, keys, (unsigned long long)v->stale, code);
-    return out;
+    PyObject *stretch = stretch_counts(v);
+    if (!stretch) {
+        Py_DECREF(keys);
+        Py_DECREF(code);
+        return NULL;
+    }
+    return Py_BuildValue("(KKNKNN)", (unsigned long long)v->samples, (unsigned long long)v->in_run,
+                         keys, (unsigned long long)v->stale, code, stretch);
 }
 
 static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
@@ -446,12 +488,13 @@ static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
     Vcpu *copies = PyMem_Malloc(sizeof(Vcpu) * (size_t)(n ? n : 1));
     if (!copies) return PyErr_NoMemory();
     int64_t since, now;
-    uint64_t ticks;
+    uint64_t ticks, cpu_ns;
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&s->lock);
     now = now_ns();
     since = s->since_ns;
     ticks = s->ticks;
+    cpu_ns = s->cpu_ns;
     for (int i = 0; i < n; i++) {
         Vcpu *v = s->vcpus[i];
         copies[i].samples = v->samples;
@@ -462,11 +505,14 @@ static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
         copies[i].code_looks = v->code_looks;
         copies[i].unstable = v->unstable;
         memcpy(copies[i].code, v->code, sizeof v->code);
+        memcpy(copies[i].stretch, v->stretch, sizeof v->stretch);
+        memset(v->stretch, 0, sizeof v->stretch);
         v->samples = v->in_run = v->stale = v->code_looks = v->unstable = 0;
         memset(v->slots, 0, sizeof v->slots);
         memset(v->code, 0, sizeof v->code);
     }
     s->ticks = 0;
+    s->cpu_ns = 0;
     s->since_ns = now;
     pthread_mutex_unlock(&s->lock);
     Py_END_ALLOW_THREADS
@@ -481,7 +527,8 @@ static PyObject *Sampler_take(Sampler *s, PyObject *unused) {
     }
     PyMem_Free(copies);
     if (!vcpus) return NULL;
-    return Py_BuildValue("(LKN)", (long long)(now - since), (unsigned long long)ticks, vcpus);
+    return Py_BuildValue("(LKNK)", (long long)(now - since), (unsigned long long)ticks, vcpus,
+                         (unsigned long long)cpu_ns);
 }
 
 static PyMethodDef Sampler_methods[] = {
@@ -489,7 +536,7 @@ static PyMethodDef Sampler_methods[] = {
     {"start", (PyCFunction)Sampler_start, METH_NOARGS, "start the sampling thread"},
     {"stop", (PyCFunction)Sampler_stop, METH_NOARGS, "stop it (and join it)"},
     {"rip", (PyCFunction)Sampler_rip, METH_VARARGS, "rip(index): the guest's RIP at this vCPU's exits too"},
-    {"take", (PyCFunction)Sampler_take, METH_NOARGS, "take() -> (ns, ticks, vcpus), zeroed"},
+    {"take", (PyCFunction)Sampler_take, METH_NOARGS, "take() -> (ns, ticks, vcpus, cpu_ns), zeroed"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,7 +10,9 @@ vCPU's stats fd, its ``blocking`` counter when a look sees a reason (a stale one
 vCPU waits inside ``KVM_RUN``), and its ``exits`` counter when the reason is one after which a
 VMM does not run the vCPU again (:data:`HELD_REASONS`; KVM may write one and run the guest on):
 such a look waits for the vCPU's next, and is stale if the guest ran meanwhile. No syscall
-touches the VMM.
+touches the VMM. ``take()`` also gives the sampling thread's CPU time, in all and per vCPU by the
+reason its look saw: a look on the vCPU thread's CPU stretches the state it saw by that long,
+unseen (``sampler.c`` says more; :mod:`kvmtop.sampling.shares` bounds by it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 from kvmtop import native
 from kvmtop.abi.arch.x86_64 import SYNC_REGS, SYNC_REGS_SIZE, SYNC_RIP, guest_rip
 from kvmtop.abi.kvm import RUN_EXIT_REASON, RUN_UNION
-from kvmtop.sampling.shares import KEY_OTHER, KEY_TORN, MMIO_WRITE
+from kvmtop.sampling.shares import KEY_OTHER, KEY_TORN, MMIO_WRITE, STRETCH_REASONS
 from kvmtop.xlat_exit import ExitReason
 
 U32 = struct.Struct("<I")
@@ -35,7 +37,11 @@ SLOTS = 256  # (reason, key) counters per vCPU between two takes, as the C sampl
 
 # per vCPU, with guest RIPs asked: (looks, unstable, ((reason, rip, linear, cpl, n), ...), live)
 CodeTaken = tuple[int, int, list[tuple[int, int, int, int, int]], bool]
-Taken = tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]], int, CodeTaken | None]]]
+# (ns, looks, per vCPU (samples, in_run, keys, stale, code, ((reason, cpu_ns), ...)), cpu_ns)
+VcpuTaken = tuple[
+    int, int, list[tuple[int, int, int]], int, CodeTaken | None, list[tuple[int, int]]
+]
+Taken = tuple[int, int, list[VcpuTaken], int]
 RIP_OFF, RIP_WAIT, RIP_LIVE = 0, 1, 2  # as sampler.c: not asked, waiting for a run, counted
 HELD_REASONS = (ExitReason.INTERNAL_ERROR, ExitReason.FAIL_ENTRY)  # looks settled at the next
 
@@ -62,6 +68,11 @@ class PySampler:
         self._rip: list[int] = []
         self._code: list[list[Any]] = []  # [looks, unstable, {(reason, rip, linear, cpl): n}]
         self._first: list[tuple[int, bytes] | None] = []  # RIP_WAIT: the page's exit at rip()
+        self._seen: list[
+            int
+        ] = []  # the reason each vCPU's last look counted as the VMM's (0: none)
+        self._stretch: list[dict[int, int]] = []  # the thread's CPU ns after looks by reason
+        self._cpu_ns = 0  # the thread's CPU ns since the last take
 
     def add(self, buffer: Any, stats_fd: int = -1, blocking_at: int = 0, exits_at: int = -1) -> int:
         if self._thread is not None:
@@ -73,6 +84,8 @@ class PySampler:
         self._rip.append(RIP_OFF)
         self._code.append([0, 0, {}])
         self._first.append(None)
+        self._seen.append(0)
+        self._stretch.append({})
         return len(self._views) - 1
 
     def rip(self, index: int) -> None:
@@ -97,6 +110,7 @@ class PySampler:
 
     def _loop(self) -> None:
         next_s = time.monotonic()
+        cycle_at = None  # the thread's CPU clock at the last wake
         while not self._stopping.is_set():
             # 0.5..1.5 intervals: a mean of one, and no lock-step with the guest's timers
             next_s = max(
@@ -106,6 +120,14 @@ class PySampler:
             if delay > 0:
                 time.sleep(delay)
             with self._lock:
+                cpu_at = time.thread_time_ns()
+                if cycle_at is not None:  # the last cycle: its look, its sleep, this wake
+                    self._cpu_ns += cpu_at - cycle_at
+                    for seen, stretch in zip(self._seen, self._stretch, strict=True):
+                        if seen:
+                            seen = min(seen, STRETCH_REASONS - 1)  # as sampler.c
+                            stretch[seen] = stretch.get(seen, 0) + cpu_at - cycle_at
+                cycle_at = cpu_at
                 for i, (view, stats, counts) in enumerate(
                     zip(self._views, self._stats, self._counts, strict=True)
                 ):
@@ -134,12 +156,14 @@ class PySampler:
     ) -> None:
         if self._held[i] is not None:
             self._settle_held(i, stats, counts)
+        self._seen[i] = 0
         reason = U32.unpack_from(run, RUN_EXIT_REASON)[0]
         fd, at, exits_at = stats
         if reason in self._held_reasons and fd >= 0 and exits_at >= 0:
             exits = _stat(fd, exits_at)
             if exits is not None:
                 self._held[i] = (reason, exits)  # counted at the next look
+                self._seen[i] = reason
                 return
         counts[0] += 1
         if reason == 0 or fd >= 0 and any(os.pread(fd, 8, at)):  # (blocked: a stale reason)
@@ -162,6 +186,7 @@ class PySampler:
         if again != reason:
             key = KEY_TORN  # the VMM ran the vCPU again
         _count(counts[2], (reason, key), (reason, KEY_OTHER))
+        self._seen[i] = reason
         if self._rip[i] != RIP_LIVE:
             return
         code = self._code[i]
@@ -181,12 +206,15 @@ class PySampler:
             out = (now - self._since, self._looks,
                    [(s, r, [(k[0], k[1], n) for k, n in keys.items()], stale,
                      None if state == RIP_OFF else
-                     (code[0], code[1], [(*k, n) for k, n in code[2].items()], state == RIP_LIVE))
-                    for (s, r, keys, stale), state, code in
-                    zip(self._counts, self._rip, self._code, strict=True)])  # fmt: skip
-            self._since, self._looks = now, 0
+                     (code[0], code[1], [(*k, n) for k, n in code[2].items()], state == RIP_LIVE),
+                     sorted(stretch.items()))
+                    for (s, r, keys, stale), state, code, stretch in
+                    zip(self._counts, self._rip, self._code, self._stretch, strict=True)],
+                   self._cpu_ns)  # fmt: skip
+            self._since, self._looks, self._cpu_ns = now, 0, 0
             self._counts = [[0, 0, {}, 0] for _ in self._counts]
             self._code = [[0, 0, {}] for _ in self._code]
+            self._stretch = [{} for _ in self._stretch]
         return out
 
 

@@ -13,6 +13,14 @@ of the looks' share less the most KVM's part of every exit KVM counted can be, a
 end (KVM's part is never less than nothing). Where KVM's part was not timed, or KVM's counters
 are not held, the low end is not known and the bound says so (``None``).
 
+The looks themselves can move the truth: a look made on the CPU the vCPU's thread runs on keeps
+that thread off it while the sampler runs, the VMM frozen in the state the look saw, and no look
+sees that stretch (the sampler is busy making it). Beside one busy CPU, the Python sampler's
+looks (about 25 µs of CPU each) stretched a C VMM's MMIO handling 1-4 standard errors above
+the looks' share. The sampler counts its CPU time (:class:`Stretch`), and the bounds allow for
+it: a state's time is at most its share plus the sampler's CPU after looks that saw it, and at
+least its share of the time the sampler did not take.
+
 With guest RIPs (``watch --rip``), the looks that saw the VMM handling an exit also saw the
 guest's RIP at it: each RIP's share of a vCPU's looks (those since its RIPs were counted) is
 the share of time the VMM spent on exits at that guest code, with the same bounds
@@ -45,6 +53,7 @@ HISTORY = 60  # intervals of each vCPU's VMM share kept for a timeline
 MAX_KEYS = 4096  # (reason, key) pairs a tally keeps per vCPU; more are counted as OTHER
 # the KVM counter that counts the exits of a reason (to give a mean time per exit)
 COUNTER_OF_REASON = {"KVM_EXIT_IO": "io_exits", "KVM_EXIT_MMIO": "mmio_exits"}
+STRETCH_REASONS = 64  # as sampler.c: the sampler's CPU after looks at reasons from 63 up is one sum
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,15 +105,27 @@ class Bound:
     high: float
 
 
-def vmm_own_bound(share: Share, span_ns: float, exits: float | None,
-                  entry: EntryCost | str) -> Bound | None:  # fmt: skip
+@dataclass(frozen=True, slots=True)
+class Stretch:
+    """The most the sampler's own looks can have stretched a vCPU's time, as shares of it: all
+    of it (``all``: the sampler's CPU time), and the state a bound is of (``seen``: its CPU time
+    after the looks that saw that state)."""
+
+    all: float = 0.0
+    seen: float = 0.0
+
+
+def vmm_own_bound(share: Share, span_ns: float, exits: float | None, entry: EntryCost | str,
+                  stretch: Stretch = Stretch()) -> Bound | None:  # fmt: skip
     """The VMM's own ns in ``span_ns`` of vCPU time whose looks gave ``share``, with ``exits``
-    exits in that span: at least the share's low end less KVM's part of every exit at its
-    most, at most its high end. None where the low end cannot be known (KVM's part not timed,
-    or no count of the exits)."""
+    exits in that span: at least the share's low end of the time the sampler did not take less
+    KVM's part of every exit at its most, at most its high end plus the sampler's stretch of
+    it. None where the low end cannot be known (KVM's part not timed, or no count of the
+    exits)."""
     if not isinstance(entry, EntryCost) or exits is None:
         return None
-    return Bound(max(0.0, share.low * span_ns - exits * entry.at_most_ns), share.high * span_ns)
+    low = share.low * max(0.0, 1.0 - stretch.all) * span_ns - exits * entry.at_most_ns
+    return Bound(max(0.0, low), min(1.0, share.high + stretch.seen) * span_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +206,21 @@ class VcpuWatch:
     mean_vmm_bounds: dict[str, Bound] = field(default_factory=dict)
     stale: int = 0  # looks that saw a reason while KVM said the vCPU was inside KVM_RUN
     code: CodeWatch | None = None  # guest RIPs at its exits (watch --rip), where asked
+    # the most the sampler's looks can have stretched, as shares of this span: every state's
+    # time (its CPU time), the VMM's, and each reason's (its CPU time after looks that saw it)
+    sampler: float = 0.0
+    sampler_vmm: float = 0.0
+    sampler_by_reason: dict[str, float] = field(default_factory=dict)
 
     @property
     def exits_per_s(self) -> float | None:
         return self.kvm_rates.get("exits")
+
+    def stretch(self, reason: str | None = None) -> Stretch:
+        """What the looks may have stretched: of ``reason``'s time, or of the VMM's (None)."""
+        if reason is None:
+            return Stretch(self.sampler, self.sampler_vmm)
+        return Stretch(self.sampler, self.sampler_by_reason.get(reason, 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +252,7 @@ class _VcpuTally:
     keys: dict[tuple[int, int], int] = field(default_factory=dict)
     stale: int = 0
     code: _CodeTally | None = None  # guest RIPs, where asked
+    stretch: dict[int, int] = field(default_factory=dict)  # the sampler's CPU ns after its looks
 
 
 @dataclass(slots=True)
@@ -247,17 +280,24 @@ class Tally:
     def __init__(self, vcpus: int) -> None:
         self.looks = 0
         self.ns = 0
+        self.cpu_ns = 0  # the sampler's own CPU time
+        self.vmm_wait_ns: int | None = None  # the VMM's threads' wait for a CPU (None: not known)
         self.vcpus = [_VcpuTally() for _ in range(vcpus)]
         self.reset_seen = False
 
     def add(self, taken: Any) -> None:
         """A sampler's ``take()``: (ns, looks, per vCPU (samples, in_run, (reason, key, n)...,
-        stale, code)), code None or (looks, unstable, (reason, rip, linear, cpl, n)..., live)
-        (:data:`kvmtop.sampling.sampler.Taken`)."""
-        ns, looks, vcpus = taken
+        stale, code, (reason, cpu_ns)...), cpu_ns), code None or (looks, unstable, (reason, rip,
+        linear, cpl, n)..., live) (:data:`kvmtop.sampling.sampler.Taken`)."""
+        ns, looks, vcpus, cpu_ns = taken
         self.ns += ns
         self.looks += looks
-        for tally, (samples, in_run, keys, stale, code) in zip(self.vcpus, vcpus, strict=False):
+        self.cpu_ns += cpu_ns
+        for tally, (samples, in_run, keys, stale, code, stretch) in zip(self.vcpus, vcpus,
+                                                                        strict=False):  # fmt: skip
+            for reason, n in stretch:
+                reason = min(reason, STRETCH_REASONS - 1)
+                tally.stretch[reason] = tally.stretch.get(reason, 0) + n
             tally.samples += samples
             tally.in_run += in_run
             tally.stale += stale
@@ -281,18 +321,31 @@ def _reason_shares(keys: Mapping[tuple[int, int], int], samples: int) -> dict[st
     return {label: Share(n, samples) for label, n in sorted(hits.items(), key=lambda kv: -kv[1])}
 
 
+def _stretch_by_reason(stretch: Mapping[int, int], span_ns: float, cap: float
+                       ) -> dict[str, float]:  # fmt: skip
+    """The sampler's CPU after looks at each reason, at most ``cap``, as shares of ``span_ns``."""
+    ns_by_label: dict[str, float] = {}
+    for reason, ns in stretch.items():
+        label = exit_label(reason, 0)
+        ns_by_label[label] = ns_by_label.get(label, 0.0) + ns
+    return {label: min(ns, cap) / span_ns if span_ns > 0 else 0.0
+            for label, ns in ns_by_label.items()}  # fmt: skip
+
+
 def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float], vcpus: int,
-                 entry: EntryCost | str) -> tuple[dict[str, float], dict[str, Bound]]:  # fmt: skip
+                 entry: EntryCost | str, sampler: float, sampler_by_reason: Mapping[str, float]
+                 ) -> tuple[dict[str, float], dict[str, Bound]]:  # fmt: skip
     """VMM time per exit: its share of each vCPU-second, times the vCPUs the share is of, over
     its exits per second (summed over those vCPUs), less KVM's own part of each exit as timed;
-    and its bound (KVM's part anywhere from nothing to its most)."""
+    and its bound (KVM's part anywhere from nothing to its most, the sampler's stretch too)."""
     entry_ns = entry.ns if isinstance(entry, EntryCost) else 0.0
     means, bounds = {}, {}
     for label, share in by_reason.items():
         per_s = rates.get(COUNTER_OF_REASON.get(label, ""), 0.0)
         if per_s > 0:
             means[label] = max(0.0, share.value * vcpus * 1e9 / per_s - entry_ns)
-            own = vmm_own_bound(share, vcpus * 1e9, per_s, entry)
+            stretch = Stretch(sampler, sampler_by_reason.get(label, 0.0))
+            own = vmm_own_bound(share, vcpus * 1e9, per_s, entry, stretch)
             if own is not None:
                 bounds[label] = Bound(own.low / per_s, own.high / per_s)
     return means, bounds
@@ -300,20 +353,32 @@ def _mean_vmm_ns(by_reason: Mapping[str, Share], rates: Mapping[str, float], vcp
 
 def _vcpu_watch(label: str, key: VcpuKey | None, tally: _VcpuTally, rates: Mapping[str, float],
                 history: Iterable[float] = (), vcpus: int = 1,
-                entry: EntryCost | str = "not timed", top: int = 8) -> VcpuWatch:  # fmt: skip
-    """One vCPU's estimates, or (``vcpus`` > 1) the VM's: the looks of that many vCPUs."""
+                entry: EntryCost | str = "not timed", top: int = 8,
+                sampler_ns: tuple[int, int, int | None] = (0, 0, None)) -> VcpuWatch:  # fmt: skip
+    """One vCPU's estimates, or (``vcpus`` > 1) the VM's: the looks of that many vCPUs;
+    ``sampler_ns``: the sampler's CPU time, the span it is of, and the VMM's threads' wait for
+    a CPU in it (None: not known), which caps every stretch: a thread the sampler keeps off its
+    CPU waits for it."""
     n = tally.samples
+    cpu_ns, span_ns, wait_ns = sampler_ns
+    cap = float("inf") if wait_ns is None else wait_ns
+    # at most one vCPU thread is kept off its CPU at a time: the VM's share is over its vCPUs
+    sampler = min(1.0, min(cpu_ns, cap) / span_ns / vcpus) if span_ns > 0 else 0.0
+    sampler_by_reason = _stretch_by_reason(tally.stretch, span_ns * vcpus, cap)
+    seen_ns = min(sum(tally.stretch.values()), cap)
+    sampler_vmm = seen_ns / span_ns / vcpus if span_ns > 0 else 0.0
     by_reason = _reason_shares(tally.keys, n)
-    means, mean_bounds = _mean_vmm_ns(by_reason, rates, vcpus, entry)
+    means, mean_bounds = _mean_vmm_ns(by_reason, rates, vcpus, entry, sampler, sampler_by_reason)
     vmm = Share(n - tally.in_run, n)
     exits = rates.get("exits")
-    own = vmm_own_bound(vmm, vcpus * 1e9, exits, entry)
+    own = vmm_own_bound(vmm, vcpus * 1e9, exits, entry, Stretch(sampler, sampler_vmm))
     at_most = entry.at_most_ns if isinstance(entry, EntryCost) else 0.0
     kvm_part = min(vmm.value, exits * at_most / 1e9 / vcpus) if exits and at_most else None
     return VcpuWatch(label, key, n, Share(tally.in_run, n), vmm, by_reason, dict(rates), means,
                      tuple(history), kvm_part,
                      Bound(own.low / 1e9 / vcpus, own.high / 1e9 / vcpus) if own else None,
-                     mean_bounds, tally.stale, _code_watch(tally.code, top))  # fmt: skip
+                     mean_bounds, tally.stale, _code_watch(tally.code, top), sampler,
+                     sampler_vmm, sampler_by_reason)  # fmt: skip
 
 
 def _code_watch(tally: _CodeTally | None, top: int) -> CodeWatch | None:
@@ -369,9 +434,18 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
     addresses named by ``names``: the VMM's command line, the well-known x86 ranges)."""
     names = names or MmioNames()
     histories = histories or {}
+    sampler_ns = (tally.cpu_ns, tally.ns, tally.vmm_wait_ns)
     rows = tuple(
         _vcpu_watch(
-            v.label, v.key, t, vcpu_rates.get(v.vcpu_id, {}), histories.get(i, ()), 1, entry, top
+            v.label,
+            v.key,
+            t,
+            vcpu_rates.get(v.vcpu_id, {}),
+            histories.get(i, ()),
+            1,
+            entry,
+            top,
+            sampler_ns,
         )  # fmt: skip
         for i, (v, t) in enumerate(zip(vcpus, tally.vcpus, strict=True))
     )
@@ -380,13 +454,15 @@ def estimate(pid: int, rate_hz: float, tally: Tally, vcpus: tuple[WatchedVcpu, .
     for t in tally.vcpus:
         for k, n in t.keys.items():
             whole.keys[k] = whole.keys.get(k, 0) + n
+        for reason, n in t.stretch.items():
+            whole.stretch[reason] = whole.stretch.get(reason, 0) + n
         if t.code is not None:
             whole.code = whole.code or _CodeTally()
             whole.code.add(t.code.looks, t.code.unstable,
                            ((*k, n) for k, n in t.code.rips.items()), t.code.live)  # fmt: skip
     return WatchSnapshot(
         pid, tally.ns / 1e9, rate_hz, tally.looks, rows,
-        _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry, top),
+        _vcpu_watch("all", None, whole, vm_rates, (), len(rows), entry, top, sampler_ns),
         _sites(tally.vcpus, whole.samples, int(ExitReason.IO), top, names),
         _sites(tally.vcpus, whole.samples, int(ExitReason.MMIO), top, names),
         tally.reset_seen, note, counters, entry, stopped,

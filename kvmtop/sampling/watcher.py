@@ -41,7 +41,14 @@ from kvmtop.abi.ptrace_abi import pidfd_getfd
 from kvmtop.counters.taking import Moment, copy_held_stats, take_moment
 from kvmtop.counters.vm_stats import StatsSample, StatsUnavailable, VmStats, rates, vm_totals
 from kvmtop.errors import NoSuchProcess, NotKvmProcess, PermissionDenied
-from kvmtop.host.procfs import cmdline, fd_table, is_stopped, permission_hint, tracer_pid
+from kvmtop.host.procfs import (
+    cmdline,
+    fd_table,
+    is_stopped,
+    permission_hint,
+    run_delays,
+    tracer_pid,
+)
 from kvmtop.host.vcpu_maps import vcpu_fds, vm_of_vcpu_fd
 from kvmtop.model.vcpu_keys import VcpuKey
 from kvmtop.sampling.entry_cost import EntryCost, measure
@@ -175,6 +182,7 @@ class Watcher:
         self._first = self._last = self._stats.sample() if self._stats is not None else None
         self._stopped = False
         self.entry: EntryCost | str = measure()  # before the sampler takes a CPU
+        self._waited = run_delays(pid)
         self._sampler.start()
 
     def _moment(self, pid: int, stats: bool) -> dict[int, int] | None:
@@ -225,6 +233,9 @@ class Watcher:
         tally = Tally(len(self.vcpus))
         tally.add(taken)
         self._total.add(taken)
+        tally.vmm_wait_ns = self._waited_since()
+        self._total.vmm_wait_ns = (None if tally.vmm_wait_ns is None or self._total.vmm_wait_ns is None
+                                   else self._total.vmm_wait_ns + tally.vmm_wait_ns)  # fmt: skip
         tally.reset_seen = self._total.reset_seen  # once seen, the kernel resets: a VM fact
         for i, v in enumerate(tally.vcpus):
             if v.samples:
@@ -256,6 +267,14 @@ class Watcher:
                         self._histories, top, note, self._stats is not None,
                         self.entry, self._stopped, self.mmio_names)  # fmt: skip
         return replace(snap, rip=self.rip, code_note="; ".join(self.code_notes))
+
+    def _waited_since(self) -> int | None:
+        """The ns the VMM's threads waited for a CPU since the last call: the most that the
+        sampler can have kept a vCPU's thread off its CPU (None: not known)."""
+        before, self._waited = self._waited, run_delays(self.pid)
+        if before is None or self._waited is None:
+            return None
+        return sum(max(0, ns - before.get(tid, 0)) for tid, ns in self._waited.items())
 
     def _counters_now(self) -> StatsSample | None:
         if self._stats is None:  # held fds still read an ended VMM's last counts

@@ -41,7 +41,12 @@ def history(i: int) -> deque[float]:
 def fixed_snapshot() -> WatchSnapshot:
     tally = Tally(len(LOOKS))
     tally.add(
-        (1_000_000_000, 1000, [(n, in_run, list(keys), 0, None) for n, in_run, keys in LOOKS])
+        (
+            1_000_000_000,
+            1000,
+            [(n, in_run, list(keys), 0, None, []) for n, in_run, keys in LOOKS],
+            0,
+        )
     )
     vcpus = tuple(WatchedVcpu(str(i), VcpuKey(PID, 3, i), i) for i in range(len(LOOKS)))
     whole = {name: float(sum(r[name] for r in RATES)) for name in RATES[0]}
