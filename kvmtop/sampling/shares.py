@@ -15,11 +15,12 @@ are not held, the low end is not known and the bound says so (``None``).
 
 The looks themselves can move the truth: a look made on the CPU the vCPU's thread runs on keeps
 that thread off it while the sampler runs, the VMM frozen in the state the look saw, and no look
-sees that stretch (the sampler is busy making it). Beside one busy CPU, the Python sampler's
-looks (about 25 µs of CPU each) stretched a C VMM's MMIO handling 1-4 standard errors above
-the looks' share. The sampler counts its CPU time (:class:`Stretch`), and the bounds allow for
-it: a state's time is at most its share plus the sampler's CPU after looks that saw it, and at
-least its share of the time the sampler did not take.
+sees that stretch (the sampler is busy making it). Beside one busy CPU, a C VMM's MMIO handling
+came out 2-6 standard errors above the looks' share (the Python sampler's looks take about
+25 µs of CPU each). The sampler counts its CPU time, and the watch the VMM's threads' wait for
+a CPU, which caps it (a thread kept off its CPU waits for it): the bounds allow for that
+(:class:`Stretch`): a state's time is at most its share plus the sampler's CPU after looks that
+saw it, and at least its share of the time the sampler did not take.
 
 With guest RIPs (``watch --rip``), the looks that saw the VMM handling an exit also saw the
 guest's RIP at it: each RIP's share of a vCPU's looks (those since its RIPs were counted) is
