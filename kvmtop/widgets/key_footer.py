@@ -21,6 +21,12 @@ class KeyFooter(Footer):
     :data:`NO_PALETTE_BELOW` the command palette's key goes: at 80 columns every screen's keys
     then fit, the help key last, where the attached screen's were cut at "w Wat"."""
 
+    DEFAULT_CSS = """
+    KeyFooter.-compact FooterLabel {
+        margin: 0 1 0 0;  /* a group's label (Seek 10s) keeps its space before the next key */
+    }
+    """
+
     def on_resize(self, event: events.Resize) -> None:
         self.compact = event.size.width < COMPACT_BELOW
         palette = event.size.width >= NO_PALETTE_BELOW
