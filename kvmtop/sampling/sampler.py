@@ -68,9 +68,8 @@ class PySampler:
         self._rip: list[int] = []
         self._code: list[list[Any]] = []  # [looks, unstable, {(reason, rip, linear, cpl): n}]
         self._first: list[tuple[int, bytes] | None] = []  # RIP_WAIT: the page's exit at rip()
-        self._seen: list[
-            int
-        ] = []  # the reason each vCPU's last look counted as the VMM's (0: none)
+        # the reason each vCPU's last look counted as the VMM's (0: none)
+        self._seen: list[int] = []
         self._stretch: list[dict[int, int]] = []  # the thread's CPU ns after looks by reason
         self._cpu_ns = 0  # the thread's CPU ns since the last take
 

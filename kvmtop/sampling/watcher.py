@@ -234,8 +234,6 @@ class Watcher:
         tally.add(taken)
         self._total.add(taken)
         tally.vmm_wait_ns = self._waited_since()
-        self._total.vmm_wait_ns = (None if tally.vmm_wait_ns is None or self._total.vmm_wait_ns is None
-                                   else self._total.vmm_wait_ns + tally.vmm_wait_ns)  # fmt: skip
         tally.reset_seen = self._total.reset_seen  # once seen, the kernel resets: a VM fact
         for i, v in enumerate(tally.vcpus):
             if v.samples:
