@@ -78,6 +78,7 @@ PERF_EVENTS = ["-e", "kvm:kvm_userspace_exit", "-e", "kvm:kvm_pio", "-e", "sysca
 FLOOR_ROW = "floor-ptrace2"  # the 2-stop floor the 2-stop paths are held to
 ENGINE = "KVMTOP_ENGINE"  # kvmtop's engine (a checkout from before engines ignores it)
 SLEEPING = {"KVMTOP_POLL_US": "0"}  # never poll before a wait
+PERF_DELIVERY = {"KVMTOP_TP_DELIVERY": "perf"}  # the tracepoint engine without BPF
 
 
 def kvmtop_command() -> list[str]:
@@ -239,6 +240,18 @@ def tracers(bench: Bench) -> list[Tracer]:
         Tracer(
             "kvmtop-tracepoints-attach",
             bench.attacher(engine="tracepoints"),
+            "untraced-spinning",
+            io_count,
+        ),  # fmt: skip
+        # the tracepoint engine as perf samples (KVMTOP_TP_DELIVERY=perf; as root, BPF above)
+        Tracer(
+            "kvmtop-tracepoints-perf",
+            bench.launch(env={ENGINE: "tracepoints", **PERF_DELIVERY}),
+            expected=io_count,
+        ),  # fmt: skip
+        Tracer(
+            "kvmtop-tracepoints-perf-attach",
+            bench.attacher(PERF_DELIVERY, None, "tracepoints"),
             "untraced-spinning",
             io_count,
         ),  # fmt: skip

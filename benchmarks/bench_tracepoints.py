@@ -12,10 +12,11 @@
   own: QEMU is not its child) per second of the guest's run and per exit, and its peak RSS.
 - **the kernel's part** (``--events``): a C VMM (benchmarks/guests/timed_vmm.c, `out 0x80` with
   no handling) at 20k and 100k exits, the rounds alternating: untraced; with the engine's events
-  open and read by its native reader (every event, and smaller sets: what each costs the guest);
-  with every event open and none read (the kernel's writes alone); with every event holding a
-  BPF program that returns 0 (no event written: where an in-kernel consumer of the same
-  tracepoints would start). µs per exit as slopes.
+  open as perf samples and read by its native reader (every event, and smaller sets: what each
+  costs the guest); with every event open and none read (the kernel's writes alone); every
+  event delivered by the engine's BPF programs into its BPF ring and read (the engine as root);
+  with every event holding a BPF program that returns 0 (no event written: the floor of any
+  consumer of the same tracepoints in the kernel). µs per exit as slopes.
 
 The host's regime: quiet, or with ``--busy``, ``stress-ng --cpu <CPUs>`` beside the runs.
 Medians over rounds; the header gives the date and regime.
@@ -113,9 +114,10 @@ EVENT_SETS = {  # the engine's events (kvmtop.trace.tp_engine.EVENTS) by name, i
 }  # fmt: skip
 
 
-def events_open(names: tuple[str, ...] | None, read: bool):
+def events_open(names: tuple[str, ...] | None, read: bool, bpf: bool = False):
     """The engine's rings with the events ``names`` (None: all), read by a thread as the
-    engine reads them (``read``) or never; a callable that closes them."""
+    engine reads them (``read``) or never, delivered as perf samples or by BPF programs
+    (``bpf``); a callable that closes them."""
     import threading
 
     from kvmtop import native
@@ -125,7 +127,7 @@ def events_open(names: tuple[str, ...] | None, read: bool):
     assert module is not None, "kvmtop.native._tracepoints is not built"
     specs = tuple(e for e in tp_engine.EVENTS if names is None or e[1] in names)
     rings = module.Rings(tp_engine.online_cpus(), tp_engine.opened_events(module, specs),
-                         tp_engine.RING_PAGES, False)  # fmt: skip
+                         tp_engine.RING_PAGES, False, bpf=bpf)  # fmt: skip
     stop = threading.Event()
     wake_r, wake_w = os.pipe()
 
@@ -211,6 +213,7 @@ def kernel_part(rounds: int) -> dict[str, list[float]]:
     rows: dict[str, list[float]] = {"untraced": []}
     rows |= {f"{name}, read": [] for name in EVENT_SETS}
     rows["every event, unread"] = []
+    rows["every event, BPF delivery, read"] = []
     rows["every event, BPF"] = []
     with tempfile.TemporaryDirectory() as tmp:
         vmm = build_timed_vmm(tmp)
@@ -229,6 +232,8 @@ def kernel_part(rounds: int) -> dict[str, list[float]]:
                         close = None
                     elif how == "BPF":
                         close = bpf_open(EVENT_SETS[name])
+                    elif how == "BPF delivery, read":
+                        close = events_open(EVENT_SETS[name], True, bpf=True)
                     else:
                         close = events_open(EVENT_SETS[name], how == "read")
                     try:

@@ -98,18 +98,21 @@ def ptrace_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVMTOP_ENGINE", "ptrace")
 
 
-@pytest.fixture(params=["native", "pure", "tracepoints"])
+@pytest.fixture(params=["native", "pure", "tracepoints", "tracepoints-perf"])
 def any_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test on the C engine, on the pure-Python one (its reference), and on KVM's
-    tracepoints (no ptrace). The environment carries the choice to ``kvmtop`` subprocesses
-    and to :func:`kvmtop.tracer_thread.open_tracer`."""
-    if request.param == "tracepoints":
-        from kvmtop.trace.tp_engine import unavailable_reason
+    tracepoints (no ptrace), as this host delivers them (BPF as root) and as perf samples.
+    The environment carries the choice to ``kvmtop`` subprocesses and to
+    :func:`kvmtop.tracer_thread.open_tracer`."""
+    if str(request.param).startswith("tracepoints"):
+        from kvmtop.trace.tp_engine import DELIVERY_ENV, unavailable_reason
 
         why = unavailable_reason()
         if why:
             pytest.skip(f"the tracepoint engine cannot run here: {why}")
         monkeypatch.setenv("KVMTOP_ENGINE", "tracepoints")
+        if request.param == "tracepoints-perf":
+            monkeypatch.setenv(DELIVERY_ENV, "perf")
         return "tracepoints"
     return _ptrace_engine(str(request.param), monkeypatch)
 

@@ -321,3 +321,55 @@ def test_kvm_exit_samples_built_from_its_format_file_count_hardware_exits_by_nam
     assert report["vcpus"]["0"]["hardware_exits"] == {"vmx:IO_INSTRUCTION": 2, "vmx:HLT": 1}
     assert report["coalesced"]["writes"] == [{"port": 0x70, "len": 1, "count": 1}]
     assert "HARDWARE EXITS (kvm_exit)" in summary_table(snap, {})
+
+
+def _bpf_rings(pages: int = 512):
+    """The engine's events delivered by BPF (as root), following no process yet; skips where the
+    kernel will not load them."""
+    from kvmtop.trace.tp_engine import online_cpus, opened_events
+
+    module = native.built("_tracepoints")
+    try:
+        return module.Rings(online_cpus(), opened_events(module, EVENTS), pages, False, bpf=True)
+    except OSError as exc:
+        pytest.skip(f"this process may not load BPF programs: {exc}")
+
+
+def test_bpf_programs_leave_another_tool_s_perf_samples_of_the_same_tracepoints_whole(processes):
+    """kvmtop's BPF programs return 1: a second kvmtop reading the same tracepoints as perf
+    samples, while they run, still counts every exit (a program that returned 0 would drop
+    every sample of its tracepoint, anyone's: this one would count nothing)."""
+    rings = _bpf_rings()
+    try:
+        argv = [sys.executable, "-m", "kvmtop", "--engine", "tracepoints", "record", "--json",
+                "-o", os.devnull, "--", *counted_command(outs=60, mmio_writes=4)]  # fmt: skip
+        env = {**os.environ, "KVMTOP_TP_DELIVERY": "perf"}
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "kernel tracepoints (perf samples): no stop per exit" in result.stderr
+        summary = json.loads(result.stderr[result.stderr.index("\n{") + 1 :])
+        assert summary["exits"] == {"KVM_EXIT_IO": 61, "KVM_EXIT_MMIO": 4}
+        assert summary["dropped_events"] == {}
+    finally:
+        rings.close()
+
+
+def test_a_bpf_ring_too_small_for_a_guest_counts_the_events_it_dropped_per_cpu(processes):
+    """One page a CPU, never read while a guest runs: the BPF ring fills, and the programs
+    count what found no room, on the CPU that ran them."""
+    rings = _bpf_rings(pages=1)
+    try:
+        rings.set_base(time.monotonic_ns())
+        vmm = subprocess.Popen(counted_command(outs=3000, mmio_writes=0))
+        processes.append(vmm)
+        rings.follow(vmm.pid)  # (the ring is read after the guest: none of its events passed)
+        assert vmm.wait(60) == 0
+        lost = rings.lost_events()
+        # 3 events at least an exit (its entry, its exit, its port), 32+ bytes each, 8 KiB a ring
+        assert sum(lost) >= 3 * 3001 - 8192 // 32, lost
+        while (unknown := rings.flush()) is not None:  # the vCPU (pid, fd): slot 0
+            rings.set_vcpu(unknown[1], unknown[3], 0)
+        _records, _seen, exits, _unnamed, _news, _kernel = rings.take()
+        assert exits < 3001  # (another test's guest may have filled the ring first: 0)
+    finally:
+        rings.close()

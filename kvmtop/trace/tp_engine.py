@@ -11,6 +11,13 @@ tracing cost in them. An IN exit's port comes with its completion at the next en
 traces it there, with the value the VMM gave), as does a read's value. The events are system
 wide (one set per CPU), so every VM's exits reach kvmtop's rings; the engine keeps those of
 the processes it follows. They die with kvmtop's fds: nothing in tracefs is changed.
+
+Where the kernel lets kvmtop load BPF programs (root, or CAP_BPF and CAP_PERFMON), each event
+has one instead of perf samples: it copies the event's fields into one BPF ring buffer that all
+CPUs share (the kernel formats no perf sample: about half the cost per exit), and returns 1, so
+any other tool's perf events on the same tracepoint get their samples as before. The CPUs'
+perf rings then carry only the forks, exits and execs. The records, and so everything after
+the reader, are the same either way.
 """
 
 from __future__ import annotations
@@ -51,8 +58,14 @@ EVENTS: tuple[EventSpec, ...] = (
 RIP_EVENTS: tuple[EventSpec, ...] = (
     ("R_EMUL", "kvm/kvm_emulate_insn", ("rip", "csbase", "len", "flags", "failed"), None),
 )
+# how the events reach kvmtop: "bpf" (a program per event writes it into one BPF ring buffer:
+# the kernel writes no perf sample, about half the cost per exit), "perf" (perf samples in a ring
+# per CPU), or unset: BPF where the kernel lets kvmtop load programs (root, or CAP_BPF with
+# CAP_PERFMON), else perf
+DELIVERY_ENV = "KVMTOP_TP_DELIVERY"
+DELIVERIES = {"bpf": "BPF", "perf": "perf samples"}
 REQUIRED = ("kvm/kvm_userspace_exit", "syscalls/sys_enter_ioctl", "syscalls/sys_exit_ioctl")
-ENGINE_NOTE = "kernel tracepoints: no stop per exit"
+ENGINE_NOTE = "kernel tracepoints ({}): no stop per exit"
 
 
 class TaskNews(NamedTuple):
@@ -93,8 +106,10 @@ class TracepointEngine:
     """The native reader (``kvmtop.native._tracepoints.Rings``) with named types at its
     boundary. Only the tracer's thread calls it."""
 
-    def __init__(self, rings: Any) -> None:
+    def __init__(self, rings: Any, delivery: str = "perf") -> None:
         self._rings = rings
+        self.delivery = delivery  # "bpf" or "perf" (DELIVERY_ENV)
+        self.note = ENGINE_NOTE.format(DELIVERIES[delivery])
         self.follow, self.unfollow = rings.follow, rings.unfollow
         self.follow_all, self.follow_children = rings.follow_all, rings.follow_children
         self.set_vcpu, self.forget_pid, self.set_base = (
@@ -180,8 +195,22 @@ def open_engine(with_data: bool, pages: int = RING_PAGES, rip: bool = False) -> 
     module = native.built("_tracepoints")
     assert module is not None
     events = opened_events(module, EVENTS + (RIP_EVENTS if rip else ()))
+    cpus = online_cpus()
+    delivery = os.environ.get(DELIVERY_ENV, "")
+    if delivery not in ("", "bpf", "perf"):
+        raise TracepointsUnavailable(f"{DELIVERY_ENV} is bpf or perf, not {delivery!r}")
+    if delivery != "perf":
+        try:
+            return TracepointEngine(
+                module.Rings(cpus, events, pages, with_data, rip, bpf=True), "bpf"
+            )
+        except OSError as exc:
+            if delivery == "bpf":
+                raise TracepointsUnavailable(
+                    f"kernel tracepoints through BPF unavailable: {exc}"
+                ) from None
     try:
-        return TracepointEngine(module.Rings(online_cpus(), events, pages, with_data, rip))
+        return TracepointEngine(module.Rings(cpus, events, pages, with_data, rip))
     except OSError as exc:
         raise _open_failed(exc) from None
 

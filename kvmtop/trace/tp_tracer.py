@@ -39,7 +39,6 @@ from kvmtop.model.vcpu_keys import VcpuKey, VcpuSlots
 from kvmtop.trace.commanded import Commanded
 from kvmtop.trace.engine import vcpu_records
 from kvmtop.trace.tp_engine import (
-    ENGINE_NOTE,
     TaskNews,
     TracepointsUnavailable,
     UnknownVcpu,
@@ -71,8 +70,6 @@ class TracepointTracer(Commanded):
     """Owns the thread that reads KVM's tracepoints. One session at a time; ``all_vms``: every
     VMM on the host at once (``-a``)."""
 
-    engine_note = ENGINE_NOTE
-
     def __init__(
         self,
         with_data: bool = False,
@@ -90,6 +87,7 @@ class TracepointTracer(Commanded):
         self._stats_taker = stats_taker
         self.rip = rip  # every exit's guest RIP, where the kernel tells it (RIP_EVENTS, kvm_exit)
         self._rings = open_engine(with_data, rip=rip)
+        self.engine_note = self._rings.note
         self.hardware_note = hardware_note()
         self._cpus = online_cpus()  # the rings' CPUs, in their order
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
