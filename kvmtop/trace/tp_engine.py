@@ -14,7 +14,7 @@ the processes it follows. They die with kvmtop's fds: nothing in tracefs is chan
 
 Where the kernel lets kvmtop load BPF programs (root, or CAP_BPF and CAP_PERFMON), each event
 has one instead of perf samples: it copies the event's fields into one BPF ring buffer that all
-CPUs share (the kernel formats no perf sample: about half the cost per exit), and returns 1, so
+CPUs share (the kernel formats no perf sample: its part of an exit's cost halves), and returns 1, so
 any other tool's perf events on the same tracepoint get their samples as before. The CPUs'
 perf rings then carry only the forks, exits and execs. The records, and so everything after
 the reader, are the same either way.
@@ -59,7 +59,7 @@ RIP_EVENTS: tuple[EventSpec, ...] = (
     ("R_EMUL", "kvm/kvm_emulate_insn", ("rip", "csbase", "len", "flags", "failed"), None),
 )
 # how the events reach kvmtop: "bpf" (a program per event writes it into one BPF ring buffer:
-# the kernel writes no perf sample, about half the cost per exit), "perf" (perf samples in a ring
+# the kernel formats no perf sample, half its part of the cost), "perf" (perf samples in a ring
 # per CPU), or unset: BPF where the kernel lets kvmtop load programs (root, or CAP_BPF with
 # CAP_PERFMON), else perf
 DELIVERY_ENV = "KVMTOP_TP_DELIVERY"
