@@ -181,6 +181,7 @@ typedef struct {
     /* bpf: each event's program writes it into one BPF ring buffer (below); the CPUs' perf
        rings then hold only forks, exits and execs (a dummy event's) */
     int bpf, bpf_ring, bpf_lost; /* the ring's and the lost counts' map fds */
+    long bpf_possible;           /* the lost counts' values: one per CPU the kernel may have */
     uint8_t *bpf_cons, *bpf_prod; /* the consumer page; the producer page and the data, twice */
     size_t bpf_size;
 } Rings;
@@ -691,6 +692,14 @@ static int64_t field_of(const unsigned char *raw, uint32_t raw_size, const Field
     return 0;
 }
 
+/* Stage an event, in the order read (its tie-break among events of the same time). */
+static int enqueue(Rings *self, Ev *e) {
+    e->seq = self->seq++;
+    if (grow((void **)&self->queue, &self->cqueue, self->nqueue + 1, sizeof(Ev)) < 0) return -1;
+    self->queue[self->nqueue++] = *e;
+    return 0;
+}
+
 /* One perf record of ring ``cpu``, whole and contiguous: staged as an Ev (or counted). */
 static int stage(Rings *self, int cpu, const unsigned char *rec, size_t size) {
     struct perf_event_header h;
@@ -740,10 +749,7 @@ static int stage(Rings *self, int cpu, const unsigned char *rec, size_t size) {
     } else {
         return 0;
     }
-    e.seq = self->seq++;
-    if (grow((void **)&self->queue, &self->cqueue, self->nqueue + 1, sizeof(Ev)) < 0) return -1;
-    self->queue[self->nqueue++] = e;
-    return 0;
+    return enqueue(self, &e);
 }
 
 static int read_ring(Rings *self, int i) {
@@ -786,17 +792,12 @@ static int stage_bpf(Rings *self, const unsigned char *rec, uint32_t size) {
     memcpy(&role, rec + 16, 8);
     if (role >= R_ROLES || (!self->children && !followed(self, e.pid))) return 0;
     e.role = (uint16_t)role;
-    for (int i = 0; i < self->nfields[role] && BPF_REC_HEAD + 8 * (uint32_t)(i + 1) <= size; i++) {
+    for (int i = 0; i < self->nfields[role]; i++) { /* each field in the low bytes of its u64 */
         const Field *f = &self->fields[role][i];
-        uint64_t v; /* loaded zero-extended from the event's field */
-        memcpy(&v, rec + BPF_REC_HEAD + 8 * i, 8);
-        int shift = 64 - 8 * (f->size < 8 ? f->size : 8);
-        e.f[i] = f->is_signed && shift ? (int64_t)(v << shift) >> shift : (int64_t)v;
+        uint32_t at = BPF_REC_HEAD + 8 * (uint32_t)i;
+        e.f[i] = field_of(rec + at, size > at ? size - at : 0, &(Field){0, f->size, f->is_signed});
     }
-    e.seq = self->seq++;
-    if (grow((void **)&self->queue, &self->cqueue, self->nqueue + 1, sizeof(Ev)) < 0) return -1;
-    self->queue[self->nqueue++] = e;
-    return 0;
+    return enqueue(self, &e);
 }
 
 static int read_bpf(Rings *self) {
@@ -895,9 +896,12 @@ static void close_all(Rings *self) {
     if (self->bpf_cons) munmap(self->bpf_cons, (size_t)page);
     if (self->bpf_prod) munmap(self->bpf_prod, (size_t)page + 2 * self->bpf_size);
     self->bpf_cons = self->bpf_prod = NULL;
-    Py_BEGIN_ALLOW_THREADS
-    close_fds(self->fds, self->nfds);
-    Py_END_ALLOW_THREADS
+    self->bpf_ring = self->bpf_lost = -1; /* their fds close below */
+    if (self->nfds) {
+        Py_BEGIN_ALLOW_THREADS
+        close_fds(self->fds, self->nfds);
+        Py_END_ALLOW_THREADS
+    }
     free(self->rings);
     free(self->fds);
     self->rings = NULL, self->fds = NULL;
@@ -1019,6 +1023,23 @@ static int keep_fd(Rings *self, int fd) {
     return 0;
 }
 
+/* How many CPUs the kernel may ever have (a per-CPU map's values: one each), from
+   /sys/devices/system/cpu/possible ("0-3"); 0 where unreadable. */
+static long possible_cpus(void) {
+    char text[256] = {0};
+    FILE *f = fopen("/sys/devices/system/cpu/possible", "re");
+    if (!f) return 0;
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = 0;
+    long last = -1;
+    for (char *p = text; *p;) {
+        if (*p >= '0' && *p <= '9') last = strtol(p, &p, 10);
+        else p++;
+    }
+    return last + 1;
+}
+
 /* The BPF ring (ring_bytes for each CPU, a power of 2 in all) and the lost counts. */
 static int bpf_open_ring(Rings *self, size_t ring_bytes) {
     size_t size = (size_t)sysconf(_SC_PAGESIZE), page = size;
@@ -1041,6 +1062,7 @@ static int bpf_open_ring(Rings *self, size_t ring_bytes) {
     if (prod == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError), -1;
     self->bpf_prod = prod;
     self->bpf_ring = ring, self->bpf_lost = lost, self->bpf_size = size;
+    self->bpf_possible = possible_cpus();
     return 0;
 }
 
@@ -1410,30 +1432,12 @@ static PyObject *Rings_pending(Rings *self, PyObject *unused) {
                              (size_t)PyList_GET_SIZE(self->news));
 }
 
-/* How many CPUs the kernel may ever have (a per-CPU map's values: one each), from
-   /sys/devices/system/cpu/possible ("0-3"); 0 where unreadable. */
-static long possible_cpus(void) {
-    char text[256] = {0};
-    FILE *f = fopen("/sys/devices/system/cpu/possible", "re");
-    if (!f) return 0;
-    size_t n = fread(text, 1, sizeof text - 1, f);
-    fclose(f);
-    text[n] = 0;
-    long last = -1;
-    for (char *p = text; *p;) {
-        if (*p >= '0' && *p <= '9') last = strtol(p, &p, 10);
-        else p++;
-    }
-    return last + 1;
-}
-
 static PyObject *Rings_lost_events(Rings *self, PyObject *unused) {
     (void)unused;
     uint64_t *by_cpu = NULL; /* the BPF programs' counts, by CPU number */
-    long possible = 0;
-    if (self->bpf_lost >= 0) {
-        possible = possible_cpus();
-        by_cpu = possible > 0 ? calloc((size_t)possible, 8) : NULL;
+    long possible = self->bpf_possible;
+    if (self->bpf_lost >= 0 && possible > 0) {
+        by_cpu = calloc((size_t)possible, 8);
         uint32_t key = 0;
         union bpf_attr a;
         memset(&a, 0, sizeof a);

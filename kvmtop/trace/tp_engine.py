@@ -108,8 +108,8 @@ class TracepointEngine:
 
     def __init__(self, rings: Any, delivery: str = "perf") -> None:
         self._rings = rings
-        self.delivery = delivery  # "bpf" or "perf" (DELIVERY_ENV)
-        self.note = ENGINE_NOTE.format(DELIVERIES[delivery])
+        self.note = ENGINE_NOTE.format(DELIVERIES[delivery])  # delivery: "bpf" or "perf"
+
         self.follow, self.unfollow = rings.follow, rings.unfollow
         self.follow_all, self.follow_children = rings.follow_all, rings.follow_children
         self.set_vcpu, self.forget_pid, self.set_base = (
