@@ -120,8 +120,10 @@ def test_the_top_guest_code_of_each_reason_is_the_rip_past_its_exiting_instructi
     # further apart than the C one's: 2.3% here under load)
     assert code.unstable < 0.1 * code.looks
     # another RIP of a reason: only looks between KVM's setting of exit_reason and its copy of
-    # the registers (KVM's own part of the exit's return, under a µs) see the previous exit's
-    assert sum(c.share.hits for c in code.top if c not in top.values()) < 0.01 * code.looks
+    # the registers see the previous exit's. That window is a part of KVM's own cost of an exit
+    # (under a µs quiet, up to a few where the host's costs are 2-4x higher) in ~90 µs between
+    # exits: 1% of the looks seen quiet, room for 4x that
+    assert sum(c.share.hits for c in code.top if c not in top.values()) < 0.05 * code.looks
 
 
 @pytest.mark.kvm
