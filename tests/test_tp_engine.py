@@ -373,3 +373,25 @@ def test_a_bpf_ring_too_small_for_a_guest_counts_the_events_it_dropped_per_cpu(p
         assert exits < 3001  # (another test's guest may have filled the ring first: 0)
     finally:
         rings.close()
+
+
+def test_the_reader_hands_over_a_followed_process_s_end_at_once_not_at_its_deadline(processes):
+    """A traced command that ends is said when it ends: the exit record wakes the BPF reader,
+    which hands it over then, not when the deadline it was given comes (a record's last exits
+    would otherwise wait for it, and the recording end up to a reading interval late)."""
+    rings = _bpf_rings()
+    try:
+        rings.set_base(time.monotonic_ns())
+        proc = subprocess.Popen(["sleep", "0.5"])
+        processes.append(proc)
+        rings.follow(proc.pid)
+        deadline_s = 60
+        started = time.monotonic()
+        news: tuple = ()
+        while not any(n[0] == "exit" and n[1] == proc.pid for n in news):
+            assert rings.run(time.monotonic_ns() + deadline_s * 10**9, 1 << 20, -1) is None
+            news += rings.take()[4]
+            assert time.monotonic() - started < deadline_s / 2, "the exit waited for the deadline"
+        assert proc.wait(5) == 0
+    finally:
+        rings.close()

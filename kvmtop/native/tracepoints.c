@@ -176,6 +176,8 @@ typedef struct {
     HardwareExits *hardware;
     size_t nhardware, chardware;
     PyObject *news; /* list */
+    int nnews;          /* news since the last take: the reader returns to hand them over */
+    uint64_t news_due;  /* the time of the earliest fork, exit or exec staged (UINT64_MAX: none) */
     char *scratch;
     size_t cscratch;
     /* bpf: each event's program writes it into one BPF ring buffer (below); the CPUs' perf
@@ -446,6 +448,7 @@ static int news(Rings *self, const char *what, const Ev *e, uint32_t ppid) {
     int rc = item ? PyList_Append(self->news, item) : -1;
     Py_XDECREF(item);
     if (rc < 0) PyErr_Clear();
+    else self->nnews++;
     PyGILState_Release(g);
     return 0;
 }
@@ -695,6 +698,7 @@ static int64_t field_of(const unsigned char *raw, uint32_t raw_size, const Field
 /* Stage an event, in the order read (its tie-break among events of the same time). */
 static int enqueue(Rings *self, Ev *e) {
     e->seq = self->seq++;
+    if (e->role >= EV_FORK && e->t < self->news_due) self->news_due = e->t;
     if (grow((void **)&self->queue, &self->cqueue, self->nqueue + 1, sizeof(Ev)) < 0) return -1;
     self->queue[self->nqueue++] = *e;
     return 0;
@@ -860,6 +864,9 @@ static int process_until(Rings *self, uint64_t until, const Ev **at, size_t max_
     memmove(self->queue, self->queue + i, (self->nqueue - i) * sizeof(Ev));
     self->nqueue -= i;
     self->nsorted = self->nqueue;
+    self->news_due = UINT64_MAX;
+    for (size_t k = 0; k < self->nqueue; k++)
+        if (self->queue[k].role >= EV_FORK && self->queue[k].t < self->news_due) self->news_due = self->queue[k].t;
     if (rc == 1) *at = &self->queue[0];
     return rc;
 }
@@ -935,8 +942,8 @@ static int open_event(int role_first, uint32_t type, uint64_t config, int cpu, s
     attr.sample_id_all = 1;
     attr.use_clockid = 1;
     attr.clockid = CLOCK_MONOTONIC;
-    attr.watermark = 1;
-    attr.wakeup_watermark = (uint32_t)(ring_bytes / 4);
+    attr.watermark = 1; /* forks, exits and execs alone (no samples): each wakes the reader */
+    attr.wakeup_watermark = type == PERF_TYPE_SOFTWARE ? 1 : (uint32_t)(ring_bytes / 4);
     attr.task = attr.comm = role_first ? 1 : 0;
     attr.comm_exec = role_first ? 1 : 0;
     return (int)syscall(SYS_perf_event_open, &attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC);
@@ -1195,6 +1202,7 @@ static int Rings_init(Rings *self, PyObject *args, PyObject *kwds) {
     self->with_data = with_data;
     self->with_rip = with_rip;
     self->news = PyList_New(0);
+    self->news_due = UINT64_MAX;
     self->cpus = calloc((size_t)ncpu, sizeof(int));
     self->rings = calloc((size_t)ncpu, sizeof(Ring));
     self->lost = calloc((size_t)ncpu, sizeof(uint64_t));
@@ -1314,11 +1322,17 @@ static PyObject *Rings_run(Rings *self, PyObject *args) {
         if (rc == 0) rc = read_bpf(self);
         if (rc < 0) break;
         rc = process_until(self, start - SLACK_NS, &at, (size_t)max_bytes);
-        if (rc != 0 || self->nout >= (size_t)max_bytes || start >= deadline) break;
+        if (rc != 0 || self->nout >= (size_t)max_bytes || start >= deadline || self->nnews) break;
         for (int i = 0; i < n; i++) fds[i] = (struct pollfd){self->rings[i].fd, POLLIN, 0};
         fds[n] = (struct pollfd){self->bpf_ring, POLLIN, 0}; /* -1: none (poll skips it) */
         fds[n + 1] = (struct pollfd){wake, POLLIN, 0};
+        /* a fork, exit or exec waits for the other CPUs' events before it (SLACK_NS), not
+           for the deadline: a traced process that ended is said at once */
         uint64_t left = deadline - start;
+        if (self->news_due != UINT64_MAX) {
+            uint64_t due = self->news_due + SLACK_NS, wait = due > start ? due - start : 0;
+            if (wait < left) left = wait;
+        }
         int ms = (int)(left / 1000000u) + 1;
         int got = poll(fds, (nfds_t)n + 2, ms);
         if (got > 0 && wake >= 0 && fds[n + 1].revents) break;
@@ -1412,6 +1426,7 @@ static PyObject *Rings_take(Rings *self, PyObject *unused) {
     self->nkernel = self->nhardware = 0;
     if (!out) return NULL;
     PyList_SetSlice(self->news, 0, PyList_GET_SIZE(self->news), NULL);
+    self->nnews = 0;
     self->nout = self->nseen = 0;
     self->exits = self->lost_exits = 0;
     return out;
