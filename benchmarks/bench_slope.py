@@ -11,15 +11,15 @@ out. The intercept t(N1) - slope * N1 is that once-per-run cost; ``start-up`` is
 intercept minus the untraced run's intercept of the same round: what the tracer adds to running
 the command at all. Medians over rounds.
 
-Attach mode (``kvmtop record -p PID``): the guest first spins (no exits) long enough for kvmtop to
-attach. A run is timed from the moment QEMU holds its vCPU (polled in /proc) to kvmtop's exit,
-which follows QEMU's; the untraced reference (``untraced, spinning``) is the same spinning guest
-timed from the same moment to QEMU's exit. Both runs contain the same spin, so the slope is the
-cost per exit, and the start-up column is what attaching adds to the VM's remaining life plus the
-time kvmtop takes to end after the VM has: kvmtop's own start (the interpreter, the attach) runs
-while the guest spins and costs the guest nothing, so it is reported on its own line (``attach
-latency``: kvmtop's start to its "recording to" line). If kvmtop came late, its count is short,
-and a warning says so.
+Attach mode (``kvmtop record -p PID``): QEMU starts paused (``-S``), its vCPU made and not yet
+run; kvmtop attaches, and once it says "recording to", QMP's ``cont`` starts the guest. A run is
+timed from ``cont`` to kvmtop's exit, which follows QEMU's; the untraced reference
+(``untraced-paused``) is the same paused guest timed from ``cont`` to QEMU's exit. So the slope is
+the cost per exit, and the start-up column is what kvmtop adds to the VM's life after ``cont``
+plus the time it takes to end after the VM has. kvmtop's own start (the interpreter, the attach)
+comes before ``cont`` and is reported on its own line (``attach latency``: kvmtop's start to its
+"recording to" line). (A guest that spins until kvmtop is there would put the spin's own noise,
+hundreds of ms where the host's speed moves, into every attach run.)
 
 Counts are checked: kvmtop's summary (``--json``; on stderr when it launched the command) must hold N + 1 port-IO exits (N ``out 0x80``
 and the debug-exit's ``out 0xf4``), the floor's "total" N + 1 (it reads each exit at the next
@@ -56,6 +56,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -71,7 +72,6 @@ from guests.qemu_bios import qemu_command, write_bios  # noqa: E402
 
 STRACE = ["strace", "-f", "-qq", "-e", "trace=ioctl", "--kvm=vcpu", "-o", "/dev/null"]
 FLOOR_SOURCE = "/work/shared/floor/floor.c"
-SPIN_ITERATIONS = 6_000_000  # ~1.5 s here; kvmtop attaches in ~0.2 s (0.65 s beside stress-ng)
 IO_EXIT = "KVM_EXIT_IO"
 PERF_EVENTS = ["-e", "kvm:kvm_userspace_exit", "-e", "kvm:kvm_pio", "-e", "syscalls:sys_enter_ioctl",
                "--filter", "cmd == 0xae80", "-e", "syscalls:sys_exit_ioctl"]  # fmt: skip
@@ -112,9 +112,7 @@ class Bench:
         self.baseline = [sys.executable, "-P", "-m", "kvmtop"] if baseline else None
         self.baseline_env = {"PYTHONPATH": os.path.abspath(baseline)} if baseline else {}
         self.busy = {n: write_bios(os.path.join(tmp, f"busy{n}.bin"), n) for n in counts}
-        self.spinning = {
-            n: write_bios(os.path.join(tmp, f"spin{n}.bin"), n, 0, SPIN_ITERATIONS) for n in counts
-        }
+        self.qmp = os.path.join(tmp, "qmp.sock")
         self.floor = self._build_floor(tmp)
 
     @staticmethod
@@ -155,12 +153,28 @@ class Bench:
 
         return run
 
-    def untraced_spinning(self, n: int) -> Run:
-        vmm = subprocess.Popen(qemu_command(self.spinning[n]), stdout=subprocess.DEVNULL,
+    def untraced_paused(self, n: int) -> Run:
+        with self.paused(n) as (vmm, cont):
+            started = cont()
+            vmm.wait()
+            return Run(time.monotonic() - started)
+
+    @contextmanager
+    def paused(self, n: int) -> Iterator[tuple[subprocess.Popen[bytes], Callable[[], float]]]:
+        """QEMU with the guest of ``n`` exits, paused before its first instruction, and the
+        function that starts it (returns when: the moment QMP's ``cont`` is sent)."""
+        if os.path.exists(self.qmp):
+            os.unlink(self.qmp)
+        paused = ("-S", "-qmp", f"unix:{self.qmp},server=on,wait=off")
+        vmm = subprocess.Popen(qemu_command(self.busy[n], *paused), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
-        started = _vcpu_ready(vmm)
-        vmm.wait()
-        return Run(time.monotonic() - started)
+        try:
+            with _qmp(self.qmp, vmm) as qmp:
+                yield vmm, qmp
+        finally:
+            if vmm.poll() is None:
+                vmm.kill()
+            vmm.wait()
 
     def attacher(
         self, env: dict[str, str] | None = None, kvmtop: list[str] | None = None,
@@ -178,24 +192,20 @@ class Bench:
 
     def attach(self, n: int, kvmtop: list[str], env: dict[str, str] | None,
                flags: tuple[str, ...] = ()) -> Run:  # fmt: skip
-        vmm = subprocess.Popen(qemu_command(self.spinning[n]), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            started = _vcpu_ready(vmm)
+        with self.paused(n) as (vmm, cont):
+            asked = time.monotonic()
             argv = [*kvmtop, "record", *flags, "-p", str(vmm.pid), "--json", "-o", "/dev/null"]
             rec = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, env=env)  # fmt: skip
             assert rec.stderr is not None
             line = rec.stderr.readline()
-            latency = time.monotonic() - started
-            out, err = rec.communicate()
+            latency = time.monotonic() - asked
+            if "recording to" not in line:
+                rec.kill()
+                raise SystemExit(f"kvmtop did not attach: {line}{rec.communicate()[1]}")
+            started = cont()
+            out, _err = rec.communicate()
             seconds = time.monotonic() - started
-        finally:
-            if vmm.poll() is None:
-                vmm.kill()
-            vmm.wait()
-        if "recording to" not in line:
-            raise SystemExit(f"kvmtop did not attach: {line}{err}")
         return Run(seconds, _io_exits(out), latency)
 
 
@@ -212,19 +222,35 @@ def _io_exits(summary_json: str) -> int | None:
         return None
 
 
-def _vcpu_ready(vmm: subprocess.Popen[bytes]) -> float:
-    """The moment QEMU holds a vCPU fd: the common origin of attach-mode runs."""
-    fd_dir = f"/proc/{vmm.pid}/fd"
+@contextmanager
+def _qmp(path: str, vmm: subprocess.Popen[bytes]) -> Iterator[Callable[[], float]]:
+    """QEMU's QMP socket at ``path``, once QEMU is up (its vCPUs made); yields ``cont``."""
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    sock = socket.socket(socket.AF_UNIX)
+    while True:
         try:
-            links = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
+            sock.connect(path)
+            break
         except OSError:
-            links = []
-        if any(link.startswith("anon_inode:kvm-vcpu:") for link in links):
-            return time.monotonic()
-        time.sleep(0.001)
-    raise SystemExit(f"QEMU (pid {vmm.pid}) made no vCPU within 10 s")
+            if vmm.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"QEMU (pid {vmm.pid}) opened no QMP socket within 10 s") from None
+            time.sleep(0.001)
+    with sock, sock.makefile("rwb") as qmp:
+
+        def execute(command: str) -> None:
+            qmp.write(json.dumps({"execute": command}).encode() + b"\n")
+            qmp.flush()
+            while not {"return", "error"} & json.loads(qmp.readline()).keys():
+                pass  # (events)
+
+        def cont() -> float:
+            started = time.monotonic()
+            execute("cont")
+            return started
+
+        qmp.readline()  # the greeting
+        execute("qmp_capabilities")
+        yield cont
 
 
 def tracers(bench: Bench) -> list[Tracer]:
@@ -235,12 +261,12 @@ def tracers(bench: Bench) -> list[Tracer]:
         Tracer("kvmtop", bench.launch(), expected=io_count),
         Tracer("kvmtop-no-seccomp", bench.launch("--no-seccomp"), expected=io_count),
         Tracer("kvmtop-tracepoints", bench.launch(env={ENGINE: "tracepoints"}), expected=io_count),
-        Tracer("untraced-spinning", bench.untraced_spinning, "untraced-spinning"),
-        Tracer("kvmtop-attach", bench.attacher(), "untraced-spinning", io_count),
+        Tracer("untraced-paused", bench.untraced_paused, "untraced-paused"),
+        Tracer("kvmtop-attach", bench.attacher(), "untraced-paused", io_count),
         Tracer(
             "kvmtop-tracepoints-attach",
             bench.attacher(engine="tracepoints"),
-            "untraced-spinning",
+            "untraced-paused",
             io_count,
         ),  # fmt: skip
         # the tracepoint engine as perf samples (KVMTOP_TP_DELIVERY=perf; as root, BPF above)
@@ -252,7 +278,7 @@ def tracers(bench: Bench) -> list[Tracer]:
         Tracer(
             "kvmtop-tracepoints-perf-attach",
             bench.attacher(PERF_DELIVERY, None, "tracepoints"),
-            "untraced-spinning",
+            "untraced-paused",
             io_count,
         ),  # fmt: skip
         Tracer(
@@ -260,14 +286,14 @@ def tracers(bench: Bench) -> list[Tracer]:
             bench.launch("--no-seccomp", env=SLEEPING),
             expected=io_count,
         ),
-        Tracer("kvmtop-attach-sleeping", bench.attacher(SLEEPING), "untraced-spinning", io_count),
+        Tracer("kvmtop-attach-sleeping", bench.attacher(SLEEPING), "untraced-paused", io_count),
         # --rip: every exit's guest RIP (kvm_valid_regs set: KVM copies the registers at each exit)
         Tracer("kvmtop-rip", bench.launch("--rip"), expected=io_count),
         Tracer("kvmtop-no-seccomp-rip", bench.launch("--no-seccomp", "--rip"), expected=io_count),
         Tracer(
             "kvmtop-attach-rip",
             bench.attacher(None, None, "ptrace", "--rip"),
-            "untraced-spinning",
+            "untraced-paused",
             io_count,
         ),  # fmt: skip
         # --rip with tracepoints: kvm_emulate_insn too (the guest's every instruction, here)
@@ -279,7 +305,7 @@ def tracers(bench: Bench) -> list[Tracer]:
         Tracer(
             "kvmtop-tracepoints-attach-rip",
             bench.attacher(None, None, "tracepoints", "--rip"),
-            "untraced-spinning",
+            "untraced-paused",
             io_count,
         ),  # fmt: skip
     ]
@@ -291,7 +317,7 @@ def tracers(bench: Bench) -> list[Tracer]:
                 bench.launch("--no-seccomp", env=env, kvmtop=base),
                 expected=io_count,
             ),
-            Tracer("base-attach", bench.attacher(env, base), "untraced-spinning", io_count),
+            Tracer("base-attach", bench.attacher(env, base), "untraced-paused", io_count),
         ]
     if shutil.which("perf") is not None:
         rows.append(Tracer("perf-record", bench.perf_record))
@@ -384,13 +410,13 @@ def report(
         print(f"| {t.name} | {us:.1f} | {spread} | {over} | {rate:,.0f} | {vs_rate} "
               f"| {startup_text} | {whole[t.name]:.3f} | {vs_whole} |")  # fmt: skip
     print("\nrounds: the rounds' range of µs/exit. start-up: intercept over the reference's "
-          "(untraced; attach: untraced-spinning), [the rounds' range]; in round brackets, a "
+          "(untraced; attach: untraced-paused), [the rounds' range]; in round brackets, a "
           "reference's own intercept. An intercept's "
           f"error is {lo:,} times its slope's: 5 µs/exit of noise moves it {lo * 5e-6:.2f} s")  # fmt: skip
     attach = by_name.get("kvmtop-attach")
     if attach is not None:
         latencies = [run.latency for runs in attach.runs.values() for run in runs if run.latency]
-        print(f"attach latency (vCPU seen -> kvmtop's 'recording to'): median "
+        print(f"attach latency (kvmtop's start -> its 'recording to'): median "
               f"{statistics.median(latencies):.3f} s, max {max(latencies):.3f} s")  # fmt: skip
     floor = by_name.get(FLOOR_ROW)
     launched = [t for t in rows if t.reference == "untraced" and t is not floor]
