@@ -122,8 +122,10 @@ def test_attach_to_running_qemu_counts_every_later_exit(tracer, tmp_path):
 @pytest.mark.qemu
 def test_detach_mid_run_leaves_the_guest_to_finish_right(tracer, tmp_path):
     bios = tmp_path / "bios.bin"
-    # it spins first (~1 s): attached before its exits begin, however late this test runs
-    bios.write_bytes(build_bios(outs=20_000, mmio_writes=0, spin_iterations=4_000_000))
+    # it spins first (~1 s): attached before its exits begin, however late this test runs; and
+    # its exits last seconds, so the detach comes before its end, however late the tracer hands
+    # over its first 500 (the tracepoint engine: a batch every 0.1 s)
+    bios.write_bytes(build_bios(outs=300_000, mmio_writes=0, spin_iterations=4_000_000))
     vmm = spawn(qemu_command(str(bios)))
     try:
         wait_for_vcpus(vmm.pid)
