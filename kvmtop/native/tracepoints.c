@@ -176,8 +176,6 @@ typedef struct {
     HardwareExits *hardware;
     size_t nhardware, chardware;
     PyObject *news; /* list */
-    int nnews;          /* news since the last take: the reader returns to hand them over */
-    uint64_t news_due;  /* the time of the earliest fork, exit or exec staged (UINT64_MAX: none) */
     char *scratch;
     size_t cscratch;
     /* bpf: each event's program writes it into one BPF ring buffer (below); the CPUs' perf
@@ -448,7 +446,6 @@ static int news(Rings *self, const char *what, const Ev *e, uint32_t ppid) {
     int rc = item ? PyList_Append(self->news, item) : -1;
     Py_XDECREF(item);
     if (rc < 0) PyErr_Clear();
-    else self->nnews++;
     PyGILState_Release(g);
     return 0;
 }
@@ -698,7 +695,6 @@ static int64_t field_of(const unsigned char *raw, uint32_t raw_size, const Field
 /* Stage an event, in the order read (its tie-break among events of the same time). */
 static int enqueue(Rings *self, Ev *e) {
     e->seq = self->seq++;
-    if (e->role >= EV_FORK && e->t < self->news_due) self->news_due = e->t;
     if (grow((void **)&self->queue, &self->cqueue, self->nqueue + 1, sizeof(Ev)) < 0) return -1;
     self->queue[self->nqueue++] = *e;
     return 0;
@@ -848,6 +844,14 @@ static void order_nearly_sorted(Ev *q, size_t sorted, size_t n) {
     }
 }
 
+/* The time of the earliest fork, exit or exec staged (UINT64_MAX: none). */
+static uint64_t news_due(const Rings *self) {
+    uint64_t t = UINT64_MAX;
+    for (size_t k = 0; k < self->nqueue; k++)
+        if (self->queue[k].role >= EV_FORK && self->queue[k].t < t) t = self->queue[k].t;
+    return t;
+}
+
 /* Process the staged events up to ``until`` in time order. 1: an unknown vCPU (*at: the event) */
 static int process_until(Rings *self, uint64_t until, const Ev **at, size_t max_bytes) {
     if (self->bpf) /* what is left from the last time is in order */
@@ -864,9 +868,6 @@ static int process_until(Rings *self, uint64_t until, const Ev **at, size_t max_
     memmove(self->queue, self->queue + i, (self->nqueue - i) * sizeof(Ev));
     self->nqueue -= i;
     self->nsorted = self->nqueue;
-    self->news_due = UINT64_MAX;
-    for (size_t k = 0; k < self->nqueue; k++)
-        if (self->queue[k].role >= EV_FORK && self->queue[k].t < self->news_due) self->news_due = self->queue[k].t;
     if (rc == 1) *at = &self->queue[0];
     return rc;
 }
@@ -942,7 +943,8 @@ static int open_event(int role_first, uint32_t type, uint64_t config, int cpu, s
     attr.sample_id_all = 1;
     attr.use_clockid = 1;
     attr.clockid = CLOCK_MONOTONIC;
-    attr.watermark = 1; /* forks, exits and execs alone (no samples): each wakes the reader */
+    attr.watermark = 1; /* the dummy event's ring holds forks, exits and execs alone: each wakes
+                           the reader (wakeup_events would count samples only) */
     attr.wakeup_watermark = type == PERF_TYPE_SOFTWARE ? 1 : (uint32_t)(ring_bytes / 4);
     attr.task = attr.comm = role_first ? 1 : 0;
     attr.comm_exec = role_first ? 1 : 0;
@@ -1202,7 +1204,6 @@ static int Rings_init(Rings *self, PyObject *args, PyObject *kwds) {
     self->with_data = with_data;
     self->with_rip = with_rip;
     self->news = PyList_New(0);
-    self->news_due = UINT64_MAX;
     self->cpus = calloc((size_t)ncpu, sizeof(int));
     self->rings = calloc((size_t)ncpu, sizeof(Ring));
     self->lost = calloc((size_t)ncpu, sizeof(uint64_t));
@@ -1322,15 +1323,18 @@ static PyObject *Rings_run(Rings *self, PyObject *args) {
         if (rc == 0) rc = read_bpf(self);
         if (rc < 0) break;
         rc = process_until(self, start - SLACK_NS, &at, (size_t)max_bytes);
-        if (rc != 0 || self->nout >= (size_t)max_bytes || start >= deadline || self->nnews) break;
+        if (rc != 0 || self->nout >= (size_t)max_bytes || start >= deadline ||
+            PyList_GET_SIZE(self->news)) /* (this thread alone changes the list) */
+            break;
         for (int i = 0; i < n; i++) fds[i] = (struct pollfd){self->rings[i].fd, POLLIN, 0};
         fds[n] = (struct pollfd){self->bpf_ring, POLLIN, 0}; /* -1: none (poll skips it) */
         fds[n + 1] = (struct pollfd){wake, POLLIN, 0};
         /* a fork, exit or exec waits for the other CPUs' events before it (SLACK_NS), not
            for the deadline: a traced process that ended is said at once */
         uint64_t left = deadline - start;
-        if (self->news_due != UINT64_MAX) {
-            uint64_t due = self->news_due + SLACK_NS, wait = due > start ? due - start : 0;
+        uint64_t due = news_due(self);
+        if (due != UINT64_MAX) {
+            uint64_t wait = due + SLACK_NS > start ? due + SLACK_NS - start : 0;
             if (wait < left) left = wait;
         }
         int ms = (int)(left / 1000000u) + 1;
@@ -1426,7 +1430,6 @@ static PyObject *Rings_take(Rings *self, PyObject *unused) {
     self->nkernel = self->nhardware = 0;
     if (!out) return NULL;
     PyList_SetSlice(self->news, 0, PyList_GET_SIZE(self->news), NULL);
-    self->nnews = 0;
     self->nout = self->nseen = 0;
     self->exits = self->lost_exits = 0;
     return out;
