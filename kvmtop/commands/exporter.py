@@ -102,7 +102,8 @@ class Fleet:
         with self.lock:
             for pid, vm in list(self.watched.items()):
                 if pid not in found or found[pid].create_time != vm.create_time:
-                    self._close(pid, "ended")
+                    # (it may have exited since drop_ended looked)
+                    self._close(pid, "ended" if vm.stats.vmm_alive() else "exited")
             for pid, bad in list(self.failed.items()):
                 if pid not in found or found[pid].create_time != bad.create_time:
                     del self.failed[pid]
